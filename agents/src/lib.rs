@@ -1,0 +1,15 @@
+//! The agent side of Cascade: the [`Agent`] trait every kind implements, the classified errors
+//! agents return, and the built-in kinds (`template`, `sim`).
+//!
+//! This crate does not depend on the orchestrator: the orchestrator validates a graph file, hands
+//! each agent's kind-specific fields to the [`Registry`], and calls the agents it gets back.
+
+mod agent;
+mod duration;
+mod registry;
+pub mod sim;
+pub mod template;
+
+pub use agent::{Agent, AgentError, AgentOutput, CallContext, ErrorClass, StepInput, Usage};
+pub use duration::HumanDuration;
+pub use registry::{AgentSpec, FieldError, KindSpec, Registry};

@@ -1,0 +1,135 @@
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use crate::Agent;
+
+/// What a kind constructor is given: where the node lives and its kind-specific fields.
+#[derive(Clone, Debug)]
+pub struct AgentSpec<'a> {
+    pub graph: &'a str,
+    pub name: &'a str,
+    /// The node's fields that are not common to every kind, as JSON.
+    pub fields: &'a Map<String, Value>,
+}
+
+impl AgentSpec<'_> {
+    /// Deserialize the kind's fields into its config struct, naming the field path on error.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, FieldError> {
+        let value = Value::Object(self.fields.clone());
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path: Vec<String> = e
+                .path()
+                .iter()
+                .filter_map(|seg| match seg {
+                    serde_path_to_error::Segment::Map { key } => Some(key.clone()),
+                    serde_path_to_error::Segment::Seq { index } => Some(index.to_string()),
+                    _ => None,
+                })
+                .collect();
+            FieldError {
+                path,
+                message: e.into_inner().to_string(),
+            }
+        })
+    }
+}
+
+/// A bad kind-specific field: its path below the agent (`["latency", "median"]`) and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FieldError {
+    pub path: Vec<String>,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Self {
+            path: vec![field.to_string()],
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path.join("."), self.message)
+        }
+    }
+}
+
+/// Builds an agent of one kind from its fields, validating them.
+pub type BuildFn = fn(&AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError>;
+
+/// A kind of agent: its name, the fields it accepts, which of them are required, its constructor.
+#[derive(Clone, Copy)]
+pub struct KindSpec {
+    pub name: &'static str,
+    pub fields: &'static [&'static str],
+    pub required: &'static [&'static str],
+    pub build: BuildFn,
+}
+
+impl fmt::Debug for KindSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KindSpec")
+            .field("name", &self.name)
+            .field("fields", &self.fields)
+            .finish()
+    }
+}
+
+/// Maps kind names (`kind = "sim"`) to their constructors.
+#[derive(Clone, Debug)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, KindSpec>,
+}
+
+impl Default for Registry {
+    /// The built-in kinds.
+    fn default() -> Self {
+        let mut r = Self {
+            kinds: BTreeMap::new(),
+        };
+        r.register(crate::template::KIND);
+        r.register(crate::sim::KIND);
+        r
+    }
+}
+
+impl Registry {
+    /// A registry with no kinds, for programs that bring only their own.
+    pub fn empty() -> Self {
+        Self {
+            kinds: BTreeMap::new(),
+        }
+    }
+
+    /// Add or replace a kind.
+    pub fn register(&mut self, kind: KindSpec) {
+        self.kinds.insert(kind.name, kind);
+    }
+
+    pub fn get(&self, name: &str) -> Option<&KindSpec> {
+        self.kinds.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+
+    /// Build an agent of `kind` from `spec`.
+    pub fn build(&self, kind: &str, spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
+        let k = self.get(kind).ok_or_else(|| FieldError {
+            path: vec!["kind".into()],
+            message: format!("unknown agent kind {kind:?}"),
+        })?;
+        (k.build)(spec)
+    }
+}

@@ -1,0 +1,560 @@
+//! `kind = "sim"`: a **simulated** upstream, for tests, demos and benchmarks.
+//!
+//! It stands in for an LLM provider or an enterprise API: it waits a modelled latency, fails at
+//! configured rates (transient, permanent, or by panicking), reports token usage, and can enforce a
+//! rate limit of its own that refuses calls as rate-limited with a retry-after, the way a provider
+//! enforces its limits whatever the client believes. Nothing it does leaves the process.
+//!
+//! ```toml
+//! [agents.classify]
+//! kind = "sim"                               # simulated upstream
+//! latency = { lognormal = { median = "120ms", sigma = 0.4 } }
+//! transient_failure_rate = 0.02
+//! usage = { prompt_tokens = [200, 400], completion_tokens = 40 }
+//! upstream = "llm-provider"                  # agents naming the same upstream share its limit
+//! upstream_limit = { requests_per_second = 200, burst = 20 }
+//! ```
+//!
+//! Its output is `{"simulated": true, "agent", "attempt", "idempotency_key", "input", "trace"}`
+//! where `input` echoes the job input and `trace` lists every agent the data passed through, so
+//! tests can check that data really flowed along the graph.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::{Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, HumanDuration, KindSpec, StepInput, Usage};
+
+pub const KIND: KindSpec = KindSpec {
+    name: "sim",
+    fields: &[
+        "latency",
+        "seed",
+        "transient_failure_rate",
+        "permanent_failure_rate",
+        "panic_rate",
+        "usage",
+        "cost_per_1k_tokens",
+        "upstream",
+        "upstream_limit",
+        "record_keys",
+    ],
+    required: &[],
+    build,
+};
+
+/// How long a simulated call takes.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(
+    untagged,
+    expecting = "a duration (\"20ms\"), { uniform = [\"5ms\", \"50ms\"] } or { lognormal = { median = \"100ms\", sigma = 0.5 } }"
+)]
+pub enum Latency {
+    Fixed(HumanDuration),
+    Uniform { uniform: [HumanDuration; 2] },
+    LogNormal { lognormal: LogNormal },
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LogNormal {
+    pub median: HumanDuration,
+    pub sigma: f64,
+}
+
+/// A token count: fixed, or drawn uniformly from `[low, high]`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(untagged, expecting = "a token count (300) or a range [200, 400]")]
+pub enum Tokens {
+    Fixed(u64),
+    Range([u64; 2]),
+}
+
+impl Tokens {
+    fn max(self) -> u64 {
+        match self {
+            Self::Fixed(n) => n,
+            Self::Range([_, hi]) => hi,
+        }
+    }
+
+    fn draw(self, rng: &mut SmallRng) -> u64 {
+        match self {
+            Self::Fixed(n) => n,
+            Self::Range([lo, hi]) => rng.random_range(lo..=hi),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UsageModel {
+    #[serde(default)]
+    pub prompt_tokens: Option<Tokens>,
+    #[serde(default)]
+    pub completion_tokens: Option<Tokens>,
+}
+
+/// The simulated upstream's own limit, enforced whatever the caller's quota says.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamLimit {
+    #[serde(default)]
+    pub requests_per_second: Option<f64>,
+    #[serde(default)]
+    pub requests_per_minute: Option<f64>,
+    /// How many calls may arrive back to back (default 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    latency: Option<Latency>,
+    #[serde(default)]
+    seed: Option<u64>,
+    #[serde(default)]
+    transient_failure_rate: f64,
+    #[serde(default)]
+    permanent_failure_rate: f64,
+    #[serde(default)]
+    panic_rate: f64,
+    #[serde(default)]
+    usage: UsageModel,
+    #[serde(default)]
+    cost_per_1k_tokens: f64,
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    upstream_limit: Option<UpstreamLimit>,
+    /// Count calls per idempotency key at the upstream (tests of exactly-once effects).
+    #[serde(default)]
+    record_keys: bool,
+}
+
+fn check_rate(field: &str, v: f64) -> Result<(), FieldError> {
+    if (0.0..=1.0).contains(&v) {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!("{v} is not a probability; use a number from 0.0 to 1.0"),
+        ))
+    }
+}
+
+fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
+    let c: Config = spec.parse()?;
+    check_rate("transient_failure_rate", c.transient_failure_rate)?;
+    check_rate("permanent_failure_rate", c.permanent_failure_rate)?;
+    check_rate("panic_rate", c.panic_rate)?;
+    if let Some(Latency::LogNormal { lognormal }) = &c.latency
+        && !(lognormal.sigma >= 0.0 && lognormal.sigma.is_finite())
+    {
+        return Err(FieldError {
+            path: vec!["latency".into(), "lognormal".into(), "sigma".into()],
+            message: "sigma must be a finite number >= 0".into(),
+        });
+    }
+    if let Some(Latency::Uniform { uniform: [lo, hi] }) = &c.latency
+        && lo > hi
+    {
+        return Err(FieldError::new(
+            "latency",
+            format!("uniform range [{lo}, {hi}] is reversed; write the smaller bound first"),
+        ));
+    }
+    let limit = match c.upstream_limit {
+        None => None,
+        Some(l) => Some(Gcra::from_limit(&l).ok_or_else(|| {
+            FieldError::new(
+                "upstream_limit",
+                "give a positive requests_per_second or requests_per_minute",
+            )
+        })?),
+    };
+    let upstream_name = c
+        .upstream
+        .clone()
+        .unwrap_or_else(|| format!("{}.{}", spec.graph, spec.name));
+    let upstream = upstream(&upstream_name);
+    if let Some(limit) = limit {
+        upstream.set_limit(limit);
+    }
+    if c.record_keys {
+        upstream.record_keys.store(1, Ordering::Relaxed);
+    }
+    let seed = c.seed.unwrap_or_else(|| {
+        // Distinct, stable default seeds per agent so that runs are reproducible.
+        spec.name
+            .bytes()
+            .chain(spec.graph.bytes())
+            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+    });
+    Ok(Arc::new(SimAgent {
+        latency: c.latency,
+        transient: c.transient_failure_rate,
+        permanent: c.permanent_failure_rate,
+        panic: c.panic_rate,
+        usage: c.usage,
+        cost_per_1k: c.cost_per_1k_tokens,
+        upstream,
+        rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+    }))
+}
+
+/// A simulated agent; see the module documentation.
+pub struct SimAgent {
+    latency: Option<Latency>,
+    transient: f64,
+    permanent: f64,
+    panic: f64,
+    usage: UsageModel,
+    cost_per_1k: f64,
+    upstream: Arc<SimUpstream>,
+    rng: Mutex<SmallRng>,
+}
+
+/// What one call drew from the random models, drawn up front under one lock.
+struct Draw {
+    latency: Duration,
+    outcome: f64,
+    prompt: u64,
+    completion: u64,
+}
+
+impl SimAgent {
+    fn draw(&self) -> Draw {
+        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+        let latency = match &self.latency {
+            None => Duration::ZERO,
+            Some(Latency::Fixed(d)) => d.get(),
+            Some(Latency::Uniform { uniform: [lo, hi] }) => {
+                let (lo, hi) = (lo.get().as_nanos() as u64, hi.get().as_nanos() as u64);
+                Duration::from_nanos(rng.random_range(lo..=hi))
+            }
+            Some(Latency::LogNormal { lognormal }) => {
+                // Box–Muller: one standard normal from two uniforms. A distribution crate for this
+                // one formula would be a dependency without a second use.
+                let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+                let u2: f64 = rng.random();
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                lognormal.median.get().mul_f64((lognormal.sigma * z).exp().min(1e6))
+            }
+        };
+        Draw {
+            latency,
+            outcome: rng.random(),
+            prompt: self.usage.prompt_tokens.map_or(0, |t| t.draw(&mut rng)),
+            completion: self.usage.completion_tokens.map_or(0, |t| t.draw(&mut rng)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Agent for SimAgent {
+    async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let draw = self.draw();
+        // The upstream decides on arrival, as a real provider does.
+        if let Err(wait) = self.upstream.admit(Instant::now()) {
+            return Err(AgentError::rate_limited(
+                "simulated upstream refused the call: rate limit exceeded (429)",
+                Some(wait),
+            ));
+        }
+        self.upstream.note_call(&ctx.idempotency_key);
+        if !draw.latency.is_zero() {
+            tokio::time::sleep(draw.latency).await;
+        }
+        let mut p = draw.outcome;
+        if p < self.panic {
+            panic!("simulated panic in agent {} (job {})", ctx.agent, ctx.job_id);
+        }
+        p -= self.panic;
+        if p < self.permanent {
+            return Err(AgentError::permanent(format!(
+                "simulated permanent failure in agent {}",
+                ctx.agent
+            )));
+        }
+        p -= self.permanent;
+        if p < self.transient {
+            return Err(AgentError::transient(format!(
+                "simulated transient failure in agent {}",
+                ctx.agent
+            )));
+        }
+        let mut trace: Vec<Value> = Vec::new();
+        for (_, dep) in &input.deps {
+            if let Some(Value::Array(items)) = dep.get("trace") {
+                for item in items {
+                    if !trace.contains(item) {
+                        trace.push(item.clone());
+                    }
+                }
+            }
+        }
+        trace.push(Value::String(ctx.agent.to_string()));
+        let tokens = draw.prompt + draw.completion;
+        Ok(AgentOutput {
+            value: json!({
+                "simulated": true,
+                "agent": &*ctx.agent,
+                "attempt": ctx.attempt,
+                "idempotency_key": &*ctx.idempotency_key,
+                "input": &*input.input,
+                "trace": trace,
+            }),
+            usage: Usage {
+                prompt_tokens: draw.prompt,
+                completion_tokens: draw.completion,
+                cost_usd: tokens as f64 / 1000.0 * self.cost_per_1k,
+            },
+        })
+    }
+
+    fn estimated_usage(&self, _input: &StepInput) -> Usage {
+        let prompt = self.usage.prompt_tokens.map_or(0, Tokens::max);
+        let completion = self.usage.completion_tokens.map_or(0, Tokens::max);
+        Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cost_usd: (prompt + completion) as f64 / 1000.0 * self.cost_per_1k,
+        }
+    }
+}
+
+/// GCRA on `tokio::time` so that tests on a paused clock are exact. (governor reads its own
+/// clock, which a paused tokio runtime does not move; the simulated upstream needs ten lines.)
+#[derive(Clone, Copy, Debug)]
+struct Gcra {
+    interval: Duration,
+    tolerance: Duration,
+}
+
+impl Gcra {
+    fn from_limit(l: &UpstreamLimit) -> Option<Self> {
+        let per_sec = match (l.requests_per_second, l.requests_per_minute) {
+            (Some(r), _) => r,
+            (None, Some(m)) => m / 60.0,
+            (None, None) => return None,
+        };
+        if !(per_sec > 0.0 && per_sec.is_finite()) {
+            return None;
+        }
+        let interval = Duration::from_secs_f64(1.0 / per_sec);
+        let burst = l.burst.unwrap_or(1).max(1);
+        Some(Self {
+            interval,
+            tolerance: interval * (burst - 1),
+        })
+    }
+}
+
+/// A simulated upstream system shared by every sim agent that names it. It survives agent
+/// restarts, like a real provider does, and counts what it saw.
+#[derive(Debug, Default)]
+pub struct SimUpstream {
+    state: Mutex<UpstreamState>,
+    calls: AtomicU64,
+    refusals: AtomicU64,
+    record_keys: AtomicU64,
+    keys: Mutex<HashMap<String, u32>>,
+}
+
+#[derive(Debug, Default)]
+struct UpstreamState {
+    limit: Option<Gcra>,
+    /// GCRA's theoretical arrival time of the next call.
+    tat: Option<Instant>,
+}
+
+impl SimUpstream {
+    fn set_limit(&self, limit: Gcra) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.limit = Some(limit);
+    }
+
+    /// Admit a call now, or say how long until one would be admitted.
+    fn admit(&self, now: Instant) -> Result<(), Duration> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(g) = s.limit else { return Ok(()) };
+        let tat = s.tat.unwrap_or(now).max(now);
+        let allow_at = tat.checked_sub(g.tolerance).unwrap_or(now);
+        if allow_at > now {
+            drop(s);
+            self.refusals.fetch_add(1, Ordering::Relaxed);
+            return Err(allow_at - now);
+        }
+        s.tat = Some(tat + g.interval);
+        Ok(())
+    }
+
+    fn note_call(&self, key: &str) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.record_keys.load(Ordering::Relaxed) != 0 {
+            let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            *keys.entry(key.to_string()).or_default() += 1;
+        }
+    }
+
+    /// Calls the upstream accepted.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Calls the upstream refused as rate-limited.
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(Ordering::Relaxed)
+    }
+
+    /// How many accepted calls carried each idempotency key (with `record_keys = true`).
+    pub fn calls_by_key(&self) -> HashMap<String, u32> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+static UPSTREAMS: LazyLock<Mutex<HashMap<String, Arc<SimUpstream>>>> =
+    LazyLock::new(Default::default);
+
+/// The simulated upstream called `name`, created on first use. An agent with no `upstream` field
+/// uses `"{graph}.{agent}"`.
+pub fn upstream(name: &str) -> Arc<SimUpstream> {
+    let mut map = UPSTREAMS.lock().unwrap_or_else(|p| p.into_inner());
+    map.entry(name.to_string()).or_default().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim(fields: Value) -> Result<Arc<dyn Agent>, FieldError> {
+        let Value::Object(map) = fields else { unreachable!() };
+        build(&AgentSpec {
+            graph: "g",
+            name: "s",
+            fields: &map,
+        })
+    }
+
+    fn ctx(agent: &str) -> CallContext {
+        CallContext {
+            job_id: "j".into(),
+            graph: "g".into(),
+            agent: agent.into(),
+            attempt: 1,
+            idempotency_key: format!("j/{agent}").into(),
+            deadline: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fixed_latency_and_output_trace() {
+        let a = sim(json!({"latency": "20ms", "usage": {"prompt_tokens": 10, "completion_tokens": 5}, "cost_per_1k_tokens": 2.0})).unwrap();
+        let input = StepInput {
+            input: Arc::new(json!({"n": 1})),
+            deps: vec![
+                ("a".into(), Arc::new(json!({"trace": ["root", "a"]}))),
+                ("b".into(), Arc::new(json!({"trace": ["root", "b"]}))),
+            ],
+        };
+        let start = Instant::now();
+        let out = a.call(&ctx("s"), &input).await.unwrap();
+        assert_eq!(start.elapsed(), Duration::from_millis(20));
+        assert_eq!(out.value["trace"], json!(["root", "a", "b", "s"]));
+        assert_eq!(out.value["input"], json!({"n": 1}));
+        assert_eq!(out.value["simulated"], json!(true));
+        assert_eq!(out.usage.total_tokens(), 15);
+        assert!((out.usage.cost_usd - 0.03).abs() < 1e-9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn uniform_and_lognormal_latency_stay_in_range() {
+        let a = sim(json!({"latency": {"uniform": ["5ms", "10ms"]}, "seed": 1})).unwrap();
+        for _ in 0..50 {
+            let start = Instant::now();
+            a.call(&ctx("s"), &StepInput::default()).await.unwrap();
+            let e = start.elapsed();
+            assert!(e >= Duration::from_millis(5) && e <= Duration::from_millis(10), "{e:?}");
+        }
+        let a = sim(json!({"latency": {"lognormal": {"median": "100ms", "sigma": 0.5}}, "seed": 3})).unwrap();
+        let mut samples = Vec::new();
+        for _ in 0..400 {
+            let start = Instant::now();
+            a.call(&ctx("s"), &StepInput::default()).await.unwrap();
+            samples.push(start.elapsed());
+        }
+        samples.sort();
+        let median = samples[200].as_secs_f64();
+        assert!((0.08..0.125).contains(&median), "median {median}");
+    }
+
+    #[tokio::test]
+    async fn failure_rates_are_classified() {
+        let a = sim(json!({"transient_failure_rate": 1.0})).unwrap();
+        let e = a.call(&ctx("s"), &StepInput::default()).await.unwrap_err();
+        assert_eq!(e.class, crate::ErrorClass::Transient);
+        let a = sim(json!({"permanent_failure_rate": 1.0})).unwrap();
+        let e = a.call(&ctx("s"), &StepInput::default()).await.unwrap_err();
+        assert_eq!(e.class, crate::ErrorClass::Permanent);
+        assert!(e.message.contains("agent s"));
+        let a = sim(json!({"transient_failure_rate": 0.3, "seed": 9})).unwrap();
+        let mut failures = 0;
+        for _ in 0..2000 {
+            failures += a.call(&ctx("s"), &StepInput::default()).await.is_err() as u32;
+        }
+        assert!((450..750).contains(&failures), "{failures}");
+    }
+
+    #[tokio::test]
+    async fn panic_rate_panics() {
+        let a = sim(json!({"panic_rate": 1.0})).unwrap();
+        let r = tokio::spawn(async move { a.call(&ctx("s"), &StepInput::default()).await }).await;
+        assert!(r.unwrap_err().is_panic());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_limit_refuses_with_retry_after() {
+        let a = sim(json!({"upstream": "test-limit-10", "upstream_limit": {"requests_per_second": 10, "burst": 2}})).unwrap();
+        a.call(&ctx("s"), &StepInput::default()).await.unwrap();
+        a.call(&ctx("s"), &StepInput::default()).await.unwrap();
+        let e = a.call(&ctx("s"), &StepInput::default()).await.unwrap_err();
+        assert_eq!(e.class, crate::ErrorClass::RateLimited);
+        assert_eq!(e.retry_after, Some(Duration::from_millis(100)));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        a.call(&ctx("s"), &StepInput::default()).await.unwrap();
+        let up = upstream("test-limit-10");
+        assert_eq!((up.calls(), up.refusals()), (3, 1));
+    }
+
+    #[tokio::test]
+    async fn records_idempotency_keys() {
+        let a = sim(json!({"upstream": "test-keys", "record_keys": true})).unwrap();
+        a.call(&ctx("x"), &StepInput::default()).await.unwrap();
+        a.call(&ctx("x"), &StepInput::default()).await.unwrap();
+        a.call(&ctx("y"), &StepInput::default()).await.unwrap();
+        let keys = upstream("test-keys").calls_by_key();
+        assert_eq!(keys.get("j/x"), Some(&2));
+        assert_eq!(keys.get("j/y"), Some(&1));
+    }
+
+    #[test]
+    fn bad_config_names_the_field() {
+        let e = sim(json!({"panic_rate": 2.0})).err().unwrap();
+        assert_eq!(e.path, vec!["panic_rate"]);
+        let e = sim(json!({"latency": 5})).err().unwrap();
+        assert_eq!(e.path, vec!["latency"]);
+        assert!(e.message.contains("\"20ms\""), "{}", e.message);
+        let e = sim(json!({"usage": {"prompt_tokens": "many"}})).err().unwrap();
+        assert_eq!(e.path, vec!["usage", "prompt_tokens"]);
+    }
+}
