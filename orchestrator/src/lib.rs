@@ -1,1 +1,17 @@
+//! Cascade's orchestrator: the graph model and its validation, the DAG, the supervised actors that
+//! run jobs, and the job store.
+//!
+//! The data path reads one way: TOML → [`config`] → [`model`] → [`dag`] → supervised actors
+//! ([`runtime`]) → [`store`].
+
+pub mod backoff;
+pub mod config;
+pub mod dag;
+pub mod model;
+pub mod restart;
+pub mod job;
+pub mod store;
+pub mod runtime;
+
+pub use cascade_agents as agents;
 

@@ -1,0 +1,240 @@
+use super::*;
+use crate::config::ConfigErrors;
+
+fn compile(text: &str) -> Result<ServerModel, ConfigErrors> {
+    parse_graph_str("g.toml", text, &Registry::default())
+}
+
+fn errors(text: &str) -> Vec<ConfigError> {
+    match compile(text) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(e) => e.0,
+    }
+}
+
+/// The single error at `path`, asserting where it is.
+fn error_at(errs: &[ConfigError], path: &str, line: usize, column: usize) -> ConfigError {
+    let e = errs
+        .iter()
+        .find(|e| e.path == path)
+        .unwrap_or_else(|| panic!("no error at {path}: {errs:#?}"))
+        .clone();
+    assert_eq!((e.line, e.column), (line, column), "position of {e}");
+    assert_eq!(e.file, PathBuf::from("g.toml"));
+    e
+}
+
+const GOOD: &str = r#"
+[graph]
+name = "triage"
+deadline = "10m"
+
+[quotas.llm]
+requests_per_minute = 500
+tokens_per_minute = 90_000
+circuit_breaker = { failure_ratio = 0.5, min_calls = 20, window = "30s", open_for = "15s" }
+
+[agents.draft]
+kind = "sim"
+after = ["classify"]
+quota = "llm"
+
+[agents.classify]
+kind = "sim"
+quota = "llm"
+retry = { max_attempts = 5, initial_delay = "200ms", max_delay = "30s" }
+timeout = "5s"
+
+[agents.post]
+kind = "template"
+after = ["draft"]
+output = { text = "{{ deps.draft.agent }}" }
+"#;
+
+#[test]
+fn good_graph_compiles_in_topological_order() {
+    let m = compile(GOOD).unwrap();
+    let g = m.graph("triage").unwrap();
+    let names: Vec<&str> = g.agents.iter().map(|a| &*a.name).collect();
+    assert_eq!(names, ["classify", "draft", "post"]);
+    assert_eq!(g.agents[1].after, vec![0]);
+    assert_eq!(g.agents[0].dependents, vec![1]);
+    assert_eq!(g.deadline, Some(Duration::from_secs(600)));
+    let c = &g.agents[0];
+    assert_eq!(c.retry.max_attempts.get(), 5);
+    assert_eq!(c.retry.initial_delay, Duration::from_millis(200));
+    assert_eq!(c.timeout, Duration::from_secs(5));
+    assert_eq!(&*c.quotas[0], "llm");
+    let q = &m.quotas["llm"];
+    assert_eq!(q.requests.unwrap().to_string(), "500/min");
+    assert_eq!(q.tokens.unwrap().amount.get(), 90_000);
+    assert_eq!(q.circuit_breaker.unwrap().open_for, Duration::from_secs(15));
+    assert_eq!(g.sinks().map(|a| &*a.name).collect::<Vec<_>>(), ["post"]);
+}
+
+#[test]
+fn unknown_field_names_line_column_and_nearest() {
+    let errs = errors("[graph]\nname = \"g\"\n\n[agents.a]\nkind = \"sim\"\ntimeout = \"1s\"\nlatncy = \"5ms\"\n");
+    let e = error_at(&errs, "agents.a.latncy", 7, 1);
+    assert!(e.message.contains("unknown field `latncy`"), "{e}");
+    assert_eq!(e.help.as_deref(), Some("did you mean \"latency\"?"));
+}
+
+#[test]
+fn wrong_type_names_line_column_and_field() {
+    let errs = errors("[graph]\nname = \"g\"\nmax_in_flight_jobs = \"many\"\n\n[agents.a]\nkind = \"sim\"\nmax_concurrency = 0\n");
+    let e = error_at(&errs, "graph.max_in_flight_jobs", 3, 22);
+    assert!(e.message.contains("invalid type"), "{e}");
+    let e = error_at(&errs, "agents.a.max_concurrency", 7, 19);
+    assert!(e.message.contains("nonzero"), "{e}");
+    let rendered = ConfigErrors(errs).to_string();
+    assert!(rendered.contains("g.toml:3:22: graph.max_in_flight_jobs:"), "{rendered}");
+    assert!(rendered.ends_with("2 errors found"), "{rendered}");
+}
+
+#[test]
+fn bad_duration_names_the_field() {
+    let errs = errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\nretry = { initial_delay = \"soon\" }\n");
+    let e = error_at(&errs, "agents.a.retry", 5, 27);
+    assert!(e.message.contains("invalid duration \"soon\""), "{e}");
+}
+
+#[test]
+fn unknown_kind_suggests_nearest() {
+    let errs = errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"tempalte\"\n");
+    let e = error_at(&errs, "agents.a.kind", 4, 8);
+    assert!(e.message.contains("unknown agent kind \"tempalte\""), "{e}");
+    assert_eq!(e.help.as_deref(), Some("did you mean \"template\"?"));
+}
+
+#[test]
+fn unknown_dependency_and_quota_suggest_nearest() {
+    let errs = errors(
+        "[graph]\nname = \"g\"\n[quotas.llm]\nrequests_per_second = 5\n[agents.classify]\nkind = \"sim\"\n[agents.b]\nkind = \"sim\"\nafter = [\"clasify\"]\nquota = \"lm\"\n",
+    );
+    let e = error_at(&errs, "agents.b.after", 9, 10);
+    assert!(e.message.contains("unknown agent \"clasify\""), "{e}");
+    assert_eq!(e.help.as_deref(), Some("did you mean \"classify\"?"));
+    let e = error_at(&errs, "agents.b.quota", 10, 9);
+    assert!(e.message.contains("unknown quota \"lm\""), "{e}");
+    assert!(e.help.as_deref().unwrap().starts_with("did you mean \"llm\"?"), "{e}");
+}
+
+#[test]
+fn cycle_reports_its_full_path() {
+    let errs = errors(
+        "[graph]\nname = \"g\"\n[agents.classify]\nkind = \"sim\"\nafter = [\"review\"]\n[agents.draft]\nkind = \"sim\"\nafter = [\"classify\"]\n[agents.review]\nkind = \"sim\"\nafter = [\"draft\"]\n",
+    );
+    let e = error_at(&errs, "agents.classify.after", 5, 10);
+    assert_eq!(e.message, "dependency cycle: classify → draft → review → classify");
+}
+
+#[test]
+fn self_dependency_is_a_cycle() {
+    let errs = errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\nafter = [\"a\"]\n");
+    let e = error_at(&errs, "agents.a.after", 5, 10);
+    assert_eq!(e.message, "dependency cycle: a → a");
+}
+
+#[test]
+fn duplicate_names_are_refused() {
+    // Within one file TOML itself refuses a duplicate table.
+    let errs = errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n[agents.a]\nkind = \"sim\"\n");
+    assert!(errs.iter().any(|e| e.line == 5 && e.message.contains("TOML syntax error")), "{errs:#?}");
+    // Across files, a graph or quota name may be used once per server.
+    let dir = std::env::temp_dir().join(format!("cascade-dup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = dir.join("a.toml");
+    let b = dir.join("b.toml");
+    std::fs::write(&a, "[graph]\nname = \"g\"\n[quotas.q]\nmax_concurrency = 1\n[agents.x]\nkind = \"sim\"\n").unwrap();
+    std::fs::write(&b, "[graph]\nname = \"g\"\n[quotas.q]\nmax_concurrency = 2\n[agents.x]\nkind = \"sim\"\n").unwrap();
+    let errs = load_graph_files(&[a.clone(), b.clone()], &Registry::default()).unwrap_err().0;
+    let dup_graph = errs.iter().find(|e| e.message.contains("graph \"g\" is declared twice")).expect("graph dup");
+    assert_eq!((dup_graph.file.clone(), dup_graph.line, dup_graph.column), (b.clone(), 2, 8));
+    let dup_quota = errs.iter().find(|e| e.message.contains("quota \"q\" is declared twice")).expect("quota dup");
+    assert_eq!((dup_quota.file.clone(), dup_quota.line), (b.clone(), 3));
+    assert!(dup_quota.message.contains("a.toml:3:9"), "{dup_quota}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn empty_graph_is_refused() {
+    let errs = errors("[graph]\nname = \"g\"\n");
+    let e = error_at(&errs, "agents", 1, 1);
+    assert_eq!(e.message, "the graph has no agents");
+    let errs = errors("[graph]\nname = \"g\"\n[agents]\n");
+    error_at(&errs, "agents", 3, 2);
+}
+
+#[test]
+fn missing_required_fields_are_named() {
+    let errs = errors("[graph]\ndescription = \"x\"\n[agents.t]\nkind = \"template\"\n[agents.u]\nretry = {}\n");
+    let e = error_at(&errs, "graph.name", 1, 2);
+    assert_eq!(e.message, "missing required field `name`");
+    let e = error_at(&errs, "agents.t.output", 3, 9);
+    assert!(e.message.contains("missing required field `output` for kind \"template\""), "{e}");
+    let e = error_at(&errs, "agents.u.kind", 5, 9);
+    assert!(e.help.as_deref().unwrap().contains("\"sim\""), "{e}");
+}
+
+#[test]
+fn kind_field_errors_point_into_the_value() {
+    let errs = errors("[graph]\nname = \"g\"\n[agents.s]\nkind = \"sim\"\nlatency = { lognormal = { median = \"1s\", sigma = -1.0 } }\n");
+    let e = error_at(&errs, "agents.s.latency.lognormal.sigma", 5, 50);
+    assert!(e.message.contains("sigma"), "{e}");
+}
+
+#[test]
+fn every_error_is_reported_at_once() {
+    let errs = errors(
+        "[graph]\nname = \"g\"\nmax_pending_jobs = -1\n[quotas.q]\n[agents.a]\nkind = \"sim\"\ntimeout = 5\nbogus = 1\n[agents.b]\nkind = \"nope\"\nafter = [\"zz\"]\n",
+    );
+    let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
+    for p in ["graph.max_pending_jobs", "quotas.q", "agents.a.timeout", "agents.a.bogus", "agents.b.kind", "agents.b.after"] {
+        assert!(paths.contains(&p), "missing {p} in {paths:?}");
+    }
+    // Sorted by position.
+    let lines: Vec<usize> = errs.iter().map(|e| e.line).collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted);
+}
+
+#[test]
+fn quota_needs_a_limit_and_one_rate_per_kind() {
+    let errs = errors("[graph]\nname = \"g\"\n[quotas.a]\ndescription = \"x\"\n[quotas.b]\nrequests_per_second = 1\nrequests_per_minute = 60\n[agents.x]\nkind = \"sim\"\n");
+    assert!(error_at(&errs, "quotas.a", 3, 9).message.contains("at least one limit"));
+    assert!(error_at(&errs, "quotas.b", 5, 9).message.contains("both requests_per_second"));
+}
+
+#[test]
+fn syntax_error_has_position() {
+    let errs = errors("[graph]\nname = \"g\n");
+    assert!(errs[0].message.starts_with("TOML syntax error"), "{}", errs[0]);
+    assert_eq!(errs[0].line, 2);
+}
+
+#[test]
+fn invalid_names_are_refused() {
+    let errs = errors("[graph]\nname = \"my graph\"\n[agents.\"a b\"]\nkind = \"sim\"\n");
+    assert!(error_at(&errs, "graph.name", 2, 8).message.contains("invalid name"));
+    assert!(error_at(&errs, "agents.a b", 3, 9).message.contains("invalid name"));
+}
+
+#[test]
+fn server_config_lists_graph_dirs_and_shared_quotas() {
+    let dir = std::env::temp_dir().join(format!("cascade-srv-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("graphs")).unwrap();
+    std::fs::write(
+        dir.join("cascade.toml"),
+        "graphs = [\"graphs\"]\n[server]\ngrpc_addr = \"127.0.0.1:1\"\n[quotas.llm]\ntokens_per_minute = 1000\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("graphs/one.toml"), "[graph]\nname = \"one\"\n[agents.a]\nkind = \"sim\"\nquota = \"llm\"\n").unwrap();
+    std::fs::write(dir.join("graphs/two.toml"), "[graph]\nname = \"two\"\n[agents.b]\nkind = \"sim\"\nquotas = [\"llm\"]\n").unwrap();
+    let m = load(Some(&dir.join("cascade.toml")), &[], &Registry::default()).unwrap();
+    assert_eq!(m.graphs.len(), 2);
+    assert_eq!(m.server.grpc_addr.as_deref(), Some("127.0.0.1:1"));
+    assert_eq!(&*m.graph("two").unwrap().agents[0].quotas[0], "llm");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,185 @@
+//! The validated model of a server's graphs and quotas. Everything here holds its invariants in
+//! its types: indices are resolved, durations parsed, limits non-zero. The runtime is built only
+//! from this model, never from raw TOML.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Everything a server runs: its graphs and the quotas they share.
+#[derive(Clone, Debug, Default)]
+pub struct ServerModel {
+    pub graphs: Vec<Arc<GraphModel>>,
+    pub quotas: BTreeMap<Arc<str>, Arc<QuotaModel>>,
+    pub server: ServerSettings,
+}
+
+impl ServerModel {
+    pub fn graph(&self, name: &str) -> Option<&Arc<GraphModel>> {
+        self.graphs.iter().find(|g| &*g.name == name)
+    }
+}
+
+/// Server settings from `cascade.toml` (`[server]`); command-line flags override them.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ServerSettings {
+    pub grpc_addr: Option<String>,
+    pub http_addr: Option<String>,
+    pub data_dir: Option<PathBuf>,
+}
+
+/// One graph: named agents with dependency edges.
+#[derive(Clone, Debug)]
+pub struct GraphModel {
+    pub name: Arc<str>,
+    pub description: Option<String>,
+    pub source: PathBuf,
+    pub max_in_flight_jobs: NonZeroUsize,
+    pub max_pending_jobs: NonZeroUsize,
+    pub deadline: Option<Duration>,
+    /// Agents in topological order: every agent comes after all of its dependencies.
+    pub agents: Vec<AgentModel>,
+}
+
+impl GraphModel {
+    pub fn agent(&self, name: &str) -> Option<&AgentModel> {
+        self.agents.iter().find(|a| &*a.name == name)
+    }
+
+    /// Agents no other agent depends on; their outputs make the job's output.
+    pub fn sinks(&self) -> impl Iterator<Item = &AgentModel> {
+        self.agents.iter().filter(|a| a.dependents.is_empty())
+    }
+}
+
+/// One node of a graph.
+#[derive(Clone, Debug)]
+pub struct AgentModel {
+    /// Position in [`GraphModel::agents`].
+    pub index: usize,
+    pub name: Arc<str>,
+    pub kind: String,
+    pub description: Option<String>,
+    /// Indices of the agents this one waits for.
+    pub after: Vec<usize>,
+    /// Indices of the agents that wait for this one.
+    pub dependents: Vec<usize>,
+    pub quotas: Vec<Arc<str>>,
+    pub retry: RetryPolicy,
+    pub timeout: Duration,
+    pub max_concurrency: NonZeroU32,
+    pub on_upstream_pause: OnUpstreamPause,
+    pub irreversible: bool,
+    pub approval: Approval,
+    pub restart: RestartPolicy,
+    /// The kind's own fields, handed to the kind's constructor.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUpstreamPause {
+    /// Finish steps whose inputs are already there, then idle.
+    #[default]
+    Drain,
+    /// Start nothing more until the pause clears.
+    Stop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Approval {
+    #[default]
+    None,
+    Required,
+}
+
+/// Per-agent retry policy: exponential backoff with full jitter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    pub max_attempts: NonZeroU32,
+    pub initial_delay: Duration,
+    pub max_delay: Duration,
+    pub multiplier: f64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: NonZeroU32::new(3).expect("non-zero"),
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(30),
+            multiplier: 2.0,
+        }
+    }
+}
+
+/// How often an agent's actor may be restarted before the agent is marked failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    pub max_restarts: u32,
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            max_restarts: 10,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `amount` per `period`, e.g. 500 per minute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Rate {
+    pub amount: NonZeroU64,
+    pub period: Duration,
+}
+
+impl Rate {
+    pub fn per_second(&self) -> f64 {
+        self.amount.get() as f64 / self.period.as_secs_f64()
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.period.as_secs() {
+            1 => "s".to_string(),
+            60 => "min".to_string(),
+            3600 => "h".to_string(),
+            _ => humantime::format_duration(self.period).to_string(),
+        };
+        write!(f, "{}/{}", self.amount, unit)
+    }
+}
+
+/// A named budget shared by every agent that names it, across all graphs of a server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QuotaModel {
+    pub name: Arc<str>,
+    pub requests: Option<Rate>,
+    pub tokens: Option<Rate>,
+    /// How many requests may arrive back to back; defaults to a tenth of a second's worth.
+    pub burst: Option<NonZeroU32>,
+    pub max_concurrency: Option<NonZeroU32>,
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// A quota that can serve the next call within this long paces it; beyond it, it is exhausted.
+    pub pause_threshold: Duration,
+    /// Where it was declared, for messages.
+    pub declared_at: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CircuitBreakerSpec {
+    pub failure_ratio: f64,
+    pub min_calls: NonZeroU32,
+    pub window: Duration,
+    pub open_for: Duration,
+}
