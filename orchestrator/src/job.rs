@@ -1,1 +1,362 @@
+//! Jobs, steps and their events: the records the store keeps and the API returns. State changes
+//! are applied by one pure function ([`JobRecord::apply`]) so that every store agrees on them.
 
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use cascade_agents::Usage;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A job's id: a UUIDv7, so ids sort by creation time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::parse_str(s.trim())
+            .map(Self)
+            .map_err(|e| format!("invalid job id {s:?}: {e}; job ids are UUIDs as returned by submit"))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Pending,
+    Running,
+    AwaitingApproval,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::AwaitingApproval => "awaiting_approval",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    /// Its dependencies have not all succeeded yet.
+    Waiting,
+    Running,
+    /// Failed an attempt and waits to try again.
+    Retrying,
+    Succeeded,
+    Failed,
+    /// The job ended before this step could run.
+    Cancelled,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Waiting => "waiting",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One agent's work for one job.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepRecord {
+    pub agent: Arc<str>,
+    pub state: StepState,
+    pub attempts: u32,
+    pub output: Option<Arc<Value>>,
+    pub error: Option<String>,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
+    pub usage: Usage,
+}
+
+/// What the store keeps of a job.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobRecord {
+    pub id: JobId,
+    pub graph: Arc<str>,
+    pub state: JobState,
+    pub input: Arc<Value>,
+    pub output: Option<Arc<Value>>,
+    pub error: Option<String>,
+    /// One per agent of the graph, in the graph's (topological) order.
+    pub steps: Vec<StepRecord>,
+    pub labels: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
+    pub updated_at: SystemTime,
+    pub usage: Usage,
+    /// Number of events recorded so far (the last event's `seq`).
+    pub events: u64,
+}
+
+impl JobRecord {
+    /// A new pending job of a graph whose agents are `agents`.
+    pub fn new(id: JobId, graph: Arc<str>, agents: &[Arc<str>], input: Arc<Value>, now: SystemTime) -> Self {
+        Self {
+            id,
+            graph,
+            state: JobState::Pending,
+            input,
+            output: None,
+            error: None,
+            steps: agents
+                .iter()
+                .map(|a| StepRecord {
+                    agent: a.clone(),
+                    state: StepState::Waiting,
+                    attempts: 0,
+                    output: None,
+                    error: None,
+                    started_at: None,
+                    finished_at: None,
+                    usage: Usage::default(),
+                })
+                .collect(),
+            labels: BTreeMap::new(),
+            idempotency_key: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            updated_at: now,
+            usage: Usage::default(),
+            events: 0,
+        }
+    }
+
+    /// Wall-clock time from start to finish, once finished.
+    pub fn run_time(&self) -> Option<Duration> {
+        self.finished_at?.duration_since(self.started_at?).ok()
+    }
+
+    /// Apply an update and return the event it makes. Updates that no longer apply (a step
+    /// result for a job already finished) return `None` and change nothing.
+    pub fn apply(&mut self, update: JobUpdate, now: SystemTime) -> Option<JobEvent> {
+        if self.state.is_terminal() {
+            return None;
+        }
+        let kind = match update {
+            JobUpdate::Started => {
+                self.state = JobState::Running;
+                self.started_at.get_or_insert(now);
+                EventKind::Started
+            }
+            JobUpdate::StepStarted { step, attempt } => {
+                let s = self.steps.get_mut(step)?;
+                s.state = StepState::Running;
+                s.attempts = attempt;
+                s.started_at.get_or_insert(now);
+                EventKind::StepStarted {
+                    agent: s.agent.clone(),
+                    attempt,
+                }
+            }
+            JobUpdate::StepRetrying { step, attempt, delay, error } => {
+                let s = self.steps.get_mut(step)?;
+                s.state = StepState::Retrying;
+                s.error = Some(error.clone());
+                EventKind::StepRetrying {
+                    agent: s.agent.clone(),
+                    attempt,
+                    delay_ms: delay.as_millis() as u64,
+                    error,
+                }
+            }
+            JobUpdate::StepSucceeded { step, attempt, output, usage } => {
+                let s = self.steps.get_mut(step)?;
+                s.state = StepState::Succeeded;
+                s.attempts = attempt;
+                s.output = Some(output);
+                s.error = None;
+                s.finished_at = Some(now);
+                s.usage = usage;
+                self.usage.add(&usage);
+                EventKind::StepSucceeded {
+                    agent: s.agent.clone(),
+                    attempt,
+                    usage,
+                }
+            }
+            JobUpdate::StepFailed { step, attempt, error } => {
+                let s = self.steps.get_mut(step)?;
+                s.state = StepState::Failed;
+                s.attempts = attempt;
+                s.error = Some(error.clone());
+                s.finished_at = Some(now);
+                EventKind::StepFailed {
+                    agent: s.agent.clone(),
+                    attempt,
+                    error,
+                }
+            }
+            JobUpdate::Finished { state, output, error } => {
+                self.state = state;
+                self.output = output;
+                self.error = error.clone();
+                self.finished_at = Some(now);
+                self.started_at.get_or_insert(now);
+                for s in &mut self.steps {
+                    if !matches!(s.state, StepState::Succeeded | StepState::Failed) {
+                        s.state = StepState::Cancelled;
+                    }
+                }
+                EventKind::Finished { state, error }
+            }
+        };
+        self.updated_at = now;
+        self.events += 1;
+        Some(JobEvent {
+            job_id: self.id,
+            seq: self.events,
+            at: now,
+            kind,
+        })
+    }
+}
+
+/// A change to a job, applied by the store.
+#[derive(Clone, Debug)]
+pub enum JobUpdate {
+    Started,
+    StepStarted { step: usize, attempt: u32 },
+    StepRetrying { step: usize, attempt: u32, delay: Duration, error: String },
+    StepSucceeded { step: usize, attempt: u32, output: Arc<Value>, usage: Usage },
+    StepFailed { step: usize, attempt: u32, error: String },
+    Finished { state: JobState, output: Option<Arc<Value>>, error: Option<String> },
+}
+
+/// Something that happened to a job; `seq` counts from 1 per job, so a watcher can replay the
+/// stored events and then follow live ones without gaps or repeats.
+#[derive(Clone, Debug, Serialize)]
+pub struct JobEvent {
+    pub job_id: JobId,
+    pub seq: u64,
+    pub at: SystemTime,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum EventKind {
+    Submitted,
+    Started,
+    StepStarted { agent: Arc<str>, attempt: u32 },
+    StepRetrying { agent: Arc<str>, attempt: u32, delay_ms: u64, error: String },
+    StepSucceeded { agent: Arc<str>, attempt: u32, usage: Usage },
+    StepFailed { agent: Arc<str>, attempt: u32, error: String },
+    Finished { state: JobState, error: Option<String> },
+}
+
+impl EventKind {
+    pub fn is_final(&self) -> bool {
+        matches!(self, Self::Finished { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn apply_walks_a_job_through_its_states() {
+        let now = SystemTime::now();
+        let mut r = JobRecord::new(JobId::new(), "g".into(), &["a".into(), "b".into()], Arc::new(json!({})), now);
+        assert_eq!(r.apply(JobUpdate::Started, now).unwrap().seq, 1);
+        r.apply(JobUpdate::StepStarted { step: 0, attempt: 1 }, now).unwrap();
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            cost_usd: 0.5,
+        };
+        let e = r
+            .apply(
+                JobUpdate::StepSucceeded {
+                    step: 0,
+                    attempt: 1,
+                    output: Arc::new(json!(1)),
+                    usage,
+                },
+                now,
+            )
+            .unwrap();
+        assert!(matches!(e.kind, EventKind::StepSucceeded { ref agent, .. } if &**agent == "a"));
+        assert_eq!(r.usage.total_tokens(), 7);
+        let e = r
+            .apply(
+                JobUpdate::Finished {
+                    state: JobState::Cancelled,
+                    output: None,
+                    error: Some("stop".into()),
+                },
+                now,
+            )
+            .unwrap();
+        assert!(e.kind.is_final());
+        assert_eq!(e.seq, 4);
+        assert_eq!(r.steps[0].state, StepState::Succeeded);
+        assert_eq!(r.steps[1].state, StepState::Cancelled);
+        // Nothing applies to a finished job.
+        assert!(r.apply(JobUpdate::StepStarted { step: 1, attempt: 1 }, now).is_none());
+        assert_eq!(r.events, 4);
+    }
+
+    #[test]
+    fn job_id_parses_and_refuses_garbage() {
+        let id = JobId::new();
+        assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
+        assert!("nope".parse::<JobId>().unwrap_err().contains("invalid job id"));
+    }
+}

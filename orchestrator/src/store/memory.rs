@@ -1,0 +1,294 @@
+//! The in-memory store: everything in one mutex-guarded map. Finished jobs are kept up to a
+//! retention count, oldest evicted first, so a long `cascade run` does not grow without bound.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use super::{JobFilter, JobStore, NewJob, StoreError, StoreFuture, Submitted};
+use crate::job::{EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate};
+
+const DEFAULT_RETAIN_FINISHED: usize = 100_000;
+
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    retain_finished: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: HashMap<JobId, Entry>,
+    pending: HashMap<Arc<str>, VecDeque<JobId>>,
+    keys: HashMap<(String, String), JobId>,
+    finished: VecDeque<JobId>,
+}
+
+struct Entry {
+    record: JobRecord,
+    events: Vec<JobEvent>,
+    /// (tenant, idempotency key), to forget the key with the job.
+    key: Option<(String, String)>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::with_retention(DEFAULT_RETAIN_FINISHED)
+    }
+
+    /// Keep at most `retain_finished` finished jobs.
+    pub fn with_retention(retain_finished: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            retain_finished,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a record half-updated (updates are applied
+        // by one function before anything else runs), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn submit_now(&self, job: NewJob) -> Result<Submitted, StoreError> {
+        let mut inner = self.lock();
+        if let Some(key) = &job.idempotency_key {
+            let k = (job.tenant.clone(), key.clone());
+            if let Some(&existing) = inner.keys.get(&k) {
+                if let Some(e) = inner.jobs.get(&existing)
+                    && e.record.input != job.input
+                {
+                    return Err(StoreError::KeyConflict {
+                        key: key.clone(),
+                        existing,
+                    });
+                }
+                return Ok(Submitted {
+                    id: existing,
+                    deduplicated: true,
+                });
+            }
+        }
+        let pending = inner.pending.get(&job.graph).map_or(0, VecDeque::len);
+        if pending >= job.max_pending {
+            return Err(StoreError::Full {
+                graph: job.graph.clone(),
+                pending,
+            });
+        }
+        let now = SystemTime::now();
+        let mut record = JobRecord::new(job.id, job.graph.clone(), &job.agents, job.input, now);
+        record.labels = job.labels;
+        record.idempotency_key = job.idempotency_key.clone();
+        record.events = 1;
+        let event = JobEvent {
+            job_id: job.id,
+            seq: 1,
+            at: now,
+            kind: EventKind::Submitted,
+        };
+        let key = job.idempotency_key.map(|k| (job.tenant, k));
+        if let Some(k) = &key {
+            inner.keys.insert(k.clone(), job.id);
+        }
+        inner.pending.entry(job.graph).or_default().push_back(job.id);
+        inner.jobs.insert(
+            job.id,
+            Entry {
+                record,
+                events: vec![event],
+                key,
+            },
+        );
+        Ok(Submitted {
+            id: job.id,
+            deduplicated: false,
+        })
+    }
+
+    fn finished(&self, inner: &mut Inner, id: JobId) {
+        inner.finished.push_back(id);
+        while inner.finished.len() > self.retain_finished {
+            if let Some(old) = inner.finished.pop_front()
+                && let Some(e) = inner.jobs.remove(&old)
+                && let Some(key) = e.key
+            {
+                inner.keys.remove(&key);
+            }
+        }
+    }
+}
+
+impl JobStore for MemoryStore {
+    fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
+        let result = self.submit_now(job);
+        Box::pin(async move { result })
+    }
+
+    fn claim_pending(&self, graph: &str, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        let mut inner = self.lock();
+        let Inner { jobs, pending, .. } = &mut *inner;
+        let Some(queue) = pending.get_mut(graph) else { return Ok(Vec::new()) };
+        let mut out = Vec::with_capacity(limit.min(queue.len()));
+        while out.len() < limit {
+            let Some(id) = queue.pop_front() else { break };
+            if let Some(e) = jobs.get_mut(&id)
+                && e.record.state == JobState::Pending
+            {
+                e.record.state = JobState::Running;
+                out.push(e.record.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    fn running(&self, graph: &str) -> Result<Vec<JobRecord>, StoreError> {
+        let inner = self.lock();
+        let mut out: Vec<JobRecord> = inner
+            .jobs
+            .values()
+            .filter(|e| &*e.record.graph == graph && matches!(e.record.state, JobState::Running | JobState::AwaitingApproval))
+            .map(|e| e.record.clone())
+            .collect();
+        out.sort_by_key(|r| r.id);
+        Ok(out)
+    }
+
+    fn update(&self, id: JobId, update: JobUpdate) -> Result<Option<JobEvent>, StoreError> {
+        let mut inner = self.lock();
+        let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let event = entry.record.apply(update, SystemTime::now());
+        if let Some(e) = &event {
+            entry.events.push(e.clone());
+            if e.kind.is_final() {
+                self.finished(&mut inner, id);
+            }
+        }
+        Ok(event)
+    }
+
+    fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError> {
+        let mut inner = self.lock();
+        let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        if entry.record.state != JobState::Pending {
+            return Ok(None);
+        }
+        let event = entry.record.apply(
+            JobUpdate::Finished {
+                state: JobState::Cancelled,
+                output: None,
+                error: Some(format!("cancelled: {reason}")),
+            },
+            SystemTime::now(),
+        );
+        if let Some(e) = &event {
+            entry.events.push(e.clone());
+            let graph = entry.record.graph.clone();
+            if let Some(q) = inner.pending.get_mut(&graph) {
+                q.retain(|j| *j != id);
+            }
+            self.finished(&mut inner, id);
+        }
+        Ok(event)
+    }
+
+    fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        Ok(self.lock().jobs.get(&id).map(|e| e.record.clone()))
+    }
+
+    fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError> {
+        let inner = self.lock();
+        let e = inner.jobs.get(&id).ok_or(StoreError::NotFound(id))?;
+        Ok(e.events.iter().filter(|ev| ev.seq > after_seq).cloned().collect())
+    }
+
+    fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let inner = self.lock();
+        let mut out: Vec<JobRecord> = inner
+            .jobs
+            .values()
+            .filter(|e| filter.matches(&e.record))
+            .map(|e| e.record.clone())
+            .collect();
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        if filter.limit > 0 {
+            out.truncate(filter.limit);
+        }
+        Ok(out)
+    }
+
+    fn pending_count(&self, graph: &str) -> usize {
+        self.lock().pending.get(graph).map_or(0, VecDeque::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn new_job(graph: &str, key: Option<&str>, input: serde_json::Value) -> NewJob {
+        NewJob {
+            id: JobId::new(),
+            graph: graph.into(),
+            agents: vec!["a".into()],
+            input: Arc::new(input),
+            labels: Default::default(),
+            idempotency_key: key.map(String::from),
+            tenant: String::new(),
+            max_pending: 2,
+        }
+    }
+
+    #[tokio::test]
+    async fn idempotent_submit_and_conflict() {
+        let s = MemoryStore::new();
+        let first = s.submit(new_job("g", Some("k"), json!(1))).await.unwrap();
+        let again = s.submit(new_job("g", Some("k"), json!(1))).await.unwrap();
+        assert_eq!((again.id, again.deduplicated), (first.id, true));
+        let err = s.submit(new_job("g", Some("k"), json!(2))).await.unwrap_err();
+        assert_eq!(err, StoreError::KeyConflict { key: "k".into(), existing: first.id });
+    }
+
+    #[tokio::test]
+    async fn refuses_past_max_pending_and_claims_oldest_first() {
+        let s = MemoryStore::new();
+        let a = s.submit(new_job("g", None, json!(1))).await.unwrap().id;
+        let b = s.submit(new_job("g", None, json!(2))).await.unwrap().id;
+        let err = s.submit(new_job("g", None, json!(3))).await.unwrap_err();
+        assert!(matches!(err, StoreError::Full { pending: 2, .. }));
+        assert!(err.is_retryable());
+        let claimed: Vec<JobId> = s.claim_pending("g", 1).unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(claimed, vec![a]);
+        assert_eq!(s.pending_count("g"), 1);
+        assert_eq!(s.running("g").unwrap()[0].id, a);
+        // A cancelled pending job is never claimed.
+        assert!(s.cancel_pending(b, "test").unwrap().is_some());
+        assert!(s.claim_pending("g", 5).unwrap().is_empty());
+        assert_eq!(s.get(b).unwrap().unwrap().state, JobState::Cancelled);
+        assert!(s.cancel_pending(a, "test").unwrap().is_none(), "running jobs are not cancelled here");
+    }
+
+    #[tokio::test]
+    async fn evicts_oldest_finished_jobs_past_retention() {
+        let s = MemoryStore::with_retention(1);
+        let mut ids = Vec::new();
+        for i in 0..3 {
+            let mut j = new_job("g", None, json!(i));
+            j.max_pending = 10;
+            ids.push(s.submit(j).await.unwrap().id);
+        }
+        for id in &ids {
+            s.cancel_pending(*id, "x").unwrap();
+        }
+        assert!(s.get(ids[0]).unwrap().is_none());
+        assert!(s.get(ids[1]).unwrap().is_none());
+        assert!(s.get(ids[2]).unwrap().is_some());
+        assert_eq!(s.events(ids[2], 0).unwrap().len(), 2);
+    }
+}

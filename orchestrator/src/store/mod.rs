@@ -1,0 +1,112 @@
+//! Where jobs live: accepted jobs wait here until a graph has room for them, and every change to
+//! a job is recorded here before it is announced. The runtime talks to a [`JobStore`]; the
+//! in-memory store serves tests, benchmarks and `cascade run`, a durable one serves `cascade serve`.
+
+mod memory;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::job::{JobEvent, JobId, JobRecord, JobState, JobUpdate};
+
+pub use memory::MemoryStore;
+
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A job to accept.
+#[derive(Clone, Debug)]
+pub struct NewJob {
+    pub id: JobId,
+    pub graph: Arc<str>,
+    /// The graph's agents in order, one step each.
+    pub agents: Vec<Arc<str>>,
+    pub input: Arc<Value>,
+    pub labels: BTreeMap<String, String>,
+    /// With a tenant, deduplicates submissions: the same key returns the original job.
+    pub idempotency_key: Option<String>,
+    pub tenant: String,
+    /// Refuse the job if this many jobs of its graph are already pending.
+    pub max_pending: usize,
+}
+
+/// The outcome of a submission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submitted {
+    pub id: JobId,
+    /// The idempotency key was known: this is the job it named before, not a new one.
+    pub deduplicated: bool,
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum StoreError {
+    #[error("{pending} jobs of graph {graph:?} are already pending; submit again later")]
+    Full { graph: Arc<str>, pending: usize },
+    #[error("idempotency key {key:?} was already used for job {existing} with a different input; use a new key for a new job")]
+    KeyConflict { key: String, existing: JobId },
+    #[error("job {0} not found")]
+    NotFound(JobId),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Full { .. } | Self::Unavailable(_))
+    }
+}
+
+/// Which jobs to list.
+#[derive(Clone, Debug, Default)]
+pub struct JobFilter {
+    pub graph: Option<String>,
+    pub state: Option<JobState>,
+    /// Every label here must match.
+    pub labels: BTreeMap<String, String>,
+    /// List jobs created before this one (newest first); for paging.
+    pub before: Option<JobId>,
+    pub limit: usize,
+}
+
+impl JobFilter {
+    pub fn matches(&self, r: &JobRecord) -> bool {
+        self.graph.as_deref().is_none_or(|g| *r.graph == *g)
+            && self.state.is_none_or(|s| r.state == s)
+            && self.labels.iter().all(|(k, v)| r.labels.get(k) == Some(v))
+            && self.before.is_none_or(|b| r.id < b)
+    }
+}
+
+/// The store behind the runtime. Reads and step updates are synchronous (they sit on the
+/// per-step path and must be cheap); accepting a job is asynchronous because a durable store
+/// answers only after its commit.
+pub trait JobStore: Send + Sync + 'static {
+    /// Accept a job as pending, or return the job its idempotency key already names.
+    fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted>;
+
+    /// Move up to `limit` pending jobs of `graph` to running, oldest first, and return them.
+    fn claim_pending(&self, graph: &str, limit: usize) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Jobs of `graph` left running (after a restart of their scheduler or of the process).
+    fn running(&self, graph: &str) -> Result<Vec<JobRecord>, StoreError>;
+
+    /// Record a change to a job; returns the event it made, if it applied.
+    fn update(&self, id: JobId, update: JobUpdate) -> Result<Option<JobEvent>, StoreError>;
+
+    /// Cancel a job that is still pending. Returns its event, or `None` if it is not pending.
+    fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError>;
+
+    fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
+
+    /// The events of a job after `after_seq`, in order.
+    fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError>;
+
+    /// Jobs matching `filter`, newest first.
+    fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError>;
+
+    fn pending_count(&self, graph: &str) -> usize;
+}
