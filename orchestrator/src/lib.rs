@@ -15,3 +15,4 @@ pub mod runtime;
 
 pub use cascade_agents as agents;
 
+pub use runtime::{Orchestrator, OrchestratorBuilder, SubmitError, SubmitRequest};

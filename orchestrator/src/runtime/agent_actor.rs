@@ -1,0 +1,163 @@
+//! One actor per agent: it owns the agent instance (built from the agent's config in `pre_start`,
+//! so a restart rebuilds it) and runs each call it is given as a task of its own.
+//!
+//! The scheduler never sends more calls than the agent's concurrency allows, so this mailbox is
+//! bounded by that. Results go straight back to the scheduler. A panic inside a call is not
+//! swallowed: the call's task reports it here and the actor fails, its supervisor restarts it, and
+//! dropping the actor's state aborts the calls still running (the scheduler runs them again with
+//! the same idempotency keys).
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cascade_agents::{Agent, AgentError, AgentOutput, AgentSpec, CallContext, StepInput};
+use futures::FutureExt;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::GraphCtx;
+use super::scheduler::SchedMsg;
+use crate::job::JobId;
+
+/// One attempt of one step, as sent to an agent actor.
+pub(crate) struct Call {
+    pub job: JobId,
+    pub step: usize,
+    /// Which dispatch of the step this is; results of an older dispatch are ignored.
+    pub token: u32,
+    /// Which incarnation of the agent actor the scheduler counted this call against.
+    pub incarnation: u32,
+    pub ctx: CallContext,
+    pub input: StepInput,
+    pub reply: ActorRef<SchedMsg>,
+}
+
+/// A call's result, sent to the scheduler.
+pub(crate) struct StepDone {
+    pub job: JobId,
+    pub step: usize,
+    pub token: u32,
+    pub incarnation: u32,
+    pub result: Result<AgentOutput, AgentError>,
+    pub elapsed: Duration,
+}
+
+pub(crate) enum AgentMsg {
+    Run(Box<Call>),
+    /// A call panicked: fail this actor.
+    Panicked(AgentPanic),
+}
+
+/// The error an agent actor fails with when a call panicked; the supervisor reads it to charge the
+/// panic to that step (a step that always panics must not restart its agent forever).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("agent panicked while running job {job}: {message}")]
+pub(crate) struct AgentPanic {
+    pub job: JobId,
+    pub step: usize,
+    pub token: u32,
+    pub message: String,
+}
+
+pub(crate) struct AgentActor;
+
+pub(crate) struct AgentArgs {
+    pub graph: Arc<GraphCtx>,
+    pub index: usize,
+}
+
+pub(crate) struct AgentState {
+    agent: Arc<dyn Agent>,
+    timeout: Duration,
+    /// The running calls; dropped with the state, which aborts them.
+    tasks: JoinSet<()>,
+}
+
+impl Actor for AgentActor {
+    type Msg = AgentMsg;
+    type State = AgentState;
+    type Arguments = AgentArgs;
+
+    async fn pre_start(&self, _me: ActorRef<AgentMsg>, args: AgentArgs) -> Result<AgentState, ActorProcessingErr> {
+        let model = &args.graph.model.agents[args.index];
+        let agent = args.graph.shared.registry.build(
+            &model.kind,
+            &AgentSpec {
+                graph: &args.graph.model.name,
+                name: &model.name,
+                fields: &model.fields,
+            },
+        )?;
+        Ok(AgentState {
+            agent,
+            timeout: model.timeout,
+            tasks: JoinSet::new(),
+        })
+    }
+
+    async fn handle(&self, me: ActorRef<AgentMsg>, msg: AgentMsg, state: &mut AgentState) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AgentMsg::Run(call) => {
+                // Reap finished tasks so the set holds only running calls.
+                while state.tasks.try_join_next().is_some() {}
+                let agent = state.agent.clone();
+                let timeout = match call.ctx.deadline {
+                    Some(d) => state.timeout.min(d.saturating_duration_since(Instant::now())),
+                    None => state.timeout,
+                };
+                let span = tracing::debug_span!(
+                    "step",
+                    job_id = %call.job,
+                    graph = %call.ctx.graph,
+                    agent = %call.ctx.agent,
+                    attempt = call.ctx.attempt,
+                );
+                state.tasks.spawn(run_call(agent, *call, timeout, me).instrument(span));
+                Ok(())
+            }
+            AgentMsg::Panicked(p) => Err(Box::new(p)),
+        }
+    }
+}
+
+async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration, me: ActorRef<AgentMsg>) {
+    let start = Instant::now();
+    let attempt = AssertUnwindSafe(tokio::time::timeout(timeout, agent.call(&call.ctx, &call.input)))
+        .catch_unwind()
+        .await;
+    let result = match attempt {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(AgentError::transient(format!(
+            "call timed out after {}",
+            humantime::format_duration(timeout)
+        ))),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "panic with a non-string payload".to_string());
+            tracing::warn!(%message, "agent call panicked; failing the agent actor");
+            let _ = me.cast(AgentMsg::Panicked(AgentPanic {
+                job: call.job,
+                step: call.step,
+                token: call.token,
+                message,
+            }));
+            return;
+        }
+    };
+    // If the scheduler is gone (shutdown, or restarted), the result is lost and the step runs
+    // again with the same key after recovery: at-least-once, as documented.
+    let _ = call.reply.cast(SchedMsg::StepDone(Box::new(StepDone {
+        job: call.job,
+        step: call.step,
+        token: call.token,
+        incarnation: call.incarnation,
+        result,
+        elapsed: start.elapsed(),
+    })));
+}

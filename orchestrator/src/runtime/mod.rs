@@ -1,0 +1,427 @@
+//! The running orchestrator and its library API: start it from a model, submit jobs, await or
+//! follow them, cancel them, shut it down.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
+//! let model = config::load_graph_files(&["examples/graphs/fanout.toml".into()], &Default::default())?;
+//! let orch = Orchestrator::builder(model).start().await?;
+//! let job = orch.submit(SubmitRequest::new("fanout", serde_json::json!({"n": 1}))).await?;
+//! let done = orch.wait(job.id).await?;
+//! println!("{}: {:?}", done.state, done.output);
+//! orch.shutdown(std::time::Duration::from_secs(5)).await;
+//! # Ok(()) }
+//! ```
+
+mod agent_actor;
+mod scheduler;
+mod stats;
+mod supervisor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use cascade_agents::Registry;
+use futures::Stream;
+use ractor::{Actor, ActorRef};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::config::nearest;
+use crate::job::{JobEvent, JobId, JobRecord};
+use crate::model::{GraphModel, ServerModel};
+use crate::store::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, Submitted};
+
+pub use scheduler::{AgentSlotSnapshot, SchedulerSnapshot};
+pub use stats::{AgentHealth, AgentStatsSnapshot, GraphStats, GraphStatsSnapshot};
+
+use scheduler::SchedMsg;
+use supervisor::{RootMsg, RootSupervisor};
+
+/// A request to run a graph once.
+#[derive(Clone, Debug)]
+pub struct SubmitRequest {
+    pub graph: String,
+    pub input: Value,
+    pub idempotency_key: Option<String>,
+    pub tenant: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl SubmitRequest {
+    pub fn new(graph: impl Into<String>, input: Value) -> Self {
+        Self {
+            graph: graph.into(),
+            input,
+            idempotency_key: None,
+            tenant: String::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    pub fn label(mut self, k: impl Into<String>, v: impl Into<String>) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("unknown graph {graph:?}{}", .suggestion.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default())]
+    UnknownGraph { graph: String, suggestion: Option<String> },
+    /// Too many jobs wait already: the caller must slow down and try again after `retry_after`.
+    #[error("graph {graph:?} has {pending} jobs waiting; retry in {}", humantime::format_duration(*.retry_after))]
+    Overloaded {
+        graph: String,
+        pending: usize,
+        retry_after: Duration,
+    },
+    #[error(transparent)]
+    KeyConflict(StoreError),
+    #[error("the orchestrator is shutting down and accepts no new jobs")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl SubmitError {
+    /// Whether submitting again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Overloaded { .. } | Self::Store(StoreError::Unavailable(_)))
+    }
+}
+
+/// What every actor of an orchestrator shares.
+pub(crate) struct Shared {
+    pub model: ServerModel,
+    pub registry: Registry,
+    pub store: Arc<dyn JobStore>,
+    events: broadcast::Sender<JobEvent>,
+    waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<()>>>>,
+    shutting_down: AtomicBool,
+}
+
+impl Shared {
+    /// Announce an event to live watchers (stored already).
+    pub fn publish(&self, event: JobEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event);
+        }
+    }
+
+    /// Wake whoever awaits this job.
+    pub fn job_finished(&self, id: JobId) {
+        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        for w in waiters.into_iter().flatten() {
+            let _ = w.send(());
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Relaxed)
+    }
+}
+
+/// What the actors of one graph share.
+pub(crate) struct GraphCtx {
+    pub shared: Arc<Shared>,
+    pub model: Arc<GraphModel>,
+    pub names: Vec<Arc<str>>,
+    pub stats: Arc<GraphStats>,
+    /// The current scheduler (it changes if it is restarted).
+    pub scheduler: RwLock<Option<ActorRef<SchedMsg>>>,
+    /// A `Wake` is on its way to the scheduler: submissions need not send another.
+    pub wake_pending: AtomicBool,
+}
+
+impl GraphCtx {
+    fn scheduler(&self) -> Option<ActorRef<SchedMsg>> {
+        self.scheduler.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn wake(&self) {
+        if !self.wake_pending.swap(true, Relaxed)
+            && let Some(s) = self.scheduler()
+            && s.cast(SchedMsg::Wake).is_err()
+        {
+            self.wake_pending.store(false, Relaxed);
+        }
+    }
+}
+
+/// Configures and starts an [`Orchestrator`].
+pub struct OrchestratorBuilder {
+    model: ServerModel,
+    registry: Registry,
+    store: Option<Arc<dyn JobStore>>,
+}
+
+impl OrchestratorBuilder {
+    /// Agent kinds beyond the built-in ones.
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Where jobs are kept (in memory by default).
+    pub fn store(mut self, store: Arc<dyn JobStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    pub async fn start(self) -> Result<Orchestrator, StartError> {
+        let shared = Arc::new(Shared {
+            model: self.model,
+            registry: self.registry,
+            store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            events: broadcast::channel(4096).0,
+            waiters: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+        });
+        let graphs: Vec<Arc<GraphCtx>> = shared
+            .model
+            .graphs
+            .iter()
+            .map(|m| {
+                Arc::new(GraphCtx {
+                    shared: shared.clone(),
+                    model: m.clone(),
+                    names: m.agents.iter().map(|a| a.name.clone()).collect(),
+                    stats: Arc::new(GraphStats::new(m)),
+                    scheduler: RwLock::new(None),
+                    wake_pending: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        let (root, handle) = Actor::spawn(None, RootSupervisor, (shared.clone(), graphs.clone()))
+            .await
+            .map_err(|e| StartError(e.to_string()))?;
+        Ok(Orchestrator {
+            shared,
+            graphs: graphs.into_iter().map(|g| (g.model.name.clone(), g)).collect(),
+            root,
+            root_handle: Mutex::new(Some(handle)),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the orchestrator could not start: {0}")]
+pub struct StartError(String);
+
+/// A running orchestrator.
+pub struct Orchestrator {
+    shared: Arc<Shared>,
+    graphs: HashMap<Arc<str>, Arc<GraphCtx>>,
+    root: ActorRef<RootMsg>,
+    root_handle: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Orchestrator {
+    pub fn builder(model: ServerModel) -> OrchestratorBuilder {
+        OrchestratorBuilder {
+            model,
+            registry: Registry::default(),
+            store: None,
+        }
+    }
+
+    pub fn model(&self) -> &ServerModel {
+        &self.shared.model
+    }
+
+    pub fn store(&self) -> &Arc<dyn JobStore> {
+        &self.shared.store
+    }
+
+    fn graph(&self, name: &str) -> Result<&Arc<GraphCtx>, SubmitError> {
+        self.graphs.get(name).ok_or_else(|| SubmitError::UnknownGraph {
+            graph: name.to_string(),
+            suggestion: nearest(name, self.graphs.keys().map(|k| &**k)).map(String::from),
+        })
+    }
+
+    /// Accept a job. It is pending until its graph has room for it.
+    pub async fn submit(&self, req: SubmitRequest) -> Result<Submitted, SubmitError> {
+        if self.shared.is_shutting_down() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let g = self.graph(&req.graph)?.clone();
+        let job = NewJob {
+            id: JobId::new(),
+            graph: g.model.name.clone(),
+            agents: g.names.clone(),
+            input: Arc::new(req.input),
+            labels: req.labels,
+            idempotency_key: req.idempotency_key,
+            tenant: req.tenant,
+            max_pending: g.model.max_pending_jobs.get(),
+        };
+        match self.shared.store.submit(job).await {
+            Ok(s) => {
+                if !s.deduplicated {
+                    g.wake();
+                }
+                Ok(s)
+            }
+            Err(StoreError::Full { pending, .. }) => Err(SubmitError::Overloaded {
+                graph: req.graph,
+                pending,
+                retry_after: self.retry_after(&g, pending),
+            }),
+            Err(e @ StoreError::KeyConflict { .. }) => Err(SubmitError::KeyConflict(e)),
+            Err(e) => Err(SubmitError::Store(e)),
+        }
+    }
+
+    /// How long until the backlog has drained enough to accept more: the pending jobs divided by
+    /// the rate at which the graph has been finishing jobs, between 100 ms and 5 minutes.
+    fn retry_after(&self, g: &GraphCtx, pending: usize) -> Duration {
+        let s = g.stats.snapshot();
+        let done = (s.jobs_succeeded + s.jobs_failed + s.jobs_cancelled).max(1) as f64;
+        let in_flight = s.jobs_started as f64 - done;
+        // Without a measured rate, assume the in-flight jobs finish in about a second.
+        let per_sec = in_flight.max(1.0);
+        Duration::from_secs_f64((pending as f64 / per_sec / 10.0).clamp(0.1, 300.0))
+    }
+
+    /// The job as stored now.
+    pub fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        self.shared.store.get(id)
+    }
+
+    pub fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        self.shared.store.list(filter)
+    }
+
+    /// Wait until the job has finished, and return it.
+    pub async fn wait(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        loop {
+            let (tx, rx) = oneshot::channel();
+            self.shared
+                .waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(id)
+                .or_default()
+                .push(tx);
+            // Checked after registering, so a finish in between is not missed.
+            let record = self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?;
+            if record.state.is_terminal() {
+                return Ok(record);
+            }
+            let _ = rx.await;
+        }
+    }
+
+    /// The job's events: those recorded so far, then live ones, ending with its final event.
+    pub fn subscribe(&self, id: JobId) -> Result<impl Stream<Item = JobEvent> + Send + 'static, StoreError> {
+        let mut live = self.shared.events.subscribe();
+        let past = self.shared.store.events(id, 0)?;
+        let shared = self.shared.clone();
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut last = 0;
+            for e in past {
+                last = e.seq;
+                let fin = e.kind.is_final();
+                if tx.send(e).await.is_err() || fin {
+                    return;
+                }
+            }
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.job_id == id && e.seq > last => {
+                        last = e.seq;
+                        let fin = e.kind.is_final();
+                        if tx.send(e).await.is_err() || fin {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Fell behind the live stream: catch up from the store.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let Ok(missed) = shared.store.events(id, last) else { return };
+                        for e in missed {
+                            last = e.seq;
+                            let fin = e.kind.is_final();
+                            if tx.send(e).await.is_err() || fin {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// Cancel a job: a pending job never starts; a running one starts no further step (calls
+    /// under way finish, their results are dropped). Returns the job as it ends up.
+    pub async fn cancel(&self, id: JobId, reason: &str) -> Result<JobRecord, StoreError> {
+        let record = self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?;
+        if record.state.is_terminal() {
+            return Ok(record);
+        }
+        if let Some(ev) = self.shared.store.cancel_pending(id, reason)? {
+            self.shared.publish(ev);
+            self.shared.job_finished(id);
+        } else if let Some(g) = self.graphs.get(&record.graph)
+            && let Some(s) = g.scheduler()
+        {
+            let reason = reason.to_string();
+            let _ = ractor::call_t!(s, |reply| SchedMsg::Cancel { job: id, reason, reply }, 5_000);
+        }
+        self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))
+    }
+
+    /// Counters of a graph.
+    pub fn stats(&self, graph: &str) -> Option<GraphStatsSnapshot> {
+        self.graphs.get(graph).map(|g| g.stats.snapshot())
+    }
+
+    /// What a graph's scheduler holds right now.
+    pub async fn scheduler_snapshot(&self, graph: &str) -> Option<SchedulerSnapshot> {
+        let s = self.graphs.get(graph)?.scheduler()?;
+        ractor::call_t!(s, SchedMsg::Snapshot, 5_000).ok()
+    }
+
+    /// Stop accepting jobs, let in-flight jobs finish for up to `grace`, then stop every actor.
+    /// Jobs not finished by then stay in the store (a durable store resumes them on restart).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shared.shutting_down.store(true, Relaxed);
+        for g in self.graphs.values() {
+            if let Some(s) = g.scheduler() {
+                let _ = s.cast(SchedMsg::Drain);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let mut busy = 0;
+            for name in self.graphs.keys() {
+                busy += self.scheduler_snapshot(name).await.map_or(0, |s| s.jobs_in_flight);
+            }
+            if busy == 0 || tokio::time::Instant::now() >= deadline {
+                if busy > 0 {
+                    tracing::warn!(jobs = busy, "grace period over; stopping with jobs in flight");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.root.stop(Some("shutdown".into()));
+        let handle = self.root_handle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+}
