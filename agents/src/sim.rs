@@ -27,7 +27,9 @@ use std::time::Duration;
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+#[cfg(test)]
+use serde_json::json;
 use tokio::time::Instant;
 
 use crate::{Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, HumanDuration, KindSpec, StepInput, Usage};
@@ -293,7 +295,7 @@ impl Agent for SimAgent {
                 ctx.agent
             )));
         }
-        let mut trace: Vec<Value> = Vec::new();
+        let mut trace: Vec<Value> = Vec::with_capacity(input.deps.len() + 1);
         for (_, dep) in &input.deps {
             if let Some(Value::Array(items)) = dep.get("trace") {
                 for item in items {
@@ -305,15 +307,17 @@ impl Agent for SimAgent {
         }
         trace.push(Value::String(ctx.agent.to_string()));
         let tokens = draw.prompt + draw.completion;
+        // Built field by field: `json!` would serialize the borrowed input, a deep copy through
+        // serde that cost more than the rest of a zero-latency call.
+        let mut out = serde_json::Map::new();
+        out.insert("simulated".into(), Value::Bool(true));
+        out.insert("agent".into(), Value::String(ctx.agent.to_string()));
+        out.insert("attempt".into(), Value::from(ctx.attempt));
+        out.insert("idempotency_key".into(), Value::String(ctx.idempotency_key.to_string()));
+        out.insert("input".into(), (*input.input).clone());
+        out.insert("trace".into(), Value::Array(trace));
         Ok(AgentOutput {
-            value: json!({
-                "simulated": true,
-                "agent": &*ctx.agent,
-                "attempt": ctx.attempt,
-                "idempotency_key": &*ctx.idempotency_key,
-                "input": &*input.input,
-                "trace": trace,
-            }),
+            value: Value::Object(out),
             usage: Usage {
                 prompt_tokens: draw.prompt,
                 completion_tokens: draw.completion,

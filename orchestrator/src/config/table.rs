@@ -57,7 +57,11 @@ impl<'a, 'i> TableReader<'a, 'i> {
             Ok(v) => Some(v),
             Err(e) => {
                 let span = e.span().unwrap_or_else(|| value.span());
-                errs.push(self.src.error(span, self.field_path(key), clean_message(e.message())));
+                let mut err = self.src.error(span, self.field_path(key), clean_message(e.message()));
+                if let Some(example) = example(key) {
+                    err = err.with_help(format!("for example: {key} = {example}"));
+                }
+                errs.push(err);
                 None
             }
         }
@@ -118,6 +122,26 @@ impl<'a, 'i> TableReader<'a, 'i> {
             );
         }
     }
+}
+
+/// An example value for the fields people most often get wrong.
+fn example(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "max_in_flight_jobs" => "1000",
+        "max_pending_jobs" => "100_000",
+        "deadline" | "timeout" => "\"30s\"",
+        "restart_window" | "pause_threshold" => "\"1m\"",
+        "max_concurrency" | "burst" => "32",
+        "max_restarts" => "10",
+        "requests_per_second" | "requests_per_minute" => "500",
+        "tokens_per_minute" | "tokens_per_hour" => "90_000",
+        "retry" => "{ max_attempts = 5, initial_delay = \"200ms\", max_delay = \"30s\" }",
+        "circuit_breaker" => "{ failure_ratio = 0.5, min_calls = 20, window = \"30s\", open_for = \"15s\" }",
+        "on_upstream_pause" => "\"drain\" (or \"stop\")",
+        "approval" => "\"required\" (or \"none\")",
+        "irreversible" => "true",
+        _ => return None,
+    })
 }
 
 pub(crate) fn deserialize<T: DeserializeOwned>(value: &Spanned<DeValue<'_>>) -> Result<T, toml::de::Error> {

@@ -86,12 +86,13 @@ impl MemoryStore {
         record.labels = job.labels;
         record.idempotency_key = job.idempotency_key.clone();
         record.events = 1;
-        let event = JobEvent {
+        let mut events = Vec::with_capacity(3 + 2 * job.agents.len());
+        events.push(JobEvent {
             job_id: job.id,
             seq: 1,
             at: now,
             kind: EventKind::Submitted,
-        };
+        });
         let key = job.idempotency_key.map(|k| (job.tenant, k));
         if let Some(k) = &key {
             inner.keys.insert(k.clone(), job.id);
@@ -101,7 +102,7 @@ impl MemoryStore {
             job.id,
             Entry {
                 record,
-                events: vec![event],
+                events,
                 key,
             },
         );

@@ -1,0 +1,239 @@
+//! `cascade run`: load one graph file, run N jobs of it in this process, report.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use cascade_orchestrator::agents::Registry;
+use cascade_orchestrator::job::JobState;
+use cascade_orchestrator::runtime::GraphStatsSnapshot;
+use cascade_orchestrator::{Orchestrator, SubmitError, SubmitRequest, config};
+use clap::Args;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The graph file to run.
+    graph: PathBuf,
+    /// The job input: JSON text, or @FILE to read it from a file.
+    #[arg(long, default_value = "{}")]
+    input: String,
+    /// How many jobs to run.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// How many jobs may run at once (overrides the graph's max_in_flight_jobs).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// A server config (cascade.toml) whose shared quotas the graph may use.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run_async(args))
+}
+
+fn read_input(arg: &str) -> anyhow::Result<Value> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read input file {path}"))?,
+        None => arg.to_string(),
+    };
+    serde_json::from_str(&text).with_context(|| {
+        format!("--input is not valid JSON (pass JSON text such as '{{\"ticket_id\": 1}}', or @file.json)")
+    })
+}
+
+async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let input = read_input(&args.input)?;
+    if args.jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let mut model = match config::load(args.config.as_deref(), std::slice::from_ref(&args.graph), &Registry::default()) {
+        Ok(m) => m,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let graph_index = model
+        .graphs
+        .iter()
+        .position(|g| g.source == args.graph)
+        .context("the file defines no graph")?;
+    if let Some(c) = args.concurrency {
+        let c = std::num::NonZeroUsize::new(c).context("--concurrency must be at least 1")?;
+        Arc::make_mut(&mut model.graphs[graph_index]).max_in_flight_jobs = c;
+    }
+    let graph = model.graphs[graph_index].clone();
+    let orch = Arc::new(Orchestrator::builder(model).start().await?);
+
+    let bar = if args.quiet || args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(args.jobs as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} jobs  {per_sec}  eta {eta}  {msg}")
+            .expect("valid template"),
+    );
+    let started = Instant::now();
+    let (ids_tx, mut ids_rx) = tokio::sync::mpsc::channel(1024);
+    let submitter = {
+        let orch = orch.clone();
+        let name = graph.name.to_string();
+        tokio::spawn(async move {
+            let mut backoffs = 0u64;
+            for _ in 0..args.jobs {
+                loop {
+                    match orch.submit(SubmitRequest::new(&name, input.clone())).await {
+                        Ok(s) => {
+                            if ids_tx.send(s.id).await.is_err() {
+                                return Ok(backoffs);
+                            }
+                            break;
+                        }
+                        // The graph's backlog is full: wait as told, like a well-behaved client.
+                        Err(SubmitError::Overloaded { retry_after, .. }) => {
+                            backoffs += 1;
+                            tokio::time::sleep(retry_after.min(Duration::from_millis(200))).await;
+                        }
+                        Err(e) => return Err(anyhow::Error::new(e)),
+                    }
+                }
+            }
+            Ok::<u64, anyhow::Error>(backoffs)
+        })
+    };
+    let mut waits = FuturesUnordered::new();
+    let mut latencies = Vec::with_capacity(args.jobs);
+    let mut failures: Vec<String> = Vec::new();
+    let (mut succeeded, mut failed, mut steps) = (0usize, 0usize, 0usize);
+    let mut open = true;
+    while open || !waits.is_empty() {
+        tokio::select! {
+            id = ids_rx.recv(), if open => match id {
+                Some(id) => {
+                    let orch = orch.clone();
+                    waits.push(async move { orch.wait(id).await });
+                }
+                None => open = false,
+            },
+            Some(done) = waits.next() => {
+                let job = done?;
+                steps += job.steps.iter().filter(|s| s.state == cascade_orchestrator::job::StepState::Succeeded).count();
+                if let Some(t) = job.run_time() {
+                    latencies.push(t);
+                }
+                if job.state == JobState::Succeeded {
+                    succeeded += 1;
+                } else {
+                    failed += 1;
+                    if failures.len() < 5 {
+                        failures.push(format!("{} {}: {}", job.id, job.state, job.error.unwrap_or_default()));
+                    }
+                    bar.set_message(format!("{failed} failed"));
+                }
+                bar.inc(1);
+            }
+        }
+    }
+    let backoffs = submitter.await??;
+    let wall = started.elapsed();
+    bar.finish_and_clear();
+    let stats = orch.stats(&graph.name).expect("graph exists");
+    orch.shutdown(Duration::from_secs(5)).await;
+
+    latencies.sort();
+    let pct = |p: f64| -> Duration {
+        if latencies.is_empty() {
+            return Duration::ZERO;
+        }
+        latencies[((latencies.len() - 1) as f64 * p).round() as usize]
+    };
+    let summary = Summary {
+        graph: graph.name.to_string(),
+        jobs: args.jobs,
+        succeeded,
+        failed,
+        wall_seconds: wall.as_secs_f64(),
+        jobs_per_second: args.jobs as f64 / wall.as_secs_f64(),
+        steps_per_second: steps as f64 / wall.as_secs_f64(),
+        latency_p50_ms: pct(0.50).as_secs_f64() * 1e3,
+        latency_p99_ms: pct(0.99).as_secs_f64() * 1e3,
+        submit_backoffs: backoffs,
+        first_failures: failures,
+        stats,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+}
+
+#[derive(Serialize)]
+struct Summary {
+    graph: String,
+    jobs: usize,
+    succeeded: usize,
+    failed: usize,
+    wall_seconds: f64,
+    jobs_per_second: f64,
+    steps_per_second: f64,
+    latency_p50_ms: f64,
+    latency_p99_ms: f64,
+    /// Times the submitter was told to slow down (RESOURCE_EXHAUSTED) and waited.
+    submit_backoffs: u64,
+    first_failures: Vec<String>,
+    stats: GraphStatsSnapshot,
+}
+
+fn print_summary(s: &Summary) {
+    println!(
+        "{}: {} jobs in {:.2}s — {} succeeded, {} failed",
+        s.graph, s.jobs, s.wall_seconds, s.succeeded, s.failed
+    );
+    println!(
+        "  {:.0} jobs/s, {:.0} steps/s, job latency p50 {:.1} ms, p99 {:.1} ms",
+        s.jobs_per_second, s.steps_per_second, s.latency_p50_ms, s.latency_p99_ms
+    );
+    if s.submit_backoffs > 0 {
+        println!("  submission was told to slow down {} times (backlog full)", s.submit_backoffs);
+    }
+    println!();
+    println!(
+        "  {:<16} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10} {:>12} {:>10}",
+        "agent", "calls", "retries", "failed", "429s", "restarts", "mean ms", "tokens", "cost $"
+    );
+    for a in &s.stats.agents {
+        println!(
+            "  {:<16} {:>9} {:>8} {:>8} {:>8} {:>8} {:>10.1} {:>12} {:>10.4}",
+            a.name,
+            a.calls,
+            a.retries,
+            a.failures,
+            a.rate_limited,
+            a.restarts,
+            a.mean_call_ms,
+            a.prompt_tokens + a.completion_tokens,
+            a.cost_usd
+        );
+    }
+    for f in &s.first_failures {
+        println!("  failed: {f}");
+    }
+}
