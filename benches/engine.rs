@@ -9,8 +9,8 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use cascade_orchestrator::agents::{Agent, AgentSpec, CallContext, Registry, StepInput};
@@ -53,8 +53,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 fn pipeline_toml(latency: Option<&str>) -> String {
-    let lat = latency.map(|l| format!("latency = \"{l}\"\n")).unwrap_or_default();
-    let mut s = "[graph]\nname = \"pipeline\"\nmax_in_flight_jobs = 2048\nmax_pending_jobs = 10000000\n".to_string();
+    let lat = latency
+        .map(|l| format!("latency = \"{l}\"\n"))
+        .unwrap_or_default();
+    let mut s =
+        "[graph]\nname = \"pipeline\"\nmax_in_flight_jobs = 2048\nmax_pending_jobs = 10000000\n"
+            .to_string();
     let names = ["classify", "enrich", "draft", "review", "post"];
     for (i, n) in names.iter().enumerate() {
         s += &format!("[agents.{n}]\nkind = \"sim\"\nmax_concurrency = 512\n{lat}");
@@ -68,15 +72,20 @@ fn pipeline_toml(latency: Option<&str>) -> String {
 fn fanout_toml() -> String {
     let mut s = "[graph]\nname = \"fanout\"\nmax_in_flight_jobs = 2048\nmax_pending_jobs = 10000000\n[agents.entry]\nkind = \"sim\"\nmax_concurrency = 512\n".to_string();
     for b in 1..=5 {
-        s += &format!("[agents.fetch_{b}]\nkind = \"sim\"\nmax_concurrency = 512\nafter = [\"entry\"]\n");
-        s += &format!("[agents.score_{b}]\nkind = \"sim\"\nmax_concurrency = 512\nafter = [\"fetch_{b}\"]\n");
+        s += &format!(
+            "[agents.fetch_{b}]\nkind = \"sim\"\nmax_concurrency = 512\nafter = [\"entry\"]\n"
+        );
+        s += &format!(
+            "[agents.score_{b}]\nkind = \"sim\"\nmax_concurrency = 512\nafter = [\"fetch_{b}\"]\n"
+        );
     }
     s += "[agents.join]\nkind = \"sim\"\nmax_concurrency = 512\nafter = [\"score_1\", \"score_2\", \"score_3\", \"score_4\", \"score_5\"]\n";
     s
 }
 
 fn model(toml: &str) -> ServerModel {
-    config::parse_graph_str("bench.toml", toml, &Registry::default()).unwrap_or_else(|e| panic!("{e}"))
+    config::parse_graph_str("bench.toml", toml, &Registry::default())
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Submit `jobs` jobs and wait until all have finished; returns the wall time.
@@ -89,7 +98,9 @@ async fn run_cascade(model: ServerModel, jobs: usize) -> Duration {
         .expect("start");
     let start = Instant::now();
     for i in 0..jobs {
-        orch.submit(SubmitRequest::new(&graph, json!({ "n": i }))).await.expect("submit");
+        orch.submit(SubmitRequest::new(&graph, json!({ "n": i })))
+            .await
+            .expect("submit");
     }
     loop {
         let s = orch.stats(&graph).expect("graph");
@@ -108,14 +119,24 @@ async fn run_cascade(model: ServerModel, jobs: usize) -> Duration {
 fn sim_agent(graph: &str, name: &str) -> Arc<dyn Agent> {
     let fields = serde_json::Map::new();
     Registry::default()
-        .build("sim", &AgentSpec { graph, name, fields: &fields })
+        .build(
+            "sim",
+            &AgentSpec {
+                graph,
+                name,
+                fields: &fields,
+            },
+        )
         .expect("sim agent")
 }
+
+/// Outputs of a step's dependencies, by agent name.
+type Deps = Vec<(Arc<str>, Arc<Value>)>;
 
 struct Msg {
     job: usize,
     input: Arc<Value>,
-    deps: Vec<(Arc<str>, Arc<Value>)>,
+    deps: Deps,
 }
 
 /// One stage: call the agent for every message, send the output on to every next stage.
@@ -137,11 +158,18 @@ fn stage(
                 idempotency_key: format!("{}/{name}", m.job).into(),
                 deadline: None,
             };
-            let input = StepInput { input: m.input.clone(), deps: m.deps };
+            let input = StepInput {
+                input: m.input.clone(),
+                deps: m.deps,
+            };
             let out = Arc::new(agent.call(&ctx, &input).await.expect("sim call").value);
             for tx in &next {
                 let _ = tx
-                    .send(Msg { job: m.job, input: m.input.clone(), deps: vec![(name_arc.clone(), out.clone())] })
+                    .send(Msg {
+                        job: m.job,
+                        input: m.input.clone(),
+                        deps: vec![(name_arc.clone(), out.clone())],
+                    })
                     .await;
             }
         }
@@ -164,7 +192,14 @@ async fn run_baseline_pipeline(jobs: usize) -> Duration {
     let start = Instant::now();
     let feeder = tokio::spawn(async move {
         for i in 0..jobs {
-            first.send(Msg { job: i, input: Arc::new(json!({ "n": i })), deps: vec![] }).await.expect("send");
+            first
+                .send(Msg {
+                    job: i,
+                    input: Arc::new(json!({ "n": i })),
+                    deps: vec![],
+                })
+                .await
+                .expect("send");
         }
     });
     for _ in 0..jobs {
@@ -181,7 +216,7 @@ async fn run_baseline_fanout(jobs: usize) -> Duration {
     let (join_tx, mut join_rx) = mpsc::channel::<Msg>(4096);
     let join = tokio::spawn(async move {
         let agent = sim_agent("fanout", "join");
-        let mut partial: HashMap<usize, Vec<(Arc<str>, Arc<Value>)>> = HashMap::new();
+        let mut partial: HashMap<usize, Deps> = HashMap::new();
         while let Some(m) = join_rx.recv().await {
             let deps = partial.entry(m.job).or_default();
             deps.extend(m.deps);
@@ -195,8 +230,23 @@ async fn run_baseline_fanout(jobs: usize) -> Duration {
                     idempotency_key: format!("{}/join", m.job).into(),
                     deadline: None,
                 };
-                let out = agent.call(&ctx, &StepInput { input: m.input.clone(), deps }).await.expect("join");
-                let _ = done_tx.send(Msg { job: m.job, input: m.input, deps: vec![("join".into(), Arc::new(out.value))] }).await;
+                let out = agent
+                    .call(
+                        &ctx,
+                        &StepInput {
+                            input: m.input.clone(),
+                            deps,
+                        },
+                    )
+                    .await
+                    .expect("join");
+                let _ = done_tx
+                    .send(Msg {
+                        job: m.job,
+                        input: m.input,
+                        deps: vec![("join".into(), Arc::new(out.value))],
+                    })
+                    .await;
             }
         }
     });
@@ -216,7 +266,14 @@ async fn run_baseline_fanout(jobs: usize) -> Duration {
     let start = Instant::now();
     let feeder = tokio::spawn(async move {
         for i in 0..jobs {
-            entry_tx.send(Msg { job: i, input: Arc::new(json!({ "n": i })), deps: vec![] }).await.expect("send");
+            entry_tx
+                .send(Msg {
+                    job: i,
+                    input: Arc::new(json!({ "n": i })),
+                    deps: vec![],
+                })
+                .await
+                .expect("send");
         }
     });
     for _ in 0..jobs {
@@ -244,7 +301,9 @@ async fn memory_per_in_flight_job(n: usize) -> f64 {
     COUNTING.store(true, Relaxed);
     let before = ALLOCATED.load(Relaxed);
     for i in 0..n {
-        orch.submit(SubmitRequest::new("pipeline", json!({ "n": i }))).await.expect("submit");
+        orch.submit(SubmitRequest::new("pipeline", json!({ "n": i })))
+            .await
+            .expect("submit");
     }
     loop {
         let snap = orch.scheduler_snapshot("pipeline").await.expect("snapshot");
@@ -260,8 +319,15 @@ async fn memory_per_in_flight_job(n: usize) -> f64 {
 }
 
 fn main() {
-    let jobs: usize = std::env::var("ENGINE_BENCH_JOBS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let jobs: usize = std::env::var("ENGINE_BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         println!("engine benchmark: {jobs} jobs per run, zero-latency simulated agents, 2 worker threads");
         // Warm up allocators and code paths.

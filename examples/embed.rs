@@ -38,13 +38,19 @@ async fn main() -> anyhow::Result<()> {
 
     // Follow one job event by event.
     let first = orch
-        .submit(SubmitRequest::new("enrich-and-summarise", json!({"customer": "ada"})).idempotency_key("ada-1"))
+        .submit(
+            SubmitRequest::new("enrich-and-summarise", json!({"customer": "ada"}))
+                .idempotency_key("ada-1"),
+        )
         .await?;
     let mut events = orch.subscribe(first.id)?;
     while let Some(e) = events.next().await {
         match &e.kind {
             EventKind::StepSucceeded { agent, usage, .. } => {
-                println!("  step {agent} done ({} tokens)", usage.prompt_tokens + usage.completion_tokens)
+                println!(
+                    "  step {agent} done ({} tokens)",
+                    usage.prompt_tokens + usage.completion_tokens
+                )
             }
             EventKind::Finished { state, .. } => println!("  job {} {state}", e.job_id),
             _ => {}
@@ -55,14 +61,24 @@ async fn main() -> anyhow::Result<()> {
 
     // Submitting with the same idempotency key returns the same job.
     let again = orch
-        .submit(SubmitRequest::new("enrich-and-summarise", json!({"customer": "ada"})).idempotency_key("ada-1"))
+        .submit(
+            SubmitRequest::new("enrich-and-summarise", json!({"customer": "ada"}))
+                .idempotency_key("ada-1"),
+        )
         .await?;
     assert_eq!(again.id, first.id);
 
     // A batch, awaited together.
     let mut ids = Vec::new();
     for customer in ["bob", "cy", "dee"] {
-        ids.push(orch.submit(SubmitRequest::new("enrich-and-summarise", json!({"customer": customer}))).await?.id);
+        ids.push(
+            orch.submit(SubmitRequest::new(
+                "enrich-and-summarise",
+                json!({"customer": customer}),
+            ))
+            .await?
+            .id,
+        );
     }
     for id in ids {
         let job = orch.wait(id).await?;

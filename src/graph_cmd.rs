@@ -8,8 +8,11 @@ pub fn check(config_file: Option<&Path>, files: &[PathBuf]) -> anyhow::Result<Ex
     match config::load(config_file, files, &Registry::default()) {
         Ok(model) => {
             for g in &model.graphs {
-                let quotas: std::collections::BTreeSet<&str> =
-                    g.agents.iter().flat_map(|a| a.quotas.iter().map(|q| &**q)).collect();
+                let quotas: std::collections::BTreeSet<&str> = g
+                    .agents
+                    .iter()
+                    .flat_map(|a| a.quotas.iter().map(|q| &**q))
+                    .collect();
                 println!(
                     "ok: {} ({}): {} agents, {} edges, {} quotas{}",
                     g.name,

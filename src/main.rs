@@ -14,7 +14,11 @@ use clap::{Parser, Subcommand};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "cascade", version, about = "A multi-agent orchestrator whose quotas pause whole chains of agents")]
+#[command(
+    name = "cascade",
+    version,
+    about = "A multi-agent orchestrator whose quotas pause whole chains of agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

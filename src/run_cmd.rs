@@ -42,18 +42,21 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(run_async(args))
 }
 
 fn read_input(arg: &str) -> anyhow::Result<Value> {
     let text = match arg.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read input file {path}"))?,
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read input file {path}"))?,
         None => arg.to_string(),
     };
-    serde_json::from_str(&text).with_context(|| {
-        format!("--input is not valid JSON (pass JSON text such as '{{\"ticket_id\": 1}}', or @file.json)")
-    })
+    serde_json::from_str(&text).context(
+        "--input is not valid JSON (pass JSON text such as '{\"ticket_id\": 1}', or @file.json)",
+    )
 }
 
 async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -61,7 +64,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.jobs == 0 {
         bail!("--jobs must be at least 1");
     }
-    let mut model = match config::load(args.config.as_deref(), std::slice::from_ref(&args.graph), &Registry::default()) {
+    let mut model = match config::load(
+        args.config.as_deref(),
+        std::slice::from_ref(&args.graph),
+        &Registry::default(),
+    ) {
         Ok(m) => m,
         Err(errors) => {
             eprintln!("{errors}");
@@ -86,8 +93,10 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         ProgressBar::new(args.jobs as u64)
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} {bar:40} {pos}/{len} jobs  {per_sec}  eta {eta}  {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} {bar:40} {pos}/{len} jobs  {per_sec}  eta {eta}  {msg}",
+        )
+        .expect("valid template"),
     );
     let started = Instant::now();
     let (ids_tx, mut ids_rx) = tokio::sync::mpsc::channel(1024);
@@ -182,7 +191,11 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     } else {
         print_summary(&summary);
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 #[derive(Serialize)]
@@ -212,7 +225,10 @@ fn print_summary(s: &Summary) {
         s.jobs_per_second, s.steps_per_second, s.latency_p50_ms, s.latency_p99_ms
     );
     if s.submit_backoffs > 0 {
-        println!("  submission was told to slow down {} times (backlog full)", s.submit_backoffs);
+        println!(
+            "  submission was told to slow down {} times (backlog full)",
+            s.submit_backoffs
+        );
     }
     println!();
     println!(

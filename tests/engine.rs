@@ -33,13 +33,15 @@ fn quiet_simulated_panics() {
 }
 
 async fn start(toml: &str) -> Orchestrator {
-    let model = config::parse_graph_str("test.toml", toml, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+    let model = config::parse_graph_str("test.toml", toml, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     Orchestrator::builder(model).start().await.unwrap()
 }
 
 async fn start_file(path: &str) -> Orchestrator {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let model = config::load_graph_files(&[root.join(path)], &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+    let model = config::load_graph_files(&[root.join(path)], &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
     Orchestrator::builder(model).start().await.unwrap()
 }
 
@@ -48,7 +50,10 @@ async fn data_flows_through_support_triage() {
     let orch = start_file("examples/graphs/support_triage.toml").await;
     let mut ids = Vec::new();
     for i in 0..20 {
-        let req = SubmitRequest::new("support-triage", json!({"ticket_id": i, "body": "my invoice is wrong"}));
+        let req = SubmitRequest::new(
+            "support-triage",
+            json!({"ticket_id": i, "body": "my invoice is wrong"}),
+        );
         ids.push(orch.submit(req).await.unwrap().id);
     }
     for (i, id) in ids.into_iter().enumerate() {
@@ -56,10 +61,17 @@ async fn data_flows_through_support_triage() {
         assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
         let out = job.output.unwrap();
         let post = &out["post"];
-        assert_eq!(post["trace"], json!(["classify", "enrich", "draft", "review", "post"]));
+        assert_eq!(
+            post["trace"],
+            json!(["classify", "enrich", "draft", "review", "post"])
+        );
         assert_eq!(post["input"]["ticket_id"], json!(i));
         assert_eq!(post["idempotency_key"], json!(format!("{id}/post")));
-        assert!(job.usage.prompt_tokens >= 250 + 800 + 600, "{:?}", job.usage);
+        assert!(
+            job.usage.prompt_tokens >= 250 + 800 + 600,
+            "{:?}",
+            job.usage
+        );
         assert!(job.usage.cost_usd > 0.0);
         // Every step ran, in dependency order.
         let finished: Vec<_> = job.steps.iter().map(|s| s.finished_at.unwrap()).collect();
@@ -72,14 +84,21 @@ async fn data_flows_through_support_triage() {
 async fn data_flows_through_fanout_and_branches_run_in_parallel() {
     let orch = start_file("examples/graphs/fanout.toml").await;
     let start = Instant::now();
-    let id = orch.submit(SubmitRequest::new("fanout", json!({"q": "x"}))).await.unwrap().id;
+    let id = orch
+        .submit(SubmitRequest::new("fanout", json!({"q": "x"})))
+        .await
+        .unwrap()
+        .id;
     let job = orch.wait(id).await.unwrap();
     let elapsed = start.elapsed();
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let join = &job.output.unwrap()["join"];
     assert_eq!(join["request"], json!({"q": "x"}));
     for b in 1..=5 {
-        assert_eq!(join["branches"][b - 1], json!(["entry", format!("fetch_{b}"), format!("score_{b}")]));
+        assert_eq!(
+            join["branches"][b - 1],
+            json!(["entry", format!("fetch_{b}"), format!("score_{b}")])
+        );
     }
     // Sequential would be 5 + 5 × (≥5 + 10) ms ≥ 80 ms; parallel is one branch: ≤ 5 + 25 + 10 ms.
     assert!(elapsed <= Duration::from_millis(41), "{elapsed:?}");
@@ -127,7 +146,12 @@ async fn ten_thousand_jobs_survive_failures_and_panics() {
     .await;
     let mut ids = Vec::with_capacity(10_000);
     for i in 0..10_000 {
-        ids.push(orch.submit(SubmitRequest::new("triage", json!({"n": i}))).await.unwrap().id);
+        ids.push(
+            orch.submit(SubmitRequest::new("triage", json!({"n": i})))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     let mut seen = HashSet::new();
     for id in &ids {
@@ -147,7 +171,10 @@ async fn ten_thousand_jobs_survive_failures_and_panics() {
     assert_eq!(stats.jobs_succeeded, 10_000);
     assert_eq!(stats.jobs_failed, 0);
     let draft = stats.agents.iter().find(|a| a.name == "draft").unwrap();
-    assert!(draft.panics >= 50 && draft.restarts == draft.panics, "{draft:?}");
+    assert!(
+        draft.panics >= 50 && draft.restarts == draft.panics,
+        "{draft:?}"
+    );
     // 5% transient failures were retried in every flaky agent.
     for a in stats.agents.iter().filter(|a| a.name != "post") {
         assert!(a.retries >= 300, "{a:?}");
@@ -179,13 +206,23 @@ async fn permanent_failure_fails_the_job_naming_the_agent() {
         "#,
     )
     .await;
-    let id = orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id;
+    let id = orch
+        .submit(SubmitRequest::new("g", json!({})))
+        .await
+        .unwrap()
+        .id;
     let job = orch.wait(id).await.unwrap();
     assert_eq!(job.state, JobState::Failed);
     let err = job.error.unwrap();
-    assert!(err.starts_with("agent \"b\" failed after 1 attempt: permanent:"), "{err}");
+    assert!(
+        err.starts_with("agent \"b\" failed after 1 attempt: permanent:"),
+        "{err}"
+    );
     assert_eq!(job.steps[1].attempts, 1, "permanent errors are not retried");
-    assert_eq!(job.steps[2].state, cascade_orchestrator::job::StepState::Cancelled);
+    assert_eq!(
+        job.steps[2].state,
+        cascade_orchestrator::job::StepState::Cancelled
+    );
     orch.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -203,7 +240,11 @@ async fn retries_back_off_within_bounds() {
     )
     .await;
     let start = Instant::now();
-    let id = orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id;
+    let id = orch
+        .submit(SubmitRequest::new("g", json!({})))
+        .await
+        .unwrap()
+        .id;
     let job = orch.wait(id).await.unwrap();
     let elapsed = start.elapsed();
     assert_eq!(job.state, JobState::Failed);
@@ -248,7 +289,12 @@ async fn rate_limited_refusals_do_not_spend_attempts() {
     .await;
     let mut ids = Vec::new();
     for _ in 0..5 {
-        ids.push(orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id);
+        ids.push(
+            orch.submit(SubmitRequest::new("g", json!({})))
+                .await
+                .unwrap()
+                .id,
+        );
     }
     for id in ids {
         let job = orch.wait(id).await.unwrap();
@@ -277,8 +323,16 @@ async fn cancel_stops_pending_steps() {
         "#,
     )
     .await;
-    let running = orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id;
-    let pending = orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id;
+    let running = orch
+        .submit(SubmitRequest::new("g", json!({})))
+        .await
+        .unwrap()
+        .id;
+    let pending = orch
+        .submit(SubmitRequest::new("g", json!({})))
+        .await
+        .unwrap()
+        .id;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(orch.get(running).unwrap().unwrap().state, JobState::Running);
     assert_eq!(orch.get(pending).unwrap().unwrap().state, JobState::Pending);
@@ -288,7 +342,11 @@ async fn cancel_stops_pending_steps() {
     assert_eq!(r.state, JobState::Cancelled);
     assert_eq!(r.error.as_deref(), Some("cancelled: changed my mind"));
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert_eq!(sim::upstream("after-slow").calls(), 0, "no step after the cancel ran");
+    assert_eq!(
+        sim::upstream("after-slow").calls(),
+        0,
+        "no step after the cancel ran"
+    );
     assert_eq!(orch.wait(running).await.unwrap().state, JobState::Cancelled);
     orch.shutdown(Duration::from_secs(1)).await;
 }
@@ -296,7 +354,11 @@ async fn cancel_stops_pending_steps() {
 #[tokio::test(start_paused = true)]
 async fn deadline_fails_a_slow_job() {
     let orch = start("[graph]\nname = \"g\"\ndeadline = \"1s\"\n[agents.slow]\nkind = \"sim\"\nlatency = \"1h\"\n").await;
-    let id = orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id;
+    let id = orch
+        .submit(SubmitRequest::new("g", json!({})))
+        .await
+        .unwrap()
+        .id;
     let start = Instant::now();
     let job = orch.wait(id).await.unwrap();
     assert_eq!(job.state, JobState::Failed);
@@ -321,14 +383,25 @@ async fn agent_past_restart_intensity_is_failed_and_its_jobs_wait() {
         "#,
     )
     .await;
-    let id = orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id;
+    let id = orch
+        .submit(SubmitRequest::new("g", json!({})))
+        .await
+        .unwrap()
+        .id;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let stats = orch.stats("g").unwrap();
-    assert_eq!(stats.agents[0].health, cascade_orchestrator::runtime::AgentHealth::Failed);
+    assert_eq!(
+        stats.agents[0].health,
+        cascade_orchestrator::runtime::AgentHealth::Failed
+    );
     assert_eq!(stats.agents[0].restarts, 2);
     assert_eq!(stats.agents[0].panics, 3);
     let job = orch.get(id).unwrap().unwrap();
-    assert_eq!(job.state, JobState::Running, "the job waits for the agent, it is not dropped");
+    assert_eq!(
+        job.state,
+        JobState::Running,
+        "the job waits for the agent, it is not dropped"
+    );
     // After one window the agent is tried again.
     tokio::time::sleep(Duration::from_secs(61)).await;
     assert!(orch.stats("g").unwrap().agents[0].panics > 3);
@@ -338,7 +411,11 @@ async fn agent_past_restart_intensity_is_failed_and_its_jobs_wait() {
 #[tokio::test(start_paused = true)]
 async fn watch_replays_then_follows_to_the_end() {
     let orch = start("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\nlatency = \"1s\"\n[agents.b]\nkind = \"sim\"\nafter = [\"a\"]\n").await;
-    let id = orch.submit(SubmitRequest::new("g", json!({}))).await.unwrap().id;
+    let id = orch
+        .submit(SubmitRequest::new("g", json!({})))
+        .await
+        .unwrap()
+        .id;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let events: Vec<_> = orch.subscribe(id).unwrap().collect().await;
     let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
@@ -354,32 +431,75 @@ async fn watch_replays_then_follows_to_the_end() {
             _ => "other",
         })
         .collect();
-    assert_eq!(kinds, ["submitted", "started", "step_started", "step_succeeded", "step_started", "step_succeeded", "finished"]);
+    assert_eq!(
+        kinds,
+        [
+            "submitted",
+            "started",
+            "step_started",
+            "step_succeeded",
+            "step_started",
+            "step_succeeded",
+            "finished"
+        ]
+    );
     orch.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn submission_is_idempotent_and_bounded() {
     let orch = start("[graph]\nname = \"g\"\nmax_in_flight_jobs = 1\nmax_pending_jobs = 2\n[agents.a]\nkind = \"sim\"\nlatency = \"1s\"\n").await;
-    let a = orch.submit(SubmitRequest::new("g", json!(1)).idempotency_key("k1")).await.unwrap();
-    let again = orch.submit(SubmitRequest::new("g", json!(1)).idempotency_key("k1")).await.unwrap();
+    let a = orch
+        .submit(SubmitRequest::new("g", json!(1)).idempotency_key("k1"))
+        .await
+        .unwrap();
+    let again = orch
+        .submit(SubmitRequest::new("g", json!(1)).idempotency_key("k1"))
+        .await
+        .unwrap();
     assert_eq!((again.id, again.deduplicated), (a.id, true));
-    let conflict = orch.submit(SubmitRequest::new("g", json!(2)).idempotency_key("k1")).await.unwrap_err();
-    assert!(matches!(conflict, SubmitError::KeyConflict(_)), "{conflict}");
+    let conflict = orch
+        .submit(SubmitRequest::new("g", json!(2)).idempotency_key("k1"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(conflict, SubmitError::KeyConflict(_)),
+        "{conflict}"
+    );
     tokio::time::sleep(Duration::from_millis(10)).await;
-    orch.submit(SubmitRequest::new("g", json!(3))).await.unwrap();
-    orch.submit(SubmitRequest::new("g", json!(4))).await.unwrap();
-    let refused = orch.submit(SubmitRequest::new("g", json!(5))).await.unwrap_err();
+    orch.submit(SubmitRequest::new("g", json!(3)))
+        .await
+        .unwrap();
+    orch.submit(SubmitRequest::new("g", json!(4)))
+        .await
+        .unwrap();
+    let refused = orch
+        .submit(SubmitRequest::new("g", json!(5)))
+        .await
+        .unwrap_err();
     match &refused {
-        SubmitError::Overloaded { pending, retry_after, .. } => {
+        SubmitError::Overloaded {
+            pending,
+            retry_after,
+            ..
+        } => {
             assert_eq!(*pending, 2);
-            assert!(*retry_after >= Duration::from_millis(100) && *retry_after <= Duration::from_secs(300));
+            assert!(
+                *retry_after >= Duration::from_millis(100)
+                    && *retry_after <= Duration::from_secs(300)
+            );
         }
         other => panic!("expected Overloaded, got {other}"),
     }
     assert!(refused.is_retryable());
-    let unknown = orch.submit(SubmitRequest::new("gg", json!(1))).await.unwrap_err();
-    assert_eq!(unknown.to_string(), "unknown graph \"gg\"; did you mean \"g\"?");
+    let unknown = orch
+        .submit(SubmitRequest::new("gg", json!(1)))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        unknown.to_string(),
+        "unknown graph \"gg\"; did you mean \"g\"?"
+    );
     // The refused submissions cost the accepted jobs nothing.
     assert_eq!(orch.wait(a.id).await.unwrap().state, JobState::Succeeded);
     orch.shutdown(Duration::from_secs(5)).await;

@@ -32,7 +32,10 @@ use serde_json::Value;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::{Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, HumanDuration, KindSpec, StepInput, Usage};
+use crate::{
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, HumanDuration, KindSpec,
+    StepInput, Usage,
+};
 
 pub const KIND: KindSpec = KindSpec {
     name: "sim",
@@ -200,7 +203,9 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         spec.name
             .bytes()
             .chain(spec.graph.bytes())
-            .fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+            .fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            })
     });
     Ok(Arc::new(SimAgent {
         latency: c.latency,
@@ -250,7 +255,10 @@ impl SimAgent {
                 let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
                 let u2: f64 = rng.random();
                 let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-                lognormal.median.get().mul_f64((lognormal.sigma * z).exp().min(1e6))
+                lognormal
+                    .median
+                    .get()
+                    .mul_f64((lognormal.sigma * z).exp().min(1e6))
             }
         };
         Draw {
@@ -279,7 +287,10 @@ impl Agent for SimAgent {
         }
         let mut p = draw.outcome;
         if p < self.panic {
-            panic!("simulated panic in agent {} (job {})", ctx.agent, ctx.job_id);
+            panic!(
+                "simulated panic in agent {} (job {})",
+                ctx.agent, ctx.job_id
+            );
         }
         p -= self.panic;
         if p < self.permanent {
@@ -313,7 +324,10 @@ impl Agent for SimAgent {
         out.insert("simulated".into(), Value::Bool(true));
         out.insert("agent".into(), Value::String(ctx.agent.to_string()));
         out.insert("attempt".into(), Value::from(ctx.attempt));
-        out.insert("idempotency_key".into(), Value::String(ctx.idempotency_key.to_string()));
+        out.insert(
+            "idempotency_key".into(),
+            Value::String(ctx.idempotency_key.to_string()),
+        );
         out.insert("input".into(), (*input.input).clone());
         out.insert("trace".into(), Value::Array(trace));
         Ok(AgentOutput {
@@ -442,7 +456,9 @@ mod tests {
     use super::*;
 
     fn sim(fields: Value) -> Result<Arc<dyn Agent>, FieldError> {
-        let Value::Object(map) = fields else { unreachable!() };
+        let Value::Object(map) = fields else {
+            unreachable!()
+        };
         build(&AgentSpec {
             graph: "g",
             name: "s",
@@ -488,9 +504,14 @@ mod tests {
             let start = Instant::now();
             a.call(&ctx("s"), &StepInput::default()).await.unwrap();
             let e = start.elapsed();
-            assert!(e >= Duration::from_millis(5) && e <= Duration::from_millis(10), "{e:?}");
+            assert!(
+                e >= Duration::from_millis(5) && e <= Duration::from_millis(10),
+                "{e:?}"
+            );
         }
-        let a = sim(json!({"latency": {"lognormal": {"median": "100ms", "sigma": 0.5}}, "seed": 3})).unwrap();
+        let a =
+            sim(json!({"latency": {"lognormal": {"median": "100ms", "sigma": 0.5}}, "seed": 3}))
+                .unwrap();
         let mut samples = Vec::new();
         for _ in 0..400 {
             let start = Instant::now();
@@ -558,7 +579,9 @@ mod tests {
         let e = sim(json!({"latency": 5})).err().unwrap();
         assert_eq!(e.path, vec!["latency"]);
         assert!(e.message.contains("\"20ms\""), "{}", e.message);
-        let e = sim(json!({"usage": {"prompt_tokens": "many"}})).err().unwrap();
+        let e = sim(json!({"usage": {"prompt_tokens": "many"}}))
+            .err()
+            .unwrap();
         assert_eq!(e.path, vec!["usage", "prompt_tokens"]);
     }
 }

@@ -16,7 +16,9 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput, Usage};
+use crate::{
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput, Usage,
+};
 
 pub const KIND: KindSpec = KindSpec {
     name: "template",
@@ -51,7 +53,12 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     let mut env = Environment::new();
     env.set_undefined_behavior(UndefinedBehavior::Strict);
     let mut counter = 0usize;
-    let root = compile(&mut env, &config.output, &mut vec!["output".to_string()], &mut counter)?;
+    let root = compile(
+        &mut env,
+        &config.output,
+        &mut vec!["output".to_string()],
+        &mut counter,
+    )?;
     Ok(Arc::new(TemplateAgent { env, root }))
 }
 
@@ -80,7 +87,11 @@ fn compile(
                     path: path.clone(),
                     message: format!("invalid template: {e}"),
                 })?;
-            if typed { Node::Typed(name) } else { Node::Text(name) }
+            if typed {
+                Node::Typed(name)
+            } else {
+                Node::Text(name)
+            }
         }
         Value::Object(map) => {
             let mut fields = Vec::with_capacity(map.len());
@@ -155,7 +166,9 @@ mod tests {
     use serde_json::json;
 
     fn agent(fields: Value) -> Result<Arc<dyn Agent>, FieldError> {
-        let Value::Object(map) = fields else { unreachable!() };
+        let Value::Object(map) = fields else {
+            unreachable!()
+        };
         build(&AgentSpec {
             graph: "g",
             name: "t",
@@ -208,7 +221,9 @@ mod tests {
 
     #[test]
     fn syntax_error_names_the_field_path() {
-        let err = agent(json!({"output": {"a": {"b": "{{ oops"}}})).err().unwrap();
+        let err = agent(json!({"output": {"a": {"b": "{{ oops"}}}))
+            .err()
+            .unwrap();
         assert_eq!(err.path, vec!["output", "a", "b"]);
         assert!(err.message.contains("invalid template"), "{}", err.message);
     }

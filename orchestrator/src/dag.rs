@@ -30,14 +30,23 @@ pub fn cycles(n: usize, edges: &[(usize, usize)]) -> Vec<Vec<usize>> {
         }
         let members: BTreeSet<NodeIndex> = scc.iter().copied().collect();
         let start = *members.iter().next().expect("non-empty scc");
-        out.push(cycle_through(&g, &members, start).into_iter().map(|i| i.index()).collect());
+        out.push(
+            cycle_through(&g, &members, start)
+                .into_iter()
+                .map(|i| i.index())
+                .collect(),
+        );
     }
     out.sort();
     out
 }
 
 /// A shortest cycle from `start` back to itself that stays inside `members` (breadth-first).
-fn cycle_through(g: &DiGraph<usize, ()>, members: &BTreeSet<NodeIndex>, start: NodeIndex) -> Vec<NodeIndex> {
+fn cycle_through(
+    g: &DiGraph<usize, ()>,
+    members: &BTreeSet<NodeIndex>,
+    start: NodeIndex,
+) -> Vec<NodeIndex> {
     let mut prev = vec![None; g.node_count()];
     let mut queue = VecDeque::from([start]);
     while let Some(node) = queue.pop_front() {
@@ -94,7 +103,11 @@ pub fn to_dot(server: &ServerModel, graph: &GraphModel) -> String {
     let _ = writeln!(s, "digraph {:?} {{", &*graph.name);
     let _ = writeln!(s, "  rankdir=LR;");
     let _ = writeln!(s, "  node [fontname=\"Helvetica\"];");
-    let quotas: BTreeSet<&str> = graph.agents.iter().flat_map(|a| a.quotas.iter().map(|q| &**q)).collect();
+    let quotas: BTreeSet<&str> = graph
+        .agents
+        .iter()
+        .flat_map(|a| a.quotas.iter().map(|q| &**q))
+        .collect();
     for q in &quotas {
         let mut label = format!("quota {q}");
         if let Some(m) = server.quotas.get(*q) {
@@ -123,7 +136,12 @@ pub fn to_dot(server: &ServerModel, graph: &GraphModel) -> String {
     }
     for a in &graph.agents {
         for q in &a.quotas {
-            let _ = writeln!(s, "  {:?} -> {:?} [style=dashed];", format!("quota:{q}"), &*a.name);
+            let _ = writeln!(
+                s,
+                "  {:?} -> {:?} [style=dashed];",
+                format!("quota:{q}"),
+                &*a.name
+            );
         }
         for &d in &a.after {
             let _ = writeln!(s, "  {:?} -> {:?};", &*graph.agents[d].name, &*a.name);

@@ -39,9 +39,9 @@ impl FromStr for JobId {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::parse_str(s.trim())
-            .map(Self)
-            .map_err(|e| format!("invalid job id {s:?}: {e}; job ids are UUIDs as returned by submit"))
+        Uuid::parse_str(s.trim()).map(Self).map_err(|e| {
+            format!("invalid job id {s:?}: {e}; job ids are UUIDs as returned by submit")
+        })
     }
 }
 
@@ -143,7 +143,13 @@ pub struct JobRecord {
 
 impl JobRecord {
     /// A new pending job of a graph whose agents are `agents`.
-    pub fn new(id: JobId, graph: Arc<str>, agents: &[Arc<str>], input: Arc<Value>, now: SystemTime) -> Self {
+    pub fn new(
+        id: JobId,
+        graph: Arc<str>,
+        agents: &[Arc<str>],
+        input: Arc<Value>,
+        now: SystemTime,
+    ) -> Self {
         Self {
             id,
             graph,
@@ -202,7 +208,12 @@ impl JobRecord {
                     attempt,
                 }
             }
-            JobUpdate::StepRetrying { step, attempt, delay, error } => {
+            JobUpdate::StepRetrying {
+                step,
+                attempt,
+                delay,
+                error,
+            } => {
                 let s = self.steps.get_mut(step)?;
                 s.state = StepState::Retrying;
                 s.error = Some(error.clone());
@@ -213,7 +224,12 @@ impl JobRecord {
                     error,
                 }
             }
-            JobUpdate::StepSucceeded { step, attempt, output, usage } => {
+            JobUpdate::StepSucceeded {
+                step,
+                attempt,
+                output,
+                usage,
+            } => {
                 let s = self.steps.get_mut(step)?;
                 s.state = StepState::Succeeded;
                 s.attempts = attempt;
@@ -228,7 +244,11 @@ impl JobRecord {
                     usage,
                 }
             }
-            JobUpdate::StepFailed { step, attempt, error } => {
+            JobUpdate::StepFailed {
+                step,
+                attempt,
+                error,
+            } => {
                 let s = self.steps.get_mut(step)?;
                 s.state = StepState::Failed;
                 s.attempts = attempt;
@@ -240,7 +260,11 @@ impl JobRecord {
                     error,
                 }
             }
-            JobUpdate::Finished { state, output, error } => {
+            JobUpdate::Finished {
+                state,
+                output,
+                error,
+            } => {
                 self.state = state;
                 self.output = output;
                 self.error = error.clone();
@@ -269,11 +293,32 @@ impl JobRecord {
 #[derive(Clone, Debug)]
 pub enum JobUpdate {
     Started,
-    StepStarted { step: usize, attempt: u32 },
-    StepRetrying { step: usize, attempt: u32, delay: Duration, error: String },
-    StepSucceeded { step: usize, attempt: u32, output: Arc<Value>, usage: Usage },
-    StepFailed { step: usize, attempt: u32, error: String },
-    Finished { state: JobState, output: Option<Arc<Value>>, error: Option<String> },
+    StepStarted {
+        step: usize,
+        attempt: u32,
+    },
+    StepRetrying {
+        step: usize,
+        attempt: u32,
+        delay: Duration,
+        error: String,
+    },
+    StepSucceeded {
+        step: usize,
+        attempt: u32,
+        output: Arc<Value>,
+        usage: Usage,
+    },
+    StepFailed {
+        step: usize,
+        attempt: u32,
+        error: String,
+    },
+    Finished {
+        state: JobState,
+        output: Option<Arc<Value>>,
+        error: Option<String>,
+    },
 }
 
 /// Something that happened to a job; `seq` counts from 1 per job, so a watcher can replay the
@@ -292,11 +337,30 @@ pub struct JobEvent {
 pub enum EventKind {
     Submitted,
     Started,
-    StepStarted { agent: Arc<str>, attempt: u32 },
-    StepRetrying { agent: Arc<str>, attempt: u32, delay_ms: u64, error: String },
-    StepSucceeded { agent: Arc<str>, attempt: u32, usage: Usage },
-    StepFailed { agent: Arc<str>, attempt: u32, error: String },
-    Finished { state: JobState, error: Option<String> },
+    StepStarted {
+        agent: Arc<str>,
+        attempt: u32,
+    },
+    StepRetrying {
+        agent: Arc<str>,
+        attempt: u32,
+        delay_ms: u64,
+        error: String,
+    },
+    StepSucceeded {
+        agent: Arc<str>,
+        attempt: u32,
+        usage: Usage,
+    },
+    StepFailed {
+        agent: Arc<str>,
+        attempt: u32,
+        error: String,
+    },
+    Finished {
+        state: JobState,
+        error: Option<String>,
+    },
 }
 
 impl EventKind {
@@ -313,9 +377,22 @@ mod tests {
     #[test]
     fn apply_walks_a_job_through_its_states() {
         let now = SystemTime::now();
-        let mut r = JobRecord::new(JobId::new(), "g".into(), &["a".into(), "b".into()], Arc::new(json!({})), now);
+        let mut r = JobRecord::new(
+            JobId::new(),
+            "g".into(),
+            &["a".into(), "b".into()],
+            Arc::new(json!({})),
+            now,
+        );
         assert_eq!(r.apply(JobUpdate::Started, now).unwrap().seq, 1);
-        r.apply(JobUpdate::StepStarted { step: 0, attempt: 1 }, now).unwrap();
+        r.apply(
+            JobUpdate::StepStarted {
+                step: 0,
+                attempt: 1,
+            },
+            now,
+        )
+        .unwrap();
         let usage = Usage {
             prompt_tokens: 3,
             completion_tokens: 4,
@@ -349,7 +426,16 @@ mod tests {
         assert_eq!(r.steps[0].state, StepState::Succeeded);
         assert_eq!(r.steps[1].state, StepState::Cancelled);
         // Nothing applies to a finished job.
-        assert!(r.apply(JobUpdate::StepStarted { step: 1, attempt: 1 }, now).is_none());
+        assert!(
+            r.apply(
+                JobUpdate::StepStarted {
+                    step: 1,
+                    attempt: 1
+                },
+                now
+            )
+            .is_none()
+        );
         assert_eq!(r.events, 4);
     }
 
@@ -357,6 +443,11 @@ mod tests {
     fn job_id_parses_and_refuses_garbage() {
         let id = JobId::new();
         assert_eq!(id.to_string().parse::<JobId>().unwrap(), id);
-        assert!("nope".parse::<JobId>().unwrap_err().contains("invalid job id"));
+        assert!(
+            "nope"
+                .parse::<JobId>()
+                .unwrap_err()
+                .contains("invalid job id")
+        );
     }
 }

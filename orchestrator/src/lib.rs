@@ -7,11 +7,11 @@
 pub mod backoff;
 pub mod config;
 pub mod dag;
+pub mod job;
 pub mod model;
 pub mod restart;
-pub mod job;
-pub mod store;
 pub mod runtime;
+pub mod store;
 
 pub use cascade_agents as agents;
 

@@ -63,13 +63,28 @@ mod tests {
         });
         let t0 = Instant::now();
         assert_eq!(r.on_failure(t0), RestartDecision::Restart);
-        assert_eq!(r.on_failure(t0 + Duration::from_secs(1)), RestartDecision::Restart);
-        assert_eq!(r.on_failure(t0 + Duration::from_secs(2)), RestartDecision::GiveUp);
+        assert_eq!(
+            r.on_failure(t0 + Duration::from_secs(1)),
+            RestartDecision::Restart
+        );
+        assert_eq!(
+            r.on_failure(t0 + Duration::from_secs(2)),
+            RestartDecision::GiveUp
+        );
         // The first failure leaves the window at t0 + 10 s.
-        assert_eq!(r.on_failure(t0 + Duration::from_secs(10)), RestartDecision::Restart);
-        assert_eq!(r.on_failure(t0 + Duration::from_secs(10)), RestartDecision::GiveUp);
+        assert_eq!(
+            r.on_failure(t0 + Duration::from_secs(10)),
+            RestartDecision::Restart
+        );
+        assert_eq!(
+            r.on_failure(t0 + Duration::from_secs(10)),
+            RestartDecision::GiveUp
+        );
         r.reset();
-        assert_eq!(r.on_failure(t0 + Duration::from_secs(11)), RestartDecision::Restart);
+        assert_eq!(
+            r.on_failure(t0 + Duration::from_secs(11)),
+            RestartDecision::Restart
+        );
     }
 
     #[tokio::test(start_paused = true)]

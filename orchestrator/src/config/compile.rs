@@ -18,13 +18,19 @@ use super::raw::{RawCircuitBreaker, RawRetry};
 use super::table::{TableReader, deserialize, span_at};
 use crate::dag;
 use crate::model::{
-    AgentModel, Approval, CircuitBreakerSpec, GraphModel, OnUpstreamPause, QuotaModel, Rate, RestartPolicy,
-    RetryPolicy, ServerModel, ServerSettings,
+    AgentModel, Approval, CircuitBreakerSpec, GraphModel, OnUpstreamPause, QuotaModel, Rate,
+    RestartPolicy, RetryPolicy, ServerModel, ServerSettings,
 };
 
 const GRAPH_FILE_SECTIONS: &[&str] = &["graph", "quotas", "agents"];
 const SERVER_FILE_SECTIONS: &[&str] = &["graphs", "server", "quotas"];
-const GRAPH_FIELDS: &[&str] = &["name", "description", "max_in_flight_jobs", "max_pending_jobs", "deadline"];
+const GRAPH_FIELDS: &[&str] = &[
+    "name",
+    "description",
+    "max_in_flight_jobs",
+    "max_pending_jobs",
+    "deadline",
+];
 const SERVER_FIELDS: &[&str] = &["grpc_addr", "http_addr", "data_dir"];
 const QUOTA_FIELDS: &[&str] = &[
     "description",
@@ -62,7 +68,11 @@ const DEFAULT_PAUSE_THRESHOLD: Duration = Duration::from_millis(250);
 
 /// Load a server: an optional `cascade.toml` (whose `graphs` list names graph files or
 /// directories) and any further graph files.
-pub fn load(config: Option<&Path>, graph_files: &[PathBuf], registry: &Registry) -> Result<ServerModel, ConfigErrors> {
+pub fn load(
+    config: Option<&Path>,
+    graph_files: &[PathBuf],
+    registry: &Registry,
+) -> Result<ServerModel, ConfigErrors> {
     let mut loader = Loader::new(registry);
     let mut files: Vec<PathBuf> = Vec::new();
     if let Some(path) = config
@@ -82,12 +92,19 @@ pub fn load(config: Option<&Path>, graph_files: &[PathBuf], registry: &Registry)
 }
 
 /// Load graph files with no server config.
-pub fn load_graph_files(paths: &[PathBuf], registry: &Registry) -> Result<ServerModel, ConfigErrors> {
+pub fn load_graph_files(
+    paths: &[PathBuf],
+    registry: &Registry,
+) -> Result<ServerModel, ConfigErrors> {
     load(None, paths, registry)
 }
 
 /// Compile one graph file's text (`label` names it in messages).
-pub fn parse_graph_str(label: &str, text: &str, registry: &Registry) -> Result<ServerModel, ConfigErrors> {
+pub fn parse_graph_str(
+    label: &str,
+    text: &str,
+    registry: &Registry,
+) -> Result<ServerModel, ConfigErrors> {
     let mut loader = Loader::new(registry);
     let src = Source::new(label, text.to_string());
     loader.graph_file(&src);
@@ -159,8 +176,12 @@ impl<'r> Loader<'r> {
         for e in errors {
             let span = e.span().unwrap_or(0..0);
             self.errs.push(
-                src.error(span, "", format!("TOML syntax error: {}", e.message().trim()))
-                    .with_help("see https://toml.io for the syntax"),
+                src.error(
+                    span,
+                    "",
+                    format!("TOML syntax error: {}", e.message().trim()),
+                )
+                .with_help("see https://toml.io for the syntax"),
             );
         }
         (!broken).then_some(table)
@@ -168,7 +189,9 @@ impl<'r> Loader<'r> {
 
     /// `cascade.toml`: server settings, shared quotas and the list of graph files.
     fn server_file(&mut self, src: &Source) -> Vec<PathBuf> {
-        let Some(doc) = self.parse(src) else { return Vec::new() };
+        let Some(doc) = self.parse(src) else {
+            return Vec::new();
+        };
         let mut r = TableReader::new(src, "", 0..0, doc.get_ref());
         let base = src.path.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut files = Vec::new();
@@ -180,12 +203,16 @@ impl<'r> Loader<'r> {
                         Ok(rd) => {
                             let mut found: Vec<PathBuf> = rd
                                 .filter_map(|e| e.ok().map(|e| e.path()))
-                                .filter(|f| f.extension().is_some_and(|x| x == "toml") && f != &src.path)
+                                .filter(|f| {
+                                    f.extension().is_some_and(|x| x == "toml") && f != &src.path
+                                })
                                 .collect();
                             found.sort();
                             files.extend(found);
                         }
-                        Err(e) => self.errs.push(ConfigError::file(&p, format!("cannot list directory: {e}"))),
+                        Err(e) => self
+                            .errs
+                            .push(ConfigError::file(&p, format!("cannot list directory: {e}"))),
                     }
                 } else {
                     files.push(p);
@@ -221,8 +248,12 @@ impl<'r> Loader<'r> {
             DeValue::Table(t) => Some(t),
             other => {
                 self.errs.push(
-                    src.error(span, path, format!("expected a table, found {}", other.type_str()))
-                        .with_help(format!("write it as a [{path}] section")),
+                    src.error(
+                        span,
+                        path,
+                        format!("expected a table, found {}", other.type_str()),
+                    )
+                    .with_help(format!("write it as a [{path}] section")),
                 );
                 None
             }
@@ -230,7 +261,9 @@ impl<'r> Loader<'r> {
     }
 
     fn quotas_table(&mut self, src: &Source, span: Range<usize>, v: &Spanned<DeValue<'_>>) {
-        let Some(t) = self.expect_table(src, "quotas", span, v) else { return };
+        let Some(t) = self.expect_table(src, "quotas", span, v) else {
+            return;
+        };
         let mut entries: Vec<_> = t.iter().collect();
         entries.sort_by_key(|(k, _)| k.span().start);
         for (k, v) in entries {
@@ -239,7 +272,9 @@ impl<'r> Loader<'r> {
             if !self.check_name(src, k.span(), &path, name) {
                 continue;
             }
-            let Some(table) = self.expect_table(src, &path, k.span(), v) else { continue };
+            let Some(table) = self.expect_table(src, &path, k.span(), v) else {
+                continue;
+            };
             if let Some(q) = self.quota(src, name, k.span(), table) {
                 if let Some(prev) = self.quotas.get(name) {
                     let at = prev.declared_at.clone();
@@ -254,7 +289,13 @@ impl<'r> Loader<'r> {
         }
     }
 
-    fn quota(&mut self, src: &Source, name: &str, span: Range<usize>, t: &DeTable<'_>) -> Option<QuotaModel> {
+    fn quota(
+        &mut self,
+        src: &Source,
+        name: &str,
+        span: Range<usize>,
+        t: &DeTable<'_>,
+    ) -> Option<QuotaModel> {
         let errs_before = self.errs.len();
         let path = format!("quotas.{name}");
         let mut r = TableReader::new(src, path.clone(), span.clone(), t);
@@ -276,14 +317,22 @@ impl<'r> Loader<'r> {
         r.deny_unknown(QUOTA_FIELDS, &format!("quota {name:?}"), &mut self.errs);
         if rps.is_some() && rpm.is_some() {
             self.errs.push(
-                src.error(span.clone(), path.clone(), "both requests_per_second and requests_per_minute are set")
-                    .with_help("keep one of them"),
+                src.error(
+                    span.clone(),
+                    path.clone(),
+                    "both requests_per_second and requests_per_minute are set",
+                )
+                .with_help("keep one of them"),
             );
         }
         if tpm.is_some() && tph.is_some() {
             self.errs.push(
-                src.error(span.clone(), path.clone(), "both tokens_per_minute and tokens_per_hour are set")
-                    .with_help("keep one of them"),
+                src.error(
+                    span.clone(),
+                    path.clone(),
+                    "both tokens_per_minute and tokens_per_hour are set",
+                )
+                .with_help("keep one of them"),
             );
         }
         let requests = rps.or(rpm);
@@ -306,11 +355,16 @@ impl<'r> Loader<'r> {
             None => None,
             Some(cb) => {
                 if !(cb.failure_ratio > 0.0 && cb.failure_ratio <= 1.0) {
-                    let s = r.entry("circuit_breaker").map(|(_, v)| span_at(v, &["failure_ratio".into()]));
+                    let s = r
+                        .entry("circuit_breaker")
+                        .map(|(_, v)| span_at(v, &["failure_ratio".into()]));
                     self.errs.push(
-                        src.error(s.unwrap_or(span.clone()), format!("{path}.circuit_breaker.failure_ratio"),
-                            format!("failure_ratio {} is out of range", cb.failure_ratio))
-                            .with_help("use a ratio above 0 and at most 1, e.g. 0.5"),
+                        src.error(
+                            s.unwrap_or(span.clone()),
+                            format!("{path}.circuit_breaker.failure_ratio"),
+                            format!("failure_ratio {} is out of range", cb.failure_ratio),
+                        )
+                        .with_help("use a ratio above 0 and at most 1, e.g. 0.5"),
                     );
                 }
                 Some(CircuitBreakerSpec {
@@ -342,7 +396,9 @@ impl<'r> Loader<'r> {
         let ok = !name.is_empty()
             && name.len() <= 64
             && name.starts_with(|c: char| c.is_ascii_alphabetic())
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !ok {
             self.errs.push(
                 src.error(span, path, format!("invalid name {name:?}"))
@@ -406,12 +462,21 @@ impl<'r> Loader<'r> {
         }
     }
 
-    fn graph_header(&mut self, src: &Source, span: Range<usize>, t: &DeTable<'_>) -> Option<PendingGraph> {
+    fn graph_header(
+        &mut self,
+        src: &Source,
+        span: Range<usize>,
+        t: &DeTable<'_>,
+    ) -> Option<PendingGraph> {
         let mut r = TableReader::new(src, "graph", span.clone(), t);
         let name: Option<(String, Range<usize>)> = if r.has("name") {
             r.take_spanned("name", &mut self.errs)
         } else {
-            r.require::<String>("name", "name the graph: name = \"support-triage\"", &mut self.errs);
+            r.require::<String>(
+                "name",
+                "name the graph: name = \"support-triage\"",
+                &mut self.errs,
+            );
             None
         };
         let description = r.take("description", &mut self.errs);
@@ -440,7 +505,9 @@ impl<'r> Loader<'r> {
 
     /// A string or a list of strings, each with its span.
     fn names(&mut self, r: &mut TableReader<'_, '_>, key: &str) -> Vec<(String, Range<usize>)> {
-        let Some((_, v)) = r.entry(key) else { return Vec::new() };
+        let Some((_, v)) = r.entry(key) else {
+            return Vec::new();
+        };
         r.skip(key);
         let items: Vec<&Spanned<DeValue<'_>>> = match v.get_ref() {
             DeValue::String(_) => vec![v],
@@ -448,7 +515,14 @@ impl<'r> Loader<'r> {
             other => {
                 self.errs.push(
                     r.src
-                        .error(v.span(), r.field_path(key), format!("expected a name or a list of names, found {}", other.type_str()))
+                        .error(
+                            v.span(),
+                            r.field_path(key),
+                            format!(
+                                "expected a name or a list of names, found {}",
+                                other.type_str()
+                            ),
+                        )
                         .with_help(format!("write {key} = [\"name\", ...]")),
                 );
                 return Vec::new();
@@ -458,7 +532,11 @@ impl<'r> Loader<'r> {
         for item in items {
             match deserialize::<String>(item) {
                 Ok(s) => out.push((s, item.span())),
-                Err(e) => self.errs.push(r.src.error(item.span(), r.field_path(key), e.message().trim().to_string())),
+                Err(e) => self.errs.push(r.src.error(
+                    item.span(),
+                    r.field_path(key),
+                    e.message().trim().to_string(),
+                )),
             }
         }
         out
@@ -481,7 +559,11 @@ impl<'r> Loader<'r> {
             r.take_spanned("kind", &mut self.errs)
         } else {
             let kinds: Vec<String> = self.registry.names().map(|k| format!("{k:?}")).collect();
-            r.require::<String>("kind", &format!("set kind to one of {}", kinds.join(", ")), &mut self.errs);
+            r.require::<String>(
+                "kind",
+                &format!("set kind to one of {}", kinds.join(", ")),
+                &mut self.errs,
+            );
             None
         };
         let description = r.take("description", &mut self.errs);
@@ -491,7 +573,8 @@ impl<'r> Loader<'r> {
         let retry = self.retry(&mut r);
         let timeout: Option<HumanDuration> = r.take("timeout", &mut self.errs);
         let max_concurrency: Option<NonZeroU32> = r.take("max_concurrency", &mut self.errs);
-        let on_upstream_pause: Option<OnUpstreamPause> = r.take("on_upstream_pause", &mut self.errs);
+        let on_upstream_pause: Option<OnUpstreamPause> =
+            r.take("on_upstream_pause", &mut self.errs);
         let irreversible: Option<bool> = r.take("irreversible", &mut self.errs);
         let approval: Option<Approval> = r.take("approval", &mut self.errs);
         let max_restarts: Option<u32> = r.take("max_restarts", &mut self.errs);
@@ -504,8 +587,12 @@ impl<'r> Loader<'r> {
                 Some(spec) => Some(*spec),
                 None => {
                     self.errs.push(
-                        src.error(span.clone(), format!("{path}.kind"), format!("unknown agent kind {k:?}"))
-                            .with_help(suggestion(k, self.registry.names().collect::<Vec<_>>())),
+                        src.error(
+                            span.clone(),
+                            format!("{path}.kind"),
+                            format!("unknown agent kind {k:?}"),
+                        )
+                        .with_help(suggestion(k, self.registry.names().collect::<Vec<_>>())),
                     );
                     None
                 }
@@ -521,19 +608,31 @@ impl<'r> Loader<'r> {
                         Ok(j) => {
                             fields.insert(field.to_string(), j);
                         }
-                        Err(e) => self.errs.push(src.error(v.span(), r.field_path(field), e.message().trim().to_string())),
+                        Err(e) => self.errs.push(src.error(
+                            v.span(),
+                            r.field_path(field),
+                            e.message().trim().to_string(),
+                        )),
                     }
                     r.skip(field);
                 }
             }
-            r.deny_unknown(&valid, &format!("an agent of kind {:?}", spec.name), &mut self.errs);
+            r.deny_unknown(
+                &valid,
+                &format!("an agent of kind {:?}", spec.name),
+                &mut self.errs,
+            );
             let mut missing = false;
             for req in spec.required {
                 if !fields.contains_key(*req) && !r.has(req) {
                     missing = true;
                     self.errs.push(
-                        src.error(key.span(), r.field_path(req), format!("missing required field `{req}` for kind {:?}", spec.name))
-                            .with_help(format!("add {req} = ... to [{path}]")),
+                        src.error(
+                            key.span(),
+                            r.field_path(req),
+                            format!("missing required field `{req}` for kind {:?}", spec.name),
+                        )
+                        .with_help(format!("add {req} = ... to [{path}]")),
                     );
                 }
             }
@@ -548,7 +647,11 @@ impl<'r> Loader<'r> {
                 );
                 if let Err(e) = built {
                     let span = span_at(value, &e.path);
-                    let field = if e.path.is_empty() { path.clone() } else { format!("{path}.{}", e.path.join(".")) };
+                    let field = if e.path.is_empty() {
+                        path.clone()
+                    } else {
+                        format!("{path}.{}", e.path.join("."))
+                    };
                     self.errs.push(src.error(span, field, e.message));
                 }
             }
@@ -577,7 +680,8 @@ impl<'r> Loader<'r> {
                 approval: approval.unwrap_or_default(),
                 restart: RestartPolicy {
                     max_restarts: max_restarts.unwrap_or(RestartPolicy::default().max_restarts),
-                    window: restart_window.map_or(RestartPolicy::default().window, HumanDuration::get),
+                    window: restart_window
+                        .map_or(RestartPolicy::default().window, HumanDuration::get),
                 },
                 fields,
             },
@@ -610,11 +714,15 @@ impl<'r> Loader<'r> {
             ok = false;
             self.errs.push(
                 r.src
-                    .error(span.clone(), r.field_path("retry"), format!(
-                        "initial_delay ({}) is longer than max_delay ({})",
-                        humantime::format_duration(p.initial_delay),
-                        humantime::format_duration(p.max_delay)
-                    ))
+                    .error(
+                        span.clone(),
+                        r.field_path("retry"),
+                        format!(
+                            "initial_delay ({}) is longer than max_delay ({})",
+                            humantime::format_duration(p.initial_delay),
+                            humantime::format_duration(p.max_delay)
+                        ),
+                    )
                     .with_help("make initial_delay at most max_delay"),
             );
         }
@@ -622,7 +730,11 @@ impl<'r> Loader<'r> {
             ok = false;
             self.errs.push(
                 r.src
-                    .error(span, r.field_path("retry.multiplier"), format!("multiplier {} must be at least 1", p.multiplier))
+                    .error(
+                        span,
+                        r.field_path("retry.multiplier"),
+                        format!("multiplier {} must be at least 1", p.multiplier),
+                    )
                     .with_help("use 2.0 to double the delay after each attempt"),
             );
         }
@@ -643,7 +755,13 @@ impl<'r> Loader<'r> {
             };
             if let Some(prev) = seen_graphs.get(&g.name).filter(|_| !g.name.is_empty()) {
                 let msg = format!("graph {:?} is declared twice (first at {prev})", g.name);
-                self.resolve_errs.push((src_idx, g.name_err.1.clone(), "graph.name".into(), msg, "give each graph its own name".into()));
+                self.resolve_errs.push((
+                    src_idx,
+                    g.name_err.1.clone(),
+                    "graph.name".into(),
+                    msg,
+                    "give each graph its own name".into(),
+                ));
                 continue;
             }
             seen_graphs.insert(g.name.clone(), at);
@@ -652,10 +770,12 @@ impl<'r> Loader<'r> {
             }
         }
         for (src_idx, span, path, msg, help) in std::mem::take(&mut self.resolve_errs) {
-            self.errs.push(self.sources[src_idx].error(span, path, msg).with_help(help));
+            self.errs
+                .push(self.sources[src_idx].error(span, path, msg).with_help(help));
         }
         if !self.errs.is_empty() {
-            self.errs.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+            self.errs
+                .sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
             self.errs.dedup();
             return Err(ConfigErrors(self.errs));
         }
@@ -670,9 +790,18 @@ impl<'r> Loader<'r> {
         })
     }
 
-    fn resolve_graph(&mut self, src_idx: usize, g: PendingGraph, quota_names: &[String]) -> Option<GraphModel> {
+    fn resolve_graph(
+        &mut self,
+        src_idx: usize,
+        g: PendingGraph,
+        quota_names: &[String],
+    ) -> Option<GraphModel> {
         let owned_names: Vec<Arc<str>> = g.agents.iter().map(|a| a.model.name.clone()).collect();
-        let index: HashMap<&str, usize> = owned_names.iter().enumerate().map(|(i, n)| (&**n, i)).collect();
+        let index: HashMap<&str, usize> = owned_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (&**n, i))
+            .collect();
         let names: Vec<&str> = owned_names.iter().map(|n| &**n).collect();
         let mut edges = Vec::new();
         let mut ok = true;
@@ -725,7 +854,8 @@ impl<'r> Loader<'r> {
                 span,
                 format!("agents.{}.after", first.model.name),
                 format!("dependency cycle: {}", path.join(" → ")),
-                "remove one of these `after` entries so that the graph has a start and an end".into(),
+                "remove one of these `after` entries so that the graph has a start and an end"
+                    .into(),
             ));
         }
         if !ok || g.agents.is_empty() {
@@ -742,7 +872,11 @@ impl<'r> Loader<'r> {
             let p = pending[old].take().expect("each agent once");
             let mut m = p.model;
             m.index = new;
-            m.after = p.after.iter().map(|(d, _)| new_index[index[d.as_str()]]).collect();
+            m.after = p
+                .after
+                .iter()
+                .map(|(d, _)| new_index[index[d.as_str()]])
+                .collect();
             m.after.sort_unstable();
             m.after.dedup();
             let mut qs: Vec<Arc<str>> = Vec::new();

@@ -31,7 +31,12 @@ impl Source {
     }
 
     /// An error located at `span` (a byte range into this file).
-    pub fn error(&self, span: Range<usize>, path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    pub fn error(
+        &self,
+        span: Range<usize>,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> ConfigError {
         let (line, column) = self.line_col(span.start);
         ConfigError {
             file: self.path.clone(),

@@ -23,7 +23,12 @@ pub(crate) struct TableReader<'a, 'i> {
 }
 
 impl<'a, 'i> TableReader<'a, 'i> {
-    pub fn new(src: &'a Source, path: impl Into<String>, span: Range<usize>, entries: &'a DeTable<'i>) -> Self {
+    pub fn new(
+        src: &'a Source,
+        path: impl Into<String>,
+        span: Range<usize>,
+        entries: &'a DeTable<'i>,
+    ) -> Self {
         Self {
             src,
             path: path.into(),
@@ -50,14 +55,20 @@ impl<'a, 'i> TableReader<'a, 'i> {
     }
 
     /// Deserialize field `key` if present; a bad value becomes an error and `None`.
-    pub fn take<T: DeserializeOwned>(&mut self, key: &str, errs: &mut Vec<ConfigError>) -> Option<T> {
+    pub fn take<T: DeserializeOwned>(
+        &mut self,
+        key: &str,
+        errs: &mut Vec<ConfigError>,
+    ) -> Option<T> {
         let (_, value) = self.entry(key)?;
         self.taken.push(key.to_string());
         match deserialize::<T>(value) {
             Ok(v) => Some(v),
             Err(e) => {
                 let span = e.span().unwrap_or_else(|| value.span());
-                let mut err = self.src.error(span, self.field_path(key), clean_message(e.message()));
+                let mut err =
+                    self.src
+                        .error(span, self.field_path(key), clean_message(e.message()));
                 if let Some(example) = example(key) {
                     err = err.with_help(format!("for example: {key} = {example}"));
                 }
@@ -87,7 +98,11 @@ impl<'a, 'i> TableReader<'a, 'i> {
         if !self.has(key) {
             errs.push(
                 self.src
-                    .error(self.span.clone(), self.field_path(key), format!("missing required field `{key}`"))
+                    .error(
+                        self.span.clone(),
+                        self.field_path(key),
+                        format!("missing required field `{key}`"),
+                    )
                     .with_help(help.to_string()),
             );
             return None;
@@ -117,7 +132,11 @@ impl<'a, 'i> TableReader<'a, 'i> {
             let key: &str = k.get_ref();
             errs.push(
                 self.src
-                    .error(k.span(), self.field_path(key), format!("unknown field `{key}` in {what}"))
+                    .error(
+                        k.span(),
+                        self.field_path(key),
+                        format!("unknown field `{key}` in {what}"),
+                    )
                     .with_help(suggestion(key, valid.iter().copied())),
             );
         }
@@ -136,7 +155,9 @@ fn example(key: &str) -> Option<&'static str> {
         "requests_per_second" | "requests_per_minute" => "500",
         "tokens_per_minute" | "tokens_per_hour" => "90_000",
         "retry" => "{ max_attempts = 5, initial_delay = \"200ms\", max_delay = \"30s\" }",
-        "circuit_breaker" => "{ failure_ratio = 0.5, min_calls = 20, window = \"30s\", open_for = \"15s\" }",
+        "circuit_breaker" => {
+            "{ failure_ratio = 0.5, min_calls = 20, window = \"30s\", open_for = \"15s\" }"
+        }
         "on_upstream_pause" => "\"drain\" (or \"stop\")",
         "approval" => "\"required\" (or \"none\")",
         "irreversible" => "true",
@@ -144,7 +165,9 @@ fn example(key: &str) -> Option<&'static str> {
     })
 }
 
-pub(crate) fn deserialize<T: DeserializeOwned>(value: &Spanned<DeValue<'_>>) -> Result<T, toml::de::Error> {
+pub(crate) fn deserialize<T: DeserializeOwned>(
+    value: &Spanned<DeValue<'_>>,
+) -> Result<T, toml::de::Error> {
     T::deserialize(ValueDeserializer::from(value.clone()))
 }
 
@@ -159,11 +182,14 @@ pub(crate) fn span_at(value: &Spanned<DeValue<'_>>, path: &[String]) -> Range<us
     let mut span = value.span();
     for seg in path {
         let next = match current.get_ref() {
-            DeValue::Table(t) => t.iter().find(|(k, _)| k.get_ref() == seg).map(|(k, v)| (k.span(), v)),
+            DeValue::Table(t) => t
+                .iter()
+                .find(|(k, _)| k.get_ref() == seg)
+                .map(|(k, v)| (k.span(), v)),
             DeValue::Array(a) => seg
                 .parse::<usize>()
                 .ok()
-                .and_then(|i| a.iter().nth(i))
+                .and_then(|i| a.get(i))
                 .map(|v| (v.span(), v)),
             _ => None,
         };

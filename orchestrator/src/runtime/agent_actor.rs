@@ -81,7 +81,11 @@ impl Actor for AgentActor {
     type State = AgentState;
     type Arguments = AgentArgs;
 
-    async fn pre_start(&self, _me: ActorRef<AgentMsg>, args: AgentArgs) -> Result<AgentState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<AgentMsg>,
+        args: AgentArgs,
+    ) -> Result<AgentState, ActorProcessingErr> {
         let model = &args.graph.model.agents[args.index];
         let agent = args.graph.shared.registry.build(
             &model.kind,
@@ -98,14 +102,21 @@ impl Actor for AgentActor {
         })
     }
 
-    async fn handle(&self, me: ActorRef<AgentMsg>, msg: AgentMsg, state: &mut AgentState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<AgentMsg>,
+        msg: AgentMsg,
+        state: &mut AgentState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             AgentMsg::Run(call) => {
                 // Reap finished tasks so the set holds only running calls.
                 while state.tasks.try_join_next().is_some() {}
                 let agent = state.agent.clone();
                 let timeout = match call.ctx.deadline {
-                    Some(d) => state.timeout.min(d.saturating_duration_since(Instant::now())),
+                    Some(d) => state
+                        .timeout
+                        .min(d.saturating_duration_since(Instant::now())),
                     None => state.timeout,
                 };
                 let span = tracing::debug_span!(
@@ -115,7 +126,9 @@ impl Actor for AgentActor {
                     agent = %call.ctx.agent,
                     attempt = call.ctx.attempt,
                 );
-                state.tasks.spawn(run_call(agent, *call, timeout, me).instrument(span));
+                state
+                    .tasks
+                    .spawn(run_call(agent, *call, timeout, me).instrument(span));
                 Ok(())
             }
             AgentMsg::Panicked(p) => Err(Box::new(p)),
@@ -125,9 +138,12 @@ impl Actor for AgentActor {
 
 async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration, me: ActorRef<AgentMsg>) {
     let start = Instant::now();
-    let attempt = AssertUnwindSafe(tokio::time::timeout(timeout, agent.call(&call.ctx, &call.input)))
-        .catch_unwind()
-        .await;
+    let attempt = AssertUnwindSafe(tokio::time::timeout(
+        timeout,
+        agent.call(&call.ctx, &call.input),
+    ))
+    .catch_unwind()
+    .await;
     let result = match attempt {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(AgentError::transient(format!(

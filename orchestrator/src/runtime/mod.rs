@@ -76,7 +76,10 @@ impl SubmitRequest {
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
     #[error("unknown graph {graph:?}{}", .suggestion.as_ref().map(|s| format!("; did you mean {s:?}?")).unwrap_or_default())]
-    UnknownGraph { graph: String, suggestion: Option<String> },
+    UnknownGraph {
+        graph: String,
+        suggestion: Option<String>,
+    },
     /// Too many jobs wait already: the caller must slow down and try again after `retry_after`.
     #[error("graph {graph:?} has {pending} jobs waiting; retry in {}", humantime::format_duration(*.retry_after))]
     Overloaded {
@@ -95,7 +98,10 @@ pub enum SubmitError {
 impl SubmitError {
     /// Whether submitting again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Overloaded { .. } | Self::Store(StoreError::Unavailable(_)))
+        matches!(
+            self,
+            Self::Overloaded { .. } | Self::Store(StoreError::Unavailable(_))
+        )
     }
 }
 
@@ -119,7 +125,11 @@ impl Shared {
 
     /// Wake whoever awaits this job.
     pub fn job_finished(&self, id: JobId) {
-        let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        let waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         for w in waiters.into_iter().flatten() {
             let _ = w.send(());
         }
@@ -144,7 +154,10 @@ pub(crate) struct GraphCtx {
 
 impl GraphCtx {
     fn scheduler(&self) -> Option<ActorRef<SchedMsg>> {
-        self.scheduler.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.scheduler
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn wake(&self) {
@@ -206,7 +219,10 @@ impl OrchestratorBuilder {
             .map_err(|e| StartError(e.to_string()))?;
         Ok(Orchestrator {
             shared,
-            graphs: graphs.into_iter().map(|g| (g.model.name.clone(), g)).collect(),
+            graphs: graphs
+                .into_iter()
+                .map(|g| (g.model.name.clone(), g))
+                .collect(),
             root,
             root_handle: Mutex::new(Some(handle)),
         })
@@ -243,10 +259,12 @@ impl Orchestrator {
     }
 
     fn graph(&self, name: &str) -> Result<&Arc<GraphCtx>, SubmitError> {
-        self.graphs.get(name).ok_or_else(|| SubmitError::UnknownGraph {
-            graph: name.to_string(),
-            suggestion: nearest(name, self.graphs.keys().map(|k| &**k)).map(String::from),
-        })
+        self.graphs
+            .get(name)
+            .ok_or_else(|| SubmitError::UnknownGraph {
+                graph: name.to_string(),
+                suggestion: nearest(name, self.graphs.keys().map(|k| &**k)).map(String::from),
+            })
     }
 
     /// Accept a job. It is pending until its graph has room for it.
@@ -323,7 +341,10 @@ impl Orchestrator {
     }
 
     /// The job's events: those recorded so far, then live ones, ending with its final event.
-    pub fn subscribe(&self, id: JobId) -> Result<impl Stream<Item = JobEvent> + Send + 'static, StoreError> {
+    pub fn subscribe(
+        &self,
+        id: JobId,
+    ) -> Result<impl Stream<Item = JobEvent> + Send + 'static, StoreError> {
         let mut live = self.shared.events.subscribe();
         let past = self.shared.store.events(id, 0)?;
         let shared = self.shared.clone();
@@ -349,7 +370,9 @@ impl Orchestrator {
                     Ok(_) => {}
                     // Fell behind the live stream: catch up from the store.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let Ok(missed) = shared.store.events(id, last) else { return };
+                        let Ok(missed) = shared.store.events(id, last) else {
+                            return;
+                        };
                         for e in missed {
                             last = e.seq;
                             let fin = e.kind.is_final();
@@ -379,7 +402,15 @@ impl Orchestrator {
             && let Some(s) = g.scheduler()
         {
             let reason = reason.to_string();
-            let _ = ractor::call_t!(s, |reply| SchedMsg::Cancel { job: id, reason, reply }, 5_000);
+            let _ = ractor::call_t!(
+                s,
+                |reply| SchedMsg::Cancel {
+                    job: id,
+                    reason,
+                    reply
+                },
+                5_000
+            );
         }
         self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))
     }
@@ -408,18 +439,28 @@ impl Orchestrator {
         loop {
             let mut busy = 0;
             for name in self.graphs.keys() {
-                busy += self.scheduler_snapshot(name).await.map_or(0, |s| s.jobs_in_flight);
+                busy += self
+                    .scheduler_snapshot(name)
+                    .await
+                    .map_or(0, |s| s.jobs_in_flight);
             }
             if busy == 0 || tokio::time::Instant::now() >= deadline {
                 if busy > 0 {
-                    tracing::warn!(jobs = busy, "grace period over; stopping with jobs in flight");
+                    tracing::warn!(
+                        jobs = busy,
+                        "grace period over; stopping with jobs in flight"
+                    );
                 }
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.root.stop(Some("shutdown".into()));
-        let handle = self.root_handle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let handle = self
+            .root_handle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         if let Some(h) = handle {
             let _ = h.await;
         }

@@ -13,9 +13,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
 use cascade_agents::{AgentError, AgentOutput, CallContext, ErrorClass, StepInput};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
@@ -32,7 +32,11 @@ pub(crate) enum SchedMsg {
     /// Jobs are waiting in the store.
     Wake,
     StepDone(Box<StepDone>),
-    RetryDue { job: JobId, step: usize, token: u32 },
+    RetryDue {
+        job: JobId,
+        step: usize,
+        token: u32,
+    },
     /// An agent actor was (re)started, or given up on (`actor: None`). Steps that were running
     /// on its previous incarnation are dispatched again; `panic` names the step whose call
     /// killed it, which is charged an attempt.
@@ -42,7 +46,11 @@ pub(crate) enum SchedMsg {
         incarnation: u32,
         panic: Option<AgentPanic>,
     },
-    Cancel { job: JobId, reason: String, reply: RpcReplyPort<bool> },
+    Cancel {
+        job: JobId,
+        reason: String,
+        reply: RpcReplyPort<bool>,
+    },
     /// Admit no more jobs (shutdown).
     Drain,
     /// Check deadlines.
@@ -123,7 +131,11 @@ impl Actor for Scheduler {
     type State = SchedState;
     type Arguments = Arc<GraphCtx>;
 
-    async fn pre_start(&self, me: ActorRef<SchedMsg>, ctx: Arc<GraphCtx>) -> Result<SchedState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<SchedMsg>,
+        ctx: Arc<GraphCtx>,
+    ) -> Result<SchedState, ActorProcessingErr> {
         let slots = ctx
             .model
             .agents
@@ -149,7 +161,11 @@ impl Actor for Scheduler {
         })
     }
 
-    async fn post_start(&self, me: ActorRef<SchedMsg>, s: &mut SchedState) -> Result<(), ActorProcessingErr> {
+    async fn post_start(
+        &self,
+        me: ActorRef<SchedMsg>,
+        s: &mut SchedState,
+    ) -> Result<(), ActorProcessingErr> {
         // Jobs left running by a previous scheduler (or process) resume first, oldest first.
         let running = s.ctx.shared.store.running(&s.ctx.model.name)?;
         if !running.is_empty() {
@@ -166,7 +182,12 @@ impl Actor for Scheduler {
         Ok(())
     }
 
-    async fn handle(&self, _me: ActorRef<SchedMsg>, msg: SchedMsg, s: &mut SchedState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<SchedMsg>,
+        msg: SchedMsg,
+        s: &mut SchedState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SchedMsg::Wake => {
                 s.ctx.wake_pending.store(false, Relaxed);
@@ -192,7 +213,11 @@ impl Actor for Scheduler {
             SchedMsg::Cancel { job, reason, reply } => {
                 let found = s.jobs.contains_key(&job);
                 if found {
-                    s.finish(job, JobState::Cancelled, Some(format!("cancelled: {reason}")));
+                    s.finish(
+                        job,
+                        JobState::Cancelled,
+                        Some(format!("cancelled: {reason}")),
+                    );
                 }
                 let _ = reply.send(found);
             }
@@ -220,17 +245,29 @@ impl SchedState {
         if self.draining {
             return;
         }
-        let free = self.ctx.model.max_in_flight_jobs.get().saturating_sub(self.jobs.len());
+        let free = self
+            .ctx
+            .model
+            .max_in_flight_jobs
+            .get()
+            .saturating_sub(self.jobs.len());
         if free == 0 || (!eager && free < self.admit_batch && !self.jobs.is_empty()) {
             return;
         }
-        match self.ctx.shared.store.claim_pending(&self.ctx.model.name, free) {
+        match self
+            .ctx
+            .shared
+            .store
+            .claim_pending(&self.ctx.model.name, free)
+        {
             Ok(records) => {
                 for r in records {
                     self.start_job(r, false);
                 }
             }
-            Err(e) => tracing::error!(graph = %self.ctx.model.name, error = %e, "could not claim pending jobs"),
+            Err(e) => {
+                tracing::error!(graph = %self.ctx.model.name, error = %e, "could not claim pending jobs")
+            }
         }
     }
 
@@ -261,7 +298,11 @@ impl SchedState {
         for (i, a) in model.agents.iter().enumerate() {
             if steps[i].phase != Phase::Done {
                 remaining += 1;
-                steps[i].pending_deps = a.after.iter().filter(|&&d| steps[d].phase != Phase::Done).count();
+                steps[i].pending_deps = a
+                    .after
+                    .iter()
+                    .filter(|&&d| steps[d].phase != Phase::Done)
+                    .count();
             }
         }
         let deadline = model.deadline.map(|d| {
@@ -309,9 +350,15 @@ impl SchedState {
         let agent = &model.agents[i];
         let slot = &mut self.slots[i];
         while slot.in_flight < slot.max {
-            let Some(actor) = slot.actor.clone() else { return };
-            let Some(Reverse((seq, job_id))) = slot.queue.pop() else { return };
-            let Some(job) = self.jobs.get_mut(&job_id) else { continue };
+            let Some(actor) = slot.actor.clone() else {
+                return;
+            };
+            let Some(Reverse((seq, job_id))) = slot.queue.pop() else {
+                return;
+            };
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
             if job.steps[i].phase != Phase::Queued {
                 continue;
             }
@@ -319,7 +366,10 @@ impl SchedState {
                 .after
                 .iter()
                 .map(|&d| {
-                    let out = job.steps[d].output.clone().expect("dependencies of a queued step have succeeded");
+                    let out = job.steps[d]
+                        .output
+                        .clone()
+                        .expect("dependencies of a queued step have succeeded");
                     (self.ctx.names[d].clone(), out)
                 })
                 .collect();
@@ -361,10 +411,17 @@ impl SchedState {
             }
             slot.in_flight += 1;
             self.ctx.stats.agents[i].calls.fetch_add(1, Relaxed);
-            match self.ctx.shared.store.update(job_id, JobUpdate::StepStarted { step: i, attempt }) {
+            match self
+                .ctx
+                .shared
+                .store
+                .update(job_id, JobUpdate::StepStarted { step: i, attempt })
+            {
                 Ok(Some(event)) => self.ctx.shared.publish(event),
                 Ok(None) => {}
-                Err(e) => tracing::error!(job_id = %job_id, error = %e, "could not record step start"),
+                Err(e) => {
+                    tracing::error!(job_id = %job_id, error = %e, "could not record step start")
+                }
             }
         }
     }
@@ -377,10 +434,9 @@ impl SchedState {
         self.ctx.stats.agents[d.step]
             .call_micros
             .fetch_add(d.elapsed.as_micros() as u64, Relaxed);
-        let current = self
-            .jobs
-            .get(&d.job)
-            .is_some_and(|j| j.steps[d.step].phase == Phase::Running && j.steps[d.step].token == d.token);
+        let current = self.jobs.get(&d.job).is_some_and(|j| {
+            j.steps[d.step].phase == Phase::Running && j.steps[d.step].token == d.token
+        });
         if current {
             match d.result {
                 Ok(out) => self.step_succeeded(d.job, d.step, out),
@@ -393,11 +449,19 @@ impl SchedState {
     fn step_succeeded(&mut self, id: JobId, i: usize, out: AgentOutput) {
         let stats = &self.ctx.stats.agents[i];
         stats.succeeded.fetch_add(1, Relaxed);
-        stats.prompt_tokens.fetch_add(out.usage.prompt_tokens, Relaxed);
-        stats.completion_tokens.fetch_add(out.usage.completion_tokens, Relaxed);
-        stats.cost_micros.fetch_add((out.usage.cost_usd * 1e6) as u64, Relaxed);
+        stats
+            .prompt_tokens
+            .fetch_add(out.usage.prompt_tokens, Relaxed);
+        stats
+            .completion_tokens
+            .fetch_add(out.usage.completion_tokens, Relaxed);
+        stats
+            .cost_micros
+            .fetch_add((out.usage.cost_usd * 1e6) as u64, Relaxed);
         let output = Arc::new(out.value);
-        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
         let st = &mut job.steps[i];
         st.phase = Phase::Done;
         st.output = Some(output.clone());
@@ -436,7 +500,9 @@ impl SchedState {
     fn step_failed(&mut self, id: JobId, i: usize, e: AgentError) {
         let agent = &self.ctx.model.agents[i];
         let stats = &self.ctx.stats.agents[i];
-        let Some(job) = self.jobs.get_mut(&id) else { return };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
         let st = &mut job.steps[i];
         let delay = match e.class {
             // Not the step's fault: wait as asked, without spending an attempt.
@@ -467,7 +533,11 @@ impl SchedState {
                         error: e.to_string(),
                     },
                 );
-                ractor::time::send_after(delay, self.me.get_cell(), move || SchedMsg::RetryDue { job: id, step: i, token });
+                ractor::time::send_after(delay, self.me.get_cell(), move || SchedMsg::RetryDue {
+                    job: id,
+                    step: i,
+                    token,
+                });
             }
             None => {
                 st.phase = Phase::Failed;
@@ -491,7 +561,13 @@ impl SchedState {
         }
     }
 
-    fn on_agent_up(&mut self, i: usize, actor: Option<ActorRef<AgentMsg>>, incarnation: u32, panic: Option<AgentPanic>) {
+    fn on_agent_up(
+        &mut self,
+        i: usize,
+        actor: Option<ActorRef<AgentMsg>>,
+        incarnation: u32,
+        panic: Option<AgentPanic>,
+    ) {
         let slot = &mut self.slots[i];
         slot.actor = actor;
         slot.incarnation = incarnation;
@@ -516,13 +592,19 @@ impl SchedState {
             slot.queue.push(Reverse((job.seq, *id)));
         }
         if let Some((id, message)) = charged {
-            self.step_failed(id, i, AgentError::transient(format!("agent panicked: {message}")));
+            self.step_failed(
+                id,
+                i,
+                AgentError::transient(format!("agent panicked: {message}")),
+            );
         }
         self.pump(i);
     }
 
     fn finish(&mut self, id: JobId, state: JobState, error: Option<String>) {
-        let Some(job) = self.jobs.remove(&id) else { return };
+        let Some(job) = self.jobs.remove(&id) else {
+            return;
+        };
         let output = (state == JobState::Succeeded).then(|| {
             let mut map = serde_json::Map::new();
             for a in self.ctx.model.sinks() {
@@ -538,7 +620,14 @@ impl SchedState {
             _ => &self.ctx.stats.jobs_failed,
         };
         counter.fetch_add(1, Relaxed);
-        self.record(id, JobUpdate::Finished { state, output, error });
+        self.record(
+            id,
+            JobUpdate::Finished {
+                state,
+                output,
+                error,
+            },
+        );
         self.ctx.shared.job_finished(id);
         self.admit(false);
     }

@@ -35,23 +35,41 @@ impl Actor for RootSupervisor {
     type State = RootState;
     type Arguments = (Arc<Shared>, Vec<Arc<GraphCtx>>);
 
-    async fn pre_start(&self, me: ActorRef<RootMsg>, (_shared, graphs): Self::Arguments) -> Result<RootState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<RootMsg>,
+        (_shared, graphs): Self::Arguments,
+    ) -> Result<RootState, ActorProcessingErr> {
         let mut state = RootState { graphs: Vec::new() };
         for g in graphs {
-            let (child, _) = Actor::spawn_linked(None, GraphSupervisor, g.clone(), me.get_cell()).await?;
+            let (child, _) =
+                Actor::spawn_linked(None, GraphSupervisor, g.clone(), me.get_cell()).await?;
             state.graphs.push((g, Some(child.get_id())));
         }
         Ok(state)
     }
 
-    async fn post_stop(&self, me: ActorRef<RootMsg>, _s: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        me: ActorRef<RootMsg>,
+        _s: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         me.stop_children_and_wait(None, None).await;
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<RootMsg>, evt: SupervisionEvent, s: &mut RootState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<RootMsg>,
+        evt: SupervisionEvent,
+        s: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
-            let Some(pos) = s.graphs.iter().position(|(_, id)| *id == Some(cell.get_id())) else {
+            let Some(pos) = s
+                .graphs
+                .iter()
+                .position(|(_, id)| *id == Some(cell.get_id()))
+            else {
                 return Ok(());
             };
             let ctx = s.graphs[pos].0.clone();
@@ -92,14 +110,22 @@ pub(crate) struct GraphSupState {
 }
 
 impl GraphSupervisor {
-    async fn spawn_scheduler(me: &ActorCell, ctx: &Arc<GraphCtx>) -> Result<ActorRef<SchedMsg>, ActorProcessingErr> {
+    async fn spawn_scheduler(
+        me: &ActorCell,
+        ctx: &Arc<GraphCtx>,
+    ) -> Result<ActorRef<SchedMsg>, ActorProcessingErr> {
         let (sched, _) = Actor::spawn_linked(None, Scheduler, ctx.clone(), me.clone()).await?;
         *ctx.scheduler.write().unwrap_or_else(|p| p.into_inner()) = Some(sched.clone());
         Ok(sched)
     }
 
     /// Start agent `i` and tell the scheduler; on failure, mark it failed and try again later.
-    async fn start_agent(me: &ActorRef<GraphSupMsg>, s: &mut GraphSupState, i: usize, panic: Option<AgentPanic>) {
+    async fn start_agent(
+        me: &ActorRef<GraphSupMsg>,
+        s: &mut GraphSupState,
+        i: usize,
+        panic: Option<AgentPanic>,
+    ) {
         let args = AgentArgs {
             graph: s.ctx.clone(),
             index: i,
@@ -125,7 +151,12 @@ impl GraphSupervisor {
         }
     }
 
-    fn give_up(me: &ActorRef<GraphSupMsg>, s: &mut GraphSupState, i: usize, panic: Option<AgentPanic>) {
+    fn give_up(
+        me: &ActorRef<GraphSupMsg>,
+        s: &mut GraphSupState,
+        i: usize,
+        panic: Option<AgentPanic>,
+    ) {
         let model = &s.ctx.model.agents[i];
         tracing::error!(
             graph = %s.ctx.model.name,
@@ -153,7 +184,11 @@ impl Actor for GraphSupervisor {
     type State = GraphSupState;
     type Arguments = Arc<GraphCtx>;
 
-    async fn pre_start(&self, me: ActorRef<GraphSupMsg>, ctx: Arc<GraphCtx>) -> Result<GraphSupState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        me: ActorRef<GraphSupMsg>,
+        ctx: Arc<GraphCtx>,
+    ) -> Result<GraphSupState, ActorProcessingErr> {
         let scheduler = Self::spawn_scheduler(&me.get_cell(), &ctx).await?;
         let agents = ctx
             .model
@@ -166,20 +201,33 @@ impl Actor for GraphSupervisor {
                 intensity: RestartIntensity::new(a.restart),
             })
             .collect();
-        let mut s = GraphSupState { ctx, scheduler, agents };
+        let mut s = GraphSupState {
+            ctx,
+            scheduler,
+            agents,
+        };
         for i in 0..s.agents.len() {
             Self::start_agent(&me, &mut s, i, None).await;
         }
         Ok(s)
     }
 
-    async fn post_stop(&self, me: ActorRef<GraphSupMsg>, s: &mut GraphSupState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        me: ActorRef<GraphSupMsg>,
+        s: &mut GraphSupState,
+    ) -> Result<(), ActorProcessingErr> {
         *s.ctx.scheduler.write().unwrap_or_else(|p| p.into_inner()) = None;
         me.stop_children_and_wait(None, None).await;
         Ok(())
     }
 
-    async fn handle(&self, me: ActorRef<GraphSupMsg>, msg: GraphSupMsg, s: &mut GraphSupState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<GraphSupMsg>,
+        msg: GraphSupMsg,
+        s: &mut GraphSupState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             GraphSupMsg::RetryAgent(i) => {
                 if s.agents[i].actor.is_none() && !s.ctx.shared.is_shutting_down() {
@@ -191,7 +239,12 @@ impl Actor for GraphSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<GraphSupMsg>, evt: SupervisionEvent, s: &mut GraphSupState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<GraphSupMsg>,
+        evt: SupervisionEvent,
+        s: &mut GraphSupState,
+    ) -> Result<(), ActorProcessingErr> {
         let SupervisionEvent::ActorFailed(cell, err) = evt else {
             return Ok(());
         };

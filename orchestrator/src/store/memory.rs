@@ -97,7 +97,11 @@ impl MemoryStore {
         if let Some(k) = &key {
             inner.keys.insert(k.clone(), job.id);
         }
-        inner.pending.entry(job.graph).or_default().push_back(job.id);
+        inner
+            .pending
+            .entry(job.graph)
+            .or_default()
+            .push_back(job.id);
         inner.jobs.insert(
             job.id,
             Entry {
@@ -134,7 +138,9 @@ impl JobStore for MemoryStore {
     fn claim_pending(&self, graph: &str, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
         let mut inner = self.lock();
         let Inner { jobs, pending, .. } = &mut *inner;
-        let Some(queue) = pending.get_mut(graph) else { return Ok(Vec::new()) };
+        let Some(queue) = pending.get_mut(graph) else {
+            return Ok(Vec::new());
+        };
         let mut out = Vec::with_capacity(limit.min(queue.len()));
         while out.len() < limit {
             let Some(id) = queue.pop_front() else { break };
@@ -153,7 +159,13 @@ impl JobStore for MemoryStore {
         let mut out: Vec<JobRecord> = inner
             .jobs
             .values()
-            .filter(|e| &*e.record.graph == graph && matches!(e.record.state, JobState::Running | JobState::AwaitingApproval))
+            .filter(|e| {
+                &*e.record.graph == graph
+                    && matches!(
+                        e.record.state,
+                        JobState::Running | JobState::AwaitingApproval
+                    )
+            })
             .map(|e| e.record.clone())
             .collect();
         out.sort_by_key(|r| r.id);
@@ -205,7 +217,11 @@ impl JobStore for MemoryStore {
     fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError> {
         let inner = self.lock();
         let e = inner.jobs.get(&id).ok_or(StoreError::NotFound(id))?;
-        Ok(e.events.iter().filter(|ev| ev.seq > after_seq).cloned().collect())
+        Ok(e.events
+            .iter()
+            .filter(|ev| ev.seq > after_seq)
+            .cloned()
+            .collect())
     }
 
     fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
@@ -216,7 +232,7 @@ impl JobStore for MemoryStore {
             .filter(|e| filter.matches(&e.record))
             .map(|e| e.record.clone())
             .collect();
-        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.sort_by_key(|r| std::cmp::Reverse(r.id));
         if filter.limit > 0 {
             out.truncate(filter.limit);
         }
@@ -252,8 +268,17 @@ mod tests {
         let first = s.submit(new_job("g", Some("k"), json!(1))).await.unwrap();
         let again = s.submit(new_job("g", Some("k"), json!(1))).await.unwrap();
         assert_eq!((again.id, again.deduplicated), (first.id, true));
-        let err = s.submit(new_job("g", Some("k"), json!(2))).await.unwrap_err();
-        assert_eq!(err, StoreError::KeyConflict { key: "k".into(), existing: first.id });
+        let err = s
+            .submit(new_job("g", Some("k"), json!(2)))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::KeyConflict {
+                key: "k".into(),
+                existing: first.id
+            }
+        );
     }
 
     #[tokio::test]
@@ -264,7 +289,12 @@ mod tests {
         let err = s.submit(new_job("g", None, json!(3))).await.unwrap_err();
         assert!(matches!(err, StoreError::Full { pending: 2, .. }));
         assert!(err.is_retryable());
-        let claimed: Vec<JobId> = s.claim_pending("g", 1).unwrap().iter().map(|r| r.id).collect();
+        let claimed: Vec<JobId> = s
+            .claim_pending("g", 1)
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(claimed, vec![a]);
         assert_eq!(s.pending_count("g"), 1);
         assert_eq!(s.running("g").unwrap()[0].id, a);
@@ -272,7 +302,10 @@ mod tests {
         assert!(s.cancel_pending(b, "test").unwrap().is_some());
         assert!(s.claim_pending("g", 5).unwrap().is_empty());
         assert_eq!(s.get(b).unwrap().unwrap().state, JobState::Cancelled);
-        assert!(s.cancel_pending(a, "test").unwrap().is_none(), "running jobs are not cancelled here");
+        assert!(
+            s.cancel_pending(a, "test").unwrap().is_none(),
+            "running jobs are not cancelled here"
+        );
     }
 
     #[tokio::test]

@@ -45,7 +45,9 @@ pub struct Submitted {
 pub enum StoreError {
     #[error("{pending} jobs of graph {graph:?} are already pending; submit again later")]
     Full { graph: Arc<str>, pending: usize },
-    #[error("idempotency key {key:?} was already used for job {existing} with a different input; use a new key for a new job")]
+    #[error(
+        "idempotency key {key:?} was already used for job {existing} with a different input; use a new key for a new job"
+    )]
     KeyConflict { key: String, existing: JobId },
     #[error("job {0} not found")]
     NotFound(JobId),

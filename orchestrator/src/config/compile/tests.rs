@@ -74,7 +74,9 @@ fn good_graph_compiles_in_topological_order() {
 
 #[test]
 fn unknown_field_names_line_column_and_nearest() {
-    let errs = errors("[graph]\nname = \"g\"\n\n[agents.a]\nkind = \"sim\"\ntimeout = \"1s\"\nlatncy = \"5ms\"\n");
+    let errs = errors(
+        "[graph]\nname = \"g\"\n\n[agents.a]\nkind = \"sim\"\ntimeout = \"1s\"\nlatncy = \"5ms\"\n",
+    );
     let e = error_at(&errs, "agents.a.latncy", 7, 1);
     assert!(e.message.contains("unknown field `latncy`"), "{e}");
     assert_eq!(e.help.as_deref(), Some("did you mean \"latency\"?"));
@@ -82,19 +84,26 @@ fn unknown_field_names_line_column_and_nearest() {
 
 #[test]
 fn wrong_type_names_line_column_and_field() {
-    let errs = errors("[graph]\nname = \"g\"\nmax_in_flight_jobs = \"many\"\n\n[agents.a]\nkind = \"sim\"\nmax_concurrency = 0\n");
+    let errs = errors(
+        "[graph]\nname = \"g\"\nmax_in_flight_jobs = \"many\"\n\n[agents.a]\nkind = \"sim\"\nmax_concurrency = 0\n",
+    );
     let e = error_at(&errs, "graph.max_in_flight_jobs", 3, 22);
     assert!(e.message.contains("invalid type"), "{e}");
     let e = error_at(&errs, "agents.a.max_concurrency", 7, 19);
     assert!(e.message.contains("nonzero"), "{e}");
     let rendered = ConfigErrors(errs).to_string();
-    assert!(rendered.contains("g.toml:3:22: graph.max_in_flight_jobs:"), "{rendered}");
+    assert!(
+        rendered.contains("g.toml:3:22: graph.max_in_flight_jobs:"),
+        "{rendered}"
+    );
     assert!(rendered.ends_with("2 errors found"), "{rendered}");
 }
 
 #[test]
 fn bad_duration_names_the_field() {
-    let errs = errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\nretry = { initial_delay = \"soon\" }\n");
+    let errs = errors(
+        "[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\nretry = { initial_delay = \"soon\" }\n",
+    );
     let e = error_at(&errs, "agents.a.retry", 5, 27);
     assert!(e.message.contains("invalid duration \"soon\""), "{e}");
 }
@@ -117,7 +126,13 @@ fn unknown_dependency_and_quota_suggest_nearest() {
     assert_eq!(e.help.as_deref(), Some("did you mean \"classify\"?"));
     let e = error_at(&errs, "agents.b.quota", 10, 9);
     assert!(e.message.contains("unknown quota \"lm\""), "{e}");
-    assert!(e.help.as_deref().unwrap().starts_with("did you mean \"llm\"?"), "{e}");
+    assert!(
+        e.help
+            .as_deref()
+            .unwrap()
+            .starts_with("did you mean \"llm\"?"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -126,7 +141,10 @@ fn cycle_reports_its_full_path() {
         "[graph]\nname = \"g\"\n[agents.classify]\nkind = \"sim\"\nafter = [\"review\"]\n[agents.draft]\nkind = \"sim\"\nafter = [\"classify\"]\n[agents.review]\nkind = \"sim\"\nafter = [\"draft\"]\n",
     );
     let e = error_at(&errs, "agents.classify.after", 5, 10);
-    assert_eq!(e.message, "dependency cycle: classify → draft → review → classify");
+    assert_eq!(
+        e.message,
+        "dependency cycle: classify → draft → review → classify"
+    );
 }
 
 #[test]
@@ -139,19 +157,43 @@ fn self_dependency_is_a_cycle() {
 #[test]
 fn duplicate_names_are_refused() {
     // Within one file TOML itself refuses a duplicate table.
-    let errs = errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n[agents.a]\nkind = \"sim\"\n");
-    assert!(errs.iter().any(|e| e.line == 5 && e.message.contains("TOML syntax error")), "{errs:#?}");
+    let errs =
+        errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n[agents.a]\nkind = \"sim\"\n");
+    assert!(
+        errs.iter()
+            .any(|e| e.line == 5 && e.message.contains("TOML syntax error")),
+        "{errs:#?}"
+    );
     // Across files, a graph or quota name may be used once per server.
     let dir = std::env::temp_dir().join(format!("cascade-dup-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let a = dir.join("a.toml");
     let b = dir.join("b.toml");
-    std::fs::write(&a, "[graph]\nname = \"g\"\n[quotas.q]\nmax_concurrency = 1\n[agents.x]\nkind = \"sim\"\n").unwrap();
-    std::fs::write(&b, "[graph]\nname = \"g\"\n[quotas.q]\nmax_concurrency = 2\n[agents.x]\nkind = \"sim\"\n").unwrap();
-    let errs = load_graph_files(&[a.clone(), b.clone()], &Registry::default()).unwrap_err().0;
-    let dup_graph = errs.iter().find(|e| e.message.contains("graph \"g\" is declared twice")).expect("graph dup");
-    assert_eq!((dup_graph.file.clone(), dup_graph.line, dup_graph.column), (b.clone(), 2, 8));
-    let dup_quota = errs.iter().find(|e| e.message.contains("quota \"q\" is declared twice")).expect("quota dup");
+    std::fs::write(
+        &a,
+        "[graph]\nname = \"g\"\n[quotas.q]\nmax_concurrency = 1\n[agents.x]\nkind = \"sim\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &b,
+        "[graph]\nname = \"g\"\n[quotas.q]\nmax_concurrency = 2\n[agents.x]\nkind = \"sim\"\n",
+    )
+    .unwrap();
+    let errs = load_graph_files(&[a.clone(), b.clone()], &Registry::default())
+        .unwrap_err()
+        .0;
+    let dup_graph = errs
+        .iter()
+        .find(|e| e.message.contains("graph \"g\" is declared twice"))
+        .expect("graph dup");
+    assert_eq!(
+        (dup_graph.file.clone(), dup_graph.line, dup_graph.column),
+        (b.clone(), 2, 8)
+    );
+    let dup_quota = errs
+        .iter()
+        .find(|e| e.message.contains("quota \"q\" is declared twice"))
+        .expect("quota dup");
     assert_eq!((dup_quota.file.clone(), dup_quota.line), (b.clone(), 3));
     assert!(dup_quota.message.contains("a.toml:3:9"), "{dup_quota}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -168,18 +210,26 @@ fn empty_graph_is_refused() {
 
 #[test]
 fn missing_required_fields_are_named() {
-    let errs = errors("[graph]\ndescription = \"x\"\n[agents.t]\nkind = \"template\"\n[agents.u]\nretry = {}\n");
+    let errs = errors(
+        "[graph]\ndescription = \"x\"\n[agents.t]\nkind = \"template\"\n[agents.u]\nretry = {}\n",
+    );
     let e = error_at(&errs, "graph.name", 1, 2);
     assert_eq!(e.message, "missing required field `name`");
     let e = error_at(&errs, "agents.t.output", 3, 9);
-    assert!(e.message.contains("missing required field `output` for kind \"template\""), "{e}");
+    assert!(
+        e.message
+            .contains("missing required field `output` for kind \"template\""),
+        "{e}"
+    );
     let e = error_at(&errs, "agents.u.kind", 5, 9);
     assert!(e.help.as_deref().unwrap().contains("\"sim\""), "{e}");
 }
 
 #[test]
 fn kind_field_errors_point_into_the_value() {
-    let errs = errors("[graph]\nname = \"g\"\n[agents.s]\nkind = \"sim\"\nlatency = { lognormal = { median = \"1s\", sigma = -1.0 } }\n");
+    let errs = errors(
+        "[graph]\nname = \"g\"\n[agents.s]\nkind = \"sim\"\nlatency = { lognormal = { median = \"1s\", sigma = -1.0 } }\n",
+    );
     let e = error_at(&errs, "agents.s.latency.lognormal.sigma", 5, 50);
     assert!(e.message.contains("sigma"), "{e}");
 }
@@ -190,7 +240,14 @@ fn every_error_is_reported_at_once() {
         "[graph]\nname = \"g\"\nmax_pending_jobs = -1\n[quotas.q]\n[agents.a]\nkind = \"sim\"\ntimeout = 5\nbogus = 1\n[agents.b]\nkind = \"nope\"\nafter = [\"zz\"]\n",
     );
     let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
-    for p in ["graph.max_pending_jobs", "quotas.q", "agents.a.timeout", "agents.a.bogus", "agents.b.kind", "agents.b.after"] {
+    for p in [
+        "graph.max_pending_jobs",
+        "quotas.q",
+        "agents.a.timeout",
+        "agents.a.bogus",
+        "agents.b.kind",
+        "agents.b.after",
+    ] {
         assert!(paths.contains(&p), "missing {p} in {paths:?}");
     }
     // Sorted by position.
@@ -202,23 +259,45 @@ fn every_error_is_reported_at_once() {
 
 #[test]
 fn quota_needs_a_limit_and_one_rate_per_kind() {
-    let errs = errors("[graph]\nname = \"g\"\n[quotas.a]\ndescription = \"x\"\n[quotas.b]\nrequests_per_second = 1\nrequests_per_minute = 60\n[agents.x]\nkind = \"sim\"\n");
-    assert!(error_at(&errs, "quotas.a", 3, 9).message.contains("at least one limit"));
-    assert!(error_at(&errs, "quotas.b", 5, 9).message.contains("both requests_per_second"));
+    let errs = errors(
+        "[graph]\nname = \"g\"\n[quotas.a]\ndescription = \"x\"\n[quotas.b]\nrequests_per_second = 1\nrequests_per_minute = 60\n[agents.x]\nkind = \"sim\"\n",
+    );
+    assert!(
+        error_at(&errs, "quotas.a", 3, 9)
+            .message
+            .contains("at least one limit")
+    );
+    assert!(
+        error_at(&errs, "quotas.b", 5, 9)
+            .message
+            .contains("both requests_per_second")
+    );
 }
 
 #[test]
 fn syntax_error_has_position() {
     let errs = errors("[graph]\nname = \"g\n");
-    assert!(errs[0].message.starts_with("TOML syntax error"), "{}", errs[0]);
+    assert!(
+        errs[0].message.starts_with("TOML syntax error"),
+        "{}",
+        errs[0]
+    );
     assert_eq!(errs[0].line, 2);
 }
 
 #[test]
 fn invalid_names_are_refused() {
     let errs = errors("[graph]\nname = \"my graph\"\n[agents.\"a b\"]\nkind = \"sim\"\n");
-    assert!(error_at(&errs, "graph.name", 2, 8).message.contains("invalid name"));
-    assert!(error_at(&errs, "agents.a b", 3, 9).message.contains("invalid name"));
+    assert!(
+        error_at(&errs, "graph.name", 2, 8)
+            .message
+            .contains("invalid name")
+    );
+    assert!(
+        error_at(&errs, "agents.a b", 3, 9)
+            .message
+            .contains("invalid name")
+    );
 }
 
 #[test]
@@ -230,8 +309,16 @@ fn server_config_lists_graph_dirs_and_shared_quotas() {
         "graphs = [\"graphs\"]\n[server]\ngrpc_addr = \"127.0.0.1:1\"\n[quotas.llm]\ntokens_per_minute = 1000\n",
     )
     .unwrap();
-    std::fs::write(dir.join("graphs/one.toml"), "[graph]\nname = \"one\"\n[agents.a]\nkind = \"sim\"\nquota = \"llm\"\n").unwrap();
-    std::fs::write(dir.join("graphs/two.toml"), "[graph]\nname = \"two\"\n[agents.b]\nkind = \"sim\"\nquotas = [\"llm\"]\n").unwrap();
+    std::fs::write(
+        dir.join("graphs/one.toml"),
+        "[graph]\nname = \"one\"\n[agents.a]\nkind = \"sim\"\nquota = \"llm\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("graphs/two.toml"),
+        "[graph]\nname = \"two\"\n[agents.b]\nkind = \"sim\"\nquotas = [\"llm\"]\n",
+    )
+    .unwrap();
     let m = load(Some(&dir.join("cascade.toml")), &[], &Registry::default()).unwrap();
     assert_eq!(m.graphs.len(), 2);
     assert_eq!(m.server.grpc_addr.as_deref(), Some("127.0.0.1:1"));
