@@ -2,7 +2,7 @@
 //! follow them, cancel them, shut it down.
 //!
 //! ```no_run
-//! # async fn demo() -> anyhow::Result<()> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
 //! let model = config::load_graph_files(&["examples/graphs/fanout.toml".into()], &Default::default())?;
 //! let orch = Orchestrator::builder(model).start().await?;
