@@ -9,8 +9,10 @@ pub mod config;
 pub mod dag;
 pub mod job;
 pub mod model;
+pub mod quota;
 pub mod restart;
 pub mod runtime;
+pub mod signal;
 pub mod store;
 
 pub use cascade_agents as agents;

@@ -26,11 +26,24 @@ impl ServerModel {
 }
 
 /// Server settings from `cascade.toml` (`[server]`); command-line flags override them.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Serialize)]
 pub struct ServerSettings {
     pub grpc_addr: Option<String>,
     pub http_addr: Option<String>,
     pub data_dir: Option<PathBuf>,
+    /// Pause propagation through the DAG (`false`: naive mode, for comparisons).
+    pub cascade: bool,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            grpc_addr: None,
+            http_addr: None,
+            data_dir: None,
+            cascade: true,
+        }
+    }
 }
 
 /// One graph: named agents with dependency edges.

@@ -31,7 +31,7 @@ const GRAPH_FIELDS: &[&str] = &[
     "max_pending_jobs",
     "deadline",
 ];
-const SERVER_FIELDS: &[&str] = &["grpc_addr", "http_addr", "data_dir"];
+const SERVER_FIELDS: &[&str] = &["grpc_addr", "http_addr", "data_dir", "cascade"];
 const QUOTA_FIELDS: &[&str] = &[
     "description",
     "requests_per_second",
@@ -226,6 +226,9 @@ impl<'r> Loader<'r> {
                 self.server.grpc_addr = s.take("grpc_addr", &mut self.errs);
                 self.server.http_addr = s.take("http_addr", &mut self.errs);
                 self.server.data_dir = s.take("data_dir", &mut self.errs);
+                if let Some(on) = s.take("cascade", &mut self.errs) {
+                    self.server.cascade = on;
+                }
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
             }
         }

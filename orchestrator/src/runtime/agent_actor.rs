@@ -30,6 +30,8 @@ pub(crate) struct Call {
     pub token: u32,
     /// Which incarnation of the agent actor the scheduler counted this call against.
     pub incarnation: u32,
+    /// The quota grant this call runs under, returned with its result to be settled.
+    pub grant: Option<u64>,
     pub ctx: CallContext,
     pub input: StepInput,
     pub reply: ActorRef<SchedMsg>,
@@ -41,6 +43,7 @@ pub(crate) struct StepDone {
     pub step: usize,
     pub token: u32,
     pub incarnation: u32,
+    pub grant: Option<u64>,
     pub result: Result<AgentOutput, AgentError>,
     pub elapsed: Duration,
 }
@@ -173,6 +176,7 @@ async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration, me: Acto
         step: call.step,
         token: call.token,
         incarnation: call.incarnation,
+        grant: call.grant,
         result,
         elapsed: start.elapsed(),
     })));

@@ -14,12 +14,13 @@
 //! ```
 
 mod agent_actor;
+mod broker;
 mod scheduler;
 mod stats;
 mod supervisor;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -33,11 +34,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::nearest;
 use crate::job::{JobEvent, JobId, JobRecord};
 use crate::model::{GraphModel, ServerModel};
+use crate::quota::QuotaSnapshot;
+use crate::signal::{AgentPause, GraphEvent};
 use crate::store::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, Submitted};
 
 pub use scheduler::{AgentSlotSnapshot, SchedulerSnapshot};
 pub use stats::{AgentHealth, AgentStatsSnapshot, GraphStats, GraphStatsSnapshot};
 
+use broker::{BrokerMsg, QuotaIndex};
 use scheduler::SchedMsg;
 use supervisor::{RootMsg, RootSupervisor};
 
@@ -110,7 +114,14 @@ pub(crate) struct Shared {
     pub model: ServerModel,
     pub registry: Registry,
     pub store: Arc<dyn JobStore>,
+    /// Propagation on (the cascade) or off (naive mode: local limits, 429s retried by policy).
+    pub cascade: bool,
+    pub quotas: Arc<QuotaIndex>,
+    /// Job age across the server, so that shared quotas serve the oldest job first.
+    pub next_seq: AtomicU64,
+    broker: RwLock<Option<ActorRef<BrokerMsg>>>,
     events: broadcast::Sender<JobEvent>,
+    graph_events: broadcast::Sender<GraphEvent>,
     waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<()>>>>,
     shutting_down: AtomicBool,
 }
@@ -138,12 +149,34 @@ impl Shared {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Relaxed)
     }
+
+    pub fn publish_graph_event(&self, event: GraphEvent) {
+        if self.graph_events.receiver_count() > 0 {
+            let _ = self.graph_events.send(event);
+        }
+    }
+
+    pub fn broker(&self) -> Option<ActorRef<BrokerMsg>> {
+        self.broker
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_broker(&self, b: Option<ActorRef<BrokerMsg>>) {
+        *self.broker.write().unwrap_or_else(|p| p.into_inner()) = b;
+    }
 }
 
 /// What the actors of one graph share.
 pub(crate) struct GraphCtx {
     pub shared: Arc<Shared>,
+    /// Position among the server's graphs.
+    pub index: usize,
     pub model: Arc<GraphModel>,
+    pub quotas: Arc<QuotaIndex>,
+    /// Each agent's pause, as the broker last set it (read by the API without messages).
+    pub pauses: RwLock<Vec<Option<AgentPause>>>,
     pub names: Vec<Arc<str>>,
     pub stats: Arc<GraphStats>,
     /// The current scheduler (it changes if it is restarted).
@@ -153,7 +186,7 @@ pub(crate) struct GraphCtx {
 }
 
 impl GraphCtx {
-    fn scheduler(&self) -> Option<ActorRef<SchedMsg>> {
+    pub fn scheduler(&self) -> Option<ActorRef<SchedMsg>> {
         self.scheduler
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -175,12 +208,21 @@ pub struct OrchestratorBuilder {
     model: ServerModel,
     registry: Registry,
     store: Option<Arc<dyn JobStore>>,
+    cascade: bool,
 }
 
 impl OrchestratorBuilder {
     /// Agent kinds beyond the built-in ones.
     pub fn registry(mut self, registry: Registry) -> Self {
         self.registry = registry;
+        self
+    }
+
+    /// Turn pause propagation off (naive mode): each agent keeps a local copy of its quotas'
+    /// limits, nothing pauses downstream, and 429s are retried by each agent's retry policy —
+    /// the way most frameworks behave. For comparisons; the default is on.
+    pub fn cascade(mut self, on: bool) -> Self {
+        self.cascade = on;
         self
     }
 
@@ -191,11 +233,18 @@ impl OrchestratorBuilder {
     }
 
     pub async fn start(self) -> Result<Orchestrator, StartError> {
+        let cascade = self.cascade && self.model.server.cascade;
+        let quotas = Arc::new(QuotaIndex::new(&self.model, cascade));
         let shared = Arc::new(Shared {
             model: self.model,
             registry: self.registry,
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            cascade,
+            quotas: quotas.clone(),
+            next_seq: AtomicU64::new(0),
+            broker: RwLock::new(None),
             events: broadcast::channel(4096).0,
+            graph_events: broadcast::channel(4096).0,
             waiters: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
         });
@@ -203,10 +252,14 @@ impl OrchestratorBuilder {
             .model
             .graphs
             .iter()
-            .map(|m| {
+            .enumerate()
+            .map(|(index, m)| {
                 Arc::new(GraphCtx {
                     shared: shared.clone(),
+                    index,
                     model: m.clone(),
+                    quotas: quotas.clone(),
+                    pauses: RwLock::new(vec![None; m.agents.len()]),
                     names: m.agents.iter().map(|a| a.name.clone()).collect(),
                     stats: Arc::new(GraphStats::new(m)),
                     scheduler: RwLock::new(None),
@@ -247,6 +300,7 @@ impl Orchestrator {
             model,
             registry: Registry::default(),
             store: None,
+            cascade: true,
         }
     }
 
@@ -413,6 +467,51 @@ impl Orchestrator {
             );
         }
         self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))
+    }
+
+    /// Whether pause propagation is on.
+    pub fn cascade(&self) -> bool {
+        self.shared.cascade
+    }
+
+    /// Every quota's state now.
+    pub async fn quotas(&self) -> Vec<QuotaSnapshot> {
+        match self.shared.broker() {
+            Some(b) => ractor::call_t!(b, BrokerMsg::Snapshot, 5_000).unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Each agent of a graph with its pause (if paused): reach and every cause with its end.
+    pub fn pauses(&self, graph: &str) -> Option<Vec<(Arc<str>, Option<AgentPause>)>> {
+        let g = self.graphs.get(graph)?;
+        let board = g.pauses.read().unwrap_or_else(|p| p.into_inner()).clone();
+        Some(g.names.iter().cloned().zip(board).collect())
+    }
+
+    /// Pause, resume, quota and circuit events of every graph, live.
+    pub fn watch_graphs(&self) -> broadcast::Receiver<GraphEvent> {
+        self.shared.graph_events.subscribe()
+    }
+
+    /// Treat `quota` as refused by its upstream for `duration`: it pauses what it reaches as a
+    /// real 429 would. For operators (maintenance windows), benchmarks and tests. Returns whether
+    /// the quota exists.
+    pub async fn exhaust_quota(&self, quota: &str, duration: Duration) -> bool {
+        let Some(b) = self.shared.broker() else {
+            return false;
+        };
+        let quota = quota.to_string();
+        ractor::call_t!(
+            b,
+            |reply| BrokerMsg::Exhaust {
+                quota,
+                duration,
+                reply
+            },
+            5_000
+        )
+        .unwrap_or(false)
     }
 
     /// Counters of a graph.

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
-use cascade_agents::{AgentError, AgentOutput, CallContext, ErrorClass, StepInput};
+use cascade_agents::{
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, ErrorClass, StepInput,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -22,8 +24,12 @@ use tokio::time::Instant;
 
 use super::GraphCtx;
 use super::agent_actor::{AgentMsg, AgentPanic, Call, StepDone};
+use super::broker::{Acquire, BrokerMsg};
 use crate::backoff;
 use crate::job::{JobId, JobRecord, JobState, JobUpdate, StepState};
+use crate::model::OnUpstreamPause;
+use crate::quota::Outcome;
+use crate::signal::{AgentPause, Reach};
 
 /// How long a rate-limited call waits when the upstream gave no Retry-After.
 const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
@@ -46,6 +52,17 @@ pub(crate) enum SchedMsg {
         incarnation: u32,
         panic: Option<AgentPanic>,
     },
+    /// The broker let a step's call start; `grant` is settled when the call ends.
+    Granted {
+        job: JobId,
+        step: usize,
+        token: u32,
+        grant: u64,
+    },
+    /// Pause state changes of this graph's agents (`None`: resumed).
+    Pause(Vec<(usize, Option<AgentPause>)>),
+    /// The broker was restarted: steps waiting for a grant must ask again.
+    BrokerRestarted,
     Cancel {
         job: JobId,
         reason: String,
@@ -70,13 +87,18 @@ pub struct AgentSlotSnapshot {
     pub name: String,
     pub up: bool,
     pub in_flight: u32,
+    /// Steps waiting at the quota broker for their turn.
+    pub awaiting_quota: u32,
     pub queued: usize,
+    pub paused: Option<Reach>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Waiting,
     Queued,
+    /// Sent to the quota broker, waiting for its turn.
+    AwaitQuota,
     Running,
     Backoff,
     Done,
@@ -92,6 +114,8 @@ struct StepRun {
     /// Bumped at every dispatch and retry timer, so late results and timers are recognised.
     token: u32,
     key: Option<Arc<str>>,
+    /// The quota grant of the running call, settled if the call is lost with its actor.
+    grant: Option<u64>,
 }
 
 struct JobRun {
@@ -107,9 +131,29 @@ struct JobRun {
 struct Slot {
     actor: Option<ActorRef<AgentMsg>>,
     incarnation: u32,
+    /// Calls on the current actor.
     in_flight: u32,
+    /// Steps at the broker; they hold a concurrency slot too.
+    awaiting: u32,
     max: u32,
     queue: BinaryHeap<Reverse<(u64, JobId)>>,
+    /// Quota cores this agent draws on (empty: no broker round trip).
+    quotas: Vec<usize>,
+    /// Builds token estimates for calls that reserve tokens.
+    estimator: Option<Arc<dyn Agent>>,
+    pause: Option<Reach>,
+    on_upstream_pause: OnUpstreamPause,
+}
+
+impl Slot {
+    /// Whether this agent may start steps now.
+    fn held(&self) -> bool {
+        match self.pause {
+            None => false,
+            Some(Reach::Direct) => true,
+            Some(Reach::Upstream) => self.on_upstream_pause == OnUpstreamPause::Stop,
+        }
+    }
 }
 
 pub(crate) struct Scheduler;
@@ -122,6 +166,9 @@ pub(crate) struct SchedState {
     next_seq: u64,
     rng: SmallRng,
     draining: bool,
+    /// Agents of this graph paused now; while any is, no new job starts.
+    paused: usize,
+    broker: Option<ActorRef<BrokerMsg>>,
     /// Claim pending jobs in batches of at least this many free places (fewer store round trips).
     admit_batch: usize,
 }
@@ -136,16 +183,41 @@ impl Actor for Scheduler {
         me: ActorRef<SchedMsg>,
         ctx: Arc<GraphCtx>,
     ) -> Result<SchedState, ActorProcessingErr> {
+        let graph_index = ctx.index;
         let slots = ctx
             .model
             .agents
             .iter()
-            .map(|a| Slot {
-                actor: None,
-                incarnation: 0,
-                in_flight: 0,
-                max: a.max_concurrency.get(),
-                queue: BinaryHeap::new(),
+            .map(|a| {
+                let quotas = ctx.quotas.agents[graph_index][a.index].clone();
+                let counts_tokens = quotas.iter().any(|&q| ctx.quotas.specs[q].tokens.is_some());
+                let estimator = if counts_tokens {
+                    ctx.shared
+                        .registry
+                        .build(
+                            &a.kind,
+                            &AgentSpec {
+                                graph: &ctx.model.name,
+                                name: &a.name,
+                                fields: &a.fields,
+                            },
+                        )
+                        .ok()
+                } else {
+                    None
+                };
+                Slot {
+                    actor: None,
+                    incarnation: 0,
+                    in_flight: 0,
+                    awaiting: 0,
+                    max: a.max_concurrency.get(),
+                    queue: BinaryHeap::new(),
+                    quotas,
+                    estimator,
+                    pause: None,
+                    on_upstream_pause: a.on_upstream_pause,
+                }
             })
             .collect();
         let admit_batch = (ctx.model.max_in_flight_jobs.get() / 8).clamp(1, 32);
@@ -157,6 +229,8 @@ impl Actor for Scheduler {
             next_seq: 0,
             rng: SmallRng::seed_from_u64(0x5eed),
             draining: false,
+            paused: 0,
+            broker: None,
             admit_batch,
         })
     }
@@ -166,6 +240,15 @@ impl Actor for Scheduler {
         me: ActorRef<SchedMsg>,
         s: &mut SchedState,
     ) -> Result<(), ActorProcessingErr> {
+        // Pauses in force (a restarted scheduler must honour them from the start).
+        s.broker = s.ctx.shared.broker();
+        let board: Vec<Option<AgentPause>> = s
+            .ctx
+            .pauses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        s.apply_pauses(board.into_iter().enumerate().collect());
         // Jobs left running by a previous scheduler (or process) resume first, oldest first.
         let running = s.ctx.shared.store.running(&s.ctx.model.name)?;
         if !running.is_empty() {
@@ -210,6 +293,27 @@ impl Actor for Scheduler {
                 incarnation,
                 panic,
             } => s.on_agent_up(agent, actor, incarnation, panic),
+            SchedMsg::Granted {
+                job,
+                step,
+                token,
+                grant,
+            } => s.on_granted(job, step, token, grant),
+            SchedMsg::Pause(list) => s.apply_pauses(list),
+            SchedMsg::BrokerRestarted => {
+                s.broker = s.ctx.shared.broker();
+                for i in 0..s.slots.len() {
+                    s.slots[i].awaiting = 0;
+                    for (id, job) in s.jobs.iter_mut() {
+                        let st = &mut job.steps[i];
+                        if st.phase == Phase::AwaitQuota {
+                            st.phase = Phase::Queued;
+                            s.slots[i].queue.push(Reverse((job.seq, *id)));
+                        }
+                    }
+                    s.pump(i);
+                }
+            }
             SchedMsg::Cancel { job, reason, reply } => {
                 let found = s.jobs.contains_key(&job);
                 if found {
@@ -242,7 +346,9 @@ impl SchedState {
 
     /// Claim pending jobs while there is room. With `eager`, claim even a single free place.
     fn admit(&mut self, eager: bool) {
-        if self.draining {
+        // A job whose path runs through a paused agent could only wait: it stays pending, and
+        // spends no upstream call or token meanwhile.
+        if self.draining || self.paused > 0 {
             return;
         }
         let free = self
@@ -291,6 +397,7 @@ impl SchedState {
                     output: if done { st.output.clone() } else { None },
                     token: 0,
                     key: None,
+                    grant: None,
                 }
             })
             .collect();
@@ -312,8 +419,9 @@ impl SchedState {
                 .unwrap_or_default();
             Instant::now() + d.saturating_sub(elapsed)
         });
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        // Job age across the server, so that quotas shared between graphs serve the oldest first.
+        let seq = self.ctx.shared.next_seq.fetch_add(1, Relaxed);
+        self.next_seq = seq;
         if !resumed {
             self.record(id, JobUpdate::Started);
         }
@@ -344,16 +452,15 @@ impl SchedState {
         }
     }
 
-    /// Send queued steps of agent `i` to its actor while it has free slots.
+    /// Start queued steps of agent `i` while it has free slots: straight to its actor, or first
+    /// to the quota broker when it draws on quotas.
     fn pump(&mut self, i: usize) {
-        let model = &self.ctx.model;
-        let agent = &model.agents[i];
-        let slot = &mut self.slots[i];
-        while slot.in_flight < slot.max {
-            let Some(actor) = slot.actor.clone() else {
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.held() || slot.in_flight + slot.awaiting >= slot.max || slot.actor.is_none() {
                 return;
-            };
-            let Some(Reverse((seq, job_id))) = slot.queue.pop() else {
+            }
+            let Some(Reverse((_, job_id))) = slot.queue.pop() else {
                 return;
             };
             let Some(job) = self.jobs.get_mut(&job_id) else {
@@ -362,68 +469,140 @@ impl SchedState {
             if job.steps[i].phase != Phase::Queued {
                 continue;
             }
-            let deps = agent
-                .after
-                .iter()
-                .map(|&d| {
-                    let out = job.steps[d]
-                        .output
-                        .clone()
-                        .expect("dependencies of a queued step have succeeded");
-                    (self.ctx.names[d].clone(), out)
-                })
-                .collect();
+            if slot.quotas.is_empty() {
+                self.dispatch(i, job_id, None);
+                continue;
+            }
+            let Some(broker) = &self.broker else {
+                self.dispatch(i, job_id, None);
+                continue;
+            };
+            let tokens = match &slot.estimator {
+                Some(agent) => {
+                    let input = step_input(&self.ctx, i, job);
+                    agent.estimated_usage(&input).total_tokens()
+                }
+                None => 0,
+            };
             let st = &mut job.steps[i];
-            st.phase = Phase::Running;
-            st.attempts += 1;
+            st.phase = Phase::AwaitQuota;
             st.token = st.token.wrapping_add(1);
-            let key = st
-                .key
-                .get_or_insert_with(|| format!("{}/{}", job.id_str, agent.name).into())
-                .clone();
-            let call = Call {
+            slot.awaiting += 1;
+            let _ = broker.cast(BrokerMsg::Acquire(Box::new(Acquire {
+                agent: (self.ctx.index, i),
                 job: job_id,
                 step: i,
                 token: st.token,
-                incarnation: slot.incarnation,
-                ctx: CallContext {
-                    job_id: job.id_str.clone(),
-                    graph: model.name.clone(),
-                    agent: agent.name.clone(),
-                    attempt: st.attempts,
-                    idempotency_key: key,
-                    deadline: job.deadline,
-                },
-                input: StepInput {
-                    input: job.input.clone(),
-                    deps,
-                },
-                reply: self.me.clone(),
-            };
-            let attempt = st.attempts;
-            if actor.cast(AgentMsg::Run(Box::new(call))).is_err() {
-                // The actor is gone; its supervisor will announce the next one.
-                st.phase = Phase::Queued;
-                st.attempts -= 1;
-                slot.queue.push(Reverse((seq, job_id)));
-                slot.actor = None;
-                return;
+                seq: job.seq,
+                tokens,
+            })));
+        }
+    }
+
+    fn on_granted(&mut self, job_id: JobId, i: usize, token: u32, grant: u64) {
+        let slot = &mut self.slots[i];
+        slot.awaiting = slot.awaiting.saturating_sub(1);
+        let current = self
+            .jobs
+            .get(&job_id)
+            .is_some_and(|j| j.steps[i].phase == Phase::AwaitQuota && j.steps[i].token == token);
+        if current && slot.actor.is_some() {
+            self.dispatch(i, job_id, Some(grant));
+        } else {
+            if current && let Some(job) = self.jobs.get_mut(&job_id) {
+                // The actor is down: the step waits in the queue for the next one.
+                job.steps[i].phase = Phase::Queued;
+                self.slots[i].queue.push(Reverse((job.seq, job_id)));
             }
-            slot.in_flight += 1;
-            self.ctx.stats.agents[i].calls.fetch_add(1, Relaxed);
-            match self
-                .ctx
-                .shared
-                .store
-                .update(job_id, JobUpdate::StepStarted { step: i, attempt })
-            {
-                Ok(Some(event)) => self.ctx.shared.publish(event),
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::error!(job_id = %job_id, error = %e, "could not record step start")
+            self.settle(Some(grant), None, Outcome::Abandoned);
+        }
+        self.pump(i);
+    }
+
+    fn settle(&self, grant: Option<u64>, usage: Option<(u64, u64)>, outcome: Outcome) {
+        if let (Some(grant), Some(broker)) = (grant, &self.broker) {
+            let _ = broker.cast(BrokerMsg::Settle {
+                grant,
+                usage,
+                outcome,
+            });
+        }
+    }
+
+    /// Send one step's call to agent `i`'s actor.
+    fn dispatch(&mut self, i: usize, job_id: JobId, grant: Option<u64>) {
+        let model = &self.ctx.model;
+        let agent = &model.agents[i];
+        let slot = &mut self.slots[i];
+        let Some(actor) = slot.actor.clone() else {
+            return;
+        };
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let input = step_input(&self.ctx, i, job);
+        let st = &mut job.steps[i];
+        st.phase = Phase::Running;
+        st.attempts += 1;
+        st.token = st.token.wrapping_add(1);
+        st.grant = grant;
+        let key = st
+            .key
+            .get_or_insert_with(|| format!("{}/{}", job.id_str, agent.name).into())
+            .clone();
+        let call = Call {
+            job: job_id,
+            step: i,
+            token: st.token,
+            incarnation: slot.incarnation,
+            grant,
+            ctx: CallContext {
+                job_id: job.id_str.clone(),
+                graph: model.name.clone(),
+                agent: agent.name.clone(),
+                attempt: st.attempts,
+                idempotency_key: key,
+                deadline: job.deadline,
+            },
+            input,
+            reply: self.me.clone(),
+        };
+        let attempt = st.attempts;
+        if actor.cast(AgentMsg::Run(Box::new(call))).is_err() {
+            // The actor is gone; its supervisor will announce the next one.
+            st.phase = Phase::Queued;
+            st.attempts -= 1;
+            st.grant = None;
+            slot.queue.push(Reverse((job.seq, job_id)));
+            slot.actor = None;
+            self.settle(grant, None, Outcome::Abandoned);
+            return;
+        }
+        slot.in_flight += 1;
+        self.ctx.stats.agents[i].calls.fetch_add(1, Relaxed);
+        self.record(job_id, JobUpdate::StepStarted { step: i, attempt });
+    }
+
+    /// Pause changes from the broker.
+    fn apply_pauses(&mut self, list: Vec<(usize, Option<AgentPause>)>) {
+        let mut resumed = Vec::new();
+        for (i, pause) in list {
+            let slot = &mut self.slots[i];
+            let was = slot.pause.is_some();
+            slot.pause = pause.map(|p| p.reach);
+            match (was, slot.pause.is_some()) {
+                (false, true) => self.paused += 1,
+                (true, false) => {
+                    self.paused -= 1;
+                    resumed.push(i);
                 }
+                _ => {}
             }
         }
+        for i in resumed {
+            self.pump(i);
+        }
+        self.admit(true);
     }
 
     fn on_step_done(&mut self, d: StepDone) {
@@ -437,7 +616,30 @@ impl SchedState {
         let current = self.jobs.get(&d.job).is_some_and(|j| {
             j.steps[d.step].phase == Phase::Running && j.steps[d.step].token == d.token
         });
+        if d.grant.is_some() {
+            // Every grant is settled, whether or not the result still matters: its reservation
+            // must go back to the quota (with the real usage, which may become debt).
+            let (usage, outcome) = match &d.result {
+                Ok(out) => (
+                    Some((out.usage.prompt_tokens, out.usage.completion_tokens)),
+                    Outcome::Answered,
+                ),
+                Err(e) => match e.class {
+                    ErrorClass::RateLimited if self.ctx.shared.cascade => {
+                        (None, Outcome::RateLimited(e.retry_after))
+                    }
+                    // Naive mode: the refusal teaches nothing; the retry policy handles it.
+                    ErrorClass::RateLimited => (None, Outcome::Abandoned),
+                    ErrorClass::Transient => (None, Outcome::Failed),
+                    ErrorClass::Permanent | ErrorClass::Unauthorized => (None, Outcome::Answered),
+                },
+            };
+            self.settle(d.grant, usage, outcome);
+        }
         if current {
+            if let Some(job) = self.jobs.get_mut(&d.job) {
+                job.steps[d.step].grant = None;
+            }
             match d.result {
                 Ok(out) => self.step_succeeded(d.job, d.step, out),
                 Err(e) => self.step_failed(d.job, d.step, e),
@@ -504,12 +706,30 @@ impl SchedState {
             return;
         };
         let st = &mut job.steps[i];
+        if e.class == ErrorClass::RateLimited {
+            stats.rate_limited.fetch_add(1, Relaxed);
+        }
+        let through_quota = !self.slots[i].quotas.is_empty() && self.broker.is_some();
+        if e.class == ErrorClass::RateLimited && through_quota && self.ctx.shared.cascade {
+            // The broker learned of the refusal (it paces or pauses the quota): the step asks
+            // for its turn again, without spending an attempt.
+            st.attempts -= 1;
+            st.phase = Phase::Queued;
+            let seq = job.seq;
+            self.slots[i].queue.push(Reverse((seq, id)));
+            return;
+        }
+        let naive = !self.ctx.shared.cascade;
         let delay = match e.class {
             // Not the step's fault: wait as asked, without spending an attempt.
-            ErrorClass::RateLimited => {
-                stats.rate_limited.fetch_add(1, Relaxed);
+            ErrorClass::RateLimited if !naive => {
                 st.attempts -= 1;
                 Some(e.retry_after.unwrap_or(DEFAULT_RATE_LIMIT_WAIT))
+            }
+            // Naive mode: a refusal is retried by the agent's policy like any transient error.
+            ErrorClass::RateLimited if st.attempts < agent.retry.max_attempts.get() => {
+                stats.retries.fetch_add(1, Relaxed);
+                Some(backoff::delay(&agent.retry, st.attempts, self.rng.random()))
             }
             ErrorClass::Transient if st.attempts < agent.retry.max_attempts.get() => {
                 stats.retries.fetch_add(1, Relaxed);
@@ -589,6 +809,13 @@ impl SchedState {
             // Collateral: run again with the same key, without spending an attempt.
             st.phase = Phase::Queued;
             st.attempts -= 1;
+            if let (Some(grant), Some(broker)) = (st.grant.take(), &self.broker) {
+                let _ = broker.cast(BrokerMsg::Settle {
+                    grant,
+                    usage: None,
+                    outcome: Outcome::Abandoned,
+                });
+            }
             slot.queue.push(Reverse((job.seq, *id)));
         }
         if let Some((id, message)) = charged {
@@ -661,9 +888,30 @@ impl SchedState {
                     name: n.to_string(),
                     up: s.actor.is_some(),
                     in_flight: s.in_flight,
+                    awaiting_quota: s.awaiting,
                     queued: s.queue.len(),
+                    paused: s.pause,
                 })
                 .collect(),
         }
+    }
+}
+
+/// The input of step `i` of `job`: the job input and its dependencies' outputs, shared.
+fn step_input(ctx: &GraphCtx, i: usize, job: &JobRun) -> StepInput {
+    let deps = ctx.model.agents[i]
+        .after
+        .iter()
+        .map(|&d| {
+            let out = job.steps[d]
+                .output
+                .clone()
+                .expect("dependencies of a queued step have succeeded");
+            (ctx.names[d].clone(), out)
+        })
+        .collect();
+    StepInput {
+        input: job.input.clone(),
+        deps,
     }
 }

@@ -14,10 +14,12 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 use tokio::time::Instant;
 
 use super::agent_actor::{AgentActor, AgentArgs, AgentMsg, AgentPanic};
+use super::broker::{Broker, BrokerArgs, BrokerMsg};
 use super::scheduler::{SchedMsg, Scheduler};
 use super::stats::AgentHealth;
 use super::{GraphCtx, Shared};
 use crate::restart::{RestartDecision, RestartIntensity};
+use crate::signal::{GraphEvent, GraphEventKind};
 
 // ---------------------------------------------------------------------------------------------
 // Root
@@ -27,7 +29,23 @@ pub(crate) struct RootSupervisor;
 pub(crate) enum RootMsg {}
 
 pub(crate) struct RootState {
+    shared: Arc<Shared>,
+    broker: Option<ActorId>,
     graphs: Vec<(Arc<GraphCtx>, Option<ActorId>)>,
+}
+
+impl RootState {
+    async fn spawn_broker(&mut self, me: &ActorRef<RootMsg>) -> Result<(), ActorProcessingErr> {
+        let args = BrokerArgs {
+            shared: self.shared.clone(),
+            graphs: self.graphs.iter().map(|(g, _)| g.clone()).collect(),
+            index: self.shared.quotas.clone(),
+        };
+        let (broker, _) = Actor::spawn_linked(None, Broker, args, me.get_cell()).await?;
+        self.broker = Some(broker.get_id());
+        self.shared.set_broker(Some(broker));
+        Ok(())
+    }
 }
 
 impl Actor for RootSupervisor {
@@ -38,13 +56,19 @@ impl Actor for RootSupervisor {
     async fn pre_start(
         &self,
         me: ActorRef<RootMsg>,
-        (_shared, graphs): Self::Arguments,
+        (shared, graphs): Self::Arguments,
     ) -> Result<RootState, ActorProcessingErr> {
-        let mut state = RootState { graphs: Vec::new() };
-        for g in graphs {
-            let (child, _) =
-                Actor::spawn_linked(None, GraphSupervisor, g.clone(), me.get_cell()).await?;
-            state.graphs.push((g, Some(child.get_id())));
+        let mut state = RootState {
+            shared,
+            broker: None,
+            graphs: graphs.into_iter().map(|g| (g, None)).collect(),
+        };
+        // The broker first: schedulers ask it for quota grants from their first step on.
+        state.spawn_broker(&me).await?;
+        for i in 0..state.graphs.len() {
+            let g = state.graphs[i].0.clone();
+            let (child, _) = Actor::spawn_linked(None, GraphSupervisor, g, me.get_cell()).await?;
+            state.graphs[i].1 = Some(child.get_id());
         }
         Ok(state)
     }
@@ -65,6 +89,20 @@ impl Actor for RootSupervisor {
         s: &mut RootState,
     ) -> Result<(), ActorProcessingErr> {
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
+            if s.broker == Some(cell.get_id()) {
+                tracing::error!(error = %err, "quota broker failed; restarting it, waiting steps ask again");
+                s.shared.set_broker(None);
+                if s.shared.is_shutting_down() {
+                    return Ok(());
+                }
+                s.spawn_broker(&me).await?;
+                for (g, _) in &s.graphs {
+                    if let Some(sched) = g.scheduler() {
+                        let _ = sched.cast(SchedMsg::BrokerRestarted);
+                    }
+                }
+                return Ok(());
+            }
             let Some(pos) = s
                 .graphs
                 .iter()
@@ -136,7 +174,11 @@ impl GraphSupervisor {
             Ok((actor, _)) => {
                 child.id = Some(actor.get_id());
                 child.actor = Some(actor.clone());
+                let was_failed = s.ctx.stats.agents[i].health() == AgentHealth::Failed;
                 s.ctx.stats.agents[i].set_health(AgentHealth::Running);
+                if was_failed {
+                    report_health(&s.ctx, i, false);
+                }
                 let _ = s.scheduler.cast(SchedMsg::AgentUp {
                     agent: i,
                     actor: Some(actor),
@@ -165,7 +207,10 @@ impl GraphSupervisor {
             window = ?model.restart.window,
             "agent restarted too often: marked failed; its steps wait and it is tried again after one restart window"
         );
-        s.ctx.stats.agents[i].set_health(AgentHealth::Failed);
+        if s.ctx.stats.agents[i].health() != AgentHealth::Failed {
+            s.ctx.stats.agents[i].set_health(AgentHealth::Failed);
+            report_health(&s.ctx, i, true);
+        }
         let child = &mut s.agents[i];
         child.id = None;
         child.actor = None;
@@ -283,4 +328,25 @@ impl Actor for GraphSupervisor {
         }
         Ok(())
     }
+}
+
+/// Tell the broker (which pauses the agent's descendants) and watchers that an agent failed or
+/// runs again.
+fn report_health(ctx: &GraphCtx, i: usize, failed: bool) {
+    if let Some(b) = ctx.shared.broker() {
+        let _ = b.cast(BrokerMsg::AgentHealth {
+            agent: (ctx.index, i),
+            failed,
+        });
+    }
+    let agent = ctx.names[i].clone();
+    ctx.shared.publish_graph_event(GraphEvent {
+        graph: Some(ctx.model.name.clone()),
+        at: std::time::SystemTime::now(),
+        kind: if failed {
+            GraphEventKind::AgentFailed { agent }
+        } else {
+            GraphEventKind::AgentRestarted { agent }
+        },
+    });
 }

@@ -1,0 +1,415 @@
+//! One quota: requests (GCRA, scaled by AIMD), tokens (sliding window with reserve-and-settle),
+//! concurrency, a circuit breaker, and refusals reported by the upstream. It answers when a call
+//! of a given cost could start, takes reservations, settles them, and says whether it is
+//! exhausted (cannot serve the next call within `pause_threshold`) and until when.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::circuit::{CircuitBreaker, CircuitState, Gate};
+use super::limits::{Aimd, Gcra, TokenWindow};
+use crate::model::QuotaModel;
+
+/// When a call could start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ready {
+    Now,
+    At(Instant),
+    /// Waits for an event rather than a time: a concurrency slot or the half-open probe.
+    Blocked,
+}
+
+/// What a started call holds of a quota, to be settled when it ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reservation {
+    token_id: Option<u64>,
+    pub tokens: u64,
+}
+
+/// How a call ended, as far as the quota is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream answered (success, or a definite refusal such as a 4xx).
+    Answered,
+    /// Transient failure or timeout: counts against the circuit breaker.
+    Failed,
+    /// Refused for rate, asking to wait this long.
+    RateLimited(Option<Duration>),
+    /// Never reached the upstream (cancelled, aborted).
+    Abandoned,
+}
+
+/// Why and until when a quota cannot serve calls.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Exhaustion {
+    #[serde(skip)]
+    pub until: Instant,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug)]
+pub struct QuotaCore {
+    pub spec: Arc<QuotaModel>,
+    requests: Option<Gcra>,
+    aimd: Aimd,
+    tokens: Option<TokenWindow>,
+    in_use: u32,
+    circuit: Option<CircuitBreaker>,
+    refused_until: Option<Instant>,
+    exhausted: Option<Exhaustion>,
+    pub granted: u64,
+    pub refusals: u64,
+    pub exhaustions: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+impl QuotaCore {
+    pub fn new(spec: Arc<QuotaModel>, now: Instant) -> Self {
+        let requests = spec.requests.map(|r| {
+            let per_sec = r.per_second();
+            // Default burst: a tenth of a second's worth, at least one call.
+            let burst = spec
+                .burst
+                .map_or_else(|| ((per_sec / 10.0).round() as u32).max(1), |b| b.get());
+            Gcra::new(per_sec, burst)
+        });
+        let tokens = spec
+            .tokens
+            .map(|t| TokenWindow::new(t.amount.get(), t.period));
+        let circuit = spec.circuit_breaker.map(CircuitBreaker::new);
+        Self {
+            spec,
+            requests,
+            aimd: Aimd::new(now),
+            tokens,
+            in_use: 0,
+            circuit,
+            refused_until: None,
+            exhausted: None,
+            granted: 0,
+            refusals: 0,
+            exhaustions: 0,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn has_tokens(&self) -> bool {
+        self.tokens.is_some()
+    }
+
+    /// When a call reserving `tokens` could start, and which limit decides it.
+    fn ready_with_reason(&mut self, now: Instant, tokens: u64) -> (Ready, &'static str) {
+        let mut at = now;
+        let mut reason = "";
+        let mut later = |t: Instant, why: &'static str, at: &mut Instant| {
+            if t > *at {
+                *at = t;
+                reason = why;
+            }
+        };
+        if let Some(t) = self.refused_until {
+            later(t, "upstream rate limit (429)", &mut at);
+        }
+        if let Some(c) = &mut self.circuit {
+            match c.gate(now) {
+                Gate::Pass => {}
+                Gate::OpenUntil(t) => later(t, "circuit open", &mut at),
+                Gate::ProbeBusy => return (Ready::Blocked, "circuit half-open"),
+            }
+        }
+        if let Some(g) = &self.requests {
+            let m = self.aimd.multiplier(now);
+            later(g.earliest(now, m), "request rate", &mut at);
+        }
+        if let Some(w) = &mut self.tokens {
+            later(w.earliest(now, tokens), "token budget spent", &mut at);
+        }
+        if at > now {
+            return (Ready::At(at), reason);
+        }
+        if let Some(max) = self.spec.max_concurrency
+            && self.in_use >= max.get()
+        {
+            return (Ready::Blocked, "concurrency");
+        }
+        (Ready::Now, "")
+    }
+
+    pub fn ready(&mut self, now: Instant, tokens: u64) -> Ready {
+        self.ready_with_reason(now, tokens).0
+    }
+
+    /// Start a call now (after [`ready`](Self::ready) said `Now`).
+    pub fn take(&mut self, now: Instant, tokens: u64) -> Reservation {
+        self.granted += 1;
+        self.in_use += 1;
+        if let Some(g) = &mut self.requests {
+            let m = self.aimd.multiplier(now);
+            g.take(now, m);
+        }
+        if let Some(c) = &mut self.circuit {
+            c.on_start();
+        }
+        let token_id = self.tokens.as_mut().map(|w| w.reserve(now, tokens));
+        Reservation { token_id, tokens }
+    }
+
+    /// A call ended. Returns whether the circuit changed state.
+    pub fn settle(
+        &mut self,
+        now: Instant,
+        r: Reservation,
+        used: Option<(u64, u64)>,
+        outcome: Outcome,
+    ) -> bool {
+        self.in_use = self.in_use.saturating_sub(1);
+        if let Some((prompt, completion)) = used {
+            self.prompt_tokens += prompt;
+            self.completion_tokens += completion;
+        }
+        if let (Some(w), Some(id)) = (&mut self.tokens, r.token_id) {
+            let actual = match (used, outcome) {
+                (Some((p, c)), _) => p + c,
+                // A refused or abandoned call spent nothing upstream.
+                (None, Outcome::RateLimited(_) | Outcome::Abandoned) => 0,
+                // A failed call may have spent tokens; keep the reservation.
+                (None, _) => r.tokens,
+            };
+            w.settle(now, id, r.tokens, actual);
+        }
+        let mut changed = false;
+        if let Some(c) = &mut self.circuit {
+            changed = match outcome {
+                Outcome::Answered => c.on_outcome(now, true),
+                Outcome::Failed => c.on_outcome(now, false),
+                Outcome::RateLimited(_) | Outcome::Abandoned => {
+                    c.on_abandon();
+                    false
+                }
+            };
+        }
+        if let Outcome::RateLimited(wait) = outcome {
+            self.refused(now, wait);
+        }
+        changed
+    }
+
+    /// The upstream refused a call for rate: wait as asked and lower the rate (AIMD).
+    pub fn refused(&mut self, now: Instant, wait: Option<Duration>) {
+        self.refusals += 1;
+        self.aimd.on_refusal(now);
+        // Without a Retry-After, wait one interval of the (lowered) rate, or a second.
+        let wait = wait.unwrap_or_else(|| {
+            self.requests
+                .as_ref()
+                .map_or(Duration::from_secs(1), |_| Duration::from_millis(100))
+        });
+        let until = now + wait;
+        self.refused_until = Some(self.refused_until.map_or(until, |t| t.max(until)));
+    }
+
+    /// Re-evaluate exhaustion for a next call of `tokens`, with hysteresis: a quota becomes
+    /// exhausted when that call would wait longer than `pause_threshold`, and is available again
+    /// only once it could start within half of it. Returns `Some(new state)` when it changed.
+    pub fn update_exhaustion(&mut self, now: Instant, tokens: u64) -> Option<Option<Exhaustion>> {
+        if self.refused_until.is_some_and(|t| t <= now) {
+            self.refused_until = None;
+        }
+        let (ready, reason) = self.ready_with_reason(now, tokens);
+        let threshold = self.spec.pause_threshold;
+        let next = match ready {
+            Ready::At(t) => {
+                let wait = t - now;
+                let exhausted = if self.exhausted.is_some() {
+                    wait > threshold / 2
+                } else {
+                    wait > threshold
+                };
+                exhausted.then_some(Exhaustion { until: t, reason })
+            }
+            // Waiting for a slot or a probe is pacing, not exhaustion.
+            Ready::Now | Ready::Blocked => None,
+        };
+        let changed = match (&self.exhausted, &next) {
+            (None, None) => false,
+            (Some(a), Some(b)) => a.until != b.until || a.reason != b.reason,
+            _ => true,
+        };
+        if !changed {
+            return None;
+        }
+        if self.exhausted.is_none() && next.is_some() {
+            self.exhaustions += 1;
+        }
+        self.exhausted = next.clone();
+        Some(next)
+    }
+
+    pub fn exhausted(&self) -> Option<&Exhaustion> {
+        self.exhausted.as_ref()
+    }
+
+    pub fn circuit_state(&self) -> Option<CircuitState> {
+        self.circuit.as_ref().map(CircuitBreaker::state)
+    }
+
+    pub fn snapshot(&mut self, now: Instant) -> QuotaSnapshot {
+        let multiplier = self.aimd.multiplier(now);
+        QuotaSnapshot {
+            name: self.spec.name.to_string(),
+            requests_limit: self.spec.requests.map(|r| r.to_string()),
+            tokens_limit: self.spec.tokens.map(|r| r.to_string()),
+            max_concurrency: self.spec.max_concurrency.map(|c| c.get()),
+            requests_available: self.requests.as_ref().map(|g| g.available(now, multiplier)),
+            tokens_used: self.tokens.as_mut().map(|w| w.used(now)),
+            tokens_available: self
+                .tokens
+                .as_mut()
+                .map(|w| w.limit().saturating_sub(w.used(now))),
+            in_flight: self.in_use,
+            effective_rate_multiplier: multiplier,
+            exhausted_for_ms: self
+                .exhausted
+                .as_ref()
+                .map(|e| e.until.saturating_duration_since(now).as_millis() as u64),
+            exhausted_reason: self.exhausted.as_ref().map(|e| e.reason),
+            circuit: self.circuit_state(),
+            granted: self.granted,
+            refusals: self.refusals,
+            exhaustions: self.exhaustions,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+        }
+    }
+}
+
+/// A quota's state, for the API, the dashboard and tests.
+#[derive(Clone, Debug, Serialize)]
+pub struct QuotaSnapshot {
+    pub name: String,
+    pub requests_limit: Option<String>,
+    pub tokens_limit: Option<String>,
+    pub max_concurrency: Option<u32>,
+    pub requests_available: Option<u32>,
+    pub tokens_used: Option<u64>,
+    pub tokens_available: Option<u64>,
+    pub in_flight: u32,
+    /// AIMD's scale on the configured request rate (1.0 = as configured).
+    pub effective_rate_multiplier: f64,
+    pub exhausted_for_ms: Option<u64>,
+    pub exhausted_reason: Option<&'static str>,
+    pub circuit: Option<CircuitState>,
+    pub granted: u64,
+    pub refusals: u64,
+    pub exhaustions: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Rate;
+    use std::num::{NonZeroU32, NonZeroU64};
+
+    fn quota(requests: Option<(u64, u64)>, tokens: Option<u64>, conc: Option<u32>) -> QuotaCore {
+        let spec = QuotaModel {
+            name: "q".into(),
+            requests: requests.map(|(n, secs)| Rate {
+                amount: NonZeroU64::new(n).unwrap(),
+                period: Duration::from_secs(secs),
+            }),
+            tokens: tokens.map(|t| Rate {
+                amount: NonZeroU64::new(t).unwrap(),
+                period: Duration::from_secs(60),
+            }),
+            burst: Some(NonZeroU32::new(1).unwrap()),
+            max_concurrency: conc.and_then(NonZeroU32::new),
+            circuit_breaker: None,
+            pause_threshold: Duration::from_millis(250),
+            declared_at: String::new(),
+        };
+        QuotaCore::new(Arc::new(spec), Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn request_and_token_limits_both_hold() {
+        let now = Instant::now();
+        let mut q = quota(Some((10, 1)), Some(1000), None);
+        assert_eq!(q.ready(now, 600), Ready::Now);
+        let r = q.take(now, 600);
+        // The request rate says 100 ms; the tokens say a minute: the later wins.
+        assert_eq!(q.ready(now, 600), Ready::At(now + Duration::from_secs(60)));
+        assert_eq!(
+            q.ready(now, 300),
+            Ready::At(now + Duration::from_millis(100))
+        );
+        // Settled lower: the tokens come back.
+        q.settle(now, r, Some((100, 100)), Outcome::Answered);
+        assert_eq!(
+            q.ready(now, 600),
+            Ready::At(now + Duration::from_millis(100))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn exhaustion_has_hysteresis_and_a_reason() {
+        let now = Instant::now();
+        let mut q = quota(None, Some(1000), None);
+        q.take(now, 1000);
+        let ex = q.update_exhaustion(now, 100).unwrap().unwrap();
+        assert_eq!(ex.reason, "token budget spent");
+        assert_eq!(ex.until, now + Duration::from_secs(60));
+        assert_eq!(q.update_exhaustion(now, 100), None, "no change, no event");
+        // 200 ms before the window frees: within the threshold (250 ms) but not within half of
+        // it, so still exhausted.
+        let t = now + Duration::from_millis(59_800);
+        assert_eq!(q.update_exhaustion(t, 100), None);
+        let t = now + Duration::from_millis(59_900);
+        assert_eq!(q.update_exhaustion(t, 100), Some(None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusal_pauses_and_lowers_the_rate() {
+        let now = Instant::now();
+        let mut q = quota(Some((100, 1)), None, None);
+        let r = q.take(now, 0);
+        q.settle(
+            now,
+            r,
+            None,
+            Outcome::RateLimited(Some(Duration::from_secs(2))),
+        );
+        assert_eq!(q.refusals, 1);
+        let ex = q.update_exhaustion(now, 0).unwrap().unwrap();
+        assert_eq!(
+            (ex.until, ex.reason),
+            (now + Duration::from_secs(2), "upstream rate limit (429)")
+        );
+        assert!(q.snapshot(now).effective_rate_multiplier < 1.0);
+        assert_eq!(
+            q.update_exhaustion(now + Duration::from_secs(2), 0),
+            Some(None)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrency_blocks_without_exhausting() {
+        let now = Instant::now();
+        let mut q = quota(None, None, Some(1));
+        let r = q.take(now, 0);
+        assert_eq!(q.ready(now, 0), Ready::Blocked);
+        assert_eq!(q.update_exhaustion(now, 0), None);
+        q.settle(now, r, None, Outcome::Answered);
+        assert_eq!(q.ready(now, 0), Ready::Now);
+    }
+}

@@ -1,0 +1,291 @@
+//! The limits a quota enforces, each a small state machine on `tokio::time`:
+//! - [`Gcra`]: requests per period with a burst, whose rate an [`Aimd`] multiplier scales;
+//! - [`TokenWindow`]: tokens per period, reserved before a call and settled after it.
+//!
+//! governor implements GCRA well, but reads its own clock (which a paused tokio clock does not
+//! move, so tests could not be exact) and has no reserve-then-settle for token budgets or a
+//! variable rate for AIMD: these are small enough to own.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Generic cell rate algorithm: a call conforms if it arrives no earlier than `tat - tolerance`;
+/// each call moves the theoretical arrival time `tat` on by one interval. Over any window of
+/// length `w`, at most `w / interval + burst` calls conform.
+#[derive(Clone, Debug)]
+pub struct Gcra {
+    base_interval: Duration,
+    burst: u32,
+    tat: Option<Instant>,
+}
+
+impl Gcra {
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        Self {
+            base_interval: Duration::from_secs_f64(1.0 / per_second),
+            burst: burst.max(1),
+            tat: None,
+        }
+    }
+
+    fn interval(&self, multiplier: f64) -> Duration {
+        self.base_interval.div_f64(multiplier)
+    }
+
+    /// The earliest instant a call conforms, at rate × `multiplier`.
+    pub fn earliest(&self, now: Instant, multiplier: f64) -> Instant {
+        let tolerance = self.interval(multiplier) * (self.burst - 1);
+        match self.tat {
+            Some(tat) => tat.checked_sub(tolerance).map_or(now, |t| t.max(now)),
+            None => now,
+        }
+    }
+
+    pub fn take(&mut self, now: Instant, multiplier: f64) {
+        let tat = self.tat.map_or(now, |t| t.max(now));
+        self.tat = Some(tat + self.interval(multiplier));
+    }
+
+    /// Calls that could go back to back right now.
+    pub fn available(&self, now: Instant, multiplier: f64) -> u32 {
+        let interval = self.interval(multiplier);
+        match self.tat {
+            None => self.burst,
+            Some(tat) if tat <= now => self.burst,
+            Some(tat) => {
+                let backlog = (tat - now).as_secs_f64() / interval.as_secs_f64();
+                (self.burst as f64 - backlog).floor().max(0.0) as u32
+            }
+        }
+    }
+}
+
+/// Additive increase, multiplicative decrease of a quota's effective rate. Every refusal by the
+/// upstream (at most one per `cooldown`) multiplies the rate by `DECREASE`; every second without
+/// one adds `INCREASE` of the configured rate back, up to the configured rate. A limit configured
+/// above the upstream's real one thus settles just under the real one.
+#[derive(Clone, Debug)]
+pub struct Aimd {
+    multiplier: f64,
+    updated: Instant,
+    last_decrease: Option<Instant>,
+}
+
+impl Aimd {
+    const DECREASE: f64 = 0.95;
+    const INCREASE_PER_SEC: f64 = 0.01;
+    const FLOOR: f64 = 0.05;
+    const COOLDOWN: Duration = Duration::from_millis(500);
+
+    pub fn new(now: Instant) -> Self {
+        Self {
+            multiplier: 1.0,
+            updated: now,
+            last_decrease: None,
+        }
+    }
+
+    /// The current multiplier, after the increase earned since the last look.
+    pub fn multiplier(&mut self, now: Instant) -> f64 {
+        let secs = now.saturating_duration_since(self.updated).as_secs_f64();
+        self.multiplier = (self.multiplier + secs * Self::INCREASE_PER_SEC).min(1.0);
+        self.updated = now;
+        self.multiplier
+    }
+
+    /// The upstream refused: decrease, unless a decrease happened within the cooldown (one
+    /// burst of refusals is one signal).
+    pub fn on_refusal(&mut self, now: Instant) -> bool {
+        self.multiplier(now);
+        if self
+            .last_decrease
+            .is_some_and(|t| now.duration_since(t) < Self::COOLDOWN)
+        {
+            return false;
+        }
+        self.last_decrease = Some(now);
+        self.multiplier = (self.multiplier * Self::DECREASE).max(Self::FLOOR);
+        true
+    }
+}
+
+/// Tokens per `period`, as an exact sliding window: the tokens of every call in the last period
+/// are kept, so no window of that length ever holds more than `limit` — plus, at most, the
+/// overspend of calls that used more than they reserved (debt, which delays later calls).
+#[derive(Clone, Debug)]
+pub struct TokenWindow {
+    limit: u64,
+    period: Duration,
+    log: VecDeque<Spend>,
+    sum: u64,
+    next_id: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Spend {
+    at: Instant,
+    tokens: u64,
+    id: u64,
+}
+
+impl TokenWindow {
+    pub fn new(limit: u64, period: Duration) -> Self {
+        Self {
+            limit,
+            period,
+            log: VecDeque::new(),
+            sum: 0,
+            next_id: 0,
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        while let Some(s) = self.log.front() {
+            if now.duration_since(s.at) >= self.period {
+                self.sum -= s.tokens;
+                self.log.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Tokens spent within the window ending now.
+    pub fn used(&mut self, now: Instant) -> u64 {
+        self.prune(now);
+        self.sum
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The earliest instant `cost` tokens fit. A call larger than the whole limit fits once the
+    /// window is empty (it goes alone rather than never).
+    pub fn earliest(&mut self, now: Instant, cost: u64) -> Instant {
+        self.prune(now);
+        if self.sum + cost <= self.limit {
+            return now;
+        }
+        if cost > self.limit {
+            return self.log.back().map_or(now, |s| s.at + self.period);
+        }
+        let need = self.sum + cost - self.limit;
+        let mut freed = 0;
+        for s in &self.log {
+            freed += s.tokens;
+            if freed >= need {
+                return s.at + self.period;
+            }
+        }
+        now
+    }
+
+    /// Reserve `cost` tokens now; returns the reservation's id.
+    pub fn reserve(&mut self, now: Instant, cost: u64) -> u64 {
+        self.prune(now);
+        self.next_id += 1;
+        self.log.push_back(Spend {
+            at: now,
+            tokens: cost,
+            id: self.next_id,
+        });
+        self.sum += cost;
+        self.next_id
+    }
+
+    /// Settle a reservation on the tokens really used. Underspend is given back; overspend is
+    /// debt: it stays in the window and delays later calls.
+    pub fn settle(&mut self, now: Instant, id: u64, reserved: u64, actual: u64) {
+        self.prune(now);
+        if let Some(s) = self.log.iter_mut().rev().find(|s| s.id == id) {
+            self.sum = self.sum - s.tokens + actual;
+            s.tokens = actual;
+        } else if actual > reserved {
+            // The reservation has left the window already; the overspend is recorded now.
+            self.log.push_back(Spend {
+                at: now,
+                tokens: actual - reserved,
+                id: 0,
+            });
+            self.sum += actual - reserved;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn gcra_spaces_calls_after_the_burst() {
+        let t0 = Instant::now();
+        let mut g = Gcra::new(10.0, 3);
+        for _ in 0..3 {
+            assert_eq!(g.earliest(t0, 1.0), t0);
+            g.take(t0, 1.0);
+        }
+        assert_eq!(g.available(t0, 1.0), 0);
+        assert_eq!(g.earliest(t0, 1.0), t0 + Duration::from_millis(100));
+        // At half the rate (AIMD lowered it) the calls are spaced twice as far.
+        let mut g = Gcra::new(10.0, 3);
+        for _ in 0..3 {
+            g.take(t0, 0.5);
+        }
+        assert_eq!(g.earliest(t0, 0.5), t0 + Duration::from_millis(200));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aimd_decreases_once_per_burst_and_climbs_back() {
+        let t0 = Instant::now();
+        let mut a = Aimd::new(t0);
+        assert!(a.on_refusal(t0));
+        assert!(
+            !a.on_refusal(t0 + Duration::from_millis(100)),
+            "one burst, one decrease"
+        );
+        assert!((a.multiplier(t0 + Duration::from_millis(100)) - 0.951).abs() < 1e-9);
+        assert!((a.multiplier(t0 + Duration::from_secs(3)) - 0.98).abs() < 1e-9);
+        assert_eq!(a.multiplier(t0 + Duration::from_secs(60)), 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_window_reserves_settles_and_carries_debt() {
+        let t0 = Instant::now();
+        let mut w = TokenWindow::new(1000, Duration::from_secs(60));
+        let a = w.reserve(t0, 600);
+        assert_eq!(w.earliest(t0, 400), t0);
+        assert_eq!(w.earliest(t0, 500), t0 + Duration::from_secs(60));
+        // Used less than reserved: the difference is free again.
+        w.settle(t0, a, 600, 300);
+        assert_eq!(w.used(t0), 300);
+        assert_eq!(w.earliest(t0, 700), t0);
+        // Used more than reserved: debt delays the next call.
+        let b = w.reserve(t0 + Duration::from_secs(1), 500);
+        w.settle(t0 + Duration::from_secs(2), b, 500, 900);
+        assert_eq!(w.used(t0 + Duration::from_secs(2)), 1200);
+        // 1200 used: the next token fits only once the first call (300) leaves the window.
+        assert_eq!(
+            w.earliest(t0 + Duration::from_secs(2), 1),
+            t0 + Duration::from_secs(60)
+        );
+        assert_eq!(
+            w.earliest(t0 + Duration::from_secs(2), 101),
+            t0 + Duration::from_secs(61)
+        );
+        // A reservation settled after it left the window still records its overspend.
+        let c = w.reserve(t0 + Duration::from_secs(61), 100);
+        w.settle(t0 + Duration::from_secs(125), c, 100, 150);
+        assert_eq!(w.used(t0 + Duration::from_secs(125)), 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_call_goes_alone() {
+        let t0 = Instant::now();
+        let mut w = TokenWindow::new(100, Duration::from_secs(10));
+        w.reserve(t0, 10);
+        assert_eq!(w.earliest(t0, 500), t0 + Duration::from_secs(10));
+    }
+}

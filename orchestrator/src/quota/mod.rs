@@ -1,0 +1,10 @@
+//! Quotas: named budgets shared by every agent that draws on them. Pure state machines on
+//! `tokio::time`; the broker actor (`runtime::broker`) owns them and decides who calls when.
+
+mod circuit;
+mod core;
+mod limits;
+
+pub use circuit::{CircuitBreaker, CircuitState, Gate};
+pub use core::{Exhaustion, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
+pub use limits::{Aimd, Gcra, TokenWindow};

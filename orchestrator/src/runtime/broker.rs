@@ -1,0 +1,418 @@
+//! The quota broker: one actor per server that owns every quota and decides which waiting call
+//! starts when. Calls wait in one list ordered by job age, so across every agent (of every graph)
+//! that draws on a quota the oldest job goes first, and a half-done job is never starved by newer
+//! ones. While a quota can serve its next call within `pause_threshold` the broker paces (a timer
+//! grants the call when it fits); beyond that the quota is exhausted, and the broker pauses every
+//! agent it reaches through the signal plane until it recovers.
+//!
+//! A scheduler sends `Acquire` only for steps its agent has a free slot for, so the waiting list
+//! is bounded by the agents' concurrency. Steps that draw on no quota never come here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::time::Instant;
+
+use super::scheduler::SchedMsg;
+use super::{GraphCtx, Shared};
+use crate::job::JobId;
+use crate::model::QuotaModel;
+use crate::quota::{CircuitState, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
+use crate::signal::{AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, SignalPlane};
+
+/// Which quota cores each agent draws on. With the cascade on, one core per quota, shared by
+/// every agent that names it; in naive mode, one core per (agent, quota): local limiting only.
+pub(crate) struct QuotaIndex {
+    pub specs: Vec<Arc<QuotaModel>>,
+    /// graph → agent → core indices.
+    pub agents: Vec<Vec<Vec<usize>>>,
+}
+
+impl QuotaIndex {
+    pub fn new(shared_model: &crate::model::ServerModel, cascade: bool) -> Self {
+        let mut specs: Vec<Arc<QuotaModel>> = Vec::new();
+        let mut by_name: HashMap<Arc<str>, usize> = HashMap::new();
+        let mut agents = Vec::new();
+        for g in &shared_model.graphs {
+            let mut per_agent = Vec::new();
+            for a in &g.agents {
+                let mut cores = Vec::new();
+                for q in &a.quotas {
+                    let spec = shared_model.quotas[q].clone();
+                    let idx = if cascade {
+                        *by_name.entry(q.clone()).or_insert_with(|| {
+                            specs.push(spec);
+                            specs.len() - 1
+                        })
+                    } else {
+                        specs.push(spec);
+                        specs.len() - 1
+                    };
+                    cores.push(idx);
+                }
+                per_agent.push(cores);
+            }
+            agents.push(per_agent);
+        }
+        Self { specs, agents }
+    }
+}
+
+pub(crate) struct Acquire {
+    pub agent: AgentKey,
+    pub job: JobId,
+    pub step: usize,
+    pub token: u32,
+    /// Job age across the server: lower goes first.
+    pub seq: u64,
+    pub tokens: u64,
+}
+
+pub(crate) enum BrokerMsg {
+    Acquire(Box<Acquire>),
+    /// A granted call ended (or will never run): return its reservations.
+    Settle {
+        grant: u64,
+        usage: Option<(u64, u64)>,
+        outcome: Outcome,
+    },
+    Tick(u64),
+    /// An agent was marked failed, or runs again.
+    AgentHealth {
+        agent: AgentKey,
+        failed: bool,
+    },
+    /// Treat a quota as refused by its upstream for `duration` (operators, benchmarks, tests).
+    Exhaust {
+        quota: String,
+        duration: Duration,
+        reply: RpcReplyPort<bool>,
+    },
+    Snapshot(RpcReplyPort<Vec<QuotaSnapshot>>),
+}
+
+pub(crate) struct Broker;
+
+pub(crate) struct BrokerArgs {
+    pub shared: Arc<Shared>,
+    pub graphs: Vec<Arc<GraphCtx>>,
+    pub index: Arc<QuotaIndex>,
+}
+
+pub(crate) struct BrokerState {
+    me: ActorRef<BrokerMsg>,
+    shared: Arc<Shared>,
+    graphs: Vec<Arc<GraphCtx>>,
+    index: Arc<QuotaIndex>,
+    cores: Vec<QuotaCore>,
+    plane: SignalPlane,
+    waiting: BTreeMap<(u64, u64), Acquire>,
+    next_req: u64,
+    outstanding: HashMap<u64, Vec<(usize, Reservation)>>,
+    next_grant: u64,
+    /// Tokens of the last call seen per core: the size of "the next call" when none waits.
+    last_tokens: Vec<u64>,
+    circuits: Vec<Option<CircuitState>>,
+    timer: Option<(Instant, u64)>,
+    timer_gen: u64,
+}
+
+impl Actor for Broker {
+    type Msg = BrokerMsg;
+    type State = BrokerState;
+    type Arguments = BrokerArgs;
+
+    async fn pre_start(
+        &self,
+        me: ActorRef<BrokerMsg>,
+        args: BrokerArgs,
+    ) -> Result<BrokerState, ActorProcessingErr> {
+        let now = Instant::now();
+        let cores: Vec<QuotaCore> = args
+            .index
+            .specs
+            .iter()
+            .map(|s| QuotaCore::new(s.clone(), now))
+            .collect();
+        let models: Vec<_> = args.graphs.iter().map(|g| g.model.clone()).collect();
+        Ok(BrokerState {
+            me,
+            circuits: cores.iter().map(QuotaCore::circuit_state).collect(),
+            last_tokens: vec![0; cores.len()],
+            cores,
+            plane: SignalPlane::new(&models),
+            shared: args.shared,
+            graphs: args.graphs,
+            index: args.index,
+            waiting: BTreeMap::new(),
+            next_req: 0,
+            outstanding: HashMap::new(),
+            next_grant: 0,
+            timer: None,
+            timer_gen: 0,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _me: ActorRef<BrokerMsg>,
+        msg: BrokerMsg,
+        s: &mut BrokerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = Instant::now();
+        match msg {
+            BrokerMsg::Acquire(a) => {
+                s.next_req += 1;
+                s.waiting.insert((a.seq, s.next_req), *a);
+            }
+            BrokerMsg::Settle {
+                grant,
+                usage,
+                outcome,
+            } => {
+                if let Some(reservations) = s.outstanding.remove(&grant) {
+                    for (q, r) in reservations {
+                        s.cores[q].settle(now, r, usage, outcome);
+                    }
+                }
+            }
+            BrokerMsg::Tick(generation) => {
+                if s.timer.is_some_and(|(_, g)| g == generation) {
+                    s.timer = None;
+                }
+            }
+            BrokerMsg::AgentHealth { agent, failed } => {
+                let info = failed.then(|| CauseInfo {
+                    until_unix_ms: None,
+                    reason: "agent restarted too often and is marked failed".into(),
+                });
+                let changes = s.plane.set_agent_failed(agent, info);
+                s.publish(changes, now);
+            }
+            BrokerMsg::Exhaust {
+                quota,
+                duration,
+                reply,
+            } => {
+                let mut found = false;
+                for c in s.cores.iter_mut().filter(|c| c.name() == quota) {
+                    c.refused(now, Some(duration));
+                    found = true;
+                }
+                let _ = reply.send(found);
+            }
+            BrokerMsg::Snapshot(reply) => {
+                let _ = reply.send(s.cores.iter_mut().map(|c| c.snapshot(now)).collect());
+                return Ok(());
+            }
+        }
+        s.grant_pass(now);
+        s.exhaustion_pass(now);
+        Ok(())
+    }
+}
+
+impl BrokerState {
+    /// Grant waiting calls, oldest job first. Once a call must wait at a quota, no younger call
+    /// may pass it there.
+    fn grant_pass(&mut self, now: Instant) {
+        let mut blocked = vec![false; self.cores.len()];
+        let mut wake: Option<Instant> = None;
+        let mut granted: Vec<(u64, u64)> = Vec::new();
+        for (key, req) in &self.waiting {
+            if blocked.iter().all(|b| *b) {
+                break;
+            }
+            let quotas = &self.index.agents[req.agent.0][req.agent.1];
+            if quotas.iter().any(|&q| blocked[q]) {
+                for &q in quotas {
+                    blocked[q] = true;
+                }
+                continue;
+            }
+            let mut ready = true;
+            for &q in quotas {
+                match self.cores[q].ready(now, req.tokens) {
+                    Ready::Now => {}
+                    Ready::At(t) => {
+                        ready = false;
+                        wake = Some(wake.map_or(t, |w| w.min(t)));
+                    }
+                    Ready::Blocked => ready = false,
+                }
+            }
+            if !ready {
+                for &q in quotas {
+                    blocked[q] = true;
+                }
+                continue;
+            }
+            // Take at once, so that the next request sees this one's spend.
+            let reservations: Vec<(usize, Reservation)> = quotas
+                .iter()
+                .map(|&q| (q, self.cores[q].take(now, req.tokens)))
+                .collect();
+            for &q in quotas {
+                self.last_tokens[q] = req.tokens;
+            }
+            self.next_grant += 1;
+            let grant = self.next_grant;
+            self.outstanding.insert(grant, reservations);
+            granted.push(*key);
+            match self.graphs[req.agent.0].scheduler() {
+                Some(sched) => {
+                    let _ = sched.cast(SchedMsg::Granted {
+                        job: req.job,
+                        step: req.step,
+                        token: req.token,
+                        grant,
+                    });
+                }
+                None => {
+                    // No scheduler to run it (restarting): give the reservation back.
+                    if let Some(rs) = self.outstanding.remove(&grant) {
+                        for (q, r) in rs {
+                            self.cores[q].settle(now, r, None, Outcome::Abandoned);
+                        }
+                    }
+                }
+            }
+        }
+        for key in granted {
+            self.waiting.remove(&key);
+        }
+        self.schedule(now, wake);
+    }
+
+    /// Re-evaluate every quota's exhaustion; publish pauses and resumes; watch circuits.
+    fn exhaustion_pass(&mut self, now: Instant) {
+        let mut wake: Option<Instant> = None;
+        for q in 0..self.cores.len() {
+            let hint = self
+                .waiting
+                .values()
+                .find(|r| self.index.agents[r.agent.0][r.agent.1].contains(&q))
+                .map_or(self.last_tokens[q], |r| r.tokens);
+            let change = self.cores[q].update_exhaustion(now, hint);
+            if let Some(ex) = self.cores[q].exhausted() {
+                wake = Some(wake.map_or(ex.until, |w| w.min(ex.until)));
+            }
+            let circuit = self.cores[q].circuit_state();
+            if circuit != self.circuits[q] {
+                self.circuits[q] = circuit;
+                if let Some(state) = circuit {
+                    self.shared.publish_graph_event(GraphEvent {
+                        graph: None,
+                        at: SystemTime::now(),
+                        kind: GraphEventKind::CircuitChanged {
+                            quota: self.cores[q].spec.name.clone(),
+                            state,
+                        },
+                    });
+                }
+            }
+            let Some(state) = change else { continue };
+            let name = self.cores[q].spec.name.clone();
+            let kind = match &state {
+                Some(ex) => {
+                    tracing::warn!(quota = %name, reason = ex.reason, wait = ?(ex.until - now), "quota exhausted");
+                    GraphEventKind::QuotaExhausted {
+                        quota: name.clone(),
+                        until_unix_ms: unix_ms(now, ex.until),
+                        reason: ex.reason.to_string(),
+                    }
+                }
+                None => {
+                    tracing::info!(quota = %name, "quota available again");
+                    GraphEventKind::QuotaAvailable {
+                        quota: name.clone(),
+                    }
+                }
+            };
+            self.shared.publish_graph_event(GraphEvent {
+                graph: None,
+                at: SystemTime::now(),
+                kind,
+            });
+            if !self.shared.cascade {
+                continue;
+            }
+            let info = state.map(|ex| CauseInfo {
+                until_unix_ms: Some(unix_ms(now, ex.until)),
+                reason: ex.reason.to_string(),
+            });
+            let changes = self.plane.set_quota(&name, info);
+            self.publish(changes, now);
+        }
+        self.schedule(now, wake);
+    }
+
+    /// Tell each scheduler about its agents' changes (one message per graph), update the board
+    /// the API reads, and announce the changes.
+    fn publish(&mut self, changes: Vec<AgentChange>, _now: Instant) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut by_graph: BTreeMap<usize, Vec<(usize, Option<crate::signal::AgentPause>)>> =
+            BTreeMap::new();
+        for c in changes {
+            by_graph
+                .entry(c.agent.0)
+                .or_default()
+                .push((c.agent.1, c.pause));
+        }
+        for (g, list) in by_graph {
+            let ctx = &self.graphs[g];
+            {
+                let mut board = ctx.pauses.write().unwrap_or_else(|p| p.into_inner());
+                for (a, pause) in &list {
+                    board[*a] = pause.clone();
+                }
+            }
+            for (a, pause) in &list {
+                let agent = ctx.names[*a].clone();
+                let kind = match pause {
+                    Some(p) => GraphEventKind::AgentPaused {
+                        agent,
+                        reach: p.reach,
+                        causes: p.causes.clone(),
+                    },
+                    None => GraphEventKind::AgentResumed { agent },
+                };
+                self.shared.publish_graph_event(GraphEvent {
+                    graph: Some(ctx.model.name.clone()),
+                    at: SystemTime::now(),
+                    kind,
+                });
+            }
+            if let Some(sched) = ctx.scheduler() {
+                let _ = sched.cast(SchedMsg::Pause(list));
+            }
+        }
+    }
+
+    /// Make sure a tick arrives by `at` (one timer at a time, the earliest).
+    fn schedule(&mut self, now: Instant, at: Option<Instant>) {
+        let Some(at) = at else { return };
+        if self.timer.is_some_and(|(t, _)| t <= at && t > now) {
+            return;
+        }
+        self.timer_gen += 1;
+        let generation = self.timer_gen;
+        self.timer = Some((at, generation));
+        ractor::time::send_after(
+            at.saturating_duration_since(now),
+            self.me.get_cell(),
+            move || BrokerMsg::Tick(generation),
+        );
+    }
+}
+
+/// An instant as milliseconds since the Unix epoch (for the API and dashboards).
+pub(crate) fn unix_ms(now: Instant, at: Instant) -> u64 {
+    let wall = SystemTime::now() + at.saturating_duration_since(now);
+    wall.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
