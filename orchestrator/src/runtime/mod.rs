@@ -183,6 +183,31 @@ pub(crate) struct GraphCtx {
     pub scheduler: RwLock<Option<ActorRef<SchedMsg>>>,
     /// A `Wake` is on its way to the scheduler: submissions need not send another.
     pub wake_pending: AtomicBool,
+    /// Jobs finished per second, for admission's retry estimate.
+    pub drain_rate: Mutex<RateMeter>,
+}
+
+/// A rate measured between looks at least a second apart.
+#[derive(Default)]
+pub(crate) struct RateMeter {
+    last: Option<(tokio::time::Instant, u64)>,
+    per_sec: Option<f64>,
+}
+
+impl RateMeter {
+    pub fn observe(&mut self, now: tokio::time::Instant, total: u64) -> Option<f64> {
+        match self.last {
+            None => self.last = Some((now, total)),
+            Some((at, n)) => {
+                let secs = now.duration_since(at).as_secs_f64();
+                if secs >= 1.0 {
+                    self.per_sec = Some(total.saturating_sub(n) as f64 / secs);
+                    self.last = Some((now, total));
+                }
+            }
+        }
+        self.per_sec
+    }
 }
 
 impl GraphCtx {
@@ -264,6 +289,7 @@ impl OrchestratorBuilder {
                     stats: Arc::new(GraphStats::new(m)),
                     scheduler: RwLock::new(None),
                     wake_pending: AtomicBool::new(false),
+                    drain_rate: Mutex::new(RateMeter::default()),
                 })
             })
             .collect();
@@ -354,15 +380,39 @@ impl Orchestrator {
         }
     }
 
-    /// How long until the backlog has drained enough to accept more: the pending jobs divided by
-    /// the rate at which the graph has been finishing jobs, between 100 ms and 5 minutes.
+    /// How long a refused submitter should wait: until the graph's longest pause ends, plus the
+    /// time to drain a tenth of its backlog at the rate it has been finishing jobs.
     fn retry_after(&self, g: &GraphCtx, pending: usize) -> Duration {
-        let s = g.stats.snapshot();
-        let done = (s.jobs_succeeded + s.jobs_failed + s.jobs_cancelled).max(1) as f64;
-        let in_flight = s.jobs_started as f64 - done;
-        // Without a measured rate, assume the in-flight jobs finish in about a second.
-        let per_sec = in_flight.max(1.0);
-        Duration::from_secs_f64((pending as f64 / per_sec / 10.0).clamp(0.1, 300.0))
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let pause_ms = g
+            .pauses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .flatten()
+            .flat_map(|p| p.causes.iter())
+            // A failed agent has no known end: it is tried again within a restart window.
+            .map(|(_, c)| c.until_unix_ms.map_or(1000, |u| u.saturating_sub(now_ms)))
+            .max()
+            .unwrap_or(0);
+        let done = {
+            let s = &g.stats;
+            s.jobs_succeeded.load(Relaxed)
+                + s.jobs_failed.load(Relaxed)
+                + s.jobs_cancelled.load(Relaxed)
+        };
+        let per_sec = g
+            .drain_rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .observe(tokio::time::Instant::now(), done)
+            // Not measured yet: assume the in-flight jobs turn over once a second.
+            .unwrap_or(g.model.max_in_flight_jobs.get() as f64);
+        let drain = pending as f64 * 0.1 / per_sec.max(0.1);
+        (Duration::from_millis(pause_ms) + Duration::from_secs_f64(drain))
+            .clamp(Duration::from_millis(50), Duration::from_secs(300))
     }
 
     /// The job as stored now.
