@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cascade_orchestrator::agents::Registry;
 use cascade_orchestrator::job::JobState;
+use cascade_orchestrator::quota::QuotaSnapshot;
 use cascade_orchestrator::runtime::GraphStatsSnapshot;
 use cascade_orchestrator::{Orchestrator, SubmitError, SubmitRequest, config};
 use clap::Args;
@@ -33,6 +34,10 @@ pub struct RunArgs {
     /// A server config (cascade.toml) whose shared quotas the graph may use.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Naive mode: keep each agent's local rate limits but propagate no pause and retry 429s with
+    /// each agent's backoff policy — how most frameworks behave. For comparison.
+    #[arg(long)]
+    no_cascade: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -85,7 +90,12 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         Arc::make_mut(&mut model.graphs[graph_index]).max_in_flight_jobs = c;
     }
     let graph = model.graphs[graph_index].clone();
-    let orch = Arc::new(Orchestrator::builder(model).start().await?);
+    let orch = Arc::new(
+        Orchestrator::builder(model)
+            .cascade(!args.no_cascade)
+            .start()
+            .await?,
+    );
 
     let bar = if args.quiet || args.json {
         ProgressBar::hidden()
@@ -163,6 +173,7 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
     let wall = started.elapsed();
     bar.finish_and_clear();
     let stats = orch.stats(&graph.name).expect("graph exists");
+    let quotas = orch.quotas().await;
     orch.shutdown(Duration::from_secs(5)).await;
 
     latencies.sort();
@@ -184,7 +195,9 @@ async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
         latency_p99_ms: pct(0.99).as_secs_f64() * 1e3,
         submit_backoffs: backoffs,
         first_failures: failures,
+        cascade: !args.no_cascade,
         stats,
+        quotas,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
@@ -212,7 +225,9 @@ struct Summary {
     /// Times the submitter was told to slow down (RESOURCE_EXHAUSTED) and waited.
     submit_backoffs: u64,
     first_failures: Vec<String>,
+    cascade: bool,
     stats: GraphStatsSnapshot,
+    quotas: Vec<QuotaSnapshot>,
 }
 
 fn print_summary(s: &Summary) {
@@ -248,6 +263,30 @@ fn print_summary(s: &Summary) {
             a.prompt_tokens + a.completion_tokens,
             a.cost_usd
         );
+    }
+    if !s.quotas.is_empty() {
+        println!();
+        println!(
+            "  {:<16} {:>9} {:>9} {:>11} {:>12} {:>10}  (cascade {})",
+            "quota",
+            "granted",
+            "refused",
+            "exhausted",
+            "tokens",
+            "rate ×",
+            if s.cascade { "on" } else { "off" }
+        );
+        for q in &s.quotas {
+            println!(
+                "  {:<16} {:>9} {:>9} {:>11} {:>12} {:>10.2}",
+                q.name,
+                q.granted,
+                q.refusals,
+                q.exhaustions,
+                q.prompt_tokens + q.completion_tokens,
+                q.effective_rate_multiplier
+            );
+        }
     }
     for f in &s.first_failures {
         println!("  failed: {f}");

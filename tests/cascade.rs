@@ -20,8 +20,9 @@ async fn start(toml: &str) -> Orchestrator {
     Orchestrator::builder(model).start().await.unwrap()
 }
 
-fn reach_of(orch: &Orchestrator, graph: &str) -> BTreeMap<String, Option<Reach>> {
+async fn reach_of(orch: &Orchestrator, graph: &str) -> BTreeMap<String, Option<Reach>> {
     orch.pauses(graph)
+        .await
         .unwrap()
         .into_iter()
         .map(|(a, p)| (a.to_string(), p.map(|p| p.reach)))
@@ -79,7 +80,7 @@ async fn pause_reaches_exactly_the_quota_and_its_descendants() {
     assert!(!orch.exhaust_quota("nope", Duration::from_secs(5)).await);
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(
-        reach_of(&orch, "g"),
+        reach_of(&orch, "g").await,
         expect(&[
             ("classify", Some(Reach::Direct)),
             ("draft", Some(Reach::Upstream)),
@@ -89,6 +90,7 @@ async fn pause_reaches_exactly_the_quota_and_its_descendants() {
     );
     let (_, pause) = orch
         .pauses("g")
+        .await
         .unwrap()
         .into_iter()
         .find(|(a, _)| &**a == "classify")
@@ -101,7 +103,7 @@ async fn pause_reaches_exactly_the_quota_and_its_descendants() {
             quota: "llm".into()
         }
     );
-    assert_eq!(causes[0].1.reason, "upstream rate limit (429)");
+    assert_eq!(&*causes[0].1.reason, "upstream rate limit (429)");
 
     // A job submitted now does not start: its path runs through paused agents.
     let second = orch
@@ -133,7 +135,7 @@ async fn pause_reaches_exactly_the_quota_and_its_descendants() {
         t.elapsed()
     );
     assert_eq!(orch.wait(first).await.unwrap().state, JobState::Succeeded);
-    assert!(reach_of(&orch, "g").values().all(Option::is_none));
+    assert!(reach_of(&orch, "g").await.values().all(Option::is_none));
 
     // Watchers saw the quota run out, each pause once, then each resume.
     let mut paused = Vec::new();
@@ -182,7 +184,7 @@ async fn two_quotas_on_one_agent_resume_when_both_clear() {
     orch.exhaust_quota("a", Duration::from_secs(2)).await;
     orch.exhaust_quota("b", Duration::from_secs(4)).await;
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let pauses = orch.pauses("g").unwrap();
+    let pauses = orch.pauses("g").await.unwrap();
     assert_eq!(pauses[0].1.as_ref().unwrap().causes.len(), 2);
     assert_eq!(
         pauses[1].1.as_ref().unwrap().causes.len(),
@@ -196,7 +198,7 @@ async fn two_quotas_on_one_agent_resume_when_both_clear() {
         .id;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     // a cleared, b still holds.
-    let pauses = orch.pauses("g").unwrap();
+    let pauses = orch.pauses("g").await.unwrap();
     let causes = &pauses[0].1.as_ref().unwrap().causes;
     assert_eq!(causes.len(), 1);
     assert_eq!(causes[0].0, CauseKey::Quota { quota: "b".into() });
@@ -204,7 +206,13 @@ async fn two_quotas_on_one_agent_resume_when_both_clear() {
     let t = Instant::now();
     assert_eq!(orch.wait(id).await.unwrap().state, JobState::Succeeded);
     assert!(t.elapsed() >= Duration::from_millis(1400));
-    assert!(orch.pauses("g").unwrap().iter().all(|(_, p)| p.is_none()));
+    assert!(
+        orch.pauses("g")
+            .await
+            .unwrap()
+            .iter()
+            .all(|(_, p)| p.is_none())
+    );
     orch.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -412,7 +420,7 @@ async fn open_circuit_pauses_downstream_and_half_open_probe_closes_it() {
         .unwrap();
     assert_eq!(q.circuit, Some(CircuitState::Open));
     assert_eq!(
-        reach_of(&orch, "g"),
+        reach_of(&orch, "g").await,
         expect(&[
             ("lookup", Some(Reach::Direct)),
             ("after_lookup", Some(Reach::Upstream))
@@ -499,7 +507,7 @@ async fn naive_mode_does_not_propagate_and_retries_refusals() {
     orch.exhaust_quota("llm", Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert!(
-        reach_of(&orch, "g").values().all(Option::is_none),
+        reach_of(&orch, "g").await.values().all(Option::is_none),
         "naive mode pauses nothing"
     );
     let mut ids = Vec::new();

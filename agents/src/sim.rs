@@ -50,6 +50,7 @@ pub const KIND: KindSpec = KindSpec {
         "upstream",
         "upstream_limit",
         "record_keys",
+        "record_usage",
     ],
     required: &[],
     build,
@@ -144,6 +145,9 @@ struct Config {
     /// Count calls per idempotency key at the upstream (tests of exactly-once effects).
     #[serde(default)]
     record_keys: bool,
+    /// Log each accepted call's arrival time and token usage at the upstream (token benchmarks).
+    #[serde(default)]
+    record_usage: bool,
 }
 
 fn check_rate(field: &str, v: f64) -> Result<(), FieldError> {
@@ -197,6 +201,9 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     }
     if c.record_keys {
         upstream.record_keys.store(1, Ordering::Relaxed);
+    }
+    if c.record_usage {
+        upstream.record_usage.store(1, Ordering::Relaxed);
     }
     let seed = c.seed.unwrap_or_else(|| {
         // Distinct, stable default seeds per agent so that runs are reproducible.
@@ -282,6 +289,7 @@ impl Agent for SimAgent {
             ));
         }
         self.upstream.note_call(&ctx.idempotency_key);
+        self.upstream.note_usage(draw.prompt + draw.completion);
         if !draw.latency.is_zero() {
             tokio::time::sleep(draw.latency).await;
         }
@@ -387,6 +395,8 @@ pub struct SimUpstream {
     refusals: AtomicU64,
     record_keys: AtomicU64,
     keys: Mutex<HashMap<String, u32>>,
+    record_usage: AtomicU64,
+    usage: Mutex<Vec<(Instant, u64)>>,
 }
 
 #[derive(Debug, Default)]
@@ -423,6 +433,20 @@ impl SimUpstream {
             let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
             *keys.entry(key.to_string()).or_default() += 1;
         }
+    }
+
+    fn note_usage(&self, tokens: u64) {
+        if self.record_usage.load(Ordering::Relaxed) != 0 {
+            self.usage
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((Instant::now(), tokens));
+        }
+    }
+
+    /// Arrival time and tokens of every accepted call (with `record_usage = true`).
+    pub fn usage_log(&self) -> Vec<(Instant, u64)> {
+        self.usage.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Calls the upstream accepted.

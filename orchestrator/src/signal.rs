@@ -33,7 +33,8 @@ pub enum CauseKey {
 pub struct CauseInfo {
     /// Milliseconds since the Unix epoch; `None` while unknown (a failed agent).
     pub until_unix_ms: Option<u64>,
-    pub reason: String,
+    /// Shared: one cause is recorded on every agent it reaches.
+    pub reason: Arc<str>,
 }
 
 /// How a pause reaches an agent.
@@ -53,11 +54,12 @@ pub struct AgentPause {
     pub causes: Vec<(CauseKey, CauseInfo)>,
 }
 
-/// A change to one agent: paused (with its causes now) or resumed (`None`).
-#[derive(Clone, Debug, PartialEq)]
+/// A change to one agent's causes: paused now with this reach, or resumed (`None`). Only the
+/// reach travels on the hot path; [`SignalPlane::pause_of`] gives the causes when asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AgentChange {
     pub agent: AgentKey,
-    pub pause: Option<AgentPause>,
+    pub pause: Option<Reach>,
 }
 
 /// Something that happened to a graph's agents or to a quota, for WatchGraph and dashboards.
@@ -259,24 +261,47 @@ impl SignalPlane {
     ) -> Vec<AgentChange> {
         let mut changes = Vec::new();
         for ((g, a), reach) in targets {
-            let before = self.pause_of((g, a));
-            match &info {
-                Some(i) => {
-                    self.causes[g][a].insert(key.clone(), (i.clone(), reach));
-                }
-                None => {
-                    self.causes[g][a].remove(&key);
-                }
-            }
-            let after = self.pause_of((g, a));
-            if before != after {
+            let set = &mut self.causes[g][a];
+            let changed = match &info {
+                Some(i) => set
+                    .insert(key.clone(), (i.clone(), reach))
+                    .is_none_or(|old| old != (i.clone(), reach)),
+                None => set.remove(&key).is_some(),
+            };
+            if changed {
                 changes.push(AgentChange {
                     agent: (g, a),
-                    pause: after,
+                    pause: Self::reach_of(set),
                 });
             }
         }
         changes
+    }
+
+    fn reach_of(set: &BTreeMap<CauseKey, (CauseInfo, Reach)>) -> Option<Reach> {
+        if set.is_empty() {
+            None
+        } else if set.values().any(|(_, r)| *r == Reach::Direct) {
+            Some(Reach::Direct)
+        } else {
+            Some(Reach::Upstream)
+        }
+    }
+
+    /// Every agent of graph `g` with its current reach (for a scheduler that starts over).
+    pub fn graph_state(&self, g: usize) -> Vec<(usize, Option<Reach>)> {
+        self.causes[g]
+            .iter()
+            .enumerate()
+            .map(|(a, set)| (a, Self::reach_of(set)))
+            .collect()
+    }
+
+    /// Every agent of graph `g` with its pause and causes.
+    pub fn graph_pauses(&self, g: usize) -> Vec<Option<AgentPause>> {
+        (0..self.causes[g].len())
+            .map(|a| self.pause_of((g, a)))
+            .collect()
     }
 }
 
@@ -336,7 +361,7 @@ mod tests {
         let changes = p.set_quota("llm", info("token budget spent"));
         let mut paused: Vec<(&str, Reach)> = changes
             .iter()
-            .map(|c| (&*g.agents[c.agent.1].name, c.pause.as_ref().unwrap().reach))
+            .map(|c| (&*g.agents[c.agent.1].name, c.pause.unwrap()))
             .collect();
         paused.sort();
         assert_eq!(
@@ -382,10 +407,6 @@ mod tests {
         let mut names: Vec<&str> = changes.iter().map(|c| &*g.agents[c.agent.1].name).collect();
         names.sort();
         assert_eq!(names, ["audit", "draft", "post"]);
-        assert!(
-            changes
-                .iter()
-                .all(|c| c.pause.as_ref().unwrap().reach == Reach::Upstream)
-        );
+        assert!(changes.iter().all(|c| c.pause == Some(Reach::Upstream)));
     }
 }

@@ -20,7 +20,9 @@ use super::{GraphCtx, Shared};
 use crate::job::JobId;
 use crate::model::QuotaModel;
 use crate::quota::{CircuitState, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
-use crate::signal::{AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, SignalPlane};
+use crate::signal::{
+    AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane,
+};
 
 /// Which quota cores each agent draws on. With the cascade on, one core per quota, shared by
 /// every agent that names it; in naive mode, one core per (agent, quota): local limiting only.
@@ -84,6 +86,10 @@ pub(crate) enum BrokerMsg {
         agent: AgentKey,
         failed: bool,
     },
+    /// Send a scheduler that (re)started the pause state of its graph.
+    Resync(usize),
+    /// Each agent of a graph with its pause and causes.
+    Pauses(usize, RpcReplyPort<Vec<Option<crate::signal::AgentPause>>>),
     /// Treat a quota as refused by its upstream for `duration` (operators, benchmarks, tests).
     Exhaust {
         quota: String,
@@ -202,6 +208,16 @@ impl Actor for Broker {
                     found = true;
                 }
                 let _ = reply.send(found);
+            }
+            BrokerMsg::Resync(g) => {
+                if let Some(sched) = s.graphs[g].scheduler() {
+                    let _ = sched.cast(SchedMsg::Pause(s.plane.graph_state(g)));
+                }
+                return Ok(());
+            }
+            BrokerMsg::Pauses(g, reply) => {
+                let _ = reply.send(s.plane.graph_pauses(g));
+                return Ok(());
             }
             BrokerMsg::Snapshot(reply) => {
                 let _ = reply.send(s.cores.iter_mut().map(|c| c.snapshot(now)).collect());
@@ -341,7 +357,7 @@ impl BrokerState {
             }
             let info = state.map(|ex| CauseInfo {
                 until_unix_ms: Some(unix_ms(now, ex.until)),
-                reason: ex.reason.to_string(),
+                reason: ex.reason.into(),
             });
             let changes = self.plane.set_quota(&name, info);
             self.publish(changes, now);
@@ -349,43 +365,39 @@ impl BrokerState {
         self.schedule(now, wake);
     }
 
-    /// Tell each scheduler about its agents' changes (one message per graph), update the board
-    /// the API reads, and announce the changes.
+    /// Tell each scheduler about its agents' changes (one message per graph) and, when anyone
+    /// watches, announce each change with its causes.
     fn publish(&mut self, changes: Vec<AgentChange>, _now: Instant) {
         if changes.is_empty() {
             return;
         }
-        let mut by_graph: BTreeMap<usize, Vec<(usize, Option<crate::signal::AgentPause>)>> =
-            BTreeMap::new();
+        let mut by_graph: BTreeMap<usize, Vec<(usize, Option<Reach>)>> = BTreeMap::new();
         for c in changes {
             by_graph
                 .entry(c.agent.0)
                 .or_default()
                 .push((c.agent.1, c.pause));
         }
+        let watched = self.shared.has_graph_watchers();
         for (g, list) in by_graph {
             let ctx = &self.graphs[g];
-            {
-                let mut board = ctx.pauses.write().unwrap_or_else(|p| p.into_inner());
-                for (a, pause) in &list {
-                    board[*a] = pause.clone();
+            if watched {
+                for &(a, _) in &list {
+                    let agent = ctx.names[a].clone();
+                    let kind = match self.plane.pause_of((g, a)) {
+                        Some(p) => GraphEventKind::AgentPaused {
+                            agent,
+                            reach: p.reach,
+                            causes: p.causes,
+                        },
+                        None => GraphEventKind::AgentResumed { agent },
+                    };
+                    self.shared.publish_graph_event(GraphEvent {
+                        graph: Some(ctx.model.name.clone()),
+                        at: SystemTime::now(),
+                        kind,
+                    });
                 }
-            }
-            for (a, pause) in &list {
-                let agent = ctx.names[*a].clone();
-                let kind = match pause {
-                    Some(p) => GraphEventKind::AgentPaused {
-                        agent,
-                        reach: p.reach,
-                        causes: p.causes.clone(),
-                    },
-                    None => GraphEventKind::AgentResumed { agent },
-                };
-                self.shared.publish_graph_event(GraphEvent {
-                    graph: Some(ctx.model.name.clone()),
-                    at: SystemTime::now(),
-                    kind,
-                });
             }
             if let Some(sched) = ctx.scheduler() {
                 let _ = sched.cast(SchedMsg::Pause(list));

@@ -150,6 +150,10 @@ impl Shared {
         self.shutting_down.load(Relaxed)
     }
 
+    pub fn has_graph_watchers(&self) -> bool {
+        self.graph_events.receiver_count() > 0
+    }
+
     pub fn publish_graph_event(&self, event: GraphEvent) {
         if self.graph_events.receiver_count() > 0 {
             let _ = self.graph_events.send(event);
@@ -175,8 +179,8 @@ pub(crate) struct GraphCtx {
     pub index: usize,
     pub model: Arc<GraphModel>,
     pub quotas: Arc<QuotaIndex>,
-    /// Each agent's pause, as the broker last set it (read by the API without messages).
-    pub pauses: RwLock<Vec<Option<AgentPause>>>,
+    /// How many of its agents the scheduler holds paused now.
+    pub paused_agents: std::sync::atomic::AtomicUsize,
     pub names: Vec<Arc<str>>,
     pub stats: Arc<GraphStats>,
     /// The current scheduler (it changes if it is restarted).
@@ -284,7 +288,7 @@ impl OrchestratorBuilder {
                     index,
                     model: m.clone(),
                     quotas: quotas.clone(),
-                    pauses: RwLock::new(vec![None; m.agents.len()]),
+                    paused_agents: std::sync::atomic::AtomicUsize::new(0),
                     names: m.agents.iter().map(|a| a.name.clone()).collect(),
                     stats: Arc::new(GraphStats::new(m)),
                     scheduler: RwLock::new(None),
@@ -371,9 +375,9 @@ impl Orchestrator {
                 Ok(s)
             }
             Err(StoreError::Full { pending, .. }) => Err(SubmitError::Overloaded {
+                retry_after: self.retry_after(&g, pending).await,
                 graph: req.graph,
                 pending,
-                retry_after: self.retry_after(&g, pending),
             }),
             Err(e @ StoreError::KeyConflict { .. }) => Err(SubmitError::KeyConflict(e)),
             Err(e) => Err(SubmitError::Store(e)),
@@ -382,16 +386,18 @@ impl Orchestrator {
 
     /// How long a refused submitter should wait: until the graph's longest pause ends, plus the
     /// time to drain a tenth of its backlog at the rate it has been finishing jobs.
-    fn retry_after(&self, g: &GraphCtx, pending: usize) -> Duration {
+    async fn retry_after(&self, g: &GraphCtx, pending: usize) -> Duration {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let pause_ms = g
-            .pauses
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let pauses = if g.paused_agents.load(Relaxed) > 0 {
+            self.pauses(&g.model.name).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let pause_ms = pauses
             .iter()
-            .flatten()
+            .filter_map(|(_, p)| p.as_ref())
             .flat_map(|p| p.causes.iter())
             // A failed agent has no known end: it is tried again within a restart window.
             .map(|(_, c)| c.until_unix_ms.map_or(1000, |u| u.saturating_sub(now_ms)))
@@ -533,10 +539,19 @@ impl Orchestrator {
     }
 
     /// Each agent of a graph with its pause (if paused): reach and every cause with its end.
-    pub fn pauses(&self, graph: &str) -> Option<Vec<(Arc<str>, Option<AgentPause>)>> {
+    pub async fn pauses(&self, graph: &str) -> Option<Vec<(Arc<str>, Option<AgentPause>)>> {
         let g = self.graphs.get(graph)?;
-        let board = g.pauses.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let broker = self.shared.broker()?;
+        let index = g.index;
+        let board = ractor::call_t!(broker, |reply| BrokerMsg::Pauses(index, reply), 5_000).ok()?;
         Some(g.names.iter().cloned().zip(board).collect())
+    }
+
+    /// How many agents of a graph its scheduler holds paused right now (no message needed).
+    pub fn paused_agents(&self, graph: &str) -> usize {
+        self.graphs
+            .get(graph)
+            .map_or(0, |g| g.paused_agents.load(Relaxed))
     }
 
     /// Pause, resume, quota and circuit events of every graph, live.

@@ -29,7 +29,7 @@ use crate::backoff;
 use crate::job::{JobId, JobRecord, JobState, JobUpdate, StepState};
 use crate::model::OnUpstreamPause;
 use crate::quota::Outcome;
-use crate::signal::{AgentPause, Reach};
+use crate::signal::Reach;
 
 /// How long a rate-limited call waits when the upstream gave no Retry-After.
 const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
@@ -60,7 +60,7 @@ pub(crate) enum SchedMsg {
         grant: u64,
     },
     /// Pause state changes of this graph's agents (`None`: resumed).
-    Pause(Vec<(usize, Option<AgentPause>)>),
+    Pause(Vec<(usize, Option<Reach>)>),
     /// The broker was restarted: steps waiting for a grant must ask again.
     BrokerRestarted,
     Cancel {
@@ -240,15 +240,11 @@ impl Actor for Scheduler {
         me: ActorRef<SchedMsg>,
         s: &mut SchedState,
     ) -> Result<(), ActorProcessingErr> {
-        // Pauses in force (a restarted scheduler must honour them from the start).
+        // Pauses in force: a restarted scheduler must honour them from the start.
         s.broker = s.ctx.shared.broker();
-        let board: Vec<Option<AgentPause>> = s
-            .ctx
-            .pauses
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        s.apply_pauses(board.into_iter().enumerate().collect());
+        if let Some(b) = &s.broker {
+            let _ = b.cast(BrokerMsg::Resync(s.ctx.index));
+        }
         // Jobs left running by a previous scheduler (or process) resume first, oldest first.
         let running = s.ctx.shared.store.running(&s.ctx.model.name)?;
         if !running.is_empty() {
@@ -584,12 +580,12 @@ impl SchedState {
     }
 
     /// Pause changes from the broker.
-    fn apply_pauses(&mut self, list: Vec<(usize, Option<AgentPause>)>) {
+    fn apply_pauses(&mut self, list: Vec<(usize, Option<Reach>)>) {
         let mut resumed = Vec::new();
         for (i, pause) in list {
             let slot = &mut self.slots[i];
             let was = slot.pause.is_some();
-            slot.pause = pause.map(|p| p.reach);
+            slot.pause = pause;
             match (was, slot.pause.is_some()) {
                 (false, true) => self.paused += 1,
                 (true, false) => {
@@ -599,6 +595,7 @@ impl SchedState {
                 _ => {}
             }
         }
+        self.ctx.paused_agents.store(self.paused, Relaxed);
         for i in resumed {
             self.pump(i);
         }

@@ -1,0 +1,282 @@
+//! The cascade against naive mode, in one run (`cargo bench --bench cascade`).
+//!
+//! 1. Quota storm: the 5-step pipeline where `classify` and `draft` share quota `llm` = 200
+//!    requests/s (burst 20), every call 20 ms simulated, and the simulated upstream enforces
+//!    200/s itself. 4,000 jobs, 512 in flight.
+//! 2. Misconfigured quota: the same, with the upstream's real limit at 160/s.
+//! 3. Token storm: `tokens_per_minute` with per-call usage drawn from a distribution; the most
+//!    tokens spent in any 60-second window vs the limit. Runs on a paused tokio clock (virtual
+//!    time), so a six-minute storm takes seconds; what it measures is accounting, not CPU.
+//! 4. Propagation latency: a generated DAG of 1,000 agents; time from a quota's exhaustion to
+//!    every descendant paused in its scheduler.
+//!
+//! Every upstream here is simulated (`kind = "sim"`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cascade_orchestrator::agents::sim;
+use cascade_orchestrator::job::JobState;
+use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+use serde_json::json;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct StormReport {
+    jobs: usize,
+    succeeded: usize,
+    wall: f64,
+    upstream_calls: u64,
+    refusals: u64,
+    wasted_calls: u64,
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+fn storm_graph(name: &str, upstream: &str, upstream_rps: u32) -> String {
+    let mut s = format!(
+        "[graph]\nname = \"{name}\"\nmax_in_flight_jobs = 512\nmax_pending_jobs = 100000\n\
+         [quotas.llm]\nrequests_per_second = 200\nburst = 20\n"
+    );
+    let names = ["classify", "enrich", "draft", "review", "post"];
+    for (i, n) in names.iter().enumerate() {
+        s += &format!(
+            "[agents.{n}]\nkind = \"sim\"\nlatency = \"20ms\"\nmax_concurrency = 512\n\
+             retry = {{ max_attempts = 5, initial_delay = \"50ms\", max_delay = \"2s\" }}\n"
+        );
+        if i > 0 {
+            s += &format!("after = [\"{}\"]\n", names[i - 1]);
+        }
+        if *n == "classify" || *n == "draft" {
+            s += &format!(
+                "quota = \"llm\"\nupstream = \"{upstream}\"\nupstream_limit = {{ requests_per_second = {upstream_rps}, burst = 20 }}\n"
+            );
+        }
+    }
+    s
+}
+
+async fn storm(cascade: bool, upstream_rps: u32, jobs: usize, tag: &str) -> StormReport {
+    let upstream = format!("storm-{tag}-{}", if cascade { "cascade" } else { "naive" });
+    let model = config::parse_graph_str(
+        "storm.toml",
+        &storm_graph("storm", &upstream, upstream_rps),
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let orch = Arc::new(
+        Orchestrator::builder(model)
+            .cascade(cascade)
+            .start()
+            .await
+            .expect("start"),
+    );
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(jobs);
+    for i in 0..jobs {
+        ids.push(
+            orch.submit(SubmitRequest::new("storm", json!({ "n": i })))
+                .await
+                .expect("submit")
+                .id,
+        );
+    }
+    let mut latencies = Vec::with_capacity(jobs);
+    let (mut succeeded, mut wasted) = (0, 0u64);
+    for id in ids {
+        let job = orch.wait(id).await.expect("wait");
+        if job.state == JobState::Succeeded {
+            succeeded += 1;
+            latencies.push(job.run_time().expect("finished").as_secs_f64());
+        } else {
+            wasted += job.steps.iter().map(|s| s.attempts as u64).sum::<u64>();
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    orch.shutdown(Duration::from_secs(5)).await;
+    latencies.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let up = sim::upstream(&upstream);
+    StormReport {
+        jobs,
+        succeeded,
+        wall,
+        upstream_calls: up.calls() + up.refusals(),
+        refusals: up.refusals(),
+        wasted_calls: wasted,
+        p50: pct(0.5),
+        p99: pct(0.99),
+        mean: latencies.iter().sum::<f64>() / latencies.len().max(1) as f64,
+    }
+}
+
+fn print_storm(label: &str, r: &StormReport, allowed_jobs_per_sec: f64) {
+    let goodput = r.succeeded as f64 / r.wall;
+    println!(
+        "  {label:<8} goodput {goodput:>6.1} jobs/s ({:>5.1}% of {allowed_jobs_per_sec:.0}) | {}/{} jobs ok | upstream calls {:>6} | refusals {:>5} ({:>6.2}% of calls, {:>7.1} per 1,000 jobs) | calls on unfinished jobs {:>5} | latency p50 {:>6.2}s p99 {:>6.2}s mean {:>6.2}s (p99/mean {:.2}) | drained in {:.1}s",
+        100.0 * goodput / allowed_jobs_per_sec,
+        r.succeeded,
+        r.jobs,
+        r.upstream_calls,
+        r.refusals,
+        100.0 * r.refusals as f64 / r.upstream_calls.max(1) as f64,
+        1000.0 * r.refusals as f64 / r.jobs as f64,
+        r.wasted_calls,
+        r.p50,
+        r.p99,
+        r.mean,
+        r.p99 / r.mean.max(1e-9),
+        r.wall
+    );
+}
+
+/// Token storm on a paused clock: two agents share `tokens_per_minute`; returns the most tokens
+/// spent in any 60-second window (by call start) and the largest single call's usage.
+fn token_storm(cascade: bool, limit: u64, jobs: usize) -> (u64, u64, f64) {
+    let upstream = format!("token-storm-{}", if cascade { "cascade" } else { "naive" });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let toml = format!(
+            "[graph]\nname = \"tokens\"\nmax_in_flight_jobs = 256\nmax_pending_jobs = 100000\n\
+             [quotas.llm]\ntokens_per_minute = {limit}\n\
+             [agents.summarise]\nkind = \"sim\"\nquota = \"llm\"\nlatency = {{ uniform = [\"200ms\", \"2s\"] }}\n\
+             usage = {{ prompt_tokens = [200, 1200], completion_tokens = [50, 400] }}\n\
+             upstream = \"{upstream}\"\nrecord_usage = true\n\
+             [agents.answer]\nkind = \"sim\"\nquota = \"llm\"\nafter = [\"summarise\"]\nlatency = {{ uniform = [\"200ms\", \"2s\"] }}\n\
+             usage = {{ prompt_tokens = [200, 1200], completion_tokens = [50, 400] }}\n\
+             upstream = \"{upstream}\"\n"
+        );
+        let model = config::parse_graph_str("tokens.toml", &toml, &Default::default()).unwrap_or_else(|e| panic!("{e}"));
+        let orch = Orchestrator::builder(model).cascade(cascade).start().await.expect("start");
+        let start = tokio::time::Instant::now();
+        let mut ids = Vec::new();
+        for i in 0..jobs {
+            ids.push(orch.submit(SubmitRequest::new("tokens", json!({ "n": i }))).await.expect("submit").id);
+        }
+        for id in ids {
+            orch.wait(id).await.expect("wait");
+        }
+        // What the (simulated) provider saw, on the tokio clock.
+        let mut spends = sim::upstream(&upstream).usage_log();
+        let virtual_secs = start.elapsed().as_secs_f64();
+        orch.shutdown(Duration::from_secs(5)).await;
+        spends.sort();
+        let mut worst = 0;
+        for (i, (t, _)) in spends.iter().enumerate() {
+            let end = *t + Duration::from_secs(60);
+            let sum: u64 = spends[i..].iter().take_while(|(u, _)| *u < end).map(|(_, n)| n).sum();
+            worst = worst.max(sum);
+        }
+        let largest = spends.iter().map(|(_, n)| *n).max().unwrap_or(0);
+        (worst, largest, virtual_secs)
+    })
+}
+
+/// A random DAG of `n` agents; quota `q` feeds the first ten. Returns the propagation latency
+/// samples (exhaustion → every descendant paused in its scheduler), in microseconds.
+async fn propagation(n: usize, rounds: usize) -> Vec<f64> {
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut s = "[graph]\nname = \"big\"\n[quotas.q]\nrequests_per_second = 1000\npause_threshold = \"1ms\"\n".to_string();
+    for i in 0..n {
+        s += &format!("[agents.a{i}]\nkind = \"sim\"\n");
+        if i < 10 {
+            s += "quota = \"q\"\n";
+        } else {
+            let a = rng.random_range(0..i);
+            let b = rng.random_range(0..i);
+            let deps = if a == b {
+                format!("\"a{a}\"")
+            } else {
+                format!("\"a{a}\", \"a{b}\"")
+            };
+            s += &format!("after = [{deps}]\n");
+        }
+    }
+    let model = config::parse_graph_str("big.toml", &s, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let orch = Orchestrator::builder(model).start().await.expect("start");
+    let mut samples = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        orch.exhaust_quota("q", Duration::from_millis(20)).await;
+        while orch.paused_agents("big") < n {
+            tokio::task::yield_now().await;
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        // Wait for the resume before the next round.
+        while orch.paused_agents("big") > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    orch.shutdown(Duration::from_secs(1)).await;
+    samples.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    samples
+}
+
+fn main() {
+    // `CASCADE_BENCH=storm,misconfigured,tokens,propagation` (default: all) picks sections.
+    let only = std::env::var("CASCADE_BENCH").unwrap_or_default();
+    let run = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
+    let jobs: usize = std::env::var("STORM_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        if run("storm") {
+        println!("1. quota storm: {jobs} jobs, 512 in flight, classify+draft share llm = 200/s, upstream enforces 200/s");
+        let c = storm(true, 200, jobs, "storm").await;
+        print_storm("cascade", &c, 100.0);
+        let n = storm(false, 200, jobs, "storm").await;
+        print_storm("naive", &n, 100.0);
+        }
+        if run("misconfigured") {
+
+        println!("2. misconfigured quota: as 1, but the upstream's real limit is 160/s while the quota says 200/s");
+        let c = storm(true, 160, jobs, "misconf").await;
+        print_storm("cascade", &c, 80.0);
+        let n = storm(false, 160, jobs, "misconf").await;
+        print_storm("naive", &n, 80.0);
+        }
+        if run("propagation") {
+
+        println!("4. propagation latency: random DAG of 1,000 agents, quota feeding 10 roots, 200 rounds");
+        let samples = propagation(1000, 200).await;
+        let p = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+        println!("  exhaustion → all 1,000 agents paused: p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs", p(0.5), p(0.99), p(1.0));
+        }
+    });
+    if !run("tokens") {
+        return;
+    }
+    println!(
+        "3. token storm (virtual time): tokens_per_minute = 60,000 shared by two agents, usage 250–1,600 per call"
+    );
+    for cascade in [true, false] {
+        let (worst, largest, secs) = token_storm(cascade, 60_000, 600);
+        println!(
+            "  {:<8} most tokens in any 60 s window {worst:>7} vs limit 60,000 ({:+.1}%), largest call {largest}, over the limit by {} ({:.2} calls), {secs:.0} s of virtual time",
+            if cascade { "cascade" } else { "naive" },
+            100.0 * (worst as f64 - 60_000.0) / 60_000.0,
+            worst.saturating_sub(60_000),
+            worst.saturating_sub(60_000) as f64 / largest.max(1) as f64,
+        );
+    }
+}
