@@ -139,6 +139,22 @@ pub struct JobRecord {
     pub usage: Usage,
     /// Number of events recorded so far (the last event's `seq`).
     pub events: u64,
+    /// This job's own deadline, overriding the graph's.
+    pub deadline: Option<Duration>,
+    /// Where to POST the outcome when the job ends, and how that went.
+    pub callback_url: Option<String>,
+    pub callback: Option<CallbackDelivery>,
+    /// Scope of the idempotency key.
+    pub tenant: String,
+}
+
+/// The delivery of a job's completion callback.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CallbackDelivery {
+    pub attempts: u32,
+    pub delivered: bool,
+    pub last_error: Option<String>,
+    pub delivered_at: Option<SystemTime>,
 }
 
 impl JobRecord {
@@ -178,6 +194,10 @@ impl JobRecord {
             updated_at: now,
             usage: Usage::default(),
             events: 0,
+            deadline: None,
+            callback_url: None,
+            callback: None,
+            tenant: String::new(),
         }
     }
 
@@ -189,6 +209,22 @@ impl JobRecord {
     /// Apply an update and return the event it makes. Updates that no longer apply (a step
     /// result for a job already finished) return `None` and change nothing.
     pub fn apply(&mut self, update: JobUpdate, now: SystemTime) -> Option<JobEvent> {
+        // A finished job takes no more changes but the record of its callback's delivery.
+        if let JobUpdate::Callback(delivery) = update {
+            self.callback = Some(delivery.clone());
+            self.updated_at = now;
+            self.events += 1;
+            return Some(JobEvent {
+                job_id: self.id,
+                seq: self.events,
+                at: now,
+                kind: EventKind::CallbackDelivered {
+                    delivered: delivery.delivered,
+                    attempts: delivery.attempts,
+                    error: delivery.last_error,
+                },
+            });
+        }
         if self.state.is_terminal() {
             return None;
         }
@@ -277,6 +313,7 @@ impl JobRecord {
                 }
                 EventKind::Finished { state, error }
             }
+            JobUpdate::Callback(_) => unreachable!("handled above"),
         };
         self.updated_at = now;
         self.events += 1;
@@ -319,11 +356,13 @@ pub enum JobUpdate {
         output: Option<Arc<Value>>,
         error: Option<String>,
     },
+    /// The outcome of delivering the completion callback (also on a finished job).
+    Callback(CallbackDelivery),
 }
 
 /// Something that happened to a job; `seq` counts from 1 per job, so a watcher can replay the
 /// stored events and then follow live ones without gaps or repeats.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobEvent {
     pub job_id: JobId,
     pub seq: u64,
@@ -332,7 +371,7 @@ pub struct JobEvent {
     pub kind: EventKind,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum EventKind {
     Submitted,
@@ -359,6 +398,11 @@ pub enum EventKind {
     },
     Finished {
         state: JobState,
+        error: Option<String>,
+    },
+    CallbackDelivered {
+        delivered: bool,
+        attempts: u32,
         error: Option<String>,
     },
 }

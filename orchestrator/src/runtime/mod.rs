@@ -53,6 +53,10 @@ pub struct SubmitRequest {
     pub idempotency_key: Option<String>,
     pub tenant: String,
     pub labels: BTreeMap<String, String>,
+    /// This job's deadline, overriding the graph's.
+    pub deadline: Option<Duration>,
+    /// POSTed, signed, when the job ends.
+    pub callback_url: Option<String>,
 }
 
 impl SubmitRequest {
@@ -63,6 +67,8 @@ impl SubmitRequest {
             idempotency_key: None,
             tenant: String::new(),
             labels: BTreeMap::new(),
+            deadline: None,
+            callback_url: None,
         }
     }
 
@@ -366,6 +372,8 @@ impl Orchestrator {
             idempotency_key: req.idempotency_key,
             tenant: req.tenant,
             max_pending: g.model.max_pending_jobs.get(),
+            deadline: req.deadline,
+            callback_url: req.callback_url,
         };
         match self.shared.store.submit(job).await {
             Ok(s) => {

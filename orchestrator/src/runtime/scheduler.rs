@@ -126,6 +126,8 @@ struct JobRun {
     steps: Vec<StepRun>,
     remaining: usize,
     deadline: Option<Instant>,
+    /// The deadline's length, for the message when it passes.
+    deadline_len: Option<Duration>,
 }
 
 struct Slot {
@@ -254,10 +256,14 @@ impl Actor for Scheduler {
             s.start_job(r, true);
         }
         s.admit(true);
-        if let Some(deadline) = s.ctx.model.deadline {
-            let period = (deadline / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
-            ractor::time::send_interval(period, me.get_cell(), || SchedMsg::Tick);
-        }
+        // Deadlines are checked on a tick: every job may carry its own.
+        let period = s
+            .ctx
+            .model
+            .deadline
+            .map_or(Duration::from_millis(250), |d| d / 10)
+            .clamp(Duration::from_millis(10), Duration::from_millis(250));
+        ractor::time::send_interval(period, me.get_cell(), || SchedMsg::Tick);
         Ok(())
     }
 
@@ -408,7 +414,7 @@ impl SchedState {
                     .count();
             }
         }
-        let deadline = model.deadline.map(|d| {
+        let deadline = r.deadline.or(model.deadline).map(|d| {
             let elapsed = r
                 .started_at
                 .and_then(|t| SystemTime::now().duration_since(t).ok())
@@ -431,6 +437,7 @@ impl SchedState {
                 steps,
                 remaining,
                 deadline,
+                deadline_len: r.deadline.or(model.deadline),
             },
         );
         if remaining == 0 {
@@ -864,9 +871,13 @@ impl SchedState {
             .filter(|(_, j)| j.deadline.is_some_and(|d| d <= now))
             .map(|(id, _)| *id)
             .collect();
-        let limit = self.ctx.model.deadline.map(humantime::format_duration);
         for id in expired {
-            let msg = match &limit {
+            let limit = self
+                .jobs
+                .get(&id)
+                .and_then(|j| j.deadline_len)
+                .map(humantime::format_duration);
+            let msg = match limit {
                 Some(l) => format!("deadline of {l} exceeded"),
                 None => "deadline exceeded".to_string(),
             };

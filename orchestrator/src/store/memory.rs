@@ -55,7 +55,11 @@ impl MemoryStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn submit_now(&self, job: NewJob) -> Result<Submitted, StoreError> {
+    /// Accept a job; when it is new, also return its record and first event (for persistence).
+    pub(crate) fn submit_now(
+        &self,
+        job: NewJob,
+    ) -> Result<(Submitted, Option<(JobRecord, JobEvent)>), StoreError> {
         let mut inner = self.lock();
         if let Some(key) = &job.idempotency_key {
             let k = (job.tenant.clone(), key.clone());
@@ -68,10 +72,13 @@ impl MemoryStore {
                         existing,
                     });
                 }
-                return Ok(Submitted {
-                    id: existing,
-                    deduplicated: true,
-                });
+                return Ok((
+                    Submitted {
+                        id: existing,
+                        deduplicated: true,
+                    },
+                    None,
+                ));
             }
         }
         let pending = inner.pending.get(&job.graph).map_or(0, VecDeque::len);
@@ -85,6 +92,9 @@ impl MemoryStore {
         let mut record = JobRecord::new(job.id, job.graph.clone(), &job.agents, job.input, now);
         record.labels = job.labels;
         record.idempotency_key = job.idempotency_key.clone();
+        record.deadline = job.deadline;
+        record.callback_url = job.callback_url;
+        record.tenant = job.tenant.clone();
         record.events = 1;
         let mut events = Vec::with_capacity(3 + 2 * job.agents.len());
         events.push(JobEvent {
@@ -102,6 +112,7 @@ impl MemoryStore {
             .entry(job.graph)
             .or_default()
             .push_back(job.id);
+        let created = (record.clone(), events[0].clone());
         inner.jobs.insert(
             job.id,
             Entry {
@@ -110,10 +121,83 @@ impl MemoryStore {
                 key,
             },
         );
-        Ok(Submitted {
-            id: job.id,
-            deduplicated: false,
-        })
+        Ok((
+            Submitted {
+                id: job.id,
+                deduplicated: false,
+            },
+            Some(created),
+        ))
+    }
+
+    /// Apply an update; return its event and the record after it (for persistence).
+    pub(crate) fn update_snapshot(
+        &self,
+        id: JobId,
+        update: JobUpdate,
+    ) -> Result<Option<(JobEvent, JobRecord)>, StoreError> {
+        let mut inner = self.lock();
+        let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let Some(event) = entry.record.apply(update, SystemTime::now()) else {
+            return Ok(None);
+        };
+        entry.events.push(event.clone());
+        let record = entry.record.clone();
+        if event.kind.is_final() {
+            self.finished(&mut inner, id);
+        }
+        Ok(Some((event, record)))
+    }
+
+    /// Load a job recovered from durable storage.
+    pub(crate) fn insert_recovered(&self, record: JobRecord, events: Vec<JobEvent>) {
+        let mut inner = self.lock();
+        let key = record
+            .idempotency_key
+            .clone()
+            .map(|k| (record.tenant.clone(), k));
+        if let Some(k) = &key {
+            inner.keys.insert(k.clone(), record.id);
+        }
+        if record.state == JobState::Pending {
+            inner
+                .pending
+                .entry(record.graph.clone())
+                .or_default()
+                .push_back(record.id);
+        }
+        if record.state.is_terminal() {
+            inner.finished.push_back(record.id);
+        }
+        inner.jobs.insert(
+            record.id,
+            Entry {
+                record,
+                events,
+                key,
+            },
+        );
+    }
+
+    /// Forget a job (its durable write failed).
+    pub(crate) fn remove(&self, id: JobId) {
+        let mut inner = self.lock();
+        if let Some(e) = inner.jobs.remove(&id) {
+            if let Some(k) = e.key {
+                inner.keys.remove(&k);
+            }
+            if let Some(q) = inner.pending.get_mut(&e.record.graph) {
+                q.retain(|j| *j != id);
+            }
+        }
+    }
+
+    /// The job an idempotency key names, if this store holds it.
+    pub(crate) fn find_key(&self, tenant: &str, key: &str) -> Option<JobId> {
+        self.lock()
+            .keys
+            .get(&(tenant.to_string(), key.to_string()))
+            .copied()
     }
 
     fn finished(&self, inner: &mut Inner, id: JobId) {
@@ -131,7 +215,7 @@ impl MemoryStore {
 
 impl JobStore for MemoryStore {
     fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
-        let result = self.submit_now(job);
+        let result = self.submit_now(job).map(|(s, _)| s);
         Box::pin(async move { result })
     }
 
@@ -259,6 +343,8 @@ mod tests {
             idempotency_key: key.map(String::from),
             tenant: String::new(),
             max_pending: 2,
+            deadline: None,
+            callback_url: None,
         }
     }
 

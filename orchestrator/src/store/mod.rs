@@ -3,6 +3,7 @@
 //! in-memory store serves tests, benchmarks and `cascade run`, a durable one serves `cascade serve`.
 
 mod memory;
+mod sqlite;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -14,6 +15,7 @@ use serde_json::Value;
 use crate::job::{JobEvent, JobId, JobRecord, JobState, JobUpdate};
 
 pub use memory::MemoryStore;
+pub use sqlite::{SqliteOptions, SqliteStore};
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
@@ -31,6 +33,8 @@ pub struct NewJob {
     pub tenant: String,
     /// Refuse the job if this many jobs of its graph are already pending.
     pub max_pending: usize,
+    pub deadline: Option<std::time::Duration>,
+    pub callback_url: Option<String>,
 }
 
 /// The outcome of a submission.
@@ -111,4 +115,9 @@ pub trait JobStore: Send + Sync + 'static {
     fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError>;
 
     fn pending_count(&self, graph: &str) -> usize;
+
+    /// Wait until every change made so far is durable (no-op for a store that is not).
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
 }

@@ -1,0 +1,818 @@
+//! The durable store: an SQLite file in WAL mode, written by one thread with group commit.
+//!
+//! Live jobs (pending, running) are also held in a [`MemoryStore`], which answers the scheduler's
+//! per-step calls without touching the disk; every change is queued to the writer thread, which
+//! commits everything queued so far in one transaction. A submission is acknowledged only after
+//! the transaction holding it committed, so an acknowledged job survives `kill -9`; a step update
+//! lost in a crash is harmless (the step runs again with the same idempotency key). On open, jobs
+//! left pending or running are loaded back and resume.
+//!
+//! rusqlite is synchronous; the writer is a plain thread and reads of finished jobs take a short
+//! lock on a read connection (WAL lets it read while the writer writes).
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use super::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, StoreFuture, Submitted};
+use crate::job::{
+    CallbackDelivery, EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate, StepRecord,
+    StepState,
+};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    graph TEXT NOT NULL,
+    state TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    labels TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    idempotency_key TEXT,
+    deadline_ms INTEGER,
+    callback_url TEXT,
+    callback TEXT,
+    created_at INTEGER NOT NULL,
+    started_at INTEGER,
+    finished_at INTEGER,
+    updated_at INTEGER NOT NULL,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    events INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_graph_state ON jobs (graph, state);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs (tenant, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE TABLE IF NOT EXISTS steps (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    output TEXT,
+    error TEXT,
+    started_at INTEGER,
+    finished_at INTEGER,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+) WITHOUT ROWID;
+"#;
+
+/// Where and how the durable store keeps its file.
+#[derive(Clone, Debug)]
+pub struct SqliteOptions {
+    /// The database file (created with its directory if missing).
+    pub path: PathBuf,
+    /// Finished jobs and their idempotency keys are kept this long (default 24 h).
+    pub retention: Duration,
+    /// fsync every commit (`synchronous = FULL`): survives power loss, not only a crash.
+    pub fsync: bool,
+}
+
+impl SqliteOptions {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            retention: Duration::from_secs(24 * 3600),
+            fsync: true,
+        }
+    }
+}
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+enum Op {
+    Insert {
+        record: JobRecord,
+        event: JobEvent,
+        ack: Ack,
+    },
+    Update {
+        record: JobRecord,
+        event: JobEvent,
+    },
+    Flush(oneshot::Sender<()>),
+}
+
+pub struct SqliteStore {
+    mem: MemoryStore,
+    tx: Mutex<mpsc::Sender<Op>>,
+    read: Mutex<Connection>,
+    /// Makes "is this key known (in memory or on disk)? if not, take it" one step.
+    submit_lock: Mutex<()>,
+    retention: Duration,
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn from_micros(v: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(v.max(0) as u64)
+}
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+impl SqliteStore {
+    /// Open (or create) the store and load the jobs left pending or running.
+    pub fn open(options: SqliteOptions) -> Result<Self, StoreError> {
+        if let Some(dir) = options.path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                err(format!(
+                    "cannot create data directory {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
+        let open = || -> Result<Connection, StoreError> {
+            let c = Connection::open(&options.path)
+                .map_err(|e| err(format!("cannot open {}: {e}", options.path.display())))?;
+            c.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+            c.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+            c.pragma_update(
+                None,
+                "synchronous",
+                if options.fsync { "FULL" } else { "NORMAL" },
+            )
+            .map_err(err)?;
+            Ok(c)
+        };
+        let writer = open()?;
+        writer.execute_batch(SCHEMA).map_err(err)?;
+        let read = open()?;
+        let mem = MemoryStore::with_retention(10_000);
+        let mut loaded = 0;
+        {
+            let mut stmt = read
+                .prepare("SELECT id FROM jobs WHERE state IN ('pending', 'running', 'awaiting_approval') ORDER BY id")
+                .map_err(err)?;
+            let ids: Vec<String> = stmt
+                .query_map([], |r| r.get(0))
+                .map_err(err)?
+                .collect::<Result<_, _>>()
+                .map_err(err)?;
+            for id in ids {
+                let id: JobId = id.parse().map_err(err)?;
+                if let Some(record) = load_job(&read, id)? {
+                    let events = load_events(&read, id, 0)?;
+                    mem.insert_recovered(record, events);
+                    loaded += 1;
+                }
+            }
+        }
+        if loaded > 0 {
+            tracing::info!(jobs = loaded, path = %options.path.display(), "loaded unfinished jobs from the store");
+        }
+        let (tx, rx) = mpsc::channel();
+        let retention = options.retention;
+        std::thread::Builder::new()
+            .name("cascade-store-writer".into())
+            .spawn(move || writer_loop(writer, rx, retention))
+            .map_err(err)?;
+        Ok(Self {
+            mem,
+            tx: Mutex::new(tx),
+            read: Mutex::new(read),
+            submit_lock: Mutex::new(()),
+            retention,
+        })
+    }
+
+    fn send(&self, op: Op) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        if tx.send(op).is_err() {
+            tracing::error!("the store's writer thread is gone; changes are not persisted");
+        }
+    }
+
+    fn read(&self) -> MutexGuard<'_, Connection> {
+        self.read.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A key not held in memory may still name a job on disk (within the retention).
+    fn key_on_disk(&self, tenant: &str, key: &str) -> Result<Option<(JobId, Value)>, StoreError> {
+        let cutoff = micros(SystemTime::now() - self.retention);
+        let conn = self.read();
+        let row: Option<(String, String)> = conn
+            .query_row(
+                "SELECT id, input FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2 AND created_at >= ?3",
+                params![tenant, key, cutoff],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(err)?;
+        match row {
+            None => Ok(None),
+            Some((id, input)) => Ok(Some((
+                id.parse().map_err(err)?,
+                serde_json::from_str(&input).map_err(err)?,
+            ))),
+        }
+    }
+}
+
+impl JobStore for SqliteStore {
+    fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
+        let result = (|| {
+            let _guard = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(key) = &job.idempotency_key
+                && self.mem.find_key(&job.tenant, key).is_none()
+                && let Some((existing, input)) = self.key_on_disk(&job.tenant, key)?
+            {
+                if input != *job.input {
+                    return Err(StoreError::KeyConflict {
+                        key: key.clone(),
+                        existing,
+                    });
+                }
+                return Ok((
+                    Submitted {
+                        id: existing,
+                        deduplicated: true,
+                    },
+                    None,
+                ));
+            }
+            self.mem.submit_now(job)
+        })();
+        Box::pin(async move {
+            let (submitted, created) = result?;
+            let Some((record, event)) = created else {
+                return Ok(submitted);
+            };
+            let (ack, done) = oneshot::channel();
+            let id = record.id;
+            self.send(Op::Insert { record, event, ack });
+            match done.await {
+                Ok(Ok(())) => Ok(submitted),
+                Ok(Err(e)) => {
+                    self.mem.remove(id);
+                    Err(StoreError::Unavailable(format!(
+                        "the job could not be stored: {e}"
+                    )))
+                }
+                Err(_) => {
+                    self.mem.remove(id);
+                    Err(StoreError::Unavailable("the store's writer stopped".into()))
+                }
+            }
+        })
+    }
+
+    fn claim_pending(&self, graph: &str, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        self.mem.claim_pending(graph, limit)
+    }
+
+    fn running(&self, graph: &str) -> Result<Vec<JobRecord>, StoreError> {
+        self.mem.running(graph)
+    }
+
+    fn update(&self, id: JobId, update: JobUpdate) -> Result<Option<JobEvent>, StoreError> {
+        let snapshot = match self.mem.update_snapshot(id, update.clone()) {
+            Ok(s) => s,
+            // A finished job evicted from memory can still get its callback's outcome.
+            Err(StoreError::NotFound(_)) if matches!(update, JobUpdate::Callback(_)) => {
+                let Some(mut record) = self.get(id)? else {
+                    return Err(StoreError::NotFound(id));
+                };
+                record.apply(update, SystemTime::now()).map(|e| (e, record))
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(snapshot.map(|(event, record)| {
+            self.send(Op::Update {
+                record,
+                event: event.clone(),
+            });
+            event
+        }))
+    }
+
+    fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError> {
+        let Some(event) = self.mem.cancel_pending(id, reason)? else {
+            return Ok(None);
+        };
+        if let Some(record) = self.mem.get(id)? {
+            self.send(Op::Update {
+                record,
+                event: event.clone(),
+            });
+        }
+        Ok(Some(event))
+    }
+
+    fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        if let Some(r) = self.mem.get(id)? {
+            return Ok(Some(r));
+        }
+        load_job(&self.read(), id)
+    }
+
+    fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError> {
+        match self.mem.events(id, after_seq) {
+            Err(StoreError::NotFound(_)) => {
+                let conn = self.read();
+                if load_job(&conn, id)?.is_none() {
+                    return Err(StoreError::NotFound(id));
+                }
+                load_events(&conn, id, after_seq)
+            }
+            other => other,
+        }
+    }
+
+    fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let mut sql = String::from("SELECT id FROM jobs WHERE 1 = 1");
+        let mut args: Vec<String> = Vec::new();
+        if let Some(g) = &filter.graph {
+            args.push(g.clone());
+            sql += &format!(" AND graph = ?{}", args.len());
+        }
+        if let Some(s) = filter.state {
+            args.push(s.as_str().to_string());
+            sql += &format!(" AND state = ?{}", args.len());
+        }
+        if let Some(b) = filter.before {
+            args.push(b.to_string());
+            sql += &format!(" AND id < ?{}", args.len());
+        }
+        for (k, v) in &filter.labels {
+            args.push(format!("$.\"{}\"", k.replace('"', "")));
+            args.push(v.clone());
+            sql += &format!(
+                " AND json_extract(labels, ?{}) = ?{}",
+                args.len() - 1,
+                args.len()
+            );
+        }
+        sql += " ORDER BY id DESC";
+        if filter.limit > 0 {
+            sql += &format!(" LIMIT {}", filter.limit);
+        }
+        let ids: Vec<String> = {
+            let conn = self.read();
+            let mut stmt = conn.prepare(&sql).map_err(err)?;
+            stmt.query_map(rusqlite::params_from_iter(args.iter()), |r| r.get(0))
+                .map_err(err)?
+                .collect::<Result<_, _>>()
+                .map_err(err)?
+        };
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id: JobId = id.parse().map_err(err)?;
+            // Memory holds the freshest state of a live job.
+            if let Some(r) = self.get(id)? {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn pending_count(&self, graph: &str) -> usize {
+        self.mem.pending_count(graph)
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        let (ack, done) = oneshot::channel();
+        self.send(Op::Flush(ack));
+        Box::pin(async move {
+            done.await
+                .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))
+        })
+    }
+}
+
+fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, retention: Duration) {
+    let mut last_cleanup = Instant::now();
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 8192 {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let result = write_batch(&conn, &batch).map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!(error = %e, ops = batch.len(), "store write failed");
+        }
+        for op in batch {
+            match op {
+                Op::Insert { ack, .. } => {
+                    let _ = ack.send(result.clone());
+                }
+                Op::Flush(ack) => {
+                    let _ = ack.send(());
+                }
+                Op::Update { .. } => {}
+            }
+        }
+        if last_cleanup.elapsed() > Duration::from_secs(600) {
+            last_cleanup = Instant::now();
+            let cutoff = micros(SystemTime::now() - retention);
+            let r = conn.execute_batch(&format!(
+                "BEGIN;
+                 DELETE FROM events WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < {cutoff});
+                 DELETE FROM steps WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < {cutoff});
+                 DELETE FROM jobs WHERE finished_at < {cutoff};
+                 COMMIT;"
+            ));
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "store clean-up failed");
+            }
+        }
+    }
+}
+
+fn json(v: &Option<Arc<Value>>) -> Option<String> {
+    v.as_ref().map(|v| v.to_string())
+}
+
+fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<()> {
+    let tx = conn.unchecked_transaction()?;
+    for op in batch {
+        match op {
+            Op::Insert {
+                record: r, event, ..
+            } => {
+                tx.prepare_cached(
+                    "INSERT INTO jobs (id, graph, state, input, labels, tenant, idempotency_key, deadline_ms,
+                         callback_url, created_at, updated_at, events)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?
+                .execute(params![
+                    r.id.to_string(),
+                    &*r.graph,
+                    r.state.as_str(),
+                    r.input.to_string(),
+                    serde_json::to_string(&r.labels).unwrap_or_default(),
+                    r.tenant,
+                    r.idempotency_key,
+                    r.deadline.map(|d| d.as_millis() as i64),
+                    r.callback_url,
+                    micros(r.created_at),
+                    micros(r.updated_at),
+                    r.events as i64,
+                ])?;
+                for (i, s) in r.steps.iter().enumerate() {
+                    write_step(&tx, r.id, i, s)?;
+                }
+                write_event(&tx, event)?;
+            }
+            Op::Update { record: r, event } => {
+                tx.prepare_cached(
+                    "UPDATE jobs SET state = ?2, output = ?3, error = ?4, started_at = ?5, finished_at = ?6,
+                         updated_at = ?7, prompt_tokens = ?8, completion_tokens = ?9, cost_usd = ?10,
+                         events = ?11, callback = ?12
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    r.id.to_string(),
+                    r.state.as_str(),
+                    json(&r.output),
+                    r.error,
+                    r.started_at.map(micros),
+                    r.finished_at.map(micros),
+                    micros(r.updated_at),
+                    r.usage.prompt_tokens as i64,
+                    r.usage.completion_tokens as i64,
+                    r.usage.cost_usd,
+                    r.events as i64,
+                    r.callback.as_ref().and_then(|c| serde_json::to_string(c).ok()),
+                ])?;
+                let agent = match &event.kind {
+                    EventKind::StepStarted { agent, .. }
+                    | EventKind::StepRetrying { agent, .. }
+                    | EventKind::StepSucceeded { agent, .. }
+                    | EventKind::StepFailed { agent, .. } => Some(agent),
+                    _ => None,
+                };
+                match agent {
+                    Some(a) => {
+                        if let Some(i) = r.steps.iter().position(|s| s.agent == *a) {
+                            write_step(&tx, r.id, i, &r.steps[i])?;
+                        }
+                    }
+                    // A finished job marks its unfinished steps cancelled: write them all.
+                    None if event.kind.is_final() => {
+                        for (i, s) in r.steps.iter().enumerate() {
+                            write_step(&tx, r.id, i, s)?;
+                        }
+                    }
+                    None => {}
+                }
+                write_event(&tx, event)?;
+            }
+            Op::Flush(_) => {}
+        }
+    }
+    tx.commit()
+}
+
+fn write_step(
+    tx: &rusqlite::Transaction<'_>,
+    job: JobId,
+    i: usize,
+    s: &StepRecord,
+) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO steps (job_id, idx, agent, state, attempts, output, error, started_at, finished_at,
+             prompt_tokens, completion_tokens, cost_usd)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (job_id, idx) DO UPDATE SET state = ?4, attempts = ?5, output = ?6, error = ?7,
+             started_at = ?8, finished_at = ?9, prompt_tokens = ?10, completion_tokens = ?11, cost_usd = ?12",
+    )?
+    .execute(params![
+        job.to_string(),
+        i as i64,
+        &*s.agent,
+        s.state.as_str(),
+        s.attempts,
+        json(&s.output),
+        s.error,
+        s.started_at.map(micros),
+        s.finished_at.map(micros),
+        s.usage.prompt_tokens as i64,
+        s.usage.completion_tokens as i64,
+        s.usage.cost_usd,
+    ])?;
+    Ok(())
+}
+
+fn write_event(tx: &rusqlite::Transaction<'_>, e: &JobEvent) -> rusqlite::Result<()> {
+    tx.prepare_cached("INSERT OR REPLACE INTO events (job_id, seq, body) VALUES (?1, ?2, ?3)")?
+        .execute(params![
+            e.job_id.to_string(),
+            e.seq as i64,
+            serde_json::to_string(e).unwrap_or_default()
+        ])?;
+    Ok(())
+}
+
+fn parse_state(s: &str) -> JobState {
+    match s {
+        "pending" => JobState::Pending,
+        "running" => JobState::Running,
+        "awaiting_approval" => JobState::AwaitingApproval,
+        "succeeded" => JobState::Succeeded,
+        "cancelled" => JobState::Cancelled,
+        _ => JobState::Failed,
+    }
+}
+
+fn parse_step_state(s: &str) -> StepState {
+    match s {
+        "waiting" => StepState::Waiting,
+        "running" => StepState::Running,
+        "retrying" => StepState::Retrying,
+        "succeeded" => StepState::Succeeded,
+        "failed" => StepState::Failed,
+        _ => StepState::Cancelled,
+    }
+}
+
+fn parse_json(s: Option<String>) -> Option<Arc<Value>> {
+    s.and_then(|t| serde_json::from_str(&t).ok()).map(Arc::new)
+}
+
+fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+    let key = id.to_string();
+    let row = conn
+        .prepare_cached(
+            "SELECT graph, state, input, output, error, labels, tenant, idempotency_key, deadline_ms, callback_url,
+                 callback, created_at, started_at, finished_at, updated_at, prompt_tokens, completion_tokens,
+                 cost_usd, events
+             FROM jobs WHERE id = ?1",
+        )
+        .map_err(err)?
+        .query_row(params![key], |r| {
+            let mut rec = JobRecord::new(
+                id,
+                r.get::<_, String>(0)?.into(),
+                &[],
+                Arc::new(serde_json::from_str(&r.get::<_, String>(2)?).unwrap_or(Value::Null)),
+                from_micros(r.get(11)?),
+            );
+            rec.state = parse_state(&r.get::<_, String>(1)?);
+            rec.output = parse_json(r.get(3)?);
+            rec.error = r.get(4)?;
+            rec.labels = serde_json::from_str(&r.get::<_, String>(5)?).unwrap_or_default();
+            rec.tenant = r.get(6)?;
+            rec.idempotency_key = r.get(7)?;
+            rec.deadline = r.get::<_, Option<i64>>(8)?.map(|ms| Duration::from_millis(ms.max(0) as u64));
+            rec.callback_url = r.get(9)?;
+            rec.callback = r
+                .get::<_, Option<String>>(10)?
+                .and_then(|c| serde_json::from_str::<CallbackDelivery>(&c).ok());
+            rec.started_at = r.get::<_, Option<i64>>(12)?.map(from_micros);
+            rec.finished_at = r.get::<_, Option<i64>>(13)?.map(from_micros);
+            rec.updated_at = from_micros(r.get(14)?);
+            rec.usage.prompt_tokens = r.get::<_, i64>(15)? as u64;
+            rec.usage.completion_tokens = r.get::<_, i64>(16)? as u64;
+            rec.usage.cost_usd = r.get(17)?;
+            rec.events = r.get::<_, i64>(18)? as u64;
+            Ok(rec)
+        })
+        .optional()
+        .map_err(err)?;
+    let Some(mut rec) = row else { return Ok(None) };
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT agent, state, attempts, output, error, started_at, finished_at, prompt_tokens,
+                 completion_tokens, cost_usd
+             FROM steps WHERE job_id = ?1 ORDER BY idx",
+        )
+        .map_err(err)?;
+    rec.steps = stmt
+        .query_map(params![key], |r| {
+            Ok(StepRecord {
+                agent: r.get::<_, String>(0)?.into(),
+                state: parse_step_state(&r.get::<_, String>(1)?),
+                attempts: r.get(2)?,
+                output: parse_json(r.get(3)?),
+                error: r.get(4)?,
+                started_at: r.get::<_, Option<i64>>(5)?.map(from_micros),
+                finished_at: r.get::<_, Option<i64>>(6)?.map(from_micros),
+                usage: cascade_agents::Usage {
+                    prompt_tokens: r.get::<_, i64>(7)? as u64,
+                    completion_tokens: r.get::<_, i64>(8)? as u64,
+                    cost_usd: r.get(9)?,
+                },
+            })
+        })
+        .map_err(err)?
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    Ok(Some(rec))
+}
+
+fn load_events(conn: &Connection, id: JobId, after: u64) -> Result<Vec<JobEvent>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT body FROM events WHERE job_id = ?1 AND seq > ?2 ORDER BY seq")
+        .map_err(err)?;
+    let bodies: Vec<String> = stmt
+        .query_map(params![id.to_string(), after as i64], |r| r.get(0))
+        .map_err(err)?
+        .collect::<Result<_, _>>()
+        .map_err(err)?;
+    bodies
+        .into_iter()
+        .map(|b| serde_json::from_str(&b).map_err(err))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn new_job(key: Option<&str>, input: Value) -> NewJob {
+        NewJob {
+            id: JobId::new(),
+            graph: "g".into(),
+            agents: vec!["a".into(), "b".into()],
+            input: Arc::new(input),
+            labels: [("team".to_string(), "blue".to_string())].into(),
+            idempotency_key: key.map(String::from),
+            tenant: "t".into(),
+            max_pending: 100,
+            deadline: Some(Duration::from_secs(30)),
+            callback_url: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn survives_reopen_with_steps_events_and_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let (a, b);
+        {
+            let s = SqliteStore::open(SqliteOptions::new(&path)).unwrap();
+            a = s
+                .submit(new_job(Some("k1"), json!({"n": 1})))
+                .await
+                .unwrap()
+                .id;
+            b = s.submit(new_job(None, json!({"n": 2}))).await.unwrap().id;
+            // a runs one step; b stays pending.
+            assert_eq!(s.claim_pending("g", 1).unwrap()[0].id, a);
+            s.update(a, JobUpdate::Started).unwrap();
+            s.update(
+                a,
+                JobUpdate::StepStarted {
+                    step: 0,
+                    attempt: 1,
+                },
+            )
+            .unwrap();
+            s.update(
+                a,
+                JobUpdate::StepSucceeded {
+                    step: 0,
+                    attempt: 1,
+                    output: Arc::new(json!({"ok": true})),
+                    usage: Default::default(),
+                },
+            )
+            .unwrap();
+            s.flush().await.unwrap();
+        }
+        let s = SqliteStore::open(SqliteOptions::new(&path)).unwrap();
+        let running = s.running("g").unwrap();
+        assert_eq!(running.len(), 1);
+        let r = &running[0];
+        assert_eq!(r.id, a);
+        assert_eq!(r.steps[0].state, StepState::Succeeded);
+        assert_eq!(r.steps[0].output.as_deref(), Some(&json!({"ok": true})));
+        assert_eq!(r.steps[1].state, StepState::Waiting);
+        assert_eq!(r.deadline, Some(Duration::from_secs(30)));
+        assert_eq!(r.labels.get("team").map(String::as_str), Some("blue"));
+        assert_eq!(s.events(a, 0).unwrap().len(), 4);
+        assert_eq!(
+            s.claim_pending("g", 5).unwrap()[0].id,
+            b,
+            "pending jobs are pending again"
+        );
+        // The key survives too.
+        let again = s
+            .submit(new_job(Some("k1"), json!({"n": 1})))
+            .await
+            .unwrap();
+        assert_eq!((again.id, again.deduplicated), (a, true));
+        let conflict = s
+            .submit(new_job(Some("k1"), json!({"n": 9})))
+            .await
+            .unwrap_err();
+        assert!(matches!(conflict, StoreError::KeyConflict { .. }));
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_are_read_back_from_disk_and_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let s = SqliteStore::open(SqliteOptions::new(&path)).unwrap();
+        let id = s.submit(new_job(Some("done"), json!(1))).await.unwrap().id;
+        s.claim_pending("g", 1).unwrap();
+        s.update(id, JobUpdate::Started).unwrap();
+        s.update(
+            id,
+            JobUpdate::Finished {
+                state: JobState::Succeeded,
+                output: Some(Arc::new(json!({"b": 2}))),
+                error: None,
+            },
+        )
+        .unwrap();
+        s.flush().await.unwrap();
+        drop(s);
+        let s = SqliteStore::open(SqliteOptions::new(&path)).unwrap();
+        let r = s.get(id).unwrap().unwrap();
+        assert_eq!(r.state, JobState::Succeeded);
+        assert_eq!(r.output.as_deref(), Some(&json!({"b": 2})));
+        assert_eq!(r.steps[1].state, StepState::Cancelled);
+        assert!(s.running("g").unwrap().is_empty());
+        let listed = s
+            .list(&JobFilter {
+                graph: Some("g".into()),
+                state: Some(JobState::Succeeded),
+                labels: [("team".to_string(), "blue".to_string())].into(),
+                limit: 10,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(listed.len(), 1);
+        let none = s
+            .list(&JobFilter {
+                labels: [("team".to_string(), "red".to_string())].into(),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(none.is_empty());
+        assert_eq!(
+            s.events(id, 0).unwrap().last().unwrap().kind.is_final(),
+            true
+        );
+    }
+}
