@@ -1,7 +1,10 @@
 //! `cascade`: the command-line front of the orchestrator.
 
+mod client_cmd;
+mod demo_cmd;
 mod graph_cmd;
 mod run_cmd;
+mod serve_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +25,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    conn: client_cmd::Conn,
 }
 
 #[derive(Subcommand)]
@@ -33,6 +38,17 @@ enum Command {
     },
     /// Run jobs of a graph in this process, with a progress bar and a summary.
     Run(run_cmd::RunArgs),
+    /// Serve the gRPC API and HTTP endpoints over the durable store.
+    Serve(serve_cmd::ServeArgs),
+    /// A server on the embedded example graphs plus a gRPC client that runs jobs through it.
+    Demo(demo_cmd::DemoArgs),
+    /// Submit a job to a server.
+    Submit(client_cmd::SubmitArgs),
+    /// List, inspect, follow or cancel jobs on a server.
+    Jobs {
+        #[command(subcommand)]
+        command: client_cmd::JobsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -52,6 +68,8 @@ enum GraphCommand {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// A running graph's agents (paused? why? until when?) and quotas, from a server.
+    Status { name: String },
 }
 
 fn main() -> ExitCode {
@@ -61,8 +79,13 @@ fn main() -> ExitCode {
         Command::Graph { command } => match command {
             GraphCommand::Check { files, config } => graph_cmd::check(config.as_deref(), &files),
             GraphCommand::Dot { file, config } => graph_cmd::dot(config.as_deref(), &file),
+            GraphCommand::Status { name } => client_cmd::graph_status(cli.conn, name),
         },
         Command::Run(args) => run_cmd::run(args),
+        Command::Serve(args) => serve_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args),
+        Command::Submit(args) => client_cmd::submit(cli.conn, args),
+        Command::Jobs { command } => client_cmd::jobs(cli.conn, command),
     };
     match result {
         Ok(code) => code,

@@ -4,6 +4,7 @@
 //! The data path reads one way: TOML → [`config`] → [`model`] → [`dag`] → supervised actors
 //! ([`runtime`]) → [`store`].
 
+pub mod api;
 pub mod backoff;
 pub mod config;
 pub mod dag;
@@ -12,6 +13,8 @@ pub mod model;
 pub mod quota;
 pub mod restart;
 pub mod runtime;
+pub mod secret;
+pub mod server;
 pub mod signal;
 pub mod store;
 

@@ -26,13 +26,23 @@ impl ServerModel {
 }
 
 /// Server settings from `cascade.toml` (`[server]`); command-line flags override them.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct ServerSettings {
     pub grpc_addr: Option<String>,
     pub http_addr: Option<String>,
     pub data_dir: Option<PathBuf>,
     /// Pause propagation through the DAG (`false`: naive mode, for comparisons).
     pub cascade: bool,
+    /// Verifies webhook signatures (a reference: `env:NAME` or `file:PATH`).
+    pub webhook_secret: Option<crate::secret::SecretRef>,
+    /// Signs completion callbacks.
+    pub callback_secret: Option<crate::secret::SecretRef>,
+    /// Largest job input accepted, in bytes.
+    pub max_input_bytes: Option<usize>,
+    /// How long finished jobs and idempotency keys are kept.
+    pub retention: Option<Duration>,
+    /// How long a graceful shutdown lets in-flight jobs finish.
+    pub shutdown_grace: Option<Duration>,
 }
 
 impl Default for ServerSettings {
@@ -42,6 +52,11 @@ impl Default for ServerSettings {
             http_addr: None,
             data_dir: None,
             cascade: true,
+            webhook_secret: None,
+            callback_secret: None,
+            max_input_bytes: None,
+            retention: None,
+            shutdown_grace: None,
         }
     }
 }

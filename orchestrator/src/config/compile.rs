@@ -31,7 +31,17 @@ const GRAPH_FIELDS: &[&str] = &[
     "max_pending_jobs",
     "deadline",
 ];
-const SERVER_FIELDS: &[&str] = &["grpc_addr", "http_addr", "data_dir", "cascade"];
+const SERVER_FIELDS: &[&str] = &[
+    "grpc_addr",
+    "http_addr",
+    "data_dir",
+    "cascade",
+    "webhook_secret",
+    "callback_secret",
+    "max_input_bytes",
+    "retention",
+    "shutdown_grace",
+];
 const QUOTA_FIELDS: &[&str] = &[
     "description",
     "requests_per_second",
@@ -229,6 +239,15 @@ impl<'r> Loader<'r> {
                 if let Some(on) = s.take("cascade", &mut self.errs) {
                     self.server.cascade = on;
                 }
+                self.server.webhook_secret = s.take("webhook_secret", &mut self.errs);
+                self.server.callback_secret = s.take("callback_secret", &mut self.errs);
+                self.server.max_input_bytes = s.take("max_input_bytes", &mut self.errs);
+                self.server.retention = s
+                    .take::<HumanDuration>("retention", &mut self.errs)
+                    .map(HumanDuration::get);
+                self.server.shutdown_grace = s
+                    .take::<HumanDuration>("shutdown_grace", &mut self.errs)
+                    .map(HumanDuration::get);
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
             }
         }

@@ -18,6 +18,7 @@ mod broker;
 mod scheduler;
 mod stats;
 mod supervisor;
+mod view;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -40,6 +41,7 @@ use crate::store::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, Submitt
 
 pub use scheduler::{AgentSlotSnapshot, SchedulerSnapshot};
 pub use stats::{AgentHealth, AgentStatsSnapshot, GraphStats, GraphStatsSnapshot};
+pub use view::{AgentState, GraphState};
 
 use broker::{BrokerMsg, QuotaIndex};
 use scheduler::SchedMsg;
@@ -130,6 +132,8 @@ pub(crate) struct Shared {
     graph_events: broadcast::Sender<GraphEvent>,
     waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<()>>>>,
     shutting_down: AtomicBool,
+    /// Where finished jobs with a callback URL go to be delivered (set by the server).
+    callbacks: RwLock<Option<mpsc::Sender<JobId>>>,
 }
 
 impl Shared {
@@ -154,6 +158,19 @@ impl Shared {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Relaxed)
+    }
+
+    /// Hand a finished job to the callback deliverer.
+    pub fn callback(&self, id: JobId) {
+        if let Some(tx) = self
+            .callbacks
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            && tx.try_send(id).is_err()
+        {
+            tracing::error!(job_id = %id, "callback queue full or closed; the callback is not delivered");
+        }
     }
 
     pub fn has_graph_watchers(&self) -> bool {
@@ -282,6 +299,7 @@ impl OrchestratorBuilder {
             graph_events: broadcast::channel(4096).0,
             waiters: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
+            callbacks: RwLock::new(None),
         });
         let graphs: Vec<Arc<GraphCtx>> = shared
             .model
@@ -533,6 +551,19 @@ impl Orchestrator {
         self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))
     }
 
+    /// Send finished jobs that have a callback URL here (the server's deliverer).
+    pub fn set_callback_sink(&self, tx: mpsc::Sender<JobId>) {
+        *self
+            .shared
+            .callbacks
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.is_shutting_down()
+    }
+
     /// Whether pause propagation is on.
     pub fn cascade(&self) -> bool {
         self.shared.cascade
@@ -560,6 +591,21 @@ impl Orchestrator {
         self.graphs
             .get(graph)
             .map_or(0, |g| g.paused_agents.load(Relaxed))
+    }
+
+    /// Every job event of the server, live (for callbacks and dashboards; filter by job id).
+    pub fn watch_jobs(&self) -> broadcast::Receiver<JobEvent> {
+        self.shared.events.subscribe()
+    }
+
+    /// The graphs this orchestrator runs.
+    pub fn graph_names(&self) -> Vec<Arc<str>> {
+        self.shared
+            .model
+            .graphs
+            .iter()
+            .map(|g| g.name.clone())
+            .collect()
     }
 
     /// Pause, resume, quota and circuit events of every graph, live.

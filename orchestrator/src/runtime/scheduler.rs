@@ -128,6 +128,8 @@ struct JobRun {
     deadline: Option<Instant>,
     /// The deadline's length, for the message when it passes.
     deadline_len: Option<Duration>,
+    /// The job has a callback URL to notify when it ends.
+    callback: bool,
 }
 
 struct Slot {
@@ -438,6 +440,7 @@ impl SchedState {
                 remaining,
                 deadline,
                 deadline_len: r.deadline.or(model.deadline),
+                callback: r.callback_url.is_some(),
             },
         );
         if remaining == 0 {
@@ -860,6 +863,9 @@ impl SchedState {
             },
         );
         self.ctx.shared.job_finished(id);
+        if job.callback {
+            self.ctx.shared.callback(id);
+        }
         self.admit(false);
     }
 

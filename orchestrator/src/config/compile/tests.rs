@@ -325,3 +325,25 @@ fn server_config_lists_graph_dirs_and_shared_quotas() {
     assert_eq!(&*m.graph("two").unwrap().agents[0].quotas[0], "llm");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn literal_secrets_are_a_load_error_that_does_not_echo_them() {
+    let dir = std::env::temp_dir().join(format!("cascade-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("cascade.toml");
+    std::fs::write(
+        &cfg,
+        "[server]\nwebhook_secret = \"whsec_live_abc123\"\ncallback_secret = \"env:CB\"\n",
+    )
+    .unwrap();
+    let errs = load(Some(&cfg), &[], &Registry::default()).unwrap_err().0;
+    assert_eq!(errs.len(), 1);
+    let e = &errs[0];
+    assert_eq!(
+        (e.path.as_str(), e.line, e.column),
+        ("server.webhook_secret", 2, 18)
+    );
+    assert!(e.message.contains("env:NAME"), "{e}");
+    assert!(!e.to_string().contains("whsec_live_abc123"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,364 @@
+//! `cascade.v1.Cascade`: each method validates its request, calls the library API, and maps the
+//! answer and errors (canonical codes with `google.rpc` details).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use super::convert::{
+    cause_to_pb, event_to_pb, graph_event_to_pb, job_state_from_pb, job_to_pb, ts,
+};
+use super::pb;
+use crate::config::nearest;
+use crate::job::JobId;
+use crate::runtime::GraphState;
+use crate::store::{JobFilter, StoreError};
+use crate::{Orchestrator, SubmitError, SubmitRequest};
+
+const DEFAULT_PAGE_SIZE: usize = 50;
+const MAX_PAGE_SIZE: usize = 1000;
+
+pub struct CascadeService {
+    orch: Arc<Orchestrator>,
+    max_input_bytes: usize,
+}
+
+impl CascadeService {
+    pub fn new(orch: Arc<Orchestrator>, max_input_bytes: usize) -> Self {
+        Self {
+            orch,
+            max_input_bytes,
+        }
+    }
+}
+
+fn bad_request(field: &str, description: impl Into<String>) -> Status {
+    let description = description.into();
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {description}"),
+        ErrorDetails::with_bad_request_violation(field, description),
+    )
+}
+
+fn parse_job_id(field: &str, s: &str) -> Result<JobId, Status> {
+    s.parse().map_err(|e: String| bad_request(field, e))
+}
+
+fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound(id) => Status::not_found(format!("job {id} not found")),
+        StoreError::KeyConflict { .. } => Status::already_exists(e.to_string()),
+        StoreError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        StoreError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::UnknownGraph { .. } => Status::not_found(e.to_string()),
+        SubmitError::Overloaded { retry_after, .. } => Status::with_error_details(
+            Code::ResourceExhausted,
+            e.to_string(),
+            ErrorDetails::with_retry_info(Some(retry_after)),
+        ),
+        SubmitError::KeyConflict(inner) => Status::already_exists(inner.to_string()),
+        SubmitError::ShuttingDown => Status::unavailable(e.to_string()),
+        SubmitError::Store(inner) => store_status(inner),
+    }
+}
+
+fn graph_to_pb(g: GraphState) -> pb::Graph {
+    pb::Graph {
+        name: g.name,
+        description: g.description.unwrap_or_default(),
+        agents: g
+            .agents
+            .into_iter()
+            .map(|a| pb::Agent {
+                name: a.name,
+                kind: a.kind,
+                after: a.after,
+                quotas: a.quotas,
+                state: a.state.to_string(),
+                pause_reach: a
+                    .pause
+                    .as_ref()
+                    .map(|p| match p.reach {
+                        crate::signal::Reach::Direct => "direct",
+                        crate::signal::Reach::Upstream => "upstream",
+                    })
+                    .unwrap_or_default()
+                    .to_string(),
+                pause_causes: a
+                    .pause
+                    .map(|p| p.causes.iter().map(cause_to_pb).collect())
+                    .unwrap_or_default(),
+                queue_depth: a.queue_depth as u64,
+                in_flight: a.in_flight,
+            })
+            .collect(),
+        quotas: g
+            .quotas
+            .into_iter()
+            .map(|q| {
+                let mut limits = Vec::new();
+                if let Some(r) = &q.requests_limit {
+                    limits.push(format!("{r} requests"));
+                }
+                if let Some(t) = &q.tokens_limit {
+                    limits.push(format!("{t} tokens"));
+                }
+                if let Some(c) = q.max_concurrency {
+                    limits.push(format!("{c} concurrent"));
+                }
+                let mut available = Vec::new();
+                if let Some(r) = q.requests_available {
+                    available.push(format!("requests {r}"));
+                }
+                if let Some(t) = q.tokens_available {
+                    available.push(format!("tokens {t}"));
+                }
+                if let Some(c) = q.max_concurrency {
+                    available.push(format!("slots {}", c.saturating_sub(q.in_flight)));
+                }
+                pb::Quota {
+                    name: q.name,
+                    limits: limits.join(", "),
+                    available: available.join(", "),
+                    exhausted_until: q
+                        .exhausted_for_ms
+                        .map(|ms| ts(std::time::SystemTime::now() + Duration::from_millis(ms))),
+                    circuit: q
+                        .circuit
+                        .and_then(|c| serde_json::to_value(c).ok())
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    exhausted_reason: q.exhausted_reason.unwrap_or_default().to_string(),
+                    effective_rate_multiplier: q.effective_rate_multiplier,
+                }
+            })
+            .collect(),
+        pending_jobs: g.pending_jobs as u64,
+        running_jobs: g.running_jobs as u64,
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::cascade_server::Cascade for CascadeService {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let r = req.into_inner();
+        if r.graph.is_empty() {
+            return Err(bad_request("graph", "name the graph to run"));
+        }
+        if r.input_json.len() > self.max_input_bytes {
+            return Err(bad_request(
+                "input_json",
+                format!(
+                    "input is {} bytes, over the limit of {} bytes; pass a reference (a URL or id) instead of the data",
+                    r.input_json.len(),
+                    self.max_input_bytes
+                ),
+            ));
+        }
+        let input: serde_json::Value = if r.input_json.trim().is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            serde_json::from_str(&r.input_json)
+                .map_err(|e| bad_request("input_json", format!("not valid JSON: {e}")))?
+        };
+        let deadline = match r.deadline {
+            None => None,
+            Some(d) => {
+                let d = Duration::try_from(d)
+                    .map_err(|_| bad_request("deadline", "must be a positive duration"))?;
+                if d.is_zero() {
+                    return Err(bad_request("deadline", "must be a positive duration"));
+                }
+                Some(d)
+            }
+        };
+        let callback_url = if r.callback_url.is_empty() {
+            None
+        } else {
+            let u = reqwest::Url::parse(&r.callback_url)
+                .map_err(|e| bad_request("callback_url", format!("not a URL: {e}")))?;
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(bad_request("callback_url", "must be an http or https URL"));
+            }
+            Some(r.callback_url)
+        };
+        let request = SubmitRequest {
+            graph: r.graph,
+            input,
+            idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+            tenant: r.tenant,
+            labels: r.labels.into_iter().collect(),
+            deadline,
+            callback_url,
+        };
+        let s = self.orch.submit(request).await.map_err(submit_status)?;
+        Ok(Response::new(pb::SubmitJobResponse {
+            job_id: s.id.to_string(),
+            deduplicated: s.deduplicated,
+        }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let id = parse_job_id("job_id", &req.into_inner().job_id)?;
+        match self.orch.get(id).map_err(store_status)? {
+            Some(r) => Ok(Response::new(job_to_pb(&r))),
+            None => Err(Status::not_found(format!("job {id} not found"))),
+        }
+    }
+
+    type WatchJobStream = BoxStream<pb::JobEvent>;
+
+    async fn watch_job(
+        &self,
+        req: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = parse_job_id("job_id", &req.into_inner().job_id)?;
+        let events = self.orch.subscribe(id).map_err(store_status)?;
+        Ok(Response::new(Box::pin(events.map(|e| Ok(event_to_pb(&e))))))
+    }
+
+    async fn list_jobs(
+        &self,
+        req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let r = req.into_inner();
+        let mut filter = JobFilter {
+            graph: (!r.graph.is_empty()).then_some(r.graph),
+            state: pb::JobState::try_from(r.state)
+                .ok()
+                .and_then(job_state_from_pb),
+            ..Default::default()
+        };
+        for pair in r.label_selector.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = pair.split_once('=').ok_or_else(|| {
+                bad_request("label_selector", format!("{pair:?} is not key=value"))
+            })?;
+            filter
+                .labels
+                .insert(k.trim().to_string(), v.trim().to_string());
+        }
+        if !r.page_token.is_empty() {
+            filter.before = Some(parse_job_id("page_token", &r.page_token)?);
+        }
+        let size = match r.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        filter.limit = size + 1;
+        let mut jobs = self.orch.list(&filter).map_err(store_status)?;
+        let next = if jobs.len() > size {
+            jobs.truncate(size);
+            jobs.last().map(|j| j.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(job_to_pb).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let id = parse_job_id("job_id", &r.job_id)?;
+        let reason = if r.reason.is_empty() {
+            "cancelled by request"
+        } else {
+            &r.reason
+        };
+        let job = self.orch.cancel(id, reason).await.map_err(store_status)?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn list_graphs(
+        &self,
+        _req: Request<pb::ListGraphsRequest>,
+    ) -> Result<Response<pb::ListGraphsResponse>, Status> {
+        let mut graphs = Vec::new();
+        for name in self.orch.graph_names() {
+            if let Some(g) = self.orch.graph_state(&name).await {
+                graphs.push(graph_to_pb(g));
+            }
+        }
+        Ok(Response::new(pb::ListGraphsResponse { graphs }))
+    }
+
+    async fn get_graph(
+        &self,
+        req: Request<pb::GetGraphRequest>,
+    ) -> Result<Response<pb::Graph>, Status> {
+        let name = req.into_inner().name;
+        match self.orch.graph_state(&name).await {
+            Some(g) => Ok(Response::new(graph_to_pb(g))),
+            None => Err(self.unknown_graph(&name)),
+        }
+    }
+
+    type WatchGraphStream = BoxStream<pb::GraphEvent>;
+
+    async fn watch_graph(
+        &self,
+        req: Request<pb::WatchGraphRequest>,
+    ) -> Result<Response<Self::WatchGraphStream>, Status> {
+        let name = req.into_inner().name;
+        let Some(state) = self.orch.graph_state(&name).await else {
+            return Err(self.unknown_graph(&name));
+        };
+        let quotas: Vec<String> = state.quotas.iter().map(|q| q.name.clone()).collect();
+        let stream = BroadcastStream::new(self.orch.watch_graphs()).filter_map(move |e| {
+            let keep = match &e {
+                Ok(ev) => match ev.graph.as_deref() {
+                    Some(g) => g == name,
+                    // Quota events concern every graph drawing on the quota.
+                    None => match &ev.kind {
+                        crate::signal::GraphEventKind::QuotaExhausted { quota, .. }
+                        | crate::signal::GraphEventKind::QuotaAvailable { quota }
+                        | crate::signal::GraphEventKind::CircuitChanged { quota, .. } => {
+                            quotas.iter().any(|q| **q == **quota)
+                        }
+                        _ => false,
+                    },
+                },
+                Err(_) => true,
+            };
+            let out = match e {
+                Ok(ev) if keep => Some(Ok(graph_event_to_pb(&ev))),
+                Ok(_) => None,
+                Err(lagged) => Some(Err(Status::data_loss(format!(
+                    "the watcher fell behind and missed events ({lagged}); call GetGraph and watch again"
+                )))),
+            };
+            futures::future::ready(out)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+impl CascadeService {
+    fn unknown_graph(&self, name: &str) -> Status {
+        let names = self.orch.graph_names();
+        let hint = nearest(name, names.iter().map(|n| &**n))
+            .map(|n| format!("; did you mean {n:?}?"))
+            .unwrap_or_default();
+        Status::not_found(format!("unknown graph {name:?}{hint}"))
+    }
+}

@@ -1,0 +1,337 @@
+//! `cascade serve`: the gRPC API (with `grpc.health.v1` and reflection) on one port, and HTTP on
+//! another: `/healthz`, `/readyz`, and `POST /hooks/{graph}` (HMAC-verified webhook ingress).
+//! Completion callbacks are delivered from here too: signed, retried with backoff, and their
+//! outcome recorded on the job.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::pb::cascade_server::CascadeServer;
+use crate::api::{CascadeService, pb};
+use crate::job::{CallbackDelivery, JobId, JobUpdate};
+use crate::secret::{Secret, sign, verify};
+use crate::{Orchestrator, SubmitError, SubmitRequest};
+
+/// How a server listens and what it trusts.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    /// Largest job input accepted (default 1 MiB).
+    pub max_input_bytes: usize,
+    /// Verifies `X-Cascade-Signature` on webhooks; without it, `/hooks` answers 404.
+    pub webhook_secret: Option<Secret>,
+    /// Signs completion callbacks.
+    pub callback_secret: Option<Secret>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            grpc_addr: ([127, 0, 0, 1], 50051).into(),
+            http_addr: ([127, 0, 0, 1], 8080).into(),
+            max_input_bytes: 1 << 20,
+            webhook_secret: None,
+            callback_secret: None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} for {what}: {source}; choose another address with --{flag}")]
+    Bind {
+        what: &'static str,
+        flag: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running server. [`stop`](Self::stop) shuts it down.
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// Stop accepting requests and wait for the listeners to close. (The orchestrator is shut
+    /// down separately, so that in-flight jobs can finish first.)
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    orch: Arc<Orchestrator>,
+    webhook_secret: Option<Secret>,
+}
+
+/// Bind both ports and serve until [`RunningServer::stop`].
+pub async fn start(
+    orch: Arc<Orchestrator>,
+    options: ServerOptions,
+) -> Result<RunningServer, ServerError> {
+    let grpc = TcpListener::bind(options.grpc_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what: "gRPC",
+            flag: "grpc-addr",
+            addr: options.grpc_addr,
+            source,
+        })?;
+    let http = TcpListener::bind(options.http_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            what: "HTTP",
+            flag: "http-addr",
+            addr: options.http_addr,
+            source,
+        })?;
+    let grpc_addr = grpc.local_addr().unwrap_or(options.grpc_addr);
+    let http_addr = http.local_addr().unwrap_or(options.http_addr);
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = Vec::new();
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CascadeServer<CascadeService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the generated descriptor set is valid");
+    let service = CascadeServer::new(CascadeService::new(orch.clone(), options.max_input_bytes));
+    let mut grpc_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    }));
+
+    let state = HttpState {
+        orch: orch.clone(),
+        webhook_secret: options.webhook_secret.clone(),
+    };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/hooks/{graph}", post(hook))
+        .layer(DefaultBodyLimit::max(options.max_input_bytes))
+        .with_state(state);
+    let mut http_stop = stopped.clone();
+    tasks.push(tokio::spawn(async move {
+        let result = axum::serve(http, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    }));
+
+    let (tx, rx) = mpsc::channel(65_536);
+    orch.set_callback_sink(tx);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("an HTTP client with default TLS settings");
+    tasks.push(tokio::spawn(deliver_callbacks(
+        orch,
+        rx,
+        client,
+        options.callback_secret,
+        stopped,
+    )));
+
+    tracing::info!(%grpc_addr, %http_addr, "serving");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        stop,
+        tasks,
+    })
+}
+
+async fn ready(State(s): State<HttpState>) -> Response {
+    if s.orch.is_shutting_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// `POST /hooks/{graph}`: the body (JSON) becomes a job's input. The body must be signed:
+/// `X-Cascade-Signature: sha256=<hex HMAC-SHA256 of the body>`; `Idempotency-Key` deduplicates.
+async fn hook(
+    State(s): State<HttpState>,
+    Path(graph): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(secret) = &s.webhook_secret else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "webhooks are disabled: set [server] webhook_secret = \"env:NAME\" in cascade.toml",
+        );
+    };
+    let signature = headers
+        .get("x-cascade-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !verify(secret, &body, signature) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "bad or missing X-Cascade-Signature: send sha256=<hex HMAC-SHA256 of the body with the webhook secret>",
+        );
+    }
+    let input: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not valid JSON: {e}"),
+            );
+        }
+    };
+    let mut req = SubmitRequest::new(graph, input);
+    req.idempotency_key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(String::from);
+    req.labels.insert("source".into(), "webhook".into());
+    match s.orch.submit(req).await {
+        Ok(sub) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "job_id": sub.id.to_string(), "deduplicated": sub.deduplicated })),
+        )
+            .into_response(),
+        Err(e @ SubmitError::UnknownGraph { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ SubmitError::KeyConflict(_)) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(SubmitError::Overloaded {
+            retry_after,
+            graph,
+            pending,
+        }) => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("graph {graph:?} has {pending} jobs waiting; retry in {secs}s"),
+            );
+            r.headers_mut().insert("retry-after", secs.into());
+            r
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+const CALLBACK_ATTEMPTS: u32 = 6;
+
+async fn deliver_callbacks(
+    orch: Arc<Orchestrator>,
+    mut rx: mpsc::Receiver<JobId>,
+    client: reqwest::Client,
+    secret: Option<Secret>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(64));
+    loop {
+        let id = tokio::select! {
+            id = rx.recv() => match id { Some(id) => id, None => return },
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (orch, client, secret) = (orch.clone(), client.clone(), secret.clone());
+        tokio::spawn(async move {
+            deliver(&orch, &client, secret.as_ref(), id).await;
+            drop(permit);
+        });
+    }
+}
+
+/// POST the job's outcome to its callback URL, retrying with backoff; record how it went.
+async fn deliver(
+    orch: &Orchestrator,
+    client: &reqwest::Client,
+    secret: Option<&Secret>,
+    id: JobId,
+) {
+    let Ok(Some(job)) = orch.get(id) else { return };
+    let Some(url) = job.callback_url.clone() else {
+        return;
+    };
+    let body = serde_json::to_vec(&json!({
+        "job_id": job.id.to_string(),
+        "graph": &*job.graph,
+        "state": job.state,
+        "output": job.output,
+        "error": job.error,
+        "usage": job.usage,
+    }))
+    .unwrap_or_default();
+    let mut delivery = CallbackDelivery::default();
+    for attempt in 1..=CALLBACK_ATTEMPTS {
+        delivery.attempts = attempt;
+        let mut req = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-cascade-job", id.to_string())
+            .header("idempotency-key", format!("{id}/callback"));
+        if let Some(s) = secret {
+            req = req.header("x-cascade-signature", sign(s, &body));
+        }
+        match req.body(body.clone()).send().await {
+            Ok(r) if r.status().is_success() => {
+                delivery.delivered = true;
+                delivery.delivered_at = Some(SystemTime::now());
+                delivery.last_error = None;
+                break;
+            }
+            Ok(r) => delivery.last_error = Some(format!("callback answered HTTP {}", r.status())),
+            // Without the URL: it may carry credentials in its query.
+            Err(e) => delivery.last_error = Some(format!("callback failed: {}", e.without_url())),
+        }
+        if attempt < CALLBACK_ATTEMPTS {
+            let delay =
+                Duration::from_millis(500 * (1 << (attempt - 1))).min(Duration::from_secs(30));
+            tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>() * 0.5)).await;
+        }
+    }
+    if !delivery.delivered {
+        tracing::warn!(job_id = %id, attempts = delivery.attempts, error = ?delivery.last_error, "callback not delivered");
+    }
+    if let Err(e) = orch.store().update(id, JobUpdate::Callback(delivery)) {
+        tracing::error!(job_id = %id, error = %e, "could not record the callback's delivery");
+    }
+}

@@ -1,0 +1,187 @@
+//! `cascade serve`: the gRPC and HTTP server over the durable store, until SIGTERM or Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cascade_orchestrator::agents::Registry;
+use cascade_orchestrator::model::ServerModel;
+use cascade_orchestrator::server::{self, ServerOptions};
+use cascade_orchestrator::store::{JobStore, MemoryStore, SqliteOptions, SqliteStore};
+use cascade_orchestrator::{Orchestrator, config};
+use clap::Args;
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Server config listing the graphs (default: ./cascade.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// gRPC address (default 127.0.0.1:50051, or [server] grpc_addr).
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
+    /// HTTP address for health, webhooks, metrics (default 127.0.0.1:8080, or [server] http_addr).
+    #[arg(long)]
+    pub http_addr: Option<SocketAddr>,
+    /// Where the job store lives (default ./cascade-data, or [server] data_dir).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Keep jobs in memory only (nothing survives a restart).
+    #[arg(long)]
+    pub memory: bool,
+    /// Naive mode: no pause propagation; 429s retried by each agent's policy.
+    #[arg(long)]
+    pub no_cascade: bool,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let path = match &args.config {
+        Some(p) => p.clone(),
+        None if Path::new("cascade.toml").exists() => PathBuf::from("cascade.toml"),
+        None => bail!(
+            "no server config: pass --config FILE (examples/cascade.toml serves the example graphs)"
+        ),
+    };
+    let model = match config::load(Some(&path), &[], &Registry::default()) {
+        Ok(m) => m,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if model.graphs.is_empty() {
+        bail!(
+            "{} lists no graphs: add graphs = [\"graphs/\"] (files or directories)",
+            path.display()
+        );
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(serve(model, args))
+}
+
+/// Addresses and store from flags, else the config file, else defaults.
+pub fn options(
+    model: &ServerModel,
+    args: &ServeArgs,
+) -> anyhow::Result<(ServerOptions, Option<PathBuf>)> {
+    let s = &model.server;
+    let mut o = ServerOptions::default();
+    if let Some(a) = args.grpc_addr.or(s
+        .grpc_addr
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("[server] grpc_addr")?)
+    {
+        o.grpc_addr = a;
+    }
+    if let Some(a) = args.http_addr.or(s
+        .http_addr
+        .as_deref()
+        .map(str::parse)
+        .transpose()
+        .context("[server] http_addr")?)
+    {
+        o.http_addr = a;
+    }
+    if let Some(n) = s.max_input_bytes {
+        o.max_input_bytes = n;
+    }
+    o.webhook_secret = s
+        .webhook_secret
+        .as_ref()
+        .map(|r| r.resolve())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    o.callback_secret = s
+        .callback_secret
+        .as_ref()
+        .map(|r| r.resolve())
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let data_dir = if args.memory {
+        None
+    } else {
+        Some(
+            args.data_dir
+                .clone()
+                .or_else(|| s.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("cascade-data")),
+        )
+    };
+    Ok((o, data_dir))
+}
+
+pub fn open_store(
+    model: &ServerModel,
+    data_dir: Option<&Path>,
+) -> anyhow::Result<Arc<dyn JobStore>> {
+    Ok(match data_dir {
+        None => Arc::new(MemoryStore::new()),
+        Some(dir) => {
+            let mut o = SqliteOptions::new(dir.join("cascade.db"));
+            if let Some(r) = model.server.retention {
+                o.retention = r;
+            }
+            Arc::new(SqliteStore::open(o)?)
+        }
+    })
+}
+
+async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let (options, data_dir) = options(&model, &args)?;
+    let grace = model
+        .server
+        .shutdown_grace
+        .unwrap_or(Duration::from_secs(30));
+    let store = open_store(&model, data_dir.as_deref())?;
+    let graphs: Vec<String> = model.graphs.iter().map(|g| g.name.to_string()).collect();
+    let orch = Arc::new(
+        Orchestrator::builder(model)
+            .store(store.clone())
+            .cascade(!args.no_cascade)
+            .start()
+            .await?,
+    );
+    let server = server::start(orch.clone(), options).await?;
+    eprintln!(
+        "cascade serving {} on grpc://{} and http://{} (store: {})",
+        graphs.join(", "),
+        server.grpc_addr,
+        server.http_addr,
+        data_dir.as_ref().map_or("memory".to_string(), |d| d
+            .join("cascade.db")
+            .display()
+            .to_string())
+    );
+    shutdown_signal().await;
+    eprintln!(
+        "shutting down: no new jobs; in-flight jobs get up to {}",
+        humantime::format_duration(grace)
+    );
+    server.stop().await;
+    orch.shutdown(grace).await;
+    store.flush().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
