@@ -51,6 +51,7 @@ pub const KIND: KindSpec = KindSpec {
         "upstream_limit",
         "record_keys",
         "record_usage",
+        "key_log",
     ],
     required: &[],
     build,
@@ -148,6 +149,10 @@ struct Config {
     /// Log each accepted call's arrival time and token usage at the upstream (token benchmarks).
     #[serde(default)]
     record_usage: bool,
+    /// Append each accepted call's idempotency key to this file, one per line: a record of what
+    /// the upstream saw that outlives the process (crash tests).
+    #[serde(default)]
+    key_log: Option<std::path::PathBuf>,
 }
 
 fn check_rate(field: &str, v: f64) -> Result<(), FieldError> {
@@ -204,6 +209,16 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     }
     if c.record_usage {
         upstream.record_usage.store(1, Ordering::Relaxed);
+    }
+    if let Some(path) = &c.key_log {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| {
+                FieldError::new("key_log", format!("cannot open {}: {e}", path.display()))
+            })?;
+        *upstream.key_log.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
     }
     let seed = c.seed.unwrap_or_else(|| {
         // Distinct, stable default seeds per agent so that runs are reproducible.
@@ -397,6 +412,7 @@ pub struct SimUpstream {
     keys: Mutex<HashMap<String, u32>>,
     record_usage: AtomicU64,
     usage: Mutex<Vec<(Instant, u64)>>,
+    key_log: Mutex<Option<std::fs::File>>,
 }
 
 #[derive(Debug, Default)]
@@ -429,6 +445,16 @@ impl SimUpstream {
 
     fn note_call(&self, key: &str) {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(f) = self
+            .key_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            use std::io::Write;
+            // One write per line with O_APPEND: lines from concurrent calls do not interleave.
+            let _ = f.write_all(format!("{key}\n").as_bytes());
+        }
         if self.record_keys.load(Ordering::Relaxed) != 0 {
             let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
             *keys.entry(key.to_string()).or_default() += 1;

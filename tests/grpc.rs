@@ -1,0 +1,572 @@
+//! End to end over 127.0.0.1: a real server (gRPC + HTTP, SQLite store in a temporary directory)
+//! and the generated tonic client.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cascade_orchestrator::agents::sim;
+use cascade_orchestrator::api::pb;
+use cascade_orchestrator::api::pb::cascade_client::CascadeClient;
+use cascade_orchestrator::secret::{SecretRef, sign, verify};
+use cascade_orchestrator::server::{self, RunningServer, ServerOptions};
+use cascade_orchestrator::store::{SqliteOptions, SqliteStore};
+use cascade_orchestrator::{Orchestrator, config};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const GRAPHS: &str = r#"
+[graph]
+name = "triage"
+max_in_flight_jobs = 2
+max_pending_jobs = 5
+[agents.classify]
+kind = "sim"
+latency = "30ms"
+upstream = "grpc-classify"
+record_keys = true
+[agents.reply]
+kind = "template"
+after = ["classify"]
+output = { ticket = "{{ input.ticket }}", path = "{{= deps.classify.trace }}" }
+"#;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    orch: Arc<Orchestrator>,
+    server: RunningServer,
+    client: CascadeClient<Channel>,
+}
+
+async fn start() -> Harness {
+    start_with(GRAPHS, ServerOptions::default()).await
+}
+
+async fn start_with(graphs: &str, mut options: ServerOptions) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let model = config::parse_graph_str("graphs.toml", graphs, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store =
+        Arc::new(SqliteStore::open(SqliteOptions::new(dir.path().join("cascade.db"))).unwrap());
+    let orch = Arc::new(
+        Orchestrator::builder(model)
+            .store(store)
+            .start()
+            .await
+            .unwrap(),
+    );
+    options.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    options.http_addr = "127.0.0.1:0".parse().unwrap();
+    options.max_input_bytes = 4096;
+    let server = server::start(orch.clone(), options).await.unwrap();
+    let client = CascadeClient::connect(format!("http://{}", server.grpc_addr))
+        .await
+        .unwrap();
+    Harness {
+        _dir: dir,
+        orch,
+        server,
+        client,
+    }
+}
+
+impl Harness {
+    async fn stop(self) {
+        self.server.stop().await;
+        self.orch.shutdown(Duration::from_secs(5)).await;
+    }
+
+    async fn submit(
+        &mut self,
+        input: &str,
+        key: &str,
+    ) -> Result<pb::SubmitJobResponse, tonic::Status> {
+        self.client
+            .submit_job(pb::SubmitJobRequest {
+                graph: "triage".into(),
+                input_json: input.into(),
+                idempotency_key: key.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn watch(&mut self, id: &str) -> Vec<pb::JobEvent> {
+        let mut s = self
+            .client
+            .watch_job(pb::WatchJobRequest { job_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(e) = s.message().await.unwrap() {
+            out.push(e);
+        }
+        out
+    }
+}
+
+#[tokio::test]
+async fn submit_get_watch_list_cancel() {
+    let mut h = start().await;
+    let id = h.submit(r#"{"ticket": 7}"#, "").await.unwrap().job_id;
+    let events = h.watch(&id).await;
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "submitted",
+            "started",
+            "step_started",
+            "step_succeeded",
+            "step_started",
+            "step_succeeded",
+            "finished"
+        ]
+    );
+    assert_eq!(events.last().unwrap().state, pb::JobState::Succeeded as i32);
+    let job = h
+        .client
+        .get_job(pb::GetJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, pb::JobState::Succeeded as i32);
+    let out: serde_json::Value = serde_json::from_str(&job.output_json).unwrap();
+    assert_eq!(
+        out,
+        serde_json::json!({"reply": {"ticket": "7", "path": ["classify"]}})
+    );
+    assert_eq!(job.steps.len(), 2);
+    assert_eq!(job.steps[0].attempts, 1);
+
+    // Labels filter the list; pages follow the token.
+    for i in 0..3 {
+        h.client
+            .submit_job(pb::SubmitJobRequest {
+                graph: "triage".into(),
+                input_json: format!(r#"{{"ticket": {i}}}"#),
+                labels: [("team".to_string(), "blue".to_string())].into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    let page = h
+        .client
+        .list_jobs(pb::ListJobsRequest {
+            graph: "triage".into(),
+            label_selector: "team=blue".into(),
+            page_size: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.jobs.len(), 2);
+    assert!(!page.next_page_token.is_empty());
+    let rest = h
+        .client
+        .list_jobs(pb::ListJobsRequest {
+            label_selector: "team=blue".into(),
+            page_size: 2,
+            page_token: page.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.jobs.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+
+    // Cancel a job that is still pending or running.
+    let slow = h
+        .client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "triage".into(),
+            input_json: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let cancelled = h
+        .client
+        .cancel_job(pb::CancelJobRequest {
+            job_id: slow.clone(),
+            reason: "not needed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, pb::JobState::Cancelled as i32);
+    assert!(cancelled.error.contains("not needed"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_watch_sees_every_event_in_order() {
+    let mut h = start().await;
+    let id = h.submit("{}", "").await.unwrap().job_id;
+    // Join while the job runs, and once it is over.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let during = h.watch(&id).await;
+    let after = h.watch(&id).await;
+    for events in [&during, &after] {
+        let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=7).collect::<Vec<u64>>());
+        assert_eq!(events.last().unwrap().kind, "finished");
+    }
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn idempotent_resubmission_returns_the_same_job_and_runs_it_once() {
+    let mut h = start().await;
+    let first = h.submit(r#"{"ticket": 1}"#, "order-42").await.unwrap();
+    assert!(!first.deduplicated);
+    let again = h.submit(r#"{"ticket": 1}"#, "order-42").await.unwrap();
+    assert_eq!(
+        (again.job_id.as_str(), again.deduplicated),
+        (first.job_id.as_str(), true)
+    );
+    h.watch(&first.job_id).await;
+    let again = h.submit(r#"{"ticket": 1}"#, "order-42").await.unwrap();
+    assert_eq!(again.job_id, first.job_id);
+    let keys = sim::upstream("grpc-classify").calls_by_key();
+    assert_eq!(
+        keys.get(&format!("{}/classify", first.job_id)),
+        Some(&1),
+        "ran once"
+    );
+    h.stop().await;
+}
+
+fn violation(status: &tonic::Status) -> (String, String) {
+    let br = status.get_error_details();
+    let v = &br
+        .bad_request()
+        .expect("BadRequest details")
+        .field_violations[0];
+    (v.field.clone(), v.description.clone())
+}
+
+#[tokio::test]
+async fn errors_have_canonical_codes_and_details() {
+    let mut h = start().await;
+    let err = h
+        .client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "triag".into(),
+            input_json: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message().contains("did you mean \"triage\""),
+        "{}",
+        err.message()
+    );
+
+    let err = h.submit("{not json", "").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let (field, desc) = violation(&err);
+    assert_eq!(field, "input_json");
+    assert!(desc.contains("not valid JSON"), "{desc}");
+
+    let big = format!(r#"{{"blob": "{}"}}"#, "x".repeat(5000));
+    let err = h.submit(&big, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violation(&err).0, "input_json");
+    assert!(violation(&err).1.contains("over the limit of 4096 bytes"));
+
+    let err = h
+        .client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "triage".into(),
+            input_json: "{}".into(),
+            deadline: Some(prost_types::Duration {
+                seconds: -5,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violation(&err).0, "deadline");
+
+    let err = h
+        .client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "triage".into(),
+            input_json: "{}".into(),
+            callback_url: "ftp://example.com/x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violation(&err).0, "callback_url");
+
+    h.submit(r#"{"a": 1}"#, "k").await.unwrap();
+    let err = h.submit(r#"{"a": 2}"#, "k").await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+
+    let err = h
+        .client
+        .get_job(pb::GetJobRequest {
+            job_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violation(&err).0, "job_id");
+    let err = h
+        .client
+        .get_job(pb::GetJobRequest {
+            job_id: "01a2242e-a356-7127-9eab-237794befbec".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // Admission: 2 in flight, 5 pending; the next submissions are refused with a retry delay.
+    let mut refused = None;
+    for i in 0..20 {
+        match h.submit(&format!(r#"{{"n": {i}}}"#), "").await {
+            Ok(_) => {}
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let err = refused.expect("the backlog fills up");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let delay = err
+        .get_error_details()
+        .retry_info()
+        .and_then(|r| r.retry_delay)
+        .expect("RetryInfo");
+    assert!(
+        delay >= Duration::from_millis(50) && delay <= Duration::from_secs(300),
+        "{delay:?}"
+    );
+
+    let err = h
+        .client
+        .get_graph(pb::GetGraphRequest { name: "x".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn health_reflection_and_graph_state_answer() {
+    let mut h = start().await;
+    let channel = Channel::from_shared(format!("http://{}", h.server.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "cascade.v1.Cascade".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    use tonic_reflection::pb::v1 as refl;
+    let mut reflection = refl::server_reflection_client::ServerReflectionClient::new(channel);
+    let request = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut responses = reflection
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"cascade.v1.Cascade".to_string()),
+        "{names:?}"
+    );
+
+    let g = h
+        .client
+        .get_graph(pb::GetGraphRequest {
+            name: "triage".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let agents: Vec<(&str, &str)> = g
+        .agents
+        .iter()
+        .map(|a| (a.name.as_str(), a.kind.as_str()))
+        .collect();
+    assert_eq!(agents, [("classify", "sim"), ("reply", "template")]);
+    assert_eq!(g.agents[1].after, ["classify"]);
+    let list = h
+        .client
+        .list_graphs(pb::ListGraphsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.graphs.len(), 1);
+
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("http://{}/healthz", h.server.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .get(format!("http://{}/readyz", h.server.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn webhooks_must_be_signed_and_callbacks_are_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, "s3cret-for-tests\n").unwrap();
+    let secret = SecretRef::File(secret_file).resolve().unwrap();
+
+    // A callback receiver on loopback that records what it gets.
+    let received: Arc<Mutex<Vec<(HashMap<String, String>, Vec<u8>)>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/done",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let h = headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                        .collect();
+                    sink.lock().unwrap().push((h, body.to_vec()));
+                    "ok"
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let options = ServerOptions {
+        webhook_secret: Some(secret.clone()),
+        callback_secret: Some(secret.clone()),
+        ..Default::default()
+    };
+    let mut h = start_with(GRAPHS, options).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/hooks/triage", h.server.http_addr);
+    let body = br#"{"ticket": 99}"#.to_vec();
+
+    let r = http
+        .post(&url)
+        .header("x-cascade-signature", "sha256=00")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a bad signature is refused");
+    let r = http.post(&url).body(body.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 401, "a missing signature is refused");
+
+    let r = http
+        .post(&url)
+        .header("x-cascade-signature", sign(&secret, &body))
+        .header("idempotency-key", "hook-1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let accepted: serde_json::Value = r.json().await.unwrap();
+    let hook_job = accepted["job_id"].as_str().unwrap().to_string();
+    let events = h.watch(&hook_job).await;
+    assert_eq!(events.last().unwrap().state, pb::JobState::Succeeded as i32);
+    let again = http
+        .post(&url)
+        .header("x-cascade-signature", sign(&secret, &body))
+        .header("idempotency-key", "hook-1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    let again: serde_json::Value = again.json().await.unwrap();
+    assert_eq!(again["job_id"], accepted["job_id"]);
+    assert_eq!(again["deduplicated"], true);
+
+    // A job with a callback URL: its outcome arrives signed, and the delivery is recorded.
+    let id = h
+        .client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "triage".into(),
+            input_json: r#"{"ticket": 5}"#.into(),
+            callback_url: format!("http://{receiver}/done"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    h.watch(&id).await;
+    let mut delivered = None;
+    for _ in 0..100 {
+        let job = h
+            .client
+            .get_job(pb::GetJobRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.callback.as_ref().is_some_and(|c| c.delivered) {
+            delivered = job.callback;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = delivered.expect("the callback was delivered and recorded");
+    assert_eq!(delivered.attempts, 1);
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    let (headers, body) = &got[0];
+    assert!(
+        verify(&secret, body, &headers["x-cascade-signature"]),
+        "the callback is signed"
+    );
+    let payload: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(payload["job_id"], id.as_str());
+    assert_eq!(payload["state"], "succeeded");
+    h.stop().await;
+}
