@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 use crate::api::pb::cascade_server::CascadeServer;
 use crate::api::{CascadeService, pb};
@@ -124,9 +124,14 @@ pub async fn start(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            })
+            // Small request/response frames must not wait for Nagle's algorithm and the peer's
+            // delayed ACK (tens of milliseconds per call): disable it on every accepted socket.
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                async move {
+                    let _ = grpc_stop.wait_for(|s| *s).await;
+                },
+            )
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "gRPC server failed");
@@ -145,6 +150,10 @@ pub async fn start(
         .with_state(state);
     let mut http_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
+        use axum::serve::ListenerExt;
+        let http = http.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let result = axum::serve(http, app)
             .with_graceful_shutdown(async move {
                 let _ = http_stop.wait_for(|s| *s).await;

@@ -1,0 +1,233 @@
+//! Durability: the real `cascade` binary is killed with SIGKILL in the middle of 2,000 jobs and
+//! started again on the same data directory. Every acknowledged job must succeed; no step that
+//! had finished (as stored) may run again; interrupted steps run again with the same idempotency
+//! key. The simulated upstream appends every key it accepts to a file, which outlives the
+//! process and tells what really ran.
+
+use std::collections::{HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cascade_orchestrator::api::pb;
+use cascade_orchestrator::api::pb::cascade_client::CascadeClient;
+use futures::StreamExt;
+
+const JOBS: usize = 2000;
+const AGENTS: [&str; 3] = ["fetch", "think", "write"];
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(dir: &Path, grpc: u16, http: u16) -> Server {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["serve", "--config"])
+        .arg(dir.join("cascade.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("the cascade binary starts");
+    Server { child }
+}
+
+async fn connect(grpc: u16) -> CascadeClient<tonic::transport::Channel> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match CascadeClient::connect(format!("http://127.0.0.1:{grpc}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("the server did not come up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+fn key_lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Steps stored as succeeded, read from the SQLite file while no server runs.
+fn finished_steps(db: &Path) -> HashSet<String> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT job_id, agent FROM steps WHERE state = 'succeeded'")
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok(format!(
+            "{}/{}",
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?
+        ))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_run_loses_no_job_and_reruns_no_finished_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.log");
+    let mut graph = String::from(
+        "[graph]\nname = \"durable\"\nmax_in_flight_jobs = 64\nmax_pending_jobs = 10000\n",
+    );
+    for (i, a) in AGENTS.iter().enumerate() {
+        graph += &format!(
+            "[agents.{a}]\nkind = \"sim\"\nlatency = \"40ms\"\nupstream = \"crash-upstream\"\nkey_log = \"{}\"\n",
+            keys.display()
+        );
+        if i > 0 {
+            graph += &format!("after = [\"{}\"]\n", AGENTS[i - 1]);
+        }
+    }
+    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
+    std::fs::write(dir.path().join("graphs/durable.toml"), graph).unwrap();
+    std::fs::write(dir.path().join("cascade.toml"), "graphs = [\"graphs\"]\n").unwrap();
+
+    let t0 = Instant::now();
+    let (grpc, http) = (free_port(), free_port());
+    let mut server = spawn(dir.path(), grpc, http);
+    let client = connect(grpc).await;
+    let ids: Vec<String> = futures::stream::iter(0..JOBS)
+        .map(|i| {
+            let mut c = client.clone();
+            async move {
+                c.submit_job(pb::SubmitJobRequest {
+                    graph: "durable".into(),
+                    input_json: format!(r#"{{"n": {i}}}"#),
+                    ..Default::default()
+                })
+                .await
+                .expect("accepted")
+                .into_inner()
+                .job_id
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert_eq!(ids.len(), JOBS);
+    eprintln!("submitted in {:?}", t0.elapsed());
+
+    // Let a good part of the work happen, then SIGKILL (no shutdown of any kind).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while key_lines(&keys).len() < JOBS * AGENTS.len() / 4 {
+        assert!(Instant::now() < deadline, "the server made no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(client);
+
+    let done_before = finished_steps(&dir.path().join("data/cascade.db"));
+    let lines_before = key_lines(&keys).len();
+    assert!(
+        !done_before.is_empty(),
+        "some steps had finished before the kill"
+    );
+    assert!(
+        done_before.len() < JOBS * AGENTS.len(),
+        "the kill came mid-run"
+    );
+
+    eprintln!("killed at {:?}", t0.elapsed());
+    let _server = spawn(dir.path(), grpc, http);
+    let mut client = connect(grpc).await;
+    eprintln!("restarted at {:?}", t0.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for id in &ids {
+        loop {
+            let job = client
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .expect("every acknowledged job is still known")
+                .into_inner();
+            if job.state == pb::JobState::Succeeded as i32 {
+                break;
+            }
+            assert!(
+                job.state != pb::JobState::Failed as i32
+                    && job.state != pb::JobState::Cancelled as i32,
+                "job {id} ended {}: {}",
+                job.state,
+                job.error
+            );
+            assert!(
+                Instant::now() < deadline,
+                "job {id} did not finish after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    eprintln!("all done at {:?}", t0.elapsed());
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+    eprintln!(
+        "{}",
+        log.lines().rev().take(15).collect::<Vec<_>>().join("\n")
+    );
+    let lines = key_lines(&keys);
+    let expected: HashSet<String> = ids
+        .iter()
+        .flat_map(|id| AGENTS.iter().map(move |a| format!("{id}/{a}")))
+        .collect();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for l in &lines {
+        assert!(
+            expected.contains(l),
+            "the upstream saw a key no step should have: {l}"
+        );
+        *counts.entry(l).or_default() += 1;
+    }
+    assert_eq!(
+        counts.len(),
+        expected.len(),
+        "every step reached the upstream"
+    );
+    for l in &lines[lines_before..] {
+        assert!(
+            !done_before.contains(l),
+            "step {l} had finished before the kill and ran again"
+        );
+    }
+    let rerun = counts.values().filter(|&&n| n > 1).count();
+    eprintln!(
+        "crash test: {} steps done before the kill, {} calls after the restart, {} steps ran again with their original key",
+        done_before.len(),
+        lines.len() - lines_before,
+        rerun
+    );
+}
