@@ -231,3 +231,55 @@ async fn sigkill_mid_run_loses_no_job_and_reruns_no_finished_step() {
         rerun
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_jobs_finish_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
+    std::fs::write(
+        dir.path().join("graphs/slow.toml"),
+        "[graph]\nname = \"slow\"\n[agents.wait]\nkind = \"sim\"\nlatency = \"1s\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        "graphs = [\"graphs\"]\n[server]\nshutdown_grace = \"10s\"\n",
+    )
+    .unwrap();
+    let (grpc, http) = (free_port(), free_port());
+    let mut server = spawn(dir.path(), grpc, http);
+    let mut client = connect(grpc).await;
+    let id = client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "slow".into(),
+            input_json: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    // SIGTERM: stop admitting, let the running call finish, exit 0.
+    let status = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = server.child.wait().unwrap();
+    assert!(exit.success(), "exit status {exit}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    let db = rusqlite::Connection::open(dir.path().join("data/cascade.db")).unwrap();
+    let state: String = db
+        .query_row("SELECT state FROM jobs WHERE id = ?1", [&id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        state, "succeeded",
+        "the in-flight job finished during the grace period"
+    );
+}

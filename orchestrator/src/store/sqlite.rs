@@ -450,82 +450,89 @@ fn json(v: &Option<Arc<Value>>) -> Option<String> {
     v.as_ref().map(|v| v.to_string())
 }
 
+/// Write one batch in one transaction. Every event is written; the job and step rows are written
+/// once per job, from its latest state in the batch (a fast job's whole life often lands in one
+/// or two batches, so this saves most of the row rewrites).
 fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<()> {
+    use std::collections::{BTreeSet, HashMap};
     let tx = conn.unchecked_transaction()?;
+    // Per job: its latest record, whether it is new, and which steps changed.
+    let mut latest: HashMap<JobId, (&JobRecord, bool, BTreeSet<usize>)> = HashMap::new();
+    let mut order: Vec<JobId> = Vec::new();
     for op in batch {
-        match op {
-            Op::Insert {
-                record: r, event, ..
-            } => {
-                tx.prepare_cached(
-                    "INSERT INTO jobs (id, graph, state, input, labels, tenant, idempotency_key, deadline_ms,
-                         callback_url, created_at, updated_at, events)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?
-                .execute(params![
-                    r.id.to_string(),
-                    &*r.graph,
-                    r.state.as_str(),
-                    r.input.to_string(),
-                    serde_json::to_string(&r.labels).unwrap_or_default(),
-                    r.tenant,
-                    r.idempotency_key,
-                    r.deadline.map(|d| d.as_millis() as i64),
-                    r.callback_url,
-                    micros(r.created_at),
-                    micros(r.updated_at),
-                    r.events as i64,
-                ])?;
-                for (i, s) in r.steps.iter().enumerate() {
-                    write_step(&tx, r.id, i, s)?;
+        let (record, event, inserted) = match op {
+            Op::Insert { record, event, .. } => (record, event, true),
+            Op::Update { record, event } => (record, event, false),
+            Op::Flush(_) => continue,
+        };
+        write_event(&tx, event)?;
+        let entry = latest.entry(record.id).or_insert_with(|| {
+            order.push(record.id);
+            (record, inserted, BTreeSet::new())
+        });
+        entry.0 = record;
+        entry.1 |= inserted;
+        match &event.kind {
+            EventKind::StepStarted { agent, .. }
+            | EventKind::StepRetrying { agent, .. }
+            | EventKind::StepSucceeded { agent, .. }
+            | EventKind::StepFailed { agent, .. } => {
+                if let Some(i) = record.steps.iter().position(|s| s.agent == *agent) {
+                    entry.2.insert(i);
                 }
-                write_event(&tx, event)?;
             }
-            Op::Update { record: r, event } => {
-                tx.prepare_cached(
-                    "UPDATE jobs SET state = ?2, output = ?3, error = ?4, started_at = ?5, finished_at = ?6,
-                         updated_at = ?7, prompt_tokens = ?8, completion_tokens = ?9, cost_usd = ?10,
-                         events = ?11, callback = ?12
-                     WHERE id = ?1",
-                )?
-                .execute(params![
-                    r.id.to_string(),
-                    r.state.as_str(),
-                    json(&r.output),
-                    r.error,
-                    r.started_at.map(micros),
-                    r.finished_at.map(micros),
-                    micros(r.updated_at),
-                    r.usage.prompt_tokens as i64,
-                    r.usage.completion_tokens as i64,
-                    r.usage.cost_usd,
-                    r.events as i64,
-                    r.callback.as_ref().and_then(|c| serde_json::to_string(c).ok()),
-                ])?;
-                let agent = match &event.kind {
-                    EventKind::StepStarted { agent, .. }
-                    | EventKind::StepRetrying { agent, .. }
-                    | EventKind::StepSucceeded { agent, .. }
-                    | EventKind::StepFailed { agent, .. } => Some(agent),
-                    _ => None,
-                };
-                match agent {
-                    Some(a) => {
-                        if let Some(i) = r.steps.iter().position(|s| s.agent == *a) {
-                            write_step(&tx, r.id, i, &r.steps[i])?;
-                        }
-                    }
-                    // A finished job marks its unfinished steps cancelled: write them all.
-                    None if event.kind.is_final() => {
-                        for (i, s) in r.steps.iter().enumerate() {
-                            write_step(&tx, r.id, i, s)?;
-                        }
-                    }
-                    None => {}
-                }
-                write_event(&tx, event)?;
+            // A new job writes all its steps; a finished one marks the rest cancelled.
+            EventKind::Submitted | EventKind::Finished { .. } => {
+                entry.2.extend(0..record.steps.len())
             }
-            Op::Flush(_) => {}
+            _ => {}
+        }
+    }
+    for id in order {
+        let (r, inserted, steps) = &latest[&id];
+        if *inserted {
+            tx.prepare_cached(
+                "INSERT INTO jobs (id, graph, state, input, labels, tenant, idempotency_key, deadline_ms,
+                     callback_url, created_at, updated_at, events)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )?
+            .execute(params![
+                r.id.to_string(),
+                &*r.graph,
+                r.state.as_str(),
+                r.input.to_string(),
+                serde_json::to_string(&r.labels).unwrap_or_default(),
+                r.tenant,
+                r.idempotency_key,
+                r.deadline.map(|d| d.as_millis() as i64),
+                r.callback_url,
+                micros(r.created_at),
+                micros(r.updated_at),
+                r.events as i64,
+            ])?;
+        }
+        tx.prepare_cached(
+            "UPDATE jobs SET state = ?2, output = ?3, error = ?4, started_at = ?5, finished_at = ?6,
+                 updated_at = ?7, prompt_tokens = ?8, completion_tokens = ?9, cost_usd = ?10,
+                 events = ?11, callback = ?12
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            r.id.to_string(),
+            r.state.as_str(),
+            json(&r.output),
+            r.error,
+            r.started_at.map(micros),
+            r.finished_at.map(micros),
+            micros(r.updated_at),
+            r.usage.prompt_tokens as i64,
+            r.usage.completion_tokens as i64,
+            r.usage.cost_usd,
+            r.events as i64,
+            r.callback.as_ref().and_then(|c| serde_json::to_string(c).ok()),
+        ])?;
+        for &i in steps {
+            write_step(&tx, r.id, i, &r.steps[i])?;
         }
     }
     tx.commit()
