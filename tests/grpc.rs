@@ -452,6 +452,9 @@ async fn health_reflection_and_graph_state_answer() {
     h.stop().await;
 }
 
+/// A request the callback receiver got: its headers and body.
+type Received = (HashMap<String, String>, Vec<u8>);
+
 #[tokio::test]
 async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     let dir = tempfile::tempdir().unwrap();
@@ -460,7 +463,7 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     let secret = SecretRef::File(secret_file).resolve().unwrap();
 
     // A callback receiver on loopback that records what it gets.
-    let received: Arc<Mutex<Vec<(HashMap<String, String>, Vec<u8>)>>> = Arc::default();
+    let received: Arc<Mutex<Vec<Received>>> = Arc::default();
     let sink = received.clone();
     let app = axum::Router::new().route(
         "/done",

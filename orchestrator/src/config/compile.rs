@@ -92,6 +92,9 @@ pub fn load(
         loader.sources.push(src);
     }
     files.extend(graph_files.iter().cloned());
+    // The same file named twice (by a directory in cascade.toml and on the command line) is read once.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(f.canonicalize().unwrap_or_else(|_| f.clone())));
     for f in files {
         if let Some(src) = loader.read_file(&f) {
             loader.graph_file(&src);

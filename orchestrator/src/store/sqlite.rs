@@ -817,9 +817,6 @@ mod tests {
             })
             .unwrap();
         assert!(none.is_empty());
-        assert_eq!(
-            s.events(id, 0).unwrap().last().unwrap().kind.is_final(),
-            true
-        );
+        assert!(s.events(id, 0).unwrap().last().unwrap().kind.is_final());
     }
 }
