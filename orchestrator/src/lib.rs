@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod config;
 pub mod dag;
 pub mod job;
+pub mod metrics;
 pub mod model;
 pub mod quota;
 pub mod restart;

@@ -110,6 +110,7 @@ pub async fn start(
     let http_addr = http.local_addr().unwrap_or(options.http_addr);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
+    crate::metrics::install();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
@@ -145,6 +146,7 @@ pub async fn start(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(prometheus_metrics))
         .route("/hooks/{graph}", post(hook))
         .layer(DefaultBodyLimit::max(options.max_input_bytes))
         .with_state(state);
@@ -185,6 +187,13 @@ pub async fn start(
         stop,
         tasks,
     })
+}
+
+/// Prometheus text; state gauges are sampled now, so a scrape sees the current state.
+async fn prometheus_metrics(State(s): State<HttpState>) -> Response {
+    crate::metrics::sample(&s.orch).await;
+    let body = crate::metrics::render().unwrap_or_default();
+    ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
 
 async fn ready(State(s): State<HttpState>) -> Response {

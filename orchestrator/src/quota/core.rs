@@ -270,6 +270,8 @@ impl QuotaCore {
             tokens_limit: self.spec.tokens.map(|r| r.to_string()),
             max_concurrency: self.spec.max_concurrency.map(|c| c.get()),
             requests_available: self.requests.as_ref().map(|g| g.available(now, multiplier)),
+            requests_per_second: self.spec.requests.map(|r| r.per_second()),
+            tokens_window_limit: self.spec.tokens.map(|t| t.amount.get()),
             tokens_used: self.tokens.as_mut().map(|w| w.used(now)),
             tokens_available: self
                 .tokens
@@ -300,7 +302,9 @@ pub struct QuotaSnapshot {
     pub tokens_limit: Option<String>,
     pub max_concurrency: Option<u32>,
     pub requests_available: Option<u32>,
+    pub requests_per_second: Option<f64>,
     pub tokens_used: Option<u64>,
+    pub tokens_window_limit: Option<u64>,
     pub tokens_available: Option<u64>,
     pub in_flight: u32,
     /// AIMD's scale on the configured request rate (1.0 = as configured).

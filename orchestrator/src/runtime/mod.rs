@@ -396,15 +396,19 @@ impl Orchestrator {
         match self.shared.store.submit(job).await {
             Ok(s) => {
                 if !s.deduplicated {
+                    metrics::counter!(crate::metrics::JOBS_SUBMITTED, "graph" => g.model.name.to_string()).increment(1);
                     g.wake();
                 }
                 Ok(s)
             }
-            Err(StoreError::Full { pending, .. }) => Err(SubmitError::Overloaded {
-                retry_after: self.retry_after(&g, pending).await,
-                graph: req.graph,
-                pending,
-            }),
+            Err(StoreError::Full { pending, .. }) => {
+                metrics::counter!(crate::metrics::ADMISSION_REFUSALS, "graph" => g.model.name.to_string()).increment(1);
+                Err(SubmitError::Overloaded {
+                    retry_after: self.retry_after(&g, pending).await,
+                    graph: req.graph,
+                    pending,
+                })
+            }
             Err(e @ StoreError::KeyConflict { .. }) => Err(SubmitError::KeyConflict(e)),
             Err(e) => Err(SubmitError::Store(e)),
         }

@@ -27,6 +27,7 @@ use super::agent_actor::{AgentMsg, AgentPanic, Call, StepDone};
 use super::broker::{Acquire, BrokerMsg};
 use crate::backoff;
 use crate::job::{JobId, JobRecord, JobState, JobUpdate, StepState};
+use crate::metrics::{AgentMetrics, GraphMetrics};
 use crate::model::OnUpstreamPause;
 use crate::quota::Outcome;
 use crate::signal::Reach;
@@ -130,6 +131,7 @@ struct JobRun {
     deadline_len: Option<Duration>,
     /// The job has a callback URL to notify when it ends.
     callback: bool,
+    started: Instant,
 }
 
 struct Slot {
@@ -147,6 +149,7 @@ struct Slot {
     estimator: Option<Arc<dyn Agent>>,
     pause: Option<Reach>,
     on_upstream_pause: OnUpstreamPause,
+    metrics: AgentMetrics,
 }
 
 impl Slot {
@@ -173,6 +176,7 @@ pub(crate) struct SchedState {
     /// Agents of this graph paused now; while any is, no new job starts.
     paused: usize,
     broker: Option<ActorRef<BrokerMsg>>,
+    metrics: GraphMetrics,
     /// Claim pending jobs in batches of at least this many free places (fewer store round trips).
     admit_batch: usize,
 }
@@ -221,10 +225,12 @@ impl Actor for Scheduler {
                     estimator,
                     pause: None,
                     on_upstream_pause: a.on_upstream_pause,
+                    metrics: AgentMetrics::new(&ctx.model.name, &a.name),
                 }
             })
             .collect();
         let admit_batch = (ctx.model.max_in_flight_jobs.get() / 8).clamp(1, 32);
+        let metrics = GraphMetrics::new(&ctx.model.name);
         Ok(SchedState {
             ctx,
             me,
@@ -235,6 +241,7 @@ impl Actor for Scheduler {
             draining: false,
             paused: 0,
             broker: None,
+            metrics,
             admit_batch,
         })
     }
@@ -441,6 +448,7 @@ impl SchedState {
                 deadline,
                 deadline_len: r.deadline.or(model.deadline),
                 callback: r.callback_url.is_some(),
+                started: Instant::now(),
             },
         );
         if remaining == 0 {
@@ -620,6 +628,17 @@ impl SchedState {
         self.ctx.stats.agents[d.step]
             .call_micros
             .fetch_add(d.elapsed.as_micros() as u64, Relaxed);
+        let m = &self.slots[d.step].metrics;
+        m.step_duration.record(d.elapsed.as_secs_f64());
+        match &d.result {
+            Ok(_) => m.success.increment(1),
+            Err(e) => match e.class {
+                ErrorClass::Transient => m.transient.increment(1),
+                ErrorClass::Permanent => m.permanent.increment(1),
+                ErrorClass::Unauthorized => m.unauthorized.increment(1),
+                ErrorClass::RateLimited => m.rate_limited.increment(1),
+            },
+        }
         let current = self.jobs.get(&d.job).is_some_and(|j| {
             j.steps[d.step].phase == Phase::Running && j.steps[d.step].token == d.token
         });
@@ -736,10 +755,12 @@ impl SchedState {
             // Naive mode: a refusal is retried by the agent's policy like any transient error.
             ErrorClass::RateLimited if st.attempts < agent.retry.max_attempts.get() => {
                 stats.retries.fetch_add(1, Relaxed);
+                self.slots[i].metrics.retries.increment(1);
                 Some(backoff::delay(&agent.retry, st.attempts, self.rng.random()))
             }
             ErrorClass::Transient if st.attempts < agent.retry.max_attempts.get() => {
                 stats.retries.fetch_add(1, Relaxed);
+                self.slots[i].metrics.retries.increment(1);
                 Some(backoff::delay(&agent.retry, st.attempts, self.rng.random()))
             }
             _ => None,
@@ -854,6 +875,18 @@ impl SchedState {
             _ => &self.ctx.stats.jobs_failed,
         };
         counter.fetch_add(1, Relaxed);
+        let run_time = job.started.elapsed().as_secs_f64();
+        match state {
+            JobState::Succeeded => {
+                self.metrics.succeeded.increment(1);
+                self.metrics.duration_succeeded.record(run_time);
+            }
+            JobState::Cancelled => self.metrics.cancelled.increment(1),
+            _ => {
+                self.metrics.failed.increment(1);
+                self.metrics.duration_failed.record(run_time);
+            }
+        }
         self.record(
             id,
             JobUpdate::Finished {

@@ -1,0 +1,344 @@
+//! Every metric Cascade exports, declared in one place with its description and unit. Names have
+//! the `cascade_` prefix, base units (seconds, dollars), `_total` on counters; labels are bounded
+//! (graph, agent, quota, outcome, cause), never a job id.
+//!
+//! Counters and histograms on the per-step path are registered once per agent (handles cached by
+//! the scheduler), so a step pays atomic increments, not registry lookups. Gauges that describe
+//! state (queues, pauses, quota headroom) are sampled once a second by [`sample`]. Without an
+//! installed recorder every call is a no-op, so embedding the library costs nothing.
+
+use std::sync::OnceLock;
+
+use metrics::{
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::Orchestrator;
+use crate::quota::CircuitState;
+use crate::signal::CauseKey;
+
+pub const JOBS_SUBMITTED: &str = "cascade_jobs_submitted_total";
+pub const JOBS_FINISHED: &str = "cascade_jobs_finished_total";
+pub const JOB_DURATION: &str = "cascade_job_duration_seconds";
+pub const JOBS_IN_FLIGHT: &str = "cascade_jobs_in_flight";
+pub const JOBS_PENDING: &str = "cascade_jobs_pending";
+pub const ADMISSION_REFUSALS: &str = "cascade_admission_refusals_total";
+pub const STEP_DURATION: &str = "cascade_step_duration_seconds";
+pub const AGENT_CALLS: &str = "cascade_agent_calls_total";
+pub const AGENT_RETRIES: &str = "cascade_agent_retries_total";
+pub const AGENT_RESTARTS: &str = "cascade_agent_restarts_total";
+pub const AGENT_QUEUE_DEPTH: &str = "cascade_agent_queue_depth";
+pub const AGENT_IN_FLIGHT: &str = "cascade_agent_in_flight";
+pub const AGENT_PAUSED: &str = "cascade_agent_paused";
+pub const AGENT_PAUSE_CAUSE: &str = "cascade_agent_pause_cause";
+pub const AGENT_FAILED: &str = "cascade_agent_failed";
+pub const QUOTA_REQUESTS: &str = "cascade_quota_requests_total";
+pub const QUOTA_TOKENS: &str = "cascade_quota_tokens_total";
+pub const QUOTA_REQUESTS_AVAILABLE: &str = "cascade_quota_requests_available";
+pub const QUOTA_REQUESTS_LIMIT: &str = "cascade_quota_requests_limit_per_second";
+pub const QUOTA_TOKENS_USED: &str = "cascade_quota_tokens_window_used";
+pub const QUOTA_TOKENS_LIMIT: &str = "cascade_quota_tokens_window_limit";
+pub const QUOTA_EXHAUSTED: &str = "cascade_quota_exhausted";
+pub const QUOTA_EXHAUSTIONS: &str = "cascade_quota_exhaustions_total";
+pub const QUOTA_REFUSALS: &str = "cascade_quota_upstream_refusals_total";
+pub const QUOTA_CIRCUIT: &str = "cascade_quota_circuit_state";
+pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
+pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
+
+/// Describe every metric (once, when the recorder is installed).
+pub fn describe() {
+    describe_counter!(JOBS_SUBMITTED, Unit::Count, "Jobs accepted, by graph.");
+    describe_counter!(
+        JOBS_FINISHED,
+        Unit::Count,
+        "Jobs finished, by graph and outcome (succeeded, failed, cancelled)."
+    );
+    describe_histogram!(
+        JOB_DURATION,
+        Unit::Seconds,
+        "Job run time from start to finish, by graph and outcome."
+    );
+    describe_gauge!(JOBS_IN_FLIGHT, Unit::Count, "Jobs running now, by graph.");
+    describe_gauge!(
+        JOBS_PENDING,
+        Unit::Count,
+        "Jobs accepted and waiting to start, by graph."
+    );
+    describe_counter!(
+        ADMISSION_REFUSALS,
+        Unit::Count,
+        "Submissions refused because the graph's backlog was full."
+    );
+    describe_histogram!(
+        STEP_DURATION,
+        Unit::Seconds,
+        "Duration of one call of an agent, by graph and agent."
+    );
+    describe_counter!(
+        AGENT_CALLS,
+        Unit::Count,
+        "Agent calls by outcome (success, transient, permanent, unauthorized, rate_limited)."
+    );
+    describe_counter!(
+        AGENT_RETRIES,
+        Unit::Count,
+        "Failed attempts that were retried, by graph and agent."
+    );
+    describe_counter!(
+        AGENT_RESTARTS,
+        Unit::Count,
+        "Agent actor restarts by the supervisor."
+    );
+    describe_gauge!(
+        AGENT_QUEUE_DEPTH,
+        Unit::Count,
+        "Steps ready to run and waiting for the agent."
+    );
+    describe_gauge!(
+        AGENT_IN_FLIGHT,
+        Unit::Count,
+        "Calls of the agent under way (including those waiting for a quota grant)."
+    );
+    describe_gauge!(
+        AGENT_PAUSED,
+        Unit::Count,
+        "1 while the agent is paused by the cascade, else 0."
+    );
+    describe_gauge!(
+        AGENT_PAUSE_CAUSE,
+        Unit::Count,
+        "1 for each cause holding the agent paused (a quota, or agent:NAME for a failed upstream agent)."
+    );
+    describe_gauge!(
+        AGENT_FAILED,
+        Unit::Count,
+        "1 while the agent is marked failed (restarted too often): alert on it."
+    );
+    describe_counter!(QUOTA_REQUESTS, Unit::Count, "Calls granted by the quota.");
+    describe_counter!(
+        QUOTA_TOKENS,
+        Unit::Count,
+        "Tokens spent against the quota, by kind (prompt, completion)."
+    );
+    describe_gauge!(
+        QUOTA_REQUESTS_AVAILABLE,
+        Unit::Count,
+        "Calls that could start back to back now."
+    );
+    describe_gauge!(
+        QUOTA_REQUESTS_LIMIT,
+        Unit::Count,
+        "The quota's configured request rate, per second."
+    );
+    describe_gauge!(
+        QUOTA_TOKENS_USED,
+        Unit::Count,
+        "Tokens spent within the quota's current window."
+    );
+    describe_gauge!(
+        QUOTA_TOKENS_LIMIT,
+        Unit::Count,
+        "Tokens the quota allows per window."
+    );
+    describe_gauge!(
+        QUOTA_EXHAUSTED,
+        Unit::Count,
+        "1 while the quota is exhausted (its agents are paused), else 0."
+    );
+    describe_counter!(
+        QUOTA_EXHAUSTIONS,
+        Unit::Count,
+        "Times the quota became exhausted."
+    );
+    describe_counter!(
+        QUOTA_REFUSALS,
+        Unit::Count,
+        "Calls the upstream refused as rate-limited (HTTP 429 / RESOURCE_EXHAUSTED)."
+    );
+    describe_gauge!(
+        QUOTA_CIRCUIT,
+        Unit::Count,
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open."
+    );
+    describe_gauge!(
+        QUOTA_RATE_MULTIPLIER,
+        Unit::Count,
+        "AIMD's scale on the configured request rate (1 = as configured)."
+    );
+    describe_gauge!(
+        GRAPH_COST,
+        Unit::Count,
+        "Cost in US dollars spent by the graph's agents since start."
+    );
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Install the Prometheus recorder (once per process; later calls return the same handle).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                        60.0, 300.0,
+                    ],
+                )
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!(
+                    "another metrics recorder is installed; Cascade's /metrics will be empty"
+                );
+            }
+            describe();
+            handle
+        })
+        .clone()
+}
+
+/// The Prometheus text, if the recorder is installed.
+pub fn render() -> Option<String> {
+    HANDLE.get().map(PrometheusHandle::render)
+}
+
+/// Per-agent handles for the per-step path.
+#[derive(Clone)]
+pub(crate) struct AgentMetrics {
+    pub success: Counter,
+    pub transient: Counter,
+    pub permanent: Counter,
+    pub unauthorized: Counter,
+    pub rate_limited: Counter,
+    pub retries: Counter,
+    pub step_duration: Histogram,
+}
+
+impl AgentMetrics {
+    pub fn new(graph: &str, agent: &str) -> Self {
+        let call = |outcome: &'static str| counter!(AGENT_CALLS, "graph" => graph.to_string(), "agent" => agent.to_string(), "outcome" => outcome);
+        Self {
+            success: call("success"),
+            transient: call("transient"),
+            permanent: call("permanent"),
+            unauthorized: call("unauthorized"),
+            rate_limited: call("rate_limited"),
+            retries: counter!(AGENT_RETRIES, "graph" => graph.to_string(), "agent" => agent.to_string()),
+            step_duration: histogram!(STEP_DURATION, "graph" => graph.to_string(), "agent" => agent.to_string()),
+        }
+    }
+}
+
+/// Per-graph handles.
+#[derive(Clone)]
+pub(crate) struct GraphMetrics {
+    pub succeeded: Counter,
+    pub failed: Counter,
+    pub cancelled: Counter,
+    pub duration_succeeded: Histogram,
+    pub duration_failed: Histogram,
+}
+
+impl GraphMetrics {
+    pub fn new(graph: &str) -> Self {
+        let finished =
+            |o: &'static str| counter!(JOBS_FINISHED, "graph" => graph.to_string(), "outcome" => o);
+        let duration = |o: &'static str| histogram!(JOB_DURATION, "graph" => graph.to_string(), "outcome" => o);
+        Self {
+            succeeded: finished("succeeded"),
+            failed: finished("failed"),
+            cancelled: finished("cancelled"),
+            duration_succeeded: duration("succeeded"),
+            duration_failed: duration("failed"),
+        }
+    }
+}
+
+/// Set every state gauge from the orchestrator's live state. Counters kept elsewhere (quota
+/// grants, tokens, refusals, restarts) are exported here as absolute values.
+pub async fn sample(orch: &Orchestrator) {
+    for name in orch.graph_names() {
+        let Some(state) = orch.graph_state(&name).await else {
+            continue;
+        };
+        let g = name.to_string();
+        gauge!(JOBS_IN_FLIGHT, "graph" => g.clone()).set(state.running_jobs as f64);
+        gauge!(JOBS_PENDING, "graph" => g.clone()).set(state.pending_jobs as f64);
+        if let Some(stats) = orch.stats(&name) {
+            let cost: f64 = stats.agents.iter().map(|a| a.cost_usd).sum();
+            gauge!(GRAPH_COST, "graph" => g.clone()).set(cost);
+        }
+        for a in &state.agents {
+            let labels = [("graph", g.clone()), ("agent", a.name.clone())];
+            gauge!(AGENT_QUEUE_DEPTH, &labels).set(a.queue_depth as f64);
+            gauge!(AGENT_IN_FLIGHT, &labels).set(a.in_flight as f64);
+            gauge!(AGENT_PAUSED, &labels).set(if a.pause.is_some() { 1.0 } else { 0.0 });
+            gauge!(AGENT_FAILED, &labels).set(if a.state == "failed" { 1.0 } else { 0.0 });
+            counter!(AGENT_RESTARTS, &labels).absolute(a.restarts);
+            // Every possible cause of this agent is exported, 0 or 1, so a cleared cause reads 0.
+            let mut causes: Vec<String> = a.quotas.iter().map(|q| q.to_string()).collect();
+            causes.extend(a.after.iter().map(|d| format!("agent:{d}")));
+            for (k, _) in a.pause.iter().flat_map(|p| p.causes.iter()) {
+                let c = match k {
+                    CauseKey::Quota { quota } => quota.to_string(),
+                    CauseKey::AgentFailed { agent, .. } => format!("agent:{agent}"),
+                };
+                if !causes.contains(&c) {
+                    causes.push(c);
+                }
+            }
+            for c in causes {
+                let active = a
+                    .pause
+                    .iter()
+                    .flat_map(|p| p.causes.iter())
+                    .any(|(k, _)| match k {
+                        CauseKey::Quota { quota } => **quota == *c,
+                        CauseKey::AgentFailed { agent, .. } => {
+                            c.strip_prefix("agent:") == Some(&**agent)
+                        }
+                    });
+                gauge!(AGENT_PAUSE_CAUSE, "graph" => g.clone(), "agent" => a.name.clone(), "cause" => c)
+                    .set(if active { 1.0 } else { 0.0 });
+            }
+        }
+    }
+    for q in orch.quotas().await {
+        let n = q.name.clone();
+        counter!(QUOTA_REQUESTS, "quota" => n.clone()).absolute(q.granted);
+        counter!(QUOTA_TOKENS, "quota" => n.clone(), "kind" => "prompt").absolute(q.prompt_tokens);
+        counter!(QUOTA_TOKENS, "quota" => n.clone(), "kind" => "completion")
+            .absolute(q.completion_tokens);
+        counter!(QUOTA_EXHAUSTIONS, "quota" => n.clone()).absolute(q.exhaustions);
+        counter!(QUOTA_REFUSALS, "quota" => n.clone()).absolute(q.refusals);
+        gauge!(QUOTA_EXHAUSTED, "quota" => n.clone()).set(if q.exhausted_reason.is_some() {
+            1.0
+        } else {
+            0.0
+        });
+        gauge!(QUOTA_RATE_MULTIPLIER, "quota" => n.clone()).set(q.effective_rate_multiplier);
+        if let Some(a) = q.requests_available {
+            gauge!(QUOTA_REQUESTS_AVAILABLE, "quota" => n.clone()).set(a as f64);
+        }
+        if let Some(r) = q.requests_per_second {
+            gauge!(QUOTA_REQUESTS_LIMIT, "quota" => n.clone()).set(r);
+        }
+        if let (Some(used), Some(limit)) = (q.tokens_used, q.tokens_window_limit) {
+            gauge!(QUOTA_TOKENS_USED, "quota" => n.clone()).set(used as f64);
+            gauge!(QUOTA_TOKENS_LIMIT, "quota" => n.clone()).set(limit as f64);
+        }
+        if let Some(c) = q.circuit {
+            let v = match c {
+                CircuitState::Closed => 0.0,
+                CircuitState::HalfOpen => 1.0,
+                CircuitState::Open => 2.0,
+            };
+            gauge!(QUOTA_CIRCUIT, "quota" => n.clone()).set(v);
+        }
+    }
+}
