@@ -261,6 +261,7 @@ pub struct OrchestratorBuilder {
     registry: Registry,
     store: Option<Arc<dyn JobStore>>,
     cascade: bool,
+    metrics: bool,
 }
 
 impl OrchestratorBuilder {
@@ -278,6 +279,13 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Install the Prometheus recorder (default on). Its handles are taken when the actors
+    /// start, so it must be there before; a process that installs another recorder turns this off.
+    pub fn metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
+    }
+
     /// Where jobs are kept (in memory by default).
     pub fn store(mut self, store: Arc<dyn JobStore>) -> Self {
         self.store = Some(store);
@@ -285,6 +293,9 @@ impl OrchestratorBuilder {
     }
 
     pub async fn start(self) -> Result<Orchestrator, StartError> {
+        if self.metrics {
+            crate::metrics::install();
+        }
         let cascade = self.cascade && self.model.server.cascade;
         let quotas = Arc::new(QuotaIndex::new(&self.model, cascade));
         let shared = Arc::new(Shared {
@@ -355,6 +366,7 @@ impl Orchestrator {
             registry: Registry::default(),
             store: None,
             cascade: true,
+            metrics: true,
         }
     }
 
