@@ -147,6 +147,9 @@ pub async fn start(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(prometheus_metrics))
+        .route("/", get(dashboard))
+        .route("/api/graphs", get(api_graphs))
+        .route("/api/events", get(api_events))
         .route("/hooks/{graph}", post(hook))
         .layer(DefaultBodyLimit::max(options.max_input_bytes))
         .with_state(state);
@@ -187,6 +190,47 @@ pub async fn start(
         stop,
         tasks,
     })
+}
+
+/// The live dashboard: one self-contained page (no CDN), embedded in the binary.
+async fn dashboard() -> Response {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-cache"),
+        ],
+        include_str!("dashboard.html"),
+    )
+        .into_response()
+}
+
+/// Every graph's live state, as the dashboard draws it.
+async fn api_graphs(State(s): State<HttpState>) -> Response {
+    let mut graphs = Vec::new();
+    for name in s.orch.graph_names() {
+        if let Some(g) = s.orch.graph_state(&name).await {
+            graphs.push(g);
+        }
+    }
+    axum::Json(graphs).into_response()
+}
+
+/// Pause, resume, quota and circuit events as server-sent events.
+async fn api_events(
+    State(s): State<HttpState>,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let stream = tokio_stream::wrappers::BroadcastStream::new(s.orch.watch_graphs()).filter_map(
+        |e| async move {
+            // A lagging watcher skips what it missed; the page refreshes the full state anyway.
+            let e = e.ok()?;
+            Some(Ok(Event::default().data(serde_json::to_string(&e).ok()?)))
+        },
+    );
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 /// Prometheus text; state gauges are sampled now, so a scrape sees the current state.
