@@ -27,6 +27,9 @@ struct Cli {
     command: Command,
     #[command(flatten)]
     conn: client_cmd::Conn,
+    /// Log format on stderr: text for people, json for log pipelines (level from RUST_LOG).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
 }
 
 #[derive(Subcommand)]
@@ -74,7 +77,7 @@ enum GraphCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(cli.log_format == "json");
     let result = match cli.command {
         Command::Graph { command } => match command {
             GraphCommand::Check { files, config } => graph_cmd::check(config.as_deref(), &files),
@@ -96,12 +99,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs go to stderr; the level comes from `RUST_LOG` (default: warnings).
-fn init_tracing() {
+/// Logs go to stderr; the level comes from `RUST_LOG` (default: warnings). Every line of a job
+/// carries its job id (the `job` span), and lines from a call its agent and attempt.
+fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init();
+    } else {
+        fmt.init();
+    }
 }

@@ -504,3 +504,49 @@ async fn submission_is_idempotent_and_bounded() {
     assert_eq!(orch.wait(a.id).await.unwrap().state, JobState::Succeeded);
     orch.shutdown(Duration::from_secs(5)).await;
 }
+
+/// Log lines written inside a job carry its id: a test subscriber captures them.
+#[tokio::test]
+async fn spans_carry_the_job_id() {
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    quiet_simulated_panics();
+    let buf = Buf::default();
+    let sink = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let orch = start(
+        "[graph]\nname = \"traced\"\n[agents.crashy]\nkind = \"sim\"\npanic_rate = 1.0\nretry = { max_attempts = 1 }\n",
+    )
+    .await;
+    let id = orch
+        .submit(SubmitRequest::new("traced", json!({})))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(orch.wait(id).await.unwrap().state, JobState::Failed);
+    orch.shutdown(Duration::from_secs(1)).await;
+    let logs = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("agent call panicked"))
+        .unwrap_or_else(|| panic!("no panic log in:\n{logs}"));
+    assert!(
+        line.contains(&format!("job{{job_id={id} graph=traced}}")),
+        "{line}"
+    );
+    assert!(line.contains("step{agent=crashy attempt=1}"), "{line}");
+}

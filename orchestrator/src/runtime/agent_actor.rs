@@ -35,6 +35,8 @@ pub(crate) struct Call {
     pub ctx: CallContext,
     pub input: StepInput,
     pub reply: ActorRef<SchedMsg>,
+    /// The job's span: the step's span is its child.
+    pub span: tracing::Span,
 }
 
 /// A call's result, sent to the scheduler.
@@ -122,10 +124,9 @@ impl Actor for AgentActor {
                         .min(d.saturating_duration_since(Instant::now())),
                     None => state.timeout,
                 };
-                let span = tracing::debug_span!(
+                let span = tracing::info_span!(
+                    parent: &call.span,
                     "step",
-                    job_id = %call.job,
-                    graph = %call.ctx.graph,
                     agent = %call.ctx.agent,
                     attempt = call.ctx.attempt,
                 );

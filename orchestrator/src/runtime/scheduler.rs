@@ -132,6 +132,8 @@ struct JobRun {
     /// The job has a callback URL to notify when it ends.
     callback: bool,
     started: Instant,
+    /// Every step's span (and so every log line of the job) sits under this one.
+    span: tracing::Span,
 }
 
 struct Slot {
@@ -449,6 +451,7 @@ impl SchedState {
                 deadline_len: r.deadline.or(model.deadline),
                 callback: r.callback_url.is_some(),
                 started: Instant::now(),
+                span: tracing::info_span!("job", job_id = %id, graph = %model.name),
             },
         );
         if remaining == 0 {
@@ -580,6 +583,7 @@ impl SchedState {
             },
             input,
             reply: self.me.clone(),
+            span: job.span.clone(),
         };
         let attempt = st.attempts;
         if actor.cast(AgentMsg::Run(Box::new(call))).is_err() {
