@@ -192,27 +192,37 @@ pub async fn start(
     })
 }
 
-/// The live dashboard: one self-contained page (no CDN), embedded in the binary.
-async fn dashboard() -> Response {
+/// The live dashboard: one self-contained page (no CDN), embedded in the binary, with the
+/// state at request time inside it so that the first frame is drawn without a round trip.
+async fn dashboard(State(s): State<HttpState>) -> Response {
+    let state =
+        serde_json::to_string(&graph_states(&s.orch).await).unwrap_or_else(|_| "null".into());
+    // JSON inside a <script>: `</` must not close it.
+    let page = include_str!("dashboard.html")
+        .replace("/*INITIAL_STATE*/null", &state.replace("</", "<\\/"));
     (
         [
             ("content-type", "text/html; charset=utf-8"),
             ("cache-control", "no-cache"),
         ],
-        include_str!("dashboard.html"),
+        page,
     )
         .into_response()
 }
 
-/// Every graph's live state, as the dashboard draws it.
-async fn api_graphs(State(s): State<HttpState>) -> Response {
+async fn graph_states(orch: &Orchestrator) -> Vec<crate::runtime::GraphState> {
     let mut graphs = Vec::new();
-    for name in s.orch.graph_names() {
-        if let Some(g) = s.orch.graph_state(&name).await {
+    for name in orch.graph_names() {
+        if let Some(g) = orch.graph_state(&name).await {
             graphs.push(g);
         }
     }
-    axum::Json(graphs).into_response()
+    graphs
+}
+
+/// Every graph's live state, as the dashboard draws it.
+async fn api_graphs(State(s): State<HttpState>) -> Response {
+    axum::Json(graph_states(&s.orch).await).into_response()
 }
 
 /// Pause, resume, quota and circuit events as server-sent events.
