@@ -90,8 +90,13 @@ fn model(toml: &str) -> ServerModel {
 
 /// Submit `jobs` jobs and wait until all have finished; returns the wall time.
 async fn run_cascade(model: ServerModel, jobs: usize) -> Duration {
+    run_cascade_with(model, jobs, true).await
+}
+
+async fn run_cascade_with(model: ServerModel, jobs: usize, metrics: bool) -> Duration {
     let graph = model.graphs[0].name.to_string();
     let orch = Orchestrator::builder(model)
+        .metrics(metrics)
         .store(Arc::new(MemoryStore::with_retention(10_000)))
         .start()
         .await
@@ -330,6 +335,23 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         println!("engine benchmark: {jobs} jobs per run, zero-latency simulated agents, 2 worker threads");
+        // The cost of observability, first: once a recorder is installed it stays for the process.
+        let off = run_cascade_with(model(&pipeline_toml(None)), jobs, false).await;
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(std::io::sink)
+                .finish(),
+        )
+        .expect("no subscriber yet");
+        let on = run_cascade_with(model(&pipeline_toml(None)), jobs, true).await;
+        let (off_rate, on_rate) = (jobs as f64 / off.as_secs_f64(), jobs as f64 / on.as_secs_f64());
+        println!(
+            "observability     off {:>9.0} jobs/s | metrics + tracing (INFO job spans) on {:>9.0} jobs/s | throughput lost {:.1}%",
+            off_rate,
+            on_rate,
+            100.0 * (1.0 - on_rate / off_rate)
+        );
         // Warm up allocators and code paths.
         run_cascade(model(&pipeline_toml(None)), jobs / 20).await;
         run_baseline_pipeline(jobs / 20).await;
