@@ -144,3 +144,45 @@ async fn the_dashboard_shows_exactly_the_paused_nodes_then_their_resume() {
     server.stop().await;
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium package: .ci/run installs it and runs this test"]
+async fn the_dashboard_draws_a_hundred_agents_quickly() {
+    let mut toml =
+        String::from("[graph]\nname = \"wide\"\n[quotas.wide-q]\nrequests_per_second = 100\n");
+    for i in 0..100 {
+        toml += &format!("[agents.a{i}]\nkind = \"sim\"\n");
+        match i {
+            0..10 => toml += "quota = \"wide-q\"\n",
+            _ => toml += &format!("after = [\"a{}\", \"a{}\"]\n", i / 2, i - 1),
+        }
+    }
+    let model = config::parse_graph_str("wide.toml", &toml, &Default::default()).unwrap();
+    let orch = Arc::new(Orchestrator::builder(model).start().await.unwrap());
+    let options = ServerOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let server = server::start(orch.clone(), options).await.unwrap();
+    orch.exhaust_quota("wide-q", Duration::from_secs(30)).await;
+    let url = format!("http://{}/", server.http_addr);
+    let dom = tokio::task::spawn_blocking(move || chromium(&["--dump-dom"], &url))
+        .await
+        .unwrap();
+    let states = agent_states(&dom);
+    assert_eq!(states.len(), 100, "every agent is drawn");
+    // The quota reaches every agent (the first ten directly, the rest downstream).
+    assert!(states.iter().all(|(_, s)| s == "paused"), "{states:?}");
+    let ms: f64 = dom
+        .split("data-render-ms=\"")
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .and_then(|v| v.parse().ok())
+        .expect("the page reports its render time");
+    // A frame is rebuilt every second; it must take a small part of that.
+    assert!(ms < 250.0, "a frame of 100 agents took {ms} ms");
+    eprintln!("100 agents drawn in {ms} ms");
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}
