@@ -323,20 +323,10 @@ async fn memory_per_in_flight_job(n: usize) -> f64 {
     after.saturating_sub(before) as f64 / n as f64
 }
 
-fn main() {
-    let jobs: usize = std::env::var("ENGINE_BENCH_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        println!("engine benchmark: {jobs} jobs per run, zero-latency simulated agents, 2 worker threads");
-        // The cost of observability, first: once a recorder is installed it stays for the process.
-        let off = run_cascade_with(model(&pipeline_toml(None)), jobs, false).await;
+/// One pipeline run in this process with observability off or on; prints jobs/s.
+fn observability_child(mode: &str, jobs: usize) {
+    let on = mode == "on";
+    if on {
         tracing::subscriber::set_global_default(
             tracing_subscriber::fmt()
                 .with_max_level(tracing::Level::INFO)
@@ -344,14 +334,76 @@ fn main() {
                 .finish(),
         )
         .expect("no subscriber yet");
-        let on = run_cascade_with(model(&pipeline_toml(None)), jobs, true).await;
-        let (off_rate, on_rate) = (jobs as f64 / off.as_secs_f64(), jobs as f64 / on.as_secs_f64());
-        println!(
-            "observability     off {:>9.0} jobs/s | metrics + tracing (INFO job spans) on {:>9.0} jobs/s | throughput lost {:.1}%",
-            off_rate,
-            on_rate,
-            100.0 * (1.0 - on_rate / off_rate)
-        );
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let took = rt.block_on(async {
+        run_cascade_with(model(&pipeline_toml(None)), jobs / 10, on).await;
+        run_cascade_with(model(&pipeline_toml(None)), jobs, on).await
+    });
+    println!("{}", jobs as f64 / took.as_secs_f64());
+}
+
+/// The cost of observability: a recorder, once installed, stays for the process, so each run is
+/// a process of its own; off and on alternate three times and the medians are compared.
+fn observability_cost(jobs: usize) {
+    let exe = std::env::current_exe().expect("bench binary");
+    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for (i, mode) in ["off", "on"].into_iter().enumerate() {
+            let out = std::process::Command::new(&exe)
+                .env("ENGINE_OBS_CHILD", mode)
+                .env("ENGINE_BENCH_JOBS", jobs.to_string())
+                .output()
+                .expect("child run");
+            let text = String::from_utf8_lossy(&out.stdout);
+            rates[i].push(
+                text.trim()
+                    .lines()
+                    .last()
+                    .and_then(|l| l.parse().ok())
+                    .expect("a rate"),
+            );
+        }
+    }
+    for r in &mut rates {
+        r.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    }
+    let (off, on) = (rates[0][1], rates[1][1]);
+    println!(
+        "observability     off {off:>9.0} jobs/s | metrics + tracing (INFO job spans) on {on:>9.0} jobs/s | throughput lost {:.1}% (medians of 3 alternating runs; off {:?}, on {:?})",
+        100.0 * (1.0 - on / off),
+        rates[0].iter().map(|r| r.round()).collect::<Vec<_>>(),
+        rates[1].iter().map(|r| r.round()).collect::<Vec<_>>()
+    );
+}
+
+fn main() {
+    if let Ok(mode) = std::env::var("ENGINE_OBS_CHILD") {
+        let jobs = std::env::var("ENGINE_BENCH_JOBS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        observability_child(&mode, jobs);
+        return;
+    }
+    let jobs: usize = std::env::var("ENGINE_BENCH_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    println!(
+        "engine benchmark: {jobs} jobs per run, zero-latency simulated agents, 2 worker threads"
+    );
+    observability_cost(jobs / 2);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
         // Warm up allocators and code paths.
         run_cascade(model(&pipeline_toml(None)), jobs / 20).await;
         run_baseline_pipeline(jobs / 20).await;

@@ -212,6 +212,9 @@ pub(crate) struct GraphCtx {
     pub wake_pending: AtomicBool,
     /// Jobs finished per second, for admission's retry estimate.
     pub drain_rate: Mutex<RateMeter>,
+    /// Submission counters, registered once (a labelled lookup per job would cost more).
+    pub submitted: metrics::Counter,
+    pub refused: metrics::Counter,
 }
 
 /// A rate measured between looks at least a second apart.
@@ -329,6 +332,8 @@ impl OrchestratorBuilder {
                     scheduler: RwLock::new(None),
                     wake_pending: AtomicBool::new(false),
                     drain_rate: Mutex::new(RateMeter::default()),
+                    submitted: metrics::counter!(crate::metrics::JOBS_SUBMITTED, "graph" => m.name.to_string()),
+                    refused: metrics::counter!(crate::metrics::ADMISSION_REFUSALS, "graph" => m.name.to_string()),
                 })
             })
             .collect();
@@ -408,13 +413,13 @@ impl Orchestrator {
         match self.shared.store.submit(job).await {
             Ok(s) => {
                 if !s.deduplicated {
-                    metrics::counter!(crate::metrics::JOBS_SUBMITTED, "graph" => g.model.name.to_string()).increment(1);
+                    g.submitted.increment(1);
                     g.wake();
                 }
                 Ok(s)
             }
             Err(StoreError::Full { pending, .. }) => {
-                metrics::counter!(crate::metrics::ADMISSION_REFUSALS, "graph" => g.model.name.to_string()).increment(1);
+                g.refused.increment(1);
                 Err(SubmitError::Overloaded {
                     retry_after: self.retry_after(&g, pending).await,
                     graph: req.graph,
