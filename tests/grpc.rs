@@ -573,3 +573,109 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     assert_eq!(payload["state"], "succeeded");
     h.stop().await;
 }
+
+/// A job that finished just before the server stopped, with its callback never attempted, gets
+/// its callback when the server starts again.
+#[tokio::test]
+async fn callbacks_left_from_before_a_restart_are_delivered() {
+    use cascade_orchestrator::job::{JobId, JobState, JobUpdate};
+    use cascade_orchestrator::store::{JobStore, NewJob};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cascade.db");
+
+    let received: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/done",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().unwrap().push(body.to_vec());
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let receiver = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    // The previous life: a job finished, then the process stopped before its callback went out.
+    let id = JobId::new();
+    {
+        let store = SqliteStore::open(SqliteOptions::new(&path)).unwrap();
+        store
+            .submit(NewJob {
+                id,
+                graph: "triage".into(),
+                agents: vec!["classify".into(), "reply".into()],
+                input: Arc::new(serde_json::json!({"ticket": 1})),
+                labels: Default::default(),
+                idempotency_key: None,
+                tenant: String::new(),
+                max_pending: 10,
+                deadline: None,
+                callback_url: Some(format!("http://{receiver}/done")),
+            })
+            .await
+            .unwrap();
+        store.claim_pending("triage", 1).unwrap();
+        store.update(id, JobUpdate::Started).unwrap();
+        store
+            .update(
+                id,
+                JobUpdate::Finished {
+                    state: JobState::Succeeded,
+                    output: Some(Arc::new(serde_json::json!({"ok": true}))),
+                    error: None,
+                },
+            )
+            .unwrap();
+        store.flush().await.unwrap();
+        assert_eq!(store.undelivered_callbacks(10).unwrap(), vec![id]);
+    }
+
+    let model = config::parse_graph_str("graphs.toml", GRAPHS, &Default::default()).unwrap();
+    let store = Arc::new(SqliteStore::open(SqliteOptions::new(&path)).unwrap());
+    let orch = Arc::new(
+        Orchestrator::builder(model)
+            .store(store.clone())
+            .start()
+            .await
+            .unwrap(),
+    );
+    let options = ServerOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let server = server::start(orch.clone(), options).await.unwrap();
+    let mut delivered = false;
+    for _ in 0..100 {
+        if orch
+            .get(id)
+            .unwrap()
+            .unwrap()
+            .callback
+            .is_some_and(|c| c.delivered)
+        {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        delivered,
+        "the left-over callback was delivered and recorded"
+    );
+    let got = received.lock().unwrap().clone();
+    assert_eq!(got.len(), 1);
+    let payload: serde_json::Value = serde_json::from_slice(&got[0]).unwrap();
+    assert_eq!(payload["job_id"], id.to_string());
+    store.flush().await.unwrap();
+    assert!(
+        store.undelivered_callbacks(10).unwrap().is_empty(),
+        "not delivered twice"
+    );
+    server.stop().await;
+    orch.shutdown(Duration::from_secs(1)).await;
+}

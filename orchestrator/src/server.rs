@@ -170,7 +170,25 @@ pub async fn start(
     }));
 
     let (tx, rx) = mpsc::channel(65_536);
-    orch.set_callback_sink(tx);
+    orch.set_callback_sink(tx.clone());
+    // Callbacks of jobs that finished just before the last stop, never attempted: deliver now.
+    match orch.store().undelivered_callbacks(10_000) {
+        Ok(ids) if !ids.is_empty() => {
+            tracing::info!(
+                jobs = ids.len(),
+                "delivering callbacks left from before the restart"
+            );
+            tokio::spawn(async move {
+                for id in ids {
+                    if tx.send(id).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "could not look for undelivered callbacks"),
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()

@@ -116,6 +116,12 @@ pub trait JobStore: Send + Sync + 'static {
 
     fn pending_count(&self, graph: &str) -> usize;
 
+    /// Finished jobs with a callback URL whose delivery was never attempted (the process stopped
+    /// between the job's end and its callback): the server delivers them when it starts.
+    fn undelivered_callbacks(&self, _limit: usize) -> Result<Vec<JobId>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// Wait until every change made so far is durable (no-op for a store that is not).
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })

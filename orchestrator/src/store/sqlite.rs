@@ -394,6 +394,22 @@ impl JobStore for SqliteStore {
         self.mem.pending_count(graph)
     }
 
+    fn undelivered_callbacks(&self, limit: usize) -> Result<Vec<JobId>, StoreError> {
+        let conn = self.read();
+        let mut stmt = conn
+            .prepare(
+                "SELECT id FROM jobs WHERE callback_url IS NOT NULL AND callback IS NULL
+                     AND state IN ('succeeded', 'failed', 'cancelled') ORDER BY id LIMIT ?1",
+            )
+            .map_err(err)?;
+        let ids: Vec<String> = stmt
+            .query_map(params![limit as i64], |r| r.get(0))
+            .map_err(err)?
+            .collect::<Result<_, _>>()
+            .map_err(err)?;
+        ids.into_iter().map(|id| id.parse().map_err(err)).collect()
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         let (ack, done) = oneshot::channel();
         self.send(Op::Flush(ack));
