@@ -452,3 +452,115 @@ pub fn graph_status(conn: Conn, name: String) -> anyhow::Result<ExitCode> {
         Ok(ExitCode::SUCCESS)
     })
 }
+
+#[derive(Args)]
+pub struct TopArgs {
+    /// Only this graph (default: every graph).
+    pub graph: Option<String>,
+    /// Seconds between frames.
+    #[arg(long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// Print one frame and exit (for scripts and tests).
+    #[arg(long)]
+    pub once: bool,
+}
+
+/// `cascade top`: the dashboard's live state in a terminal, redrawn every interval.
+pub fn top(conn: Conn, a: TopArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&conn.server).await?;
+        let interval = Duration::from_secs_f64(a.interval.max(0.1));
+        loop {
+            let graphs = match &a.graph {
+                Some(name) => vec![
+                    client
+                        .get_graph(pb::GetGraphRequest { name: name.clone() })
+                        .await
+                        .map_err(explain)?
+                        .into_inner(),
+                ],
+                None => {
+                    client
+                        .list_graphs(pb::ListGraphsRequest {})
+                        .await
+                        .map_err(explain)?
+                        .into_inner()
+                        .graphs
+                }
+            };
+            let mut frame = String::new();
+            for g in &graphs {
+                let paused = g.agents.iter().filter(|x| x.state == "paused").count();
+                frame += &format!(
+                    "{}  running {}  pending {}  paused agents {}\n",
+                    g.name, g.running_jobs, g.pending_jobs, paused
+                );
+                frame += &format!(
+                    "  {:<18} {:<8} {:>6} {:>9}  {}\n",
+                    "AGENT", "STATE", "QUEUE", "IN FLIGHT", "WHY"
+                );
+                for x in &g.agents {
+                    let why: Vec<String> = x
+                        .pause_causes
+                        .iter()
+                        .map(|c| {
+                            let left = c
+                                .until
+                                .as_ref()
+                                .map(|t| {
+                                    let until = std::time::UNIX_EPOCH
+                                        + Duration::new(
+                                            t.seconds.max(0) as u64,
+                                            t.nanos.max(0) as u32,
+                                        );
+                                    let secs = until
+                                        .duration_since(std::time::SystemTime::now())
+                                        .map_or(0.0, |d| d.as_secs_f64());
+                                    format!(" {secs:.1}s left")
+                                })
+                                .unwrap_or_default();
+                            format!("{} {}: {}{left}", x.pause_reach, c.quota, c.reason)
+                        })
+                        .collect();
+                    frame += &format!(
+                        "  {:<18} {:<8} {:>6} {:>9}  {}\n",
+                        x.name,
+                        x.state,
+                        x.queue_depth,
+                        x.in_flight,
+                        why.join("; ")
+                    );
+                }
+                for q in &g.quotas {
+                    let state = if !q.exhausted_reason.is_empty() {
+                        format!("EXHAUSTED ({})", q.exhausted_reason)
+                    } else {
+                        "ok".to_string()
+                    };
+                    let circuit = if q.circuit.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", circuit {}", q.circuit)
+                    };
+                    frame += &format!(
+                        "  quota {:<12} {state}{circuit} — {} — available {}\n",
+                        q.name, q.limits, q.available
+                    );
+                }
+                frame += "\n";
+            }
+            if a.once {
+                print!("{frame}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            // Clear the screen and draw the frame from the top.
+            print!("\x1b[2J\x1b[H{frame}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+            }
+        }
+    })
+}

@@ -47,6 +47,8 @@ enum Command {
     Demo(demo_cmd::DemoArgs),
     /// Submit a job to a server.
     Submit(client_cmd::SubmitArgs),
+    /// A live terminal view of a server's graphs: which agent is paused, why, until when.
+    Top(client_cmd::TopArgs),
     /// List, inspect, follow or cancel jobs on a server.
     Jobs {
         #[command(subcommand)]
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Submit(args) => client_cmd::submit(cli.conn, args),
         Command::Jobs { command } => client_cmd::jobs(cli.conn, command),
+        Command::Top(args) => client_cmd::top(cli.conn, args),
     };
     match result {
         Ok(code) => code,

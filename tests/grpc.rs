@@ -679,3 +679,62 @@ async fn callbacks_left_from_before_a_restart_are_delivered() {
     server.stop().await;
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// `cascade top --once` against a real server shows the paused agents and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_which_agent_is_paused_and_why() {
+    let graphs = r#"
+    [graph]
+    name = "topped"
+    [quotas.topped-llm]
+    requests_per_second = 10
+    [agents.classify]
+    kind = "sim"
+    quota = "topped-llm"
+    [agents.reply]
+    kind = "sim"
+    after = ["classify"]
+    [agents.audit]
+    kind = "sim"
+    "#;
+    let h = start_with(graphs, ServerOptions::default()).await;
+    h.orch
+        .exhaust_quota("topped-llm", Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let addr = format!("http://{}", h.server.grpc_addr);
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+            .args(["--server", &addr, "top", "topped", "--once"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = |agent: &str| {
+        text.lines()
+            .find(|l| l.trim_start().starts_with(agent))
+            .unwrap_or_else(|| panic!("{text}"))
+    };
+    assert!(
+        line("classify").contains("paused") && line("classify").contains("direct topped-llm"),
+        "{text}"
+    );
+    assert!(
+        line("reply").contains("paused") && line("reply").contains("upstream topped-llm"),
+        "{text}"
+    );
+    assert!(line("audit").contains("idle"), "{text}");
+    assert!(
+        text.contains("EXHAUSTED (upstream rate limit (429))"),
+        "{text}"
+    );
+    assert!(text.contains("paused agents 2"), "{text}");
+    h.stop().await;
+}
