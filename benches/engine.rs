@@ -193,7 +193,15 @@ async fn run_baseline_pipeline(jobs: usize) -> Duration {
         next = vec![tx.clone()];
         first = Some(tx);
     }
-    let first = first.expect("stages");
+    feed_and_wait(first.expect("stages"), &mut done_rx, jobs).await
+}
+
+/// Send `jobs` jobs into the first stage and wait for as many results; returns the wall time.
+async fn feed_and_wait(
+    first: mpsc::Sender<Msg>,
+    done_rx: &mut mpsc::Receiver<Msg>,
+    jobs: usize,
+) -> Duration {
     let start = Instant::now();
     let feeder = tokio::spawn(async move {
         for i in 0..jobs {
@@ -268,25 +276,9 @@ async fn run_baseline_fanout(jobs: usize) -> Duration {
     drop(join_tx);
     let (entry_tx, entry_rx) = mpsc::channel(1024);
     stage("fanout", "entry", entry_rx, fetch_txs);
-    let start = Instant::now();
-    let feeder = tokio::spawn(async move {
-        for i in 0..jobs {
-            entry_tx
-                .send(Msg {
-                    job: i,
-                    input: Arc::new(json!({ "n": i })),
-                    deps: vec![],
-                })
-                .await
-                .expect("send");
-        }
-    });
-    for _ in 0..jobs {
-        done_rx.recv().await.expect("result");
-    }
-    feeder.await.expect("feeder");
+    let took = feed_and_wait(entry_tx, &mut done_rx, jobs).await;
     drop(join);
-    start.elapsed()
+    took
 }
 
 /// Memory per in-flight job: hold `n` jobs in flight (agents that sleep) and compare the bytes

@@ -14,11 +14,8 @@ use cascade_orchestrator::{Orchestrator, SubmitError, SubmitRequest};
 use serde_json::json;
 use tokio::time::Instant;
 
-async fn start(toml: &str) -> Orchestrator {
-    let model = config::parse_graph_str("test.toml", toml, &Default::default())
-        .unwrap_or_else(|e| panic!("{e}"));
-    Orchestrator::builder(model).start().await.unwrap()
-}
+mod common;
+use common::start;
 
 async fn reach_of(orch: &Orchestrator, graph: &str) -> BTreeMap<String, Option<Reach>> {
     orch.pauses(graph)

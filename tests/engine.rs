@@ -3,7 +3,6 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Once;
 use std::time::Duration;
 
 use cascade_orchestrator::agents::sim;
@@ -14,29 +13,8 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
 
-/// Simulated panics are expected here; keep them out of the test output.
-fn quiet_simulated_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let msg = info
-                .payload()
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .unwrap_or_default();
-            if !msg.starts_with("simulated panic") {
-                default(info);
-            }
-        }));
-    });
-}
-
-async fn start(toml: &str) -> Orchestrator {
-    let model = config::parse_graph_str("test.toml", toml, &Default::default())
-        .unwrap_or_else(|e| panic!("{e}"));
-    Orchestrator::builder(model).start().await.unwrap()
-}
+mod common;
+use common::{quiet_simulated_panics, start};
 
 async fn start_file(path: &str) -> Orchestrator {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

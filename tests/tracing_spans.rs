@@ -2,39 +2,14 @@
 //! thread-local subscriber shares tracing's global callsite cache with whatever else runs in the
 //! process, and tests running beside it could leave a callsite disabled.
 
-use std::sync::Once;
 use std::time::Duration;
 
+use cascade_orchestrator::SubmitRequest;
 use cascade_orchestrator::job::JobState;
-use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
+
+mod common;
+use common::{quiet_simulated_panics, start};
 use serde_json::json;
-
-fn quiet_simulated_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let default = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let msg = info
-                .payload()
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .unwrap_or_default();
-            if !msg.starts_with("simulated panic") {
-                default(info);
-            }
-        }));
-    });
-}
-
-async fn start(toml: &str) -> Orchestrator {
-    let model = config::parse_graph_str("test.toml", toml, &Default::default())
-        .unwrap_or_else(|e| panic!("{e}"));
-    Orchestrator::builder(model)
-        .metrics(false)
-        .start()
-        .await
-        .unwrap()
-}
 
 /// Log lines written inside a job carry its id: a test subscriber captures them.
 #[tokio::test]

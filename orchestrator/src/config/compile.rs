@@ -576,7 +576,7 @@ impl<'r> Loader<'r> {
     ) -> Option<PendingAgent> {
         let name: &str = key.get_ref();
         let path = format!("agents.{name}");
-        let name_ok = self.check_name(src, key.span(), &path, name);
+        self.check_name(src, key.span(), &path, name);
         let table = self.expect_table(src, &path, key.span(), value)?;
         let errs_before = self.errs.len();
         let mut r = TableReader::new(src, path.clone(), key.span(), table);
@@ -683,7 +683,6 @@ impl<'r> Loader<'r> {
         }
         // An agent with errors is kept (the load fails anyway) so that references to it still
         // resolve and the rest of the graph is checked too.
-        let _ = (errs_before, name_ok);
         Some(PendingAgent {
             name_span: key.span(),
             after,

@@ -195,7 +195,7 @@ impl Actor for Broker {
                     reason: "agent restarted too often and is marked failed".into(),
                 });
                 let changes = s.plane.set_agent_failed(agent, info);
-                s.publish(changes, now);
+                s.publish(changes);
             }
             BrokerMsg::Exhaust {
                 quota,
@@ -360,14 +360,14 @@ impl BrokerState {
                 reason: ex.reason.into(),
             });
             let changes = self.plane.set_quota(&name, info);
-            self.publish(changes, now);
+            self.publish(changes);
         }
         self.schedule(now, wake);
     }
 
     /// Tell each scheduler about its agents' changes (one message per graph) and, when anyone
     /// watches, announce each change with its causes.
-    fn publish(&mut self, changes: Vec<AgentChange>, _now: Instant) {
+    fn publish(&mut self, changes: Vec<AgentChange>) {
         if changes.is_empty() {
             return;
         }

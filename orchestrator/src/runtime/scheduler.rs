@@ -172,7 +172,6 @@ pub(crate) struct SchedState {
     me: ActorRef<SchedMsg>,
     jobs: HashMap<JobId, JobRun>,
     slots: Vec<Slot>,
-    next_seq: u64,
     rng: SmallRng,
     draining: bool,
     /// Agents of this graph paused now; while any is, no new job starts.
@@ -238,7 +237,6 @@ impl Actor for Scheduler {
             me,
             jobs: HashMap::new(),
             slots,
-            next_seq: 0,
             rng: SmallRng::seed_from_u64(0x5eed),
             draining: false,
             paused: 0,
@@ -434,7 +432,6 @@ impl SchedState {
         });
         // Job age across the server, so that quotas shared between graphs serve the oldest first.
         let seq = self.ctx.shared.next_seq.fetch_add(1, Relaxed);
-        self.next_seq = seq;
         if !resumed {
             self.record(id, JobUpdate::Started);
         }
