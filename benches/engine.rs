@@ -5,7 +5,8 @@
 //! run on one machine (figures on this shared machine are noisy: compare the ratio). It also reports
 //! the memory held per in-flight job.
 //!
-//! `cargo bench --bench engine` (set `ENGINE_BENCH_JOBS` to change the job count).
+//! `cargo bench --bench engine` (set `ENGINE_BENCH_JOBS` to change the job count, and
+//! `ENGINE_BENCH=observability` to measure only the cost of observability).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;
@@ -14,9 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use cascade_orchestrator::agents::{Agent, AgentSpec, CallContext, Registry, StepInput};
-use cascade_orchestrator::model::{GraphModel, ServerModel};
+use cascade_orchestrator::model::{GraphModel, ServerModel, TelemetrySettings};
 use cascade_orchestrator::store::MemoryStore;
-use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
+use cascade_orchestrator::{Orchestrator, SubmitRequest, config, telemetry};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -315,61 +316,172 @@ async fn memory_per_in_flight_job(n: usize) -> f64 {
     after.saturating_sub(before) as f64 / n as f64
 }
 
-/// One pipeline run in this process with observability off or on; prints jobs/s.
-fn observability_child(mode: &str, jobs: usize) {
-    let on = mode == "on";
-    if on {
-        tracing::subscriber::set_global_default(
-            tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::INFO)
-                .with_writer(std::io::sink)
-                .finish(),
-        )
-        .expect("no subscriber yet");
+/// A stand-in OTLP/gRPC collector on 127.0.0.1, on a thread and runtime of its own (as a local
+/// collector would be a process of its own); it counts the spans it receives.
+fn start_collector() -> (u16, Arc<AtomicUsize>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    struct Counter(Arc<AtomicUsize>);
+    #[tonic::async_trait]
+    impl TraceService for Counter {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = request
+                .get_ref()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0.fetch_add(n, Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
     }
+    let spans = Arc::new(AtomicUsize::new(0));
+    let counter = Counter(spans.clone());
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("collector runtime");
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            port_tx
+                .send(listener.local_addr().expect("addr").port())
+                .expect("port");
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(counter))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await
+                .expect("collector");
+        });
+    });
+    (port_rx.recv().expect("collector port"), spans)
+}
+
+/// One pipeline run in this process with observability off, on (metrics and INFO job spans to a
+/// log subscriber), otlp (metrics, and job and step spans exported to a collector) or
+/// otlp-sampled (the same for one job in ten); prints jobs/s and the spans the collector received.
+fn observability_child(mode: &str, jobs: usize) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
+    let (mut telemetry, mut received) = (None, None);
+    let mut settings = TelemetrySettings::default();
+    match mode {
+        "on" => tracing::subscriber::set_global_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(std::io::sink)
+                .finish(),
+        )
+        .expect("no subscriber yet"),
+        _ if mode.starts_with("otlp") => {
+            let (port, spans) = start_collector();
+            settings.otlp_endpoint = Some(format!("http://127.0.0.1:{port}"));
+            if mode == "otlp-sampled" {
+                settings.sample_ratio = 0.1;
+            }
+            let _in_runtime = rt.enter();
+            telemetry = Some(telemetry::init(false, Some(&settings)).expect("telemetry"));
+            received = Some(spans);
+        }
+        _ => {}
+    }
+    let on = mode != "off";
+    // The subscriber and the orchestrator read the same settings, as `cascade serve` does.
+    let traced_model = || {
+        let mut m = model(&pipeline_toml(None));
+        m.telemetry = settings.clone();
+        m
+    };
     let took = rt.block_on(async {
-        run_cascade_with(model(&pipeline_toml(None)), jobs / 10, on).await;
-        run_cascade_with(model(&pipeline_toml(None)), jobs, on).await
+        run_cascade_with(traced_model(), jobs / 10, on).await;
+        run_cascade_with(traced_model(), jobs, on).await
     });
-    println!("{}", jobs as f64 / took.as_secs_f64());
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    let spans = received.map_or(0, |r| r.load(Relaxed));
+    println!("{} {spans}", jobs as f64 / took.as_secs_f64());
 }
 
+/// Rounds of the observability comparison; each runs every mode once, in its own process.
+const OBSERVABILITY_ROUNDS: usize = 5;
+
 /// The cost of observability: a recorder, once installed, stays for the process, so each run is
-/// a process of its own; off and on alternate three times and the medians are compared.
+/// a process of its own; the modes alternate round by round.
 fn observability_cost(jobs: usize) {
     let exe = std::env::current_exe().expect("bench binary");
-    let mut rates: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-    for _ in 0..3 {
-        for (i, mode) in ["off", "on"].into_iter().enumerate() {
+    let modes = ["off", "on", "otlp", "otlp-sampled"];
+    // (jobs/s, spans received) per mode, one entry per round.
+    let mut runs: [Vec<(f64, usize)>; 4] = Default::default();
+    for _ in 0..OBSERVABILITY_ROUNDS {
+        for (i, mode) in modes.into_iter().enumerate() {
             let out = std::process::Command::new(&exe)
                 .env("ENGINE_OBS_CHILD", mode)
                 .env("ENGINE_BENCH_JOBS", jobs.to_string())
                 .output()
                 .expect("child run");
             let text = String::from_utf8_lossy(&out.stdout);
-            rates[i].push(
-                text.trim()
-                    .lines()
-                    .last()
-                    .and_then(|l| l.parse().ok())
-                    .expect("a rate"),
-            );
+            let last = text.trim().lines().last().unwrap_or_default().to_string();
+            let mut fields = last.split_whitespace();
+            let rate = fields.next().and_then(|f| f.parse().ok());
+            let spans = fields.next().and_then(|f| f.parse().ok());
+            let (Some(rate), Some(spans)) = (rate, spans) else {
+                panic!(
+                    "{mode} run printed no rate: {last:?}\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            };
+            runs[i].push((rate, spans));
         }
     }
-    for r in &mut rates {
-        r.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    }
-    let (off, on) = (rates[0][1], rates[1][1]);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+        v[v.len() / 2]
+    };
+    let off = median(runs[0].iter().map(|r| r.0).collect());
+    // A round's modes ran back to back, so each round's loss is measured against its own "off":
+    // the median of those losses shrugs off the machine's slow and fast spells.
+    let report = |i: usize, label: &str| {
+        let rate = median(runs[i].iter().map(|r| r.0).collect());
+        let loss = median(
+            runs[i]
+                .iter()
+                .zip(&runs[0])
+                .map(|(on, off)| 100.0 * (1.0 - on.0 / off.0))
+                .collect(),
+        );
+        let spans = median(runs[i].iter().map(|r| r.1 as f64).collect());
+        let losses: Vec<String> = runs[i]
+            .iter()
+            .zip(&runs[0])
+            .map(|(on, off)| format!("{:.1}", 100.0 * (1.0 - on.0 / off.0)))
+            .collect();
+        println!(
+            "{label:<44} {rate:>9.0} jobs/s vs off {off:>9.0} | throughput lost {loss:>5.1}% (median of {OBSERVABILITY_ROUNDS} rounds: {}) | spans received {spans:.0}",
+            losses.join(" / ")
+        );
+    };
+    report(1, "metrics + tracing (INFO job spans)");
+    report(2, "metrics + OTLP export, every job");
+    report(3, "metrics + OTLP export, sample_ratio = 0.1");
+    // Each job of the 5-step pipeline is one job span and five step spans.
     println!(
-        "observability     off {off:>9.0} jobs/s | metrics + tracing (INFO job spans) on {on:>9.0} jobs/s | throughput lost {:.1}% (medians of 3 alternating runs; off {:?}, on {:?})",
-        100.0 * (1.0 - on / off),
-        rates[0].iter().map(|r| r.round()).collect::<Vec<_>>(),
-        rates[1].iter().map(|r| r.round()).collect::<Vec<_>>()
+        "(with every job exported, a run sends {} spans)",
+        (jobs + jobs / 10) * 6
     );
 }
 
@@ -390,6 +502,9 @@ fn main() {
         "engine benchmark: {jobs} jobs per run, zero-latency simulated agents, 2 worker threads"
     );
     observability_cost(jobs / 2);
+    if std::env::var("ENGINE_BENCH").as_deref() == Ok("observability") {
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

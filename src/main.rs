@@ -79,15 +79,22 @@ enum GraphCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format == "json");
+    let json_logs = cli.log_format == "json";
+    // `serve` and `run` install their own, once the config says whether traces go out too.
+    if !matches!(cli.command, Command::Serve(_) | Command::Run(_))
+        && let Err(e) = cascade_orchestrator::telemetry::init(json_logs, None).map(|t| t.shutdown())
+    {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Graph { command } => match command {
             GraphCommand::Check { files, config } => graph_cmd::check(config.as_deref(), &files),
             GraphCommand::Dot { file, config } => graph_cmd::dot(config.as_deref(), &file),
             GraphCommand::Status { name } => client_cmd::graph_status(cli.conn, name),
         },
-        Command::Run(args) => run_cmd::run(args),
-        Command::Serve(args) => serve_cmd::run(args),
+        Command::Run(args) => run_cmd::run(args, json_logs),
+        Command::Serve(args) => serve_cmd::run(args, json_logs),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Submit(args) => client_cmd::submit(cli.conn, args),
         Command::Jobs { command } => client_cmd::jobs(cli.conn, command),
@@ -99,23 +106,5 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-/// Logs go to stderr; the level comes from `RUST_LOG` (default: warnings). Every line of a job
-/// carries its job id (the `job` span), and lines from a call its agent and attempt.
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let fmt = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        fmt.json()
-            .with_current_span(true)
-            .with_span_list(true)
-            .init();
-    } else {
-        fmt.init();
     }
 }

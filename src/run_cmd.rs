@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use cascade_orchestrator::agents::Registry;
 use cascade_orchestrator::job::JobState;
+use cascade_orchestrator::model::ServerModel;
 use cascade_orchestrator::quota::QuotaSnapshot;
 use cascade_orchestrator::runtime::GraphStatsSnapshot;
 use cascade_orchestrator::{Orchestrator, SubmitError, SubmitRequest, config};
@@ -46,11 +47,33 @@ pub struct RunArgs {
     quiet: bool,
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: RunArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
+    let input = read_input(&args.input)?;
+    if args.jobs == 0 {
+        bail!("--jobs must be at least 1");
+    }
+    let model = match config::load(
+        args.config.as_deref(),
+        std::slice::from_ref(&args.graph),
+        &Registry::default(),
+    ) {
+        Ok(m) => m,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run_async(args))
+    // A --config with [telemetry] exports the run's traces as `serve` would.
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        cascade_orchestrator::telemetry::init(json_logs, Some(&model.telemetry))?
+    };
+    let result = runtime.block_on(run_async(args, input, model));
+    telemetry.shutdown();
+    result
 }
 
 fn read_input(arg: &str) -> anyhow::Result<Value> {
@@ -64,22 +87,11 @@ fn read_input(arg: &str) -> anyhow::Result<Value> {
     )
 }
 
-async fn run_async(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let input = read_input(&args.input)?;
-    if args.jobs == 0 {
-        bail!("--jobs must be at least 1");
-    }
-    let mut model = match config::load(
-        args.config.as_deref(),
-        std::slice::from_ref(&args.graph),
-        &Registry::default(),
-    ) {
-        Ok(m) => m,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return Ok(ExitCode::FAILURE);
-        }
-    };
+async fn run_async(
+    args: RunArgs,
+    input: Value,
+    mut model: ServerModel,
+) -> anyhow::Result<ExitCode> {
     let graph_index = model
         .graphs
         .iter()

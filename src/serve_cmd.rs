@@ -36,7 +36,7 @@ pub struct ServeArgs {
     pub no_cascade: bool,
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
+pub fn run(args: ServeArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     let path = match &args.config {
         Some(p) => p.clone(),
         None if Path::new("cascade.toml").exists() => PathBuf::from("cascade.toml"),
@@ -60,7 +60,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(model, args))
+    let telemetry = {
+        let _in_runtime = runtime.enter();
+        cascade_orchestrator::telemetry::init(json_logs, Some(&model.telemetry))?
+    };
+    if let Some(endpoint) = &model.telemetry.otlp_endpoint {
+        eprintln!(
+            "exporting traces of {:.0}% of jobs to {endpoint} (OTLP/gRPC)",
+            model.telemetry.sample_ratio * 100.0
+        );
+    }
+    let result = runtime.block_on(serve(model, args));
+    // After the last job has finished, so its spans are sent too.
+    telemetry.shutdown();
+    result
 }
 
 /// Addresses and store from flags, else the config file, else defaults.
@@ -133,6 +146,8 @@ pub fn open_store(
 }
 
 async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // Before anything is accepted, so a SIGTERM at any later moment is a graceful stop.
+    let stop = shutdown_signal()?;
     let (options, data_dir) = options(&model, &args)?;
     let grace = model
         .server
@@ -158,7 +173,7 @@ async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> 
             .display()
             .to_string())
     );
-    shutdown_signal().await;
+    stop.await;
     eprintln!(
         "shutting down: no new jobs; in-flight jobs get up to {}",
         humantime::format_duration(grace)
@@ -169,19 +184,19 @@ async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGTERM or Ctrl-C; the handlers are installed when this is called.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("a SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    Ok(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+        #[cfg(not(unix))]
         let _ = ctrl_c.await;
-    }
+    })
 }

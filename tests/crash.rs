@@ -5,71 +5,17 @@
 //! process and tells what really ran.
 
 use std::collections::{HashMap, HashSet};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cascade_orchestrator::api::pb;
-use cascade_orchestrator::api::pb::cascade_client::CascadeClient;
+use common::{connect, free_port, spawn};
 use futures::StreamExt;
+
+mod common;
 
 const JOBS: usize = 2000;
 const AGENTS: [&str; 3] = ["fetch", "think", "write"];
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(dir: &Path, grpc: u16, http: u16) -> Server {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("server.log"))
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_cascade"))
-        .args(["serve", "--config"])
-        .arg(dir.join("cascade.toml"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args([
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--http-addr",
-            &format!("127.0.0.1:{http}"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("the cascade binary starts");
-    Server { child }
-}
-
-async fn connect(grpc: u16) -> CascadeClient<tonic::transport::Channel> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match CascadeClient::connect(format!("http://127.0.0.1:{grpc}")).await {
-            Ok(c) => return c,
-            Err(e) if Instant::now() > deadline => panic!("the server did not come up: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
 
 fn key_lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path)
@@ -262,12 +208,7 @@ async fn sigterm_lets_in_flight_jobs_finish_and_exits_cleanly() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
     // SIGTERM: stop admitting, let the running call finish, exit 0.
-    let status = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = server.child.wait().unwrap();
+    let exit = server.terminate();
     assert!(exit.success(), "exit status {exit}");
     let took = t.elapsed();
     assert!(

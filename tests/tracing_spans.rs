@@ -54,5 +54,8 @@ async fn spans_carry_the_job_id() {
         line.contains(&format!("job{{job_id={id} graph=traced}}")),
         "{line}"
     );
-    assert!(line.contains("step{agent=crashy attempt=1}"), "{line}");
+    assert!(
+        line.contains("step{agent=crashy attempt=1 outcome=panicked}"),
+        "{line}"
+    );
 }

@@ -18,6 +18,7 @@ pub mod secret;
 pub mod server;
 pub mod signal;
 pub mod store;
+pub mod telemetry;
 
 pub use cascade_agents as agents;
 

@@ -17,6 +17,7 @@ pub struct ServerModel {
     pub graphs: Vec<Arc<GraphModel>>,
     pub quotas: BTreeMap<Arc<str>, Arc<QuotaModel>>,
     pub server: ServerSettings,
+    pub telemetry: TelemetrySettings,
 }
 
 impl ServerModel {
@@ -57,6 +58,43 @@ impl Default for ServerSettings {
             max_input_bytes: None,
             retention: None,
             shutdown_grace: None,
+        }
+    }
+}
+
+/// Trace export from `cascade.toml` (`[telemetry]`): the job and step spans, sent over OTLP/gRPC
+/// to a collector (OpenTelemetry Collector, Jaeger, Tempo, Honeycomb…). Off unless an endpoint is
+/// set.
+#[derive(Clone, Debug)]
+pub struct TelemetrySettings {
+    /// The collector's OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported resource.
+    pub service_name: String,
+    /// Share of jobs whose trace is exported, 0.0 to 1.0 (a job's steps follow its job).
+    pub sample_ratio: f64,
+    /// Which spans and events are exported, in `RUST_LOG` syntax; independent of the log level.
+    pub filter: String,
+    /// gRPC metadata sent with every export (API keys of hosted backends): secret references.
+    pub headers: BTreeMap<String, crate::secret::SecretRef>,
+    /// How long one export may take.
+    pub timeout: Duration,
+}
+
+impl TelemetrySettings {
+    /// Job spans (INFO) and step spans (DEBUG) of the engine and agents, nothing else.
+    pub const DEFAULT_FILTER: &str = "cascade_orchestrator=debug,cascade_agents=debug";
+}
+
+impl Default for TelemetrySettings {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "cascade".into(),
+            sample_ratio: 1.0,
+            filter: Self::DEFAULT_FILTER.into(),
+            headers: BTreeMap::new(),
+            timeout: Duration::from_secs(10),
         }
     }
 }

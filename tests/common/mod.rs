@@ -31,3 +31,78 @@ pub async fn start(toml: &str) -> Orchestrator {
         .unwrap_or_else(|e| panic!("{e}"));
     Orchestrator::builder(model).start().await.unwrap()
 }
+
+/// A port free on 127.0.0.1 at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `cascade serve` process, killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+}
+
+impl Server {
+    /// SIGTERM, as an orchestrator's stop would send, and wait for the exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real binary serving `dir/cascade.toml` with its store in `dir/data`; stderr is appended to
+/// `dir/server.log`.
+pub fn spawn(dir: &std::path::Path, grpc: u16, http: u16) -> Server {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["serve", "--config"])
+        .arg(dir.join("cascade.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("the cascade binary starts");
+    Server { child }
+}
+
+/// A gRPC client, once the server accepts connections (30 s at most).
+pub async fn connect(
+    grpc: u16,
+) -> cascade_orchestrator::api::pb::cascade_client::CascadeClient<tonic::transport::Channel> {
+    use cascade_orchestrator::api::pb::cascade_client::CascadeClient;
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match CascadeClient::connect(format!("http://127.0.0.1:{grpc}")).await {
+            Ok(c) => return c,
+            Err(e) if Instant::now() > deadline => panic!("the server did not come up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}

@@ -19,11 +19,11 @@ use super::table::{TableReader, deserialize, span_at};
 use crate::dag;
 use crate::model::{
     AgentModel, Approval, CircuitBreakerSpec, GraphModel, OnUpstreamPause, QuotaModel, Rate,
-    RestartPolicy, RetryPolicy, ServerModel, ServerSettings,
+    RestartPolicy, RetryPolicy, ServerModel, ServerSettings, TelemetrySettings,
 };
 
 const GRAPH_FILE_SECTIONS: &[&str] = &["graph", "quotas", "agents"];
-const SERVER_FILE_SECTIONS: &[&str] = &["graphs", "server", "quotas"];
+const SERVER_FILE_SECTIONS: &[&str] = &["graphs", "server", "quotas", "telemetry"];
 const GRAPH_FIELDS: &[&str] = &[
     "name",
     "description",
@@ -41,6 +41,14 @@ const SERVER_FIELDS: &[&str] = &[
     "max_input_bytes",
     "retention",
     "shutdown_grace",
+];
+const TELEMETRY_FIELDS: &[&str] = &[
+    "otlp_endpoint",
+    "service_name",
+    "sample_ratio",
+    "filter",
+    "headers",
+    "timeout",
 ];
 const QUOTA_FIELDS: &[&str] = &[
     "description",
@@ -150,6 +158,7 @@ struct Loader<'r> {
     quotas: BTreeMap<String, QuotaModel>,
     graphs: Vec<(usize, PendingGraph)>,
     server: ServerSettings,
+    telemetry: TelemetrySettings,
     /// Source index of errors found while resolving, which need a file's text to locate.
     resolve_errs: Vec<(usize, Range<usize>, String, String, String)>,
 }
@@ -163,6 +172,7 @@ impl<'r> Loader<'r> {
             quotas: BTreeMap::new(),
             graphs: Vec::new(),
             server: ServerSettings::default(),
+            telemetry: TelemetrySettings::default(),
             resolve_errs: Vec::new(),
         }
     }
@@ -254,12 +264,107 @@ impl<'r> Loader<'r> {
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
             }
         }
+        if let Some((k, v)) = r.entry("telemetry") {
+            r.skip("telemetry");
+            if let Some(t) = self.expect_table(src, "telemetry", k.span(), v) {
+                let mut s = TableReader::new(src, "telemetry", k.span(), t);
+                self.telemetry(src, &mut s);
+                s.deny_unknown(TELEMETRY_FIELDS, "[telemetry]", &mut self.errs);
+            }
+        }
         if let Some((k, v)) = r.entry("quotas") {
             r.skip("quotas");
             self.quotas_table(src, k.span(), v);
         }
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
         files
+    }
+
+    /// `[telemetry]`: OTLP trace export. Every value is checked here, so a server never starts
+    /// with an exporter that cannot work.
+    fn telemetry(&mut self, src: &Source, s: &mut TableReader<'_, '_>) {
+        let t = &mut self.telemetry;
+        if let Some((url, span)) = s.take_spanned::<String>("otlp_endpoint", &mut self.errs) {
+            match url.parse::<tonic::transport::Uri>() {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.host().is_some() =>
+                {
+                    t.otlp_endpoint = Some(url);
+                }
+                _ => self.errs.push(
+                    src.error(
+                        span,
+                        "telemetry.otlp_endpoint",
+                        format!("{url:?} is not an http:// or https:// URL"),
+                    )
+                    .with_help(
+                        "give the collector's OTLP/gRPC address, for example: otlp_endpoint = \"http://127.0.0.1:4317\"",
+                    ),
+                ),
+            }
+        }
+        if let Some(name) = s.take::<String>("service_name", &mut self.errs) {
+            t.service_name = name;
+        }
+        if let Some((ratio, span)) = s.take_spanned::<f64>("sample_ratio", &mut self.errs) {
+            if (0.0..=1.0).contains(&ratio) {
+                t.sample_ratio = ratio;
+            } else {
+                self.errs.push(
+                    src.error(
+                        span,
+                        "telemetry.sample_ratio",
+                        format!("{ratio} is not between 0.0 and 1.0"),
+                    )
+                    .with_help("the share of jobs whose trace is exported: 1.0 for all, 0.1 for one in ten"),
+                );
+            }
+        }
+        if let Some((filter, span)) = s.take_spanned::<String>("filter", &mut self.errs) {
+            match tracing_subscriber::EnvFilter::builder().parse(&filter) {
+                Ok(_) => t.filter = filter,
+                Err(e) => self.errs.push(
+                    src.error(span, "telemetry.filter", format!("not a valid filter: {e}"))
+                        .with_help(format!(
+                            "use RUST_LOG syntax, for example: filter = \"{}\"",
+                            TelemetrySettings::DEFAULT_FILTER
+                        )),
+                ),
+            }
+        }
+        if let Some((k, v)) = s.entry("headers") {
+            s.skip("headers");
+            if let Some(table) = self.expect_table(src, "telemetry.headers", k.span(), v) {
+                let mut entries: Vec<_> = table.iter().collect();
+                entries.sort_by_key(|(k, _)| k.span().start);
+                for (k, v) in entries {
+                    let name: &str = k.get_ref();
+                    let path = format!("telemetry.headers.{name}");
+                    let valid = !name.ends_with("-bin")
+                        && tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()).is_ok();
+                    if !valid {
+                        self.errs.push(
+                            src.error(k.span(), path, format!("{name:?} is not a valid gRPC metadata name"))
+                                .with_help("use lowercase letters, digits and dashes, for example: headers = { x-api-key = \"env:OTLP_API_KEY\" }"),
+                        );
+                        continue;
+                    }
+                    match deserialize::<crate::secret::SecretRef>(v) {
+                        Ok(r) => {
+                            self.telemetry.headers.insert(name.to_ascii_lowercase(), r);
+                        }
+                        Err(e) => self.errs.push(
+                            src.error(v.span(), path, e.message().trim().to_string())
+                                .with_help(format!("for example: {name} = \"env:OTLP_API_KEY\"")),
+                        ),
+                    }
+                }
+            }
+        }
+        if let Some(d) = s.take::<HumanDuration>("timeout", &mut self.errs) {
+            self.telemetry.timeout = d.get();
+        }
     }
 
     fn expect_table<'a, 'i>(
@@ -811,6 +916,7 @@ impl<'r> Loader<'r> {
                 .map(|(k, v)| (Arc::from(k.as_str()), Arc::new(v)))
                 .collect(),
             server: self.server,
+            telemetry: self.telemetry,
         })
     }
 

@@ -37,6 +37,8 @@ pub(crate) struct Call {
     pub reply: ActorRef<SchedMsg>,
     /// The job's span: the step's span is its child.
     pub span: tracing::Span,
+    /// The job is sampled for trace export; its steps follow it.
+    pub traced: bool,
 }
 
 /// A call's result, sent to the scheduler.
@@ -124,17 +126,10 @@ impl Actor for AgentActor {
                         .min(d.saturating_duration_since(Instant::now())),
                     None => state.timeout,
                 };
-                // DEBUG: a span per step costs a fifth of the engine's throughput when recorded;
-                // the job's INFO span already puts the job id on every line.
-                let span = tracing::debug_span!(
-                    parent: &call.span,
-                    "step",
-                    agent = %call.ctx.agent,
-                    attempt = call.ctx.attempt,
-                );
+                let span = step_span(&call);
                 state
                     .tasks
-                    .spawn(run_call(agent, *call, timeout, me).instrument(span));
+                    .spawn(run_call(agent, *call, timeout, me, span.clone()).instrument(span));
                 Ok(())
             }
             AgentMsg::Panicked(p) => Err(Box::new(p)),
@@ -142,7 +137,26 @@ impl Actor for AgentActor {
     }
 }
 
-async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration, me: ActorRef<AgentMsg>) {
+/// DEBUG: a span per step costs a fifth of the engine's throughput when recorded; the job's INFO
+/// span already puts the job id on every line. Steps of a job not sampled for trace export come
+/// from a callsite marked [`UNTRACED`](crate::telemetry::UNTRACED), as their job's span does.
+fn step_span(call: &Call) -> tracing::Span {
+    use tracing::field::Empty;
+    let (agent, attempt) = (&*call.ctx.agent, call.ctx.attempt);
+    if call.traced {
+        tracing::debug_span!(parent: &call.span, "step", agent = %agent, attempt, outcome = Empty)
+    } else {
+        tracing::debug_span!(parent: &call.span, "step", agent = %agent, attempt, outcome = Empty, untraced = Empty)
+    }
+}
+
+async fn run_call(
+    agent: Arc<dyn Agent>,
+    call: Call,
+    timeout: Duration,
+    me: ActorRef<AgentMsg>,
+    span: tracing::Span,
+) {
     let start = Instant::now();
     let attempt = AssertUnwindSafe(tokio::time::timeout(
         timeout,
@@ -162,6 +176,7 @@ async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration, me: Acto
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "panic with a non-string payload".to_string());
+            span.record("outcome", tracing::field::display("panicked"));
             tracing::warn!(%message, "agent call panicked; failing the agent actor");
             let _ = me.cast(AgentMsg::Panicked(AgentPanic {
                 job: call.job,
@@ -172,6 +187,11 @@ async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration, me: Acto
             return;
         }
     };
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.class.as_str(),
+    };
+    span.record("outcome", tracing::field::display(outcome));
     // If the scheduler is gone (shutdown, or restarted), the result is lost and the step runs
     // again with the same key after recovery: at-least-once, as documented.
     let _ = call.reply.cast(SchedMsg::StepDone(Box::new(StepDone {

@@ -134,6 +134,20 @@ struct JobRun {
     started: Instant,
     /// Every step's span (and so every log line of the job) sits under this one.
     span: tracing::Span,
+    /// Sampled for trace export (`[telemetry] sample_ratio`).
+    traced: bool,
+}
+
+/// The job's span, the root of its trace whatever runs now. A job not sampled for export gets
+/// the same span from a callsite marked [`UNTRACED`](crate::telemetry::UNTRACED): the OTLP layer
+/// skips it, so an unsampled job costs what logging alone costs; logs keep it.
+fn job_span(traced: bool, id: &str, graph: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    if traced {
+        tracing::info_span!(parent: None, "job", job_id = %id, graph = %graph, outcome = Empty, "otel.status_code" = Empty)
+    } else {
+        tracing::info_span!(parent: None, "job", job_id = %id, graph = %graph, outcome = Empty, "otel.status_code" = Empty, untraced = Empty)
+    }
 }
 
 struct Slot {
@@ -436,10 +450,13 @@ impl SchedState {
             self.record(id, JobUpdate::Started);
         }
         self.ctx.stats.jobs_started.fetch_add(1, Relaxed);
+        let ratio = self.ctx.shared.model.telemetry.sample_ratio;
+        let traced = ratio >= 1.0 || self.rng.random::<f64>() < ratio;
+        let id_str: Arc<str> = id.to_string().into();
         self.jobs.insert(
             id,
             JobRun {
-                id_str: id.to_string().into(),
+                id_str: id_str.clone(),
                 seq,
                 input: r.input,
                 steps,
@@ -448,7 +465,8 @@ impl SchedState {
                 deadline_len: r.deadline.or(model.deadline),
                 callback: r.callback_url.is_some(),
                 started: Instant::now(),
-                span: tracing::info_span!("job", job_id = %id, graph = %model.name),
+                span: job_span(traced, &id_str, &model.name),
+                traced,
             },
         );
         if remaining == 0 {
@@ -580,6 +598,7 @@ impl SchedState {
             },
             input,
             reply: self.me.clone(),
+            traced: job.traced,
             span: job.span.clone(),
         };
         let attempt = st.attempts;
@@ -876,6 +895,13 @@ impl SchedState {
             _ => &self.ctx.stats.jobs_failed,
         };
         counter.fetch_add(1, Relaxed);
+        job.span
+            .record("outcome", tracing::field::display(state.as_str()));
+        if state == JobState::Failed {
+            // An exported trace shows the failed job as an error.
+            job.span
+                .record("otel.status_code", tracing::field::display("error"));
+        }
         let run_time = job.started.elapsed().as_secs_f64();
         match state {
             JobState::Succeeded => {

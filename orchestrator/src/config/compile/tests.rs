@@ -347,3 +347,80 @@ fn literal_secrets_are_a_load_error_that_does_not_echo_them() {
     assert!(!e.to_string().contains("whsec_live_abc123"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Load a `cascade.toml` holding `text` (and no graphs).
+fn load_server_config(tag: &str, text: &str) -> Result<ServerModel, ConfigErrors> {
+    let dir = std::env::temp_dir().join(format!("cascade-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("cascade.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let result = load(Some(&cfg), &[], &Registry::default());
+    std::fs::remove_dir_all(&dir).unwrap();
+    result
+}
+
+#[test]
+fn telemetry_is_off_by_default_and_read_when_given() {
+    let m = load_server_config("otel-none", "[server]\n").unwrap();
+    assert_eq!(m.telemetry.otlp_endpoint, None);
+    assert_eq!(m.telemetry.filter, TelemetrySettings::DEFAULT_FILTER);
+
+    let m = load_server_config(
+        "otel-all",
+        "[telemetry]\notlp_endpoint = \"http://127.0.0.1:4317\"\nservice_name = \"cascade-eu\"\n\
+         sample_ratio = 0.25\nfilter = \"cascade_orchestrator=info\"\ntimeout = \"3s\"\n\
+         headers = { X-Api-Key = \"env:OTLP_KEY\" }\n",
+    )
+    .unwrap();
+    let t = &m.telemetry;
+    assert_eq!(t.otlp_endpoint.as_deref(), Some("http://127.0.0.1:4317"));
+    assert_eq!(t.service_name, "cascade-eu");
+    assert_eq!(t.sample_ratio, 0.25);
+    assert_eq!(t.filter, "cascade_orchestrator=info");
+    assert_eq!(t.timeout, Duration::from_secs(3));
+    let headers: Vec<(String, String)> = t
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect();
+    assert_eq!(
+        headers,
+        [("x-api-key".to_string(), "env:OTLP_KEY".to_string())]
+    );
+}
+
+#[test]
+fn bad_telemetry_values_are_each_reported_where_they_are() {
+    let errs = load_server_config(
+        "otel-bad",
+        "[telemetry]\notlp_endpoint = \"127.0.0.1:4317\"\nsample_ratio = 1.5\n\
+         filter = \"cascade=loud\"\nheaders = { \"bad key\" = \"env:K\", api = \"sk-live-123\" }\n\
+         exporter = \"otlp\"\n",
+    )
+    .unwrap_err()
+    .0;
+    let at = |path: &str| {
+        errs.iter()
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("no error at {path}: {errs:#?}"))
+    };
+    let e = at("telemetry.otlp_endpoint");
+    assert_eq!((e.line, e.column), (2, 17), "{e}");
+    assert!(
+        e.help.as_deref().unwrap().contains("http://127.0.0.1:4317"),
+        "{e}"
+    );
+    assert_eq!(at("telemetry.sample_ratio").line, 3);
+    assert_eq!(at("telemetry.filter").line, 4);
+    assert!(
+        at("telemetry.headers.bad key")
+            .message
+            .contains("metadata name")
+    );
+    let literal = at("telemetry.headers.api");
+    assert!(literal.message.contains("env:NAME"), "{literal}");
+    assert!(!literal.to_string().contains("sk-live-123"), "{literal}");
+    let unknown = at("telemetry.exporter");
+    assert_eq!(unknown.line, 6, "{unknown}");
+    assert_eq!(errs.len(), 6, "{errs:#?}");
+}

@@ -1,0 +1,166 @@
+//! Logs and traces. Logs go to stderr, as text or JSON, at the level of `RUST_LOG`. When the server
+//! config's `[telemetry]` names an OTLP endpoint, the job and step spans are also exported to that
+//! collector over OTLP/gRPC, filtered on their own: one trace per job, its steps as child spans.
+
+use std::io::IsTerminal;
+
+use crate::model::TelemetrySettings;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
+};
+use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+/// The field that marks the callsites of job and step spans not sampled for export
+/// (`[telemetry] sample_ratio`): the OTLP layer skips them, the log layer does not. Sampling when
+/// the job starts, rather than in the OpenTelemetry SDK, spares unsampled jobs the cost of
+/// building spans that would be dropped, which is most of the cost of tracing.
+pub const UNTRACED: &str = "untraced";
+
+/// Spans waiting for export. The SDK's default (2,048) drops spans from a server finishing a few
+/// thousand jobs a second between two exports; 64 Ki spans hold ten seconds of that.
+const EXPORT_QUEUE: usize = 65_536;
+
+/// Why the log and trace pipeline could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("[telemetry] {0}")]
+    Config(String),
+    #[error("[telemetry] otlp_endpoint {endpoint}: {source}")]
+    Exporter {
+        endpoint: String,
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+    #[error("a log subscriber is already installed in this process")]
+    AlreadyInstalled(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// The installed pipeline; [`shutdown`](Self::shutdown) sends what is still queued.
+#[must_use = "shut the telemetry down to send the last spans"]
+pub struct Telemetry {
+    provider: Option<(SdkTracerProvider, std::time::Duration)>,
+}
+
+impl Telemetry {
+    /// Export the spans still queued, waiting at most the export timeout (a collector that is
+    /// gone must not hold a stopping server). Call it outside the async code but while the Tokio
+    /// runtime is alive: the gRPC channel runs on that runtime.
+    pub fn shutdown(self) {
+        if let Some((provider, timeout)) = self.provider
+            && let Err(e) = provider.shutdown_with_timeout(timeout)
+        {
+            eprintln!("warning: trace export did not finish: {e}");
+        }
+    }
+}
+
+/// Install the global subscriber: the log layer, plus the OTLP layer when `otlp` has an endpoint.
+/// With an endpoint it must run inside a Tokio runtime, which the exporter's channel lives on.
+pub fn init(json: bool, otlp: Option<&TelemetrySettings>) -> Result<Telemetry, TelemetryError> {
+    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(std::io::stderr)
+            .with_filter(log_filter)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(log_filter)
+            .boxed()
+    };
+    let (traces, provider) = match otlp {
+        Some(
+            settings @ TelemetrySettings {
+                otlp_endpoint: Some(endpoint),
+                ..
+            },
+        ) => {
+            let provider = tracer_provider(settings, endpoint)?;
+            // The filter was checked when the config was loaded.
+            let filter = EnvFilter::builder()
+                .parse(&settings.filter)
+                .map_err(|e| TelemetryError::Config(format!("filter: {e}")))?
+                .and(filter_fn(|meta| meta.fields().field(UNTRACED).is_none()));
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("cascade"))
+                .with_filter(filter)
+                .boxed();
+            (Some(layer), Some((provider, settings.timeout)))
+        }
+        _ => (None, None),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(traces)
+        .try_init()?;
+    Ok(Telemetry { provider })
+}
+
+fn tracer_provider(
+    settings: &TelemetrySettings,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let mut metadata = tonic::metadata::MetadataMap::new();
+    for (name, secret) in &settings.headers {
+        let value = secret
+            .resolve()
+            .map_err(|e| TelemetryError::Config(format!("headers.{name}: {e}")))?;
+        let key = tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes())
+            .map_err(|_| TelemetryError::Config(format!("headers.{name}: not a metadata name")))?;
+        // The value is not shown in the error: it is the credential.
+        let mut value: tonic::metadata::AsciiMetadataValue = std::str::from_utf8(value.expose())
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                TelemetryError::Config(format!(
+                    "headers.{name}: the secret is not a valid header value"
+                ))
+            })?;
+        // Keeps it out of HTTP/2 header compression tables and debug output.
+        value.set_sensitive(true);
+        metadata.insert(key, value);
+    }
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .with_timeout(settings.timeout)
+        .with_metadata(metadata);
+    if endpoint.starts_with("https://") {
+        exporter =
+            exporter.with_tls_config(tonic::transport::ClientTlsConfig::new().with_native_roots());
+    }
+    let exporter = exporter
+        .build()
+        .map_err(|source| TelemetryError::Exporter {
+            endpoint: endpoint.to_string(),
+            source,
+        })?;
+    let batch = BatchConfigBuilder::default()
+        .with_max_queue_size(EXPORT_QUEUE)
+        .build();
+    let processor = BatchSpanProcessor::builder(exporter)
+        .with_batch_config(batch)
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        // Jobs are sampled when they start (see UNTRACED); what reaches the SDK is exported.
+        .with_sampler(Sampler::AlwaysOn)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(settings.service_name.clone())
+                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                .build(),
+        )
+        .build())
+}
