@@ -380,13 +380,8 @@ fn observability_child(mode: &str, jobs: usize) {
     let (mut telemetry, mut received) = (None, None);
     let mut settings = TelemetrySettings::default();
     match mode {
-        "on" => tracing::subscriber::set_global_default(
-            tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::INFO)
-                .with_writer(std::io::sink)
-                .finish(),
-        )
-        .expect("no subscriber yet"),
+        // What `cascade serve` installs, with RUST_LOG=info from the parent: job spans are live.
+        "on" => telemetry::init(false, None).expect("telemetry").shutdown(),
         _ if mode.starts_with("otlp") => {
             let (port, spans) = start_collector();
             settings.otlp_endpoint = Some(format!("http://127.0.0.1:{port}"));
@@ -431,6 +426,8 @@ fn observability_cost(jobs: usize) {
         for (i, mode) in modes.into_iter().enumerate() {
             let out = std::process::Command::new(&exe)
                 .env("ENGINE_OBS_CHILD", mode)
+                // Job spans live in the logs for "on"; the OTLP runs keep the default log level.
+                .env("RUST_LOG", if mode == "on" { "info" } else { "warn" })
                 .env("ENGINE_BENCH_JOBS", jobs.to_string())
                 .output()
                 .expect("child run");

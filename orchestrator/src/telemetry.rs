@@ -3,6 +3,7 @@
 //! collector over OTLP/gRPC, filtered on their own: one trace per job, its steps as child spans.
 
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use crate::model::TelemetrySettings;
 use opentelemetry::KeyValue;
@@ -22,6 +23,15 @@ use tracing_subscriber::{EnvFilter, Layer, Registry};
 /// the job starts, rather than in the OpenTelemetry SDK, spares unsampled jobs the cost of
 /// building spans that would be dropped, which is most of the cost of tracing.
 pub const UNTRACED: &str = "untraced";
+
+/// Whether this process exports traces; spans carry fields only an export reads while it does.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether an OTLP export is installed: the job's outcome is recorded on its span only then, as
+/// a log line never shows it and recording it costs a reallocation per job.
+pub fn exporting() -> bool {
+    EXPORTING.load(Relaxed)
+}
 
 /// Spans waiting for export. The SDK's default (2,048) drops spans from a server finishing a few
 /// thousand jobs a second between two exports; 64 Ki spans hold ten seconds of that.
@@ -63,7 +73,7 @@ impl Telemetry {
 /// Install the global subscriber: the log layer, plus the OTLP layer when `otlp` has an endpoint.
 /// With an endpoint it must run inside a Tokio runtime, which the exporter's channel lives on.
 pub fn init(json: bool, otlp: Option<&TelemetrySettings>) -> Result<Telemetry, TelemetryError> {
-    let log_filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let log_filter = log_filter();
     let logs: Box<dyn Layer<Registry> + Send + Sync> = if json {
         tracing_subscriber::fmt::layer()
             .json()
@@ -104,7 +114,43 @@ pub fn init(json: bool, otlp: Option<&TelemetrySettings>) -> Result<Telemetry, T
         .with(logs)
         .with(traces)
         .try_init()?;
+    EXPORTING.store(provider.is_some(), Relaxed);
     Ok(Telemetry { provider })
+}
+
+/// `RUST_LOG`, default `warn`.
+fn log_filter() -> EnvFilter {
+    let spec = std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_default();
+    let (filter, warning) = log_filter_from(&spec);
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    filter
+}
+
+/// The log filter for a `RUST_LOG` value, and a warning when it is not a valid filter. ractor
+/// wraps every actor in an INFO span entered on each message: noise to an operator and a cost per
+/// message, so it stays at `warn` unless the value names ractor.
+fn log_filter_from(spec: &str) -> (EnvFilter, Option<String>) {
+    let (filter, warning) = if spec.trim().is_empty() {
+        (EnvFilter::new("warn"), None)
+    } else {
+        match EnvFilter::try_new(spec) {
+            Ok(f) => (f, None),
+            Err(e) => (
+                EnvFilter::new("warn"),
+                Some(format!(
+                    "RUST_LOG={spec:?} is not a valid filter ({e}); logging at warn"
+                )),
+            ),
+        }
+    };
+    if spec.contains("ractor") {
+        (filter, warning)
+    } else {
+        let quiet = "ractor=warn".parse().expect("a valid directive");
+        (filter.add_directive(quiet), warning)
+    }
 }
 
 fn tracer_provider(
@@ -163,4 +209,28 @@ fn tracer_provider(
                 .build(),
         )
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_filter_defaults_to_warn_and_quiets_ractor_unless_named() {
+        let (f, w) = log_filter_from("");
+        assert_eq!(f.to_string(), "ractor=warn,warn");
+        assert!(w.is_none());
+        let (f, _) = log_filter_from("info,cascade_orchestrator=debug");
+        let directives = f.to_string();
+        assert!(directives.contains("ractor=warn"), "{directives}");
+        assert!(
+            directives.contains("cascade_orchestrator=debug"),
+            "{directives}"
+        );
+        let (f, _) = log_filter_from("ractor=trace");
+        assert_eq!(f.to_string(), "ractor=trace");
+        let (f, w) = log_filter_from("cascade=loud");
+        assert_eq!(f.to_string(), "ractor=warn,warn");
+        assert!(w.unwrap().contains("not a valid filter"));
+    }
 }

@@ -895,12 +895,14 @@ impl SchedState {
             _ => &self.ctx.stats.jobs_failed,
         };
         counter.fetch_add(1, Relaxed);
-        job.span
-            .record("outcome", tracing::field::display(state.as_str()));
-        if state == JobState::Failed {
-            // An exported trace shows the failed job as an error.
+        if job.traced && crate::telemetry::exporting() {
             job.span
-                .record("otel.status_code", tracing::field::display("error"));
+                .record("outcome", tracing::field::display(state.as_str()));
+            if state == JobState::Failed {
+                // An exported trace shows the failed job as an error.
+                job.span
+                    .record("otel.status_code", tracing::field::display("error"));
+            }
         }
         let run_time = job.started.elapsed().as_secs_f64();
         match state {
