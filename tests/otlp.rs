@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cascade_orchestrator::api::pb;
-use common::{connect, free_port, spawn};
+use common::{connect, free_port, spawn_with_env};
 use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -21,6 +21,10 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 mod common;
+
+/// No export on the batch timer (5 s by default): spans leave only when the server stops, so the
+/// tests see the flush on shutdown and nothing else.
+const EXPORT_ONLY_ON_STOP: &[(&str, &str)] = &[("OTEL_BSP_SCHEDULE_DELAY", "600000")];
 
 /// One export as received: its `x-api-key` header and its spans.
 type Export = (Option<String>, ExportTraceServiceRequest);
@@ -202,11 +206,11 @@ headers = {{ x-api-key = "file:{}" }}
     .unwrap();
 
     let (grpc, http) = (free_port(), free_port());
-    let mut server = spawn(dir.path(), grpc, http);
+    let mut server = spawn_with_env(dir.path(), grpc, http, EXPORT_ONLY_ON_STOP);
     let mut client = connect(grpc).await;
     let ids = run_jobs(&mut client, "traced", 3).await;
     let failed_id = run_jobs(&mut client, "broken", 1).await.remove(0);
-    // A stop sends what is still queued; nothing is exported on a timer before that here.
+    // A stop sends what is still queued (here, everything: the timer never fires).
     let exit = server.terminate();
     assert!(exit.success(), "exit status {exit}");
 
@@ -284,7 +288,7 @@ async fn a_collector_that_never_answers_does_not_hold_a_stop() {
     )
     .unwrap();
     let (grpc, http) = (free_port(), free_port());
-    let mut server = spawn(dir.path(), grpc, http);
+    let mut server = spawn_with_env(dir.path(), grpc, http, EXPORT_ONLY_ON_STOP);
     let mut client = connect(grpc).await;
     let id = client
         .submit_job(pb::SubmitJobRequest {
@@ -311,15 +315,19 @@ async fn a_collector_that_never_answers_does_not_hold_a_stop() {
     // The stop waits for the export at most the 1 s timeout; generous bound for a loaded machine.
     assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    // Whichever gives up first, the stop's wait or the export's own timeout, says so.
     assert!(
-        log.contains("trace export did not finish"),
+        log.contains("trace export did not finish")
+            || log.contains("BatchSpanProcessor.ExportError"),
         "the lost spans are reported: {log}"
     );
     drop(held);
 }
 
-/// `sample_ratio = 0.5`: about half the jobs are exported, each whole (its job span and every
-/// step), and nothing of the others: no step span without its job.
+/// `sample_ratio = 0.5` with every DEBUG span of every crate let through: about half the jobs
+/// are exported, each whole (its job span, every step, and the spans the agents open inside their
+/// steps), and nothing of the others — no span without its job, and none of the export's own
+/// transport.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampling_exports_whole_jobs_and_nothing_of_the_others() {
     let collector = Collector::default();
@@ -330,12 +338,12 @@ async fn sampling_exports_whole_jobs_and_nothing_of_the_others() {
     std::fs::write(
         dir.path().join("cascade.toml"),
         format!(
-            "graphs = [\"graphs\"]\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\nsample_ratio = 0.5\n"
+            "graphs = [\"graphs\"]\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\nsample_ratio = 0.5\nfilter = \"debug\"\n"
         ),
     )
     .unwrap();
     let (grpc, http) = (free_port(), free_port());
-    let mut server = spawn(dir.path(), grpc, http);
+    let mut server = spawn_with_env(dir.path(), grpc, http, EXPORT_ONLY_ON_STOP);
     let mut client = connect(grpc).await;
     const JOBS: usize = 60;
     let ids = run_jobs(&mut client, "traced", JOBS).await;
@@ -351,15 +359,28 @@ async fn sampling_exports_whole_jobs_and_nothing_of_the_others() {
     );
     for job in &jobs {
         assert!(ids.contains(&job.attrs["job_id"]), "{job:?}");
-        let steps = spans
+        let steps: Vec<&Seen> = spans
             .iter()
             .filter(|s| s.name == "step" && s.parent == job.span_id)
-            .count();
-        assert_eq!(steps, 2, "every step of a sampled job: {job:?}");
+            .collect();
+        assert_eq!(steps.len(), 2, "every step of a sampled job: {job:?}");
+        for step in steps {
+            let inner = spans
+                .iter()
+                .filter(|s| s.name == "upstream_wait" && s.parent == step.span_id)
+                .count();
+            assert_eq!(inner, 1, "the agent's span inside the step: {step:?}");
+        }
     }
+    let names: std::collections::BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["job", "step", "upstream_wait"].into(),
+        "nothing but jobs, steps and the agents' spans"
+    );
     assert_eq!(
         spans.len(),
-        jobs.len() * 3,
+        jobs.len() * 5,
         "no span of an unsampled job reaches the collector"
     );
 }

@@ -31,6 +31,7 @@ use serde_json::Value;
 #[cfg(test)]
 use serde_json::json;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::{
     Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, HumanDuration, KindSpec,
@@ -306,7 +307,10 @@ impl Agent for SimAgent {
         self.upstream.note_call(&ctx.idempotency_key);
         self.upstream.note_usage(draw.prompt + draw.completion);
         if !draw.latency.is_zero() {
-            tokio::time::sleep(draw.latency).await;
+            // The wait on the simulated upstream, as a real client's request span would show it.
+            tokio::time::sleep(draw.latency)
+                .instrument(tracing::debug_span!("upstream_wait"))
+                .await;
         }
         let mut p = draw.outcome;
         if p < self.panic {

@@ -13,7 +13,8 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider,
 };
-use tracing_subscriber::filter::{FilterExt, filter_fn};
+use tracing::subscriber::Interest;
+use tracing_subscriber::filter::FilterExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
@@ -28,6 +29,74 @@ pub const UNTRACED: &str = "untraced";
 /// too small to keep up with a few thousand jobs a second, and spans were dropped. 4,096 spans
 /// are about a megabyte, a quarter of gRPC's default message limit.
 const EXPORT_BATCH: usize = 4096;
+
+tokio::task_local! {
+    /// Set while a step of a job not sampled for export runs: spans its agent opens (an HTTP
+    /// client's, say) are not exported either, instead of becoming traces of their own.
+    static UNSAMPLED: ();
+}
+
+/// Run a step of a job not sampled for export (see [`UNSAMPLED`]).
+pub(crate) fn unsampled<F: Future>(step: F) -> impl Future<Output = F::Output> {
+    UNSAMPLED.scope((), step)
+}
+
+/// The OTLP layer's sampling filter: no span of a job not sampled for export, whether it comes
+/// from the engine's own callsites (marked [`UNTRACED`]), from inside such a job's step, or opens
+/// directly under such a span.
+struct Sampled;
+
+impl<S: tracing::Subscriber> tracing_subscriber::layer::Filter<S> for Sampled {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        cx: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let untraced = |m: &tracing::Metadata<'_>| m.fields().field(UNTRACED).is_some();
+        !untraced(meta)
+            && UNSAMPLED.try_with(|_| ()).is_err()
+            && !cx.current_span().metadata().is_some_and(untraced)
+    }
+
+    fn callsite_enabled(&self, meta: &'static tracing::Metadata<'static>) -> Interest {
+        if meta.fields().field(UNTRACED).is_some() {
+            Interest::never()
+        } else {
+            // Decided per span: it depends on the job the span opens in.
+            Interest::sometimes()
+        }
+    }
+}
+
+/// Never exported unless `[telemetry] filter` names them: the export's own transport (tracing it
+/// would feed the export back into itself), and ractor's per-actor spans, which live as long as
+/// the server and belong to no job.
+const UNEXPORTED_TARGETS: &[&str] = &[
+    "ractor",
+    "h2",
+    "hyper",
+    "hyper_util",
+    "tonic",
+    "tower",
+    "opentelemetry",
+    "opentelemetry_sdk",
+    "opentelemetry_otlp",
+];
+
+/// The OTLP layer's target filter: `[telemetry] filter`, with [`UNEXPORTED_TARGETS`] off unless
+/// it names them.
+fn export_filter(spec: &str) -> Result<EnvFilter, TelemetryError> {
+    let mut filter = EnvFilter::builder()
+        .parse(spec)
+        .map_err(|e| TelemetryError::Config(format!("filter: {e}")))?;
+    for target in UNEXPORTED_TARGETS {
+        if !spec.contains(target) {
+            filter =
+                filter.add_directive(format!("{target}=off").parse().expect("a valid directive"));
+        }
+    }
+    Ok(filter)
+}
 
 /// Whether this process exports traces; spans carry fields only an export reads while it does.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
@@ -103,10 +172,7 @@ pub fn init(json: bool, otlp: Option<&TelemetrySettings>) -> Result<Telemetry, T
         ) => {
             let provider = tracer_provider(settings, endpoint)?;
             // The filter was checked when the config was loaded.
-            let filter = EnvFilter::builder()
-                .parse(&settings.filter)
-                .map_err(|e| TelemetryError::Config(format!("filter: {e}")))?
-                .and(filter_fn(|meta| meta.fields().field(UNTRACED).is_none()));
+            let filter = export_filter(&settings.filter)?.and(Sampled);
             // A span carries its own fields, nothing more: source locations, thread, target
             // and busy/idle times cost a copy of a path or a clock read per span, and made
             // exporting every span three times as costly. Whoever needs the OpenTelemetry

@@ -68,6 +68,11 @@ impl Drop for Server {
 /// The real binary serving `dir/cascade.toml` with its store in `dir/data`; stderr is appended to
 /// `dir/server.log`.
 pub fn spawn(dir: &std::path::Path, grpc: u16, http: u16) -> Server {
+    spawn_with_env(dir, grpc, http, &[])
+}
+
+/// [`spawn`], with environment variables for the server.
+pub fn spawn_with_env(dir: &std::path::Path, grpc: u16, http: u16, env: &[(&str, &str)]) -> Server {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -84,6 +89,7 @@ pub fn spawn(dir: &std::path::Path, grpc: u16, http: u16) -> Server {
             "--http-addr",
             &format!("127.0.0.1:{http}"),
         ])
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::null())
         .stderr(log)
         .spawn()

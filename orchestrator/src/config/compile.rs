@@ -341,9 +341,18 @@ impl<'r> Loader<'r> {
                 for (k, v) in entries {
                     let name: &str = k.get_ref();
                     let path = format!("telemetry.headers.{name}");
-                    let valid = !name.ends_with("-bin")
-                        && tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()).is_ok();
-                    if !valid {
+                    if name.ends_with("-bin") {
+                        self.errs.push(
+                            src.error(
+                                k.span(),
+                                path,
+                                format!("{name:?} is a binary header, which is not supported"),
+                            )
+                            .with_help("header values here are text: drop the -bin suffix"),
+                        );
+                        continue;
+                    }
+                    if tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()).is_err() {
                         self.errs.push(
                             src.error(k.span(), path, format!("{name:?} is not a valid gRPC metadata name"))
                                 .with_help("use lowercase letters, digits and dashes, for example: headers = { x-api-key = \"env:OTLP_API_KEY\" }"),
@@ -362,8 +371,19 @@ impl<'r> Loader<'r> {
                 }
             }
         }
-        if let Some(d) = s.take::<HumanDuration>("timeout", &mut self.errs) {
-            self.telemetry.timeout = d.get();
+        if let Some((d, span)) = s.take_spanned::<HumanDuration>("timeout", &mut self.errs) {
+            if d.get().is_zero() {
+                self.errs.push(
+                    src.error(
+                        span,
+                        "telemetry.timeout",
+                        "a zero timeout fails every export",
+                    )
+                    .with_help("give an export time to finish, for example: timeout = \"10s\""),
+                );
+            } else {
+                self.telemetry.timeout = d.get();
+            }
         }
     }
 

@@ -127,9 +127,13 @@ impl Actor for AgentActor {
                     None => state.timeout,
                 };
                 let span = step_span(&call);
-                state
-                    .tasks
-                    .spawn(run_call(agent, *call, timeout, me, span.clone()).instrument(span));
+                let traced = call.traced;
+                let step = run_call(agent, *call, timeout, me, span.clone()).instrument(span);
+                if traced {
+                    state.tasks.spawn(step);
+                } else {
+                    state.tasks.spawn(crate::telemetry::unsampled(step));
+                }
                 Ok(())
             }
             AgentMsg::Panicked(p) => Err(Box::new(p)),

@@ -395,7 +395,7 @@ fn bad_telemetry_values_are_each_reported_where_they_are() {
         "otel-bad",
         "[telemetry]\notlp_endpoint = \"127.0.0.1:4317\"\nsample_ratio = 1.5\n\
          filter = \"cascade=loud\"\nheaders = { \"bad key\" = \"env:K\", api = \"sk-live-123\" }\n\
-         exporter = \"otlp\"\n",
+         exporter = \"otlp\"\ntimeout = \"0s\"\n",
     )
     .unwrap_err()
     .0;
@@ -422,5 +422,6 @@ fn bad_telemetry_values_are_each_reported_where_they_are() {
     assert!(!literal.to_string().contains("sk-live-123"), "{literal}");
     let unknown = at("telemetry.exporter");
     assert_eq!(unknown.line, 6, "{unknown}");
-    assert_eq!(errs.len(), 6, "{errs:#?}");
+    assert_eq!(at("telemetry.timeout").line, 7);
+    assert_eq!(errs.len(), 7, "{errs:#?}");
 }
