@@ -22,6 +22,8 @@ use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
+mod common;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -230,15 +232,8 @@ fn main() {
     // `CASCADE_BENCH=storm,misconfigured,tokens,propagation` (default: all) picks sections.
     let only = std::env::var("CASCADE_BENCH").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
-    let jobs: usize = std::env::var("STORM_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(4000);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let jobs: usize = common::env_or("STORM_JOBS", 4000);
+    let rt = common::runtime();
     rt.block_on(async {
         if run("storm") {
         println!("1. quota storm: {jobs} jobs, 512 in flight, classify+draft share llm = 200/s, upstream enforces 200/s");

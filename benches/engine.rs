@@ -21,6 +21,8 @@ use cascade_orchestrator::{Orchestrator, SubmitRequest, config, telemetry};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+mod common;
+
 /// The `cascade` binary's allocator, wrapped to count the bytes in use (for memory per job).
 struct CountingAlloc;
 
@@ -372,11 +374,7 @@ fn start_collector() -> (u16, Arc<AtomicUsize>) {
 /// log subscriber), otlp (metrics, and job and step spans exported to a collector) or
 /// otlp-sampled (the same for one job in ten); prints jobs/s and the spans the collector received.
 fn observability_child(mode: &str, jobs: usize) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     let (mut telemetry, mut received) = (None, None);
     let mut settings = TelemetrySettings::default();
     match mode {
@@ -484,17 +482,11 @@ fn observability_cost(jobs: usize) {
 
 fn main() {
     if let Ok(mode) = std::env::var("ENGINE_OBS_CHILD") {
-        let jobs = std::env::var("ENGINE_BENCH_JOBS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(100_000);
+        let jobs = common::env_or("ENGINE_BENCH_JOBS", 100_000);
         observability_child(&mode, jobs);
         return;
     }
-    let jobs: usize = std::env::var("ENGINE_BENCH_JOBS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+    let jobs: usize = common::env_or("ENGINE_BENCH_JOBS", 200_000);
     println!(
         "engine benchmark: {jobs} jobs per run, zero-latency simulated agents, 2 worker threads"
     );
@@ -502,11 +494,7 @@ fn main() {
     if std::env::var("ENGINE_BENCH").as_deref() == Ok("observability") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = common::runtime();
     rt.block_on(async {
         // Warm up allocators and code paths.
         run_cascade(model(&pipeline_toml(None)), jobs / 20).await;

@@ -18,6 +18,8 @@ use cascade_orchestrator::store::{JobStore, MemoryStore, SqliteOptions, SqliteSt
 use cascade_orchestrator::{Orchestrator, config};
 use tonic::transport::Channel;
 
+mod common;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -156,19 +158,9 @@ async fn run(label: &str, store: Arc<dyn JobStore>, clients: usize, secs: u64) {
 }
 
 fn main() {
-    let secs: u64 = std::env::var("GRPC_LOAD_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
-    let clients: usize = std::env::var("GRPC_LOAD_CLIENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let secs: u64 = common::env_or("GRPC_LOAD_SECS", 10);
+    let clients: usize = common::env_or("GRPC_LOAD_CLIENTS", 64);
+    let rt = common::runtime();
     rt.block_on(async {
         println!("gRPC load: 5-step zero-latency graph, server and clients in one process on 2 worker threads, {secs} s per phase");
         let dir = tempfile::tempdir().expect("tempdir");

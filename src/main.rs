@@ -82,7 +82,7 @@ fn main() -> ExitCode {
     let json_logs = cli.log_format == "json";
     // `serve` and `run` install their own, once the config says whether traces go out too.
     if !matches!(cli.command, Command::Serve(_) | Command::Run(_))
-        && let Err(e) = cascade_orchestrator::telemetry::init(json_logs, None).map(|t| t.shutdown())
+        && let Err(e) = cascade_orchestrator::telemetry::init(json_logs, None)
     {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;
@@ -107,4 +107,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Run `work` on a multi-threaded runtime with the log subscriber installed, and the OTLP export
+/// too when `telemetry` names an endpoint. The export's channel lives on that runtime, and the
+/// spans still queued are sent once `work` has finished, so those of the last jobs go too.
+fn block_on_traced<F>(
+    json_logs: bool,
+    telemetry: &cascade_orchestrator::model::TelemetrySettings,
+    work: F,
+) -> anyhow::Result<ExitCode>
+where
+    F: Future<Output = anyhow::Result<ExitCode>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let installed = {
+        let _in_runtime = runtime.enter();
+        cascade_orchestrator::telemetry::init(json_logs, Some(telemetry))?
+    };
+    let result = runtime.block_on(work);
+    installed.shutdown();
+    result
 }

@@ -63,17 +63,9 @@ pub fn run(args: RunArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     // A --config with [telemetry] exports the run's traces as `serve` would.
-    let telemetry = {
-        let _in_runtime = runtime.enter();
-        cascade_orchestrator::telemetry::init(json_logs, Some(&model.telemetry))?
-    };
-    let result = runtime.block_on(run_async(args, input, model));
-    telemetry.shutdown();
-    result
+    let telemetry = model.telemetry.clone();
+    crate::block_on_traced(json_logs, &telemetry, run_async(args, input, model))
 }
 
 fn read_input(arg: &str) -> anyhow::Result<Value> {

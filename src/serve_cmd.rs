@@ -57,23 +57,8 @@ pub fn run(args: ServeArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
             path.display()
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let telemetry = {
-        let _in_runtime = runtime.enter();
-        cascade_orchestrator::telemetry::init(json_logs, Some(&model.telemetry))?
-    };
-    if let Some(endpoint) = &model.telemetry.otlp_endpoint {
-        eprintln!(
-            "exporting traces of {:.0}% of jobs to {endpoint} (OTLP/gRPC)",
-            model.telemetry.sample_ratio * 100.0
-        );
-    }
-    let result = runtime.block_on(serve(model, args));
-    // After the last job has finished, so its spans are sent too.
-    telemetry.shutdown();
-    result
+    let telemetry = model.telemetry.clone();
+    crate::block_on_traced(json_logs, &telemetry, serve(model, args))
 }
 
 /// Addresses and store from flags, else the config file, else defaults.
@@ -148,6 +133,12 @@ pub fn open_store(
 async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> {
     // Before anything is accepted, so a SIGTERM at any later moment is a graceful stop.
     let stop = shutdown_signal()?;
+    if let Some(endpoint) = &model.telemetry.otlp_endpoint {
+        eprintln!(
+            "exporting traces of {:.0}% of jobs to {endpoint} (OTLP/gRPC)",
+            model.telemetry.sample_ratio * 100.0
+        );
+    }
     let (options, data_dir) = options(&model, &args)?;
     let grace = model
         .server

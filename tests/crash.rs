@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cascade_orchestrator::api::pb;
-use common::{connect, free_port, spawn};
+use common::{connect, free_port, server_dir, spawn, submit};
 use futures::StreamExt;
 
 mod common;
@@ -180,31 +180,17 @@ async fn sigkill_mid_run_loses_no_job_and_reruns_no_finished_step() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_jobs_finish_and_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
-    std::fs::write(
-        dir.path().join("graphs/slow.toml"),
-        "[graph]\nname = \"slow\"\n[agents.wait]\nkind = \"sim\"\nlatency = \"1s\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("cascade.toml"),
-        "graphs = [\"graphs\"]\n[server]\nshutdown_grace = \"10s\"\n",
-    )
-    .unwrap();
+    let dir = server_dir(
+        &[(
+            "slow.toml",
+            "[graph]\nname = \"slow\"\n[agents.wait]\nkind = \"sim\"\nlatency = \"1s\"\n",
+        )],
+        "[server]\nshutdown_grace = \"10s\"\n",
+    );
     let (grpc, http) = (free_port(), free_port());
     let mut server = spawn(dir.path(), grpc, http);
     let mut client = connect(grpc).await;
-    let id = client
-        .submit_job(pb::SubmitJobRequest {
-            graph: "slow".into(),
-            input_json: "{}".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit(&mut client, "slow", "{}").await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
     // SIGTERM: stop admitting, let the running call finish, exit 0.

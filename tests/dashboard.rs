@@ -3,11 +3,11 @@
 //! resumed, in the page's DOM. A screenshot is kept as a test artifact.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cascade_orchestrator::server::{self, ServerOptions};
-use cascade_orchestrator::{Orchestrator, config};
+use cascade_orchestrator::config;
+
+mod common;
 
 const GRAPH: &str = r#"
 [graph]
@@ -79,13 +79,7 @@ fn agent_states(dom: &str) -> Vec<(String, String)> {
 #[ignore = "needs Debian's chromium package: .ci/run installs it and runs this test"]
 async fn the_dashboard_shows_exactly_the_paused_nodes_then_their_resume() {
     let model = config::parse_graph_str("watched.toml", GRAPH, &Default::default()).unwrap();
-    let orch = Arc::new(Orchestrator::builder(model).start().await.unwrap());
-    let options = ServerOptions {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    };
-    let server = server::start(orch.clone(), options).await.unwrap();
+    let (orch, server) = common::serve_in_process(model).await;
     let url = format!("http://{}/", server.http_addr);
 
     let pause = Duration::from_secs(12);
@@ -158,13 +152,7 @@ async fn the_dashboard_draws_a_hundred_agents_quickly() {
         }
     }
     let model = config::parse_graph_str("wide.toml", &toml, &Default::default()).unwrap();
-    let orch = Arc::new(Orchestrator::builder(model).start().await.unwrap());
-    let options = ServerOptions {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    };
-    let server = server::start(orch.clone(), options).await.unwrap();
+    let (orch, server) = common::serve_in_process(model).await;
     orch.exhaust_quota("wide-q", Duration::from_secs(30)).await;
     let url = format!("http://{}/", server.http_addr);
     let dom = tokio::task::spawn_blocking(move || chromium(&["--dump-dom"], &url))

@@ -16,6 +16,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
+mod common;
+
 const GRAPHS: &str = r#"
 [graph]
 name = "triage"
@@ -182,17 +184,7 @@ async fn submit_get_watch_list_cancel() {
     assert!(rest.next_page_token.is_empty());
 
     // Cancel a job that is still pending or running.
-    let slow = h
-        .client
-        .submit_job(pb::SubmitJobRequest {
-            graph: "triage".into(),
-            input_json: "{}".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let slow = common::submit(&mut h.client, "triage", "{}").await;
     let cancelled = h
         .client
         .cancel_job(pb::CancelJobRequest {

@@ -7,9 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cascade_orchestrator::server::{self, RunningServer, ServerOptions};
+use cascade_orchestrator::server::RunningServer;
 use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
 use serde_json::json;
+
+mod common;
 
 const GRAPHS: &str = r#"
 [graph]
@@ -42,14 +44,7 @@ async fn start(name: &str) -> (Arc<Orchestrator>, RunningServer) {
         .replace("llm", &format!("{name}-llm"));
     let model = config::parse_graph_str("observed.toml", &text, &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
-    let orch = Arc::new(Orchestrator::builder(model).start().await.unwrap());
-    let options = ServerOptions {
-        grpc_addr: "127.0.0.1:0".parse().unwrap(),
-        http_addr: "127.0.0.1:0".parse().unwrap(),
-        ..Default::default()
-    };
-    let server = server::start(orch.clone(), options).await.unwrap();
-    (orch, server)
+    common::serve_in_process(model).await
 }
 
 /// A tiny Prometheus text parser: families with their TYPE, and samples by name and labels.

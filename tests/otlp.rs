@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cascade_orchestrator::api::pb;
-use common::{connect, free_port, spawn_with_env};
+use common::{connect, free_port, server_dir, spawn_with_env, submit};
 use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -134,17 +134,7 @@ async fn run_jobs(
 ) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..n {
-        let id = client
-            .submit_job(pb::SubmitJobRequest {
-                graph: graph.into(),
-                input_json: format!("{{\"n\": {i}}}"),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .job_id;
-        ids.push(id);
+        ids.push(submit(client, graph, &format!("{{\"n\": {i}}}")).await);
     }
     for id in &ids {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -181,29 +171,25 @@ latency = "5ms"
 async fn jobs_are_exported_as_traces_to_an_otlp_collector() {
     let collector = Collector::default();
     let otlp_port = collector.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
-    std::fs::write(dir.path().join("graphs/traced.toml"), TRACED_GRAPH).unwrap();
-    std::fs::write(
-        dir.path().join("graphs/broken.toml"),
-        "[graph]\nname = \"broken\"\n[agents.refuse]\nkind = \"sim\"\npermanent_failure_rate = 1.0\n",
-    )
-    .unwrap();
-    let key_file = dir.path().join("otlp-key");
-    std::fs::write(&key_file, "test-key-123\n").unwrap();
-    std::fs::write(
-        dir.path().join("cascade.toml"),
-        format!(
-            r#"graphs = ["graphs"]
-[telemetry]
+    let key_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key_file.path(), "test-key-123\n").unwrap();
+    let dir = server_dir(
+        &[
+            ("traced.toml", TRACED_GRAPH),
+            (
+                "broken.toml",
+                "[graph]\nname = \"broken\"\n[agents.refuse]\nkind = \"sim\"\npermanent_failure_rate = 1.0\n",
+            ),
+        ],
+        &format!(
+            r#"[telemetry]
 otlp_endpoint = "http://127.0.0.1:{otlp_port}"
 service_name = "cascade-under-test"
 headers = {{ x-api-key = "file:{}" }}
 "#,
-            key_file.display()
+            key_file.path().display()
         ),
-    )
-    .unwrap();
+    );
 
     let (grpc, http) = (free_port(), free_port());
     let mut server = spawn_with_env(dir.path(), grpc, http, EXPORT_ONLY_ON_STOP);
@@ -273,33 +259,19 @@ async fn a_collector_that_never_answers_does_not_hold_a_stop() {
         // Hold every connection open, unread, until the test ends.
         silent.incoming().take(8).collect::<Vec<_>>()
     });
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
-    std::fs::write(
-        dir.path().join("graphs/one.toml"),
-        "[graph]\nname = \"one\"\n[agents.only]\nkind = \"sim\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("cascade.toml"),
-        format!(
-            "graphs = [\"graphs\"]\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\ntimeout = \"1s\"\n"
+    let dir = server_dir(
+        &[(
+            "one.toml",
+            "[graph]\nname = \"one\"\n[agents.only]\nkind = \"sim\"\n",
+        )],
+        &format!(
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\ntimeout = \"1s\"\n"
         ),
-    )
-    .unwrap();
+    );
     let (grpc, http) = (free_port(), free_port());
     let mut server = spawn_with_env(dir.path(), grpc, http, EXPORT_ONLY_ON_STOP);
     let mut client = connect(grpc).await;
-    let id = client
-        .submit_job(pb::SubmitJobRequest {
-            graph: "one".into(),
-            input_json: "{}".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let id = submit(&mut client, "one", "{}").await;
     let done = client
         .watch_job(pb::WatchJobRequest { job_id: id })
         .await
@@ -332,16 +304,12 @@ async fn a_collector_that_never_answers_does_not_hold_a_stop() {
 async fn sampling_exports_whole_jobs_and_nothing_of_the_others() {
     let collector = Collector::default();
     let otlp_port = collector.start().await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
-    std::fs::write(dir.path().join("graphs/traced.toml"), TRACED_GRAPH).unwrap();
-    std::fs::write(
-        dir.path().join("cascade.toml"),
-        format!(
-            "graphs = [\"graphs\"]\n[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\nsample_ratio = 0.5\nfilter = \"debug\"\n"
+    let dir = server_dir(
+        &[("traced.toml", TRACED_GRAPH)],
+        &format!(
+            "[telemetry]\notlp_endpoint = \"http://127.0.0.1:{otlp_port}\"\nsample_ratio = 0.5\nfilter = \"debug\"\n"
         ),
-    )
-    .unwrap();
+    );
     let (grpc, http) = (free_port(), free_port());
     let mut server = spawn_with_env(dir.path(), grpc, http, EXPORT_ONLY_ON_STOP);
     let mut client = connect(grpc).await;

@@ -112,3 +112,59 @@ pub async fn connect(
         }
     }
 }
+
+/// A server's directory: each `(file, text)` under `graphs/`, and a `cascade.toml` listing that
+/// directory followed by `config`.
+pub fn server_dir(graphs: &[(&str, &str)], config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
+    for (file, text) in graphs {
+        std::fs::write(dir.path().join("graphs").join(file), text).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        format!("graphs = [\"graphs\"]\n{config}"),
+    )
+    .unwrap();
+    dir
+}
+
+/// Submit a job of `graph` with `input_json`; its id.
+pub async fn submit(
+    client: &mut cascade_orchestrator::api::pb::cascade_client::CascadeClient<
+        tonic::transport::Channel,
+    >,
+    graph: &str,
+    input_json: &str,
+) -> String {
+    client
+        .submit_job(cascade_orchestrator::api::pb::SubmitJobRequest {
+            graph: graph.into(),
+            input_json: input_json.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id
+}
+
+/// The gRPC and HTTP server in this process, on free ports of 127.0.0.1, over an orchestrator of
+/// `model` with the in-memory store.
+pub async fn serve_in_process(
+    model: cascade_orchestrator::model::ServerModel,
+) -> (
+    std::sync::Arc<Orchestrator>,
+    cascade_orchestrator::server::RunningServer,
+) {
+    let orch = std::sync::Arc::new(Orchestrator::builder(model).start().await.unwrap());
+    let options = cascade_orchestrator::server::ServerOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let server = cascade_orchestrator::server::start(orch.clone(), options)
+        .await
+        .unwrap();
+    (orch, server)
+}

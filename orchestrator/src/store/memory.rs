@@ -64,21 +64,12 @@ impl MemoryStore {
         if let Some(key) = &job.idempotency_key {
             let k = (job.tenant.clone(), key.clone());
             if let Some(&existing) = inner.keys.get(&k) {
-                if let Some(e) = inner.jobs.get(&existing)
-                    && e.record.input != job.input
-                {
-                    return Err(StoreError::KeyConflict {
-                        key: key.clone(),
-                        existing,
-                    });
-                }
-                return Ok((
-                    Submitted {
-                        id: existing,
-                        deduplicated: true,
-                    },
-                    None,
-                ));
+                // Keys leave with their jobs; a key found without one has no input to compare.
+                let same_input = inner
+                    .jobs
+                    .get(&existing)
+                    .is_none_or(|e| e.record.input == job.input);
+                return Ok((Submitted::known_key(key, existing, same_input)?, None));
             }
         }
         let pending = inner.pending.get(&job.graph).map_or(0, VecDeque::len);

@@ -45,6 +45,27 @@ pub struct Submitted {
     pub deduplicated: bool,
 }
 
+impl Submitted {
+    /// A submission whose idempotency key names the job `existing` already: that job again when
+    /// the input is the same, a conflict when it is not.
+    pub(crate) fn known_key(
+        key: &str,
+        existing: JobId,
+        same_input: bool,
+    ) -> Result<Self, StoreError> {
+        if !same_input {
+            return Err(StoreError::KeyConflict {
+                key: key.to_string(),
+                existing,
+            });
+        }
+        Ok(Self {
+            id: existing,
+            deduplicated: true,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum StoreError {
     #[error("{pending} jobs of graph {graph:?} are already pending; submit again later")]

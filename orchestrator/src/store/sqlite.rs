@@ -241,17 +241,8 @@ impl JobStore for SqliteStore {
                 && self.mem.find_key(&job.tenant, key).is_none()
                 && let Some((existing, input)) = self.key_on_disk(&job.tenant, key)?
             {
-                if input != *job.input {
-                    return Err(StoreError::KeyConflict {
-                        key: key.clone(),
-                        existing,
-                    });
-                }
                 return Ok((
-                    Submitted {
-                        id: existing,
-                        deduplicated: true,
-                    },
+                    Submitted::known_key(key, existing, input == *job.input)?,
                     None,
                 ));
             }
