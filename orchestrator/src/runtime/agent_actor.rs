@@ -11,7 +11,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cascade_agents::{Agent, AgentError, AgentOutput, AgentSpec, CallContext, StepInput};
+use cascade_agents::{Agent, AgentError, AgentSpec};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinSet;
@@ -19,55 +19,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::GraphCtx;
-use super::scheduler::SchedMsg;
-use crate::job::JobId;
-
-/// One attempt of one step, as sent to an agent actor.
-pub(crate) struct Call {
-    pub job: JobId,
-    pub step: usize,
-    /// Which dispatch of the step this is; results of an older dispatch are ignored.
-    pub token: u32,
-    /// Which incarnation of the agent actor the scheduler counted this call against.
-    pub incarnation: u32,
-    /// The quota grant this call runs under, returned with its result to be settled.
-    pub grant: Option<u64>,
-    pub ctx: CallContext,
-    pub input: StepInput,
-    pub reply: ActorRef<SchedMsg>,
-    /// The job's span: the step's span is its child.
-    pub span: tracing::Span,
-    /// The job is sampled for trace export; its steps follow it.
-    pub traced: bool,
-}
-
-/// A call's result, sent to the scheduler.
-pub(crate) struct StepDone {
-    pub job: JobId,
-    pub step: usize,
-    pub token: u32,
-    pub incarnation: u32,
-    pub grant: Option<u64>,
-    pub result: Result<AgentOutput, AgentError>,
-    pub elapsed: Duration,
-}
-
-pub(crate) enum AgentMsg {
-    Run(Box<Call>),
-    /// A call panicked: fail this actor.
-    Panicked(AgentPanic),
-}
-
-/// The error an agent actor fails with when a call panicked; the supervisor reads it to charge the
-/// panic to that step (a step that always panics must not restart its agent forever).
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("agent panicked while running job {job}: {message}")]
-pub(crate) struct AgentPanic {
-    pub job: JobId,
-    pub step: usize,
-    pub token: u32,
-    pub message: String,
-}
+use super::protocol::{AgentMsg, AgentPanic, Call, SchedMsg, StepDone};
 
 pub(crate) struct AgentActor;
 

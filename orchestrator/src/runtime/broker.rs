@@ -10,19 +10,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
-use super::scheduler::SchedMsg;
+use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg};
 use super::{GraphCtx, Shared};
-use crate::job::JobId;
 use crate::model::QuotaModel;
-use crate::quota::{CircuitState, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
-use crate::signal::{
-    AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane,
-};
+use crate::quota::{CircuitState, QuotaCore, Ready, Reservation};
+use crate::signal::{AgentChange, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane};
 
 /// Which quota cores each agent draws on. With the cascade on, one core per quota, shared by
 /// every agent that names it; in naive mode, one core per (agent, quota): local limiting only.
@@ -60,43 +57,6 @@ impl QuotaIndex {
         }
         Self { specs, agents }
     }
-}
-
-pub(crate) struct Acquire {
-    pub agent: AgentKey,
-    pub job: JobId,
-    pub step: usize,
-    pub token: u32,
-    /// Job age across the server: lower goes first.
-    pub seq: u64,
-    pub tokens: u64,
-}
-
-pub(crate) enum BrokerMsg {
-    Acquire(Box<Acquire>),
-    /// A granted call ended (or will never run): return its reservations.
-    Settle {
-        grant: u64,
-        usage: Option<(u64, u64)>,
-        outcome: Outcome,
-    },
-    Tick(u64),
-    /// An agent was marked failed, or runs again.
-    AgentHealth {
-        agent: AgentKey,
-        failed: bool,
-    },
-    /// Send a scheduler that (re)started the pause state of its graph.
-    Resync(usize),
-    /// Each agent of a graph with its pause and causes.
-    Pauses(usize, RpcReplyPort<Vec<Option<crate::signal::AgentPause>>>),
-    /// Treat a quota as refused by its upstream for `duration` (operators, benchmarks, tests).
-    Exhaust {
-        quota: String,
-        duration: Duration,
-        reply: RpcReplyPort<bool>,
-    },
-    Snapshot(RpcReplyPort<Vec<QuotaSnapshot>>),
 }
 
 pub(crate) struct Broker;
@@ -277,23 +237,16 @@ impl BrokerState {
             let grant = self.next_grant;
             self.outstanding.insert(grant, reservations);
             granted.push(*key);
-            match self.graphs[req.agent.0].scheduler() {
-                Some(sched) => {
-                    let _ = sched.cast(SchedMsg::Granted {
-                        job: req.job,
-                        step: req.step,
-                        token: req.token,
-                        grant,
-                    });
-                }
-                None => {
-                    // No scheduler to run it (restarting): give the reservation back.
-                    if let Some(rs) = self.outstanding.remove(&grant) {
-                        for (q, r) in rs {
-                            self.cores[q].settle(now, r, None, Outcome::Abandoned);
-                        }
-                    }
-                }
+            // Without a scheduler to run it (restarting), or with a message that is never read,
+            // the grant is dropped, and so comes back here as abandoned.
+            let grant = Grant::new(grant, self.me.clone());
+            if let Some(sched) = self.graphs[req.agent.0].scheduler() {
+                let _ = sched.cast(SchedMsg::Granted {
+                    job: req.job,
+                    step: req.step,
+                    token: req.token,
+                    grant,
+                });
             }
         }
         for key in granted {

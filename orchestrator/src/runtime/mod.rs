@@ -15,6 +15,7 @@
 
 mod agent_actor;
 mod broker;
+mod protocol;
 mod scheduler;
 mod stats;
 mod supervisor;
@@ -39,12 +40,12 @@ use crate::quota::QuotaSnapshot;
 use crate::signal::{AgentPause, GraphEvent};
 use crate::store::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, Submitted};
 
-pub use scheduler::{AgentSlotSnapshot, SchedulerSnapshot};
+pub use protocol::{AgentSlotSnapshot, SchedulerSnapshot};
 pub use stats::{AgentHealth, AgentStatsSnapshot, GraphStats, GraphStatsSnapshot};
 pub use view::{AgentState, GraphState};
 
-use broker::{BrokerMsg, QuotaIndex};
-use scheduler::SchedMsg;
+use broker::QuotaIndex;
+use protocol::{BrokerMsg, SchedMsg};
 use supervisor::{RootMsg, RootSupervisor};
 
 /// A request to run a graph once.

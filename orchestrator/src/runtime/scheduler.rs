@@ -15,16 +15,17 @@ use std::time::{Duration, SystemTime};
 use cascade_agents::{
     Agent, AgentError, AgentOutput, AgentSpec, CallContext, ErrorClass, StepInput,
 };
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
 use super::GraphCtx;
-use super::agent_actor::{AgentMsg, AgentPanic, Call, StepDone};
-use super::broker::{Acquire, BrokerMsg};
+use super::protocol::{
+    Acquire, AgentMsg, AgentPanic, AgentSlotSnapshot, BrokerMsg, Call, Grant, SchedMsg,
+    SchedulerSnapshot, StepDone,
+};
 use crate::backoff;
 use crate::job::{JobId, JobRecord, JobState, JobUpdate, StepState};
 use crate::metrics::{AgentMetrics, GraphMetrics};
@@ -34,65 +35,6 @@ use crate::signal::Reach;
 
 /// How long a rate-limited call waits when the upstream gave no Retry-After.
 const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
-
-pub(crate) enum SchedMsg {
-    /// Jobs are waiting in the store.
-    Wake,
-    StepDone(Box<StepDone>),
-    RetryDue {
-        job: JobId,
-        step: usize,
-        token: u32,
-    },
-    /// An agent actor was (re)started, or given up on (`actor: None`). Steps that were running
-    /// on its previous incarnation are dispatched again; `panic` names the step whose call
-    /// killed it, which is charged an attempt.
-    AgentUp {
-        agent: usize,
-        actor: Option<ActorRef<AgentMsg>>,
-        incarnation: u32,
-        panic: Option<AgentPanic>,
-    },
-    /// The broker let a step's call start; `grant` is settled when the call ends.
-    Granted {
-        job: JobId,
-        step: usize,
-        token: u32,
-        grant: u64,
-    },
-    /// Pause state changes of this graph's agents (`None`: resumed).
-    Pause(Vec<(usize, Option<Reach>)>),
-    /// The broker was restarted: steps waiting for a grant must ask again.
-    BrokerRestarted,
-    Cancel {
-        job: JobId,
-        reason: String,
-        reply: RpcReplyPort<bool>,
-    },
-    /// Admit no more jobs (shutdown).
-    Drain,
-    /// Check deadlines.
-    Tick,
-    Snapshot(RpcReplyPort<SchedulerSnapshot>),
-}
-
-/// What the scheduler holds right now, for tests, shutdown and the API.
-#[derive(Clone, Debug, Serialize)]
-pub struct SchedulerSnapshot {
-    pub jobs_in_flight: usize,
-    pub agents: Vec<AgentSlotSnapshot>,
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct AgentSlotSnapshot {
-    pub name: String,
-    pub up: bool,
-    pub in_flight: u32,
-    /// Steps waiting at the quota broker for their turn.
-    pub awaiting_quota: u32,
-    pub queued: usize,
-    pub paused: Option<Reach>,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
@@ -115,8 +57,6 @@ struct StepRun {
     /// Bumped at every dispatch and retry timer, so late results and timers are recognised.
     token: u32,
     key: Option<Arc<str>>,
-    /// The quota grant of the running call, settled if the call is lost with its actor.
-    grant: Option<u64>,
 }
 
 struct JobRun {
@@ -422,7 +362,6 @@ impl SchedState {
                     output: if done { st.output.clone() } else { None },
                     token: 0,
                     key: None,
-                    grant: None,
                 }
             })
             .collect();
@@ -531,7 +470,7 @@ impl SchedState {
         }
     }
 
-    fn on_granted(&mut self, job_id: JobId, i: usize, token: u32, grant: u64) {
+    fn on_granted(&mut self, job_id: JobId, i: usize, token: u32, grant: Grant) {
         let slot = &mut self.slots[i];
         slot.awaiting = slot.awaiting.saturating_sub(1);
         let current = self
@@ -540,29 +479,17 @@ impl SchedState {
             .is_some_and(|j| j.steps[i].phase == Phase::AwaitQuota && j.steps[i].token == token);
         if current && slot.actor.is_some() {
             self.dispatch(i, job_id, Some(grant));
-        } else {
-            if current && let Some(job) = self.jobs.get_mut(&job_id) {
-                // The actor is down: the step waits in the queue for the next one.
-                job.steps[i].phase = Phase::Queued;
-                self.slots[i].queue.push(Reverse((job.seq, job_id)));
-            }
-            self.settle(Some(grant), None, Outcome::Abandoned);
+        } else if current && let Some(job) = self.jobs.get_mut(&job_id) {
+            // The actor is down: the step waits in the queue for the next one, and the grant
+            // (dropped here) goes back to the broker.
+            job.steps[i].phase = Phase::Queued;
+            self.slots[i].queue.push(Reverse((job.seq, job_id)));
         }
         self.pump(i);
     }
 
-    fn settle(&self, grant: Option<u64>, usage: Option<(u64, u64)>, outcome: Outcome) {
-        if let (Some(grant), Some(broker)) = (grant, &self.broker) {
-            let _ = broker.cast(BrokerMsg::Settle {
-                grant,
-                usage,
-                outcome,
-            });
-        }
-    }
-
     /// Send one step's call to agent `i`'s actor.
-    fn dispatch(&mut self, i: usize, job_id: JobId, grant: Option<u64>) {
+    fn dispatch(&mut self, i: usize, job_id: JobId, grant: Option<Grant>) {
         let model = &self.ctx.model;
         let agent = &model.agents[i];
         let slot = &mut self.slots[i];
@@ -577,7 +504,6 @@ impl SchedState {
         st.phase = Phase::Running;
         st.attempts += 1;
         st.token = st.token.wrapping_add(1);
-        st.grant = grant;
         let key = st
             .key
             .get_or_insert_with(|| format!("{}/{}", job.id_str, agent.name).into())
@@ -603,13 +529,12 @@ impl SchedState {
         };
         let attempt = st.attempts;
         if actor.cast(AgentMsg::Run(Box::new(call))).is_err() {
-            // The actor is gone; its supervisor will announce the next one.
+            // The actor is gone (the call and its grant were dropped with the message); its
+            // supervisor will announce the next one.
             st.phase = Phase::Queued;
             st.attempts -= 1;
-            st.grant = None;
             slot.queue.push(Reverse((job.seq, job_id)));
             slot.actor = None;
-            self.settle(grant, None, Outcome::Abandoned);
             return;
         }
         slot.in_flight += 1;
@@ -640,7 +565,7 @@ impl SchedState {
         self.admit(true);
     }
 
-    fn on_step_done(&mut self, d: StepDone) {
+    fn on_step_done(&mut self, mut d: StepDone) {
         let slot = &mut self.slots[d.step];
         if d.incarnation == slot.incarnation {
             slot.in_flight = slot.in_flight.saturating_sub(1);
@@ -662,7 +587,7 @@ impl SchedState {
         let current = self.jobs.get(&d.job).is_some_and(|j| {
             j.steps[d.step].phase == Phase::Running && j.steps[d.step].token == d.token
         });
-        if d.grant.is_some() {
+        if let Some(grant) = d.grant.take() {
             // Every grant is settled, whether or not the result still matters: its reservation
             // must go back to the quota (with the real usage, which may become debt).
             let (usage, outcome) = match &d.result {
@@ -680,12 +605,9 @@ impl SchedState {
                     ErrorClass::Permanent | ErrorClass::Unauthorized => (None, Outcome::Answered),
                 },
             };
-            self.settle(d.grant, usage, outcome);
+            grant.settle(usage, outcome);
         }
         if current {
-            if let Some(job) = self.jobs.get_mut(&d.job) {
-                job.steps[d.step].grant = None;
-            }
             match d.result {
                 Ok(out) => self.step_succeeded(d.job, d.step, out),
                 Err(e) => self.step_failed(d.job, d.step, e),
@@ -854,16 +776,10 @@ impl SchedState {
                 charged = Some((*id, p.message.clone()));
                 continue;
             }
-            // Collateral: run again with the same key, without spending an attempt.
+            // Collateral: run again with the same key, without spending an attempt. Its grant
+            // went back to the broker when its aborted task dropped it.
             st.phase = Phase::Queued;
             st.attempts -= 1;
-            if let (Some(grant), Some(broker)) = (st.grant.take(), &self.broker) {
-                let _ = broker.cast(BrokerMsg::Settle {
-                    grant,
-                    usage: None,
-                    outcome: Outcome::Abandoned,
-                });
-            }
             slot.queue.push(Reverse((job.seq, *id)));
         }
         if let Some((id, message)) = charged {

@@ -13,9 +13,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::time::Instant;
 
-use super::agent_actor::{AgentActor, AgentArgs, AgentMsg, AgentPanic};
-use super::broker::{Broker, BrokerArgs, BrokerMsg};
-use super::scheduler::{SchedMsg, Scheduler};
+use super::agent_actor::{AgentActor, AgentArgs};
+use super::broker::{Broker, BrokerArgs};
+use super::protocol::{AgentMsg, AgentPanic, BrokerMsg, SchedMsg};
+use super::scheduler::Scheduler;
 use super::stats::AgentHealth;
 use super::{GraphCtx, Shared};
 use crate::restart::{RestartDecision, RestartIntensity};

@@ -1,0 +1,198 @@
+//! The messages the runtime's actors exchange — scheduler, agent actors, quota broker — and the
+//! [`Grant`] a call holds of its quotas. Kept apart from the actors so that none imports another.
+
+use std::time::Duration;
+
+use cascade_agents::{AgentError, AgentOutput, CallContext, StepInput};
+use ractor::{ActorRef, RpcReplyPort};
+use serde::Serialize;
+
+use crate::job::JobId;
+use crate::quota::{Outcome, QuotaSnapshot};
+use crate::signal::{AgentKey, AgentPause, Reach};
+
+pub(crate) enum SchedMsg {
+    /// Jobs are waiting in the store.
+    Wake,
+    StepDone(Box<StepDone>),
+    RetryDue {
+        job: JobId,
+        step: usize,
+        token: u32,
+    },
+    /// An agent actor was (re)started, or given up on (`actor: None`). Steps that were running
+    /// on its previous incarnation are dispatched again; `panic` names the step whose call
+    /// killed it, which is charged an attempt.
+    AgentUp {
+        agent: usize,
+        actor: Option<ActorRef<AgentMsg>>,
+        incarnation: u32,
+        panic: Option<AgentPanic>,
+    },
+    /// The broker let a step's call start under `grant`.
+    Granted {
+        job: JobId,
+        step: usize,
+        token: u32,
+        grant: Grant,
+    },
+    /// Pause state changes of this graph's agents (`None`: resumed).
+    Pause(Vec<(usize, Option<Reach>)>),
+    /// The broker was restarted: steps waiting for a grant must ask again.
+    BrokerRestarted,
+    Cancel {
+        job: JobId,
+        reason: String,
+        reply: RpcReplyPort<bool>,
+    },
+    /// Admit no more jobs (shutdown).
+    Drain,
+    /// Check deadlines.
+    Tick,
+    Snapshot(RpcReplyPort<SchedulerSnapshot>),
+}
+
+/// What the scheduler holds right now, for tests, shutdown and the API.
+#[derive(Clone, Debug, Serialize)]
+pub struct SchedulerSnapshot {
+    pub jobs_in_flight: usize,
+    pub agents: Vec<AgentSlotSnapshot>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AgentSlotSnapshot {
+    pub name: String,
+    pub up: bool,
+    pub in_flight: u32,
+    /// Steps waiting at the quota broker for their turn.
+    pub awaiting_quota: u32,
+    pub queued: usize,
+    pub paused: Option<Reach>,
+}
+
+/// One attempt of one step, as sent to an agent actor.
+pub(crate) struct Call {
+    pub job: JobId,
+    pub step: usize,
+    /// Which dispatch of the step this is; results of an older dispatch are ignored.
+    pub token: u32,
+    /// Which incarnation of the agent actor the scheduler counted this call against.
+    pub incarnation: u32,
+    /// The quota grant this call runs under; it travels with the call and its result, and goes
+    /// back to the broker when dropped, whatever ends the call.
+    pub grant: Option<Grant>,
+    pub ctx: CallContext,
+    pub input: StepInput,
+    pub reply: ActorRef<SchedMsg>,
+    /// The job's span: the step's span is its child.
+    pub span: tracing::Span,
+    /// The job is sampled for trace export; its steps follow it.
+    pub traced: bool,
+}
+
+/// A call's result, sent to the scheduler.
+pub(crate) struct StepDone {
+    pub job: JobId,
+    pub step: usize,
+    pub token: u32,
+    pub incarnation: u32,
+    pub grant: Option<Grant>,
+    pub result: Result<AgentOutput, AgentError>,
+    pub elapsed: Duration,
+}
+
+pub(crate) enum AgentMsg {
+    Run(Box<Call>),
+    /// A call panicked: fail this actor.
+    Panicked(AgentPanic),
+}
+
+/// The error an agent actor fails with when a call panicked; the supervisor reads it to charge the
+/// panic to that step (a step that always panics must not restart its agent forever).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("agent panicked while running job {job}: {message}")]
+pub(crate) struct AgentPanic {
+    pub job: JobId,
+    pub step: usize,
+    pub token: u32,
+    pub message: String,
+}
+
+pub(crate) struct Acquire {
+    pub agent: AgentKey,
+    pub job: JobId,
+    pub step: usize,
+    pub token: u32,
+    /// Job age across the server: lower goes first.
+    pub seq: u64,
+    pub tokens: u64,
+}
+
+pub(crate) enum BrokerMsg {
+    Acquire(Box<Acquire>),
+    /// A granted call ended (or will never run): return its reservations. Sent by [`Grant`].
+    Settle {
+        grant: u64,
+        usage: Option<(u64, u64)>,
+        outcome: Outcome,
+    },
+    Tick(u64),
+    /// An agent was marked failed, or runs again.
+    AgentHealth {
+        agent: AgentKey,
+        failed: bool,
+    },
+    /// Send a scheduler that (re)started the pause state of its graph.
+    Resync(usize),
+    /// Each agent of a graph with its pause and causes.
+    Pauses(usize, RpcReplyPort<Vec<Option<AgentPause>>>),
+    /// Treat a quota as refused by its upstream for `duration` (operators, benchmarks, tests).
+    Exhaust {
+        quota: String,
+        duration: Duration,
+        reply: RpcReplyPort<bool>,
+    },
+    Snapshot(RpcReplyPort<Vec<QuotaSnapshot>>),
+}
+
+/// What one call holds of its quotas (a concurrency slot, reserved tokens), owned like a permit:
+/// [`settle`](Self::settle) returns it with the call's real usage, and dropping it unsettled —
+/// the call's task aborted with its actor, a panic, a result or grant message dropped with a dead
+/// mailbox, a cancel, a shutdown — returns it as abandoned. So every grant goes back exactly
+/// once, and no message that a dying actor may never send is needed for it.
+#[derive(Debug)]
+pub(crate) struct Grant {
+    id: u64,
+    broker: Option<ActorRef<BrokerMsg>>,
+}
+
+impl Grant {
+    pub fn new(id: u64, broker: ActorRef<BrokerMsg>) -> Self {
+        Self {
+            id,
+            broker: Some(broker),
+        }
+    }
+
+    /// Return the grant with what the call spent and how it ended.
+    pub fn settle(mut self, usage: Option<(u64, u64)>, outcome: Outcome) {
+        self.send(usage, outcome);
+    }
+
+    fn send(&mut self, usage: Option<(u64, u64)>, outcome: Outcome) {
+        if let Some(broker) = self.broker.take() {
+            // A broker that is gone took its reservations with it.
+            let _ = broker.cast(BrokerMsg::Settle {
+                grant: self.id,
+                usage,
+                outcome,
+            });
+        }
+    }
+}
+
+impl Drop for Grant {
+    fn drop(&mut self) {
+        self.send(None, Outcome::Abandoned);
+    }
+}
