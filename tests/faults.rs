@@ -84,3 +84,108 @@ async fn panics_under_a_concurrency_quota_leak_no_slot() {
     assert_eq!(q.in_flight, 0, "slots still held when idle: {q:?}");
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The 5-step pipeline whose `classify` and `draft` call one simulated provider of
+/// `rps` requests/s (burst 20) and name no quota.
+fn no_quota_storm(upstream: &str, limit: &str) -> String {
+    let mut s = String::from(
+        "[graph]\nname = \"storm\"\nmax_in_flight_jobs = 512\nmax_pending_jobs = 100000\n",
+    );
+    let names = ["classify", "enrich", "draft", "review", "post"];
+    for (i, n) in names.iter().enumerate() {
+        s += &format!(
+            "[agents.{n}]\nkind = \"sim\"\nlatency = \"20ms\"\nmax_concurrency = 512\n\
+             retry = {{ max_attempts = 5, initial_delay = \"50ms\", max_delay = \"2s\" }}\n"
+        );
+        if i > 0 {
+            s += &format!("after = [\"{}\"]\n", names[i - 1]);
+        }
+        if *n == "classify" || *n == "draft" {
+            s += &format!("upstream = \"{upstream}\"\nupstream_limit = {limit}\n");
+        }
+    }
+    s
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_storm_on_an_upstream_without_a_quota_is_paced() {
+    let orch = start(&no_quota_storm(
+        "faults-storm",
+        "{ requests_per_second = 200, burst = 20 }",
+    ))
+    .await;
+    let begin = tokio::time::Instant::now();
+    let ids = run_all(&orch, "storm", 4000, Duration::from_secs(600)).await;
+    let elapsed = begin.elapsed().as_secs_f64();
+    let up = cascade_orchestrator::agents::sim::upstream("faults-storm");
+    let (calls, refusals) = (up.calls(), up.refusals());
+    eprintln!("no-quota storm: {calls} calls, {refusals} refusals, {elapsed:.1} s");
+    for id in &ids {
+        assert_eq!(orch.get(*id).unwrap().unwrap().state, JobState::Succeeded);
+    }
+    assert_eq!(calls, 8000, "each job calls the upstream twice");
+    // Refusals per 1,000 jobs stay few: the implicit quota slow-starts, learns the rate at the
+    // first refusal and paces every waiter after it (no herd at the end of each Retry-After).
+    assert!(refusals < 80, "{refusals} refusals for 4,000 jobs");
+    // 8,000 calls at 200/s take 40 s; learning the rate keeps goodput near it.
+    let goodput = calls as f64 / elapsed;
+    assert!(goodput >= 0.95 * 200.0, "goodput {goodput:.1} calls/s");
+    // The implicit quota is a quota like any other: listed, named after the upstream, learned.
+    let q = orch
+        .quotas()
+        .await
+        .into_iter()
+        .find(|q| q.name == "upstream:faults-storm")
+        .expect("implicit quota listed");
+    assert!(q.implicit);
+    let learned = q.learned_requests_per_second.expect("rate learned");
+    assert!((150.0..=230.0).contains(&learned), "learned {learned}/s");
+    assert!(q.refusals > 0 && q.refusals <= refusals);
+    let agents = &orch.model().graph("storm").unwrap().agents;
+    assert_eq!(&*agents[0].quotas[0], "upstream:faults-storm");
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_retry_after_from_an_undeclared_upstream_pauses_the_chain() {
+    // One call a second with a burst of 5: after the burst, the upstream asks to wait ~1 s,
+    // longer than the pause threshold, so its implicit quota is exhausted and pauses downstream.
+    let orch = start(&no_quota_storm(
+        "faults-slow",
+        "{ requests_per_minute = 60, burst = 5 }",
+    ))
+    .await;
+    let mut events = orch.watch_graphs();
+    let ids = run_all(&orch, "storm", 40, Duration::from_secs(600)).await;
+    let mut paused = std::collections::BTreeMap::new();
+    while let Ok(e) = events.try_recv() {
+        if let cascade_orchestrator::signal::GraphEventKind::AgentPaused {
+            agent,
+            reach,
+            causes,
+        } = e.kind
+        {
+            assert!(
+                causes.iter().any(|(k, _)| matches!(k,
+                    cascade_orchestrator::signal::CauseKey::Quota { quota } if &**quota == "upstream:faults-slow")),
+                "{causes:?}"
+            );
+            paused.insert(agent.to_string(), reach);
+        }
+    }
+    use cascade_orchestrator::signal::Reach;
+    assert_eq!(paused.get("classify"), Some(&Reach::Direct), "{paused:?}");
+    assert_eq!(paused.get("enrich"), Some(&Reach::Upstream), "{paused:?}");
+    assert_eq!(paused.get("post"), Some(&Reach::Upstream), "{paused:?}");
+    for id in &ids {
+        let job = orch.get(*id).unwrap().unwrap();
+        assert_eq!(job.state, JobState::Succeeded);
+        // Refusals spend no attempt.
+        assert!(job.steps.iter().all(|s| s.attempts == 1), "{:?}", job.steps);
+    }
+    let up = cascade_orchestrator::agents::sim::upstream("faults-slow");
+    assert_eq!(up.calls(), 80);
+    // Paced at the learned rate: refusals stay a small share of the calls.
+    assert!(up.refusals() <= 20, "{} refusals", up.refusals());
+    orch.shutdown(Duration::from_secs(1)).await;
+}

@@ -420,6 +420,17 @@ async fn health_reflection_and_graph_state_answer() {
         .collect();
     assert_eq!(agents, [("classify", "sim"), ("reply", "template")]);
     assert_eq!(g.agents[1].after, ["classify"]);
+    // classify names no quota: it draws on its upstream's implicit one, listed like any quota;
+    // the template calls nothing outside the process.
+    assert_eq!(g.agents[0].quotas, ["upstream:grpc-classify"]);
+    assert!(g.agents[1].quotas.is_empty());
+    let q = g
+        .quotas
+        .iter()
+        .find(|q| q.name == "upstream:grpc-classify")
+        .expect("implicit quota in GetGraph");
+    assert!(q.implicit);
+    assert_eq!(q.limits, "none learned yet");
     let list = h
         .client
         .list_graphs(pb::ListGraphsRequest {})

@@ -12,4 +12,4 @@ pub mod template;
 
 pub use agent::{Agent, AgentError, AgentOutput, CallContext, ErrorClass, StepInput, Usage};
 pub use duration::HumanDuration;
-pub use registry::{AgentSpec, FieldError, KindSpec, Registry};
+pub use registry::{AgentSpec, BuildFn, FieldError, KindSpec, Registry, UpstreamFn, no_upstream};

@@ -69,13 +69,25 @@ impl fmt::Display for FieldError {
 /// Builds an agent of one kind from its fields, validating them.
 pub type BuildFn = fn(&AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError>;
 
-/// A kind of agent: its name, the fields it accepts, which of them are required, its constructor.
+/// Names the upstream a node of a kind calls, from its fields (`None`: it calls nothing outside
+/// the process). Nodes that name the same upstream and declare no quota share one implicit quota,
+/// `upstream:<name>`, which learns the upstream's limit from its refusals.
+pub type UpstreamFn = fn(&AgentSpec<'_>) -> Option<String>;
+
+/// For kinds that call nothing outside the process (`template`).
+pub fn no_upstream(_: &AgentSpec<'_>) -> Option<String> {
+    None
+}
+
+/// A kind of agent: its name, the fields it accepts, which of them are required, its constructor,
+/// and the upstream its nodes call.
 #[derive(Clone, Copy)]
 pub struct KindSpec {
     pub name: &'static str,
     pub fields: &'static [&'static str],
     pub required: &'static [&'static str],
     pub build: BuildFn,
+    pub upstream: UpstreamFn,
 }
 
 impl fmt::Debug for KindSpec {
@@ -133,5 +145,10 @@ impl Registry {
             message: format!("unknown agent kind {kind:?}"),
         })?;
         (k.build)(spec)
+    }
+
+    /// The upstream a node of `kind` with these fields calls (see [`UpstreamFn`]).
+    pub fn upstream(&self, kind: &str, spec: &AgentSpec<'_>) -> Option<String> {
+        self.get(kind).and_then(|k| (k.upstream)(spec))
     }
 }

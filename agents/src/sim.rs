@@ -56,7 +56,16 @@ pub const KIND: KindSpec = KindSpec {
     ],
     required: &[],
     build,
+    upstream: upstream_name,
 };
+
+/// The simulated upstream a node calls: its `upstream` field, or `"{graph}.{agent}"`.
+fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
+    Some(match spec.fields.get("upstream") {
+        Some(Value::String(name)) => name.clone(),
+        _ => format!("{}.{}", spec.graph, spec.name),
+    })
+}
 
 /// How long a simulated call takes.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -25,6 +25,7 @@ pub const KIND: KindSpec = KindSpec {
     fields: &["output"],
     required: &["output"],
     build,
+    upstream: crate::no_upstream,
 };
 
 #[derive(Deserialize)]

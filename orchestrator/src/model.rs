@@ -240,6 +240,30 @@ pub struct QuotaModel {
     pub pause_threshold: Duration,
     /// Where it was declared, for messages.
     pub declared_at: String,
+    /// Not declared: the quota of an upstream that agents call without naming a quota
+    /// (`upstream:<name>`). It starts with no limit and learns the upstream's from its refusals.
+    pub implicit: bool,
+}
+
+impl QuotaModel {
+    /// The prefix of implicit quotas' names (declared names cannot contain `:`).
+    pub const IMPLICIT_PREFIX: &str = "upstream:";
+
+    /// The implicit quota of `upstream`, first seen on `agent` at `declared_at`: no limits, the
+    /// default circuit breaker, the default pause threshold.
+    pub fn implicit(upstream: &str, declared_at: String, pause_threshold: Duration) -> Self {
+        Self {
+            name: format!("{}{upstream}", Self::IMPLICIT_PREFIX).into(),
+            requests: None,
+            tokens: None,
+            burst: None,
+            max_concurrency: None,
+            circuit_breaker: Some(CircuitBreakerSpec::default()),
+            pause_threshold,
+            declared_at,
+            implicit: true,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -248,4 +272,17 @@ pub struct CircuitBreakerSpec {
     pub min_calls: NonZeroU32,
     pub window: Duration,
     pub open_for: Duration,
+}
+
+impl Default for CircuitBreakerSpec {
+    /// The breaker of implicit upstream quotas: half the calls of the last 30 s failed, over at
+    /// least 20 calls, opens it for 15 s.
+    fn default() -> Self {
+        Self {
+            failure_ratio: 0.5,
+            min_calls: NonZeroU32::new(20).expect("non-zero"),
+            window: Duration::from_secs(30),
+            open_for: Duration::from_secs(15),
+        }
+    }
 }

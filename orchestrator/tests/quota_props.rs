@@ -128,6 +128,7 @@ fn quota(rps: u64, burst: u32, tokens_per_min: u64) -> QuotaCore {
         circuit_breaker: None,
         pause_threshold: Duration::from_millis(250),
         declared_at: String::new(),
+        implicit: false,
     };
     QuotaCore::new(Arc::new(spec), Instant::now())
 }

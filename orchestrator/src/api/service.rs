@@ -117,6 +117,11 @@ fn graph_to_pb(g: GraphState) -> pb::Graph {
                 if let Some(c) = q.max_concurrency {
                     limits.push(format!("{c} concurrent"));
                 }
+                if let Some(r) = q.learned_requests_per_second {
+                    limits.push(format!("{r:.1}/s requests (learned)"));
+                } else if q.implicit {
+                    limits.push("none learned yet".into());
+                }
                 let mut available = Vec::new();
                 if let Some(r) = q.requests_available {
                     available.push(format!("requests {r}"));
@@ -141,6 +146,8 @@ fn graph_to_pb(g: GraphState) -> pb::Graph {
                         .unwrap_or_default(),
                     exhausted_reason: q.exhausted_reason.unwrap_or_default().to_string(),
                     effective_rate_multiplier: q.effective_rate_multiplier,
+                    implicit: q.implicit,
+                    learned_requests_per_second: q.learned_requests_per_second.unwrap_or(0.0),
                 }
             })
             .collect(),

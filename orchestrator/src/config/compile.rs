@@ -148,6 +148,8 @@ struct PendingAgent {
     name_span: Range<usize>,
     after: Vec<(String, Range<usize>)>,
     quotas: Vec<(String, Range<usize>)>,
+    /// The upstream its kind calls, for an implicit quota when it names none.
+    upstream: Option<String>,
     model: AgentModel,
 }
 
@@ -538,7 +540,32 @@ impl<'r> Loader<'r> {
             circuit_breaker,
             pause_threshold: pause_threshold.map_or(DEFAULT_PAUSE_THRESHOLD, HumanDuration::get),
             declared_at: format!("{}:{line}:{col}", src.path.display()),
+            implicit: false,
         })
+    }
+
+    /// The implicit quota of `upstream`, created when an agent first calls it.
+    fn implicit_quota(
+        &mut self,
+        src_idx: usize,
+        span: &Range<usize>,
+        agent: &str,
+        upstream: &str,
+    ) -> Arc<str> {
+        let name = format!("{}{upstream}", QuotaModel::IMPLICIT_PREFIX);
+        if !self.quotas.contains_key(&name) {
+            let src = &self.sources[src_idx];
+            let (line, col) = src.line_col(span.start);
+            let at = format!(
+                "{}:{line}:{col} (upstream of agent {agent:?}, which names no quota)",
+                src.path.display()
+            );
+            self.quotas.insert(
+                name.clone(),
+                QuotaModel::implicit(upstream, at, DEFAULT_PAUSE_THRESHOLD),
+            );
+        }
+        name.into()
     }
 
     /// Names end up in URLs, metric labels and file names: keep them plain.
@@ -732,6 +759,7 @@ impl<'r> Loader<'r> {
 
         // The kind's own fields.
         let mut fields = serde_json::Map::new();
+        let mut upstream = None;
         let kind_spec = match &kind {
             Some((k, span)) => match self.registry.get(k) {
                 Some(spec) => Some(*spec),
@@ -787,14 +815,13 @@ impl<'r> Loader<'r> {
                 }
             }
             if !missing && self.errs.len() == errs_before {
-                let built = self.registry.build(
-                    spec.name,
-                    &AgentSpec {
-                        graph,
-                        name,
-                        fields: &fields,
-                    },
-                );
+                let agent_spec = AgentSpec {
+                    graph,
+                    name,
+                    fields: &fields,
+                };
+                upstream = (spec.upstream)(&agent_spec);
+                let built = self.registry.build(spec.name, &agent_spec);
                 if let Err(e) = built {
                     let span = span_at(value, &e.path);
                     let field = if e.path.is_empty() {
@@ -812,6 +839,7 @@ impl<'r> Loader<'r> {
             name_span: key.span(),
             after,
             quotas,
+            upstream,
             model: AgentModel {
                 index: 0,
                 name: name.into(),
@@ -1034,6 +1062,14 @@ impl<'r> Loader<'r> {
                 if !qs.iter().any(|x| **x == *q) {
                     qs.push(q.into());
                 }
+            }
+            // Every upstream is governed: an agent that names no quota draws on its upstream's
+            // implicit one, shared by every agent (of every graph) that calls that upstream.
+            if qs.is_empty()
+                && let Some(upstream) = &p.upstream
+            {
+                let q = self.implicit_quota(src_idx, &p.name_span, &m.name, upstream);
+                qs.push(q);
             }
             m.quotas = qs;
             agents.push(m);

@@ -2,6 +2,11 @@
 //! concurrency, a circuit breaker, and refusals reported by the upstream. It answers when a call
 //! of a given cost could start, takes reservations, settles them, and says whether it is
 //! exhausted (cannot serve the next call within `pause_threshold`) and until when.
+//!
+//! A quota that declares no request rate (every implicit `upstream:<name>` quota, and a declared
+//! one with only tokens or concurrency) learns one at the upstream's first refusal: the rate the
+//! upstream answered over the last second, just under it, then AIMD. Until then an implicit quota
+//! slow-starts its calls in flight, so that a storm does not meet an unknown upstream all at once.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +15,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::circuit::{CircuitBreaker, CircuitState, Gate};
-use super::limits::{Aimd, Gcra, TokenWindow};
+use super::limits::{AcceptMeter, Aimd, Gcra, SlowStart, TokenWindow};
 use crate::model::QuotaModel;
 
 /// When a call could start.
@@ -55,6 +60,11 @@ pub struct QuotaCore {
     pub spec: Arc<QuotaModel>,
     requests: Option<Gcra>,
     aimd: Aimd,
+    /// Answered calls lately: what a refusal learns the upstream's real rate from.
+    answered: AcceptMeter,
+    /// The request rate learned from refusals, when the spec declares none.
+    learned: Option<f64>,
+    slow_start: Option<SlowStart>,
     tokens: Option<TokenWindow>,
     in_use: u32,
     circuit: Option<CircuitBreaker>,
@@ -81,10 +91,14 @@ impl QuotaCore {
             .tokens
             .map(|t| TokenWindow::new(t.amount.get(), t.period));
         let circuit = spec.circuit_breaker.map(CircuitBreaker::new);
+        let slow_start = spec.implicit.then(SlowStart::new);
         Self {
             spec,
             requests,
             aimd: Aimd::new(now),
+            answered: AcceptMeter::new(),
+            learned: None,
+            slow_start,
             tokens,
             in_use: 0,
             circuit,
@@ -141,6 +155,11 @@ impl QuotaCore {
         {
             return (Ready::Blocked, "concurrency");
         }
+        if let Some(s) = &self.slow_start
+            && self.in_use >= s.window()
+        {
+            return (Ready::Blocked, "slow start");
+        }
         (Ready::Now, "")
     }
 
@@ -186,6 +205,14 @@ impl QuotaCore {
             };
             w.settle(now, id, r.tokens, actual);
         }
+        if outcome == Outcome::Answered {
+            self.answered.record(now);
+            if let Some(s) = &mut self.slow_start
+                && !s.on_answered()
+            {
+                self.slow_start = None;
+            }
+        }
         let mut changed = false;
         if let Some(c) = &mut self.circuit {
             changed = match outcome {
@@ -203,18 +230,55 @@ impl QuotaCore {
         changed
     }
 
-    /// The upstream refused a call for rate: wait as asked and lower the rate (AIMD).
+    /// The upstream refused a call for rate: wait as asked, lower the rate (AIMD) towards the
+    /// rate it has been answering — or learn one, if none is declared — and resume without a
+    /// burst, one interval after another.
     pub fn refused(&mut self, now: Instant, wait: Option<Duration>) {
         self.refusals += 1;
-        self.aimd.on_refusal(now);
+        let (answered, whole_second) = self.answered.rate(now);
+        match &self.requests {
+            Some(g) => {
+                // A measure over less than a second says more about bursts than about rate.
+                let base = g.base_per_second();
+                self.aimd
+                    .on_refusal(now, whole_second.then(|| answered / base));
+            }
+            None => {
+                // Just under what it answered, at least one call a second; the burst is a tenth
+                // of a second's worth, as for a declared rate.
+                let rate = (answered * 0.97).max(1.0);
+                self.requests = Some(Gcra::new(rate, ((rate / 10.0).round() as u32).max(1)));
+                self.learned = Some(rate);
+                self.aimd = Aimd::learned(now);
+                self.slow_start = None;
+            }
+        }
         // Without a Retry-After, wait one interval of the (lowered) rate, or a second.
         let wait = wait.unwrap_or_else(|| {
             self.requests
                 .as_ref()
                 .map_or(Duration::from_secs(1), |_| Duration::from_millis(100))
         });
+        self.hold(now, wait);
+    }
+
+    /// Start no call for `wait` (an upstream's Retry-After, an operator's exhaust): refused until
+    /// then, and the rate's burst is not served at once afterwards.
+    pub fn hold(&mut self, now: Instant, wait: Duration) {
         let until = now + wait;
-        self.refused_until = Some(self.refused_until.map_or(until, |t| t.max(until)));
+        let until = self.refused_until.map_or(until, |t| t.max(until));
+        self.refused_until = Some(until);
+        if let Some(g) = &mut self.requests {
+            let m = self.aimd.multiplier(now);
+            g.hold(until, m);
+        }
+    }
+
+    /// The request rate learned from refusals (for a quota that declares none), per second, as
+    /// AIMD scales it now.
+    pub fn learned_rate(&mut self, now: Instant) -> Option<f64> {
+        let base = self.learned?;
+        Some(base * self.aimd.multiplier(now))
     }
 
     /// Re-evaluate exhaustion for a next call of `tokens`, with hysteresis: a quota becomes
@@ -271,6 +335,9 @@ impl QuotaCore {
             max_concurrency: self.spec.max_concurrency.map(|c| c.get()),
             requests_available: self.requests.as_ref().map(|g| g.available(now, multiplier)),
             requests_per_second: self.spec.requests.map(|r| r.per_second()),
+            learned_requests_per_second: self.learned.map(|base| base * multiplier),
+            implicit: self.spec.implicit,
+            slow_start_window: self.slow_start.as_ref().map(SlowStart::window),
             tokens_window_limit: self.spec.tokens.map(|t| t.amount.get()),
             tokens_used: self.tokens.as_mut().map(|w| w.used(now)),
             tokens_available: self
@@ -303,6 +370,12 @@ pub struct QuotaSnapshot {
     pub max_concurrency: Option<u32>,
     pub requests_available: Option<u32>,
     pub requests_per_second: Option<f64>,
+    /// The rate learned from the upstream's refusals, when none is declared.
+    pub learned_requests_per_second: Option<f64>,
+    /// Not declared: the quota of an upstream its agents call without naming a quota.
+    pub implicit: bool,
+    /// Calls allowed in flight while an implicit quota slow-starts.
+    pub slow_start_window: Option<u32>,
     pub tokens_used: Option<u64>,
     pub tokens_window_limit: Option<u64>,
     pub tokens_available: Option<u64>,
@@ -341,6 +414,7 @@ mod tests {
             circuit_breaker: None,
             pause_threshold: Duration::from_millis(250),
             declared_at: String::new(),
+            implicit: false,
         };
         QuotaCore::new(Arc::new(spec), Instant::now())
     }
@@ -404,6 +478,46 @@ mod tests {
             q.update_exhaustion(now + Duration::from_secs(2), 0),
             Some(None)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_implicit_quota_slow_starts_then_learns_a_rate_at_the_first_refusal() {
+        let now = Instant::now();
+        let spec = QuotaModel::implicit("up", String::new(), Duration::from_millis(250));
+        let mut q = QuotaCore::new(Arc::new(spec), now);
+        assert_eq!(&*q.spec.name, "upstream:up");
+        assert!(q.spec.circuit_breaker.is_some());
+        // A few calls at first, not the whole storm.
+        let mut held = Vec::new();
+        while q.ready(now, 0) == Ready::Now {
+            held.push(q.take(now, 0));
+        }
+        assert_eq!(held.len(), SlowStart::INITIAL as usize);
+        // Each answer lets one more go.
+        let t = now + Duration::from_millis(50);
+        for r in held.drain(..) {
+            q.settle(t, r, None, Outcome::Answered);
+        }
+        assert_eq!(
+            q.snapshot(t).slow_start_window,
+            Some(SlowStart::INITIAL * 2)
+        );
+        // Refused: a rate just under what it answered (16 in 100 ms), calls resume paced.
+        let r = q.take(t, 0);
+        q.settle(
+            t,
+            r,
+            None,
+            Outcome::RateLimited(Some(Duration::from_millis(5))),
+        );
+        let learned = q.learned_rate(t).unwrap();
+        assert!((learned - 0.97 * 160.0).abs() < 1e-6, "{learned}");
+        assert_eq!(q.snapshot(t).slow_start_window, None);
+        let resume = t + Duration::from_millis(5);
+        assert_eq!(q.ready(t, 0), Ready::At(resume));
+        q.take(resume, 0);
+        // No burst after the refusal: the next call waits one interval.
+        assert!(matches!(q.ready(resume, 0), Ready::At(at) if at > resume));
     }
 
     #[tokio::test(start_paused = true)]

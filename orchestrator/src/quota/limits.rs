@@ -1,6 +1,8 @@
 //! The limits a quota enforces, each a small state machine on `tokio::time`:
 //! - [`Gcra`]: requests per period with a burst, whose rate an [`Aimd`] multiplier scales;
-//! - [`TokenWindow`]: tokens per period, reserved before a call and settled after it.
+//! - [`TokenWindow`]: tokens per period, reserved before a call and settled after it;
+//! - [`AcceptMeter`]: the rate at which the upstream answered lately, which refusals learn from;
+//! - [`SlowStart`]: how many calls an upstream of unknown limit may have in flight.
 //!
 //! governor implements GCRA well, but reads its own clock (which a paused tokio clock does not
 //! move, so tests could not be exact) and has no reserve-then-settle for token budgets or a
@@ -28,6 +30,19 @@ impl Gcra {
             burst: burst.max(1),
             tat: None,
         }
+    }
+
+    /// The rate at multiplier 1, per second.
+    pub fn base_per_second(&self) -> f64 {
+        1.0 / self.base_interval.as_secs_f64()
+    }
+
+    /// No call before `at`, and none of the burst at `at` either: after a refusal, calls resume
+    /// one interval apart instead of all at once.
+    pub fn hold(&mut self, at: Instant, multiplier: f64) {
+        let tolerance = self.interval(multiplier) * (self.burst - 1);
+        let held = at + tolerance;
+        self.tat = Some(self.tat.map_or(held, |t| t.max(held)));
     }
 
     fn interval(&self, multiplier: f64) -> Duration {
@@ -63,42 +78,81 @@ impl Gcra {
 }
 
 /// Additive increase, multiplicative decrease of a quota's effective rate. Every refusal by the
-/// upstream (at most one per `cooldown`) multiplies the rate by `DECREASE`; every second without
-/// one adds `INCREASE` of the configured rate back, up to the configured rate. A limit configured
-/// above the upstream's real one thus settles just under the real one.
+/// upstream (at most one per `cooldown`) multiplies the rate by `DECREASE` — or, when the upstream
+/// has been answering fewer calls than that, brings it just under the rate it answered, so that a
+/// limit configured far too high converges in one step rather than many; every second without a
+/// refusal adds `INCREASE` of the configured rate back, up to the configured rate. A limit
+/// configured above the upstream's real one thus settles just under the real one.
+///
+/// A learned rate (a quota that declares none) has no configured ceiling: it climbs by a share
+/// of itself per second, so that it also finds an upstream that is faster than its first guess —
+/// quickly until its first decrease (the first guess is measured over a short time), slowly
+/// after it.
 #[derive(Clone, Debug)]
 pub struct Aimd {
     multiplier: f64,
     updated: Instant,
     last_decrease: Option<Instant>,
+    learned: bool,
+    /// A learned rate not decreased yet since it was learned.
+    probing: bool,
 }
 
 impl Aimd {
     const DECREASE: f64 = 0.95;
+    /// How far under the answered rate a decrease lands.
+    const UNDER_ANSWERED: f64 = 0.97;
+    /// One decrease at most halves the rate, whatever the measure says.
+    const MAX_CUT: f64 = 0.5;
     const INCREASE_PER_SEC: f64 = 0.01;
+    const LEARNED_GROWTH_PER_SEC: f64 = 0.02;
+    const PROBING_GROWTH_PER_SEC: f64 = 0.10;
+    const LEARNED_CEILING: f64 = 100.0;
     const FLOOR: f64 = 0.05;
-    const COOLDOWN: Duration = Duration::from_millis(500);
+    const COOLDOWN: Duration = Duration::from_millis(250);
 
     pub fn new(now: Instant) -> Self {
         Self {
             multiplier: 1.0,
             updated: now,
             last_decrease: None,
+            learned: false,
+            probing: false,
+        }
+    }
+
+    /// For a rate learned at `now` (the multiplier's 1.0).
+    pub fn learned(now: Instant) -> Self {
+        Self {
+            last_decrease: Some(now),
+            learned: true,
+            probing: true,
+            ..Self::new(now)
         }
     }
 
     /// The current multiplier, after the increase earned since the last look.
     pub fn multiplier(&mut self, now: Instant) -> f64 {
         let secs = now.saturating_duration_since(self.updated).as_secs_f64();
-        self.multiplier = (self.multiplier + secs * Self::INCREASE_PER_SEC).min(1.0);
+        self.multiplier = if self.learned {
+            let growth = if self.probing {
+                Self::PROBING_GROWTH_PER_SEC
+            } else {
+                Self::LEARNED_GROWTH_PER_SEC
+            };
+            (self.multiplier * (1.0 + secs * growth)).min(Self::LEARNED_CEILING)
+        } else {
+            (self.multiplier + secs * Self::INCREASE_PER_SEC).min(1.0)
+        };
         self.updated = now;
         self.multiplier
     }
 
     /// The upstream refused: decrease, unless a decrease happened within the cooldown (one
-    /// burst of refusals is one signal).
-    pub fn on_refusal(&mut self, now: Instant) -> bool {
-        self.multiplier(now);
+    /// burst of refusals is one signal). `answered` is the rate the upstream answered lately,
+    /// as a multiple of the base rate.
+    pub fn on_refusal(&mut self, now: Instant, answered: Option<f64>) -> bool {
+        let current = self.multiplier(now);
         if self
             .last_decrease
             .is_some_and(|t| now.duration_since(t) < Self::COOLDOWN)
@@ -106,8 +160,112 @@ impl Aimd {
             return false;
         }
         self.last_decrease = Some(now);
-        self.multiplier = (self.multiplier * Self::DECREASE).max(Self::FLOOR);
+        self.probing = false;
+        let mut next = current * Self::DECREASE;
+        if let Some(a) = answered {
+            next = next.min(a * Self::UNDER_ANSWERED);
+        }
+        self.multiplier = next.max(current * Self::MAX_CUT).max(Self::FLOOR);
         true
+    }
+}
+
+/// Calls the upstream answered per second over the last second, counted in ten buckets of 100 ms:
+/// its size does not depend on the rate. Counting starts with the first answer.
+#[derive(Clone, Debug)]
+pub struct AcceptMeter {
+    buckets: [u32; 10],
+    /// Index of the current bucket, counted from `started` in 100 ms steps.
+    current: u64,
+    started: Option<Instant>,
+}
+
+impl AcceptMeter {
+    const BUCKET: Duration = Duration::from_millis(100);
+
+    pub fn new() -> Self {
+        Self {
+            buckets: [0; 10],
+            current: 0,
+            started: None,
+        }
+    }
+
+    fn advance(&mut self, now: Instant) {
+        let Some(started) = self.started else { return };
+        let index = (now.saturating_duration_since(started).as_millis() / 100) as u64;
+        if index >= self.current + 10 {
+            self.buckets = [0; 10];
+        } else {
+            for i in self.current + 1..=index {
+                self.buckets[(i % 10) as usize] = 0;
+            }
+        }
+        self.current = self.current.max(index);
+    }
+
+    pub fn record(&mut self, now: Instant) {
+        self.started.get_or_insert(now);
+        self.advance(now);
+        self.buckets[(self.current % 10) as usize] += 1;
+    }
+
+    /// Answered calls per second over the last second (or since the first answer, if shorter;
+    /// at least one bucket long), and whether a whole second was measured.
+    pub fn rate(&mut self, now: Instant) -> (f64, bool) {
+        let Some(started) = self.started else {
+            return (0.0, false);
+        };
+        self.advance(now);
+        let sum: u32 = self.buckets.iter().sum();
+        let since = now.saturating_duration_since(started);
+        let in_current = since.saturating_sub(Self::BUCKET * self.current as u32);
+        let full = Self::BUCKET * 9 + in_current;
+        let window = since.min(full).max(Self::BUCKET);
+        (f64::from(sum) / window.as_secs_f64(), since >= full)
+    }
+}
+
+impl Default for AcceptMeter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How many calls an upstream whose limit is unknown may have in flight: a few at first, one
+/// more for each call it answers, so that a storm of waiting calls does not all arrive at once
+/// at an upstream that would refuse most of them (TCP's slow start, on calls instead of
+/// segments). It ends when the window outgrows any concurrency a graph has, or at the first
+/// refusal, from which a learned rate governs.
+#[derive(Clone, Debug)]
+pub struct SlowStart {
+    window: u32,
+}
+
+impl SlowStart {
+    pub const INITIAL: u32 = 16;
+    pub const END: u32 = 1 << 16;
+
+    pub fn new() -> Self {
+        Self {
+            window: Self::INITIAL,
+        }
+    }
+
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// A call was answered; returns whether slow start goes on.
+    pub fn on_answered(&mut self) -> bool {
+        self.window += 1;
+        self.window < Self::END
+    }
+}
+
+impl Default for SlowStart {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -241,14 +399,68 @@ mod tests {
     async fn aimd_decreases_once_per_burst_and_climbs_back() {
         let t0 = Instant::now();
         let mut a = Aimd::new(t0);
-        assert!(a.on_refusal(t0));
+        assert!(a.on_refusal(t0, None));
         assert!(
-            !a.on_refusal(t0 + Duration::from_millis(100)),
+            !a.on_refusal(t0 + Duration::from_millis(100), None),
             "one burst, one decrease"
         );
         assert!((a.multiplier(t0 + Duration::from_millis(100)) - 0.951).abs() < 1e-9);
         assert!((a.multiplier(t0 + Duration::from_secs(3)) - 0.98).abs() < 1e-9);
         assert_eq!(a.multiplier(t0 + Duration::from_secs(60)), 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aimd_lands_under_the_answered_rate_and_a_learned_rate_climbs() {
+        let t0 = Instant::now();
+        let mut a = Aimd::new(t0);
+        // Configured 300/s, the upstream answered 200/s: one step to just under 200.
+        assert!(a.on_refusal(t0, Some(200.0 / 300.0)));
+        let m = a.multiplier(t0);
+        assert!((m - 0.97 * 2.0 / 3.0).abs() < 1e-9, "{m}");
+        // Never more than halved at once, whatever the measure.
+        let mut a = Aimd::new(t0);
+        a.on_refusal(t0, Some(0.01));
+        assert!((a.multiplier(t0) - 0.5).abs() < 1e-9);
+        // A learned rate grows by a share of itself: fast before its first decrease, slow after.
+        let mut a = Aimd::learned(t0);
+        assert!((a.multiplier(t0 + Duration::from_secs(1)) - 1.1).abs() < 1e-9);
+        assert!(a.on_refusal(t0 + Duration::from_secs(1), Some(1.0)));
+        let m = a.multiplier(t0 + Duration::from_secs(1));
+        assert!((m - 0.97).abs() < 1e-9, "{m}");
+        let later = a.multiplier(t0 + Duration::from_secs(2));
+        assert!((later - 0.97 * 1.02).abs() < 1e-9, "{later}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_meter_counts_the_last_second_in_fixed_space() {
+        let t0 = Instant::now();
+        let mut m = AcceptMeter::new();
+        assert_eq!(m.rate(t0), (0.0, false));
+        // 200 answers a second for two seconds.
+        for i in 0..400u32 {
+            m.record(t0 + Duration::from_millis(5) * i);
+        }
+        let (rate, whole) = m.rate(t0 + Duration::from_millis(2000));
+        assert!(whole);
+        assert!((rate - 200.0).abs() < 25.0, "{rate}");
+        // Early on, the window is what was measured, at least one bucket.
+        let mut m = AcceptMeter::new();
+        for _ in 0..20 {
+            m.record(t0);
+        }
+        assert_eq!(m.rate(t0), (200.0, false));
+        // Silence empties it.
+        assert_eq!(m.rate(t0 + Duration::from_secs(5)).0, 0.0);
+    }
+
+    #[test]
+    fn slow_start_opens_one_call_per_answer_and_ends() {
+        let mut s = SlowStart::new();
+        assert_eq!(s.window(), SlowStart::INITIAL);
+        assert!(s.on_answered());
+        assert_eq!(s.window(), SlowStart::INITIAL + 1);
+        while s.on_answered() {}
+        assert_eq!(s.window(), SlowStart::END);
     }
 
     #[tokio::test(start_paused = true)]

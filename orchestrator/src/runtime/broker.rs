@@ -22,7 +22,8 @@ use crate::quota::{CircuitState, QuotaCore, Ready, Reservation};
 use crate::signal::{AgentChange, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane};
 
 /// Which quota cores each agent draws on. With the cascade on, one core per quota, shared by
-/// every agent that names it; in naive mode, one core per (agent, quota): local limiting only.
+/// every agent that names it; in naive mode, one core per (agent, declared quota): local limiting
+/// only.
 pub(crate) struct QuotaIndex {
     pub specs: Vec<Arc<QuotaModel>>,
     /// graph → agent → core indices.
@@ -40,6 +41,11 @@ impl QuotaIndex {
                 let mut cores = Vec::new();
                 for q in &a.quotas {
                     let spec = shared_model.quotas[q].clone();
+                    // Naive mode learns nothing from refusals: an implicit quota would only
+                    // add a round trip.
+                    if !cascade && spec.implicit {
+                        continue;
+                    }
                     let idx = if cascade {
                         *by_name.entry(q.clone()).or_insert_with(|| {
                             specs.push(spec);
@@ -164,7 +170,7 @@ impl Actor for Broker {
             } => {
                 let mut found = false;
                 for c in s.cores.iter_mut().filter(|c| c.name() == quota) {
-                    c.refused(now, Some(duration));
+                    c.hold(now, duration);
                     found = true;
                 }
                 let _ = reply.send(found);

@@ -690,9 +690,15 @@ impl SchedState {
         let naive = !self.ctx.shared.cascade;
         let delay = match e.class {
             // Not the step's fault: wait as asked, without spending an attempt.
+            // Not through a quota (no broker): wait as asked plus a jittered share of it, so that
+            // refused waiters do not all come back at the same instant, at most `max_delay`.
             ErrorClass::RateLimited if !naive => {
                 st.attempts -= 1;
-                Some(e.retry_after.unwrap_or(DEFAULT_RATE_LIMIT_WAIT))
+                let wait = e.retry_after.unwrap_or(DEFAULT_RATE_LIMIT_WAIT);
+                Some(
+                    (wait + wait.mul_f64(self.rng.random::<f64>() * 0.5))
+                        .min(agent.retry.max_delay.max(wait)),
+                )
             }
             // Naive mode: a refusal is retried by the agent's policy like any transient error.
             ErrorClass::RateLimited if st.attempts < agent.retry.max_attempts.get() => {
