@@ -189,3 +189,76 @@ async fn a_long_retry_after_from_an_undeclared_upstream_pauses_the_chain() {
     assert!(up.refusals() <= 20, "{} refusals", up.refusals());
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_watcher_gets_only_its_jobs_events_and_leaves_nothing_behind() {
+    use futures::StreamExt;
+    let orch = start(
+        r#"
+        [graph]
+        name = "slow"
+        max_in_flight_jobs = 500
+        [agents.wait]
+        kind = "sim"
+        latency = "10s"
+        "#,
+    )
+    .await;
+    let a = orch
+        .submit(SubmitRequest::new("slow", json!({})))
+        .await
+        .unwrap()
+        .id;
+    let mut watch = Box::pin(orch.subscribe(a).unwrap());
+    assert_eq!(orch.watched_jobs(), 1);
+    // Two watchers of one job share its feed.
+    let second = orch.subscribe(a).unwrap();
+    assert_eq!(orch.watched_jobs(), 1);
+    drop(second);
+    // Other jobs of the same graph start, run and end (by their own short deadline) meanwhile:
+    // none of their events reaches this watcher.
+    let mut others = Vec::new();
+    for i in 0..200 {
+        let mut req = SubmitRequest::new("slow", json!({ "n": i }));
+        req.deadline = Some(Duration::from_millis(5));
+        others.push(orch.submit(req).await.unwrap().id);
+    }
+    for id in others {
+        assert_eq!(orch.wait(id).await.unwrap().state, JobState::Failed);
+    }
+    let mut seen = Vec::new();
+    while let Some(e) = watch.next().await {
+        assert_eq!(e.job_id, a, "an event of another job reached the watcher");
+        seen.push(e.seq);
+    }
+    let stored: Vec<u64> = orch
+        .store()
+        .events(a, 0)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(seen, stored, "every event of its own job, in order, once");
+    // A finished job's feed is gone.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(orch.watched_jobs(), 0);
+    // Watching a finished job replays it and leaves no feed behind.
+    let replay: Vec<_> = orch.subscribe(a).unwrap().collect().await;
+    assert_eq!(replay.len(), stored.len());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(orch.watched_jobs(), 0);
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn waiting_on_a_finished_job_leaves_no_waiter_behind() {
+    let orch = start("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n").await;
+    let ids = run_all(&orch, "g", 100, Duration::from_secs(10)).await;
+    for _ in 0..10 {
+        for &id in &ids {
+            orch.wait(id).await.unwrap();
+        }
+    }
+    assert_eq!(orch.awaited_jobs(), 0);
+    orch.shutdown(Duration::from_secs(1)).await;
+}

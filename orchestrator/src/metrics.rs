@@ -197,10 +197,29 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            // Histogram samples wait in the recorder until an upkeep folds them into buckets:
+            // without one, a process nobody scrapes (`cascade run`, an embedding program) would
+            // keep every sample it ever recorded. The builder's own upkeep task needs a runtime
+            // at install time; a thread of its own does not.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cascade-metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(UPKEEP_PERIOD);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "could not start the metrics upkeep thread");
+            }
             handle
         })
         .clone()
 }
+
+/// How often recorded histogram samples are folded into their buckets.
+const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The Prometheus text, if the recorder is installed.
 pub fn render() -> Option<String> {

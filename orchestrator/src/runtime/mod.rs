@@ -22,7 +22,7 @@ mod supervisor;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -129,7 +129,11 @@ pub(crate) struct Shared {
     /// Job age across the server, so that shared quotas serve the oldest job first.
     pub next_seq: AtomicU64,
     broker: RwLock<Option<ActorRef<BrokerMsg>>>,
+    /// Every job's events, for whoever follows them all (dashboards); nothing is sent while no
+    /// one listens.
     events: broadcast::Sender<JobEvent>,
+    /// The live feed of each watched job, so that a watcher wakes only for its own job's events.
+    job_feeds: JobFeeds,
     graph_events: broadcast::Sender<GraphEvent>,
     waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<()>>>>,
     shutting_down: AtomicBool,
@@ -138,8 +142,9 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// Announce an event to live watchers (stored already).
+    /// Announce an event to live watchers (stored already): those of its job, and those of all.
     pub fn publish(&self, event: JobEvent) {
+        self.job_feeds.publish(&event);
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(event);
         }
@@ -159,6 +164,22 @@ impl Shared {
 
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Relaxed)
+    }
+
+    /// Drop the waiters of `id` that nobody waits on any more.
+    fn forget_waiters(&self, id: JobId) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = waiters.get_mut(&id) {
+            list.retain(|w| !w.is_closed());
+            if list.is_empty() {
+                waiters.remove(&id);
+            }
+        }
+    }
+
+    /// Jobs someone awaits through [`Orchestrator::wait`] now.
+    fn waiting(&self) -> usize {
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Hand a finished job to the callback deliverer.
@@ -193,6 +214,60 @@ impl Shared {
 
     pub fn set_broker(&self, b: Option<ActorRef<BrokerMsg>>) {
         *self.broker.write().unwrap_or_else(|p| p.into_inner()) = b;
+    }
+}
+
+/// One small broadcast channel per watched job. A job's feed exists while someone watches it; it
+/// is dropped with the job's final event or when its last watcher has gone. A watcher that falls
+/// more than [`FEED_CAPACITY`](Self::FEED_CAPACITY) events behind is told it lagged and catches up
+/// from the store, so a slow watcher holds no memory for others.
+#[derive(Default)]
+struct JobFeeds {
+    feeds: Mutex<HashMap<JobId, broadcast::Sender<JobEvent>>>,
+    /// Feeds open now: publishing takes no lock while it is zero.
+    open: AtomicUsize,
+}
+
+impl JobFeeds {
+    const FEED_CAPACITY: usize = 64;
+
+    fn subscribe(&self, id: JobId) -> broadcast::Receiver<JobEvent> {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        let rx = feeds
+            .entry(id)
+            .or_insert_with(|| broadcast::channel(Self::FEED_CAPACITY).0)
+            .subscribe();
+        self.open.store(feeds.len(), Relaxed);
+        rx
+    }
+
+    fn publish(&self, event: &JobEvent) {
+        if self.open.load(Relaxed) == 0 {
+            return;
+        }
+        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tx) = feeds.get(&event.job_id) else {
+            return;
+        };
+        let gone = tx.send(event.clone()).is_err() || event.kind.is_final();
+        if gone {
+            feeds.remove(&event.job_id);
+            self.open.store(feeds.len(), Relaxed);
+        }
+    }
+
+    /// A watcher left: drop its job's feed if it was the last one.
+    fn release(&self, id: JobId) {
+        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        if feeds.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
+            feeds.remove(&id);
+            self.open.store(feeds.len(), Relaxed);
+        }
+    }
+
+    /// Feeds open now (a metric, and a test's view).
+    fn len(&self) -> usize {
+        self.open.load(Relaxed)
     }
 }
 
@@ -311,6 +386,7 @@ impl OrchestratorBuilder {
             next_seq: AtomicU64::new(0),
             broker: RwLock::new(None),
             events: broadcast::channel(4096).0,
+            job_feeds: JobFeeds::default(),
             graph_events: broadcast::channel(4096).0,
             waiters: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
@@ -490,9 +566,20 @@ impl Orchestrator {
                 .or_default()
                 .push(tx);
             // Checked after registering, so a finish in between is not missed.
-            let record = self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?;
-            if record.state.is_terminal() {
-                return Ok(record);
+            let record = self
+                .shared
+                .store
+                .get(id)
+                .and_then(|r| r.ok_or(StoreError::NotFound(id)));
+            match record {
+                Ok(r) if !r.state.is_terminal() => {}
+                done => {
+                    // Finished already (or unknown): nobody will wake this waiter, so it must
+                    // not stay behind — one entry per awaited job would grow without end.
+                    drop(rx);
+                    self.shared.forget_waiters(id);
+                    return done;
+                }
             }
             let _ = rx.await;
         }
@@ -503,45 +590,22 @@ impl Orchestrator {
         &self,
         id: JobId,
     ) -> Result<impl Stream<Item = JobEvent> + Send + 'static, StoreError> {
-        let mut live = self.shared.events.subscribe();
-        let past = self.shared.store.events(id, 0)?;
+        // Subscribed before reading the past, so that nothing falls between the two.
+        let mut live = self.shared.job_feeds.subscribe(id);
+        let past = match self.shared.store.events(id, 0) {
+            Ok(past) => past,
+            Err(e) => {
+                drop(live);
+                self.shared.job_feeds.release(id);
+                return Err(e);
+            }
+        };
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            let mut last = 0;
-            for e in past {
-                last = e.seq;
-                let fin = e.kind.is_final();
-                if tx.send(e).await.is_err() || fin {
-                    return;
-                }
-            }
-            loop {
-                match live.recv().await {
-                    Ok(e) if e.job_id == id && e.seq > last => {
-                        last = e.seq;
-                        let fin = e.kind.is_final();
-                        if tx.send(e).await.is_err() || fin {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    // Fell behind the live stream: catch up from the store.
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let Ok(missed) = shared.store.events(id, last) else {
-                            return;
-                        };
-                        for e in missed {
-                            last = e.seq;
-                            let fin = e.kind.is_final();
-                            if tx.send(e).await.is_err() || fin {
-                                return;
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
+            follow(&shared, id, past, &mut live, &tx).await;
+            drop(live);
+            shared.job_feeds.release(id);
         });
         Ok(ReceiverStream::new(rx))
     }
@@ -613,6 +677,16 @@ impl Orchestrator {
         self.graphs
             .get(graph)
             .map_or(0, |g| g.paused_agents.load(Relaxed))
+    }
+
+    /// Jobs someone awaits through [`wait`](Self::wait) now.
+    pub fn awaited_jobs(&self) -> usize {
+        self.shared.waiting()
+    }
+
+    /// Jobs whose events someone follows live through [`subscribe`](Self::subscribe) now.
+    pub fn watched_jobs(&self) -> usize {
+        self.shared.job_feeds.len()
     }
 
     /// Every job event of the server, live (for callbacks and dashboards; filter by job id).
@@ -703,6 +777,50 @@ impl Orchestrator {
             .take();
         if let Some(h) = handle {
             let _ = h.await;
+        }
+    }
+}
+
+/// Send a watcher the job's past events, then its live ones, until its final event.
+async fn follow(
+    shared: &Shared,
+    id: JobId,
+    past: Vec<JobEvent>,
+    live: &mut broadcast::Receiver<JobEvent>,
+    tx: &mpsc::Sender<JobEvent>,
+) {
+    let mut last = 0;
+    for e in past {
+        last = e.seq;
+        let fin = e.kind.is_final();
+        if tx.send(e).await.is_err() || fin {
+            return;
+        }
+    }
+    loop {
+        match live.recv().await {
+            Ok(e) if e.seq > last => {
+                last = e.seq;
+                let fin = e.kind.is_final();
+                if tx.send(e).await.is_err() || fin {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            // Fell behind the live stream: catch up from the store.
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let Ok(missed) = shared.store.events(id, last) else {
+                    return;
+                };
+                for e in missed {
+                    last = e.seq;
+                    let fin = e.kind.is_final();
+                    if tx.send(e).await.is_err() || fin {
+                        return;
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
         }
     }
 }
