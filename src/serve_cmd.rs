@@ -119,11 +119,20 @@ pub fn open_store(
     data_dir: Option<&Path>,
 ) -> anyhow::Result<Arc<dyn JobStore>> {
     Ok(match data_dir {
-        None => Arc::new(MemoryStore::new()),
+        None => Arc::new(match model.server.max_events_per_job {
+            Some(n) => MemoryStore::new().with_max_events_per_job(n),
+            None => MemoryStore::new(),
+        }),
         Some(dir) => {
             let mut o = SqliteOptions::new(dir.join("cascade.db"));
             if let Some(r) = model.server.retention {
                 o.retention = r;
+            }
+            if let Some(n) = model.server.max_events_per_job {
+                o.max_events_per_job = n;
+            }
+            if let Some(n) = model.server.store_queue_capacity {
+                o.queue_capacity = n;
             }
             Arc::new(SqliteStore::open(o)?)
         }

@@ -117,6 +117,20 @@ pub struct StepRecord {
     pub started_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
     pub usage: Usage,
+    /// The step's last event, while repeats of it are folded into it (a refused call that starts
+    /// again at the same attempt, a retry of the same attempt): not stored, rebuilt as it goes.
+    #[serde(skip)]
+    pub repeat: Option<Repeat>,
+}
+
+/// The stored event that repeats of a step's start or retry fold into.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Repeat {
+    pub seq: u64,
+    pub first_at: SystemTime,
+    pub count: u32,
+    pub retrying: bool,
+    pub attempt: u32,
 }
 
 /// What the store keeps of a job.
@@ -139,6 +153,9 @@ pub struct JobRecord {
     pub usage: Usage,
     /// Number of events recorded so far (the last event's `seq`).
     pub events: u64,
+    /// Events not kept in the job's log because it held `max_events_per_job` already.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub events_dropped: u64,
     /// This job's own deadline, overriding the graph's.
     pub deadline: Option<Duration>,
     /// Where to POST the outcome when the job ends, and how that went.
@@ -184,6 +201,7 @@ impl JobRecord {
                     started_at: None,
                     finished_at: None,
                     usage: Usage::default(),
+                    repeat: None,
                 })
                 .collect(),
             labels: BTreeMap::new(),
@@ -194,6 +212,7 @@ impl JobRecord {
             updated_at: now,
             usage: Usage::default(),
             events: 0,
+            events_dropped: 0,
             deadline: None,
             callback_url: None,
             callback: None,
@@ -218,6 +237,8 @@ impl JobRecord {
                 job_id: self.id,
                 seq: self.events,
                 at: now,
+                count: 1,
+                last_at: None,
                 kind: EventKind::CallbackDelivered {
                     delivered: delivery.delivered,
                     attempts: delivery.attempts,
@@ -228,6 +249,24 @@ impl JobRecord {
         if self.state.is_terminal() {
             return None;
         }
+        // Which step the update is about, and whether it repeats that step's last event.
+        let (step, repeat) = match &update {
+            JobUpdate::StepStarted { step, attempt } => (Some(*step), Some((false, *attempt))),
+            JobUpdate::StepRetrying { step, attempt, .. } => (Some(*step), Some((true, *attempt))),
+            JobUpdate::StepSucceeded { step, .. } | JobUpdate::StepFailed { step, .. } => {
+                (Some(*step), None)
+            }
+            _ => (None, None),
+        };
+        let folded = match (step, repeat) {
+            (Some(i), Some((retrying, attempt))) => self.steps.get(i).and_then(|s| {
+                s.repeat
+                    .as_ref()
+                    .filter(|r| r.retrying == retrying && r.attempt == attempt)
+                    .cloned()
+            }),
+            _ => None,
+        };
         let kind = match update {
             JobUpdate::Started => {
                 self.state = JobState::Running;
@@ -316,11 +355,39 @@ impl JobRecord {
             JobUpdate::Callback(_) => unreachable!("handled above"),
         };
         self.updated_at = now;
+        // A storm of refusals or retries of one step is one record, however long it lasts: the
+        // repeat keeps the first event's seq and time and counts the rest.
+        if let (Some(i), Some(mut r)) = (step, folded) {
+            r.count = r.count.saturating_add(1);
+            let event = JobEvent {
+                job_id: self.id,
+                seq: r.seq,
+                at: r.first_at,
+                count: r.count,
+                last_at: Some(now),
+                kind,
+            };
+            self.steps[i].repeat = Some(r);
+            return Some(event);
+        }
         self.events += 1;
+        if let Some(i) = step
+            && let Some(s) = self.steps.get_mut(i)
+        {
+            s.repeat = repeat.map(|(retrying, attempt)| Repeat {
+                seq: self.events,
+                first_at: now,
+                count: 1,
+                retrying,
+                attempt,
+            });
+        }
         Some(JobEvent {
             job_id: self.id,
             seq: self.events,
             at: now,
+            count: 1,
+            last_at: None,
             kind,
         })
     }
@@ -366,7 +433,15 @@ pub enum JobUpdate {
 pub struct JobEvent {
     pub job_id: JobId,
     pub seq: u64,
+    /// When it happened first.
     pub at: SystemTime,
+    /// How many times it happened: repeats of a step's start (a refused call started again) or
+    /// of its retry fold into one event, which keeps its `seq`.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u32,
+    /// When it happened last, if more than once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<SystemTime>,
     #[serde(flatten)]
     pub kind: EventKind,
 }
@@ -411,6 +486,18 @@ impl EventKind {
     pub fn is_final(&self) -> bool {
         matches!(self, Self::Finished { .. })
     }
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[cfg(test)]

@@ -46,10 +46,16 @@ pub const QUOTA_REFUSALS: &str = "cascade_quota_upstream_refusals_total";
 pub const QUOTA_CIRCUIT: &str = "cascade_quota_circuit_state";
 pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
+pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
 
 /// Describe every metric (once, when the recorder is installed).
 pub fn describe() {
     describe_counter!(JOBS_SUBMITTED, Unit::Count, "Jobs accepted, by graph.");
+    describe_gauge!(
+        STORE_QUEUE_DEPTH,
+        Unit::Count,
+        "Changes waiting for the durable store's writer; at store_queue_capacity, submissions are refused with a retry delay."
+    );
     describe_counter!(
         JOBS_FINISHED,
         Unit::Count,

@@ -44,6 +44,10 @@ pub struct ServerSettings {
     pub retention: Option<Duration>,
     /// How long a graceful shutdown lets in-flight jobs finish.
     pub shutdown_grace: Option<Duration>,
+    /// Events kept per job (repeats fold into one; the final event is always kept).
+    pub max_events_per_job: Option<usize>,
+    /// Changes that may wait for the durable store's writer before submissions are refused.
+    pub store_queue_capacity: Option<usize>,
 }
 
 impl Default for ServerSettings {
@@ -58,6 +62,8 @@ impl Default for ServerSettings {
             max_input_bytes: None,
             retention: None,
             shutdown_grace: None,
+            max_events_per_job: None,
+            store_queue_capacity: None,
         }
     }
 }

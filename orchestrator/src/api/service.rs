@@ -54,7 +54,9 @@ fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(id) => Status::not_found(format!("job {id} not found")),
         StoreError::KeyConflict { .. } => Status::already_exists(e.to_string()),
-        StoreError::Full { .. } => Status::resource_exhausted(e.to_string()),
+        StoreError::Full { .. } | StoreError::Busy { .. } => {
+            Status::resource_exhausted(e.to_string())
+        }
         StoreError::Unavailable(m) => Status::unavailable(m),
     }
 }
@@ -62,7 +64,8 @@ fn store_status(e: StoreError) -> Status {
 fn submit_status(e: SubmitError) -> Status {
     match e {
         SubmitError::UnknownGraph { .. } => Status::not_found(e.to_string()),
-        SubmitError::Overloaded { retry_after, .. } => Status::with_error_details(
+        SubmitError::Overloaded { retry_after, .. }
+        | SubmitError::StoreBusy { retry_after, .. } => Status::with_error_details(
             Code::ResourceExhausted,
             e.to_string(),
             ErrorDetails::with_retry_info(Some(retry_after)),

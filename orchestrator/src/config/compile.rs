@@ -41,6 +41,8 @@ const SERVER_FIELDS: &[&str] = &[
     "max_input_bytes",
     "retention",
     "shutdown_grace",
+    "max_events_per_job",
+    "store_queue_capacity",
 ];
 const TELEMETRY_FIELDS: &[&str] = &[
     "otlp_endpoint",
@@ -263,6 +265,12 @@ impl<'r> Loader<'r> {
                 self.server.shutdown_grace = s
                     .take::<HumanDuration>("shutdown_grace", &mut self.errs)
                     .map(HumanDuration::get);
+                self.server.max_events_per_job = s
+                    .take::<std::num::NonZeroUsize>("max_events_per_job", &mut self.errs)
+                    .map(std::num::NonZeroUsize::get);
+                self.server.store_queue_capacity = s
+                    .take::<std::num::NonZeroUsize>("store_queue_capacity", &mut self.errs)
+                    .map(std::num::NonZeroUsize::get);
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
             }
         }

@@ -100,6 +100,13 @@ pub enum SubmitError {
         pending: usize,
         retry_after: Duration,
     },
+    /// The store's writer is behind: the caller must slow down and try again after
+    /// `retry_after`; nothing accepted before is affected.
+    #[error("the store has {queued} changes waiting to be written; retry in {}", humantime::format_duration(*.retry_after))]
+    StoreBusy {
+        queued: usize,
+        retry_after: Duration,
+    },
     #[error(transparent)]
     KeyConflict(StoreError),
     #[error("the orchestrator is shutting down and accepts no new jobs")]
@@ -113,10 +120,15 @@ impl SubmitError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Overloaded { .. } | Self::Store(StoreError::Unavailable(_))
+            Self::Overloaded { .. }
+                | Self::StoreBusy { .. }
+                | Self::Store(StoreError::Unavailable(_))
         )
     }
 }
+
+/// How long a submitter waits when the store's writer is behind: a few of its batches.
+const STORE_BUSY_RETRY: Duration = Duration::from_millis(250);
 
 /// What every actor of an orchestrator shares.
 pub(crate) struct Shared {
@@ -501,6 +513,13 @@ impl Orchestrator {
                     retry_after: self.retry_after(&g, pending).await,
                     graph: req.graph,
                     pending,
+                })
+            }
+            Err(StoreError::Busy { queued }) => {
+                g.refused.increment(1);
+                Err(SubmitError::StoreBusy {
+                    queued,
+                    retry_after: STORE_BUSY_RETRY,
                 })
             }
             Err(e @ StoreError::KeyConflict { .. }) => Err(SubmitError::KeyConflict(e)),

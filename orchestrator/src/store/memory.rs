@@ -10,9 +10,13 @@ use crate::job::{EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate};
 
 const DEFAULT_RETAIN_FINISHED: usize = 100_000;
 
+/// Events kept per job by default (`[server] max_events_per_job`).
+pub const DEFAULT_MAX_EVENTS_PER_JOB: usize = 256;
+
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     retain_finished: usize,
+    max_events: usize,
 }
 
 #[derive(Default)]
@@ -28,6 +32,29 @@ struct Entry {
     events: Vec<JobEvent>,
     /// (tenant, idempotency key), to forget the key with the job.
     key: Option<(String, String)>,
+}
+
+impl Entry {
+    /// Log `e`: a repeat replaces the event it folds into; a new event is kept while the job has
+    /// fewer than `max` (its final event and its callback's outcome always). Returns whether it
+    /// was kept, so that a durable store writes exactly what is kept here.
+    fn log(&mut self, e: &JobEvent, max: usize) -> bool {
+        if let Some(pos) = self.events.iter().rposition(|x| x.seq == e.seq) {
+            self.events[pos] = e.clone();
+            return true;
+        }
+        if e.count > 1 {
+            // Folds into an event that was not kept.
+            return false;
+        }
+        let always = e.kind.is_final() || matches!(e.kind, EventKind::CallbackDelivered { .. });
+        if self.events.len() >= max && !always {
+            self.record.events_dropped += 1;
+            return false;
+        }
+        self.events.push(e.clone());
+        true
+    }
 }
 
 impl Default for MemoryStore {
@@ -46,7 +73,14 @@ impl MemoryStore {
         Self {
             inner: Mutex::new(Inner::default()),
             retain_finished,
+            max_events: DEFAULT_MAX_EVENTS_PER_JOB,
         }
+    }
+
+    /// Keep at most `max` events per job (at least 8; its final event always).
+    pub fn with_max_events_per_job(mut self, max: usize) -> Self {
+        self.max_events = max.max(8);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -92,6 +126,8 @@ impl MemoryStore {
             job_id: job.id,
             seq: 1,
             at: now,
+            count: 1,
+            last_at: None,
             kind: EventKind::Submitted,
         });
         let key = job.idempotency_key.map(|k| (job.tenant, k));
@@ -126,18 +162,18 @@ impl MemoryStore {
         &self,
         id: JobId,
         update: JobUpdate,
-    ) -> Result<Option<(JobEvent, JobRecord)>, StoreError> {
+    ) -> Result<Option<(JobEvent, bool, JobRecord)>, StoreError> {
         let mut inner = self.lock();
         let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
         let Some(event) = entry.record.apply(update, SystemTime::now()) else {
             return Ok(None);
         };
-        entry.events.push(event.clone());
+        let kept = entry.log(&event, self.max_events);
         let record = entry.record.clone();
         if event.kind.is_final() {
             self.finished(&mut inner, id);
         }
-        Ok(Some((event, record)))
+        Ok(Some((event, kept, record)))
     }
 
     /// Load a job recovered from durable storage.
@@ -252,7 +288,7 @@ impl JobStore for MemoryStore {
         let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
         let event = entry.record.apply(update, SystemTime::now());
         if let Some(e) = &event {
-            entry.events.push(e.clone());
+            entry.log(e, self.max_events);
             if e.kind.is_final() {
                 self.finished(&mut inner, id);
             }

@@ -78,12 +78,19 @@ pub enum StoreError {
     NotFound(JobId),
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The durable store's writer has this many changes waiting (its `store_queue_capacity`):
+    /// new jobs wait until it catches up.
+    #[error("the store has {queued} changes waiting to be written; submit again later")]
+    Busy { queued: usize },
 }
 
 impl StoreError {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Full { .. } | Self::Unavailable(_))
+        matches!(
+            self,
+            Self::Full { .. } | Self::Unavailable(_) | Self::Busy { .. }
+        )
     }
 }
 

@@ -11,6 +11,7 @@
 //! lock on a read connection (WAL lets it read while the writer writes).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -84,14 +85,23 @@ pub struct SqliteOptions {
     pub retention: Duration,
     /// fsync every commit (`synchronous = FULL`): survives power loss, not only a crash.
     pub fsync: bool,
+    /// Changes that may wait for the writer; beyond it, submissions are refused (`Busy`) until
+    /// it catches up, so a slow disk pushes back on submitters instead of growing memory.
+    pub queue_capacity: usize,
+    /// Events kept per job (its final event always).
+    pub max_events_per_job: usize,
 }
 
 impl SqliteOptions {
+    pub const DEFAULT_QUEUE_CAPACITY: usize = 100_000;
+
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             retention: Duration::from_secs(24 * 3600),
             fsync: true,
+            queue_capacity: Self::DEFAULT_QUEUE_CAPACITY,
+            max_events_per_job: super::memory::DEFAULT_MAX_EVENTS_PER_JOB,
         }
     }
 }
@@ -107,13 +117,20 @@ enum Op {
     Update {
         record: JobRecord,
         event: JobEvent,
+        /// The event is in the job's log (`false`: past `max_events_per_job`, rows only).
+        logged: bool,
     },
     Flush(oneshot::Sender<()>),
 }
 
 pub struct SqliteStore {
     mem: MemoryStore,
+    /// Unbounded by type, bounded by admission: `queued` counts what waits in it, and
+    /// submissions are refused at `queue_capacity`. The other ops (step updates) come from jobs
+    /// already in flight, whose number `max_in_flight_jobs` bounds.
     tx: Mutex<mpsc::Sender<Op>>,
+    queued: Arc<AtomicUsize>,
+    queue_capacity: usize,
     read: Mutex<Connection>,
     /// Makes "is this key known (in memory or on disk)? if not, take it" one step.
     submit_lock: Mutex<()>,
@@ -162,7 +179,8 @@ impl SqliteStore {
         let writer = open()?;
         writer.execute_batch(SCHEMA).map_err(err)?;
         let read = open()?;
-        let mem = MemoryStore::with_retention(10_000);
+        let mem =
+            MemoryStore::with_retention(10_000).with_max_events_per_job(options.max_events_per_job);
         let mut loaded = 0;
         {
             let mut stmt = read
@@ -187,13 +205,17 @@ impl SqliteStore {
         }
         let (tx, rx) = mpsc::channel();
         let retention = options.retention;
+        let queued = Arc::new(AtomicUsize::new(0));
+        let depth = queued.clone();
         std::thread::Builder::new()
             .name("cascade-store-writer".into())
-            .spawn(move || writer_loop(writer, rx, retention))
+            .spawn(move || writer_loop(writer, rx, retention, &depth))
             .map_err(err)?;
         Ok(Self {
             mem,
             tx: Mutex::new(tx),
+            queued,
+            queue_capacity: options.queue_capacity.max(1),
             read: Mutex::new(read),
             submit_lock: Mutex::new(()),
             retention,
@@ -201,6 +223,7 @@ impl SqliteStore {
     }
 
     fn send(&self, op: Op) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if tx.send(op).is_err() {
             tracing::error!("the store's writer thread is gone; changes are not persisted");
@@ -236,6 +259,10 @@ impl SqliteStore {
 impl JobStore for SqliteStore {
     fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
         let result = (|| {
+            let queued = self.queued.load(Ordering::Relaxed);
+            if queued >= self.queue_capacity {
+                return Err(StoreError::Busy { queued });
+            }
             let _guard = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(key) = &job.idempotency_key
                 && self.mem.find_key(&job.tenant, key).is_none()
@@ -288,14 +315,17 @@ impl JobStore for SqliteStore {
                 let Some(mut record) = self.get(id)? else {
                     return Err(StoreError::NotFound(id));
                 };
-                record.apply(update, SystemTime::now()).map(|e| (e, record))
+                record
+                    .apply(update, SystemTime::now())
+                    .map(|e| (e, true, record))
             }
             Err(e) => return Err(e),
         };
-        Ok(snapshot.map(|(event, record)| {
+        Ok(snapshot.map(|(event, logged, record)| {
             self.send(Op::Update {
                 record,
                 event: event.clone(),
+                logged,
             });
             event
         }))
@@ -309,6 +339,7 @@ impl JobStore for SqliteStore {
             self.send(Op::Update {
                 record,
                 event: event.clone(),
+                logged: true,
             });
         }
         Ok(Some(event))
@@ -411,7 +442,13 @@ impl JobStore for SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, retention: Duration) {
+fn writer_loop(
+    conn: Connection,
+    rx: mpsc::Receiver<Op>,
+    retention: Duration,
+    queued: &AtomicUsize,
+) {
+    let depth = metrics::gauge!(crate::metrics::STORE_QUEUE_DEPTH);
     let mut last_cleanup = Instant::now();
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -422,6 +459,8 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Op>, retention: Duration) {
             }
         }
         let result = write_batch(&conn, &batch).map_err(|e| e.to_string());
+        let left = queued.fetch_sub(batch.len(), Ordering::Relaxed) - batch.len();
+        depth.set(left as f64);
         if let Err(e) = &result {
             tracing::error!(error = %e, ops = batch.len(), "store write failed");
         }
@@ -467,12 +506,18 @@ fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<()> {
     let mut latest: HashMap<JobId, (&JobRecord, bool, BTreeSet<usize>)> = HashMap::new();
     let mut order: Vec<JobId> = Vec::new();
     for op in batch {
-        let (record, event, inserted) = match op {
-            Op::Insert { record, event, .. } => (record, event, true),
-            Op::Update { record, event } => (record, event, false),
+        let (record, event, inserted, logged) = match op {
+            Op::Insert { record, event, .. } => (record, event, true, true),
+            Op::Update {
+                record,
+                event,
+                logged,
+            } => (record, event, false, *logged),
             Op::Flush(_) => continue,
         };
-        write_event(&tx, event)?;
+        if logged {
+            write_event(&tx, event)?;
+        }
         let entry = latest.entry(record.id).or_insert_with(|| {
             order.push(record.id);
             (record, inserted, BTreeSet::new())
@@ -662,6 +707,7 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
     rec.steps = stmt
         .query_map(params![key], |r| {
             Ok(StepRecord {
+                repeat: None,
                 agent: r.get::<_, String>(0)?.into(),
                 state: parse_step_state(&r.get::<_, String>(1)?),
                 attempts: r.get(2)?,
@@ -715,6 +761,109 @@ mod tests {
             deadline: Some(Duration::from_secs(30)),
             callback_url: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_repeats_is_one_record_and_the_log_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let mut o = SqliteOptions::new(&path);
+        o.fsync = false;
+        o.max_events_per_job = 16;
+        let s = SqliteStore::open(o).unwrap();
+        let id = s.submit(new_job(None, json!({}))).await.unwrap().id;
+        s.claim_pending("g", 1).unwrap();
+        s.update(id, JobUpdate::Started).unwrap();
+        // A step refused 10,000 times starts again at the same attempt each time.
+        for _ in 0..10_000 {
+            s.update(
+                id,
+                JobUpdate::StepStarted {
+                    step: 0,
+                    attempt: 1,
+                },
+            )
+            .unwrap();
+        }
+        // A step retried past the log's bound: distinct attempts are distinct events.
+        for attempt in 1..=100 {
+            s.update(
+                id,
+                JobUpdate::StepRetrying {
+                    step: 1,
+                    attempt,
+                    delay: Duration::from_millis(1),
+                    error: "transient".into(),
+                },
+            )
+            .unwrap();
+        }
+        s.update(
+            id,
+            JobUpdate::Finished {
+                state: JobState::Failed,
+                output: None,
+                error: Some("gave up".into()),
+            },
+        )
+        .unwrap();
+        s.flush().await.unwrap();
+        let stored = load_events(&s.read(), id, 0).unwrap();
+        assert!(stored.len() <= 17, "{} events stored", stored.len());
+        let started = stored
+            .iter()
+            .find(|e| matches!(e.kind, EventKind::StepStarted { .. }))
+            .unwrap();
+        assert_eq!(started.count, 10_000);
+        assert!(started.last_at.is_some_and(|l| l >= started.at));
+        assert!(
+            stored.last().unwrap().kind.is_final(),
+            "the final event is kept"
+        );
+        let bytes: i64 = s
+            .read()
+            .query_row(
+                "SELECT SUM(LENGTH(body)) FROM events WHERE job_id = ?1",
+                params![id.to_string()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(bytes < 8 * 1024, "{bytes} bytes of events");
+        let record = s.get(id).unwrap().unwrap();
+        assert!(record.events_dropped > 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_writer_refuses_submissions_and_loses_nothing_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = SqliteOptions::new(dir.path().join("cascade.db"));
+        o.queue_capacity = 4;
+        let s = SqliteStore::open(o).unwrap();
+        let accepted = s
+            .submit(new_job(Some("first"), json!({})))
+            .await
+            .unwrap()
+            .id;
+        s.claim_pending("g", 1).unwrap();
+        s.update(accepted, JobUpdate::Started).unwrap();
+        // Updates of running jobs always go in (their number is bounded by the jobs in flight);
+        // they fill the writer's queue past its capacity faster than fsync'd commits drain it.
+        for attempt in 1..=2_000 {
+            s.update(accepted, JobUpdate::StepStarted { step: 0, attempt })
+                .unwrap();
+        }
+        let refused = s.submit(new_job(Some("second"), json!({}))).await;
+        assert!(
+            matches!(refused, Err(StoreError::Busy { queued }) if queued >= 4),
+            "{refused:?}"
+        );
+        assert!(refused.unwrap_err().is_retryable());
+        // Once the writer caught up, the same submission is taken; nothing accepted was lost.
+        s.flush().await.unwrap();
+        let second = s.submit(new_job(Some("second"), json!({}))).await.unwrap();
+        assert!(!second.deduplicated);
+        let first = s.get(accepted).unwrap().unwrap();
+        assert_eq!(first.steps[0].attempts, 2_000);
     }
 
     #[tokio::test]
