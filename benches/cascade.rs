@@ -39,11 +39,15 @@ struct StormReport {
     mean: f64,
 }
 
-fn storm_graph(name: &str, upstream: &str, upstream_rps: u32) -> String {
+/// `declared`: the quota `llm` of 200/s in front of the upstream; otherwise no quota at all (the
+/// agents draw on their upstream's implicit one).
+fn storm_graph(name: &str, upstream: &str, upstream_rps: u32, declared: bool) -> String {
     let mut s = format!(
-        "[graph]\nname = \"{name}\"\nmax_in_flight_jobs = 512\nmax_pending_jobs = 100000\n\
-         [quotas.llm]\nrequests_per_second = 200\nburst = 20\n"
+        "[graph]\nname = \"{name}\"\nmax_in_flight_jobs = 512\nmax_pending_jobs = 100000\n"
     );
+    if declared {
+        s += "[quotas.llm]\nrequests_per_second = 200\nburst = 20\n";
+    }
     let names = ["classify", "enrich", "draft", "review", "post"];
     for (i, n) in names.iter().enumerate() {
         s += &format!(
@@ -54,8 +58,11 @@ fn storm_graph(name: &str, upstream: &str, upstream_rps: u32) -> String {
             s += &format!("after = [\"{}\"]\n", names[i - 1]);
         }
         if *n == "classify" || *n == "draft" {
+            if declared {
+                s += "quota = \"llm\"\n";
+            }
             s += &format!(
-                "quota = \"llm\"\nupstream = \"{upstream}\"\nupstream_limit = {{ requests_per_second = {upstream_rps}, burst = 20 }}\n"
+                "upstream = \"{upstream}\"\nupstream_limit = {{ requests_per_second = {upstream_rps}, burst = 20 }}\n"
             );
         }
     }
@@ -63,10 +70,20 @@ fn storm_graph(name: &str, upstream: &str, upstream_rps: u32) -> String {
 }
 
 async fn storm(cascade: bool, upstream_rps: u32, jobs: usize, tag: &str) -> StormReport {
+    storm_with(cascade, upstream_rps, jobs, tag, true).await
+}
+
+async fn storm_with(
+    cascade: bool,
+    upstream_rps: u32,
+    jobs: usize,
+    tag: &str,
+    declared: bool,
+) -> StormReport {
     let upstream = format!("storm-{tag}-{}", if cascade { "cascade" } else { "naive" });
     let model = config::parse_graph_str(
         "storm.toml",
-        &storm_graph("storm", &upstream, upstream_rps),
+        &storm_graph("storm", &upstream, upstream_rps, declared),
         &Default::default(),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -229,7 +246,7 @@ async fn propagation(n: usize, rounds: usize) -> Vec<f64> {
 }
 
 fn main() {
-    // `CASCADE_BENCH=storm,misconfigured,tokens,propagation` (default: all) picks sections.
+    // `CASCADE_BENCH=storm,noquota,misconfigured,tokens,propagation` (default: all) picks sections.
     let only = std::env::var("CASCADE_BENCH").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
     let jobs: usize = common::env_or("STORM_JOBS", 4000);
@@ -241,6 +258,12 @@ fn main() {
         print_storm("cascade", &c, 100.0);
         let n = storm(false, 200, jobs, "storm").await;
         print_storm("naive", &n, 100.0);
+        }
+        if run("noquota") {
+        println!("1b. no quota declared: as 1, without [quotas.llm]; classify+draft draw on the implicit upstream:<name> quota");
+        let c = storm_with(true, 200, jobs, "noquota", false).await;
+        print_storm("cascade", &c, 100.0);
+        println!("  p99/p50 {:.2}", c.p99 / c.p50.max(1e-9));
         }
         if run("misconfigured") {
 
