@@ -276,12 +276,7 @@ async fn refusals_pause_the_chain_and_burn_no_attempts() {
         goodput >= 0.9 * 80.0,
         "goodput {goodput:.1} calls/s over {elapsed:.1} s"
     );
-    let q = orch
-        .quotas()
-        .await
-        .into_iter()
-        .find(|q| q.name == "llm")
-        .unwrap();
+    let q = common::quota(&orch, "llm").await;
     assert!(
         q.effective_rate_multiplier < 0.95,
         "AIMD lowered the rate: {}",
@@ -326,12 +321,7 @@ async fn token_budget_reserves_settles_and_paces_across_the_window() {
         finished[2] >= Duration::from_secs(60) && finished[2] < Duration::from_millis(60_100),
         "{finished:?}"
     );
-    let q = orch
-        .quotas()
-        .await
-        .into_iter()
-        .find(|q| q.name == "tokens")
-        .unwrap();
+    let q = common::quota(&orch, "tokens").await;
     assert_eq!((q.prompt_tokens, q.completion_tokens), (900, 300));
     assert_eq!(
         q.exhaustions, 1,
@@ -409,12 +399,7 @@ async fn open_circuit_pauses_downstream_and_half_open_probe_closes_it() {
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let q = orch
-        .quotas()
-        .await
-        .into_iter()
-        .find(|q| q.name == "crm")
-        .unwrap();
+    let q = common::quota(&orch, "crm").await;
     assert_eq!(q.circuit, Some(CircuitState::Open));
     assert_eq!(
         reach_of(&orch, "g").await,

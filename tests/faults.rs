@@ -75,12 +75,7 @@ async fn panics_under_a_concurrency_quota_leak_no_slot() {
     assert!(panics >= 20, "the run must have panicked often: {panics}");
     // Idle again: every slot is back.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let q = orch
-        .quotas()
-        .await
-        .into_iter()
-        .find(|q| q.name == "slots")
-        .unwrap();
+    let q = common::quota(&orch, "slots").await;
     assert_eq!(q.in_flight, 0, "slots still held when idle: {q:?}");
     orch.shutdown(Duration::from_secs(1)).await;
 }
@@ -131,12 +126,7 @@ async fn a_storm_on_an_upstream_without_a_quota_is_paced() {
     let goodput = calls as f64 / elapsed;
     assert!(goodput >= 0.95 * 200.0, "goodput {goodput:.1} calls/s");
     // The implicit quota is a quota like any other: listed, named after the upstream, learned.
-    let q = orch
-        .quotas()
-        .await
-        .into_iter()
-        .find(|q| q.name == "upstream:faults-storm")
-        .expect("implicit quota listed");
+    let q = common::quota(&orch, "upstream:faults-storm").await;
     assert!(q.implicit);
     let learned = q.learned_requests_per_second.expect("rate learned");
     assert!((150.0..=230.0).contains(&learned), "learned {learned}/s");

@@ -146,9 +146,4 @@ impl Registry {
         })?;
         (k.build)(spec)
     }
-
-    /// The upstream a node of `kind` with these fields calls (see [`UpstreamFn`]).
-    pub fn upstream(&self, kind: &str, spec: &AgentSpec<'_>) -> Option<String> {
-        self.get(kind).and_then(|k| (k.upstream)(spec))
-    }
 }

@@ -63,8 +63,13 @@ pub const KIND: KindSpec = KindSpec {
 fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
     Some(match spec.fields.get("upstream") {
         Some(Value::String(name)) => name.clone(),
-        _ => format!("{}.{}", spec.graph, spec.name),
+        _ => default_upstream(spec),
     })
+}
+
+/// The upstream of a node that names none: its own.
+fn default_upstream(spec: &AgentSpec<'_>) -> String {
+    format!("{}.{}", spec.graph, spec.name)
 }
 
 /// How long a simulated call takes.
@@ -206,11 +211,7 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
             )
         })?),
     };
-    let upstream_name = c
-        .upstream
-        .clone()
-        .unwrap_or_else(|| format!("{}.{}", spec.graph, spec.name));
-    let upstream = upstream(&upstream_name);
+    let upstream = upstream(&c.upstream.clone().unwrap_or_else(|| default_upstream(spec)));
     if let Some(limit) = limit {
         upstream.set_limit(limit);
     }

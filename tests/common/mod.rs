@@ -32,6 +32,15 @@ pub async fn start(toml: &str) -> Orchestrator {
     Orchestrator::builder(model).start().await.unwrap()
 }
 
+/// The quota called `name` as the orchestrator's broker sees it now (panics if it is not listed).
+pub async fn quota(orch: &Orchestrator, name: &str) -> cascade_orchestrator::quota::QuotaSnapshot {
+    orch.quotas()
+        .await
+        .into_iter()
+        .find(|q| q.name == name)
+        .unwrap_or_else(|| panic!("quota {name:?} is not listed"))
+}
+
 /// A port free on 127.0.0.1 at the time of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

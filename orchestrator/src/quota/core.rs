@@ -253,13 +253,9 @@ impl QuotaCore {
                 self.slow_start = None;
             }
         }
-        // Without a Retry-After, wait one interval of the (lowered) rate, or a second.
-        let wait = wait.unwrap_or_else(|| {
-            self.requests
-                .as_ref()
-                .map_or(Duration::from_secs(1), |_| Duration::from_millis(100))
-        });
-        self.hold(now, wait);
+        // A rate is declared or learned by now: without a Retry-After, wait a tenth of a second
+        // and resume paced by it.
+        self.hold(now, wait.unwrap_or(Duration::from_millis(100)));
     }
 
     /// Start no call for `wait` (an upstream's Retry-After, an operator's exhaust): refused until
@@ -272,13 +268,6 @@ impl QuotaCore {
             let m = self.aimd.multiplier(now);
             g.hold(until, m);
         }
-    }
-
-    /// The request rate learned from refusals (for a quota that declares none), per second, as
-    /// AIMD scales it now.
-    pub fn learned_rate(&mut self, now: Instant) -> Option<f64> {
-        let base = self.learned?;
-        Some(base * self.aimd.multiplier(now))
     }
 
     /// Re-evaluate exhaustion for a next call of `tokens`, with hysteresis: a quota becomes
@@ -510,7 +499,7 @@ mod tests {
             None,
             Outcome::RateLimited(Some(Duration::from_millis(5))),
         );
-        let learned = q.learned_rate(t).unwrap();
+        let learned = q.snapshot(t).learned_requests_per_second.unwrap();
         assert!((learned - 0.97 * 160.0).abs() < 1e-6, "{learned}");
         assert_eq!(q.snapshot(t).slow_start_window, None);
         let resume = t + Duration::from_millis(5);

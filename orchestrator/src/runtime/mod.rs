@@ -277,7 +277,8 @@ impl JobFeeds {
         }
     }
 
-    /// Feeds open now (a metric, and a test's view).
+    /// Feeds open now. There is one per job some WatchJob stream follows, so the map is bounded
+    /// by the watchers the server holds.
     fn len(&self) -> usize {
         self.open.load(Relaxed)
     }

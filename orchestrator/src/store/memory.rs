@@ -39,13 +39,16 @@ impl Entry {
     /// fewer than `max` (its final event and its callback's outcome always). Returns whether it
     /// was kept, so that a durable store writes exactly what is kept here.
     fn log(&mut self, e: &JobEvent, max: usize) -> bool {
-        if let Some(pos) = self.events.iter().rposition(|x| x.seq == e.seq) {
-            self.events[pos] = e.clone();
-            return true;
-        }
         if e.count > 1 {
-            // Folds into an event that was not kept.
-            return false;
+            // A fold: it replaces the event it repeats, if that one was kept. Only folds look
+            // back through the log; a new event (every step's path) does not.
+            return match self.events.iter().rposition(|x| x.seq == e.seq) {
+                Some(pos) => {
+                    self.events[pos] = e.clone();
+                    true
+                }
+                None => false,
+            };
         }
         let always = e.kind.is_final() || matches!(e.kind, EventKind::CallbackDelivered { .. });
         if self.events.len() >= max && !always {
