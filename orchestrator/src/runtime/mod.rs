@@ -18,6 +18,7 @@ mod broker;
 mod protocol;
 mod scheduler;
 mod stats;
+mod step;
 mod supervisor;
 mod view;
 

@@ -26,36 +26,16 @@ use super::protocol::{
     Acquire, AgentMsg, AgentPanic, AgentSlotSnapshot, BrokerMsg, Call, Grant, SchedMsg,
     SchedulerSnapshot, StepDone,
 };
-use crate::backoff;
+use super::step::{Decision, Rules, Step, failure_message};
 use crate::job::{JobId, JobRecord, JobState, JobUpdate, StepState};
 use crate::metrics::{AgentMetrics, GraphMetrics};
 use crate::model::OnUpstreamPause;
 use crate::quota::Outcome;
 use crate::signal::Reach;
 
-/// How long a rate-limited call waits when the upstream gave no Retry-After.
-const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(1);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    Waiting,
-    Queued,
-    /// Sent to the quota broker, waiting for its turn.
-    AwaitQuota,
-    Running,
-    Backoff,
-    Done,
-    Failed,
-}
-
 struct StepRun {
-    phase: Phase,
-    /// Attempts started, including the running one.
-    attempts: u32,
-    pending_deps: usize,
-    output: Option<Arc<Value>>,
-    /// Bumped at every dispatch and retry timer, so late results and timers are recognised.
-    token: u32,
+    step: Step,
+    /// The step's idempotency key, made at its first call.
     key: Option<Arc<str>>,
 }
 
@@ -243,13 +223,11 @@ impl Actor for Scheduler {
             }
             SchedMsg::StepDone(done) => s.on_step_done(*done),
             SchedMsg::RetryDue { job, step, token } => {
-                if let Some(j) = s.jobs.get_mut(&job) {
-                    let st = &mut j.steps[step];
-                    if st.phase == Phase::Backoff && st.token == token {
-                        st.phase = Phase::Queued;
-                        s.slots[step].queue.push(Reverse((j.seq, job)));
-                        s.pump(step);
-                    }
+                if let Some(j) = s.jobs.get_mut(&job)
+                    && j.steps[step].step.on_retry_due(token, Instant::now())
+                {
+                    s.slots[step].queue.push(Reverse((j.seq, job)));
+                    s.pump(step);
                 }
             }
             SchedMsg::AgentUp {
@@ -270,9 +248,7 @@ impl Actor for Scheduler {
                 for i in 0..s.slots.len() {
                     s.slots[i].awaiting = 0;
                     for (id, job) in s.jobs.iter_mut() {
-                        let st = &mut job.steps[i];
-                        if st.phase == Phase::AwaitQuota {
-                            st.phase = Phase::Queued;
+                        if job.steps[i].step.back_to_queue() {
                             s.slots[i].queue.push(Reverse((job.seq, *id)));
                         }
                     }
@@ -349,31 +325,29 @@ impl SchedState {
             .steps
             .iter()
             .map(|st| {
-                let done = st.state == StepState::Succeeded && st.output.is_some();
+                let done = st
+                    .output
+                    .clone()
+                    .filter(|_| st.state == StepState::Succeeded);
                 StepRun {
-                    phase: if done { Phase::Done } else { Phase::Waiting },
-                    // An interrupted attempt was not a failure: it does not count.
-                    attempts: if st.state == StepState::Running {
-                        st.attempts.saturating_sub(1)
-                    } else {
-                        st.attempts
-                    },
-                    pending_deps: 0,
-                    output: if done { st.output.clone() } else { None },
-                    token: 0,
+                    step: Step::new(done, st.attempts, st.state == StepState::Running),
                     key: None,
                 }
             })
             .collect();
         let mut remaining = 0;
+        let mut ready = Vec::new();
         for (i, a) in model.agents.iter().enumerate() {
-            if steps[i].phase != Phase::Done {
+            if !steps[i].step.is_done() {
                 remaining += 1;
-                steps[i].pending_deps = a
+                let pending = a
                     .after
                     .iter()
-                    .filter(|&&d| steps[d].phase != Phase::Done)
+                    .filter(|&&d| !steps[d].step.is_done())
                     .count();
+                if steps[i].step.wait_for(pending) {
+                    ready.push(i);
+                }
             }
         }
         let deadline = r.deadline.or(model.deadline).map(|d| {
@@ -412,14 +386,9 @@ impl SchedState {
             self.finish(id, JobState::Succeeded, None);
             return;
         }
-        for i in 0..model.agents.len() {
-            let job = self.jobs.get_mut(&id).expect("just inserted");
-            let st = &mut job.steps[i];
-            if st.phase == Phase::Waiting && st.pending_deps == 0 {
-                st.phase = Phase::Queued;
-                self.slots[i].queue.push(Reverse((seq, id)));
-                self.pump(i);
-            }
+        for i in ready {
+            self.slots[i].queue.push(Reverse((seq, id)));
+            self.pump(i);
         }
     }
 
@@ -437,7 +406,7 @@ impl SchedState {
             let Some(job) = self.jobs.get_mut(&job_id) else {
                 continue;
             };
-            if job.steps[i].phase != Phase::Queued {
+            if !job.steps[i].step.is_queued() {
                 continue;
             }
             if slot.quotas.is_empty() {
@@ -455,15 +424,15 @@ impl SchedState {
                 }
                 None => 0,
             };
-            let st = &mut job.steps[i];
-            st.phase = Phase::AwaitQuota;
-            st.token = st.token.wrapping_add(1);
+            let Some(token) = job.steps[i].step.await_quota() else {
+                continue;
+            };
             slot.awaiting += 1;
             let _ = broker.cast(BrokerMsg::Acquire(Box::new(Acquire {
                 agent: (self.ctx.index, i),
                 job: job_id,
                 step: i,
-                token: st.token,
+                token,
                 seq: job.seq,
                 tokens,
             })));
@@ -476,13 +445,13 @@ impl SchedState {
         let current = self
             .jobs
             .get(&job_id)
-            .is_some_and(|j| j.steps[i].phase == Phase::AwaitQuota && j.steps[i].token == token);
+            .is_some_and(|j| j.steps[i].step.awaits_grant(token));
         if current && slot.actor.is_some() {
             self.dispatch(i, job_id, Some(grant));
         } else if current && let Some(job) = self.jobs.get_mut(&job_id) {
             // The actor is down: the step waits in the queue for the next one, and the grant
             // (dropped here) goes back to the broker.
-            job.steps[i].phase = Phase::Queued;
+            job.steps[i].step.back_to_queue();
             self.slots[i].queue.push(Reverse((job.seq, job_id)));
         }
         self.pump(i);
@@ -499,26 +468,26 @@ impl SchedState {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
-        let input = step_input(&self.ctx, i, job);
         let st = &mut job.steps[i];
-        st.phase = Phase::Running;
-        st.attempts += 1;
-        st.token = st.token.wrapping_add(1);
+        let Some((attempt, token)) = st.step.start() else {
+            return;
+        };
         let key = st
             .key
             .get_or_insert_with(|| format!("{}/{}", job.id_str, agent.name).into())
             .clone();
+        let input = step_input(&self.ctx, i, job);
         let call = Call {
             job: job_id,
             step: i,
-            token: st.token,
+            token,
             incarnation: slot.incarnation,
             grant,
             ctx: CallContext {
                 job_id: job.id_str.clone(),
                 graph: model.name.clone(),
                 agent: agent.name.clone(),
-                attempt: st.attempts,
+                attempt,
                 idempotency_key: key,
                 deadline: job.deadline,
             },
@@ -527,12 +496,10 @@ impl SchedState {
             traced: job.traced,
             span: job.span.clone(),
         };
-        let attempt = st.attempts;
         if actor.cast(AgentMsg::Run(Box::new(call))).is_err() {
             // The actor is gone (the call and its grant were dropped with the message); its
             // supervisor will announce the next one.
-            st.phase = Phase::Queued;
-            st.attempts -= 1;
+            job.steps[i].step.unstart();
             slot.queue.push(Reverse((job.seq, job_id)));
             slot.actor = None;
             return;
@@ -584,9 +551,10 @@ impl SchedState {
                 ErrorClass::RateLimited => m.rate_limited.increment(1),
             },
         }
-        let current = self.jobs.get(&d.job).is_some_and(|j| {
-            j.steps[d.step].phase == Phase::Running && j.steps[d.step].token == d.token
-        });
+        let current = self
+            .jobs
+            .get(&d.job)
+            .is_some_and(|j| j.steps[d.step].step.is_running(d.token));
         if let Some(grant) = d.grant.take() {
             // Every grant is settled, whether or not the result still matters: its reservation
             // must go back to the quota (with the real usage, which may become debt).
@@ -632,19 +600,13 @@ impl SchedState {
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        let st = &mut job.steps[i];
-        st.phase = Phase::Done;
-        st.output = Some(output.clone());
-        let attempt = st.attempts;
+        let attempt = job.steps[i].step.on_done(output.clone());
         job.remaining -= 1;
         let remaining = job.remaining;
         let seq = job.seq;
         let mut ready = Vec::new();
         for &d in &self.ctx.model.agents[i].dependents {
-            let dep = &mut job.steps[d];
-            dep.pending_deps -= 1;
-            if dep.pending_deps == 0 && dep.phase == Phase::Waiting {
-                dep.phase = Phase::Queued;
+            if job.steps[d].step.dep_done() {
                 ready.push(d);
             }
         }
@@ -668,81 +630,39 @@ impl SchedState {
     }
 
     fn step_failed(&mut self, id: JobId, i: usize, e: AgentError) {
+        if e.class == ErrorClass::RateLimited {
+            self.ctx.stats.agents[i].rate_limited.fetch_add(1, Relaxed);
+        }
+        let unit = self.rng.random::<f64>();
+        let rules = rules(&self.ctx, &self.slots[i], self.broker.is_some(), i);
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let decision = job.steps[i].step.on_failed(&e, rules, unit, Instant::now());
+        self.carry_out(id, i, &e, decision);
+    }
+
+    /// Carries out the step's decision after a failure.
+    fn carry_out(&mut self, id: JobId, i: usize, e: &AgentError, decision: Decision) {
         let agent = &self.ctx.model.agents[i];
         let stats = &self.ctx.stats.agents[i];
         let Some(job) = self.jobs.get_mut(&id) else {
             return;
         };
-        let st = &mut job.steps[i];
-        if e.class == ErrorClass::RateLimited {
-            stats.rate_limited.fetch_add(1, Relaxed);
-        }
-        let through_quota = !self.slots[i].quotas.is_empty() && self.broker.is_some();
-        if e.class == ErrorClass::RateLimited && through_quota && self.ctx.shared.cascade {
-            // The broker learned of the refusal (it paces or pauses the quota): the step asks
-            // for its turn again, without spending an attempt.
-            st.attempts -= 1;
-            st.phase = Phase::Queued;
-            let seq = job.seq;
-            self.slots[i].queue.push(Reverse((seq, id)));
-            return;
-        }
-        let naive = !self.ctx.shared.cascade;
-        let delay = match e.class {
-            // Not the step's fault: wait as asked, without spending an attempt.
-            // Not through a quota (no broker): wait as asked plus a jittered share of it, so that
-            // refused waiters do not all come back at the same instant, at most `max_delay`.
-            ErrorClass::RateLimited if !naive => {
-                st.attempts -= 1;
-                let wait = e.retry_after.unwrap_or(DEFAULT_RATE_LIMIT_WAIT);
-                Some(
-                    (wait + wait.mul_f64(self.rng.random::<f64>() * 0.5))
-                        .min(agent.retry.max_delay.max(wait)),
-                )
+        let (delay, attempt) = match decision {
+            Decision::Requeue { after: None } => {
+                self.slots[i].queue.push(Reverse((job.seq, id)));
+                return;
             }
-            // Naive mode: a refusal is retried by the agent's policy like any transient error.
-            ErrorClass::RateLimited if st.attempts < agent.retry.max_attempts.get() => {
+            Decision::Requeue { after: Some(delay) } => (delay, job.steps[i].step.attempts()),
+            Decision::Retry { delay, attempt } => {
                 stats.retries.fetch_add(1, Relaxed);
                 self.slots[i].metrics.retries.increment(1);
-                Some(backoff::delay(&agent.retry, st.attempts, self.rng.random()))
+                (delay, attempt)
             }
-            ErrorClass::Transient if st.attempts < agent.retry.max_attempts.get() => {
-                stats.retries.fetch_add(1, Relaxed);
-                self.slots[i].metrics.retries.increment(1);
-                Some(backoff::delay(&agent.retry, st.attempts, self.rng.random()))
-            }
-            _ => None,
-        };
-        let attempt = st.attempts;
-        match delay {
-            Some(delay) => {
-                st.phase = Phase::Backoff;
-                st.token = st.token.wrapping_add(1);
-                let token = st.token;
-                tracing::debug!(job_id = %id, agent = %agent.name, attempt, ?delay, error = %e, "step will be retried");
-                self.record(
-                    id,
-                    JobUpdate::StepRetrying {
-                        step: i,
-                        attempt,
-                        delay,
-                        error: e.to_string(),
-                    },
-                );
-                ractor::time::send_after(delay, self.me.get_cell(), move || SchedMsg::RetryDue {
-                    job: id,
-                    step: i,
-                    token,
-                });
-            }
-            None => {
-                st.phase = Phase::Failed;
+            Decision::Fail { attempt } => {
                 stats.failures.fetch_add(1, Relaxed);
-                let message = format!(
-                    "agent {:?} failed after {attempt} attempt{}: {e}",
-                    &*agent.name,
-                    if attempt == 1 { "" } else { "s" }
-                );
+                let message = failure_message(&agent.name, attempt, e);
                 tracing::warn!(job_id = %id, agent = %agent.name, error = %e, "step failed");
                 self.record(
                     id,
@@ -753,8 +673,28 @@ impl SchedState {
                     },
                 );
                 self.finish(id, JobState::Failed, Some(message));
+                return;
             }
-        }
+        };
+        let token = job.steps[i]
+            .step
+            .backoff_token()
+            .expect("a step told to wait is backing off");
+        tracing::debug!(job_id = %id, agent = %agent.name, attempt, ?delay, error = %e, "step will be retried");
+        self.record(
+            id,
+            JobUpdate::StepRetrying {
+                step: i,
+                attempt,
+                delay,
+                error: e.to_string(),
+            },
+        );
+        ractor::time::send_after(delay, self.me.get_cell(), move || SchedMsg::RetryDue {
+            job: id,
+            step: i,
+            token,
+        });
     }
 
     fn on_agent_up(
@@ -769,31 +709,28 @@ impl SchedState {
         slot.incarnation = incarnation;
         // Calls of the previous incarnation were aborted with it.
         slot.in_flight = 0;
-        let mut charged = None;
+        let now = Instant::now();
+        let mut decisions = Vec::new();
+        let rules = rules(&self.ctx, slot, self.broker.is_some(), i);
         for (id, job) in self.jobs.iter_mut() {
-            let st = &mut job.steps[i];
-            if st.phase != Phase::Running {
+            let st = &mut job.steps[i].step;
+            let Some(token) = st.running() else {
                 continue;
+            };
+            // The call that panicked is charged with a transient failure; the others were
+            // collateral and run again with the same key. Their grants went back to the broker
+            // when their aborted tasks dropped them.
+            let charged = panic
+                .as_ref()
+                .filter(|p| p.job == *id && p.token == token)
+                .map(|p| AgentError::transient(format!("agent panicked: {}", p.message)));
+            if let Some(d) = st.on_agent_lost(charged.as_ref(), rules, self.rng.random(), now) {
+                decisions.push((*id, charged, d));
             }
-            if let Some(p) = &panic
-                && p.job == *id
-                && p.token == st.token
-            {
-                charged = Some((*id, p.message.clone()));
-                continue;
-            }
-            // Collateral: run again with the same key, without spending an attempt. Its grant
-            // went back to the broker when its aborted task dropped it.
-            st.phase = Phase::Queued;
-            st.attempts -= 1;
-            slot.queue.push(Reverse((job.seq, *id)));
         }
-        if let Some((id, message)) = charged {
-            self.step_failed(
-                id,
-                i,
-                AgentError::transient(format!("agent panicked: {message}")),
-            );
+        for (id, charged, d) in decisions {
+            let e = charged.unwrap_or_else(|| AgentError::transient("agent restarted"));
+            self.carry_out(id, i, &e, d);
         }
         self.pump(i);
     }
@@ -805,7 +742,7 @@ impl SchedState {
         let output = (state == JobState::Succeeded).then(|| {
             let mut map = serde_json::Map::new();
             for a in self.ctx.model.sinks() {
-                if let Some(out) = &job.steps[a.index].output {
+                if let Some(out) = job.steps[a.index].step.output() {
                     map.insert(a.name.to_string(), (**out).clone());
                 }
             }
@@ -895,6 +832,15 @@ impl SchedState {
     }
 }
 
+/// What agent `i`'s failure decisions depend on.
+fn rules<'a>(ctx: &'a GraphCtx, slot: &Slot, broker: bool, i: usize) -> Rules<'a> {
+    Rules {
+        retry: &ctx.model.agents[i].retry,
+        through_quota: !slot.quotas.is_empty() && broker,
+        naive: !ctx.shared.cascade,
+    }
+}
+
 /// The input of step `i` of `job`: the job input and its dependencies' outputs, shared.
 fn step_input(ctx: &GraphCtx, i: usize, job: &JobRun) -> StepInput {
     let deps = ctx.model.agents[i]
@@ -902,8 +848,9 @@ fn step_input(ctx: &GraphCtx, i: usize, job: &JobRun) -> StepInput {
         .iter()
         .map(|&d| {
             let out = job.steps[d]
-                .output
-                .clone()
+                .step
+                .output()
+                .cloned()
                 .expect("dependencies of a queued step have succeeded");
             (ctx.names[d].clone(), out)
         })
