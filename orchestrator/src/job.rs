@@ -507,7 +507,7 @@ mod tests {
 
     #[test]
     fn apply_walks_a_job_through_its_states() {
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let mut r = JobRecord::new(
             JobId::new(),
             "g".into(),

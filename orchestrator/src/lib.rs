@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod dag;
 pub mod job;

@@ -4,20 +4,17 @@
 //!
 //! Counters and histograms on the per-step path are registered once per agent (handles cached by
 //! the scheduler), so a step pays atomic increments, not registry lookups. Gauges that describe
-//! state (queues, pauses, quota headroom) are sampled once a second by [`sample`]. Without an
+//! state (queues, pauses, quota headroom) are sampled once a second by
+//! [`Orchestrator::sample_metrics`](crate::Orchestrator::sample_metrics). Without an
 //! installed recorder every call is a no-op, so embedding the library costs nothing.
 
 use std::sync::OnceLock;
 
 use metrics::{
-    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge,
+    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
     histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-
-use crate::Orchestrator;
-use crate::quota::CircuitState;
-use crate::signal::CauseKey;
 
 pub const JOBS_SUBMITTED: &str = "cascade_jobs_submitted_total";
 pub const JOBS_FINISHED: &str = "cascade_jobs_finished_total";
@@ -280,90 +277,6 @@ impl GraphMetrics {
             cancelled: finished("cancelled"),
             duration_succeeded: duration("succeeded"),
             duration_failed: duration("failed"),
-        }
-    }
-}
-
-/// Set every state gauge from the orchestrator's live state. Counters kept elsewhere (quota
-/// grants, tokens, refusals, restarts) are exported here as absolute values.
-pub async fn sample(orch: &Orchestrator) {
-    for name in orch.graph_names() {
-        let Some(state) = orch.graph_state(&name).await else {
-            continue;
-        };
-        let g = name.to_string();
-        gauge!(JOBS_IN_FLIGHT, "graph" => g.clone()).set(state.running_jobs as f64);
-        gauge!(JOBS_PENDING, "graph" => g.clone()).set(state.pending_jobs as f64);
-        if let Some(stats) = orch.stats(&name) {
-            let cost: f64 = stats.agents.iter().map(|a| a.cost_usd).sum();
-            gauge!(GRAPH_COST, "graph" => g.clone()).set(cost);
-        }
-        for a in &state.agents {
-            let labels = [("graph", g.clone()), ("agent", a.name.clone())];
-            gauge!(AGENT_QUEUE_DEPTH, &labels).set(a.queue_depth as f64);
-            gauge!(AGENT_IN_FLIGHT, &labels).set(a.in_flight as f64);
-            gauge!(AGENT_PAUSED, &labels).set(if a.pause.is_some() { 1.0 } else { 0.0 });
-            gauge!(AGENT_FAILED, &labels).set(if a.state == "failed" { 1.0 } else { 0.0 });
-            counter!(AGENT_RESTARTS, &labels).absolute(a.restarts);
-            // Every possible cause of this agent is exported, 0 or 1, so a cleared cause reads 0.
-            let mut causes: Vec<String> = a.quotas.iter().map(|q| q.to_string()).collect();
-            causes.extend(a.after.iter().map(|d| format!("agent:{d}")));
-            for (k, _) in a.pause.iter().flat_map(|p| p.causes.iter()) {
-                let c = match k {
-                    CauseKey::Quota { quota } => quota.to_string(),
-                    CauseKey::AgentFailed { agent, .. } => format!("agent:{agent}"),
-                };
-                if !causes.contains(&c) {
-                    causes.push(c);
-                }
-            }
-            for c in causes {
-                let active = a
-                    .pause
-                    .iter()
-                    .flat_map(|p| p.causes.iter())
-                    .any(|(k, _)| match k {
-                        CauseKey::Quota { quota } => **quota == *c,
-                        CauseKey::AgentFailed { agent, .. } => {
-                            c.strip_prefix("agent:") == Some(&**agent)
-                        }
-                    });
-                gauge!(AGENT_PAUSE_CAUSE, "graph" => g.clone(), "agent" => a.name.clone(), "cause" => c)
-                    .set(if active { 1.0 } else { 0.0 });
-            }
-        }
-    }
-    for q in orch.quotas().await {
-        let n = q.name.clone();
-        counter!(QUOTA_REQUESTS, "quota" => n.clone()).absolute(q.granted);
-        counter!(QUOTA_TOKENS, "quota" => n.clone(), "kind" => "prompt").absolute(q.prompt_tokens);
-        counter!(QUOTA_TOKENS, "quota" => n.clone(), "kind" => "completion")
-            .absolute(q.completion_tokens);
-        counter!(QUOTA_EXHAUSTIONS, "quota" => n.clone()).absolute(q.exhaustions);
-        counter!(QUOTA_REFUSALS, "quota" => n.clone()).absolute(q.refusals);
-        gauge!(QUOTA_EXHAUSTED, "quota" => n.clone()).set(if q.exhausted_reason.is_some() {
-            1.0
-        } else {
-            0.0
-        });
-        gauge!(QUOTA_RATE_MULTIPLIER, "quota" => n.clone()).set(q.effective_rate_multiplier);
-        if let Some(a) = q.requests_available {
-            gauge!(QUOTA_REQUESTS_AVAILABLE, "quota" => n.clone()).set(a as f64);
-        }
-        if let Some(r) = q.requests_per_second {
-            gauge!(QUOTA_REQUESTS_LIMIT, "quota" => n.clone()).set(r);
-        }
-        if let (Some(used), Some(limit)) = (q.tokens_used, q.tokens_window_limit) {
-            gauge!(QUOTA_TOKENS_USED, "quota" => n.clone()).set(used as f64);
-            gauge!(QUOTA_TOKENS_LIMIT, "quota" => n.clone()).set(limit as f64);
-        }
-        if let Some(c) = q.circuit {
-            let v = match c {
-                CircuitState::Closed => 0.0,
-                CircuitState::HalfOpen => 1.0,
-                CircuitState::Open => 2.0,
-            };
-            gauge!(QUOTA_CIRCUIT, "quota" => n.clone()).set(v);
         }
     }
 }

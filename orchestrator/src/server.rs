@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -263,7 +263,7 @@ async fn api_events(
 
 /// Prometheus text; state gauges are sampled now, so a scrape sees the current state.
 async fn prometheus_metrics(State(s): State<HttpState>) -> Response {
-    crate::metrics::sample(&s.orch).await;
+    s.orch.sample_metrics().await;
     let body = crate::metrics::render().unwrap_or_default();
     ([("content-type", "text/plain; version=0.0.4")], body).into_response()
 }
@@ -404,7 +404,7 @@ async fn deliver(
         match req.body(body.clone()).send().await {
             Ok(r) if r.status().is_success() => {
                 delivery.delivered = true;
-                delivery.delivered_at = Some(SystemTime::now());
+                delivery.delivered_at = Some(crate::clock::now());
                 delivery.last_error = None;
                 break;
             }

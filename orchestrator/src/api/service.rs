@@ -141,13 +141,16 @@ fn graph_to_pb(g: GraphState) -> pb::Graph {
                     available: available.join(", "),
                     exhausted_until: q
                         .exhausted_for_ms
-                        .map(|ms| ts(std::time::SystemTime::now() + Duration::from_millis(ms))),
+                        .map(|ms| ts(crate::clock::now() + Duration::from_millis(ms))),
                     circuit: q
                         .circuit
                         .and_then(|c| serde_json::to_value(c).ok())
                         .and_then(|v| v.as_str().map(String::from))
                         .unwrap_or_default(),
-                    exhausted_reason: q.exhausted_reason.unwrap_or_default().to_string(),
+                    exhausted_reason: q
+                        .exhausted_reason
+                        .map(|r| r.to_string())
+                        .unwrap_or_default(),
                     effective_rate_multiplier: q.effective_rate_multiplier,
                     implicit: q.implicit,
                     learned_requests_per_second: q.learned_requests_per_second.unwrap_or(0.0),

@@ -52,7 +52,47 @@ pub enum Outcome {
 pub struct Exhaustion {
     #[serde(skip)]
     pub until: Instant,
-    pub reason: &'static str,
+    pub reason: Limit,
+}
+
+/// Which limit holds a quota's next call back. Serialised (and shown) as the words operators
+/// read on the dashboard, in `cascade top` and in GetGraph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// The upstream refused with a 429 (and maybe a Retry-After).
+    UpstreamRateLimit,
+    CircuitOpen,
+    CircuitHalfOpen,
+    RequestRate,
+    TokenBudget,
+    Concurrency,
+    SlowStart,
+}
+
+impl Limit {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UpstreamRateLimit => "upstream rate limit (429)",
+            Self::CircuitOpen => "circuit open",
+            Self::CircuitHalfOpen => "circuit half-open",
+            Self::RequestRate => "request rate",
+            Self::TokenBudget => "token budget spent",
+            Self::Concurrency => "concurrency",
+            Self::SlowStart => "slow start",
+        }
+    }
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Limit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -121,31 +161,31 @@ impl QuotaCore {
     }
 
     /// When a call reserving `tokens` could start, and which limit decides it.
-    fn ready_with_reason(&mut self, now: Instant, tokens: u64) -> (Ready, &'static str) {
+    fn ready_with_reason(&mut self, now: Instant, tokens: u64) -> (Ready, Option<Limit>) {
         let mut at = now;
-        let mut reason = "";
-        let mut later = |t: Instant, why: &'static str, at: &mut Instant| {
+        let mut reason = None;
+        let mut later = |t: Instant, why: Limit, at: &mut Instant| {
             if t > *at {
                 *at = t;
-                reason = why;
+                reason = Some(why);
             }
         };
         if let Some(t) = self.refused_until {
-            later(t, "upstream rate limit (429)", &mut at);
+            later(t, Limit::UpstreamRateLimit, &mut at);
         }
         if let Some(c) = &mut self.circuit {
             match c.gate(now) {
                 Gate::Pass => {}
-                Gate::OpenUntil(t) => later(t, "circuit open", &mut at),
-                Gate::ProbeBusy => return (Ready::Blocked, "circuit half-open"),
+                Gate::OpenUntil(t) => later(t, Limit::CircuitOpen, &mut at),
+                Gate::ProbeBusy => return (Ready::Blocked, Some(Limit::CircuitHalfOpen)),
             }
         }
         if let Some(g) = &self.requests {
             let m = self.aimd.multiplier(now);
-            later(g.earliest(now, m), "request rate", &mut at);
+            later(g.earliest(now, m), Limit::RequestRate, &mut at);
         }
         if let Some(w) = &mut self.tokens {
-            later(w.earliest(now, tokens), "token budget spent", &mut at);
+            later(w.earliest(now, tokens), Limit::TokenBudget, &mut at);
         }
         if at > now {
             return (Ready::At(at), reason);
@@ -153,14 +193,14 @@ impl QuotaCore {
         if let Some(max) = self.spec.max_concurrency
             && self.in_use >= max.get()
         {
-            return (Ready::Blocked, "concurrency");
+            return (Ready::Blocked, Some(Limit::Concurrency));
         }
         if let Some(s) = &self.slow_start
             && self.in_use >= s.window()
         {
-            return (Ready::Blocked, "slow start");
+            return (Ready::Blocked, Some(Limit::SlowStart));
         }
-        (Ready::Now, "")
+        (Ready::Now, None)
     }
 
     pub fn ready(&mut self, now: Instant, tokens: u64) -> Ready {
@@ -287,7 +327,9 @@ impl QuotaCore {
                 } else {
                     wait > threshold
                 };
-                exhausted.then_some(Exhaustion { until: t, reason })
+                reason
+                    .filter(|_| exhausted)
+                    .map(|reason| Exhaustion { until: t, reason })
             }
             // Waiting for a slot or a probe is pacing, not exhaustion.
             Ready::Now | Ready::Blocked => None,
@@ -372,7 +414,7 @@ pub struct QuotaSnapshot {
     /// AIMD's scale on the configured request rate (1.0 = as configured).
     pub effective_rate_multiplier: f64,
     pub exhausted_for_ms: Option<u64>,
-    pub exhausted_reason: Option<&'static str>,
+    pub exhausted_reason: Option<Limit>,
     pub circuit: Option<CircuitState>,
     pub granted: u64,
     pub refusals: u64,
@@ -434,7 +476,11 @@ mod tests {
         let mut q = quota(None, Some(1000), None);
         q.take(now, 1000);
         let ex = q.update_exhaustion(now, 100).unwrap().unwrap();
-        assert_eq!(ex.reason, "token budget spent");
+        assert_eq!(ex.reason, Limit::TokenBudget);
+        assert_eq!(
+            serde_json::to_value(&ex).unwrap()["reason"],
+            "token budget spent"
+        );
         assert_eq!(ex.until, now + Duration::from_secs(60));
         assert_eq!(q.update_exhaustion(now, 100), None, "no change, no event");
         // 200 ms before the window frees: within the threshold (250 ms) but not within half of
@@ -460,7 +506,7 @@ mod tests {
         let ex = q.update_exhaustion(now, 0).unwrap().unwrap();
         assert_eq!(
             (ex.until, ex.reason),
-            (now + Duration::from_secs(2), "upstream rate limit (429)")
+            (now + Duration::from_secs(2), Limit::UpstreamRateLimit)
         );
         assert!(q.snapshot(now).effective_rate_multiplier < 1.0);
         assert_eq!(

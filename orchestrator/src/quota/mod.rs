@@ -6,5 +6,5 @@ mod core;
 mod limits;
 
 pub use circuit::{CircuitBreaker, CircuitState, Gate};
-pub use core::{Exhaustion, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
+pub use core::{Exhaustion, Limit, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
 pub use limits::{Aimd, Gcra, TokenWindow};

@@ -10,60 +10,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
+use super::context::{GraphCtx, QuotaIndex, Shared};
 use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg};
-use super::{GraphCtx, Shared};
-use crate::model::QuotaModel;
+use crate::clock;
 use crate::quota::{CircuitState, QuotaCore, Ready, Reservation};
 use crate::signal::{AgentChange, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane};
-
-/// Which quota cores each agent draws on. With the cascade on, one core per quota, shared by
-/// every agent that names it; in naive mode, one core per (agent, declared quota): local limiting
-/// only.
-pub(crate) struct QuotaIndex {
-    pub specs: Vec<Arc<QuotaModel>>,
-    /// graph → agent → core indices.
-    pub agents: Vec<Vec<Vec<usize>>>,
-}
-
-impl QuotaIndex {
-    pub fn new(shared_model: &crate::model::ServerModel, cascade: bool) -> Self {
-        let mut specs: Vec<Arc<QuotaModel>> = Vec::new();
-        let mut by_name: HashMap<Arc<str>, usize> = HashMap::new();
-        let mut agents = Vec::new();
-        for g in &shared_model.graphs {
-            let mut per_agent = Vec::new();
-            for a in &g.agents {
-                let mut cores = Vec::new();
-                for q in &a.quotas {
-                    let spec = shared_model.quotas[q].clone();
-                    // Naive mode learns nothing from refusals: an implicit quota would only
-                    // add a round trip.
-                    if !cascade && spec.implicit {
-                        continue;
-                    }
-                    let idx = if cascade {
-                        *by_name.entry(q.clone()).or_insert_with(|| {
-                            specs.push(spec);
-                            specs.len() - 1
-                        })
-                    } else {
-                        specs.push(spec);
-                        specs.len() - 1
-                    };
-                    cores.push(idx);
-                }
-                per_agent.push(cores);
-            }
-            agents.push(per_agent);
-        }
-        Self { specs, agents }
-    }
-}
 
 pub(crate) struct Broker;
 
@@ -280,7 +235,7 @@ impl BrokerState {
                 if let Some(state) = circuit {
                     self.shared.publish_graph_event(GraphEvent {
                         graph: None,
-                        at: SystemTime::now(),
+                        at: clock::now(),
                         kind: GraphEventKind::CircuitChanged {
                             quota: self.cores[q].spec.name.clone(),
                             state,
@@ -292,10 +247,10 @@ impl BrokerState {
             let name = self.cores[q].spec.name.clone();
             let kind = match &state {
                 Some(ex) => {
-                    tracing::warn!(quota = %name, reason = ex.reason, wait = ?(ex.until - now), "quota exhausted");
+                    tracing::warn!(quota = %name, reason = ex.reason.as_str(), wait = ?(ex.until - now), "quota exhausted");
                     GraphEventKind::QuotaExhausted {
                         quota: name.clone(),
-                        until_unix_ms: unix_ms(now, ex.until),
+                        until_unix_ms: clock::unix_ms(clock::at(ex.until)),
                         reason: ex.reason.to_string(),
                     }
                 }
@@ -308,15 +263,15 @@ impl BrokerState {
             };
             self.shared.publish_graph_event(GraphEvent {
                 graph: None,
-                at: SystemTime::now(),
+                at: clock::now(),
                 kind,
             });
             if !self.shared.cascade {
                 continue;
             }
             let info = state.map(|ex| CauseInfo {
-                until_unix_ms: Some(unix_ms(now, ex.until)),
-                reason: ex.reason.into(),
+                until_unix_ms: Some(clock::unix_ms(clock::at(ex.until))),
+                reason: ex.reason.as_str().into(),
             });
             let changes = self.plane.set_quota(&name, info);
             self.publish(changes);
@@ -353,7 +308,7 @@ impl BrokerState {
                     };
                     self.shared.publish_graph_event(GraphEvent {
                         graph: Some(ctx.model.name.clone()),
-                        at: SystemTime::now(),
+                        at: clock::now(),
                         kind,
                     });
                 }
@@ -379,11 +334,4 @@ impl BrokerState {
             move || BrokerMsg::Tick(generation),
         );
     }
-}
-
-/// An instant as milliseconds since the Unix epoch (for the API and dashboards).
-pub(crate) fn unix_ms(now: Instant, at: Instant) -> u64 {
-    let wall = SystemTime::now() + at.saturating_duration_since(now);
-    wall.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -15,6 +15,7 @@
 
 mod agent_actor;
 mod broker;
+mod context;
 mod protocol;
 mod scheduler;
 mod stats;
@@ -23,7 +24,7 @@ mod supervisor;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -36,16 +37,18 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::nearest;
 use crate::job::{JobEvent, JobId, JobRecord};
-use crate::model::{GraphModel, ServerModel};
+use crate::model::ServerModel;
 use crate::quota::QuotaSnapshot;
 use crate::signal::{AgentPause, GraphEvent};
 use crate::store::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, Submitted};
 
 pub use protocol::{AgentSlotSnapshot, SchedulerSnapshot};
 pub use stats::{AgentHealth, AgentStatsSnapshot, GraphStats, GraphStatsSnapshot};
-pub use view::{AgentState, GraphState};
+pub use view::{Activity, AgentState, GraphState};
 
-use broker::QuotaIndex;
+use context::JobFeeds;
+use context::QuotaIndex;
+pub(crate) use context::{GraphCtx, RateMeter, Shared};
 use protocol::{BrokerMsg, SchedMsg};
 use supervisor::{RootMsg, RootSupervisor};
 
@@ -130,223 +133,6 @@ impl SubmitError {
 
 /// How long a submitter waits when the store's writer is behind: a few of its batches.
 const STORE_BUSY_RETRY: Duration = Duration::from_millis(250);
-
-/// What every actor of an orchestrator shares.
-pub(crate) struct Shared {
-    pub model: ServerModel,
-    pub registry: Registry,
-    pub store: Arc<dyn JobStore>,
-    /// Propagation on (the cascade) or off (naive mode: local limits, 429s retried by policy).
-    pub cascade: bool,
-    pub quotas: Arc<QuotaIndex>,
-    /// Job age across the server, so that shared quotas serve the oldest job first.
-    pub next_seq: AtomicU64,
-    broker: RwLock<Option<ActorRef<BrokerMsg>>>,
-    /// Every job's events, for whoever follows them all (dashboards); nothing is sent while no
-    /// one listens.
-    events: broadcast::Sender<JobEvent>,
-    /// The live feed of each watched job, so that a watcher wakes only for its own job's events.
-    job_feeds: JobFeeds,
-    graph_events: broadcast::Sender<GraphEvent>,
-    waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<()>>>>,
-    shutting_down: AtomicBool,
-    /// Where finished jobs with a callback URL go to be delivered (set by the server).
-    callbacks: RwLock<Option<mpsc::Sender<JobId>>>,
-}
-
-impl Shared {
-    /// Announce an event to live watchers (stored already): those of its job, and those of all.
-    pub fn publish(&self, event: JobEvent) {
-        self.job_feeds.publish(&event);
-        if self.events.receiver_count() > 0 {
-            let _ = self.events.send(event);
-        }
-    }
-
-    /// Wake whoever awaits this job.
-    pub fn job_finished(&self, id: JobId) {
-        let waiters = self
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        for w in waiters.into_iter().flatten() {
-            let _ = w.send(());
-        }
-    }
-
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Relaxed)
-    }
-
-    /// Drop the waiters of `id` that nobody waits on any more.
-    fn forget_waiters(&self, id: JobId) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = waiters.get_mut(&id) {
-            list.retain(|w| !w.is_closed());
-            if list.is_empty() {
-                waiters.remove(&id);
-            }
-        }
-    }
-
-    /// Jobs someone awaits through [`Orchestrator::wait`] now.
-    fn waiting(&self) -> usize {
-        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    /// Hand a finished job to the callback deliverer.
-    pub fn callback(&self, id: JobId) {
-        if let Some(tx) = self
-            .callbacks
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            && tx.try_send(id).is_err()
-        {
-            tracing::error!(job_id = %id, "callback queue full or closed; the callback is not delivered");
-        }
-    }
-
-    pub fn has_graph_watchers(&self) -> bool {
-        self.graph_events.receiver_count() > 0
-    }
-
-    pub fn publish_graph_event(&self, event: GraphEvent) {
-        if self.graph_events.receiver_count() > 0 {
-            let _ = self.graph_events.send(event);
-        }
-    }
-
-    pub fn broker(&self) -> Option<ActorRef<BrokerMsg>> {
-        self.broker
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    pub fn set_broker(&self, b: Option<ActorRef<BrokerMsg>>) {
-        *self.broker.write().unwrap_or_else(|p| p.into_inner()) = b;
-    }
-}
-
-/// One small broadcast channel per watched job. A job's feed exists while someone watches it; it
-/// is dropped with the job's final event or when its last watcher has gone. A watcher that falls
-/// more than [`FEED_CAPACITY`](Self::FEED_CAPACITY) events behind is told it lagged and catches up
-/// from the store, so a slow watcher holds no memory for others.
-#[derive(Default)]
-struct JobFeeds {
-    feeds: Mutex<HashMap<JobId, broadcast::Sender<JobEvent>>>,
-    /// Feeds open now: publishing takes no lock while it is zero.
-    open: AtomicUsize,
-}
-
-impl JobFeeds {
-    const FEED_CAPACITY: usize = 64;
-
-    fn subscribe(&self, id: JobId) -> broadcast::Receiver<JobEvent> {
-        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
-        let rx = feeds
-            .entry(id)
-            .or_insert_with(|| broadcast::channel(Self::FEED_CAPACITY).0)
-            .subscribe();
-        self.open.store(feeds.len(), Relaxed);
-        rx
-    }
-
-    fn publish(&self, event: &JobEvent) {
-        if self.open.load(Relaxed) == 0 {
-            return;
-        }
-        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = feeds.get(&event.job_id) else {
-            return;
-        };
-        let gone = tx.send(event.clone()).is_err() || event.kind.is_final();
-        if gone {
-            feeds.remove(&event.job_id);
-            self.open.store(feeds.len(), Relaxed);
-        }
-    }
-
-    /// A watcher left: drop its job's feed if it was the last one.
-    fn release(&self, id: JobId) {
-        let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
-        if feeds.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
-            feeds.remove(&id);
-            self.open.store(feeds.len(), Relaxed);
-        }
-    }
-
-    /// Feeds open now. There is one per job some WatchJob stream follows, so the map is bounded
-    /// by the watchers the server holds.
-    fn len(&self) -> usize {
-        self.open.load(Relaxed)
-    }
-}
-
-/// What the actors of one graph share.
-pub(crate) struct GraphCtx {
-    pub shared: Arc<Shared>,
-    /// Position among the server's graphs.
-    pub index: usize,
-    pub model: Arc<GraphModel>,
-    pub quotas: Arc<QuotaIndex>,
-    /// How many of its agents the scheduler holds paused now.
-    pub paused_agents: std::sync::atomic::AtomicUsize,
-    pub names: Vec<Arc<str>>,
-    pub stats: Arc<GraphStats>,
-    /// The current scheduler (it changes if it is restarted).
-    pub scheduler: RwLock<Option<ActorRef<SchedMsg>>>,
-    /// A `Wake` is on its way to the scheduler: submissions need not send another.
-    pub wake_pending: AtomicBool,
-    /// Jobs finished per second, for admission's retry estimate.
-    pub drain_rate: Mutex<RateMeter>,
-    /// Submission counters, registered once (a labelled lookup per job would cost more).
-    pub submitted: metrics::Counter,
-    pub refused: metrics::Counter,
-}
-
-/// A rate measured between looks at least a second apart.
-#[derive(Default)]
-pub(crate) struct RateMeter {
-    last: Option<(tokio::time::Instant, u64)>,
-    per_sec: Option<f64>,
-}
-
-impl RateMeter {
-    pub fn observe(&mut self, now: tokio::time::Instant, total: u64) -> Option<f64> {
-        match self.last {
-            None => self.last = Some((now, total)),
-            Some((at, n)) => {
-                let secs = now.duration_since(at).as_secs_f64();
-                if secs >= 1.0 {
-                    self.per_sec = Some(total.saturating_sub(n) as f64 / secs);
-                    self.last = Some((now, total));
-                }
-            }
-        }
-        self.per_sec
-    }
-}
-
-impl GraphCtx {
-    pub fn scheduler(&self) -> Option<ActorRef<SchedMsg>> {
-        self.scheduler
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    fn wake(&self) {
-        if !self.wake_pending.swap(true, Relaxed)
-            && let Some(s) = self.scheduler()
-            && s.cast(SchedMsg::Wake).is_err()
-        {
-            self.wake_pending.store(false, Relaxed);
-        }
-    }
-}
 
 /// Configures and starts an [`Orchestrator`].
 pub struct OrchestratorBuilder {
@@ -532,9 +318,7 @@ impl Orchestrator {
     /// How long a refused submitter should wait: until the graph's longest pause ends, plus the
     /// time to drain a tenth of its backlog at the rate it has been finishing jobs.
     async fn retry_after(&self, g: &GraphCtx, pending: usize) -> Duration {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let now_ms = crate::clock::unix_ms(crate::clock::now());
         let pauses = if g.paused_agents.load(Relaxed) > 0 {
             self.pauses(&g.model.name).await.unwrap_or_default()
         } else {

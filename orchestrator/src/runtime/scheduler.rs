@@ -10,7 +10,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use cascade_agents::{
     Agent, AgentError, AgentOutput, AgentSpec, CallContext, ErrorClass, StepInput,
@@ -351,10 +351,7 @@ impl SchedState {
             }
         }
         let deadline = r.deadline.or(model.deadline).map(|d| {
-            let elapsed = r
-                .started_at
-                .and_then(|t| SystemTime::now().duration_since(t).ok())
-                .unwrap_or_default();
+            let elapsed = r.started_at.map(crate::clock::since).unwrap_or_default();
             Instant::now() + d.saturating_sub(elapsed)
         });
         // Job age across the server, so that quotas shared between graphs serve the oldest first.

@@ -343,7 +343,7 @@ fn report_health(ctx: &GraphCtx, i: usize, failed: bool) {
     let agent = ctx.names[i].clone();
     ctx.shared.publish_graph_event(GraphEvent {
         graph: Some(ctx.model.name.clone()),
-        at: std::time::SystemTime::now(),
+        at: crate::clock::now(),
         kind: if failed {
             GraphEventKind::AgentFailed { agent }
         } else {

@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::SystemTime;
 
 use super::{JobFilter, JobStore, NewJob, StoreError, StoreFuture, Submitted};
 use crate::job::{EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate};
@@ -116,7 +115,7 @@ impl MemoryStore {
                 pending,
             });
         }
-        let now = SystemTime::now();
+        let now = crate::clock::now();
         let mut record = JobRecord::new(job.id, job.graph.clone(), &job.agents, job.input, now);
         record.labels = job.labels;
         record.idempotency_key = job.idempotency_key.clone();
@@ -168,7 +167,7 @@ impl MemoryStore {
     ) -> Result<Option<(JobEvent, bool, JobRecord)>, StoreError> {
         let mut inner = self.lock();
         let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-        let Some(event) = entry.record.apply(update, SystemTime::now()) else {
+        let Some(event) = entry.record.apply(update, crate::clock::now()) else {
             return Ok(None);
         };
         let kept = entry.log(&event, self.max_events);
@@ -289,7 +288,7 @@ impl JobStore for MemoryStore {
     fn update(&self, id: JobId, update: JobUpdate) -> Result<Option<JobEvent>, StoreError> {
         let mut inner = self.lock();
         let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-        let event = entry.record.apply(update, SystemTime::now());
+        let event = entry.record.apply(update, crate::clock::now());
         if let Some(e) = &event {
             entry.log(e, self.max_events);
             if e.kind.is_final() {
@@ -311,7 +310,7 @@ impl JobStore for MemoryStore {
                 output: None,
                 error: Some(format!("cancelled: {reason}")),
             },
-            SystemTime::now(),
+            crate::clock::now(),
         );
         if let Some(e) = &event {
             entry.events.push(e.clone());

@@ -236,7 +236,7 @@ impl SqliteStore {
 
     /// A key not held in memory may still name a job on disk (within the retention).
     fn key_on_disk(&self, tenant: &str, key: &str) -> Result<Option<(JobId, Value)>, StoreError> {
-        let cutoff = micros(SystemTime::now() - self.retention);
+        let cutoff = micros(crate::clock::now() - self.retention);
         let conn = self.read();
         let row: Option<(String, String)> = conn
             .query_row(
@@ -316,7 +316,7 @@ impl JobStore for SqliteStore {
                     return Err(StoreError::NotFound(id));
                 };
                 record
-                    .apply(update, SystemTime::now())
+                    .apply(update, crate::clock::now())
                     .map(|e| (e, true, record))
             }
             Err(e) => return Err(e),
@@ -477,7 +477,7 @@ fn writer_loop(
         }
         if last_cleanup.elapsed() > Duration::from_secs(600) {
             last_cleanup = Instant::now();
-            let cutoff = micros(SystemTime::now() - retention);
+            let cutoff = micros(crate::clock::now() - retention);
             let r = conn.execute_batch(&format!(
                 "BEGIN;
                  DELETE FROM events WHERE job_id IN (SELECT id FROM jobs WHERE finished_at < {cutoff});
