@@ -116,6 +116,7 @@ async fn storm_with(
         }
     }
     let wall = start.elapsed().as_secs_f64();
+    let up = sim::upstream(orch.registry(), &upstream);
     orch.shutdown(Duration::from_secs(5)).await;
     latencies.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     let pct = |p: f64| {
@@ -124,7 +125,6 @@ async fn storm_with(
             .copied()
             .unwrap_or(0.0)
     };
-    let up = sim::upstream(&upstream);
     StormReport {
         jobs,
         succeeded,
@@ -189,7 +189,7 @@ fn token_storm(cascade: bool, limit: u64, jobs: usize) -> (u64, u64, f64) {
             orch.wait(id).await.expect("wait");
         }
         // What the (simulated) provider saw, on the tokio clock.
-        let mut spends = sim::upstream(&upstream).usage_log();
+        let mut spends = sim::upstream(orch.registry(), &upstream).usage_log();
         let virtual_secs = start.elapsed().as_secs_f64();
         orch.shutdown(Duration::from_secs(5)).await;
         spends.sort();

@@ -126,13 +126,15 @@ async fn run_cascade_with(model: ServerModel, jobs: usize, metrics: bool) -> Dur
 
 fn sim_agent(graph: &str, name: &str) -> Arc<dyn Agent> {
     let fields = serde_json::Map::new();
-    Registry::default()
+    let registry = Registry::default();
+    registry
         .build(
             "sim",
             &AgentSpec {
                 graph,
                 name,
                 fields: &fields,
+                resources: registry.resources(),
             },
         )
         .expect("sim agent")

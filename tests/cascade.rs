@@ -258,7 +258,7 @@ async fn refusals_pause_the_chain_and_burn_no_attempts() {
         assert!(job.steps.iter().all(|s| s.attempts == 1));
     }
     let elapsed = start.elapsed().as_secs_f64();
-    let up = sim::upstream("converge-upstream");
+    let up = sim::upstream(orch.registry(), "converge-upstream");
     let calls = up.calls() as f64;
     let refusals = up.refusals() as f64;
     assert_eq!(calls, 4000.0);

@@ -158,7 +158,7 @@ async fn ten_thousand_jobs_survive_failures_and_panics() {
         assert!(a.retries >= 300, "{a:?}");
     }
     // The last write ran once per job, with the job's key: nothing lost, nothing twice.
-    let keys = sim::upstream("ten-thousand-post").calls_by_key();
+    let keys = sim::upstream(orch.registry(), "ten-thousand-post").calls_by_key();
     assert_eq!(keys.len(), 10_000);
     for id in &ids {
         assert_eq!(keys.get(&format!("{id}/post")), Some(&1));
@@ -279,7 +279,7 @@ async fn rate_limited_refusals_do_not_spend_attempts() {
         assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
         assert_eq!(job.steps[0].attempts, 1);
     }
-    assert!(sim::upstream("strict-upstream").refusals() >= 4);
+    assert!(sim::upstream(orch.registry(), "strict-upstream").refusals() >= 4);
     assert!(orch.stats("g").unwrap().agents[0].rate_limited >= 4);
     orch.shutdown(Duration::from_secs(1)).await;
 }
@@ -321,7 +321,7 @@ async fn cancel_stops_pending_steps() {
     assert_eq!(r.error.as_deref(), Some("cancelled: changed my mind"));
     tokio::time::sleep(Duration::from_secs(20)).await;
     assert_eq!(
-        sim::upstream("after-slow").calls(),
+        sim::upstream(orch.registry(), "after-slow").calls(),
         0,
         "no step after the cancel ran"
     );

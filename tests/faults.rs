@@ -112,7 +112,7 @@ async fn a_storm_on_an_upstream_without_a_quota_is_paced() {
     let begin = tokio::time::Instant::now();
     let ids = run_all(&orch, "storm", 4000, Duration::from_secs(600)).await;
     let elapsed = begin.elapsed().as_secs_f64();
-    let up = cascade_orchestrator::agents::sim::upstream("faults-storm");
+    let up = cascade_orchestrator::agents::sim::upstream(orch.registry(), "faults-storm");
     let (calls, refusals) = (up.calls(), up.refusals());
     eprintln!("no-quota storm: {calls} calls, {refusals} refusals, {elapsed:.1} s");
     for id in &ids {
@@ -173,7 +173,7 @@ async fn a_long_retry_after_from_an_undeclared_upstream_pauses_the_chain() {
         // Refusals spend no attempt.
         assert!(job.steps.iter().all(|s| s.attempts == 1), "{:?}", job.steps);
     }
-    let up = cascade_orchestrator::agents::sim::upstream("faults-slow");
+    let up = cascade_orchestrator::agents::sim::upstream(orch.registry(), "faults-slow");
     assert_eq!(up.calls(), 80);
     // Paced at the learned rate: refusals stay a small share of the calls.
     assert!(up.refusals() <= 20, "{} refusals", up.refusals());

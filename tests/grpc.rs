@@ -228,7 +228,7 @@ async fn idempotent_resubmission_returns_the_same_job_and_runs_it_once() {
     h.watch(&first.job_id).await;
     let again = h.submit(r#"{"ticket": 1}"#, "order-42").await.unwrap();
     assert_eq!(again.job_id, first.job_id);
-    let keys = sim::upstream("grpc-classify").calls_by_key();
+    let keys = sim::upstream(h.orch.registry(), "grpc-classify").calls_by_key();
     assert_eq!(
         keys.get(&format!("{}/classify", first.job_id)),
         Some(&1),

@@ -6,10 +6,14 @@
 
 mod agent;
 mod duration;
+mod rate;
 mod registry;
 pub mod sim;
 pub mod template;
 
 pub use agent::{Agent, AgentError, AgentOutput, CallContext, ErrorClass, StepInput, Usage};
 pub use duration::HumanDuration;
-pub use registry::{AgentSpec, BuildFn, FieldError, KindSpec, Registry, UpstreamFn, no_upstream};
+pub use rate::{Gcra, Rate};
+pub use registry::{
+    AgentSpec, BuildFn, FieldError, KindSpec, Registry, Resources, UpstreamFn, no_upstream,
+};

@@ -1,19 +1,55 @@
-use std::collections::BTreeMap;
+use std::any::{Any, TypeId};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::Agent;
 
-/// What a kind constructor is given: where the node lives and its kind-specific fields.
+/// What a kind constructor is given: where the node lives, its kind-specific fields, and the
+/// state its registry's agents share.
 #[derive(Clone, Debug)]
 pub struct AgentSpec<'a> {
     pub graph: &'a str,
     pub name: &'a str,
     /// The node's fields that are not common to every kind, as JSON.
     pub fields: &'a Map<String, Value>,
+    pub resources: &'a Resources,
+}
+
+/// State shared by every agent one registry builds, whatever their graph, and across restarts of
+/// their actors: what a kind keeps once per process, such as connection pools, token caches, or
+/// `sim`'s simulated upstreams. It is owned by the registry (so by the running orchestrator that
+/// holds it): two orchestrators with their own registries share nothing, and a test reads the
+/// state of the orchestrator it started. One value per type, created on first use.
+///
+/// A type map is twenty lines; the crates that offer one add a dependency for less.
+#[derive(Clone, Default)]
+pub struct Resources {
+    map: Arc<Mutex<HashMap<TypeId, Arc<dyn Any + Send + Sync>>>>,
+}
+
+impl Resources {
+    /// The registry's value of type `T`, created with `T::default()` on first use.
+    pub fn get<T: Any + Send + Sync + Default>(&self) -> Arc<T> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let value = map
+            .entry(TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(T::default()))
+            .clone();
+        value
+            .downcast::<T>()
+            .unwrap_or_else(|_| unreachable!("the map is keyed by the value's type"))
+    }
+}
+
+impl fmt::Debug for Resources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.map.lock().map_or(0, |m| m.len());
+        f.debug_struct("Resources").field("values", &n).finish()
+    }
 }
 
 impl AgentSpec<'_> {
@@ -103,14 +139,13 @@ impl fmt::Debug for KindSpec {
 #[derive(Clone, Debug)]
 pub struct Registry {
     kinds: BTreeMap<&'static str, KindSpec>,
+    resources: Resources,
 }
 
 impl Default for Registry {
     /// The built-in kinds.
     fn default() -> Self {
-        let mut r = Self {
-            kinds: BTreeMap::new(),
-        };
+        let mut r = Self::empty();
         r.register(crate::template::KIND);
         r.register(crate::sim::KIND);
         r
@@ -122,7 +157,13 @@ impl Registry {
     pub fn empty() -> Self {
         Self {
             kinds: BTreeMap::new(),
+            resources: Resources::default(),
         }
+    }
+
+    /// The state shared by the agents this registry builds (clones of a registry share it).
+    pub fn resources(&self) -> &Resources {
+        &self.resources
     }
 
     /// Add or replace a kind.

@@ -20,8 +20,9 @@
 //! tests can check that data really flowed along the graph.
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
@@ -34,8 +35,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, HumanDuration, KindSpec,
-    StepInput, Usage,
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, Gcra, HumanDuration,
+    KindSpec, Rate, Registry, StepInput, Usage,
 };
 
 pub const KIND: KindSpec = KindSpec {
@@ -124,17 +125,40 @@ pub struct UsageModel {
     pub completion_tokens: Option<Tokens>,
 }
 
-/// The simulated upstream's own limit, enforced whatever the caller's quota says.
+/// The simulated upstream's own limit, enforced whatever the caller's quota says. Written like a
+/// quota's request rate: `requests_per_second` or `requests_per_minute`, or `rate = "200/s"`.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamLimit {
     #[serde(default)]
-    pub requests_per_second: Option<f64>,
+    pub requests_per_second: Option<NonZeroU64>,
     #[serde(default)]
-    pub requests_per_minute: Option<f64>,
+    pub requests_per_minute: Option<NonZeroU64>,
+    #[serde(default)]
+    pub rate: Option<Rate>,
     /// How many calls may arrive back to back (default 1).
     #[serde(default)]
     pub burst: Option<u32>,
+}
+
+impl UpstreamLimit {
+    /// The one rate it gives, or why not.
+    fn rate(&self) -> Result<Rate, &'static str> {
+        let secs = |n, s| Rate::new(n, Duration::from_secs(s));
+        match (
+            self.requests_per_second,
+            self.requests_per_minute,
+            self.rate,
+        ) {
+            (Some(n), None, None) => Ok(secs(n, 1)),
+            (None, Some(n), None) => Ok(secs(n, 60)),
+            (None, None, Some(r)) => Ok(r),
+            (None, None, None) => {
+                Err("give requests_per_second, requests_per_minute or rate (\"200/s\")")
+            }
+            _ => Err("give one of requests_per_second, requests_per_minute and rate"),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,14 +228,13 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     }
     let limit = match c.upstream_limit {
         None => None,
-        Some(l) => Some(Gcra::from_limit(&l).ok_or_else(|| {
-            FieldError::new(
-                "upstream_limit",
-                "give a positive requests_per_second or requests_per_minute",
-            )
-        })?),
+        Some(l) => {
+            let rate = l.rate().map_err(|e| FieldError::new("upstream_limit", e))?;
+            Some(Gcra::new(rate.per_second(), l.burst.unwrap_or(1)))
+        }
     };
-    let upstream = upstream(&c.upstream.clone().unwrap_or_else(|| default_upstream(spec)));
+    let name = c.upstream.clone().unwrap_or_else(|| default_upstream(spec));
+    let upstream = spec.resources.get::<SimUpstreams>().get(&name);
     if let Some(limit) = limit {
         upstream.set_limit(limit);
     }
@@ -388,38 +411,11 @@ impl Agent for SimAgent {
     }
 }
 
-/// GCRA on `tokio::time` so that tests on a paused clock are exact. (governor reads its own
-/// clock, which a paused tokio runtime does not move; the simulated upstream needs ten lines.)
-#[derive(Clone, Copy, Debug)]
-struct Gcra {
-    interval: Duration,
-    tolerance: Duration,
-}
-
-impl Gcra {
-    fn from_limit(l: &UpstreamLimit) -> Option<Self> {
-        let per_sec = match (l.requests_per_second, l.requests_per_minute) {
-            (Some(r), _) => r,
-            (None, Some(m)) => m / 60.0,
-            (None, None) => return None,
-        };
-        if !(per_sec > 0.0 && per_sec.is_finite()) {
-            return None;
-        }
-        let interval = Duration::from_secs_f64(1.0 / per_sec);
-        let burst = l.burst.unwrap_or(1).max(1);
-        Some(Self {
-            interval,
-            tolerance: interval * (burst - 1),
-        })
-    }
-}
-
 /// A simulated upstream system shared by every sim agent that names it. It survives agent
 /// restarts, like a real provider does, and counts what it saw.
 #[derive(Debug, Default)]
 pub struct SimUpstream {
-    state: Mutex<UpstreamState>,
+    limit: Mutex<Option<Gcra>>,
     calls: AtomicU64,
     refusals: AtomicU64,
     record_keys: AtomicU64,
@@ -429,31 +425,30 @@ pub struct SimUpstream {
     key_log: Mutex<Option<std::fs::File>>,
 }
 
-#[derive(Debug, Default)]
-struct UpstreamState {
-    limit: Option<Gcra>,
-    /// GCRA's theoretical arrival time of the next call.
-    tat: Option<Instant>,
-}
-
 impl SimUpstream {
+    /// Limit the upstream to `limit` from now on. An agent rebuilt after a restart sets the same
+    /// limit again: the upstream keeps the state of the one it has.
     fn set_limit(&self, limit: Gcra) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.limit = Some(limit);
+        let mut s = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        let same = s.as_ref().is_some_and(|g| {
+            g.base_per_second() == limit.base_per_second() && g.burst() == limit.burst()
+        });
+        if !same {
+            *s = Some(limit);
+        }
     }
 
     /// Admit a call now, or say how long until one would be admitted.
     fn admit(&self, now: Instant) -> Result<(), Duration> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(g) = s.limit else { return Ok(()) };
-        let tat = s.tat.unwrap_or(now).max(now);
-        let allow_at = tat.checked_sub(g.tolerance).unwrap_or(now);
-        if allow_at > now {
+        let mut s = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(g) = s.as_mut() else { return Ok(()) };
+        let at = g.earliest(now, 1.0);
+        if at > now {
             drop(s);
             self.refusals.fetch_add(1, Ordering::Relaxed);
-            return Err(allow_at - now);
+            return Err(at - now);
         }
-        s.tat = Some(tat + g.interval);
+        g.take(now, 1.0);
         Ok(())
     }
 
@@ -505,14 +500,25 @@ impl SimUpstream {
     }
 }
 
-static UPSTREAMS: LazyLock<Mutex<HashMap<String, Arc<SimUpstream>>>> =
-    LazyLock::new(Default::default);
+/// The simulated upstreams of one registry (so of one running orchestrator), by name.
+#[derive(Debug, Default)]
+pub struct SimUpstreams {
+    by_name: Mutex<HashMap<String, Arc<SimUpstream>>>,
+}
 
-/// The simulated upstream called `name`, created on first use. An agent with no `upstream` field
-/// uses `"{graph}.{agent}"`.
-pub fn upstream(name: &str) -> Arc<SimUpstream> {
-    let mut map = UPSTREAMS.lock().unwrap_or_else(|p| p.into_inner());
-    map.entry(name.to_string()).or_default().clone()
+impl SimUpstreams {
+    /// The upstream called `name`, created on first use.
+    pub fn get(&self, name: &str) -> Arc<SimUpstream> {
+        let mut map = self.by_name.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(name.to_string()).or_default().clone()
+    }
+}
+
+/// The simulated upstream called `name` of the agents `registry` builds (an orchestrator's:
+/// `orch.registry()`), to read what it saw. An agent with no `upstream` field calls
+/// `"{graph}.{agent}"`.
+pub fn upstream(registry: &Registry, name: &str) -> Arc<SimUpstream> {
+    registry.resources().get::<SimUpstreams>().get(name)
 }
 
 #[cfg(test)]
@@ -520,6 +526,10 @@ mod tests {
     use super::*;
 
     fn sim(fields: Value) -> Result<Arc<dyn Agent>, FieldError> {
+        sim_in(&Registry::default(), fields)
+    }
+
+    fn sim_in(registry: &Registry, fields: Value) -> Result<Arc<dyn Agent>, FieldError> {
         let Value::Object(map) = fields else {
             unreachable!()
         };
@@ -527,6 +537,7 @@ mod tests {
             graph: "g",
             name: "s",
             fields: &map,
+            resources: registry.resources(),
         })
     }
 
@@ -613,7 +624,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn upstream_limit_refuses_with_retry_after() {
-        let a = sim(json!({"upstream": "test-limit-10", "upstream_limit": {"requests_per_second": 10, "burst": 2}})).unwrap();
+        let r = Registry::default();
+        let a = sim_in(&r, json!({"upstream": "test-limit-10", "upstream_limit": {"requests_per_second": 10, "burst": 2}})).unwrap();
         a.call(&ctx("s"), &StepInput::default()).await.unwrap();
         a.call(&ctx("s"), &StepInput::default()).await.unwrap();
         let e = a.call(&ctx("s"), &StepInput::default()).await.unwrap_err();
@@ -621,17 +633,29 @@ mod tests {
         assert_eq!(e.retry_after, Some(Duration::from_millis(100)));
         tokio::time::advance(Duration::from_millis(100)).await;
         a.call(&ctx("s"), &StepInput::default()).await.unwrap();
-        let up = upstream("test-limit-10");
+        let up = upstream(&r, "test-limit-10");
         assert_eq!((up.calls(), up.refusals()), (3, 1));
+        // Another registry's upstream of the same name is another upstream.
+        assert_eq!(upstream(&Registry::default(), "test-limit-10").calls(), 0);
+        // The same limit written as a rate.
+        let b = sim_in(
+            &r,
+            json!({"upstream": "test-rate", "upstream_limit": {"rate": "600/min", "burst": 1}}),
+        )
+        .unwrap();
+        b.call(&ctx("s"), &StepInput::default()).await.unwrap();
+        let e = b.call(&ctx("s"), &StepInput::default()).await.unwrap_err();
+        assert_eq!(e.retry_after, Some(Duration::from_millis(100)));
     }
 
     #[tokio::test]
     async fn records_idempotency_keys() {
-        let a = sim(json!({"upstream": "test-keys", "record_keys": true})).unwrap();
+        let r = Registry::default();
+        let a = sim_in(&r, json!({"upstream": "test-keys", "record_keys": true})).unwrap();
         a.call(&ctx("x"), &StepInput::default()).await.unwrap();
         a.call(&ctx("x"), &StepInput::default()).await.unwrap();
         a.call(&ctx("y"), &StepInput::default()).await.unwrap();
-        let keys = upstream("test-keys").calls_by_key();
+        let keys = upstream(&r, "test-keys").calls_by_key();
         assert_eq!(keys.get("j/x"), Some(&2));
         assert_eq!(keys.get("j/y"), Some(&1));
     }
@@ -647,5 +671,12 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.path, vec!["usage", "prompt_tokens"]);
+        let e = sim(json!({"upstream_limit": {"burst": 2}})).err().unwrap();
+        assert_eq!(e.path, vec!["upstream_limit"]);
+        assert!(e.message.contains("requests_per_second"), "{}", e.message);
+        let e = sim(json!({"upstream_limit": {"rate": "fast"}}))
+            .err()
+            .unwrap();
+        assert!(e.message.contains("\"200/s\""), "{}", e.message);
     }
 }

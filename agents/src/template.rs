@@ -174,6 +174,7 @@ mod tests {
             graph: "g",
             name: "t",
             fields: &map,
+            resources: &Default::default(),
         })
     }
 

@@ -3,8 +3,7 @@
 //! from this model, never from raw TOML.
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -207,30 +206,7 @@ impl Default for RestartPolicy {
     }
 }
 
-/// `amount` per `period`, e.g. 500 per minute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Rate {
-    pub amount: NonZeroU64,
-    pub period: Duration,
-}
-
-impl Rate {
-    pub fn per_second(&self) -> f64 {
-        self.amount.get() as f64 / self.period.as_secs_f64()
-    }
-}
-
-impl fmt::Display for Rate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.period.as_secs() {
-            1 => "s".to_string(),
-            60 => "min".to_string(),
-            3600 => "h".to_string(),
-            _ => humantime::format_duration(self.period).to_string(),
-        };
-        write!(f, "{}/{}", self.amount, unit)
-    }
-}
+pub use cascade_agents::Rate;
 
 /// A named budget shared by every agent that names it, across all graphs of a server.
 #[derive(Clone, Debug, PartialEq)]

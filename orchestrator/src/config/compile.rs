@@ -827,6 +827,7 @@ impl<'r> Loader<'r> {
                     graph,
                     name,
                     fields: &fields,
+                    resources: self.registry.resources(),
                 };
                 upstream = (spec.upstream)(&agent_spec);
                 let built = self.registry.build(spec.name, &agent_spec);

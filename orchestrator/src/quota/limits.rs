@@ -13,69 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Generic cell rate algorithm: a call conforms if it arrives no earlier than `tat - tolerance`;
-/// each call moves the theoretical arrival time `tat` on by one interval. Over any window of
-/// length `w`, at most `w / interval + burst` calls conform.
-#[derive(Clone, Debug)]
-pub struct Gcra {
-    base_interval: Duration,
-    burst: u32,
-    tat: Option<Instant>,
-}
-
-impl Gcra {
-    pub fn new(per_second: f64, burst: u32) -> Self {
-        Self {
-            base_interval: Duration::from_secs_f64(1.0 / per_second),
-            burst: burst.max(1),
-            tat: None,
-        }
-    }
-
-    /// The rate at multiplier 1, per second.
-    pub fn base_per_second(&self) -> f64 {
-        1.0 / self.base_interval.as_secs_f64()
-    }
-
-    /// No call before `at`, and none of the burst at `at` either: after a refusal, calls resume
-    /// one interval apart instead of all at once.
-    pub fn hold(&mut self, at: Instant, multiplier: f64) {
-        let tolerance = self.interval(multiplier) * (self.burst - 1);
-        let held = at + tolerance;
-        self.tat = Some(self.tat.map_or(held, |t| t.max(held)));
-    }
-
-    fn interval(&self, multiplier: f64) -> Duration {
-        self.base_interval.div_f64(multiplier)
-    }
-
-    /// The earliest instant a call conforms, at rate × `multiplier`.
-    pub fn earliest(&self, now: Instant, multiplier: f64) -> Instant {
-        let tolerance = self.interval(multiplier) * (self.burst - 1);
-        match self.tat {
-            Some(tat) => tat.checked_sub(tolerance).map_or(now, |t| t.max(now)),
-            None => now,
-        }
-    }
-
-    pub fn take(&mut self, now: Instant, multiplier: f64) {
-        let tat = self.tat.map_or(now, |t| t.max(now));
-        self.tat = Some(tat + self.interval(multiplier));
-    }
-
-    /// Calls that could go back to back right now.
-    pub fn available(&self, now: Instant, multiplier: f64) -> u32 {
-        let interval = self.interval(multiplier);
-        match self.tat {
-            None => self.burst,
-            Some(tat) if tat <= now => self.burst,
-            Some(tat) => {
-                let backlog = (tat - now).as_secs_f64() / interval.as_secs_f64();
-                (self.burst as f64 - backlog).floor().max(0.0) as u32
-            }
-        }
-    }
-}
+pub use cascade_agents::Gcra;
 
 /// Additive increase, multiplicative decrease of a quota's effective rate. Every refusal by the
 /// upstream (at most one per `cooldown`) multiplies the rate by `DECREASE` — or, when the upstream

@@ -52,6 +52,7 @@ impl Actor for AgentActor {
                 graph: &args.graph.model.name,
                 name: &model.name,
                 fields: &model.fields,
+                resources: args.graph.shared.registry.resources(),
             },
         )?;
         Ok(AgentState {

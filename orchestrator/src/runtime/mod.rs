@@ -499,6 +499,12 @@ impl Orchestrator {
         self.shared.events.subscribe()
     }
 
+    /// The registry that builds this orchestrator's agents, with the state they share (a
+    /// simulated upstream's counters: `sim::upstream(orch.registry(), name)`).
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
     /// The graphs this orchestrator runs.
     pub fn graph_names(&self) -> Vec<Arc<str>> {
         self.shared

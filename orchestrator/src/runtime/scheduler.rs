@@ -143,6 +143,7 @@ impl Actor for Scheduler {
                                 graph: &ctx.model.name,
                                 name: &a.name,
                                 fields: &a.fields,
+                                resources: ctx.shared.registry.resources(),
                             },
                         )
                         .ok()
