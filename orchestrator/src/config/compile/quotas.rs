@@ -1,0 +1,180 @@
+//! Quotas: declared ones (`[quotas.NAME]`, in `cascade.toml` or any graph file) and the implicit
+//! `upstream:<name>` quota of an agent that declares none.
+
+use super::*;
+
+const QUOTA_FIELDS: &[&str] = &[
+    "description",
+    "requests_per_second",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "tokens_per_hour",
+    "burst",
+    "max_concurrency",
+    "circuit_breaker",
+    "pause_threshold",
+];
+const DEFAULT_PAUSE_THRESHOLD: Duration = Duration::from_millis(250);
+
+impl Loader<'_> {
+    pub(super) fn quotas_table(
+        &mut self,
+        src: &Source,
+        span: Range<usize>,
+        v: &Spanned<DeValue<'_>>,
+    ) {
+        let Some(t) = self.expect_table(src, "quotas", span, v) else {
+            return;
+        };
+        let mut entries: Vec<_> = t.iter().collect();
+        entries.sort_by_key(|(k, _)| k.span().start);
+        for (k, v) in entries {
+            let name: &str = k.get_ref();
+            let path = format!("quotas.{name}");
+            if !self.check_name(src, k.span(), &path, name) {
+                continue;
+            }
+            let Some(table) = self.expect_table(src, &path, k.span(), v) else {
+                continue;
+            };
+            if let Some(q) = self.quota(src, name, k.span(), table) {
+                if let Some(prev) = self.quotas.get(name) {
+                    let at = prev.declared_at.clone();
+                    self.errs.push(
+                        src.error(k.span(), path, format!("quota {name:?} is declared twice (first at {at})"))
+                            .with_help("quotas are shared by every graph of a server: declare each once, for example in cascade.toml"),
+                    );
+                } else {
+                    self.quotas.insert(name.to_string(), q);
+                }
+            }
+        }
+    }
+
+    pub(super) fn quota(
+        &mut self,
+        src: &Source,
+        name: &str,
+        span: Range<usize>,
+        t: &DeTable<'_>,
+    ) -> Option<QuotaModel> {
+        let errs_before = self.errs.len();
+        let path = format!("quotas.{name}");
+        let mut r = TableReader::new(src, path.clone(), span.clone(), t);
+        let _: Option<String> = r.take("description", &mut self.errs);
+        let rate = |r: &mut TableReader, errs: &mut Vec<ConfigError>, key: &str, period: u64| {
+            r.take::<NonZeroU64>(key, errs).map(|amount| Rate {
+                amount,
+                period: Duration::from_secs(period),
+            })
+        };
+        let rps = rate(&mut r, &mut self.errs, "requests_per_second", 1);
+        let rpm = rate(&mut r, &mut self.errs, "requests_per_minute", 60);
+        let tpm = rate(&mut r, &mut self.errs, "tokens_per_minute", 60);
+        let tph = rate(&mut r, &mut self.errs, "tokens_per_hour", 3600);
+        let burst: Option<NonZeroU32> = r.take("burst", &mut self.errs);
+        let max_concurrency: Option<NonZeroU32> = r.take("max_concurrency", &mut self.errs);
+        let pause_threshold: Option<HumanDuration> = r.take("pause_threshold", &mut self.errs);
+        let cb: Option<RawCircuitBreaker> = r.take("circuit_breaker", &mut self.errs);
+        r.deny_unknown(QUOTA_FIELDS, &format!("quota {name:?}"), &mut self.errs);
+        if rps.is_some() && rpm.is_some() {
+            self.errs.push(
+                src.error(
+                    span.clone(),
+                    path.clone(),
+                    "both requests_per_second and requests_per_minute are set",
+                )
+                .with_help("keep one of them"),
+            );
+        }
+        if tpm.is_some() && tph.is_some() {
+            self.errs.push(
+                src.error(
+                    span.clone(),
+                    path.clone(),
+                    "both tokens_per_minute and tokens_per_hour are set",
+                )
+                .with_help("keep one of them"),
+            );
+        }
+        let requests = rps.or(rpm);
+        let tokens = tpm.or(tph);
+        if requests.is_none()
+            && tokens.is_none()
+            && max_concurrency.is_none()
+            && !r.has("requests_per_second")
+            && !r.has("requests_per_minute")
+            && !r.has("tokens_per_minute")
+            && !r.has("tokens_per_hour")
+            && !r.has("max_concurrency")
+        {
+            self.errs.push(
+                src.error(span.clone(), path.clone(), "a quota needs at least one limit")
+                    .with_help("set requests_per_second, requests_per_minute, tokens_per_minute, tokens_per_hour or max_concurrency"),
+            );
+        }
+        let circuit_breaker = match cb {
+            None => None,
+            Some(cb) => {
+                if !(cb.failure_ratio > 0.0 && cb.failure_ratio <= 1.0) {
+                    let s = r
+                        .entry("circuit_breaker")
+                        .map(|(_, v)| span_at(v, &["failure_ratio".into()]));
+                    self.errs.push(
+                        src.error(
+                            s.unwrap_or(span.clone()),
+                            format!("{path}.circuit_breaker.failure_ratio"),
+                            format!("failure_ratio {} is out of range", cb.failure_ratio),
+                        )
+                        .with_help("use a ratio above 0 and at most 1, e.g. 0.5"),
+                    );
+                }
+                Some(CircuitBreakerSpec {
+                    failure_ratio: cb.failure_ratio,
+                    min_calls: cb.min_calls,
+                    window: cb.window.get(),
+                    open_for: cb.open_for.get(),
+                })
+            }
+        };
+        if self.errs.len() > errs_before {
+            return None;
+        }
+        let (line, col) = src.line_col(span.start);
+        Some(QuotaModel {
+            name: name.into(),
+            requests,
+            tokens,
+            burst,
+            max_concurrency,
+            circuit_breaker,
+            pause_threshold: pause_threshold.map_or(DEFAULT_PAUSE_THRESHOLD, HumanDuration::get),
+            declared_at: format!("{}:{line}:{col}", src.path.display()),
+            implicit: false,
+        })
+    }
+
+    /// The implicit quota of `upstream`, created when an agent first calls it.
+    pub(super) fn implicit_quota(
+        &mut self,
+        src_idx: usize,
+        span: &Range<usize>,
+        agent: &str,
+        upstream: &str,
+    ) -> Arc<str> {
+        let name = format!("{}{upstream}", QuotaModel::IMPLICIT_PREFIX);
+        if !self.quotas.contains_key(&name) {
+            let src = &self.sources[src_idx];
+            let (line, col) = src.line_col(span.start);
+            let at = format!(
+                "{}:{line}:{col} (upstream of agent {agent:?}, which names no quota)",
+                src.path.display()
+            );
+            self.quotas.insert(
+                name.clone(),
+                QuotaModel::implicit(upstream, at, DEFAULT_PAUSE_THRESHOLD),
+            );
+        }
+        name.into()
+    }
+}

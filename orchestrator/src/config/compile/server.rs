@@ -1,0 +1,212 @@
+//! The server file, `cascade.toml`: its `[server]` and `[telemetry]` sections and the graph files
+//! it lists.
+
+use super::*;
+
+const SERVER_FILE_SECTIONS: &[&str] = &["graphs", "server", "quotas", "telemetry"];
+const SERVER_FIELDS: &[&str] = &[
+    "grpc_addr",
+    "http_addr",
+    "data_dir",
+    "cascade",
+    "webhook_secret",
+    "callback_secret",
+    "max_input_bytes",
+    "retention",
+    "shutdown_grace",
+    "max_events_per_job",
+    "store_queue_capacity",
+];
+const TELEMETRY_FIELDS: &[&str] = &[
+    "otlp_endpoint",
+    "service_name",
+    "sample_ratio",
+    "filter",
+    "headers",
+    "timeout",
+];
+
+impl Loader<'_> {
+    /// `cascade.toml`: server settings, shared quotas and the list of graph files.
+    pub(super) fn server_file(&mut self, src: &Source) -> Vec<PathBuf> {
+        let Some(doc) = self.parse(src) else {
+            return Vec::new();
+        };
+        let mut r = TableReader::new(src, "", 0..0, doc.get_ref());
+        let base = src.path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut files = Vec::new();
+        if let Some(list) = r.take::<Vec<String>>("graphs", &mut self.errs) {
+            for entry in list {
+                let p = base.join(&entry);
+                if p.is_dir() {
+                    match std::fs::read_dir(&p) {
+                        Ok(rd) => {
+                            let mut found: Vec<PathBuf> = rd
+                                .filter_map(|e| e.ok().map(|e| e.path()))
+                                .filter(|f| {
+                                    f.extension().is_some_and(|x| x == "toml") && f != &src.path
+                                })
+                                .collect();
+                            found.sort();
+                            files.extend(found);
+                        }
+                        Err(e) => self
+                            .errs
+                            .push(ConfigError::file(&p, format!("cannot list directory: {e}"))),
+                    }
+                } else {
+                    files.push(p);
+                }
+            }
+        }
+        if let Some((k, v)) = r.entry("server") {
+            r.skip("server");
+            if let Some(t) = self.expect_table(src, "server", k.span(), v) {
+                let mut s = TableReader::new(src, "server", k.span(), t);
+                self.server.grpc_addr = s.take("grpc_addr", &mut self.errs);
+                self.server.http_addr = s.take("http_addr", &mut self.errs);
+                self.server.data_dir = s.take("data_dir", &mut self.errs);
+                if let Some(on) = s.take("cascade", &mut self.errs) {
+                    self.server.cascade = on;
+                }
+                self.server.webhook_secret = s.take("webhook_secret", &mut self.errs);
+                self.server.callback_secret = s.take("callback_secret", &mut self.errs);
+                self.server.max_input_bytes = s.take("max_input_bytes", &mut self.errs);
+                self.server.retention = s
+                    .take::<HumanDuration>("retention", &mut self.errs)
+                    .map(HumanDuration::get);
+                self.server.shutdown_grace = s
+                    .take::<HumanDuration>("shutdown_grace", &mut self.errs)
+                    .map(HumanDuration::get);
+                self.server.max_events_per_job = s
+                    .take::<std::num::NonZeroUsize>("max_events_per_job", &mut self.errs)
+                    .map(std::num::NonZeroUsize::get);
+                self.server.store_queue_capacity = s
+                    .take::<std::num::NonZeroUsize>("store_queue_capacity", &mut self.errs)
+                    .map(std::num::NonZeroUsize::get);
+                s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
+            }
+        }
+        if let Some((k, v)) = r.entry("telemetry") {
+            r.skip("telemetry");
+            if let Some(t) = self.expect_table(src, "telemetry", k.span(), v) {
+                let mut s = TableReader::new(src, "telemetry", k.span(), t);
+                self.telemetry(src, &mut s);
+                s.deny_unknown(TELEMETRY_FIELDS, "[telemetry]", &mut self.errs);
+            }
+        }
+        if let Some((k, v)) = r.entry("quotas") {
+            r.skip("quotas");
+            self.quotas_table(src, k.span(), v);
+        }
+        r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
+        files
+    }
+
+    /// `[telemetry]`: OTLP trace export. Every value is checked here, so a server never starts
+    /// with an exporter that cannot work.
+    pub(super) fn telemetry(&mut self, src: &Source, s: &mut TableReader<'_, '_>) {
+        let t = &mut self.telemetry;
+        if let Some((url, span)) = s.take_spanned::<String>("otlp_endpoint", &mut self.errs) {
+            match url.parse::<tonic::transport::Uri>() {
+                Ok(u)
+                    if matches!(u.scheme_str(), Some("http" | "https"))
+                        && u.host().is_some() =>
+                {
+                    t.otlp_endpoint = Some(url);
+                }
+                _ => self.errs.push(
+                    src.error(
+                        span,
+                        "telemetry.otlp_endpoint",
+                        format!("{url:?} is not an http:// or https:// URL"),
+                    )
+                    .with_help(
+                        "give the collector's OTLP/gRPC address, for example: otlp_endpoint = \"http://127.0.0.1:4317\"",
+                    ),
+                ),
+            }
+        }
+        if let Some(name) = s.take::<String>("service_name", &mut self.errs) {
+            t.service_name = name;
+        }
+        if let Some((ratio, span)) = s.take_spanned::<f64>("sample_ratio", &mut self.errs) {
+            if (0.0..=1.0).contains(&ratio) {
+                t.sample_ratio = ratio;
+            } else {
+                self.errs.push(
+                    src.error(
+                        span,
+                        "telemetry.sample_ratio",
+                        format!("{ratio} is not between 0.0 and 1.0"),
+                    )
+                    .with_help("the share of jobs whose trace is exported: 1.0 for all, 0.1 for one in ten"),
+                );
+            }
+        }
+        if let Some((filter, span)) = s.take_spanned::<String>("filter", &mut self.errs) {
+            match tracing_subscriber::EnvFilter::builder().parse(&filter) {
+                Ok(_) => t.filter = filter,
+                Err(e) => self.errs.push(
+                    src.error(span, "telemetry.filter", format!("not a valid filter: {e}"))
+                        .with_help(format!(
+                            "use RUST_LOG syntax, for example: filter = \"{}\"",
+                            TelemetrySettings::DEFAULT_FILTER
+                        )),
+                ),
+            }
+        }
+        if let Some((k, v)) = s.entry("headers") {
+            s.skip("headers");
+            if let Some(table) = self.expect_table(src, "telemetry.headers", k.span(), v) {
+                let mut entries: Vec<_> = table.iter().collect();
+                entries.sort_by_key(|(k, _)| k.span().start);
+                for (k, v) in entries {
+                    let name: &str = k.get_ref();
+                    let path = format!("telemetry.headers.{name}");
+                    if name.ends_with("-bin") {
+                        self.errs.push(
+                            src.error(
+                                k.span(),
+                                path,
+                                format!("{name:?} is a binary header, which is not supported"),
+                            )
+                            .with_help("header values here are text: drop the -bin suffix"),
+                        );
+                        continue;
+                    }
+                    if tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()).is_err() {
+                        self.errs.push(
+                            src.error(k.span(), path, format!("{name:?} is not a valid gRPC metadata name"))
+                                .with_help("use lowercase letters, digits and dashes, for example: headers = { x-api-key = \"env:OTLP_API_KEY\" }"),
+                        );
+                        continue;
+                    }
+                    match deserialize::<crate::secret::SecretRef>(v) {
+                        Ok(r) => {
+                            self.telemetry.headers.insert(name.to_ascii_lowercase(), r);
+                        }
+                        Err(e) => self.errs.push(
+                            src.error(v.span(), path, e.message().trim().to_string())
+                                .with_help(format!("for example: {name} = \"env:OTLP_API_KEY\"")),
+                        ),
+                    }
+                }
+            }
+        }
+        if let Some((d, span)) = s.take_spanned::<HumanDuration>("timeout", &mut self.errs) {
+            if d.get().is_zero() {
+                self.errs.push(
+                    src.error(
+                        span,
+                        "telemetry.timeout",
+                        "a zero timeout fails every export",
+                    )
+                    .with_help("give an export time to finish, for example: timeout = \"10s\""),
+                );
+            } else {
+                self.telemetry.timeout = d.get();
+            }
+        }
+    }
+}
