@@ -5,8 +5,9 @@
 //! run on one machine (figures on this shared machine are noisy: compare the ratio). It also reports
 //! the memory held per in-flight job.
 //!
-//! `cargo bench --bench engine` (set `ENGINE_BENCH_JOBS` to change the job count, and
-//! `ENGINE_BENCH=observability` to measure only the cost of observability).
+//! `cargo bench --bench engine` (set `ENGINE_BENCH_JOBS` to change the job count,
+//! `ENGINE_BENCH=observability` to measure only the cost of observability, `ENGINE_BENCH=rss` only
+//! RSS against jobs run, up to `ENGINE_BENCH_RSS_JOBS`, default 1,000,000).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;
@@ -320,6 +321,84 @@ async fn memory_per_in_flight_job(n: usize) -> f64 {
     after.saturating_sub(before) as f64 / n as f64
 }
 
+/// Resident memory of this process now, from `/proc/self/status` (0 where there is none).
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// RSS against jobs run: the zero-latency 5-step pipeline as `cascade run` runs it (in-memory
+/// store with its default retention of 100,000 finished jobs, 256 jobs in flight), with RSS read
+/// at each checkpoint. Past the retention, RSS must stay flat; below it, the bytes allocated per
+/// retained finished job are what a job costs the store.
+async fn rss_versus_jobs(checkpoints: &[usize]) {
+    let mut m = model(&pipeline_toml(None));
+    Arc::make_mut(&mut m.graphs[0]).max_in_flight_jobs =
+        std::num::NonZeroUsize::new(256).expect("256");
+    let metrics = common::env_or("ENGINE_BENCH_METRICS", 1) != 0;
+    let retain = common::env_or("ENGINE_BENCH_RETAIN", 100_000);
+    let orch = Orchestrator::builder(m)
+        .metrics(metrics)
+        .cascade(common::env_or("ENGINE_BENCH_CASCADE", 1) != 0)
+        .store(Arc::new(MemoryStore::with_retention(retain)))
+        .start()
+        .await
+        .expect("start");
+    let total = *checkpoints.last().expect("checkpoints");
+    ALLOCATED.store(1 << 40, Relaxed);
+    COUNTING.store(true, Relaxed);
+    let base_alloc = ALLOCATED.load(Relaxed);
+    let base_rss = rss_bytes();
+    let mut next = checkpoints.iter().copied().peekable();
+    let mut first_rss = None;
+    let start = Instant::now();
+    // Submissions run ahead of the finished jobs by at most this many (they wait in the store).
+    let ahead = 4096;
+    let mut submitted = 0;
+    let finished = |orch: &Orchestrator| {
+        let s = orch.stats("pipeline").expect("graph");
+        (s.jobs_succeeded + s.jobs_failed) as usize
+    };
+    while let Some(&at) = next.peek() {
+        let done = finished(&orch);
+        while submitted < total && submitted < done + ahead {
+            orch.submit(SubmitRequest::new("pipeline", json!({ "n": submitted })))
+                .await
+                .expect("submit");
+            submitted += 1;
+        }
+        if done >= at {
+            next.next();
+            let rss = rss_bytes();
+            let retained = done.min(retain).max(1);
+            let per_job =
+                (ALLOCATED.load(Relaxed).saturating_sub(base_alloc)) as f64 / retained as f64;
+            let first = *first_rss.get_or_insert(rss);
+            println!(
+                "  {done:>9} jobs  {:>7.0} jobs/s  RSS {:>7.1} MiB ({:+6.1} MiB since 100k)  allocated per retained job {:>6.0} B",
+                done as f64 / start.elapsed().as_secs_f64(),
+                rss as f64 / 1048576.0,
+                (rss as f64 - first as f64) / 1048576.0,
+                per_job,
+            );
+            continue;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    COUNTING.store(false, Relaxed);
+    println!(
+        "  (RSS before the first job: {:.1} MiB)",
+        base_rss as f64 / 1048576.0
+    );
+    orch.shutdown(Duration::from_secs(5)).await;
+}
+
 /// A stand-in OTLP/gRPC collector on 127.0.0.1, on a thread and runtime of its own (as a local
 /// collector would be a process of its own); it counts the spans it receives.
 fn start_collector() -> (u16, Arc<AtomicUsize>) {
@@ -492,11 +571,26 @@ fn main() {
     println!(
         "engine benchmark: {jobs} jobs per run, zero-latency simulated agents, 2 worker threads"
     );
+    let only = std::env::var("ENGINE_BENCH").unwrap_or_default();
+    let rt = common::runtime();
+    if only == "rss" || only.is_empty() {
+        let max: usize = common::env_or("ENGINE_BENCH_RSS_JOBS", 1_000_000);
+        let points: Vec<usize> = [100_000, 200_000, 400_000, 1_000_000]
+            .into_iter()
+            .filter(|&p| p <= max)
+            .collect();
+        println!(
+            "RSS against jobs run (5-step pipeline, zero latency, 256 in flight, default retention 100000):"
+        );
+        rt.block_on(rss_versus_jobs(&points));
+        if only == "rss" {
+            return;
+        }
+    }
     observability_cost(jobs / 2);
-    if std::env::var("ENGINE_BENCH").as_deref() == Ok("observability") {
+    if only == "observability" {
         return;
     }
-    let rt = common::runtime();
     rt.block_on(async {
         // Warm up allocators and code paths.
         run_cascade(model(&pipeline_toml(None)), jobs / 20).await;

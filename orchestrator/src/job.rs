@@ -107,7 +107,7 @@ impl StepState {
 }
 
 /// One agent's work for one job.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StepRecord {
     pub agent: Arc<str>,
     pub state: StepState,
@@ -134,7 +134,7 @@ pub struct Repeat {
 }
 
 /// What the store keeps of a job.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobRecord {
     pub id: JobId,
     pub graph: Arc<str>,
@@ -154,7 +154,7 @@ pub struct JobRecord {
     /// Number of events recorded so far (the last event's `seq`).
     pub events: u64,
     /// Events not kept in the job's log because it held `max_events_per_job` already.
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub events_dropped: u64,
     /// This job's own deadline, overriding the graph's.
     pub deadline: Option<Duration>,

@@ -2,13 +2,19 @@
 //! `open_for` once the failure ratio over the sliding `window` reaches `failure_ratio` with at
 //! least `min_calls` calls; then half-open, letting one probe call through: its success closes the
 //! circuit, its failure opens it again.
-
-use std::collections::VecDeque;
+//!
+//! The window's outcomes are counted in [`WINDOW_BUCKETS`] buckets, so a breaker's memory does
+//! not grow with the rate of calls (it once kept every outcome: 1.3 M entries, 32 MB, at 22k
+//! calls/s over 60 s); an outcome leaves the window within one bucket of `window`.
 
 use serde::Serialize;
 use tokio::time::Instant;
 
+use super::limits::SlidingCounts;
 use crate::model::CircuitBreakerSpec;
+
+/// Buckets of a breaker's sliding window.
+pub const WINDOW_BUCKETS: usize = 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -27,8 +33,8 @@ pub struct CircuitBreaker {
 #[derive(Clone, Debug)]
 enum State {
     Closed {
-        outcomes: VecDeque<(Instant, bool)>,
-        failures: u32,
+        /// (calls, failures) over the window.
+        outcomes: SlidingCounts<WINDOW_BUCKETS>,
     },
     Open {
         until: Instant,
@@ -53,8 +59,7 @@ impl CircuitBreaker {
         Self {
             spec,
             state: State::Closed {
-                outcomes: VecDeque::new(),
-                failures: 0,
+                outcomes: SlidingCounts::new(spec.window),
             },
         }
     }
@@ -106,20 +111,11 @@ impl CircuitBreaker {
     /// if it failed (transient error, timeout). Returns whether the state changed.
     pub fn on_outcome(&mut self, now: Instant, ok: bool) -> bool {
         match &mut self.state {
-            State::Closed { outcomes, failures } => {
-                outcomes.push_back((now, ok));
-                *failures += (!ok) as u32;
-                while let Some(&(t, was_ok)) = outcomes.front() {
-                    if now.duration_since(t) > self.spec.window {
-                        outcomes.pop_front();
-                        *failures -= (!was_ok) as u32;
-                    } else {
-                        break;
-                    }
-                }
-                let calls = outcomes.len() as u32;
+            State::Closed { outcomes } => {
+                outcomes.add(now, 1, (!ok) as u32);
+                let (calls, failures) = outcomes.sum(now);
                 if calls >= self.spec.min_calls.get()
-                    && *failures as f64 >= self.spec.failure_ratio * calls as f64
+                    && failures as f64 >= self.spec.failure_ratio * calls as f64
                 {
                     self.state = State::Open {
                         until: now + self.spec.open_for,
@@ -131,8 +127,7 @@ impl CircuitBreaker {
             State::HalfOpen { .. } => {
                 self.state = if ok {
                     State::Closed {
-                        outcomes: VecDeque::new(),
-                        failures: 0,
+                        outcomes: SlidingCounts::new(self.spec.window),
                     }
                 } else {
                     State::Open {
@@ -225,5 +220,30 @@ mod tests {
         b.on_outcome(later, false);
         // Within the window: 3 ok, 1 failure → ratio 0.25 < 0.5.
         assert_eq!(b.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_holds_fixed_memory_whatever_the_rate() {
+        let mut b = breaker();
+        let t0 = Instant::now();
+        // A million answers within the window, then failures: the ratio still counts them all.
+        for i in 0..1_000_000u32 {
+            b.on_outcome(t0 + Duration::from_micros(u64::from(i)), true);
+        }
+        assert_eq!(
+            std::mem::size_of_val(&b.state),
+            std::mem::size_of::<State>()
+        );
+        let t1 = t0 + Duration::from_secs(2);
+        for _ in 0..1000 {
+            assert!(!b.on_outcome(t1, false));
+        }
+        assert_eq!(b.state(), CircuitState::Closed);
+        // Once the answers have left the window, the failures open it.
+        let t2 = t0 + Duration::from_secs(11);
+        for _ in 0..3 {
+            b.on_outcome(t2, false);
+        }
+        assert_eq!(b.state(), CircuitState::Open);
     }
 }

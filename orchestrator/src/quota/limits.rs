@@ -108,22 +108,22 @@ impl Aimd {
     }
 }
 
-/// Calls the upstream answered per second over the last second, counted in ten buckets of 100 ms:
-/// its size does not depend on the rate. Counting starts with the first answer.
+/// Two counts over a sliding window, kept in `N` buckets of `window / N`: its memory is fixed
+/// whatever the rate of events, and an event leaves the window within one bucket of `window`.
 #[derive(Clone, Debug)]
-pub struct AcceptMeter {
-    buckets: [u32; 10],
-    /// Index of the current bucket, counted from `started` in 100 ms steps.
+pub struct SlidingCounts<const N: usize> {
+    bucket: Duration,
+    counts: [[u32; 2]; N],
+    /// Index of the current bucket, counted from `started` in `bucket` steps.
     current: u64,
     started: Option<Instant>,
 }
 
-impl AcceptMeter {
-    const BUCKET: Duration = Duration::from_millis(100);
-
-    pub fn new() -> Self {
+impl<const N: usize> SlidingCounts<N> {
+    pub fn new(window: Duration) -> Self {
         Self {
-            buckets: [0; 10],
+            bucket: (window / N as u32).max(Duration::from_micros(1)),
+            counts: [[0; 2]; N],
             current: 0,
             started: None,
         }
@@ -131,36 +131,73 @@ impl AcceptMeter {
 
     fn advance(&mut self, now: Instant) {
         let Some(started) = self.started else { return };
-        let index = (now.saturating_duration_since(started).as_millis() / 100) as u64;
-        if index >= self.current + 10 {
-            self.buckets = [0; 10];
+        let index =
+            (now.saturating_duration_since(started).as_nanos() / self.bucket.as_nanos()) as u64;
+        if index >= self.current + N as u64 {
+            self.counts = [[0; 2]; N];
         } else {
             for i in self.current + 1..=index {
-                self.buckets[(i % 10) as usize] = 0;
+                self.counts[(i % N as u64) as usize] = [0; 2];
             }
         }
         self.current = self.current.max(index);
     }
 
-    pub fn record(&mut self, now: Instant) {
+    pub fn add(&mut self, now: Instant, a: u32, b: u32) {
         self.started.get_or_insert(now);
         self.advance(now);
-        self.buckets[(self.current % 10) as usize] += 1;
+        let c = &mut self.counts[(self.current % N as u64) as usize];
+        c[0] = c[0].saturating_add(a);
+        c[1] = c[1].saturating_add(b);
+    }
+
+    /// The two counts over the window.
+    pub fn sum(&mut self, now: Instant) -> (u32, u32) {
+        self.advance(now);
+        self.counts
+            .iter()
+            .fold((0, 0), |(a, b), c| (a + c[0], b + c[1]))
+    }
+
+    /// How long the window covers now: from the first event, at most the whole window (at least
+    /// one bucket), and whether it is whole.
+    pub fn span(&self, now: Instant) -> (Duration, bool) {
+        let Some(started) = self.started else {
+            return (Duration::ZERO, false);
+        };
+        let since = now.saturating_duration_since(started);
+        let in_current = since.saturating_sub(self.bucket * self.current as u32);
+        let full = self.bucket * (N as u32 - 1) + in_current;
+        (since.min(full).max(self.bucket), since >= full)
+    }
+}
+
+/// The rate at which an upstream answered calls over the last second, in ten 100 ms buckets.
+#[derive(Clone, Debug)]
+pub struct AcceptMeter {
+    counts: SlidingCounts<10>,
+}
+
+impl AcceptMeter {
+    pub fn new() -> Self {
+        Self {
+            counts: SlidingCounts::new(Duration::from_secs(1)),
+        }
+    }
+
+    pub fn record(&mut self, now: Instant) {
+        self.counts.add(now, 1, 0);
     }
 
     /// Answered calls per second over the last second (or since the first answer, if shorter;
     /// at least one bucket long), and whether a whole second was measured.
     pub fn rate(&mut self, now: Instant) -> (f64, bool) {
-        let Some(started) = self.started else {
+        if self.counts.started.is_none() {
             return (0.0, false);
-        };
-        self.advance(now);
-        let sum: u32 = self.buckets.iter().sum();
-        let since = now.saturating_duration_since(started);
-        let in_current = since.saturating_sub(Self::BUCKET * self.current as u32);
-        let full = Self::BUCKET * 9 + in_current;
-        let window = since.min(full).max(Self::BUCKET);
-        (f64::from(sum) / window.as_secs_f64(), since >= full)
+        }
+        let (sum, _) = self.counts.sum(now);
+        let (window, whole) = self.counts.span(now);
+        (f64::from(sum) / window.as_secs_f64(), whole)
     }
 }
 
