@@ -4,8 +4,9 @@
 //! circuit, its failure opens it again.
 //!
 //! The window's outcomes are counted in [`WINDOW_BUCKETS`] buckets, so a breaker's memory does
-//! not grow with the rate of calls (it once kept every outcome: 1.3 M entries, 32 MB, at 22k
-//! calls/s over 60 s); an outcome leaves the window within one bucket of `window`.
+//! not grow with the rate of calls (it once kept every outcome: heaptrack found 31 MB in the
+//! breakers of five implicit quotas at ~20k jobs/s with the 30 s default window); an outcome
+//! leaves the window within one bucket of `window`.
 
 use serde::Serialize;
 use tokio::time::Instant;

@@ -353,24 +353,6 @@ mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
-    async fn gcra_spaces_calls_after_the_burst() {
-        let t0 = Instant::now();
-        let mut g = Gcra::new(10.0, 3);
-        for _ in 0..3 {
-            assert_eq!(g.earliest(t0, 1.0), t0);
-            g.take(t0, 1.0);
-        }
-        assert_eq!(g.available(t0, 1.0), 0);
-        assert_eq!(g.earliest(t0, 1.0), t0 + Duration::from_millis(100));
-        // At half the rate (AIMD lowered it) the calls are spaced twice as far.
-        let mut g = Gcra::new(10.0, 3);
-        for _ in 0..3 {
-            g.take(t0, 0.5);
-        }
-        assert_eq!(g.earliest(t0, 0.5), t0 + Duration::from_millis(200));
-    }
-
-    #[tokio::test(start_paused = true)]
     async fn aimd_decreases_once_per_burst_and_climbs_back() {
         let t0 = Instant::now();
         let mut a = Aimd::new(t0);

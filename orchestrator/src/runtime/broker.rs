@@ -44,6 +44,8 @@ pub(crate) struct BrokerState {
     circuits: Vec<Option<CircuitState>>,
     timer: Option<(Instant, u64)>,
     timer_gen: u64,
+    /// Scratch list of the quotas a message touched.
+    touched: Vec<usize>,
 }
 
 impl Actor for Broker {
@@ -79,6 +81,7 @@ impl Actor for Broker {
             next_grant: 0,
             timer: None,
             timer_gen: 0,
+            touched: Vec::new(),
         })
     }
 
@@ -90,11 +93,14 @@ impl Actor for Broker {
     ) -> Result<(), ActorProcessingErr> {
         let now = Instant::now();
         // Quotas whose exhaustion this message may change; every quota when `None`.
-        let mut touched: Option<Vec<usize>> = Some(Vec::new());
+        // Reuses the state's scratch list: no allocation per message.
+        let mut list = std::mem::take(&mut s.touched);
+        list.clear();
+        let mut touched = true;
         match msg {
             BrokerMsg::Acquire(a) => {
                 s.next_req += 1;
-                touched = Some(s.index.agents[a.agent.0][a.agent.1].clone());
+                list.extend_from_slice(&s.index.agents[a.agent.0][a.agent.1]);
                 s.waiting.insert((a.seq, s.next_req), *a);
             }
             BrokerMsg::Settle {
@@ -103,23 +109,21 @@ impl Actor for Broker {
                 outcome,
             } => {
                 if let Some(reservations) = s.outstanding.remove(&grant) {
-                    let mut cores = Vec::with_capacity(reservations.len());
                     for (q, r) in reservations {
                         s.cores[q].settle(now, r, usage, outcome);
-                        cores.push(q);
+                        list.push(q);
                     }
-                    touched = Some(cores);
                 }
             }
             BrokerMsg::Tick(generation) => {
                 // Time passed: any quota's wait may have ended.
-                touched = None;
+                touched = false;
                 if s.timer.is_some_and(|(_, g)| g == generation) {
                     s.timer = None;
                 }
             }
             BrokerMsg::AgentHealth { agent, failed } => {
-                touched = None;
+                touched = false;
                 let info = failed.then(|| CauseInfo {
                     until_unix_ms: None,
                     reason: "agent restarted too often and is marked failed".into(),
@@ -132,7 +136,7 @@ impl Actor for Broker {
                 duration,
                 reply,
             } => {
-                touched = None;
+                touched = false;
                 let mut found = false;
                 for c in s.cores.iter_mut().filter(|c| c.name() == quota) {
                     c.hold(now, duration);
@@ -155,13 +159,11 @@ impl Actor for Broker {
                 return Ok(());
             }
         }
-        let granted = s.grant_pass(now);
-        if let Some(t) = &mut touched {
-            t.extend(granted);
-            t.sort_unstable();
-            t.dedup();
-        }
-        s.exhaustion_pass(now, touched.as_deref());
+        s.grant_pass(now, &mut list);
+        list.sort_unstable();
+        list.dedup();
+        s.exhaustion_pass(now, touched.then_some(&list[..]));
+        s.touched = list;
         Ok(())
     }
 }
@@ -169,12 +171,11 @@ impl Actor for Broker {
 impl BrokerState {
     /// Grant waiting calls, oldest job first. Once a call must wait at a quota, no younger call
     /// may pass it there.
-    /// Returns the quotas that granted calls.
-    fn grant_pass(&mut self, now: Instant) -> Vec<usize> {
+    /// Adds the quotas that granted calls to `spent`.
+    fn grant_pass(&mut self, now: Instant, spent: &mut Vec<usize>) {
         let mut blocked = vec![false; self.cores.len()];
         let mut wake: Option<Instant> = None;
         let mut granted: Vec<(u64, u64)> = Vec::new();
-        let mut spent: Vec<usize> = Vec::new();
         for (key, req) in &self.waiting {
             if blocked.iter().all(|b| *b) {
                 break;
@@ -210,9 +211,7 @@ impl BrokerState {
                 .collect();
             for &q in quotas {
                 self.last_tokens[q] = req.tokens;
-                if !spent.contains(&q) {
-                    spent.push(q);
-                }
+                spent.push(q);
             }
             self.next_grant += 1;
             let grant = self.next_grant;
@@ -234,7 +233,6 @@ impl BrokerState {
             self.waiting.remove(&key);
         }
         self.schedule(now, wake);
-        spent
     }
 
     /// Re-evaluate the exhaustion of the quotas in `only` (every quota when `None`: time passed,

@@ -722,12 +722,18 @@ impl SchedState {
                 .as_ref()
                 .filter(|p| p.job == *id && p.token == token)
                 .map(|p| AgentError::transient(format!("agent panicked: {}", p.message)));
-            if let Some(d) = st.on_agent_lost(charged.as_ref(), rules, self.rng.random(), now) {
-                decisions.push((*id, charged, d));
+            match (
+                st.on_agent_lost(charged.as_ref(), rules, self.rng.random(), now),
+                charged,
+            ) {
+                (Some(Decision::Requeue { after: None }), _) => {
+                    slot.queue.push(Reverse((job.seq, *id)));
+                }
+                (Some(d), Some(e)) => decisions.push((*id, e, d)),
+                _ => {}
             }
         }
-        for (id, charged, d) in decisions {
-            let e = charged.unwrap_or_else(|| AgentError::transient("agent restarted"));
+        for (id, e, d) in decisions {
             self.carry_out(id, i, &e, d);
         }
         self.pump(i);
