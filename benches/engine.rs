@@ -90,8 +90,16 @@ fn fanout_toml() -> String {
 }
 
 fn model(toml: &str) -> ServerModel {
-    config::parse_graph_str("bench.toml", toml, &Registry::default())
-        .unwrap_or_else(|e| panic!("{e}"))
+    let mut m = config::parse_graph_str("bench.toml", toml, &Registry::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    if std::env::var_os("ENGINE_BENCH_NO_IMPLICIT").is_some() {
+        for g in &mut m.graphs {
+            for a in &mut Arc::make_mut(g).agents {
+                a.quotas.retain(|q| !q.starts_with("upstream:"));
+            }
+        }
+    }
+    m
 }
 
 /// Submit `jobs` jobs and wait until all have finished; returns the wall time.
@@ -113,12 +121,19 @@ async fn run_cascade_with(model: ServerModel, jobs: usize, metrics: bool) -> Dur
             .await
             .expect("submit");
     }
+    // A run that stops making progress is a defect to report, not a bench to wait on.
+    let (mut last_done, mut last_change) = (0, Instant::now());
     loop {
         let s = orch.stats(&graph).expect("graph");
         let done = s.jobs_succeeded + s.jobs_failed;
         if done as usize >= jobs {
             assert_eq!(s.jobs_failed, 0);
             break;
+        }
+        if done != last_done {
+            (last_done, last_change) = (done, Instant::now());
+        } else if last_change.elapsed() > Duration::from_secs(20) {
+            panic!("no job finished for 20 s: {done} of {jobs} done; {s:#?}");
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
     }
@@ -292,7 +307,12 @@ async fn run_baseline_fanout(jobs: usize) -> Duration {
 /// Memory per in-flight job: hold `n` jobs in flight (agents that sleep) and compare the bytes
 /// allocated before and after.
 async fn memory_per_in_flight_job(n: usize) -> f64 {
-    let mut m = model(&pipeline_toml(Some("1h")));
+    // Calls that never answer keep an unknown upstream's implicit quota in slow start (16 calls
+    // in flight); a declared quota with room for every job holds them all, each with its grant.
+    let toml = pipeline_toml(Some("1h"))
+        .replace("kind = \"sim\"\n", "kind = \"sim\"\nquota = \"sim\"\n")
+        + &format!("[quotas.sim]\nmax_concurrency = {n}\n");
+    let mut m = model(&toml);
     let g: &mut GraphModel = Arc::make_mut(&mut m.graphs[0]);
     g.max_in_flight_jobs = std::num::NonZeroUsize::new(n).expect("n > 0");
     for a in &mut g.agents {
@@ -310,11 +330,16 @@ async fn memory_per_in_flight_job(n: usize) -> f64 {
             .await
             .expect("submit");
     }
+    let waiting = Instant::now();
     loop {
         let snap = orch.scheduler_snapshot("pipeline").await.expect("snapshot");
         if snap.agents[0].in_flight as usize >= n {
             break;
         }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(60),
+            "{n} jobs submitted, not all in flight after 60 s: {snap:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let after = ALLOCATED.load(Relaxed);
