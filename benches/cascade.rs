@@ -9,6 +9,8 @@
 //!    time), so a six-minute storm takes seconds; what it measures is accounting, not CPU.
 //! 4. Propagation latency: a generated DAG of 1,000 agents; time from a quota's exhaustion to
 //!    every descendant paused in its scheduler.
+//! 5. Fault storm: panics, transient errors, timeouts and 429s under a concurrency quota; every
+//!    job must end and every slot come back.
 //!
 //! Every upstream here is simulated (`kind = "sim"`).
 
@@ -245,8 +247,91 @@ async fn propagation(n: usize, rounds: usize) -> Vec<f64> {
     samples
 }
 
+/// The fault storm: a 3-agent chain whose middle agent holds a slot of `slots`
+/// (`max_concurrency = 64`); every agent panics 1% of the time, fails transiently 2% of the time
+/// and sometimes outlasts its 50 ms timeout, and the middle one's upstream refuses above 400/s.
+/// Every job must end (none stuck) and every slot come back once the graph is idle.
+async fn fault_storm(jobs: usize) {
+    sim::quiet_simulated_panics();
+    let mut toml = String::from(
+        "[graph]\nname = \"faults\"\nmax_in_flight_jobs = 300\nmax_pending_jobs = 100000\n\
+         [quotas.slots]\nmax_concurrency = 64\n",
+    );
+    for (i, name) in ["first", "middle", "last"].iter().enumerate() {
+        toml += &format!(
+            "[agents.{name}]\nkind = \"sim\"\nlatency = {{ lognormal = {{ median = \"10ms\", sigma = 0.8 }} }}\n\
+             timeout = \"50ms\"\npanic_rate = 0.01\ntransient_failure_rate = 0.02\n\
+             max_restarts = 100000\nmax_concurrency = 300\n\
+             retry = {{ max_attempts = 5, initial_delay = \"5ms\", max_delay = \"100ms\" }}\n"
+        );
+        if i > 0 {
+            toml += &format!("after = [\"{}\"]\n", ["first", "middle"][i - 1]);
+        }
+        if *name == "middle" {
+            toml += "quota = \"slots\"\nupstream = \"faulty\"\n\
+                     upstream_limit = { requests_per_second = 400, burst = 20 }\n";
+        }
+    }
+    let model = config::parse_graph_str("faults.toml", &toml, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let orch = Orchestrator::builder(model).start().await.expect("start");
+    let start = Instant::now();
+    let mut ids = Vec::with_capacity(jobs);
+    for i in 0..jobs {
+        ids.push(
+            orch.submit(SubmitRequest::new("faults", json!({ "n": i })))
+                .await
+                .expect("submit")
+                .id,
+        );
+    }
+    // A job still unfinished 120 s after the last one was submitted counts as stuck.
+    let drained = tokio::time::timeout(Duration::from_secs(120), async {
+        for &id in &ids {
+            orch.wait(id).await.expect("wait");
+        }
+    })
+    .await
+    .is_ok();
+    let wall = start.elapsed().as_secs_f64();
+    let (mut ok, mut failed, mut stuck) = (0, 0, 0);
+    for &id in &ids {
+        match orch.get(id).expect("store").expect("job").state {
+            JobState::Succeeded => ok += 1,
+            s if s.is_terminal() => failed += 1,
+            _ => stuck += 1,
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let slots = orch
+        .quotas()
+        .await
+        .into_iter()
+        .find(|q| q.name == "slots")
+        .expect("quota slots");
+    let stats = orch.stats("faults").expect("graph");
+    let sum = |f: fn(&cascade_orchestrator::runtime::AgentStatsSnapshot) -> u64| {
+        stats.agents.iter().map(f).sum::<u64>()
+    };
+    let up = sim::upstream(orch.registry(), "faulty");
+    println!(
+        "  {jobs} jobs: {ok} succeeded, {failed} failed, {stuck} stuck (drained: {drained}) in {wall:.1}s | \
+         calls {} (re-run as collateral of a restart: {}) | panics {} | restarts {} | retries {} | \
+         steps failed for good {} | 429s {} | slots held when idle {} of 64",
+        sum(|a| a.calls),
+        sum(|a| a.calls).saturating_sub(3 * ok as u64 + sum(|a| a.retries)),
+        sum(|a| a.panics),
+        sum(|a| a.restarts),
+        sum(|a| a.retries),
+        sum(|a| a.failures),
+        up.refusals(),
+        slots.in_flight,
+    );
+    orch.shutdown(Duration::from_secs(5)).await;
+}
+
 fn main() {
-    // `CASCADE_BENCH=storm,noquota,misconfigured,tokens,propagation` (default: all) picks sections.
+    // `CASCADE_BENCH=storm,noquota,misconfigured,tokens,propagation,faults` (default: all) picks sections.
     let only = std::env::var("CASCADE_BENCH").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
     let jobs: usize = common::env_or("STORM_JOBS", 4000);
@@ -272,6 +357,10 @@ fn main() {
         print_storm("cascade", &c, 80.0);
         let n = storm(false, 160, jobs, "misconf").await;
         print_storm("naive", &n, 80.0);
+        }
+        if run("faults") {
+        println!("5. fault storm: 3-agent chain, middle holds a slot of max_concurrency = 64; 1% panics, 2% transient errors, timeouts, 429s above 400/s");
+        fault_storm(jobs / 2).await;
         }
         if run("propagation") {
 

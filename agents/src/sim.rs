@@ -60,6 +60,25 @@ pub const KIND: KindSpec = KindSpec {
     upstream: upstream_name,
 };
 
+/// Keep this module's simulated panics out of the process's output (tests and benchmarks that
+/// panic on purpose); any other panic still reaches the hook installed before. Idempotent.
+pub fn quiet_simulated_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let msg = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .unwrap_or_default();
+            if !msg.starts_with("simulated panic") {
+                default(info);
+            }
+        }));
+    });
+}
+
 /// The simulated upstream a node calls: its `upstream` field, or `"{graph}.{agent}"`.
 fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
     Some(match spec.fields.get("upstream") {
