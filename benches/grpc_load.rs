@@ -5,7 +5,12 @@
 //! Phase 1 (closed loop) measures the throughput. Phase 2 submits at half that rate (open loop)
 //! and measures submit latency there.
 //!
-//! `cargo bench --bench grpc_load` (`GRPC_LOAD_SECS`, `GRPC_LOAD_CLIENTS` to change the run).
+//! Then the cost of watching: the same jobs (5 steps of 20 ms, 512 clients) followed with WatchJob
+//! or by polling GetJob, and polled again beside 10,000 idle watchers of jobs that never move; the
+//! process's CPU time for each run (server and clients share the process).
+//!
+//! `cargo bench --bench grpc_load` (`GRPC_LOAD_SECS`, `GRPC_LOAD_CLIENTS` to change the run;
+//! `GRPC_LOAD=throughput` or `GRPC_LOAD=watchers` for one part, `GRPC_WATCH_JOBS` for the watched jobs).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -157,15 +162,264 @@ async fn run(label: &str, store: Arc<dyn JobStore>, clients: usize, secs: u64) {
     store.flush().await.expect("flush");
 }
 
+const WATCHED: &str = r#"
+[graph]
+name = "watched"
+max_in_flight_jobs = 512
+max_pending_jobs = 1000000
+[agents.classify]
+kind = "sim"
+latency = "20ms"
+max_concurrency = 512
+[agents.enrich]
+kind = "sim"
+after = ["classify"]
+latency = "20ms"
+max_concurrency = 512
+[agents.draft]
+kind = "sim"
+after = ["enrich"]
+latency = "20ms"
+max_concurrency = 512
+[agents.review]
+kind = "sim"
+after = ["draft"]
+latency = "20ms"
+max_concurrency = 512
+[agents.post]
+kind = "sim"
+after = ["review"]
+latency = "20ms"
+max_concurrency = 512
+"#;
+
+/// Jobs that stay running for the whole run: what idle watchers watch.
+const IDLE: &str = r#"
+[graph]
+name = "idle"
+max_in_flight_jobs = 10000
+max_pending_jobs = 10000
+[agents.wait]
+kind = "sim"
+latency = "1h"
+max_concurrency = 10000
+"#;
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here, in clock ticks (100/s).
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    ticks as f64 / 100.0
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Follow {
+    Watch,
+    Poll,
+}
+
+/// Submit to `watched` and follow the job to its end; returns the number of messages received.
+async fn follow_one(c: &mut CascadeClient<Channel>, n: u64, how: Follow) -> u64 {
+    let id = c
+        .submit_job(pb::SubmitJobRequest {
+            graph: "watched".into(),
+            input_json: format!(r#"{{"n": {n}}}"#),
+            ..Default::default()
+        })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job_id;
+    let mut received = 0;
+    match how {
+        Follow::Watch => {
+            let mut events = c
+                .watch_job(pb::WatchJobRequest { job_id: id })
+                .await
+                .expect("watch")
+                .into_inner();
+            while events.message().await.expect("event").is_some() {
+                received += 1;
+            }
+        }
+        Follow::Poll => loop {
+            let job = c
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .expect("get")
+                .into_inner();
+            received += 1;
+            if job.state >= pb::JobState::Succeeded as i32 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        },
+    }
+    received
+}
+
+/// `jobs` jobs, `clients` at a time, each followed as `how` says; returns (CPU s, wall s, messages).
+async fn follow_all(channel: &Channel, jobs: u64, clients: u64, how: Follow) -> (f64, f64, u64) {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (cpu, wall) = (cpu_seconds(), Instant::now());
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut c = CascadeClient::new(channel.clone());
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut received = 0;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= jobs {
+                    return received;
+                }
+                received += follow_one(&mut c, n, how).await;
+            }
+        }));
+    }
+    let mut received = 0;
+    for t in tasks {
+        received += t.await.expect("client");
+    }
+    (cpu_seconds() - cpu, wall.elapsed().as_secs_f64(), received)
+}
+
+async fn watcher_cost(jobs: u64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (w, i) = (
+        dir.path().join("watched.toml"),
+        dir.path().join("idle.toml"),
+    );
+    std::fs::write(&w, WATCHED).expect("write");
+    std::fs::write(&i, IDLE).expect("write");
+    let model = config::load_graph_files(&[w, i], &Default::default()).expect("graphs");
+    let orch = Arc::new(
+        Orchestrator::builder(model)
+            .store(Arc::new(MemoryStore::new()))
+            .start()
+            .await
+            .expect("start"),
+    );
+    let options = ServerOptions {
+        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+        http_addr: "127.0.0.1:0".parse().expect("addr"),
+        ..Default::default()
+    };
+    let server = server::start(orch.clone(), options).await.expect("server");
+    let uri = format!("http://{}", server.grpc_addr);
+    let channel = Channel::from_shared(uri.clone())
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    // Warm up, then the two ways of following a job, alternated.
+    follow_all(&channel, jobs / 10, 512, Follow::Poll).await;
+    let mut rows = Vec::new();
+    for how in [Follow::Watch, Follow::Poll, Follow::Watch, Follow::Poll] {
+        rows.push((how, follow_all(&channel, jobs, 512, how).await));
+    }
+    // 10,000 idle watchers, 100 streams per connection, each past its first event.
+    let mut idle = Vec::new();
+    for k in 0..100 {
+        let ch = Channel::from_shared(uri.clone())
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        for j in 0..100 {
+            let mut c = CascadeClient::new(ch.clone());
+            let id = c
+                .submit_job(pb::SubmitJobRequest {
+                    graph: "idle".into(),
+                    input_json: format!(r#"{{"n": {}}}"#, k * 100 + j),
+                    ..Default::default()
+                })
+                .await
+                .expect("submit")
+                .into_inner()
+                .job_id;
+            if std::env::var_os("GRPC_IDLE_UNWATCHED").is_some() {
+                continue;
+            }
+            let mut events = c
+                .watch_job(pb::WatchJobRequest { job_id: id })
+                .await
+                .expect("watch")
+                .into_inner();
+            events.message().await.expect("event").expect("first event");
+            idle.push(tokio::spawn(async move {
+                let mut more = 0u64;
+                while let Ok(Some(_)) = events.message().await {
+                    more += 1;
+                }
+                more
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with_idle = follow_all(&channel, jobs, 512, Follow::Poll).await;
+    let polls: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.0 == Follow::Poll)
+        .map(|r| r.1.0)
+        .collect();
+    let watches: Vec<f64> = rows
+        .iter()
+        .filter(|r| r.0 == Follow::Watch)
+        .map(|r| r.1.0)
+        .collect();
+    for (how, (cpu, wall, msgs)) in &rows {
+        println!(
+            "  {:<5} {jobs} jobs, 512 at a time: {cpu:>6.2} CPU-s in {wall:>5.1} s, {msgs} messages",
+            if *how == Follow::Watch {
+                "watch"
+            } else {
+                "poll"
+            },
+        );
+    }
+    let (cpu, wall, msgs) = with_idle;
+    println!(
+        "  poll beside 10,000 idle watchers: {cpu:>6.2} CPU-s in {wall:>5.1} s, {msgs} messages"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    println!(
+        "  watch / poll CPU {:.2} (aim ≤ 1.3) | beside 10,000 idle watchers / poll alone {:.2}",
+        mean(&watches) / mean(&polls),
+        cpu / mean(&polls),
+    );
+    server.stop().await;
+    orch.shutdown(Duration::ZERO).await;
+    let mut woken = 0;
+    for t in idle {
+        woken += t.await.unwrap_or(0);
+    }
+    println!(
+        "  messages the idle watchers received after their first: {woken} (while their jobs ran on)"
+    );
+}
+
 fn main() {
+    let part = std::env::var("GRPC_LOAD").unwrap_or_default();
     let secs: u64 = common::env_or("GRPC_LOAD_SECS", 10);
     let clients: usize = common::env_or("GRPC_LOAD_CLIENTS", 64);
     let rt = common::runtime();
     rt.block_on(async {
-        println!("gRPC load: 5-step zero-latency graph, server and clients in one process on 2 worker threads, {secs} s per phase");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let sqlite = SqliteStore::open(SqliteOptions::new(dir.path().join("load.db"))).expect("store");
-        run("sqlite", Arc::new(sqlite), clients, secs).await;
-        run("memory", Arc::new(MemoryStore::new()), clients, secs).await;
+        if part.is_empty() || part == "throughput" {
+            println!("gRPC load: 5-step zero-latency graph, server and clients in one process on 2 worker threads, {secs} s per phase");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let sqlite = SqliteStore::open(SqliteOptions::new(dir.path().join("load.db"))).expect("store");
+            run("sqlite", Arc::new(sqlite), clients, secs).await;
+            run("memory", Arc::new(MemoryStore::new()), clients, secs).await;
+        }
+        if part.is_empty() || part == "watchers" {
+            let jobs: u64 = common::env_or("GRPC_WATCH_JOBS", 20_000);
+            println!("watcher cost: 5 steps of 20 ms, in-memory store, WatchJob vs GetJob every 50 ms");
+            watcher_cost(jobs).await;
+        }
     });
 }

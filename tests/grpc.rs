@@ -741,3 +741,55 @@ async fn top_shows_which_agent_is_paused_and_why() {
     assert!(text.contains("paused agents 2"), "{text}");
     h.stop().await;
 }
+
+/// An open WatchJob stream on a job that runs for an hour does not hold the server's stop: the
+/// stream ends with UNAVAILABLE (not as if the job's events were over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_watch_stream_does_not_hold_the_shutdown() {
+    let graphs = r#"
+    [graph]
+    name = "long"
+    [agents.wait]
+    kind = "sim"
+    latency = "1h"
+    "#;
+    let mut h = start_with(graphs, ServerOptions::default()).await;
+    let id = h
+        .client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "long".into(),
+            input_json: "{}".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let mut events = h
+        .client
+        .watch_job(pb::WatchJobRequest { job_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        events.message().await.unwrap().is_some(),
+        "the watch is live"
+    );
+    let watcher = tokio::spawn(async move {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                ended => return ended.map(|_| ()),
+            }
+        }
+    });
+    let stopped = tokio::time::timeout(server::STOP_GRACE * 3, h.server.stop()).await;
+    assert!(stopped.is_ok(), "stop() waited on the open stream");
+    let ended = tokio::time::timeout(Duration::from_secs(10), watcher)
+        .await
+        .expect("the watcher's stream did not end with the server")
+        .unwrap();
+    let status = ended.expect_err("a stop is not a clean end of the job's events");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    h.orch.shutdown(Duration::ZERO).await;
+}

@@ -68,13 +68,25 @@ pub struct RunningServer {
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How long [`RunningServer::stop`] lets open calls and streams end on their own.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
 impl RunningServer {
-    /// Stop accepting requests and wait for the listeners to close. (The orchestrator is shut
-    /// down separately, so that in-flight jobs can finish first.)
+    /// Stop accepting requests and wait for the listeners to close: up to [`STOP_GRACE`] for
+    /// open calls and streams to end, then their connections are dropped. A WatchJob stream on
+    /// a job that runs for hours never ends by itself, and must not hold the shutdown. (The
+    /// orchestrator is shut down separately, so that in-flight jobs can finish first.)
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        for mut t in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                tracing::warn!(
+                    grace = ?STOP_GRACE,
+                    "open calls or streams outlived the stop grace; dropping their connections"
+                );
+                t.abort();
+            }
         }
     }
 }
@@ -118,7 +130,9 @@ pub async fn start(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the generated descriptor set is valid");
-    let service = CascadeServer::new(CascadeService::new(orch.clone(), options.max_input_bytes));
+    let service = CascadeServer::new(
+        CascadeService::new(orch.clone(), options.max_input_bytes).with_stop(stopped.clone()),
+    );
     let mut grpc_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()

@@ -26,6 +26,8 @@ const MAX_PAGE_SIZE: usize = 1000;
 pub struct CascadeService {
     orch: Arc<Orchestrator>,
     max_input_bytes: usize,
+    /// Flips to `true` when the server stops: watch streams end then.
+    stopping: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl CascadeService {
@@ -33,6 +35,7 @@ impl CascadeService {
         Self {
             orch,
             max_input_bytes,
+            stopping: None,
         }
     }
 }
@@ -243,7 +246,9 @@ impl pb::cascade_server::Cascade for CascadeService {
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let id = parse_job_id("job_id", &req.into_inner().job_id)?;
         let events = self.orch.subscribe(id).map_err(store_status)?;
-        Ok(Response::new(Box::pin(events.map(|e| Ok(event_to_pb(&e))))))
+        Ok(Response::new(self.until_stopped(Box::pin(
+            events.map(|e| Ok(event_to_pb(&e))),
+        ))))
     }
 
     async fn list_jobs(
@@ -362,11 +367,45 @@ impl pb::cascade_server::Cascade for CascadeService {
             };
             futures::future::ready(out)
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(self.until_stopped(Box::pin(stream))))
     }
 }
 
 impl CascadeService {
+    /// End every watch stream with UNAVAILABLE when `stopping` turns `true`: a watch of a job
+    /// that runs for hours must not hold the server's shutdown.
+    pub fn with_stop(mut self, stopping: tokio::sync::watch::Receiver<bool>) -> Self {
+        self.stopping = Some(stopping);
+        self
+    }
+
+    /// `stream`, ended by the server's stop with an UNAVAILABLE status the client can act on.
+    fn until_stopped<T: Send + 'static>(&self, stream: BoxStream<T>) -> BoxStream<T> {
+        let Some(stopping) = self.stopping.clone() else {
+            return stream;
+        };
+        Box::pin(futures::stream::unfold(
+            Some((stream, stopping)),
+            |state| async move {
+                let (mut stream, mut stopping) = state?;
+                // `None`: the server stops (a dropped sender means it is gone too).
+                let next = tokio::select! {
+                    item = stream.next() => Some(item),
+                    _ = stopping.wait_for(|s| *s) => None,
+                };
+                match next {
+                    Some(item) => item.map(|i| (i, Some((stream, stopping)))),
+                    None => Some((
+                        Err(Status::unavailable(
+                            "the server is shutting down; watch again once it is back",
+                        )),
+                        None,
+                    )),
+                }
+            },
+        ))
+    }
+
     fn unknown_graph(&self, name: &str) -> Status {
         let names = self.orch.graph_names();
         let hint = nearest(name, names.iter().map(|n| &**n))
