@@ -39,16 +39,27 @@ struct StormReport {
     p50: f64,
     p99: f64,
     mean: f64,
+    /// CPU time of the process during the storm, in seconds.
+    cpu: f64,
+}
+
+/// CPU time of this process so far (user + system), from `/proc/self/stat`, in seconds.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime (fields 14 and 15 of the line), in clock ticks of 1/100 s.
+    (f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")) as f64 / 100.0
 }
 
 /// `declared`: the quota `llm` of 200/s in front of the upstream; otherwise no quota at all (the
 /// agents draw on their upstream's implicit one).
-fn storm_graph(name: &str, upstream: &str, upstream_rps: u32, declared: bool) -> String {
+fn storm_graph(name: &str, upstream: &str, upstream_rps: u32, declared: Option<u32>) -> String {
     let mut s = format!(
         "[graph]\nname = \"{name}\"\nmax_in_flight_jobs = 512\nmax_pending_jobs = 100000\n"
     );
-    if declared {
-        s += "[quotas.llm]\nrequests_per_second = 200\nburst = 20\n";
+    if let Some(rps) = declared {
+        s += &format!("[quotas.llm]\nrequests_per_second = {rps}\nburst = 20\n");
     }
     let names = ["classify", "enrich", "draft", "review", "post"];
     for (i, n) in names.iter().enumerate() {
@@ -60,7 +71,7 @@ fn storm_graph(name: &str, upstream: &str, upstream_rps: u32, declared: bool) ->
             s += &format!("after = [\"{}\"]\n", names[i - 1]);
         }
         if *n == "classify" || *n == "draft" {
-            if declared {
+            if declared.is_some() {
                 s += "quota = \"llm\"\n";
             }
             s += &format!(
@@ -72,7 +83,7 @@ fn storm_graph(name: &str, upstream: &str, upstream_rps: u32, declared: bool) ->
 }
 
 async fn storm(cascade: bool, upstream_rps: u32, jobs: usize, tag: &str) -> StormReport {
-    storm_with(cascade, upstream_rps, jobs, tag, true).await
+    storm_with(cascade, upstream_rps, jobs, tag, Some(200)).await
 }
 
 async fn storm_with(
@@ -80,7 +91,7 @@ async fn storm_with(
     upstream_rps: u32,
     jobs: usize,
     tag: &str,
-    declared: bool,
+    declared: Option<u32>,
 ) -> StormReport {
     let upstream = format!("storm-{tag}-{}", if cascade { "cascade" } else { "naive" });
     let model = config::parse_graph_str(
@@ -96,7 +107,7 @@ async fn storm_with(
             .await
             .expect("start"),
     );
-    let start = Instant::now();
+    let (start, cpu) = (Instant::now(), cpu_seconds());
     let mut ids = Vec::with_capacity(jobs);
     for i in 0..jobs {
         ids.push(
@@ -118,6 +129,7 @@ async fn storm_with(
         }
     }
     let wall = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu;
     let up = sim::upstream(orch.registry(), &upstream);
     orch.shutdown(Duration::from_secs(5)).await;
     latencies.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
@@ -137,13 +149,14 @@ async fn storm_with(
         p50: pct(0.5),
         p99: pct(0.99),
         mean: latencies.iter().sum::<f64>() / latencies.len().max(1) as f64,
+        cpu,
     }
 }
 
 fn print_storm(label: &str, r: &StormReport, allowed_jobs_per_sec: f64) {
     let goodput = r.succeeded as f64 / r.wall;
     println!(
-        "  {label:<8} goodput {goodput:>6.1} jobs/s ({:>5.1}% of {allowed_jobs_per_sec:.0}) | {}/{} jobs ok | upstream calls {:>6} | refusals {:>5} ({:>6.2}% of calls, {:>7.1} per 1,000 jobs) | calls on unfinished jobs {:>5} | latency p50 {:>6.2}s p99 {:>6.2}s mean {:>6.2}s (p99/mean {:.2}) | drained in {:.1}s",
+        "  {label:<8} goodput {goodput:>6.1} jobs/s ({:>5.1}% of {allowed_jobs_per_sec:.0}) | {}/{} jobs ok | upstream calls {:>6} | refusals {:>5} ({:>6.2}% of calls, {:>7.1} per 1,000 jobs) | calls on unfinished jobs {:>5} | latency p50 {:>6.2}s p99 {:>6.2}s mean {:>6.2}s (p99/mean {:.2}) | drained in {:.1}s | CPU {:.0} µs per job",
         100.0 * goodput / allowed_jobs_per_sec,
         r.succeeded,
         r.jobs,
@@ -156,7 +169,8 @@ fn print_storm(label: &str, r: &StormReport, allowed_jobs_per_sec: f64) {
         r.p99,
         r.mean,
         r.p99 / r.mean.max(1e-9),
-        r.wall
+        r.wall,
+        1e6 * r.cpu / r.jobs as f64,
     );
 }
 
@@ -331,7 +345,7 @@ async fn fault_storm(jobs: usize) {
 }
 
 fn main() {
-    // `CASCADE_BENCH=storm,noquota,misconfigured,tokens,propagation,faults` (default: all) picks sections.
+    // `CASCADE_BENCH=storm,noquota,misconfigured,toohigh,tokens,propagation,faults` (default: all) picks sections.
     let only = std::env::var("CASCADE_BENCH").unwrap_or_default();
     let run = |name: &str| only.is_empty() || only.split(',').any(|s| s.trim() == name);
     let jobs: usize = common::env_or("STORM_JOBS", 4000);
@@ -346,7 +360,7 @@ fn main() {
         }
         if run("noquota") {
         println!("1b. no quota declared: as 1, without [quotas.llm]; classify+draft draw on the implicit upstream:<name> quota");
-        let c = storm_with(true, 200, jobs, "noquota", false).await;
+        let c = storm_with(true, 200, jobs, "noquota", None).await;
         print_storm("cascade", &c, 100.0);
         println!("  p99/p50 {:.2}", c.p99 / c.p50.max(1e-9));
         }
@@ -357,6 +371,11 @@ fn main() {
         print_storm("cascade", &c, 80.0);
         let n = storm(false, 160, jobs, "misconf").await;
         print_storm("naive", &n, 80.0);
+        }
+        if run("toohigh") {
+        println!("2b. quota declared too high: as 1, with llm = 300/s in front of an upstream that enforces 200/s");
+        let c = storm_with(true, 200, jobs, "toohigh", Some(300)).await;
+        print_storm("cascade", &c, 100.0);
         }
         if run("faults") {
         println!("5. fault storm: 3-agent chain, middle holds a slot of max_concurrency = 64; 1% panics, 2% transient errors, timeouts, 429s above 400/s");
