@@ -43,15 +43,6 @@ struct StormReport {
     cpu: f64,
 }
 
-/// CPU time of this process so far (user + system), from `/proc/self/stat`, in seconds.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // utime and stime (fields 14 and 15 of the line), in clock ticks of 1/100 s.
-    (f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")) as f64 / 100.0
-}
-
 /// `declared`: the quota `llm` of 200/s in front of the upstream; otherwise no quota at all (the
 /// agents draw on their upstream's implicit one).
 fn storm_graph(name: &str, upstream: &str, upstream_rps: u32, declared: Option<u32>) -> String {
@@ -107,7 +98,7 @@ async fn storm_with(
             .await
             .expect("start"),
     );
-    let (start, cpu) = (Instant::now(), cpu_seconds());
+    let (start, cpu) = (Instant::now(), common::cpu_seconds());
     let mut ids = Vec::with_capacity(jobs);
     for i in 0..jobs {
         ids.push(
@@ -129,7 +120,7 @@ async fn storm_with(
         }
     }
     let wall = start.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu;
+    let cpu = common::cpu_seconds() - cpu;
     let up = sim::upstream(orch.registry(), &upstream);
     orch.shutdown(Duration::from_secs(5)).await;
     latencies.sort_by(|a, b| a.partial_cmp(b).expect("finite"));

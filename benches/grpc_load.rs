@@ -10,7 +10,8 @@
 //! process's CPU time for each run (server and clients share the process).
 //!
 //! `cargo bench --bench grpc_load` (`GRPC_LOAD_SECS`, `GRPC_LOAD_CLIENTS` to change the run;
-//! `GRPC_LOAD=throughput` or `GRPC_LOAD=watchers` for one part, `GRPC_WATCH_JOBS` for the watched jobs).
+//! `GRPC_LOAD=throughput` or `GRPC_LOAD=watchers` for one part, `GRPC_WATCH_JOBS` for the watched jobs,
+//! `GRPC_IDLE_UNWATCHED=1` to start the idle jobs without watching them).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,18 +55,22 @@ after = ["review"]
 max_concurrency = 512
 "#;
 
+/// Submit `{"n": n}` to `graph`; returns the job id.
+async fn submit(c: &mut CascadeClient<Channel>, graph: &str, n: u64) -> String {
+    c.submit_job(pb::SubmitJobRequest {
+        graph: graph.into(),
+        input_json: format!(r#"{{"n": {n}}}"#),
+        ..Default::default()
+    })
+    .await
+    .expect("submit")
+    .into_inner()
+    .job_id
+}
+
 async fn one_job(c: &mut CascadeClient<Channel>, n: u64) -> Duration {
     let t = Instant::now();
-    let id = c
-        .submit_job(pb::SubmitJobRequest {
-            graph: "pipeline".into(),
-            input_json: format!(r#"{{"n": {n}}}"#),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id;
+    let id = submit(c, "pipeline", n).await;
     let submit = t.elapsed();
     let mut events = c
         .watch_job(pb::WatchJobRequest { job_id: id })
@@ -205,17 +210,6 @@ latency = "1h"
 max_concurrency = 10000
 "#;
 
-/// CPU time of this process so far (user + system), from `/proc/self/stat`.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat");
-    // The fields after the command name (which is in parentheses and may hold spaces).
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 here, in clock ticks (100/s).
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
-    ticks as f64 / 100.0
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Follow {
     Watch,
@@ -224,16 +218,7 @@ enum Follow {
 
 /// Submit to `watched` and follow the job to its end; returns the number of messages received.
 async fn follow_one(c: &mut CascadeClient<Channel>, n: u64, how: Follow) -> u64 {
-    let id = c
-        .submit_job(pb::SubmitJobRequest {
-            graph: "watched".into(),
-            input_json: format!(r#"{{"n": {n}}}"#),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id;
+    let id = submit(c, "watched", n).await;
     let mut received = 0;
     match how {
         Follow::Watch => {
@@ -265,7 +250,7 @@ async fn follow_one(c: &mut CascadeClient<Channel>, n: u64, how: Follow) -> u64 
 /// `jobs` jobs, `clients` at a time, each followed as `how` says; returns (CPU s, wall s, messages).
 async fn follow_all(channel: &Channel, jobs: u64, clients: u64, how: Follow) -> (f64, f64, u64) {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (cpu, wall) = (cpu_seconds(), Instant::now());
+    let (cpu, wall) = (common::cpu_seconds(), Instant::now());
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let mut c = CascadeClient::new(channel.clone());
@@ -285,7 +270,11 @@ async fn follow_all(channel: &Channel, jobs: u64, clients: u64, how: Follow) -> 
     for t in tasks {
         received += t.await.expect("client");
     }
-    (cpu_seconds() - cpu, wall.elapsed().as_secs_f64(), received)
+    (
+        common::cpu_seconds() - cpu,
+        wall.elapsed().as_secs_f64(),
+        received,
+    )
 }
 
 async fn watcher_cost(jobs: u64) {
@@ -332,16 +321,7 @@ async fn watcher_cost(jobs: u64) {
             .expect("connect");
         for j in 0..100 {
             let mut c = CascadeClient::new(ch.clone());
-            let id = c
-                .submit_job(pb::SubmitJobRequest {
-                    graph: "idle".into(),
-                    input_json: format!(r#"{{"n": {}}}"#, k * 100 + j),
-                    ..Default::default()
-                })
-                .await
-                .expect("submit")
-                .into_inner()
-                .job_id;
+            let id = submit(&mut c, "idle", k * 100 + j).await;
             if std::env::var_os("GRPC_IDLE_UNWATCHED").is_some() {
                 continue;
             }
