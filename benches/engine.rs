@@ -9,7 +9,8 @@
 //! `ENGINE_BENCH=observability` to measure only the cost of observability, `ENGINE_BENCH=engine` only the
 //! throughput against plain tokio, `ENGINE_BENCH=rss` only RSS against jobs run, up to `ENGINE_BENCH_RSS_JOBS`, default 1,000,000;
 //! to find what grows, `ENGINE_BENCH_RETAIN` sets the store's retention, `ENGINE_BENCH_METRICS=0`
-//! and `ENGINE_BENCH_CASCADE=0` turn metrics and the cascade off).
+//! and `ENGINE_BENCH_CASCADE=0` turn metrics and the cascade off; `ENGINE_BENCH_NO_IMPLICIT=1` runs
+//! the agents without their upstreams' implicit quotas, to see what the broker round trip costs).
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use cascade_orchestrator::api::pb;
 use cascade_orchestrator::api::pb::cascade_client::CascadeClient;
-use cascade_orchestrator::server::{self, ServerOptions};
+use cascade_orchestrator::model::ServerModel;
+use cascade_orchestrator::server::{self, RunningServer, ServerOptions};
 use cascade_orchestrator::store::{JobStore, MemoryStore, SqliteOptions, SqliteStore};
 use cascade_orchestrator::{Orchestrator, config};
 use tonic::transport::Channel;
@@ -90,11 +91,14 @@ fn pct(v: &mut [Duration], p: f64) -> f64 {
         * 1e3
 }
 
-async fn run(label: &str, store: Arc<dyn JobStore>, clients: usize, secs: u64) {
-    let model = config::parse_graph_str("load.toml", GRAPH, &Default::default()).expect("graph");
+/// An orchestrator on `store` and a real server on 127.0.0.1 in front of it, with one channel.
+async fn serve(
+    model: ServerModel,
+    store: Arc<dyn JobStore>,
+) -> (Arc<Orchestrator>, RunningServer, Channel) {
     let orch = Arc::new(
         Orchestrator::builder(model)
-            .store(store.clone())
+            .store(store)
             .start()
             .await
             .expect("start"),
@@ -105,11 +109,21 @@ async fn run(label: &str, store: Arc<dyn JobStore>, clients: usize, secs: u64) {
         ..Default::default()
     };
     let server = server::start(orch.clone(), options).await.expect("server");
-    let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))
+    let channel = connect(&server).await;
+    (orch, server, channel)
+}
+
+async fn connect(server: &RunningServer) -> Channel {
+    Channel::from_shared(format!("http://{}", server.grpc_addr))
         .expect("uri")
         .connect()
         .await
-        .expect("connect");
+        .expect("connect")
+}
+
+async fn run(label: &str, store: Arc<dyn JobStore>, clients: usize, secs: u64) {
+    let model = config::parse_graph_str("load.toml", GRAPH, &Default::default()).expect("graph");
+    let (orch, server, channel) = serve(model, store.clone()).await;
 
     // Phase 1: closed loop, as fast as the clients can go.
     let stop = Arc::new(AtomicBool::new(false));
@@ -286,25 +300,7 @@ async fn watcher_cost(jobs: u64) {
     std::fs::write(&w, WATCHED).expect("write");
     std::fs::write(&i, IDLE).expect("write");
     let model = config::load_graph_files(&[w, i], &Default::default()).expect("graphs");
-    let orch = Arc::new(
-        Orchestrator::builder(model)
-            .store(Arc::new(MemoryStore::new()))
-            .start()
-            .await
-            .expect("start"),
-    );
-    let options = ServerOptions {
-        grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-        http_addr: "127.0.0.1:0".parse().expect("addr"),
-        ..Default::default()
-    };
-    let server = server::start(orch.clone(), options).await.expect("server");
-    let uri = format!("http://{}", server.grpc_addr);
-    let channel = Channel::from_shared(uri.clone())
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let (orch, server, channel) = serve(model, Arc::new(MemoryStore::new())).await;
     // Warm up, then the two ways of following a job, alternated.
     follow_all(&channel, jobs / 10, 512, Follow::Poll).await;
     let mut rows = Vec::new();
@@ -314,11 +310,7 @@ async fn watcher_cost(jobs: u64) {
     // 10,000 idle watchers, 100 streams per connection, each past its first event.
     let mut idle = Vec::new();
     for k in 0..100 {
-        let ch = Channel::from_shared(uri.clone())
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
+        let ch = connect(&server).await;
         for j in 0..100 {
             let mut c = CascadeClient::new(ch.clone());
             let id = submit(&mut c, "idle", k * 100 + j).await;
