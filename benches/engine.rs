@@ -627,9 +627,14 @@ fn main() {
         run_baseline_pipeline(jobs / 20).await;
 
         for (label, steps, toml) in [("5-step pipeline", 5usize, pipeline_toml(None)), ("12-node fan-out", 12, fanout_toml())] {
+            let cpu = common::cpu_seconds();
             let base = if steps == 5 { run_baseline_pipeline(jobs).await } else { run_baseline_fanout(jobs).await };
+            let base_cpu = common::cpu_seconds() - cpu;
+            let cpu = common::cpu_seconds();
             let casc = run_cascade(model(&toml), jobs).await;
+            let casc_cpu = common::cpu_seconds() - cpu;
             let (cj, bj) = (jobs as f64 / casc.as_secs_f64(), jobs as f64 / base.as_secs_f64());
+            let per_step = |cpu: f64| cpu * 1e6 / (jobs * steps) as f64;
             println!(
                 "{label:<16} cascade {:>9.0} jobs/s {:>10.0} steps/s | plain tokio {:>9.0} jobs/s {:>10.0} steps/s | overhead {:.2}x",
                 cj,
@@ -637,6 +642,14 @@ fn main() {
                 bj,
                 bj * steps as f64,
                 bj / cj
+            );
+            // CPU time is steadier than wall time on a shared machine.
+            println!(
+                "{:<16} CPU per step: cascade {:.2} µs, plain tokio {:.2} µs ({:.2}x)",
+                "",
+                per_step(casc_cpu),
+                per_step(base_cpu),
+                casc_cpu / base_cpu
             );
         }
         let per_job = memory_per_in_flight_job(20_000).await;

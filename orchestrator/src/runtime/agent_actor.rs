@@ -1,36 +1,34 @@
-//! One actor per agent: it owns the agent instance (built from the agent's config in `pre_start`,
-//! so a restart rebuilds it) and runs each call it is given as a task of its own.
+//! One actor per agent: it holds the calls of its agent instance that did not finish at once, so
+//! that a restart aborts them, and it fails when a call panics.
 //!
-//! The scheduler never sends more calls than the agent's concurrency allows, so this mailbox is
-//! bounded by that. Results go straight back to the scheduler. A panic inside a call is not
-//! swallowed: the call's task reports it here and the actor fails, its supervisor restarts it, and
-//! dropping the actor's state aborts the calls still running (the scheduler runs them again with
-//! the same idempotency keys).
+//! The scheduler starts each call itself and polls it once where it stands: a call that finishes
+//! on that first poll (a `template` step, a zero-latency `sim`) costs no task, no message and no
+//! timer. A call that has to wait is handed to this actor as it is, and runs as a task of its own;
+//! its result goes straight back to the scheduler. The scheduler never starts more calls than the
+//! agent's concurrency allows, so this mailbox is bounded by that. A panic inside a call is not
+//! swallowed: it is reported here and the actor fails, its supervisor restarts it (with a fresh
+//! instance), and dropping the actor's state aborts the calls still running (the scheduler runs
+//! them again with the same idempotency keys).
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use cascade_agents::{Agent, AgentError, AgentSpec};
+use cascade_agents::{Agent, AgentError};
 use futures::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::GraphCtx;
-use super::protocol::{AgentMsg, AgentPanic, Call, SchedMsg, StepDone};
+use super::protocol::{
+    AgentMsg, AgentPanic, Call, CallEnd, CallFuture, SchedMsg, StepDone, Waiting,
+};
 
 pub(crate) struct AgentActor;
 
-pub(crate) struct AgentArgs {
-    pub graph: Arc<GraphCtx>,
-    pub index: usize,
-}
-
 pub(crate) struct AgentState {
-    agent: Arc<dyn Agent>,
-    timeout: Duration,
     /// The running calls; dropped with the state, which aborts them.
     tasks: JoinSet<()>,
 }
@@ -38,26 +36,14 @@ pub(crate) struct AgentState {
 impl Actor for AgentActor {
     type Msg = AgentMsg;
     type State = AgentState;
-    type Arguments = AgentArgs;
+    type Arguments = ();
 
     async fn pre_start(
         &self,
         _me: ActorRef<AgentMsg>,
-        args: AgentArgs,
+        _args: (),
     ) -> Result<AgentState, ActorProcessingErr> {
-        let model = &args.graph.model.agents[args.index];
-        let agent = args.graph.shared.registry.build(
-            &model.kind,
-            &AgentSpec {
-                graph: &args.graph.model.name,
-                name: &model.name,
-                fields: &model.fields,
-                resources: args.graph.shared.registry.resources(),
-            },
-        )?;
         Ok(AgentState {
-            agent,
-            timeout: model.timeout,
             tasks: JoinSet::new(),
         })
     }
@@ -69,28 +55,49 @@ impl Actor for AgentActor {
         state: &mut AgentState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Run(call) => {
+            AgentMsg::Run(w) => {
                 // Reap finished tasks so the set holds only running calls.
                 while state.tasks.try_join_next().is_some() {}
-                let agent = state.agent.clone();
-                let timeout = match call.ctx.deadline {
-                    Some(d) => state
-                        .timeout
-                        .min(d.saturating_duration_since(Instant::now())),
-                    None => state.timeout,
-                };
-                let span = step_span(&call);
-                let traced = call.traced;
-                let step = run_call(agent, *call, timeout, me, span.clone()).instrument(span);
-                if traced {
-                    state.tasks.spawn(step);
-                } else {
-                    state.tasks.spawn(crate::telemetry::unsampled(step));
-                }
+                let Waiting { call, reply } = *w;
+                state.tasks.spawn(async move {
+                    // If the scheduler is gone (shutdown, or restarted), the result is lost and
+                    // the step runs again with the same key after recovery: at-least-once.
+                    match call.await {
+                        CallEnd::Done(d) => {
+                            let _ = reply.cast(SchedMsg::StepDone(d));
+                        }
+                        CallEnd::Panicked(p) => {
+                            let _ = me.cast(AgentMsg::Panicked(p));
+                        }
+                    }
+                });
                 Ok(())
             }
             AgentMsg::Panicked(p) => Err(Box::new(p)),
         }
+    }
+}
+
+/// Build the call's future: the agent's call under its timeout and the step's span, with a
+/// panic caught and turned into [`CallEnd::Panicked`].
+pub(crate) fn start(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallFuture {
+    let span = step_span(&call);
+    let traced = call.traced;
+    let run = run_call(agent, call, timeout, span.clone()).instrument(span);
+    if traced {
+        Box::pin(run)
+    } else {
+        Box::pin(crate::telemetry::unsampled(run))
+    }
+}
+
+/// Poll a call once, where the caller stands: its end if it has one already, else the call, to
+/// be run as a task (which polls it again with its own waker).
+pub(crate) fn poll_once(mut call: CallFuture) -> Result<CallEnd, CallFuture> {
+    let mut cx = Context::from_waker(Waker::noop());
+    match call.as_mut().poll(&mut cx) {
+        Poll::Ready(end) => Ok(end),
+        Poll::Pending => Err(call),
     }
 }
 
@@ -111,9 +118,8 @@ async fn run_call(
     agent: Arc<dyn Agent>,
     call: Call,
     timeout: Duration,
-    me: ActorRef<AgentMsg>,
     span: tracing::Span,
-) {
+) -> CallEnd {
     let start = Instant::now();
     let attempt = AssertUnwindSafe(tokio::time::timeout(
         timeout,
@@ -135,13 +141,12 @@ async fn run_call(
                 .unwrap_or_else(|| "panic with a non-string payload".to_string());
             span.record("outcome", tracing::field::display("panicked"));
             tracing::warn!(%message, "agent call panicked; failing the agent actor");
-            let _ = me.cast(AgentMsg::Panicked(AgentPanic {
+            return CallEnd::Panicked(AgentPanic {
                 job: call.job,
                 step: call.step,
                 token: call.token,
                 message,
-            }));
-            return;
+            });
         }
     };
     let outcome = match &result {
@@ -149,9 +154,7 @@ async fn run_call(
         Err(e) => e.class.as_str(),
     };
     span.record("outcome", tracing::field::display(outcome));
-    // If the scheduler is gone (shutdown, or restarted), the result is lost and the step runs
-    // again with the same key after recovery: at-least-once, as documented.
-    let _ = call.reply.cast(SchedMsg::StepDone(Box::new(StepDone {
+    CallEnd::Done(Box::new(StepDone {
         job: call.job,
         step: call.step,
         token: call.token,
@@ -159,5 +162,5 @@ async fn run_call(
         grant: call.grant,
         result,
         elapsed: start.elapsed(),
-    })));
+    }))
 }

@@ -1,9 +1,12 @@
 //! The messages the runtime's actors exchange — scheduler, agent actors, quota broker — and the
 //! [`Grant`] a call holds of its quotas. Kept apart from the actors so that none imports another.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
-use cascade_agents::{AgentError, AgentOutput, CallContext, StepInput};
+use cascade_agents::{Agent, AgentError, AgentOutput, CallContext, StepInput};
 use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
 
@@ -25,7 +28,7 @@ pub(crate) enum SchedMsg {
     /// killed it, which is charged an attempt.
     AgentUp {
         agent: usize,
-        actor: Option<ActorRef<AgentMsg>>,
+        actor: Option<AgentHandle>,
         incarnation: u32,
         panic: Option<AgentPanic>,
     },
@@ -50,6 +53,8 @@ pub(crate) enum SchedMsg {
     /// Check deadlines.
     Tick,
     Snapshot(RpcReplyPort<SchedulerSnapshot>),
+    /// Carry on with calls that finished at once (see the scheduler's `FINISHED_PER_TURN`).
+    Continue,
 }
 
 /// What the scheduler holds right now, for tests, shutdown and the API.
@@ -70,7 +75,15 @@ pub struct AgentSlotSnapshot {
     pub paused: Option<Reach>,
 }
 
-/// One attempt of one step, as sent to an agent actor.
+/// A running incarnation of an agent: its actor, and the agent instance it was started with
+/// (built afresh for every incarnation).
+#[derive(Clone)]
+pub(crate) struct AgentHandle {
+    pub actor: ActorRef<AgentMsg>,
+    pub agent: Arc<dyn Agent>,
+}
+
+/// One attempt of one step.
 pub(crate) struct Call {
     pub job: JobId,
     pub step: usize,
@@ -83,7 +96,6 @@ pub(crate) struct Call {
     pub grant: Option<Grant>,
     pub ctx: CallContext,
     pub input: StepInput,
-    pub reply: ActorRef<SchedMsg>,
     /// The job's span: the step's span is its child.
     pub span: tracing::Span,
     /// The job is sampled for trace export; its steps follow it.
@@ -101,8 +113,24 @@ pub(crate) struct StepDone {
     pub elapsed: Duration,
 }
 
+/// How a call ended: with a result for the scheduler, or with a panic that fails the actor.
+pub(crate) enum CallEnd {
+    Done(Box<StepDone>),
+    Panicked(AgentPanic),
+}
+
+/// A call in progress, owning everything it needs.
+pub(crate) type CallFuture = Pin<Box<dyn Future<Output = CallEnd> + Send>>;
+
+/// A call that did not finish on its first poll, with where its end goes.
+pub(crate) struct Waiting {
+    pub call: CallFuture,
+    pub reply: ActorRef<SchedMsg>,
+}
+
 pub(crate) enum AgentMsg {
-    Run(Box<Call>),
+    /// Run a call that did not finish on its first poll, as a task of this actor.
+    Run(Box<Waiting>),
     /// A call panicked: fail this actor.
     Panicked(AgentPanic),
 }

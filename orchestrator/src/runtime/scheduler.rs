@@ -7,7 +7,7 @@
 //! queues here (oldest job first), and an agent actor is sent at most `max_concurrency` calls.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -22,9 +22,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use super::GraphCtx;
+use super::agent_actor;
 use super::protocol::{
-    Acquire, AgentMsg, AgentPanic, AgentSlotSnapshot, BrokerMsg, Call, Grant, SchedMsg,
-    SchedulerSnapshot, StepDone,
+    Acquire, AgentHandle, AgentMsg, AgentPanic, AgentSlotSnapshot, BrokerMsg, Call, CallEnd, Grant,
+    SchedMsg, SchedulerSnapshot, StepDone, Waiting,
 };
 use super::step::{Decision, Rules, Step, failure_message};
 use crate::job::{JobId, JobRecord, JobState, JobUpdate, StepState};
@@ -71,7 +72,7 @@ fn job_span(traced: bool, id: &str, graph: &str) -> tracing::Span {
 }
 
 struct Slot {
-    actor: Option<ActorRef<AgentMsg>>,
+    actor: Option<AgentHandle>,
     incarnation: u32,
     /// Calls on the current actor.
     in_flight: u32,
@@ -114,7 +115,15 @@ pub(crate) struct SchedState {
     metrics: GraphMetrics,
     /// Claim pending jobs in batches of at least this many free places (fewer store round trips).
     admit_batch: usize,
+    /// Calls that finished on their first poll, to be taken in turn (not recursively: a finished
+    /// step starts the next, whose call may finish at once too).
+    finished: VecDeque<Box<StepDone>>,
 }
+
+/// Calls finished on their first poll that one message carries out before the scheduler reads its
+/// mailbox again (the rest follow a [`SchedMsg::Continue`]), so that a graph of instant agents
+/// cannot keep a cancel, a tick or a snapshot waiting.
+const FINISHED_PER_TURN: usize = 512;
 
 impl Actor for Scheduler {
     type Msg = SchedMsg;
@@ -178,6 +187,7 @@ impl Actor for Scheduler {
             broker: None,
             metrics,
             admit_batch,
+            finished: VecDeque::new(),
         })
     }
 
@@ -208,6 +218,7 @@ impl Actor for Scheduler {
             .map_or(Duration::from_millis(250), |d| d / 10)
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
         ractor::time::send_interval(period, me.get_cell(), || SchedMsg::Tick);
+        s.carry_out_finished();
         Ok(())
     }
 
@@ -272,7 +283,9 @@ impl Actor for Scheduler {
             SchedMsg::Snapshot(reply) => {
                 let _ = reply.send(s.snapshot());
             }
+            SchedMsg::Continue => {}
         }
+        s.carry_out_finished();
         Ok(())
     }
 }
@@ -455,12 +468,13 @@ impl SchedState {
         self.pump(i);
     }
 
-    /// Send one step's call to agent `i`'s actor.
+    /// Start one step's call on agent `i`: polled once here, and handed to the agent's actor to
+    /// run as a task only if it has to wait.
     fn dispatch(&mut self, i: usize, job_id: JobId, grant: Option<Grant>) {
         let model = &self.ctx.model;
         let agent = &model.agents[i];
         let slot = &mut self.slots[i];
-        let Some(actor) = slot.actor.clone() else {
+        let Some(handle) = &slot.actor else {
             return;
         };
         let Some(job) = self.jobs.get_mut(&job_id) else {
@@ -475,6 +489,12 @@ impl SchedState {
             .get_or_insert_with(|| format!("{}/{}", job.id_str, agent.name).into())
             .clone();
         let input = step_input(&self.ctx, i, job);
+        let timeout = match job.deadline {
+            Some(d) => agent
+                .timeout
+                .min(d.saturating_duration_since(Instant::now())),
+            None => agent.timeout,
+        };
         let call = Call {
             job: job_id,
             step: i,
@@ -490,21 +510,46 @@ impl SchedState {
                 deadline: job.deadline,
             },
             input,
-            reply: self.me.clone(),
             traced: job.traced,
             span: job.span.clone(),
         };
-        if actor.cast(AgentMsg::Run(Box::new(call))).is_err() {
-            // The actor is gone (the call and its grant were dropped with the message); its
-            // supervisor will announce the next one.
-            job.steps[i].step.unstart();
-            slot.queue.push(Reverse((job.seq, job_id)));
-            slot.actor = None;
-            return;
+        let call = agent_actor::start(handle.agent.clone(), call, timeout);
+        match agent_actor::poll_once(call) {
+            Ok(CallEnd::Done(done)) => self.finished.push_back(done),
+            Ok(CallEnd::Panicked(p)) => {
+                let _ = handle.actor.cast(AgentMsg::Panicked(p));
+            }
+            Err(call) => {
+                let waiting = Waiting {
+                    call,
+                    reply: self.me.clone(),
+                };
+                if handle.actor.cast(AgentMsg::Run(Box::new(waiting))).is_err() {
+                    // The actor is gone (the call and its grant were dropped with the message);
+                    // its supervisor will announce the next one.
+                    job.steps[i].step.unstart();
+                    slot.queue.push(Reverse((job.seq, job_id)));
+                    slot.actor = None;
+                    return;
+                }
+            }
         }
         slot.in_flight += 1;
         self.ctx.stats.agents[i].calls.fetch_add(1, Relaxed);
         self.record(job_id, JobUpdate::StepStarted { step: i, attempt });
+    }
+
+    /// Carry out calls that finished on their first poll, up to a turn's worth.
+    fn carry_out_finished(&mut self) {
+        for _ in 0..FINISHED_PER_TURN {
+            let Some(done) = self.finished.pop_front() else {
+                return;
+            };
+            self.on_step_done(*done);
+        }
+        if !self.finished.is_empty() {
+            let _ = self.me.cast(SchedMsg::Continue);
+        }
     }
 
     /// Pause changes from the broker.
@@ -698,7 +743,7 @@ impl SchedState {
     fn on_agent_up(
         &mut self,
         i: usize,
-        actor: Option<ActorRef<AgentMsg>>,
+        actor: Option<AgentHandle>,
         incarnation: u32,
         panic: Option<AgentPanic>,
     ) {

@@ -10,12 +10,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+use cascade_agents::AgentSpec;
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::time::Instant;
 
-use super::agent_actor::{AgentActor, AgentArgs};
+use super::agent_actor::AgentActor;
 use super::broker::{Broker, BrokerArgs};
-use super::protocol::{AgentMsg, AgentPanic, BrokerMsg, SchedMsg};
+use super::protocol::{AgentHandle, AgentPanic, BrokerMsg, SchedMsg};
 use super::scheduler::Scheduler;
 use super::stats::AgentHealth;
 use super::{GraphCtx, Shared};
@@ -137,7 +138,7 @@ pub(crate) enum GraphSupMsg {
 
 struct AgentChild {
     id: Option<ActorId>,
-    actor: Option<ActorRef<AgentMsg>>,
+    actor: Option<AgentHandle>,
     incarnation: u32,
     intensity: RestartIntensity,
 }
@@ -165,16 +166,30 @@ impl GraphSupervisor {
         i: usize,
         panic: Option<AgentPanic>,
     ) {
-        let args = AgentArgs {
-            graph: s.ctx.clone(),
-            index: i,
-        };
+        let model = &s.ctx.model.agents[i];
+        // A fresh instance per incarnation: a restart starts from a clean agent.
+        let built = s.ctx.shared.registry.build(
+            &model.kind,
+            &AgentSpec {
+                graph: &s.ctx.model.name,
+                name: &model.name,
+                fields: &model.fields,
+                resources: s.ctx.shared.registry.resources(),
+            },
+        );
         let child = &mut s.agents[i];
         child.incarnation += 1;
-        match Actor::spawn_linked(None, AgentActor, args, me.get_cell()).await {
-            Ok((actor, _)) => {
-                child.id = Some(actor.get_id());
-                child.actor = Some(actor.clone());
+        let started = match built {
+            Ok(agent) => Actor::spawn_linked(None, AgentActor, (), me.get_cell())
+                .await
+                .map(|(actor, _)| AgentHandle { actor, agent })
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match started {
+            Ok(handle) => {
+                child.id = Some(handle.actor.get_id());
+                child.actor = Some(handle.clone());
                 let was_failed = s.ctx.stats.agents[i].health() == AgentHealth::Failed;
                 s.ctx.stats.agents[i].set_health(AgentHealth::Running);
                 if was_failed {
@@ -182,7 +197,7 @@ impl GraphSupervisor {
                 }
                 let _ = s.scheduler.cast(SchedMsg::AgentUp {
                     agent: i,
-                    actor: Some(actor),
+                    actor: Some(handle),
                     incarnation: child.incarnation,
                     panic,
                 });
