@@ -6,16 +6,9 @@
 //! is frozen, its record and events kept as one LZ4-compressed MessagePack document, with only what
 //! listing filters on (graph, state, labels) beside it. A finished 5-step job then costs well under
 //! 2 KB instead of the ~14 KB of its values; reading it back costs a decompression and a parse.
-//!
-//! Freezing costs a serialisation and a compression, which on the scheduler's thread took a third
-//! of its time. So a job is frozen by a thread of the store's own, off the engine's path: the job is
-//! shared with it while it freezes and replaced only if nothing changed it meanwhile. The backlog
-//! of jobs waiting to freeze is bounded ([`FREEZE_BACKLOG`]); past it, the writer freezes one
-//! itself, so a freezer that falls behind costs time, never memory.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{JobFilter, JobStore, NewJob, StoreError, StoreFuture, Submitted};
 use crate::job::{EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate};
@@ -25,22 +18,10 @@ const DEFAULT_RETAIN_FINISHED: usize = 100_000;
 /// Events kept per job by default (`[server] max_events_per_job`).
 pub const DEFAULT_MAX_EVENTS_PER_JOB: usize = 256;
 
-/// Finished jobs waiting for the freezer, at most; past it the writer freezes the oldest itself.
-const FREEZE_BACKLOG: usize = 1024;
-
-/// Jobs the freezer takes per turn of the lock.
-const FREEZE_BATCH: usize = 32;
-
 pub struct MemoryStore {
-    shared: Arc<Shared>,
+    inner: Mutex<Inner>,
     retain_finished: usize,
     max_events: usize,
-}
-
-struct Shared {
-    inner: Mutex<Inner>,
-    /// Wakes the freezer when jobs wait to freeze, or the store closes.
-    freeze: Condvar,
 }
 
 #[derive(Default)]
@@ -49,10 +30,8 @@ struct Inner {
     pending: HashMap<Arc<str>, VecDeque<JobId>>,
     keys: HashMap<(String, String), JobId>,
     finished: VecDeque<JobId>,
-    /// Finished jobs not frozen yet, oldest first (bounded by [`FREEZE_BACKLOG`]).
-    to_freeze: VecDeque<JobId>,
-    freezer_started: bool,
-    closed: bool,
+    /// Scratch space for freezing a job.
+    freeze_buf: Vec<u8>,
 }
 
 struct Entry {
@@ -65,13 +44,11 @@ struct Entry {
 }
 
 enum Body {
-    /// Shared only with the freezer, while it freezes the job.
-    Live(Arc<Live>),
+    Live(Box<Live>),
     /// LZ4-compressed MessagePack of the job's [`Frozen`] form.
     Frozen(Box<[u8]>),
 }
 
-#[derive(Clone)]
 struct Live {
     record: JobRecord,
     events: Vec<JobEvent>,
@@ -116,7 +93,7 @@ impl Entry {
             state: record.state,
             labels: record.labels.clone(),
             key: key.map(Box::new),
-            body: Body::Live(Arc::new(Live { record, events })),
+            body: Body::Live(Box::new(Live { record, events })),
         }
     }
 
@@ -124,14 +101,13 @@ impl Entry {
     fn live(&mut self) -> &mut Live {
         if let Body::Frozen(bytes) = &self.body {
             let f = thaw(bytes);
-            self.body = Body::Live(Arc::new(Live {
+            self.body = Body::Live(Box::new(Live {
                 record: f.record,
                 events: f.events,
             }));
         }
         match &mut self.body {
-            // Copied only if the freezer holds it right now (it then leaves the job live).
-            Body::Live(l) => Arc::make_mut(l),
+            Body::Live(l) => l,
             Body::Frozen(_) => unreachable!("thawed above"),
         }
     }
@@ -158,13 +134,32 @@ impl Entry {
         }
     }
 
-    /// Compress a finished job now.
-    fn freeze(&mut self) {
-        if let Body::Live(l) = &self.body
-            && let Some(bytes) = frozen_bytes(l)
-        {
-            self.state = l.record.state;
-            self.body = Body::Frozen(bytes);
+    /// Compress a finished job, encoding it in `buf` (reused: growing a fresh buffer per job cost
+    /// a sixth of the freezing). A job that cannot be serialised (it always can) stays live.
+    fn freeze(&mut self, buf: &mut Vec<u8>) {
+        let Body::Live(l) = &self.body else {
+            return;
+        };
+        #[derive(serde::Serialize)]
+        struct FrozenRef<'a> {
+            record: &'a JobRecord,
+            events: &'a [JobEvent],
+        }
+        let f = FrozenRef {
+            record: &l.record,
+            events: &l.events,
+        };
+        buf.clear();
+        // MessagePack with field names: a third of the cost of JSON here (no escaping, binary
+        // numbers and times), and self-describing, as the events' tagged kinds need.
+        match rmp_serde::encode::write_named(buf, &f) {
+            Ok(()) => {
+                self.state = l.record.state;
+                self.body = Body::Frozen(lz4_flex::compress_prepend_size(buf).into_boxed_slice());
+            }
+            Err(e) => {
+                tracing::error!(job_id = %l.record.id, error = %e, "could not freeze a finished job; it stays uncompressed");
+            }
         }
     }
 
@@ -176,91 +171,6 @@ impl Entry {
                 .iter()
                 .all(|(k, v)| self.labels.get(k) == Some(v))
             && filter.before.is_none_or(|b| id < b)
-    }
-}
-
-/// A job's frozen form. A job that cannot be serialised (it always can) stays live.
-fn frozen_bytes(l: &Live) -> Option<Box<[u8]>> {
-    frozen_bytes_with(l, &mut Vec::new())
-}
-
-/// [`frozen_bytes`], encoding into `buf` (reused: growing a fresh buffer per job cost a sixth of
-/// the freezing).
-fn frozen_bytes_with(l: &Live, buf: &mut Vec<u8>) -> Option<Box<[u8]>> {
-    #[derive(serde::Serialize)]
-    struct FrozenRef<'a> {
-        record: &'a JobRecord,
-        events: &'a [JobEvent],
-    }
-    let f = FrozenRef {
-        record: &l.record,
-        events: &l.events,
-    };
-    // MessagePack with field names: a third of the cost of JSON here (no escaping, binary
-    // numbers and times), and self-describing, as the events' tagged kinds need.
-    buf.clear();
-    match rmp_serde::encode::write_named(buf, &f) {
-        Ok(()) => Some(lz4_flex::compress_prepend_size(buf).into_boxed_slice()),
-        Err(e) => {
-            tracing::error!(job_id = %l.record.id, error = %e, "could not freeze a finished job; it stays uncompressed");
-            None
-        }
-    }
-}
-
-/// The freezer: freezes finished jobs in batches, each serialised outside the lock, until the
-/// store closes. A job changed while it froze (a late callback outcome) stays live here; that
-/// change freezes it again itself.
-fn freezer(shared: Weak<Shared>) {
-    let mut buf = Vec::with_capacity(16 * 1024);
-    loop {
-        let Some(s) = shared.upgrade() else { return };
-        let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
-        while inner.to_freeze.is_empty() && !inner.closed {
-            inner = s
-                .freeze
-                .wait_timeout(inner, Duration::from_secs(1))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-            if Arc::strong_count(&s) == 1 {
-                return;
-            }
-        }
-        if inner.closed {
-            return;
-        }
-        let mut batch = Vec::with_capacity(FREEZE_BATCH);
-        while batch.len() < FREEZE_BATCH {
-            let Some(id) = inner.to_freeze.pop_front() else {
-                break;
-            };
-            if let Some(Entry {
-                body: Body::Live(l),
-                ..
-            }) = inner.jobs.get(&id)
-            {
-                batch.push((id, l.clone()));
-            }
-        }
-        drop(inner);
-        let frozen: Vec<_> = batch
-            .into_iter()
-            .filter_map(|(id, l)| frozen_bytes_with(&l, &mut buf).map(|b| (id, l, b)))
-            .collect();
-        let mut inner = s.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut thawed = Vec::with_capacity(frozen.len());
-        for (id, l, bytes) in frozen {
-            if let Some(e) = inner.jobs.get_mut(&id)
-                && matches!(&e.body, Body::Live(cur) if Arc::ptr_eq(cur, &l))
-            {
-                e.state = l.record.state;
-                e.body = Body::Frozen(bytes);
-            }
-            thawed.push(l);
-        }
-        drop(inner);
-        // The jobs' values are freed here, outside the lock.
-        drop(thawed);
     }
 }
 
@@ -284,10 +194,7 @@ impl MemoryStore {
     /// Keep at most `retain_finished` finished jobs.
     pub fn with_retention(retain_finished: usize) -> Self {
         Self {
-            shared: Arc::new(Shared {
-                inner: Mutex::new(Inner::default()),
-                freeze: Condvar::new(),
-            }),
+            inner: Mutex::new(Inner::default()),
             retain_finished,
             max_events: DEFAULT_MAX_EVENTS_PER_JOB,
         }
@@ -302,17 +209,7 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave a record half-updated (updates are applied
         // by one function before anything else runs), so a poisoned lock is still usable.
-        self.shared.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Freeze every finished job now (tests, and measures of memory per job).
-    pub fn freeze_finished(&self) {
-        let mut inner = self.lock();
-        while let Some(id) = inner.to_freeze.pop_front() {
-            if let Some(e) = inner.jobs.get_mut(&id) {
-                e.freeze();
-            }
-        }
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Accept a job; when it is new, also return its record and first event (for persistence).
@@ -396,7 +293,7 @@ impl MemoryStore {
             self.finished(&mut inner, id);
         } else if record.state.is_terminal() {
             // A late event of a finished job (its callback's outcome): frozen again.
-            entry.freeze();
+            entry.freeze(&mut Vec::new());
         }
         Ok(Some((event, kept, record)))
     }
@@ -422,7 +319,7 @@ impl MemoryStore {
         }
         let mut entry = Entry::new(record, events, key);
         if terminal {
-            entry.freeze();
+            entry.freeze(&mut inner.freeze_buf);
             inner.finished.push_back(id);
         }
         inner.jobs.insert(id, entry);
@@ -450,26 +347,11 @@ impl MemoryStore {
     }
 
     fn finished(&self, inner: &mut Inner, id: JobId) {
-        inner.to_freeze.push_back(id);
-        if inner.to_freeze.len() > FREEZE_BACKLOG
-            && let Some(old) = inner.to_freeze.pop_front()
-            && let Some(e) = inner.jobs.get_mut(&old)
-        {
-            e.freeze();
-        }
-        if !inner.freezer_started {
-            inner.freezer_started = true;
-            let shared = Arc::downgrade(&self.shared);
-            let started = std::thread::Builder::new()
-                .name("cascade-freezer".into())
-                .spawn(move || freezer(shared));
-            if let Err(e) = started {
-                // Without it, every finished job past the backlog is frozen by its writer.
-                tracing::warn!(error = %e, "could not start the store's freezer thread");
-            }
-        } else if inner.to_freeze.len() == 1 {
-            // The freezer waits only on an empty backlog.
-            self.shared.freeze.notify_one();
+        let Inner {
+            jobs, freeze_buf, ..
+        } = inner;
+        if let Some(e) = jobs.get_mut(&id) {
+            e.freeze(freeze_buf);
         }
         inner.finished.push_back(id);
         while inner.finished.len() > self.retain_finished {
@@ -480,13 +362,6 @@ impl MemoryStore {
                 inner.keys.remove(&*key);
             }
         }
-    }
-}
-
-impl Drop for MemoryStore {
-    fn drop(&mut self) {
-        self.lock().closed = true;
-        self.shared.freeze.notify_all();
     }
 }
 
@@ -545,7 +420,7 @@ impl JobStore for MemoryStore {
         match &event {
             Some(e) if e.kind.is_final() => self.finished(&mut inner, id),
             // A late event of a finished job (its callback's outcome): frozen again.
-            _ if terminal => entry.freeze(),
+            _ if terminal => entry.freeze(&mut Vec::new()),
             _ => {}
         }
         Ok(event)
@@ -731,7 +606,6 @@ mod tests {
             },
         )
         .unwrap();
-        s.freeze_finished();
         {
             let inner = s.lock();
             let Body::Frozen(bytes) = &inner.jobs[&id].body else {
@@ -781,79 +655,5 @@ mod tests {
         .unwrap();
         assert!(matches!(s.lock().jobs[&id].body, Body::Frozen(_)));
         assert!(s.get(id).unwrap().unwrap().callback.unwrap().delivered);
-    }
-
-    /// Run one single-step job of `s` to success.
-    async fn finish_one(s: &MemoryStore, n: usize) -> JobId {
-        let mut j = new_job("g", None, json!({ "n": n }));
-        j.max_pending = usize::MAX;
-        let id = s.submit(j).await.unwrap().id;
-        s.claim_pending("g", 1).unwrap();
-        s.update(id, JobUpdate::Started).unwrap();
-        s.update(
-            id,
-            JobUpdate::StepSucceeded {
-                step: 0,
-                attempt: 1,
-                output: Arc::new(json!({ "n": n })),
-                usage: Default::default(),
-            },
-        )
-        .unwrap();
-        s.update(
-            id,
-            JobUpdate::Finished {
-                state: JobState::Succeeded,
-                output: None,
-                error: None,
-            },
-        )
-        .unwrap();
-        id
-    }
-
-    #[tokio::test]
-    async fn the_freezer_freezes_finished_jobs_off_the_writers_path() {
-        let s = MemoryStore::new();
-        let ids: Vec<JobId> = futures::future::join_all((0..100).map(|n| finish_one(&s, n))).await;
-        let frozen = |s: &MemoryStore| {
-            let inner = s.lock();
-            ids.iter()
-                .filter(|id| matches!(inner.jobs[id].body, Body::Frozen(_)))
-                .count()
-        };
-        let start = std::time::Instant::now();
-        while frozen(&s) < ids.len() {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{} of {} finished jobs frozen after 10 s",
-                frozen(&s),
-                ids.len()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        assert!(s.lock().to_freeze.is_empty());
-        let r = s.get(ids[42]).unwrap().unwrap();
-        assert_eq!(r.state, JobState::Succeeded);
-        assert_eq!(r.steps[0].output.as_deref(), Some(&json!({ "n": 42 })));
-    }
-
-    #[tokio::test]
-    async fn without_a_freezer_the_backlog_stays_bounded() {
-        let s = MemoryStore::new();
-        // As if the freezer thread could not start: writers freeze past the backlog themselves.
-        s.lock().freezer_started = true;
-        let n = FREEZE_BACKLOG + 50;
-        for i in 0..n {
-            finish_one(&s, i).await;
-        }
-        let inner = s.lock();
-        assert_eq!(inner.to_freeze.len(), FREEZE_BACKLOG);
-        let frozen = inner
-            .jobs
-            .values()
-            .filter(|e| matches!(e.body, Body::Frozen(_)))
-            .count();
-        assert_eq!(frozen, 50);
     }
 }
