@@ -5,25 +5,29 @@
 //! grants the call when it fits); beyond that the quota is exhausted, and the broker pauses every
 //! agent it reaches through the signal plane until it recovers.
 //!
-//! A scheduler sends `Acquire` only for steps its agent has a free slot for, so the waiting list
-//! is bounded by the agents' concurrency. Steps that draw on no quota never come here.
+//! A scheduler asks only for steps its agent has a free slot for, so the waiting list is bounded
+//! by the agents' concurrency. Steps that draw on no quota never come here.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
 use super::context::{GraphCtx, QuotaIndex, Shared};
-use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg};
+use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg, SettleGrant};
 use crate::clock;
-use crate::quota::{CircuitState, QuotaCore, Ready, Reservation};
+use crate::job::JobId;
+use crate::quota::{CircuitState, Outcome, QuotaCore, Ready, Reservation};
 use crate::signal::{
     AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane,
 };
 
 pub(crate) struct Broker;
+
+/// A call asked for by agent, job, step and token.
+type Asked = (AgentKey, JobId, usize, u32);
 
 pub(crate) struct BrokerArgs {
     pub shared: Arc<Shared>,
@@ -31,8 +35,53 @@ pub(crate) struct BrokerArgs {
     pub index: Arc<QuotaIndex>,
 }
 
+/// The broker as the runtime reaches it: its actor, for what comes by message (timers, operators,
+/// snapshots, a settle that could not be done at once), and its state, which a scheduler locks
+/// directly to ask for a grant or to settle one. So a call that may start at once costs a lock
+/// rather than three messages between two threads (ask, grant, settle), which was a fifth of the
+/// engine's work per step.
+pub(crate) struct BrokerCore {
+    pub actor: ActorRef<BrokerMsg>,
+    state: Mutex<BrokerState>,
+}
+
+impl BrokerCore {
+    fn lock(&self) -> MutexGuard<'_, BrokerState> {
+        // A panic inside the broker fails the actor that held the lock, whose supervisor starts a
+        // new broker; until then the state is still the last one written.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ask for a quota grant for a step whose agent has a free slot: the grant when the call may
+    /// start now, else `None` — the call then waits its turn, oldest job first, and its grant
+    /// comes as [`SchedMsg::Granted`].
+    pub fn acquire(&self, a: Acquire) -> Option<Grant> {
+        self.lock().acquire(a)
+    }
+}
+
+impl SettleGrant for BrokerCore {
+    fn settle(&self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
+        match self.state.try_lock() {
+            Ok(mut s) => s.settle(grant, usage, outcome),
+            Err(TryLockError::Poisoned(p)) => p.into_inner().settle(grant, usage, outcome),
+            // Busy on another thread, or this grant is dropped while the broker itself works
+            // (a grant message that could not be delivered): by message, in turn.
+            Err(TryLockError::WouldBlock) => {
+                let _ = self.actor.cast(BrokerMsg::Settle {
+                    grant,
+                    usage,
+                    outcome,
+                });
+            }
+        }
+    }
+}
+
 pub(crate) struct BrokerState {
     me: ActorRef<BrokerMsg>,
+    /// This broker, for the grants it makes (they settle through it).
+    core: Weak<BrokerCore>,
     shared: Arc<Shared>,
     graphs: Vec<Arc<GraphCtx>>,
     index: Arc<QuotaIndex>,
@@ -49,18 +98,20 @@ pub(crate) struct BrokerState {
     timer_gen: u64,
     /// Scratch list of the quotas a message touched.
     touched: Vec<usize>,
+    /// Scratch list of the quotas a grant pass found blocked.
+    blocked: Vec<bool>,
 }
 
 impl Actor for Broker {
     type Msg = BrokerMsg;
-    type State = BrokerState;
+    type State = Arc<BrokerCore>;
     type Arguments = BrokerArgs;
 
     async fn pre_start(
         &self,
         me: ActorRef<BrokerMsg>,
         args: BrokerArgs,
-    ) -> Result<BrokerState, ActorProcessingErr> {
+    ) -> Result<Arc<BrokerCore>, ActorProcessingErr> {
         let now = Instant::now();
         let cores: Vec<QuotaCore> = args
             .index
@@ -69,114 +120,181 @@ impl Actor for Broker {
             .map(|s| QuotaCore::new(s.clone(), now))
             .collect();
         let models: Vec<_> = args.graphs.iter().map(|g| g.model.clone()).collect();
-        Ok(BrokerState {
-            me,
-            circuits: cores.iter().map(QuotaCore::circuit_state).collect(),
-            last_tokens: vec![0; cores.len()],
-            cores,
-            plane: SignalPlane::new(&models),
-            shared: args.shared,
-            graphs: args.graphs,
-            waiting: Waiting::new(&args.index),
-            index: args.index,
-            next_req: 0,
-            outstanding: HashMap::new(),
-            next_grant: 0,
-            timer: None,
-            timer_gen: 0,
-            touched: Vec::new(),
-        })
+        let shared = args.shared.clone();
+        let core = Arc::new_cyclic(|weak| BrokerCore {
+            actor: me.clone(),
+            state: Mutex::new(BrokerState {
+                me: me.clone(),
+                core: weak.clone(),
+                circuits: cores.iter().map(QuotaCore::circuit_state).collect(),
+                last_tokens: vec![0; cores.len()],
+                blocked: vec![false; cores.len()],
+                cores,
+                plane: SignalPlane::new(&models),
+                shared: args.shared,
+                graphs: args.graphs,
+                waiting: Waiting::new(&args.index),
+                index: args.index,
+                next_req: 0,
+                outstanding: HashMap::new(),
+                next_grant: 0,
+                timer: None,
+                timer_gen: 0,
+                touched: Vec::new(),
+            }),
+        });
+        // Schedulers ask it for grants from their first step on.
+        shared.set_broker(Some(core.clone()));
+        Ok(core)
     }
 
     async fn handle(
         &self,
         _me: ActorRef<BrokerMsg>,
         msg: BrokerMsg,
-        s: &mut BrokerState,
+        core: &mut Arc<BrokerCore>,
     ) -> Result<(), ActorProcessingErr> {
+        core.lock().on_message(msg);
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _me: ActorRef<BrokerMsg>,
+        core: &mut Arc<BrokerCore>,
+    ) -> Result<(), ActorProcessingErr> {
+        // The shared context holds the broker and the broker holds the context: let go of it.
+        let shared = core.lock().shared.clone();
+        let mut current = shared.broker.write().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref().is_some_and(|b| Arc::ptr_eq(b, core)) {
+            *current = None;
+        }
+        Ok(())
+    }
+}
+
+impl BrokerState {
+    fn acquire(&mut self, a: Acquire) -> Option<Grant> {
         let now = Instant::now();
-        // Quotas whose exhaustion this message may change; every quota when `None`.
-        // Reuses the state's scratch list: no allocation per message.
-        let mut list = std::mem::take(&mut s.touched);
+        let mut list = std::mem::take(&mut self.touched);
         list.clear();
-        let mut touched = true;
-        match msg {
-            BrokerMsg::Acquire(a) => {
-                s.next_req += 1;
-                list.extend_from_slice(&s.index.agents[a.agent.0][a.agent.1]);
-                s.waiting.insert((a.seq, s.next_req), *a);
+        self.next_req += 1;
+        list.extend_from_slice(&self.index.agents[a.agent.0][a.agent.1]);
+        let asked = (a.agent, a.job, a.step, a.token);
+        self.waiting.insert((a.seq, self.next_req), a);
+        self.after_change(now, list, true, Some(asked))
+    }
+
+    fn settle(&mut self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
+        let now = Instant::now();
+        let mut list = std::mem::take(&mut self.touched);
+        list.clear();
+        if let Some(reservations) = self.outstanding.remove(&grant) {
+            for (q, r) in reservations {
+                self.cores[q].settle(now, r, usage, outcome);
+                list.push(q);
             }
+        }
+        self.after_change(now, list, true, None);
+    }
+
+    /// Grant what can start now, then re-evaluate the exhaustion of the quotas in `list` (every
+    /// quota when not `touched`). The grant for `asked` is returned rather than sent.
+    fn after_change(
+        &mut self,
+        now: Instant,
+        mut list: Vec<usize>,
+        touched: bool,
+        asked: Option<Asked>,
+    ) -> Option<Grant> {
+        let grant = self.grant_pass(now, &mut list, asked);
+        list.sort_unstable();
+        list.dedup();
+        self.exhaustion_pass(now, touched.then_some(&list[..]));
+        self.touched = list;
+        grant
+    }
+
+    fn on_message(&mut self, msg: BrokerMsg) {
+        let now = Instant::now();
+        // Reuses the state's scratch list: no allocation per message.
+        let mut list = std::mem::take(&mut self.touched);
+        list.clear();
+        match msg {
             BrokerMsg::Settle {
                 grant,
                 usage,
                 outcome,
             } => {
-                if let Some(reservations) = s.outstanding.remove(&grant) {
-                    for (q, r) in reservations {
-                        s.cores[q].settle(now, r, usage, outcome);
-                        list.push(q);
-                    }
-                }
+                self.touched = list;
+                self.settle(grant, usage, outcome);
+                return;
             }
             BrokerMsg::Tick(generation) => {
                 // Time passed: any quota's wait may have ended.
-                touched = false;
-                if s.timer.is_some_and(|(_, g)| g == generation) {
-                    s.timer = None;
+                if self.timer.is_some_and(|(_, g)| g == generation) {
+                    self.timer = None;
                 }
             }
             BrokerMsg::AgentHealth { agent, failed } => {
-                touched = false;
                 let info = failed.then(|| CauseInfo {
                     until_unix_ms: None,
                     reason: "agent restarted too often and is marked failed".into(),
                 });
-                let changes = s.plane.set_agent_failed(agent, info);
-                s.publish(changes);
+                let changes = self.plane.set_agent_failed(agent, info);
+                self.publish(changes);
             }
             BrokerMsg::Exhaust {
                 quota,
                 duration,
                 reply,
             } => {
-                touched = false;
                 let mut found = false;
-                for c in s.cores.iter_mut().filter(|c| c.name() == quota) {
+                for c in self.cores.iter_mut().filter(|c| c.name() == quota) {
                     c.hold(now, duration);
                     found = true;
                 }
                 let _ = reply.send(found);
             }
             BrokerMsg::Resync(g) => {
-                if let Some(sched) = s.graphs[g].scheduler() {
-                    let _ = sched.cast(SchedMsg::Pause(s.plane.graph_state(g)));
+                if let Some(sched) = self.graphs[g].scheduler() {
+                    let _ = sched.cast(SchedMsg::Pause(self.plane.graph_state(g)));
                 }
-                return Ok(());
+                self.touched = list;
+                return;
             }
             BrokerMsg::Pauses(g, reply) => {
-                let _ = reply.send(s.plane.graph_pauses(g));
-                return Ok(());
+                let _ = reply.send(self.plane.graph_pauses(g));
+                self.touched = list;
+                return;
             }
             BrokerMsg::Snapshot(reply) => {
-                let _ = reply.send(s.cores.iter_mut().map(|c| c.snapshot(now)).collect());
-                return Ok(());
+                let _ = reply.send(self.cores.iter_mut().map(|c| c.snapshot(now)).collect());
+                self.touched = list;
+                return;
             }
         }
-        s.grant_pass(now, &mut list);
-        list.sort_unstable();
-        list.dedup();
-        s.exhaustion_pass(now, touched.then_some(&list[..]));
-        s.touched = list;
-        Ok(())
+        // Time passed, an operator or a failed agent acted: any quota may have changed.
+        self.after_change(now, list, false, None);
     }
-}
 
-impl BrokerState {
     /// Grant waiting calls, oldest job first. Once a call must wait at a quota, no younger call
     /// may pass it there.
-    /// Adds the quotas that granted calls to `spent`.
-    fn grant_pass(&mut self, now: Instant, spent: &mut Vec<usize>) {
-        let mut blocked = vec![false; self.cores.len()];
+    /// Adds the quotas that granted calls to `spent`. The grant of the call `asked` for, if it
+    /// goes now, is returned; the others go to their schedulers.
+    fn grant_pass(
+        &mut self,
+        now: Instant,
+        spent: &mut Vec<usize>,
+        asked: Option<Asked>,
+    ) -> Option<Grant> {
+        if self.waiting.active.is_empty() {
+            return None;
+        }
+        let mut kept = None;
+        let mut blocked = std::mem::take(&mut self.blocked);
+        blocked.clear();
+        blocked.resize(self.cores.len(), false);
         let mut wake: Option<Instant> = None;
         // Oldest first across agents: a merge of the agents' queues by their heads. An agent
         // whose head cannot go leaves the merge (the rest of its queue waits at the same quotas),
@@ -221,10 +339,13 @@ impl BrokerState {
             self.next_grant += 1;
             let grant = self.next_grant;
             self.outstanding.insert(grant, reservations);
-            // Without a scheduler to run it (restarting), or with a message that is never read,
-            // the grant is dropped, and so comes back here as abandoned.
-            let grant = Grant::new(grant, self.me.clone());
-            if let Some(sched) = self.graphs[req.agent.0].scheduler() {
+            let to = self.core.upgrade().map(|c| c as Arc<dyn SettleGrant>);
+            let grant = Grant::new(grant, to);
+            if asked == Some((req.agent, req.job, req.step, req.token)) {
+                kept = Some(grant);
+            } else if let Some(sched) = self.graphs[req.agent.0].scheduler() {
+                // Without a scheduler to run it (restarting), or with a message that is never
+                // read, the grant is dropped, and so comes back here as abandoned.
                 let _ = sched.cast(SchedMsg::Granted {
                     job: req.job,
                     step: req.step,
@@ -236,7 +357,9 @@ impl BrokerState {
                 heads.push(Reverse((key, agent)));
             }
         }
+        self.blocked = blocked;
         self.schedule(now, wake);
+        kept
     }
 
     /// Re-evaluate the exhaustion of the quotas in `only` (every quota when `None`: time passed,

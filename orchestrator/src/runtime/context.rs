@@ -10,7 +10,8 @@ use cascade_agents::Registry;
 use ractor::ActorRef;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use super::protocol::{BrokerMsg, SchedMsg};
+use super::broker::BrokerCore;
+use super::protocol::SchedMsg;
 use super::stats::GraphStats;
 use crate::job::{JobEvent, JobId};
 use crate::model::{GraphModel, QuotaModel, ServerModel};
@@ -27,7 +28,7 @@ pub(crate) struct Shared {
     pub quotas: Arc<QuotaIndex>,
     /// Job age across the server, so that shared quotas serve the oldest job first.
     pub next_seq: AtomicU64,
-    pub(super) broker: RwLock<Option<ActorRef<BrokerMsg>>>,
+    pub(super) broker: RwLock<Option<Arc<BrokerCore>>>,
     /// Every job's events, for whoever follows them all (dashboards); nothing is sent while no
     /// one listens.
     pub(super) events: broadcast::Sender<JobEvent>,
@@ -104,14 +105,14 @@ impl Shared {
         }
     }
 
-    pub fn broker(&self) -> Option<ActorRef<BrokerMsg>> {
+    pub fn broker(&self) -> Option<Arc<BrokerCore>> {
         self.broker
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    pub fn set_broker(&self, b: Option<ActorRef<BrokerMsg>>) {
+    pub fn set_broker(&self, b: Option<Arc<BrokerCore>>) {
         *self.broker.write().unwrap_or_else(|p| p.into_inner()) = b;
     }
 }

@@ -463,7 +463,7 @@ impl Orchestrator {
     /// Every quota's state now.
     pub async fn quotas(&self) -> Vec<QuotaSnapshot> {
         match self.shared.broker() {
-            Some(b) => ractor::call_t!(b, BrokerMsg::Snapshot, 5_000).unwrap_or_default(),
+            Some(b) => ractor::call_t!(b.actor, BrokerMsg::Snapshot, 5_000).unwrap_or_default(),
             None => Vec::new(),
         }
     }
@@ -473,7 +473,8 @@ impl Orchestrator {
         let g = self.graphs.get(graph)?;
         let broker = self.shared.broker()?;
         let index = g.index;
-        let board = ractor::call_t!(broker, |reply| BrokerMsg::Pauses(index, reply), 5_000).ok()?;
+        let board =
+            ractor::call_t!(broker.actor, |reply| BrokerMsg::Pauses(index, reply), 5_000).ok()?;
         Some(g.names.iter().cloned().zip(board).collect())
     }
 
@@ -529,7 +530,7 @@ impl Orchestrator {
         };
         let quota = quota.to_string();
         ractor::call_t!(
-            b,
+            b.actor,
             |reply| BrokerMsg::Exhaust {
                 quota,
                 duration,

@@ -157,8 +157,9 @@ pub(crate) struct Acquire {
 }
 
 pub(crate) enum BrokerMsg {
-    Acquire(Box<Acquire>),
-    /// A granted call ended (or will never run): return its reservations. Sent by [`Grant`].
+    /// A granted call ended (or will never run): return its reservations. Sent by [`Grant`] when
+    /// it cannot settle at once (the broker is busy on another thread, or the grant is dropped
+    /// while the broker works).
     Settle {
         grant: u64,
         usage: Option<(u64, u64)>,
@@ -188,18 +189,28 @@ pub(crate) enum BrokerMsg {
 /// the call's task aborted with its actor, a panic, a result or grant message dropped with a dead
 /// mailbox, a cancel, a shutdown — returns it as abandoned. So every grant goes back exactly
 /// once, and no message that a dying actor may never send is needed for it.
-#[derive(Debug)]
 pub(crate) struct Grant {
     id: u64,
-    broker: Option<ActorRef<BrokerMsg>>,
+    to: Option<Arc<dyn SettleGrant>>,
+}
+
+/// Where a grant goes back to: the broker that made it.
+pub(crate) trait SettleGrant: Send + Sync {
+    fn settle(&self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome);
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("id", &self.id)
+            .field("settled", &self.to.is_none())
+            .finish()
+    }
 }
 
 impl Grant {
-    pub fn new(id: u64, broker: ActorRef<BrokerMsg>) -> Self {
-        Self {
-            id,
-            broker: Some(broker),
-        }
+    pub fn new(id: u64, to: Option<Arc<dyn SettleGrant>>) -> Self {
+        Self { id, to }
     }
 
     /// Return the grant with what the call spent and how it ended.
@@ -208,13 +219,9 @@ impl Grant {
     }
 
     fn send(&mut self, usage: Option<(u64, u64)>, outcome: Outcome) {
-        if let Some(broker) = self.broker.take() {
-            // A broker that is gone took its reservations with it.
-            let _ = broker.cast(BrokerMsg::Settle {
-                grant: self.id,
-                usage,
-                outcome,
-            });
+        // A broker that is gone took its reservations with it.
+        if let Some(to) = self.to.take() {
+            to.settle(self.id, usage, outcome);
         }
     }
 }

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 
 use super::GraphCtx;
 use super::agent_actor;
+use super::broker::BrokerCore;
 use super::protocol::{
     Acquire, AgentHandle, AgentMsg, AgentPanic, AgentSlotSnapshot, BrokerMsg, Call, CallEnd, Grant,
     SchedMsg, SchedulerSnapshot, StepDone, Waiting,
@@ -111,7 +112,7 @@ pub(crate) struct SchedState {
     draining: bool,
     /// Agents of this graph paused now; while any is, no new job starts.
     paused: usize,
-    broker: Option<ActorRef<BrokerMsg>>,
+    broker: Option<Arc<BrokerCore>>,
     metrics: GraphMetrics,
     /// Claim pending jobs in batches of at least this many free places (fewer store round trips).
     admit_batch: usize,
@@ -199,7 +200,7 @@ impl Actor for Scheduler {
         // Pauses in force: a restarted scheduler must honour them from the start.
         s.broker = s.ctx.shared.broker();
         if let Some(b) = &s.broker {
-            let _ = b.cast(BrokerMsg::Resync(s.ctx.index));
+            let _ = b.actor.cast(BrokerMsg::Resync(s.ctx.index));
         }
         // Jobs left running by a previous scheduler (or process) resume first, oldest first.
         let running = s.ctx.shared.store.running(&s.ctx.model.name)?;
@@ -424,7 +425,7 @@ impl SchedState {
                 self.dispatch(i, job_id, None);
                 continue;
             }
-            let Some(broker) = &self.broker else {
+            let Some(broker) = self.broker.clone() else {
                 self.dispatch(i, job_id, None);
                 continue;
             };
@@ -438,15 +439,21 @@ impl SchedState {
             let Some(token) = job.steps[i].step.await_quota() else {
                 continue;
             };
-            slot.awaiting += 1;
-            let _ = broker.cast(BrokerMsg::Acquire(Box::new(Acquire {
+            let seq = job.seq;
+            let asked = Acquire {
                 agent: (self.ctx.index, i),
                 job: job_id,
                 step: i,
                 token,
-                seq: job.seq,
+                seq,
                 tokens,
-            })));
+            };
+            match broker.acquire(asked) {
+                // It may start now: no round trip.
+                Some(grant) => self.dispatch(i, job_id, Some(grant)),
+                // It waits its turn at the broker, holding one of the agent's slots.
+                None => self.slots[i].awaiting += 1,
+            }
         }
     }
 
@@ -517,7 +524,10 @@ impl SchedState {
         match agent_actor::poll_once(call) {
             Ok(CallEnd::Done(done)) => self.finished.push_back(done),
             Ok(CallEnd::Panicked(p)) => {
+                // The actor fails with it, and its supervisor announces the next one; until
+                // then this agent starts nothing more (the step is charged when it comes).
                 let _ = handle.actor.cast(AgentMsg::Panicked(p));
+                slot.actor = None;
             }
             Err(call) => {
                 let waiting = Waiting {

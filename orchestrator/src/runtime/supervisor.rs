@@ -43,9 +43,9 @@ impl RootState {
             graphs: self.graphs.iter().map(|(g, _)| g.clone()).collect(),
             index: self.shared.quotas.clone(),
         };
+        // The broker publishes itself to the schedulers as it starts.
         let (broker, _) = Actor::spawn_linked(None, Broker, args, me.get_cell()).await?;
         self.broker = Some(broker.get_id());
-        self.shared.set_broker(Some(broker));
         Ok(())
     }
 }
@@ -350,7 +350,7 @@ impl Actor for GraphSupervisor {
 /// runs again.
 fn report_health(ctx: &GraphCtx, i: usize, failed: bool) {
     if let Some(b) = ctx.shared.broker() {
-        let _ = b.cast(BrokerMsg::AgentHealth {
+        let _ = b.actor.cast(BrokerMsg::AgentHealth {
             agent: (ctx.index, i),
             failed,
         });

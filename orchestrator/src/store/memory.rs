@@ -217,6 +217,15 @@ impl MemoryStore {
         &self,
         job: NewJob,
     ) -> Result<(Submitted, Option<(JobRecord, JobEvent)>), StoreError> {
+        self.submit_with(job, true)
+    }
+
+    /// Accept a job; with `created`, also return its record and first event when it is new.
+    fn submit_with(
+        &self,
+        job: NewJob,
+        created: bool,
+    ) -> Result<(Submitted, Option<(JobRecord, JobEvent)>), StoreError> {
         let mut inner = self.lock();
         if let Some(key) = &job.idempotency_key {
             let k = (job.tenant.clone(), key.clone());
@@ -262,14 +271,14 @@ impl MemoryStore {
             .entry(job.graph)
             .or_default()
             .push_back(job.id);
-        let created = (record.clone(), events[0].clone());
+        let created = created.then(|| (record.clone(), events[0].clone()));
         inner.jobs.insert(job.id, Entry::new(record, events, key));
         Ok((
             Submitted {
                 id: job.id,
                 deduplicated: false,
             },
-            Some(created),
+            created,
         ))
     }
 
@@ -367,7 +376,8 @@ impl MemoryStore {
 
 impl JobStore for MemoryStore {
     fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
-        let result = self.submit_now(job).map(|(s, _)| s);
+        // Nothing to persist: no copy of the record.
+        let result = self.submit_with(job, false).map(|(s, _)| s);
         Box::pin(async move { result })
     }
 
