@@ -137,6 +137,39 @@ async fn a_storm_on_an_upstream_without_a_quota_is_paced() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_quota_declared_too_high_is_refused_on_at_most_one_call_in_a_hundred() {
+    // A quota of 300/s in front of a provider that enforces 200/s: AIMD must find the real rate
+    // from the first refusals rather than creep down to it.
+    let mut toml = no_quota_storm(
+        "faults-too-high",
+        "{ requests_per_second = 200, burst = 20 }",
+    );
+    toml = toml.replace(
+        "upstream = \"faults-too-high\"",
+        "quota = \"llm\"\nupstream = \"faults-too-high\"",
+    );
+    toml += "[quotas.llm]\nrequests_per_second = 300\nburst = 20\n";
+    let orch = start(&toml).await;
+    let begin = tokio::time::Instant::now();
+    let ids = run_all(&orch, "storm", 4000, Duration::from_secs(600)).await;
+    let elapsed = begin.elapsed().as_secs_f64();
+    let up = cascade_orchestrator::agents::sim::upstream(orch.registry(), "faults-too-high");
+    let (calls, refusals) = (up.calls(), up.refusals());
+    eprintln!("too-high quota: {calls} calls, {refusals} refusals, {elapsed:.1} s");
+    for id in &ids {
+        assert_eq!(orch.get(*id).unwrap().unwrap().state, JobState::Succeeded);
+    }
+    assert_eq!(calls, 8000, "each job calls the upstream twice");
+    assert!(
+        refusals as f64 <= 0.01 * (calls + refusals) as f64,
+        "{refusals} refusals for {calls} answered calls"
+    );
+    let goodput = calls as f64 / elapsed;
+    assert!(goodput >= 0.95 * 200.0, "goodput {goodput:.1} calls/s");
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_long_retry_after_from_an_undeclared_upstream_pauses_the_chain() {
     // One call a second with a burst of 5: after the burst, the upstream asks to wait ~1 s,
     // longer than the pause threshold, so its implicit quota is exhausted and pauses downstream.

@@ -201,6 +201,16 @@ impl AcceptMeter {
     }
 }
 
+impl AcceptMeter {
+    /// How long the rate has been measured over (at most a second).
+    pub fn measured(&self, now: Instant) -> Duration {
+        if self.counts.started.is_none() {
+            return Duration::ZERO;
+        }
+        self.counts.span(now).0
+    }
+}
+
 impl Default for AcceptMeter {
     fn default() -> Self {
         Self::new()
