@@ -653,6 +653,6 @@ fn main() {
             );
         }
         let per_job = memory_per_in_flight_job(20_000).await;
-        println!("memory per in-flight job (5-step pipeline, 20000 in flight): {:.1} KiB", per_job / 1024.0);
+        println!("memory per in-flight job (5-step pipeline, 20000 in flight): {:.1} KiB ({per_job:.0} bytes)", per_job / 1024.0);
     });
 }

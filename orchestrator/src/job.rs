@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime};
 use cascade_agents::Usage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use smallvec::SmallVec;
 use uuid::Uuid;
 
 /// A job's id: a UUIDv7, so ids sort by creation time.
@@ -117,10 +118,6 @@ pub struct StepRecord {
     pub started_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
     pub usage: Usage,
-    /// The step's last event, while repeats of it are folded into it (a refused call that starts
-    /// again at the same attempt, a retry of the same attempt): not stored, rebuilt as it goes.
-    #[serde(skip)]
-    pub repeat: Option<Repeat>,
 }
 
 /// The stored event that repeats of a step's start or retry fold into.
@@ -160,9 +157,16 @@ pub struct JobRecord {
     pub deadline: Option<Duration>,
     /// Where to POST the outcome when the job ends, and how that went.
     pub callback_url: Option<String>,
-    pub callback: Option<CallbackDelivery>,
+    /// Boxed: most jobs have none, and every job in flight would carry its room.
+    pub callback: Option<Box<CallbackDelivery>>,
     /// Scope of the idempotency key.
     pub tenant: String,
+    /// Each step's last event, while repeats of it are folded into it (a refused call that
+    /// starts again at the same attempt, a retry of the same attempt): not stored, rebuilt as it
+    /// goes. Only steps that started or retry have one, so it is kept here rather than on every
+    /// step (a fifth of what a job in flight holds).
+    #[serde(skip)]
+    pub repeats: SmallVec<[(usize, Repeat); 1]>,
 }
 
 /// The delivery of a job's completion callback.
@@ -201,7 +205,6 @@ impl JobRecord {
                     started_at: None,
                     finished_at: None,
                     usage: Usage::default(),
-                    repeat: None,
                 })
                 .collect(),
             labels: BTreeMap::new(),
@@ -217,6 +220,24 @@ impl JobRecord {
             callback_url: None,
             callback: None,
             tenant: String::new(),
+            repeats: SmallVec::new(),
+        }
+    }
+
+    /// The event that repeats of step `i` fold into, if any.
+    pub fn repeat_of(&self, i: usize) -> Option<&Repeat> {
+        self.repeats.iter().find(|(s, _)| *s == i).map(|(_, r)| r)
+    }
+
+    fn set_repeat(&mut self, i: usize, r: Option<Repeat>) {
+        let at = self.repeats.iter().position(|(s, _)| *s == i);
+        match (at, r) {
+            (Some(k), Some(r)) => self.repeats[k].1 = r,
+            (Some(k), None) => {
+                self.repeats.swap_remove(k);
+            }
+            (None, Some(r)) => self.repeats.push((i, r)),
+            (None, None) => {}
         }
     }
 
@@ -230,7 +251,7 @@ impl JobRecord {
     pub fn apply(&mut self, update: JobUpdate, now: SystemTime) -> Option<JobEvent> {
         // A finished job takes no more changes but the record of its callback's delivery.
         if let JobUpdate::Callback(delivery) = update {
-            self.callback = Some(delivery.clone());
+            self.callback = Some(Box::new(delivery.clone()));
             self.updated_at = now;
             self.events += 1;
             return Some(JobEvent {
@@ -259,12 +280,10 @@ impl JobRecord {
             _ => (None, None),
         };
         let folded = match (step, repeat) {
-            (Some(i), Some((retrying, attempt))) => self.steps.get(i).and_then(|s| {
-                s.repeat
-                    .as_ref()
-                    .filter(|r| r.retrying == retrying && r.attempt == attempt)
-                    .cloned()
-            }),
+            (Some(i), Some((retrying, attempt))) => self
+                .repeat_of(i)
+                .filter(|r| r.retrying == retrying && r.attempt == attempt)
+                .cloned(),
             _ => None,
         };
         let kind = match update {
@@ -367,20 +386,19 @@ impl JobRecord {
                 last_at: Some(now),
                 kind,
             };
-            self.steps[i].repeat = Some(r);
+            self.set_repeat(i, Some(r));
             return Some(event);
         }
         self.events += 1;
-        if let Some(i) = step
-            && let Some(s) = self.steps.get_mut(i)
-        {
-            s.repeat = repeat.map(|(retrying, attempt)| Repeat {
+        if let Some(i) = step.filter(|&i| i < self.steps.len()) {
+            let r = repeat.map(|(retrying, attempt)| Repeat {
                 seq: self.events,
                 first_at: now,
                 count: 1,
                 retrying,
                 attempt,
             });
+            self.set_repeat(i, r);
         }
         Some(JobEvent {
             job_id: self.id,

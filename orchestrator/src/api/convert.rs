@@ -106,7 +106,7 @@ pub fn job_to_pb(r: &JobRecord) -> pb::Job {
         callback: r
             .callback_url
             .as_deref()
-            .map(|u| callback(u, r.callback.as_ref())),
+            .map(|u| callback(u, r.callback.as_deref())),
     }
 }
 

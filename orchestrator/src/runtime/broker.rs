@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::context::{GraphCtx, QuotaIndex, Shared};
@@ -89,7 +90,8 @@ pub(crate) struct BrokerState {
     plane: SignalPlane,
     waiting: Waiting,
     next_req: u64,
-    outstanding: HashMap<u64, Vec<(usize, Reservation)>>,
+    /// What each granted call holds, by grant (one quota in most calls: held inline).
+    outstanding: HashMap<u64, SmallVec<[(usize, Reservation); 1]>>,
     next_grant: u64,
     /// Tokens of the last call seen per core: the size of "the next call" when none waits.
     last_tokens: Vec<u64>,
@@ -328,7 +330,7 @@ impl BrokerState {
             }
             let req = self.waiting.pop(agent).expect("a head");
             // Take at once, so that the next request sees this one's spend.
-            let reservations: Vec<(usize, Reservation)> = quotas
+            let reservations: SmallVec<[(usize, Reservation); 1]> = quotas
                 .iter()
                 .map(|&q| (q, self.cores[q].take(now, req.tokens)))
                 .collect();

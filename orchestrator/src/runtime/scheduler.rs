@@ -106,7 +106,8 @@ pub(crate) struct Scheduler;
 pub(crate) struct SchedState {
     ctx: Arc<GraphCtx>,
     me: ActorRef<SchedMsg>,
-    jobs: HashMap<JobId, JobRun>,
+    /// Boxed: the map's spare room then costs a pointer per slot rather than a job's run.
+    jobs: HashMap<JobId, Box<JobRun>>,
     slots: Vec<Slot>,
     rng: SmallRng,
     draining: bool,
@@ -380,7 +381,7 @@ impl SchedState {
         let id_str: Arc<str> = id.to_string().into();
         self.jobs.insert(
             id,
-            JobRun {
+            Box::new(JobRun {
                 id_str: id_str.clone(),
                 seq,
                 input: r.input,
@@ -392,7 +393,7 @@ impl SchedState {
                 started: Instant::now(),
                 span: job_span(traced, &id_str, &model.name),
                 traced,
-            },
+            }),
         );
         if remaining == 0 {
             self.finish(id, JobState::Succeeded, None);

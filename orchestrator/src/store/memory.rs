@@ -253,7 +253,9 @@ impl MemoryStore {
         record.callback_url = job.callback_url;
         record.tenant = job.tenant.clone();
         record.events = 1;
-        let mut events = Vec::with_capacity(3 + 2 * job.agents.len());
+        // Room for what a job in flight logs first (submitted, started, its first step started); a job's
+        // whole log reserved up front was a quarter of the memory a job in flight holds.
+        let mut events = Vec::with_capacity(3);
         events.push(JobEvent {
             job_id: job.id,
             seq: 1,

@@ -684,7 +684,8 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
             rec.callback_url = r.get(9)?;
             rec.callback = r
                 .get::<_, Option<String>>(10)?
-                .and_then(|c| serde_json::from_str::<CallbackDelivery>(&c).ok());
+                .and_then(|c| serde_json::from_str::<CallbackDelivery>(&c).ok())
+                .map(Box::new);
             rec.started_at = r.get::<_, Option<i64>>(12)?.map(from_micros);
             rec.finished_at = r.get::<_, Option<i64>>(13)?.map(from_micros);
             rec.updated_at = from_micros(r.get(14)?);
@@ -707,7 +708,6 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
     rec.steps = stmt
         .query_map(params![key], |r| {
             Ok(StepRecord {
-                repeat: None,
                 agent: r.get::<_, String>(0)?.into(),
                 state: parse_step_state(&r.get::<_, String>(1)?),
                 attempts: r.get(2)?,
