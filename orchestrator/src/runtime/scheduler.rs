@@ -7,7 +7,7 @@
 //! queues here (oldest job first), and an agent actor is sent at most `max_concurrency` calls.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -106,8 +106,9 @@ pub(crate) struct Scheduler;
 pub(crate) struct SchedState {
     ctx: Arc<GraphCtx>,
     me: ActorRef<SchedMsg>,
-    /// Boxed: the map's spare room then costs a pointer per slot rather than a job's run.
-    jobs: HashMap<JobId, Box<JobRun>>,
+    /// Boxed: the map's spare room then costs a pointer per slot rather than a job's run. Hashed
+    /// with foldhash: the ids are the server's own.
+    jobs: foldhash::HashMap<JobId, Box<JobRun>>,
     slots: Vec<Slot>,
     rng: SmallRng,
     draining: bool,
@@ -181,7 +182,7 @@ impl Actor for Scheduler {
         Ok(SchedState {
             ctx,
             me,
-            jobs: HashMap::new(),
+            jobs: Default::default(),
             slots,
             rng: SmallRng::seed_from_u64(0x5eed),
             draining: false,

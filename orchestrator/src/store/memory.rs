@@ -24,10 +24,12 @@ pub struct MemoryStore {
     max_events: usize,
 }
 
+/// The maps use foldhash: SipHash's resistance to chosen keys is not needed for ids the server
+/// generated and graph names it loaded, and hashing them was a tenth of the store's work.
 #[derive(Default)]
 struct Inner {
-    jobs: HashMap<JobId, Entry>,
-    pending: HashMap<Arc<str>, VecDeque<JobId>>,
+    jobs: foldhash::HashMap<JobId, Entry>,
+    pending: foldhash::HashMap<Arc<str>, VecDeque<JobId>>,
     keys: HashMap<(String, String), JobId>,
     finished: VecDeque<JobId>,
     /// Scratch space for freezing a job.
