@@ -151,7 +151,9 @@ pub struct JobRecord {
     /// Number of events recorded so far (the last event's `seq`).
     pub events: u64,
     /// Events not kept in the job's log because it held `max_events_per_job` already.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    /// Always written (a frozen job is encoded by position, where a skipped field would shift
+    /// the rest); absent in older documents.
+    #[serde(default)]
     pub events_dropped: u64,
     /// This job's own deadline, overriding the graph's.
     pub deadline: Option<Duration>,
@@ -512,10 +514,6 @@ fn one() -> u32 {
 
 fn is_one(n: &u32) -> bool {
     *n == 1
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 #[cfg(test)]

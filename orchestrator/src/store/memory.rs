@@ -152,9 +152,11 @@ impl Entry {
             events: &l.events,
         };
         buf.clear();
-        // MessagePack with field names: a third of the cost of JSON here (no escaping, binary
-        // numbers and times), and self-describing, as the events' tagged kinds need.
-        match rmp_serde::encode::write_named(buf, &f) {
+        // MessagePack, structs by position: a fifth of the cost of JSON here (no escaping, no
+        // field names, binary numbers and times). It is read back only by this process, so no
+        // field is ever skipped when written (see `JobRecord::events_dropped`); the events'
+        // tagged kinds stay maps, which MessagePack describes itself.
+        match rmp_serde::encode::write(buf, &f) {
             Ok(()) => {
                 self.state = l.record.state;
                 self.body = Body::Frozen(lz4_flex::compress_prepend_size(buf).into_boxed_slice());
@@ -669,5 +671,65 @@ mod tests {
         .unwrap();
         assert!(matches!(s.lock().jobs[&id].body, Body::Frozen(_)));
         assert!(s.get(id).unwrap().unwrap().callback.unwrap().delivered);
+    }
+
+    #[tokio::test]
+    async fn a_frozen_job_keeps_its_folded_events_and_dropped_count() {
+        let s = MemoryStore::new().with_max_events_per_job(8);
+        let mut j = new_job("g", None, json!({}));
+        j.max_pending = 10;
+        let id = s.submit(j).await.unwrap().id;
+        s.claim_pending("g", 1).unwrap();
+        s.update(id, JobUpdate::Started).unwrap();
+        // A refused call started again at the same attempt folds into one event...
+        for _ in 0..3 {
+            s.update(
+                id,
+                JobUpdate::StepStarted {
+                    step: 0,
+                    attempt: 1,
+                },
+            )
+            .unwrap();
+        }
+        // ...and retries past the log's bound are counted, not kept.
+        for attempt in 2..12 {
+            s.update(
+                id,
+                JobUpdate::StepRetrying {
+                    step: 0,
+                    attempt,
+                    delay: std::time::Duration::from_millis(5),
+                    error: "busy".into(),
+                },
+            )
+            .unwrap();
+        }
+        let live = s.get(id).unwrap().unwrap();
+        let live_events = s.events(id, 0).unwrap();
+        assert!(live.events_dropped > 0);
+        assert!(
+            live_events
+                .iter()
+                .any(|e| e.count == 3 && e.last_at.is_some())
+        );
+        s.update(
+            id,
+            JobUpdate::Finished {
+                state: JobState::Failed,
+                output: None,
+                error: Some("gave up".into()),
+            },
+        )
+        .unwrap();
+        assert!(matches!(s.lock().jobs[&id].body, Body::Frozen(_)));
+        let frozen = s.get(id).unwrap().unwrap();
+        assert_eq!(frozen.events_dropped, live.events_dropped);
+        assert_eq!(frozen.error.as_deref(), Some("gave up"));
+        let events = s.events(id, 0).unwrap();
+        assert_eq!(
+            serde_json::to_value(&events[..live_events.len()]).unwrap(),
+            serde_json::to_value(&live_events).unwrap()
+        );
     }
 }
