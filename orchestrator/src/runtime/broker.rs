@@ -10,6 +10,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -44,9 +46,21 @@ pub(crate) struct BrokerArgs {
 pub(crate) struct BrokerCore {
     pub actor: ActorRef<BrokerMsg>,
     state: Mutex<BrokerState>,
+    /// Replaced by a new broker (its actor failed or stopped): it grants and settles nothing
+    /// more, as a dead actor would have received nothing.
+    retired: AtomicBool,
 }
 
 impl BrokerCore {
+    /// Grant and settle nothing more (see `retired`).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     fn lock(&self) -> MutexGuard<'_, BrokerState> {
         // A panic inside the broker fails the actor that held the lock, whose supervisor starts a
         // new broker; until then the state is still the last one written.
@@ -57,12 +71,20 @@ impl BrokerCore {
     /// start now, else `None` — the call then waits its turn, oldest job first, and its grant
     /// comes as [`SchedMsg::Granted`].
     pub fn acquire(&self, a: Acquire) -> Option<Grant> {
+        if self.is_retired() {
+            // The step waits; the scheduler asks the new broker once told of it.
+            return None;
+        }
         self.lock().acquire(a)
     }
 }
 
 impl SettleGrant for BrokerCore {
     fn settle(&self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
+        if self.is_retired() {
+            // A retired broker took its reservations with it.
+            return;
+        }
         match self.state.try_lock() {
             Ok(mut s) => s.settle(grant, usage, outcome),
             Err(TryLockError::Poisoned(p)) => p.into_inner().settle(grant, usage, outcome),
@@ -125,6 +147,7 @@ impl Actor for Broker {
         let shared = args.shared.clone();
         let core = Arc::new_cyclic(|weak| BrokerCore {
             actor: me.clone(),
+            retired: AtomicBool::new(false),
             state: Mutex::new(BrokerState {
                 me: me.clone(),
                 core: weak.clone(),
@@ -166,6 +189,7 @@ impl Actor for Broker {
         core: &mut Arc<BrokerCore>,
     ) -> Result<(), ActorProcessingErr> {
         // The shared context holds the broker and the broker holds the context: let go of it.
+        core.retire();
         let shared = core.lock().shared.clone();
         let mut current = shared.broker.write().unwrap_or_else(|p| p.into_inner());
         if current.as_ref().is_some_and(|b| Arc::ptr_eq(b, core)) {

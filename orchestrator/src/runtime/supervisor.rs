@@ -93,6 +93,9 @@ impl Actor for RootSupervisor {
         if let SupervisionEvent::ActorFailed(cell, err) = evt {
             if s.broker == Some(cell.get_id()) {
                 tracing::error!(error = %err, "quota broker failed; restarting it, waiting steps ask again");
+                if let Some(old) = s.shared.broker() {
+                    old.retire();
+                }
                 s.shared.set_broker(None);
                 if s.shared.is_shutting_down() {
                     return Ok(());
