@@ -102,23 +102,28 @@ fn no_quota_storm(upstream: &str, limit: &str) -> String {
     s
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_storm_on_an_upstream_without_a_quota_is_paced() {
-    let orch = start(&no_quota_storm(
-        "faults-storm",
-        "{ requests_per_second = 200, burst = 20 }",
-    ))
-    .await;
+/// Run 4,000 jobs of a storm graph on the paused clock; every job must succeed, calling the
+/// simulated `upstream` twice. Returns the orchestrator, the calls it answered and refused, and
+/// the seconds the storm took.
+async fn storm_run(toml: &str, upstream: &str) -> (Orchestrator, u64, u64, f64) {
+    let orch = start(toml).await;
     let begin = tokio::time::Instant::now();
     let ids = run_all(&orch, "storm", 4000, Duration::from_secs(600)).await;
     let elapsed = begin.elapsed().as_secs_f64();
-    let up = cascade_orchestrator::agents::sim::upstream(orch.registry(), "faults-storm");
+    let up = cascade_orchestrator::agents::sim::upstream(orch.registry(), upstream);
     let (calls, refusals) = (up.calls(), up.refusals());
-    eprintln!("no-quota storm: {calls} calls, {refusals} refusals, {elapsed:.1} s");
+    eprintln!("{upstream}: {calls} calls, {refusals} refusals, {elapsed:.1} s");
     for id in &ids {
         assert_eq!(orch.get(*id).unwrap().unwrap().state, JobState::Succeeded);
     }
     assert_eq!(calls, 8000, "each job calls the upstream twice");
+    (orch, calls, refusals, elapsed)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_storm_on_an_upstream_without_a_quota_is_paced() {
+    let toml = no_quota_storm("faults-storm", "{ requests_per_second = 200, burst = 20 }");
+    let (orch, calls, refusals, elapsed) = storm_run(&toml, "faults-storm").await;
     // Refusals per 1,000 jobs stay few: the implicit quota slow-starts, learns the rate at the
     // first refusal and paces every waiter after it (no herd at the end of each Retry-After).
     assert!(refusals < 80, "{refusals} refusals for 4,000 jobs");
@@ -149,17 +154,7 @@ async fn a_quota_declared_too_high_is_refused_on_at_most_one_call_in_a_hundred()
         "quota = \"llm\"\nupstream = \"faults-too-high\"",
     );
     toml += "[quotas.llm]\nrequests_per_second = 300\nburst = 20\n";
-    let orch = start(&toml).await;
-    let begin = tokio::time::Instant::now();
-    let ids = run_all(&orch, "storm", 4000, Duration::from_secs(600)).await;
-    let elapsed = begin.elapsed().as_secs_f64();
-    let up = cascade_orchestrator::agents::sim::upstream(orch.registry(), "faults-too-high");
-    let (calls, refusals) = (up.calls(), up.refusals());
-    eprintln!("too-high quota: {calls} calls, {refusals} refusals, {elapsed:.1} s");
-    for id in &ids {
-        assert_eq!(orch.get(*id).unwrap().unwrap().state, JobState::Succeeded);
-    }
-    assert_eq!(calls, 8000, "each job calls the upstream twice");
+    let (orch, calls, refusals, elapsed) = storm_run(&toml, "faults-too-high").await;
     assert!(
         refusals as f64 <= 0.01 * (calls + refusals) as f64,
         "{refusals} refusals for {calls} answered calls"
