@@ -204,11 +204,48 @@ impl BrokerState {
         let now = Instant::now();
         let mut list = std::mem::take(&mut self.touched);
         list.clear();
+        let index = Arc::clone(&self.index);
+        let quotas = &index.agents[a.agent.0][a.agent.1];
+        // Nothing waits anywhere, so no older call can be passed: a call its quotas let start
+        // now goes without joining (and leaving) the waiting list.
+        if self.waiting.active.is_empty()
+            && quotas
+                .iter()
+                .all(|&q| self.cores[q].ready(now, a.tokens) == Ready::Now)
+        {
+            let grant = self.take(now, &a, &mut list);
+            list.sort_unstable();
+            list.dedup();
+            self.exhaustion_pass(now, Some(&list[..]));
+            self.touched = list;
+            return Some(grant);
+        }
         self.next_req += 1;
-        list.extend_from_slice(&self.index.agents[a.agent.0][a.agent.1]);
+        list.extend_from_slice(quotas);
         let asked = (a.agent, a.job, a.step, a.token);
         self.waiting.insert((a.seq, self.next_req), a);
         self.after_change(now, list, true, Some(asked))
+    }
+
+    /// Start the call `req` now: take its share of each of its quotas (at once, so that the next
+    /// request sees this one's spend), which it holds as the returned grant. Adds those quotas to
+    /// `spent`.
+    fn take(&mut self, now: Instant, req: &Acquire, spent: &mut Vec<usize>) -> Grant {
+        let index = Arc::clone(&self.index);
+        let quotas = &index.agents[req.agent.0][req.agent.1];
+        let reservations: SmallVec<[(usize, Reservation); 1]> = quotas
+            .iter()
+            .map(|&q| (q, self.cores[q].take(now, req.tokens)))
+            .collect();
+        for &q in quotas {
+            self.last_tokens[q] = req.tokens;
+            spent.push(q);
+        }
+        self.next_grant += 1;
+        let grant = self.next_grant;
+        self.outstanding.insert(grant, reservations);
+        let to = self.core.upgrade().map(|c| c as Arc<dyn SettleGrant>);
+        Grant::new(grant, to)
     }
 
     fn settle(&mut self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
@@ -353,20 +390,7 @@ impl BrokerState {
                 continue;
             }
             let req = self.waiting.pop(agent).expect("a head");
-            // Take at once, so that the next request sees this one's spend.
-            let reservations: SmallVec<[(usize, Reservation); 1]> = quotas
-                .iter()
-                .map(|&q| (q, self.cores[q].take(now, req.tokens)))
-                .collect();
-            for &q in quotas {
-                self.last_tokens[q] = req.tokens;
-                spent.push(q);
-            }
-            self.next_grant += 1;
-            let grant = self.next_grant;
-            self.outstanding.insert(grant, reservations);
-            let to = self.core.upgrade().map(|c| c as Arc<dyn SettleGrant>);
-            let grant = Grant::new(grant, to);
+            let grant = self.take(now, &req, spent);
             if asked == Some((req.agent, req.job, req.step, req.token)) {
                 kept = Some(grant);
             } else if let Some(sched) = self.graphs[req.agent.0].scheduler() {
