@@ -52,8 +52,11 @@ pub(crate) struct BrokerCore {
 }
 
 impl BrokerCore {
-    /// Grant and settle nothing more (see `retired`).
+    /// Grant and settle nothing more (see `retired`). Taken under the lock, so that nothing this
+    /// broker does is still under way once it returns (a grant sent after the schedulers were
+    /// told of the new broker would be counted twice).
     pub fn retire(&self) {
+        let _state = self.lock();
         self.retired.store(true, Ordering::Release);
     }
 
@@ -62,32 +65,55 @@ impl BrokerCore {
     }
 
     fn lock(&self) -> MutexGuard<'_, BrokerState> {
-        // A panic inside the broker fails the actor that held the lock, whose supervisor starts a
-        // new broker; until then the state is still the last one written.
+        // A lock poisoned by a panic belongs to a broker that is being replaced (see `guarded`),
+        // which is retired before anyone reads its state again.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on the state, unless the broker is retired. The broker's code also runs on the
+    /// threads of the schedulers that call it: a panic there would fail that scheduler and leave
+    /// this broker half-written. So it is caught, the broker retired and its actor told to fail,
+    /// and its supervisor starts a new one (the schedulers then ask again).
+    fn guarded<T>(&self, s: &mut BrokerState, f: impl FnOnce(&mut BrokerState) -> T) -> Option<T> {
+        if self.is_retired() {
+            return None;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s))) {
+            Ok(v) => Some(v),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|m| m.to_string()))
+                    .unwrap_or_else(|| "panic with a non-string payload".into());
+                tracing::error!(%message, "the quota broker panicked; replacing it");
+                self.retired.store(true, Ordering::Release);
+                let _ = self.actor.cast(BrokerMsg::Fail(message));
+                None
+            }
+        }
     }
 
     /// Ask for a quota grant for a step whose agent has a free slot: the grant when the call may
     /// start now, else `None` — the call then waits its turn, oldest job first, and its grant
-    /// comes as [`SchedMsg::Granted`].
+    /// comes as [`SchedMsg::Granted`]. A retired broker grants nothing: the step waits, and the
+    /// scheduler asks the new broker once told of it.
     pub fn acquire(&self, a: Acquire) -> Option<Grant> {
-        if self.is_retired() {
-            // The step waits; the scheduler asks the new broker once told of it.
-            return None;
-        }
-        self.lock().acquire(a)
+        let mut s = self.lock();
+        self.guarded(&mut s, |s| s.acquire(a)).flatten()
     }
 }
 
 impl SettleGrant for BrokerCore {
     fn settle(&self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
-        if self.is_retired() {
-            // A retired broker took its reservations with it.
-            return;
-        }
+        // A retired broker took its reservations with it.
         match self.state.try_lock() {
-            Ok(mut s) => s.settle(grant, usage, outcome),
-            Err(TryLockError::Poisoned(p)) => p.into_inner().settle(grant, usage, outcome),
+            Ok(mut s) => {
+                self.guarded(&mut s, |s| s.settle(grant, usage, outcome));
+            }
+            Err(TryLockError::Poisoned(p)) => {
+                self.guarded(&mut p.into_inner(), |s| s.settle(grant, usage, outcome));
+            }
             // Busy on another thread, or this grant is dropped while the broker itself works
             // (a grant message that could not be delivered): by message, in turn.
             Err(TryLockError::WouldBlock) => {
@@ -179,7 +205,13 @@ impl Actor for Broker {
         msg: BrokerMsg,
         core: &mut Arc<BrokerCore>,
     ) -> Result<(), ActorProcessingErr> {
-        core.lock().on_message(msg);
+        if let BrokerMsg::Fail(message) = msg {
+            return Err(format!("the quota broker panicked: {message}").into());
+        }
+        let mut state = core.lock();
+        if !core.is_retired() {
+            state.on_message(msg);
+        }
         Ok(())
     }
 
@@ -333,6 +365,10 @@ impl BrokerState {
             }
             BrokerMsg::Snapshot(reply) => {
                 let _ = reply.send(self.cores.iter_mut().map(|c| c.snapshot(now)).collect());
+                self.touched = list;
+                return;
+            }
+            BrokerMsg::Fail(_) => {
                 self.touched = list;
                 return;
             }

@@ -241,6 +241,13 @@ pub struct Orchestrator {
     root_handle: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
+impl Drop for Orchestrator {
+    fn drop(&mut self) {
+        // Dropped without `shutdown`: the broker and the shared context hold each other.
+        self.shared.set_broker(None);
+    }
+}
+
 impl Orchestrator {
     pub fn builder(model: ServerModel) -> OrchestratorBuilder {
         OrchestratorBuilder {
@@ -582,6 +589,8 @@ impl Orchestrator {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.root.stop(Some("shutdown".into()));
+        // The broker and the shared context hold each other: let go, whatever stopped first.
+        self.shared.set_broker(None);
         let handle = self
             .root_handle
             .lock()
@@ -634,5 +643,60 @@ async fn follow(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::protocol::BrokerMsg;
+    use super::{Orchestrator, SubmitRequest};
+    use crate::job::JobState;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_broker_is_replaced_and_no_step_or_slot_is_lost() {
+        let toml = "[graph]\nname = \"g\"\nmax_in_flight_jobs = 64\n\
+                    [quotas.slots]\nmax_concurrency = 4\n\
+                    [agents.a]\nkind = \"sim\"\nlatency = \"5ms\"\nquota = \"slots\"\n\
+                    [agents.b]\nkind = \"sim\"\nafter = [\"a\"]\nquota = \"slots\"\n";
+        let model = crate::config::parse_graph_str("test.toml", toml, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        let orch = Orchestrator::builder(model).start().await.unwrap();
+        let mut ids = Vec::new();
+        for n in 0..200 {
+            let req = SubmitRequest::new("g", json!({ "n": n }));
+            ids.push(orch.submit(req).await.unwrap().id);
+        }
+        // Some jobs through, many waiting at the quota: the broker fails.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let first = orch.shared.broker().expect("a broker");
+        let _ = first
+            .actor
+            .cast(BrokerMsg::Fail("failed by the test".into()));
+        for id in &ids {
+            let job = tokio::time::timeout(Duration::from_secs(60), orch.wait(*id))
+                .await
+                .expect("every job finishes after the broker's restart")
+                .unwrap();
+            assert_eq!(job.state, JobState::Succeeded);
+        }
+        let second = orch.shared.broker().expect("a new broker");
+        assert!(
+            !Arc::ptr_eq(&first, &second),
+            "the failed broker was replaced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let q = orch
+            .quotas()
+            .await
+            .into_iter()
+            .find(|q| q.name == "slots")
+            .expect("listed");
+        assert_eq!(q.in_flight, 0, "slots held when idle: {q:?}");
+        orch.shutdown(Duration::from_secs(1)).await;
     }
 }

@@ -182,6 +182,8 @@ pub(crate) enum BrokerMsg {
         reply: RpcReplyPort<bool>,
     },
     Snapshot(RpcReplyPort<Vec<QuotaSnapshot>>),
+    /// The broker's code panicked on another actor's thread: fail, so that it is replaced.
+    Fail(String),
 }
 
 /// What one call holds of its quotas (a concurrency slot, reserved tokens), owned like a permit:

@@ -537,12 +537,11 @@ impl SchedState {
                     reply: self.me.clone(),
                 };
                 if handle.actor.cast(AgentMsg::Run(Box::new(waiting))).is_err() {
-                    // The actor is gone (the call and its grant were dropped with the message);
-                    // its supervisor will announce the next one.
-                    job.steps[i].step.unstart();
-                    slot.queue.push(Reverse((job.seq, job_id)));
+                    // The actor is gone, and the call (polled once: it may have reached its
+                    // upstream) was dropped with the message, as if aborted with the actor. It
+                    // counts as started; the next incarnation's announcement runs it again with
+                    // the same key, as every call lost with an actor.
                     slot.actor = None;
-                    return;
                 }
             }
         }

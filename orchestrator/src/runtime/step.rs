@@ -198,15 +198,6 @@ impl Step {
         Some((self.attempts, token))
     }
 
-    /// The call could not be handed to the agent (its actor is gone): it never ran, and the
-    /// attempt does not count.
-    pub fn unstart(&mut self) {
-        if matches!(self.phase, Phase::Running { .. }) {
-            self.attempts -= 1;
-            self.phase = Phase::Queued;
-        }
-    }
-
     /// Whether an answer carrying `token` is for the running call.
     pub fn is_running(&self, token: u32) -> bool {
         self.phase == Phase::Running { token }
@@ -563,7 +554,12 @@ mod tests {
         let (mut s, token) = running();
         assert!(s.is_running(token));
         assert!(!s.is_running(token.wrapping_sub(1)));
-        s.unstart();
+        // Lost with its agent's actor, uncharged: queued again.
+        let p = policy(2);
+        assert_eq!(
+            s.on_agent_lost(None, rules(&p), 0.5, Instant::now()),
+            Some(Decision::Requeue { after: None })
+        );
         assert!(s.is_queued());
         assert_eq!(s.attempts(), 0);
         let q = s.await_quota().unwrap();
