@@ -80,10 +80,17 @@ impl Actor for AgentActor {
 
 /// Build the call's future: the agent's call under its timeout and the step's span, with a
 /// panic caught and turned into [`CallEnd::Panicked`].
-pub(crate) fn start(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallFuture {
-    let span = step_span(&call);
+/// `job` is the job's span, the step's parent (not kept by the call: a span held twice by each
+/// waiting call was a fiftieth of a job's memory in flight).
+pub(crate) fn start(
+    agent: Arc<dyn Agent>,
+    call: Call,
+    job: &tracing::Span,
+    timeout: Duration,
+) -> CallFuture {
+    let span = step_span(job, &call);
     let traced = call.traced;
-    let run = run_call(agent, call, timeout, span.clone()).instrument(span);
+    let run = run_call(agent, call, timeout).instrument(span);
     if traced {
         Box::pin(run)
     } else {
@@ -104,22 +111,18 @@ pub(crate) fn poll_once(mut call: CallFuture) -> Result<CallEnd, CallFuture> {
 /// DEBUG: a span per step costs a fifth of the engine's throughput when recorded; the job's INFO
 /// span already puts the job id on every line. Steps of a job not sampled for trace export come
 /// from a callsite marked [`UNTRACED`](crate::telemetry::UNTRACED), as their job's span does.
-fn step_span(call: &Call) -> tracing::Span {
+fn step_span(job: &tracing::Span, call: &Call) -> tracing::Span {
     use tracing::field::Empty;
     let (agent, attempt) = (&*call.ctx.agent, call.ctx.attempt);
     if call.traced {
-        tracing::debug_span!(parent: &call.span, "step", agent = %agent, attempt, outcome = Empty)
+        tracing::debug_span!(parent: job, "step", agent = %agent, attempt, outcome = Empty)
     } else {
-        tracing::debug_span!(parent: &call.span, "step", agent = %agent, attempt, outcome = Empty, untraced = Empty)
+        tracing::debug_span!(parent: job, "step", agent = %agent, attempt, outcome = Empty, untraced = Empty)
     }
 }
 
-async fn run_call(
-    agent: Arc<dyn Agent>,
-    call: Call,
-    timeout: Duration,
-    span: tracing::Span,
-) -> CallEnd {
+/// Runs inside the step's span (see [`start`]): the outcome is recorded on the current span.
+async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallEnd {
     let start = Instant::now();
     let attempt = AssertUnwindSafe(tokio::time::timeout(
         timeout,
@@ -139,7 +142,7 @@ async fn run_call(
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "panic with a non-string payload".to_string());
-            span.record("outcome", tracing::field::display("panicked"));
+            tracing::Span::current().record("outcome", tracing::field::display("panicked"));
             tracing::warn!(%message, "agent call panicked; failing the agent actor");
             return CallEnd::Panicked(AgentPanic {
                 job: call.job,
@@ -153,7 +156,7 @@ async fn run_call(
         Ok(_) => "ok",
         Err(e) => e.class.as_str(),
     };
-    span.record("outcome", tracing::field::display(outcome));
+    tracing::Span::current().record("outcome", tracing::field::display(outcome));
     CallEnd::Done(Box::new(StepDone {
         job: call.job,
         step: call.step,

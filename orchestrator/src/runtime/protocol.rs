@@ -96,8 +96,6 @@ pub(crate) struct Call {
     pub grant: Option<Grant>,
     pub ctx: CallContext,
     pub input: StepInput,
-    /// The job's span: the step's span is its child.
-    pub span: tracing::Span,
     /// The job is sampled for trace export; its steps follow it.
     pub traced: bool,
 }

@@ -520,9 +520,8 @@ impl SchedState {
             },
             input,
             traced: job.traced,
-            span: job.span.clone(),
         };
-        let call = agent_actor::start(handle.agent.clone(), call, timeout);
+        let call = agent_actor::start(handle.agent.clone(), call, &job.span, timeout);
         match agent_actor::poll_once(call) {
             Ok(CallEnd::Done(done)) => self.finished.push_back(done),
             Ok(CallEnd::Panicked(p)) => {
