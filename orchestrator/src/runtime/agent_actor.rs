@@ -137,11 +137,7 @@ async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallE
             humantime::format_duration(timeout)
         ))),
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic with a non-string payload".to_string());
+            let message = super::panic_message(&*panic);
             tracing::Span::current().record("outcome", tracing::field::display("panicked"));
             tracing::warn!(%message, "agent call panicked; failing the agent actor");
             return CallEnd::Panicked(AgentPanic {

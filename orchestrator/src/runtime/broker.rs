@@ -81,11 +81,7 @@ impl BrokerCore {
         match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(s))) {
             Ok(v) => Some(v),
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|m| m.to_string()))
-                    .unwrap_or_else(|| "panic with a non-string payload".into());
+                let message = super::panic_message(&*panic);
                 tracing::error!(%message, "the quota broker panicked; replacing it");
                 self.retired.store(true, Ordering::Release);
                 let _ = self.actor.cast(BrokerMsg::Fail(message));

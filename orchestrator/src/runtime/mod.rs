@@ -646,6 +646,15 @@ async fn follow(
     }
 }
 
+/// The message a panic was raised with.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic with a non-string payload".to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
