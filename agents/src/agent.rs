@@ -204,6 +204,11 @@ impl std::error::Error for AgentError {}
 #[async_trait::async_trait]
 pub trait Agent: Send + Sync + 'static {
     /// Run one attempt of one step.
+    ///
+    /// The engine polls a call once on the graph's scheduler before it hands a call that waits
+    /// to a task of its own, so that a call that finishes at once costs no task: whatever a call
+    /// does before its first `.await` holds up the whole graph. Blocking or CPU-heavy work
+    /// belongs in `tokio::task::spawn_blocking`.
     async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError>;
 
     /// Tokens this call will spend at most, reserved against token quotas before it starts
