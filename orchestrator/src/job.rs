@@ -166,7 +166,7 @@ pub struct JobRecord {
     /// Each step's last event, while repeats of it are folded into it (a refused call that
     /// starts again at the same attempt, a retry of the same attempt): not stored, rebuilt as it
     /// goes. Only steps that started or retry have one, so it is kept here rather than on every
-    /// step (a fifth of what a job in flight holds).
+    /// step (it was 200 bytes of every job in flight).
     #[serde(skip)]
     pub repeats: SmallVec<[(usize, Repeat); 1]>,
 }

@@ -1,7 +1,7 @@
-//! The quota broker: one actor per server that owns every quota and decides which waiting call
-//! starts when. Calls wait in job age order (a queue per agent, merged by age), so across every
-//! agent (of every graph) that draws on a quota the oldest job goes first, and a half-done job is never starved by newer
-//! ones. While a quota can serve its next call within `pause_threshold` the broker paces (a timer
+//! The quota broker: one per server, it owns every quota and decides which waiting call starts
+//! when (see [`BrokerCore`] for how schedulers reach it). Calls wait in job age order (a queue per
+//! agent, merged by age), so across every agent (of every graph) that draws on a quota the oldest
+//! job goes first, and a half-done job is never starved by newer ones. While a quota can serve its next call within `pause_threshold` the broker paces (a timer
 //! grants the call when it fits); beyond that the quota is exhausted, and the broker pauses every
 //! agent it reaches through the signal plane until it recovers.
 //!
@@ -10,8 +10,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -102,7 +101,7 @@ impl BrokerCore {
 
 impl SettleGrant for BrokerCore {
     fn settle(&self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
-        // A retired broker took its reservations with it.
+        // (A retired broker took its reservations with it: `guarded` does nothing.)
         match self.state.try_lock() {
             Ok(mut s) => {
                 self.guarded(&mut s, |s| s.settle(grant, usage, outcome));
@@ -230,8 +229,7 @@ impl Actor for Broker {
 impl BrokerState {
     fn acquire(&mut self, a: Acquire) -> Option<Grant> {
         let now = Instant::now();
-        let mut list = std::mem::take(&mut self.touched);
-        list.clear();
+        let mut list = self.scratch();
         let index = Arc::clone(&self.index);
         let quotas = &index.agents[a.agent.0][a.agent.1];
         // Nothing waits anywhere, so no older call can be passed: a call its quotas let start
@@ -242,10 +240,7 @@ impl BrokerState {
                 .all(|&q| self.cores[q].ready(now, a.tokens) == Ready::Now)
         {
             let grant = self.take(now, &a, &mut list);
-            list.sort_unstable();
-            list.dedup();
-            self.exhaustion_pass(now, Some(&list[..]));
-            self.touched = list;
+            self.after_change(now, list, true, None);
             return Some(grant);
         }
         self.next_req += 1;
@@ -253,6 +248,13 @@ impl BrokerState {
         let asked = (a.agent, a.job, a.step, a.token);
         self.waiting.insert((a.seq, self.next_req), a);
         self.after_change(now, list, true, Some(asked))
+    }
+
+    /// The state's scratch list of touched quotas, empty: no allocation per call.
+    fn scratch(&mut self) -> Vec<usize> {
+        let mut list = std::mem::take(&mut self.touched);
+        list.clear();
+        list
     }
 
     /// Start the call `req` now: take its share of each of its quotas (at once, so that the next
@@ -278,8 +280,7 @@ impl BrokerState {
 
     fn settle(&mut self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
         let now = Instant::now();
-        let mut list = std::mem::take(&mut self.touched);
-        list.clear();
+        let mut list = self.scratch();
         if let Some(reservations) = self.outstanding.remove(&grant) {
             for (q, r) in reservations {
                 self.cores[q].settle(now, r, usage, outcome);
@@ -308,19 +309,28 @@ impl BrokerState {
 
     fn on_message(&mut self, msg: BrokerMsg) {
         let now = Instant::now();
-        // Reuses the state's scratch list: no allocation per message.
-        let mut list = std::mem::take(&mut self.touched);
-        list.clear();
         match msg {
             BrokerMsg::Settle {
                 grant,
                 usage,
                 outcome,
-            } => {
-                self.touched = list;
-                self.settle(grant, usage, outcome);
+            } => return self.settle(grant, usage, outcome),
+            BrokerMsg::Resync(g) => {
+                if let Some(sched) = self.graphs[g].scheduler() {
+                    let _ = sched.cast(SchedMsg::Pause(self.plane.graph_state(g)));
+                }
                 return;
             }
+            BrokerMsg::Pauses(g, reply) => {
+                let _ = reply.send(self.plane.graph_pauses(g));
+                return;
+            }
+            BrokerMsg::Snapshot(reply) => {
+                let _ = reply.send(self.cores.iter_mut().map(|c| c.snapshot(now)).collect());
+                return;
+            }
+            // Handled by the actor, which fails with it.
+            BrokerMsg::Fail(_) => return,
             BrokerMsg::Tick(generation) => {
                 // Time passed: any quota's wait may have ended.
                 if self.timer.is_some_and(|(_, g)| g == generation) {
@@ -347,29 +357,9 @@ impl BrokerState {
                 }
                 let _ = reply.send(found);
             }
-            BrokerMsg::Resync(g) => {
-                if let Some(sched) = self.graphs[g].scheduler() {
-                    let _ = sched.cast(SchedMsg::Pause(self.plane.graph_state(g)));
-                }
-                self.touched = list;
-                return;
-            }
-            BrokerMsg::Pauses(g, reply) => {
-                let _ = reply.send(self.plane.graph_pauses(g));
-                self.touched = list;
-                return;
-            }
-            BrokerMsg::Snapshot(reply) => {
-                let _ = reply.send(self.cores.iter_mut().map(|c| c.snapshot(now)).collect());
-                self.touched = list;
-                return;
-            }
-            BrokerMsg::Fail(_) => {
-                self.touched = list;
-                return;
-            }
         }
         // Time passed, an operator or a failed agent acted: any quota may have changed.
+        let list = self.scratch();
         self.after_change(now, list, false, None);
     }
 

@@ -243,7 +243,8 @@ pub struct Orchestrator {
 
 impl Drop for Orchestrator {
     fn drop(&mut self) {
-        // Dropped without `shutdown`: the broker and the shared context hold each other.
+        // The broker and the shared context hold each other; the broker lets go when it stops,
+        // which it does not when the orchestrator is dropped without `shutdown`.
         self.shared.set_broker(None);
     }
 }
@@ -589,8 +590,6 @@ impl Orchestrator {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.root.stop(Some("shutdown".into()));
-        // The broker and the shared context hold each other: let go, whatever stopped first.
-        self.shared.set_broker(None);
         let handle = self
             .root_handle
             .lock()

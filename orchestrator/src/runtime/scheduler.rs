@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use cascade_agents::{
-    Agent, AgentError, AgentOutput, AgentSpec, CallContext, ErrorClass, StepInput,
-};
+use cascade_agents::{AgentError, AgentOutput, CallContext, ErrorClass, StepInput};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -83,8 +81,8 @@ struct Slot {
     queue: BinaryHeap<Reverse<(u64, JobId)>>,
     /// Quota cores this agent draws on (empty: no broker round trip).
     quotas: Vec<usize>,
-    /// Builds token estimates for calls that reserve tokens.
-    estimator: Option<Arc<dyn Agent>>,
+    /// It draws on a token quota: its calls reserve the agent's token estimate.
+    counts_tokens: bool,
     pause: Option<Reach>,
     on_upstream_pause: OnUpstreamPause,
     metrics: AgentMetrics,
@@ -146,22 +144,6 @@ impl Actor for Scheduler {
             .map(|a| {
                 let quotas = ctx.quotas.agents[graph_index][a.index].clone();
                 let counts_tokens = quotas.iter().any(|&q| ctx.quotas.specs[q].tokens.is_some());
-                let estimator = if counts_tokens {
-                    ctx.shared
-                        .registry
-                        .build(
-                            &a.kind,
-                            &AgentSpec {
-                                graph: &ctx.model.name,
-                                name: &a.name,
-                                fields: &a.fields,
-                                resources: ctx.shared.registry.resources(),
-                            },
-                        )
-                        .ok()
-                } else {
-                    None
-                };
                 Slot {
                     actor: None,
                     incarnation: 0,
@@ -170,7 +152,7 @@ impl Actor for Scheduler {
                     max: a.max_concurrency.get(),
                     queue: BinaryHeap::new(),
                     quotas,
-                    estimator,
+                    counts_tokens,
                     pause: None,
                     on_upstream_pause: a.on_upstream_pause,
                     metrics: AgentMetrics::new(&ctx.model.name, &a.name),
@@ -427,30 +409,30 @@ impl SchedState {
                 self.dispatch(i, job_id, None);
                 continue;
             }
-            let Some(broker) = self.broker.clone() else {
+            let Some(broker) = &self.broker else {
                 self.dispatch(i, job_id, None);
                 continue;
             };
-            let tokens = match &slot.estimator {
-                Some(agent) => {
+            let tokens = match &slot.actor {
+                // The running instance estimates (the loop starts nothing while it is down).
+                Some(handle) if slot.counts_tokens => {
                     let input = step_input(&self.ctx, i, job);
-                    agent.estimated_usage(&input).total_tokens()
+                    handle.agent.estimated_usage(&input).total_tokens()
                 }
-                None => 0,
+                _ => 0,
             };
             let Some(token) = job.steps[i].step.await_quota() else {
                 continue;
             };
-            let seq = job.seq;
-            let asked = Acquire {
+            let granted = broker.acquire(Acquire {
                 agent: (self.ctx.index, i),
                 job: job_id,
                 step: i,
                 token,
-                seq,
+                seq: job.seq,
                 tokens,
-            };
-            match broker.acquire(asked) {
+            });
+            match granted {
                 // It may start now: no round trip.
                 Some(grant) => self.dispatch(i, job_id, Some(grant)),
                 // It waits its turn at the broker, holding one of the agent's slots.
