@@ -621,6 +621,15 @@ fn main() {
             return;
         }
     }
+    if only == "profile" {
+        // Cascade alone on the pipeline, for a profiler.
+        let took = rt.block_on(run_cascade(model(&pipeline_toml(None)), jobs));
+        println!(
+            "5-step pipeline, cascade alone: {:.0} steps/s",
+            (jobs * 5) as f64 / took.as_secs_f64()
+        );
+        return;
+    }
     rt.block_on(async {
         // Warm up allocators and code paths.
         run_cascade(model(&pipeline_toml(None)), jobs / 20).await;

@@ -610,7 +610,7 @@ async fn callbacks_left_from_before_a_restart_are_delivered() {
             .submit(NewJob {
                 id,
                 graph: "triage".into(),
-                agents: vec!["classify".into(), "reply".into()],
+                agents: vec!["classify".into(), "reply".into()].into(),
                 input: Arc::new(serde_json::json!({"ticket": 1})),
                 labels: Default::default(),
                 idempotency_key: None,

@@ -181,7 +181,7 @@ pub(crate) struct GraphCtx {
     pub quotas: Arc<QuotaIndex>,
     /// How many of its agents the scheduler holds paused now.
     pub paused_agents: std::sync::atomic::AtomicUsize,
-    pub names: Vec<Arc<str>>,
+    pub names: Arc<[Arc<str>]>,
     pub stats: Arc<GraphStats>,
     /// The current scheduler (it changes if it is restarted).
     pub scheduler: RwLock<Option<ActorRef<SchedMsg>>>,

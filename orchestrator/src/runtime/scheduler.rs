@@ -859,7 +859,7 @@ impl SchedState {
             agents: self
                 .slots
                 .iter()
-                .zip(&self.ctx.names)
+                .zip(self.ctx.names.iter())
                 .map(|(s, n)| AgentSlotSnapshot {
                     name: n.to_string(),
                     up: s.actor.is_some(),

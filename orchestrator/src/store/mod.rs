@@ -24,8 +24,8 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 pub struct NewJob {
     pub id: JobId,
     pub graph: Arc<str>,
-    /// The graph's agents in order, one step each.
-    pub agents: Vec<Arc<str>>,
+    /// The graph's agents in order, one step each (shared by every job of the graph).
+    pub agents: Arc<[Arc<str>]>,
     pub input: Arc<Value>,
     pub labels: BTreeMap<String, String>,
     /// With a tenant, deduplicates submissions: the same key returns the original job.

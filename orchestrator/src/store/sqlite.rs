@@ -752,7 +752,7 @@ mod tests {
         NewJob {
             id: JobId::new(),
             graph: "g".into(),
-            agents: vec!["a".into(), "b".into()],
+            agents: vec!["a".into(), "b".into()].into(),
             input: Arc::new(input),
             labels: [("team".to_string(), "blue".to_string())].into(),
             idempotency_key: key.map(String::from),
