@@ -44,6 +44,7 @@ pub const QUOTA_CIRCUIT: &str = "cascade_quota_circuit_state";
 pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
+pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
 
 /// Describe every metric (once, when the recorder is installed).
 pub fn describe() {
@@ -52,6 +53,11 @@ pub fn describe() {
         STORE_QUEUE_DEPTH,
         Unit::Count,
         "Changes waiting for the durable store's writer; at store_queue_capacity, submissions are refused with a retry delay."
+    );
+    describe_gauge!(
+        STORE_FREEZE_QUEUE_DEPTH,
+        Unit::Count,
+        "Finished jobs waiting to be compressed by the store's freezer thread; at 4096, jobs are compressed where they finish."
     );
     describe_counter!(
         JOBS_FINISHED,

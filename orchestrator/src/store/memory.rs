@@ -22,9 +22,71 @@ const DEFAULT_RETAIN_FINISHED: usize = 100_000;
 pub const DEFAULT_MAX_EVENTS_PER_JOB: usize = 256;
 
 pub struct MemoryStore {
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     retain_finished: usize,
     max_events: usize,
+    freezer: Freezer,
+}
+
+/// Finished jobs waiting for the freezer thread at most; past that, a job is frozen where it
+/// finished (the scheduler's thread), so the queue bounds memory and slows nobody down for long.
+const FREEZE_QUEUE_CAPACITY: usize = 4096;
+
+/// Freezes finished jobs on a thread of its own, so that encoding, compressing and freeing a
+/// job's values is off the scheduler's path. A job waiting to be frozen stays live and readable;
+/// it is frozen only if nothing changed it since (its shared body is still the one sent).
+struct Freezer {
+    tx: std::sync::mpsc::SyncSender<(JobId, Arc<Live>)>,
+    /// Jobs sent and not yet frozen (the `cascade_store_freeze_queue_depth` gauge).
+    depth: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+type FreezeQueue = std::sync::mpsc::Receiver<(JobId, Arc<Live>)>;
+
+impl Freezer {
+    /// A freezer whose queue `capacity` jobs can wait in, and the queue's receiving end.
+    fn new(capacity: usize) -> (Self, FreezeQueue) {
+        let (tx, rx) = std::sync::mpsc::sync_channel(capacity);
+        let depth = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (Self { tx, depth }, rx)
+    }
+
+    fn start(inner: std::sync::Weak<Mutex<Inner>>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (freezer, rx) = Self::new(FREEZE_QUEUE_CAPACITY);
+        let left = freezer.depth.clone();
+        let gauge = metrics::gauge!(crate::metrics::STORE_FREEZE_QUEUE_DEPTH);
+        let spawned = std::thread::Builder::new()
+            .name("cascade-freezer".into())
+            .spawn(move || {
+                let mut buf = Vec::new();
+                // Ends when the store (and so the sender) is dropped.
+                while let Ok((id, live)) = rx.recv() {
+                    if let Some(inner) = inner.upgrade() {
+                        freeze_sent(&inner, id, &live, &mut buf);
+                    }
+                    // The job's values are freed here, after the lock, off the scheduler.
+                    drop(live);
+                    gauge.set(left.fetch_sub(1, Relaxed).saturating_sub(1) as f64);
+                }
+            });
+        if let Err(e) = spawned {
+            // Every job is then frozen where it finishes: slower, never wrong.
+            tracing::warn!(error = %e, "could not start the store's freezer thread; finished jobs are frozen inline");
+        }
+        freezer
+    }
+
+    /// Hand a finished job to the thread; false when its queue is full (or it is gone).
+    fn send(&self, id: JobId, live: Arc<Live>) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.depth.fetch_add(1, Relaxed);
+        if self.tx.try_send((id, live)).is_ok() {
+            return true;
+        }
+        self.depth.fetch_sub(1, Relaxed);
+        false
+    }
 }
 
 /// The maps use foldhash, which is faster than SipHash: SipHash's resistance to chosen keys is not
@@ -52,11 +114,13 @@ enum Body {
     /// Not claimed yet: what it was submitted with. Its steps and first event are made when it is
     /// claimed, changed or read, so that a backlog of pending jobs holds only this.
     Pending(Box<PendingJob>),
-    Live(Box<Live>),
+    /// Shared only with the freezer thread, while it freezes the job.
+    Live(Arc<Live>),
     /// LZ4-compressed MessagePack of the job's [`Frozen`] form.
     Frozen(Box<[u8]>),
 }
 
+#[derive(Clone)]
 struct Live {
     record: JobRecord,
     events: Vec<JobEvent>,
@@ -177,7 +241,7 @@ impl Entry {
             state: record.state,
             labels: record.labels.clone(),
             key: key.map(Box::new),
-            body: Body::Live(Box::new(Live { record, events })),
+            body: Body::Live(Arc::new(Live { record, events })),
         }
     }
 
@@ -186,7 +250,7 @@ impl Entry {
         match &self.body {
             Body::Frozen(bytes) => {
                 let f = thaw(bytes);
-                self.body = Body::Live(Box::new(Live {
+                self.body = Body::Live(Arc::new(Live {
                     record: f.record,
                     events: f.events,
                 }));
@@ -197,7 +261,7 @@ impl Entry {
                 // holds.
                 let mut events = Vec::with_capacity(3);
                 events.push(p.submitted());
-                self.body = Body::Live(Box::new(Live {
+                self.body = Body::Live(Arc::new(Live {
                     record: p.record(&self.graph, &self.labels),
                     events,
                 }));
@@ -205,7 +269,8 @@ impl Entry {
             Body::Live(_) => {}
         }
         match &mut self.body {
-            Body::Live(l) => l,
+            // A copy only while the freezer holds it too (a late change of a finished job).
+            Body::Live(l) => Arc::make_mut(l),
             Body::Frozen(_) | Body::Pending(_) => unreachable!("made live above"),
         }
     }
@@ -249,20 +314,9 @@ impl Entry {
         let Body::Live(l) = &self.body else {
             return;
         };
-        let f = (&l.record, PackedEvents(&l.events));
-        buf.clear();
-        // MessagePack, structs by position: about 30% cheaper than JSON here in the engine
-        // bench's profile (no escaping, no field names, binary numbers and times). It is read back only by this process, so no
-        // field is ever skipped when written (see `JobRecord::events_dropped`); the events'
-        // tagged kinds stay maps, which MessagePack describes itself.
-        match rmp_serde::encode::write(buf, &f) {
-            Ok(()) => {
-                self.state = l.record.state;
-                self.body = Body::Frozen(lz4_flex::compress_prepend_size(buf).into_boxed_slice());
-            }
-            Err(e) => {
-                tracing::error!(job_id = %l.record.id, error = %e, "could not freeze a finished job; it stays uncompressed");
-            }
+        if let Some(bytes) = encode(l, buf) {
+            self.state = l.record.state;
+            self.body = Body::Frozen(bytes);
         }
     }
 
@@ -274,6 +328,38 @@ impl Entry {
                 .iter()
                 .all(|(k, v)| self.labels.get(k) == Some(v))
             && filter.before.is_none_or(|b| id < b)
+    }
+}
+
+/// Freeze a job the freezer was sent, unless it changed since (its body is no longer `live`).
+fn freeze_sent(inner: &Mutex<Inner>, id: JobId, live: &Arc<Live>, buf: &mut Vec<u8>) {
+    let Some(bytes) = encode(live, buf) else {
+        return;
+    };
+    let mut g = inner.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = g.jobs.get_mut(&id)
+        && let Body::Live(l) = &e.body
+        && Arc::ptr_eq(l, live)
+    {
+        e.body = Body::Frozen(bytes);
+    }
+}
+
+/// A job's frozen form, encoded in `buf` (reused, so that no job grows a buffer of its own by
+/// copies); `None` if it cannot be serialised (it always can), and the job stays live.
+fn encode(l: &Live, buf: &mut Vec<u8>) -> Option<Box<[u8]>> {
+    let f = (&l.record, PackedEvents(&l.events));
+    buf.clear();
+    // MessagePack, structs by position: about 30% cheaper than JSON here in the engine bench's
+    // profile (no escaping, no field names, binary numbers and times). It is read back only by
+    // this process, so no field is ever skipped when written (see `JobRecord::events_dropped`);
+    // the events' kinds stay tagged maps, which MessagePack describes itself.
+    match rmp_serde::encode::write(buf, &f) {
+        Ok(()) => Some(lz4_flex::compress_prepend_size(buf).into_boxed_slice()),
+        Err(e) => {
+            tracing::error!(job_id = %l.record.id, error = %e, "could not freeze a finished job; it stays uncompressed");
+            None
+        }
     }
 }
 
@@ -309,8 +395,10 @@ impl MemoryStore {
 
     /// Keep at most `retain_finished` finished jobs.
     pub fn with_retention(retain_finished: usize) -> Self {
+        let inner = Arc::new(Mutex::new(Inner::default()));
         Self {
-            inner: Mutex::new(Inner::default()),
+            freezer: Freezer::start(Arc::downgrade(&inner)),
+            inner,
             retain_finished,
             max_events: DEFAULT_MAX_EVENTS_PER_JOB,
         }
@@ -320,6 +408,24 @@ impl MemoryStore {
     pub fn with_max_events_per_job(mut self, max: usize) -> Self {
         self.max_events = max.max(8);
         self
+    }
+
+    /// Wait until the freezer thread has frozen every job handed to it.
+    #[cfg(test)]
+    fn settle(&self) {
+        let start = std::time::Instant::now();
+        while self
+            .freezer
+            .depth
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+        {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "the freezer is stuck"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -478,7 +584,13 @@ impl MemoryStore {
             jobs, freeze_buf, ..
         } = inner;
         if let Some(e) = jobs.get_mut(&id) {
-            e.freeze(freeze_buf);
+            let sent = match &e.body {
+                Body::Live(l) => self.freezer.send(id, l.clone()),
+                _ => false,
+            };
+            if !sent {
+                e.freeze(freeze_buf);
+            }
         }
         inner.finished.push_back(id);
         while inner.finished.len() > self.retain_finished {
@@ -743,6 +855,66 @@ mod tests {
         assert_eq!(s.events(id, 0).unwrap().len(), 2);
     }
 
+    /// Finish a one-step job of `s` (submitted, claimed, run) and return its id.
+    async fn finish_one(s: &MemoryStore, n: u64) -> JobId {
+        let id = s.submit(new_job("g", None, json!(n))).await.unwrap().id;
+        s.claim_pending("g", 1).unwrap();
+        s.update(id, JobUpdate::Started).unwrap();
+        s.update(
+            id,
+            JobUpdate::Finished {
+                state: JobState::Succeeded,
+                output: Some(Arc::new(json!({"n": n}))),
+                error: None,
+            },
+        )
+        .unwrap();
+        id
+    }
+
+    #[tokio::test]
+    async fn the_freeze_queue_is_bounded_and_a_late_change_is_not_lost() {
+        // A freezer whose thread does not run: the test takes its queue's jobs itself.
+        let mut s = MemoryStore::new();
+        let (freezer, queue) = Freezer::new(4);
+        s.freezer = freezer;
+        // A job changed while it waits for the freezer is frozen with the change, not without.
+        let id = finish_one(&s, 1).await;
+        assert!(matches!(s.lock().jobs[&id].body, Body::Live(_)));
+        s.update(
+            id,
+            JobUpdate::Callback(crate::job::CallbackDelivery {
+                attempts: 2,
+                delivered: true,
+                ..Default::default()
+            }),
+        )
+        .unwrap();
+        let (sent, live) = queue.try_recv().unwrap();
+        freeze_sent(&s.inner, sent, &live, &mut Vec::new());
+        let r = s.get(id).unwrap().unwrap();
+        assert_eq!(r.callback.map(|c| c.attempts), Some(2));
+        assert_eq!(r.output.as_deref(), Some(&json!({"n": 1})));
+        // Past the queue's capacity, jobs are frozen where they finish: nothing waits beyond it.
+        let mut ids = Vec::new();
+        for n in 0..10 {
+            ids.push(finish_one(&s, n).await);
+        }
+        let queued: Vec<JobId> = queue.try_iter().map(|(id, _)| id).collect();
+        assert_eq!(queued, ids[..4]);
+        let inner = s.lock();
+        assert!(
+            ids[4..]
+                .iter()
+                .all(|id| matches!(inner.jobs[id].body, Body::Frozen(_)))
+        );
+        assert!(
+            ids[..4]
+                .iter()
+                .all(|id| matches!(inner.jobs[id].body, Body::Live(_)))
+        );
+    }
+
     #[tokio::test]
     async fn a_finished_job_is_frozen_small_and_reads_back_the_same() {
         let s = MemoryStore::new();
@@ -781,6 +953,7 @@ mod tests {
             },
         )
         .unwrap();
+        s.settle();
         {
             let inner = s.lock();
             let Body::Frozen(bytes) = &inner.jobs[&id].body else {
@@ -881,6 +1054,7 @@ mod tests {
             },
         )
         .unwrap();
+        s.settle();
         assert!(matches!(s.lock().jobs[&id].body, Body::Frozen(_)));
         let frozen = s.get(id).unwrap().unwrap();
         assert_eq!(frozen.events_dropped, live.events_dropped);
