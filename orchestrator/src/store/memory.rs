@@ -130,7 +130,7 @@ struct PendingJob {
     id: JobId,
     agents: Arc<[Arc<str>]>,
     input: Arc<Value>,
-    idempotency_key: Option<String>,
+    /// Its idempotency key is the entry's (`Entry::key`).
     tenant: String,
     created_at: SystemTime,
     deadline: Option<Duration>,
@@ -138,8 +138,13 @@ struct PendingJob {
 }
 
 impl PendingJob {
-    /// Its record, with the entry's graph and labels.
-    fn record(&self, graph: &Arc<str>, labels: &BTreeMap<String, String>) -> JobRecord {
+    /// Its record, with the entry's graph, labels and key.
+    fn record(
+        &self,
+        graph: &Arc<str>,
+        labels: &BTreeMap<String, String>,
+        key: Option<&(String, String)>,
+    ) -> JobRecord {
         let mut record = JobRecord::new(
             self.id,
             graph.clone(),
@@ -148,7 +153,7 @@ impl PendingJob {
             self.created_at,
         );
         record.labels = labels.clone();
-        record.idempotency_key = self.idempotency_key.clone();
+        record.idempotency_key = key.map(|(_, k)| k.clone());
         record.deadline = self.deadline;
         record.callback_url = self.callback_url.clone();
         record.tenant = self.tenant.clone();
@@ -262,7 +267,7 @@ impl Entry {
                 let mut events = Vec::with_capacity(3);
                 events.push(p.submitted());
                 self.body = Body::Live(Arc::new(Live {
-                    record: p.record(&self.graph, &self.labels),
+                    record: p.record(&self.graph, &self.labels, self.key.as_deref()),
                     events,
                 }));
             }
@@ -277,7 +282,7 @@ impl Entry {
 
     fn record(&self) -> JobRecord {
         match &self.body {
-            Body::Pending(p) => p.record(&self.graph, &self.labels),
+            Body::Pending(p) => p.record(&self.graph, &self.labels, self.key.as_deref()),
             Body::Live(l) => l.record.clone(),
             Body::Frozen(bytes) => thaw(bytes).record,
         }
@@ -474,26 +479,24 @@ impl MemoryStore {
         if let Some(k) = &key {
             inner.keys.insert(k.clone(), job.id);
         }
-        match inner.pending.get_mut(&job.graph) {
-            Some(q) => q.push_back(job.id),
-            None => {
-                inner
-                    .pending
-                    .insert(job.graph.clone(), VecDeque::from([job.id]));
-            }
-        }
+        inner
+            .pending
+            .entry(job.graph.clone())
+            .or_default()
+            .push_back(job.id);
         let pending = PendingJob {
             id: job.id,
             agents: job.agents,
             input: job.input,
-            idempotency_key: job.idempotency_key,
             tenant: job.tenant,
             created_at: crate::clock::now(),
             deadline: job.deadline,
             callback_url: job.callback_url,
         };
-        let created =
-            created.then(|| (pending.record(&job.graph, &job.labels), pending.submitted()));
+        let created = created.then(|| {
+            let record = pending.record(&job.graph, &job.labels, key.as_ref());
+            (record, pending.submitted())
+        });
         inner
             .jobs
             .insert(job.id, Entry::pending(pending, job.graph, job.labels, key));
