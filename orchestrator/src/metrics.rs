@@ -57,7 +57,7 @@ pub fn describe() {
     describe_gauge!(
         STORE_FREEZE_QUEUE_DEPTH,
         Unit::Count,
-        "Finished jobs waiting to be compressed by the store's freezer thread; at 4096, jobs are compressed where they finish."
+        "Finished jobs waiting to be compressed by the store's freezer thread, which takes them 32 at a time; at 4096, jobs are compressed where they finish."
     );
     describe_counter!(
         JOBS_FINISHED,
