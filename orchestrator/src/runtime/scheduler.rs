@@ -117,8 +117,9 @@ pub(crate) struct SchedState {
     /// Claim pending jobs in batches of at least this many free places (fewer store round trips).
     admit_batch: usize,
     /// Calls that finished on their first poll, to be taken in turn (not recursively: a finished
-    /// step starts the next, whose call may finish at once too).
-    finished: VecDeque<Box<StepDone>>,
+    /// step starts the next, whose call may finish at once too), with the attempt whose start is
+    /// recorded together with its result (one store update for both).
+    finished: VecDeque<(Box<StepDone>, u32)>,
 }
 
 /// Calls finished on their first poll that one message carries out before the scheduler reads its
@@ -218,7 +219,7 @@ impl Actor for Scheduler {
                 s.ctx.wake_pending.store(false, Relaxed);
                 s.admit(true);
             }
-            SchedMsg::StepDone(done) => s.on_step_done(*done),
+            SchedMsg::StepDone(done) => s.on_step_done(*done, None),
             SchedMsg::RetryDue { job, step, token } => {
                 if let Some(j) = s.jobs.get_mut(&job)
                     && j.steps[step].step.on_retry_due(token, Instant::now())
@@ -280,6 +281,18 @@ impl SchedState {
         match self.ctx.shared.store.update(job, update) {
             Ok(Some(event)) => self.ctx.shared.publish(event),
             Ok(None) => {}
+            Err(e) => tracing::error!(job_id = %job, error = %e, "could not record job update"),
+        }
+    }
+
+    /// Record a step's start and its result in one store update.
+    fn record_two(&self, job: JobId, first: JobUpdate, second: JobUpdate) {
+        match self.ctx.shared.store.update_two(job, first, second) {
+            Ok(events) => {
+                for event in events.into_iter().flatten() {
+                    self.ctx.shared.publish(event);
+                }
+            }
             Err(e) => tracing::error!(job_id = %job, error = %e, "could not record job update"),
         }
     }
@@ -504,8 +517,11 @@ impl SchedState {
             traced: job.traced,
         };
         let call = agent_actor::start(handle.agent.clone(), call, &job.span, timeout);
+        slot.in_flight += 1;
+        self.ctx.stats.agents[i].calls.fetch_add(1, Relaxed);
         match agent_actor::poll_once(call) {
-            Ok(CallEnd::Done(done)) => self.finished.push_back(done),
+            // Its start is recorded with its result.
+            Ok(CallEnd::Done(done)) => return self.finished.push_back((done, attempt)),
             Ok(CallEnd::Panicked(p)) => {
                 // The actor fails with it, and its supervisor announces the next one; until
                 // then this agent starts nothing more (the step is charged when it comes).
@@ -526,18 +542,16 @@ impl SchedState {
                 }
             }
         }
-        slot.in_flight += 1;
-        self.ctx.stats.agents[i].calls.fetch_add(1, Relaxed);
         self.record(job_id, JobUpdate::StepStarted { step: i, attempt });
     }
 
     /// Carry out calls that finished on their first poll, up to a turn's worth.
     fn carry_out_finished(&mut self) {
         for _ in 0..FINISHED_PER_TURN {
-            let Some(done) = self.finished.pop_front() else {
+            let Some((done, attempt)) = self.finished.pop_front() else {
                 return;
             };
-            self.on_step_done(*done);
+            self.on_step_done(*done, Some(attempt));
         }
         if !self.finished.is_empty() {
             let _ = self.me.cast(SchedMsg::Continue);
@@ -567,7 +581,8 @@ impl SchedState {
         self.admit(true);
     }
 
-    fn on_step_done(&mut self, mut d: StepDone) {
+    /// A call's end; `unrecorded`: the attempt whose start is to be recorded first.
+    fn on_step_done(&mut self, mut d: StepDone, unrecorded: Option<u32>) {
         let slot = &mut self.slots[d.step];
         if d.incarnation == slot.incarnation {
             slot.in_flight = slot.in_flight.saturating_sub(1);
@@ -610,16 +625,26 @@ impl SchedState {
             };
             grant.settle(usage, outcome);
         }
-        if current {
-            match d.result {
-                Ok(out) => self.step_succeeded(d.job, d.step, out),
-                Err(e) => self.step_failed(d.job, d.step, e),
+        let start = |attempt| JobUpdate::StepStarted {
+            step: d.step,
+            attempt,
+        };
+        match d.result {
+            Ok(out) if current => self.step_succeeded(d.job, d.step, out, unrecorded.map(start)),
+            result => {
+                if let Some(attempt) = unrecorded {
+                    self.record(d.job, start(attempt));
+                }
+                if let (Err(e), true) = (result, current) {
+                    self.step_failed(d.job, d.step, e);
+                }
             }
         }
         self.pump(d.step);
     }
 
-    fn step_succeeded(&mut self, id: JobId, i: usize, out: AgentOutput) {
+    /// Step `i` succeeded; `start`, its start's update when that is recorded with the result.
+    fn step_succeeded(&mut self, id: JobId, i: usize, out: AgentOutput, start: Option<JobUpdate>) {
         let stats = &self.ctx.stats.agents[i];
         stats.succeeded.fetch_add(1, Relaxed);
         stats
@@ -645,15 +670,16 @@ impl SchedState {
                 ready.push(d);
             }
         }
-        self.record(
-            id,
-            JobUpdate::StepSucceeded {
-                step: i,
-                attempt,
-                output,
-                usage: out.usage,
-            },
-        );
+        let succeeded = JobUpdate::StepSucceeded {
+            step: i,
+            attempt,
+            output,
+            usage: out.usage,
+        };
+        match start {
+            Some(start) => self.record_two(id, start, succeeded),
+            None => self.record(id, succeeded),
+        }
         if remaining == 0 {
             self.finish(id, JobState::Succeeded, None);
             return;

@@ -559,6 +559,34 @@ impl MemoryStore {
         Ok(Some((event, kept, record)))
     }
 
+    /// Apply `updates` to a job in turn, under one lock; the events they made.
+    fn apply_all<const N: usize>(
+        &self,
+        id: JobId,
+        updates: [JobUpdate; N],
+    ) -> Result<[Option<JobEvent>; N], StoreError> {
+        let mut inner = self.lock();
+        let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let live = entry.live();
+        let now = crate::clock::now();
+        let events = updates.map(|u| {
+            let event = live.record.apply(u, now);
+            if let Some(e) = &event {
+                live.log(e, self.max_events);
+            }
+            event
+        });
+        let terminal = live.record.state.is_terminal();
+        entry.sync();
+        if events.iter().flatten().any(|e| e.kind.is_final()) {
+            self.finished(&mut inner, id);
+        } else if terminal {
+            // A late event of a finished job (its callback's outcome): frozen again.
+            entry.freeze(&mut Vec::new());
+        }
+        Ok(events)
+    }
+
     /// Load a job recovered from durable storage.
     pub(crate) fn insert_recovered(&self, record: JobRecord, events: Vec<JobEvent>) {
         let mut inner = self.lock();
@@ -685,22 +713,18 @@ impl JobStore for MemoryStore {
     }
 
     fn update(&self, id: JobId, update: JobUpdate) -> Result<Option<JobEvent>, StoreError> {
-        let mut inner = self.lock();
-        let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
-        let live = entry.live();
-        let event = live.record.apply(update, crate::clock::now());
-        if let Some(e) = &event {
-            live.log(e, self.max_events);
-        }
-        let terminal = live.record.state.is_terminal();
-        entry.sync();
-        match &event {
-            Some(e) if e.kind.is_final() => self.finished(&mut inner, id),
-            // A late event of a finished job (its callback's outcome): frozen again.
-            _ if terminal => entry.freeze(&mut Vec::new()),
-            _ => {}
-        }
+        let [event] = self.apply_all(id, [update])?;
         Ok(event)
+    }
+
+    fn update_two(
+        &self,
+        id: JobId,
+        first: JobUpdate,
+        second: JobUpdate,
+    ) -> Result<[Option<JobEvent>; 2], StoreError> {
+        // One lock, one look-up and one reading of the clock for both.
+        self.apply_all(id, [first, second])
     }
 
     fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError> {
@@ -951,6 +975,60 @@ mod tests {
                 .iter()
                 .all(|id| matches!(inner.jobs[id].body, Body::Live(_)))
         );
+    }
+
+    #[tokio::test]
+    async fn two_updates_in_one_make_the_same_events_as_two() {
+        let s = MemoryStore::new();
+        let id = s.submit(new_job("g", None, json!(1))).await.unwrap().id;
+        s.claim_pending("g", 1).unwrap();
+        s.update(id, JobUpdate::Started).unwrap();
+        let [started, succeeded] = s
+            .update_two(
+                id,
+                JobUpdate::StepStarted {
+                    step: 0,
+                    attempt: 1,
+                },
+                JobUpdate::StepSucceeded {
+                    step: 0,
+                    attempt: 1,
+                    output: Arc::new(json!({"ok": true})),
+                    usage: Default::default(),
+                },
+            )
+            .unwrap();
+        let (started, succeeded) = (started.unwrap(), succeeded.unwrap());
+        assert_eq!((started.seq, succeeded.seq), (3, 4));
+        assert!(matches!(
+            started.kind,
+            EventKind::StepStarted { attempt: 1, .. }
+        ));
+        assert!(matches!(
+            succeeded.kind,
+            EventKind::StepSucceeded { attempt: 1, .. }
+        ));
+        let r = s.get(id).unwrap().unwrap();
+        assert_eq!(r.steps[0].state, StepState::Succeeded);
+        assert_eq!(r.steps[0].started_at, Some(started.at));
+        assert_eq!(s.events(id, 2).unwrap().len(), 2);
+        // The second finishes the job: it is handed on as finished, like a single update.
+        let [_, last] = s
+            .update_two(
+                id,
+                JobUpdate::StepStarted {
+                    step: 0,
+                    attempt: 2,
+                },
+                JobUpdate::Finished {
+                    state: JobState::Succeeded,
+                    output: None,
+                    error: None,
+                },
+            )
+            .unwrap();
+        assert!(last.unwrap().kind.is_final());
+        assert_eq!(s.lock().finished.back(), Some(&id));
     }
 
     #[tokio::test]

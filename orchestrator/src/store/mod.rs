@@ -131,6 +131,17 @@ pub trait JobStore: Send + Sync + 'static {
     /// Record a change to a job; returns the event it made, if it applied.
     fn update(&self, id: JobId, update: JobUpdate) -> Result<Option<JobEvent>, StoreError>;
 
+    /// Record two changes to a job in turn (a step's start and its result, when its call finished
+    /// at once); returns the events they made, in order.
+    fn update_two(
+        &self,
+        id: JobId,
+        first: JobUpdate,
+        second: JobUpdate,
+    ) -> Result<[Option<JobEvent>; 2], StoreError> {
+        Ok([self.update(id, first)?, self.update(id, second)?])
+    }
+
     /// Cancel a job that is still pending. Returns its event, or `None` if it is not pending.
     fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError>;
 
