@@ -374,7 +374,12 @@ impl SchedState {
         self.ctx.stats.jobs_started.fetch_add(1, Relaxed);
         let ratio = self.ctx.shared.model.telemetry.sample_ratio;
         let traced = ratio >= 1.0 || self.rng.random::<f64>() < ratio;
-        let id_str: Arc<str> = id.to_string().into();
+        // Encoded in place: `to_string` goes through the formatting machinery, a cost per job.
+        let id_str: Arc<str> = Arc::from(
+            &*id.0
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer()),
+        );
         self.jobs.insert(
             id,
             Box::new(JobRun {
@@ -490,7 +495,7 @@ impl SchedState {
         };
         let key = st
             .key
-            .get_or_insert_with(|| format!("{}/{}", job.id_str, agent.name).into())
+            .get_or_insert_with(|| step_key(&job.id_str, &agent.name))
             .clone();
         let input = step_input(&self.ctx, i, job);
         let timeout = match job.deadline {
@@ -906,6 +911,16 @@ fn rules<'a>(ctx: &'a GraphCtx, slot: &Slot, broker: bool, i: usize) -> Rules<'a
         through_quota: !slot.quotas.is_empty() && broker,
         naive: !ctx.shared.cascade,
     }
+}
+
+/// A step's idempotency key, `<job>/<agent>`, built without the formatting machinery (once per
+/// step).
+fn step_key(job: &str, agent: &str) -> Arc<str> {
+    let mut key = String::with_capacity(job.len() + 1 + agent.len());
+    key.push_str(job);
+    key.push('/');
+    key.push_str(agent);
+    key.into()
 }
 
 /// The input of step `i` of `job`: the job input and its dependencies' outputs, shared.
