@@ -27,7 +27,7 @@ use super::protocol::{
     SchedMsg, SchedulerSnapshot, StepDone, Waiting,
 };
 use super::step::{Decision, Rules, Step, failure_message};
-use crate::job::{JobId, JobRecord, JobState, JobUpdate, StepState};
+use crate::job::{JobEvent, JobId, JobRecord, JobState, JobUpdate, StepState};
 use crate::metrics::{AgentMetrics, GraphMetrics};
 use crate::model::OnUpstreamPause;
 use crate::quota::Outcome;
@@ -278,16 +278,23 @@ impl Actor for Scheduler {
 
 impl SchedState {
     fn record(&self, job: JobId, update: JobUpdate) {
-        match self.ctx.shared.store.update(job, update) {
-            Ok(Some(event)) => self.ctx.shared.publish(event),
-            Ok(None) => {}
-            Err(e) => tracing::error!(job_id = %job, error = %e, "could not record job update"),
-        }
+        let recorded = self.ctx.shared.store.update(job, update).map(|e| [e]);
+        self.publish(job, recorded);
     }
 
     /// Record a step's start and its result in one store update.
     fn record_two(&self, job: JobId, first: JobUpdate, second: JobUpdate) {
-        match self.ctx.shared.store.update_two(job, first, second) {
+        let recorded = self.ctx.shared.store.update_two(job, first, second);
+        self.publish(job, recorded);
+    }
+
+    /// Announce the events a store update made.
+    fn publish<const N: usize>(
+        &self,
+        job: JobId,
+        recorded: Result<[Option<JobEvent>; N], crate::store::StoreError>,
+    ) {
+        match recorded {
             Ok(events) => {
                 for event in events.into_iter().flatten() {
                     self.ctx.shared.publish(event);
