@@ -186,6 +186,7 @@ fn stage(
                 attempt: 1,
                 idempotency_key: format!("{}/{name}", m.job).into(),
                 deadline: None,
+                job_key: None,
             };
             let input = StepInput {
                 input: m.input.clone(),
@@ -266,6 +267,7 @@ async fn run_baseline_fanout(jobs: usize) -> Duration {
                     attempt: 1,
                     idempotency_key: format!("{}/join", m.job).into(),
                     deadline: None,
+                    job_key: None,
                 };
                 let out = agent
                     .call(

@@ -104,7 +104,6 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         .map(|i| {
             let mut c = client.clone();
             async move {
-                let t = Instant::now();
                 let req = pb::SubmitJobRequest {
                     graph: "support-triage".into(),
                     input_json: serde_json::json!({"ticket_id": i, "body": "I was charged twice this month"}).to_string(),
@@ -112,7 +111,8 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
                     ..Default::default()
                 };
                 let id = c.submit_job(req).await.map_err(explain)?.into_inner().job_id;
-                let submit = t.elapsed();
+                // When it was accepted, counted from the start of the burst.
+                let submit = start.elapsed();
                 let mut events = c
                     .watch_job(pb::WatchJobRequest { job_id: id.clone() })
                     .await
@@ -129,18 +129,21 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         .await;
     bar.finish_and_clear();
     let wall = start.elapsed();
-    let mut submits = Vec::new();
+    let mut accepted_by = Duration::ZERO;
     let mut latencies = Vec::new();
     let (mut ok, mut failed, mut cost, mut tokens) = (0, 0, 0.0, 0);
     for r in results {
         let (submit, job) = r?;
-        submits.push(submit);
+        accepted_by = accepted_by.max(submit);
         if job.state == pb::JobState::Succeeded as i32 {
             ok += 1;
         } else {
             failed += 1;
         }
-        if let (Some(s), Some(f)) = (&job.started_at, &job.finished_at) {
+        // Job latency is over the jobs that succeeded.
+        if job.state == pb::JobState::Succeeded as i32
+            && let (Some(s), Some(f)) = (&job.started_at, &job.finished_at)
+        {
             latencies.push(Duration::from_secs_f64(
                 (f.seconds - s.seconds) as f64 + (f.nanos - s.nanos) as f64 / 1e9,
             ));
@@ -150,22 +153,24 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
             tokens += u.prompt_tokens + u.completion_tokens;
         }
     }
-    submits.sort();
     latencies.sort();
+    // Nearest rank: sorted[ceil(p·n) − 1].
     let pct = |v: &[Duration], p: f64| {
-        v.get(((v.len().max(1) - 1) as f64 * p) as usize)
-            .copied()
-            .unwrap_or_default()
+        let rank = (p * v.len() as f64).ceil() as usize;
+        v.get(rank.max(1) - 1).copied().unwrap_or_default()
     };
     println!(
         "support-triage: {} jobs over gRPC in {:.1}s — {ok} succeeded, {failed} failed",
         a.jobs,
         wall.as_secs_f64()
     );
+    // Every job is submitted at once, up to 1,024 in flight: what that measures is how fast a
+    // burst is accepted, not one request's latency.
     println!(
-        "  submit latency p50 {:.1} ms, p99 {:.1} ms; job latency p50 {:.0} ms, p99 {:.0} ms",
-        pct(&submits, 0.5).as_secs_f64() * 1e3,
-        pct(&submits, 0.99).as_secs_f64() * 1e3,
+        "  a burst of {} submissions, {} at a time: all accepted within {:.0} ms; job latency p50 {:.0} ms, p99 {:.0} ms (succeeded jobs)",
+        a.jobs,
+        a.jobs.min(1024),
+        accepted_by.as_secs_f64() * 1e3,
         pct(&latencies, 0.5).as_secs_f64() * 1e3,
         pct(&latencies, 0.99).as_secs_f64() * 1e3
     );

@@ -119,9 +119,13 @@ async fn run_async(
         let name = graph.name.to_string();
         tokio::spawn(async move {
             let mut backoffs = 0u64;
-            for _ in 0..args.jobs {
+            for n in 0..args.jobs {
                 loop {
-                    match orch.submit(SubmitRequest::new(&name, input.clone())).await {
+                    // Job n's key is `run-<n>`: a seeded simulation draws by it, so two runs
+                    // fail the same keys whatever the timing (`failed_keys`).
+                    let req = SubmitRequest::new(&name, input.clone())
+                        .idempotency_key(format!("run-{n}"));
+                    match orch.submit(req).await {
                         Ok(s) => {
                             if ids_tx.send(s.id).await.is_err() {
                                 return Ok(backoffs);
@@ -142,7 +146,9 @@ async fn run_async(
     };
     let mut waits = FuturesUnordered::new();
     let mut latencies = Vec::with_capacity(args.jobs);
+    let mut failed_latencies = Vec::new();
     let mut failures: Vec<String> = Vec::new();
+    let mut failed_keys: Vec<String> = Vec::new();
     let (mut succeeded, mut failed, mut steps) = (0usize, 0usize, 0usize);
     let mut open = true;
     while open || !waits.is_empty() {
@@ -157,13 +163,14 @@ async fn run_async(
             Some(done) = waits.next() => {
                 let job = done?;
                 steps += job.steps.iter().filter(|s| s.state == cascade_orchestrator::job::StepState::Succeeded).count();
-                if let Some(t) = job.run_time() {
-                    latencies.push(t);
-                }
+                let took = job.run_time();
                 if job.state == JobState::Succeeded {
                     succeeded += 1;
+                    latencies.extend(took);
                 } else {
                     failed += 1;
+                    failed_latencies.extend(took);
+                    failed_keys.extend(job.idempotency_key.clone());
                     if failures.len() < 5 {
                         failures.push(format!("{} {}: {}", job.id, job.state, job.error.unwrap_or_default()));
                     }
@@ -180,24 +187,24 @@ async fn run_async(
     let quotas = orch.quotas().await;
     orch.shutdown(Duration::from_secs(5)).await;
 
-    latencies.sort();
-    let pct = |p: f64| -> Duration {
-        if latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        latencies[((latencies.len() - 1) as f64 * p).round() as usize]
-    };
+    failed_keys.sort();
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let secs = wall.as_secs_f64();
     let summary = Summary {
         graph: graph.name.to_string(),
         jobs: args.jobs,
         succeeded,
         failed,
-        wall_seconds: wall.as_secs_f64(),
-        jobs_per_second: args.jobs as f64 / wall.as_secs_f64(),
-        steps_per_second: steps as f64 / wall.as_secs_f64(),
-        latency_p50_ms: pct(0.50).as_secs_f64() * 1e3,
-        latency_p99_ms: pct(0.99).as_secs_f64() * 1e3,
+        wall_seconds: secs,
+        jobs_per_second: succeeded as f64 / secs,
+        failed_per_second: failed as f64 / secs,
+        steps_per_second: steps as f64 / secs,
+        latency_p50_ms: ms(nearest_rank(&mut latencies, 0.50)),
+        latency_p99_ms: ms(nearest_rank(&mut latencies, 0.99)),
+        failed_latency_p50_ms: ms(nearest_rank(&mut failed_latencies, 0.50)),
+        failed_latency_p99_ms: ms(nearest_rank(&mut failed_latencies, 0.99)),
         submit_backoffs: backoffs,
+        failed_keys,
         first_failures: failures,
         cascade: !args.no_cascade,
         stats,
@@ -215,6 +222,16 @@ async fn run_async(
     })
 }
 
+/// The `p` quantile by nearest rank: `sorted[ceil(p·n) − 1]`; none of nothing.
+fn nearest_rank(samples: &mut [Duration], p: f64) -> Option<Duration> {
+    if samples.is_empty() {
+        return None;
+    }
+    samples.sort_unstable();
+    let rank = (p * samples.len() as f64).ceil() as usize;
+    Some(samples[rank.clamp(1, samples.len()) - 1])
+}
+
 #[derive(Serialize)]
 struct Summary {
     graph: String,
@@ -222,12 +239,21 @@ struct Summary {
     succeeded: usize,
     failed: usize,
     wall_seconds: f64,
+    /// Succeeded jobs per second of the run: a failed job is not throughput.
     jobs_per_second: f64,
+    failed_per_second: f64,
+    /// Steps that succeeded, per second.
     steps_per_second: f64,
-    latency_p50_ms: f64,
-    latency_p99_ms: f64,
+    /// Over succeeded jobs (null when none did).
+    latency_p50_ms: Option<f64>,
+    latency_p99_ms: Option<f64>,
+    /// Over failed jobs (null when none failed).
+    failed_latency_p50_ms: Option<f64>,
+    failed_latency_p99_ms: Option<f64>,
     /// Times the submitter was told to slow down (RESOURCE_EXHAUSTED) and waited.
     submit_backoffs: u64,
+    /// Every failed job's idempotency key (job n's is `run-<n>`), sorted.
+    failed_keys: Vec<String>,
     first_failures: Vec<String>,
     cascade: bool,
     stats: GraphStatsSnapshot,
@@ -239,10 +265,22 @@ fn print_summary(s: &Summary) {
         "{}: {} jobs in {:.2}s — {} succeeded, {} failed",
         s.graph, s.jobs, s.wall_seconds, s.succeeded, s.failed
     );
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1} ms"));
     println!(
-        "  {:.0} jobs/s, {:.0} steps/s, job latency p50 {:.1} ms, p99 {:.1} ms",
-        s.jobs_per_second, s.steps_per_second, s.latency_p50_ms, s.latency_p99_ms
+        "  {:.0} jobs/s succeeded, {:.0} steps/s, job latency p50 {}, p99 {}",
+        s.jobs_per_second,
+        s.steps_per_second,
+        ms(s.latency_p50_ms),
+        ms(s.latency_p99_ms)
     );
+    if s.failed > 0 {
+        println!(
+            "  {:.1} jobs/s failed, failed job latency p50 {}, p99 {}",
+            s.failed_per_second,
+            ms(s.failed_latency_p50_ms),
+            ms(s.failed_latency_p99_ms)
+        );
+    }
     if s.submit_backoffs > 0 {
         println!(
             "  submission was told to slow down {} times (backlog full)",
@@ -294,5 +332,22 @@ fn print_summary(s: &Summary) {
     }
     for f in &s.first_failures {
         println!("  failed: {f}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_picks_the_ceiling_rank() {
+        let ms = Duration::from_millis;
+        let mut v: Vec<Duration> = (1..=10).rev().map(ms).collect();
+        assert_eq!(nearest_rank(&mut v, 0.50), Some(ms(5)));
+        assert_eq!(nearest_rank(&mut v, 0.99), Some(ms(10)));
+        assert_eq!(nearest_rank(&mut v, 0.0), Some(ms(1)));
+        let mut two = vec![ms(7), ms(3)];
+        assert_eq!(nearest_rank(&mut two, 0.50), Some(ms(3)));
+        assert_eq!(nearest_rank(&mut [], 0.5), None);
     }
 }

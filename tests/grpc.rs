@@ -182,6 +182,17 @@ async fn submit_get_watch_list_cancel() {
         .into_inner();
     assert_eq!(rest.jobs.len(), 1);
     assert!(rest.next_page_token.is_empty());
+    // A state value the server does not know is refused, not read as "any state".
+    let err = h
+        .client
+        .list_jobs(pb::ListJobsRequest {
+            state: 42,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("42"), "{}", err.message());
 
     // Cancel a job that is still pending or running.
     let slow = common::submit(&mut h.client, "triage", "{}").await;

@@ -19,6 +19,9 @@ pub struct CallContext {
     pub idempotency_key: Arc<str>,
     /// When the job's deadline runs out, if it has one.
     pub deadline: Option<tokio::time::Instant>,
+    /// The idempotency key the job was submitted with, if any (the step's own key is
+    /// `idempotency_key`).
+    pub job_key: Option<Arc<str>>,
 }
 
 /// The input of a step: the job input and the outputs of the step's dependencies.
@@ -236,6 +239,7 @@ mod tests {
             attempt: 2,
             idempotency_key: "k".into(),
             deadline: None,
+            job_key: None,
         };
         let v = serde_json::to_value(input.view(&ctx)).unwrap();
         assert_eq!(

@@ -290,7 +290,7 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         usage: c.usage,
         cost_per_1k: c.cost_per_1k_tokens,
         upstream,
-        rng: Mutex::new(SmallRng::seed_from_u64(seed)),
+        seed,
     }))
 }
 
@@ -303,7 +303,10 @@ pub struct SimAgent {
     usage: UsageModel,
     cost_per_1k: f64,
     upstream: Arc<SimUpstream>,
-    rng: Mutex<SmallRng>,
+    /// Every call draws from its own generator, seeded by this and what identifies the call
+    /// (the job's idempotency key, or its id; the agent; the attempt), so that a seeded run
+    /// fails the same calls whatever order they arrive in.
+    seed: u64,
 }
 
 /// What one call drew from the random models, drawn up front under one lock.
@@ -314,9 +317,30 @@ struct Draw {
     completion: u64,
 }
 
+/// FNV-1a, 64 bits: stable across Rust versions and platforms, unlike the standard library's
+/// hasher, so a seed means the same draws everywhere. Each part ends with a separator byte so
+/// that ("ab", "c") and ("a", "bc") differ.
+fn fnv1a(mut h: u64, parts: &[&[u8]]) -> u64 {
+    for part in parts {
+        for &b in part.iter().chain(&[0xff]) {
+            h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+    }
+    h
+}
+
 impl SimAgent {
-    fn draw(&self) -> Draw {
-        let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+    /// The draws of one call, from a generator of its own (see [`SimAgent::seed`]).
+    fn draw(&self, ctx: &CallContext) -> Draw {
+        let job = ctx.job_key.as_deref().unwrap_or(&ctx.job_id);
+        let mut rng = SmallRng::seed_from_u64(fnv1a(
+            self.seed ^ 0xcbf29ce484222325,
+            &[
+                job.as_bytes(),
+                ctx.agent.as_bytes(),
+                &ctx.attempt.to_le_bytes(),
+            ],
+        ));
         let latency = match &self.latency {
             None => Duration::ZERO,
             Some(Latency::Fixed(d)) => d.get(),
@@ -348,7 +372,7 @@ impl SimAgent {
 #[async_trait::async_trait]
 impl Agent for SimAgent {
     async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
-        let draw = self.draw();
+        let draw = self.draw(ctx);
         // The upstream decides on arrival, as a real provider does.
         if let Err(wait) = self.upstream.admit(Instant::now()) {
             return Err(AgentError::rate_limited(
@@ -568,6 +592,15 @@ mod tests {
             attempt: 1,
             idempotency_key: format!("j/{agent}").into(),
             deadline: None,
+            job_key: None,
+        }
+    }
+
+    /// Call `n` of a series: another job each time, so another draw.
+    fn nth(agent: &str, n: usize) -> CallContext {
+        CallContext {
+            job_id: format!("j{n}").into(),
+            ..ctx(agent)
         }
     }
 
@@ -594,9 +627,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn uniform_and_lognormal_latency_stay_in_range() {
         let a = sim(json!({"latency": {"uniform": ["5ms", "10ms"]}, "seed": 1})).unwrap();
-        for _ in 0..50 {
+        for n in 0..50 {
             let start = Instant::now();
-            a.call(&ctx("s"), &StepInput::default()).await.unwrap();
+            a.call(&nth("s", n), &StepInput::default()).await.unwrap();
             let e = start.elapsed();
             assert!(
                 e >= Duration::from_millis(5) && e <= Duration::from_millis(10),
@@ -607,9 +640,9 @@ mod tests {
             sim(json!({"latency": {"lognormal": {"median": "100ms", "sigma": 0.5}}, "seed": 3}))
                 .unwrap();
         let mut samples = Vec::new();
-        for _ in 0..400 {
+        for n in 0..400 {
             let start = Instant::now();
-            a.call(&ctx("s"), &StepInput::default()).await.unwrap();
+            a.call(&nth("s", n), &StepInput::default()).await.unwrap();
             samples.push(start.elapsed());
         }
         samples.sort();
@@ -628,10 +661,62 @@ mod tests {
         assert!(e.message.contains("agent s"));
         let a = sim(json!({"transient_failure_rate": 0.3, "seed": 9})).unwrap();
         let mut failures = 0;
-        for _ in 0..2000 {
-            failures += a.call(&ctx("s"), &StepInput::default()).await.is_err() as u32;
+        for n in 0..2000 {
+            failures += a.call(&nth("s", n), &StepInput::default()).await.is_err() as u32;
         }
         assert!((450..750).contains(&failures), "{failures}");
+    }
+
+    #[tokio::test]
+    async fn a_call_draws_the_same_whatever_the_order() {
+        let a = sim(json!({"transient_failure_rate": 0.5, "seed": 7})).unwrap();
+        let mut forward = Vec::new();
+        for n in 0..64 {
+            forward.push(a.call(&nth("s", n), &StepInput::default()).await.is_ok());
+        }
+        let mut backward = Vec::new();
+        for n in (0..64).rev() {
+            backward.push(a.call(&nth("s", n), &StepInput::default()).await.is_ok());
+        }
+        backward.reverse();
+        assert_eq!(forward, backward);
+        assert!(forward.contains(&true) && forward.contains(&false));
+        // The job's idempotency key decides when it has one, not the job id the server drew.
+        let keyed = |id: &str, n: usize| CallContext {
+            job_id: id.into(),
+            job_key: Some(format!("run-{n}").into()),
+            ..ctx("s")
+        };
+        let (mut first, mut second) = (Vec::new(), Vec::new());
+        for n in 0..64 {
+            first.push(
+                a.call(&keyed("id-a", n), &StepInput::default())
+                    .await
+                    .is_ok(),
+            );
+            second.push(
+                a.call(&keyed("id-b", n), &StepInput::default())
+                    .await
+                    .is_ok(),
+            );
+        }
+        assert_eq!(first, second);
+        // Another attempt and another seed draw anew.
+        let mut retried = Vec::new();
+        for n in 0..64 {
+            let c = CallContext {
+                attempt: 2,
+                ..nth("s", n)
+            };
+            retried.push(a.call(&c, &StepInput::default()).await.is_ok());
+        }
+        assert_ne!(forward, retried);
+        let b = sim(json!({"transient_failure_rate": 0.5, "seed": 8})).unwrap();
+        let mut reseeded = Vec::new();
+        for n in 0..64 {
+            reseeded.push(b.call(&nth("s", n), &StepInput::default()).await.is_ok());
+        }
+        assert_ne!(forward, reseeded);
     }
 
     #[tokio::test]

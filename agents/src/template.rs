@@ -186,6 +186,7 @@ mod tests {
             attempt: 1,
             idempotency_key: "k".into(),
             deadline: None,
+            job_key: None,
         }
     }
 

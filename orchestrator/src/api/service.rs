@@ -256,11 +256,19 @@ impl pb::cascade_server::Cascade for CascadeService {
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let r = req.into_inner();
+        // A value this server does not know is a mistake to report, not "no filter".
+        let state = pb::JobState::try_from(r.state).map_err(|_| {
+            bad_request(
+                "state",
+                format!(
+                    "{} is not a JobState; use JOB_STATE_PENDING (1) … JOB_STATE_CANCELLED, or 0 for any state",
+                    r.state
+                ),
+            )
+        })?;
         let mut filter = JobFilter {
             graph: (!r.graph.is_empty()).then_some(r.graph),
-            state: pb::JobState::try_from(r.state)
-                .ok()
-                .and_then(job_state_from_pb),
+            state: job_state_from_pb(state),
             ..Default::default()
         };
         for pair in r.label_selector.split(',').filter(|p| !p.trim().is_empty()) {

@@ -351,7 +351,12 @@ impl BrokerState {
                 reply,
             } => {
                 let mut found = false;
-                for c in self.cores.iter_mut().filter(|c| c.name() == quota) {
+                // In naive mode every agent holds its own copy, named `<quota>@<graph>.<agent>`.
+                let copy = |name: &str| {
+                    name.strip_prefix(quota.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('@'))
+                };
+                for c in self.cores.iter_mut().filter(|c| copy(c.name())) {
                     c.hold(now, duration);
                     found = true;
                 }

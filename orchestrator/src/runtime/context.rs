@@ -236,8 +236,8 @@ impl GraphCtx {
 }
 
 /// Which quota cores each agent draws on. With the cascade on, one core per quota, shared by
-/// every agent that names it; in naive mode, one core per (agent, declared quota): local limiting
-/// only.
+/// every agent that names it; in naive mode, one core per (agent, declared quota), named
+/// `<quota>@<graph>.<agent>`: local limiting only.
 pub(crate) struct QuotaIndex {
     pub specs: Vec<Arc<QuotaModel>>,
     /// graph → agent → core indices.
@@ -266,7 +266,12 @@ impl QuotaIndex {
                             specs.len() - 1
                         })
                     } else {
-                        specs.push(spec);
+                        // Each agent's local copy is a limiter of its own, and is named so
+                        // (`llm@graph.agent`): snapshots and metrics never show two quotas of
+                        // one name.
+                        let mut own = (*spec).clone();
+                        own.name = format!("{q}@{}.{}", g.name, a.name).into();
+                        specs.push(Arc::new(own));
                         specs.len() - 1
                     };
                     cores.push(idx);

@@ -41,6 +41,8 @@ struct StepRun {
 
 struct JobRun {
     id_str: Arc<str>,
+    /// The idempotency key it was submitted with, if any.
+    key: Option<Arc<str>>,
     /// Admission order: lower is older, and goes first.
     seq: u64,
     input: Arc<Value>,
@@ -391,6 +393,7 @@ impl SchedState {
             id,
             Box::new(JobRun {
                 id_str: id_str.clone(),
+                key: r.idempotency_key.as_deref().map(Arc::from),
                 seq,
                 input: r.input,
                 steps,
@@ -524,6 +527,7 @@ impl SchedState {
                 attempt,
                 idempotency_key: key,
                 deadline: job.deadline,
+                job_key: job.key.clone(),
             },
             input,
             traced: job.traced,

@@ -1,0 +1,317 @@
+//! The `cascade` command line, run as a user runs it: the real binary, its exit codes, its text and
+//! its `--json`, against graph files on disk and a real `cascade serve`.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn cascade(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(args)
+        .output()
+        .expect("the cascade binary runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `cascade run FILE --json ARGS…`: the summary, whatever the exit code (2 when a job failed).
+fn run_json(file: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["run", file.to_str().unwrap(), "--json"];
+    all.extend_from_slice(args);
+    let o = cascade(&all);
+    assert!(
+        matches!(o.status.code(), Some(0 | 2)),
+        "cascade run failed: {}\n{}",
+        o.status,
+        stderr(&o)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("the summary is not JSON ({e}): {}", stdout(&o)))
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const FLAKY: &str = r#"
+[graph]
+name = "flaky"
+max_in_flight_jobs = 64
+
+[agents.fetch]
+kind = "sim"                 # simulated
+seed = 11
+latency = { uniform = ["0ms", "2ms"] }
+transient_failure_rate = 0.1
+retry = { max_attempts = 2, initial_delay = "1ms", max_delay = "2ms" }
+
+[agents.score]
+kind = "sim"                 # simulated
+seed = 12
+after = ["fetch"]
+latency = { uniform = ["0ms", "2ms"] }
+transient_failure_rate = 0.1
+retry = { max_attempts = 2, initial_delay = "1ms", max_delay = "2ms" }
+"#;
+
+#[test]
+fn run_summary_counts_throughput_over_succeeded_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "flaky.toml", FLAKY);
+    let s = run_json(&file, &["--jobs", "1500"]);
+    let n = |k: &str| {
+        s[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing: {s:#}"))
+    };
+    let (ok, failed, wall) = (n("succeeded"), n("failed"), n("wall_seconds"));
+    assert_eq!(ok + failed, 1500.0);
+    assert!(failed > 0.0, "the run should have failures: {s:#}");
+    assert!((n("jobs_per_second") - ok / wall).abs() < 1e-6 * ok / wall + 1e-9);
+    assert!((n("failed_per_second") - failed / wall).abs() < 1e-6 * failed / wall + 1e-9);
+    // Latencies of both kinds are reported apart, p50 ≤ p99.
+    assert!(n("latency_p50_ms") <= n("latency_p99_ms"));
+    assert!(n("failed_latency_p50_ms") <= n("failed_latency_p99_ms"));
+    // Every failed job's key, sorted: job n's is `run-<n>`.
+    let keys: Vec<&str> = s["failed_keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(keys.len() as f64, failed);
+    assert!(keys.is_sorted(), "{keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("run-")), "{keys:?}");
+}
+
+#[test]
+fn seeded_runs_fail_the_same_keys_whatever_the_timing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "flaky.toml", FLAKY);
+    // One job at a time, then 64 at once with random latencies: the calls arrive in other orders.
+    let one = run_json(&file, &["--jobs", "600", "--concurrency", "1"]);
+    let many = run_json(&file, &["--jobs", "600", "--concurrency", "64"]);
+    assert!(
+        !one["failed_keys"].as_array().unwrap().is_empty(),
+        "the run should have failures: {one:#}"
+    );
+    assert_eq!(one["failed_keys"], many["failed_keys"]);
+    // Another seed fails other jobs.
+    let reseeded = write(
+        dir.path(),
+        "reseeded.toml",
+        &FLAKY.replace("seed = 11", "seed = 21"),
+    );
+    let other = run_json(&reseeded, &["--jobs", "600", "--concurrency", "64"]);
+    assert_ne!(one["failed_keys"], other["failed_keys"]);
+}
+
+#[test]
+fn naive_mode_lists_each_agents_copy_of_a_quota_under_its_own_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "shared.toml",
+        r#"
+[graph]
+name = "shared"
+[quotas.llm]
+requests_per_second = 1000
+[agents.classify]
+kind = "sim"
+quota = "llm"
+[agents.draft]
+kind = "sim"
+quota = "llm"
+after = ["classify"]
+"#,
+    );
+    let s = run_json(&file, &["--jobs", "20", "--no-cascade"]);
+    let mut names: Vec<&str> = s["quotas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["llm@shared.classify", "llm@shared.draft"]);
+    // With the cascade, one quota.
+    let s = run_json(&file, &["--jobs", "20"]);
+    let names: Vec<&str> = s["quotas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["name"].as_str().unwrap())
+        .filter(|n| !n.starts_with("upstream:"))
+        .collect();
+    assert_eq!(names, ["llm"]);
+}
+
+#[test]
+fn run_prints_a_readable_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "flaky.toml", FLAKY);
+    let o = cascade(&["run", file.to_str().unwrap(), "--jobs", "200", "--quiet"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "failed jobs exit 2: {}",
+        stderr(&o)
+    );
+    let text = stdout(&o);
+    assert!(text.contains("flaky: 200 jobs in"), "{text}");
+    assert!(text.contains("jobs/s succeeded"), "{text}");
+    assert!(text.contains("jobs/s failed"), "{text}");
+    assert!(text.contains("fetch") && text.contains("score"), "{text}");
+}
+
+#[test]
+fn graph_check_and_dot() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write(dir.path(), "flaky.toml", FLAKY);
+    let o = cascade(&["graph", "check", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("ok: flaky"), "{}", stdout(&o));
+    // A bad file: exit 1, the file, line and column, and what to do.
+    let bad = write(
+        dir.path(),
+        "bad.toml",
+        "[graph]\nname = \"bad\"\n[agents.a]\nkind = \"sim\"\nafter = [\"nobody\"]\n",
+    );
+    let o = cascade(&["graph", "check", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("bad.toml:5:"), "{err}");
+    assert!(err.contains("nobody"), "{err}");
+    let o = cascade(&["graph", "dot", good.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let dot = stdout(&o);
+    assert!(dot.starts_with("digraph"), "{dot}");
+    assert!(dot.contains("fetch") && dot.contains("score"), "{dot}");
+}
+
+/// The client commands against a real `cascade serve`.
+#[test]
+fn client_commands_against_a_server() {
+    let graph = r#"
+[graph]
+name = "triage"
+[agents.classify]
+kind = "sim"
+[agents.post]
+kind = "sim"
+after = ["classify"]
+[agents.slow]
+kind = "sim"
+latency = "1h"
+"#;
+    let dir = common::server_dir(&[("triage.toml", graph)], "");
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let _server = common::spawn(dir.path(), grpc, http);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(common::connect(grpc));
+    let server = format!("http://127.0.0.1:{grpc}");
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--server", server.as_str()];
+        all.extend_from_slice(args);
+        cascade(&all)
+    };
+
+    // `slow` sleeps an hour: this job runs until it is cancelled below.
+    let o = cli(&["--json", "submit", "triage", "--input", r#"{"n": 1}"#]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let submitted: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let id = submitted["job_id"].as_str().unwrap().to_string();
+
+    let o = cli(&["--json", "jobs", "get", &id]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(job["job_id"], id.as_str());
+
+    let o = cli(&["--json", "jobs", "list", "--graph", "triage"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&id), "{}", stdout(&o));
+
+    let o = cli(&["graph", "status", "triage"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let status = stdout(&o);
+    assert!(
+        status.contains("classify") && status.contains("slow"),
+        "{status}"
+    );
+
+    // The job cannot finish (`slow` waits an hour): cancel it; watch then ends at once.
+    let o = cli(&["jobs", "cancel", &id, "--reason", "test"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(&["jobs", "watch", &id]);
+    assert_ne!(o.status.code(), Some(0), "a cancelled job does not exit 0");
+    assert!(
+        stdout(&o).to_lowercase().contains("cancel"),
+        "{}",
+        stdout(&o)
+    );
+
+    // An unknown state is refused with the valid ones, not answered with every job.
+    let o = cli(&["jobs", "list", "--state", "sleeping"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("succeeded"), "{}", stderr(&o));
+}
+
+#[test]
+fn submit_wait_follows_a_job_to_its_end() {
+    let graph = "[graph]\nname = \"quick\"\n[agents.a]\nkind = \"sim\"\n[agents.b]\nkind = \"sim\"\nafter = [\"a\"]\n";
+    let dir = common::server_dir(&[("quick.toml", graph)], "");
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let _server = common::spawn(dir.path(), grpc, http);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(common::connect(grpc));
+    let server = format!("http://127.0.0.1:{grpc}");
+    let o = cascade(&["--server", &server, "submit", "quick", "--wait"]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let text = stdout(&o).to_lowercase();
+    assert!(text.contains("succeeded"), "{text}");
+    // An unreachable server: a clear error, not a hang.
+    let dead = format!("http://127.0.0.1:{}", common::free_port());
+    let o = cascade(&["--server", &dead, "submit", "quick"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot reach"), "{}", stderr(&o));
+}
+
+#[test]
+fn demo_reports_the_submission_burst_as_a_burst() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let o = cascade(&[
+        "demo",
+        "--jobs",
+        "40",
+        "--grpc-addr",
+        &format!("127.0.0.1:{grpc}"),
+        "--http-addr",
+        &format!("127.0.0.1:{http}"),
+        "--data-dir",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    let text = stdout(&o);
+    assert!(
+        matches!(o.status.code(), Some(0 | 2)),
+        "{text}\n{}",
+        stderr(&o)
+    );
+    assert!(text.contains("support-triage: 40 jobs over gRPC"), "{text}");
+    assert!(
+        text.contains("a burst of 40 submissions, 40 at a time: all accepted within"),
+        "{text}"
+    );
+    assert!(!text.contains("submit latency"), "{text}");
+}
