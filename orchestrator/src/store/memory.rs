@@ -25,6 +25,8 @@ pub struct MemoryStore {
     inner: Arc<Mutex<Inner>>,
     retain_finished: usize,
     max_events: usize,
+    /// How long an idempotency key holds (none: as long as its job is held).
+    key_ttl: Option<Duration>,
     freezer: Freezer,
 }
 
@@ -110,7 +112,8 @@ impl Freezer {
 struct Inner {
     jobs: foldhash::HashMap<JobId, Entry>,
     pending: foldhash::HashMap<Arc<str>, VecDeque<JobId>>,
-    keys: HashMap<(String, String), JobId>,
+    /// (tenant, key) → the job that holds it and when that job was submitted.
+    keys: HashMap<(String, String), (JobId, SystemTime)>,
     finished: VecDeque<JobId>,
     /// Scratch space for freezing a job.
     freeze_buf: Vec<u8>,
@@ -424,7 +427,21 @@ impl MemoryStore {
             inner,
             retain_finished,
             max_events: DEFAULT_MAX_EVENTS_PER_JOB,
+            key_ttl: None,
         }
+    }
+
+    /// Idempotency keys older than `ttl` are free to reuse (a new submission with one starts a new
+    /// job), whether or not their job is still held.
+    pub fn with_key_ttl(mut self, ttl: Duration) -> Self {
+        self.key_ttl = Some(ttl);
+        self
+    }
+
+    /// Whether a key taken at `at` still holds.
+    fn key_live(&self, at: SystemTime) -> bool {
+        self.key_ttl
+            .is_none_or(|ttl| crate::clock::now().duration_since(at).unwrap_or_default() < ttl)
     }
 
     /// Keep at most `max` events per job (at least 8; its final event always).
@@ -481,7 +498,9 @@ impl MemoryStore {
         let mut inner = self.lock();
         if let Some(key) = &job.idempotency_key {
             let k = (job.tenant.clone(), key.clone());
-            if let Some(&existing) = inner.keys.get(&k) {
+            if let Some(&(existing, at)) = inner.keys.get(&k)
+                && self.key_live(at)
+            {
                 // Keys leave with their jobs; a key found without one has no input to compare.
                 let same_input = inner
                     .jobs
@@ -502,7 +521,8 @@ impl MemoryStore {
             .as_ref()
             .map(|k| (job.tenant.clone(), k.clone()));
         if let Some(k) = &key {
-            inner.keys.insert(k.clone(), job.id);
+            // An expired holder keeps its job, not the key.
+            inner.keys.insert(k.clone(), (job.id, crate::clock::now()));
         }
         inner
             .pending
@@ -595,7 +615,8 @@ impl MemoryStore {
             .clone()
             .map(|k| (record.tenant.clone(), k));
         if let Some(k) = &key {
-            inner.keys.insert(k.clone(), record.id);
+            // A key's age is its job's.
+            inner.keys.insert(k.clone(), (record.id, record.created_at));
         }
         let id = record.id;
         let terminal = record.state.is_terminal();
@@ -619,7 +640,7 @@ impl MemoryStore {
         let mut inner = self.lock();
         if let Some(e) = inner.jobs.remove(&id) {
             if let Some(k) = e.key {
-                inner.keys.remove(&*k);
+                forget_key(&mut inner.keys, &k, id);
             }
             if let Some(q) = inner.pending.get_mut(&e.graph) {
                 q.retain(|j| *j != id);
@@ -632,7 +653,8 @@ impl MemoryStore {
         self.lock()
             .keys
             .get(&(tenant.to_string(), key.to_string()))
-            .copied()
+            .filter(|(_, at)| self.key_live(*at))
+            .map(|(id, _)| *id)
     }
 
     fn finished(&self, inner: &mut Inner, id: JobId) {
@@ -663,9 +685,20 @@ impl MemoryStore {
                 && let Some(e) = inner.jobs.remove(&old)
                 && let Some(key) = e.key
             {
-                inner.keys.remove(&*key);
+                forget_key(&mut inner.keys, &key, old);
             }
         }
+    }
+}
+
+/// Forget `key` if `id` still holds it (a newer job may have taken an expired key over).
+fn forget_key(
+    keys: &mut HashMap<(String, String), (JobId, SystemTime)>,
+    key: &(String, String),
+    id: JobId,
+) {
+    if keys.get(key).is_some_and(|(holder, _)| *holder == id) {
+        keys.remove(key);
     }
 }
 
@@ -868,6 +901,34 @@ mod tests {
         assert!(s.get(ids[1]).unwrap().is_none());
         assert!(s.get(ids[2]).unwrap().is_some());
         assert_eq!(s.events(ids[2], 0).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn an_expired_key_starts_a_new_job_and_stays_with_it() {
+        let s = MemoryStore::with_retention(1).with_key_ttl(std::time::Duration::from_millis(50));
+        let mut j = new_job("g", Some("k"), json!(1));
+        j.max_pending = 10;
+        let old = s.submit(j).await.unwrap().id;
+        s.cancel_pending(old, "x").unwrap();
+        let mut j = new_job("g", Some("k"), json!(1));
+        j.max_pending = 10;
+        let again = s.submit(j).await.unwrap();
+        assert_eq!((again.id, again.deduplicated), (old, true));
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert_eq!(s.find_key("", "k"), None, "expired");
+        let mut j = new_job("g", Some("k"), json!(2));
+        j.max_pending = 10;
+        let new = s.submit(j).await.unwrap();
+        assert!(new.id != old && !new.deduplicated);
+        // The old job leaving the store (retention 1) does not take the new job's key with it.
+        s.cancel_pending(new.id, "x").unwrap();
+        assert!(s.get(old).unwrap().is_none());
+        let holder = s
+            .lock()
+            .keys
+            .get(&(String::new(), "k".to_string()))
+            .map(|(id, _)| *id);
+        assert_eq!(holder, Some(new.id));
     }
 
     #[tokio::test]

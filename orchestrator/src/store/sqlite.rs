@@ -10,6 +10,7 @@
 //! rusqlite is synchronous; the writer is a plain thread and reads of finished jobs take a short
 //! lock on a read connection (WAL lets it read while the writer writes).
 
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -179,8 +180,9 @@ impl SqliteStore {
         let writer = open()?;
         writer.execute_batch(SCHEMA).map_err(err)?;
         let read = open()?;
-        let mem =
-            MemoryStore::with_retention(10_000).with_max_events_per_job(options.max_events_per_job);
+        let mem = MemoryStore::with_retention(10_000)
+            .with_max_events_per_job(options.max_events_per_job)
+            .with_key_ttl(options.retention);
         let mut loaded = 0;
         {
             let mut stmt = read
@@ -461,13 +463,22 @@ fn writer_loop(
         let result = write_batch(&conn, &batch).map_err(|e| e.to_string());
         let left = queued.fetch_sub(batch.len(), Ordering::Relaxed) - batch.len();
         depth.set(left as f64);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, ops = batch.len(), "store write failed");
+        match &result {
+            Err(e) => tracing::error!(error = %e, ops = batch.len(), "store write failed"),
+            Ok(failed) => {
+                for (job, e) in failed {
+                    tracing::error!(job_id = %job, error = %e, "a job's rows could not be written; the rest of its batch was");
+                }
+            }
         }
         for op in batch {
             match op {
-                Op::Insert { ack, .. } => {
-                    let _ = ack.send(result.clone());
+                Op::Insert { ack, record, .. } => {
+                    let outcome = match &result {
+                        Err(e) => Err(e.clone()),
+                        Ok(failed) => failed.get(&record.id).map_or(Ok(()), |e| Err(e.clone())),
+                    };
+                    let _ = ack.send(outcome);
                 }
                 Op::Flush(ack) => {
                     let _ = ack.send(());
@@ -496,15 +507,30 @@ fn json(v: &Option<Arc<Value>>) -> Option<String> {
     v.as_ref().map(|v| v.to_string())
 }
 
+/// Per job of a batch: its latest record, whether it is new, which steps changed, and its events.
+type JobWrites<'a> = (&'a JobRecord, bool, BTreeSet<usize>, Vec<&'a JobEvent>);
+
 /// Write one batch in one transaction. Every event is written; the job and step rows are written
 /// once per job, from its latest state in the batch (a fast job's whole life often lands in one
 /// or two batches, so this saves most of the row rewrites).
-fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<()> {
-    use std::collections::{BTreeSet, HashMap};
-    let tx = conn.unchecked_transaction()?;
-    // Per job: its latest record, whether it is new, and which steps changed.
-    let mut latest: HashMap<JobId, (&JobRecord, bool, BTreeSet<usize>)> = HashMap::new();
-    let mut order: Vec<JobId> = Vec::new();
+///
+/// One job's rows that cannot be written (a constraint, a value SQLite refuses) must not fail the
+/// others committed with it: when the batch fails, it is written again with each job under a
+/// savepoint of its own, and the jobs that still fail are returned with their errors.
+fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<HashMap<JobId, String>> {
+    let jobs = group_batch(batch);
+    match write_jobs(conn, &jobs, false) {
+        Ok(failed) => Ok(failed),
+        Err(e) => {
+            tracing::warn!(error = %e, "a store batch failed; writing its jobs one by one");
+            write_jobs(conn, &jobs, true)
+        }
+    }
+}
+
+fn group_batch(batch: &[Op]) -> Vec<(JobId, JobWrites<'_>)> {
+    let mut index: HashMap<JobId, usize> = HashMap::new();
+    let mut jobs: Vec<(JobId, JobWrites<'_>)> = Vec::new();
     for op in batch {
         let (record, event, inserted, logged) = match op {
             Op::Insert { record, event, .. } => (record, event, true, true),
@@ -515,15 +541,16 @@ fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<()> {
             } => (record, event, false, *logged),
             Op::Flush(_) => continue,
         };
-        if logged {
-            write_event(&tx, event)?;
-        }
-        let entry = latest.entry(record.id).or_insert_with(|| {
-            order.push(record.id);
-            (record, inserted, BTreeSet::new())
+        let i = *index.entry(record.id).or_insert_with(|| {
+            jobs.push((record.id, (record, inserted, BTreeSet::new(), Vec::new())));
+            jobs.len() - 1
         });
+        let entry = &mut jobs[i].1;
         entry.0 = record;
         entry.1 |= inserted;
+        if logged {
+            entry.3.push(event);
+        }
         match &event.kind {
             EventKind::StepStarted { agent, .. }
             | EventKind::StepRetrying { agent, .. }
@@ -540,62 +567,102 @@ fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<()> {
             _ => {}
         }
     }
-    for id in order {
-        let (r, inserted, steps) = &latest[&id];
-        if *inserted {
+    jobs
+}
+
+/// Write the grouped jobs in one transaction; with `isolate`, each under a savepoint, and a job
+/// that fails is rolled back alone and returned.
+fn write_jobs(
+    conn: &Connection,
+    jobs: &[(JobId, JobWrites<'_>)],
+    isolate: bool,
+) -> rusqlite::Result<HashMap<JobId, String>> {
+    let mut tx = conn.unchecked_transaction()?;
+    let mut failed = HashMap::new();
+    for (id, writes) in jobs {
+        if isolate {
+            let sp = tx.savepoint()?;
+            match write_job(&sp, writes) {
+                Ok(()) => sp.commit()?,
+                // Dropping the savepoint rolls it back.
+                Err(e) => {
+                    failed.insert(*id, e.to_string());
+                }
+            }
+        } else {
+            write_job(&tx, writes)?;
+        }
+    }
+    tx.commit()?;
+    Ok(failed)
+}
+
+fn write_job(
+    tx: &Connection,
+    (r, inserted, steps, events): &JobWrites<'_>,
+) -> rusqlite::Result<()> {
+    for e in events {
+        write_event(tx, e)?;
+    }
+    if *inserted {
+        if let Some(key) = &r.idempotency_key {
+            // The store only accepts a key that no job within the retention holds; a row that
+            // still has it is past the retention, waiting for the clean-up. It gives the key up.
             tx.prepare_cached(
-                "INSERT INTO jobs (id, graph, state, input, labels, tenant, idempotency_key, deadline_ms,
-                     callback_url, created_at, updated_at, events)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                "UPDATE jobs SET idempotency_key = NULL
+                 WHERE tenant = ?1 AND idempotency_key = ?2 AND id <> ?3",
             )?
-            .execute(params![
-                r.id.to_string(),
-                &*r.graph,
-                r.state.as_str(),
-                r.input.to_string(),
-                serde_json::to_string(&r.labels).unwrap_or_default(),
-                r.tenant,
-                r.idempotency_key,
-                r.deadline.map(|d| d.as_millis() as i64),
-                r.callback_url,
-                micros(r.created_at),
-                micros(r.updated_at),
-                r.events as i64,
-            ])?;
+            .execute(params![r.tenant, key, r.id.to_string()])?;
         }
         tx.prepare_cached(
-            "UPDATE jobs SET state = ?2, output = ?3, error = ?4, started_at = ?5, finished_at = ?6,
-                 updated_at = ?7, prompt_tokens = ?8, completion_tokens = ?9, cost_usd = ?10,
-                 events = ?11, callback = ?12
-             WHERE id = ?1",
+            "INSERT INTO jobs (id, graph, state, input, labels, tenant, idempotency_key, deadline_ms,
+                 callback_url, created_at, updated_at, events)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )?
         .execute(params![
             r.id.to_string(),
+            &*r.graph,
             r.state.as_str(),
-            json(&r.output),
-            r.error,
-            r.started_at.map(micros),
-            r.finished_at.map(micros),
+            r.input.to_string(),
+            serde_json::to_string(&r.labels).unwrap_or_default(),
+            r.tenant,
+            r.idempotency_key,
+            r.deadline.map(|d| d.as_millis() as i64),
+            r.callback_url,
+            micros(r.created_at),
             micros(r.updated_at),
-            r.usage.prompt_tokens as i64,
-            r.usage.completion_tokens as i64,
-            r.usage.cost_usd,
             r.events as i64,
-            r.callback.as_ref().and_then(|c| serde_json::to_string(c).ok()),
         ])?;
-        for &i in steps {
-            write_step(&tx, r.id, i, &r.steps[i])?;
-        }
     }
-    tx.commit()
+    tx.prepare_cached(
+        "UPDATE jobs SET state = ?2, output = ?3, error = ?4, started_at = ?5, finished_at = ?6,
+             updated_at = ?7, prompt_tokens = ?8, completion_tokens = ?9, cost_usd = ?10,
+             events = ?11, callback = ?12
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        r.id.to_string(),
+        r.state.as_str(),
+        json(&r.output),
+        r.error,
+        r.started_at.map(micros),
+        r.finished_at.map(micros),
+        micros(r.updated_at),
+        r.usage.prompt_tokens as i64,
+        r.usage.completion_tokens as i64,
+        r.usage.cost_usd,
+        r.events as i64,
+        r.callback
+            .as_ref()
+            .and_then(|c| serde_json::to_string(c).ok()),
+    ])?;
+    for &i in steps {
+        write_step(tx, r.id, i, &r.steps[i])?;
+    }
+    Ok(())
 }
 
-fn write_step(
-    tx: &rusqlite::Transaction<'_>,
-    job: JobId,
-    i: usize,
-    s: &StepRecord,
-) -> rusqlite::Result<()> {
+fn write_step(tx: &Connection, job: JobId, i: usize, s: &StepRecord) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO steps (job_id, idx, agent, state, attempts, output, error, started_at, finished_at,
              prompt_tokens, completion_tokens, cost_usd)
@@ -620,7 +687,7 @@ fn write_step(
     Ok(())
 }
 
-fn write_event(tx: &rusqlite::Transaction<'_>, e: &JobEvent) -> rusqlite::Result<()> {
+fn write_event(tx: &Connection, e: &JobEvent) -> rusqlite::Result<()> {
     tx.prepare_cached("INSERT OR REPLACE INTO events (job_id, seq, body) VALUES (?1, ?2, ?3)")?
         .execute(params![
             e.job_id.to_string(),
