@@ -89,6 +89,12 @@ pub fn options(
     if let Some(n) = s.max_input_bytes {
         o.max_input_bytes = n;
     }
+    if let Some(t) = s.callback_timeout {
+        o.callback_timeout = t;
+    }
+    if let Some(n) = s.callback_concurrency_per_host {
+        o.callback_concurrency_per_host = n;
+    }
     o.webhook_secret = s
         .webhook_secret
         .as_ref()

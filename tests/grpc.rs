@@ -509,9 +509,22 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     let url = format!("http://{}/hooks/triage", h.server.http_addr);
     let body = br#"{"ticket": 99}"#.to_vec();
 
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A request signed at `ts`, with an idempotency key.
+    let signed = |ts: u64, key: &str| {
+        http.post(&url)
+            .header("x-cascade-timestamp", ts.to_string())
+            .header("x-cascade-signature", sign(&secret, ts, &body))
+            .header("idempotency-key", key)
+            .body(body.clone())
+    };
     let r = http
         .post(&url)
-        .header("x-cascade-signature", "sha256=00")
+        .header("x-cascade-timestamp", now.to_string())
+        .header("x-cascade-signature", "v1=00")
         .body(body.clone())
         .send()
         .await
@@ -519,28 +532,29 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     assert_eq!(r.status(), 401, "a bad signature is refused");
     let r = http.post(&url).body(body.clone()).send().await.unwrap();
     assert_eq!(r.status(), 401, "a missing signature is refused");
+    assert!(r.text().await.unwrap().contains("X-Cascade-Timestamp"));
+    // Signed, but ten minutes old: outside the window.
+    let r = signed(now - 600, "hook-old").send().await.unwrap();
+    assert_eq!(r.status(), 401, "a stale timestamp is refused");
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("away from the server's clock")
+    );
 
-    let r = http
-        .post(&url)
-        .header("x-cascade-signature", sign(&secret, &body))
-        .header("idempotency-key", "hook-1")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = signed(now, "hook-1").send().await.unwrap();
     assert_eq!(r.status(), 202);
     let accepted: serde_json::Value = r.json().await.unwrap();
     let hook_job = accepted["job_id"].as_str().unwrap().to_string();
     let events = h.watch(&hook_job).await;
     assert_eq!(events.last().unwrap().state, pb::JobState::Succeeded as i32);
-    let again = http
-        .post(&url)
-        .header("x-cascade-signature", sign(&secret, &body))
-        .header("idempotency-key", "hook-1")
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    // The captured request again, even under a new idempotency key: a replay, refused.
+    let replay = signed(now, "hook-replayed").send().await.unwrap();
+    assert_eq!(replay.status(), 409, "a replayed signature is refused");
+    assert!(replay.text().await.unwrap().contains("replay"));
+    // The sender's retry, signed anew, is the same job by its key.
+    let again = signed(now + 1, "hook-1").send().await.unwrap();
     let again: serde_json::Value = again.json().await.unwrap();
     assert_eq!(again["job_id"], accepted["job_id"]);
     assert_eq!(again["deduplicated"], true);
@@ -578,8 +592,17 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     let got = received.lock().unwrap().clone();
     assert_eq!(got.len(), 1);
     let (headers, body) = &got[0];
+    let signed_at: u64 = headers["x-cascade-timestamp"].parse().unwrap();
+    assert!(signed_at.abs_diff(now) < 60, "signed now");
     assert!(
-        verify(&secret, body, &headers["x-cascade-signature"]),
+        verify(
+            &secret,
+            &headers["x-cascade-timestamp"],
+            &headers["x-cascade-signature"],
+            body,
+            signed_at
+        )
+        .is_ok(),
         "the callback is signed"
     );
     let payload: serde_json::Value = serde_json::from_slice(body).unwrap();

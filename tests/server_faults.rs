@@ -123,3 +123,181 @@ async fn an_expired_key_reused_in_a_batch_fails_nothing() {
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(!log.contains("UNIQUE constraint"), "{log}");
 }
+
+/// A callback receiver on 127.0.0.1 that records when each request came, its headers and body,
+/// and answers with `status(n)` for the n-th request (0-based).
+async fn receiver(
+    status: impl Fn(usize) -> u16 + Send + Sync + 'static,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+) {
+    let got: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = Default::default();
+    let sink = got.clone();
+    let status = std::sync::Arc::new(status);
+    let app = axum::Router::new().fallback(
+        move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+            let (sink, status) = (sink.clone(), status.clone());
+            async move {
+                let h = headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                    .collect();
+                let n = {
+                    let mut s = sink.lock().unwrap();
+                    s.push((Instant::now(), h, body.to_vec()));
+                    s.len() - 1
+                };
+                axum::http::StatusCode::from_u16(status(n)).unwrap()
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, got)
+}
+
+type Received = (Instant, std::collections::HashMap<String, String>, Vec<u8>);
+
+/// A receiver that accepts connections and never answers: every socket is held open.
+fn black_hole() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for s in listener.incoming() {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+async fn submit_with_callback(client: &mut CascadeClient<Channel>, url: &str) -> String {
+    client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "quick".into(),
+            input_json: "{}".into(),
+            callback_url: url.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id
+}
+
+/// 64 callbacks to a receiver that never answers do not delay another receiver's callback: each
+/// destination has its own few slots, and each request its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_callback_receiver_delays_no_one_else() {
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "callback-secret\n").unwrap();
+    let config = format!(
+        "[server]\ncallback_secret = \"file:{}\"\ncallback_timeout = \"2s\"\ncallback_concurrency_per_host = 4\n",
+        secret.path().display()
+    );
+    let dir = common::server_dir(&[("quick.toml", QUICK)], &config);
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let _server = common::spawn(dir.path(), grpc, http);
+    let mut client = common::connect(grpc).await;
+    let dead = black_hole();
+    let (live, got) = receiver(|_| 200).await;
+    for _ in 0..64 {
+        submit_with_callback(&mut client, &format!("http://{dead}/hook")).await;
+    }
+    // Let the dead receiver's callbacks take every slot they can.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    let id = submit_with_callback(&mut client, &format!("http://{live}/hook")).await;
+    let deadline = sent + Duration::from_secs(5);
+    while got.lock().unwrap().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the live receiver's callback waited behind the dead one's"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (_, headers, body) = got.lock().unwrap()[0].clone();
+    let payload: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(payload["job_id"], id.as_str());
+    assert!(headers["x-cascade-signature"].starts_with("v1="));
+    // The dead receiver's calls time out (2 s each) and are retried; their failures are counted
+    // as they end, not held forever.
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(!log.contains("callbacks go out unsigned"), "{log}");
+}
+
+/// A receiver that fails twice gets the callback a third time, after growing delays, each
+/// attempt signed anew under the same idempotency key; the job records the attempts. Without a
+/// callback secret the server says at start that callbacks go out unsigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_are_retried_with_backoff_and_signed_at_each_attempt() {
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "callback-secret\n").unwrap();
+    let config = format!(
+        "[server]\ncallback_secret = \"file:{}\"\n",
+        secret.path().display()
+    );
+    let dir = common::server_dir(&[("quick.toml", QUICK)], &config);
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let _server = common::spawn(dir.path(), grpc, http);
+    let mut client = common::connect(grpc).await;
+    let (addr, got) = receiver(|n| if n < 2 { 503 } else { 200 }).await;
+    let id = submit_with_callback(&mut client, &format!("http://{addr}/hook")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let callback = loop {
+        let job = client
+            .get_job(pb::GetJobRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(c) = job.callback.clone().filter(|c| c.delivered) {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "not delivered: {job:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(callback.attempts, 3);
+    let got = got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3);
+    // Backoff: about 0.5 s then 1 s, each with jitter down to half.
+    let gap1 = got[1].0 - got[0].0;
+    let gap2 = got[2].0 - got[1].0;
+    assert!(gap1 >= Duration::from_millis(240), "{gap1:?}");
+    assert!(gap2 >= Duration::from_millis(490), "{gap2:?}");
+    let secret = cascade_orchestrator::secret::SecretRef::File(secret.path().into())
+        .resolve()
+        .unwrap();
+    let keys: std::collections::HashSet<&str> = got
+        .iter()
+        .map(|(_, h, _)| h["idempotency-key"].as_str())
+        .collect();
+    assert_eq!(keys.len(), 1, "one key across attempts");
+    for (_, h, body) in &got {
+        let ts: u64 = h["x-cascade-timestamp"].parse().unwrap();
+        cascade_orchestrator::secret::verify(
+            &secret,
+            &h["x-cascade-timestamp"],
+            &h["x-cascade-signature"],
+            body,
+            ts,
+        )
+        .expect("each attempt is signed");
+    }
+
+    // Another server without a callback secret warns at start.
+    let dir = common::server_dir(&[("quick.toml", QUICK)], "");
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let _unsigned = common::spawn(dir.path(), grpc, http);
+    common::connect(grpc).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+        if log.contains("callbacks go out unsigned") && log.contains("callback_secret") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no warning: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

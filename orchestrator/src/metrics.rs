@@ -45,6 +45,9 @@ pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
 pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
+pub const CALLBACKS_WAITING: &str = "cascade_callbacks_waiting";
+pub const CALLBACKS_DELIVERED: &str = "cascade_callbacks_total";
+pub const WEBHOOK_SIGNATURES: &str = "cascade_webhook_signatures_remembered";
 
 /// Describe every metric (once, when the recorder is installed).
 pub fn describe() {
@@ -175,6 +178,21 @@ pub fn describe() {
         QUOTA_RATE_MULTIPLIER,
         Unit::Count,
         "AIMD's scale on the configured request rate (1 = as configured)."
+    );
+    describe_gauge!(
+        CALLBACKS_WAITING,
+        Unit::Count,
+        "Completion callbacks queued or in flight; at 16384, finished jobs' callbacks wait in the store and are sent after the next start."
+    );
+    describe_counter!(
+        CALLBACKS_DELIVERED,
+        Unit::Count,
+        "Completion callbacks by outcome (delivered, failed after every attempt)."
+    );
+    describe_gauge!(
+        WEBHOOK_SIGNATURES,
+        Unit::Count,
+        "Webhook signatures remembered to refuse replays within the timestamp window; at 65536 live ones, webhooks are answered 503 with Retry-After."
     );
     describe_gauge!(
         GRAPH_COST,

@@ -47,6 +47,10 @@ pub struct ServerSettings {
     pub max_events_per_job: Option<usize>,
     /// Changes that may wait for the durable store's writer before submissions are refused.
     pub store_queue_capacity: Option<usize>,
+    /// How long one callback request may take.
+    pub callback_timeout: Option<Duration>,
+    /// Callbacks in flight at once to one destination (scheme, host and port).
+    pub callback_concurrency_per_host: Option<usize>,
 }
 
 impl Default for ServerSettings {
@@ -63,6 +67,8 @@ impl Default for ServerSettings {
             shutdown_grace: None,
             max_events_per_job: None,
             store_queue_capacity: None,
+            callback_timeout: None,
+            callback_concurrency_per_host: None,
         }
     }
 }

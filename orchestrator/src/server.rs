@@ -21,7 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::api::pb::cascade_server::CascadeServer;
 use crate::api::{CascadeService, pb};
 use crate::job::{CallbackDelivery, JobId, JobUpdate};
-use crate::secret::{Secret, sign, verify};
+use crate::secret::{ReplayGuard, Secret, sign, verify};
 use crate::{Orchestrator, SubmitError, SubmitRequest};
 
 /// How a server listens and what it trusts.
@@ -35,6 +35,11 @@ pub struct ServerOptions {
     pub webhook_secret: Option<Secret>,
     /// Signs completion callbacks.
     pub callback_secret: Option<Secret>,
+    /// How long one callback request may take (default 10 s).
+    pub callback_timeout: Duration,
+    /// Callbacks in flight at once to one destination (default 8): a receiver that never
+    /// answers holds this many, and delays no other receiver.
+    pub callback_concurrency_per_host: usize,
 }
 
 impl Default for ServerOptions {
@@ -45,6 +50,8 @@ impl Default for ServerOptions {
             max_input_bytes: 1 << 20,
             webhook_secret: None,
             callback_secret: None,
+            callback_timeout: Duration::from_secs(10),
+            callback_concurrency_per_host: 8,
         }
     }
 }
@@ -95,7 +102,13 @@ impl RunningServer {
 struct HttpState {
     orch: Arc<Orchestrator>,
     webhook_secret: Option<Secret>,
+    /// Webhook signatures accepted within the timestamp window.
+    replays: Arc<std::sync::Mutex<ReplayGuard>>,
 }
+
+/// Webhook signatures remembered at most (a live one is never forgotten: past this, webhooks are
+/// answered 503 until the oldest leave the window).
+const REPLAY_GUARD_CAPACITY: usize = 65_536;
 
 /// Bind both ports and serve until [`RunningServer::stop`].
 pub async fn start(
@@ -156,6 +169,9 @@ pub async fn start(
     let state = HttpState {
         orch: orch.clone(),
         webhook_secret: options.webhook_secret.clone(),
+        replays: Arc::new(std::sync::Mutex::new(ReplayGuard::new(
+            REPLAY_GUARD_CAPACITY,
+        ))),
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -204,14 +220,21 @@ pub async fn start(
         Err(e) => tracing::error!(error = %e, "could not look for undelivered callbacks"),
     }
     let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
+        .timeout(options.callback_timeout)
+        .connect_timeout(options.callback_timeout)
         .build()
         .expect("an HTTP client with default TLS settings");
+    if options.callback_secret.is_none() {
+        tracing::warn!(
+            "callbacks go out unsigned: receivers cannot tell them from forgeries; set [server] callback_secret = \"env:NAME\" in cascade.toml"
+        );
+    }
     tasks.push(tokio::spawn(deliver_callbacks(
         orch,
         rx,
         client,
         options.callback_secret,
+        options.callback_concurrency_per_host.max(1),
         stopped,
     )));
 
@@ -308,15 +331,46 @@ async fn hook(
             "webhooks are disabled: set [server] webhook_secret = \"env:NAME\" in cascade.toml",
         );
     };
-    let signature = headers
-        .get("x-cascade-signature")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    if !verify(secret, &body, signature) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "bad or missing X-Cascade-Signature: send sha256=<hex HMAC-SHA256 of the body with the webhook secret>",
-        );
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let now = unix_now();
+    let mac = match verify(
+        secret,
+        header("x-cascade-timestamp"),
+        header("x-cascade-signature"),
+        &body,
+        now,
+    ) {
+        Ok(mac) => mac,
+        Err(e) => return error(StatusCode::UNAUTHORIZED, e.to_string()),
+    };
+    // Remembered before the job is submitted: a replay racing the original is refused too.
+    let first = {
+        let mut guard = s.replays.lock().unwrap_or_else(|p| p.into_inner());
+        let first = guard.first_time(mac, now);
+        metrics::gauge!(crate::metrics::WEBHOOK_SIGNATURES).set(guard.len() as f64);
+        first
+    };
+    match first {
+        Some(true) => {}
+        Some(false) => {
+            return error(
+                StatusCode::CONFLICT,
+                crate::secret::SignatureError::Replayed.to_string(),
+            );
+        }
+        None => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many signed webhooks within the replay window; retry later",
+            );
+            r.headers_mut().insert("retry-after", 5.into());
+            return r;
+        }
     }
     let input: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -360,28 +414,79 @@ async fn hook(
 
 const CALLBACK_ATTEMPTS: u32 = 6;
 
+/// Callbacks queued or in flight at most; past it, the deliverer stops taking finished jobs,
+/// the hand-off queue fills, and the callbacks left wait in the store for the next start.
+const CALLBACKS_WAITING_MAX: usize = 16_384;
+
+/// Destinations remembered with their concurrency limit; idle ones are forgotten past this.
+const CALLBACK_HOSTS_MAX: usize = 1_024;
+
+/// One destination of callbacks: scheme, host and port (the URL's origin).
+fn callback_origin(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => u.origin().ascii_serialization(),
+        Err(_) => String::new(),
+    }
+}
+
 async fn deliver_callbacks(
     orch: Arc<Orchestrator>,
     mut rx: mpsc::Receiver<JobId>,
     client: reqwest::Client,
     secret: Option<Secret>,
+    per_host: usize,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(64));
+    let waiting = Arc::new(Semaphore::new(CALLBACKS_WAITING_MAX));
+    let mut hosts: std::collections::HashMap<String, Arc<Semaphore>> = Default::default();
+    let gauge = metrics::gauge!(crate::metrics::CALLBACKS_WAITING);
     loop {
         let id = tokio::select! {
             id = rx.recv() => match id { Some(id) => id, None => return },
             _ = stopped.wait_for(|s| *s) => return,
         };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
+        let Ok(Some(job)) = orch.get(id) else {
+            continue;
+        };
+        let Some(url) = job.callback_url.clone() else {
+            continue;
+        };
+        let Ok(slot) = waiting.clone().acquire_owned().await else {
             return;
         };
-        let (orch, client, secret) = (orch.clone(), client.clone(), secret.clone());
+        if hosts.len() >= CALLBACK_HOSTS_MAX {
+            // Forget destinations nothing waits on.
+            hosts.retain(|_, sem| Arc::strong_count(sem) > 1);
+        }
+        let host = hosts
+            .entry(callback_origin(&url))
+            .or_insert_with(|| Arc::new(Semaphore::new(per_host)))
+            .clone();
+        gauge.set((CALLBACKS_WAITING_MAX - waiting.available_permits()) as f64);
+        let (orch, client, secret, gauge, waiting) = (
+            orch.clone(),
+            client.clone(),
+            secret.clone(),
+            gauge.clone(),
+            waiting.clone(),
+        );
         tokio::spawn(async move {
-            deliver(&orch, &client, secret.as_ref(), id).await;
-            drop(permit);
+            // Each destination has its own few slots: a receiver that never answers holds
+            // its own, and every other receiver's callbacks go on.
+            if let Ok(_turn) = host.acquire().await {
+                deliver(&orch, &client, secret.as_ref(), job, url).await;
+            }
+            drop(slot);
+            gauge.set((CALLBACKS_WAITING_MAX - waiting.available_permits()) as f64);
         });
     }
+}
+
+fn unix_now() -> u64 {
+    crate::clock::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
 }
 
 /// POST the job's outcome to its callback URL, retrying with backoff; record how it went.
@@ -389,12 +494,10 @@ async fn deliver(
     orch: &Orchestrator,
     client: &reqwest::Client,
     secret: Option<&Secret>,
-    id: JobId,
+    job: crate::job::JobRecord,
+    url: String,
 ) {
-    let Ok(Some(job)) = orch.get(id) else { return };
-    let Some(url) = job.callback_url.clone() else {
-        return;
-    };
+    let id = job.id;
     let body = serde_json::to_vec(&json!({
         "job_id": job.id.to_string(),
         "graph": &*job.graph,
@@ -413,7 +516,11 @@ async fn deliver(
             .header("x-cascade-job", id.to_string())
             .header("idempotency-key", format!("{id}/callback"));
         if let Some(s) = secret {
-            req = req.header("x-cascade-signature", sign(s, &body));
+            // Signed anew at every attempt: a receiver that refuses replays takes a retry.
+            let ts = unix_now();
+            req = req
+                .header("x-cascade-timestamp", ts.to_string())
+                .header("x-cascade-signature", sign(s, ts, &body));
         }
         match req.body(body.clone()).send().await {
             Ok(r) if r.status().is_success() => {
@@ -432,6 +539,12 @@ async fn deliver(
             tokio::time::sleep(delay.mul_f64(0.5 + rand::random::<f64>() * 0.5)).await;
         }
     }
+    let outcome = if delivery.delivered {
+        "delivered"
+    } else {
+        "failed"
+    };
+    metrics::counter!(crate::metrics::CALLBACKS_DELIVERED, "outcome" => outcome).increment(1);
     if !delivery.delivered {
         tracing::warn!(job_id = %id, attempts = delivery.attempts, error = ?delivery.last_error, "callback not delivered");
     }

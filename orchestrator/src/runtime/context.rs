@@ -91,7 +91,7 @@ impl Shared {
             .as_ref()
             && tx.try_send(id).is_err()
         {
-            tracing::error!(job_id = %id, "callback queue full or closed; the callback is not delivered");
+            tracing::error!(job_id = %id, "callback queue full or closed; the callback waits in the store and goes out after the next start");
         }
     }
 

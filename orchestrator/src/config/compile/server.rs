@@ -16,6 +16,8 @@ const SERVER_FIELDS: &[&str] = &[
     "shutdown_grace",
     "max_events_per_job",
     "store_queue_capacity",
+    "callback_timeout",
+    "callback_concurrency_per_host",
 ];
 const TELEMETRY_FIELDS: &[&str] = &[
     "otlp_endpoint",
@@ -83,6 +85,12 @@ impl Loader<'_> {
                     .map(std::num::NonZeroUsize::get);
                 self.server.store_queue_capacity = s
                     .take::<std::num::NonZeroUsize>("store_queue_capacity", &mut self.errs)
+                    .map(std::num::NonZeroUsize::get);
+                self.server.callback_timeout = s
+                    .take::<HumanDuration>("callback_timeout", &mut self.errs)
+                    .map(HumanDuration::get);
+                self.server.callback_concurrency_per_host = s
+                    .take::<std::num::NonZeroUsize>("callback_concurrency_per_host", &mut self.errs)
                     .map(std::num::NonZeroUsize::get);
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
             }
