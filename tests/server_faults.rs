@@ -301,3 +301,96 @@ async fn callbacks_are_retried_with_backoff_and_signed_at_each_attempt() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// CPU seconds a process has used (user + system), from /proc (USER_HZ is 100 on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may hold spaces: fields count from the closing parenthesis.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) as f64 / 100.0
+}
+
+/// Out of file descriptors — 300 idle connections against `ulimit -n 256` — the server does not
+/// spin on `accept`, `/healthz` still answers, and once the idle clients leave it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_server_backs_off_and_health_answers() {
+    let dir = common::server_dir(&[("quick.toml", QUICK)], "");
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    // `ulimit -n` sets the soft and the hard limit, so the server cannot raise it.
+    let child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 256 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_cascade"))
+        .args(["serve", "--config"])
+        .arg(dir.path().join("cascade.toml"))
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{http}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let server = common::Server { child };
+    let pid = server.child.id();
+    let mut client = common::connect(grpc).await;
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 256 ")),
+        "{limits}"
+    );
+
+    // Past the server's budget and the kernel's backlog a connect hangs: each gets a second.
+    let connects: Vec<_> = (0..300)
+        .map(|_| {
+            tokio::spawn(tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(("127.0.0.1", grpc)),
+            ))
+        })
+        .collect();
+    let mut idle = Vec::new();
+    for c in connects {
+        if let Ok(Ok(s)) = c.await.unwrap() {
+            idle.push(s);
+        }
+    }
+    assert!(idle.len() > 200, "{} idle connections made", idle.len());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_seconds(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_seconds(pid) - before;
+    assert!(
+        spent < 0.5,
+        "the server spent {spent:.2} CPU-s in 2 s with idle clients"
+    );
+
+    let health = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let r = health
+        .get(format!("http://127.0.0.1:{http}/healthz"))
+        .send()
+        .await
+        .expect("/healthz answers out of descriptors");
+    assert_eq!(r.status(), 200);
+
+    drop(idle);
+    // The idle connections are gone: the already-connected client and a new one are served.
+    let id = submit_keyed(&mut client, "after-the-flood")
+        .await
+        .unwrap()
+        .job_id;
+    assert_eq!(
+        ended(&mut client, &id).await.state,
+        pb::JobState::Succeeded as i32
+    );
+    let mut fresh = common::connect(grpc).await;
+    submit_keyed(&mut fresh, "fresh-client").await.unwrap();
+}

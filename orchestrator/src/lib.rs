@@ -10,6 +10,7 @@ pub mod clock;
 pub mod config;
 pub mod dag;
 pub mod job;
+pub mod listen;
 pub mod metrics;
 pub mod model;
 pub mod quota;

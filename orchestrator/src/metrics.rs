@@ -45,6 +45,8 @@ pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
 pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
+pub const CONNECTIONS: &str = "cascade_connections";
+pub const ACCEPT_ERRORS: &str = "cascade_accept_errors_total";
 pub const CALLBACKS_WAITING: &str = "cascade_callbacks_waiting";
 pub const CALLBACKS_DELIVERED: &str = "cascade_callbacks_total";
 pub const WEBHOOK_SIGNATURES: &str = "cascade_webhook_signatures_remembered";
@@ -178,6 +180,16 @@ pub fn describe() {
         QUOTA_RATE_MULTIPLIER,
         Unit::Count,
         "AIMD's scale on the configured request rate (1 = as configured)."
+    );
+    describe_gauge!(
+        CONNECTIONS,
+        Unit::Count,
+        "Open client connections, by listener; the listeners share a budget of three quarters of RLIMIT_NOFILE (less 64), and past it new connections wait in the kernel's backlog."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        Unit::Count,
+        "Failed accept calls, by listener (each backs off, 5 ms doubling to 1 s)."
     );
     describe_gauge!(
         CALLBACKS_WAITING,

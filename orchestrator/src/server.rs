@@ -16,7 +16,6 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::server::TcpIncoming;
 
 use crate::api::pb::cascade_server::CascadeServer;
 use crate::api::{CascadeService, pb};
@@ -133,6 +132,16 @@ pub async fn start(
         })?;
     let grpc_addr = grpc.local_addr().unwrap_or(options.grpc_addr);
     let http_addr = http.local_addr().unwrap_or(options.http_addr);
+    // Connections within the descriptor limit; see `listen`.
+    let nofile = crate::listen::raise_nofile_limit();
+    let budget = crate::listen::Budget::from_limit(nofile);
+    tracing::debug!(
+        nofile,
+        connections = budget.capacity,
+        "connection budget from RLIMIT_NOFILE"
+    );
+    let grpc = crate::listen::Acceptor::new(grpc, budget.clone(), "grpc", false);
+    let http = crate::listen::Acceptor::new(http, budget, "http", true);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     crate::metrics::install();
@@ -152,14 +161,11 @@ pub async fn start(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
-            // Small request/response frames must not wait for Nagle's algorithm and the peer's
-            // delayed ACK (tens of milliseconds per call): disable it on every accepted socket.
-            .serve_with_incoming_shutdown(
-                TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                async move {
-                    let _ = grpc_stop.wait_for(|s| *s).await;
-                },
-            )
+            // The acceptor sets TCP_NODELAY on every socket: small request/response frames must
+            // not wait for Nagle's algorithm and the peer's delayed ACK.
+            .serve_with_incoming_shutdown(Box::pin(grpc.into_stream()), async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            })
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "gRPC server failed");
@@ -185,10 +191,6 @@ pub async fn start(
         .with_state(state);
     let mut http_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
-        use axum::serve::ListenerExt;
-        let http = http.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
         let result = axum::serve(http, app)
             .with_graceful_shutdown(async move {
                 let _ = http_stop.wait_for(|s| *s).await;

@@ -1,0 +1,298 @@
+//! Accepting connections within the process's file-descriptor budget.
+//!
+//! Every accepted connection costs a file descriptor. A server that accepts until `accept(2)`
+//! fails with `EMFILE` has nothing left for its store, its logs or its health probe, and tonic's
+//! accept loop retries a failing `accept` at once, so it spins. Here each listener accepts only
+//! while it holds a connection slot: the slots are a share of `RLIMIT_NOFILE`, and past them new
+//! connections wait in the kernel's backlog. The HTTP listener (health probes, metrics) has a few
+//! slots of its own on top, so `/healthz` answers when idle gRPC clients hold every other slot.
+//! An `accept` that fails anyway backs off (5 ms doubling to 1 s) instead of retrying at once.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Descriptors kept out of the connection budget: the store, logs, outgoing calls.
+const KEPT_BACK: usize = 64;
+/// Slots only the HTTP listener may use when every shared one is taken.
+pub const HTTP_RESERVE: usize = 8;
+
+/// The soft `RLIMIT_NOFILE`, raised to the hard limit first (as Go's runtime does: the soft limit
+/// of 1,024 that many systems start processes with is a historical default, not a decision).
+pub fn raise_nofile_limit() -> usize {
+    // SAFETY: getrlimit/setrlimit write to and read from the struct passed, nothing else.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max.min(1 << 20),
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = raised.rlim_cur;
+            }
+        }
+        lim.rlim_cur as usize
+    }
+}
+
+/// Connection slots shared by the server's listeners, from a descriptor limit.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    shared: Arc<Semaphore>,
+    http_reserve: Arc<Semaphore>,
+    pub capacity: usize,
+}
+
+impl Budget {
+    /// Three quarters of what the limit leaves after [`KEPT_BACK`], at least 16.
+    pub fn from_limit(nofile: usize) -> Self {
+        let capacity = (nofile.saturating_sub(KEPT_BACK) * 3 / 4).max(16);
+        Self {
+            shared: Arc::new(Semaphore::new(capacity)),
+            http_reserve: Arc::new(Semaphore::new(HTTP_RESERVE)),
+            capacity,
+        }
+    }
+
+    /// Connections held now, shared and reserved slots together.
+    pub fn in_use(&self) -> usize {
+        self.capacity - self.shared.available_permits() + HTTP_RESERVE
+            - self.http_reserve.available_permits()
+    }
+}
+
+/// One listener under a [`Budget`].
+pub struct Acceptor {
+    listener: TcpListener,
+    budget: Budget,
+    /// May use the HTTP reserve.
+    http: bool,
+    name: &'static str,
+    backoff: Duration,
+}
+
+impl Acceptor {
+    pub fn new(listener: TcpListener, budget: Budget, name: &'static str, http: bool) -> Self {
+        Self {
+            listener,
+            budget,
+            http,
+            name,
+            backoff: Duration::ZERO,
+        }
+    }
+
+    async fn slot(&self) -> OwnedSemaphorePermit {
+        let shared = self.budget.shared.clone();
+        if let Ok(p) = shared.clone().try_acquire_owned() {
+            return p;
+        }
+        if !self.http {
+            return shared.acquire_owned().await.expect("never closed");
+        }
+        let reserve = self.budget.http_reserve.clone();
+        tokio::select! {
+            p = shared.acquire_owned() => p.expect("never closed"),
+            p = reserve.acquire_owned() => p.expect("never closed"),
+        }
+    }
+
+    /// The next connection, holding its slot until it is dropped.
+    pub async fn next(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            let slot = self.slot().await;
+            match self.listener.accept().await {
+                Ok((stream, addr)) => {
+                    self.backoff = Duration::ZERO;
+                    // Small frames must not wait for Nagle's algorithm and the peer's delayed ACK.
+                    let _ = stream.set_nodelay(true);
+                    let conn = Conn {
+                        stream,
+                        _slot: slot,
+                        _gauge: Gauge::new(self.name),
+                    };
+                    return (conn, addr);
+                }
+                // The peer gave up while queued: nothing wrong here.
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    drop(slot);
+                    self.backoff =
+                        (self.backoff * 2).clamp(Duration::from_millis(5), Duration::from_secs(1));
+                    metrics::counter!(crate::metrics::ACCEPT_ERRORS, "listener" => self.name)
+                        .increment(1);
+                    if self.backoff >= Duration::from_secs(1)
+                        || self.backoff <= Duration::from_millis(5)
+                    {
+                        tracing::warn!(listener = self.name, error = %e, retry_in = ?self.backoff, connections = self.budget.in_use(),
+                            "cannot accept connections (out of file descriptors? raise `ulimit -n`)");
+                    }
+                    tokio::time::sleep(self.backoff).await;
+                }
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The connections as the stream tonic serves.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Conn, io::Error>> + Send {
+        futures::stream::unfold(self, |mut a| async move {
+            let (conn, _) = a.next().await;
+            Some((Ok(conn), a))
+        })
+    }
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Counts a listener's open connections in `cascade_connections`.
+struct Gauge(metrics::Gauge);
+
+impl Gauge {
+    fn new(listener: &'static str) -> Self {
+        let g = metrics::gauge!(crate::metrics::CONNECTIONS, "listener" => listener);
+        g.increment(1.0);
+        Self(g)
+    }
+}
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// An accepted connection and its slot.
+pub struct Conn {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+    _gauge: Gauge,
+}
+
+impl Conn {
+    fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
+        Pin::new(&mut self.get_mut().stream)
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.stream().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.stream().poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.stream().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl axum::serve::Listener for Acceptor {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        self.next().await
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_leaves_room_and_has_a_floor() {
+        assert_eq!(Budget::from_limit(256).capacity, 144);
+        assert_eq!(Budget::from_limit(1024).capacity, 720);
+        assert_eq!(Budget::from_limit(10).capacity, 16);
+    }
+
+    /// With every shared slot held, the gRPC listener leaves a new connection in the backlog and
+    /// the HTTP listener still takes one on its reserve.
+    #[tokio::test]
+    async fn past_the_budget_connections_wait_and_http_has_a_reserve() {
+        let budget = Budget::from_limit(0);
+        let held: Vec<_> = (0..budget.capacity)
+            .map(|_| budget.shared.clone().try_acquire_owned().unwrap())
+            .collect();
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (ga, ha) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+        let mut grpc = Acceptor::new(grpc, budget.clone(), "grpc", false);
+        let mut http = Acceptor::new(http, budget.clone(), "http", true);
+        let _c1 = TcpStream::connect(ga).await.unwrap();
+        let _c2 = TcpStream::connect(ha).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(200), grpc.next()).await;
+        assert!(waited.is_err(), "no slot: the connection waits");
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(5), http.next())
+            .await
+            .expect("the HTTP reserve takes it");
+        assert_eq!(budget.in_use(), budget.capacity + 1);
+        drop(conn);
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(5), grpc.next())
+            .await
+            .expect("a freed slot lets it in");
+    }
+}
