@@ -243,7 +243,7 @@ async fn metrics_hold_every_family_after_a_run() {
         .collect();
     for l in &labels {
         assert!(
-            ["graph", "agent", "quota", "outcome", "cause", "kind", "le"].contains(l),
+            ["graph", "agent", "quota", "outcome", "cause", "kind", "listener", "le"].contains(l),
             "unbounded label {l}"
         );
     }

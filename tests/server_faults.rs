@@ -394,3 +394,121 @@ async fn out_of_descriptors_the_server_backs_off_and_health_answers() {
     let mut fresh = common::connect(grpc).await;
     submit_keyed(&mut fresh, "fresh-client").await.unwrap();
 }
+
+/// A sample's value in Prometheus text (the first line that starts with `name`), if present.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn scrape(http: u16) -> String {
+    reqwest::get(format!("http://127.0.0.1:{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The client side of the next test, run in a process of its own: open WatchJob streams on the
+/// given jobs (`CASCADE_WATCH_JOBS`, comma-separated; `CASCADE_WATCH_EACH` streams each), say
+/// "ready", and wait to be killed.
+#[tokio::test]
+#[ignore = "a child process of vanished_watchers_are_freed_at_once"]
+async fn watch_client_child() {
+    let Ok(port) = std::env::var("CASCADE_WATCH_PORT") else {
+        return;
+    };
+    let jobs = std::env::var("CASCADE_WATCH_JOBS").unwrap();
+    let each: usize = std::env::var("CASCADE_WATCH_EACH")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let port: u16 = port.parse().unwrap();
+    let mut streams = Vec::new();
+    for job in jobs.split(',') {
+        // A connection per job: HTTP/2 servers cap the streams of one connection.
+        let client = common::connect(port).await;
+        for _ in 0..each {
+            let mut c = client.clone();
+            let mut s = c
+                .watch_job(pb::WatchJobRequest { job_id: job.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            // The submission event: the stream is live on the server.
+            s.message().await.unwrap().unwrap();
+            streams.push(s);
+        }
+    }
+    println!("ready {}", streams.len());
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+}
+
+/// 2,000 WatchJob streams whose client process is killed (no stream closed, no goodbye) are freed
+/// at once, not when their jobs end an hour later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_watchers_are_freed_at_once() {
+    use std::io::BufRead;
+    let graph = "[graph]\nname = \"long\"\n[agents.wait]\nkind = \"sim\"\nlatency = \"1h\"\n";
+    let dir = common::server_dir(&[("long.toml", graph)], "");
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let _server = common::spawn(dir.path(), grpc, http);
+    let mut client = common::connect(grpc).await;
+    let mut jobs = Vec::new();
+    for _ in 0..20 {
+        jobs.push(common::submit(&mut client, "long", "{}").await);
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "watch_client_child",
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("CASCADE_WATCH_PORT", grpc.to_string())
+        .env("CASCADE_WATCH_JOBS", jobs.join(","))
+        .env("CASCADE_WATCH_EACH", "100")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let ready = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            // The test harness may print the test's name on the same line first.
+            out.lines()
+                .map_while(Result::ok)
+                .find_map(|l| l.find("ready ").map(|i| l[i..].to_string()))
+        }),
+    )
+    .await;
+    let Ok(ready) = ready else {
+        let _ = child.kill();
+        panic!("the watching client was not ready within a minute");
+    };
+    let ready = ready.unwrap();
+    assert_eq!(ready.as_deref(), Some("ready 2000"));
+    assert_eq!(
+        metric(&scrape(http).await, "cascade_job_watchers"),
+        Some(2000.0)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let watchers = metric(&scrape(http).await, "cascade_job_watchers");
+        if watchers == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{watchers:?} watchers still held after their client died"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -45,6 +45,7 @@ pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
 pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
+pub const WATCHERS: &str = "cascade_job_watchers";
 pub const CONNECTIONS: &str = "cascade_connections";
 pub const ACCEPT_ERRORS: &str = "cascade_accept_errors_total";
 pub const CALLBACKS_WAITING: &str = "cascade_callbacks_waiting";
@@ -180,6 +181,11 @@ pub fn describe() {
         QUOTA_RATE_MULTIPLIER,
         Unit::Count,
         "AIMD's scale on the configured request rate (1 = as configured)."
+    );
+    describe_gauge!(
+        WATCHERS,
+        Unit::Count,
+        "WatchJob streams open now; each ends with its job's final event or when its client goes away."
     );
     describe_gauge!(
         CONNECTIONS,

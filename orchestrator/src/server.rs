@@ -158,6 +158,10 @@ pub async fn start(
     let mut grpc_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            // A client that vanished without closing its connection (a cut network, a host
+            // that died) is noticed by its missing ping answers, and its streams are dropped.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)

@@ -36,6 +36,8 @@ pub(crate) struct Shared {
     pub(super) job_feeds: JobFeeds,
     pub(super) graph_events: broadcast::Sender<GraphEvent>,
     pub(super) waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<()>>>>,
+    /// Event streams open now ([`Orchestrator::subscribe`]).
+    pub(super) watchers: AtomicUsize,
     pub(super) shutting_down: AtomicBool,
     /// Where finished jobs with a callback URL go to be delivered (set by the server).
     pub(super) callbacks: RwLock<Option<mpsc::Sender<JobId>>>,

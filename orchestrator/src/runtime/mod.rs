@@ -24,7 +24,7 @@ mod supervisor;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -189,6 +189,7 @@ impl OrchestratorBuilder {
             job_feeds: JobFeeds::default(),
             graph_events: broadcast::channel(4096).0,
             waiters: Mutex::new(HashMap::new()),
+            watchers: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             callbacks: RwLock::new(None),
         });
@@ -415,10 +416,18 @@ impl Orchestrator {
         };
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(64);
+        let gauge = metrics::gauge!(crate::metrics::WATCHERS);
+        gauge.set(shared.watchers.fetch_add(1, Relaxed) as f64 + 1.0);
         tokio::spawn(async move {
-            follow(&shared, id, past, &mut live, &tx).await;
+            // Until the job's final event, or until the stream is dropped (its client went away,
+            // however it went): whichever comes first.
+            tokio::select! {
+                _ = follow(&shared, id, past, &mut live, &tx) => {}
+                _ = tx.closed() => {}
+            }
             drop(live);
             shared.job_feeds.release(id);
+            gauge.set(shared.watchers.fetch_sub(1, Relaxed) as f64 - 1.0);
         });
         Ok(ReceiverStream::new(rx))
     }
@@ -496,6 +505,11 @@ impl Orchestrator {
     /// Jobs someone awaits through [`wait`](Self::wait) now.
     pub fn awaited_jobs(&self) -> usize {
         self.shared.waiting()
+    }
+
+    /// Event streams open now ([`subscribe`](Self::subscribe)).
+    pub fn watchers(&self) -> usize {
+        self.shared.watchers.load(Relaxed)
     }
 
     /// Jobs whose events someone follows live through [`subscribe`](Self::subscribe) now.
