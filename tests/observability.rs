@@ -260,25 +260,19 @@ impl Drop for Prometheus {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs Debian's prometheus package: .ci/run installs it and runs this test"]
-async fn a_real_prometheus_sees_the_pause() {
-    let (orch, server) = start("scraped").await;
+/// Debian's Prometheus, scraping `target` every 200 ms, on a free port of its own (with the
+/// directory that holds its configuration and data).
+fn prometheus(target: std::net::SocketAddr) -> ((Prometheus, tempfile::TempDir), u16) {
     let dir = tempfile::tempdir().unwrap();
-    let prom_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let prom_port = common::free_port();
     std::fs::write(
         dir.path().join("prometheus.yml"),
         format!(
-            "global:\n  scrape_interval: 200ms\nscrape_configs:\n  - job_name: cascade\n    scrape_interval: 200ms\n    static_configs:\n      - targets: ['{}']\n",
-            server.http_addr
+            "global:\n  scrape_interval: 200ms\nscrape_configs:\n  - job_name: cascade\n    scrape_interval: 200ms\n    static_configs:\n      - targets: ['{target}']\n"
         ),
     )
     .unwrap();
-    let _prom = Prometheus(
+    let prom = Prometheus(
         Command::new("prometheus")
             .arg(format!(
                 "--config.file={}",
@@ -294,24 +288,128 @@ async fn a_real_prometheus_sees_the_pause() {
             .spawn()
             .expect("Debian's prometheus is installed (apt-get install prometheus)"),
     );
+    ((prom, dir), prom_port)
+}
+
+/// An instant query's JSON answer, if Prometheus answered.
+async fn query(port: u16, q: &str) -> Option<serde_json::Value> {
+    let url = format!("http://127.0.0.1:{port}/api/v1/query");
+    let url = reqwest::Url::parse_with_params(&url, &[("query", q)]).ok()?;
+    let r = reqwest::get(url).await.ok()?;
+    r.json().await.ok()
+}
+
+/// The metric names a PromQL expression reads: `cascade_…` words, without a histogram's suffix.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("cascade_"))
+        .map(|w| w.trim_end_matches("_bucket").to_string())
+        .collect()
+}
+
+/// `promtool check rules` passes on the alert rules in `deploy/`, and every query of the Grafana
+/// dashboard in `deploy/` is valid PromQL that a real Prometheus runs against a real server's
+/// series, over metric families that server exports (there is no Grafana on this machine: the
+/// panels' queries are what can go stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's prometheus package: .ci/run installs it and runs this test"]
+async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheus() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let check = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(root.join("cascade-alerts.yml"))
+        .output()
+        .expect("Debian's promtool is installed (apt-get install prometheus)");
+    assert!(
+        check.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let rules = std::fs::read_to_string(root.join("cascade-alerts.yml")).unwrap();
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap())
+            .expect("the Grafana dashboard is valid JSON");
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                exprs.push((panel["title"].as_str().unwrap_or("?").to_string(), e.to_string()));
+            }
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+
+    let (orch, server) = start("paneled").await;
+    for i in 0..50 {
+        orch.submit(SubmitRequest::new("paneled", json!({ "n": i })))
+            .await
+            .unwrap();
+    }
+    orch.exhaust_quota("paneled-llm", Duration::from_secs(60)).await;
+    let exported = parse(
+        &reqwest::get(format!("http://{}/metrics", server.http_addr))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    let families: BTreeSet<String> = exported.types.keys().cloned().collect();
+    for name in rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")).flat_map(metric_names) {
+        assert!(families.contains(&name), "an alert rule reads {name}, which the server does not export");
+    }
+    let (_prom, port) = prometheus(server.http_addr);
+    // Wait until Prometheus has scraped the server a few times (rates need two samples).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = query(port, "count_over_time(up{job=\"cascade\"}[1m])").await;
+        let n: f64 = v
+            .as_ref()
+            .and_then(|v| v["data"]["result"][0]["value"][1].as_str()?.parse().ok())
+            .unwrap_or(0.0);
+        if n >= 5.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never scraped the server: {v:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut answered = 0;
+    for (title, expr) in &exprs {
+        for name in metric_names(expr) {
+            assert!(
+                families.contains(&name),
+                "panel {title:?} reads {name}, which the server does not export"
+            );
+        }
+        let q = expr.replace("$graph", ".*");
+        let v = query(port, &q).await.expect("Prometheus answers");
+        assert_eq!(v["status"], "success", "panel {title:?}: {q}: {v}");
+        if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+            answered += 1;
+        }
+    }
+    // Most panels show data after this run (a few need traffic it did not make: token windows,
+    // admission refusals, restarts).
+    assert!(answered * 3 >= exprs.len() * 2, "{answered} of {} queries had data", exprs.len());
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's prometheus package: .ci/run installs it and runs this test"]
+async fn a_real_prometheus_sees_the_pause() {
+    let (orch, server) = start("scraped").await;
+    let (_prom, prom_port) = prometheus(server.http_addr);
     orch.submit(SubmitRequest::new("scraped", json!({})))
         .await
         .unwrap();
     orch.exhaust_quota("scraped-llm", Duration::from_secs(60))
         .await;
-    let query = |q: &str| {
-        let url = format!("http://127.0.0.1:{prom_port}/api/v1/query");
-        let q = q.to_string();
-        async move {
-            let url = reqwest::Url::parse_with_params(&url, &[("query", q)]).ok()?;
-            let r = reqwest::get(url).await.ok()?;
-            let v: serde_json::Value = r.json().await.ok()?;
-            Some(v)
-        }
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
     let paused = loop {
-        if let Some(v) = query("cascade_agent_paused{graph=\"scraped\"} == 1").await {
+        if let Some(v) = query(prom_port, "cascade_agent_paused{graph=\"scraped\"} == 1").await {
             let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
             if result.len() >= 2 {
                 break result;
@@ -334,7 +432,7 @@ async fn a_real_prometheus_sees_the_pause() {
         .collect();
     agents.sort();
     assert_eq!(agents, ["classify", "draft"]);
-    let v = query("cascade_quota_exhausted{quota=\"scraped-llm\"}")
+    let v = query(prom_port, "cascade_quota_exhausted{quota=\"scraped-llm\"}")
         .await
         .unwrap();
     assert_eq!(v["data"]["result"][0]["value"][1], "1");
