@@ -174,3 +174,219 @@ async fn the_dashboard_draws_a_hundred_agents_quickly() {
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;
 }
+
+/// A headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`:
+/// commands on its fd 3, answers on its fd 4, each message ended by a NUL byte), so that one page
+/// stays open while the test reads its DOM again and again. A WebSocket client would need a
+/// dependency for a test alone; the pipe needs none.
+struct Browser {
+    child: std::process::Child,
+    to: std::io::PipeWriter,
+    from: std::io::BufReader<std::io::PipeReader>,
+    next_id: u64,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    fn open(url: &str) -> Self {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let (cmd_r, cmd_w) = std::io::pipe().unwrap();
+        let (resp_r, resp_w) = std::io::pipe().unwrap();
+        let (cr, rw) = (cmd_r.as_raw_fd(), resp_w.as_raw_fd());
+        let profile = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new("chromium");
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-pipe",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("about:blank")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        // SAFETY: between fork and exec only dup2, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(cr, 3) < 0 || libc::dup2(rw, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .expect("Debian's chromium is installed (apt-get install chromium)");
+        drop((cmd_r, resp_w));
+        let mut b = Browser {
+            child,
+            to: cmd_w,
+            from: std::io::BufReader::new(resp_r),
+            next_id: 0,
+            session: String::new(),
+            _profile: profile,
+        };
+        let target = b.call("Target.createTarget", serde_json::json!({ "url": url }));
+        let target = target["targetId"].as_str().unwrap().to_string();
+        let attached = b.call(
+            "Target.attachToTarget",
+            serde_json::json!({ "targetId": target, "flatten": true }),
+        );
+        b.session = attached["sessionId"].as_str().unwrap().to_string();
+        b
+    }
+
+    /// Send a command (to the page once attached) and return its result.
+    fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut msg = serde_json::json!({ "id": id, "method": method, "params": params });
+        if !self.session.is_empty() {
+            msg["sessionId"] = self.session.clone().into();
+        }
+        let mut bytes = serde_json::to_vec(&msg).unwrap();
+        bytes.push(0);
+        self.to.write_all(&bytes).unwrap();
+        loop {
+            let mut buf = Vec::new();
+            let n = self.from.read_until(0, &mut buf).unwrap();
+            assert!(n > 0, "chromium closed the DevTools pipe");
+            buf.pop();
+            let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluate `expr` in the page; its value.
+    fn eval(&mut self, expr: &str) -> serde_json::Value {
+        let r = self.call(
+            "Runtime.evaluate",
+            serde_json::json!({ "expression": expr, "returnByValue": true }),
+        );
+        r["result"]["value"].clone()
+    }
+
+    /// Agent name → the state the page shows now.
+    fn states(&mut self) -> Vec<(String, String)> {
+        let v = self.eval(
+            "JSON.stringify([...document.querySelectorAll('g.node.agent')].map(g => [g.dataset.agent, g.dataset.state]).sort())",
+        );
+        serde_json::from_str(v.as_str().unwrap_or("[]")).unwrap()
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A real 429 from a (simulated) provider pauses the chain, and the page that stays open shows
+/// the pause and then the resume by itself, without a reload: what the page's live event stream
+/// and refresh are for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium package: .ci/run installs it and runs this test"]
+async fn an_open_dashboard_follows_a_real_429_pause_and_its_resume() {
+    let graph = r#"
+[graph]
+name = "live"
+[agents.classify]
+kind = "sim"
+upstream = "live-provider"
+upstream_limit = { rate = "12/min", burst = 1 }
+[agents.draft]
+kind = "sim"
+after = ["classify"]
+[agents.audit]
+kind = "sim"
+"#;
+    let model = config::parse_graph_str("live.toml", graph, &Default::default()).unwrap();
+    let (orch, server) = common::serve_in_process(model).await;
+    let url = format!("http://{}/", server.http_addr);
+    let mut page = tokio::task::spawn_blocking(move || Browser::open(&url))
+        .await
+        .unwrap();
+    let (page_tx, page_rx) =
+        std::sync::mpsc::channel::<std::sync::mpsc::Sender<Vec<(String, String)>>>();
+    // The browser is driven from one blocking thread; the test asks it for the states.
+    let driver = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while page.states().len() < 3 {
+            assert!(Instant::now() < deadline, "the page never drew the graph");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        page.eval("window.__sameDocument = 'yes'");
+        while let Ok(reply) = page_rx.recv() {
+            let _ = reply.send(page.states());
+        }
+        assert_eq!(
+            page.eval("window.__sameDocument"),
+            "yes",
+            "the page was reloaded"
+        );
+    });
+    let states = || {
+        let (tx, rx) = std::sync::mpsc::channel();
+        page_tx.send(tx).unwrap();
+        rx.recv().unwrap()
+    };
+    let state = |all: &[(String, String)], agent: &str| {
+        all.iter()
+            .find(|(a, _)| a == agent)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    };
+    // Two jobs: the provider takes the first call and refuses the second with a Retry-After
+    // of about five seconds.
+    for i in 0..2 {
+        orch.submit(cascade_orchestrator::SubmitRequest::new(
+            "live",
+            serde_json::json!({ "n": i }),
+        ))
+        .await
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let paused = loop {
+        // A short blocking round trip to the driver thread.
+        let s = states();
+        if state(&s, "classify") == "paused" && state(&s, "draft") == "paused" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the open page never showed the pause: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state(&paused, "audit"), "idle", "{paused:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        // A short blocking round trip to the driver thread.
+        let s = states();
+        if s.iter().all(|(_, st)| st != "paused") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the open page never showed the resume: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(page_tx);
+    driver.join().expect("the same page, never reloaded");
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}

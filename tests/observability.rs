@@ -243,7 +243,10 @@ async fn metrics_hold_every_family_after_a_run() {
         .collect();
     for l in &labels {
         assert!(
-            ["graph", "agent", "quota", "outcome", "cause", "kind", "listener", "le"].contains(l),
+            [
+                "graph", "agent", "quota", "outcome", "cause", "kind", "listener", "le"
+            ]
+            .contains(l),
             "unbounded label {l}"
         );
     }
@@ -328,14 +331,18 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
     );
     let rules = std::fs::read_to_string(root.join("cascade-alerts.yml")).unwrap();
 
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap())
-            .expect("the Grafana dashboard is valid JSON");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap(),
+    )
+    .expect("the Grafana dashboard is valid JSON");
     let mut exprs = Vec::new();
     for panel in dashboard["panels"].as_array().expect("panels") {
         for t in panel["targets"].as_array().into_iter().flatten() {
             if let Some(e) = t["expr"].as_str() {
-                exprs.push((panel["title"].as_str().unwrap_or("?").to_string(), e.to_string()));
+                exprs.push((
+                    panel["title"].as_str().unwrap_or("?").to_string(),
+                    e.to_string(),
+                ));
             }
         }
     }
@@ -347,7 +354,8 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
             .await
             .unwrap();
     }
-    orch.exhaust_quota("paneled-llm", Duration::from_secs(60)).await;
+    orch.exhaust_quota("paneled-llm", Duration::from_secs(60))
+        .await;
     let exported = parse(
         &reqwest::get(format!("http://{}/metrics", server.http_addr))
             .await
@@ -357,8 +365,15 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
             .unwrap(),
     );
     let families: BTreeSet<String> = exported.types.keys().cloned().collect();
-    for name in rules.lines().filter_map(|l| l.trim().strip_prefix("expr:")).flat_map(metric_names) {
-        assert!(families.contains(&name), "an alert rule reads {name}, which the server does not export");
+    for name in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("expr:"))
+        .flat_map(metric_names)
+    {
+        assert!(
+            families.contains(&name),
+            "an alert rule reads {name}, which the server does not export"
+        );
     }
     let (_prom, port) = prometheus(server.http_addr);
     // Wait until Prometheus has scraped the server a few times (rates need two samples).
@@ -372,7 +387,10 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
         if n >= 5.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "Prometheus never scraped the server: {v:?}");
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never scraped the server: {v:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut answered = 0;
@@ -386,13 +404,20 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
         let q = expr.replace("$graph", ".*");
         let v = query(port, &q).await.expect("Prometheus answers");
         assert_eq!(v["status"], "success", "panel {title:?}: {q}: {v}");
-        if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+        if v["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+        {
             answered += 1;
         }
     }
     // Most panels show data after this run (a few need traffic it did not make: token windows,
     // admission refusals, restarts).
-    assert!(answered * 3 >= exprs.len() * 2, "{answered} of {} queries had data", exprs.len());
+    assert!(
+        answered * 3 >= exprs.len() * 2,
+        "{answered} of {} queries had data",
+        exprs.len()
+    );
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;
 }
