@@ -513,3 +513,116 @@ async fn naive_mode_does_not_propagate_and_retries_refusals() {
     );
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Two graphs whose agents share one quota of `cascade.toml`, under real traffic: grants go to
+/// the oldest job whichever graph it belongs to, and when the provider behind the quota answers
+/// 429 the pause reaches both graphs' agents and their downstream.
+#[tokio::test(start_paused = true)]
+async fn two_graphs_sharing_a_quota_go_oldest_first_and_pause_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.log");
+    let graph = |name: &str, provider_limit: &str| {
+        format!(
+            "[graph]\nname = \"{name}\"\nmax_pending_jobs = 1000\n\
+             [agents.call]\nkind = \"sim\"\nquota = \"shared\"\nlatency = \"1ms\"\n\
+             upstream = \"shared-provider\"\n{provider_limit}key_log = \"{}\"\n\
+             [agents.after]\nkind = \"sim\"\nafter = [\"call\"]\n",
+            keys.display()
+        )
+    };
+    let load = |provider_limit: &str| {
+        std::fs::write(dir.path().join("a.toml"), graph("ga", provider_limit)).unwrap();
+        std::fs::write(dir.path().join("b.toml"), graph("gb", "")).unwrap();
+        std::fs::write(
+            dir.path().join("cascade.toml"),
+            "graphs = [\"a.toml\", \"b.toml\"]\n[quotas.shared]\nrequests_per_second = 20\nburst = 1\n",
+        )
+        .unwrap();
+        config::load(
+            Some(&dir.path().join("cascade.toml")),
+            &[],
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+
+    // Oldest first: 60 jobs alternating between the graphs, all waiting on the quota.
+    let orch = Orchestrator::builder(load("")).start().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let g = if i % 2 == 0 { "ga" } else { "gb" };
+        ids.push(
+            orch.submit(SubmitRequest::new(g, json!({ "n": i })))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for id in &ids {
+        assert_eq!(orch.wait(*id).await.unwrap().state, JobState::Succeeded);
+    }
+    let order: Vec<usize> = std::fs::read_to_string(&keys)
+        .unwrap()
+        .lines()
+        .filter_map(|k| k.strip_suffix("/call"))
+        .map(|id| ids.iter().position(|j| j.to_string() == id).unwrap())
+        .collect();
+    assert_eq!(order.len(), 60);
+    assert!(
+        order.windows(2).all(|w| w[0] < w[1]),
+        "the provider saw the jobs out of submission order across graphs: {order:?}"
+    );
+    orch.shutdown(Duration::from_secs(1)).await;
+
+    // The provider allows one call in 10 s, the quota claims 20/s: a Retry-After that long is
+    // past the quota's pause threshold, so its 429s pause both graphs (a short one paces).
+    std::fs::remove_file(&keys).unwrap();
+    let orch = Orchestrator::builder(load(
+        "upstream_limit = { requests_per_minute = 6, burst = 1 }\n",
+    ))
+    .start()
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let g = if i % 2 == 0 { "ga" } else { "gb" };
+        ids.push(
+            orch.submit(SubmitRequest::new(g, json!({ "n": i })))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 4 {
+        for g in ["ga", "gb"] {
+            for (agent, pause) in orch.pauses(g).await.unwrap() {
+                if let Some(p) = pause
+                    && p.causes.iter().any(
+                        |(c, _)| matches!(c, CauseKey::Quota { quota } if &**quota == "shared"),
+                    )
+                {
+                    seen.insert(format!("{g}.{agent}:{:?}", p.reach));
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "the 429s paused only {seen:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        [
+            "ga.after:Upstream",
+            "ga.call:Direct",
+            "gb.after:Upstream",
+            "gb.call:Direct"
+        ]
+    );
+    for id in &ids {
+        assert_eq!(orch.wait(*id).await.unwrap().state, JobState::Succeeded);
+    }
+    let q = common::quota(&orch, "shared").await;
+    assert!(q.refusals > 0, "{q:?}");
+    orch.shutdown(Duration::from_secs(1)).await;
+}

@@ -170,6 +170,22 @@ async fn sigkill_mid_run_loses_no_job_and_reruns_no_finished_step() {
         );
     }
     let rerun = counts.values().filter(|&&n| n > 1).count();
+    // Calls in flight at the kill (40 ms each, up to 64 jobs at once) reached the upstream and
+    // never finished: after the restart they ran again, with the keys they had.
+    assert!(
+        rerun > 0,
+        "no step that was in flight at the kill ran again with its original key"
+    );
+    let rerun_after: HashSet<&str> = lines[lines_before..]
+        .iter()
+        .map(String::as_str)
+        .filter(|l| lines[..lines_before].iter().any(|b| b == l))
+        .collect();
+    assert_eq!(
+        rerun_after.len(),
+        rerun,
+        "every key seen twice was a step interrupted by the kill and run again after the restart"
+    );
     eprintln!(
         "crash test: {} steps done before the kill, {} calls after the restart, {} steps ran again with their original key",
         done_before.len(),

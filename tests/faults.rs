@@ -80,6 +80,56 @@ async fn panics_under_a_concurrency_quota_leak_no_slot() {
     orch.shutdown(Duration::from_secs(1)).await;
 }
 
+/// When an agent panics, its actor restarts and the calls it had in flight are lost with it:
+/// each of those steps runs again under its original idempotency key (a write-capable upstream
+/// deduplicates it), and no other key ever reaches the upstream.
+#[tokio::test(start_paused = true)]
+async fn a_panic_restart_reruns_the_agents_in_flight_steps_with_their_keys() {
+    quiet_simulated_panics();
+    let orch = start(
+        r#"
+        [graph]
+        name = "restarted"
+        max_in_flight_jobs = 64
+        max_pending_jobs = 10000
+        [agents.work]
+        kind = "sim"
+        latency = "20ms"
+        panic_rate = 0.02
+        max_restarts = 100000
+        max_concurrency = 32
+        upstream = "restart-rerun"
+        record_keys = true
+        retry = { max_attempts = 10, initial_delay = "1ms", max_delay = "5ms" }
+        "#,
+    )
+    .await;
+    let ids = run_all(&orch, "restarted", 500, Duration::from_secs(600)).await;
+    for &id in &ids {
+        assert_eq!(orch.get(id).unwrap().unwrap().state, JobState::Succeeded);
+    }
+    let stats = orch.stats("restarted").unwrap();
+    let panics = stats.agents[0].panics;
+    assert!(panics >= 3, "the run must have panicked: {panics}");
+    let keys = cascade_orchestrator::agents::sim::upstream(orch.registry(), "restart-rerun")
+        .calls_by_key();
+    let expected: std::collections::HashSet<String> =
+        ids.iter().map(|id| format!("{id}/work")).collect();
+    assert_eq!(keys.len(), 500, "every step reached the upstream");
+    assert!(
+        keys.keys().all(|k| expected.contains(k)),
+        "a key no step has"
+    );
+    // A panic re-runs its own step, and the steps in flight beside it (up to 31 more): more keys
+    // were seen twice than there were panics.
+    let rerun = keys.values().filter(|&&n| n > 1).count() as u64;
+    assert!(
+        rerun > panics,
+        "{rerun} keys ran again for {panics} panics: the collateral steps were not re-run"
+    );
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
 /// The 5-step pipeline whose `classify` and `draft` call one simulated provider of
 /// `rps` requests/s (burst 20) and name no quota.
 fn no_quota_storm(upstream: &str, limit: &str) -> String {

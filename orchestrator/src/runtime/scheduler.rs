@@ -375,8 +375,15 @@ impl SchedState {
             let elapsed = r.started_at.map(crate::clock::since).unwrap_or_default();
             Instant::now() + d.saturating_sub(elapsed)
         });
-        // Job age across the server, so that quotas shared between graphs serve the oldest first.
-        let seq = self.ctx.shared.next_seq.fetch_add(1, Relaxed);
+        // Job age across the server, so that quotas shared between graphs serve the oldest first:
+        // when it was submitted (each graph's scheduler claims its jobs in batches of its own,
+        // so the claim order would favour whichever graph claimed first), in microseconds, with
+        // a counter's low bits apart jobs submitted in the same microsecond.
+        let submitted = r
+            .created_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64);
+        let seq = (submitted << 8) | (self.ctx.shared.next_seq.fetch_add(1, Relaxed) & 0xff);
         if !resumed {
             self.record(id, JobUpdate::Started);
         }
