@@ -226,3 +226,122 @@ async fn sigterm_lets_in_flight_jobs_finish_and_exits_cleanly() {
         "the in-flight job finished during the grace period"
     );
 }
+
+/// Ctrl-C (SIGINT) is a graceful stop like SIGTERM: admission stops at once (every submission
+/// after the first refused one is refused too, and every one that was accepted is kept), a call
+/// that finishes within `shutdown_grace` finishes, one that would not is cut off at the grace
+/// and its job is kept unfinished, and it runs again after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_admission_and_the_grace_cuts_off_what_would_not_finish() {
+    let dir = server_dir(
+        &[
+            (
+                "mixed.toml",
+                "[graph]\nname = \"quick\"\n[agents.wait]\nkind = \"sim\"\nlatency = \"1500ms\"\n",
+            ),
+            (
+                "stuck.toml",
+                "[graph]\nname = \"stuck\"\n[agents.wait]\nkind = \"sim\"\nlatency = \"1h\"\n",
+            ),
+        ],
+        "[server]\nshutdown_grace = \"3s\"\n",
+    );
+    let (grpc, http) = (free_port(), free_port());
+    let mut server = spawn(dir.path(), grpc, http);
+    let mut client = connect(grpc).await;
+    let quick = submit(&mut client, "quick", "{}").await;
+    let stuck = submit(&mut client, "stuck", "{}").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Keep submitting: once one is refused, no later one is accepted.
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..200 {
+        let r = client
+            .submit_job(pb::SubmitJobRequest {
+                graph: "quick".into(),
+                input_json: format!(r#"{{"after_signal": {i}}}"#),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                assert_eq!(
+                    refused, 0,
+                    "a submission was accepted after one was refused"
+                );
+                accepted.push(r.into_inner().job_id);
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                    ),
+                    "{e:?}"
+                );
+                refused += 1;
+                if refused >= 5 {
+                    break;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(refused >= 5, "admission never stopped");
+    let exit = server.child.wait().unwrap();
+    let took = t.elapsed();
+    assert!(exit.success(), "exit status {exit}");
+    // The quick call (1.5 s) finished; the stuck one was cut off at the 3 s grace.
+    assert!(
+        took >= Duration::from_millis(2500) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    {
+        let db = rusqlite::Connection::open(dir.path().join("data/cascade.db")).unwrap();
+        let state = |id: &str| -> String {
+            db.query_row("SELECT state FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+                .unwrap_or_else(|e| panic!("job {id} is not in the store: {e}"))
+        };
+        assert_eq!(state(&quick), "succeeded");
+        assert_eq!(
+            state(&stuck),
+            "running",
+            "kept unfinished for the next start"
+        );
+        for id in &accepted {
+            state(id);
+        }
+    }
+    let _server = spawn(dir.path(), grpc, http);
+    let mut client = connect(grpc).await;
+    let job = client
+        .get_job(pb::GetJobRequest {
+            job_id: stuck.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.state, pb::JobState::Running as i32, "{job:?}");
+    // Every job accepted before admission stopped is run after the restart.
+    for id in &accepted {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let job = client
+                .get_job(pb::GetJobRequest { job_id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if job.state == pb::JobState::Succeeded as i32 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{job:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
