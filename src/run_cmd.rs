@@ -307,9 +307,11 @@ fn print_summary(s: &Summary) {
         );
     }
     if !s.quotas.is_empty() {
+        // Implicit quotas are named after their upstream (`upstream:graph.agent`): make room.
+        let w = s.quotas.iter().map(|q| q.name.len()).max().unwrap_or(0).max(16);
         println!();
         println!(
-            "  {:<16} {:>9} {:>9} {:>11} {:>12} {:>10}  (cascade {})",
+            "  {:<w$} {:>9} {:>9} {:>11} {:>12} {:>10}  (cascade {})",
             "quota",
             "granted",
             "refused",
@@ -320,7 +322,7 @@ fn print_summary(s: &Summary) {
         );
         for q in &s.quotas {
             println!(
-                "  {:<16} {:>9} {:>9} {:>11} {:>12} {:>10.2}",
+                "  {:<w$} {:>9} {:>9} {:>11} {:>12} {:>10.2}",
                 q.name,
                 q.granted,
                 q.refusals,
