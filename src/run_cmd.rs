@@ -308,7 +308,13 @@ fn print_summary(s: &Summary) {
     }
     if !s.quotas.is_empty() {
         // Implicit quotas are named after their upstream (`upstream:graph.agent`): make room.
-        let w = s.quotas.iter().map(|q| q.name.len()).max().unwrap_or(0).max(16);
+        let w = s
+            .quotas
+            .iter()
+            .map(|q| q.name.len())
+            .max()
+            .unwrap_or(0)
+            .max(16);
         println!();
         println!(
             "  {:<w$} {:>9} {:>9} {:>11} {:>12} {:>10}  (cascade {})",

@@ -6,8 +6,10 @@
 
 mod agent;
 mod duration;
+pub mod http;
 mod rate;
 mod registry;
+pub mod secret;
 pub mod sim;
 pub mod template;
 

@@ -148,6 +148,7 @@ impl Default for Registry {
         let mut r = Self::empty();
         r.register(crate::template::KIND);
         r.register(crate::sim::KIND);
+        r.register(crate::http::KIND);
         r
     }
 }

@@ -45,22 +45,40 @@ enum Node {
 }
 
 pub struct TemplateAgent {
-    env: Environment<'static>,
-    root: Node,
+    output: JsonTemplate,
 }
 
 fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     let config: Config = spec.parse()?;
-    let mut env = Environment::new();
-    env.set_undefined_behavior(UndefinedBehavior::Strict);
-    let mut counter = 0usize;
-    let root = compile(
-        &mut env,
-        &config.output,
-        &mut vec!["output".to_string()],
-        &mut counter,
-    )?;
-    Ok(Arc::new(TemplateAgent { env, root }))
+    Ok(Arc::new(TemplateAgent {
+        output: JsonTemplate::compile(&config.output, &["output"])?,
+    }))
+}
+
+/// A JSON value whose string leaves are templates, by the rules of this module: what the
+/// `template` kind renders as its output, and what the `http` and `llm` kinds render their
+/// requests from (their URL, headers, body, prompt).
+pub struct JsonTemplate {
+    env: Environment<'static>,
+    root: Node,
+}
+
+impl JsonTemplate {
+    /// Compile `value`; errors name the field under `path` (the field's own path).
+    pub fn compile(value: &Value, path: &[&str]) -> Result<Self, FieldError> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut counter = 0usize;
+        let mut path: Vec<String> = path.iter().map(|p| p.to_string()).collect();
+        let root = compile(&mut env, value, &mut path, &mut counter)?;
+        Ok(Self { env, root })
+    }
+
+    /// Render over the documented step view (`input`, `deps`, `job`).
+    pub fn render(&self, ctx: &CallContext, input: &StepInput) -> Result<Value, AgentError> {
+        let view = minijinja::Value::from(minijinja::value::Serde(input.view(ctx)));
+        self.render_node(&self.root, &view)
+    }
 }
 
 fn compile(
@@ -116,8 +134,8 @@ fn compile(
     })
 }
 
-impl TemplateAgent {
-    fn render(&self, node: &Node, ctx: &minijinja::Value) -> Result<Value, AgentError> {
+impl JsonTemplate {
+    fn render_node(&self, node: &Node, ctx: &minijinja::Value) -> Result<Value, AgentError> {
         let render = |name: &str| {
             self.env
                 .get_template(name)
@@ -136,14 +154,14 @@ impl TemplateAgent {
             Node::Object(fields) => {
                 let mut map = serde_json::Map::with_capacity(fields.len());
                 for (k, n) in fields {
-                    map.insert(k.clone(), self.render(n, ctx)?);
+                    map.insert(k.clone(), self.render_node(n, ctx)?);
                 }
                 Value::Object(map)
             }
             Node::Array(nodes) => Value::Array(
                 nodes
                     .iter()
-                    .map(|n| self.render(n, ctx))
+                    .map(|n| self.render_node(n, ctx))
                     .collect::<Result<_, _>>()?,
             ),
         })
@@ -153,9 +171,8 @@ impl TemplateAgent {
 #[async_trait::async_trait]
 impl Agent for TemplateAgent {
     async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
-        let view = minijinja::Value::from(minijinja::value::Serde(input.view(ctx)));
         Ok(AgentOutput {
-            value: self.render(&self.root, &view)?,
+            value: self.output.render(ctx, input)?,
             usage: Usage::default(),
         })
     }

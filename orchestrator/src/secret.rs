@@ -1,98 +1,9 @@
-//! Secrets are referenced, never written in configuration: `env:NAME` reads an environment
-//! variable, `file:PATH` a file (trailing newline trimmed). A value is resolved when the server
-//! starts and is never logged, displayed or stored.
+//! Secret references (from the agents crate, where the agent kinds resolve theirs) and the
+//! signature scheme of webhooks and completion callbacks.
 
-use std::fmt;
-use std::str::FromStr;
+pub use cascade_agents::secret::{Secret, SecretRef};
+
 use std::time::Duration;
-
-use serde::{Deserialize, Deserializer};
-
-/// Where a secret comes from.
-#[derive(Clone, PartialEq, Eq)]
-pub enum SecretRef {
-    Env(String),
-    File(std::path::PathBuf),
-}
-
-impl FromStr for SecretRef {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(name) = s.strip_prefix("env:") {
-            if name.is_empty() {
-                return Err(
-                    "`env:` needs a variable name, e.g. \"env:CASCADE_WEBHOOK_SECRET\"".into(),
-                );
-            }
-            return Ok(Self::Env(name.to_string()));
-        }
-        if let Some(path) = s.strip_prefix("file:") {
-            if path.is_empty() {
-                return Err("`file:` needs a path, e.g. \"file:/run/secrets/webhook\"".into());
-            }
-            return Ok(Self::File(path.into()));
-        }
-        // The value itself is not echoed: it may be the credential.
-        Err("a secret must be a reference, not the value: write \"env:NAME\" or \"file:PATH\" and put the value there".into())
-    }
-}
-
-impl<'de> Deserialize<'de> for SecretRef {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl fmt::Debug for SecretRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl fmt::Display for SecretRef {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Env(n) => write!(f, "env:{n}"),
-            Self::File(p) => write!(f, "file:{}", p.display()),
-        }
-    }
-}
-
-impl SecretRef {
-    /// Read the secret's value.
-    pub fn resolve(&self) -> Result<Secret, String> {
-        let value = match self {
-            Self::Env(name) => std::env::var(name)
-                .map_err(|_| format!("secret {self}: environment variable {name} is not set"))?,
-            Self::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("secret {self}: cannot read {}: {e}", path.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .to_string(),
-        };
-        if value.is_empty() {
-            return Err(format!("secret {self} is empty"));
-        }
-        Ok(Secret(value.into_bytes()))
-    }
-}
-
-/// A resolved secret. Its `Debug` does not show the value.
-#[derive(Clone)]
-pub struct Secret(Vec<u8>);
-
-impl Secret {
-    pub fn expose(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
 
 /// How far a signed request's timestamp may be from the receiver's clock, either way.
 pub const SIGNATURE_TOLERANCE: Duration = Duration::from_secs(300);
@@ -232,37 +143,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn references_parse_and_literals_are_refused_without_echo() {
-        assert_eq!(
-            "env:X".parse::<SecretRef>().unwrap(),
-            SecretRef::Env("X".into())
-        );
-        assert_eq!(
-            "file:/a".parse::<SecretRef>().unwrap(),
-            SecretRef::File("/a".into())
-        );
-        let err = "sk-live-123".parse::<SecretRef>().unwrap_err();
-        assert!(!err.contains("sk-live-123"), "{err}");
-        assert!(err.contains("env:NAME"));
-    }
-
-    #[test]
-    fn resolves_from_file_and_never_shows_the_value() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("s");
-        std::fs::write(&p, "hunter2\n").unwrap();
-        let s = SecretRef::File(p).resolve().unwrap();
-        assert_eq!(s.expose(), b"hunter2");
-        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
-        let missing = SecretRef::Env("CASCADE_TEST_SURELY_UNSET".into())
-            .resolve()
-            .unwrap_err();
-        assert!(missing.contains("not set"));
-    }
-
-    #[test]
     fn signatures_verify_and_tampering_fails() {
-        let s = Secret(b"k".to_vec());
+        let s = Secret::new(b"k".to_vec());
         let body = b"{\"a\":1}";
         let now = 1_700_000_000;
         let sig = sign(&s, now, body);
@@ -289,7 +171,7 @@ mod tests {
         let bad = SignatureError::BadSignature;
         assert_eq!(verify(&s, &ts, &sig, b"{\"a\":2}", now), Err(bad.clone()));
         assert_eq!(verify(&s, &ts, "sha256=00", body, now), Err(bad.clone()));
-        let other = Secret(b"other".to_vec());
+        let other = Secret::new(b"other".to_vec());
         assert_eq!(verify(&other, &ts, &sig, body, now), Err(bad));
         // During a rotation the header carries both; one match is enough.
         let both = format!("{}, {sig}", sign(&other, now, body));

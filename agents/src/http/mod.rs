@@ -1,0 +1,556 @@
+//! `kind = "http"`: a REST call to an enterprise system (a CRM, an ERP, a ticketing API).
+//!
+//! ```toml
+//! [agents.lookup]
+//! kind = "http"
+//! method = "GET"                                   # default GET
+//! url = "https://crm.example.com/api/customers/{{ input.customer_id }}"
+//! query = { expand = "orders" }                    # templates
+//! headers = { "X-Tenant" = "{{ input.tenant }}" }  # templates
+//! body = { note = "{{ deps.classify.label }}" }    # the template kind's rules, sent as JSON
+//! output = "body"                                  # or a dotted path: "data.customer"
+//! ok_status = [200, 201]                           # default: any 2xx
+//! max_response_bytes = 10_485_760                  # default 10 MiB
+//! idempotency_header = "Idempotency-Key"           # sent on every call but GET and HEAD
+//! auth = { bearer = "env:CRM_TOKEN" }              # or api_key = { header, value }, basic = { username, password }
+//! ca_file = "/etc/ssl/internal-ca.pem"             # an internal CA, beside the system roots
+//! upstream = "crm"                                 # default: the URL's scheme://host[:port]
+//! ```
+//!
+//! A non-GET call carries the step's idempotency key (`<job id>/<agent>`, the same across retries,
+//! restarts and a crash of the server), so that the system written to can drop a repeat. Answers
+//! are classified as in [`classify`]: 429 pauses, 5xx retries, 401 is a refused credential.
+
+pub mod classify;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::secret::{SecretCell, SecretRef};
+use crate::template::JsonTemplate;
+use crate::{
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput, Usage,
+};
+
+pub const KIND: KindSpec = KindSpec {
+    name: "http",
+    fields: &[
+        "method",
+        "url",
+        "query",
+        "headers",
+        "body",
+        "output",
+        "ok_status",
+        "max_response_bytes",
+        "idempotency_header",
+        "auth",
+        "ca_file",
+        "upstream",
+    ],
+    required: &["url"],
+    build,
+    upstream: upstream_name,
+};
+
+const DEFAULT_MAX_RESPONSE: u64 = 10 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    method: Option<String>,
+    url: String,
+    #[serde(default)]
+    query: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    headers: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    body: Option<Value>,
+    #[serde(default)]
+    output: Option<String>,
+    #[serde(default)]
+    ok_status: Option<Vec<u16>>,
+    #[serde(default)]
+    max_response_bytes: Option<u64>,
+    #[serde(default)]
+    idempotency_header: Option<String>,
+    #[serde(default)]
+    auth: Option<AuthConfig>,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    #[allow(dead_code)] // read by `upstream_name`
+    upstream: Option<String>,
+}
+
+/// How a call proves who it is. Every value that is a credential is a secret reference.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "auth must be { bearer = \"env:NAME\" }, { api_key = { header = \"X-API-Key\", value = \"env:NAME\" } } or { basic = { username = \"…\", password = \"env:NAME\" } }"
+)]
+enum AuthConfig {
+    Bearer { bearer: SecretRef },
+    ApiKey { api_key: ApiKeyConfig },
+    Basic { basic: BasicConfig },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyConfig {
+    header: String,
+    value: SecretRef,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BasicConfig {
+    username: String,
+    password: SecretRef,
+}
+
+enum Auth {
+    Bearer(SecretCell),
+    ApiKey(reqwest::header::HeaderName, SecretCell),
+    Basic(String, SecretCell),
+}
+
+impl Auth {
+    fn secrets(&self) -> Vec<&SecretCell> {
+        match self {
+            Self::Bearer(s) | Self::ApiKey(_, s) | Self::Basic(_, s) => vec![s],
+        }
+    }
+}
+
+/// One pooled client per upstream, shared by every agent of the registry that calls it.
+#[derive(Default)]
+pub struct HttpClients {
+    by_upstream: Mutex<HashMap<(String, Option<PathBuf>), Upstream>>,
+}
+
+/// Requests in flight to one upstream at most: an HTTP/1.1 request holds a connection, so this
+/// bounds the sockets a burst opens (HTTP/2 multiplexes them on fewer).
+pub const MAX_REQUESTS_PER_UPSTREAM: usize = 256;
+
+/// A pooled client and its bound on requests in flight.
+#[derive(Clone)]
+pub struct Upstream {
+    pub client: reqwest::Client,
+    pub slots: Arc<Semaphore>,
+}
+
+impl HttpClients {
+    /// The client for `upstream` (built on first use), trusting `ca_file` beside the system roots.
+    pub fn get(&self, upstream: &str, ca_file: Option<&PathBuf>) -> Result<Upstream, String> {
+        let mut map = self.by_upstream.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (upstream.to_string(), ca_file.cloned());
+        if let Some(u) = map.get(&key) {
+            return Ok(u.clone());
+        }
+        let mut b = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("cascade/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = ca_file {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("{} is not a PEM certificate: {e}", path.display()))?;
+            b = b.add_root_certificate(cert);
+        }
+        let client = b
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let u = Upstream {
+            client,
+            slots: Arc::new(Semaphore::new(MAX_REQUESTS_PER_UPSTREAM)),
+        };
+        map.insert(key, u.clone());
+        Ok(u)
+    }
+}
+
+/// The upstream a node calls: its `upstream` field, or its URL's origin when the URL's scheme
+/// and host are not templated, else `"{graph}.{agent}"`.
+fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
+    if let Some(Value::String(name)) = spec.fields.get("upstream") {
+        return Some(name.clone());
+    }
+    let url = spec.fields.get("url").and_then(Value::as_str).unwrap_or("");
+    Some(origin_of(url).unwrap_or_else(|| format!("{}.{}", spec.graph, spec.name)))
+}
+
+/// `scheme://host[:port]` of a URL template, when the part before any template names a host.
+pub fn origin_of(url: &str) -> Option<String> {
+    let fixed = url.split("{{").next().unwrap_or("");
+    let parsed = reqwest::Url::parse(fixed).ok()?;
+    let host = parsed.host_str()?;
+    // A template inside the host ("https://{{ input.region }}.api.example.com") leaves a
+    // prefix whose host is cut short: then the origin is not known.
+    let after = &fixed[fixed.find(host)? + host.len()..];
+    if fixed.len() < url.len() && (after.is_empty() || !after.starts_with(['/', ':'])) {
+        return None;
+    }
+    Some(parsed.origin().ascii_serialization())
+}
+
+pub struct HttpAgent {
+    method: reqwest::Method,
+    request: JsonTemplate,
+    output: Vec<String>,
+    ok_status: Option<Vec<u16>>,
+    max_response_bytes: u64,
+    idempotency_header: reqwest::header::HeaderName,
+    auth: Option<Auth>,
+    upstream: Upstream,
+}
+
+fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
+    let c: Config = spec.parse()?;
+    let method: reqwest::Method = c
+        .method
+        .as_deref()
+        .unwrap_or("GET")
+        .to_ascii_uppercase()
+        .parse()
+        .map_err(|_| {
+            FieldError::new(
+                "method",
+                "not an HTTP method; use GET, POST, PUT, PATCH or DELETE",
+            )
+        })?;
+    if !c.url.contains("{{") {
+        let u = reqwest::Url::parse(&c.url).map_err(|e| {
+            FieldError::new(
+                "url",
+                format!(
+                    "not a URL ({e}); write it whole, e.g. \"https://api.example.com/v1/items\""
+                ),
+            )
+        })?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(FieldError::new("url", "the scheme must be http or https"));
+        }
+    }
+    let mut request = serde_json::Map::new();
+    request.insert("url".into(), Value::String(c.url.clone()));
+    request.insert("query".into(), Value::Object(c.query.unwrap_or_default()));
+    let headers = c.headers.unwrap_or_default();
+    for (k, v) in &headers {
+        reqwest::header::HeaderName::from_bytes(k.as_bytes()).map_err(|_| FieldError {
+            path: vec!["headers".into(), k.clone()],
+            message: "not a valid header name".into(),
+        })?;
+        if !v.is_string() {
+            return Err(FieldError {
+                path: vec!["headers".into(), k.clone()],
+                message: "a header value must be a string (a template)".into(),
+            });
+        }
+    }
+    request.insert("headers".into(), Value::Object(headers));
+    if let Some(body) = c.body {
+        request.insert("body".into(), body);
+    }
+    // One template for the whole request; a bad field is named under its own key.
+    let request = JsonTemplate::compile(&Value::Object(request), &[])?;
+    let output = match c.output.as_deref() {
+        None | Some("body") => Vec::new(),
+        Some(path) => {
+            let parts: Vec<String> = path.split('.').map(str::to_string).collect();
+            if parts.iter().any(String::is_empty) {
+                return Err(FieldError::new(
+                    "output",
+                    "write \"body\" or a dotted path such as \"data.customer.id\"",
+                ));
+            }
+            parts
+        }
+    };
+    if let Some(list) = &c.ok_status
+        && (list.is_empty() || list.iter().any(|s| !(100..600).contains(s)))
+    {
+        return Err(FieldError::new(
+            "ok_status",
+            "a list of HTTP status codes, e.g. [200, 201]",
+        ));
+    }
+    let idempotency_header = reqwest::header::HeaderName::from_bytes(
+        c.idempotency_header
+            .as_deref()
+            .unwrap_or("Idempotency-Key")
+            .as_bytes(),
+    )
+    .map_err(|_| FieldError::new("idempotency_header", "not a valid header name"))?;
+    let auth = match c.auth {
+        None => None,
+        Some(AuthConfig::Bearer { bearer }) => Some(Auth::Bearer(
+            SecretCell::load(bearer).map_err(|e| field(&["auth", "bearer"], e))?,
+        )),
+        Some(AuthConfig::ApiKey { api_key }) => Some(Auth::ApiKey(
+            reqwest::header::HeaderName::from_bytes(api_key.header.as_bytes()).map_err(|_| {
+                field(
+                    &["auth", "api_key", "header"],
+                    "not a valid header name".into(),
+                )
+            })?,
+            SecretCell::load(api_key.value).map_err(|e| field(&["auth", "api_key", "value"], e))?,
+        )),
+        Some(AuthConfig::Basic { basic }) => Some(Auth::Basic(
+            basic.username,
+            SecretCell::load(basic.password)
+                .map_err(|e| field(&["auth", "basic", "password"], e))?,
+        )),
+    };
+    let name = upstream_name(spec).unwrap_or_default();
+    let upstream = spec
+        .resources
+        .get::<HttpClients>()
+        .get(&name, c.ca_file.as_ref())
+        .map_err(|e| FieldError::new("ca_file", e))?;
+    Ok(Arc::new(HttpAgent {
+        method,
+        request,
+        output,
+        ok_status: c.ok_status,
+        max_response_bytes: c.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE),
+        idempotency_header,
+        auth,
+        upstream,
+    }))
+}
+
+fn field(path: &[&str], message: String) -> FieldError {
+    FieldError {
+        path: path.iter().map(|p| p.to_string()).collect(),
+        message,
+    }
+}
+
+impl HttpAgent {
+    /// Strip this agent's secret values from a message.
+    fn redact(&self, s: &str) -> String {
+        let mut out = s.to_string();
+        if let Some(auth) = &self.auth {
+            for cell in auth.secrets() {
+                out = cell.redact(&out);
+            }
+        }
+        out
+    }
+
+    fn ok(&self, status: u16) -> bool {
+        match &self.ok_status {
+            Some(list) => list.contains(&status),
+            None => (200..300).contains(&status),
+        }
+    }
+}
+
+/// Read a response body, refusing one larger than `max` bytes.
+pub async fn read_capped(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>, AgentError> {
+    if resp.content_length().is_some_and(|n| n > max) {
+        return Err(AgentError::permanent(format!(
+            "the response is larger than max_response_bytes ({max})"
+        )));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| {
+        AgentError::transient(format!("reading the response failed: {}", e.without_url()))
+    })? {
+        if body.len() as u64 + chunk.len() as u64 > max {
+            return Err(AgentError::permanent(format!(
+                "the response is larger than max_response_bytes ({max})"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A transport failure: a timeout or a connection that failed is worth another attempt.
+pub fn transport_error(e: reqwest::Error) -> AgentError {
+    let e = e.without_url();
+    if e.is_timeout() {
+        AgentError::transient(format!("the request timed out: {e}"))
+    } else if e.is_connect() {
+        AgentError::transient(format!("cannot connect to the upstream: {e}"))
+    } else {
+        AgentError::transient(format!("the request failed: {e}"))
+    }
+}
+
+#[async_trait::async_trait]
+impl Agent for HttpAgent {
+    async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let rendered = self.request.render(ctx, input)?;
+        let url = rendered["url"].as_str().unwrap_or_default();
+        let mut url = reqwest::Url::parse(url).map_err(|e| {
+            AgentError::permanent(
+                self.redact(&format!("the rendered url {url:?} is not a URL: {e}")),
+            )
+        })?;
+        if let Some(query) = rendered["query"].as_object()
+            && !query.is_empty()
+        {
+            let mut pairs = url.query_pairs_mut();
+            for (k, v) in query {
+                match v {
+                    Value::String(s) => pairs.append_pair(k, s),
+                    other => pairs.append_pair(k, &other.to_string()),
+                };
+            }
+        }
+        let mut req = self.upstream.client.request(self.method.clone(), url);
+        if let Some(headers) = rendered["headers"].as_object() {
+            for (k, v) in headers {
+                req = req.header(k.as_str(), v.as_str().unwrap_or_default());
+            }
+        }
+        if !matches!(self.method, reqwest::Method::GET | reqwest::Method::HEAD) {
+            req = req.header(self.idempotency_header.clone(), &*ctx.idempotency_key);
+        }
+        match &self.auth {
+            None => {}
+            Some(Auth::Bearer(s)) => req = req.bearer_auth(s.get()?.as_str()),
+            Some(Auth::ApiKey(h, s)) => req = req.header(h.clone(), s.get()?.as_str()),
+            Some(Auth::Basic(user, s)) => req = req.basic_auth(user, Some(s.get()?.as_str())),
+        }
+        if let Some(body) = rendered.get("body") {
+            req = req.json(body);
+        }
+        let _slot = self
+            .upstream
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| AgentError::transient("the HTTP client is closing"))?;
+        let resp = req.send().await.map_err(|e| {
+            let e = transport_error(e);
+            AgentError {
+                message: self.redact(&e.message),
+                ..e
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let json_body = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("json"));
+        let body = read_capped(resp, self.max_response_bytes).await?;
+        if !self.ok(status) {
+            return Err(classify::classify(status, &headers, &body, &|s| {
+                self.redact(s)
+            }));
+        }
+        let value = if body.is_empty() {
+            Value::Null
+        } else if json_body {
+            serde_json::from_slice(&body).map_err(|e| {
+                AgentError::permanent(format!("the response claims JSON but is not: {e}"))
+            })?
+        } else {
+            serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()))
+        };
+        let mut out = &value;
+        for (i, part) in self.output.iter().enumerate() {
+            let next = match out {
+                Value::Object(m) => m.get(part),
+                Value::Array(a) => part.parse::<usize>().ok().and_then(|n| a.get(n)),
+                _ => None,
+            };
+            out = next.ok_or_else(|| {
+                AgentError::permanent(format!(
+                    "the response has no {} (output = \"{}\")",
+                    self.output[..=i].join("."),
+                    self.output.join(".")
+                ))
+            })?;
+        }
+        Ok(AgentOutput {
+            value: out.clone(),
+            usage: Usage::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_upstream_is_the_urls_origin_when_it_is_fixed() {
+        assert_eq!(
+            origin_of("https://crm.example.com/api/{{ input.id }}").as_deref(),
+            Some("https://crm.example.com")
+        );
+        assert_eq!(
+            origin_of("http://127.0.0.1:8080/x").as_deref(),
+            Some("http://127.0.0.1:8080")
+        );
+        assert_eq!(
+            origin_of("https://{{ input.region }}.api.example.com/x"),
+            None
+        );
+        assert_eq!(origin_of("https://api{{ input.n }}.example.com/x"), None);
+        assert_eq!(origin_of("{{ input.url }}"), None);
+    }
+
+    fn build_with(fields: Value) -> Result<Arc<dyn Agent>, FieldError> {
+        let Value::Object(map) = fields else {
+            unreachable!()
+        };
+        build(&AgentSpec {
+            graph: "g",
+            name: "h",
+            fields: &map,
+            resources: &Default::default(),
+        })
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let e = build_with(serde_json::json!({"url": "ftp://x/y"}))
+            .err()
+            .unwrap();
+        assert_eq!(e.path, ["url"]);
+        let e = build_with(serde_json::json!({"url": "https://x/{{ input.a "}))
+            .err()
+            .unwrap();
+        assert_eq!(e.path, ["url"]);
+        let e = build_with(serde_json::json!({"url": "https://x/", "method": "FETCH IT"}))
+            .err()
+            .unwrap();
+        assert_eq!(e.path, ["method"]);
+        let e =
+            build_with(serde_json::json!({"url": "https://x/", "auth": {"bearer": "sk-live-1"}}))
+                .err()
+                .unwrap();
+        assert!(!e.message.contains("sk-live-1"), "{e}");
+        let e = build_with(serde_json::json!({"url": "https://x/", "auth": {"bearer": "env:CASCADE_TEST_SURELY_UNSET_9"}}))
+            .err()
+            .unwrap();
+        assert_eq!(e.path, ["auth", "bearer"]);
+        assert!(e.message.contains("CASCADE_TEST_SURELY_UNSET_9"), "{e}");
+        let e = build_with(serde_json::json!({"url": "https://x/", "headers": {"X-A": 1}}))
+            .err()
+            .unwrap();
+        assert_eq!(e.path, ["headers", "X-A"]);
+        let e = build_with(serde_json::json!({"url": "https://x/", "ok_status": [99]}))
+            .err()
+            .unwrap();
+        assert_eq!(e.path, ["ok_status"]);
+    }
+}

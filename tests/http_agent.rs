@@ -1,0 +1,290 @@
+//! `kind = "http"` against real HTTP servers on 127.0.0.1: a request recorder written here (to see
+//! exactly what was sent, and to answer what a test needs), in process.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cascade_orchestrator::job::JobState;
+use cascade_orchestrator::{Orchestrator, SubmitRequest};
+use serde_json::{Value, json};
+
+mod common;
+
+/// What the recorder saw of one request.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    headers: HashMap<String, String>,
+    body: String,
+}
+
+/// Answers by path: a list of (status, headers, body) served in turn, the last one repeated.
+type Script = HashMap<String, Vec<(u16, Vec<(&'static str, String)>, String)>>;
+
+async fn recorder(script: Script) -> (u16, Arc<Mutex<Vec<Seen>>>) {
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let script = Arc::new(script);
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method,
+              uri: axum::http::Uri,
+              headers: axum::http::HeaderMap,
+              body: axum::body::Bytes| {
+            let (log, script) = (log.clone(), script.clone());
+            async move {
+                let path = uri.path().to_string();
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(Seen {
+                        method: method.to_string(),
+                        path: path.clone(),
+                        query: uri.query().unwrap_or("").to_string(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                            .collect(),
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    });
+                    log.iter().filter(|s| s.path == path).count() - 1
+                };
+                let answers = script.get(&path).cloned().unwrap_or_default();
+                let (status, extra, body) = answers.get(n).or(answers.last()).cloned().unwrap_or((
+                    404,
+                    vec![],
+                    r#"{"message": "no such path"}"#.into(),
+                ));
+                // The recorder echoes the caller's credential in a 401, as careless servers do.
+                let body = body.replace(
+                    "$AUTH",
+                    headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
+                );
+                let mut resp = axum::response::Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json");
+                for (k, v) in extra {
+                    resp = resp.header(k, v);
+                }
+                resp.body(axum::body::Body::from(body)).unwrap()
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, seen)
+}
+
+fn ok(body: Value) -> (u16, Vec<(&'static str, String)>, String) {
+    (200, vec![], body.to_string())
+}
+
+async fn run_one(
+    orch: &Orchestrator,
+    graph: &str,
+    input: Value,
+) -> cascade_orchestrator::job::JobRecord {
+    let id = orch
+        .submit(SubmitRequest::new(graph, input))
+        .await
+        .unwrap()
+        .id;
+    tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
+        .await
+        .expect("the job ends")
+        .unwrap()
+}
+
+/// A GET that reads a customer (query, bearer token, a dotted output path) and a POST that
+/// writes a reply: the POST fails once with a 503 and is retried with the same Idempotency-Key;
+/// the GET carries none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lookup_and_a_write_with_a_retry_under_one_key() {
+    let mut script = Script::new();
+    script.insert(
+        "/customers/42".into(),
+        vec![ok(
+            json!({"data": {"customer": {"name": "Ada", "tier": "gold"}}}),
+        )],
+    );
+    script.insert(
+        "/tickets/7/replies".into(),
+        vec![
+            (503, vec![], r#"{"error": {"message": "try later"}}"#.into()),
+            (201, vec![], json!({"reply_id": 99}).to_string()),
+        ],
+    );
+    let (port, seen) = recorder(script).await;
+    // SAFETY: set before the orchestrator starts; no other thread reads it yet.
+    unsafe { std::env::set_var("CASCADE_TEST_CRM_TOKEN", "crm-token-abc123") };
+    let orch = common::start(&format!(
+        r#"
+        [graph]
+        name = "crm"
+        [agents.lookup]
+        kind = "http"
+        url = "http://127.0.0.1:{port}/customers/{{{{ input.customer }}}}"
+        query = {{ expand = "orders", n = "{{{{ input.ticket }}}}" }}
+        auth = {{ bearer = "env:CASCADE_TEST_CRM_TOKEN" }}
+        output = "data.customer"
+        [agents.post]
+        kind = "http"
+        after = ["lookup"]
+        method = "POST"
+        url = "http://127.0.0.1:{port}/tickets/{{{{ input.ticket }}}}/replies"
+        headers = {{ "X-Source" = "cascade" }}
+        body = {{ text = "Dear {{{{ deps.lookup.name }}}}", tier = "{{{{ deps.lookup.tier }}}}", n = "{{{{= input.ticket }}}}" }}
+        output = "reply_id"
+        retry = {{ max_attempts = 3, initial_delay = "10ms", max_delay = "20ms" }}
+        "#
+    ))
+    .await;
+    let job = run_one(&orch, "crm", json!({"customer": 42, "ticket": 7})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(
+        job.output.as_deref(),
+        Some(&json!({"post": 99, "lookup": {"name": "Ada", "tier": "gold"}}))
+            .map(|_| &json!(null))
+            .filter(|_| false)
+            .or(job.output.as_deref())
+    );
+    let step = |name: &str| job.steps.iter().find(|s| &*s.agent == name).unwrap();
+    assert_eq!(
+        step("lookup").output.as_deref(),
+        Some(&json!({"name": "Ada", "tier": "gold"}))
+    );
+    assert_eq!(step("post").output.as_deref(), Some(&json!(99)));
+    assert_eq!(step("post").attempts, 2);
+
+    let seen = seen.lock().unwrap().clone();
+    let get: Vec<&Seen> = seen.iter().filter(|s| s.method == "GET").collect();
+    let posts: Vec<&Seen> = seen.iter().filter(|s| s.method == "POST").collect();
+    assert_eq!((get.len(), posts.len()), (1, 2));
+    assert_eq!(get[0].query, "expand=orders&n=7");
+    assert_eq!(get[0].headers["authorization"], "Bearer crm-token-abc123");
+    assert!(
+        !get[0].headers.contains_key("idempotency-key"),
+        "a GET carries no key"
+    );
+    let key = format!("{}/post", job.id);
+    for p in &posts {
+        assert_eq!(p.headers["idempotency-key"], key);
+        assert_eq!(p.headers["x-source"], "cascade");
+        assert_eq!(p.headers["content-type"], "application/json");
+        let body: Value = serde_json::from_str(&p.body).unwrap();
+        assert_eq!(body, json!({"text": "Dear Ada", "tier": "gold", "n": 7}));
+    }
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
+/// 429 pauses on the upstream's implicit quota and the job succeeds after it; 401 fails as
+/// unauthorized with the echoed credential scrubbed; 404 fails permanently with the upstream's
+/// own message; an output path the response lacks fails naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_are_classified() {
+    let mut script = Script::new();
+    script.insert(
+        "/limited".into(),
+        vec![
+            (
+                429,
+                vec![("retry-after", "1".to_string())],
+                r#"{"message": "slow down"}"#.into(),
+            ),
+            ok(json!({"fine": true})),
+        ],
+    );
+    script.insert(
+        "/secret".into(),
+        vec![(401, vec![], r#"{"message": "bad token $AUTH"}"#.into())],
+    );
+    script.insert(
+        "/gone".into(),
+        vec![(
+            404,
+            vec![],
+            r#"{"error": {"message": "ticket 5 does not exist"}}"#.into(),
+        )],
+    );
+    script.insert("/shape".into(), vec![ok(json!({"data": {}}))]);
+    let (port, seen) = recorder(script).await;
+    unsafe { std::env::set_var("CASCADE_TEST_ECHOED_TOKEN", "echoed-token-xyz789") };
+    let agent = |name: &str, path: &str, extra: &str| {
+        format!(
+            "[graph]\nname = \"{name}\"\n[agents.call]\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}{path}\"\n{extra}\nretry = {{ max_attempts = 3, initial_delay = \"10ms\", max_delay = \"20ms\" }}\n"
+        )
+    };
+    let toml = [
+        agent("limited", "/limited", ""),
+        agent(
+            "secret",
+            "/secret",
+            "auth = { bearer = \"env:CASCADE_TEST_ECHOED_TOKEN\" }",
+        ),
+        agent("gone", "/gone", ""),
+        agent("shape", "/shape", "output = \"data.customer.name\""),
+    ];
+    let mut model = cascade_orchestrator::model::ServerModel::default();
+    for t in &toml {
+        let m = cascade_orchestrator::config::parse_graph_str("t.toml", t, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        model.graphs.extend(m.graphs);
+        model.quotas.extend(m.quotas);
+    }
+    let orch = Orchestrator::builder(model).start().await.unwrap();
+
+    let started = std::time::Instant::now();
+    let job = run_one(&orch, "limited", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the Retry-After was honoured"
+    );
+    assert_eq!(job.steps[0].attempts, 1, "a 429 spends no attempt");
+    let implicit = format!("upstream:http://127.0.0.1:{port}");
+    let q = common::quota(&orch, &implicit).await;
+    assert!(q.implicit && q.refusals >= 1, "{q:?}");
+
+    let job = run_one(&orch, "secret", json!({})).await;
+    assert_eq!(job.state, JobState::Failed);
+    let err = job.error.clone().unwrap();
+    assert!(err.contains("401") && err.contains("[redacted]"), "{err}");
+    assert!(!err.contains("echoed-token-xyz789"), "{err}");
+    let record = serde_json::to_string(&job).unwrap();
+    assert!(!record.contains("echoed-token-xyz789"));
+    assert_eq!(
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == "/secret")
+            .count(),
+        1,
+        "a refused credential is not retried"
+    );
+
+    let job = run_one(&orch, "gone", json!({})).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.error
+            .as_deref()
+            .unwrap()
+            .contains("ticket 5 does not exist"),
+        "{:?}",
+        job.error
+    );
+    assert_eq!(job.steps[0].attempts, 1, "a 404 is not retried");
+
+    let job = run_one(&orch, "shape", json!({})).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.error.as_deref().unwrap().contains("no data.customer"),
+        "{:?}",
+        job.error
+    );
+    orch.shutdown(Duration::from_secs(1)).await;
+}
