@@ -277,6 +277,14 @@ impl Browser {
         r["result"]["value"].clone()
     }
 
+    /// The lines of the page's live event log (written only by its event stream).
+    fn events(&mut self) -> Vec<String> {
+        let v = self.eval(
+            "JSON.stringify([...document.querySelectorAll('#events div')].map(d => d.textContent))",
+        );
+        serde_json::from_str(v.as_str().unwrap_or("[]")).unwrap()
+    }
+
     /// Agent name → the state the page shows now.
     fn states(&mut self) -> Vec<(String, String)> {
         let v = self.eval(
@@ -318,8 +326,8 @@ kind = "sim"
     let mut page = tokio::task::spawn_blocking(move || Browser::open(&url))
         .await
         .unwrap();
-    let (page_tx, page_rx) =
-        std::sync::mpsc::channel::<std::sync::mpsc::Sender<Vec<(String, String)>>>();
+    type Seen = (Vec<(String, String)>, Vec<String>);
+    let (page_tx, page_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Seen>>();
     // The browser is driven from one blocking thread; the test asks it for the states.
     let driver = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -327,9 +335,17 @@ kind = "sim"
             assert!(Instant::now() < deadline, "the page never drew the graph");
             std::thread::sleep(Duration::from_millis(100));
         }
+        // The page's event stream is open (the server subscribed it) before anything happens.
+        while page.eval("source.readyState") != 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the page's event stream never opened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         page.eval("window.__sameDocument = 'yes'");
         while let Ok(reply) = page_rx.recv() {
-            let _ = reply.send(page.states());
+            let _ = reply.send((page.states(), page.events()));
         }
         assert_eq!(
             page.eval("window.__sameDocument"),
@@ -348,6 +364,9 @@ kind = "sim"
             .map(|(_, s)| s.clone())
             .unwrap_or_default()
     };
+    // The driver answers once the page is drawn and its event stream open.
+    let (before, _) = states();
+    assert!(before.iter().all(|(_, st)| st == "idle"), "{before:?}");
     // Two jobs: the provider takes the first call and refuses the second with a Retry-After
     // of about five seconds.
     for i in 0..2 {
@@ -358,16 +377,23 @@ kind = "sim"
         .await
         .unwrap();
     }
+    let logged = |lines: &[String], what: &str| lines.iter().any(|l| l.contains(what));
     let deadline = Instant::now() + Duration::from_secs(10);
     let paused = loop {
         // A short blocking round trip to the driver thread.
-        let s = states();
-        if state(&s, "classify") == "paused" && state(&s, "draft") == "paused" {
+        let (s, log) = states();
+        // The node states come from the page's periodic refresh; the log lines only from its
+        // live event stream: both must show the pause.
+        if state(&s, "classify") == "paused"
+            && state(&s, "draft") == "paused"
+            && logged(&log, "agent_paused live/classify")
+            && logged(&log, "agent_paused live/draft")
+        {
             break s;
         }
         assert!(
             Instant::now() < deadline,
-            "the open page never showed the pause: {s:?}"
+            "the open page never showed the pause: {s:?}; its event log: {log:?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
@@ -375,8 +401,8 @@ kind = "sim"
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         // A short blocking round trip to the driver thread.
-        let s = states();
-        if s.iter().all(|(_, st)| st != "paused") {
+        let (s, log) = states();
+        if s.iter().all(|(_, st)| st != "paused") && logged(&log, "agent_resumed live/classify") {
             break;
         }
         assert!(

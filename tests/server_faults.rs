@@ -160,17 +160,24 @@ async fn receiver(
 
 type Received = (Instant, std::collections::HashMap<String, String>, Vec<u8>);
 
-/// A receiver that accepts connections and never answers: every socket is held open.
-fn black_hole() -> std::net::SocketAddr {
+/// A receiver that accepts connections and never answers: every socket is held open. Returns
+/// its address and how many connections it has accepted.
+fn black_hole() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
     std::thread::spawn(move || {
         let mut held = Vec::new();
         for s in listener.incoming() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             held.push(s);
         }
     });
-    addr
+    (addr, accepted)
 }
 
 async fn submit_with_callback(client: &mut CascadeClient<Channel>, url: &str) -> String {
@@ -201,7 +208,7 @@ async fn a_dead_callback_receiver_delays_no_one_else() {
     let (grpc, http) = (common::free_port(), common::free_port());
     let _server = common::spawn(dir.path(), grpc, http);
     let mut client = common::connect(grpc).await;
-    let dead = black_hole();
+    let (dead, dead_calls) = black_hole();
     let (live, got) = receiver(|_| 200).await;
     for _ in 0..64 {
         submit_with_callback(&mut client, &format!("http://{dead}/hook")).await;
@@ -222,8 +229,18 @@ async fn a_dead_callback_receiver_delays_no_one_else() {
     let payload: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(payload["job_id"], id.as_str());
     assert!(headers["x-cascade-signature"].starts_with("v1="));
-    // The dead receiver's calls time out (2 s each) and are retried; their failures are counted
-    // as they end, not held forever.
+    // At most 4 calls to the dead receiver at once (callback_concurrency_per_host)...
+    let calls = || dead_calls.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(calls() <= 4, "{} calls in flight to one receiver", calls());
+    // ...each cut off by callback_timeout (2 s), which frees its slot for the next.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while calls() <= 4 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead receiver's calls never timed out"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
     assert!(!log.contains("callbacks go out unsigned"), "{log}");
 }

@@ -129,6 +129,11 @@ impl ReplayGuard {
         Some(true)
     }
 
+    /// Forget `mac`: the request it signed was not accepted, and may come again.
+    pub fn forget(&mut self, mac: &[u8; 32]) {
+        self.seen.remove(mac);
+    }
+
     pub fn len(&self) -> usize {
         self.seen.len()
     }

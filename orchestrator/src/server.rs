@@ -324,7 +324,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// `POST /hooks/{graph}`: the body (JSON) becomes a job's input. The body must be signed:
-/// `X-Cascade-Signature: sha256=<hex HMAC-SHA256 of the body>`; `Idempotency-Key` deduplicates.
+/// `X-Cascade-Timestamp` and `X-Cascade-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>">` (see [`crate::secret::sign`]); `Idempotency-Key` deduplicates.
 async fn hook(
     State(s): State<HttpState>,
     Path(graph): Path<String>,
@@ -378,9 +378,18 @@ async fn hook(
             return r;
         }
     }
+    // A request that is not accepted may be sent again as it is (after a Retry-After, or
+    // fixed): its signature is forgotten, so that only an accepted one counts as seen.
+    let forget = || {
+        s.replays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(&mac);
+    };
     let input: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
+            forget();
             return error(
                 StatusCode::BAD_REQUEST,
                 format!("the body is not valid JSON: {e}"),
@@ -393,7 +402,11 @@ async fn hook(
         .and_then(|v| v.to_str().ok())
         .map(String::from);
     req.labels.insert("source".into(), "webhook".into());
-    match s.orch.submit(req).await {
+    let submitted = s.orch.submit(req).await;
+    if submitted.is_err() {
+        forget();
+    }
+    match submitted {
         Ok(sub) => (
             StatusCode::ACCEPTED,
             axum::Json(json!({ "job_id": sub.id.to_string(), "deduplicated": sub.deduplicated })),
@@ -468,14 +481,9 @@ async fn deliver_callbacks(
             .entry(callback_origin(&url))
             .or_insert_with(|| Arc::new(Semaphore::new(per_host)))
             .clone();
-        gauge.set((CALLBACKS_WAITING_MAX - waiting.available_permits()) as f64);
-        let (orch, client, secret, gauge, waiting) = (
-            orch.clone(),
-            client.clone(),
-            secret.clone(),
-            gauge.clone(),
-            waiting.clone(),
-        );
+        gauge.increment(1.0);
+        let (orch, client, secret, gauge) =
+            (orch.clone(), client.clone(), secret.clone(), gauge.clone());
         tokio::spawn(async move {
             // Each destination has its own few slots: a receiver that never answers holds
             // its own, and every other receiver's callbacks go on.
@@ -483,7 +491,7 @@ async fn deliver_callbacks(
                 deliver(&orch, &client, secret.as_ref(), job, url).await;
             }
             drop(slot);
-            gauge.set((CALLBACKS_WAITING_MAX - waiting.available_permits()) as f64);
+            gauge.decrement(1.0);
         });
     }
 }

@@ -417,7 +417,8 @@ impl Orchestrator {
         let shared = self.shared.clone();
         let (tx, rx) = mpsc::channel(64);
         let gauge = metrics::gauge!(crate::metrics::WATCHERS);
-        gauge.set(shared.watchers.fetch_add(1, Relaxed) as f64 + 1.0);
+        shared.watchers.fetch_add(1, Relaxed);
+        gauge.increment(1.0);
         tokio::spawn(async move {
             // Until the job's final event, or until the stream is dropped (its client went away,
             // however it went): whichever comes first.
@@ -427,7 +428,8 @@ impl Orchestrator {
             }
             drop(live);
             shared.job_feeds.release(id);
-            gauge.set(shared.watchers.fetch_sub(1, Relaxed) as f64 - 1.0);
+            shared.watchers.fetch_sub(1, Relaxed);
+            gauge.decrement(1.0);
         });
         Ok(ReceiverStream::new(rx))
     }

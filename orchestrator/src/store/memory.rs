@@ -112,8 +112,9 @@ impl Freezer {
 struct Inner {
     jobs: foldhash::HashMap<JobId, Entry>,
     pending: foldhash::HashMap<Arc<str>, VecDeque<JobId>>,
-    /// (tenant, key) → the job that holds it and when that job was submitted.
-    keys: HashMap<(String, String), (JobId, SystemTime)>,
+    /// (tenant, key) → the job that holds it and when that job finished (none while it runs:
+    /// a live job's key never expires).
+    keys: HashMap<(String, String), (JobId, Option<SystemTime>)>,
     finished: VecDeque<JobId>,
     /// Scratch space for freezing a job.
     freeze_buf: Vec<u8>,
@@ -431,17 +432,21 @@ impl MemoryStore {
         }
     }
 
-    /// Idempotency keys older than `ttl` are free to reuse (a new submission with one starts a new
-    /// job), whether or not their job is still held.
+    /// Idempotency keys whose job finished more than `ttl` ago are free to reuse (a new
+    /// submission with one starts a new job), whether or not their job is still held.
     pub fn with_key_ttl(mut self, ttl: Duration) -> Self {
         self.key_ttl = Some(ttl);
         self
     }
 
-    /// Whether a key taken at `at` still holds.
-    fn key_live(&self, at: SystemTime) -> bool {
-        self.key_ttl
-            .is_none_or(|ttl| crate::clock::now().duration_since(at).unwrap_or_default() < ttl)
+    /// Whether a key whose job finished at `finished` (none: still running) still holds.
+    fn key_live(&self, finished: Option<SystemTime>) -> bool {
+        match (self.key_ttl, finished) {
+            (Some(ttl), Some(at)) => {
+                crate::clock::now().duration_since(at).unwrap_or_default() < ttl
+            }
+            _ => true,
+        }
     }
 
     /// Keep at most `max` events per job (at least 8; its final event always).
@@ -522,7 +527,7 @@ impl MemoryStore {
             .map(|k| (job.tenant.clone(), k.clone()));
         if let Some(k) = &key {
             // An expired holder keeps its job, not the key.
-            inner.keys.insert(k.clone(), (job.id, crate::clock::now()));
+            inner.keys.insert(k.clone(), (job.id, None));
         }
         inner
             .pending
@@ -615,8 +620,10 @@ impl MemoryStore {
             .clone()
             .map(|k| (record.tenant.clone(), k));
         if let Some(k) = &key {
-            // A key's age is its job's.
-            inner.keys.insert(k.clone(), (record.id, record.created_at));
+            // A key ages from its job's end.
+            inner
+                .keys
+                .insert(k.clone(), (record.id, record.finished_at));
         }
         let id = record.id;
         let terminal = record.state.is_terminal();
@@ -662,8 +669,16 @@ impl MemoryStore {
             jobs,
             freeze_buf,
             to_freeze,
+            keys,
             ..
         } = inner;
+        // From now on the job's key ages towards its expiry.
+        if let Some(key) = jobs.get(&id).and_then(|e| e.key.as_deref())
+            && let Some((holder, at)) = keys.get_mut(key)
+            && *holder == id
+        {
+            *at = Some(crate::clock::now());
+        }
         if let Some(e) = jobs.get_mut(&id)
             && let Body::Live(l) = &e.body
         {
@@ -693,7 +708,7 @@ impl MemoryStore {
 
 /// Forget `key` if `id` still holds it (a newer job may have taken an expired key over).
 fn forget_key(
-    keys: &mut HashMap<(String, String), (JobId, SystemTime)>,
+    keys: &mut HashMap<(String, String), (JobId, Option<SystemTime>)>,
     key: &(String, String),
     id: JobId,
 ) {

@@ -242,7 +242,8 @@ impl SqliteStore {
         let conn = self.read();
         let row: Option<(String, String)> = conn
             .query_row(
-                "SELECT id, input FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2 AND created_at >= ?3",
+                "SELECT id, input FROM jobs WHERE tenant = ?1 AND idempotency_key = ?2
+                     AND (finished_at IS NULL OR finished_at >= ?3)",
                 params![tenant, key, cutoff],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -606,11 +607,14 @@ fn write_job(
     }
     if *inserted {
         if let Some(key) = &r.idempotency_key {
-            // The store only accepts a key that no job within the retention holds; a row that
-            // still has it is past the retention, waiting for the clean-up. It gives the key up.
+            // The store only accepts a key that no live job and no job finished within the
+            // retention holds; a finished row that still has it is past the retention, waiting
+            // for the clean-up. It gives the key up. (A live row never does: a conflict with one
+            // fails this job alone, under its savepoint.)
             tx.prepare_cached(
                 "UPDATE jobs SET idempotency_key = NULL
-                 WHERE tenant = ?1 AND idempotency_key = ?2 AND id <> ?3",
+                 WHERE tenant = ?1 AND idempotency_key = ?2 AND id <> ?3
+                   AND finished_at IS NOT NULL",
             )?
             .execute(params![r.tenant, key, r.id.to_string()])?;
         }
@@ -828,6 +832,54 @@ mod tests {
             deadline: Some(Duration::from_secs(30)),
             callback_url: None,
         }
+    }
+
+    /// A row that cannot be written (here: its id is already on disk, written by a process this
+    /// one knows nothing of) fails its own submission only; the jobs committed in the same
+    /// batch are stored.
+    #[tokio::test]
+    async fn one_bad_row_fails_only_its_own_job() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let mut o = SqliteOptions::new(&path);
+        o.fsync = false;
+        let s = SqliteStore::open(o).unwrap();
+        let jobs: Vec<NewJob> = (0..32)
+            .map(|i| new_job(Some(&format!("fresh-{i}")), json!({ "i": i })))
+            .collect();
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute(
+                "INSERT INTO jobs (id, graph, state, input, labels, tenant, created_at, updated_at)
+                 VALUES (?1, 'g', 'running', '{}', '{}', 't', 0, 0)",
+                [jobs[16].id.to_string()],
+            )
+            .unwrap();
+        let results = futures::future::join_all(jobs.into_iter().map(|j| s.submit(j))).await;
+        let (ok, failed): (Vec<_>, Vec<_>) = results
+            .into_iter()
+            .enumerate()
+            .partition(|(_, r)| r.is_ok());
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, 16);
+        assert!(
+            failed[0]
+                .1
+                .as_ref()
+                .unwrap_err()
+                .to_string()
+                .contains("UNIQUE")
+        );
+        s.flush().await.unwrap();
+        let stored: i64 = other
+            .query_row(
+                "SELECT COUNT(*) FROM jobs WHERE idempotency_key LIKE 'fresh-%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 31);
+        assert_eq!(ok.len(), 31);
     }
 
     #[tokio::test]
