@@ -5,6 +5,7 @@
 //! each agent's kind-specific fields to the [`Registry`], and calls the agents it gets back.
 
 mod agent;
+pub mod command;
 mod duration;
 pub mod http;
 mod rate;

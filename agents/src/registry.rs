@@ -149,6 +149,7 @@ impl Default for Registry {
         r.register(crate::template::KIND);
         r.register(crate::sim::KIND);
         r.register(crate::http::KIND);
+        r.register(crate::command::KIND);
         r
     }
 }

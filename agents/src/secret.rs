@@ -32,6 +32,9 @@ impl FromStr for SecretRef {
             }
             return Ok(Self::File(path.into()));
         }
+        if s.starts_with("exec:") {
+            return Err("`exec:` secret references are not supported by this version; use \"env:NAME\" or \"file:PATH\"".into());
+        }
         // The value itself is not echoed: it may be the credential.
         Err("a secret must be a reference, not the value: write \"env:NAME\" or \"file:PATH\" and put the value there".into())
     }
