@@ -146,13 +146,6 @@ async fn a_lookup_and_a_write_with_a_retry_under_one_key() {
     .await;
     let job = run_one(&orch, "crm", json!({"customer": 42, "ticket": 7})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
-    assert_eq!(
-        job.output.as_deref(),
-        Some(&json!({"post": 99, "lookup": {"name": "Ada", "tier": "gold"}}))
-            .map(|_| &json!(null))
-            .filter(|_| false)
-            .or(job.output.as_deref())
-    );
     let step = |name: &str| job.steps.iter().find(|s| &*s.agent == name).unwrap();
     assert_eq!(
         step("lookup").output.as_deref(),
@@ -287,4 +280,183 @@ async fn answers_are_classified() {
         job.error
     );
     orch.shutdown(Duration::from_secs(1)).await;
+}
+
+/// json-server (npm), installed by `.ci/run` under `tests/js/`, on a free port with `db`.
+struct JsonServer(std::process::Child);
+
+impl Drop for JsonServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn json_server(dir: &std::path::Path, db: Value) -> (JsonServer, u16) {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/js/node_modules/.bin/json-server");
+    assert!(
+        bin.exists(),
+        "json-server is not installed: run `npm ci --prefix tests/js` (.ci/run does)"
+    );
+    std::fs::write(dir.join("db.json"), db.to_string()).unwrap();
+    let port = common::free_port();
+    let child = std::process::Command::new(bin)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--quiet",
+        ])
+        .arg(dir.join("db.json"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("json-server starts");
+    let server = JsonServer(child);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while reqwest::get(format!("http://127.0.0.1:{port}/customers"))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "json-server did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (server, port)
+}
+
+/// Against json-server, a REST server nobody here wrote standing in for a CRM: the lookup reads
+/// a customer, the write creates a reply that the server then holds, a missing customer fails
+/// with its 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs json-server from npm: .ci/run installs it (npm ci --prefix tests/js) and runs this test"]
+async fn a_crm_lookup_and_write_against_json_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, port) = json_server(
+        dir.path(),
+        json!({"customers": [{"id": 42, "name": "Ada", "tier": "gold"}], "replies": []}),
+    )
+    .await;
+    let orch = common::start(&format!(
+        r#"
+        [graph]
+        name = "crm"
+        [agents.lookup]
+        kind = "http"
+        url = "http://127.0.0.1:{port}/customers/{{{{ input.customer }}}}"
+        output = "name"
+        [agents.reply]
+        kind = "http"
+        after = ["lookup"]
+        method = "POST"
+        url = "http://127.0.0.1:{port}/replies"
+        body = {{ ticket = "{{{{= input.ticket }}}}", text = "Dear {{{{ deps.lookup }}}}, we refunded you." }}
+        ok_status = [201]
+        "#
+    ))
+    .await;
+    let job = run_one(&orch, "crm", json!({"customer": 42, "ticket": 7})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let reply = job.steps.iter().find(|s| &*s.agent == "reply").unwrap();
+    let created = reply.output.as_deref().unwrap();
+    assert_eq!(created["text"], "Dear Ada, we refunded you.");
+    assert_eq!(created["ticket"], 7);
+    let stored: Value = reqwest::get(format!("http://127.0.0.1:{port}/replies"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stored.as_array().unwrap().len(), 1, "{stored}");
+    assert_eq!(stored[0]["text"], "Dear Ada, we refunded you.");
+
+    let job = run_one(&orch, "crm", json!({"customer": 404, "ticket": 8})).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert!(
+        job.error.as_deref().unwrap().contains("404"),
+        "{:?}",
+        job.error
+    );
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The write's Idempotency-Key survives a SIGKILL of `cascade serve` in the middle of the call:
+/// the recorder holds the first POST unanswered, the server is killed, and after the restart the
+/// same step calls again with the same key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idempotency_key_survives_a_sigkill_of_the_server() {
+    // The first POST waits 30 s for an answer (the server is killed meanwhile); later ones get 201.
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method, headers: axum::http::HeaderMap| {
+            let log = log.clone();
+            async move {
+                let n = {
+                    let mut log = log.lock().unwrap();
+                    log.push(Seen {
+                        method: method.to_string(),
+                        path: String::new(),
+                        query: String::new(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                            .collect(),
+                        body: String::new(),
+                    });
+                    log.len()
+                };
+                if n == 1 {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                }
+                (axum::http::StatusCode::CREATED, r#"{"ok": true}"#)
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let graph = format!(
+        "[graph]\nname = \"write\"\n[agents.post]\nkind = \"http\"\nmethod = \"POST\"\nurl = \"http://127.0.0.1:{port}/replies\"\nbody = {{ n = 1 }}\ntimeout = \"60s\"\n"
+    );
+    let dir = common::server_dir(&[("write.toml", &graph)], "");
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let mut server = common::spawn(dir.path(), grpc, http);
+    let mut client = common::connect(grpc).await;
+    let id = common::submit(&mut client, "write", "{}").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the POST never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    drop(client);
+    let _server = common::spawn(dir.path(), grpc, http);
+    let mut client = common::connect(grpc).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let job = client
+            .get_job(cascade_orchestrator::api::pb::GetJobRequest { job_id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if job.state == cascade_orchestrator::api::pb::JobState::Succeeded as i32 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{job:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    let key = format!("{id}/post");
+    for s in &seen {
+        assert_eq!(s.method, "POST");
+        assert_eq!(s.headers["idempotency-key"], key);
+    }
 }
