@@ -8,6 +8,7 @@ mod agent;
 pub mod command;
 mod duration;
 pub mod http;
+pub mod llm;
 mod rate;
 mod registry;
 pub mod secret;

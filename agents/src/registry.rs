@@ -150,6 +150,7 @@ impl Default for Registry {
         r.register(crate::sim::KIND);
         r.register(crate::http::KIND);
         r.register(crate::command::KIND);
+        r.register(crate::llm::KIND);
         r
     }
 }

@@ -1,0 +1,545 @@
+//! `kind = "llm"`: a chat completion from an OpenAI-compatible server (OpenAI, Azure-style
+//! gateways, LiteLLM, vLLM, llama.cpp's server, Ollama's `/v1`) or Anthropic's Messages API.
+//!
+//! ```toml
+//! [agents.classify]
+//! kind = "llm"
+//! provider = "openai"                 # default; or "anthropic"
+//! base_url = "http://127.0.0.1:11434/v1"   # default: $OPENAI_BASE_URL, else the provider's public URL
+//! api_key = "env:OPENAI_API_KEY"      # default (env:ANTHROPIC_API_KEY for anthropic); a secret reference
+//! model = "gpt-4o-mini"
+//! system = "You label support tickets."
+//! prompt = "Label this ticket: {{ input.body }}"   # templates over input, deps, job
+//! temperature = 0.0
+//! max_tokens = 64
+//! response = "json"                   # default "text"; "json" parses the reply (a bad one is retried)
+//! headers = { "OpenAI-Organization" = "env:OPENAI_ORG" }   # values may be secret references
+//! ```
+//!
+//! Output: `{"text"` (or `"json"`)`, "model", "finish_reason", "usage": {"prompt_tokens",
+//! "completion_tokens"}}`. Before a call the agent estimates what it will spend so that token
+//! quotas can reserve it: the prompt at one token per four characters (a heuristic for English
+//! text; a tokenizer per model family is not built in yet) plus `max_tokens`; the quota settles on
+//! the usage the reply reports. Answers are classified as the `http` kind's are: 429 pauses with
+//! the longest delay the provider's headers give, 408/5xx/529 retry, 401 is a refused key.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::http::{HttpClients, Upstream, classify, read_capped, transport_error};
+use crate::secret::{SecretCell, SecretRef};
+use crate::template::JsonTemplate;
+use crate::{
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput, Usage,
+};
+
+pub const KIND: KindSpec = KindSpec {
+    name: "llm",
+    fields: &[
+        "provider",
+        "base_url",
+        "api_key",
+        "model",
+        "system",
+        "prompt",
+        "temperature",
+        "max_tokens",
+        "response",
+        "headers",
+        "upstream",
+    ],
+    required: &["model", "prompt"],
+    build,
+    upstream: upstream_name,
+};
+
+/// The reply of a provider is small; a runaway one is cut here.
+const MAX_REPLY_BYTES: u64 = 16 << 20;
+/// Anthropic requires `max_tokens`; OpenAI-compatible servers take none by default.
+const ANTHROPIC_DEFAULT_MAX_TOKENS: u64 = 1024;
+const ANTHROPIC_VERSION: &str = "2023-06-01";
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Provider {
+    Openai,
+    Anthropic,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum Response {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    provider: Option<Provider>,
+    #[serde(default)]
+    base_url: Option<String>,
+    #[serde(default)]
+    api_key: Option<SecretRef>,
+    model: String,
+    #[serde(default)]
+    system: Option<String>,
+    prompt: String,
+    #[serde(default)]
+    temperature: Option<f64>,
+    #[serde(default)]
+    max_tokens: Option<u64>,
+    #[serde(default)]
+    response: Response,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    #[allow(dead_code)] // read by `upstream_name`
+    upstream: Option<String>,
+}
+
+/// The server the agent calls: `base_url` (a URL, or `env:NAME` holding one), else
+/// `$OPENAI_BASE_URL` / `$ANTHROPIC_BASE_URL`, else the provider's public URL.
+fn base_url(provider: Provider, configured: Option<&str>) -> Result<String, String> {
+    let url = match configured {
+        Some(v) if v.starts_with("env:") => {
+            let name = &v[4..];
+            std::env::var(name).map_err(|_| format!("environment variable {name} is not set"))?
+        }
+        Some(v) => v.to_string(),
+        None => {
+            let (var, public) = match provider {
+                Provider::Openai => ("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                Provider::Anthropic => ("ANTHROPIC_BASE_URL", "https://api.anthropic.com"),
+            };
+            std::env::var(var).unwrap_or_else(|_| public.to_string())
+        }
+    };
+    let parsed = reqwest::Url::parse(&url)
+        .map_err(|e| format!("{url:?} is not a URL ({e}); e.g. \"http://127.0.0.1:11434/v1\""))?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err("the scheme must be http or https".into());
+    }
+    Ok(url.trim_end_matches('/').to_string())
+}
+
+fn provider_of(spec: &AgentSpec<'_>) -> Provider {
+    match spec.fields.get("provider").and_then(Value::as_str) {
+        Some("anthropic") => Provider::Anthropic,
+        _ => Provider::Openai,
+    }
+}
+
+/// The upstream: `upstream`, else the origin of the base URL.
+fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
+    if let Some(Value::String(name)) = spec.fields.get("upstream") {
+        return Some(name.clone());
+    }
+    let configured = spec.fields.get("base_url").and_then(Value::as_str);
+    base_url(provider_of(spec), configured)
+        .ok()
+        .and_then(|u| crate::http::origin_of(&u))
+        .or_else(|| Some(format!("{}.{}", spec.graph, spec.name)))
+}
+
+enum HeaderValue {
+    Literal(String),
+    Secret(SecretCell),
+}
+
+pub struct LlmAgent {
+    provider: Provider,
+    endpoint: String,
+    api_key: Option<SecretCell>,
+    model: String,
+    /// `{"system": …, "prompt": …}`, rendered per call.
+    messages: JsonTemplate,
+    temperature: Option<f64>,
+    max_tokens: Option<u64>,
+    response: Response,
+    headers: Vec<(reqwest::header::HeaderName, HeaderValue)>,
+    upstream: Upstream,
+}
+
+fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
+    let c: Config = spec.parse()?;
+    let provider = c.provider.unwrap_or(Provider::Openai);
+    let base =
+        base_url(provider, c.base_url.as_deref()).map_err(|e| FieldError::new("base_url", e))?;
+    let endpoint = match provider {
+        Provider::Openai => format!("{base}/chat/completions"),
+        Provider::Anthropic => format!("{base}/v1/messages"),
+    };
+    let api_key = match c.api_key {
+        Some(r) => Some(SecretCell::load(r).map_err(|e| FieldError::new("api_key", e))?),
+        // The default reference is optional: a local server (Ollama, llama.cpp) needs no key.
+        None => {
+            let var = match provider {
+                Provider::Openai => "OPENAI_API_KEY",
+                Provider::Anthropic => "ANTHROPIC_API_KEY",
+            };
+            std::env::var_os(var).and_then(|_| SecretCell::load(SecretRef::Env(var.into())).ok())
+        }
+    };
+    if c.model.trim().is_empty() {
+        return Err(FieldError::new(
+            "model",
+            "name the model, e.g. \"gpt-4o-mini\"",
+        ));
+    }
+    if let Some(t) = c.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        return Err(FieldError::new("temperature", "between 0.0 and 2.0"));
+    }
+    if c.max_tokens == Some(0) {
+        return Err(FieldError::new("max_tokens", "at least 1"));
+    }
+    let mut templates = serde_json::Map::new();
+    templates.insert("prompt".into(), Value::String(c.prompt));
+    if let Some(system) = c.system {
+        templates.insert("system".into(), Value::String(system));
+    }
+    let messages = JsonTemplate::compile(&Value::Object(templates), &[])?;
+    let mut headers = Vec::new();
+    for (k, v) in c.headers {
+        let name =
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()).map_err(|_| FieldError {
+                path: vec!["headers".into(), k.clone()],
+                message: "not a valid header name".into(),
+            })?;
+        let value = if v.starts_with("env:") || v.starts_with("file:") || v.starts_with("exec:") {
+            let r: SecretRef = v.parse().map_err(|e: String| FieldError {
+                path: vec!["headers".into(), k.clone()],
+                message: e,
+            })?;
+            HeaderValue::Secret(SecretCell::load(r).map_err(|e| FieldError {
+                path: vec!["headers".into(), k.clone()],
+                message: e,
+            })?)
+        } else {
+            HeaderValue::Literal(v)
+        };
+        headers.push((name, value));
+    }
+    let name = upstream_name(spec).unwrap_or_default();
+    let upstream = spec
+        .resources
+        .get::<HttpClients>()
+        .get(&name, None)
+        .map_err(|e| FieldError::new("base_url", e))?;
+    Ok(Arc::new(LlmAgent {
+        provider,
+        endpoint,
+        api_key,
+        model: c.model,
+        messages,
+        temperature: c.temperature,
+        max_tokens: c.max_tokens,
+        response: c.response,
+        headers,
+        upstream,
+    }))
+}
+
+/// The documented prompt estimate: one token per four characters, rounded up.
+pub fn estimate_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+impl LlmAgent {
+    fn redact(&self, s: &str) -> String {
+        let mut out = s.to_string();
+        if let Some(k) = &self.api_key {
+            out = k.redact(&out);
+        }
+        for (_, v) in &self.headers {
+            if let HeaderValue::Secret(cell) = v {
+                out = cell.redact(&out);
+            }
+        }
+        out
+    }
+
+    fn max_tokens(&self) -> Option<u64> {
+        match self.provider {
+            Provider::Anthropic => Some(self.max_tokens.unwrap_or(ANTHROPIC_DEFAULT_MAX_TOKENS)),
+            Provider::Openai => self.max_tokens,
+        }
+    }
+
+    fn body(&self, system: Option<&str>, prompt: &str) -> Value {
+        let mut body = match self.provider {
+            Provider::Openai => {
+                let mut messages = Vec::new();
+                if let Some(s) = system {
+                    messages.push(json!({"role": "system", "content": s}));
+                }
+                messages.push(json!({"role": "user", "content": prompt}));
+                let mut b = json!({"model": self.model, "messages": messages});
+                if self.response == Response::Json {
+                    b["response_format"] = json!({"type": "json_object"});
+                }
+                b
+            }
+            Provider::Anthropic => {
+                let mut b = json!({
+                    "model": self.model,
+                    "messages": [{"role": "user", "content": prompt}],
+                });
+                if let Some(s) = system {
+                    b["system"] = json!(s);
+                }
+                b
+            }
+        };
+        if let Some(t) = self.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(m) = self.max_tokens() {
+            body["max_tokens"] = json!(m);
+        }
+        body
+    }
+
+    /// The reply's text, finish reason, model and usage.
+    fn parse_reply(&self, reply: &Value) -> Result<(String, Value, Value, Usage), AgentError> {
+        let bad = |what: &str| AgentError::transient(format!("the provider's reply has no {what}"));
+        match self.provider {
+            Provider::Openai => {
+                let choice = reply
+                    .pointer("/choices/0")
+                    .ok_or_else(|| bad("choices[0]"))?;
+                let text = choice
+                    .pointer("/message/content")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
+                let usage = Usage {
+                    prompt_tokens: reply
+                        .pointer("/usage/prompt_tokens")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    completion_tokens: reply
+                        .pointer("/usage/completion_tokens")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    cost_usd: 0.0,
+                };
+                Ok((
+                    text,
+                    choice.get("finish_reason").cloned().unwrap_or(Value::Null),
+                    reply
+                        .get("model")
+                        .cloned()
+                        .unwrap_or_else(|| json!(self.model)),
+                    usage,
+                ))
+            }
+            Provider::Anthropic => {
+                let blocks = reply
+                    .get("content")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad("content"))?;
+                let text: String = blocks
+                    .iter()
+                    .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                    .filter_map(|b| b.get("text").and_then(Value::as_str))
+                    .collect();
+                let usage = Usage {
+                    prompt_tokens: reply
+                        .pointer("/usage/input_tokens")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    completion_tokens: reply
+                        .pointer("/usage/output_tokens")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(0),
+                    cost_usd: 0.0,
+                };
+                Ok((
+                    text,
+                    reply.get("stop_reason").cloned().unwrap_or(Value::Null),
+                    reply
+                        .get("model")
+                        .cloned()
+                        .unwrap_or_else(|| json!(self.model)),
+                    usage,
+                ))
+            }
+        }
+    }
+}
+
+/// A JSON reply, with a Markdown code fence around it tolerated (models add them).
+fn parse_json_reply(text: &str) -> Result<Value, serde_json::Error> {
+    let t = text.trim();
+    let t = t
+        .strip_prefix("```json")
+        .or_else(|| t.strip_prefix("```"))
+        .and_then(|r| r.strip_suffix("```"))
+        .unwrap_or(t);
+    serde_json::from_str(t.trim())
+}
+
+#[async_trait::async_trait]
+impl Agent for LlmAgent {
+    async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let rendered = self.messages.render(ctx, input)?;
+        let prompt = rendered["prompt"].as_str().unwrap_or_default();
+        let system = rendered.get("system").and_then(Value::as_str);
+        let mut req = self
+            .upstream
+            .client
+            .post(&self.endpoint)
+            .json(&self.body(system, prompt));
+        match (self.provider, &self.api_key) {
+            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.get()?),
+            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.get()?),
+            (_, None) => {}
+        }
+        if self.provider == Provider::Anthropic {
+            req = req.header("anthropic-version", ANTHROPIC_VERSION);
+        }
+        for (name, v) in &self.headers {
+            let value = match v {
+                HeaderValue::Literal(s) => s.clone(),
+                HeaderValue::Secret(cell) => cell.get()?,
+            };
+            req = req.header(name.clone(), value);
+        }
+        let _slot = self
+            .upstream
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| AgentError::transient("the HTTP client is closing"))?;
+        let resp = req.send().await.map_err(|e| {
+            let e = transport_error(e);
+            AgentError {
+                message: self.redact(&e.message),
+                ..e
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = read_capped(resp, MAX_REPLY_BYTES).await?;
+        if !(200..300).contains(&status) {
+            return Err(classify::classify(status, &headers, &body, &|s| {
+                self.redact(s)
+            }));
+        }
+        let reply: Value = serde_json::from_slice(&body)
+            .map_err(|e| AgentError::transient(format!("the provider's reply is not JSON: {e}")))?;
+        let (text, finish_reason, model, usage) = self.parse_reply(&reply)?;
+        let mut out = serde_json::Map::new();
+        match self.response {
+            Response::Text => {
+                out.insert("text".into(), Value::String(text));
+            }
+            Response::Json => {
+                // A model that answered with something else may answer right next time.
+                let v = parse_json_reply(&text).map_err(|e| {
+                    AgentError::transient(format!(
+                        "the model's reply is not the JSON asked for ({e}): {}",
+                        text.chars().take(200).collect::<String>()
+                    ))
+                })?;
+                out.insert("json".into(), v);
+            }
+        }
+        out.insert("model".into(), model);
+        out.insert("finish_reason".into(), finish_reason);
+        out.insert(
+            "usage".into(),
+            json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}),
+        );
+        Ok(AgentOutput {
+            value: Value::Object(out),
+            usage,
+        })
+    }
+
+    fn estimated_usage(&self, input: &StepInput) -> Usage {
+        // The rendered prompt is not known before the call; the input's size stands in for it.
+        let input_text = input.input.to_string();
+        Usage {
+            prompt_tokens: estimate_tokens(&input_text) + 16,
+            completion_tokens: self.max_tokens().unwrap_or(256),
+            cost_usd: 0.0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fenced_json_reply_parses() {
+        assert_eq!(
+            parse_json_reply("```json\n{\"a\": 1}\n```").unwrap(),
+            json!({"a": 1})
+        );
+        assert_eq!(parse_json_reply(" {\"a\": 1} ").unwrap(), json!({"a": 1}));
+        assert!(parse_json_reply("sure! here it is").is_err());
+    }
+
+    #[test]
+    fn estimates_round_up() {
+        assert_eq!(estimate_tokens(""), 0);
+        assert_eq!(estimate_tokens("abcde"), 2);
+    }
+
+    fn build_with(fields: Value) -> Result<Arc<dyn Agent>, FieldError> {
+        let Value::Object(map) = fields else {
+            unreachable!()
+        };
+        build(&AgentSpec {
+            graph: "g",
+            name: "l",
+            fields: &map,
+            resources: &Default::default(),
+        })
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let base = |extra: Value| {
+            let mut v = json!({"model": "m", "prompt": "p", "base_url": "http://127.0.0.1:1/v1"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            build_with(v).err().map(|e| e.path)
+        };
+        assert_eq!(
+            base(json!({"provider": "bard"})),
+            Some(vec!["provider".to_string()])
+        );
+        assert_eq!(
+            base(json!({"base_url": "localhost:11434"})),
+            Some(vec!["base_url".to_string()])
+        );
+        assert_eq!(
+            base(json!({"temperature": 3.0})),
+            Some(vec!["temperature".to_string()])
+        );
+        assert_eq!(
+            base(json!({"api_key": "sk-live"})),
+            Some(vec!["api_key".to_string()])
+        );
+        assert_eq!(
+            base(json!({"response": "yaml"})),
+            Some(vec!["response".to_string()])
+        );
+        assert_eq!(
+            base(json!({"prompt": "{{ input.x "})),
+            Some(vec!["prompt".to_string()])
+        );
+        assert_eq!(base(json!({})), None);
+    }
+}
