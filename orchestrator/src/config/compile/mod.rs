@@ -72,6 +72,56 @@ pub fn parse_graph_str(
     loader.finish()
 }
 
+/// A duplicate key, said in the file's own terms: which table or key is defined twice and where
+/// it was first. For a repeated table header, also the byte range of the repeated table (its
+/// keys are reported with it, not one by one).
+fn duplicate_key(src: &Source, span: Range<usize>) -> Option<(ConfigError, Option<Range<usize>>)> {
+    let text = &src.text;
+    let line_start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[span.start..]
+        .find('\n')
+        .map_or(text.len(), |i| span.start + i);
+    let line = text[line_start..line_end].trim();
+    let line_no = |offset: usize| text[..offset].matches('\n').count() + 1;
+    if line.starts_with('[') {
+        // A table header: the same header earlier in the file.
+        let header = line.split('#').next().unwrap_or(line).trim();
+        let first = text[..line_start]
+            .lines()
+            .position(|l| l.split('#').next().unwrap_or(l).trim() == header)?
+            + 1;
+        let table_end = text[line_end..]
+            .find("\n[")
+            .map_or(text.len(), |i| line_end + i + 1);
+        let inner = header.trim_start_matches('[').trim_end_matches(']').trim();
+        let message = match inner.strip_prefix("agents.") {
+            Some(agent) => format!(
+                "agent {agent:?} is defined twice: [agents.{agent}] first appears at line {first}"
+            ),
+            None => format!("[{inner}] is defined twice: it first appears at line {first}"),
+        };
+        let err = src
+            .error(span, inner, message)
+            .with_help("give each table its own name, or merge the two into one");
+        return Some((err, Some(line_end..table_end)));
+    }
+    // A key set twice in one table: the same key earlier in that table.
+    let key = line.split('=').next()?.trim();
+    let table_start = text[..line_start].rfind("\n[").map_or(0, |i| i + 1);
+    let first = text[table_start..line_start]
+        .lines()
+        .position(|l| l.split('=').next().is_some_and(|k| k.trim() == key))
+        .map(|i| line_no(table_start) + i)?;
+    let err = src
+        .error(
+            span,
+            key,
+            format!("{key} is set twice in this table: first at line {first}"),
+        )
+        .with_help("keep one of the two");
+    Some((err, None))
+}
+
 struct PendingGraph {
     src: PathBuf,
     name: String,
@@ -137,8 +187,20 @@ impl<'r> Loader<'r> {
     fn parse<'s>(&mut self, src: &'s Source) -> Option<Spanned<DeTable<'s>>> {
         let (table, errors) = DeTable::parse_recoverable(&src.text);
         let broken = !errors.is_empty();
+        // A table defined twice: its keys are duplicates too, reported once with the table.
+        let mut duplicate_tables: Vec<Range<usize>> = Vec::new();
         for e in errors {
             let span = e.span().unwrap_or(0..0);
+            if e.message().contains("duplicate key") {
+                if duplicate_tables.iter().any(|t| t.contains(&span.start)) {
+                    continue;
+                }
+                if let Some((err, table)) = duplicate_key(src, span.clone()) {
+                    self.errs.push(err);
+                    duplicate_tables.extend(table);
+                    continue;
+                }
+            }
             self.errs.push(
                 src.error(
                     span,

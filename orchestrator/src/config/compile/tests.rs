@@ -156,12 +156,12 @@ fn self_dependency_is_a_cycle() {
 
 #[test]
 fn duplicate_names_are_refused() {
-    // Within one file TOML itself refuses a duplicate table.
+    // Within one file the parser refuses a duplicate table; the error names the agent.
     let errs =
         errors("[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n[agents.a]\nkind = \"sim\"\n");
     assert!(
         errs.iter()
-            .any(|e| e.line == 5 && e.message.contains("TOML syntax error")),
+            .any(|e| e.line == 5 && e.message.contains("agent \"a\" is defined twice")),
         "{errs:#?}"
     );
     // Across files, a graph or quota name may be used once per server.
@@ -271,6 +271,33 @@ fn quota_needs_a_limit_and_one_rate_per_kind() {
         error_at(&errs, "quotas.b", 5, 9)
             .message
             .contains("both requests_per_second")
+    );
+}
+
+#[test]
+fn a_table_or_key_defined_twice_is_named_with_its_first_line() {
+    let errs = errors(
+        "[graph]\nname = \"d\"\n[agents.a]\nkind = \"sim\"\n[agents.b]\nkind = \"sim\"\n[agents.a]\nkind = \"sim\"\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].line, 7);
+    assert!(
+        errs[0].message.contains("agent \"a\" is defined twice")
+            && errs[0].message.contains("line 3"),
+        "{}",
+        errs[0]
+    );
+    let errs = errors(
+        "[graph]\nname = \"d\"\n[agents.a]\nkind = \"sim\"\nlatency = \"1ms\"\nkind = \"sim\"\n",
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].line, 6);
+    assert!(
+        errs[0]
+            .message
+            .contains("kind is set twice in this table: first at line 4"),
+        "{}",
+        errs[0]
     );
 }
 
