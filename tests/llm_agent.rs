@@ -128,8 +128,10 @@ fn keys() {
 async fn an_openai_compatible_chain_classifies_and_drafts() {
     keys();
     let (port, log) = provider().await;
-    let orch = common::start(&format!(
-        r#"
+    let mut model = cascade_orchestrator::config::parse_graph_str(
+        "support.toml",
+        &format!(
+            r#"
         [graph]
         name = "support"
         [agents.classify]
@@ -150,8 +152,19 @@ async fn an_openai_compatible_chain_classifies_and_drafts() {
         model = "gpt-test"
         prompt = "Write to a {{{{ deps.classify.json.label }}}} customer"
         "#
-    ))
-    .await;
+        ),
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // As `[prices."gpt-test"]` in cascade.toml would set it.
+    model.prices.insert(
+        "gpt-test".into(),
+        cascade_agents::llm::Price {
+            prompt_per_million: 2.0,
+            completion_per_million: 8.0,
+        },
+    );
+    let orch = Orchestrator::builder(model).start().await.unwrap();
     let job = run(&orch, "support", json!({"body": "I was charged twice"})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let step = |n: &str| {
@@ -174,6 +187,20 @@ async fn an_openai_compatible_chain_classifies_and_drafts() {
     );
     assert_eq!(job.usage.completion_tokens, 10);
     assert!(job.usage.prompt_tokens > 2);
+    let expected = (job.usage.prompt_tokens as f64 * 2.0 + 10.0 * 8.0) / 1e6;
+    assert!(
+        (job.usage.cost_usd - expected).abs() < 1e-12,
+        "{:?}",
+        job.usage
+    );
+    let graph_cost = orch
+        .stats("support")
+        .unwrap()
+        .agents
+        .iter()
+        .map(|a| a.cost_usd)
+        .sum::<f64>();
+    assert!((graph_cost - expected).abs() < 1e-12, "{graph_cost}");
     let log = log.lock().unwrap().clone();
     assert_eq!(log.len(), 2);
     let (path, _, body) = &log[0];

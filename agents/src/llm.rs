@@ -163,6 +163,7 @@ pub struct LlmAgent {
     response: Response,
     headers: Vec<(reqwest::header::HeaderName, HeaderValue)>,
     upstream: Upstream,
+    prices: Arc<Prices>,
 }
 
 fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
@@ -243,7 +244,38 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         response: c.response,
         headers,
         upstream,
+        prices: spec.resources.get::<Prices>(),
     }))
+}
+
+/// What a model's tokens cost, from `[prices."MODEL"]` in `cascade.toml`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Price {
+    pub prompt_per_million: f64,
+    pub completion_per_million: f64,
+}
+
+/// The price table of a registry's agents, set by the orchestrator before it builds them. A
+/// model without a price costs nothing (its tokens still count).
+#[derive(Debug, Default)]
+pub struct Prices(std::sync::RwLock<std::collections::HashMap<String, Price>>);
+
+impl Prices {
+    pub fn set(&self, table: impl IntoIterator<Item = (String, Price)>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = table.into_iter().collect();
+    }
+
+    /// The cost of `usage` on the first of `models` that has a price (the reply's model, then
+    /// the configured one: a provider may answer with a dated version of the model asked for).
+    pub fn cost(&self, models: &[&str], usage: &Usage) -> f64 {
+        let table = self.0.read().unwrap_or_else(|p| p.into_inner());
+        models.iter().find_map(|m| table.get(*m)).map_or(0.0, |p| {
+            (usage.prompt_tokens as f64 * p.prompt_per_million
+                + usage.completion_tokens as f64 * p.completion_per_million)
+                / 1e6
+        })
+    }
 }
 
 /// The documented prompt estimate: one token per four characters, rounded up.
@@ -435,7 +467,11 @@ impl Agent for LlmAgent {
         }
         let reply: Value = serde_json::from_slice(&body)
             .map_err(|e| AgentError::transient(format!("the provider's reply is not JSON: {e}")))?;
-        let (text, finish_reason, model, usage) = self.parse_reply(&reply)?;
+        let (text, finish_reason, model, mut usage) = self.parse_reply(&reply)?;
+        usage.cost_usd = self.prices.cost(
+            &[model.as_str().unwrap_or(&self.model), &self.model],
+            &usage,
+        );
         let mut out = serde_json::Map::new();
         match self.response {
             Response::Text => {
@@ -467,11 +503,13 @@ impl Agent for LlmAgent {
     fn estimated_usage(&self, input: &StepInput) -> Usage {
         // The rendered prompt is not known before the call; the input's size stands in for it.
         let input_text = input.input.to_string();
-        Usage {
+        let mut u = Usage {
             prompt_tokens: estimate_tokens(&input_text) + 16,
             completion_tokens: self.max_tokens().unwrap_or(256),
             cost_usd: 0.0,
-        }
+        };
+        u.cost_usd = self.prices.cost(&[&self.model], &u);
+        u
     }
 }
 

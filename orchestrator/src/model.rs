@@ -17,6 +17,8 @@ pub struct ServerModel {
     pub quotas: BTreeMap<Arc<str>, Arc<QuotaModel>>,
     pub server: ServerSettings,
     pub telemetry: TelemetrySettings,
+    /// `[prices."MODEL"]`: what an `llm` agent's tokens cost.
+    pub prices: BTreeMap<String, cascade_agents::llm::Price>,
 }
 
 impl ServerModel {

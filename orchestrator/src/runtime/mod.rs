@@ -176,6 +176,11 @@ impl OrchestratorBuilder {
             crate::metrics::install();
         }
         let cascade = self.cascade && self.model.server.cascade;
+        // The agents read their prices when they are built.
+        self.registry
+            .resources()
+            .get::<cascade_agents::llm::Prices>()
+            .set(self.model.prices.clone());
         let quotas = Arc::new(QuotaIndex::new(&self.model, cascade));
         let shared = Arc::new(Shared {
             model: self.model,

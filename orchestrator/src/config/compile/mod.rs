@@ -150,6 +150,7 @@ struct Loader<'r> {
     graphs: Vec<(usize, PendingGraph)>,
     server: ServerSettings,
     telemetry: TelemetrySettings,
+    prices: BTreeMap<String, cascade_agents::llm::Price>,
     /// Source index of errors found while resolving, which need a file's text to locate.
     resolve_errs: Vec<(usize, Range<usize>, String, String, String)>,
 }
@@ -164,6 +165,7 @@ impl<'r> Loader<'r> {
             graphs: Vec::new(),
             server: ServerSettings::default(),
             telemetry: TelemetrySettings::default(),
+            prices: BTreeMap::new(),
             resolve_errs: Vec::new(),
         }
     }

@@ -51,6 +51,7 @@ impl Loader<'_> {
                 .collect(),
             server: self.server,
             telemetry: self.telemetry,
+            prices: self.prices,
         })
     }
 

@@ -3,7 +3,7 @@
 
 use super::*;
 
-const SERVER_FILE_SECTIONS: &[&str] = &["graphs", "server", "quotas", "telemetry"];
+const SERVER_FILE_SECTIONS: &[&str] = &["graphs", "server", "quotas", "telemetry", "prices"];
 const SERVER_FIELDS: &[&str] = &[
     "grpc_addr",
     "http_addr",
@@ -107,8 +107,60 @@ impl Loader<'_> {
             r.skip("quotas");
             self.quotas_table(src, k.span(), v);
         }
+        if let Some((k, v)) = r.entry("prices") {
+            r.skip("prices");
+            self.prices_table(src, k.span(), v);
+        }
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
         files
+    }
+
+    /// `[prices."MODEL"]`: US dollars per million prompt and completion tokens.
+    fn prices_table(&mut self, src: &Source, span: Range<usize>, v: &Spanned<DeValue<'_>>) {
+        let Some(t) = self.expect_table(src, "prices", span, v) else {
+            return;
+        };
+        let mut entries: Vec<_> = t.iter().collect();
+        entries.sort_by_key(|(k, _)| k.span().start);
+        const FIELDS: &[&str] = &["prompt_per_million", "completion_per_million"];
+        for (k, v) in entries {
+            let model: &str = k.get_ref();
+            let path = format!("prices.{model}");
+            let Some(table) = self.expect_table(src, &path, k.span(), v) else {
+                continue;
+            };
+            let mut p = TableReader::new(src, path.clone(), k.span(), table);
+            let help = "e.g. [prices.\"gpt-4o-mini\"] prompt_per_million = 0.15, completion_per_million = 0.60";
+            let mut price = |field: &str, errs: &mut Vec<ConfigError>| {
+                let span = p.entry(field).map(|e| e.1.span());
+                let v: f64 = p.require(field, help, errs)?;
+                if v.is_finite() && v >= 0.0 {
+                    Some(v)
+                } else {
+                    errs.push(
+                        src.error(
+                            span.unwrap_or(0..0),
+                            format!("{path}.{field}"),
+                            "a price is a number >= 0: US dollars per million tokens",
+                        )
+                        .with_help(help),
+                    );
+                    None
+                }
+            };
+            let prompt = price(FIELDS[0], &mut self.errs);
+            let completion = price(FIELDS[1], &mut self.errs);
+            p.deny_unknown(FIELDS, &format!("[{path}]"), &mut self.errs);
+            if let (Some(prompt_per_million), Some(completion_per_million)) = (prompt, completion) {
+                self.prices.insert(
+                    model.to_string(),
+                    cascade_agents::llm::Price {
+                        prompt_per_million,
+                        completion_per_million,
+                    },
+                );
+            }
+        }
     }
 
     /// `[telemetry]`: OTLP trace export. Every value is checked here, so a server never starts

@@ -302,6 +302,47 @@ fn a_table_or_key_defined_twice_is_named_with_its_first_line() {
 }
 
 #[test]
+fn prices_are_read_from_the_server_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cascade.toml");
+    std::fs::write(
+        &cfg,
+        "[prices.\"gpt-4o-mini\"]\nprompt_per_million = 0.15\ncompletion_per_million = 0.60\n",
+    )
+    .unwrap();
+    let m = load(Some(&cfg), &[], &Registry::default()).unwrap();
+    assert_eq!(
+        m.prices["gpt-4o-mini"],
+        cascade_agents::llm::Price {
+            prompt_per_million: 0.15,
+            completion_per_million: 0.60
+        }
+    );
+    std::fs::write(
+        &cfg,
+        "[prices.m]\nprompt_per_million = -1\ncompletion_per_million = 1\n[prices.n]\nprompt_per_million = 1\ncompletion = 2\n",
+    )
+    .unwrap();
+    let errs = load(Some(&cfg), &[], &Registry::default()).unwrap_err().0;
+    assert!(
+        errs.iter()
+            .any(|e| e.line == 2 && e.message.contains(">= 0")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter().any(|e| e
+            .message
+            .contains("missing required field `completion_per_million`")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.line == 6 && e.message.contains("completion")),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn syntax_error_has_position() {
     let errs = errors("[graph]\nname = \"g\n");
     assert!(
