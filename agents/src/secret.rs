@@ -1,6 +1,9 @@
 //! Secrets are referenced, never written in configuration: `env:NAME` reads an environment
-//! variable, `file:PATH` a file (trailing newline trimmed). A value is resolved when it is needed
-//! and is never logged, displayed or stored.
+//! variable, `file:PATH` a file (trailing newline trimmed; read again when the file changes),
+//! `exec:COMMAND` runs a program that prints the value (the bridge to Vault, AWS Secrets Manager,
+//! 1Password or any CLI; run again after 5 minutes, or after `ttl` in the table form
+//! `{ exec = "vault kv get -field=key secret/x", ttl = "10m" }`). A value is resolved when it is
+//! needed and is never logged, displayed or stored.
 
 use std::fmt;
 use std::str::FromStr;
@@ -12,7 +15,17 @@ use serde::{Deserialize, Deserializer};
 pub enum SecretRef {
     Env(String),
     File(std::path::PathBuf),
+    /// A shell command whose stdout is the value, and how long a value it printed is used.
+    Exec {
+        command: String,
+        ttl: std::time::Duration,
+    },
 }
+
+/// How long an `exec:` secret's value is used before the command runs again.
+pub const EXEC_DEFAULT_TTL: std::time::Duration = std::time::Duration::from_secs(300);
+/// An `exec:` command that has not printed its value by then is killed.
+const EXEC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl FromStr for SecretRef {
     type Err = String;
@@ -32,8 +45,17 @@ impl FromStr for SecretRef {
             }
             return Ok(Self::File(path.into()));
         }
-        if s.starts_with("exec:") {
-            return Err("`exec:` secret references are not supported by this version; use \"env:NAME\" or \"file:PATH\"".into());
+        if let Some(command) = s.strip_prefix("exec:") {
+            if command.trim().is_empty() {
+                return Err(
+                    "`exec:` needs a command, e.g. \"exec:vault kv get -field=token secret/crm\""
+                        .into(),
+                );
+            }
+            return Ok(Self::Exec {
+                command: command.to_string(),
+                ttl: EXEC_DEFAULT_TTL,
+            });
         }
         // The value itself is not echoed: it may be the credential.
         Err("a secret must be a reference, not the value: write \"env:NAME\" or \"file:PATH\" and put the value there".into())
@@ -42,8 +64,31 @@ impl FromStr for SecretRef {
 
 impl<'de> Deserialize<'de> for SecretRef {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            Exec {
+                exec: String,
+                #[serde(default)]
+                ttl: Option<crate::HumanDuration>,
+            },
+        }
+        match Form::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "a secret reference: \"env:NAME\", \"file:PATH\", \"exec:COMMAND\" or { exec = \"COMMAND\", ttl = \"10m\" }",
+            )
+        })? {
+            Form::Text(s) => s.parse().map_err(serde::de::Error::custom),
+            Form::Exec { exec, ttl } => match format!("exec:{exec}").parse::<SecretRef>() {
+                Ok(SecretRef::Exec { command, .. }) => Ok(SecretRef::Exec {
+                    command,
+                    ttl: ttl.map_or(EXEC_DEFAULT_TTL, |t| t.get()),
+                }),
+                Ok(_) => unreachable!("an exec: reference parses as one"),
+                Err(e) => Err(serde::de::Error::custom(e)),
+            },
+        }
     }
 }
 
@@ -58,6 +103,7 @@ impl fmt::Display for SecretRef {
         match self {
             Self::Env(n) => write!(f, "env:{n}"),
             Self::File(p) => write!(f, "file:{}", p.display()),
+            Self::Exec { command, .. } => write!(f, "exec:{command}"),
         }
     }
 }
@@ -72,12 +118,58 @@ impl SecretRef {
                 .map_err(|e| format!("secret {self}: cannot read {}: {e}", path.display()))?
                 .trim_end_matches(['\n', '\r'])
                 .to_string(),
+            Self::Exec { command, .. } => {
+                run_exec(command).map_err(|e| format!("secret {self}: {e}"))?
+            }
         };
         if value.is_empty() {
             return Err(format!("secret {self} is empty"));
         }
         Ok(Secret(value.into_bytes()))
     }
+}
+
+/// Run an `exec:` command with `sh -c`; its stdout, less the trailing newline, is the value.
+/// What it writes on stderr is not repeated (it may echo what it printed).
+fn run_exec(command: &str) -> Result<String, String> {
+    use std::io::Read;
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run the command: {e}"))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = stdout.read_to_end(&mut out);
+        out
+    });
+    let deadline = std::time::Instant::now() + EXEC_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "the command did not finish within {EXEC_TIMEOUT:?}"
+                ));
+            }
+        }
+    };
+    let out = reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(format!("the command failed ({status})"));
+    }
+    let text = String::from_utf8(out)
+        .map_err(|_| "the command printed something that is not UTF-8".to_string())?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 /// A resolved secret. Its `Debug` does not show the value.
@@ -110,6 +202,7 @@ impl fmt::Debug for Secret {
 /// changes (a mounted Kubernetes or Vault-agent secret rotates in place).
 pub struct SecretCell {
     reference: SecretRef,
+    /// The value, with the file's modification time (`file:`) or when it was fetched (`exec:`).
     state: std::sync::Mutex<(String, Option<std::time::SystemTime>)>,
 }
 
@@ -125,6 +218,7 @@ impl SecretCell {
     fn read(reference: &SecretRef) -> Result<(String, Option<std::time::SystemTime>), String> {
         let mtime = match reference {
             SecretRef::File(p) => std::fs::metadata(p).and_then(|m| m.modified()).ok(),
+            SecretRef::Exec { .. } => Some(std::time::SystemTime::now()),
             SecretRef::Env(_) => None,
         };
         let value = reference.resolve()?;
@@ -136,8 +230,25 @@ impl SecretCell {
     }
 
     /// The value now.
+    ///
+    /// An `exec:` value past its ttl is fetched again here, on the caller's thread: the command
+    /// runs once per ttl (5 minutes by default), and a lookup CLI takes a fraction of a second,
+    /// which an occasional call can afford.
     pub fn get(&self) -> Result<String, crate::AgentError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let SecretRef::Exec { ttl, .. } = &self.reference
+            && state
+                .1
+                .is_none_or(|at| at.elapsed().unwrap_or_default() >= *ttl)
+        {
+            match Self::read(&self.reference) {
+                Ok(fresh) => *state = fresh,
+                // The previous value may still be good: use it, and try again at the next call.
+                Err(e) => {
+                    tracing::warn!(secret = %self.reference, error = %e, "could not refresh an exec: secret; using the previous value")
+                }
+            }
+        }
         if let SecretRef::File(p) = &self.reference {
             let now = std::fs::metadata(p).and_then(|m| m.modified()).ok();
             if now != state.1 {
@@ -202,6 +313,30 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         assert_eq!(cell.get().unwrap(), "second-token");
         assert!(SecretCell::load(SecretRef::File(p)).is_err());
+    }
+
+    #[test]
+    fn an_exec_secret_runs_its_command_and_again_after_its_ttl() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = dir.path().join("n");
+        // Each run prints the next value: token-1, token-2, ...
+        let command = format!(
+            "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; echo token-$n",
+            c = counter.display()
+        );
+        let r: SecretRef =
+            serde_json::from_value(serde_json::json!({"exec": command, "ttl": "200ms"})).unwrap();
+        let cell = SecretCell::load(r).unwrap();
+        assert_eq!(cell.get().unwrap(), "token-1");
+        assert_eq!(cell.get().unwrap(), "token-1", "cached within the ttl");
+        std::thread::sleep(std::time::Duration::from_millis(250));
+        assert_eq!(cell.get().unwrap(), "token-2", "run again after the ttl");
+        let short: SecretRef = format!("exec:{command}").parse().unwrap();
+        assert!(matches!(short, SecretRef::Exec { ttl, .. } if ttl == EXEC_DEFAULT_TTL));
+        let failing: SecretRef = "exec:printf 'oops-%s' value >&2; exit 3".parse().unwrap();
+        let e = SecretCell::load(failing).err().unwrap();
+        assert!(e.contains("failed") && !e.contains("oops-value"), "{e}");
+        assert!("exec:".parse::<SecretRef>().is_err());
     }
 
     #[test]
