@@ -324,3 +324,72 @@ async fn an_anthropic_messages_call() {
     );
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// `examples/graphs/support_llm.toml` as a user runs it (`cascade run`), its LLM pointed at the
+/// provider stand-in through OPENAI_BASE_URL and its CRM and ticketing calls at a recorder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_support_llm_example_runs_against_local_stand_ins() {
+    let (port, log) = provider().await;
+    let posted: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = posted.clone();
+    let crm = axum::Router::new()
+        .route(
+            "/customers/42",
+            axum::routing::get(|| async { axum::Json(json!({"id": 42, "name": "Ada"})) }),
+        )
+        .route(
+            "/replies",
+            axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().unwrap().push(body);
+                    (
+                        axum::http::StatusCode::CREATED,
+                        axum::Json(json!({"id": 1})),
+                    )
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let crm_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, crm).await.unwrap() });
+
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/support_llm.toml");
+    let input = json!({
+        "ticket_id": 7, "customer_id": 42, "body": "I was charged twice",
+        "crm": format!("http://127.0.0.1:{crm_port}"), "tickets": format!("http://127.0.0.1:{crm_port}")
+    });
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+            .args([
+                "run",
+                example.to_str().unwrap(),
+                "--json",
+                "--input",
+                &input.to_string(),
+            ])
+            .env("OPENAI_BASE_URL", format!("http://127.0.0.1:{port}/v1"))
+            .env("OPENAI_API_KEY", "openai-test-key")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let summary: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(summary["succeeded"], 1, "{summary:#}");
+    let posted = posted.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1);
+    assert_eq!(posted[0]["ticket_id"], 7);
+    assert!(
+        posted[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("Write a reply to Ada about their billing ticket"),
+        "{posted:?}"
+    );
+    let calls = log.lock().unwrap().clone();
+    assert_eq!(calls.len(), 2, "classify and draft");
+    assert_eq!(calls[0].1["authorization"], "Bearer openai-test-key");
+}
