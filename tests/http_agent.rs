@@ -460,3 +460,79 @@ async fn the_idempotency_key_survives_a_sigkill_of_the_server() {
         assert_eq!(s.headers["idempotency-key"], key);
     }
 }
+
+/// Established TCP connections whose local port is `port` (the server's side), from /proc.
+fn established_on(port: u16) -> usize {
+    let hex = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&hex) && f[3] == "01"
+        })
+        .count()
+}
+
+/// 1,000 calls at once to one upstream do not open 1,000 sockets: at most
+/// `MAX_REQUESTS_PER_UPSTREAM` run at once, and as many idle connections wait for reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_calls_share_a_bounded_pool() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let app = axum::Router::new().fallback(|| async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        axum::Json(json!({"ok": true}))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    // The most connections open at once, sampled while the calls run.
+    let (peak, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                peak.fetch_max(established_on(port), Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
+    let orch = common::start(&format!(
+        "[graph]\nname = \"many\"\nmax_in_flight_jobs = 1000\nmax_pending_jobs = 2000\n\
+         [quotas.wide]\nmax_concurrency = 1000\n\
+         [agents.call]\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/x\"\nmax_concurrency = 1000\nquota = \"wide\"\n"
+    ))
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..1000 {
+        ids.push(
+            orch.submit(SubmitRequest::new("many", json!({ "i": i })))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    for id in ids {
+        let job = tokio::time::timeout(Duration::from_secs(60), orch.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    }
+    done.store(true, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let peak = peak.load(Ordering::SeqCst);
+    let bound = cascade_orchestrator::agents::http::MAX_REQUESTS_PER_UPSTREAM;
+    // At most `bound` requests run at once, each on a connection, and at most `bound` idle
+    // connections are kept for the next ones: never more than twice the bound are open.
+    assert!(
+        peak <= 2 * bound,
+        "{peak} connections open at once for 1,000 calls (bound {bound})"
+    );
+    assert!(peak >= 64, "the calls ran concurrently: {peak}");
+    orch.shutdown(Duration::from_secs(1)).await;
+}

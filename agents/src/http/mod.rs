@@ -137,7 +137,9 @@ pub struct HttpClients {
 }
 
 /// Requests in flight to one upstream at most: an HTTP/1.1 request holds a connection, so this
-/// bounds the sockets a burst opens (HTTP/2 multiplexes them on fewer).
+/// bounds the sockets a burst opens (HTTP/2 multiplexes them on fewer). With the idle
+/// connections the pool keeps for reuse (as many), an upstream never has more than twice this
+/// open.
 pub const MAX_REQUESTS_PER_UPSTREAM: usize = 256;
 
 /// A pooled client and its bound on requests in flight.
@@ -156,7 +158,9 @@ impl HttpClients {
             return Ok(u.clone());
         }
         let mut b = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
+            // As many idle connections kept as may be busy: a burst's connections are reused
+            // by the next burst instead of closed and opened again.
+            .pool_max_idle_per_host(MAX_REQUESTS_PER_UPSTREAM)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
