@@ -342,12 +342,21 @@ fn field(path: &[&str], message: String) -> FieldError {
 }
 
 impl HttpAgent {
-    /// Strip this agent's secret values from a message.
+    /// Strip this agent's secret values from a message, and for basic auth the header's
+    /// base64 form as well (an upstream that echoes the headers it got echoes that).
     fn redact(&self, s: &str) -> String {
         let mut out = s.to_string();
         if let Some(auth) = &self.auth {
             for cell in auth.secrets() {
                 out = cell.redact(&out);
+            }
+            if let Auth::Basic(user, cell) = auth
+                && let Ok(password) = cell.get()
+            {
+                use base64::Engine;
+                let encoded =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                out = out.replace(&encoded, "[redacted]");
             }
         }
         out
