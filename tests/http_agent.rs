@@ -536,3 +536,204 @@ async fn a_thousand_concurrent_calls_share_a_bounded_pool() {
     assert!(peak >= 64, "the calls ran concurrently: {peak}");
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// oauth2-mock-server (npm) through the wrapper in tests/js, issuing tokens that live `ttl`
+/// seconds; the token requests it served, as the wrapper logs them.
+struct AuthServer {
+    child: std::process::Child,
+    events: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Drop for AuthServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn auth_server(port: u16, ttl: u32) -> AuthServer {
+    use std::io::BufRead;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(
+        root.join("node_modules/oauth2-mock-server").exists(),
+        "oauth2-mock-server is not installed: run `npm ci --prefix tests/js` (.ci/run does)"
+    );
+    let mut child = std::process::Command::new("node")
+        .arg(root.join("oauth2-server.js"))
+        .args([port.to_string(), ttl.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("node runs");
+    let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let sink = events.clone();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["event"] == "ready" {
+                let _ = ready_tx.send(());
+            } else {
+                sink.lock().unwrap().push(v);
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("oauth2-mock-server is ready");
+    AuthServer { child, events }
+}
+
+/// The JWT's `exp`, from its payload (the resource server below checks it as a real one would).
+fn jwt_exp(token: &str) -> Option<u64> {
+    use base64::Engine;
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .ok()?;
+    serde_json::from_slice::<Value>(&bytes).ok()?["exp"].as_u64()
+}
+
+/// OAuth2 client credentials against oauth2-mock-server: one token for a hundred concurrent calls
+/// from two graphs sharing the credential, a new one before the old expires (the API refuses an
+/// expired token: it never has to), and a new one when the API refuses a revoked token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs oauth2-mock-server from npm: .ci/run installs it (npm ci --prefix tests/js) and runs this test"]
+async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
+    let auth_port = common::free_port();
+    let auth = auth_server(auth_port, 3);
+    // The protected API: a valid, unexpired, unrevoked bearer JWT, or 401.
+    #[derive(Default)]
+    struct Api {
+        seen: Vec<String>,
+        revoked: Vec<String>,
+        refusals: Vec<String>,
+    }
+    let api: Arc<Mutex<Api>> = Arc::default();
+    let state = api.clone();
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let state = state.clone();
+        async move {
+            let token = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("")
+                .to_string();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            let mut s = state.lock().unwrap();
+            let ok = jwt_exp(&token).is_some_and(|exp| exp > now) && !s.revoked.contains(&token);
+            if !ok {
+                s.refusals.push(token);
+                return (
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": "invalid_token"})),
+                );
+            }
+            s.seen.push(token);
+            (axum::http::StatusCode::OK, axum::Json(json!({"ok": true})))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    unsafe { std::env::set_var("CASCADE_TEST_OAUTH_SECRET", "oauth-client-secret-1") };
+    let graph = |name: &str| {
+        format!(
+            "[graph]\nname = \"{name}\"\nmax_in_flight_jobs = 100\n[agents.call]\nkind = \"http\"\n\
+             url = \"http://127.0.0.1:{api_port}/tickets\"\nmax_concurrency = 100\n\
+             auth = {{ oauth2 = {{ token_url = \"http://127.0.0.1:{auth_port}/token\", client_id = \"cascade\", \
+             client_secret = \"env:CASCADE_TEST_OAUTH_SECRET\", scopes = [\"tickets.read\"], audience = \"tickets\" }} }}\n"
+        )
+    };
+    let mut model = cascade_orchestrator::model::ServerModel::default();
+    for name in ["left", "right"] {
+        let m = cascade_orchestrator::config::parse_graph_str(
+            "g.toml",
+            &graph(name),
+            &Default::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        model.graphs.extend(m.graphs);
+        model.quotas.extend(m.quotas);
+    }
+    let orch = Orchestrator::builder(model).start().await.unwrap();
+    let (api_ref, auth_ref) = (&api, &auth);
+    let run_many = |n: usize| {
+        let orch = &orch;
+        async move {
+            let (api, auth) = (api_ref, auth_ref);
+            let mut ids = Vec::new();
+            for i in 0..n {
+                let g = if i % 2 == 0 { "left" } else { "right" };
+                ids.push(
+                    orch.submit(SubmitRequest::new(g, json!({ "i": i })))
+                        .await
+                        .unwrap()
+                        .id,
+                );
+            }
+            for id in ids {
+                let job = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                if job.state != JobState::Succeeded {
+                    let s = api.lock().unwrap();
+                    let tail = |t: &String| t[t.len().saturating_sub(6)..].to_string();
+                    let exps: Vec<_> = s.refusals.iter().map(|t| (jwt_exp(t), tail(t))).collect();
+                    panic!(
+                        "{:?}; tokens issued {:?}; refusals (exp) {exps:?}; now {:?}",
+                        job.error,
+                        auth.events.lock().unwrap(),
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                    );
+                }
+                assert_eq!(job.steps[0].attempts, 1);
+            }
+        }
+    };
+    let tokens = || auth.events.lock().unwrap().len();
+
+    // A hundred calls at once, two graphs: one token.
+    run_many(100).await;
+    assert_eq!(tokens(), 1, "{:?}", auth.events.lock().unwrap());
+    let first = auth.events.lock().unwrap()[0].clone();
+    assert_eq!(first["grant_type"], "client_credentials");
+    assert_eq!(first["basic_auth"], true);
+    assert_eq!(first["scope"], "tickets.read");
+    assert_eq!(first["audience"], "tickets");
+
+    // The token lives 3 s and is renewed a fifth early: past that, the next call fetches a new
+    // one before the API could refuse the old.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    run_many(10).await;
+    assert_eq!(tokens(), 2);
+    assert!(
+        api.lock().unwrap().refusals.is_empty(),
+        "an expired token was sent"
+    );
+
+    // The API revokes the current token: the refused call gets a new one and goes through.
+    {
+        let mut s = api.lock().unwrap();
+        let current = s.seen.last().unwrap().clone();
+        s.revoked.push(current);
+    }
+    run_many(10).await;
+    // Calls already under way with the revoked token are each refused once; one new token
+    // serves them all.
+    assert_eq!(tokens(), 3);
+    let refusals = api.lock().unwrap().refusals.len();
+    assert!((1..=10).contains(&refusals), "{refusals} refusals");
+    orch.shutdown(Duration::from_secs(1)).await;
+}

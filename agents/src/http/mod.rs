@@ -22,6 +22,7 @@
 //! are classified as in [`classify`]: 429 pauses, 5xx retries, 401 is a refused credential.
 
 pub mod classify;
+pub mod oauth2;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -94,9 +95,10 @@ struct Config {
 #[derive(Deserialize)]
 #[serde(
     untagged,
-    expecting = "auth must be { bearer = \"env:NAME\" }, { api_key = { header = \"X-API-Key\", value = \"env:NAME\" } } or { basic = { username = \"…\", password = \"env:NAME\" } }"
+    expecting = "auth must be { bearer = \"env:NAME\" }, { api_key = { header = \"X-API-Key\", value = \"env:NAME\" } }, { basic = { username = \"…\", password = \"env:NAME\" } } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\", scopes = [\"…\"] } }"
 )]
 enum AuthConfig {
+    OAuth2 { oauth2: oauth2::OAuth2Config },
     Bearer { bearer: SecretRef },
     ApiKey { api_key: ApiKeyConfig },
     Basic { basic: BasicConfig },
@@ -120,12 +122,14 @@ enum Auth {
     Bearer(SecretCell),
     ApiKey(reqwest::header::HeaderName, SecretCell),
     Basic(String, SecretCell),
+    OAuth2(Arc<oauth2::Credential>),
 }
 
 impl Auth {
     fn secrets(&self) -> Vec<&SecretCell> {
         match self {
             Self::Bearer(s) | Self::ApiKey(_, s) | Self::Basic(_, s) => vec![s],
+            Self::OAuth2(_) => vec![],
         }
     }
 }
@@ -310,6 +314,12 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
             })?,
             SecretCell::load(api_key.value).map_err(|e| field(&["auth", "api_key", "value"], e))?,
         )),
+        Some(AuthConfig::OAuth2 { oauth2 }) => Some(Auth::OAuth2(
+            spec.resources
+                .get::<oauth2::Credentials>()
+                .get(&oauth2)
+                .map_err(|e| field(&["auth", "oauth2"], e))?,
+        )),
         Some(AuthConfig::Basic { basic }) => Some(Auth::Basic(
             basic.username,
             SecretCell::load(basic.password)
@@ -349,6 +359,9 @@ impl HttpAgent {
         if let Some(auth) = &self.auth {
             for cell in auth.secrets() {
                 out = cell.redact(&out);
+            }
+            if let Auth::OAuth2(c) = auth {
+                out = c.redact(&out);
             }
             if let Auth::Basic(user, cell) = auth
                 && let Ok(password) = cell.get()
@@ -424,37 +437,61 @@ impl Agent for HttpAgent {
                 };
             }
         }
-        let mut req = self.upstream.client.request(self.method.clone(), url);
-        if let Some(headers) = rendered["headers"].as_object() {
-            for (k, v) in headers {
-                req = req.header(k.as_str(), v.as_str().unwrap_or_default());
+        let build = |token: Option<&str>| -> Result<reqwest::RequestBuilder, AgentError> {
+            let mut req = self
+                .upstream
+                .client
+                .request(self.method.clone(), url.clone());
+            if let Some(headers) = rendered["headers"].as_object() {
+                for (k, v) in headers {
+                    req = req.header(k.as_str(), v.as_str().unwrap_or_default());
+                }
             }
-        }
-        if !matches!(self.method, reqwest::Method::GET | reqwest::Method::HEAD) {
-            req = req.header(self.idempotency_header.clone(), &*ctx.idempotency_key);
-        }
-        match &self.auth {
-            None => {}
-            Some(Auth::Bearer(s)) => req = req.bearer_auth(s.get()?.as_str()),
-            Some(Auth::ApiKey(h, s)) => req = req.header(h.clone(), s.get()?.as_str()),
-            Some(Auth::Basic(user, s)) => req = req.basic_auth(user, Some(s.get()?.as_str())),
-        }
-        if let Some(body) = rendered.get("body") {
-            req = req.json(body);
-        }
+            if !matches!(self.method, reqwest::Method::GET | reqwest::Method::HEAD) {
+                req = req.header(self.idempotency_header.clone(), &*ctx.idempotency_key);
+            }
+            match &self.auth {
+                None => {}
+                Some(Auth::Bearer(s)) => req = req.bearer_auth(s.get()?.as_str()),
+                Some(Auth::ApiKey(h, s)) => req = req.header(h.clone(), s.get()?.as_str()),
+                Some(Auth::Basic(user, s)) => req = req.basic_auth(user, Some(s.get()?.as_str())),
+                Some(Auth::OAuth2(_)) => req = req.bearer_auth(token.unwrap_or_default()),
+            }
+            if let Some(body) = rendered.get("body") {
+                req = req.json(body);
+            }
+            Ok(req)
+        };
         let _slot = self
             .upstream
             .slots
             .acquire()
             .await
             .map_err(|_| AgentError::transient("the HTTP client is closing"))?;
-        let resp = req.send().await.map_err(|e| {
-            let e = transport_error(e);
-            AgentError {
-                message: self.redact(&e.message),
-                ..e
+        let send = |req: reqwest::RequestBuilder| async move {
+            req.send().await.map_err(|e| {
+                let e = transport_error(e);
+                AgentError {
+                    message: self.redact(&e.message),
+                    ..e
+                }
+            })
+        };
+        let resp = match &self.auth {
+            Some(Auth::OAuth2(cred)) => {
+                let token = cred.token().await?;
+                let resp = send(build(Some(&token))?).await?;
+                if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+                    // The token may have been revoked or rotated early: one new token, one
+                    // more try; a fresh token refused too is a refused credential.
+                    let token = cred.refresh_after_refusal(&token).await?;
+                    send(build(Some(&token))?).await?
+                } else {
+                    resp
+                }
             }
-        })?;
+            _ => send(build(None)?).await?,
+        };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let json_body = headers

@@ -1,0 +1,237 @@
+//! OAuth2 for the `http` kind (and, later, MCP servers over HTTP): the client-credentials grant,
+//! and the refresh-token grant for delegated tokens.
+//!
+//! A token is cached per credential and shared by every agent that uses the same credential
+//! (same token URL, client, scopes and audience). It is fetched again shortly before it expires
+//! (a fifth of its lifetime, at most a minute, early), by one call only: a hundred concurrent
+//! calls that find it stale wait for the same refresh. A call the upstream answers with 401 asks
+//! for a new token once ([`Credential::refresh_after_refusal`]), and a refusal of a fresh token
+//! is a refused credential. A rotated refresh token replaces the old one in memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::AgentError;
+use crate::secret::{SecretCell, SecretRef};
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    pub token_url: String,
+    pub client_id: String,
+    pub client_secret: SecretRef,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// For a delegated token: the refresh-token grant instead of client credentials.
+    #[serde(default)]
+    pub refresh_token: Option<SecretRef>,
+}
+
+struct Token {
+    value: String,
+    /// When to fetch the next one (before it expires).
+    renew_at: Instant,
+}
+
+/// One credential's token, shared by the agents that use it.
+pub struct Credential {
+    token_url: reqwest::Url,
+    client_id: String,
+    client_secret: SecretCell,
+    scopes: Vec<String>,
+    audience: Option<String>,
+    refresh_token: Mutex<Option<String>>,
+    /// Held while a token is fetched: the single flight.
+    token: tokio::sync::Mutex<Option<Token>>,
+    client: reqwest::Client,
+    fetches: AtomicU64,
+}
+
+/// Every credential of a registry, by what identifies it.
+#[derive(Default)]
+pub struct Credentials {
+    by_key: Mutex<HashMap<String, Arc<Credential>>>,
+}
+
+impl Credentials {
+    /// The credential `config` describes, made on first use.
+    pub fn get(&self, config: &OAuth2Config) -> Result<Arc<Credential>, String> {
+        let key = format!(
+            "{}\n{}\n{}\n{}",
+            config.token_url,
+            config.client_id,
+            config.scopes.join(" "),
+            config.audience.as_deref().unwrap_or("")
+        );
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(&key) {
+            return Ok(c.clone());
+        }
+        let token_url = reqwest::Url::parse(&config.token_url)
+            .map_err(|e| format!("token_url is not a URL: {e}"))?;
+        if !matches!(token_url.scheme(), "http" | "https") {
+            return Err("token_url must be http or https".into());
+        }
+        let client_secret = SecretCell::load(config.client_secret.clone())
+            .map_err(|e| format!("client_secret: {e}"))?;
+        let refresh_token = match &config.refresh_token {
+            Some(r) => Some(
+                SecretCell::load(r.clone())
+                    .and_then(|c| c.get().map_err(|e| e.message))
+                    .map_err(|e| format!("refresh_token: {e}"))?,
+            ),
+            None => None,
+        };
+        let c = Arc::new(Credential {
+            token_url,
+            client_id: config.client_id.clone(),
+            client_secret,
+            scopes: config.scopes.clone(),
+            audience: config.audience.clone(),
+            refresh_token: Mutex::new(refresh_token),
+            token: tokio::sync::Mutex::new(None),
+            client: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(30))
+                .build()
+                .map_err(|e| format!("cannot build an HTTP client: {e}"))?,
+            fetches: AtomicU64::new(0),
+        });
+        map.insert(key, c.clone());
+        Ok(c)
+    }
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    #[serde(default)]
+    expires_in: Option<f64>,
+    #[serde(default)]
+    refresh_token: Option<String>,
+}
+
+impl Credential {
+    /// Tokens fetched so far (for tests and metrics).
+    pub fn fetches(&self) -> u64 {
+        self.fetches.load(Ordering::Relaxed)
+    }
+
+    /// A valid token: the cached one, or a new one fetched by this call while others wait.
+    pub async fn token(&self) -> Result<String, AgentError> {
+        let mut slot = self.token.lock().await;
+        if let Some(t) = slot.as_ref()
+            && Instant::now() < t.renew_at
+        {
+            return Ok(t.value.clone());
+        }
+        let fresh = self.fetch().await?;
+        let value = fresh.value.clone();
+        *slot = Some(fresh);
+        Ok(value)
+    }
+
+    /// The upstream refused `refused` with 401: a new token, unless another call has already
+    /// replaced it.
+    pub async fn refresh_after_refusal(&self, refused: &str) -> Result<String, AgentError> {
+        let mut slot = self.token.lock().await;
+        if let Some(t) = slot.as_ref()
+            && t.value != refused
+        {
+            return Ok(t.value.clone());
+        }
+        let fresh = self.fetch().await?;
+        let value = fresh.value.clone();
+        *slot = Some(fresh);
+        Ok(value)
+    }
+
+    /// `text` with this credential's secrets and tokens scrubbed.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = self.client_secret.redact(text);
+        if let Some(r) = self
+            .refresh_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            && r.len() >= 4
+        {
+            out = out.replace(r, "[redacted]");
+        }
+        if let Ok(slot) = self.token.try_lock()
+            && let Some(t) = slot.as_ref()
+        {
+            out = out.replace(&t.value, "[redacted]");
+        }
+        out
+    }
+
+    async fn fetch(&self) -> Result<Token, AgentError> {
+        let secret = self.client_secret.get()?;
+        let refresh = self
+            .refresh_token
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut form: Vec<(&str, String)> = Vec::new();
+        match &refresh {
+            Some(r) => {
+                form.push(("grant_type", "refresh_token".into()));
+                form.push(("refresh_token", r.clone()));
+            }
+            None => form.push(("grant_type", "client_credentials".into())),
+        }
+        if !self.scopes.is_empty() {
+            form.push(("scope", self.scopes.join(" ")));
+        }
+        if let Some(a) = &self.audience {
+            form.push(("audience", a.clone()));
+        }
+        let started = Instant::now();
+        // The client authenticates with HTTP basic auth (client_secret_basic, RFC 6749 2.3.1).
+        let resp = self
+            .client
+            .post(self.token_url.clone())
+            .basic_auth(&self.client_id, Some(&secret))
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| {
+                let e = super::transport_error(e);
+                AgentError::transient(format!("the token endpoint: {}", self.redact(&e.message)))
+            })?;
+        let status = resp.status().as_u16();
+        let body = super::read_capped(resp, 1 << 20).await?;
+        if !(200..300).contains(&status) {
+            let headers = reqwest::header::HeaderMap::new();
+            let mut e = super::classify::classify(status, &headers, &body, &|s| self.redact(s));
+            // The token endpoint turning the client down is a dead credential, not a bad call.
+            if matches!(status, 400 | 401 | 403) {
+                e = AgentError::unauthorized(e.message);
+            }
+            e.message = format!("the token endpoint: {}", e.message);
+            return Err(e);
+        }
+        let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
+            AgentError::transient(format!("the token endpoint's answer is not a token: {e}"))
+        })?;
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        if let Some(rotated) = t.refresh_token
+            && refresh.is_some()
+        {
+            *self.refresh_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(rotated);
+        }
+        let lifetime = Duration::from_secs_f64(t.expires_in.unwrap_or(3600.0).clamp(1.0, 86_400.0));
+        let early = (lifetime / 5).min(Duration::from_secs(60));
+        Ok(Token {
+            value: t.access_token,
+            renew_at: started + lifetime - early,
+        })
+    }
+}
