@@ -40,7 +40,9 @@ async fn stand_in() -> u16 {
 }
 
 fn agent(kind: &str, fields: Value) -> Arc<dyn Agent> {
-    let Value::Object(map) = fields else { unreachable!() };
+    let Value::Object(map) = fields else {
+        unreachable!()
+    };
     let registry = Registry::default();
     registry
         .build(

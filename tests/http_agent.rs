@@ -737,3 +737,78 @@ async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
     assert!((1..=10).contains(&refusals), "{refusals} refusals");
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// The authorization server goes away mid-run: the agent's calls are not failed one by one, they
+/// wait (paused on the agent's upstream) and probe with a growing delay; when the server is back,
+/// every job goes through, none spent an attempt on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs oauth2-mock-server from npm: .ci/run installs it (npm ci --prefix tests/js) and runs this test"]
+async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
+    let auth_port = common::free_port();
+    let auth = auth_server(auth_port, 1);
+    let app = axum::Router::new().fallback(|| async { axum::Json(json!({"ok": true})) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api_port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    unsafe { std::env::set_var("CASCADE_TEST_OAUTH_SECRET_2", "oauth-client-secret-2") };
+    let orch = common::start(&format!(
+        "[graph]\nname = \"guarded\"\n[agents.call]\nkind = \"http\"\nupstream = \"guarded-api\"\n\
+         url = \"http://127.0.0.1:{api_port}/x\"\n\
+         auth = {{ oauth2 = {{ token_url = \"http://127.0.0.1:{auth_port}/token\", client_id = \"dead\", \
+         client_secret = \"env:CASCADE_TEST_OAUTH_SECRET_2\" }} }}\n\
+         [agents.after]\nkind = \"sim\"\nafter = [\"call\"]\n"
+    ))
+    .await;
+    let first = orch
+        .submit(SubmitRequest::new("guarded", json!({})))
+        .await
+        .unwrap()
+        .id;
+    assert_eq!(orch.wait(first).await.unwrap().state, JobState::Succeeded);
+    // The server stops; the one-second token expires.
+    drop(auth);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            orch.submit(SubmitRequest::new("guarded", json!({ "i": i })))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    // They wait: paused, not failed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if orch.paused_agents("guarded") > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never paused"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in &ids {
+        let job = orch.get(*id).unwrap().unwrap();
+        assert!(
+            !job.state.is_terminal(),
+            "a job ended while its credential was dead: {job:?}"
+        );
+    }
+    // Back on the same port: the next probe gets a token and everything goes through.
+    let _auth = auth_server(auth_port, 60);
+    for id in ids {
+        let job = tokio::time::timeout(Duration::from_secs(90), orch.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+        assert_eq!(
+            job.steps[0].attempts, 1,
+            "waiting for a token spent no attempt"
+        );
+    }
+    orch.shutdown(Duration::from_secs(1)).await;
+}

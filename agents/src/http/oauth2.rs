@@ -6,7 +6,9 @@
 //! (a fifth of its lifetime, at most a minute, early), by one call only: a hundred concurrent
 //! calls that find it stale wait for the same refresh. A call the upstream answers with 401 asks
 //! for a new token once ([`Credential::refresh_after_refusal`]), and a refusal of a fresh token
-//! is a refused credential. A rotated refresh token replaces the old one in memory.
+//! is a refused credential. A rotated refresh token replaces the old one in memory. A credential
+//! that cannot get a token pauses its agents rather than failing their jobs (see
+//! [`Credential::token`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -51,6 +53,8 @@ pub struct Credential {
     token: tokio::sync::Mutex<Option<Token>>,
     client: reqwest::Client,
     fetches: AtomicU64,
+    /// Token fetches that failed in a row: the wait before the next try doubles with each.
+    failures: AtomicU64,
 }
 
 /// Every credential of a registry, by what identifies it.
@@ -102,6 +106,7 @@ impl Credentials {
                 .build()
                 .map_err(|e| format!("cannot build an HTTP client: {e}"))?,
             fetches: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         });
         map.insert(key, c.clone());
         Ok(c)
@@ -124,6 +129,12 @@ impl Credential {
     }
 
     /// A valid token: the cached one, or a new one fetched by this call while others wait.
+    ///
+    /// A credential that cannot get a token (the authorization server is down, or turns the
+    /// client away) is not the step's fault: the call is refused as rate-limited, with a wait
+    /// that doubles from 1 s to 60 s, so that its agent and everything downstream pause on the
+    /// agent's upstream quota instead of failing their jobs one by one, and the next call after
+    /// the wait is the probe. Each failure is logged at error level.
     pub async fn token(&self) -> Result<String, AgentError> {
         let mut slot = self.token.lock().await;
         if let Some(t) = slot.as_ref()
@@ -131,10 +142,30 @@ impl Credential {
         {
             return Ok(t.value.clone());
         }
-        let fresh = self.fetch().await?;
+        let fresh = self.fetch().await.map_err(|e| self.dead(e))?;
         let value = fresh.value.clone();
         *slot = Some(fresh);
         Ok(value)
+    }
+
+    fn dead(&self, e: AgentError) -> AgentError {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed);
+        let wait = Duration::from_secs(1 << n.min(6)).min(Duration::from_secs(60));
+        tracing::error!(
+            token_url = %self.token_url,
+            client_id = %self.client_id,
+            failures = n + 1,
+            retry_in = ?wait,
+            error = %e.message,
+            "an OAuth2 credential cannot get a token; its agents pause until it can"
+        );
+        AgentError::rate_limited(
+            format!(
+                "credential of client {} cannot get a token: {}",
+                self.client_id, e.message
+            ),
+            Some(wait),
+        )
     }
 
     /// The upstream refused `refused` with 401: a new token, unless another call has already
@@ -146,7 +177,7 @@ impl Credential {
         {
             return Ok(t.value.clone());
         }
-        let fresh = self.fetch().await?;
+        let fresh = self.fetch().await.map_err(|e| self.dead(e))?;
         let value = fresh.value.clone();
         *slot = Some(fresh);
         Ok(value)
@@ -222,6 +253,9 @@ impl Credential {
             AgentError::transient(format!("the token endpoint's answer is not a token: {e}"))
         })?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        if self.failures.swap(0, Ordering::Relaxed) > 0 {
+            tracing::info!(token_url = %self.token_url, client_id = %self.client_id, "an OAuth2 credential got a token again");
+        }
         if let Some(rotated) = t.refresh_token
             && refresh.is_some()
         {
