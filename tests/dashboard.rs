@@ -354,6 +354,7 @@ kind = "sim"
         );
     });
     let states = || {
+        // One reply per request: it never holds more than one message.
         let (tx, rx) = std::sync::mpsc::channel();
         page_tx.send(tx).unwrap();
         rx.recv().unwrap()

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cascade_orchestrator::SubmitRequest;
 use cascade_orchestrator::job::JobState;
-use cascade_orchestrator::{Orchestrator, SubmitRequest};
 use serde_json::{Value, json};
 
 mod common;
@@ -84,22 +84,6 @@ fn ok(body: Value) -> (u16, Vec<(&'static str, String)>, String) {
     (200, vec![], body.to_string())
 }
 
-async fn run_one(
-    orch: &Orchestrator,
-    graph: &str,
-    input: Value,
-) -> cascade_orchestrator::job::JobRecord {
-    let id = orch
-        .submit(SubmitRequest::new(graph, input))
-        .await
-        .unwrap()
-        .id;
-    tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
-        .await
-        .expect("the job ends")
-        .unwrap()
-}
-
 /// A GET that reads a customer (query, bearer token, a dotted output path) and a POST that
 /// writes a reply: the POST fails once with a 503 and is retried with the same Idempotency-Key;
 /// the GET carries none.
@@ -144,7 +128,7 @@ async fn a_lookup_and_a_write_with_a_retry_under_one_key() {
         "#
     ))
     .await;
-    let job = run_one(&orch, "crm", json!({"customer": 42, "ticket": 7})).await;
+    let job = common::run_one(&orch, "crm", json!({"customer": 42, "ticket": 7})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let step = |name: &str| job.steps.iter().find(|s| &*s.agent == name).unwrap();
     assert_eq!(
@@ -222,17 +206,10 @@ async fn answers_are_classified() {
         agent("gone", "/gone", ""),
         agent("shape", "/shape", "output = \"data.customer.name\""),
     ];
-    let mut model = cascade_orchestrator::model::ServerModel::default();
-    for t in &toml {
-        let m = cascade_orchestrator::config::parse_graph_str("t.toml", t, &Default::default())
-            .unwrap_or_else(|e| panic!("{e}"));
-        model.graphs.extend(m.graphs);
-        model.quotas.extend(m.quotas);
-    }
-    let orch = Orchestrator::builder(model).start().await.unwrap();
+    let orch = common::start_many(&toml).await;
 
     let started = std::time::Instant::now();
-    let job = run_one(&orch, "limited", json!({})).await;
+    let job = common::run_one(&orch, "limited", json!({})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     assert!(
         started.elapsed() >= Duration::from_millis(900),
@@ -243,7 +220,7 @@ async fn answers_are_classified() {
     let q = common::quota(&orch, &implicit).await;
     assert!(q.implicit && q.refusals >= 1, "{q:?}");
 
-    let job = run_one(&orch, "secret", json!({})).await;
+    let job = common::run_one(&orch, "secret", json!({})).await;
     assert_eq!(job.state, JobState::Failed);
     let err = job.error.clone().unwrap();
     assert!(err.contains("401") && err.contains("[redacted]"), "{err}");
@@ -260,7 +237,7 @@ async fn answers_are_classified() {
         "a refused credential is not retried"
     );
 
-    let job = run_one(&orch, "gone", json!({})).await;
+    let job = common::run_one(&orch, "gone", json!({})).await;
     assert_eq!(job.state, JobState::Failed);
     assert!(
         job.error
@@ -272,7 +249,7 @@ async fn answers_are_classified() {
     );
     assert_eq!(job.steps[0].attempts, 1, "a 404 is not retried");
 
-    let job = run_one(&orch, "shape", json!({})).await;
+    let job = common::run_one(&orch, "shape", json!({})).await;
     assert_eq!(job.state, JobState::Failed);
     assert!(
         job.error.as_deref().unwrap().contains("no data.customer"),
@@ -359,7 +336,7 @@ async fn a_crm_lookup_and_write_against_json_server() {
         "#
     ))
     .await;
-    let job = run_one(&orch, "crm", json!({"customer": 42, "ticket": 7})).await;
+    let job = common::run_one(&orch, "crm", json!({"customer": 42, "ticket": 7})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let reply = job.steps.iter().find(|s| &*s.agent == "reply").unwrap();
     let created = reply.output.as_deref().unwrap();
@@ -374,7 +351,7 @@ async fn a_crm_lookup_and_write_against_json_server() {
     assert_eq!(stored.as_array().unwrap().len(), 1, "{stored}");
     assert_eq!(stored[0]["text"], "Dear Ada, we refunded you.");
 
-    let job = run_one(&orch, "crm", json!({"customer": 404, "ticket": 8})).await;
+    let job = common::run_one(&orch, "crm", json!({"customer": 404, "ticket": 8})).await;
     assert_eq!(job.state, JobState::Failed);
     assert!(
         job.error.as_deref().unwrap().contains("404"),
@@ -566,6 +543,7 @@ fn auth_server(port: u16, ttl: u32) -> AuthServer {
         .spawn()
         .expect("node runs");
     let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    // One "ready" message, once.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let out = std::io::BufReader::new(child.stdout.take().unwrap());
     let sink = events.clone();
@@ -653,18 +631,13 @@ async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
              client_secret = \"env:CASCADE_TEST_OAUTH_SECRET\", scopes = [\"tickets.read\"], audience = \"tickets\" }} }}\n"
         )
     };
-    let mut model = cascade_orchestrator::model::ServerModel::default();
-    for name in ["left", "right"] {
-        let m = cascade_orchestrator::config::parse_graph_str(
-            "g.toml",
-            &graph(name),
-            &Default::default(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        model.graphs.extend(m.graphs);
-        model.quotas.extend(m.quotas);
-    }
-    let orch = Orchestrator::builder(model).start().await.unwrap();
+    let orch = common::start_many(
+        &["left", "right"]
+            .into_iter()
+            .map(|name| graph(name).to_string())
+            .collect::<Vec<_>>(),
+    )
+    .await;
     let (api_ref, auth_ref) = (&api, &auth);
     let run_many = |n: usize| {
         let orch = &orch;

@@ -6,8 +6,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cascade_orchestrator::Orchestrator;
 use cascade_orchestrator::job::JobState;
-use cascade_orchestrator::{Orchestrator, SubmitRequest};
 use serde_json::{Value, json};
 
 mod common;
@@ -98,22 +98,6 @@ async fn provider() -> (u16, Log) {
     (port, log)
 }
 
-async fn run(
-    orch: &Orchestrator,
-    graph: &str,
-    input: Value,
-) -> cascade_orchestrator::job::JobRecord {
-    let id = orch
-        .submit(SubmitRequest::new(graph, input))
-        .await
-        .unwrap()
-        .id;
-    tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
-        .await
-        .expect("the job ends")
-        .unwrap()
-}
-
 fn keys() {
     // SAFETY: set before any orchestrator starts; every test sets the same values.
     unsafe {
@@ -165,7 +149,7 @@ async fn an_openai_compatible_chain_classifies_and_drafts() {
         },
     );
     let orch = Orchestrator::builder(model).start().await.unwrap();
-    let job = run(&orch, "support", json!({"body": "I was charged twice"})).await;
+    let job = common::run_one(&orch, "support", json!({"body": "I was charged twice"})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let step = |n: &str| {
         job.steps
@@ -229,22 +213,22 @@ async fn provider_answers_are_classified() {
             "[graph]\nname = \"{name}\"\n[agents.ask]\nkind = \"llm\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\napi_key = \"env:CASCADE_TEST_OPENAI_KEY\"\nmodel = \"{model}\"\nprompt = \"hi\"\nretry = {{ max_attempts = 3, initial_delay = \"10ms\", max_delay = \"20ms\" }}\n{extra}"
         )
     };
-    let mut model = cascade_orchestrator::model::ServerModel::default();
-    for t in [
-        graph("limited", "limited", ""),
-        graph("flaky", "flaky", ""),
-        graph("babbler", "babbler", "response = \"json\"\n"),
-        graph("badkey", "any", "").replace("CASCADE_TEST_OPENAI_KEY", "CASCADE_TEST_ANTHROPIC_KEY"),
-    ] {
-        let m = cascade_orchestrator::config::parse_graph_str("t.toml", &t, &Default::default())
-            .unwrap_or_else(|e| panic!("{e}"));
-        model.graphs.extend(m.graphs);
-        model.quotas.extend(m.quotas);
-    }
-    let orch = Orchestrator::builder(model).start().await.unwrap();
+    let orch = common::start_many(
+        &[
+            graph("limited", "limited", ""),
+            graph("flaky", "flaky", ""),
+            graph("babbler", "babbler", "response = \"json\"\n"),
+            graph("badkey", "any", "")
+                .replace("CASCADE_TEST_OPENAI_KEY", "CASCADE_TEST_ANTHROPIC_KEY"),
+        ]
+        .into_iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>(),
+    )
+    .await;
 
     let t = std::time::Instant::now();
-    let job = run(&orch, "limited", json!({})).await;
+    let job = common::run_one(&orch, "limited", json!({})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     assert!(
         t.elapsed() >= Duration::from_millis(250),
@@ -254,11 +238,11 @@ async fn provider_answers_are_classified() {
     let q = common::quota(&orch, &format!("upstream:http://127.0.0.1:{port}")).await;
     assert!(q.refusals >= 1, "{q:?}");
 
-    let job = run(&orch, "flaky", json!({})).await;
+    let job = common::run_one(&orch, "flaky", json!({})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     assert_eq!(job.steps[0].attempts, 2);
 
-    let job = run(&orch, "babbler", json!({})).await;
+    let job = common::run_one(&orch, "babbler", json!({})).await;
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(
         job.steps[0].attempts, 3,
@@ -273,7 +257,7 @@ async fn provider_answers_are_classified() {
         job.error
     );
 
-    let job = run(&orch, "badkey", json!({})).await;
+    let job = common::run_one(&orch, "badkey", json!({})).await;
     assert_eq!(job.state, JobState::Failed);
     let err = job.error.unwrap();
     assert!(
@@ -306,7 +290,7 @@ async fn an_anthropic_messages_call() {
         "#
     ))
     .await;
-    let job = run(&orch, "claude", json!({"q": "why"})).await;
+    let job = common::run_one(&orch, "claude", json!({"q": "why"})).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let out = job.steps[0].output.clone().unwrap();
     assert_eq!(out["text"], "Reply to: Answer why");

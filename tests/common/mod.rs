@@ -17,6 +17,35 @@ pub async fn start(toml: &str) -> Orchestrator {
     Orchestrator::builder(model).start().await.unwrap()
 }
 
+/// An orchestrator running every graph in `tomls` (each a graph file's text).
+pub async fn start_many(tomls: &[String]) -> Orchestrator {
+    let mut model = cascade_orchestrator::model::ServerModel::default();
+    for t in tomls {
+        let m = config::parse_graph_str("test.toml", t, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+        model.graphs.extend(m.graphs);
+        model.quotas.extend(m.quotas);
+    }
+    Orchestrator::builder(model).start().await.unwrap()
+}
+
+/// Submit one job of `graph` and wait (30 s at most) until it ends.
+pub async fn run_one(
+    orch: &Orchestrator,
+    graph: &str,
+    input: serde_json::Value,
+) -> cascade_orchestrator::job::JobRecord {
+    let id = orch
+        .submit(cascade_orchestrator::SubmitRequest::new(graph, input))
+        .await
+        .unwrap()
+        .id;
+    tokio::time::timeout(std::time::Duration::from_secs(30), orch.wait(id))
+        .await
+        .expect("the job ends")
+        .unwrap()
+}
+
 /// The quota called `name` as the orchestrator's broker sees it now (panics if it is not listed).
 pub async fn quota(orch: &Orchestrator, name: &str) -> cascade_orchestrator::quota::QuotaSnapshot {
     orch.quotas()
