@@ -13,7 +13,9 @@
 //!
 //! The program reads `{"input", "deps", "job"}` on stdin and writes one JSON value on stdout: the
 //! step's output. It runs in a process group of its own; when the step's `timeout` passes (or the
-//! step is cancelled) the whole group is killed, so nothing it started outlives it. A non-zero
+//! step is cancelled) the whole group is killed, so nothing it started in that group outlives
+//! it (a process that leaves the group, with `setsid`, is beyond reach). It gets `PATH`, `HOME`,
+//! `LANG`, `LC_ALL`, `TMPDIR`, `TZ` and `USER` from the server's environment, and `env`. A non-zero
 //! exit is an error carrying the exit code and the end of stderr: exit 75 (`EX_TEMPFAIL`) is
 //! transient and retried, any other code is permanent; death by a signal is transient.
 
@@ -50,6 +52,8 @@ pub const KIND: KindSpec = KindSpec {
 const DEFAULT_MAX_OUTPUT: u64 = 10 << 20;
 /// How much of stderr an error keeps: its end, where programs say what went wrong.
 const STDERR_TAIL: usize = 2048;
+/// The server's environment variables a program gets, beside its own `env`.
+const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "TZ", "USER"];
 /// `EX_TEMPFAIL` from sysexits.h: "try again later".
 const EX_TEMPFAIL: i32 = 75;
 
@@ -81,7 +85,7 @@ fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
 
 enum EnvValue {
     Literal(String),
-    Secret(SecretCell),
+    Secret(Arc<SecretCell>),
 }
 
 pub struct CommandAgent {
@@ -114,10 +118,10 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
                 path: vec!["env".into(), name.clone()],
                 message: e,
             })?;
-            EnvValue::Secret(SecretCell::load(r).map_err(|e| FieldError {
+            EnvValue::Secret(Arc::new(SecretCell::load(r).map_err(|e| FieldError {
                 path: vec!["env".into(), name.clone()],
                 message: e,
-            })?)
+            })?))
         } else {
             EnvValue::Literal(value)
         };
@@ -174,13 +178,21 @@ impl Agent for CommandAgent {
         let stdin_json = serde_json::to_vec(&input.view(ctx))
             .map_err(|e| AgentError::permanent(format!("the step input is not JSON: {e}")))?;
         let mut cmd = tokio::process::Command::new(&self.program);
+        // The program sees what its agent gives it, not the server's environment (which holds
+        // other agents' credentials): a few variables programs need to run, and `env`.
+        cmd.env_clear();
+        for name in INHERITED_ENV {
+            if let Some(v) = std::env::var_os(name) {
+                cmd.env(name, v);
+            }
+        }
         for a in args.as_array().into_iter().flatten() {
             cmd.arg(a.as_str().unwrap_or_default());
         }
         for (name, v) in &self.env {
             match v {
                 EnvValue::Literal(s) => cmd.env(name, s),
-                EnvValue::Secret(cell) => cmd.env(name, cell.get()?),
+                EnvValue::Secret(cell) => cmd.env(name, cell.current().await?),
             };
         }
         if let Some(dir) = &self.cwd {
@@ -247,13 +259,13 @@ impl Agent for CommandAgent {
             .await
             .map_err(|e| AgentError::transient(format!("waiting for the program failed: {e}")))?;
         let tail = {
-            let t = String::from_utf8_lossy(&err_tail);
-            let t = t.trim();
+            // Redacted whole, then cut: a secret across the cut must not leave a part of it.
+            let t = self.redact(String::from_utf8_lossy(&err_tail).trim());
             let start = t.len().saturating_sub(STDERR_TAIL);
             let start = (start..=t.len())
                 .find(|&i| t.is_char_boundary(i))
                 .unwrap_or(t.len());
-            self.redact(&t[start..])
+            t[start..].to_string()
         };
         if !status.success() {
             let said = if tail.is_empty() {

@@ -154,7 +154,7 @@ enum HeaderValue {
 pub struct LlmAgent {
     provider: Provider,
     endpoint: String,
-    api_key: Option<SecretCell>,
+    api_key: Option<Arc<SecretCell>>,
     model: String,
     /// `{"system": …, "prompt": …}`, rendered per call.
     messages: JsonTemplate,
@@ -176,14 +176,18 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         Provider::Anthropic => format!("{base}/v1/messages"),
     };
     let api_key = match c.api_key {
-        Some(r) => Some(SecretCell::load(r).map_err(|e| FieldError::new("api_key", e))?),
+        Some(r) => Some(Arc::new(
+            SecretCell::load(r).map_err(|e| FieldError::new("api_key", e))?,
+        )),
         // The default reference is optional: a local server (Ollama, llama.cpp) needs no key.
         None => {
             let var = match provider {
                 Provider::Openai => "OPENAI_API_KEY",
                 Provider::Anthropic => "ANTHROPIC_API_KEY",
             };
-            std::env::var_os(var).and_then(|_| SecretCell::load(SecretRef::Env(var.into())).ok())
+            std::env::var_os(var)
+                .and_then(|_| SecretCell::load(SecretRef::Env(var.into())).ok())
+                .map(Arc::new)
         }
     };
     if c.model.trim().is_empty() {
@@ -430,8 +434,8 @@ impl Agent for LlmAgent {
             .post(&self.endpoint)
             .json(&self.body(system, prompt));
         match (self.provider, &self.api_key) {
-            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.get()?),
-            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.get()?),
+            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.current().await?),
+            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.current().await?),
             (_, None) => {}
         }
         if self.provider == Provider::Anthropic {
@@ -459,12 +463,14 @@ impl Agent for LlmAgent {
         })?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let body = read_capped(resp, MAX_REPLY_BYTES).await?;
         if !(200..300).contains(&status) {
+            // An error answer is classified from its first bytes, whatever its size.
+            let body = crate::http::read_prefix(resp, 64 << 10).await;
             return Err(classify::classify(status, &headers, &body, &|s| {
                 self.redact(s)
             }));
         }
+        let body = read_capped(resp, MAX_REPLY_BYTES).await?;
         let reply: Value = serde_json::from_slice(&body)
             .map_err(|e| AgentError::transient(format!("the provider's reply is not JSON: {e}")))?;
         let (text, finish_reason, model, mut usage) = self.parse_reply(&reply)?;
@@ -478,12 +484,24 @@ impl Agent for LlmAgent {
                 out.insert("text".into(), Value::String(text));
             }
             Response::Json => {
-                // A model that answered with something else may answer right next time.
+                // A model that answered with something else may answer right next time; one cut
+                // off at max_tokens would be cut off again.
+                let cut_off = matches!(finish_reason.as_str(), Some("length" | "max_tokens"));
                 let v = parse_json_reply(&text).map_err(|e| {
-                    AgentError::transient(format!(
-                        "the model's reply is not the JSON asked for ({e}): {}",
+                    let msg = format!(
+                        "the model's reply is not the JSON asked for ({e}){}: {}",
+                        if cut_off {
+                            "; it was cut off at max_tokens: raise max_tokens"
+                        } else {
+                            ""
+                        },
                         text.chars().take(200).collect::<String>()
-                    ))
+                    );
+                    if cut_off {
+                        AgentError::permanent(msg)
+                    } else {
+                        AgentError::transient(msg)
+                    }
                 })?;
                 out.insert("json".into(), v);
             }

@@ -142,10 +142,11 @@ fn run_exec(command: &str) -> Result<String, String> {
         .spawn()
         .map_err(|e| format!("cannot run the command: {e}"))?;
     let mut stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
+    let (out_tx, out_rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
         let mut out = Vec::new();
         let _ = stdout.read_to_end(&mut out);
-        out
+        let _ = out_tx.send(out);
     });
     let deadline = std::time::Instant::now() + EXEC_TIMEOUT;
     let status = loop {
@@ -163,7 +164,14 @@ fn run_exec(command: &str) -> Result<String, String> {
             }
         }
     };
-    let out = reader.join().unwrap_or_default();
+    // Something the command started may hold its stdout open after it exits: wait a little,
+    // not forever.
+    let out = out_rx
+        .recv_timeout(std::time::Duration::from_secs(2))
+        .map_err(|_| {
+            "the command exited but its output did not end (a background process holds it?)"
+                .to_string()
+        })?;
     if !status.success() {
         return Err(format!("the command failed ({status})"));
     }
@@ -243,8 +251,10 @@ impl SecretCell {
         {
             match Self::read(&self.reference) {
                 Ok(fresh) => *state = fresh,
-                // The previous value may still be good: use it, and try again at the next call.
+                // The previous value may still be good: use it, and try again after another
+                // ttl rather than at every call.
                 Err(e) => {
+                    state.1 = Some(std::time::SystemTime::now());
                     tracing::warn!(secret = %self.reference, error = %e, "could not refresh an exec: secret; using the previous value")
                 }
             }
@@ -263,6 +273,29 @@ impl SecretCell {
             }
         }
         Ok(state.0.clone())
+    }
+
+    /// The value now, from async code: an `exec:` value past its ttl is fetched on a blocking
+    /// thread, so that a slow command does not hold up the caller's runtime thread (an agent's
+    /// call runs its first steps on its graph's scheduler).
+    pub async fn current(self: &std::sync::Arc<Self>) -> Result<String, crate::AgentError> {
+        if let SecretRef::Exec { ttl, .. } = &self.reference {
+            let stale = {
+                let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state
+                    .1
+                    .is_none_or(|at| at.elapsed().unwrap_or_default() >= *ttl)
+            };
+            if stale {
+                let cell = self.clone();
+                return tokio::task::spawn_blocking(move || cell.get())
+                    .await
+                    .map_err(|e| {
+                        crate::AgentError::transient(format!("reading a secret failed: {e}"))
+                    })?;
+            }
+        }
+        self.get()
     }
 
     /// `text` with this secret's value replaced by `[redacted]`.

@@ -18,14 +18,14 @@ pub fn classify(
     body: &[u8],
     redact: &dyn Fn(&str) -> String,
 ) -> AgentError {
-    let text = upstream_message(body);
+    // Redacted whole, then cut: a secret across the cut must not leave its first half.
+    let text = cut(&redact(&upstream_message(body)));
     let msg = |what: &str| {
-        let m = if text.is_empty() {
+        if text.is_empty() {
             format!("upstream answered HTTP {status} ({what})")
         } else {
             format!("upstream answered HTTP {status} ({what}): {text}")
-        };
-        redact(&m)
+        }
     };
     match status {
         429 => {
@@ -42,8 +42,22 @@ pub fn classify(
     }
 }
 
+/// `text` cut at [`MESSAGE_BYTES`].
+fn cut(text: &str) -> String {
+    let mut one_line = text.to_string();
+    if one_line.len() > MESSAGE_BYTES {
+        let mut at = MESSAGE_BYTES;
+        while !one_line.is_char_boundary(at) {
+            at -= 1;
+        }
+        one_line.truncate(at);
+        one_line.push('…');
+    }
+    one_line
+}
+
 /// The error body as one line: a JSON error's `error.message` or `message` when there is one,
-/// else the text, cut at [`MESSAGE_BYTES`].
+/// else the text.
 fn upstream_message(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let from_json = serde_json::from_slice::<serde_json::Value>(body)
@@ -54,20 +68,11 @@ fn upstream_message(body: &[u8]) -> String {
                 .or_else(|| v.get("error").filter(|e| e.is_string()))
                 .and_then(|m| m.as_str().map(str::to_string))
         });
-    let mut one_line: String = from_json
+    from_json
         .unwrap_or_else(|| text.into_owned())
         .split_whitespace()
         .collect::<Vec<_>>()
-        .join(" ");
-    if one_line.len() > MESSAGE_BYTES {
-        let mut cut = MESSAGE_BYTES;
-        while !one_line.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        one_line.truncate(cut);
-        one_line.push('…');
-    }
-    one_line
+        .join(" ")
 }
 
 /// The longest wait a refusal's headers ask for: `retry-after` (seconds or an HTTP date),

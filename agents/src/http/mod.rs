@@ -119,16 +119,16 @@ struct BasicConfig {
 }
 
 enum Auth {
-    Bearer(SecretCell),
-    ApiKey(reqwest::header::HeaderName, SecretCell),
-    Basic(String, SecretCell),
+    Bearer(Arc<SecretCell>),
+    ApiKey(reqwest::header::HeaderName, Arc<SecretCell>),
+    Basic(String, Arc<SecretCell>),
     OAuth2(Arc<oauth2::Credential>),
 }
 
 impl Auth {
     fn secrets(&self) -> Vec<&SecretCell> {
         match self {
-            Self::Bearer(s) | Self::ApiKey(_, s) | Self::Basic(_, s) => vec![s],
+            Self::Bearer(s) | Self::ApiKey(_, s) | Self::Basic(_, s) => vec![&**s],
             Self::OAuth2(_) => vec![],
         }
     }
@@ -167,6 +167,9 @@ impl HttpClients {
             .pool_max_idle_per_host(MAX_REQUESTS_PER_UPSTREAM)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
+            // No redirects: a redirect to another host would take the caller's credential
+            // headers with it (reqwest strips only Authorization and Cookie).
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cascade/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = ca_file {
@@ -214,6 +217,9 @@ pub fn origin_of(url: &str) -> Option<String> {
 
 pub struct HttpAgent {
     method: reqwest::Method,
+    /// The URL template's scheme, host and port when they are not templated: a credential goes
+    /// there and nowhere else, whatever the input makes of the rest of the URL.
+    fixed_origin: Option<String>,
     request: JsonTemplate,
     output: Vec<String>,
     ok_status: Option<Vec<u16>>,
@@ -302,9 +308,9 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     .map_err(|_| FieldError::new("idempotency_header", "not a valid header name"))?;
     let auth = match c.auth {
         None => None,
-        Some(AuthConfig::Bearer { bearer }) => Some(Auth::Bearer(
+        Some(AuthConfig::Bearer { bearer }) => Some(Auth::Bearer(Arc::new(
             SecretCell::load(bearer).map_err(|e| field(&["auth", "bearer"], e))?,
-        )),
+        ))),
         Some(AuthConfig::ApiKey { api_key }) => Some(Auth::ApiKey(
             reqwest::header::HeaderName::from_bytes(api_key.header.as_bytes()).map_err(|_| {
                 field(
@@ -312,7 +318,10 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
                     "not a valid header name".into(),
                 )
             })?,
-            SecretCell::load(api_key.value).map_err(|e| field(&["auth", "api_key", "value"], e))?,
+            Arc::new(
+                SecretCell::load(api_key.value)
+                    .map_err(|e| field(&["auth", "api_key", "value"], e))?,
+            ),
         )),
         Some(AuthConfig::OAuth2 { oauth2 }) => Some(Auth::OAuth2(
             spec.resources
@@ -322,10 +331,18 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         )),
         Some(AuthConfig::Basic { basic }) => Some(Auth::Basic(
             basic.username,
-            SecretCell::load(basic.password)
-                .map_err(|e| field(&["auth", "basic", "password"], e))?,
+            Arc::new(
+                SecretCell::load(basic.password)
+                    .map_err(|e| field(&["auth", "basic", "password"], e))?,
+            ),
         )),
     };
+    if auth.is_some() && origin_of(&c.url).is_none() {
+        return Err(FieldError::new(
+            "url",
+            "with auth, write the URL's scheme, host and port out (e.g. \"https://api.example.com/items/{{ input.id }}\"): a templated host could send the credential anywhere",
+        ));
+    }
     let name = upstream_name(spec).unwrap_or_default();
     let upstream = spec
         .resources
@@ -334,6 +351,7 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         .map_err(|e| FieldError::new("ca_file", e))?;
     Ok(Arc::new(HttpAgent {
         method,
+        fixed_origin: origin_of(&c.url),
         request,
         output,
         ok_status: c.ok_status,
@@ -404,10 +422,26 @@ pub async fn read_capped(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8
     Ok(body)
 }
 
+/// The first `max` bytes of a body (what arrived of them), for an error answer.
+pub async fn read_prefix(mut resp: reqwest::Response, max: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    while body.len() < max {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk[..chunk.len().min(max - body.len())]),
+            _ => break,
+        }
+    }
+    body
+}
+
 /// A transport failure: a timeout or a connection that failed is worth another attempt.
 pub fn transport_error(e: reqwest::Error) -> AgentError {
     let e = e.without_url();
-    if e.is_timeout() {
+    if e.is_builder() || e.is_redirect() {
+        // A request that cannot be built (a rendered header with a line break, a bad scheme)
+        // fails the same way every time.
+        AgentError::permanent(format!("the request is not valid: {e}"))
+    } else if e.is_timeout() {
         AgentError::transient(format!("the request timed out: {e}"))
     } else if e.is_connect() {
         AgentError::transient(format!("cannot connect to the upstream: {e}"))
@@ -426,6 +460,14 @@ impl Agent for HttpAgent {
                 self.redact(&format!("the rendered url {url:?} is not a URL: {e}")),
             )
         })?;
+        if self.auth.is_some()
+            && let Some(origin) = &self.fixed_origin
+            && url.origin().ascii_serialization() != *origin
+        {
+            return Err(AgentError::permanent(format!(
+                "the rendered URL leaves {origin} (its input changed the host): a credential is only sent to {origin}"
+            )));
+        }
         if let Some(query) = rendered["query"].as_object()
             && !query.is_empty()
         {
@@ -437,6 +479,14 @@ impl Agent for HttpAgent {
                 };
             }
         }
+        // Secrets first, off the runtime thread if one must be fetched (`exec:`).
+        let secret = match &self.auth {
+            Some(Auth::Bearer(s) | Auth::ApiKey(_, s) | Auth::Basic(_, s)) => {
+                Some(s.current().await?)
+            }
+            _ => None,
+        };
+        let secret = secret.as_deref().unwrap_or_default();
         let build = |token: Option<&str>| -> Result<reqwest::RequestBuilder, AgentError> {
             let mut req = self
                 .upstream
@@ -452,9 +502,9 @@ impl Agent for HttpAgent {
             }
             match &self.auth {
                 None => {}
-                Some(Auth::Bearer(s)) => req = req.bearer_auth(s.get()?.as_str()),
-                Some(Auth::ApiKey(h, s)) => req = req.header(h.clone(), s.get()?.as_str()),
-                Some(Auth::Basic(user, s)) => req = req.basic_auth(user, Some(s.get()?.as_str())),
+                Some(Auth::Bearer(_)) => req = req.bearer_auth(secret),
+                Some(Auth::ApiKey(h, _)) => req = req.header(h.clone(), secret),
+                Some(Auth::Basic(user, _)) => req = req.basic_auth(user, Some(secret)),
                 Some(Auth::OAuth2(_)) => req = req.bearer_auth(token.unwrap_or_default()),
             }
             if let Some(body) = rendered.get("body") {
@@ -498,12 +548,14 @@ impl Agent for HttpAgent {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("json"));
-        let body = read_capped(resp, self.max_response_bytes).await?;
         if !self.ok(status) {
+            // An error answer is classified from its first bytes, whatever its size.
+            let body = read_prefix(resp, 64 << 10).await;
             return Err(classify::classify(status, &headers, &body, &|s| {
                 self.redact(s)
             }));
         }
+        let body = read_capped(resp, self.max_response_bytes).await?;
         let value = if body.is_empty() {
             Value::Null
         } else if json_body {
@@ -598,6 +650,11 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e.path, ["headers", "X-A"]);
+        let e = build_with(serde_json::json!({"url": "https://api.example.com{{ input.p }}", "auth": {"bearer": "env:PATH"}}))
+            .err()
+            .unwrap();
+        assert_eq!(e.path, ["url"]);
+        assert!(e.message.contains("credential"), "{e}");
         let e = build_with(serde_json::json!({"url": "https://x/", "ok_status": [99]}))
             .err()
             .unwrap();

@@ -66,12 +66,20 @@ pub struct Credentials {
 impl Credentials {
     /// The credential `config` describes, made on first use.
     pub fn get(&self, config: &OAuth2Config) -> Result<Arc<Credential>, String> {
+        // The references, not their values, tell credentials apart: two delegated tokens of
+        // one client (two users' refresh tokens) are two credentials.
         let key = format!(
-            "{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}\n{}",
             config.token_url,
             config.client_id,
+            config.client_secret,
             config.scopes.join(" "),
-            config.audience.as_deref().unwrap_or("")
+            config.audience.as_deref().unwrap_or(""),
+            config
+                .refresh_token
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
         );
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(&key) {
