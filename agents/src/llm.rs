@@ -18,9 +18,10 @@
 //!
 //! Output: `{"text"` (or `"json"`)`, "model", "finish_reason", "usage": {"prompt_tokens",
 //! "completion_tokens"}}`. Before a call the agent estimates what it will spend so that token
-//! quotas can reserve it: the prompt at one token per four characters (a heuristic for English
-//! text; a tokenizer per model family is not built in yet) plus `max_tokens`; the quota settles on
-//! the usage the reply reports. Answers are classified as the `http` kind's are: 429 pauses with
+//! quotas can reserve it: the job input's JSON at one token per four characters plus 16 (a
+//! heuristic that ignores the prompt template and the dependencies' outputs; a tokenizer per
+//! model family is not built in yet), and `max_tokens` (256 when unset); the quota settles on the
+//! usage the reply reports. Answers are classified as the `http` kind's are: 429 pauses with
 //! the longest delay the provider's headers give, 408/5xx/529 retry, 401 is a refused key.
 
 use std::sync::Arc;

@@ -512,6 +512,12 @@ impl Agent for HttpAgent {
             }
             Ok(req)
         };
+        // The token before a request slot: a call waiting on the authorization server holds
+        // no connection to the upstream.
+        let token = match &self.auth {
+            Some(Auth::OAuth2(cred)) => Some(cred.token().await?),
+            _ => None,
+        };
         let _slot = self
             .upstream
             .slots
@@ -527,9 +533,8 @@ impl Agent for HttpAgent {
                 }
             })
         };
-        let resp = match &self.auth {
-            Some(Auth::OAuth2(cred)) => {
-                let token = cred.token().await?;
+        let resp = match (&self.auth, token) {
+            (Some(Auth::OAuth2(cred)), Some(token)) => {
                 let resp = send(build(Some(&token))?).await?;
                 if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
                     // The token may have been revoked or rotated early: one new token, one

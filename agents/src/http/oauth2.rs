@@ -55,6 +55,9 @@ pub struct Credential {
     fetches: AtomicU64,
     /// Token fetches that failed in a row: the wait before the next try doubles with each.
     failures: AtomicU64,
+    /// After a failed fetch, no other until then: the calls queued behind the failed one are
+    /// answered with the same wait instead of each trying (and timing out) in turn.
+    blocked_until: Mutex<Option<Instant>>,
 }
 
 /// Every credential of a registry, by what identifies it.
@@ -115,6 +118,7 @@ impl Credentials {
                 .map_err(|e| format!("cannot build an HTTP client: {e}"))?,
             fetches: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            blocked_until: Mutex::new(None),
         });
         map.insert(key, c.clone());
         Ok(c)
@@ -150,15 +154,32 @@ impl Credential {
         {
             return Ok(t.value.clone());
         }
+        self.not_blocked()?;
         let fresh = self.fetch().await.map_err(|e| self.dead(e))?;
         let value = fresh.value.clone();
         *slot = Some(fresh);
         Ok(value)
     }
 
+    /// Refused at once while a failed fetch's wait runs.
+    fn not_blocked(&self) -> Result<(), AgentError> {
+        let until = *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
+        match until {
+            Some(t) if Instant::now() < t => Err(AgentError::rate_limited(
+                format!(
+                    "credential of client {} cannot get a token; the next try is due",
+                    self.client_id
+                ),
+                Some(t - Instant::now()),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     fn dead(&self, e: AgentError) -> AgentError {
         let n = self.failures.fetch_add(1, Ordering::Relaxed);
         let wait = Duration::from_secs(1 << n.min(6)).min(Duration::from_secs(60));
+        *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
         tracing::error!(
             token_url = %self.token_url,
             client_id = %self.client_id,
@@ -185,6 +206,7 @@ impl Credential {
         {
             return Ok(t.value.clone());
         }
+        self.not_blocked()?;
         let fresh = self.fetch().await.map_err(|e| self.dead(e))?;
         let value = fresh.value.clone();
         *slot = Some(fresh);
@@ -261,6 +283,7 @@ impl Credential {
             AgentError::transient(format!("the token endpoint's answer is not a token: {e}"))
         })?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
+        *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
         if self.failures.swap(0, Ordering::Relaxed) > 0 {
             tracing::info!(token_url = %self.token_url, client_id = %self.client_id, "an OAuth2 credential got a token again");
         }
