@@ -208,7 +208,8 @@ impl Agent for CommandAgent {
         let mut child = cmd
             .spawn()
             .map_err(|e| AgentError::permanent(format!("cannot start {:?}: {e}", self.program)))?;
-        let _group = GroupGuard(child.id().map(|p| p as i32));
+        let pgid = child.id().map(|p| p as i32);
+        let _group = GroupGuard(pgid);
         let mut stdin = child.stdin.take().expect("piped");
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
@@ -251,13 +252,36 @@ impl Agent for CommandAgent {
             }
             tail
         };
-        let ((), out, err_tail) = tokio::join!(write, read_out, read_err);
+        let io = async { tokio::join!(write, read_out, read_err) };
+        tokio::pin!(io);
+        let mut exited = None;
+        let ((), out, err_tail) = tokio::select! {
+            r = &mut io => r,
+            s = child.wait() => {
+                exited = Some(s);
+                // The program is done, but something it left running may hold its pipes open:
+                // a moment to finish writing, then the group goes and the pipes close.
+                match tokio::time::timeout(std::time::Duration::from_secs(1), &mut io).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        if let Some(pgid) = pgid {
+                            // SAFETY: kill(2) on the group; no memory is involved.
+                            unsafe {
+                                libc::kill(-pgid, libc::SIGKILL);
+                            }
+                        }
+                        io.await
+                    }
+                }
+            }
+        };
         // Too much output: stop here (the guard kills the group).
         let out = out?;
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| AgentError::transient(format!("waiting for the program failed: {e}")))?;
+        let status = match exited {
+            Some(s) => s,
+            None => child.wait().await,
+        }
+        .map_err(|e| AgentError::transient(format!("waiting for the program failed: {e}")))?;
         let tail = {
             // Redacted whole, then cut: a secret across the cut must not leave a part of it.
             let t = self.redact(String::from_utf8_lossy(&err_tail).trim());
@@ -417,6 +441,25 @@ mod tests {
                 .err()
                 .unwrap();
         assert_eq!(e.path, ["env", "TOKEN"]);
+    }
+
+    /// A program that exits leaving a background process on its pipes ends its step at once,
+    /// not when the background process ends.
+    #[tokio::test]
+    async fn a_background_process_holding_the_pipes_does_not_hold_the_step() {
+        let a = agent(json!({"program": "sh", "args": ["-c", "sleep 30 & echo '{\"ok\": true}'"]}))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(10), a.call(&ctx(), &step(json!({}))))
+            .await
+            .expect("the step ended")
+            .unwrap();
+        assert_eq!(out.value, json!({"ok": true}));
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// The timeout drops the call: the program and what it started in the background die with it.
