@@ -719,7 +719,22 @@ async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
 async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
     let auth_port = common::free_port();
     let auth = auth_server(auth_port, 1);
-    let app = axum::Router::new().fallback(|| async { axum::Json(json!({"ok": true})) });
+    // The API can be told to refuse every token (a revoked client), then to accept again.
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = refuse.clone();
+    let app = axum::Router::new().fallback(move || {
+        let flag = flag.clone();
+        async move {
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                (
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": "client revoked"})),
+                )
+            } else {
+                (axum::http::StatusCode::OK, axum::Json(json!({"ok": true})))
+            }
+        }
+    });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api_port = listener.local_addr().unwrap().port();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -782,6 +797,37 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
             job.steps[0].attempts, 1,
             "waiting for a token spent no attempt"
         );
+    }
+    // Fresh tokens refused too: the credential pauses (no job fails), and resumes.
+    refuse.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            orch.submit(SubmitRequest::new("guarded", json!({ "r": i })))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        orch.paused_agents("guarded") > 0,
+        "the refused credential pauses its agent"
+    );
+    for id in &ids {
+        let job = orch.get(*id).unwrap().unwrap();
+        assert!(
+            !job.state.is_terminal(),
+            "a job ended while its credential was refused: {job:?}"
+        );
+    }
+    refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    for id in ids {
+        let job = tokio::time::timeout(Duration::from_secs(90), orch.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     }
     orch.shutdown(Duration::from_secs(1)).await;
 }

@@ -538,9 +538,15 @@ impl Agent for HttpAgent {
                 let resp = send(build(Some(&token))?).await?;
                 if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
                     // The token may have been revoked or rotated early: one new token, one
-                    // more try; a fresh token refused too is a refused credential.
+                    // more try; a fresh token refused too pauses the credential.
                     let token = cred.refresh_after_refusal(&token).await?;
-                    send(build(Some(&token))?).await?
+                    let again = send(build(Some(&token))?).await?;
+                    if again.status() == reqwest::StatusCode::UNAUTHORIZED {
+                        let body = read_prefix(again, 4 << 10).await;
+                        let why = self.redact(&String::from_utf8_lossy(&body));
+                        return Err(cred.refused_fresh(&why).await);
+                    }
+                    again
                 } else {
                     resp
                 }

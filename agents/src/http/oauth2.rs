@@ -6,7 +6,7 @@
 //! (a fifth of its lifetime, at most a minute, early), by one call only: a hundred concurrent
 //! calls that find it stale wait for the same refresh. A call the upstream answers with 401 asks
 //! for a new token once ([`Credential::refresh_after_refusal`]), and a refusal of a fresh token
-//! is a refused credential. A rotated refresh token replaces the old one in memory. A credential
+//! pauses the credential ([`Credential::refused_fresh`]). A rotated refresh token replaces the old one in memory. A credential
 //! that cannot get a token pauses its agents rather than failing their jobs (see
 //! [`Credential::token`]).
 
@@ -178,7 +178,14 @@ impl Credential {
 
     fn dead(&self, e: AgentError) -> AgentError {
         let n = self.failures.fetch_add(1, Ordering::Relaxed);
-        let wait = Duration::from_secs(1 << n.min(6)).min(Duration::from_secs(60));
+        // The longer of the backoff and what the authorization server asked for.
+        let wait = Duration::from_secs(1 << n.min(6))
+            .min(Duration::from_secs(60))
+            .max(
+                e.retry_after
+                    .unwrap_or_default()
+                    .min(Duration::from_secs(600)),
+            );
         *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
         tracing::error!(
             token_url = %self.token_url,
@@ -195,6 +202,17 @@ impl Credential {
             ),
             Some(wait),
         )
+    }
+
+    /// The upstream refused a token that was just fetched: the credential is dead for now (its
+    /// permissions were revoked, its client disabled). The cached token is dropped and the
+    /// credential pauses like one that cannot get a token, probing with the same growing wait,
+    /// rather than fetching a token for every call.
+    pub async fn refused_fresh(&self, message: &str) -> AgentError {
+        *self.token.lock().await = None;
+        self.dead(AgentError::unauthorized(format!(
+            "a fresh token was refused: {message}"
+        )))
     }
 
     /// The upstream refused `refused` with 401: a new token, unless another call has already
@@ -268,9 +286,9 @@ impl Credential {
                 AgentError::transient(format!("the token endpoint: {}", self.redact(&e.message)))
             })?;
         let status = resp.status().as_u16();
-        let body = super::read_capped(resp, 1 << 20).await?;
+        let headers = resp.headers().clone();
         if !(200..300).contains(&status) {
-            let headers = reqwest::header::HeaderMap::new();
+            let body = super::read_prefix(resp, 64 << 10).await;
             let mut e = super::classify::classify(status, &headers, &body, &|s| self.redact(s));
             // The token endpoint turning the client down is a dead credential, not a bad call.
             if matches!(status, 400 | 401 | 403) {
@@ -279,6 +297,7 @@ impl Credential {
             e.message = format!("the token endpoint: {}", e.message);
             return Err(e);
         }
+        let body = super::read_capped(resp, 1 << 20).await?;
         let t: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
             AgentError::transient(format!("the token endpoint's answer is not a token: {e}"))
         })?;
