@@ -327,7 +327,8 @@ kind = "sim"
         .await
         .unwrap();
     type Seen = (Vec<(String, String)>, Vec<String>);
-    let (page_tx, page_rx) = std::sync::mpsc::channel::<std::sync::mpsc::Sender<Seen>>();
+    // One request at a time: the test waits for each reply before it asks again.
+    let (page_tx, page_rx) = std::sync::mpsc::sync_channel::<std::sync::mpsc::SyncSender<Seen>>(1);
     // The browser is driven from one blocking thread; the test asks it for the states.
     let driver = std::thread::spawn(move || {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -355,7 +356,7 @@ kind = "sim"
     });
     let states = || {
         // One reply per request: it never holds more than one message.
-        let (tx, rx) = std::sync::mpsc::channel();
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         page_tx.send(tx).unwrap();
         rx.recv().unwrap()
     };

@@ -74,9 +74,7 @@ async fn recorder(script: Script) -> (u16, Arc<Mutex<Vec<Seen>>>) {
             }
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let port = common::serve_http(app).await;
     (port, seen)
 }
 
@@ -394,9 +392,7 @@ async fn the_idempotency_key_survives_a_sigkill_of_the_server() {
             }
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let port = common::serve_http(app).await;
 
     let graph = format!(
         "[graph]\nname = \"write\"\n[agents.post]\nkind = \"http\"\nmethod = \"POST\"\nurl = \"http://127.0.0.1:{port}/replies\"\nbody = {{ n = 1 }}\ntimeout = \"60s\"\n"
@@ -461,9 +457,7 @@ async fn a_thousand_concurrent_calls_share_a_bounded_pool() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         axum::Json(json!({"ok": true}))
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let port = common::serve_http(app).await;
     // The most connections open at once, sampled while the calls run.
     let (peak, done) = (
         Arc::new(AtomicUsize::new(0)),
@@ -544,7 +538,7 @@ fn auth_server(port: u16, ttl: u32) -> AuthServer {
         .expect("node runs");
     let events: Arc<Mutex<Vec<Value>>> = Arc::default();
     // One "ready" message, once.
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let out = std::io::BufReader::new(child.stdout.take().unwrap());
     let sink = events.clone();
     std::thread::spawn(move || {
@@ -553,7 +547,7 @@ fn auth_server(port: u16, ttl: u32) -> AuthServer {
                 continue;
             };
             if v["event"] == "ready" {
-                let _ = ready_tx.send(());
+                let _ = ready_tx.try_send(());
             } else {
                 sink.lock().unwrap().push(v);
             }
@@ -618,9 +612,7 @@ async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
             (axum::http::StatusCode::OK, axum::Json(json!({"ok": true})))
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let api_port = common::serve_http(app).await;
 
     unsafe { std::env::set_var("CASCADE_TEST_OAUTH_SECRET", "oauth-client-secret-1") };
     let graph = |name: &str| {
@@ -735,9 +727,7 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let api_port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let api_port = common::serve_http(app).await;
     unsafe { std::env::set_var("CASCADE_TEST_OAUTH_SECRET_2", "oauth-client-secret-2") };
     let orch = common::start(&format!(
         "[graph]\nname = \"guarded\"\n[agents.call]\nkind = \"http\"\nupstream = \"guarded-api\"\n\

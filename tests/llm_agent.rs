@@ -92,9 +92,7 @@ async fn provider() -> (u16, Log) {
             }
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let port = common::serve_http(app).await;
     (port, log)
 }
 
@@ -334,9 +332,7 @@ async fn the_support_llm_example_runs_against_local_stand_ins() {
                 }
             }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let crm_port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, crm).await.unwrap() });
+    let crm_port = common::serve_http(crm).await;
 
     let example =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/graphs/support_llm.toml");

@@ -166,10 +166,8 @@ async fn receiver(
             }
         },
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (addr, got)
+    let port = common::serve_http(app).await;
+    (([127, 0, 0, 1], port).into(), got)
 }
 
 type Received = (Instant, std::collections::HashMap<String, String>, Vec<u8>);

@@ -55,6 +55,14 @@ pub async fn quota(orch: &Orchestrator, name: &str) -> cascade_orchestrator::quo
         .unwrap_or_else(|| panic!("quota {name:?} is not listed"))
 }
 
+/// Serve `app` on a free port of 127.0.0.1 for the rest of the test; the port.
+pub async fn serve_http(app: axum::Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
 /// A port free on 127.0.0.1 at the time of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
