@@ -5,6 +5,13 @@
 //! `cargo bench --bench agents` (`AGENTS_BENCH_CALLS`, default 20,000; `AGENTS_BENCH_CONCURRENCY`,
 //! default 64). The agents are called directly (`Agent::call`): this measures what a kind adds to
 //! a request, not the engine (see `benches/engine.rs` for that).
+//!
+//! Then a storm through the whole engine: `AGENTS_BENCH_STORM_JOBS` jobs (default 5,000) of two
+//! `llm` steps sharing a quota declared with only `learn_from_upstream = true`, against a
+//! simulated provider that enforces its own request and token buckets and states them in
+//! OpenAI's headers. Goodput is the calls answered over the most the provider could have
+//! answered in the run's time (its full buckets at the start plus their refill); refusals are
+//! counted per 1,000 jobs.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,6 +21,8 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 
 mod common;
+#[path = "../tests/support/limited_provider.rs"]
+mod limited_provider;
 
 async fn stand_in() -> u16 {
     let app = axum::Router::new()
@@ -158,5 +167,87 @@ fn main() {
                 );
             }
         }
+        storm(common::env_or("AGENTS_BENCH_STORM_JOBS", 5_000)).await;
     });
+}
+
+/// The storm against the rate-limited provider; prints goodput and refusals.
+async fn storm(jobs: usize) {
+    use limited_provider::{Limits, Provider, Style};
+    let provider = Provider::start(
+        Style::OpenAi,
+        Limits {
+            requests: 200,
+            requests_per_sec: 1000.0,
+            tokens: 10_000,
+            tokens_per_sec: 15_000.0,
+        },
+    )
+    .await;
+    let base = provider.base_url();
+    let toml = format!(
+        r#"
+        [quotas.provider]
+        learn_from_upstream = true
+        [graph]
+        name = "storm"
+        [agents.classify]
+        kind = "llm"
+        base_url = "{base}"
+        api_key = "env:AGENTS_BENCH_KEY"
+        model = "storm"
+        prompt = "Label this ticket: {{{{ input.body }}}}"
+        max_tokens = 16
+        quotas = ["provider"]
+        [agents.draft]
+        kind = "llm"
+        after = ["classify"]
+        base_url = "{base}"
+        api_key = "env:AGENTS_BENCH_KEY"
+        model = "storm"
+        prompt = "Draft a reply to ticket {{{{ job.id }}}}, labelled {{{{ deps.classify.text }}}}"
+        max_tokens = 16
+        quotas = ["provider"]
+        "#
+    );
+    // SAFETY: set before the orchestrator starts, on the only thread that reads it then.
+    unsafe { std::env::set_var("AGENTS_BENCH_KEY", "bench-key") };
+    let model =
+        cascade_orchestrator::config::parse_graph_str("storm.toml", &toml, &Default::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+    let orch = cascade_orchestrator::Orchestrator::builder(model)
+        .start()
+        .await
+        .unwrap();
+    let (cpu, t) = (common::cpu_seconds(), Instant::now());
+    let mut ids = Vec::with_capacity(jobs);
+    for i in 0..jobs {
+        let req = cascade_orchestrator::SubmitRequest::new(
+            "storm",
+            json!({"body": format!("ticket {i}: I was charged twice")}),
+        );
+        ids.push(orch.submit(req).await.unwrap().id);
+    }
+    let mut failed = 0;
+    for id in ids {
+        let job = orch.wait(id).await.unwrap();
+        if job.state != cascade_orchestrator::job::JobState::Succeeded {
+            failed += 1;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = common::cpu_seconds() - cpu;
+    let c = provider.counts();
+    let per_call = c.tokens as f64 / c.answered as f64;
+    let capacity = provider.capacity(secs, per_call);
+    println!(
+        "storm: {jobs} jobs ({failed} failed), {} calls answered in {secs:.2} s ({:.0}/s, {:.1} µs CPU/call), provider capacity {capacity:.0} calls: goodput {:.1}%; {} refusals ({:.2} per 1,000 jobs)",
+        c.answered,
+        c.answered as f64 / secs,
+        cpu / c.answered as f64 * 1e6,
+        100.0 * c.answered as f64 / capacity,
+        c.refused,
+        c.refused as f64 * 1000.0 / jobs as f64,
+    );
+    orch.shutdown(std::time::Duration::from_secs(1)).await;
 }

@@ -108,11 +108,49 @@ impl Usage {
     }
 }
 
+/// What an upstream said about its own rate limits in one answer (OpenAI's `x-ratelimit-*`,
+/// Anthropic's `anthropic-ratelimit-*`, the IETF `ratelimit-*` headers). A quota that learns from
+/// its upstream mirrors the upstream's buckets from these.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct UpstreamLimits {
+    pub requests: Option<LimitReading>,
+    pub tokens: Option<LimitReading>,
+}
+
+impl UpstreamLimits {
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_none() && self.tokens.is_none()
+    }
+}
+
+/// One of an upstream's buckets as an answer describes it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LimitReading {
+    /// The bucket's size (for OpenAI and Anthropic: per minute).
+    pub limit: u64,
+    pub remaining: u64,
+    /// How long until the bucket is full again, when the upstream says.
+    pub reset: Option<Duration>,
+}
+
 /// A successful call: the step's JSON output and what it spent.
 #[derive(Clone, Debug)]
 pub struct AgentOutput {
     pub value: Value,
     pub usage: Usage,
+    /// The upstream's own rate limits, when its answer stated them.
+    pub limits: Option<UpstreamLimits>,
+}
+
+impl AgentOutput {
+    /// An output that spent nothing and says nothing about limits.
+    pub fn new(value: Value) -> Self {
+        Self {
+            value,
+            usage: Usage::default(),
+            limits: None,
+        }
+    }
 }
 
 /// How a failed call should be treated by the orchestrator.
@@ -148,6 +186,8 @@ pub struct AgentError {
     pub message: String,
     /// For rate-limited refusals: how long the upstream asked us to wait (Retry-After).
     pub retry_after: Option<Duration>,
+    /// The upstream's own rate limits, when its answer stated them.
+    pub limits: Option<UpstreamLimits>,
 }
 
 impl AgentError {
@@ -156,6 +196,7 @@ impl AgentError {
             class: ErrorClass::Transient,
             message: message.into(),
             retry_after: None,
+            limits: None,
         }
     }
 
@@ -164,6 +205,7 @@ impl AgentError {
             class: ErrorClass::Permanent,
             message: message.into(),
             retry_after: None,
+            limits: None,
         }
     }
 
@@ -172,6 +214,7 @@ impl AgentError {
             class: ErrorClass::Unauthorized,
             message: message.into(),
             retry_after: None,
+            limits: None,
         }
     }
 
@@ -180,7 +223,13 @@ impl AgentError {
             class: ErrorClass::RateLimited,
             message: message.into(),
             retry_after,
+            limits: None,
         }
+    }
+
+    /// This error, with the limits the upstream's answer stated.
+    pub fn with_limits(self, limits: Option<UpstreamLimits>) -> Self {
+        Self { limits, ..self }
     }
 
     /// Whether another attempt may succeed.

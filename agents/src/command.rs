@@ -324,6 +324,7 @@ impl Agent for CommandAgent {
         Ok(AgentOutput {
             value,
             usage: Usage::default(),
+            limits: None,
         })
     }
 }

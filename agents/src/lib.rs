@@ -15,7 +15,10 @@ pub mod secret;
 pub mod sim;
 pub mod template;
 
-pub use agent::{Agent, AgentError, AgentOutput, CallContext, ErrorClass, StepInput, Usage};
+pub use agent::{
+    Agent, AgentError, AgentOutput, CallContext, ErrorClass, LimitReading, StepInput,
+    UpstreamLimits, Usage,
+};
 pub use duration::HumanDuration;
 pub use rate::{Gcra, Rate};
 pub use registry::{

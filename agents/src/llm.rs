@@ -423,51 +423,18 @@ fn parse_json_reply(text: &str) -> Result<Value, serde_json::Error> {
     serde_json::from_str(t.trim())
 }
 
-#[async_trait::async_trait]
-impl Agent for LlmAgent {
-    async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
-        let rendered = self.messages.render(ctx, input)?;
-        let prompt = rendered["prompt"].as_str().unwrap_or_default();
-        let system = rendered.get("system").and_then(Value::as_str);
-        let mut req = self
-            .upstream
-            .client
-            .post(&self.endpoint)
-            .json(&self.body(system, prompt));
-        match (self.provider, &self.api_key) {
-            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.current().await?),
-            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.current().await?),
-            (_, None) => {}
-        }
-        if self.provider == Provider::Anthropic {
-            req = req.header("anthropic-version", ANTHROPIC_VERSION);
-        }
-        for (name, v) in &self.headers {
-            let value = match v {
-                HeaderValue::Literal(s) => s.clone(),
-                HeaderValue::Secret(cell) => cell.get()?,
-            };
-            req = req.header(name.clone(), value);
-        }
-        let _slot = self
-            .upstream
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| AgentError::transient("the HTTP client is closing"))?;
-        let resp = req.send().await.map_err(|e| {
-            let e = transport_error(e);
-            AgentError {
-                message: self.redact(&e.message),
-                ..e
-            }
-        })?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
+impl LlmAgent {
+    /// The step output from the provider's answer: its status checked, its reply parsed.
+    async fn answer(
+        &self,
+        resp: reqwest::Response,
+        status: u16,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Result<AgentOutput, AgentError> {
         if !(200..300).contains(&status) {
             // An error answer is classified from its first bytes, whatever its size.
             let body = crate::http::read_prefix(resp, 64 << 10).await;
-            return Err(classify::classify(status, &headers, &body, &|s| {
+            return Err(classify::classify(status, headers, &body, &|s| {
                 self.redact(s)
             }));
         }
@@ -516,7 +483,57 @@ impl Agent for LlmAgent {
         Ok(AgentOutput {
             value: Value::Object(out),
             usage,
+            limits: None,
         })
+    }
+}
+
+#[async_trait::async_trait]
+impl Agent for LlmAgent {
+    async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let rendered = self.messages.render(ctx, input)?;
+        let prompt = rendered["prompt"].as_str().unwrap_or_default();
+        let system = rendered.get("system").and_then(Value::as_str);
+        let mut req = self
+            .upstream
+            .client
+            .post(&self.endpoint)
+            .json(&self.body(system, prompt));
+        match (self.provider, &self.api_key) {
+            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.current().await?),
+            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.current().await?),
+            (_, None) => {}
+        }
+        if self.provider == Provider::Anthropic {
+            req = req.header("anthropic-version", ANTHROPIC_VERSION);
+        }
+        for (name, v) in &self.headers {
+            let value = match v {
+                HeaderValue::Literal(s) => s.clone(),
+                HeaderValue::Secret(cell) => cell.get()?,
+            };
+            req = req.header(name.clone(), value);
+        }
+        let _slot = self
+            .upstream
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| AgentError::transient("the HTTP client is closing"))?;
+        let resp = req.send().await.map_err(|e| {
+            let e = transport_error(e);
+            AgentError {
+                message: self.redact(&e.message),
+                ..e
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let limits = classify::upstream_limits(&headers);
+        match self.answer(resp, status, &headers).await {
+            Ok(out) => Ok(AgentOutput { limits, ..out }),
+            Err(e) => Err(e.with_limits(limits)),
+        }
     }
 
     fn estimated_usage(&self, input: &StepInput) -> Usage {

@@ -440,6 +440,7 @@ impl Agent for SimAgent {
                 completion_tokens: draw.completion,
                 cost_usd: tokens as f64 / 1000.0 * self.cost_per_1k,
             },
+            limits: None,
         })
     }
 

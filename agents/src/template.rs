@@ -174,6 +174,7 @@ impl Agent for TemplateAgent {
         Ok(AgentOutput {
             value: self.output.render(ctx, input)?,
             usage: Usage::default(),
+            limits: None,
         })
     }
 }

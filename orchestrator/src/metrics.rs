@@ -42,6 +42,9 @@ pub const QUOTA_EXHAUSTIONS: &str = "cascade_quota_exhaustions_total";
 pub const QUOTA_REFUSALS: &str = "cascade_quota_upstream_refusals_total";
 pub const QUOTA_CIRCUIT: &str = "cascade_quota_circuit_state";
 pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
+pub const QUOTA_UPSTREAM_LIMIT: &str = "cascade_quota_upstream_limit";
+pub const QUOTA_UPSTREAM_AVAILABLE: &str = "cascade_quota_upstream_available";
+pub const QUOTA_UPSTREAM_RATE: &str = "cascade_quota_upstream_refill_per_second";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
 pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
@@ -181,6 +184,21 @@ pub fn describe() {
         QUOTA_RATE_MULTIPLIER,
         Unit::Count,
         "AIMD's scale on the configured request rate (1 = as configured)."
+    );
+    describe_gauge!(
+        QUOTA_UPSTREAM_LIMIT,
+        Unit::Count,
+        "The upstream's own limit as its answers state it (rate-limit headers), by kind (requests, tokens), for quotas that learn from their upstream."
+    );
+    describe_gauge!(
+        QUOTA_UPSTREAM_AVAILABLE,
+        Unit::Count,
+        "What the quota estimates is left of the upstream's stated limit now, by kind."
+    );
+    describe_gauge!(
+        QUOTA_UPSTREAM_RATE,
+        Unit::Count,
+        "The upstream's refill rate per second, measured from its stated resets, by kind."
     );
     describe_gauge!(
         WATCHERS,

@@ -233,6 +233,9 @@ pub struct QuotaModel {
     /// Not declared: the quota of an upstream that agents call without naming a quota
     /// (`upstream:<name>`). It starts with no limit and learns the upstream's from its refusals.
     pub implicit: bool,
+    /// It mirrors the limits its upstream's answers state (rate-limit headers), under its own:
+    /// always for an implicit quota, `learn_from_upstream = true` for a declared one.
+    pub learn_from_upstream: bool,
 }
 
 impl QuotaModel {
@@ -252,7 +255,13 @@ impl QuotaModel {
             pause_threshold,
             declared_at,
             implicit: true,
+            learn_from_upstream: true,
         }
+    }
+
+    /// Whether it mirrors its upstream's stated limits.
+    pub fn learns(&self) -> bool {
+        self.implicit || self.learn_from_upstream
     }
 }
 

@@ -63,7 +63,7 @@ fn simulate(q: &mut QuotaCore, calls: &[Call], base: Instant) -> Vec<Granted> {
             }
             settles.pop();
             let r = reservations[i].take().expect("granted");
-            q.settle(at, r, Some((calls[i].actual, 0)), Outcome::Answered);
+            q.settle(at, r, Some((calls[i].actual, 0)), Outcome::Answered, None);
         }
         while arrivals.front().is_some_and(|(at, _)| *at <= now) {
             queue.push_back(arrivals.pop_front().expect("front").1);
@@ -129,6 +129,7 @@ fn quota(rps: u64, burst: u32, tokens_per_min: u64) -> QuotaCore {
         pause_threshold: Duration::from_millis(250),
         declared_at: String::new(),
         implicit: false,
+        learn_from_upstream: false,
     };
     QuotaCore::new(Arc::new(spec), Instant::now())
 }

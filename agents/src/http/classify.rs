@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::AgentError;
+use crate::{AgentError, LimitReading, UpstreamLimits};
 
 /// How much of an upstream's error body a message keeps.
 const MESSAGE_BYTES: usize = 500;
@@ -121,9 +121,117 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap, now: SystemTime) -> Opt
     waits.into_iter().max()
 }
 
+/// The upstream's own rate limits as its answer states them, requests and tokens:
+/// - OpenAI and compatible gateways: `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
+///   (the reset in OpenAI's `1s` / `6m0s` form);
+/// - Anthropic: `anthropic-ratelimit-{requests,tokens,input-tokens}-{limit,remaining,reset}` (the
+///   reset an RFC 3339 time);
+/// - any other API (requests only): the IETF draft's `ratelimit-{limit,remaining,reset}` or the
+///   common `x-ratelimit-{limit,remaining,reset}` (reset in seconds, or a Unix time).
+///
+/// `None` when the answer states none. A remaining count above its limit is read as the limit.
+pub fn upstream_limits(headers: &reqwest::header::HeaderMap) -> Option<UpstreamLimits> {
+    upstream_limits_at(headers, SystemTime::now())
+}
+
+fn upstream_limits_at(
+    headers: &reqwest::header::HeaderMap,
+    now: SystemTime,
+) -> Option<UpstreamLimits> {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let reading = |limit: &str, remaining: &str, reset: Option<Duration>| {
+        let limit = get(limit)?.parse::<u64>().ok().filter(|&l| l > 0)?;
+        let remaining = get(remaining)?.parse::<u64>().ok()?.min(limit);
+        Some(LimitReading {
+            limit,
+            remaining,
+            reset,
+        })
+    };
+    let openai = |kind: &str| {
+        reading(
+            &format!("x-ratelimit-limit-{kind}"),
+            &format!("x-ratelimit-remaining-{kind}"),
+            get(&format!("x-ratelimit-reset-{kind}"))
+                .and_then(openai_duration_with_unit)
+                .map(midpoint),
+        )
+    };
+    let anthropic = |kind: &str| {
+        let reset = get(&format!("anthropic-ratelimit-{kind}-reset")).and_then(|v| {
+            let at = humantime::parse_rfc3339_weak(v).ok()?;
+            let unit = Duration::from_secs_f64(10f64.powi(-decimals(v)));
+            Some(midpoint((at.duration_since(now).unwrap_or_default(), unit)))
+        });
+        reading(
+            &format!("anthropic-ratelimit-{kind}-limit"),
+            &format!("anthropic-ratelimit-{kind}-remaining"),
+            reset,
+        )
+    };
+    let generic = |prefix: &str| {
+        let reset = get(&format!("{prefix}reset")).and_then(|v| {
+            let s = v
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)?;
+            let unit = Duration::from_secs_f64(10f64.powi(-decimals(v)));
+            // Past a billion it is a Unix time (GitHub's form), not a delay.
+            let d = if s > 1e9 {
+                (SystemTime::UNIX_EPOCH + Duration::from_secs_f64(s))
+                    .duration_since(now)
+                    .unwrap_or_default()
+            } else {
+                Duration::from_secs_f64(s.min(86_400.0))
+            };
+            Some(midpoint((d, unit)))
+        });
+        reading(
+            &format!("{prefix}limit"),
+            &format!("{prefix}remaining"),
+            reset,
+        )
+    };
+    let limits = UpstreamLimits {
+        requests: openai("requests")
+            .or_else(|| anthropic("requests"))
+            .or_else(|| generic("ratelimit-"))
+            .or_else(|| generic("x-ratelimit-")),
+        tokens: openai("tokens")
+            .or_else(|| anthropic("tokens"))
+            .or_else(|| anthropic("input-tokens")),
+    };
+    (!limits.is_empty()).then_some(limits)
+}
+
 /// OpenAI's reset form: `1s`, `6m0s`, `1h2m3.5s`, `20ms`.
 fn openai_duration(v: &str) -> Option<Duration> {
+    openai_duration_with_unit(v).map(|(d, _)| d)
+}
+
+/// A stated reset read as the middle of what it may mean: a value written to the millisecond
+/// (`20ms`) is anywhere in [20, 21) ms when the upstream truncates, so half a unit is added.
+/// Rates measured from short resets would otherwise come out high.
+fn midpoint((d, unit): (Duration, Duration)) -> Duration {
+    d + unit / 2
+}
+
+/// The number of digits after the decimal point in `v`'s first number.
+fn decimals(v: &str) -> i32 {
+    v.split_once('.').map_or(0, |(_, frac)| {
+        frac.chars().take_while(char::is_ascii_digit).count() as i32
+    })
+}
+
+/// An OpenAI duration and the unit of its last digit.
+fn openai_duration_with_unit(v: &str) -> Option<(Duration, Duration)> {
     let mut total = 0.0f64;
+    let mut last_unit = 1.0f64;
     let mut number = String::new();
     let mut chars = v.chars().peekable();
     let mut any = false;
@@ -133,6 +241,7 @@ fn openai_duration(v: &str) -> Option<Duration> {
             continue;
         }
         let n: f64 = number.parse().ok()?;
+        let digits = decimals(&number);
         number.clear();
         let unit = match c {
             'h' => 3600.0,
@@ -145,12 +254,16 @@ fn openai_duration(v: &str) -> Option<Duration> {
             _ => return None,
         };
         total += n * unit;
+        last_unit = unit * 10f64.powi(-digits);
         any = true;
     }
     if !number.is_empty() || !any || !total.is_finite() {
         return None;
     }
-    Some(Duration::from_secs_f64(total.min(86_400.0)))
+    Some((
+        Duration::from_secs_f64(total.min(86_400.0)),
+        Duration::from_secs_f64(last_unit),
+    ))
 }
 
 #[cfg(test)]
@@ -198,6 +311,95 @@ mod tests {
         );
         // Garbage is ignored, not a zero wait.
         assert_eq!(h(&[("x-ratelimit-reset-requests", "soon")]), None);
+    }
+
+    #[test]
+    fn limits_are_read_from_each_providers_headers() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let read = |p: &[(&'static str, &str)]| upstream_limits_at(&headers(p), now);
+        assert_eq!(read(&[("retry-after", "1")]), None);
+        let openai = read(&[
+            ("x-ratelimit-limit-requests", "500"),
+            ("x-ratelimit-remaining-requests", "499"),
+            ("x-ratelimit-reset-requests", "120ms"),
+            ("x-ratelimit-limit-tokens", "30000"),
+            ("x-ratelimit-remaining-tokens", "29000"),
+            ("x-ratelimit-reset-tokens", "2s"),
+        ])
+        .unwrap();
+        assert_eq!(
+            openai.requests,
+            Some(LimitReading {
+                limit: 500,
+                remaining: 499,
+                reset: Some(Duration::from_micros(120_500))
+            })
+        );
+        assert_eq!(openai.tokens.unwrap().remaining, 29000);
+        // Read as the middle of what a truncated value may mean.
+        assert_eq!(
+            openai.tokens.unwrap().reset,
+            Some(Duration::from_millis(2500))
+        );
+        let anthropic = read(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            (
+                "anthropic-ratelimit-requests-reset",
+                "2023-11-14T22:13:21.5Z",
+            ),
+            ("anthropic-ratelimit-input-tokens-limit", "40000"),
+            ("anthropic-ratelimit-input-tokens-remaining", "39000"),
+        ])
+        .unwrap();
+        assert_eq!(
+            anthropic.requests.unwrap().reset,
+            Some(Duration::from_millis(1550))
+        );
+        assert_eq!(anthropic.tokens.unwrap().limit, 40000);
+        assert_eq!(anthropic.tokens.unwrap().reset, None);
+        // A generic API: a delay in seconds, or a Unix time; a remaining count over the limit
+        // is the limit; a zero limit or a number that is not one says nothing.
+        let github = read(&[
+            ("x-ratelimit-limit", "5000"),
+            ("x-ratelimit-remaining", "6000"),
+            ("x-ratelimit-reset", "1700000060"),
+        ])
+        .unwrap();
+        assert_eq!(
+            github.requests,
+            Some(LimitReading {
+                limit: 5000,
+                remaining: 5000,
+                reset: Some(Duration::from_millis(60_500))
+            })
+        );
+        assert_eq!(
+            read(&[
+                ("ratelimit-limit", "10"),
+                ("ratelimit-remaining", "3"),
+                ("ratelimit-reset", "4")
+            ])
+            .unwrap()
+            .requests
+            .unwrap()
+            .reset,
+            Some(Duration::from_millis(4500))
+        );
+        assert_eq!(
+            read(&[
+                ("x-ratelimit-limit-requests", "0"),
+                ("x-ratelimit-remaining-requests", "0")
+            ]),
+            None
+        );
+        assert_eq!(
+            read(&[
+                ("x-ratelimit-limit-requests", "many"),
+                ("x-ratelimit-remaining-requests", "1")
+            ]),
+            None
+        );
     }
 
     #[test]

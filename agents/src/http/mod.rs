@@ -555,6 +555,27 @@ impl Agent for HttpAgent {
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        let limits = classify::upstream_limits(&headers);
+        self.answer(resp, status, &headers)
+            .await
+            .map(|value| AgentOutput {
+                value,
+                usage: Usage::default(),
+                limits,
+            })
+            .map_err(|e| e.with_limits(limits))
+    }
+}
+
+impl HttpAgent {
+    /// The step output from an answer: its status checked, its body read and parsed, the
+    /// `output` path followed.
+    async fn answer(
+        &self,
+        resp: reqwest::Response,
+        status: u16,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Result<Value, AgentError> {
         let json_body = headers
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
@@ -562,7 +583,7 @@ impl Agent for HttpAgent {
         if !self.ok(status) {
             // An error answer is classified from its first bytes, whatever its size.
             let body = read_prefix(resp, 64 << 10).await;
-            return Err(classify::classify(status, &headers, &body, &|s| {
+            return Err(classify::classify(status, headers, &body, &|s| {
                 self.redact(s)
             }));
         }
@@ -592,10 +613,7 @@ impl Agent for HttpAgent {
                 ))
             })?;
         }
-        Ok(AgentOutput {
-            value: out.clone(),
-            usage: Usage::default(),
-        })
+        Ok(out.clone())
     }
 }
 

@@ -123,9 +123,21 @@ fn graph_to_pb(g: GraphState) -> pb::Graph {
                 if let Some(c) = q.max_concurrency {
                     limits.push(format!("{c} concurrent"));
                 }
+                if let Some(b) = &q.upstream_requests {
+                    limits.push(format!(
+                        "upstream states {} requests ({:.1}/s)",
+                        b.limit, b.per_second
+                    ));
+                }
+                if let Some(b) = &q.upstream_tokens {
+                    limits.push(format!(
+                        "upstream states {} tokens ({:.0}/s)",
+                        b.limit, b.per_second
+                    ));
+                }
                 if let Some(r) = q.learned_requests_per_second {
                     limits.push(format!("{r:.1}/s requests (learned)"));
-                } else if q.implicit {
+                } else if q.implicit && q.upstream_requests.is_none() {
                     limits.push("none learned yet".into());
                 }
                 let mut available = Vec::new();
@@ -157,11 +169,22 @@ fn graph_to_pb(g: GraphState) -> pb::Graph {
                     effective_rate_multiplier: q.effective_rate_multiplier,
                     implicit: q.implicit,
                     learned_requests_per_second: q.learned_requests_per_second.unwrap_or(0.0),
+                    upstream_requests: q.upstream_requests.map(upstream_limit_pb),
+                    upstream_tokens: q.upstream_tokens.map(upstream_limit_pb),
                 }
             })
             .collect(),
         pending_jobs: g.pending_jobs as u64,
         running_jobs: g.running_jobs as u64,
+    }
+}
+
+fn upstream_limit_pb(b: crate::quota::UpstreamBucketSnapshot) -> pb::UpstreamLimit {
+    pb::UpstreamLimit {
+        limit: b.limit,
+        available: b.available,
+        per_second: b.per_second,
+        measured: b.measured,
     }
 }
 

@@ -7,6 +7,12 @@
 //! one with only tokens or concurrency) learns one at the upstream's first refusal: the rate the
 //! upstream answered over the last second, just under it, then AIMD. Until then an implicit quota
 //! slow-starts its calls in flight, so that a storm does not meet an unknown upstream all at once.
+//!
+//! A quota that learns from its upstream (every implicit one; a declared one with
+//! `learn_from_upstream = true`) also mirrors the buckets the upstream's answers state in their
+//! rate-limit headers, and starts no call the mirror says the upstream would refuse: it converges
+//! on the provider's real limits from the first answer, before any 429, and a declared limit
+//! higher than the provider's is held to the provider's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,8 +21,11 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::circuit::{CircuitBreaker, CircuitState, Gate};
-use super::limits::{AcceptMeter, Aimd, Gcra, SlowStart, TokenWindow};
+use super::limits::{
+    AcceptMeter, Aimd, Gcra, SlowStart, TokenWindow, UpstreamBucket, UpstreamBucketSnapshot,
+};
 use crate::model::QuotaModel;
+use cascade_agents::UpstreamLimits;
 
 /// When a call could start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +41,13 @@ pub enum Ready {
 pub struct Reservation {
     token_id: Option<u64>,
     pub tokens: u64,
+    /// The call's place in the order calls were started.
+    seq: u64,
+    /// Tokens reserved by every call started up to this one.
+    tokens_through: u64,
+    /// Calls, and their tokens, in flight when this one started.
+    ahead: u32,
+    tokens_ahead: u64,
 }
 
 /// How a call ended, as far as the quota is concerned.
@@ -61,6 +77,8 @@ pub struct Exhaustion {
 pub enum Limit {
     /// The upstream refused with a 429 (and maybe a Retry-After).
     UpstreamRateLimit,
+    /// The upstream's own limit, as its answers state it, is spent.
+    UpstreamLimit,
     CircuitOpen,
     CircuitHalfOpen,
     RequestRate,
@@ -73,6 +91,7 @@ impl Limit {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::UpstreamRateLimit => "upstream rate limit (429)",
+            Self::UpstreamLimit => "upstream's stated limit",
             Self::CircuitOpen => "circuit open",
             Self::CircuitHalfOpen => "circuit half-open",
             Self::RequestRate => "request rate",
@@ -106,7 +125,16 @@ pub struct QuotaCore {
     learned: Option<f64>,
     slow_start: Option<SlowStart>,
     tokens: Option<TokenWindow>,
+    /// The upstream's own buckets, mirrored from its answers (quotas that learn from it).
+    upstream_requests: Option<UpstreamBucket>,
+    upstream_tokens: Option<UpstreamBucket>,
     in_use: u32,
+    /// Tokens reserved by the calls in flight.
+    tokens_in_flight: u64,
+    /// Tokens reserved by every call started so far.
+    tokens_granted: u64,
+    /// The latest-started call whose answer stated the upstream's limits.
+    newest_observed: u64,
     circuit: Option<CircuitBreaker>,
     refused_until: Option<Instant>,
     exhausted: Option<Exhaustion>,
@@ -131,7 +159,10 @@ impl QuotaCore {
             .tokens
             .map(|t| TokenWindow::new(t.amount.get(), t.period));
         let circuit = spec.circuit_breaker.map(CircuitBreaker::new);
-        let slow_start = spec.implicit.then(SlowStart::new);
+        // An upstream whose limits are still to be learned: calls in flight open up one answer
+        // at a time until its answers state them (a declared rate above the upstream's would
+        // otherwise send its whole burst before the first answer).
+        let slow_start = spec.learns().then(SlowStart::new);
         Self {
             spec,
             requests,
@@ -140,7 +171,12 @@ impl QuotaCore {
             learned: None,
             slow_start,
             tokens,
+            upstream_requests: None,
+            upstream_tokens: None,
             in_use: 0,
+            tokens_in_flight: 0,
+            tokens_granted: 0,
+            newest_observed: 0,
             circuit,
             refused_until: None,
             exhausted: None,
@@ -157,7 +193,7 @@ impl QuotaCore {
     }
 
     pub fn has_tokens(&self) -> bool {
-        self.tokens.is_some()
+        self.tokens.is_some() || self.upstream_tokens.is_some()
     }
 
     /// When a call reserving `tokens` could start, and which limit decides it.
@@ -186,6 +222,12 @@ impl QuotaCore {
         }
         if let Some(w) = &mut self.tokens {
             later(w.earliest(now, tokens), Limit::TokenBudget, &mut at);
+        }
+        if let Some(b) = &self.upstream_requests {
+            later(b.earliest(now, 1), Limit::UpstreamLimit, &mut at);
+        }
+        if let Some(b) = &self.upstream_tokens {
+            later(b.earliest(now, tokens), Limit::UpstreamLimit, &mut at);
         }
         if at > now {
             return (Ready::At(at), reason);
@@ -218,23 +260,43 @@ impl QuotaCore {
         if let Some(c) = &mut self.circuit {
             c.on_start();
         }
+        if let Some(b) = &mut self.upstream_requests {
+            b.take(now, 1);
+        }
+        if let Some(b) = &mut self.upstream_tokens {
+            b.take(now, tokens);
+        }
+        let (ahead, tokens_ahead) = (self.in_use - 1, self.tokens_in_flight);
+        self.tokens_granted += tokens;
+        self.tokens_in_flight += tokens;
         let token_id = self.tokens.as_mut().map(|w| w.reserve(now, tokens));
-        Reservation { token_id, tokens }
+        Reservation {
+            token_id,
+            tokens,
+            seq: self.granted,
+            tokens_through: self.tokens_granted,
+            ahead,
+            tokens_ahead,
+        }
     }
 
-    /// A call ended. Returns whether the circuit changed state.
+    /// A call ended, with what it spent, how, and the limits the upstream's answer stated.
+    /// Returns whether the circuit changed state.
     pub fn settle(
         &mut self,
         now: Instant,
         r: Reservation,
         used: Option<(u64, u64)>,
         outcome: Outcome,
+        limits: Option<&UpstreamLimits>,
     ) -> bool {
         self.in_use = self.in_use.saturating_sub(1);
+        self.tokens_in_flight = self.tokens_in_flight.saturating_sub(r.tokens);
         if let Some((prompt, completion)) = used {
             self.prompt_tokens += prompt;
             self.completion_tokens += completion;
         }
+        self.mirror(now, r, used, outcome, limits);
         if let (Some(w), Some(id)) = (&mut self.tokens, r.token_id) {
             let actual = match (used, outcome) {
                 (Some((p, c)), _) => p + c,
@@ -270,6 +332,52 @@ impl QuotaCore {
         changed
     }
 
+    /// Keep the mirrors of the upstream's buckets: a call that never reached it gives back what
+    /// it took, one that reported its usage settles on it, and stated limits replace the
+    /// estimate (the first ones start the mirror and end the slow start).
+    fn mirror(
+        &mut self,
+        now: Instant,
+        r: Reservation,
+        used: Option<(u64, u64)>,
+        outcome: Outcome,
+        limits: Option<&UpstreamLimits>,
+    ) {
+        let reached = !matches!(outcome, Outcome::Abandoned);
+        if let Some(b) = &mut self.upstream_requests
+            && !reached
+        {
+            b.settle(1, 0);
+        }
+        if let Some(b) = &mut self.upstream_tokens {
+            match (used, reached) {
+                (Some((p, c)), _) => b.settle(r.tokens, p + c),
+                (None, false) => b.settle(r.tokens, 0),
+                (None, true) => {}
+            }
+        }
+        let Some(limits) = limits.filter(|_| self.spec.learns()) else {
+            return;
+        };
+        let newest = r.seq > self.newest_observed;
+        self.newest_observed = self.newest_observed.max(r.seq);
+        // What the answer may not count: any call that reached the upstream after this one.
+        // Calls do not arrive in the order they start, nor are they answered in it, so that is
+        // every call started after this one (in flight or answered already) and every call
+        // that was in flight when this one started — a bound, never an undercount.
+        let requests = self.granted.saturating_sub(r.seq) + u64::from(r.ahead);
+        let tokens = self.tokens_granted.saturating_sub(r.tokens_through) + r.tokens_ahead;
+        let observe = |b: &mut Option<UpstreamBucket>, reading, pending| match (b, reading) {
+            (Some(b), Some(reading)) => b.observe(now, reading, pending, newest),
+            (b @ None, Some(reading)) => *b = Some(UpstreamBucket::new(now, reading, pending)),
+            (_, None) => {}
+        };
+        observe(&mut self.upstream_requests, limits.requests, requests);
+        observe(&mut self.upstream_tokens, limits.tokens, tokens);
+        // The upstream's limits are known: no more slow start.
+        self.slow_start = None;
+    }
+
     /// The upstream refused a call for rate: wait as asked, lower the rate (AIMD) towards the
     /// rate it has been answering — or learn one, if none is declared — and resume without a
     /// burst, one interval after another.
@@ -286,6 +394,8 @@ impl QuotaCore {
                 let base = g.base_per_second();
                 self.aimd.on_refusal(now, measured.then(|| answered / base));
             }
+            // The upstream states its limits: the mirror of them paces, not a guess.
+            None if self.upstream_requests.is_some() || self.upstream_tokens.is_some() => {}
             None => {
                 // Just under what it answered, at least one call a second; the burst is a tenth
                 // of a second's worth, as for a declared rate.
@@ -391,6 +501,8 @@ impl QuotaCore {
             exhaustions: self.exhaustions,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.completion_tokens,
+            upstream_requests: self.upstream_requests.as_ref().map(|b| b.snapshot(now)),
+            upstream_tokens: self.upstream_tokens.as_ref().map(|b| b.snapshot(now)),
         }
     }
 }
@@ -424,6 +536,10 @@ pub struct QuotaSnapshot {
     pub exhaustions: u64,
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// The upstream's request bucket as its answers state it (quotas that learn from it).
+    pub upstream_requests: Option<UpstreamBucketSnapshot>,
+    /// The upstream's token bucket as its answers state it.
+    pub upstream_tokens: Option<UpstreamBucketSnapshot>,
 }
 
 #[cfg(test)]
@@ -449,6 +565,7 @@ mod tests {
             pause_threshold: Duration::from_millis(250),
             declared_at: String::new(),
             implicit: false,
+            learn_from_upstream: false,
         };
         QuotaCore::new(Arc::new(spec), Instant::now())
     }
@@ -466,7 +583,7 @@ mod tests {
             Ready::At(now + Duration::from_millis(100))
         );
         // Settled lower: the tokens come back.
-        q.settle(now, r, Some((100, 100)), Outcome::Answered);
+        q.settle(now, r, Some((100, 100)), Outcome::Answered, None);
         assert_eq!(
             q.ready(now, 600),
             Ready::At(now + Duration::from_millis(100))
@@ -504,6 +621,7 @@ mod tests {
             r,
             None,
             Outcome::RateLimited(Some(Duration::from_secs(2))),
+            None,
         );
         assert_eq!(q.refusals, 1);
         let ex = q.update_exhaustion(now, 0).unwrap().unwrap();
@@ -534,7 +652,7 @@ mod tests {
         // Each answer lets one more go.
         let t = now + Duration::from_millis(50);
         for r in held.drain(..) {
-            q.settle(t, r, None, Outcome::Answered);
+            q.settle(t, r, None, Outcome::Answered, None);
         }
         assert_eq!(
             q.snapshot(t).slow_start_window,
@@ -547,6 +665,7 @@ mod tests {
             r,
             None,
             Outcome::RateLimited(Some(Duration::from_millis(5))),
+            None,
         );
         let learned = q.snapshot(t).learned_requests_per_second.unwrap();
         assert!((learned - 0.97 * 160.0).abs() < 1e-6, "{learned}");
@@ -565,7 +684,7 @@ mod tests {
         let r = q.take(now, 0);
         assert_eq!(q.ready(now, 0), Ready::Blocked);
         assert_eq!(q.update_exhaustion(now, 0), None);
-        q.settle(now, r, None, Outcome::Answered);
+        q.settle(now, r, None, Outcome::Answered, None);
         assert_eq!(q.ready(now, 0), Ready::Now);
     }
 }

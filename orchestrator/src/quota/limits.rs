@@ -2,7 +2,8 @@
 //! - [`Gcra`]: requests per period with a burst, whose rate an [`Aimd`] multiplier scales;
 //! - [`TokenWindow`]: tokens per period, reserved before a call and settled after it;
 //! - [`AcceptMeter`]: the rate at which the upstream answered lately, which refusals learn from;
-//! - [`SlowStart`]: how many calls an upstream of unknown limit may have in flight.
+//! - [`SlowStart`]: how many calls an upstream of unknown limit may have in flight;
+//! - [`UpstreamBucket`]: an upstream's own bucket, mirrored from the limits its answers state.
 //!
 //! governor implements GCRA well, but reads its own clock (which a paused tokio clock does not
 //! move, so tests could not be exact) and has no reserve-then-settle for token budgets or a
@@ -14,6 +15,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use cascade_agents::Gcra;
+use cascade_agents::LimitReading;
 
 /// Additive increase, multiplicative decrease of a quota's effective rate. Every refusal by the
 /// upstream (at most one per `cooldown`) multiplies the rate by `DECREASE` — or, when the upstream
@@ -358,6 +360,145 @@ impl TokenWindow {
     }
 }
 
+/// An upstream's own bucket (requests or tokens), mirrored from what its answers state: the
+/// `remaining` of the latest answer, less what calls still in flight may spend; refilled between
+/// answers at the rate the answers show (`(limit − remaining) / reset`, averaged), and spent by
+/// every call started since. Providers refill continuously up to a per-minute limit, which is
+/// the rate assumed until one is measured; an API with fixed windows refills all at once at its
+/// reset, which a steady refill undershoots — the mirror errs on the safe side either way.
+#[derive(Clone, Debug)]
+pub struct UpstreamBucket {
+    limit: f64,
+    /// Refill per second: `refilled / over` once measured.
+    rate: f64,
+    /// Averages of what answers said was missing and how long until it is back: their ratio is
+    /// the rate, in which answers far from full (whose counts are precise relative to their
+    /// size) weigh most.
+    refilled: f64,
+    over: f64,
+    /// Whether `rate` was measured, rather than assumed to be the limit per minute.
+    measured: bool,
+    /// What the bucket held at `at` (negative: more spent since than it held).
+    level: f64,
+    at: Instant,
+}
+
+/// What a quota knows of one of its upstream's buckets, for the API and the dashboard.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct UpstreamBucketSnapshot {
+    pub limit: u64,
+    /// Estimated to be left now.
+    pub available: f64,
+    pub per_second: f64,
+    /// Whether the rate was measured from the upstream's resets (else: the limit per minute).
+    pub measured: bool,
+}
+
+impl UpstreamBucket {
+    /// How far one answer's measure moves the rate.
+    const SMOOTHING: f64 = 0.25;
+    /// A reset shorter than this is too coarse (whole milliseconds) to measure a rate from.
+    const MIN_RESET: Duration = Duration::from_millis(20);
+    /// The longest a call waits on the mirror before the upstream is asked again.
+    const MAX_WAIT: Duration = Duration::from_secs(60);
+
+    pub fn new(now: Instant, reading: LimitReading, pending: u64) -> Self {
+        let mut b = Self {
+            limit: reading.limit as f64,
+            rate: reading.limit as f64 / 60.0,
+            refilled: 0.0,
+            over: 0.0,
+            measured: false,
+            level: 0.0,
+            at: now,
+        };
+        b.observe(now, reading, pending, true);
+        b
+    }
+
+    /// An answer stated the bucket; `pending`: at most what the calls the answer may not count
+    /// spend of it, so that what it states less `pending` is a lower bound of the bucket. The
+    /// answer to the newest call answered so far replaces the estimate (it also corrects a
+    /// refill estimated too fast); an older one, answered late, can only raise it to its bound.
+    pub fn observe(&mut self, now: Instant, reading: LimitReading, pending: u64, newest: bool) {
+        let limit = reading.limit as f64;
+        let remaining = reading.remaining as f64;
+        if limit != self.limit {
+            self.limit = limit;
+            if !self.measured {
+                self.rate = limit / 60.0;
+            }
+        }
+        if let Some(reset) = reading.reset
+            && reset >= Self::MIN_RESET
+            && remaining < limit
+        {
+            // A remaining count is whole: a bucket refilled continuously holds up to one more.
+            let missing = limit - remaining - 0.5;
+            let secs = reset.as_secs_f64();
+            if self.measured {
+                self.refilled += Self::SMOOTHING * (missing - self.refilled);
+                self.over += Self::SMOOTHING * (secs - self.over);
+            } else {
+                (self.refilled, self.over) = (missing, secs);
+            }
+            self.rate = self.refilled / self.over;
+            self.measured = true;
+        }
+        let stated = remaining - pending as f64;
+        self.level = if newest {
+            stated
+        } else {
+            stated.max(self.available(now))
+        };
+        self.at = now;
+    }
+
+    fn available(&self, now: Instant) -> f64 {
+        let secs = now.saturating_duration_since(self.at).as_secs_f64();
+        (self.level + secs * self.rate).min(self.limit)
+    }
+
+    /// What is left unspent in the bucket: answers can overtake each other and requests reach
+    /// the upstream in another order than they were started in, so the mirror can be a call or
+    /// two ahead of the upstream. A fixed reserve costs a little of a burst and nothing of the
+    /// sustained rate.
+    fn headroom(&self) -> f64 {
+        (self.limit * 0.02).max(2.0).min(self.limit / 10.0)
+    }
+
+    /// When `cost` fits (a cost over the whole limit: once the bucket is full).
+    pub fn earliest(&self, now: Instant, cost: u64) -> Instant {
+        let headroom = self.headroom();
+        let missing = (cost as f64).min(self.limit - headroom) + headroom - self.available(now);
+        if missing <= 0.0 {
+            return now;
+        }
+        now + Duration::from_secs_f64(missing / self.rate.max(1e-9)).min(Self::MAX_WAIT)
+    }
+
+    /// A call started, spending `cost`.
+    pub fn take(&mut self, now: Instant, cost: u64) {
+        self.level = self.available(now) - cost as f64;
+        self.at = now;
+    }
+
+    /// A call spent `actual` of the `reserved` it took (a call that never reached the
+    /// upstream: zero).
+    pub fn settle(&mut self, reserved: u64, actual: u64) {
+        self.level += reserved as f64 - actual as f64;
+    }
+
+    pub fn snapshot(&self, now: Instant) -> UpstreamBucketSnapshot {
+        UpstreamBucketSnapshot {
+            limit: self.limit as u64,
+            available: self.available(now),
+            per_second: self.rate,
+            measured: self.measured,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -458,6 +599,66 @@ mod tests {
         let c = w.reserve(t0 + Duration::from_secs(61), 100);
         w.settle(t0 + Duration::from_secs(125), c, 100, 150);
         assert_eq!(w.used(t0 + Duration::from_secs(125)), 50);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upstream_bucket_follows_its_answers_and_refills_at_the_measured_rate() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let reading = |limit, remaining, reset: Option<Duration>| LimitReading {
+            limit,
+            remaining,
+            reset,
+        };
+        // No reset stated: the limit is taken per minute. 2% of the bucket stays unspent.
+        let mut b = UpstreamBucket::new(t0, reading(600, 0, None), 0);
+        assert!(!b.snapshot(t0).measured);
+        assert_eq!(b.earliest(t0, 1), t0 + ms(1300));
+        // 40.5 short (a whole count truncates), full again in 405 ms: 100 a second. Calls in
+        // flight count against it.
+        b.observe(
+            t0,
+            reading(600, 560, Some(Duration::from_micros(395_000))),
+            10,
+            true,
+        );
+        let s = b.snapshot(t0);
+        assert!(s.measured && (s.per_second - 100.0).abs() < 1e-9, "{s:?}");
+        assert!((s.available - 550.0).abs() < 1e-9);
+        // Spent to zero, it refills at the measured rate, to the call's cost and the headroom.
+        b.take(t0, 550);
+        assert_eq!(b.earliest(t0, 1), t0 + ms(130));
+        assert_eq!(b.earliest(t0, 50), t0 + ms(620));
+        // Never past its limit, and a cost over the limit waits for a full bucket only.
+        assert_eq!(b.snapshot(t0 + Duration::from_secs(60)).available, 600.0);
+        assert_eq!(b.earliest(t0, 10_000), t0 + Duration::from_secs(6));
+        // A small bucket keeps a tenth of itself, and a full one still serves its whole size.
+        let mut small = UpstreamBucket::new(t0, reading(5, 5, None), 0);
+        assert_eq!(small.earliest(t0, 5), t0);
+        small.take(t0, 5);
+        assert_eq!(small.earliest(t0, 1), t0 + ms(18_000));
+        // A call that never reached the upstream gives its cost back.
+        b.take(t0, 5);
+        b.settle(5, 0);
+        assert!((b.snapshot(t0).available - 0.0).abs() < 1e-9);
+        // A later measure (199.5 in a second) moves both averages a quarter of the way: the
+        // larger measure weighs more than the smaller one.
+        b.observe(t0, reading(600, 400, Some(ms(1000))), 0, true);
+        let moved = (39.5 + 0.25 * 160.0) / (0.395 + 0.25 * 0.605);
+        assert!((b.snapshot(t0).per_second - moved).abs() < 1e-9);
+        // A reset too short to measure (whole milliseconds) leaves the rate as it was.
+        b.observe(t0, reading(600, 599, Some(ms(5))), 0, true);
+        assert!((b.snapshot(t0).per_second - moved).abs() < 1e-9);
+        // The newest call's answer sets the estimate; an older call's, answered late, only
+        // raises it to its bound.
+        b.observe(t0, reading(600, 100, None), 0, true);
+        assert!((b.snapshot(t0).available - 100.0).abs() < 1e-9);
+        b.observe(t0, reading(600, 50, None), 0, false);
+        assert!((b.snapshot(t0).available - 100.0).abs() < 1e-9);
+        b.observe(t0, reading(600, 500, None), 300, false);
+        assert!((b.snapshot(t0).available - 200.0).abs() < 1e-9);
+        b.observe(t0, reading(600, 50, None), 0, true);
+        assert!((b.snapshot(t0).available - 50.0).abs() < 1e-9);
     }
 
     #[tokio::test(start_paused = true)]

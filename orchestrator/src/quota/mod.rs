@@ -7,4 +7,4 @@ mod limits;
 
 pub use circuit::{CircuitBreaker, CircuitState, Gate};
 pub use core::{Exhaustion, Limit, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
-pub use limits::{Aimd, Gcra, TokenWindow};
+pub use limits::{Aimd, Gcra, TokenWindow, UpstreamBucket, UpstreamBucketSnapshot};

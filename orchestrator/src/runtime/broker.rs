@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
+use cascade_agents::UpstreamLimits;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use smallvec::SmallVec;
 use tokio::time::Instant;
@@ -100,14 +101,22 @@ impl BrokerCore {
 }
 
 impl SettleGrant for BrokerCore {
-    fn settle(&self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
+    fn settle(
+        &self,
+        grant: u64,
+        usage: Option<(u64, u64)>,
+        outcome: Outcome,
+        limits: Option<UpstreamLimits>,
+    ) {
         // (A retired broker took its reservations with it: `guarded` does nothing.)
         match self.state.try_lock() {
             Ok(mut s) => {
-                self.guarded(&mut s, |s| s.settle(grant, usage, outcome));
+                self.guarded(&mut s, |s| s.settle(grant, usage, outcome, limits));
             }
             Err(TryLockError::Poisoned(p)) => {
-                self.guarded(&mut p.into_inner(), |s| s.settle(grant, usage, outcome));
+                self.guarded(&mut p.into_inner(), |s| {
+                    s.settle(grant, usage, outcome, limits)
+                });
             }
             // Busy on another thread, or this grant is dropped while the broker itself works
             // (a grant message that could not be delivered): by message, in turn.
@@ -116,6 +125,7 @@ impl SettleGrant for BrokerCore {
                     grant,
                     usage,
                     outcome,
+                    limits,
                 });
             }
         }
@@ -278,12 +288,18 @@ impl BrokerState {
         Grant::new(grant, to)
     }
 
-    fn settle(&mut self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome) {
+    fn settle(
+        &mut self,
+        grant: u64,
+        usage: Option<(u64, u64)>,
+        outcome: Outcome,
+        limits: Option<UpstreamLimits>,
+    ) {
         let now = Instant::now();
         let mut list = self.scratch();
         if let Some(reservations) = self.outstanding.remove(&grant) {
             for (q, r) in reservations {
-                self.cores[q].settle(now, r, usage, outcome);
+                self.cores[q].settle(now, r, usage, outcome, limits.as_ref());
                 list.push(q);
             }
         }
@@ -314,7 +330,8 @@ impl BrokerState {
                 grant,
                 usage,
                 outcome,
-            } => return self.settle(grant, usage, outcome),
+                limits,
+            } => return self.settle(grant, usage, outcome, limits),
             BrokerMsg::Resync(g) => {
                 if let Some(sched) = self.graphs[g].scheduler() {
                     let _ = sched.cast(SchedMsg::Pause(self.plane.graph_state(g)));

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cascade_agents::{Agent, AgentError, AgentOutput, CallContext, StepInput};
+use cascade_agents::{Agent, AgentError, AgentOutput, CallContext, StepInput, UpstreamLimits};
 use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
 
@@ -162,6 +162,7 @@ pub(crate) enum BrokerMsg {
         grant: u64,
         usage: Option<(u64, u64)>,
         outcome: Outcome,
+        limits: Option<UpstreamLimits>,
     },
     Tick(u64),
     /// An agent was marked failed, or runs again.
@@ -196,7 +197,13 @@ pub(crate) struct Grant {
 
 /// Where a grant goes back to: the broker that made it.
 pub(crate) trait SettleGrant: Send + Sync {
-    fn settle(&self, grant: u64, usage: Option<(u64, u64)>, outcome: Outcome);
+    fn settle(
+        &self,
+        grant: u64,
+        usage: Option<(u64, u64)>,
+        outcome: Outcome,
+        limits: Option<UpstreamLimits>,
+    );
 }
 
 impl std::fmt::Debug for Grant {
@@ -213,21 +220,32 @@ impl Grant {
         Self { id, to }
     }
 
-    /// Return the grant with what the call spent and how it ended.
-    pub fn settle(mut self, usage: Option<(u64, u64)>, outcome: Outcome) {
-        self.send(usage, outcome);
+    /// Return the grant with what the call spent, how it ended, and the limits the upstream's
+    /// answer stated.
+    pub fn settle(
+        mut self,
+        usage: Option<(u64, u64)>,
+        outcome: Outcome,
+        limits: Option<UpstreamLimits>,
+    ) {
+        self.send(usage, outcome, limits);
     }
 
-    fn send(&mut self, usage: Option<(u64, u64)>, outcome: Outcome) {
+    fn send(
+        &mut self,
+        usage: Option<(u64, u64)>,
+        outcome: Outcome,
+        limits: Option<UpstreamLimits>,
+    ) {
         // A broker that is gone took its reservations with it.
         if let Some(to) = self.to.take() {
-            to.settle(self.id, usage, outcome);
+            to.settle(self.id, usage, outcome, limits);
         }
     }
 }
 
 impl Drop for Grant {
     fn drop(&mut self) {
-        self.send(None, Outcome::Abandoned);
+        self.send(None, Outcome::Abandoned, None);
     }
 }

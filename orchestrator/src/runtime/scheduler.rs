@@ -146,7 +146,11 @@ impl Actor for Scheduler {
             .iter()
             .map(|a| {
                 let quotas = ctx.quotas.agents[graph_index][a.index].clone();
-                let counts_tokens = quotas.iter().any(|&q| ctx.quotas.specs[q].tokens.is_some());
+                // A quota that learns from its upstream may learn a token limit.
+                let counts_tokens = quotas.iter().any(|&q| {
+                    let spec = &ctx.quotas.specs[q];
+                    spec.tokens.is_some() || spec.learns()
+                });
                 Slot {
                     actor: None,
                     incarnation: 0,
@@ -631,6 +635,10 @@ impl SchedState {
         if let Some(grant) = d.grant.take() {
             // Every grant is settled, whether or not the result still matters: its reservation
             // must go back to the quota (with the real usage, which may become debt).
+            let limits = match &d.result {
+                Ok(out) => out.limits,
+                Err(e) => e.limits,
+            };
             let (usage, outcome) = match &d.result {
                 Ok(out) => (
                     Some((out.usage.prompt_tokens, out.usage.completion_tokens)),
@@ -646,7 +654,7 @@ impl SchedState {
                     ErrorClass::Permanent | ErrorClass::Unauthorized => (None, Outcome::Answered),
                 },
             };
-            grant.settle(usage, outcome);
+            grant.settle(usage, outcome, limits);
         }
         let start = |attempt| JobUpdate::StepStarted {
             step: d.step,

@@ -11,7 +11,7 @@ use crate::metrics::{
     AGENT_RESTARTS, GRAPH_COST, JOBS_IN_FLIGHT, JOBS_PENDING, QUOTA_CIRCUIT, QUOTA_EXHAUSTED,
     QUOTA_EXHAUSTIONS, QUOTA_RATE_MULTIPLIER, QUOTA_REFUSALS, QUOTA_REQUESTS,
     QUOTA_REQUESTS_AVAILABLE, QUOTA_REQUESTS_LIMIT, QUOTA_TOKENS, QUOTA_TOKENS_LIMIT,
-    QUOTA_TOKENS_USED,
+    QUOTA_TOKENS_USED, QUOTA_UPSTREAM_AVAILABLE, QUOTA_UPSTREAM_LIMIT, QUOTA_UPSTREAM_RATE,
 };
 use crate::quota::CircuitState;
 use crate::quota::QuotaSnapshot;
@@ -222,6 +222,17 @@ impl Orchestrator {
             if let (Some(used), Some(limit)) = (q.tokens_used, q.tokens_window_limit) {
                 gauge!(QUOTA_TOKENS_USED, "quota" => n.clone()).set(used as f64);
                 gauge!(QUOTA_TOKENS_LIMIT, "quota" => n.clone()).set(limit as f64);
+            }
+            for (kind, b) in [
+                ("requests", q.upstream_requests),
+                ("tokens", q.upstream_tokens),
+            ] {
+                let Some(b) = b else { continue };
+                gauge!(QUOTA_UPSTREAM_LIMIT, "quota" => n.clone(), "kind" => kind)
+                    .set(b.limit as f64);
+                gauge!(QUOTA_UPSTREAM_AVAILABLE, "quota" => n.clone(), "kind" => kind)
+                    .set(b.available);
+                gauge!(QUOTA_UPSTREAM_RATE, "quota" => n.clone(), "kind" => kind).set(b.per_second);
             }
             if let Some(c) = q.circuit {
                 let v = match c {

@@ -13,6 +13,7 @@ const QUOTA_FIELDS: &[&str] = &[
     "max_concurrency",
     "circuit_breaker",
     "pause_threshold",
+    "learn_from_upstream",
 ];
 const DEFAULT_PAUSE_THRESHOLD: Duration = Duration::from_millis(250);
 
@@ -76,6 +77,7 @@ impl Loader<'_> {
         let max_concurrency: Option<NonZeroU32> = r.take("max_concurrency", &mut self.errs);
         let pause_threshold: Option<HumanDuration> = r.take("pause_threshold", &mut self.errs);
         let cb: Option<RawCircuitBreaker> = r.take("circuit_breaker", &mut self.errs);
+        let learn: Option<bool> = r.take("learn_from_upstream", &mut self.errs);
         r.deny_unknown(QUOTA_FIELDS, &format!("quota {name:?}"), &mut self.errs);
         if rps.is_some() && rpm.is_some() {
             self.errs.push(
@@ -107,10 +109,11 @@ impl Loader<'_> {
             && !r.has("tokens_per_minute")
             && !r.has("tokens_per_hour")
             && !r.has("max_concurrency")
+            && !r.has("learn_from_upstream")
         {
             self.errs.push(
                 src.error(span.clone(), path.clone(), "a quota needs at least one limit")
-                    .with_help("set requests_per_second, requests_per_minute, tokens_per_minute, tokens_per_hour or max_concurrency"),
+                    .with_help("set requests_per_second, requests_per_minute, tokens_per_minute, tokens_per_hour or max_concurrency, or learn_from_upstream = true to take the limits the upstream's answers state"),
             );
         }
         let circuit_breaker = match cb {
@@ -151,6 +154,7 @@ impl Loader<'_> {
             pause_threshold: pause_threshold.map_or(DEFAULT_PAUSE_THRESHOLD, HumanDuration::get),
             declared_at: format!("{}:{line}:{col}", src.path.display()),
             implicit: false,
+            learn_from_upstream: learn.unwrap_or(false),
         })
     }
 

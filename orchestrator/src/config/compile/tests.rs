@@ -275,6 +275,27 @@ fn quota_needs_a_limit_and_one_rate_per_kind() {
 }
 
 #[test]
+fn a_quota_may_only_learn_from_its_upstream() {
+    let m = crate::config::parse_graph_str(
+        "g.toml",
+        "[quotas.llm]\nlearn_from_upstream = true\n[graph]\nname = \"g\"\n[agents.x]\nkind = \"sim\"\nquotas = [\"llm\"]\n",
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let q = &m.quotas["llm"];
+    assert!(q.learn_from_upstream && q.learns() && q.requests.is_none());
+    let errs = errors(
+        "[quotas.llm]\nlearn_from_upstream = \"yes\"\n[graph]\nname = \"g\"\n[agents.x]\nkind = \"sim\"\n",
+    );
+    assert!(
+        error_at(&errs, "quotas.llm.learn_from_upstream", 2, 23)
+            .message
+            .contains("bool"),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn a_table_or_key_defined_twice_is_named_with_its_first_line() {
     let errs = errors(
         "[graph]\nname = \"d\"\n[agents.a]\nkind = \"sim\"\n[agents.b]\nkind = \"sim\"\n[agents.a]\nkind = \"sim\"\n",
