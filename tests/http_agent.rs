@@ -615,12 +615,15 @@ async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
     let api_port = common::serve_http(app).await;
 
     unsafe { std::env::set_var("CASCADE_TEST_OAUTH_SECRET", "oauth-client-secret-1") };
+    // Two graphs name one credential, `tickets` (declared in each file here, as each is compiled
+    // alone; a server would declare it once in cascade.toml): one token cache for both.
     let graph = |name: &str| {
         format!(
-            "[graph]\nname = \"{name}\"\nmax_in_flight_jobs = 100\n[agents.call]\nkind = \"http\"\n\
-             url = \"http://127.0.0.1:{api_port}/tickets\"\nmax_concurrency = 100\n\
-             auth = {{ oauth2 = {{ token_url = \"http://127.0.0.1:{auth_port}/token\", client_id = \"cascade\", \
-             client_secret = \"env:CASCADE_TEST_OAUTH_SECRET\", scopes = [\"tickets.read\"], audience = \"tickets\" }} }}\n"
+            "[credentials.tickets]\n\
+             oauth2 = {{ token_url = \"http://127.0.0.1:{auth_port}/token\", client_id = \"cascade\", \
+             client_secret = \"env:CASCADE_TEST_OAUTH_SECRET\", scopes = [\"tickets.read\"], audience = \"tickets\" }}\n\
+             [graph]\nname = \"{name}\"\nmax_in_flight_jobs = 100\n[agents.call]\nkind = \"http\"\n\
+             url = \"http://127.0.0.1:{api_port}/tickets\"\nmax_concurrency = 100\nauth = \"tickets\"\n"
         )
     };
     let orch = common::start_many(
@@ -703,9 +706,34 @@ async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
     orch.shutdown(Duration::from_secs(1)).await;
 }
 
+/// `call` paused by its credential's quota (`credential:guarded.call`, an inline credential is
+/// named after its agent), `after` behind it; the API's own quota is not exhausted.
+async fn assert_credential_pause(orch: &cascade_orchestrator::Orchestrator) {
+    use cascade_orchestrator::signal::{CauseKey, Reach};
+    let pauses = orch.pauses("guarded").await.unwrap();
+    let of = |agent: &str| {
+        pauses
+            .iter()
+            .find(|(a, _)| &**a == agent)
+            .and_then(|(_, p)| p.clone())
+            .unwrap_or_else(|| panic!("{agent} is not paused: {pauses:?}"))
+    };
+    let call = of("call");
+    assert_eq!(call.reach, Reach::Direct);
+    assert!(
+        call.causes.iter().any(|(k, info)| matches!(k,
+            CauseKey::Quota { quota } if &**quota == "credential:guarded.call")
+            && info.reason.contains("credential")),
+        "{call:?}"
+    );
+    assert_eq!(of("after").reach, Reach::Upstream);
+    let api = common::quota(orch, "upstream:guarded-api").await;
+    assert_eq!(api.exhausted_reason, None, "{api:?}");
+}
+
 /// The authorization server goes away mid-run: the agent's calls are not failed one by one, they
-/// wait (paused on the agent's upstream) and probe with a growing delay; when the server is back,
-/// every job goes through, none spent an attempt on it.
+/// wait (paused on the credential's quota, `credential:<name>`) and probe with a growing delay;
+/// when the server is back, every job goes through, none spent an attempt on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs oauth2-mock-server from npm: .ci/run installs it (npm ci --prefix tests/js) and runs this test"]
 async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
@@ -755,7 +783,7 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
                 .id,
         );
     }
-    // They wait: paused, not failed.
+    // They wait: paused, not failed — on the credential, with the agent after it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         if orch.paused_agents("guarded") > 0 {
@@ -767,6 +795,7 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert_credential_pause(&orch).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
         let job = orch.get(*id).unwrap().unwrap();
@@ -804,6 +833,7 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
         orch.paused_agents("guarded") > 0,
         "the refused credential pauses its agent"
     );
+    assert_credential_pause(&orch).await;
     for id in &ids {
         let job = orch.get(*id).unwrap().unwrap();
         assert!(

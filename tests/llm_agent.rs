@@ -16,8 +16,9 @@ mod common;
 type Log = Arc<Mutex<Vec<(String, axum::http::HeaderMap, Value)>>>;
 
 /// The stand-in. The model name scripts the answer: "flaky" fails its first call with a 500,
-/// "limited" answers its first call 429 with OpenAI's and the standard headers, "babbler"
-/// never answers with JSON; any other model answers well.
+/// "limited" answers its first call 429 with OpenAI's and the standard headers, "sleepy" takes
+/// two seconds over its first call, "babbler" never answers with JSON; any other model answers
+/// well.
 async fn provider() -> (u16, Log) {
     let log: Log = Arc::default();
     let seen = log.clone();
@@ -53,6 +54,7 @@ async fn provider() -> (u16, Log) {
                 }
                 match (model.as_str(), n) {
                     ("flaky", 1) => return reply(500, vec![], json!({"error": {"message": "internal"}})),
+                    ("sleepy", 1) => tokio::time::sleep(Duration::from_secs(2)).await,
                     ("limited", 1) => {
                         return reply(
                             429,
@@ -216,6 +218,18 @@ async fn provider_answers_are_classified() {
             graph("limited", "limited", ""),
             graph("flaky", "flaky", ""),
             graph("babbler", "babbler", "response = \"json\"\n"),
+            graph("sleepy", "sleepy", "timeout = \"300ms\"\n"),
+            // The stand-in answers {"label": "billing"}: one schema it meets, one it breaks.
+            graph(
+                "schema-ok",
+                "any",
+                "response = \"json\"\nschema = { type = \"object\", required = [\"label\"], properties = { label = { enum = [\"billing\", \"bug\"] } } }\n",
+            ),
+            graph(
+                "schema-broken",
+                "any",
+                "response = \"json\"\nschema = { type = \"object\", required = [\"label\", \"urgency\"], properties = { label = { enum = [\"bug\", \"question\"] } } }\n",
+            ),
             graph("badkey", "any", "")
                 .replace("CASCADE_TEST_OPENAI_KEY", "CASCADE_TEST_ANTHROPIC_KEY"),
         ]
@@ -253,6 +267,29 @@ async fn provider_answers_are_classified() {
             .contains("not the JSON asked for"),
         "{:?}",
         job.error
+    );
+
+    // A timeout is transient: retried, and the second call answers in time.
+    let job = common::run_one(&orch, "sleepy", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(job.steps[0].attempts, 2);
+
+    let job = common::run_one(&orch, "schema-ok", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(
+        job.steps[0].output.as_ref().unwrap()["json"],
+        json!({"label": "billing"})
+    );
+    // A reply against the schema is retried as transient, then fails naming each violation.
+    let job = common::run_one(&orch, "schema-broken", json!({})).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.steps[0].attempts, 3, "{:?}", job.error);
+    let err = job.error.unwrap();
+    assert!(
+        err.contains("does not match the schema")
+            && err.contains("at /label")
+            && err.contains("\"urgency\" is a required property"),
+        "{err}"
     );
 
     let job = common::run_one(&orch, "badkey", json!({})).await;

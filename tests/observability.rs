@@ -348,7 +348,25 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
     }
     assert!(exprs.len() >= 10, "{exprs:?}");
 
-    let (orch, server) = start("paneled").await;
+    // A graph with an OAuth2 credential beside it (never run: its failure count exists from
+    // the start, at zero, as the credential alert needs).
+    let text = GRAPHS
+        .replace("name = \"observed\"", "name = \"paneled\"")
+        .replace("llm", "paneled-llm");
+    let mut model = config::parse_graph_str("observed.toml", &text, &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let credentialed = config::parse_graph_str(
+        "credentialed.toml",
+        "[credentials.paneled-crm]\n\
+         oauth2 = { token_url = \"http://127.0.0.1:9/token\", client_id = \"c\", client_secret = \"env:PATH\" }\n\
+         [graph]\nname = \"credentialed\"\n\
+         [agents.lookup]\nkind = \"http\"\nurl = \"http://127.0.0.1:9/customers\"\nauth = \"paneled-crm\"\n",
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    model.graphs.extend(credentialed.graphs);
+    model.quotas.extend(credentialed.quotas);
+    let (orch, server) = common::serve_in_process(model).await;
     for i in 0..50 {
         orch.submit(SubmitRequest::new("paneled", json!({ "n": i })))
             .await

@@ -186,8 +186,14 @@ pub struct AgentError {
     pub message: String,
     /// For rate-limited refusals: how long the upstream asked us to wait (Retry-After).
     pub retry_after: Option<Duration>,
-    /// The upstream's own rate limits, when its answer stated them.
-    pub limits: Option<UpstreamLimits>,
+    /// The upstream's own rate limits, when its answer stated them (boxed: errors travel in
+    /// every `Result`, and most carry none).
+    pub limits: Option<Box<UpstreamLimits>>,
+    /// For a rate-limited refusal: the call never left, because the named credential cannot
+    /// get a token (or its fresh token was refused). It is the credential that waits, not the
+    /// upstream: the orchestrator pauses the credential's agents with cause
+    /// `credential:<name>`.
+    pub credential: Option<Arc<str>>,
 }
 
 impl AgentError {
@@ -197,6 +203,7 @@ impl AgentError {
             message: message.into(),
             retry_after: None,
             limits: None,
+            credential: None,
         }
     }
 
@@ -206,6 +213,7 @@ impl AgentError {
             message: message.into(),
             retry_after: None,
             limits: None,
+            credential: None,
         }
     }
 
@@ -215,6 +223,7 @@ impl AgentError {
             message: message.into(),
             retry_after: None,
             limits: None,
+            credential: None,
         }
     }
 
@@ -224,12 +233,28 @@ impl AgentError {
             message: message.into(),
             retry_after,
             limits: None,
+            credential: None,
+        }
+    }
+
+    /// A rate-limited refusal because credential `name` cannot be used for `wait`.
+    pub fn credential_unavailable(
+        name: Arc<str>,
+        message: impl Into<String>,
+        wait: Duration,
+    ) -> Self {
+        Self {
+            credential: Some(name),
+            ..Self::rate_limited(message, Some(wait))
         }
     }
 
     /// This error, with the limits the upstream's answer stated.
     pub fn with_limits(self, limits: Option<UpstreamLimits>) -> Self {
-        Self { limits, ..self }
+        Self {
+            limits: limits.map(Box::new),
+            ..self
+        }
     }
 
     /// Whether another attempt may succeed.

@@ -13,6 +13,8 @@
 //! temperature = 0.0
 //! max_tokens = 64
 //! response = "json"                   # default "text"; "json" parses the reply (a bad one is retried)
+//! schema = { type = "object", required = ["label"], properties = { label = { enum = ["billing", "bug"] } } }
+//!                                     # with "json": a JSON Schema every reply is checked against
 //! headers = { "OpenAI-Organization" = "env:OPENAI_ORG" }   # values may be secret references
 //! ```
 //!
@@ -22,7 +24,10 @@
 //! heuristic that ignores the prompt template and the dependencies' outputs; a tokenizer per
 //! model family is not built in yet), and `max_tokens` (256 when unset); the quota settles on the
 //! usage the reply reports. Answers are classified as the `http` kind's are: 429 pauses with
-//! the longest delay the provider's headers give, 408/5xx/529 retry, 401 is a refused key.
+//! the longest delay the provider's headers give, 408/5xx/529 retry, 401 is a refused key. A
+//! reply that is not the JSON asked for, or breaks the `schema`, is retried as transient (the
+//! model may answer well next time) until the attempts run out; the step then fails naming the
+//! violation.
 
 use std::sync::Arc;
 
@@ -48,6 +53,7 @@ pub const KIND: KindSpec = KindSpec {
         "temperature",
         "max_tokens",
         "response",
+        "schema",
         "headers",
         "upstream",
     ],
@@ -96,6 +102,8 @@ struct Config {
     max_tokens: Option<u64>,
     #[serde(default)]
     response: Response,
+    #[serde(default)]
+    schema: Option<Value>,
     #[serde(default)]
     headers: std::collections::BTreeMap<String, String>,
     #[serde(default)]
@@ -162,6 +170,8 @@ pub struct LlmAgent {
     temperature: Option<f64>,
     max_tokens: Option<u64>,
     response: Response,
+    /// Checked on every JSON reply.
+    schema: Option<jsonschema::Validator>,
     headers: Vec<(reqwest::header::HeaderName, HeaderValue)>,
     upstream: Upstream,
     prices: Arc<Prices>,
@@ -238,6 +248,19 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         .get::<HttpClients>()
         .get(&name, None)
         .map_err(|e| FieldError::new("base_url", e))?;
+    let schema = match &c.schema {
+        None => None,
+        Some(_) if c.response != Response::Json => {
+            return Err(FieldError::new(
+                "schema",
+                "a schema checks JSON replies: set response = \"json\" too",
+            ));
+        }
+        Some(s) => Some(
+            jsonschema::validator_for(s)
+                .map_err(|e| FieldError::new("schema", format!("not a valid JSON Schema: {e}")))?,
+        ),
+    };
     Ok(Arc::new(LlmAgent {
         provider,
         endpoint,
@@ -247,6 +270,7 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         temperature: c.temperature,
         max_tokens: c.max_tokens,
         response: c.response,
+        schema,
         headers,
         upstream,
         prices: spec.resources.get::<Prices>(),
@@ -471,6 +495,9 @@ impl LlmAgent {
                         AgentError::transient(msg)
                     }
                 })?;
+                if let Some(schema) = &self.schema {
+                    check_schema(schema, &v)?;
+                }
                 out.insert("json".into(), v);
             }
         }
@@ -486,6 +513,32 @@ impl LlmAgent {
             limits: None,
         })
     }
+}
+
+/// A JSON reply against the agent's schema: the violations (the first three, each at its path
+/// in the reply) as a transient error, since the model may answer well next time.
+fn check_schema(schema: &jsonschema::Validator, reply: &Value) -> Result<(), AgentError> {
+    let mut errors = schema.iter_errors(reply).peekable();
+    if errors.peek().is_none() {
+        return Ok(());
+    }
+    let all: Vec<String> = errors
+        .map(|e| {
+            let at = e.instance_path().to_string();
+            let at = if at.is_empty() { "/".to_string() } else { at };
+            format!("at {at}: {e}")
+        })
+        .collect();
+    let shown = all.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+    let more = if all.len() > 3 {
+        format!(" (and {} more)", all.len() - 3)
+    } else {
+        String::new()
+    };
+    let text: String = reply.to_string().chars().take(200).collect();
+    Err(AgentError::transient(format!(
+        "the model's reply does not match the schema: {shown}{more}; the reply: {text}"
+    )))
 }
 
 #[async_trait::async_trait]
@@ -609,6 +662,19 @@ mod tests {
         assert_eq!(
             base(json!({"response": "yaml"})),
             Some(vec!["response".to_string()])
+        );
+        // A schema needs JSON replies, and must be a schema.
+        assert_eq!(
+            base(json!({"schema": {"type": "object"}})),
+            Some(vec!["schema".to_string()])
+        );
+        assert_eq!(
+            base(json!({"response": "json", "schema": {"type": "objekt"}})),
+            Some(vec!["schema".to_string()])
+        );
+        assert_eq!(
+            base(json!({"response": "json", "schema": {"type": "object"}})),
+            None
         );
         assert_eq!(
             base(json!({"prompt": "{{ input.x "})),

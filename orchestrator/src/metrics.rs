@@ -43,6 +43,7 @@ pub const QUOTA_REFUSALS: &str = "cascade_quota_upstream_refusals_total";
 pub const QUOTA_CIRCUIT: &str = "cascade_quota_circuit_state";
 pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
 pub const QUOTA_UPSTREAM_LIMIT: &str = "cascade_quota_upstream_limit";
+pub const CREDENTIAL_REFRESH_FAILURES: &str = cascade_agents::http::oauth2::REFRESH_FAILURES;
 pub const QUOTA_UPSTREAM_AVAILABLE: &str = "cascade_quota_upstream_available";
 pub const QUOTA_UPSTREAM_RATE: &str = "cascade_quota_upstream_refill_per_second";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
@@ -184,6 +185,11 @@ pub fn describe() {
         QUOTA_RATE_MULTIPLIER,
         Unit::Count,
         "AIMD's scale on the configured request rate (1 = as configured)."
+    );
+    describe_counter!(
+        CREDENTIAL_REFRESH_FAILURES,
+        Unit::Count,
+        "Failed token fetches of an OAuth2 credential (authorization server down or refusing, or a fresh token refused), by credential; while it fails, its agents pause with cause credential:<name>."
     );
     describe_gauge!(
         QUOTA_UPSTREAM_LIMIT,

@@ -236,6 +236,9 @@ pub struct QuotaModel {
     /// It mirrors the limits its upstream's answers state (rate-limit headers), under its own:
     /// always for an implicit quota, `learn_from_upstream = true` for a declared one.
     pub learn_from_upstream: bool,
+    /// The quota of an OAuth2 credential (`credential:<name>`), which its agents draw on
+    /// beside their upstream's: no limit, exhausted while the credential cannot get a token.
+    pub credential: bool,
 }
 
 impl QuotaModel {
@@ -256,6 +259,22 @@ impl QuotaModel {
             declared_at,
             implicit: true,
             learn_from_upstream: true,
+            credential: false,
+        }
+    }
+
+    /// The prefix of credentials' quotas.
+    pub const CREDENTIAL_PREFIX: &str = "credential:";
+
+    /// The quota of credential `name`, first used by an agent at `declared_at`.
+    pub fn credential(name: &str, declared_at: String, pause_threshold: Duration) -> Self {
+        Self {
+            name: format!("{}{name}", Self::CREDENTIAL_PREFIX).into(),
+            circuit_breaker: None,
+            implicit: false,
+            learn_from_upstream: false,
+            credential: true,
+            ..Self::implicit(name, declared_at, pause_threshold)
         }
     }
 

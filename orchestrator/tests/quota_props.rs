@@ -130,6 +130,7 @@ fn quota(rps: u64, burst: u32, tokens_per_min: u64) -> QuotaCore {
         declared_at: String::new(),
         implicit: false,
         learn_from_upstream: false,
+        credential: false,
     };
     QuotaCore::new(Arc::new(spec), Instant::now())
 }

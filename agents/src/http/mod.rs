@@ -323,12 +323,17 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
                     .map_err(|e| field(&["auth", "api_key", "value"], e))?,
             ),
         )),
-        Some(AuthConfig::OAuth2 { oauth2 }) => Some(Auth::OAuth2(
-            spec.resources
-                .get::<oauth2::Credentials>()
-                .get(&oauth2)
-                .map_err(|e| field(&["auth", "oauth2"], e))?,
-        )),
+        Some(AuthConfig::OAuth2 { mut oauth2 }) => {
+            if oauth2.name.is_none() {
+                oauth2.name = Some(format!("{}.{}", spec.graph, spec.name));
+            }
+            Some(Auth::OAuth2(
+                spec.resources
+                    .get::<oauth2::Credentials>()
+                    .get(&oauth2)
+                    .map_err(|e| field(&["auth", "oauth2"], e))?,
+            ))
+        }
         Some(AuthConfig::Basic { basic }) => Some(Auth::Basic(
             basic.username,
             Arc::new(

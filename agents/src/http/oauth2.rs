@@ -33,7 +33,16 @@ pub struct OAuth2Config {
     /// For a delegated token: the refresh-token grant instead of client credentials.
     #[serde(default)]
     pub refresh_token: Option<SecretRef>,
+    /// The credential's name, in pause causes (`credential:<name>`), metrics and logs: the
+    /// `NAME` of `[credentials.NAME]`; an inline credential is named after its agent
+    /// (`graph.agent`).
+    #[serde(default)]
+    pub name: Option<String>,
 }
+
+/// Token fetches that failed (the authorization server down or turning the client away, or a
+/// fresh token refused), by credential: the alert for a credential that went dead.
+pub const REFRESH_FAILURES: &str = "cascade_credential_refresh_failures_total";
 
 struct Token {
     value: String,
@@ -43,6 +52,7 @@ struct Token {
 
 /// One credential's token, shared by the agents that use it.
 pub struct Credential {
+    name: Arc<str>,
     token_url: reqwest::Url,
     client_id: String,
     client_secret: SecretCell,
@@ -72,7 +82,8 @@ impl Credentials {
         // The references, not their values, tell credentials apart: two delegated tokens of
         // one client (two users' refresh tokens) are two credentials.
         let key = format!(
-            "{}\n{}\n{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            config.name.as_deref().unwrap_or(""),
             config.token_url,
             config.client_id,
             config.client_secret,
@@ -104,6 +115,7 @@ impl Credentials {
             None => None,
         };
         let c = Arc::new(Credential {
+            name: config.name.as_deref().unwrap_or("oauth2").into(),
             token_url,
             client_id: config.client_id.clone(),
             client_secret,
@@ -165,12 +177,13 @@ impl Credential {
     fn not_blocked(&self) -> Result<(), AgentError> {
         let until = *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
         match until {
-            Some(t) if Instant::now() < t => Err(AgentError::rate_limited(
+            Some(t) if Instant::now() < t => Err(AgentError::credential_unavailable(
+                self.name.clone(),
                 format!(
-                    "credential of client {} cannot get a token; the next try is due",
-                    self.client_id
+                    "credential {} (client {}) cannot get a token; the next try is due",
+                    self.name, self.client_id
                 ),
-                Some(t - Instant::now()),
+                t - Instant::now(),
             )),
             _ => Ok(()),
         }
@@ -187,7 +200,9 @@ impl Credential {
                     .min(Duration::from_secs(600)),
             );
         *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
+        metrics::counter!(REFRESH_FAILURES, "credential" => self.name.to_string()).increment(1);
         tracing::error!(
+            credential = %self.name,
             token_url = %self.token_url,
             client_id = %self.client_id,
             failures = n + 1,
@@ -195,12 +210,13 @@ impl Credential {
             error = %e.message,
             "an OAuth2 credential cannot get a token; its agents pause until it can"
         );
-        AgentError::rate_limited(
+        AgentError::credential_unavailable(
+            self.name.clone(),
             format!(
-                "credential of client {} cannot get a token: {}",
-                self.client_id, e.message
+                "credential {} (client {}) cannot get a token: {}",
+                self.name, self.client_id, e.message
             ),
-            Some(wait),
+            wait,
         )
     }
 

@@ -79,6 +79,8 @@ pub enum Limit {
     UpstreamRateLimit,
     /// The upstream's own limit, as its answers state it, is spent.
     UpstreamLimit,
+    /// A credential cannot get a token (or its fresh token was refused).
+    Credential,
     CircuitOpen,
     CircuitHalfOpen,
     RequestRate,
@@ -92,6 +94,7 @@ impl Limit {
         match self {
             Self::UpstreamRateLimit => "upstream rate limit (429)",
             Self::UpstreamLimit => "upstream's stated limit",
+            Self::Credential => "credential cannot get a token",
             Self::CircuitOpen => "circuit open",
             Self::CircuitHalfOpen => "circuit half-open",
             Self::RequestRate => "request rate",
@@ -207,7 +210,12 @@ impl QuotaCore {
             }
         };
         if let Some(t) = self.refused_until {
-            later(t, Limit::UpstreamRateLimit, &mut at);
+            let why = if self.spec.credential {
+                Limit::Credential
+            } else {
+                Limit::UpstreamRateLimit
+            };
+            later(t, why, &mut at);
         }
         if let Some(c) = &mut self.circuit {
             match c.gate(now) {
@@ -383,6 +391,11 @@ impl QuotaCore {
     /// burst, one interval after another.
     pub fn refused(&mut self, now: Instant, wait: Option<Duration>) {
         self.refusals += 1;
+        if self.spec.credential {
+            // No rate to learn: the credential waits for its next try.
+            self.hold(now, wait.unwrap_or(Duration::from_secs(1)));
+            return;
+        }
         let (answered, _) = self.answered.rate(now);
         match &self.requests {
             Some(g) => {
@@ -566,6 +579,7 @@ mod tests {
             declared_at: String::new(),
             implicit: false,
             learn_from_upstream: false,
+            credential: false,
         };
         QuotaCore::new(Arc::new(spec), Instant::now())
     }

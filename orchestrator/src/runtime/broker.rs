@@ -13,15 +13,15 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 
-use cascade_agents::UpstreamLimits;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use smallvec::SmallVec;
 use tokio::time::Instant;
 
 use super::context::{GraphCtx, QuotaIndex, Shared};
-use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg, SettleGrant};
+use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg, SettleGrant, Settlement};
 use crate::clock;
 use crate::job::JobId;
+use crate::model::QuotaModel;
 use crate::quota::{CircuitState, Outcome, QuotaCore, Ready, Reservation};
 use crate::signal::{
     AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane,
@@ -101,32 +101,19 @@ impl BrokerCore {
 }
 
 impl SettleGrant for BrokerCore {
-    fn settle(
-        &self,
-        grant: u64,
-        usage: Option<(u64, u64)>,
-        outcome: Outcome,
-        limits: Option<UpstreamLimits>,
-    ) {
+    fn settle(&self, grant: u64, end: Settlement) {
         // (A retired broker took its reservations with it: `guarded` does nothing.)
         match self.state.try_lock() {
             Ok(mut s) => {
-                self.guarded(&mut s, |s| s.settle(grant, usage, outcome, limits));
+                self.guarded(&mut s, |s| s.settle(grant, end));
             }
             Err(TryLockError::Poisoned(p)) => {
-                self.guarded(&mut p.into_inner(), |s| {
-                    s.settle(grant, usage, outcome, limits)
-                });
+                self.guarded(&mut p.into_inner(), |s| s.settle(grant, end));
             }
             // Busy on another thread, or this grant is dropped while the broker itself works
             // (a grant message that could not be delivered): by message, in turn.
             Err(TryLockError::WouldBlock) => {
-                let _ = self.actor.cast(BrokerMsg::Settle {
-                    grant,
-                    usage,
-                    outcome,
-                    limits,
-                });
+                let _ = self.actor.cast(BrokerMsg::Settle { grant, end });
             }
         }
     }
@@ -288,18 +275,26 @@ impl BrokerState {
         Grant::new(grant, to)
     }
 
-    fn settle(
-        &mut self,
-        grant: u64,
-        usage: Option<(u64, u64)>,
-        outcome: Outcome,
-        limits: Option<UpstreamLimits>,
-    ) {
+    fn settle(&mut self, grant: u64, end: Settlement) {
         let now = Instant::now();
         let mut list = self.scratch();
         if let Some(reservations) = self.outstanding.remove(&grant) {
+            // A credential that cannot get a token: its quota waits; the call never reached
+            // the others. (Unless none of the call's quotas is the credential's: then they all
+            // wait, rather than the call coming straight back.)
+            let credential = end.credential.as_deref().and_then(|name| {
+                reservations.iter().map(|(q, _)| *q).find(|&q| {
+                    let spec = &self.cores[q].spec;
+                    spec.credential
+                        && spec.name.strip_prefix(QuotaModel::CREDENTIAL_PREFIX) == Some(name)
+                })
+            });
             for (q, r) in reservations {
-                self.cores[q].settle(now, r, usage, outcome, limits.as_ref());
+                let outcome = match credential {
+                    Some(c) if c != q => Outcome::Abandoned,
+                    _ => end.outcome,
+                };
+                self.cores[q].settle(now, r, end.usage, outcome, end.limits.as_ref());
                 list.push(q);
             }
         }
@@ -326,12 +321,7 @@ impl BrokerState {
     fn on_message(&mut self, msg: BrokerMsg) {
         let now = Instant::now();
         match msg {
-            BrokerMsg::Settle {
-                grant,
-                usage,
-                outcome,
-                limits,
-            } => return self.settle(grant, usage, outcome, limits),
+            BrokerMsg::Settle { grant, end } => return self.settle(grant, end),
             BrokerMsg::Resync(g) => {
                 if let Some(sched) = self.graphs[g].scheduler() {
                     let _ = sched.cast(SchedMsg::Pause(self.plane.graph_state(g)));

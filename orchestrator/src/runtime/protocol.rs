@@ -160,9 +160,7 @@ pub(crate) enum BrokerMsg {
     /// while the broker works).
     Settle {
         grant: u64,
-        usage: Option<(u64, u64)>,
-        outcome: Outcome,
-        limits: Option<UpstreamLimits>,
+        end: Settlement,
     },
     Tick(u64),
     /// An agent was marked failed, or runs again.
@@ -197,13 +195,31 @@ pub(crate) struct Grant {
 
 /// Where a grant goes back to: the broker that made it.
 pub(crate) trait SettleGrant: Send + Sync {
-    fn settle(
-        &self,
-        grant: u64,
-        usage: Option<(u64, u64)>,
-        outcome: Outcome,
-        limits: Option<UpstreamLimits>,
-    );
+    fn settle(&self, grant: u64, end: Settlement);
+}
+
+/// How a granted call ended, as its quotas need to know it.
+#[derive(Clone, Debug)]
+pub(crate) struct Settlement {
+    /// Tokens it spent (prompt, completion), when it reported them.
+    pub usage: Option<(u64, u64)>,
+    pub outcome: Outcome,
+    /// The limits the upstream's answer stated.
+    pub limits: Option<UpstreamLimits>,
+    /// The call never left because this credential cannot get a token: the outcome is the
+    /// credential's quota's alone, and the call is abandoned for the others.
+    pub credential: Option<Arc<str>>,
+}
+
+impl Settlement {
+    pub fn abandoned() -> Self {
+        Self {
+            usage: None,
+            outcome: Outcome::Abandoned,
+            limits: None,
+            credential: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Grant {
@@ -220,32 +236,21 @@ impl Grant {
         Self { id, to }
     }
 
-    /// Return the grant with what the call spent, how it ended, and the limits the upstream's
-    /// answer stated.
-    pub fn settle(
-        mut self,
-        usage: Option<(u64, u64)>,
-        outcome: Outcome,
-        limits: Option<UpstreamLimits>,
-    ) {
-        self.send(usage, outcome, limits);
+    /// Return the grant with how its call ended.
+    pub fn settle(mut self, end: Settlement) {
+        self.send(end);
     }
 
-    fn send(
-        &mut self,
-        usage: Option<(u64, u64)>,
-        outcome: Outcome,
-        limits: Option<UpstreamLimits>,
-    ) {
+    fn send(&mut self, end: Settlement) {
         // A broker that is gone took its reservations with it.
         if let Some(to) = self.to.take() {
-            to.settle(self.id, usage, outcome, limits);
+            to.settle(self.id, end);
         }
     }
 }
 
 impl Drop for Grant {
     fn drop(&mut self) {
-        self.send(None, Outcome::Abandoned, None);
+        self.send(Settlement::abandoned());
     }
 }

@@ -24,7 +24,7 @@ use super::agent_actor;
 use super::broker::BrokerCore;
 use super::protocol::{
     Acquire, AgentHandle, AgentMsg, AgentPanic, AgentSlotSnapshot, BrokerMsg, Call, CallEnd, Grant,
-    SchedMsg, SchedulerSnapshot, StepDone, Waiting,
+    SchedMsg, SchedulerSnapshot, Settlement, StepDone, Waiting,
 };
 use super::step::{Decision, Rules, Step, failure_message};
 use crate::job::{JobEvent, JobId, JobRecord, JobState, JobUpdate, StepState};
@@ -635,9 +635,9 @@ impl SchedState {
         if let Some(grant) = d.grant.take() {
             // Every grant is settled, whether or not the result still matters: its reservation
             // must go back to the quota (with the real usage, which may become debt).
-            let limits = match &d.result {
-                Ok(out) => out.limits,
-                Err(e) => e.limits,
+            let (limits, credential) = match &d.result {
+                Ok(out) => (out.limits, None),
+                Err(e) => (e.limits.as_deref().copied(), e.credential.clone()),
             };
             let (usage, outcome) = match &d.result {
                 Ok(out) => (
@@ -654,7 +654,12 @@ impl SchedState {
                     ErrorClass::Permanent | ErrorClass::Unauthorized => (None, Outcome::Answered),
                 },
             };
-            grant.settle(usage, outcome, limits);
+            grant.settle(Settlement {
+                usage,
+                outcome,
+                limits,
+                credential,
+            });
         }
         let start = |attempt| JobUpdate::StepStarted {
             step: d.step,

@@ -8,10 +8,11 @@ use ::metrics::{counter, gauge};
 use super::Orchestrator;
 use crate::metrics::{
     AGENT_FAILED, AGENT_IN_FLIGHT, AGENT_PAUSE_CAUSE, AGENT_PAUSED, AGENT_QUEUE_DEPTH,
-    AGENT_RESTARTS, GRAPH_COST, JOBS_IN_FLIGHT, JOBS_PENDING, QUOTA_CIRCUIT, QUOTA_EXHAUSTED,
-    QUOTA_EXHAUSTIONS, QUOTA_RATE_MULTIPLIER, QUOTA_REFUSALS, QUOTA_REQUESTS,
-    QUOTA_REQUESTS_AVAILABLE, QUOTA_REQUESTS_LIMIT, QUOTA_TOKENS, QUOTA_TOKENS_LIMIT,
-    QUOTA_TOKENS_USED, QUOTA_UPSTREAM_AVAILABLE, QUOTA_UPSTREAM_LIMIT, QUOTA_UPSTREAM_RATE,
+    AGENT_RESTARTS, CREDENTIAL_REFRESH_FAILURES, GRAPH_COST, JOBS_IN_FLIGHT, JOBS_PENDING,
+    QUOTA_CIRCUIT, QUOTA_EXHAUSTED, QUOTA_EXHAUSTIONS, QUOTA_RATE_MULTIPLIER, QUOTA_REFUSALS,
+    QUOTA_REQUESTS, QUOTA_REQUESTS_AVAILABLE, QUOTA_REQUESTS_LIMIT, QUOTA_TOKENS,
+    QUOTA_TOKENS_LIMIT, QUOTA_TOKENS_USED, QUOTA_UPSTREAM_AVAILABLE, QUOTA_UPSTREAM_LIMIT,
+    QUOTA_UPSTREAM_RATE,
 };
 use crate::quota::CircuitState;
 use crate::quota::QuotaSnapshot;
@@ -222,6 +223,12 @@ impl Orchestrator {
             if let (Some(used), Some(limit)) = (q.tokens_used, q.tokens_window_limit) {
                 gauge!(QUOTA_TOKENS_USED, "quota" => n.clone()).set(used as f64);
                 gauge!(QUOTA_TOKENS_LIMIT, "quota" => n.clone()).set(limit as f64);
+            }
+            // A credential's failure count exists from the start, so that an alert on its
+            // increase sees the first failure.
+            if let Some(name) = n.strip_prefix(crate::model::QuotaModel::CREDENTIAL_PREFIX) {
+                counter!(CREDENTIAL_REFRESH_FAILURES, "credential" => name.to_string())
+                    .increment(0);
             }
             for (kind, b) in [
                 ("requests", q.upstream_requests),

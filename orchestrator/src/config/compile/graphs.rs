@@ -2,7 +2,7 @@
 
 use super::*;
 
-const GRAPH_FILE_SECTIONS: &[&str] = &["graph", "quotas", "agents"];
+const GRAPH_FILE_SECTIONS: &[&str] = &["graph", "quotas", "credentials", "agents"];
 const GRAPH_FIELDS: &[&str] = &[
     "name",
     "description",
@@ -38,6 +38,10 @@ impl Loader<'_> {
         if let Some((k, v)) = r.entry("quotas") {
             r.skip("quotas");
             self.quotas_table(src, k.span(), v);
+        }
+        if let Some((k, v)) = r.entry("credentials") {
+            r.skip("credentials");
+            self.credentials_table(src, k.span(), v);
         }
         let mut graph = None;
         match r.entry("graph") {
@@ -211,6 +215,7 @@ impl Loader<'_> {
         // The kind's own fields.
         let mut fields = serde_json::Map::new();
         let mut upstream = None;
+        let mut credential = None;
         let kind_spec = match &kind {
             Some((k, span)) => match self.registry.get(k) {
                 Some(spec) => Some(*spec),
@@ -234,6 +239,16 @@ impl Loader<'_> {
                 let field: &str = k.get_ref();
                 if spec.fields.contains(&field) {
                     match deserialize::<serde_json::Value>(v) {
+                        Ok(j) if field == "auth" => {
+                            let path = r.field_path(field);
+                            if let Some(auth) = self.auth(src, graph, name, &path, v.span(), j) {
+                                credential = auth
+                                    .pointer("/oauth2/name")
+                                    .and_then(|n| n.as_str())
+                                    .map(str::to_string);
+                                fields.insert(field.to_string(), auth);
+                            }
+                        }
                         Ok(j) => {
                             fields.insert(field.to_string(), j);
                         }
@@ -292,6 +307,7 @@ impl Loader<'_> {
             after,
             quotas,
             upstream,
+            credential,
             model: AgentModel {
                 index: 0,
                 name: name.into(),

@@ -139,6 +139,8 @@ struct PendingAgent {
     quotas: Vec<(String, Range<usize>)>,
     /// The upstream its kind calls, for an implicit quota when it names none.
     upstream: Option<String>,
+    /// The OAuth2 credential it uses, whose quota it also draws on.
+    credential: Option<String>,
     model: AgentModel,
 }
 
@@ -151,6 +153,8 @@ struct Loader<'r> {
     server: ServerSettings,
     telemetry: TelemetrySettings,
     prices: BTreeMap<String, cascade_agents::llm::Price>,
+    /// `[credentials.NAME]`: an `auth` table and where it was declared.
+    credentials: BTreeMap<String, (serde_json::Value, String)>,
     /// Source index of errors found while resolving, which need a file's text to locate.
     resolve_errs: Vec<(usize, Range<usize>, String, String, String)>,
 }
@@ -166,6 +170,7 @@ impl<'r> Loader<'r> {
             server: ServerSettings::default(),
             telemetry: TelemetrySettings::default(),
             prices: BTreeMap::new(),
+            credentials: BTreeMap::new(),
             resolve_errs: Vec::new(),
         }
     }
@@ -256,6 +261,7 @@ impl<'r> Loader<'r> {
     }
 }
 
+mod credentials;
 mod graphs;
 mod quotas;
 mod resolve;

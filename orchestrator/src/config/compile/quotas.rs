@@ -15,7 +15,7 @@ const QUOTA_FIELDS: &[&str] = &[
     "pause_threshold",
     "learn_from_upstream",
 ];
-const DEFAULT_PAUSE_THRESHOLD: Duration = Duration::from_millis(250);
+pub(super) const DEFAULT_PAUSE_THRESHOLD: Duration = Duration::from_millis(250);
 
 impl Loader<'_> {
     pub(super) fn quotas_table(
@@ -155,6 +155,7 @@ impl Loader<'_> {
             declared_at: format!("{}:{line}:{col}", src.path.display()),
             implicit: false,
             learn_from_upstream: learn.unwrap_or(false),
+            credential: false,
         })
     }
 

@@ -3,7 +3,14 @@
 
 use super::*;
 
-const SERVER_FILE_SECTIONS: &[&str] = &["graphs", "server", "quotas", "telemetry", "prices"];
+const SERVER_FILE_SECTIONS: &[&str] = &[
+    "graphs",
+    "server",
+    "quotas",
+    "credentials",
+    "telemetry",
+    "prices",
+];
 const SERVER_FIELDS: &[&str] = &[
     "grpc_addr",
     "http_addr",
@@ -110,6 +117,10 @@ impl Loader<'_> {
         if let Some((k, v)) = r.entry("prices") {
             r.skip("prices");
             self.prices_table(src, k.span(), v);
+        }
+        if let Some((k, v)) = r.entry("credentials") {
+            r.skip("credentials");
+            self.credentials_table(src, k.span(), v);
         }
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
         files

@@ -514,3 +514,63 @@ fn bad_telemetry_values_are_each_reported_where_they_are() {
     assert_eq!(at("telemetry.timeout").line, 7);
     assert_eq!(errs.len(), 7, "{errs:#?}");
 }
+
+#[test]
+fn a_named_credential_is_shared_and_has_its_own_quota() {
+    // SAFETY: a variable only this test reads.
+    unsafe { std::env::set_var("CASCADE_TEST_CRED_SECRET", "s3cret") };
+    let text = r#"[credentials.crm]
+oauth2 = { token_url = "http://127.0.0.1:9/token", client_id = "cascade", client_secret = "env:CASCADE_TEST_CRED_SECRET" }
+[graph]
+name = "g"
+[agents.lookup]
+kind = "http"
+url = "http://127.0.0.1:9/customers"
+auth = "crm"
+[agents.write]
+kind = "http"
+method = "POST"
+url = "http://127.0.0.1:9/notes"
+auth = "crm"
+[agents.inline]
+kind = "http"
+url = "http://127.0.0.1:9/other"
+auth = { oauth2 = { token_url = "http://127.0.0.1:9/token", client_id = "x", client_secret = "env:CASCADE_TEST_CRED_SECRET" } }
+"#;
+    let m = compile(text).unwrap_or_else(|e| panic!("{e}"));
+    let g = &m.graphs[0];
+    let quotas = |a: &str| {
+        g.agents
+            .iter()
+            .find(|x| &*x.name == a)
+            .unwrap()
+            .quotas
+            .iter()
+            .map(|q| q.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        quotas("lookup"),
+        ["upstream:http://127.0.0.1:9", "credential:crm"]
+    );
+    assert_eq!(
+        quotas("write"),
+        ["upstream:http://127.0.0.1:9", "credential:crm"]
+    );
+    // An inline credential is named after its agent.
+    assert_eq!(
+        quotas("inline"),
+        ["upstream:http://127.0.0.1:9", "credential:g.inline"]
+    );
+    let q = &m.quotas["credential:crm"];
+    assert!(q.credential && !q.learns() && q.requests.is_none() && q.circuit_breaker.is_none());
+
+    // An unknown name, and a credential that is not one auth form, are located.
+    let errs = errors(
+        "[credentials.two]\nbearer = \"env:A\"\nbasic = { username = \"u\", password = \"env:B\" }\n[graph]\nname = \"g\"\n[agents.x]\nkind = \"http\"\nurl = \"http://127.0.0.1:9/\"\nauth = \"crn\"\n",
+    );
+    let e = error_at(&errs, "credentials.two", 1, 14);
+    assert!(e.message.contains("exactly one of"), "{e}");
+    let e = error_at(&errs, "agents.x.auth", 9, 8);
+    assert!(e.message.contains("unknown credential \"crn\""), "{e}");
+}
