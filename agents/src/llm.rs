@@ -20,10 +20,13 @@
 //!
 //! Output: `{"text"` (or `"json"`)`, "model", "finish_reason", "usage": {"prompt_tokens",
 //! "completion_tokens"}}`. Before a call the agent estimates what it will spend so that token
-//! quotas can reserve it: the job input's JSON at one token per four characters plus 16 (a
-//! heuristic that ignores the prompt template and the dependencies' outputs; a tokenizer per
-//! model family is not built in yet), and `max_tokens` (256 when unset); the quota settles on the
-//! usage the reply reports. Answers are classified as the `http` kind's are: 429 pauses with
+//! quotas can reserve it: its messages, rendered, counted with the model's own tokenizer where
+//! the model is an OpenAI one (tiktoken's `o200k_base` for gpt-4o, gpt-4.1, gpt-5, o1/o3/o4;
+//! `cl100k_base` for gpt-4 and gpt-3.5, chosen by model name) and at one token per four
+//! characters otherwise (Anthropic's models and open-weight ones publish no tokenizer this
+//! crate can run; English prose averages about four characters a token), plus a few tokens of
+//! message framing, plus `max_tokens` (256 when unset); the quota settles on the usage the reply
+//! reports. Answers are classified as the `http` kind's are: 429 pauses with
 //! the longest delay the provider's headers give, 408/5xx/529 retry, 401 is a refused key. A
 //! reply that is not the JSON asked for, or breaks the `schema`, is retried as transient (the
 //! model may answer well next time) until the attempts run out; the step then fails naming the
@@ -172,6 +175,8 @@ pub struct LlmAgent {
     response: Response,
     /// Checked on every JSON reply.
     schema: Option<jsonschema::Validator>,
+    /// The model's tokenizer, for estimates; `None`: the heuristic.
+    tokenizer: Option<&'static tiktoken_rs::CoreBPE>,
     headers: Vec<(reqwest::header::HeaderName, HeaderValue)>,
     upstream: Upstream,
     prices: Arc<Prices>,
@@ -261,8 +266,10 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
                 .map_err(|e| FieldError::new("schema", format!("not a valid JSON Schema: {e}")))?,
         ),
     };
+    let tokenizer = tokenizer_for(provider, &c.model);
     Ok(Arc::new(LlmAgent {
         provider,
+        tokenizer,
         endpoint,
         api_key,
         model: c.model,
@@ -312,6 +319,28 @@ pub fn estimate_tokens(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)
 }
 
+/// What a chat request adds to its messages' text: a few tokens per message and the reply's
+/// priming (OpenAI documents 3 per message and 3 for the reply).
+const MESSAGE_FRAMING_TOKENS: u64 = 10;
+
+/// The tokenizer of an OpenAI model, by its name (`ft:` fine-tunes by their base); `None` for
+/// any other model. Loaded once per process (a few hundred milliseconds, at the first agent
+/// that needs it: when its graph is loaded, not on a call's path).
+fn tokenizer_for(provider: Provider, model: &str) -> Option<&'static tiktoken_rs::CoreBPE> {
+    use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
+    if provider != Provider::Openai {
+        return None;
+    }
+    Some(match get_tokenizer(model)? {
+        Tokenizer::O200kBase => tiktoken_rs::o200k_base_singleton(),
+        Tokenizer::O200kHarmony => tiktoken_rs::o200k_harmony_singleton(),
+        Tokenizer::Cl100kBase => tiktoken_rs::cl100k_base_singleton(),
+        Tokenizer::P50kBase => tiktoken_rs::p50k_base_singleton(),
+        Tokenizer::P50kEdit => tiktoken_rs::p50k_edit_singleton(),
+        Tokenizer::R50kBase | Tokenizer::Gpt2 => tiktoken_rs::r50k_base_singleton(),
+    })
+}
+
 impl LlmAgent {
     fn redact(&self, s: &str) -> String {
         let mut out = s.to_string();
@@ -324,6 +353,14 @@ impl LlmAgent {
             }
         }
         out
+    }
+
+    /// `text`'s tokens: the model's tokenizer, or the four-characters heuristic.
+    fn count_tokens(&self, text: &str) -> u64 {
+        match self.tokenizer {
+            Some(bpe) => bpe.encode_ordinary(text).len() as u64,
+            None => estimate_tokens(text),
+        }
     }
 
     fn max_tokens(&self) -> Option<u64> {
@@ -590,10 +627,32 @@ impl Agent for LlmAgent {
     }
 
     fn estimated_usage(&self, input: &StepInput) -> Usage {
-        // The rendered prompt is not known before the call; the input's size stands in for it.
-        let input_text = input.input.to_string();
+        // The messages as the call will render them (the job's id and attempt aside, which are
+        // not known here and weigh a few tokens).
+        let ctx = CallContext {
+            job_id: "".into(),
+            graph: "".into(),
+            agent: "".into(),
+            attempt: 1,
+            idempotency_key: "".into(),
+            deadline: None,
+            job_key: None,
+        };
+        let prompt_tokens = match self.messages.render(&ctx, input) {
+            Ok(rendered) => {
+                let count = |key: &str| {
+                    rendered
+                        .get(key)
+                        .and_then(Value::as_str)
+                        .map_or(0, |text| self.count_tokens(text))
+                };
+                count("system") + count("prompt") + MESSAGE_FRAMING_TOKENS
+            }
+            // The call will fail the same way; the input's size stands in.
+            Err(_) => estimate_tokens(&input.input.to_string()) + MESSAGE_FRAMING_TOKENS,
+        };
         let mut u = Usage {
-            prompt_tokens: estimate_tokens(&input_text) + 16,
+            prompt_tokens,
             completion_tokens: self.max_tokens().unwrap_or(256),
             cost_usd: 0.0,
         };
@@ -632,6 +691,42 @@ mod tests {
             fields: &map,
             resources: &Default::default(),
         })
+    }
+
+    #[test]
+    fn estimates_count_the_rendered_messages_with_the_models_tokenizer() {
+        let estimate = |fields: Value| {
+            let agent = build_with(fields).unwrap();
+            let input = StepInput {
+                input: Arc::new(json!({"who": "world"})),
+                deps: vec![],
+            };
+            agent.estimated_usage(&input)
+        };
+        let base = |model: &str, provider: &str| {
+            json!({"model": model, "provider": provider, "base_url": "http://127.0.0.1:1/v1",
+                   "system": "Be brief.", "prompt": "Hello {{ input.who }}", "max_tokens": 7})
+        };
+        // o200k_base: "Be brief." is 3 tokens ("Be", " brief", "."), "Hello world" 2.
+        let u = estimate(base("gpt-4o-mini", "openai"));
+        assert_eq!(
+            (u.prompt_tokens, u.completion_tokens),
+            (3 + 2 + MESSAGE_FRAMING_TOKENS, 7)
+        );
+        // cl100k_base for gpt-4 counts the same words alike.
+        assert_eq!(
+            estimate(base("gpt-4-0613", "openai")).prompt_tokens,
+            3 + 2 + MESSAGE_FRAMING_TOKENS
+        );
+        // A model with no tokenizer here: four characters a token (9 and 11 characters).
+        assert_eq!(
+            estimate(base("llama3.1:8b", "openai")).prompt_tokens,
+            3 + 3 + MESSAGE_FRAMING_TOKENS
+        );
+        assert_eq!(
+            estimate(base("claude-sonnet-4", "anthropic")).prompt_tokens,
+            3 + 3 + MESSAGE_FRAMING_TOKENS
+        );
     }
 
     #[test]
