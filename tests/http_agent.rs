@@ -851,3 +851,140 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
     }
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A refresh token the authorization server rotates (each use retires it and issues the next)
+/// is kept in the store, sealed: a restart of the server over the same SQLite file refreshes
+/// with the rotated token, not the configured one the authorization server has retired, and the
+/// file holds no token in the clear. (A stand-in authorization server written here: the npm one
+/// does not retire refresh tokens.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_survives_a_restart() {
+    use cascade_orchestrator::store::{SqliteOptions, SqliteStore};
+    // The one refresh token the server accepts now, and how many it issued.
+    let current = Arc::new(Mutex::new(("rt-0-initial".to_string(), 0u32)));
+    let state = current.clone();
+    let auth = axum::Router::new().route(
+        "/token",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let state = state.clone();
+            async move {
+                let form: HashMap<String, String> =
+                    reqwest::Url::parse(&format!("http://x/?{body}"))
+                        .unwrap()
+                        .query_pairs()
+                        .into_owned()
+                        .collect();
+                use base64::Engine;
+                let basic = format!(
+                    "Basic {}",
+                    base64::engine::general_purpose::STANDARD.encode("rotating:client-secret-r")
+                );
+                if headers.get("authorization").and_then(|v| v.to_str().ok())
+                    != Some(basic.as_str())
+                {
+                    return (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        axum::Json(json!({"error": "invalid_client"})),
+                    );
+                }
+                let mut s = state.lock().unwrap();
+                if form.get("grant_type").map(String::as_str) != Some("refresh_token")
+                    || form.get("refresh_token") != Some(&s.0)
+                {
+                    return (
+                        axum::http::StatusCode::BAD_REQUEST,
+                        axum::Json(json!({"error": "invalid_grant"})),
+                    );
+                }
+                s.1 += 1;
+                s.0 = format!("rt-{}-rotated", s.1);
+                (
+                    axum::http::StatusCode::OK,
+                    axum::Json(
+                        json!({"access_token": format!("at-{}", s.1), "token_type": "Bearer",
+                                          "expires_in": 3600, "refresh_token": s.0}),
+                    ),
+                )
+            }
+        }),
+    );
+    let auth_port = common::serve_http(auth).await;
+    let api = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let ok = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("Bearer at-"));
+        if ok {
+            (axum::http::StatusCode::OK, axum::Json(json!({"ok": true})))
+        } else {
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": "no"})),
+            )
+        }
+    });
+    let api_port = common::serve_http(api).await;
+    // SAFETY: variables only this test reads.
+    unsafe {
+        std::env::set_var("CASCADE_TEST_ROTATING_SECRET", "client-secret-r");
+        std::env::set_var("CASCADE_TEST_ROTATING_RT", "rt-0-initial");
+    }
+    let graph = format!(
+        "[credentials.delegated]\n\
+         oauth2 = {{ token_url = \"http://127.0.0.1:{auth_port}/token\", client_id = \"rotating\", \
+         client_secret = \"env:CASCADE_TEST_ROTATING_SECRET\", refresh_token = \"env:CASCADE_TEST_ROTATING_RT\" }}\n\
+         [graph]\nname = \"delegated\"\n[agents.call]\nkind = \"http\"\n\
+         url = \"http://127.0.0.1:{api_port}/me\"\nauth = \"delegated\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cascade.db");
+    let run = |path: std::path::PathBuf| {
+        let graph = graph.clone();
+        async move {
+            let store = Arc::new(SqliteStore::open(SqliteOptions::new(&path)).unwrap());
+            let model = cascade_orchestrator::config::parse_graph_str(
+                "d.toml",
+                &graph,
+                &Default::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let orch = cascade_orchestrator::Orchestrator::builder(model)
+                .store(store.clone())
+                .start()
+                .await
+                .unwrap();
+            let id = orch
+                .submit(SubmitRequest::new("delegated", json!({})))
+                .await
+                .unwrap()
+                .id;
+            let job = tokio::time::timeout(Duration::from_secs(10), orch.wait(id))
+                .await
+                .expect("the job ends: a retired refresh token would leave it waiting")
+                .unwrap();
+            assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+            use cascade_orchestrator::store::JobStore;
+            store.flush().await.unwrap();
+            orch.shutdown(Duration::from_secs(1)).await;
+        }
+    };
+    run(path.clone()).await;
+    assert_eq!(
+        current.lock().unwrap().1,
+        1,
+        "one refresh, which retired the configured token"
+    );
+    // A new process over the same file, configured with the retired token.
+    run(path.clone()).await;
+    assert_eq!(
+        current.lock().unwrap().1,
+        2,
+        "refreshed with the rotated token"
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        !text.contains("rt-1-rotated") && !text.contains("rt-2-rotated"),
+        "a refresh token is in the store in the clear"
+    );
+}

@@ -330,7 +330,7 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
             Some(Auth::OAuth2(
                 spec.resources
                     .get::<oauth2::Credentials>()
-                    .get(&oauth2)
+                    .get(&oauth2, &spec.resources.get::<oauth2::Vault>())
                     .map_err(|e| field(&["auth", "oauth2"], e))?,
             ))
         }

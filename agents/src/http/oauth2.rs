@@ -6,7 +6,9 @@
 //! (a fifth of its lifetime, at most a minute, early), by one call only: a hundred concurrent
 //! calls that find it stale wait for the same refresh. A call the upstream answers with 401 asks
 //! for a new token once ([`Credential::refresh_after_refusal`]), and a refusal of a fresh token
-//! pauses the credential ([`Credential::refused_fresh`]). A rotated refresh token replaces the old one in memory. A credential
+//! pauses the credential ([`Credential::refused_fresh`]). A rotated refresh token replaces the
+//! old one, in memory and in the server's store ([`TokenVault`]), so that a restart does not
+//! go back to a refresh token the authorization server has already retired. A credential
 //! that cannot get a token pauses its agents rather than failing their jobs (see
 //! [`Credential::token`]).
 
@@ -53,6 +55,9 @@ struct Token {
 /// One credential's token, shared by the agents that use it.
 pub struct Credential {
     name: Arc<str>,
+    /// The digest of the configured refresh token (for the vault).
+    origin: Option<String>,
+    vault: Option<Arc<dyn TokenVault>>,
     token_url: reqwest::Url,
     client_id: String,
     client_secret: SecretCell,
@@ -70,6 +75,103 @@ pub struct Credential {
     blocked_until: Mutex<Option<Instant>>,
 }
 
+/// Where a credential's rotated refresh token outlives the process: the server's store. What
+/// it holds is sealed ([`seal`]): useless without the credential's client secret, which the
+/// store never sees.
+pub trait TokenVault: Send + Sync {
+    /// The sealed state saved for `credential`, if any.
+    fn load(&self, credential: &str) -> Option<String>;
+    /// Replace `credential`'s sealed state.
+    fn save(&self, credential: &str, sealed: String);
+}
+
+/// The registry's vault, set by the server before its agents are built (none: tokens rotate in
+/// memory only).
+#[derive(Default)]
+pub struct Vault(Mutex<Option<Arc<dyn TokenVault>>>);
+
+impl Vault {
+    pub fn set(&self, vault: Arc<dyn TokenVault>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(vault);
+    }
+
+    fn get(&self) -> Option<Arc<dyn TokenVault>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What a vault keeps for a credential: the rotated refresh token, and a digest of the
+/// configured one it descends from (an operator who configures a new refresh token means it).
+#[derive(serde::Serialize, Deserialize)]
+struct Kept {
+    origin: String,
+    refresh_token: String,
+}
+
+fn digest(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The key that seals `credential`'s state: HKDF-SHA256 of its client secret.
+fn sealing_key(client_secret: &str, credential: &str) -> ring::aead::LessSafeKey {
+    use ring::{aead, hkdf};
+    let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, b"cascade/oauth2/refresh-token/v1");
+    let info = [credential.as_bytes()];
+    let prk = salt.extract(client_secret.as_bytes());
+    let okm = prk
+        .expand(&info, &aead::CHACHA20_POLY1305)
+        .expect("32 bytes is a valid HKDF output length");
+    aead::LessSafeKey::new(aead::UnboundKey::from(okm))
+}
+
+/// `plain` sealed for `credential` (ChaCha20-Poly1305, a random nonce, the credential's name as
+/// associated data), as base64 of nonce and ciphertext.
+fn seal(client_secret: &str, credential: &str, plain: &[u8]) -> Option<String> {
+    use base64::Engine;
+    use ring::aead::{Aad, NONCE_LEN, Nonce};
+    use ring::rand::SecureRandom;
+    let mut nonce = [0u8; NONCE_LEN];
+    ring::rand::SystemRandom::new().fill(&mut nonce).ok()?;
+    let mut data = plain.to_vec();
+    sealing_key(client_secret, credential)
+        .seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(credential.as_bytes()),
+            &mut data,
+        )
+        .ok()?;
+    let mut out = nonce.to_vec();
+    out.extend_from_slice(&data);
+    Some(base64::engine::general_purpose::STANDARD.encode(out))
+}
+
+/// The inverse of [`seal`]; `None` for anything not sealed by this secret for this credential.
+fn unseal(client_secret: &str, credential: &str, sealed: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    use ring::aead::{Aad, NONCE_LEN, Nonce};
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(sealed)
+        .ok()?;
+    if raw.len() < NONCE_LEN {
+        return None;
+    }
+    let (nonce, data) = raw.split_at(NONCE_LEN);
+    let mut data = data.to_vec();
+    let plain = sealing_key(client_secret, credential)
+        .open_in_place(
+            Nonce::try_assume_unique_for_key(nonce).ok()?,
+            Aad::from(credential.as_bytes()),
+            &mut data,
+        )
+        .ok()?;
+    Some(plain.to_vec())
+}
+
 /// Every credential of a registry, by what identifies it.
 #[derive(Default)]
 pub struct Credentials {
@@ -77,8 +179,9 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// The credential `config` describes, made on first use.
-    pub fn get(&self, config: &OAuth2Config) -> Result<Arc<Credential>, String> {
+    /// The credential `config` describes, made on first use; its rotated refresh token is kept
+    /// in `vault`.
+    pub fn get(&self, config: &OAuth2Config, vault: &Vault) -> Result<Arc<Credential>, String> {
         // The references, not their values, tell credentials apart: two delegated tokens of
         // one client (two users' refresh tokens) are two credentials.
         let key = format!(
@@ -106,7 +209,8 @@ impl Credentials {
         }
         let client_secret = SecretCell::load(config.client_secret.clone())
             .map_err(|e| format!("client_secret: {e}"))?;
-        let refresh_token = match &config.refresh_token {
+        let name: Arc<str> = config.name.as_deref().unwrap_or("oauth2").into();
+        let configured = match &config.refresh_token {
             Some(r) => Some(
                 SecretCell::load(r.clone())
                     .and_then(|c| c.get().map_err(|e| e.message))
@@ -114,8 +218,22 @@ impl Credentials {
             ),
             None => None,
         };
+        let vault = vault.get().filter(|_| configured.is_some());
+        // A token rotated by an earlier run, if it descends from the configured one.
+        let refresh_token = match (&configured, &vault, client_secret.get()) {
+            (Some(configured), Some(vault), Ok(secret)) => vault
+                .load(&name)
+                .and_then(|sealed| unseal(&secret, &name, &sealed))
+                .and_then(|plain| serde_json::from_slice::<Kept>(&plain).ok())
+                .filter(|kept| kept.origin == digest(configured))
+                .map(|kept| kept.refresh_token)
+                .or_else(|| Some(configured.clone())),
+            (configured, _, _) => configured.clone(),
+        };
         let c = Arc::new(Credential {
-            name: config.name.as_deref().unwrap_or("oauth2").into(),
+            name,
+            origin: configured.as_deref().map(digest),
+            vault,
             token_url,
             client_id: config.client_id.clone(),
             client_secret,
@@ -267,6 +385,26 @@ impl Credential {
         out
     }
 
+    /// Save a rotated refresh token, sealed, in the vault.
+    fn keep(&self, secret: &str, rotated: &str) {
+        let (Some(vault), Some(origin)) = (&self.vault, &self.origin) else {
+            return;
+        };
+        let kept = Kept {
+            origin: origin.clone(),
+            refresh_token: rotated.to_string(),
+        };
+        match serde_json::to_vec(&kept)
+            .ok()
+            .and_then(|plain| seal(secret, &self.name, &plain))
+        {
+            Some(sealed) => vault.save(&self.name, sealed),
+            None => {
+                tracing::error!(credential = %self.name, "cannot seal a rotated refresh token; a restart will use the configured one")
+            }
+        }
+    }
+
     async fn fetch(&self) -> Result<Token, AgentError> {
         let secret = self.client_secret.get()?;
         let refresh = self
@@ -325,6 +463,7 @@ impl Credential {
         if let Some(rotated) = t.refresh_token
             && refresh.is_some()
         {
+            self.keep(&secret, &rotated);
             *self.refresh_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(rotated);
         }
         let lifetime = Duration::from_secs_f64(t.expires_in.unwrap_or(3600.0).clamp(1.0, 86_400.0));
@@ -333,5 +472,22 @@ impl Credential {
             value: t.access_token,
             renew_at: started + lifetime - early,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_token_opens_only_with_its_secret_and_credential() {
+        let sealed = seal("client-secret", "crm", b"rt-2").unwrap();
+        assert!(!sealed.contains("rt-2"));
+        assert_eq!(unseal("client-secret", "crm", &sealed).unwrap(), b"rt-2");
+        assert_eq!(unseal("another-secret", "crm", &sealed), None);
+        assert_eq!(unseal("client-secret", "erp", &sealed), None);
+        assert_eq!(unseal("client-secret", "crm", "not base64!"), None);
+        // A fresh nonce each time.
+        assert_ne!(sealed, seal("client-secret", "crm", b"rt-2").unwrap());
     }
 }

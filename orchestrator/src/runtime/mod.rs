@@ -181,11 +181,17 @@ impl OrchestratorBuilder {
             .resources()
             .get::<cascade_agents::llm::Prices>()
             .set(self.model.prices.clone());
+        let store: Arc<dyn JobStore> = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
+        // OAuth2 credentials keep their rotated refresh tokens in the store.
+        self.registry
+            .resources()
+            .get::<cascade_agents::http::oauth2::Vault>()
+            .set(Arc::new(StoreVault(store.clone())));
         let quotas = Arc::new(QuotaIndex::new(&self.model, cascade));
         let shared = Arc::new(Shared {
             model: self.model,
             registry: self.registry,
-            store: self.store.unwrap_or_else(|| Arc::new(MemoryStore::new())),
+            store,
             cascade,
             quotas: quotas.clone(),
             next_seq: AtomicU64::new(0),
@@ -673,6 +679,23 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "panic with a non-string payload".to_string())
+}
+
+/// The store as the vault of OAuth2 credentials' rotated refresh tokens.
+struct StoreVault(Arc<dyn JobStore>);
+
+impl cascade_agents::http::oauth2::TokenVault for StoreVault {
+    fn load(&self, credential: &str) -> Option<String> {
+        self.0
+            .credential_state(credential)
+            .inspect_err(|e| tracing::warn!(credential, error = %e, "cannot read a credential's kept refresh token; using the configured one"))
+            .ok()
+            .flatten()
+    }
+
+    fn save(&self, credential: &str, sealed: String) {
+        self.0.save_credential_state(credential, sealed);
+    }
 }
 
 #[cfg(test)]

@@ -161,6 +161,15 @@ pub trait JobStore: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// The sealed state kept for OAuth2 credential `name` (its rotated refresh token), if any.
+    /// A store that keeps nothing across restarts keeps none.
+    fn credential_state(&self, _name: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    /// Replace the sealed state of credential `name`. One row per configured credential.
+    fn save_credential_state(&self, _name: &str, _sealed: String) {}
+
     /// Wait until every change made so far is durable (no-op for a store that is not).
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })

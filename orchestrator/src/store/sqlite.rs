@@ -75,6 +75,13 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL,
     PRIMARY KEY (job_id, seq)
 ) WITHOUT ROWID;
+-- OAuth2 credentials' rotated refresh tokens, sealed with a key only the configured client
+-- secret gives: one row per credential.
+CREATE TABLE IF NOT EXISTS credential_state (
+    name TEXT PRIMARY KEY,
+    sealed TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
 "#;
 
 /// Where and how the durable store keeps its file.
@@ -122,6 +129,10 @@ enum Op {
         logged: bool,
     },
     Flush(oneshot::Sender<()>),
+    CredentialState {
+        name: String,
+        sealed: String,
+    },
 }
 
 pub struct SqliteStore {
@@ -435,6 +446,24 @@ impl JobStore for SqliteStore {
         ids.into_iter().map(|id| id.parse().map_err(err)).collect()
     }
 
+    fn credential_state(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.read()
+            .query_row(
+                "SELECT sealed FROM credential_state WHERE name = ?1",
+                params![name],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)
+    }
+
+    fn save_credential_state(&self, name: &str, sealed: String) {
+        self.send(Op::CredentialState {
+            name: name.to_string(),
+            sealed,
+        });
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         let (ack, done) = oneshot::channel();
         self.send(Op::Flush(ack));
@@ -483,6 +512,16 @@ fn writer_loop(
                 }
                 Op::Flush(ack) => {
                     let _ = ack.send(());
+                }
+                Op::CredentialState { name, sealed } => {
+                    let r = conn.execute(
+                        "INSERT INTO credential_state (name, sealed, updated_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(name) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+                        params![name, sealed, micros(crate::clock::now())],
+                    );
+                    if let Err(e) = r {
+                        tracing::error!(credential = %name, error = %e, "a rotated refresh token could not be saved; a restart will use the configured one");
+                    }
                 }
                 Op::Update { .. } => {}
             }
@@ -540,7 +579,7 @@ fn group_batch(batch: &[Op]) -> Vec<(JobId, JobWrites<'_>)> {
                 event,
                 logged,
             } => (record, event, false, *logged),
-            Op::Flush(_) => continue,
+            Op::Flush(_) | Op::CredentialState { .. } => continue,
         };
         let i = *index.entry(record.id).or_insert_with(|| {
             jobs.push((record.id, (record, inserted, BTreeSet::new(), Vec::new())));
