@@ -988,3 +988,34 @@ async fn a_rotated_refresh_token_survives_a_restart() {
         "a refresh token is in the store in the clear"
     );
 }
+
+/// The process's redactor is the net under every agent: an API that echoes the credential it
+/// was sent (a debug endpoint, a misconfigured proxy) does not put the secret into the step's
+/// output, the job record or the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_echoed_credential_never_reaches_the_job_record() {
+    let echo = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let auth = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        axum::Json(json!({"you_sent": auth, "nested": [{"again": auth.clone()}]}))
+    });
+    let port = common::serve_http(echo).await;
+    // SAFETY: a variable only this test reads.
+    unsafe { std::env::set_var("CASCADE_TEST_ECHOED_TOKEN", "tok-echoed-7f3a9c") };
+    let orch = common::start(&format!(
+        "[graph]\nname = \"echoed\"\n[agents.call]\nkind = \"http\"\n\
+         url = \"http://127.0.0.1:{port}/debug\"\nauth = {{ bearer = \"env:CASCADE_TEST_ECHOED_TOKEN\" }}\n"
+    ))
+    .await;
+    let job = common::run_one(&orch, "echoed", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let out = job.steps[0].output.clone().unwrap();
+    assert_eq!(
+        *out,
+        json!({"you_sent": "Bearer [redacted]", "nested": [{"again": "Bearer [redacted]"}]})
+    );
+    orch.shutdown(Duration::from_secs(1)).await;
+}

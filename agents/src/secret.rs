@@ -205,11 +205,163 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// Every secret value this process holds — each secret reference's current value, each OAuth2
+/// credential's tokens — in one place, so that one pass scrubs them from any text on its way
+/// out: log lines, step errors and outputs in job records (and so gRPC answers and the store).
+/// The agents scrub their own secrets from their messages too; this is the net under them.
+///
+/// Values are kept per source (a secret cell, a credential), the latest ones only, so that a
+/// rotating secret or a token renewed hourly does not grow it: its size is the secrets and
+/// credentials configured. Values shorter than four characters are not scrubbed (they would
+/// mangle ordinary text).
+pub struct Redactor {
+    state: std::sync::RwLock<RedactorState>,
+    /// Whether any value is registered: the common case (none) costs one load.
+    any: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct RedactorState {
+    by_source: std::collections::HashMap<u64, Vec<String>>,
+    matcher: Option<aho_corasick::AhoCorasick>,
+}
+
+const REDACTED: &str = "[redacted]";
+const MIN_REDACTED_LEN: usize = 4;
+
+static REDACTOR: std::sync::LazyLock<Redactor> = std::sync::LazyLock::new(|| Redactor {
+    state: Default::default(),
+    any: std::sync::atomic::AtomicBool::new(false),
+});
+static NEXT_SOURCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The process's redactor.
+pub fn redactor() -> &'static Redactor {
+    &REDACTOR
+}
+
+impl Redactor {
+    /// A new source id for [`register`](Self::register).
+    pub fn source() -> u64 {
+        NEXT_SOURCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// `source`'s values are now `values` (replacing what it registered before).
+    pub fn register(&self, source: u64, values: Vec<String>) {
+        let values: Vec<String> = values
+            .into_iter()
+            .filter(|v| v.len() >= MIN_REDACTED_LEN)
+            .collect();
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.by_source.get(&source) == Some(&values) {
+            return;
+        }
+        if values.is_empty() {
+            state.by_source.remove(&source);
+        } else {
+            state.by_source.insert(source, values);
+        }
+        self.rebuild(&mut state);
+    }
+
+    /// `source` holds no value any more.
+    pub fn unregister(&self, source: u64) {
+        let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if state.by_source.remove(&source).is_some() {
+            self.rebuild(&mut state);
+        }
+    }
+
+    fn rebuild(&self, state: &mut RedactorState) {
+        let mut all: Vec<&str> = state
+            .by_source
+            .values()
+            .flatten()
+            .map(String::as_str)
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        state.matcher = if all.is_empty() {
+            None
+        } else {
+            // Leftmost-longest: a value that contains another is scrubbed whole.
+            aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(&all)
+                .ok()
+        };
+        self.any.store(
+            state.matcher.is_some(),
+            std::sync::atomic::Ordering::Release,
+        );
+    }
+
+    /// `text` with every registered value replaced by `[redacted]`.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return std::borrow::Cow::Borrowed(text);
+        }
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        match &state.matcher {
+            Some(m) if m.is_match(text) => {
+                std::borrow::Cow::Owned(m.replace_all(text, &vec![REDACTED; m.patterns_len()]))
+            }
+            _ => std::borrow::Cow::Borrowed(text),
+        }
+    }
+
+    /// Scrub every string in `value` (keys included); returns whether anything changed.
+    pub fn redact_json(&self, value: &mut serde_json::Value) -> bool {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        fn walk(r: &Redactor, v: &mut serde_json::Value) -> bool {
+            match v {
+                serde_json::Value::String(s) => match r.redact(s) {
+                    std::borrow::Cow::Owned(clean) => {
+                        *s = clean;
+                        true
+                    }
+                    std::borrow::Cow::Borrowed(_) => false,
+                },
+                serde_json::Value::Array(items) => {
+                    let mut changed = false;
+                    for item in items {
+                        changed |= walk(r, item);
+                    }
+                    changed
+                }
+                serde_json::Value::Object(map) => {
+                    let mut changed = false;
+                    if map
+                        .keys()
+                        .any(|k| matches!(r.redact(k), std::borrow::Cow::Owned(_)))
+                    {
+                        let old = std::mem::take(map);
+                        for (k, v) in old {
+                            map.insert(r.redact(&k).into_owned(), v);
+                        }
+                        changed = true;
+                    }
+                    for item in map.values_mut() {
+                        changed |= walk(r, item);
+                    }
+                    changed
+                }
+                _ => false,
+            }
+        }
+        walk(self, value)
+    }
+}
+
 /// A secret an agent uses at every call: resolved when the agent is built (so that a missing
 /// secret is a load error), and a `file:` secret read again when its file's modification time
 /// changes (a mounted Kubernetes or Vault-agent secret rotates in place).
 pub struct SecretCell {
     reference: SecretRef,
+    /// Its source in the process's [`Redactor`].
+    source: u64,
     /// The value, with the file's modification time (`file:`) or when it was fetched (`exec:`).
     state: std::sync::Mutex<(String, Option<std::time::SystemTime>)>,
 }
@@ -217,8 +369,11 @@ pub struct SecretCell {
 impl SecretCell {
     pub fn load(reference: SecretRef) -> Result<Self, String> {
         let (value, mtime) = Self::read(&reference)?;
+        let source = Redactor::source();
+        redactor().register(source, vec![value.clone()]);
         Ok(Self {
             reference,
+            source,
             state: std::sync::Mutex::new((value, mtime)),
         })
     }
@@ -250,7 +405,10 @@ impl SecretCell {
                 .is_none_or(|at| at.elapsed().unwrap_or_default() >= *ttl)
         {
             match Self::read(&self.reference) {
-                Ok(fresh) => *state = fresh,
+                Ok(fresh) => {
+                    redactor().register(self.source, vec![fresh.0.clone()]);
+                    *state = fresh
+                }
                 // The previous value may still be good: use it, and try again after another
                 // ttl rather than at every call.
                 Err(e) => {
@@ -265,7 +423,10 @@ impl SecretCell {
                 // A rotation in progress may leave the file briefly missing or empty: keep the
                 // value we have and look again at the next call.
                 match Self::read(&self.reference) {
-                    Ok(fresh) => *state = fresh,
+                    Ok(fresh) => {
+                        redactor().register(self.source, vec![fresh.0.clone()]);
+                        *state = fresh
+                    }
                     Err(e) => {
                         tracing::warn!(secret = %self.reference, error = %e, "could not re-read a rotated secret; using the previous value")
                     }
@@ -309,9 +470,50 @@ impl SecretCell {
     }
 }
 
+impl Drop for SecretCell {
+    fn drop(&mut self) {
+        redactor().unregister(self.source);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_redactor_scrubs_every_current_value_and_forgets_old_ones() {
+        let r = Redactor {
+            state: Default::default(),
+            any: std::sync::atomic::AtomicBool::new(false),
+        };
+        assert_eq!(r.redact("nothing registered"), "nothing registered");
+        let (a, b) = (Redactor::source(), Redactor::source());
+        r.register(a, vec!["sk-live-123".into(), "abc".into()]);
+        r.register(b, vec!["sk-live-123456".into()]);
+        // The longest match wins; values under four characters are left alone.
+        assert_eq!(
+            r.redact("keys sk-live-123456 and sk-live-123, abc"),
+            "keys [redacted] and [redacted], abc"
+        );
+        let mut v = serde_json::json!({"echo": ["Bearer sk-live-123"], "sk-live-123": 1, "n": 2});
+        assert!(r.redact_json(&mut v));
+        assert_eq!(
+            v,
+            serde_json::json!({"echo": ["Bearer [redacted]"], "[redacted]": 1, "n": 2})
+        );
+        // A rotation replaces the source's value; an old one is no longer scrubbed.
+        r.register(a, vec!["sk-live-999".into()]);
+        assert_eq!(
+            r.redact("sk-live-123 sk-live-999"),
+            "sk-live-123 [redacted]"
+        );
+        r.unregister(a);
+        r.unregister(b);
+        assert_eq!(
+            r.redact("sk-live-999 sk-live-123456"),
+            "sk-live-999 sk-live-123456"
+        );
+    }
 
     #[test]
     fn references_parse_and_literals_are_refused_without_echo() {

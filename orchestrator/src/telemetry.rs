@@ -144,6 +144,26 @@ impl Telemetry {
     }
 }
 
+/// Standard error through the process's redactor: every log line is scrubbed of the secret
+/// values in use before it is written (the formatter writes a whole event at once, so a value
+/// is never split across writes).
+struct RedactingStderr;
+
+impl std::io::Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        match cascade_agents::secret::redactor().redact(&text) {
+            std::borrow::Cow::Borrowed(_) => std::io::stderr().write_all(buf)?,
+            std::borrow::Cow::Owned(clean) => std::io::stderr().write_all(clean.as_bytes())?,
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
 /// Install the global subscriber: the log layer, plus the OTLP layer when `otlp` has an endpoint.
 /// With an endpoint it must run inside a Tokio runtime, which the exporter's channel lives on.
 pub fn init(json: bool, otlp: Option<&TelemetrySettings>) -> Result<Telemetry, TelemetryError> {
@@ -153,12 +173,12 @@ pub fn init(json: bool, otlp: Option<&TelemetrySettings>) -> Result<Telemetry, T
             .json()
             .with_current_span(true)
             .with_span_list(true)
-            .with_writer(std::io::stderr)
+            .with_writer(|| RedactingStderr)
             .with_filter(log_filter)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(|| RedactingStderr)
             .with_ansi(std::io::stderr().is_terminal())
             .with_filter(log_filter)
             .boxed()

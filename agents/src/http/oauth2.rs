@@ -55,6 +55,8 @@ struct Token {
 /// One credential's token, shared by the agents that use it.
 pub struct Credential {
     name: Arc<str>,
+    /// Its source in the process's redactor (its tokens).
+    source: u64,
     /// The digest of the configured refresh token (for the vault).
     origin: Option<String>,
     vault: Option<Arc<dyn TokenVault>>,
@@ -230,8 +232,13 @@ impl Credentials {
                 .or_else(|| Some(configured.clone())),
             (configured, _, _) => configured.clone(),
         };
+        let source = crate::secret::Redactor::source();
+        if let Some(r) = &refresh_token {
+            crate::secret::redactor().register(source, vec![r.clone()]);
+        }
         let c = Arc::new(Credential {
             name,
+            source,
             origin: configured.as_deref().map(digest),
             vault,
             token_url,
@@ -466,12 +473,27 @@ impl Credential {
             self.keep(&secret, &rotated);
             *self.refresh_token.lock().unwrap_or_else(|p| p.into_inner()) = Some(rotated);
         }
+        // The process's redactor scrubs this credential's current token and refresh token.
+        let mut values = vec![t.access_token.clone()];
+        values.extend(
+            self.refresh_token
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        );
+        crate::secret::redactor().register(self.source, values);
         let lifetime = Duration::from_secs_f64(t.expires_in.unwrap_or(3600.0).clamp(1.0, 86_400.0));
         let early = (lifetime / 5).min(Duration::from_secs(60));
         Ok(Token {
             value: t.access_token,
             renew_at: started + lifetime - early,
         })
+    }
+}
+
+impl Drop for Credential {
+    fn drop(&mut self) {
+        crate::secret::redactor().unregister(self.source);
     }
 }
 

@@ -610,6 +610,19 @@ impl SchedState {
 
     /// A call's end; `unrecorded`: the attempt whose start is to be recorded first.
     fn on_step_done(&mut self, mut d: StepDone, unrecorded: Option<u32>) {
+        // Nothing an agent returns reaches a job record (and so the store, gRPC answers and
+        // callbacks) with a secret value in use in it.
+        let redactor = cascade_agents::secret::redactor();
+        match &mut d.result {
+            Ok(out) => {
+                redactor.redact_json(&mut out.value);
+            }
+            Err(e) => {
+                if let std::borrow::Cow::Owned(clean) = redactor.redact(&e.message) {
+                    e.message = clean;
+                }
+            }
+        }
         let slot = &mut self.slots[d.step];
         if d.incarnation == slot.incarnation {
             slot.in_flight = slot.in_flight.saturating_sub(1);
