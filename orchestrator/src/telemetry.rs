@@ -254,6 +254,64 @@ fn log_filter_from(spec: &str) -> (EnvFilter, Option<String>) {
     }
 }
 
+/// The OTLP exporter behind the process's redactor: span and event attributes, event names and
+/// error descriptions are scrubbed of the secret values in use before they leave.
+#[derive(Debug)]
+struct RedactingExporter<E>(E);
+
+fn scrub_attributes(attributes: &mut [KeyValue]) {
+    let r = cascade_agents::secret::redactor();
+    for kv in attributes {
+        if let opentelemetry::Value::String(s) = &kv.value
+            && let std::borrow::Cow::Owned(clean) = r.redact(s.as_str())
+        {
+            kv.value = opentelemetry::Value::String(clean.into());
+        }
+    }
+}
+
+fn scrub_text(text: &mut std::borrow::Cow<'static, str>) {
+    if let std::borrow::Cow::Owned(clean) = cascade_agents::secret::redactor().redact(text) {
+        *text = clean.into();
+    }
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for RedactingExporter<E>
+{
+    fn export(
+        &self,
+        mut batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
+        for span in &mut batch {
+            scrub_attributes(&mut span.attributes);
+            for event in span.events.events.iter_mut() {
+                scrub_text(&mut event.name);
+                scrub_attributes(&mut event.attributes);
+            }
+            if let opentelemetry::trace::Status::Error { description } = &mut span.status {
+                scrub_text(description);
+            }
+        }
+        self.0.export(batch)
+    }
+
+    fn shutdown_with_timeout(
+        &self,
+        timeout: std::time::Duration,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
 fn tracer_provider(
     settings: &TelemetrySettings,
     endpoint: &str,
@@ -297,7 +355,7 @@ fn tracer_provider(
         .with_max_queue_size(EXPORT_QUEUE)
         .with_max_export_batch_size(EXPORT_BATCH)
         .build();
-    let processor = BatchSpanProcessor::builder(exporter)
+    let processor = BatchSpanProcessor::builder(RedactingExporter(exporter))
         .with_batch_config(batch)
         .build();
     Ok(SdkTracerProvider::builder()
@@ -316,6 +374,68 @@ fn tracer_provider(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An exporter that keeps what it is given.
+    #[derive(Debug, Default)]
+    struct Kept(std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_sdk::trace::SpanData>>>);
+
+    impl opentelemetry_sdk::trace::SpanExporter for Kept {
+        fn export(
+            &self,
+            batch: Vec<opentelemetry_sdk::trace::SpanData>,
+        ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send
+        {
+            self.0.lock().unwrap().extend(batch);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn exported_spans_are_scrubbed_of_secret_values() {
+        use cascade_agents::secret::{Redactor, redactor};
+        use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status};
+        let source = Redactor::source();
+        redactor().register(source, vec!["sk-otlp-7c1e".into()]);
+        let mut events = opentelemetry_sdk::trace::SpanEvents::default();
+        events.events.push(opentelemetry::trace::Event::new(
+            "refused sk-otlp-7c1e",
+            std::time::SystemTime::now(),
+            vec![KeyValue::new("body", "echo sk-otlp-7c1e")],
+            0,
+        ));
+        let span = opentelemetry_sdk::trace::SpanData {
+            span_context: SpanContext::empty_context(),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Internal,
+            name: "step".into(),
+            start_time: std::time::SystemTime::now(),
+            end_time: std::time::SystemTime::now(),
+            attributes: vec![
+                KeyValue::new("error", "upstream said Bearer sk-otlp-7c1e"),
+                KeyValue::new("attempt", 2),
+            ],
+            dropped_attributes_count: 0,
+            events,
+            links: Default::default(),
+            status: Status::error("key sk-otlp-7c1e refused"),
+            instrumentation_scope: Default::default(),
+        };
+        let kept = Kept::default();
+        let out = kept.0.clone();
+        use opentelemetry_sdk::trace::SpanExporter as _;
+        RedactingExporter(kept).export(vec![span]).await.unwrap();
+        redactor().unregister(source);
+        let spans = out.lock().unwrap();
+        let text = format!("{:?}", spans[0]);
+        assert!(!text.contains("sk-otlp-7c1e"), "{text}");
+        assert_eq!(
+            spans[0].attributes[0].value.as_str(),
+            "upstream said Bearer [redacted]"
+        );
+        assert_eq!(spans[0].events.events[0].name, "refused [redacted]");
+        assert_eq!(spans[0].status, Status::error("key [redacted] refused"));
+    }
 
     #[test]
     fn log_filter_defaults_to_warn_and_quiets_ractor_unless_named() {
