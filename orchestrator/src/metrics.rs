@@ -44,6 +44,7 @@ pub const QUOTA_CIRCUIT: &str = "cascade_quota_circuit_state";
 pub const QUOTA_RATE_MULTIPLIER: &str = "cascade_quota_rate_multiplier";
 pub const QUOTA_UPSTREAM_LIMIT: &str = "cascade_quota_upstream_limit";
 pub const CREDENTIAL_REFRESH_FAILURES: &str = cascade_agents::http::oauth2::REFRESH_FAILURES;
+pub const HTTP_RESPONSE_BUFFERED: &str = cascade_agents::http::RESPONSE_BUFFERED;
 pub const QUOTA_UPSTREAM_AVAILABLE: &str = "cascade_quota_upstream_available";
 pub const QUOTA_UPSTREAM_RATE: &str = "cascade_quota_upstream_refill_per_second";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
@@ -185,6 +186,11 @@ pub fn describe() {
         QUOTA_RATE_MULTIPLIER,
         Unit::Count,
         "AIMD's scale on the configured request rate (1 = as configured)."
+    );
+    describe_gauge!(
+        HTTP_RESPONSE_BUFFERED,
+        Unit::Bytes,
+        "Bytes of HTTP response bodies being read by http and llm agents; at 256 MiB a further body fails its call as transient (retried) instead of growing memory."
     );
     describe_counter!(
         CREDENTIAL_REFRESH_FAILURES,

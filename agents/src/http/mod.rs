@@ -354,6 +354,17 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         .get::<HttpClients>()
         .get(&name, c.ca_file.as_ref())
         .map_err(|e| FieldError::new("ca_file", e))?;
+    if c.max_response_bytes
+        .is_some_and(|n| n > RESPONSE_MEMORY_BYTES as u64)
+    {
+        return Err(FieldError::new(
+            "max_response_bytes",
+            format!(
+                "at most {} MiB, the memory all the responses being read may take",
+                RESPONSE_MEMORY_BYTES >> 20
+            ),
+        ));
+    }
     Ok(Arc::new(HttpAgent {
         method,
         fixed_origin: origin_of(&c.url),
@@ -406,7 +417,22 @@ impl HttpAgent {
     }
 }
 
+/// The memory every response body being read may take at once, across every agent of the
+/// process: without it, 256 calls per upstream reading 10 MiB answers could hold gigabytes.
+pub const RESPONSE_MEMORY_BYTES: usize = 256 << 20;
+
+/// [`RESPONSE_MEMORY_BYTES`] in KiB permits.
+static RESPONSE_MEMORY: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(RESPONSE_MEMORY_BYTES >> 10);
+
+/// Bodies being read now, in bytes (a gauge).
+pub const RESPONSE_BUFFERED: &str = "cascade_http_response_buffered_bytes";
+
 /// Read a response body, refusing one larger than `max` bytes.
+///
+/// The bytes being read count against one budget for the process, [`RESPONSE_MEMORY_BYTES`];
+/// a body that would take it past the budget is not waited for (bodies waiting on each other's
+/// memory could wait forever): the call fails as transient and is retried with backoff.
 pub async fn read_capped(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8>, AgentError> {
     if resp.content_length().is_some_and(|n| n > max) {
         return Err(AgentError::permanent(format!(
@@ -414,17 +440,42 @@ pub async fn read_capped(mut resp: reqwest::Response, max: u64) -> Result<Vec<u8
         )));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| {
-        AgentError::transient(format!("reading the response failed: {}", e.without_url()))
-    })? {
-        if body.len() as u64 + chunk.len() as u64 > max {
-            return Err(AgentError::permanent(format!(
-                "the response is larger than max_response_bytes ({max})"
-            )));
+    let mut held: Option<tokio::sync::SemaphorePermit<'static>> = None;
+    let gauge = metrics::gauge!(RESPONSE_BUFFERED);
+    let result = async {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| {
+            AgentError::transient(format!("reading the response failed: {}", e.without_url()))
+        })? {
+            if body.len() as u64 + chunk.len() as u64 > max {
+                return Err(AgentError::permanent(format!(
+                    "the response is larger than max_response_bytes ({max})"
+                )));
+            }
+            // Whole KiB for what the body will hold.
+            let need = (body.len() + chunk.len()).div_ceil(1024) as u32;
+            let have = held.as_ref().map_or(0, |p| p.num_permits() as u32);
+            if need > have {
+                let more = RESPONSE_MEMORY.try_acquire_many(need - have).map_err(|_| {
+                    AgentError::transient(format!(
+                        "the responses being read hold the process's response memory ({} MiB); retried later",
+                        RESPONSE_MEMORY_BYTES >> 20
+                    ))
+                })?;
+                gauge.increment(f64::from(need - have) * 1024.0);
+                match &mut held {
+                    Some(p) => p.merge(more),
+                    None => held = Some(more),
+                }
+            }
+            body.extend_from_slice(&chunk);
         }
-        body.extend_from_slice(&chunk);
+        Ok(())
     }
-    Ok(body)
+    .await;
+    if let Some(p) = &held {
+        gauge.decrement(p.num_permits() as f64 * 1024.0);
+    }
+    result.map(|()| body)
 }
 
 /// The first `max` bytes of a body (what arrived of them), for an error answer.
