@@ -604,12 +604,7 @@ impl Agent for LlmAgent {
             };
             req = req.header(name.clone(), value);
         }
-        let _slot = self
-            .upstream
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| AgentError::transient("the HTTP client is closing"))?;
+        let _slot = self.upstream.slot().await?;
         let resp = req.send().await.map_err(|e| {
             let e = transport_error(e);
             AgentError {

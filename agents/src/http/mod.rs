@@ -153,6 +153,16 @@ pub struct Upstream {
     pub slots: Arc<Semaphore>,
 }
 
+impl Upstream {
+    /// A request slot, held while the request is in flight.
+    pub async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, AgentError> {
+        self.slots
+            .acquire()
+            .await
+            .map_err(|_| AgentError::transient("the HTTP client is closing"))
+    }
+}
+
 impl HttpClients {
     /// The client for `upstream` (built on first use), trusting `ca_file` beside the system roots.
     pub fn get(&self, upstream: &str, ca_file: Option<&PathBuf>) -> Result<Upstream, String> {
@@ -574,12 +584,7 @@ impl Agent for HttpAgent {
             Some(Auth::OAuth2(cred)) => Some(cred.token().await?),
             _ => None,
         };
-        let _slot = self
-            .upstream
-            .slots
-            .acquire()
-            .await
-            .map_err(|_| AgentError::transient("the HTTP client is closing"))?;
+        let _slot = self.upstream.slot().await?;
         let send = |req: reqwest::RequestBuilder| async move {
             req.send().await.map_err(|e| {
                 let e = transport_error(e);
