@@ -1,5 +1,6 @@
 //! `cascade`: the command-line front of the orchestrator.
 
+mod audit_cmd;
 mod client_cmd;
 mod demo_cmd;
 mod graph_cmd;
@@ -54,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: client_cmd::JobsCommand,
     },
+    /// The audit log: signing keys, and verification from a server's files.
+    Audit {
+        #[command(subcommand)]
+        command: audit_cmd::AuditCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -99,6 +105,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => client_cmd::submit(cli.conn, args),
         Command::Jobs { command } => client_cmd::jobs(cli.conn, command),
         Command::Top(args) => client_cmd::top(cli.conn, args),
+        Command::Audit { command } => audit_cmd::run(command),
     };
     match result {
         Ok(code) => code,

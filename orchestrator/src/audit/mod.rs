@@ -2,4 +2,5 @@
 //! checkpoints in the C2SP signed-note format.
 
 pub mod checkpoint;
+pub mod log;
 pub mod merkle;

@@ -1,0 +1,399 @@
+//! The audit log in the server's SQLite file: append-only records (triggers refuse updates and
+//! deletes, and retention never touches them), each a leaf of the Merkle tree, and signed
+//! checkpoints of that tree. [`verify`] reads a (stopped or running) server's file and checks it
+//! all: every record against its leaf hash, every checkpoint's signature and root, and that the
+//! log extends a checkpoint saved elsewhere earlier.
+//!
+//! A record is stored as the exact JSON text its leaf hashes, so that verification hashes what
+//! is stored, byte for byte, with no canonicalisation to get wrong.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde_json::{Value, json};
+
+use super::checkpoint::{self, Checkpoint, Signer};
+use super::merkle::{self, Frontier, Hash};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS audit_log (
+    seq INTEGER PRIMARY KEY,
+    record TEXT NOT NULL,
+    leaf BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_checkpoints (
+    size INTEGER PRIMARY KEY,
+    note TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
+    BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_update BEFORE UPDATE ON audit_checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_checkpoints
+    BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+"#;
+
+/// The audit log of one server.
+pub struct AuditLog {
+    state: Mutex<State>,
+    signer: Option<Signer>,
+    origin: String,
+}
+
+struct State {
+    conn: Connection,
+    tree: Frontier,
+}
+
+fn sql(e: rusqlite::Error) -> String {
+    format!("the audit log: {e}")
+}
+
+impl AuditLog {
+    /// Open (or create) the audit log in the SQLite file at `path`. With a `signer`,
+    /// [`checkpoint`](Self::checkpoint) signs the tree for `origin`.
+    pub fn open(path: &Path, signer: Option<Signer>, origin: &str) -> Result<Self, String> {
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        let mut tree = Frontier::default();
+        {
+            let mut stmt = conn
+                .prepare("SELECT leaf FROM audit_log ORDER BY seq")
+                .map_err(sql)?;
+            let leaves = stmt
+                .query_map([], |r| r.get::<_, Vec<u8>>(0))
+                .map_err(sql)?;
+            for leaf in leaves {
+                let leaf: Hash = leaf
+                    .map_err(sql)?
+                    .try_into()
+                    .map_err(|_| "the audit log holds a leaf that is not a SHA-256 hash")?;
+                tree.push(leaf);
+            }
+        }
+        Ok(Self {
+            state: Mutex::new(State { conn, tree }),
+            signer,
+            origin: origin.to_string(),
+        })
+    }
+
+    /// Append a record of `kind` for `tenant`; returns its sequence number (from 1).
+    pub fn append(&self, tenant: &str, kind: &str, body: Value) -> Result<u64, String> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = s.tree.size() + 1;
+        let at = crate::clock::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let record =
+            json!({"seq": seq, "at_unix_ms": at, "tenant": tenant, "kind": kind, "body": body})
+                .to_string();
+        let leaf = merkle::leaf_hash(record.as_bytes());
+        s.conn
+            .execute(
+                "INSERT INTO audit_log (seq, record, leaf) VALUES (?1, ?2, ?3)",
+                params![seq as i64, record, leaf.as_slice()],
+            )
+            .map_err(sql)?;
+        s.tree.push(leaf);
+        Ok(seq)
+    }
+
+    /// Records so far.
+    pub fn size(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tree
+            .size()
+    }
+
+    /// Sign and store a checkpoint of the tree as it is, unless the latest one already covers
+    /// it; returns the latest signed checkpoint (`None` without a signer or records).
+    pub fn checkpoint(&self) -> Result<Option<String>, String> {
+        let Some(signer) = &self.signer else {
+            return Ok(None);
+        };
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let size = s.tree.size();
+        if size == 0 {
+            return Ok(None);
+        }
+        let latest: Option<(i64, String)> = s
+            .conn
+            .query_row(
+                "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql)?;
+        if let Some((at, note)) = latest
+            && at as u64 == size
+        {
+            return Ok(Some(note));
+        }
+        let note = signer.sign(&Checkpoint {
+            origin: self.origin.clone(),
+            size,
+            root: s.tree.root(),
+        });
+        s.conn
+            .execute(
+                "INSERT INTO audit_checkpoints (size, note) VALUES (?1, ?2)",
+                params![size as i64, note],
+            )
+            .map_err(sql)?;
+        Ok(Some(note))
+    }
+}
+
+/// What [`verify`] checked.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    pub checkpoints: usize,
+    /// The size of the saved checkpoint the log was shown to extend.
+    pub extends: Option<u64>,
+}
+
+/// Check the audit log in the SQLite file at `path`: every record against its stored leaf hash
+/// (and the sequence without gaps), every stored checkpoint's signature by `verifier_key` and its
+/// root against the records, and, given `saved` (a checkpoint kept outside the server earlier),
+/// that the log is an append-only extension of it. The error names the first record or
+/// checkpoint that does not match.
+pub fn verify(path: &Path, verifier_key: &str, saved: Option<&str>) -> Result<Verified, String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut leaves: Vec<Hash> = Vec::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT seq, record, leaf FROM audit_log ORDER BY seq")
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .map_err(sql)?;
+        for row in rows {
+            let (seq, record, leaf) = row.map_err(sql)?;
+            let expected = leaves.len() as i64 + 1;
+            if seq != expected {
+                return Err(format!(
+                    "audit record {expected} is missing (the next one is {seq}): records were deleted"
+                ));
+            }
+            let computed = merkle::leaf_hash(record.as_bytes());
+            if leaf != computed {
+                return Err(format!(
+                    "audit record {seq} does not match its leaf hash: it was altered after it was written"
+                ));
+            }
+            leaves.push(computed);
+        }
+    }
+    let notes: Vec<(i64, String)> = {
+        let mut stmt = conn
+            .prepare("SELECT size, note FROM audit_checkpoints ORDER BY size")
+            .map_err(sql)?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(sql)?
+            .collect::<Result<_, _>>()
+            .map_err(sql)?
+    };
+    let mut checked_up_to = 0u64;
+    for (size, note) in &notes {
+        let cp = checkpoint::verify(note, verifier_key)
+            .map_err(|e| format!("the checkpoint at size {size}: {e}"))?;
+        if cp.size != *size as u64 {
+            return Err(format!(
+                "the checkpoint stored at size {size} is signed for size {}",
+                cp.size
+            ));
+        }
+        if cp.size > leaves.len() as u64 {
+            return Err(format!(
+                "the checkpoint at size {} covers more records than the log holds ({}): records were deleted",
+                cp.size,
+                leaves.len()
+            ));
+        }
+        if merkle::root(&leaves[..cp.size as usize]) != cp.root {
+            return Err(format!(
+                "the checkpoint at size {} does not match the records: a record after {checked_up_to} and up to {} was altered along with its leaf hash",
+                cp.size, cp.size
+            ));
+        }
+        checked_up_to = cp.size;
+    }
+    let extends = match saved {
+        None => None,
+        Some(note) => {
+            let cp = checkpoint::verify(note, verifier_key)
+                .map_err(|e| format!("the saved checkpoint: {e}"))?;
+            let n = leaves.len() as u64;
+            if cp.size > n {
+                return Err(format!(
+                    "the log holds {n} records, fewer than the saved checkpoint's {}: records were deleted",
+                    cp.size
+                ));
+            }
+            let proof = merkle::consistency_proof(&leaves, cp.size.max(1) as usize);
+            let ok = cp.size == 0
+                || merkle::verify_consistency(cp.size, n, &proof, &cp.root, &merkle::root(&leaves));
+            if !ok {
+                return Err(format!(
+                    "the log is not an append-only extension of the saved checkpoint (size {}): records up to {} were altered",
+                    cp.size, cp.size
+                ));
+            }
+            Some(cp.size)
+        }
+    };
+    Ok(Verified {
+        records: leaves.len() as u64,
+        checkpoints: notes.len(),
+        extends,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signer() -> Signer {
+        Signer::from_seed("cascade.test/audit", &[7u8; 32]).unwrap()
+    }
+
+    fn log_with(dir: &Path, n: u64) -> (AuditLog, String) {
+        let log = AuditLog::open(
+            &dir.join("cascade.db"),
+            Some(signer()),
+            "cascade.test/audit",
+        )
+        .unwrap();
+        for i in 0..n {
+            log.append(
+                "acme",
+                "config_loaded",
+                json!({"file": format!("g{i}.toml")}),
+            )
+            .unwrap();
+        }
+        let note = log.checkpoint().unwrap().unwrap();
+        (log, note)
+    }
+
+    /// Tamper with the file by hand, as someone with write access would: the triggers first.
+    fn by_hand(path: &Path, sql: &str) {
+        let c = Connection::open(path).unwrap();
+        c.execute_batch(&format!(
+            "DROP TRIGGER audit_log_no_update; DROP TRIGGER audit_log_no_delete;
+             DROP TRIGGER audit_checkpoints_no_delete; {sql}"
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn a_clean_log_verifies_and_extends_its_earlier_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let (log, early) = log_with(dir.path(), 5);
+        for _ in 0..4 {
+            log.append("acme", "decision", json!({"approve": true}))
+                .unwrap();
+        }
+        log.checkpoint().unwrap();
+        drop(log);
+        // Reopened, the tree goes on where it was.
+        let log = AuditLog::open(&path, Some(signer()), "cascade.test/audit").unwrap();
+        assert_eq!(log.size(), 9);
+        log.append("acme", "decision", json!({"approve": false}))
+            .unwrap();
+        log.checkpoint().unwrap();
+        let key = signer().verifier_key();
+        assert_eq!(
+            verify(&path, &key, Some(&early)).unwrap(),
+            Verified {
+                records: 10,
+                checkpoints: 3,
+                extends: Some(5)
+            }
+        );
+        // The store refuses to rewrite history.
+        let c = Connection::open(&path).unwrap();
+        let e = c
+            .execute("UPDATE audit_log SET record = 'x' WHERE seq = 1", [])
+            .unwrap_err();
+        assert!(e.to_string().contains("append-only"), "{e}");
+        assert!(c.execute("DELETE FROM audit_log", []).is_err());
+    }
+
+    #[test]
+    fn an_altered_record_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let (_log, _) = log_with(dir.path(), 6);
+        by_hand(
+            &path,
+            "UPDATE audit_log SET record = replace(record, 'g3.toml', 'evil.toml') WHERE seq = 4;",
+        );
+        let e = verify(&path, &signer().verifier_key(), None).unwrap_err();
+        assert!(e.contains("audit record 4 does not match"), "{e}");
+    }
+
+    #[test]
+    fn a_record_rewritten_with_its_leaf_fails_the_signed_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let (_log, _) = log_with(dir.path(), 6);
+        let forged = json!({"seq": 4, "at_unix_ms": 0, "tenant": "acme", "kind": "config_loaded", "body": {"file": "evil.toml"}}).to_string();
+        let leaf: String = merkle::leaf_hash(forged.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        by_hand(
+            &path,
+            &format!("UPDATE audit_log SET record = '{forged}', leaf = X'{leaf}' WHERE seq = 4;"),
+        );
+        let e = verify(&path, &signer().verifier_key(), None).unwrap_err();
+        assert!(
+            e.contains("checkpoint at size 6 does not match the records"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn deleted_records_fail_against_a_saved_checkpoint_and_a_bad_signature_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let (log, saved) = log_with(dir.path(), 8);
+        drop(log);
+        // The last three records and every checkpoint go: the file alone looks consistent.
+        by_hand(
+            &path,
+            "DELETE FROM audit_log WHERE seq > 5; DELETE FROM audit_checkpoints;",
+        );
+        let key = signer().verifier_key();
+        assert_eq!(verify(&path, &key, None).unwrap().records, 5);
+        let e = verify(&path, &key, Some(&saved)).unwrap_err();
+        assert!(e.contains("fewer than the saved checkpoint's 8"), "{e}");
+        // A checkpoint signed by another key, or edited, is refused.
+        let other = Signer::from_seed("cascade.test/audit", &[9u8; 32]).unwrap();
+        let e = verify(&path, &other.verifier_key(), Some(&saved)).unwrap_err();
+        assert!(e.contains("no valid signature"), "{e}");
+        let edited = saved.replacen("\n8\n", "\n5\n", 1);
+        assert!(verify(&path, &key, Some(&edited)).is_err());
+    }
+}
