@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cascade_orchestrator::agents::Registry;
+use cascade_orchestrator::audit::checkpoint::Signer;
+use cascade_orchestrator::audit::log::AuditLog;
 use cascade_orchestrator::model::ServerModel;
 use cascade_orchestrator::server::{self, ServerOptions};
 use cascade_orchestrator::store::{JobStore, MemoryStore, SqliteOptions, SqliteStore};
@@ -58,7 +60,7 @@ pub fn run(args: ServeArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
         );
     }
     let telemetry = model.telemetry.clone();
-    crate::block_on_traced(json_logs, &telemetry, serve(model, args))
+    crate::block_on_traced(json_logs, &telemetry, serve(model, args, path))
 }
 
 /// Addresses and store from flags, else the config file, else defaults.
@@ -145,7 +147,7 @@ pub fn open_store(
     })
 }
 
-async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> {
+async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::Result<ExitCode> {
     // Before anything is accepted, so a SIGTERM at any later moment is a graceful stop.
     let stop = shutdown_signal()?;
     if let Some(endpoint) = &model.telemetry.otlp_endpoint {
@@ -160,6 +162,26 @@ async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> 
         .shutdown_grace
         .unwrap_or(Duration::from_secs(30));
     let store = open_store(&model, data_dir.as_deref())?;
+    let audit = match &data_dir {
+        Some(dir) => Some(open_audit(&model, &config, dir)?),
+        None => {
+            eprintln!("warning: with --memory there is no audit log");
+            None
+        }
+    };
+    let checkpoints = audit.clone().map(|log| {
+        let every = model.audit.checkpoint_every;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(e) = log.checkpoint() {
+                    tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                }
+            }
+        })
+    });
     let graphs: Vec<String> = model.graphs.iter().map(|g| g.name.to_string()).collect();
     let orch = Arc::new(
         Orchestrator::builder(model)
@@ -187,7 +209,58 @@ async fn serve(model: ServerModel, args: ServeArgs) -> anyhow::Result<ExitCode> 
     server.stop().await;
     orch.shutdown(grace).await;
     store.flush().await?;
+    if let Some(task) = checkpoints {
+        task.abort();
+    }
+    if let Some(log) = audit {
+        log.checkpoint().map_err(anyhow::Error::msg)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The audit log beside the store: a `config_loaded` record naming every file this server
+/// loaded with its SHA-256, and a checkpoint signed now (with `[audit] signing_key`).
+fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<Arc<AuditLog>> {
+    let signer = match &model.audit.signing_key {
+        Some(reference) => {
+            let key = reference.resolve().map_err(anyhow::Error::msg)?;
+            let text = key
+                .expose_str()
+                .context("[audit] signing_key is not text")?;
+            Some(Signer::from_key(text).map_err(|e| anyhow::anyhow!("[audit] signing_key: {e}"))?)
+        }
+        None => {
+            eprintln!(
+                "warning: no [audit] signing_key: audit records are hashed but no checkpoint is signed (make a key with `cascade audit new-key NAME`)"
+            );
+            None
+        }
+    };
+    let origin = signer
+        .as_ref()
+        .map_or_else(|| "cascade".to_string(), |s| s.name().to_string());
+    let log =
+        AuditLog::open(&dir.join("cascade.db"), signer, &origin).map_err(anyhow::Error::msg)?;
+    let mut files = vec![config.to_path_buf()];
+    files.extend(model.graphs.iter().map(|g| g.source.clone()));
+    files.sort();
+    files.dedup();
+    let files: Vec<serde_json::Value> = files
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(f).unwrap_or_default();
+            let digest = cascade_orchestrator::audit::sha256_hex(&bytes);
+            serde_json::json!({"path": f.display().to_string(), "sha256": digest})
+        })
+        .collect();
+    log.append(
+        "server",
+        "config_loaded",
+        serde_json::json!({ "files": files }),
+    )
+    .map_err(anyhow::Error::msg)?;
+    log.checkpoint().map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(log))
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT); the handlers are installed when this is called.

@@ -390,3 +390,73 @@ fn audit_keys_and_verify_from_the_command_line() {
         "{out:?}"
     );
 }
+
+/// `cascade serve` with `[audit] signing_key` records the configuration it loaded (each file
+/// with its SHA-256) and signs checkpoints; after it stops, `cascade audit verify` checks its
+/// files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_served_config_load_is_audited_and_verifies() {
+    let out = cascade(&["audit", "new-key", "cascade.test/served"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let line = |label: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let graph = "[graph]\nname = \"audited\"\n[agents.a]\nkind = \"sim\"\n";
+    let keys = tempfile::tempdir().unwrap();
+    std::fs::write(
+        keys.path().join("signing.key"),
+        line("signing key (secret):"),
+    )
+    .unwrap();
+    std::fs::write(keys.path().join("audit.pub"), line("verification key:")).unwrap();
+    let dir = common::server_dir(
+        &[("audited.toml", graph)],
+        &format!(
+            "[audit]\nsigning_key = \"file:{}\"\ncheckpoint_every = \"1s\"\n",
+            keys.path().join("signing.key").display()
+        ),
+    );
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let mut server = common::spawn(dir.path(), grpc, http);
+    let _client = common::connect(grpc).await;
+    assert!(server.terminate().success());
+    let data = dir.path().join("data");
+    let out = cascade(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--public-key",
+        keys.path().join("audit.pub").to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("ok: 1 records"), "{}", stdout(&out));
+    // The record names the files loaded, with the hashes of their contents.
+    let c = rusqlite::Connection::open(data.join("cascade.db")).unwrap();
+    let record: String = c
+        .query_row("SELECT record FROM audit_log WHERE seq = 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let record: Value = serde_json::from_str(&record).unwrap();
+    assert_eq!(record["kind"], "config_loaded");
+    let files = record["body"]["files"].as_array().unwrap();
+    let graph_sha = cascade_orchestrator::audit::sha256_hex(graph.as_bytes());
+    assert!(
+        files
+            .iter()
+            .any(|f| f["path"].as_str().unwrap().ends_with("audited.toml")
+                && f["sha256"] == graph_sha.as_str()),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f["path"].as_str().unwrap().ends_with("cascade.toml")),
+        "{files:?}"
+    );
+}

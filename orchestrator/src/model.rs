@@ -19,6 +19,27 @@ pub struct ServerModel {
     pub telemetry: TelemetrySettings,
     /// `[prices."MODEL"]`: what an `llm` agent's tokens cost.
     pub prices: BTreeMap<String, cascade_agents::llm::Price>,
+    /// `[audit]`: how the audit log signs its checkpoints.
+    pub audit: AuditSettings,
+}
+
+/// `[audit]` of `cascade.toml`.
+#[derive(Clone, Debug)]
+pub struct AuditSettings {
+    /// The checkpoint signing key (`cascade audit new-key`), a secret reference; without one
+    /// records are kept and hashed but no checkpoint is signed.
+    pub signing_key: Option<crate::secret::SecretRef>,
+    /// How often a checkpoint is signed while records arrive.
+    pub checkpoint_every: Duration,
+}
+
+impl Default for AuditSettings {
+    fn default() -> Self {
+        Self {
+            signing_key: None,
+            checkpoint_every: Duration::from_secs(60),
+        }
+    }
 }
 
 impl ServerModel {

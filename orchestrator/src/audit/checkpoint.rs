@@ -160,6 +160,11 @@ impl Signer {
         ))
     }
 
+    /// The key's name: the log's origin in its checkpoints.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
     /// The verifier key: `<name>+<hash>+<base64(0x01 || public key)>`.
     pub fn verifier_key(&self) -> String {
         let mut material = vec![ALG_ED25519];

@@ -4,3 +4,12 @@
 pub mod checkpoint;
 pub mod log;
 pub mod merkle;
+
+/// The SHA-256 of `bytes`, in hex (files named in audit records).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -153,6 +153,7 @@ struct Loader<'r> {
     server: ServerSettings,
     telemetry: TelemetrySettings,
     prices: BTreeMap<String, cascade_agents::llm::Price>,
+    audit: crate::model::AuditSettings,
     /// `[credentials.NAME]`: an `auth` table and where it was declared.
     credentials: BTreeMap<String, (serde_json::Value, String)>,
     /// Source index of errors found while resolving, which need a file's text to locate.
@@ -171,6 +172,7 @@ impl<'r> Loader<'r> {
             telemetry: TelemetrySettings::default(),
             prices: BTreeMap::new(),
             credentials: BTreeMap::new(),
+            audit: Default::default(),
             resolve_errs: Vec::new(),
         }
     }

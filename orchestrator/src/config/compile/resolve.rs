@@ -52,6 +52,7 @@ impl Loader<'_> {
             server: self.server,
             telemetry: self.telemetry,
             prices: self.prices,
+            audit: self.audit,
         })
     }
 

@@ -10,7 +10,9 @@ const SERVER_FILE_SECTIONS: &[&str] = &[
     "credentials",
     "telemetry",
     "prices",
+    "audit",
 ];
+const AUDIT_FIELDS: &[&str] = &["signing_key", "checkpoint_every"];
 const SERVER_FIELDS: &[&str] = &[
     "grpc_addr",
     "http_addr",
@@ -121,6 +123,17 @@ impl Loader<'_> {
         if let Some((k, v)) = r.entry("credentials") {
             r.skip("credentials");
             self.credentials_table(src, k.span(), v);
+        }
+        if let Some((k, v)) = r.entry("audit") {
+            r.skip("audit");
+            if let Some(t) = self.expect_table(src, "audit", k.span(), v) {
+                let mut s = TableReader::new(src, "audit", k.span(), t);
+                self.audit.signing_key = s.take("signing_key", &mut self.errs);
+                if let Some(d) = s.take::<HumanDuration>("checkpoint_every", &mut self.errs) {
+                    self.audit.checkpoint_every = d.get();
+                }
+                s.deny_unknown(AUDIT_FIELDS, "[audit]", &mut self.errs);
+            }
         }
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
         files
