@@ -129,7 +129,7 @@ pub fn to_dot(server: &ServerModel, graph: &GraphModel) -> String {
     }
     for a in &graph.agents {
         let mut attrs = format!("shape=ellipse, label=\"{}\\n({})\"", a.name, a.kind);
-        if a.irreversible || a.approval == crate::model::Approval::Required {
+        if a.irreversible || a.approval.needed(a.irreversible) {
             attrs.push_str(", peripheries=2");
         }
         let _ = writeln!(s, "  {:?} [{attrs}];", &*a.name);

@@ -194,9 +194,24 @@ pub enum OnUpstreamPause {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Approval {
+    /// Approval when the agent is irreversible; `"none"` is its former name.
     #[default]
-    None,
+    #[serde(alias = "none")]
+    Auto,
     Required,
+    /// Never, even when irreversible: the graph's author runs it unapproved knowingly.
+    Never,
+}
+
+impl Approval {
+    /// Whether an agent with this setting needs a person's approval before it acts.
+    pub fn needed(self, irreversible: bool) -> bool {
+        match self {
+            Self::Auto => irreversible,
+            Self::Required => true,
+            Self::Never => false,
+        }
+    }
 }
 
 /// Per-agent retry policy: exponential backoff with full jitter.

@@ -159,7 +159,7 @@ fn example(key: &str) -> Option<&'static str> {
             "{ failure_ratio = 0.5, min_calls = 20, window = \"30s\", open_for = \"15s\" }"
         }
         "on_upstream_pause" => "\"drain\" (or \"stop\")",
-        "approval" => "\"required\" (or \"none\")",
+        "approval" => "\"auto\", \"required\" or \"never\"",
         "irreversible" => "true",
         _ => return None,
     })

@@ -207,8 +207,27 @@ impl Loader<'_> {
         let max_concurrency: Option<NonZeroU32> = r.take("max_concurrency", &mut self.errs);
         let on_upstream_pause: Option<OnUpstreamPause> =
             r.take("on_upstream_pause", &mut self.errs);
+        let approval_span = r
+            .entry("approval")
+            .or_else(|| r.entry("irreversible"))
+            .map(|(_, v)| v.span());
         let irreversible: Option<bool> = r.take("irreversible", &mut self.errs);
         let approval: Option<Approval> = r.take("approval", &mut self.errs);
+        // Holding a step for a person's decision is not built yet: an agent that needs it
+        // would act unapproved, so it does not load.
+        if approval
+            .unwrap_or_default()
+            .needed(irreversible.unwrap_or(false))
+        {
+            self.errs.push(
+                src.error(
+                    approval_span.unwrap_or(key.span()),
+                    format!("{path}.approval"),
+                    format!("agent {name:?} needs a person's approval before it acts (irreversible = true or approval = \"required\"), and this version cannot hold a step for approval yet: it would act unapproved"),
+                )
+                .with_help("remove the setting, or write approval = \"never\" to run it without approval knowingly"),
+            );
+        }
         let max_restarts: Option<u32> = r.take("max_restarts", &mut self.errs);
         let restart_window: Option<HumanDuration> = r.take("restart_window", &mut self.errs);
 

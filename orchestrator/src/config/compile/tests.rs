@@ -574,3 +574,27 @@ auth = { oauth2 = { token_url = "http://127.0.0.1:9/token", client_id = "x", cli
     let e = error_at(&errs, "agents.x.auth", 9, 8);
     assert!(e.message.contains("unknown credential \"crn\""), "{e}");
 }
+
+#[test]
+fn an_agent_that_needs_approval_does_not_load_until_approvals_exist() {
+    let agent =
+        |extra: &str| format!("[graph]\nname = \"g\"\n[agents.pay]\nkind = \"sim\"\n{extra}\n");
+    for (extra, col) in [("irreversible = true", 16), ("approval = \"required\"", 12)] {
+        let errs = errors(&agent(extra));
+        let e = error_at(&errs, "agents.pay.approval", 5, col);
+        assert!(e.message.contains("would act unapproved"), "{e}");
+        assert!(
+            e.help.as_deref().unwrap().contains("approval = \"never\""),
+            "{e:?}"
+        );
+    }
+    // Knowingly unapproved, the default, and the former "none" load.
+    for extra in [
+        "irreversible = true\napproval = \"never\"",
+        "",
+        "approval = \"none\"",
+        "approval = \"auto\"",
+    ] {
+        compile(&agent(extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+    }
+}
