@@ -61,6 +61,10 @@ impl AuditLog {
             .map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(sql)?;
+        // Every commit reaches the disk before `append` returns: a decision recorded is one
+        // that a power cut does not take back.
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
         conn.execute_batch(SCHEMA).map_err(sql)?;
         let mut tree = Frontier::default();
         {
@@ -85,24 +89,44 @@ impl AuditLog {
         })
     }
 
-    /// Append a record of `kind` for `tenant`; returns its sequence number (from 1).
+    /// Append a record of `kind` for `tenant`, durably; returns its sequence number (from 1).
     pub fn append(&self, tenant: &str, kind: &str, body: Value) -> Result<u64, String> {
+        self.append_all([(tenant, kind, body)])
+    }
+
+    /// Append records in one transaction; returns the last one's sequence number.
+    pub fn append_all<'a>(
+        &self,
+        records: impl IntoIterator<Item = (&'a str, &'a str, Value)>,
+    ) -> Result<u64, String> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let seq = s.tree.size() + 1;
         let at = crate::clock::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let record =
-            json!({"seq": seq, "at_unix_ms": at, "tenant": tenant, "kind": kind, "body": body})
-                .to_string();
-        let leaf = merkle::leaf_hash(record.as_bytes());
-        s.conn
-            .execute(
-                "INSERT INTO audit_log (seq, record, leaf) VALUES (?1, ?2, ?3)",
-                params![seq as i64, record, leaf.as_slice()],
-            )
-            .map_err(sql)?;
-        s.tree.push(leaf);
+        let mut seq = s.tree.size();
+        let mut leaves = Vec::new();
+        {
+            let tx = s.conn.unchecked_transaction().map_err(sql)?;
+            let mut insert = tx
+                .prepare_cached("INSERT INTO audit_log (seq, record, leaf) VALUES (?1, ?2, ?3)")
+                .map_err(sql)?;
+            for (tenant, kind, body) in records {
+                seq += 1;
+                let record = json!({"seq": seq, "at_unix_ms": at, "tenant": tenant, "kind": kind, "body": body})
+                    .to_string();
+                let leaf = merkle::leaf_hash(record.as_bytes());
+                insert
+                    .execute(params![seq as i64, record, leaf.as_slice()])
+                    .map_err(sql)?;
+                leaves.push(leaf);
+            }
+            drop(insert);
+            tx.commit().map_err(sql)?;
+        }
+        // The tree grows only once the records are committed.
+        for leaf in leaves {
+            s.tree.push(leaf);
+        }
         Ok(seq)
     }
 
@@ -212,6 +236,8 @@ pub fn verify(path: &Path, verifier_key: &str, saved: Option<&str>) -> Result<Ve
             .collect::<Result<_, _>>()
             .map_err(sql)?
     };
+    // Each checkpoint against the tree grown to its size: one pass over the leaves.
+    let mut tree = Frontier::default();
     let mut checked_up_to = 0u64;
     for (size, note) in &notes {
         let cp = checkpoint::verify(note, verifier_key)
@@ -229,7 +255,10 @@ pub fn verify(path: &Path, verifier_key: &str, saved: Option<&str>) -> Result<Ve
                 leaves.len()
             ));
         }
-        if merkle::root(&leaves[..cp.size as usize]) != cp.root {
+        while tree.size() < cp.size {
+            tree.push(leaves[tree.size() as usize]);
+        }
+        if tree.root() != cp.root {
             return Err(format!(
                 "the checkpoint at size {} does not match the records: a record after {checked_up_to} and up to {} was altered along with its leaf hash",
                 cp.size, cp.size
