@@ -21,6 +21,26 @@ pub enum AuditCommand {
         #[arg(long)]
         key: String,
     },
+    /// Print the latest signed checkpoint (keep it outside the server, for `verify --checkpoint`).
+    Checkpoint {
+        #[arg(long, default_value = "cascade-data")]
+        data_dir: PathBuf,
+    },
+    /// An inclusion proof of record SEQ in the latest signed checkpoint, as JSON.
+    Prove {
+        seq: u64,
+        #[arg(long, default_value = "cascade-data")]
+        data_dir: PathBuf,
+        /// A file holding the verification key.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+    /// Every record as JSON lines: sequence number, the record's exact text (its leaf hash is
+    /// SHA-256 of 0x00 and those bytes), leaf hash.
+    Export {
+        #[arg(long, default_value = "cascade-data")]
+        data_dir: PathBuf,
+    },
     /// Check a server's audit log: every record against its hash, every checkpoint's signature
     /// and root, and (with --checkpoint) that the log extends a checkpoint saved earlier.
     Verify {
@@ -51,18 +71,44 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             let signer = Signer::from_key(text).map_err(anyhow::Error::msg)?;
             println!("{}", signer.verifier_key());
         }
+        AuditCommand::Checkpoint { data_dir } => {
+            match log::latest_checkpoint(&store(&data_dir)?).map_err(anyhow::Error::msg)? {
+                Some(note) => print!("{note}"),
+                None => bail!("no signed checkpoint yet (is [audit] signing_key set?)"),
+            }
+        }
+        AuditCommand::Prove {
+            seq,
+            data_dir,
+            public_key,
+        } => {
+            let key = std::fs::read_to_string(&public_key)
+                .with_context(|| format!("reading {}", public_key.display()))?;
+            let proof =
+                log::prove(&store(&data_dir)?, seq, key.trim()).map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&proof)?);
+        }
+        AuditCommand::Export { data_dir } => {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for (seq, record, leaf) in
+                log::records(&store(&data_dir)?).map_err(anyhow::Error::msg)?
+            {
+                let leaf: String = leaf.iter().map(|b| format!("{b:02x}")).collect();
+                // The record's exact text: its leaf hash is over these bytes.
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"seq": seq, "record": record, "leaf_hash": leaf})
+                )?;
+            }
+        }
         AuditCommand::Verify {
             data_dir,
             public_key,
             checkpoint,
         } => {
-            let db = data_dir.join("cascade.db");
-            if !db.exists() {
-                bail!(
-                    "no store at {}: pass the --data-dir the server runs with",
-                    db.display()
-                );
-            }
+            let db = store(&data_dir)?;
             let key = std::fs::read_to_string(&public_key)
                 .with_context(|| format!("reading {}", public_key.display()))?;
             let saved = checkpoint
@@ -91,4 +137,16 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store file of a data directory.
+fn store(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let db = data_dir.join("cascade.db");
+    if !db.exists() {
+        bail!(
+            "no store at {}: pass the --data-dir the server runs with",
+            db.display()
+        );
+    }
+    Ok(db)
 }

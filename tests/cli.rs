@@ -377,6 +377,35 @@ fn audit_keys_and_verify_from_the_command_line() {
         String::from_utf8_lossy(&out.stdout).contains("ok: 3 records, 1 signed checkpoints"),
         "{out:?}"
     );
+    // The checkpoint to keep elsewhere, a proof for one record, and the export.
+    let data_arg = data.to_str().unwrap();
+    let out = cascade(&["audit", "checkpoint", "--data-dir", data_arg]);
+    assert!(
+        stdout(&out).starts_with("cascade.test/audit\n3\n"),
+        "{out:?}"
+    );
+    let out = cascade(&[
+        "audit",
+        "prove",
+        "2",
+        "--data-dir",
+        data_arg,
+        "--public-key",
+        dir.path().join("audit.pub").to_str().unwrap(),
+    ]);
+    let proof: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        (proof["seq"].as_u64(), proof["tree_size"].as_u64()),
+        (Some(2), Some(3))
+    );
+    assert_eq!(proof["inclusion_proof"].as_array().unwrap().len(), 2);
+    let out = cascade(&["audit", "export", "--data-dir", data_arg]);
+    let lines: Vec<Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[1]["leaf_hash"], proof["leaf_hash"]);
     let c = rusqlite::Connection::open(data.join("cascade.db")).unwrap();
     c.execute_batch(
         "DROP TRIGGER audit_log_no_update;

@@ -179,6 +179,74 @@ impl AuditLog {
     }
 }
 
+/// Every record of the audit log in the file at `path`: (sequence number, record JSON, leaf
+/// hash), in order.
+pub fn records(path: &Path) -> Result<Vec<(u64, String, Hash)>, String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let mut stmt = conn
+        .prepare("SELECT seq, record FROM audit_log ORDER BY seq")
+        .map_err(sql)?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+        })
+        .map_err(sql)?;
+    rows.map(|row| {
+        let (seq, record) = row.map_err(sql)?;
+        let leaf = merkle::leaf_hash(record.as_bytes());
+        Ok((seq, record, leaf))
+    })
+    .collect()
+}
+
+/// The latest signed checkpoint in the file at `path`, if any.
+pub fn latest_checkpoint(path: &Path) -> Result<Option<String>, String> {
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    conn.query_row(
+        "SELECT note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql)
+}
+
+/// An inclusion proof of record `seq` in the tree of the latest checkpoint (which must cover
+/// it): the record, its leaf hash, the tree size and root, and the proof (hex hashes), checked
+/// before it is returned.
+pub fn prove(path: &Path, seq: u64, verifier_key: &str) -> Result<Value, String> {
+    let note =
+        latest_checkpoint(path)?.ok_or("no signed checkpoint yet: nothing to prove against")?;
+    let cp = checkpoint::verify(&note, verifier_key)?;
+    let all = records(path)?;
+    if seq == 0 || seq > cp.size {
+        return Err(format!(
+            "record {seq} is not in the latest checkpoint (records 1 to {})",
+            cp.size
+        ));
+    }
+    let leaves: Vec<Hash> = all.iter().take(cp.size as usize).map(|r| r.2).collect();
+    let index = (seq - 1) as usize;
+    let proof = merkle::inclusion_proof(&leaves, index);
+    if !merkle::verify_inclusion(&leaves[index], index as u64, cp.size, &proof, &cp.root) {
+        return Err(format!(
+            "record {seq} does not prove against the signed checkpoint: run `cascade audit verify`"
+        ));
+    }
+    let hex = |h: &Hash| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Ok(json!({
+        "seq": seq,
+        "record": all[index].1,
+        "leaf_hash": hex(&leaves[index]),
+        "tree_size": cp.size,
+        "root_hash": hex(&cp.root),
+        "inclusion_proof": proof.iter().map(hex).collect::<Vec<_>>(),
+        "checkpoint": note,
+    }))
+}
+
 /// What [`verify`] checked.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -367,6 +435,41 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("append-only"), "{e}");
         assert!(c.execute("DELETE FROM audit_log", []).is_err());
+    }
+
+    #[test]
+    fn a_record_is_proved_against_the_signed_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let (_log, _) = log_with(dir.path(), 7);
+        let key = signer().verifier_key();
+        let p = prove(&path, 3, &key).unwrap();
+        assert_eq!(p["tree_size"], 7);
+        let unhex = |s: &str| -> Hash {
+            (0..32)
+                .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+                .collect::<Vec<u8>>()
+                .try_into()
+                .unwrap()
+        };
+        let proof: Vec<Hash> = p["inclusion_proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| unhex(h.as_str().unwrap()))
+            .collect();
+        // Anyone can check it from the record's text and the signed root alone.
+        let leaf = merkle::leaf_hash(p["record"].as_str().unwrap().as_bytes());
+        let root = checkpoint::verify(p["checkpoint"].as_str().unwrap(), &key)
+            .unwrap()
+            .root;
+        assert!(merkle::verify_inclusion(&leaf, 2, 7, &proof, &root));
+        assert!(
+            prove(&path, 8, &key)
+                .unwrap_err()
+                .contains("not in the latest checkpoint")
+        );
+        assert_eq!(records(&path).unwrap().len(), 7);
     }
 
     #[test]
