@@ -156,7 +156,7 @@ async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::
             model.telemetry.sample_ratio * 100.0
         );
     }
-    let (options, data_dir) = options(&model, &args)?;
+    let (mut options, data_dir) = options(&model, &args)?;
     let grace = model
         .server
         .shutdown_grace
@@ -169,6 +169,7 @@ async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::
             None
         }
     };
+    options.audit = audit.clone();
     let checkpoints = audit.clone().map(|log| {
         let every = model.audit.checkpoint_every;
         tokio::spawn(async move {

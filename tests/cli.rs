@@ -451,7 +451,42 @@ async fn a_served_config_load_is_audited_and_verifies() {
     );
     let (grpc, http) = (common::free_port(), common::free_port());
     let mut server = common::spawn(dir.path(), grpc, http);
-    let _client = common::connect(grpc).await;
+    let mut client = common::connect(grpc).await;
+    // The same over gRPC: the signed checkpoint with its key, a proof, a page of records.
+    use cascade_orchestrator::api::pb;
+    let cp = client
+        .get_audit_checkpoint(pb::GetAuditCheckpointRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cp.tree_size, 1);
+    assert_eq!(cp.verifier_key, line("verification key:"));
+    let checked =
+        cascade_orchestrator::audit::checkpoint::verify(&cp.note, &cp.verifier_key).unwrap();
+    assert_eq!(checked.root.to_vec(), cp.root_hash);
+    let proof = client
+        .prove_audit_record(pb::ProveAuditRecordRequest { seq: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(proof.root_hash, cp.root_hash);
+    let leaf = cascade_orchestrator::audit::merkle::leaf_hash(proof.record.as_bytes());
+    assert_eq!(leaf.to_vec(), proof.leaf_hash);
+    let e = client
+        .prove_audit_record(pb::ProveAuditRecordRequest { seq: 9 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    let page = client
+        .export_audit(pb::ExportAuditRequest {
+            after_seq: 0,
+            page_size: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.records.len(), 1);
+    assert_eq!(page.next_after_seq, 0);
     assert!(server.terminate().success());
     let data = dir.path().join("data");
     let out = cascade(&[

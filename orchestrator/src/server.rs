@@ -39,6 +39,8 @@ pub struct ServerOptions {
     /// Callbacks in flight at once to one destination (default 8): a receiver that never
     /// answers holds this many, and delays no other receiver.
     pub callback_concurrency_per_host: usize,
+    /// The audit log the audit RPCs read (none: they answer FAILED_PRECONDITION).
+    pub audit: Option<Arc<crate::audit::log::AuditLog>>,
 }
 
 impl Default for ServerOptions {
@@ -51,6 +53,7 @@ impl Default for ServerOptions {
             callback_secret: None,
             callback_timeout: Duration::from_secs(10),
             callback_concurrency_per_host: 8,
+            audit: None,
         }
     }
 }
@@ -153,7 +156,9 @@ pub async fn start(
         .build_v1()
         .expect("the generated descriptor set is valid");
     let service = CascadeServer::new(
-        CascadeService::new(orch.clone(), options.max_input_bytes).with_stop(stopped.clone()),
+        CascadeService::new(orch.clone(), options.max_input_bytes)
+            .with_stop(stopped.clone())
+            .with_audit(options.audit.clone()),
     );
     let mut grpc_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {

@@ -28,6 +28,7 @@ pub struct CascadeService {
     max_input_bytes: usize,
     /// Flips to `true` when the server stops: watch streams end then.
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
+    audit: Option<Arc<crate::audit::log::AuditLog>>,
 }
 
 impl CascadeService {
@@ -36,7 +37,39 @@ impl CascadeService {
             orch,
             max_input_bytes,
             stopping: None,
+            audit: None,
         }
+    }
+
+    /// Answer the audit RPCs from `audit`.
+    pub fn with_audit(mut self, audit: Option<Arc<crate::audit::log::AuditLog>>) -> Self {
+        self.audit = audit;
+        self
+    }
+
+    fn audit(&self) -> Result<&Arc<crate::audit::log::AuditLog>, Status> {
+        self.audit.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this server keeps no audit log: it runs with --memory (serve with a data directory)",
+            )
+        })
+    }
+
+    /// The latest checkpoint and the key that signed it.
+    fn signed_checkpoint(
+        &self,
+    ) -> Result<(String, String, crate::audit::checkpoint::Checkpoint), Status> {
+        let log = self.audit()?;
+        let key = log.verifier_key().ok_or_else(|| {
+            Status::failed_precondition(
+                "the audit log signs no checkpoints: set [audit] signing_key (cascade audit new-key NAME)",
+            )
+        })?;
+        let note = crate::audit::log::latest_checkpoint(log.path())
+            .map_err(Status::unavailable)?
+            .ok_or_else(|| Status::failed_precondition("no checkpoint signed yet"))?;
+        let cp = crate::audit::checkpoint::verify(&note, &key).map_err(Status::data_loss)?;
+        Ok((note, key, cp))
     }
 }
 
@@ -192,6 +225,80 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl pb::cascade_server::Cascade for CascadeService {
+    async fn get_audit_checkpoint(
+        &self,
+        _req: Request<pb::GetAuditCheckpointRequest>,
+    ) -> Result<Response<pb::AuditCheckpoint>, Status> {
+        let (note, verifier_key, cp) = self.signed_checkpoint()?;
+        Ok(Response::new(pb::AuditCheckpoint {
+            note,
+            tree_size: cp.size,
+            root_hash: cp.root.to_vec(),
+            verifier_key,
+        }))
+    }
+
+    async fn prove_audit_record(
+        &self,
+        req: Request<pb::ProveAuditRecordRequest>,
+    ) -> Result<Response<pb::AuditProof>, Status> {
+        let seq = req.into_inner().seq;
+        let (_, key, _) = self.signed_checkpoint()?;
+        let log = self.audit()?;
+        let p = crate::audit::log::prove(log.path(), seq, &key)
+            .map_err(Status::failed_precondition)?;
+        let unhex = |s: &serde_json::Value| -> Vec<u8> {
+            let s = s.as_str().unwrap_or_default();
+            (0..s.len() / 2)
+                .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
+                .collect()
+        };
+        Ok(Response::new(pb::AuditProof {
+            seq,
+            record: p["record"].as_str().unwrap_or_default().to_string(),
+            leaf_hash: unhex(&p["leaf_hash"]),
+            tree_size: p["tree_size"].as_u64().unwrap_or_default(),
+            root_hash: unhex(&p["root_hash"]),
+            inclusion_proof: p["inclusion_proof"]
+                .as_array()
+                .map(|a| a.iter().map(unhex).collect())
+                .unwrap_or_default(),
+            checkpoint: p["checkpoint"].as_str().unwrap_or_default().to_string(),
+        }))
+    }
+
+    async fn export_audit(
+        &self,
+        req: Request<pb::ExportAuditRequest>,
+    ) -> Result<Response<pb::ExportAuditResponse>, Status> {
+        const MAX_PAGE: usize = 10_000;
+        let r = req.into_inner();
+        let limit = match r.page_size as usize {
+            0 => MAX_PAGE,
+            n => n.min(MAX_PAGE),
+        };
+        let page = self
+            .audit()?
+            .page(r.after_seq, limit)
+            .map_err(Status::unavailable)?;
+        let next_after_seq = if page.len() == limit {
+            page.last().map_or(0, |(seq, _, _)| *seq)
+        } else {
+            0
+        };
+        Ok(Response::new(pb::ExportAuditResponse {
+            records: page
+                .into_iter()
+                .map(|(seq, record, leaf)| pb::AuditRecord {
+                    seq,
+                    record,
+                    leaf_hash: leaf.to_vec(),
+                })
+                .collect(),
+            next_after_seq,
+        }))
+    }
+
     async fn submit_job(
         &self,
         req: Request<pb::SubmitJobRequest>,

@@ -41,6 +41,17 @@ pub struct AuditLog {
     state: Mutex<State>,
     signer: Option<Signer>,
     origin: String,
+    path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .field("origin", &self.origin)
+            .field("signed", &self.signer.is_some())
+            .finish()
+    }
 }
 
 struct State {
@@ -86,6 +97,7 @@ impl AuditLog {
             state: Mutex::new(State { conn, tree }),
             signer,
             origin: origin.to_string(),
+            path: path.to_path_buf(),
         })
     }
 
@@ -128,6 +140,44 @@ impl AuditLog {
             s.tree.push(leaf);
         }
         Ok(seq)
+    }
+
+    /// The file the log is in (for [`verify`], [`prove`], [`records`]).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The checkpoints' verification key, when the log signs them.
+    pub fn verifier_key(&self) -> Option<String> {
+        self.signer.as_ref().map(Signer::verifier_key)
+    }
+
+    /// Up to `limit` records after `after`: (sequence number, exact text, leaf hash).
+    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<(u64, String, Hash)>, String> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = s
+            .conn
+            .prepare_cached(
+                "SELECT seq, record, leaf FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(sql)?;
+        let rows = stmt
+            .query_map(params![after as i64, limit as i64], |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .map_err(sql)?;
+        rows.map(|row| {
+            let (seq, record, leaf) = row.map_err(sql)?;
+            let leaf: Hash = leaf
+                .try_into()
+                .map_err(|_| format!("audit record {seq}'s leaf is not a SHA-256 hash"))?;
+            Ok((seq, record, leaf))
+        })
+        .collect()
     }
 
     /// Records so far.
