@@ -23,33 +23,34 @@ pub enum AuditCommand {
     },
     /// Print the latest signed checkpoint (keep it outside the server, for `verify --checkpoint`).
     Checkpoint {
-        #[arg(long, default_value = "cascade-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// An inclusion proof of record SEQ in the latest signed checkpoint, as JSON.
     Prove {
         seq: u64,
-        #[arg(long, default_value = "cascade-data")]
-        data_dir: PathBuf,
-        /// A file holding the verification key.
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A file holding the verification key (default: the key of cascade.toml's
+        /// [audit] signing_key).
         #[arg(long)]
-        public_key: PathBuf,
+        public_key: Option<PathBuf>,
     },
     /// Every record as JSON lines: sequence number, the record's exact text (its leaf hash is
     /// SHA-256 of 0x00 and those bytes), leaf hash.
     Export {
-        #[arg(long, default_value = "cascade-data")]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Check a server's audit log: every record against its hash, every checkpoint's signature
     /// and root, and (with --checkpoint) that the log extends a checkpoint saved earlier.
     Verify {
-        /// The server's data directory (the store's cascade.db), as given to `serve`.
-        #[arg(long, default_value = "cascade-data")]
-        data_dir: PathBuf,
-        /// A file holding the verification key (`cascade audit public-key`).
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A file holding the verification key (`cascade audit public-key`); without it, the
+        /// key of cascade.toml's [audit] signing_key.
         #[arg(long)]
-        public_key: PathBuf,
+        public_key: Option<PathBuf>,
         /// A signed checkpoint kept outside the server earlier.
         #[arg(long)]
         checkpoint: Option<PathBuf>,
@@ -71,29 +72,25 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             let signer = Signer::from_key(text).map_err(anyhow::Error::msg)?;
             println!("{}", signer.verifier_key());
         }
-        AuditCommand::Checkpoint { data_dir } => {
-            match log::latest_checkpoint(&store(&data_dir)?).map_err(anyhow::Error::msg)? {
+        AuditCommand::Checkpoint { store } => {
+            match log::latest_checkpoint(&store.db()?).map_err(anyhow::Error::msg)? {
                 Some(note) => print!("{note}"),
                 None => bail!("no signed checkpoint yet (is [audit] signing_key set?)"),
             }
         }
         AuditCommand::Prove {
             seq,
-            data_dir,
+            store,
             public_key,
         } => {
-            let key = std::fs::read_to_string(&public_key)
-                .with_context(|| format!("reading {}", public_key.display()))?;
-            let proof =
-                log::prove(&store(&data_dir)?, seq, key.trim()).map_err(anyhow::Error::msg)?;
+            let key = store.verifier_key(public_key.as_deref())?;
+            let proof = log::prove(&store.db()?, seq, &key).map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string_pretty(&proof)?);
         }
-        AuditCommand::Export { data_dir } => {
+        AuditCommand::Export { store } => {
             use std::io::Write;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for (seq, record, leaf) in
-                log::records(&store(&data_dir)?).map_err(anyhow::Error::msg)?
-            {
+            for (seq, record, leaf) in log::records(&store.db()?).map_err(anyhow::Error::msg)? {
                 let leaf: String = leaf.iter().map(|b| format!("{b:02x}")).collect();
                 // The record's exact text: its leaf hash is over these bytes.
                 writeln!(
@@ -104,19 +101,18 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             }
         }
         AuditCommand::Verify {
-            data_dir,
+            store,
             public_key,
             checkpoint,
         } => {
-            let db = store(&data_dir)?;
-            let key = std::fs::read_to_string(&public_key)
-                .with_context(|| format!("reading {}", public_key.display()))?;
+            let db = store.db()?;
+            let key = store.verifier_key(public_key.as_deref())?;
             let saved = checkpoint
                 .map(|p| {
                     std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
                 })
                 .transpose()?;
-            match log::verify(&db, key.trim(), saved.as_deref()) {
+            match log::verify(&db, &key, saved.as_deref()) {
                 Ok(v) => {
                     print!(
                         "ok: {} records, {} signed checkpoints",
@@ -139,14 +135,66 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The store file of a data directory.
-fn store(data_dir: &std::path::Path) -> anyhow::Result<PathBuf> {
-    let db = data_dir.join("cascade.db");
-    if !db.exists() {
-        bail!(
-            "no store at {}: pass the --data-dir the server runs with",
-            db.display()
-        );
+/// Where a server's store is: the same flags as `serve`.
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    /// The server config; its [server] data_dir and [audit] signing_key are used.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The server's data directory (default: the config's, else ./cascade-data).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn model(&self) -> anyhow::Result<Option<cascade_orchestrator::model::ServerModel>> {
+        let Some(path) = &self.config else {
+            return Ok(None);
+        };
+        cascade_orchestrator::config::load(
+            Some(path),
+            &[],
+            &cascade_orchestrator::agents::Registry::default(),
+        )
+        .map(Some)
+        .map_err(|e| anyhow::anyhow!("{e}"))
     }
-    Ok(db)
+
+    /// The store file.
+    fn db(&self) -> anyhow::Result<PathBuf> {
+        let dir = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => self
+                .model()?
+                .and_then(|m| m.server.data_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("cascade-data")),
+        };
+        let db = dir.join("cascade.db");
+        if !db.exists() {
+            bail!(
+                "no store at {}: pass the --data-dir (or --config) the server runs with",
+                db.display()
+            );
+        }
+        Ok(db)
+    }
+
+    /// The verification key: from `file`, else from the config's signing key.
+    fn verifier_key(&self, file: Option<&std::path::Path>) -> anyhow::Result<String> {
+        if let Some(f) = file {
+            return Ok(std::fs::read_to_string(f)
+                .with_context(|| format!("reading {}", f.display()))?
+                .trim()
+                .to_string());
+        }
+        let reference = self
+            .model()?
+            .and_then(|m| m.audit.signing_key)
+            .context("pass --public-key FILE, or --config with an [audit] signing_key")?;
+        let secret = reference.resolve().map_err(anyhow::Error::msg)?;
+        let text = secret.expose_str().context("the signing key is not text")?;
+        Ok(Signer::from_key(text)
+            .map_err(anyhow::Error::msg)?
+            .verifier_key())
+    }
 }

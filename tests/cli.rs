@@ -499,6 +499,16 @@ async fn a_served_config_load_is_audited_and_verifies() {
     ]);
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains("ok: 1 records"), "{}", stdout(&out));
+    // With serve's flags alone: the key comes from the config's [audit] signing_key.
+    let out = cascade(&[
+        "audit",
+        "verify",
+        "--config",
+        dir.path().join("cascade.toml").to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert!(stdout(&out).contains("ok: 1 records"), "{out:?}");
     // The record names the files loaded, with the hashes of their contents.
     let c = rusqlite::Connection::open(data.join("cascade.db")).unwrap();
     let record: String = c

@@ -245,8 +245,8 @@ impl pb::cascade_server::Cascade for CascadeService {
         let seq = req.into_inner().seq;
         let (_, key, _) = self.signed_checkpoint()?;
         let log = self.audit()?;
-        let p = crate::audit::log::prove(log.path(), seq, &key)
-            .map_err(Status::failed_precondition)?;
+        let p =
+            crate::audit::log::prove(log.path(), seq, &key).map_err(Status::failed_precondition)?;
         let unhex = |s: &serde_json::Value| -> Vec<u8> {
             let s = s.as_str().unwrap_or_default();
             (0..s.len() / 2)
