@@ -316,26 +316,30 @@ fn demo_reports_the_submission_burst_as_a_burst() {
     assert!(!text.contains("submit latency"), "{text}");
 }
 
+/// `cascade audit new-key NAME`: (signing key, verification key).
+fn new_audit_key(name: &str) -> (String, String) {
+    let out = cascade(&["audit", "new-key", name]);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    let field = |label: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap_or_else(|| panic!("no {label} in {text}"))
+            .trim()
+            .to_string()
+    };
+    (field("signing key (secret):"), field("verification key:"))
+}
+
 /// `cascade audit`: a new key, its verification key, and `verify` on a data directory's audit
 /// log — passing on a clean log, failing with the record named after a hand edit.
 #[test]
 fn audit_keys_and_verify_from_the_command_line() {
     use cascade_orchestrator::audit::{checkpoint::Signer, log::AuditLog};
-    let out = cascade(&["audit", "new-key", "cascade.test/audit"]);
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout).unwrap();
-    let field = |label: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(label))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
-    let private = field("signing key (secret):");
-    let public = field("verification key:");
+    let (private, public) = new_audit_key("cascade.test/audit");
     assert!(
         private.starts_with("PRIVATE+KEY+cascade.test/audit+"),
-        "{text}"
+        "{private}"
     );
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("signing.key"), &private).unwrap();
@@ -425,23 +429,11 @@ fn audit_keys_and_verify_from_the_command_line() {
 /// files.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_served_config_load_is_audited_and_verifies() {
-    let out = cascade(&["audit", "new-key", "cascade.test/served"]);
-    let text = String::from_utf8(out.stdout).unwrap();
-    let line = |label: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(label))
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let (private, public) = new_audit_key("cascade.test/served");
     let graph = "[graph]\nname = \"audited\"\n[agents.a]\nkind = \"sim\"\n";
     let keys = tempfile::tempdir().unwrap();
-    std::fs::write(
-        keys.path().join("signing.key"),
-        line("signing key (secret):"),
-    )
-    .unwrap();
-    std::fs::write(keys.path().join("audit.pub"), line("verification key:")).unwrap();
+    std::fs::write(keys.path().join("signing.key"), private).unwrap();
+    std::fs::write(keys.path().join("audit.pub"), &public).unwrap();
     let dir = common::server_dir(
         &[("audited.toml", graph)],
         &format!(
@@ -460,7 +452,7 @@ async fn a_served_config_load_is_audited_and_verifies() {
         .unwrap()
         .into_inner();
     assert_eq!(cp.tree_size, 1);
-    assert_eq!(cp.verifier_key, line("verification key:"));
+    assert_eq!(cp.verifier_key, public);
     let checked =
         cascade_orchestrator::audit::checkpoint::verify(&cp.note, &cp.verifier_key).unwrap();
     assert_eq!(checked.root.to_vec(), cp.root_hash);

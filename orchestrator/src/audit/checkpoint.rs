@@ -84,6 +84,25 @@ fn valid_name(name: &str) -> bool {
             .any(|c| c.is_whitespace() || c == '+' || c.is_control())
 }
 
+/// A key's `<name>+<hash>+<base64(0x01 || 32 bytes)>`: the name, the hash as written, and the
+/// 32 bytes of an Ed25519 key (`what`: "signer" or "verifier", for messages, which never echo
+/// the key).
+fn key_parts<'a>(text: &'a str, what: &str) -> Result<(&'a str, &'a str, Vec<u8>), String> {
+    let mut parts = text.splitn(3, '+');
+    let (Some(name), Some(hash), Some(material)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!("a {what} key is <name>+<hash>+<key>"));
+    };
+    let raw = B64
+        .decode(material)
+        .map_err(|_| format!("the {what} key's last part is not base64"))?;
+    match raw.split_first() {
+        Some((&ALG_ED25519, key)) if key.len() == 32 => Ok((name, hash, key.to_vec())),
+        Some(_) => Err(format!("the {what} key is not an Ed25519 key")),
+        None => Err(format!("the {what} key is empty")),
+    }
+}
+
 /// The server's checkpoint signer.
 pub struct Signer {
     name: String,
@@ -106,19 +125,8 @@ impl Signer {
         let rest = key.trim().strip_prefix("PRIVATE+KEY+").ok_or(
             "a signer key starts with PRIVATE+KEY+ (make one with `cascade audit new-key NAME`)",
         )?;
-        let mut parts = rest.splitn(3, '+');
-        let (Some(name), Some(hash), Some(material)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err("a signer key is PRIVATE+KEY+<name>+<hash>+<key>".into());
-        };
-        let raw = B64
-            .decode(material)
-            .map_err(|_| "the signer key's last part is not base64")?;
-        let (&alg, seed) = raw.split_first().ok_or("the signer key is empty")?;
-        if alg != ALG_ED25519 || seed.len() != 32 {
-            return Err("the signer key is not an Ed25519 key".into());
-        }
-        let signer = Self::from_seed(name, seed)?;
+        let (name, hash, seed) = key_parts(rest, "signer")?;
+        let signer = Self::from_seed(name, &seed)?;
         if hex(&signer.hash) != hash {
             return Err("the signer key's hash does not match its name and key".into());
         }
@@ -189,18 +197,8 @@ impl Signer {
 /// A signed note's text, if `note` carries a valid signature by `verifier_key`
 /// (`<name>+<hash>+<base64(0x01 || public key)>`); other signatures are ignored.
 pub fn open_note(note: &str, verifier_key: &str) -> Result<String, String> {
-    let mut parts = verifier_key.trim().splitn(3, '+');
-    let (Some(name), Some(hash), Some(material)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return Err("a verifier key is <name>+<hash>+<key>".into());
-    };
-    let raw = B64
-        .decode(material)
-        .map_err(|_| "the verifier key's last part is not base64")?;
-    let (&alg, public) = raw.split_first().ok_or("the verifier key is empty")?;
-    if alg != ALG_ED25519 || public.len() != 32 {
-        return Err("the verifier key is not an Ed25519 key".into());
-    }
+    let (name, hash, public) = key_parts(verifier_key.trim(), "verifier")?;
+    let public = public.as_slice();
     let expected = key_hash(name, public);
     if hex(&expected) != hash {
         return Err("the verifier key's hash does not match its name and key".into());
