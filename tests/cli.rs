@@ -410,6 +410,22 @@ fn audit_keys_and_verify_from_the_command_line() {
         .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(lines[1]["leaf_hash"], proof["leaf_hash"]);
+    let out = cascade(&[
+        "audit",
+        "export",
+        "--tenant",
+        "acme",
+        "--data-dir",
+        data_arg,
+        "--public-key",
+        dir.path().join("audit.pub").to_str().unwrap(),
+    ]);
+    let export: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(export["records"].as_array().unwrap().len(), 3, "{export}");
+    assert_eq!(
+        export["records"][1]["inclusion_proof"],
+        proof["inclusion_proof"]
+    );
     let c = rusqlite::Connection::open(data.join("cascade.db")).unwrap();
     c.execute_batch(
         "DROP TRIGGER audit_log_no_update;

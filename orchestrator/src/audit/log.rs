@@ -297,6 +297,52 @@ pub fn prove(path: &Path, seq: u64, verifier_key: &str) -> Result<Value, String>
     }))
 }
 
+/// A tenant's records in the latest signed checkpoint, each with its inclusion proof: what a
+/// tenant's auditor can check against the signed root without seeing another tenant's records
+/// (they appear only as hashes in the proofs). Records after the checkpoint are left out until
+/// the next one is signed.
+pub fn export_tenant(path: &Path, tenant: &str, verifier_key: &str) -> Result<Value, String> {
+    let note =
+        latest_checkpoint(path)?.ok_or("no signed checkpoint yet: nothing to prove against")?;
+    let cp = checkpoint::verify(&note, verifier_key)?;
+    let all = records(path)?;
+    if (all.len() as u64) < cp.size {
+        return Err(format!(
+            "the log holds {} records, fewer than its checkpoint's {}: run `cascade audit verify`",
+            all.len(),
+            cp.size
+        ));
+    }
+    let leaves: Vec<Hash> = all.iter().take(cp.size as usize).map(|r| r.2).collect();
+    if merkle::root(&leaves) != cp.root {
+        return Err(
+            "the records do not match the signed checkpoint: run `cascade audit verify`".into(),
+        );
+    }
+    let hex = |h: &Hash| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut out = Vec::new();
+    for (i, (seq, record, leaf)) in all.iter().take(cp.size as usize).enumerate() {
+        let parsed: Value =
+            serde_json::from_str(record).map_err(|e| format!("audit record {seq}: {e}"))?;
+        if parsed["tenant"] != tenant {
+            continue;
+        }
+        out.push(json!({
+            "seq": seq,
+            "record": record,
+            "leaf_hash": hex(leaf),
+            "inclusion_proof": merkle::inclusion_proof(&leaves, i).iter().map(hex).collect::<Vec<_>>(),
+        }));
+    }
+    Ok(json!({
+        "tenant": tenant,
+        "tree_size": cp.size,
+        "root_hash": hex(&cp.root),
+        "checkpoint": note,
+        "records": out,
+    }))
+}
+
 /// What [`verify`] checked.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Verified {
@@ -520,6 +566,46 @@ mod tests {
                 .contains("not in the latest checkpoint")
         );
         assert_eq!(records(&path).unwrap().len(), 7);
+    }
+
+    #[test]
+    fn a_tenants_export_proves_its_records_and_shows_no_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cascade.db");
+        let log = AuditLog::open(&path, Some(signer()), "cascade.test/audit").unwrap();
+        for i in 0..6 {
+            let tenant = if i % 2 == 0 { "acme" } else { "globex" };
+            log.append(tenant, "decision", json!({"secret_of": tenant, "n": i}))
+                .unwrap();
+        }
+        log.checkpoint().unwrap();
+        let key = signer().verifier_key();
+        let e = export_tenant(&path, "acme", &key).unwrap();
+        let text = e.to_string();
+        assert!(!text.contains("globex"), "{text}");
+        let root = checkpoint::verify(e["checkpoint"].as_str().unwrap(), &key)
+            .unwrap()
+            .root;
+        let recs = e["records"].as_array().unwrap();
+        assert_eq!(recs.len(), 3);
+        for r in recs {
+            let proof: Vec<Hash> = r["inclusion_proof"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| {
+                    let s = h.as_str().unwrap();
+                    (0..32)
+                        .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+                        .collect::<Vec<u8>>()
+                        .try_into()
+                        .unwrap()
+                })
+                .collect();
+            let leaf = merkle::leaf_hash(r["record"].as_str().unwrap().as_bytes());
+            let index = r["seq"].as_u64().unwrap() - 1;
+            assert!(merkle::verify_inclusion(&leaf, index, 6, &proof, &root));
+        }
     }
 
     #[test]
