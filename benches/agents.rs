@@ -184,32 +184,7 @@ async fn storm(jobs: usize) {
         },
     )
     .await;
-    let base = provider.base_url();
-    let toml = format!(
-        r#"
-        [quotas.provider]
-        learn_from_upstream = true
-        [graph]
-        name = "storm"
-        [agents.classify]
-        kind = "llm"
-        base_url = "{base}"
-        api_key = "env:AGENTS_BENCH_KEY"
-        model = "storm"
-        prompt = "Label this ticket: {{{{ input.body }}}}"
-        max_tokens = 16
-        quotas = ["provider"]
-        [agents.draft]
-        kind = "llm"
-        after = ["classify"]
-        base_url = "{base}"
-        api_key = "env:AGENTS_BENCH_KEY"
-        model = "storm"
-        prompt = "Draft a reply to ticket {{{{ job.id }}}}, labelled {{{{ deps.classify.text }}}}"
-        max_tokens = 16
-        quotas = ["provider"]
-        "#
-    );
+    let toml = provider.storm_graph("learn_from_upstream = true", "env:AGENTS_BENCH_KEY");
     // SAFETY: set before the orchestrator starts, on the only thread that reads it then.
     unsafe { std::env::set_var("AGENTS_BENCH_KEY", "bench-key") };
     let model =

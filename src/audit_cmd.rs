@@ -92,7 +92,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
         } => {
             let key = store.verifier_key(public_key.as_deref())?;
             let proof = log::prove(&store.db()?, seq, &key).map_err(anyhow::Error::msg)?;
-            println!("{}", serde_json::to_string_pretty(&proof)?);
+            println!("{}", serde_json::to_string_pretty(&proof.to_json())?);
         }
         AuditCommand::Export {
             store,
@@ -108,7 +108,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             use std::io::Write;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             for (seq, record, leaf) in log::records(&store.db()?).map_err(anyhow::Error::msg)? {
-                let leaf: String = leaf.iter().map(|b| format!("{b:02x}")).collect();
+                let leaf = cascade_orchestrator::audit::hex(&leaf);
                 // The record's exact text: its leaf hash is over these bytes.
                 writeln!(
                     out,

@@ -246,14 +246,15 @@ fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<
     files.extend(model.graphs.iter().map(|g| g.source.clone()));
     files.sort();
     files.dedup();
-    let files: Vec<serde_json::Value> = files
+    let files = files
         .iter()
         .map(|f| {
-            let bytes = std::fs::read(f).unwrap_or_default();
+            let bytes = std::fs::read(f)
+                .with_context(|| format!("reading {} for the audit log", f.display()))?;
             let digest = cascade_orchestrator::audit::sha256_hex(&bytes);
-            serde_json::json!({"path": f.display().to_string(), "sha256": digest})
+            Ok(serde_json::json!({"path": f.display().to_string(), "sha256": digest}))
         })
-        .collect();
+        .collect::<anyhow::Result<Vec<_>>>()?;
     log.append(
         "server",
         "config_loaded",

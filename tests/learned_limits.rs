@@ -28,45 +28,16 @@ fn storm_graph(p: &Provider) -> String {
     storm_graph_with(p, "learn_from_upstream = true")
 }
 
-/// The storm graph with `quota` as the body of its shared quota.
+/// The provider's storm graph with `quota` as the body of its shared quota, and `post` after
+/// `draft`: an agent that calls nothing, paused only through its upstream.
 fn storm_graph_with(p: &Provider, quota: &str) -> String {
-    let (provider, key) = match p.style {
-        Style::OpenAi => ("openai", "env:CASCADE_TEST_LIMITED_KEY"),
-        Style::Anthropic => ("anthropic", "env:CASCADE_TEST_LIMITED_KEY"),
-    };
-    let base = p.base_url();
-    format!(
-        r#"
-        [quotas.provider]
-        {quota}
-
-        [graph]
-        name = "storm"
-        [agents.classify]
-        kind = "llm"
-        provider = "{provider}"
-        base_url = "{base}"
-        api_key = "{key}"
-        model = "storm-model"
-        prompt = "Label this ticket: {{{{ input.body }}}}"
-        max_tokens = 16
-        quotas = ["provider"]
-        [agents.draft]
-        kind = "llm"
-        after = ["classify"]
-        provider = "{provider}"
-        base_url = "{base}"
-        api_key = "{key}"
-        model = "storm-model"
-        prompt = "Draft a reply to ticket {{{{ job.id }}}}, labelled {{{{ deps.classify.text }}}}"
-        max_tokens = 16
-        quotas = ["provider"]
+    p.storm_graph(quota, "env:CASCADE_TEST_LIMITED_KEY")
+        + r#"
         [agents.post]
         kind = "template"
         after = ["draft"]
-        output = {{ reply = "{{{{ deps.draft.text }}}}" }}
+        output = { reply = "{{ deps.draft.text }}" }
         "#
-    )
 }
 
 async fn storm(style: Style, jobs: usize) {

@@ -99,6 +99,45 @@ impl Provider {
         }
     }
 
+    /// A storm graph against this provider: `classify` then `draft`, two `llm` agents sharing
+    /// the quota `provider` whose table body is `quota`, their key from the secret reference
+    /// `key`.
+    pub fn storm_graph(&self, quota: &str, key: &str) -> String {
+        let provider = match self.style {
+            Style::OpenAi => "openai",
+            Style::Anthropic => "anthropic",
+        };
+        let base = self.base_url();
+        format!(
+            r#"
+            [quotas.provider]
+            {quota}
+
+            [graph]
+            name = "storm"
+            [agents.classify]
+            kind = "llm"
+            provider = "{provider}"
+            base_url = "{base}"
+            api_key = "{key}"
+            model = "storm-model"
+            prompt = "Label this ticket: {{{{ input.body }}}}"
+            max_tokens = 16
+            quotas = ["provider"]
+            [agents.draft]
+            kind = "llm"
+            after = ["classify"]
+            provider = "{provider}"
+            base_url = "{base}"
+            api_key = "{key}"
+            model = "storm-model"
+            prompt = "Draft a reply to ticket {{{{ job.id }}}}, labelled {{{{ deps.classify.text }}}}"
+            max_tokens = 16
+            quotas = ["provider"]
+            "#
+        )
+    }
+
     pub fn counts(&self) -> Counts {
         self.state.lock().unwrap().counts
     }

@@ -221,13 +221,14 @@ impl Credentials {
             None => None,
         };
         let vault = vault.get().filter(|_| configured.is_some());
+        let origin = configured.as_deref().map(digest);
         // A token rotated by an earlier run, if it descends from the configured one.
         let refresh_token = match (&configured, &vault, client_secret.get()) {
             (Some(configured), Some(vault), Ok(secret)) => vault
                 .load(&name)
                 .and_then(|sealed| unseal(&secret, &name, &sealed))
                 .and_then(|plain| serde_json::from_slice::<Kept>(&plain).ok())
-                .filter(|kept| kept.origin == digest(configured))
+                .filter(|kept| Some(&kept.origin) == origin.as_ref())
                 .map(|kept| kept.refresh_token)
                 .or_else(|| Some(configured.clone())),
             (configured, _, _) => configured.clone(),
@@ -239,7 +240,7 @@ impl Credentials {
         let c = Arc::new(Credential {
             name,
             source,
-            origin: configured.as_deref().map(digest),
+            origin,
             vault,
             token_url,
             client_id: config.client_id.clone(),

@@ -55,16 +55,21 @@ impl CascadeService {
         })
     }
 
+    /// The key that signs `log`'s checkpoints.
+    fn verifier_key(&self, log: &crate::audit::log::AuditLog) -> Result<String, Status> {
+        log.verifier_key().ok_or_else(|| {
+            Status::failed_precondition(
+                "the audit log signs no checkpoints: set [audit] signing_key (cascade audit new-key NAME)",
+            )
+        })
+    }
+
     /// The latest checkpoint and the key that signed it.
     fn signed_checkpoint(
         &self,
     ) -> Result<(String, String, crate::audit::checkpoint::Checkpoint), Status> {
         let log = self.audit()?;
-        let key = log.verifier_key().ok_or_else(|| {
-            Status::failed_precondition(
-                "the audit log signs no checkpoints: set [audit] signing_key (cascade audit new-key NAME)",
-            )
-        })?;
+        let key = self.verifier_key(log)?;
         let note = crate::audit::log::latest_checkpoint(log.path())
             .map_err(Status::unavailable)?
             .ok_or_else(|| Status::failed_precondition("no checkpoint signed yet"))?;
@@ -243,27 +248,18 @@ impl pb::cascade_server::Cascade for CascadeService {
         req: Request<pb::ProveAuditRecordRequest>,
     ) -> Result<Response<pb::AuditProof>, Status> {
         let seq = req.into_inner().seq;
-        let (_, key, _) = self.signed_checkpoint()?;
         let log = self.audit()?;
+        let key = self.verifier_key(log)?;
         let p =
             crate::audit::log::prove(log.path(), seq, &key).map_err(Status::failed_precondition)?;
-        let unhex = |s: &serde_json::Value| -> Vec<u8> {
-            let s = s.as_str().unwrap_or_default();
-            (0..s.len() / 2)
-                .filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok())
-                .collect()
-        };
         Ok(Response::new(pb::AuditProof {
             seq,
-            record: p["record"].as_str().unwrap_or_default().to_string(),
-            leaf_hash: unhex(&p["leaf_hash"]),
-            tree_size: p["tree_size"].as_u64().unwrap_or_default(),
-            root_hash: unhex(&p["root_hash"]),
-            inclusion_proof: p["inclusion_proof"]
-                .as_array()
-                .map(|a| a.iter().map(unhex).collect())
-                .unwrap_or_default(),
-            checkpoint: p["checkpoint"].as_str().unwrap_or_default().to_string(),
+            record: p.record,
+            leaf_hash: p.leaf.to_vec(),
+            tree_size: p.tree_size,
+            root_hash: p.root.to_vec(),
+            inclusion_proof: p.path.iter().map(|h| h.to_vec()).collect(),
+            checkpoint: p.checkpoint,
         }))
     }
 

@@ -14,6 +14,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use sha2::{Digest, Sha256};
 
+use super::hex;
 use super::merkle::Hash;
 
 /// The signature algorithm byte of Ed25519 in signed notes.
@@ -70,10 +71,6 @@ fn key_hash(name: &str, public: &[u8]) -> [u8; 4] {
     h.update(public);
     let d = h.finalize();
     [d[0], d[1], d[2], d[3]]
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A name is a non-empty run of printable characters without spaces or `+`.

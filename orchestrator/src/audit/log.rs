@@ -14,6 +14,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::checkpoint::{self, Checkpoint, Signer};
+use super::hex;
 use super::merkle::{self, Frontier, Hash};
 
 const SCHEMA: &str = r#"
@@ -153,7 +154,7 @@ impl AuditLog {
     }
 
     /// Up to `limit` records after `after`: (sequence number, exact text, leaf hash).
-    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<(u64, String, Hash)>, String> {
+    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<Entry>, String> {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = s
             .conn
@@ -231,7 +232,7 @@ impl AuditLog {
 
 /// Every record of the audit log in the file at `path`: (sequence number, record JSON, leaf
 /// hash), in order.
-pub fn records(path: &Path) -> Result<Vec<(u64, String, Hash)>, String> {
+pub fn records(path: &Path) -> Result<Vec<Entry>, String> {
     let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     let mut stmt = conn
@@ -263,49 +264,19 @@ pub fn latest_checkpoint(path: &Path) -> Result<Option<String>, String> {
     .map_err(sql)
 }
 
-/// An inclusion proof of record `seq` in the tree of the latest checkpoint (which must cover
-/// it): the record, its leaf hash, the tree size and root, and the proof (hex hashes), checked
-/// before it is returned.
-pub fn prove(path: &Path, seq: u64, verifier_key: &str) -> Result<Value, String> {
-    let note =
-        latest_checkpoint(path)?.ok_or("no signed checkpoint yet: nothing to prove against")?;
-    let cp = checkpoint::verify(&note, verifier_key)?;
-    let all = records(path)?;
-    if seq == 0 || seq > cp.size {
-        return Err(format!(
-            "record {seq} is not in the latest checkpoint (records 1 to {})",
-            cp.size
-        ));
-    }
-    let leaves: Vec<Hash> = all.iter().take(cp.size as usize).map(|r| r.2).collect();
-    let index = (seq - 1) as usize;
-    let proof = merkle::inclusion_proof(&leaves, index);
-    if !merkle::verify_inclusion(&leaves[index], index as u64, cp.size, &proof, &cp.root) {
-        return Err(format!(
-            "record {seq} does not prove against the signed checkpoint: run `cascade audit verify`"
-        ));
-    }
-    let hex = |h: &Hash| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    Ok(json!({
-        "seq": seq,
-        "record": all[index].1,
-        "leaf_hash": hex(&leaves[index]),
-        "tree_size": cp.size,
-        "root_hash": hex(&cp.root),
-        "inclusion_proof": proof.iter().map(hex).collect::<Vec<_>>(),
-        "checkpoint": note,
-    }))
-}
+/// One record: its sequence number, exact text and leaf hash.
+pub type Entry = (u64, String, Hash);
 
-/// A tenant's records in the latest signed checkpoint, each with its inclusion proof: what a
-/// tenant's auditor can check against the signed root without seeing another tenant's records
-/// (they appear only as hashes in the proofs). Records after the checkpoint are left out until
-/// the next one is signed.
-pub fn export_tenant(path: &Path, tenant: &str, verifier_key: &str) -> Result<Value, String> {
+/// The latest signed checkpoint (its note, what it says) and the records, checked to hold at
+/// least as many as it covers and to give its root: what proofs are made against.
+fn signed_tree(
+    path: &Path,
+    verifier_key: &str,
+) -> Result<(String, Checkpoint, Vec<Entry>), String> {
     let note =
         latest_checkpoint(path)?.ok_or("no signed checkpoint yet: nothing to prove against")?;
     let cp = checkpoint::verify(&note, verifier_key)?;
-    let all = records(path)?;
+    let mut all = records(path)?;
     if (all.len() as u64) < cp.size {
         return Err(format!(
             "the log holds {} records, fewer than its checkpoint's {}: run `cascade audit verify`",
@@ -313,15 +284,78 @@ pub fn export_tenant(path: &Path, tenant: &str, verifier_key: &str) -> Result<Va
             cp.size
         ));
     }
-    let leaves: Vec<Hash> = all.iter().take(cp.size as usize).map(|r| r.2).collect();
+    all.truncate(cp.size as usize);
+    let leaves: Vec<Hash> = all.iter().map(|r| r.2).collect();
     if merkle::root(&leaves) != cp.root {
         return Err(
             "the records do not match the signed checkpoint: run `cascade audit verify`".into(),
         );
     }
-    let hex = |h: &Hash| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    Ok((note, cp, all))
+}
+
+/// One record's inclusion proof in a signed checkpoint.
+#[derive(Clone, Debug)]
+pub struct Proof {
+    pub seq: u64,
+    /// The record's exact text.
+    pub record: String,
+    pub leaf: Hash,
+    pub tree_size: u64,
+    pub root: Hash,
+    /// Sibling hashes from the leaf up.
+    pub path: Vec<Hash>,
+    /// The signed checkpoint it is against.
+    pub checkpoint: String,
+}
+
+impl Proof {
+    /// As JSON, hashes in hex.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "seq": self.seq,
+            "record": self.record,
+            "leaf_hash": hex(&self.leaf),
+            "tree_size": self.tree_size,
+            "root_hash": hex(&self.root),
+            "inclusion_proof": self.path.iter().map(|h| hex(h)).collect::<Vec<_>>(),
+            "checkpoint": self.checkpoint,
+        })
+    }
+}
+
+/// An inclusion proof of record `seq` in the tree of the latest signed checkpoint (which must
+/// cover it).
+pub fn prove(path: &Path, seq: u64, verifier_key: &str) -> Result<Proof, String> {
+    let (note, cp, all) = signed_tree(path, verifier_key)?;
+    if seq == 0 || seq > cp.size {
+        return Err(format!(
+            "record {seq} is not in the latest checkpoint (records 1 to {})",
+            cp.size
+        ));
+    }
+    let leaves: Vec<Hash> = all.iter().map(|r| r.2).collect();
+    let index = (seq - 1) as usize;
+    Ok(Proof {
+        seq,
+        record: all[index].1.clone(),
+        leaf: leaves[index],
+        tree_size: cp.size,
+        root: cp.root,
+        path: merkle::inclusion_proof(&leaves, index),
+        checkpoint: note,
+    })
+}
+
+/// A tenant's records in the latest signed checkpoint, each with its inclusion proof: what a
+/// tenant's auditor can check against the signed root without seeing another tenant's records
+/// (they appear only as hashes in the proofs). Records after the checkpoint are left out until
+/// the next one is signed.
+pub fn export_tenant(path: &Path, tenant: &str, verifier_key: &str) -> Result<Value, String> {
+    let (note, cp, all) = signed_tree(path, verifier_key)?;
+    let leaves: Vec<Hash> = all.iter().map(|r| r.2).collect();
     let mut out = Vec::new();
-    for (i, (seq, record, leaf)) in all.iter().take(cp.size as usize).enumerate() {
+    for (i, (seq, record, leaf)) in all.iter().enumerate() {
         let parsed: Value =
             serde_json::from_str(record).map_err(|e| format!("audit record {seq}: {e}"))?;
         if parsed["tenant"] != tenant {
@@ -331,7 +365,7 @@ pub fn export_tenant(path: &Path, tenant: &str, verifier_key: &str) -> Result<Va
             "seq": seq,
             "record": record,
             "leaf_hash": hex(leaf),
-            "inclusion_proof": merkle::inclusion_proof(&leaves, i).iter().map(hex).collect::<Vec<_>>(),
+            "inclusion_proof": merkle::inclusion_proof(&leaves, i).iter().map(|h| hex(h)).collect::<Vec<_>>(),
         }));
     }
     Ok(json!({
@@ -539,7 +573,7 @@ mod tests {
         let path = dir.path().join("cascade.db");
         let (_log, _) = log_with(dir.path(), 7);
         let key = signer().verifier_key();
-        let p = prove(&path, 3, &key).unwrap();
+        let p = prove(&path, 3, &key).unwrap().to_json();
         assert_eq!(p["tree_size"], 7);
         let unhex = |s: &str| -> Hash {
             (0..32)
@@ -627,10 +661,7 @@ mod tests {
         let path = dir.path().join("cascade.db");
         let (_log, _) = log_with(dir.path(), 6);
         let forged = json!({"seq": 4, "at_unix_ms": 0, "tenant": "acme", "kind": "config_loaded", "body": {"file": "evil.toml"}}).to_string();
-        let leaf: String = merkle::leaf_hash(forged.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let leaf = hex(&merkle::leaf_hash(forged.as_bytes()));
         by_hand(
             &path,
             &format!("UPDATE audit_log SET record = '{forged}', leaf = X'{leaf}' WHERE seq = 4;"),

@@ -195,10 +195,6 @@ impl QuotaCore {
         &self.spec.name
     }
 
-    pub fn has_tokens(&self) -> bool {
-        self.tokens.is_some() || self.upstream_tokens.is_some()
-    }
-
     /// When a call reserving `tokens` could start, and which limit decides it.
     fn ready_with_reason(&mut self, now: Instant, tokens: u64) -> (Ready, Option<Limit>) {
         let mut at = now;
