@@ -76,7 +76,7 @@ pub enum JobsCommand {
     },
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
@@ -154,6 +154,7 @@ fn step_state_name(s: i32) -> &'static str {
         pb::StepState::Succeeded => "succeeded",
         pb::StepState::Failed => "failed",
         pb::StepState::Cancelled => "cancelled",
+        pb::StepState::AwaitingApproval => "awaiting_approval",
     }
 }
 

@@ -1,5 +1,6 @@
 //! `cascade`: the command-line front of the orchestrator.
 
+mod approvals_cmd;
 mod audit_cmd;
 mod client_cmd;
 mod demo_cmd;
@@ -55,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         command: client_cmd::JobsCommand,
     },
+    /// Proposals waiting for a person: list, show, approve, reject.
+    Approvals {
+        #[command(subcommand)]
+        command: approvals_cmd::ApprovalsCommand,
+    },
     /// The audit log: signing keys, and verification from a server's files.
     Audit {
         #[command(subcommand)]
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => client_cmd::submit(cli.conn, args),
         Command::Jobs { command } => client_cmd::jobs(cli.conn, command),
         Command::Top(args) => client_cmd::top(cli.conn, args),
+        Command::Approvals { command } => approvals_cmd::run(cli.conn, command),
         Command::Audit { command } => audit_cmd::run(command),
     };
     match result {

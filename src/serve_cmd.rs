@@ -184,13 +184,13 @@ async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::
         })
     });
     let graphs: Vec<String> = model.graphs.iter().map(|g| g.name.to_string()).collect();
-    let orch = Arc::new(
-        Orchestrator::builder(model)
-            .store(store.clone())
-            .cascade(!args.no_cascade)
-            .start()
-            .await?,
-    );
+    let mut builder = Orchestrator::builder(model)
+        .store(store.clone())
+        .cascade(!args.no_cascade);
+    if let Some(log) = &audit {
+        builder = builder.audit(log.clone());
+    }
+    let orch = Arc::new(builder.start().await?);
     let server = server::start(orch.clone(), options).await?;
     eprintln!(
         "cascade serving {} on grpc://{} and http://{} (store: {})",
@@ -210,6 +210,7 @@ async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::
     server.stop().await;
     orch.shutdown(grace).await;
     store.flush().await?;
+    orch.flush_audit().await;
     if let Some(task) = checkpoints {
         task.abort();
     }

@@ -293,6 +293,54 @@ pub trait Agent: Send + Sync + 'static {
     fn estimated_usage(&self, _input: &StepInput) -> Usage {
         Usage::default()
     }
+
+    /// The exact call this step would make, rendered once so that a person can approve it
+    /// before anything happens: what is sent, and where, with no credential in it (credentials
+    /// are added again when it runs). [`Agent::execute`] makes exactly this call later, however
+    /// the step's input would render by then. By default the call is the step's input itself
+    /// (`{"input", "deps"}`), which is all `sim` and `template` act on.
+    fn prepare(&self, _ctx: &CallContext, input: &StepInput) -> Result<Value, AgentError> {
+        let deps: serde_json::Map<String, Value> = input
+            .deps
+            .iter()
+            .map(|(k, v)| (k.to_string(), (**v).clone()))
+            .collect();
+        Ok(serde_json::json!({"input": &*input.input, "deps": deps}))
+    }
+
+    /// Make the call that [`Agent::prepare`] rendered, exactly: nothing is rendered again from
+    /// the step's input. By default, `call` on the prepared step input.
+    async fn execute(
+        &self,
+        ctx: &CallContext,
+        prepared: &Value,
+    ) -> Result<AgentOutput, AgentError> {
+        self.call(ctx, &StepInput::from_prepared(prepared)?).await
+    }
+}
+
+impl StepInput {
+    /// The step input that the default [`Agent::prepare`] wrote.
+    pub fn from_prepared(prepared: &Value) -> Result<Self, AgentError> {
+        let input = prepared.get("input").cloned().ok_or_else(|| {
+            AgentError::permanent(
+                "the prepared call has no input (it was not prepared by this kind)",
+            )
+        })?;
+        let deps = prepared
+            .get("deps")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (Arc::from(k.as_str()), Arc::new(v.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Self {
+            input: Arc::new(input),
+            deps,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -174,8 +174,32 @@ impl CommandAgent {
 #[async_trait::async_trait]
 impl Agent for CommandAgent {
     async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let prepared = self.prepare(ctx, input)?;
+        self.execute(ctx, &prepared).await
+    }
+
+    /// `{"program", "args", "stdin"}`: the argv and the JSON written on stdin; `env` is added
+    /// when it runs.
+    fn prepare(&self, ctx: &CallContext, input: &StepInput) -> Result<Value, AgentError> {
         let args = self.args.render(ctx, input)?;
-        let stdin_json = serde_json::to_vec(&input.view(ctx))
+        let stdin = serde_json::to_value(input.view(ctx))
+            .map_err(|e| AgentError::permanent(format!("the step input is not JSON: {e}")))?;
+        Ok(serde_json::json!({"program": self.program, "args": args, "stdin": stdin}))
+    }
+
+    async fn execute(
+        &self,
+        ctx: &CallContext,
+        prepared: &Value,
+    ) -> Result<AgentOutput, AgentError> {
+        if prepared["program"].as_str() != Some(self.program.as_str()) {
+            return Err(AgentError::permanent(format!(
+                "the prepared call runs {} and this agent now runs {:?}: its configuration changed since the call was prepared",
+                prepared["program"], self.program
+            )));
+        }
+        let args = &prepared["args"];
+        let stdin_json = serde_json::to_vec(&prepared["stdin"])
             .map_err(|e| AgentError::permanent(format!("the step input is not JSON: {e}")))?;
         let mut cmd = tokio::process::Command::new(&self.program);
         // The program sees what its agent gives it, not the server's environment (which holds

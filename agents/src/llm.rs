@@ -581,14 +581,35 @@ fn check_schema(schema: &jsonschema::Validator, reply: &Value) -> Result<(), Age
 #[async_trait::async_trait]
 impl Agent for LlmAgent {
     async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let prepared = self.prepare(ctx, input)?;
+        self.execute(ctx, &prepared).await
+    }
+
+    /// `{"url", "body"}`: the endpoint and the request body exactly as sent (model, messages,
+    /// temperature, max_tokens, response format); the API key and headers are added when it runs.
+    fn prepare(&self, ctx: &CallContext, input: &StepInput) -> Result<Value, AgentError> {
         let rendered = self.messages.render(ctx, input)?;
         let prompt = rendered["prompt"].as_str().unwrap_or_default();
         let system = rendered.get("system").and_then(Value::as_str);
+        Ok(json!({"url": self.endpoint, "body": self.body(system, prompt)}))
+    }
+
+    async fn execute(
+        &self,
+        _ctx: &CallContext,
+        prepared: &Value,
+    ) -> Result<AgentOutput, AgentError> {
+        if prepared["url"].as_str() != Some(self.endpoint.as_str()) {
+            return Err(AgentError::permanent(format!(
+                "the prepared call goes to {} and this agent now calls {}: its configuration changed since the call was prepared",
+                prepared["url"], self.endpoint
+            )));
+        }
         let mut req = self
             .upstream
             .client
             .post(&self.endpoint)
-            .json(&self.body(system, prompt));
+            .json(&prepared["body"]);
         match (self.provider, &self.api_key) {
             (Provider::Openai, Some(k)) => req = req.bearer_auth(k.current().await?),
             (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.current().await?),

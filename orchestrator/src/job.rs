@@ -92,6 +92,8 @@ pub enum StepState {
     Failed,
     /// The job ended before this step could run.
     Cancelled,
+    /// Its call is prepared and waits for a person's decision.
+    AwaitingApproval,
 }
 
 impl StepState {
@@ -103,7 +105,94 @@ impl StepState {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::AwaitingApproval => "awaiting_approval",
         }
+    }
+}
+
+/// A step's prepared call waiting for, or decided by, a person (semantics 10). It belongs to its
+/// step's record, so it is stored, recovered and kept exactly as long as its job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Approval {
+    /// `<job>/<agent>`.
+    pub id: String,
+    /// The prepared call as canonical JSON (keys sorted, no whitespace): exactly the text an
+    /// approver is shown, and what runs once approved.
+    pub proposal: Arc<str>,
+    /// Lower-case hex SHA-256 of `proposal`'s bytes.
+    pub sha256: String,
+    pub created_at: SystemTime,
+    /// When it is rejected if nobody decided (`approval_timeout`).
+    pub expires_at: Option<SystemTime>,
+    pub decision: Option<ApprovalDecision>,
+}
+
+impl Approval {
+    pub fn is_pending(&self) -> bool {
+        self.decision.is_none()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApprovalOutcome {
+    Approved,
+    Rejected,
+    /// Nobody decided within `approval_timeout`: a rejection, never an approval.
+    Expired,
+}
+
+impl ApprovalOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Approved => "approved",
+            Self::Rejected => "rejected",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for ApprovalOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalDecision {
+    pub outcome: ApprovalOutcome,
+    /// Who decided (`"timeout"` for an expiry).
+    pub approver: String,
+    pub reason: String,
+    pub at: SystemTime,
+}
+
+/// An approval with the job and step it belongs to.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApprovalView {
+    pub job_id: JobId,
+    pub graph: Arc<str>,
+    pub agent: Arc<str>,
+    pub step: usize,
+    pub tenant: String,
+    pub job_state: JobState,
+    pub approval: Approval,
+}
+
+impl ApprovalView {
+    /// Every approval a job's record holds, in step order.
+    pub fn of(r: &JobRecord) -> impl Iterator<Item = ApprovalView> + '_ {
+        r.steps.iter().enumerate().filter_map(|(i, s)| {
+            s.approval.as_ref().map(|a| ApprovalView {
+                job_id: r.id,
+                graph: r.graph.clone(),
+                agent: s.agent.clone(),
+                step: i,
+                tenant: r.tenant.clone(),
+                job_state: r.state,
+                approval: (**a).clone(),
+            })
+        })
     }
 }
 
@@ -118,6 +207,10 @@ pub struct StepRecord {
     pub started_at: Option<SystemTime>,
     pub finished_at: Option<SystemTime>,
     pub usage: Usage,
+    /// Its prepared call's approval, for an agent that needs one. Always written (a frozen job is
+    /// encoded by position); absent in older documents.
+    #[serde(default)]
+    pub approval: Option<Box<Approval>>,
 }
 
 /// The stored event that repeats of a step's start or retry fold into.
@@ -207,6 +300,7 @@ impl JobRecord {
                     started_at: None,
                     finished_at: None,
                     usage: Usage::default(),
+                    approval: None,
                 })
                 .collect(),
             labels: BTreeMap::new(),
@@ -241,6 +335,33 @@ impl JobRecord {
             (None, Some(r)) => self.repeats.push((i, r)),
             (None, None) => {}
         }
+    }
+
+    /// Whether a step's approval waits for a decision.
+    pub fn awaits_decision(&self) -> bool {
+        !self.state.is_terminal()
+            && self
+                .steps
+                .iter()
+                .any(|s| s.approval.as_ref().is_some_and(|a| a.is_pending()))
+    }
+
+    /// Approvals of the job waiting for a decision.
+    pub fn pending_approvals(&self) -> usize {
+        self.steps
+            .iter()
+            .filter(|s| s.approval.as_ref().is_some_and(|a| a.is_pending()))
+            .count()
+    }
+
+    /// The earliest time an undecided approval of the job expires.
+    pub fn approval_expiry(&self) -> Option<SystemTime> {
+        self.steps
+            .iter()
+            .filter_map(|s| s.approval.as_ref())
+            .filter(|a| a.is_pending())
+            .filter_map(|a| a.expires_at)
+            .min()
     }
 
     /// Wall-clock time from start to finish, once finished.
@@ -373,6 +494,57 @@ impl JobRecord {
                 }
                 EventKind::Finished { state, error }
             }
+            JobUpdate::Proposed { step, approval } => {
+                let s = self.steps.get_mut(step)?;
+                s.state = StepState::AwaitingApproval;
+                let event = EventKind::ApprovalRequested {
+                    agent: s.agent.clone(),
+                    approval_id: approval.id.clone(),
+                    sha256: approval.sha256.clone(),
+                };
+                s.approval = Some(approval);
+                event
+            }
+            JobUpdate::Parked => {
+                let waiting: Vec<&str> = self
+                    .steps
+                    .iter()
+                    .filter(|s| s.state == StepState::AwaitingApproval)
+                    .map(|s| &*s.agent)
+                    .collect();
+                if waiting.is_empty() {
+                    return None;
+                }
+                self.state = JobState::AwaitingApproval;
+                EventKind::Parked {
+                    reason: format!("awaiting approval of {}", waiting.join(", ")),
+                }
+            }
+            JobUpdate::Decided { step, decision } => {
+                let s = self.steps.get_mut(step)?;
+                let a = s.approval.as_mut().filter(|a| a.is_pending())?;
+                a.decision = Some(decision.clone());
+                if decision.outcome == ApprovalOutcome::Approved {
+                    s.state = StepState::Waiting;
+                }
+                let event = EventKind::ApprovalDecided {
+                    agent: s.agent.clone(),
+                    outcome: decision.outcome,
+                    approver: decision.approver,
+                    reason: decision.reason,
+                };
+                // A parked job with nothing left to decide waits for its graph again.
+                if self.state == JobState::AwaitingApproval
+                    && decision.outcome == ApprovalOutcome::Approved
+                    && !self
+                        .steps
+                        .iter()
+                        .any(|s| s.state == StepState::AwaitingApproval)
+                {
+                    self.state = JobState::Pending;
+                }
+                event
+            }
             JobUpdate::Callback(_) => unreachable!("handled above"),
         };
         self.updated_at = now;
@@ -445,6 +617,20 @@ pub enum JobUpdate {
     },
     /// The outcome of delivering the completion callback (also on a finished job).
     Callback(CallbackDelivery),
+    /// Step `step`'s call is prepared and waits for a decision.
+    Proposed {
+        step: usize,
+        approval: Box<Approval>,
+    },
+    /// Nothing of the job can go on until a decision: it leaves its graph's run (awaiting
+    /// approval, holding no slot). Does not apply if no step awaits a decision.
+    Parked,
+    /// A decision on step `step`'s pending approval (none if it was decided already). An
+    /// approval of a parked job's last pending one makes the job pending again.
+    Decided {
+        step: usize,
+        decision: ApprovalDecision,
+    },
 }
 
 /// Something that happened to a job; `seq` counts from 1 per job, so a watcher can replay the
@@ -499,6 +685,20 @@ pub enum EventKind {
         delivered: bool,
         attempts: u32,
         error: Option<String>,
+    },
+    ApprovalRequested {
+        agent: Arc<str>,
+        approval_id: String,
+        sha256: String,
+    },
+    Parked {
+        reason: String,
+    },
+    ApprovalDecided {
+        agent: Arc<str>,
+        outcome: ApprovalOutcome,
+        approver: String,
+        reason: String,
     },
 }
 

@@ -5,6 +5,7 @@
 //! ([`runtime`]) → [`store`].
 
 pub mod api;
+pub mod approval;
 pub mod audit;
 pub mod backoff;
 pub mod clock;

@@ -11,8 +11,8 @@
 use std::sync::OnceLock;
 
 use metrics::{
-    Counter, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
-    histogram,
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -56,10 +56,46 @@ pub const ACCEPT_ERRORS: &str = "cascade_accept_errors_total";
 pub const CALLBACKS_WAITING: &str = "cascade_callbacks_waiting";
 pub const CALLBACKS_DELIVERED: &str = "cascade_callbacks_total";
 pub const WEBHOOK_SIGNATURES: &str = "cascade_webhook_signatures_remembered";
+pub const APPROVALS_PENDING: &str = "cascade_approvals_pending";
+pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
+pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
+pub const AUDIT_QUEUE_DEPTH: &str = "cascade_audit_queue_depth";
+pub const AUDIT_RECORDS: &str = "cascade_audit_records_total";
+pub const AUDIT_WRITE_FAILURES: &str = "cascade_audit_write_failures_total";
 
 /// Describe every metric (once, when the recorder is installed).
 pub fn describe() {
     describe_counter!(JOBS_SUBMITTED, Unit::Count, "Jobs accepted, by graph.");
+    describe_gauge!(
+        APPROVALS_PENDING,
+        Unit::Count,
+        "Proposals waiting for a person's decision, by graph."
+    );
+    describe_histogram!(
+        APPROVAL_WAIT,
+        Unit::Seconds,
+        "Time from a proposal to its decision, by graph and outcome."
+    );
+    describe_counter!(
+        APPROVAL_DECISIONS,
+        Unit::Count,
+        "Decisions on proposals, by graph and outcome (approved, rejected, expired)."
+    );
+    describe_gauge!(
+        AUDIT_QUEUE_DEPTH,
+        Unit::Count,
+        "Audit records waiting for the audit writer; at 16384, whoever records one waits for room."
+    );
+    describe_counter!(
+        AUDIT_RECORDS,
+        Unit::Count,
+        "Audit records appended, by kind."
+    );
+    describe_counter!(
+        AUDIT_WRITE_FAILURES,
+        Unit::Count,
+        "Batches of audit records that could not be appended (the log's file is unwritable)."
+    );
     describe_gauge!(
         STORE_QUEUE_DEPTH,
         Unit::Count,
@@ -336,6 +372,18 @@ pub(crate) struct GraphMetrics {
     pub cancelled: Counter,
     pub duration_succeeded: Histogram,
     pub duration_failed: Histogram,
+    pub approvals_pending: Gauge,
+}
+
+impl GraphMetrics {
+    /// A decision on one of this graph's proposals, `waited` after it was made.
+    pub fn approval_decided(&self, graph: &str, outcome: &'static str, waited: f64) {
+        counter!(APPROVAL_DECISIONS, "graph" => graph.to_string(), "outcome" => outcome)
+            .increment(1);
+        histogram!(APPROVAL_WAIT, "graph" => graph.to_string(), "outcome" => outcome)
+            .record(waited);
+        self.approvals_pending.decrement(1.0);
+    }
 }
 
 impl GraphMetrics {
@@ -349,6 +397,7 @@ impl GraphMetrics {
             cancelled: finished("cancelled"),
             duration_succeeded: duration("succeeded"),
             duration_failed: duration("failed"),
+            approvals_pending: gauge!(APPROVALS_PENDING, "graph" => graph.to_string()),
         }
     }
 }

@@ -176,6 +176,13 @@ pub struct AgentModel {
     pub on_upstream_pause: OnUpstreamPause,
     pub irreversible: bool,
     pub approval: Approval,
+    /// With `approval = "auto"`: a person approves the steps whose input makes this hold,
+    /// whether or not the agent is irreversible (autonomy tuned per workflow).
+    pub approval_when: Option<Arc<crate::approval::Condition>>,
+    /// A proposal nobody decided within this is rejected (never approved).
+    pub approval_timeout: Option<Duration>,
+    /// POSTed a Slack-compatible, signed notice of each new proposal.
+    pub approval_webhook: Option<String>,
     pub restart: RestartPolicy,
     /// The kind's own fields, handed to the kind's constructor.
     pub fields: serde_json::Map<String, serde_json::Value>,
@@ -201,6 +208,18 @@ pub enum Approval {
     Required,
     /// Never, even when irreversible: the graph's author runs it unapproved knowingly.
     Never,
+}
+
+impl AgentModel {
+    /// Whether this agent's steps may need a person's approval (all of them, or those its
+    /// `approval_when` picks).
+    pub fn may_need_approval(&self) -> bool {
+        match self.approval {
+            Approval::Never => false,
+            Approval::Required => true,
+            Approval::Auto => self.irreversible || self.approval_when.is_some(),
+        }
+    }
 }
 
 impl Approval {

@@ -149,6 +149,9 @@ pub async fn start(
     let mut tasks = Vec::new();
     crate::metrics::install();
 
+    // Before anything is accepted: a job submitted at once may propose at once.
+    let (notices, notice_rx) = mpsc::channel(APPROVAL_NOTICES_WAITING);
+    orch.set_approval_sink(notices);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CascadeServer<CascadeService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -240,6 +243,12 @@ pub async fn start(
             "callbacks go out unsigned: receivers cannot tell them from forgeries; set [server] callback_secret = \"env:NAME\" in cascade.toml"
         );
     }
+    tasks.push(tokio::spawn(announce_approvals(
+        notice_rx,
+        client.clone(),
+        options.callback_secret.clone(),
+        stopped.clone(),
+    )));
     tasks.push(tokio::spawn(deliver_callbacks(
         orch,
         rx,
@@ -499,6 +508,112 @@ async fn deliver_callbacks(
             gauge.decrement(1.0);
         });
     }
+}
+
+/// Proposals waiting to be announced at most; past it, a proposal is not announced (it is
+/// stored and listed all the same) and a warning says so.
+const APPROVAL_NOTICES_WAITING: usize = 1_024;
+
+/// Announcements sent at once at most.
+const APPROVAL_NOTICES_AT_ONCE: usize = 16;
+
+/// Announce new proposals at their agents' `approval_webhook`: a Slack-compatible body (`text`
+/// and `blocks`, which a Slack incoming webhook shows as they are) with the approval's fields
+/// beside them for other receivers, signed like callbacks, tried three times.
+async fn announce_approvals(
+    mut rx: mpsc::Receiver<crate::runtime::ApprovalNotice>,
+    client: reqwest::Client,
+    secret: Option<Secret>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(APPROVAL_NOTICES_AT_ONCE));
+    loop {
+        let notice = tokio::select! {
+            n = rx.recv() => match n { Some(n) => n, None => return },
+            _ = stopped.wait_for(|s| *s) => return,
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (client, secret) = (client.clone(), secret.clone());
+        tokio::spawn(async move {
+            announce(&client, secret.as_ref(), &notice).await;
+            drop(slot);
+        });
+    }
+}
+
+/// The body an approval webhook receives.
+pub fn approval_notice_body(v: &crate::job::ApprovalView) -> serde_json::Value {
+    let a = &v.approval;
+    let proposal: serde_json::Value =
+        serde_json::from_str(&a.proposal).unwrap_or(serde_json::Value::Null);
+    let mut shown = serde_json::to_string_pretty(&proposal).unwrap_or_default();
+    // A Slack text block holds 3,000 characters.
+    if shown.len() > 2_800 {
+        let cut = (0..=2_800)
+            .rev()
+            .find(|&i| shown.is_char_boundary(i))
+            .unwrap_or(0);
+        shown.truncate(cut);
+        shown.push_str("\n… (cut; the whole proposal: cascade approvals show)");
+    }
+    let command = format!(
+        "cascade approvals approve {} --sha256 {} --as NAME",
+        a.id, a.sha256
+    );
+    let text = format!(
+        "Approval needed: {} in graph {} (job {}). Review with `cascade approvals show {}`, approve with `{command}`.",
+        v.agent, v.graph, v.job_id, a.id
+    );
+    json!({
+        "text": text,
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": format!("*Approval needed*: `{}` in graph `{}`", v.agent, v.graph)}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": format!("```{shown}```")}},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": format!("approval `{}` · sha256 `{}` · `{command}`", a.id, a.sha256)}]},
+        ],
+        "approval_id": a.id,
+        "job_id": v.job_id.to_string(),
+        "graph": &*v.graph,
+        "agent": &*v.agent,
+        "tenant": v.tenant,
+        "proposal": proposal,
+        "proposal_sha256": a.sha256,
+        "expires_at": a.expires_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+    })
+}
+
+async fn announce(
+    client: &reqwest::Client,
+    secret: Option<&Secret>,
+    notice: &crate::runtime::ApprovalNotice,
+) {
+    let body = serde_json::to_vec(&approval_notice_body(&notice.approval)).unwrap_or_default();
+    let id = &notice.approval.approval.id;
+    let mut last = String::new();
+    for attempt in 1..=3u32 {
+        let mut req = client
+            .post(&notice.url)
+            .header("content-type", "application/json")
+            .header("x-cascade-approval", id.as_str())
+            .header("idempotency-key", format!("{id}/proposed"));
+        if let Some(s) = secret {
+            let ts = unix_now();
+            req = req
+                .header("x-cascade-timestamp", ts.to_string())
+                .header("x-cascade-signature", sign(s, ts, &body));
+        }
+        match req.body(body.clone()).send().await {
+            Ok(r) if r.status().is_success() => return,
+            Ok(r) => last = format!("answered HTTP {}", r.status()),
+            Err(e) => last = format!("failed: {}", e.without_url()),
+        }
+        if attempt < 3 {
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+        }
+    }
+    tracing::warn!(approval_id = %id, error = %last, "the approval webhook was not delivered (the approval is listed all the same)");
 }
 
 fn unix_now() -> u64 {

@@ -519,6 +519,14 @@ pub fn transport_error(e: reqwest::Error) -> AgentError {
 #[async_trait::async_trait]
 impl Agent for HttpAgent {
     async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let prepared = self.prepare(ctx, input)?;
+        self.execute(ctx, &prepared).await
+    }
+
+    /// `{"method", "url" (its query included), "headers" (the step's idempotency key among
+    /// them), "body"?, "auth"?}`: `auth` names the kind of credential that will be added
+    /// (`"bearer"`, `"api_key:<header>"`, `"basic:<user>"`, `"oauth2"`), never its value.
+    fn prepare(&self, ctx: &CallContext, input: &StepInput) -> Result<Value, AgentError> {
         let rendered = self.request.render(ctx, input)?;
         let url = rendered["url"].as_str().unwrap_or_default();
         let mut url = reqwest::Url::parse(url).map_err(|e| {
@@ -526,14 +534,7 @@ impl Agent for HttpAgent {
                 self.redact(&format!("the rendered url {url:?} is not a URL: {e}")),
             )
         })?;
-        if self.auth.is_some()
-            && let Some(origin) = &self.fixed_origin
-            && url.origin().ascii_serialization() != *origin
-        {
-            return Err(AgentError::permanent(format!(
-                "the rendered URL leaves {origin} (its input changed the host): a credential is only sent to {origin}"
-            )));
-        }
+        self.check_origin(&url)?;
         if let Some(query) = rendered["query"].as_object()
             && !query.is_empty()
         {
@@ -545,6 +546,59 @@ impl Agent for HttpAgent {
                 };
             }
         }
+        let mut headers = serde_json::Map::new();
+        if let Some(rendered) = rendered["headers"].as_object() {
+            for (k, v) in rendered {
+                headers.insert(
+                    k.to_ascii_lowercase(),
+                    Value::String(v.as_str().unwrap_or_default().to_string()),
+                );
+            }
+        }
+        if !matches!(self.method, reqwest::Method::GET | reqwest::Method::HEAD) {
+            headers.insert(
+                self.idempotency_header.as_str().to_string(),
+                Value::String(ctx.idempotency_key.to_string()),
+            );
+        }
+        let mut call = serde_json::Map::new();
+        call.insert("method".into(), Value::String(self.method.to_string()));
+        call.insert("url".into(), Value::String(url.to_string()));
+        call.insert("headers".into(), Value::Object(headers));
+        if let Some(body) = rendered.get("body") {
+            call.insert("body".into(), body.clone());
+        }
+        if let Some(auth) = &self.auth {
+            let kind = match auth {
+                Auth::Bearer(_) => "bearer".to_string(),
+                Auth::ApiKey(h, _) => format!("api_key:{h}"),
+                Auth::Basic(user, _) => format!("basic:{user}"),
+                Auth::OAuth2(_) => "oauth2".to_string(),
+            };
+            call.insert("auth".into(), Value::String(kind));
+        }
+        Ok(Value::Object(call))
+    }
+
+    async fn execute(
+        &self,
+        _ctx: &CallContext,
+        prepared: &Value,
+    ) -> Result<AgentOutput, AgentError> {
+        let method = prepared["method"].as_str().unwrap_or_default();
+        if !method.eq_ignore_ascii_case(self.method.as_str()) {
+            return Err(AgentError::permanent(format!(
+                "the prepared call is a {method} and this agent now makes {} calls: its configuration changed since the call was prepared",
+                self.method
+            )));
+        }
+        let url = prepared["url"].as_str().unwrap_or_default();
+        let url = reqwest::Url::parse(url).map_err(|e| {
+            AgentError::permanent(
+                self.redact(&format!("the prepared url {url:?} is not a URL: {e}")),
+            )
+        })?;
+        self.check_origin(&url)?;
         // Secrets first, off the runtime thread if one must be fetched (`exec:`).
         let secret = match &self.auth {
             Some(Auth::Bearer(s) | Auth::ApiKey(_, s) | Auth::Basic(_, s)) => {
@@ -558,13 +612,10 @@ impl Agent for HttpAgent {
                 .upstream
                 .client
                 .request(self.method.clone(), url.clone());
-            if let Some(headers) = rendered["headers"].as_object() {
+            if let Some(headers) = prepared["headers"].as_object() {
                 for (k, v) in headers {
                     req = req.header(k.as_str(), v.as_str().unwrap_or_default());
                 }
-            }
-            if !matches!(self.method, reqwest::Method::GET | reqwest::Method::HEAD) {
-                req = req.header(self.idempotency_header.clone(), &*ctx.idempotency_key);
             }
             match &self.auth {
                 None => {}
@@ -573,7 +624,7 @@ impl Agent for HttpAgent {
                 Some(Auth::Basic(user, _)) => req = req.basic_auth(user, Some(secret)),
                 Some(Auth::OAuth2(_)) => req = req.bearer_auth(token.unwrap_or_default()),
             }
-            if let Some(body) = rendered.get("body") {
+            if let Some(body) = prepared.get("body") {
                 req = req.json(body);
             }
             Ok(req)
@@ -625,6 +676,21 @@ impl Agent for HttpAgent {
                 limits,
             })
             .map_err(|e| e.with_limits(limits))
+    }
+}
+
+impl HttpAgent {
+    /// A credential goes only to the origin the configuration names.
+    fn check_origin(&self, url: &reqwest::Url) -> Result<(), AgentError> {
+        if self.auth.is_some()
+            && let Some(origin) = &self.fixed_origin
+            && url.origin().ascii_serialization() != *origin
+        {
+            return Err(AgentError::permanent(format!(
+                "the rendered URL leaves {origin} (its input changed the host): a credential is only sent to {origin}"
+            )));
+        }
+        Ok(())
     }
 }
 

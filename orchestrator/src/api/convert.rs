@@ -7,7 +7,8 @@ use prost_types::Timestamp;
 
 use super::pb;
 use crate::job::{
-    CallbackDelivery, EventKind, JobEvent, JobRecord, JobState, StepRecord, StepState,
+    ApprovalOutcome, ApprovalView, CallbackDelivery, EventKind, JobEvent, JobRecord, JobState,
+    StepRecord, StepState,
 };
 use crate::signal::{CauseInfo, CauseKey, GraphEvent, GraphEventKind};
 
@@ -53,6 +54,7 @@ fn step_state_to_pb(s: StepState) -> pb::StepState {
         StepState::Succeeded => pb::StepState::Succeeded,
         StepState::Failed => pb::StepState::Failed,
         StepState::Cancelled => pb::StepState::Cancelled,
+        StepState::AwaitingApproval => pb::StepState::AwaitingApproval,
     }
 }
 
@@ -169,8 +171,68 @@ pub(crate) fn event_to_pb(e: &JobEvent) -> pb::JobEvent {
             out.attempt = *attempts;
             out.error = error.clone().unwrap_or_default();
         }
+        EventKind::ApprovalRequested {
+            agent,
+            approval_id,
+            sha256,
+        } => {
+            out.kind = "approval_requested".into();
+            out.agent = agent.to_string();
+            out.approval_id = approval_id.clone();
+            out.proposal_sha256 = sha256.clone();
+        }
+        EventKind::Parked { reason } => {
+            out.kind = "parked".into();
+            out.reason = reason.clone();
+        }
+        EventKind::ApprovalDecided {
+            agent,
+            outcome,
+            approver,
+            reason,
+        } => {
+            out.kind = "approval_decided".into();
+            out.agent = agent.to_string();
+            out.outcome = outcome.as_str().into();
+            out.approver = approver.clone();
+            out.reason = reason.clone();
+        }
     }
     out
+}
+
+pub(crate) fn approval_to_pb(v: &ApprovalView) -> pb::Approval {
+    let a = &v.approval;
+    let state = match a.decision.as_ref().map(|d| d.outcome) {
+        None => pb::ApprovalState::Pending,
+        Some(ApprovalOutcome::Approved) => pb::ApprovalState::Approved,
+        Some(ApprovalOutcome::Rejected) => pb::ApprovalState::Rejected,
+        Some(ApprovalOutcome::Expired) => pb::ApprovalState::Expired,
+    };
+    pb::Approval {
+        approval_id: a.id.clone(),
+        job_id: v.job_id.to_string(),
+        graph: v.graph.to_string(),
+        agent: v.agent.to_string(),
+        state: state as i32,
+        proposal_json: a.proposal.to_string(),
+        proposal_sha256: a.sha256.clone(),
+        created_at: Some(ts(a.created_at)),
+        expires_at: a.expires_at.map(ts),
+        approver: a
+            .decision
+            .as_ref()
+            .map(|d| d.approver.clone())
+            .unwrap_or_default(),
+        reason: a
+            .decision
+            .as_ref()
+            .map(|d| d.reason.clone())
+            .unwrap_or_default(),
+        decided_at: a.decision.as_ref().map(|d| ts(d.at)),
+        job_state: job_state_to_pb(v.job_state) as i32,
+        tenant: v.tenant.clone(),
+    }
 }
 
 pub(crate) fn cause_to_pb((key, info): &(CauseKey, CauseInfo)) -> pb::PauseCause {

@@ -11,9 +11,10 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::convert::{
-    cause_to_pb, event_to_pb, graph_event_to_pb, job_state_from_pb, job_to_pb, ts,
+    approval_to_pb, cause_to_pb, event_to_pb, graph_event_to_pb, job_state_from_pb, job_to_pb, ts,
 };
 use super::pb;
+use crate::approval::ApprovalError;
 use crate::config::nearest;
 use crate::job::JobId;
 use crate::runtime::GraphState;
@@ -99,6 +100,22 @@ fn store_status(e: StoreError) -> Status {
             Status::resource_exhausted(e.to_string())
         }
         StoreError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+fn approval_status(e: ApprovalError) -> Status {
+    match e {
+        ApprovalError::InvalidId(m) => bad_request("approval_id", m),
+        ApprovalError::InvalidRequest(m) => {
+            let (field, description) = m.split_once(": ").unwrap_or(("request", m.as_str()));
+            bad_request(field, description)
+        }
+        ApprovalError::NotFound(_) => Status::not_found(e.to_string()),
+        ApprovalError::Stale { .. }
+        | ApprovalError::Conflict { .. }
+        | ApprovalError::JobEnded { .. } => Status::failed_precondition(e.to_string()),
+        ApprovalError::Store(inner) => store_status(inner),
+        ApprovalError::Unavailable(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -439,6 +456,85 @@ impl pb::cascade_server::Cascade for CascadeService {
         };
         let job = self.orch.cancel(id, reason).await.map_err(store_status)?;
         Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn list_approvals(
+        &self,
+        req: Request<pb::ListApprovalsRequest>,
+    ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let r = req.into_inner();
+        let size = match r.page_size as usize {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let graph = (!r.graph.is_empty()).then_some(r.graph.as_str());
+        if let Some(g) = graph
+            && !self.orch.graph_names().iter().any(|n| &**n == g)
+        {
+            let names: Vec<String> = self
+                .orch
+                .graph_names()
+                .iter()
+                .map(|n| n.to_string())
+                .collect();
+            let hint = nearest(g, names.iter().map(String::as_str))
+                .map(|n| format!("; did you mean {n:?}?"))
+                .unwrap_or_default();
+            return Err(Status::not_found(format!("graph {g:?} not found{hint}")));
+        }
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let mut list = self
+            .orch
+            .approvals(graph, after, size + 1)
+            .map_err(store_status)?;
+        let next = if list.len() > size {
+            list.truncate(size);
+            list.last()
+                .map(|v| v.approval.id.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListApprovalsResponse {
+            approvals: list.iter().map(approval_to_pb).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn get_approval(
+        &self,
+        req: Request<pb::GetApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let r = req.into_inner();
+        let view = self
+            .orch
+            .approval(&r.approval_id)
+            .map_err(approval_status)?;
+        Ok(Response::new(approval_to_pb(&view)))
+    }
+
+    async fn resolve_approval(
+        &self,
+        req: Request<pb::ResolveApprovalRequest>,
+    ) -> Result<Response<pb::Approval>, Status> {
+        let r = req.into_inner();
+        let approve = match pb::ApprovalDecision::try_from(r.decision) {
+            Ok(pb::ApprovalDecision::Approve) => true,
+            Ok(pb::ApprovalDecision::Reject) => false,
+            _ => return Err(bad_request("decision", "APPROVE or REJECT")),
+        };
+        let resolved = self
+            .orch
+            .resolve_approval(
+                &r.approval_id,
+                &r.proposal_sha256,
+                approve,
+                &r.approver,
+                &r.reason,
+            )
+            .await
+            .map_err(approval_status)?;
+        Ok(Response::new(approval_to_pb(&resolved.approval)))
     }
 
     async fn list_graphs(

@@ -125,12 +125,16 @@ fn step_span(job: &tracing::Span, call: &Call) -> tracing::Span {
 /// Runs inside the step's span (see [`start`]): the outcome is recorded on the current span.
 async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallEnd {
     let start = Instant::now();
-    let attempt = AssertUnwindSafe(tokio::time::timeout(
-        timeout,
-        agent.call(&call.ctx, &call.input),
-    ))
-    .catch_unwind()
-    .await;
+    // An approved step runs exactly the call that was approved.
+    let run = async {
+        match &call.prepared {
+            Some(prepared) => agent.execute(&call.ctx, prepared).await,
+            None => agent.call(&call.ctx, &call.input).await,
+        }
+    };
+    let attempt = AssertUnwindSafe(tokio::time::timeout(timeout, run))
+        .catch_unwind()
+        .await;
     let result = match attempt {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(AgentError::transient(format!(

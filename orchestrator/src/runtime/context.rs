@@ -41,6 +41,17 @@ pub(crate) struct Shared {
     pub(super) shutting_down: AtomicBool,
     /// Where finished jobs with a callback URL go to be delivered (set by the server).
     pub(super) callbacks: RwLock<Option<mpsc::Sender<JobId>>>,
+    /// Where new proposals go to be announced at their agent's `approval_webhook` (set by the
+    /// server).
+    pub(super) approval_notices: RwLock<Option<mpsc::Sender<ApprovalNotice>>>,
+    pub audit: Option<crate::audit::sink::AuditSink>,
+}
+
+/// A new proposal to announce at its agent's `approval_webhook`.
+#[derive(Clone, Debug)]
+pub struct ApprovalNotice {
+    pub url: String,
+    pub approval: crate::job::ApprovalView,
 }
 
 impl Shared {
@@ -49,6 +60,30 @@ impl Shared {
         self.job_feeds.publish(&event);
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(event);
+        }
+    }
+
+    /// Announce a new proposal at its agent's webhook; dropped (with a warning) when the
+    /// notifier is far behind, since the proposal itself is stored and listed.
+    pub fn notify_approval(&self, notice: ApprovalNotice) {
+        let tx = self
+            .approval_notices
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(tx) = tx
+            && tx.try_send(notice).is_err()
+        {
+            tracing::warn!(
+                "approval webhooks are behind: a proposal was not announced (it is listed by ListApprovals)"
+            );
+        }
+    }
+
+    /// Record an audit event, if the server keeps an audit log.
+    pub fn audit(&self, tenant: &str, kind: &'static str, body: serde_json::Value) {
+        if let Some(a) = &self.audit {
+            a.record(tenant, kind, body);
         }
     }
 

@@ -35,6 +35,7 @@ use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::approval::ApprovalError;
 use crate::config::nearest;
 use crate::job::{JobEvent, JobId, JobRecord};
 use crate::model::ServerModel;
@@ -42,6 +43,7 @@ use crate::quota::QuotaSnapshot;
 use crate::signal::{AgentPause, GraphEvent};
 use crate::store::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, Submitted};
 
+pub use context::ApprovalNotice;
 pub use protocol::{AgentSlotSnapshot, SchedulerSnapshot};
 pub use stats::{AgentHealth, AgentStatsSnapshot, GraphStats, GraphStatsSnapshot};
 pub use view::{Activity, AgentState, GraphState};
@@ -141,6 +143,7 @@ pub struct OrchestratorBuilder {
     store: Option<Arc<dyn JobStore>>,
     cascade: bool,
     metrics: bool,
+    audit: Option<Arc<crate::audit::log::AuditLog>>,
 }
 
 impl OrchestratorBuilder {
@@ -171,6 +174,12 @@ impl OrchestratorBuilder {
         self
     }
 
+    /// Where proposals, decisions and irreversible calls are recorded (none by default).
+    pub fn audit(mut self, log: Arc<crate::audit::log::AuditLog>) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
     pub async fn start(self) -> Result<Orchestrator, StartError> {
         if self.metrics {
             crate::metrics::install();
@@ -188,7 +197,15 @@ impl OrchestratorBuilder {
             .get::<cascade_agents::http::oauth2::Vault>()
             .set(Arc::new(StoreVault(store.clone())));
         let quotas = Arc::new(QuotaIndex::new(&self.model, cascade));
+        let audit = match self.audit {
+            Some(log) => Some(
+                crate::audit::sink::AuditSink::start(log)
+                    .map_err(|e| StartError(format!("cannot start the audit writer: {e}")))?,
+            ),
+            None => None,
+        };
         let shared = Arc::new(Shared {
+            audit,
             model: self.model,
             registry: self.registry,
             store,
@@ -203,6 +220,7 @@ impl OrchestratorBuilder {
             watchers: AtomicUsize::new(0),
             shutting_down: AtomicBool::new(false),
             callbacks: RwLock::new(None),
+            approval_notices: RwLock::new(None),
         });
         let graphs: Vec<Arc<GraphCtx>> = shared
             .model
@@ -269,6 +287,7 @@ impl Orchestrator {
             store: None,
             cascade: true,
             metrics: true,
+            audit: None,
         }
     }
 
@@ -470,6 +489,107 @@ impl Orchestrator {
             );
         }
         self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))
+    }
+
+    /// Approvals waiting for a decision, oldest job first, of `graph` (or every graph), after
+    /// approval id `after`.
+    pub fn approvals(
+        &self,
+        graph: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<crate::job::ApprovalView>, StoreError> {
+        self.shared.store.pending_approvals(graph, after, limit)
+    }
+
+    /// One approval, pending or decided.
+    pub fn approval(&self, id: &str) -> Result<crate::job::ApprovalView, ApprovalError> {
+        let (job, agent) =
+            crate::approval::parse_approval_id(id).map_err(ApprovalError::InvalidId)?;
+        self.shared
+            .store
+            .get(job)?
+            .as_ref()
+            .and_then(|r| crate::job::ApprovalView::of(r).find(|v| &*v.agent == agent))
+            .ok_or_else(|| ApprovalError::NotFound(id.to_string()))
+    }
+
+    /// A person's decision on approval `id`, whose proposal they saw with hash `sha256`:
+    /// approve runs exactly the stored call (once); reject fails the step and its job. The
+    /// same decision again is answered from the record; a conflicting one is refused.
+    pub async fn resolve_approval(
+        &self,
+        id: &str,
+        sha256: &str,
+        approve: bool,
+        approver: &str,
+        reason: &str,
+    ) -> Result<crate::approval::Resolved, ApprovalError> {
+        if approver.trim().is_empty() {
+            return Err(ApprovalError::InvalidRequest(
+                "approver: say who decides (until requests are authenticated, the approver is named in the request)".into(),
+            ));
+        }
+        if !approve && reason.trim().is_empty() {
+            return Err(ApprovalError::InvalidRequest(
+                "reason: a rejection says why (it becomes the job's error)".into(),
+            ));
+        }
+        let sha256 = sha256.trim().to_ascii_lowercase();
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ApprovalError::InvalidRequest(
+                "proposal_sha256: the 64 hex digits of the proposal's SHA-256, as GetApproval shows it".into(),
+            ));
+        }
+        let view = self.approval(id)?;
+        let unavailable = || ApprovalError::Unavailable(id.to_string());
+        let g = self.graphs.get(&view.graph).ok_or_else(unavailable)?;
+        let s = g.scheduler().ok_or_else(unavailable)?;
+        let decision = crate::job::ApprovalDecision {
+            outcome: if approve {
+                crate::job::ApprovalOutcome::Approved
+            } else {
+                crate::job::ApprovalOutcome::Rejected
+            },
+            approver: approver.trim().to_string(),
+            reason: reason.trim().to_string(),
+            at: crate::clock::now(),
+        };
+        let answer = ractor::call_t!(
+            s,
+            |reply| SchedMsg::Decide {
+                job: view.job_id,
+                step: view.step,
+                sha256,
+                decision,
+                reply
+            },
+            10_000
+        )
+        .map_err(|_| unavailable())??;
+        // The decision is in the store and, with an audit log, queued for it: on disk before the
+        // answer, so what was answered is what a restart finds.
+        self.shared.store.flush().await?;
+        if let Some(a) = &self.shared.audit {
+            a.flush().await;
+        }
+        Ok(answer)
+    }
+
+    /// Send new proposals of agents with an `approval_webhook` here (the server's notifier).
+    pub fn set_approval_sink(&self, tx: mpsc::Sender<context::ApprovalNotice>) {
+        *self
+            .shared
+            .approval_notices
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Wait until every audit record queued so far is written (before a final checkpoint).
+    pub async fn flush_audit(&self) {
+        if let Some(a) = &self.shared.audit {
+            a.flush().await;
+        }
     }
 
     /// Send finished jobs that have a callback URL here (the server's deliverer).

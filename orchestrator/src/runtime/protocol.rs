@@ -9,8 +9,10 @@ use std::time::Duration;
 use cascade_agents::{Agent, AgentError, AgentOutput, CallContext, StepInput, UpstreamLimits};
 use ractor::{ActorRef, RpcReplyPort};
 use serde::Serialize;
+use serde_json::Value;
 
-use crate::job::JobId;
+use crate::approval::{ApprovalError, Resolved};
+use crate::job::{ApprovalDecision, JobId};
 use crate::quota::{Outcome, QuotaSnapshot};
 use crate::signal::{AgentKey, AgentPause, Reach};
 
@@ -47,6 +49,14 @@ pub(crate) enum SchedMsg {
         job: JobId,
         reason: String,
         reply: RpcReplyPort<bool>,
+    },
+    /// A person's decision on step `step`'s proposal, which they saw with hash `sha256`.
+    Decide {
+        job: JobId,
+        step: usize,
+        sha256: String,
+        decision: ApprovalDecision,
+        reply: RpcReplyPort<Result<Resolved, ApprovalError>>,
     },
     /// Admit no more jobs (shutdown).
     Drain,
@@ -96,6 +106,8 @@ pub(crate) struct Call {
     pub grant: Option<Grant>,
     pub ctx: CallContext,
     pub input: StepInput,
+    /// The approved call to make, exactly, instead of one rendered from `input`.
+    pub prepared: Option<Arc<Value>>,
     /// The job is sampled for trace export; its steps follow it.
     pub traced: bool,
 }

@@ -16,20 +16,25 @@ use cascade_agents::{AgentError, AgentOutput, CallContext, ErrorClass, StepInput
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::GraphCtx;
 use super::agent_actor;
 use super::broker::BrokerCore;
+use super::context::ApprovalNotice;
 use super::protocol::{
     Acquire, AgentHandle, AgentMsg, AgentPanic, AgentSlotSnapshot, BrokerMsg, Call, CallEnd, Grant,
     SchedMsg, SchedulerSnapshot, Settlement, StepDone, Waiting,
 };
 use super::step::{Decision, Rules, Step, failure_message};
-use crate::job::{JobEvent, JobId, JobRecord, JobState, JobUpdate, StepState};
+use crate::approval::{ApprovalError, Resolved};
+use crate::job::{
+    Approval, ApprovalDecision, ApprovalOutcome, ApprovalView, JobEvent, JobId, JobRecord,
+    JobState, JobUpdate, StepState,
+};
 use crate::metrics::{AgentMetrics, GraphMetrics};
-use crate::model::OnUpstreamPause;
+use crate::model::{Approval as Setting, OnUpstreamPause};
 use crate::quota::Outcome;
 use crate::signal::Reach;
 
@@ -37,6 +42,8 @@ struct StepRun {
     step: Step,
     /// The step's idempotency key, made at its first call.
     key: Option<Arc<str>>,
+    /// The approved call, which it runs exactly (instead of one rendered from its input).
+    prepared: Option<Arc<Value>>,
 }
 
 struct JobRun {
@@ -58,6 +65,10 @@ struct JobRun {
     span: tracing::Span,
     /// Sampled for trace export (`[telemetry] sample_ratio`).
     traced: bool,
+    /// Scope of its audit records.
+    tenant: Arc<str>,
+    /// Steps whose prepared call waits for a decision.
+    proposals: u16,
 }
 
 /// The job's span, the root of its trace whatever runs now. A job not sampled for export gets
@@ -122,6 +133,8 @@ pub(crate) struct SchedState {
     /// step starts the next, whose call may finish at once too), with the attempt whose start is
     /// recorded together with its result (one store update for both).
     finished: VecDeque<(Box<StepDone>, u32)>,
+    /// When approvals were last checked for expiry.
+    approvals_checked: Option<Instant>,
 }
 
 /// Calls finished on their first poll that one message carries out before the scheduler reads its
@@ -180,6 +193,7 @@ impl Actor for Scheduler {
             metrics,
             admit_batch,
             finished: VecDeque::new(),
+            approvals_checked: None,
         })
     }
 
@@ -260,18 +274,30 @@ impl Actor for Scheduler {
                 }
             }
             SchedMsg::Cancel { job, reason, reply } => {
+                let message = format!("cancelled: {reason}");
                 let found = s.jobs.contains_key(&job);
                 if found {
-                    s.finish(
-                        job,
-                        JobState::Cancelled,
-                        Some(format!("cancelled: {reason}")),
-                    );
+                    s.finish(job, JobState::Cancelled, Some(message));
+                    let _ = reply.send(true);
+                } else {
+                    // A parked job is the store's alone: it ends there.
+                    let _ = reply.send(s.end_parked(job, JobState::Cancelled, None, message));
                 }
-                let _ = reply.send(found);
+            }
+            SchedMsg::Decide {
+                job,
+                step,
+                sha256,
+                decision,
+                reply,
+            } => {
+                let _ = reply.send(s.decide(job, step, &sha256, decision));
             }
             SchedMsg::Drain => s.draining = true,
-            SchedMsg::Tick => s.check_deadlines(),
+            SchedMsg::Tick => {
+                s.check_deadlines();
+                s.check_approvals();
+            }
             SchedMsg::Snapshot(reply) => {
                 let _ = reply.send(s.snapshot());
             }
@@ -346,6 +372,7 @@ impl SchedState {
     fn start_job(&mut self, r: JobRecord, resumed: bool) {
         let model = &self.ctx.model;
         let id = r.id;
+        let mut proposals = 0;
         let mut steps: Vec<StepRun> = r
             .steps
             .iter()
@@ -354,9 +381,27 @@ impl SchedState {
                     .output
                     .clone()
                     .filter(|_| st.state == StepState::Succeeded);
+                // An approved call runs as approved, whatever ran before the job was parked.
+                let prepared = st
+                    .approval
+                    .as_ref()
+                    .filter(|a| {
+                        a.decision
+                            .as_ref()
+                            .is_some_and(|d| d.outcome == ApprovalOutcome::Approved)
+                    })
+                    .and_then(|a| serde_json::from_str::<Value>(&a.proposal).ok())
+                    .map(Arc::new);
+                let step = if done.is_none() && st.state == StepState::AwaitingApproval {
+                    proposals += 1;
+                    Step::proposed(st.attempts)
+                } else {
+                    Step::new(done, st.attempts, st.state == StepState::Running)
+                };
                 StepRun {
-                    step: Step::new(done, st.attempts, st.state == StepState::Running),
+                    step,
                     key: None,
+                    prepared,
                 }
             })
             .collect();
@@ -415,6 +460,8 @@ impl SchedState {
                 started: Instant::now(),
                 span: job_span(traced, &id_str, &model.name),
                 traced,
+                tenant: Arc::from(r.tenant.as_str()),
+                proposals,
             }),
         );
         if remaining == 0 {
@@ -425,6 +472,7 @@ impl SchedState {
             self.slots[i].queue.push(Reverse((seq, id)));
             self.pump(i);
         }
+        self.maybe_park(id);
     }
 
     /// Start queued steps of agent `i` while it has free slots: straight to its actor, or first
@@ -438,12 +486,23 @@ impl SchedState {
             let Some(Reverse((_, job_id))) = slot.queue.pop() else {
                 return;
             };
-            let Some(job) = self.jobs.get_mut(&job_id) else {
+            let Some(job) = self.jobs.get(&job_id) else {
                 continue;
             };
             if !job.steps[i].step.is_queued() {
                 continue;
             }
+            // A step that needs a person's decision is prepared instead, and waits for it.
+            if self.ctx.model.agents[i].may_need_approval()
+                && job.steps[i].prepared.is_none()
+                && self.hold_for_approval(i, job_id)
+            {
+                continue;
+            }
+            let slot = &mut self.slots[i];
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
             if slot.quotas.is_empty() {
                 self.dispatch(i, job_id, None);
                 continue;
@@ -518,6 +577,7 @@ impl SchedState {
             .key
             .get_or_insert_with(|| step_key(&job.id_str, &agent.name))
             .clone();
+        let prepared = st.prepared.clone();
         let input = step_input(&self.ctx, i, job);
         let timeout = match job.deadline {
             Some(d) => agent
@@ -541,6 +601,7 @@ impl SchedState {
                 job_key: job.key.clone(),
             },
             input,
+            prepared,
             traced: job.traced,
         };
         let call = agent_actor::start(handle.agent.clone(), call, &job.span, timeout);
@@ -645,6 +706,9 @@ impl SchedState {
             .jobs
             .get(&d.job)
             .is_some_and(|j| j.steps[d.step].step.is_running(d.token));
+        if current {
+            self.audit_call(&d);
+        }
         if let Some(grant) = d.grant.take() {
             // Every grant is settled, whether or not the result still matters: its reservation
             // must go back to the quota (with the real usage, which may become debt).
@@ -692,6 +756,37 @@ impl SchedState {
         self.pump(d.step);
     }
 
+    /// An irreversible or approved call ended: its outcome goes to the audit log (what it did
+    /// is in the job's record; the approval's record names the call).
+    fn audit_call(&self, d: &StepDone) {
+        let agent = &self.ctx.model.agents[d.step];
+        let Some(job) = self.jobs.get(&d.job) else {
+            return;
+        };
+        let approved = job.steps[d.step].prepared.is_some();
+        if self.ctx.shared.audit.is_none() || !(agent.irreversible || approved) {
+            return;
+        }
+        let (outcome, error) = match &d.result {
+            Ok(_) => ("succeeded", None),
+            Err(e) => (e.class.as_str(), Some(e.message.clone())),
+        };
+        self.ctx.shared.audit(
+            &job.tenant,
+            "call_executed",
+            json!({
+                "job_id": &*job.id_str,
+                "graph": &*self.ctx.model.name,
+                "agent": &*agent.name,
+                "attempt": job.steps[d.step].step.attempts(),
+                "approval_id": approved.then(|| crate::approval::approval_id(d.job, &agent.name)),
+                "irreversible": agent.irreversible,
+                "outcome": outcome,
+                "error": error,
+            }),
+        );
+    }
+
     /// Step `i` succeeded; `start`, its start's update when that is recorded with the result.
     fn step_succeeded(&mut self, id: JobId, i: usize, out: AgentOutput, start: Option<JobUpdate>) {
         let stats = &self.ctx.stats.agents[i];
@@ -737,6 +832,7 @@ impl SchedState {
             self.slots[d].queue.push(Reverse((seq, id)));
             self.pump(d);
         }
+        self.maybe_park(id);
     }
 
     fn step_failed(&mut self, id: JobId, i: usize, e: AgentError) {
@@ -906,6 +1002,358 @@ impl SchedState {
         self.admit(false);
     }
 
+    /// Whether step `i` of job `id` (queued) needs a person's decision; if so, its call is
+    /// prepared and stored with its hash, and the step waits (holding no slot and no quota)
+    /// while the rest of the job goes on; the job is parked once nothing else of it can.
+    /// Returns whether the step was held (or failed, if its call could not be prepared).
+    fn hold_for_approval(&mut self, i: usize, id: JobId) -> bool {
+        let ctx = self.ctx.clone();
+        let agent = &ctx.model.agents[i];
+        let Some(handle) = self.slots[i].actor.clone() else {
+            return false;
+        };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return false;
+        };
+        let key = job.steps[i]
+            .key
+            .get_or_insert_with(|| step_key(&job.id_str, &agent.name))
+            .clone();
+        let call = CallContext {
+            job_id: job.id_str.clone(),
+            graph: ctx.model.name.clone(),
+            agent: agent.name.clone(),
+            attempt: job.steps[i].step.attempts() + 1,
+            idempotency_key: key,
+            deadline: job.deadline,
+            job_key: job.key.clone(),
+        };
+        let input = step_input(&ctx, i, job);
+        let needed = match agent.approval {
+            Setting::Never => false,
+            Setting::Required => true,
+            Setting::Auto => match &agent.approval_when {
+                Some(when) => when.holds(&input.view(&call)).unwrap_or_else(|e| {
+                    // Unsure is not "no": a person decides.
+                    tracing::warn!(job_id = %id, agent = %agent.name, error = %e, when = when.source(), "approval_when could not be evaluated; the call waits for approval");
+                    true
+                }),
+                None => agent.irreversible,
+            },
+        };
+        if !needed {
+            return false;
+        }
+        let redactor = cascade_agents::secret::redactor();
+        let proposal = match handle.agent.prepare(&call, &input) {
+            Ok(mut v) => {
+                // Credentials are added when it runs; a secret value that reached the call
+                // some other way is not shown to approvers, nor stored.
+                redactor.redact_json(&mut v);
+                v
+            }
+            Err(mut e) => {
+                // A call that cannot be prepared could not run either.
+                e.message = redactor.redact(&e.message).into_owned();
+                e.class = ErrorClass::Permanent;
+                let rules = rules(&ctx, &self.slots[i], self.broker.is_some(), i);
+                let decision = job.steps[i].step.on_failed(&e, rules, 0.0, Instant::now());
+                self.carry_out(id, i, &e, decision);
+                return true;
+            }
+        };
+        let text = crate::approval::canonical(&proposal);
+        let now = crate::clock::now();
+        let approval = Approval {
+            id: crate::approval::approval_id(id, &agent.name),
+            sha256: crate::audit::sha256_hex(text.as_bytes()),
+            proposal: text.into(),
+            created_at: now,
+            expires_at: agent.approval_timeout.map(|t| now + t),
+            decision: None,
+        };
+        job.steps[i].step.propose();
+        job.proposals += 1;
+        let tenant = job.tenant.clone();
+        tracing::info!(job_id = %id, agent = %agent.name, approval_id = %approval.id, sha256 = %approval.sha256, "call prepared; it waits for approval");
+        self.ctx.shared.audit(
+            &tenant,
+            "approval_proposed",
+            json!({
+                "approval_id": approval.id,
+                "job_id": id.to_string(),
+                "graph": &*ctx.model.name,
+                "agent": &*agent.name,
+                "proposal_sha256": approval.sha256,
+                "proposal": &*approval.proposal,
+                "expires_at_unix_ms": approval.expires_at.map(unix_ms),
+            }),
+        );
+        if let Some(url) = &agent.approval_webhook {
+            self.ctx.shared.notify_approval(ApprovalNotice {
+                url: url.clone(),
+                approval: ApprovalView {
+                    job_id: id,
+                    graph: ctx.model.name.clone(),
+                    agent: agent.name.clone(),
+                    step: i,
+                    tenant: tenant.to_string(),
+                    job_state: JobState::Running,
+                    approval: approval.clone(),
+                },
+            });
+        }
+        self.record(
+            id,
+            JobUpdate::Proposed {
+                step: i,
+                approval: Box::new(approval),
+            },
+        );
+        self.metrics.approvals_pending.increment(1.0);
+        self.maybe_park(id);
+        true
+    }
+
+    /// Park job `id` if it waits for a decision and nothing else of it is under way: it leaves
+    /// the run (its place goes to the next pending job) and waits in the store.
+    fn maybe_park(&mut self, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        if job.proposals == 0 || job.steps.iter().any(|s| s.step.is_active()) {
+            return;
+        }
+        self.record(id, JobUpdate::Parked);
+        self.jobs.remove(&id);
+        self.admit(true);
+    }
+
+    /// A decision on step `i`'s proposal of job `id`, whose approver saw hash `sha256`.
+    fn decide(
+        &mut self,
+        id: JobId,
+        i: usize,
+        sha256: &str,
+        decision: ApprovalDecision,
+    ) -> Result<Resolved, ApprovalError> {
+        let store = self.ctx.shared.store.clone();
+        let agent = self.ctx.model.agents[i].name.clone();
+        let current = || -> Result<ApprovalView, ApprovalError> {
+            store
+                .get(id)?
+                .as_ref()
+                .and_then(|r| ApprovalView::of(r).find(|v| v.step == i))
+                .ok_or_else(|| ApprovalError::NotFound(crate::approval::approval_id(id, &agent)))
+        };
+        let view = current()?;
+        let a = &view.approval;
+        if let Some(first) = &a.decision {
+            // The same decision again is answered from the record; an expiry counts as a
+            // rejection.
+            let approved = |o: ApprovalOutcome| o == ApprovalOutcome::Approved;
+            if approved(first.outcome) == approved(decision.outcome) {
+                return Ok(Resolved {
+                    approval: view,
+                    repeated: true,
+                });
+            }
+            return Err(ApprovalError::Conflict {
+                id: a.id.clone(),
+                first: first.clone(),
+            });
+        }
+        if view.job_state.is_terminal() {
+            return Err(ApprovalError::JobEnded {
+                id: a.id.clone(),
+                job: id,
+                state: view.job_state,
+            });
+        }
+        if a.sha256 != sha256 {
+            return Err(ApprovalError::Stale {
+                id: a.id.clone(),
+                current: a.sha256.clone(),
+                given: sha256.to_string(),
+            });
+        }
+        let waited = decision
+            .at
+            .duration_since(a.created_at)
+            .unwrap_or_default()
+            .as_secs_f64();
+        tracing::info!(job_id = %id, agent = %agent, approval_id = %a.id, outcome = %decision.outcome, approver = %decision.approver, "proposal decided");
+        self.ctx.shared.audit(
+            &view.tenant,
+            "approval_decided",
+            json!({
+                "approval_id": a.id,
+                "job_id": id.to_string(),
+                "graph": &*self.ctx.model.name,
+                "agent": &*agent,
+                "proposal_sha256": a.sha256,
+                "outcome": decision.outcome,
+                "approver": decision.approver,
+                "reason": decision.reason,
+            }),
+        );
+        self.metrics
+            .approval_decided(&self.ctx.model.name, decision.outcome.as_str(), waited);
+        let proposal = a.proposal.clone();
+        let outcome = decision.outcome;
+        let message = match outcome {
+            ApprovalOutcome::Approved => String::new(),
+            ApprovalOutcome::Rejected => format!(
+                "{agent}'s call was rejected by {}: {}",
+                decision.approver, decision.reason
+            ),
+            ApprovalOutcome::Expired => {
+                format!("{agent}'s call was not approved: {}", decision.reason)
+            }
+        };
+        self.record(id, JobUpdate::Decided { step: i, decision });
+        match (self.jobs.get_mut(&id), outcome) {
+            (Some(job), ApprovalOutcome::Approved) => {
+                let prepared = serde_json::from_str::<Value>(&proposal).map_err(|e| {
+                    ApprovalError::InvalidRequest(format!("the stored proposal is not JSON: {e}"))
+                })?;
+                job.steps[i].prepared = Some(Arc::new(prepared));
+                if job.steps[i].step.approve() {
+                    job.proposals = job.proposals.saturating_sub(1);
+                    self.slots[i].queue.push(Reverse((job.seq, id)));
+                    self.pump(i);
+                }
+            }
+            (Some(job), _) => {
+                let attempt = job.steps[i].step.attempts();
+                self.record(
+                    id,
+                    JobUpdate::StepFailed {
+                        step: i,
+                        attempt,
+                        error: message.clone(),
+                    },
+                );
+                self.finish(id, JobState::Failed, Some(message));
+            }
+            // Parked, and pending again if nothing else waits for a decision (the store has
+            // queued it): it is claimed like any pending job, ahead of newer ones.
+            (None, ApprovalOutcome::Approved) => self.admit(true),
+            (None, _) => {
+                self.end_parked(id, JobState::Failed, Some(i), message);
+            }
+        }
+        Ok(Resolved {
+            approval: current()?,
+            repeated: false,
+        })
+    }
+
+    /// End a parked job (the store's alone while it waits): cancelled, or failed at step
+    /// `failed` by a rejection. Returns whether it was parked.
+    fn end_parked(
+        &mut self,
+        id: JobId,
+        state: JobState,
+        failed: Option<usize>,
+        message: String,
+    ) -> bool {
+        let store = self.ctx.shared.store.clone();
+        let Ok(Some(record)) = store.get(id) else {
+            return false;
+        };
+        if record.state != JobState::AwaitingApproval || *record.graph != *self.ctx.model.name {
+            return false;
+        }
+        if let Some(i) = failed {
+            let attempt = record.steps[i].attempts;
+            self.record(
+                id,
+                JobUpdate::StepFailed {
+                    step: i,
+                    attempt,
+                    error: message.clone(),
+                },
+            );
+        }
+        match state {
+            JobState::Cancelled => {
+                self.ctx.stats.jobs_cancelled.fetch_add(1, Relaxed);
+                self.metrics.cancelled.increment(1);
+            }
+            _ => {
+                self.ctx.stats.jobs_failed.fetch_add(1, Relaxed);
+                self.metrics.failed.increment(1);
+            }
+        }
+        self.record(
+            id,
+            JobUpdate::Finished {
+                state,
+                output: None,
+                error: Some(message),
+            },
+        );
+        self.ctx.shared.job_finished(id);
+        if record.callback_url.is_some() {
+            self.ctx.shared.callback(id);
+        }
+        true
+    }
+
+    /// Reject the proposals nobody decided in time (about once a second), and keep the gauge of
+    /// proposals waiting in step with the store (parked jobs' proposals included).
+    fn check_approvals(&mut self) {
+        let now = Instant::now();
+        if self
+            .approvals_checked
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.approvals_checked = Some(now);
+        let store = self.ctx.shared.store.clone();
+        let graph = self.ctx.model.name.clone();
+        let wall = crate::clock::now();
+        for id in store.expired_approvals(&graph, wall) {
+            let Ok(Some(record)) = store.get(id) else {
+                continue;
+            };
+            let expired: Vec<(usize, String, String)> = ApprovalView::of(&record)
+                .filter(|v| {
+                    v.approval.is_pending() && v.approval.expires_at.is_some_and(|at| at <= wall)
+                })
+                .map(|v| {
+                    let waited = wall
+                        .duration_since(v.approval.created_at)
+                        .unwrap_or_default();
+                    (
+                        v.step,
+                        v.approval.sha256,
+                        format!(
+                            "nobody decided within approval_timeout ({})",
+                            humantime::format_duration(Duration::from_secs(waited.as_secs()))
+                        ),
+                    )
+                })
+                .collect();
+            for (i, sha, reason) in expired {
+                let decision = ApprovalDecision {
+                    outcome: ApprovalOutcome::Expired,
+                    approver: "timeout".into(),
+                    reason,
+                    at: wall,
+                };
+                if let Err(e) = self.decide(id, i, &sha, decision) {
+                    tracing::warn!(job_id = %id, error = %e, "could not expire an approval");
+                }
+            }
+        }
+        self.metrics
+            .approvals_pending
+            .set(store.pending_approval_count(&graph) as f64);
+    }
+
     fn check_deadlines(&mut self) {
         let now = Instant::now();
         let expired: Vec<JobId> = self
@@ -985,4 +1433,10 @@ fn step_input(ctx: &GraphCtx, i: usize, job: &JobRun) -> StepInput {
         input: job.input.clone(),
         deps,
     }
+}
+
+/// Milliseconds since the Unix epoch (times in audit records).
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -47,6 +47,8 @@ pub(crate) enum Phase {
         output: Arc<Value>,
     },
     Failed,
+    /// Its call is prepared and waits for a person's decision; it holds nothing meanwhile.
+    Proposed,
 }
 
 /// What the scheduler must do after a failure.
@@ -101,6 +103,46 @@ impl Step {
             attempts,
             next_token: 0,
         }
+    }
+
+    /// A step whose prepared call waits for a decision (an earlier run of the job proposed it).
+    pub fn proposed(attempts: u32) -> Self {
+        Self {
+            phase: Phase::Proposed,
+            attempts,
+            next_token: 0,
+        }
+    }
+
+    /// A queued step's call was prepared for approval: it waits for the decision. Returns
+    /// whether it was queued.
+    pub fn propose(&mut self) -> bool {
+        if self.phase != Phase::Queued {
+            return false;
+        }
+        self.phase = Phase::Proposed;
+        true
+    }
+
+    /// Its proposal was approved: it is queued to run. Returns whether it was waiting for that.
+    pub fn approve(&mut self) -> bool {
+        if self.phase != Phase::Proposed {
+            return false;
+        }
+        self.phase = Phase::Queued;
+        true
+    }
+
+    /// Whether something of the step is under way or about to be: queued, at the broker,
+    /// running, or waiting to retry.
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Queued
+                | Phase::AwaitQuota { .. }
+                | Phase::Running { .. }
+                | Phase::Backoff { .. }
+        )
     }
 
     #[cfg(test)]

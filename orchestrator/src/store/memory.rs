@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::Value;
 
 use super::{JobFilter, JobStore, NewJob, StoreError, StoreFuture, Submitted};
-use crate::job::{EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate};
+use crate::job::{ApprovalView, EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate};
 
 const DEFAULT_RETAIN_FINISHED: usize = 100_000;
 
@@ -106,6 +106,9 @@ impl Freezer {
     }
 }
 
+/// A graph's jobs with approvals waiting: the earliest expiry and how many wait, by job.
+type AwaitingJobs = BTreeMap<JobId, (Option<SystemTime>, usize)>;
+
 /// The maps use foldhash, which is faster than SipHash: SipHash's resistance to chosen keys is not
 /// needed for ids the server generated and graph names it loaded.
 #[derive(Default)]
@@ -116,6 +119,9 @@ struct Inner {
     /// a live job's key never expires).
     keys: HashMap<(String, String), (JobId, Option<SystemTime>)>,
     finished: VecDeque<JobId>,
+    /// Jobs with an approval waiting for a decision, per graph, with the earliest expiry and
+    /// the number of their approvals waiting.
+    awaiting: foldhash::HashMap<Arc<str>, AwaitingJobs>,
     /// Scratch space for freezing a job.
     freeze_buf: Vec<u8>,
     /// Finished jobs for the freezer's next batch.
@@ -128,6 +134,8 @@ struct Entry {
     labels: BTreeMap<String, String>,
     /// (tenant, idempotency key), to forget the key with the job.
     key: Option<Box<(String, String)>>,
+    /// It is in [`Inner::awaiting`].
+    awaiting: bool,
     body: Body,
 }
 
@@ -257,6 +265,7 @@ impl Entry {
             state: JobState::Pending,
             labels,
             key: key.map(Box::new),
+            awaiting: false,
             body: Body::Pending(Box::new(job)),
         }
     }
@@ -267,6 +276,7 @@ impl Entry {
             state: record.state,
             labels: record.labels.clone(),
             key: key.map(Box::new),
+            awaiting: false,
             body: Body::Live(Arc::new(Live { record, events })),
         }
     }
@@ -567,6 +577,7 @@ impl MemoryStore {
     ) -> Result<Option<(JobEvent, bool, JobRecord)>, StoreError> {
         let mut inner = self.lock();
         let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let was = entry.state;
         let live = entry.live();
         let Some(event) = live.record.apply(update, crate::clock::now()) else {
             entry.sync();
@@ -575,9 +586,12 @@ impl MemoryStore {
         let kept = live.log(&event, self.max_events);
         let record = live.record.clone();
         entry.sync();
+        Self::track(&mut inner, id, was);
         if event.kind.is_final() {
             self.finished(&mut inner, id);
-        } else if record.state.is_terminal() {
+        } else if record.state.is_terminal()
+            && let Some(entry) = inner.jobs.get_mut(&id)
+        {
             // A late event of a finished job (its callback's outcome): frozen again.
             entry.freeze(&mut Vec::new());
         }
@@ -592,6 +606,7 @@ impl MemoryStore {
     ) -> Result<[Option<JobEvent>; N], StoreError> {
         let mut inner = self.lock();
         let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
+        let was = entry.state;
         let live = entry.live();
         let now = crate::clock::now();
         let events = updates.map(|u| {
@@ -603,9 +618,10 @@ impl MemoryStore {
         });
         let terminal = live.record.state.is_terminal();
         entry.sync();
+        Self::track(&mut inner, id, was);
         if events.iter().flatten().any(|e| e.kind.is_final()) {
             self.finished(&mut inner, id);
-        } else if terminal {
+        } else if terminal && let Some(entry) = inner.jobs.get_mut(&id) {
             // A late event of a finished job (its callback's outcome): frozen again.
             entry.freeze(&mut Vec::new());
         }
@@ -634,12 +650,127 @@ impl MemoryStore {
                 .or_default()
                 .push_back(record.id);
         }
+        let parked = record.state == JobState::AwaitingApproval;
+        let awaiting = record.awaits_decision().then(|| {
+            (
+                record.graph.clone(),
+                (record.approval_expiry(), record.pending_approvals()),
+            )
+        });
         let mut entry = Entry::new(record, events, key);
-        if terminal {
+        if terminal || parked {
             entry.freeze(&mut inner.freeze_buf);
+        }
+        if terminal {
             inner.finished.push_back(id);
         }
+        if let Some((graph, expiry)) = awaiting {
+            entry.awaiting = true;
+            inner.awaiting.entry(graph).or_default().insert(id, expiry);
+        }
         inner.jobs.insert(id, entry);
+    }
+
+    /// After a change to job `id` (whose state was `was`): keep the index of jobs awaiting a
+    /// decision in step, queue a job made pending again (an approved parked job, ahead of the
+    /// jobs submitted since: it is older), and freeze a job that was parked (it holds no more
+    /// than its compressed record while it waits, however long).
+    fn track(inner: &mut Inner, id: JobId, was: JobState) {
+        let Inner {
+            jobs,
+            awaiting,
+            pending,
+            freeze_buf,
+            ..
+        } = inner;
+        let Some(entry) = jobs.get_mut(&id) else {
+            return;
+        };
+        let Body::Live(l) = &entry.body else {
+            return;
+        };
+        let r = &l.record;
+        let awaits = r.awaits_decision();
+        if awaits || entry.awaiting {
+            let index = awaiting.entry(entry.graph.clone()).or_default();
+            if awaits {
+                index.insert(id, (r.approval_expiry(), r.pending_approvals()));
+            } else {
+                index.remove(&id);
+            }
+            entry.awaiting = awaits;
+        }
+        if r.state == JobState::Pending && was != JobState::Pending {
+            pending
+                .entry(entry.graph.clone())
+                .or_default()
+                .push_front(id);
+        }
+        if r.state == JobState::AwaitingApproval && was != JobState::AwaitingApproval {
+            entry.freeze(freeze_buf);
+        }
+    }
+
+    /// Approvals waiting for a decision, by approval id, of `graph` (or every graph), after
+    /// approval id `after`; at most `limit`.
+    pub(crate) fn pending_approvals_now(
+        &self,
+        graph: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<ApprovalView> {
+        let inner = self.lock();
+        let from: Option<JobId> = after
+            .and_then(|a| a.split('/').next())
+            .and_then(|j| j.parse().ok());
+        let mut ids: Vec<JobId> = inner
+            .awaiting
+            .iter()
+            .filter(|(g, _)| graph.is_none_or(|want| &***g == want))
+            .flat_map(|(_, jobs)| match from {
+                Some(f) => jobs.range(f..).map(|(id, _)| *id).collect::<Vec<_>>(),
+                None => jobs.keys().copied().collect(),
+            })
+            .collect();
+        ids.sort_unstable();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(e) = inner.jobs.get(&id) else {
+                continue;
+            };
+            let record = e.record();
+            for v in ApprovalView::of(&record) {
+                if v.approval.is_pending() && after.is_none_or(|a| v.approval.id.as_str() > a) {
+                    out.push(v);
+                    if out.len() >= limit {
+                        return out;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Jobs of `graph` with an approval nobody decided by its expiry, `now` or before.
+    pub(crate) fn expired_approvals_now(&self, graph: &str, now: SystemTime) -> Vec<JobId> {
+        self.lock()
+            .awaiting
+            .get(graph)
+            .map(|jobs| {
+                jobs.iter()
+                    .filter(|(_, (at, _))| at.is_some_and(|at| at <= now))
+                    .map(|(id, _)| *id)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Approvals of `graph` waiting for a decision.
+    pub(crate) fn pending_approval_count_now(&self, graph: &str) -> usize {
+        self.lock()
+            .awaiting
+            .get(graph)
+            .map_or(0, |jobs| jobs.values().map(|(_, n)| n).sum())
     }
 
     /// Forget a job (its durable write failed).
@@ -750,10 +881,7 @@ impl JobStore for MemoryStore {
         let mut out: Vec<JobRecord> = inner
             .jobs
             .values()
-            .filter(|e| {
-                &*e.graph == graph
-                    && matches!(e.state, JobState::Running | JobState::AwaitingApproval)
-            })
+            .filter(|e| &*e.graph == graph && e.state == JobState::Running)
             .map(Entry::record)
             .collect();
         out.sort_by_key(|r| r.id);
@@ -830,6 +958,23 @@ impl JobStore for MemoryStore {
 
     fn pending_count(&self, graph: &str) -> usize {
         self.lock().pending.get(graph).map_or(0, VecDeque::len)
+    }
+
+    fn pending_approvals(
+        &self,
+        graph: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApprovalView>, StoreError> {
+        Ok(self.pending_approvals_now(graph, after, limit))
+    }
+
+    fn expired_approvals(&self, graph: &str, now: SystemTime) -> Vec<JobId> {
+        self.expired_approvals_now(graph, now)
+    }
+
+    fn pending_approval_count(&self, graph: &str) -> usize {
+        self.pending_approval_count_now(graph)
     }
 }
 

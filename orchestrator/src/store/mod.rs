@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::job::{JobEvent, JobId, JobRecord, JobState, JobUpdate};
+use crate::job::{ApprovalView, JobEvent, JobId, JobRecord, JobState, JobUpdate};
 
 pub use memory::MemoryStore;
 pub use sqlite::{SqliteOptions, SqliteStore};
@@ -154,6 +154,21 @@ pub trait JobStore: Send + Sync + 'static {
     fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError>;
 
     fn pending_count(&self, graph: &str) -> usize;
+
+    /// Approvals waiting for a decision, ordered by approval id, of `graph` (or every graph),
+    /// after approval id `after` (paging); at most `limit`.
+    fn pending_approvals(
+        &self,
+        graph: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApprovalView>, StoreError>;
+
+    /// Jobs of `graph` with an approval nobody decided by its expiry, `now` or before.
+    fn expired_approvals(&self, graph: &str, now: std::time::SystemTime) -> Vec<JobId>;
+
+    /// Approvals of `graph` waiting for a decision.
+    fn pending_approval_count(&self, graph: &str) -> usize;
 
     /// Finished jobs with a callback URL whose delivery was never attempted (the process stopped
     /// between the job's end and its callback): the server delivers them when it starts.

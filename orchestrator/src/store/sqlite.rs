@@ -23,8 +23,8 @@ use tokio::sync::oneshot;
 
 use super::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, StoreFuture, Submitted};
 use crate::job::{
-    CallbackDelivery, EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate, StepRecord,
-    StepState,
+    ApprovalView, CallbackDelivery, EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate,
+    StepRecord, StepState,
 };
 
 const SCHEMA: &str = r#"
@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS steps (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     cost_usd REAL NOT NULL DEFAULT 0,
+    approval TEXT,
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
@@ -190,6 +191,7 @@ impl SqliteStore {
         };
         let writer = open()?;
         writer.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&writer)?;
         let read = open()?;
         let mem = MemoryStore::with_retention(10_000)
             .with_max_events_per_job(options.max_events_per_job)
@@ -430,6 +432,25 @@ impl JobStore for SqliteStore {
         self.mem.pending_count(graph)
     }
 
+    // Every unfinished job is held in memory too (loaded at open), so approvals waiting for a
+    // decision are all there.
+    fn pending_approvals(
+        &self,
+        graph: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ApprovalView>, StoreError> {
+        self.mem.pending_approvals(graph, after, limit)
+    }
+
+    fn expired_approvals(&self, graph: &str, now: SystemTime) -> Vec<JobId> {
+        self.mem.expired_approvals(graph, now)
+    }
+
+    fn pending_approval_count(&self, graph: &str) -> usize {
+        self.mem.pending_approval_count(graph)
+    }
+
     fn undelivered_callbacks(&self, limit: usize) -> Result<Vec<JobId>, StoreError> {
         let conn = self.read();
         let mut stmt = conn
@@ -595,7 +616,9 @@ fn group_batch(batch: &[Op]) -> Vec<(JobId, JobWrites<'_>)> {
             EventKind::StepStarted { agent, .. }
             | EventKind::StepRetrying { agent, .. }
             | EventKind::StepSucceeded { agent, .. }
-            | EventKind::StepFailed { agent, .. } => {
+            | EventKind::StepFailed { agent, .. }
+            | EventKind::ApprovalRequested { agent, .. }
+            | EventKind::ApprovalDecided { agent, .. } => {
                 if let Some(i) = record.steps.iter().position(|s| s.agent == *agent) {
                     entry.2.insert(i);
                 }
@@ -705,13 +728,31 @@ fn write_job(
     Ok(())
 }
 
+/// Bring a store written by an earlier version up to this one's tables.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let has_approval: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('steps') WHERE name = 'approval'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .map_err(err)?
+        > 0;
+    if !has_approval {
+        conn.execute_batch("ALTER TABLE steps ADD COLUMN approval TEXT")
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
 fn write_step(tx: &Connection, job: JobId, i: usize, s: &StepRecord) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO steps (job_id, idx, agent, state, attempts, output, error, started_at, finished_at,
-             prompt_tokens, completion_tokens, cost_usd)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             prompt_tokens, completion_tokens, cost_usd, approval)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (job_id, idx) DO UPDATE SET state = ?4, attempts = ?5, output = ?6, error = ?7,
-             started_at = ?8, finished_at = ?9, prompt_tokens = ?10, completion_tokens = ?11, cost_usd = ?12",
+             started_at = ?8, finished_at = ?9, prompt_tokens = ?10, completion_tokens = ?11, cost_usd = ?12,
+             approval = ?13",
     )?
     .execute(params![
         job.to_string(),
@@ -726,6 +767,9 @@ fn write_step(tx: &Connection, job: JobId, i: usize, s: &StepRecord) -> rusqlite
         s.usage.prompt_tokens as i64,
         s.usage.completion_tokens as i64,
         s.usage.cost_usd,
+        s.approval
+            .as_ref()
+            .and_then(|a| serde_json::to_string(a).ok()),
     ])?;
     Ok(())
 }
@@ -758,6 +802,7 @@ fn parse_step_state(s: &str) -> StepState {
         "retrying" => StepState::Retrying,
         "succeeded" => StepState::Succeeded,
         "failed" => StepState::Failed,
+        "awaiting_approval" => StepState::AwaitingApproval,
         _ => StepState::Cancelled,
     }
 }
@@ -811,7 +856,7 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
     let mut stmt = conn
         .prepare_cached(
             "SELECT agent, state, attempts, output, error, started_at, finished_at, prompt_tokens,
-                 completion_tokens, cost_usd
+                 completion_tokens, cost_usd, approval
              FROM steps WHERE job_id = ?1 ORDER BY idx",
         )
         .map_err(err)?;
@@ -830,6 +875,10 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
                     completion_tokens: r.get::<_, i64>(8)? as u64,
                     cost_usd: r.get(9)?,
                 },
+                approval: r
+                    .get::<_, Option<String>>(10)?
+                    .and_then(|a| serde_json::from_str(&a).ok())
+                    .map(Box::new),
             })
         })
         .map_err(err)?

@@ -23,6 +23,9 @@ const AGENT_FIELDS: &[&str] = &[
     "on_upstream_pause",
     "irreversible",
     "approval",
+    "approval_when",
+    "approval_timeout",
+    "approval_webhook",
     "max_restarts",
     "restart_window",
 ];
@@ -207,27 +210,38 @@ impl Loader<'_> {
         let max_concurrency: Option<NonZeroU32> = r.take("max_concurrency", &mut self.errs);
         let on_upstream_pause: Option<OnUpstreamPause> =
             r.take("on_upstream_pause", &mut self.errs);
-        let approval_span = r
-            .entry("approval")
-            .or_else(|| r.entry("irreversible"))
-            .map(|(_, v)| v.span());
         let irreversible: Option<bool> = r.take("irreversible", &mut self.errs);
         let approval: Option<Approval> = r.take("approval", &mut self.errs);
-        // Holding a step for a person's decision is not built yet: an agent that needs it
-        // would act unapproved, so it does not load.
-        if approval
-            .unwrap_or_default()
-            .needed(irreversible.unwrap_or(false))
-        {
-            self.errs.push(
-                src.error(
-                    approval_span.unwrap_or(key.span()),
-                    format!("{path}.approval"),
-                    format!("agent {name:?} needs a person's approval before it acts (irreversible = true or approval = \"required\"), and this version cannot hold a step for approval yet: it would act unapproved"),
-                )
-                .with_help("remove the setting, or write approval = \"never\" to run it without approval knowingly"),
-            );
-        }
+        let when_span = r.entry("approval_when").map(|(_, v)| v.span());
+        let when_src: Option<String> = r.take("approval_when", &mut self.errs);
+        let approval_when = match (when_src, when_span) {
+            (Some(text), Some(span)) => match crate::approval::Condition::compile(&text) {
+                Ok(c) if approval == Some(Approval::Never) => {
+                    drop(c);
+                    self.errs.push(
+                        src.error(
+                            span,
+                            format!("{path}.approval_when"),
+                            "approval = \"never\" and approval_when contradict each other: the condition would never be asked",
+                        )
+                        .with_help("remove approval_when, or approval = \"never\""),
+                    );
+                    None
+                }
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    self.errs.push(
+                        src.error(span, format!("{path}.approval_when"), e).with_help(
+                            "a minijinja expression over input, deps and job, e.g. approval_when = \"input.amount > 1000\"",
+                        ),
+                    );
+                    None
+                }
+            },
+            _ => None,
+        };
+        let approval_timeout: Option<HumanDuration> = r.take("approval_timeout", &mut self.errs);
+        let approval_webhook: Option<String> = r.take("approval_webhook", &mut self.errs);
         let max_restarts: Option<u32> = r.take("max_restarts", &mut self.errs);
         let restart_window: Option<HumanDuration> = r.take("restart_window", &mut self.errs);
 
@@ -342,6 +356,9 @@ impl Loader<'_> {
                 on_upstream_pause: on_upstream_pause.unwrap_or_default(),
                 irreversible: irreversible.unwrap_or(false),
                 approval: approval.unwrap_or_default(),
+                approval_when,
+                approval_timeout: approval_timeout.map(HumanDuration::get),
+                approval_webhook,
                 restart: RestartPolicy {
                     max_restarts: max_restarts.unwrap_or(RestartPolicy::default().max_restarts),
                     window: restart_window

@@ -576,25 +576,53 @@ auth = { oauth2 = { token_url = "http://127.0.0.1:9/token", client_id = "x", cli
 }
 
 #[test]
-fn an_agent_that_needs_approval_does_not_load_until_approvals_exist() {
+fn approval_settings_load_and_bad_ones_are_located() {
     let agent =
         |extra: &str| format!("[graph]\nname = \"g\"\n[agents.pay]\nkind = \"sim\"\n{extra}\n");
-    for (extra, col) in [("irreversible = true", 16), ("approval = \"required\"", 12)] {
-        let errs = errors(&agent(extra));
-        let e = error_at(&errs, "agents.pay.approval", 5, col);
-        assert!(e.message.contains("would act unapproved"), "{e}");
-        assert!(
-            e.help.as_deref().unwrap().contains("approval = \"never\""),
-            "{e:?}"
-        );
-    }
-    // Knowingly unapproved, the default, and the former "none" load.
-    for extra in [
-        "irreversible = true\napproval = \"never\"",
-        "",
-        "approval = \"none\"",
-        "approval = \"auto\"",
+    for (extra, needs) in [
+        ("irreversible = true", true),
+        ("approval = \"required\"", true),
+        ("irreversible = true\napproval = \"never\"", false),
+        ("", false),
+        ("approval = \"none\"", false),
+        ("approval = \"auto\"", false),
+        (
+            "approval_when = \"input.amount > 1000\"\napproval_timeout = \"2h\"",
+            true,
+        ),
     ] {
-        compile(&agent(extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let m = compile(&agent(extra)).unwrap_or_else(|e| panic!("{extra}: {e}"));
+        let a = &m.graphs[0].agents[0];
+        assert_eq!(a.may_need_approval(), needs, "{extra}");
     }
+    let m = compile(&agent("approval_when = \"input.amount > 1000\"\napproval_timeout = \"2h\"\napproval_webhook = \"https://hooks.example.com/x\"")).unwrap();
+    let a = &m.graphs[0].agents[0];
+    assert_eq!(
+        a.approval_when.as_ref().unwrap().source(),
+        "input.amount > 1000"
+    );
+    assert_eq!(
+        a.approval_timeout,
+        Some(std::time::Duration::from_secs(7200))
+    );
+    assert_eq!(
+        a.approval_webhook.as_deref(),
+        Some("https://hooks.example.com/x")
+    );
+
+    let errs = errors(&agent("approval_when = \"input.amount >\""));
+    let e = error_at(&errs, "agents.pay.approval_when", 5, 17);
+    assert!(e.message.contains("not a valid expression"), "{e}");
+    assert!(
+        e.help.as_deref().unwrap().contains("input.amount > 1000"),
+        "{e:?}"
+    );
+    let errs = errors(&agent("approval_when = \"{{ input.x }}\""));
+    let e = error_at(&errs, "agents.pay.approval_when", 5, 17);
+    assert!(e.message.contains("without braces"), "{e}");
+    let errs = errors(&agent("approval = \"never\"\napproval_when = \"input.x\""));
+    let e = error_at(&errs, "agents.pay.approval_when", 6, 17);
+    assert!(e.message.contains("contradict"), "{e}");
+    let errs = errors(&agent("approval_timeout = \"soon\""));
+    error_at(&errs, "agents.pay.approval_timeout", 5, 20);
 }
