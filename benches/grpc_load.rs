@@ -10,8 +10,12 @@
 //! process's CPU time for each run (server and clients share the process).
 //!
 //! `cargo bench --bench grpc_load` (`GRPC_LOAD_SECS`, `GRPC_LOAD_CLIENTS` to change the run;
-//! `GRPC_LOAD=throughput` or `GRPC_LOAD=watchers` for one part, `GRPC_WATCH_JOBS` for the watched jobs,
-//! `GRPC_IDLE_UNWATCHED=1` to start the idle jobs without watching them).
+//! `GRPC_LOAD=throughput`, `GRPC_LOAD=approvals` or `GRPC_LOAD=watchers` for one part,
+//! `GRPC_WATCH_JOBS` for the watched jobs, `GRPC_IDLE_UNWATCHED=1` to start the idle jobs without
+//! watching them, `GRPC_PARKED_JOBS` for the jobs parked beside the approval-free graph).
+//!
+//! The approvals part: the same closed loop on the SQLite store plain, with the audit log, and
+//! with the audit log and 10,000 jobs of another graph parked awaiting approval.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -375,6 +379,107 @@ async fn watcher_cost(jobs: u64) {
     );
 }
 
+const GUARDED: &str = r#"
+[graph]
+name = "guarded"
+max_pending_jobs = 1000000
+[agents.prepare]
+kind = "sim"
+[agents.pay]
+kind = "sim"
+after = ["prepare"]
+approval = "required"
+"#;
+
+/// Jobs of the approval-free pipeline, end to end over gRPC, that `clients` closed-loop clients
+/// complete per second for `secs` seconds.
+async fn closed_loop(channel: &Channel, clients: usize, secs: u64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..clients {
+        let mut c = CascadeClient::new(channel.clone());
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let mut n = (w as u64) << 32;
+            while !stop.load(Ordering::Relaxed) {
+                one_job(&mut c, n).await;
+                n += 1;
+                done += 1;
+            }
+            done
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut done = 0;
+    for t in tasks {
+        done += t.await.expect("client");
+    }
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+/// What the audit log and parked jobs cost a graph that uses neither: the same closed loop on
+/// the SQLite store, plain; with the audit log attached; and with the audit log and `parked`
+/// jobs of another graph awaiting approval.
+async fn approvals_cost(clients: usize, secs: u64, parked: usize) {
+    let mut rates = Vec::new();
+    for (label, audited, park) in [
+        ("plain", false, 0),
+        ("audit", true, 0),
+        ("audit+parked", true, parked),
+    ] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("load.db");
+        let store: Arc<dyn JobStore> =
+            Arc::new(SqliteStore::open(SqliteOptions::new(&path)).expect("store"));
+        let mut model =
+            config::parse_graph_str("load.toml", GRAPH, &Default::default()).expect("graph");
+        let guarded =
+            config::parse_graph_str("guarded.toml", GUARDED, &Default::default()).expect("graph");
+        model.graphs.extend(guarded.graphs);
+        let mut builder = Orchestrator::builder(model).store(store.clone());
+        if audited {
+            let log = cascade_orchestrator::audit::log::AuditLog::open(&path, None, "bench")
+                .expect("audit log");
+            builder = builder.audit(Arc::new(log));
+        }
+        let orch = Arc::new(builder.start().await.expect("start"));
+        for n in 0..park {
+            let req =
+                cascade_orchestrator::SubmitRequest::new("guarded", serde_json::json!({ "n": n }));
+            orch.submit(req).await.expect("submit");
+        }
+        let t = Instant::now();
+        while store.pending_approval_count("guarded") < park {
+            assert!(
+                t.elapsed() < Duration::from_secs(600),
+                "the proposals were not made"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let options = ServerOptions {
+            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
+            http_addr: "127.0.0.1:0".parse().expect("addr"),
+            ..Default::default()
+        };
+        let server = server::start(orch.clone(), options).await.expect("server");
+        let channel = connect(&server).await;
+        let rate = closed_loop(&channel, clients, secs).await;
+        println!("{label:<14} {rate:>7.0} jobs/s ({park} jobs parked awaiting approval)");
+        rates.push(rate);
+        server.stop().await;
+        orch.shutdown(Duration::from_secs(10)).await;
+        store.flush().await.expect("flush");
+    }
+    println!(
+        "  audit log: {:+.1}%, audit log + {parked} parked jobs: {:+.1}% against plain",
+        (rates[1] / rates[0] - 1.0) * 100.0,
+        (rates[2] / rates[0] - 1.0) * 100.0
+    );
+}
+
 fn main() {
     let part = std::env::var("GRPC_LOAD").unwrap_or_default();
     let secs: u64 = common::env_or("GRPC_LOAD_SECS", 10);
@@ -387,6 +492,11 @@ fn main() {
             let sqlite = SqliteStore::open(SqliteOptions::new(dir.path().join("load.db"))).expect("store");
             run("sqlite", Arc::new(sqlite), clients, secs).await;
             run("memory", Arc::new(MemoryStore::new()), clients, secs).await;
+        }
+        if part.is_empty() || part == "approvals" {
+            let parked: usize = common::env_or("GRPC_PARKED_JOBS", 10_000);
+            println!("cost of the audit log and of parked jobs to an approval-free graph: 5-step zero-latency graph, SQLite store, {clients} clients, {secs} s each");
+            approvals_cost(clients, secs, parked).await;
         }
         if part.is_empty() || part == "watchers" {
             let jobs: u64 = common::env_or("GRPC_WATCH_JOBS", 20_000);

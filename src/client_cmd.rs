@@ -44,6 +44,12 @@ pub struct SubmitArgs {
     /// POSTed (signed) when the job ends.
     #[arg(long)]
     pub callback_url: Option<String>,
+    /// The most tokens this job may spend (at most the graph's budget).
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// The most dollars this job may spend (at most the graph's budget).
+    #[arg(long)]
+    pub max_cost_usd: Option<f64>,
     /// Follow the job live, step by step, until it ends.
     #[arg(long)]
     pub wait: bool,
@@ -55,7 +61,7 @@ pub enum JobsCommand {
     List {
         #[arg(long)]
         graph: Option<String>,
-        /// pending, running, awaiting_approval, succeeded, failed, cancelled
+        /// pending, running, awaiting_approval, budget_exceeded, succeeded, failed, cancelled
         #[arg(long)]
         state: Option<String>,
         /// key=value,key2=value2
@@ -73,6 +79,14 @@ pub enum JobsCommand {
         job_id: String,
         #[arg(long)]
         reason: Option<String>,
+    },
+    /// Set a job's budget; a job stopped by its budget goes on from where it stopped.
+    RaiseBudget {
+        job_id: String,
+        #[arg(long)]
+        max_tokens: Option<u64>,
+        #[arg(long)]
+        max_cost_usd: Option<f64>,
     },
 }
 
@@ -142,6 +156,7 @@ pub fn state_name(s: i32) -> &'static str {
         pb::JobState::Succeeded => "succeeded",
         pb::JobState::Failed => "failed",
         pb::JobState::Cancelled => "cancelled",
+        pb::JobState::BudgetExceeded => "budget_exceeded",
     }
 }
 
@@ -170,6 +185,7 @@ fn job_json(j: &pb::Job) -> serde_json::Value {
         "error": (!j.error.is_empty()).then_some(&j.error),
         "labels": j.labels,
         "usage": j.usage.as_ref().map(|u| serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "cost_usd": u.cost_usd})),
+        "budget": j.budget.as_ref().map(|b| serde_json::json!({"max_tokens": b.max_tokens, "max_cost_usd": b.max_cost_usd})),
         "steps": j.steps.iter().map(|s| serde_json::json!({
             "agent": s.agent, "state": step_state_name(s.state), "attempts": s.attempts,
             "output": parse(&s.output_json), "error": (!s.error.is_empty()).then_some(&s.error),
@@ -212,6 +228,16 @@ fn print_job(j: &pb::Job) {
     }
     if !j.output_json.is_empty() {
         println!("  output: {}", j.output_json);
+    }
+    if let Some(b) = &j.budget {
+        let mut parts = Vec::new();
+        if let Some(t) = b.max_tokens {
+            parts.push(format!("{t} tokens"));
+        }
+        if let Some(c) = b.max_cost_usd {
+            parts.push(format!("${c:.4}"));
+        }
+        println!("  budget: {}", parts.join(", "));
     }
 }
 
@@ -273,6 +299,10 @@ pub fn submit(conn: Conn, a: SubmitArgs) -> anyhow::Result<ExitCode> {
                 .map(|d| prost_types::Duration::try_from(d.get()).expect("a duration that fits")),
             callback_url: a.callback_url.unwrap_or_default(),
             tenant: String::new(),
+            budget: (a.max_tokens.is_some() || a.max_cost_usd.is_some()).then_some(pb::Budget {
+                max_tokens: a.max_tokens,
+                max_cost_usd: a.max_cost_usd,
+            }),
         };
         let resp = client.submit_job(req).await.map_err(explain)?.into_inner();
         if !a.wait {
@@ -354,7 +384,7 @@ pub fn jobs(conn: Conn, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
                 let state = match state.as_deref() {
                     None => pb::JobState::Unspecified,
                     Some(s) => pb::JobState::from_str_name(&format!("JOB_STATE_{}", s.to_uppercase())).with_context(|| {
-                        format!("unknown state {s:?}: use pending, running, awaiting_approval, succeeded, failed or cancelled")
+                        format!("unknown state {s:?}: use pending, running, awaiting_approval, budget_exceeded, succeeded, failed or cancelled")
                     })?,
                 };
                 let resp = client
@@ -389,6 +419,21 @@ pub fn jobs(conn: Conn, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
                 }
             }
             JobsCommand::Watch { job_id } => return follow(&mut client, &job_id, conn.json).await,
+            JobsCommand::RaiseBudget { job_id, max_tokens, max_cost_usd } => {
+                let j = client
+                    .raise_job_budget(pb::RaiseJobBudgetRequest {
+                        job_id,
+                        budget: Some(pb::Budget { max_tokens, max_cost_usd }),
+                    })
+                    .await
+                    .map_err(explain)?
+                    .into_inner();
+                if conn.json {
+                    println!("{}", serde_json::to_string_pretty(&job_json(&j))?);
+                } else {
+                    println!("{} {}", j.job_id, state_name(j.state));
+                }
+            }
             JobsCommand::Cancel { job_id, reason } => {
                 let j = client
                     .cancel_job(pb::CancelJobRequest {

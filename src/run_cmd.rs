@@ -149,14 +149,16 @@ async fn run_async(
     let mut failed_latencies = Vec::new();
     let mut failures: Vec<String> = Vec::new();
     let mut failed_keys: Vec<String> = Vec::new();
-    let (mut succeeded, mut failed, mut steps) = (0usize, 0usize, 0usize);
+    let (mut succeeded, mut failed, mut steps, mut parked) = (0usize, 0usize, 0usize, 0usize);
     let mut open = true;
     while open || !waits.is_empty() {
         tokio::select! {
             id = ids_rx.recv(), if open => match id {
                 Some(id) => {
                     let orch = orch.clone();
-                    waits.push(async move { orch.wait(id).await });
+                    // A job parked for a decision or a budget ends this run's wait: nobody can
+                    // decide in a one-shot run.
+                    waits.push(async move { orch.wait_settled(id).await });
                 }
                 None => open = false,
             },
@@ -164,6 +166,11 @@ async fn run_async(
                 let job = done?;
                 steps += job.steps.iter().filter(|s| s.state == cascade_orchestrator::job::StepState::Succeeded).count();
                 let took = job.run_time();
+                if job.state.is_parked() {
+                    parked += 1;
+                    bar.inc(1);
+                    continue;
+                }
                 if job.state == JobState::Succeeded {
                     succeeded += 1;
                     latencies.extend(took);
@@ -195,6 +202,7 @@ async fn run_async(
         jobs: args.jobs,
         succeeded,
         failed,
+        parked,
         wall_seconds: secs,
         jobs_per_second: succeeded as f64 / secs,
         failed_per_second: failed as f64 / secs,
@@ -215,7 +223,7 @@ async fn run_async(
     } else {
         print_summary(&summary);
     }
-    Ok(if failed == 0 {
+    Ok(if failed == 0 && parked == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
@@ -238,6 +246,8 @@ struct Summary {
     jobs: usize,
     succeeded: usize,
     failed: usize,
+    /// Jobs left waiting for an approval or a larger budget (a one-shot run decides nothing).
+    parked: usize,
     wall_seconds: f64,
     /// Succeeded jobs per second of the run: a failed job is not throughput.
     jobs_per_second: f64,
@@ -279,6 +289,12 @@ fn print_summary(s: &Summary) {
             s.failed_per_second,
             ms(s.failed_latency_p50_ms),
             ms(s.failed_latency_p99_ms)
+        );
+    }
+    if s.parked > 0 {
+        println!(
+            "  {} jobs stopped for an approval or a budget: a one-shot run cannot decide; serve the graph (cascade serve) to approve, or raise budgets",
+            s.parked
         );
     }
     if s.submit_backoffs > 0 {

@@ -306,7 +306,26 @@ async fn approve_runs_exactly_the_stored_call_once_across_a_restart() {
         assert!(kinds.iter().any(|x| x == k), "{k} in {kinds:?}");
     }
 
-    // The audit log has the proposal, the decision and the call, and verifies.
+    // A tenant's export holds its records only: the server's are the configuration loads.
+    let export = client
+        .export_audit(pb::ExportAuditRequest {
+            after_seq: 0,
+            page_size: 0,
+            tenant: "server".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(export.records.len(), 2, "one config load per start");
+    for r in &export.records {
+        let v: Value = serde_json::from_str(&r.record).unwrap();
+        assert_eq!(
+            (v["tenant"].as_str(), v["kind"].as_str()),
+            (Some("server"), Some("config_loaded"))
+        );
+    }
+
+    // The audit log has the proposal, the decision and the call.
     assert!(server.terminate().success());
     let records =
         cascade_orchestrator::audit::log::records(&dir.path().join("data/cascade.db")).unwrap();

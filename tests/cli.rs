@@ -489,6 +489,7 @@ async fn a_served_config_load_is_audited_and_verifies() {
         .export_audit(pb::ExportAuditRequest {
             after_seq: 0,
             page_size: 0,
+            tenant: String::new(),
         })
         .await
         .unwrap()

@@ -418,3 +418,136 @@ kind = "sim"
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;
 }
+
+/// The jobs pages in a real browser: the list shows the jobs and the approvals waiting, a job's
+/// page its steps and events, and its Approve button runs the step; a Reject on the list page
+/// fails its job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium package: .ci/run installs it and runs this test"]
+async fn a_pending_job_is_approved_from_the_dashboard() {
+    use cascade_orchestrator::job::JobState;
+    let graph = r#"
+[graph]
+name = "guarded"
+[agents.prepare]
+kind = "sim"
+[agents.pay]
+kind = "sim"
+after = ["prepare"]
+approval = "required"
+"#;
+    let model = config::parse_graph_str("guarded.toml", graph, &Default::default()).unwrap();
+    let (orch, server) = common::serve_in_process(model).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let req =
+            cascade_orchestrator::SubmitRequest::new("guarded", serde_json::json!({ "n": i }));
+        ids.push(orch.submit(req).await.unwrap().id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while orch.store().pending_approval_count("guarded") < 3 {
+        assert!(Instant::now() < deadline, "the proposals were not made");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let base = format!("http://{}", server.http_addr);
+
+    // The list page: three jobs awaiting approval, three approvals with their proposals.
+    let u = format!("{base}/jobs?graph=guarded");
+    let rejected = ids[2];
+    let list = tokio::task::spawn_blocking(move || {
+        let mut page = Browser::open(&u);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while page.eval("document.querySelectorAll('#approvals .approval').length") != 3 {
+            assert!(Instant::now() < deadline, "the list page never showed the approvals");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let rows = page.eval("JSON.stringify([...document.querySelectorAll('tr[data-job]')].map(r => r.dataset.state))");
+        // Reject the third job's proposal from here.
+        page.eval(&format!(
+            "(() => {{ const f = document.querySelector('form.decide[data-approval=\"{rejected}/pay\"]');
+               f.approver.value = 'dana'; f.reason.value = 'not this one'; f.querySelector('button.reject').click(); }})()"
+        ));
+        let outcome = loop {
+            let v = page.eval(&format!("window.decided?.['{rejected}/pay'] ?? null"));
+            if !v.is_null() {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "the reject never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(outcome, "rejected");
+        rows
+    })
+    .await
+    .unwrap();
+    let rows: Vec<String> = serde_json::from_str(list.as_str().unwrap()).unwrap();
+    assert_eq!(rows, ["awaiting_approval"; 3], "{rows:?}");
+    let done = tokio::time::timeout(Duration::from_secs(30), orch.wait(rejected))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.state, JobState::Failed);
+    assert!(
+        done.error
+            .as_deref()
+            .unwrap()
+            .contains("rejected by dana: not this one"),
+        "{:?}",
+        done.error
+    );
+
+    // A job's page: its steps, its events, and the Approve button.
+    let id = ids[0];
+    let u = format!("{base}/jobs/{id}");
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut page = Browser::open(&u);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while page.eval("document.querySelectorAll('form.decide').length") != 1 {
+            assert!(Instant::now() < deadline, "the job page never showed its approval");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let steps = page.eval("JSON.stringify([...document.querySelectorAll('#steps tr[data-agent]')].map(r => [r.dataset.agent, r.dataset.state]))");
+        let events = page.eval("document.querySelector('#events').textContent");
+        let proposal = page.eval("document.querySelector('pre.proposal').textContent");
+        page.eval("(() => { const f = document.querySelector('form.decide'); f.approver.value = 'erin'; f.querySelector('button.approve').click(); })()");
+        let outcome = loop {
+            let v = page.eval(&format!("window.decided?.['{id}/pay'] ?? null"));
+            if !v.is_null() {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "the approve never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (steps, events, proposal, outcome)
+    })
+    .await
+    .unwrap();
+    let (steps, events, proposal, outcome) = seen;
+    let steps: Vec<(String, String)> = serde_json::from_str(steps.as_str().unwrap()).unwrap();
+    assert_eq!(
+        steps,
+        [
+            ("prepare".to_string(), "succeeded".to_string()),
+            ("pay".to_string(), "awaiting_approval".to_string())
+        ]
+    );
+    assert!(
+        events.as_str().unwrap().contains("approval_requested"),
+        "{events}"
+    );
+    assert!(
+        proposal.as_str().unwrap().contains("\"n\": 0"),
+        "the proposal is shown: {proposal}"
+    );
+    assert_eq!(outcome, "approved");
+    let done = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    let v = orch.approval(&format!("{id}/pay")).unwrap();
+    assert_eq!(v.approval.decision.unwrap().approver, "erin");
+    assert_eq!(orch.store().pending_approval_count("guarded"), 1);
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}

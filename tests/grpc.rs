@@ -652,6 +652,7 @@ async fn callbacks_left_from_before_a_restart_are_delivered() {
                 max_pending: 10,
                 deadline: None,
                 callback_url: Some(format!("http://{receiver}/done")),
+                budget: None,
             })
             .await
             .unwrap();

@@ -244,7 +244,7 @@ async fn metrics_hold_every_family_after_a_run() {
     for l in &labels {
         assert!(
             [
-                "graph", "agent", "quota", "outcome", "cause", "kind", "listener", "le"
+                "graph", "agent", "quota", "outcome", "cause", "kind", "listener", "le", "budget"
             ]
             .contains(l),
             "unbounded label {l}"

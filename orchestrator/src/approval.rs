@@ -62,7 +62,7 @@ impl Condition {
             .get_template(WHEN)
             .and_then(|t| t.render(ctx))
             .map(|out| out == "1")
-            .map_err(|e| format!("{e:#}"))
+            .map_err(|e| e.to_string())
     }
 }
 

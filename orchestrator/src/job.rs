@@ -55,6 +55,9 @@ pub enum JobState {
     Succeeded,
     Failed,
     Cancelled,
+    /// Its next step would spend more than its budget: parked until the budget is raised (or
+    /// the job cancelled).
+    BudgetExceeded,
 }
 
 impl JobState {
@@ -70,7 +73,13 @@ impl JobState {
             Self::Succeeded => "succeeded",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::BudgetExceeded => "budget_exceeded",
         }
+    }
+
+    /// Waiting out of its graph's run for a person: a decision or a larger budget.
+    pub fn is_parked(self) -> bool {
+        matches!(self, Self::AwaitingApproval | Self::BudgetExceeded)
     }
 }
 
@@ -107,6 +116,106 @@ impl StepState {
             Self::Cancelled => "cancelled",
             Self::AwaitingApproval => "awaiting_approval",
         }
+    }
+}
+
+/// What a job may spend: tokens (prompt + completion) and dollars, across all its steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Budget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost_usd: Option<f64>,
+}
+
+impl Budget {
+    pub fn is_empty(&self) -> bool {
+        self.max_tokens.is_none() && self.max_cost_usd.is_none()
+    }
+
+    /// A job's budget within its graph's: each limit the job sets must not be above the
+    /// graph's (a job may lower its graph's budget, never raise it).
+    pub fn within(self, graph: Budget) -> Result<Budget, String> {
+        if let (Some(j), Some(g)) = (self.max_tokens, graph.max_tokens)
+            && j > g
+        {
+            return Err(format!(
+                "budget.max_tokens {j} is above the graph's {g}: a job may lower its graph's budget, not raise it"
+            ));
+        }
+        if let (Some(j), Some(g)) = (self.max_cost_usd, graph.max_cost_usd)
+            && j > g
+        {
+            return Err(format!(
+                "budget.max_cost_usd {j} is above the graph's {g}: a job may lower its graph's budget, not raise it"
+            ));
+        }
+        if self.max_cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
+            return Err("budget.max_cost_usd must be a non-negative number of dollars".into());
+        }
+        Ok(Budget {
+            max_tokens: self.max_tokens.or(graph.max_tokens),
+            max_cost_usd: self.max_cost_usd.or(graph.max_cost_usd),
+        })
+    }
+
+    /// The limit a step expected to spend `next` would pass, with `spent` spent (or reserved)
+    /// already.
+    pub fn breach(&self, spent: &Usage, next: &Usage) -> Option<Breach> {
+        if let Some(max) = self.max_tokens {
+            let (s, n) = (spent.total_tokens(), next.total_tokens());
+            if s.saturating_add(n) > max {
+                return Some(Breach {
+                    budget: "max_tokens",
+                    limit: max as f64,
+                    spent: s as f64,
+                    next: n as f64,
+                });
+            }
+        }
+        if let Some(max) = self.max_cost_usd
+            && spent.cost_usd + next.cost_usd > max + 1e-12
+        {
+            return Some(Breach {
+                budget: "max_cost_usd",
+                limit: max,
+                spent: spent.cost_usd,
+                next: next.cost_usd,
+            });
+        }
+        None
+    }
+}
+
+/// A budget a step would pass.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Breach {
+    /// `"max_tokens"` or `"max_cost_usd"`.
+    pub budget: &'static str,
+    pub limit: f64,
+    /// Spent (and reserved by calls under way) so far.
+    pub spent: f64,
+    /// What the step would spend at most.
+    pub next: f64,
+}
+
+impl Breach {
+    /// What the job's record says, naming the budget, its limit and the usage so far.
+    pub fn message(&self, agent: &str) -> String {
+        let fmt = |v: f64| {
+            if self.budget == "max_cost_usd" {
+                format!("${v:.4}")
+            } else {
+                format!("{v:.0} tokens")
+            }
+        };
+        format!(
+            "budget {} of {} exceeded: {} spent so far, and step {agent:?} may spend up to {} more; raise it (cascade jobs raise-budget, RaiseJobBudget) or cancel the job",
+            self.budget,
+            fmt(self.limit),
+            fmt(self.spent),
+            fmt(self.next)
+        )
     }
 }
 
@@ -256,6 +365,10 @@ pub struct JobRecord {
     pub callback: Option<Box<CallbackDelivery>>,
     /// Scope of the idempotency key.
     pub tenant: String,
+    /// What it may spend (its graph's, lowered by the submission, raised by an operator).
+    /// Always written (a frozen job is encoded by position); absent in older documents.
+    #[serde(default)]
+    pub budget: Option<Budget>,
     /// Each step's last event, while repeats of it are folded into it (a refused call that
     /// starts again at the same attempt, a retry of the same attempt): not stored, rebuilt as it
     /// goes. Only steps that started or retry have one, so it is kept here rather than on every
@@ -316,6 +429,7 @@ impl JobRecord {
             callback_url: None,
             callback: None,
             tenant: String::new(),
+            budget: None,
             repeats: SmallVec::new(),
         }
     }
@@ -520,6 +634,30 @@ impl JobRecord {
                     reason: format!("awaiting approval of {}", waiting.join(", ")),
                 }
             }
+            JobUpdate::BudgetExceeded { agent, message } => {
+                self.state = JobState::BudgetExceeded;
+                self.error = Some(message.clone());
+                EventKind::BudgetExceeded { agent, message }
+            }
+            JobUpdate::BudgetRaised { budget } => {
+                self.budget = Some(budget);
+                if self.state == JobState::BudgetExceeded {
+                    self.error = None;
+                    self.state = if self
+                        .steps
+                        .iter()
+                        .any(|s| s.state == StepState::AwaitingApproval)
+                    {
+                        JobState::AwaitingApproval
+                    } else {
+                        JobState::Pending
+                    };
+                }
+                EventKind::BudgetRaised {
+                    max_tokens: budget.max_tokens,
+                    max_cost_usd: budget.max_cost_usd,
+                }
+            }
             JobUpdate::Decided { step, decision } => {
                 let s = self.steps.get_mut(step)?;
                 let a = s.approval.as_mut().filter(|a| a.is_pending())?;
@@ -625,6 +763,16 @@ pub enum JobUpdate {
     /// Nothing of the job can go on until a decision: it leaves its graph's run (awaiting
     /// approval, holding no slot). Does not apply if no step awaits a decision.
     Parked,
+    /// Step `agent` would pass the job's budget: the job leaves its graph's run until the
+    /// budget is raised.
+    BudgetExceeded {
+        agent: Arc<str>,
+        message: String,
+    },
+    /// The job's budget is now `budget`; a job stopped by its budget is pending again.
+    BudgetRaised {
+        budget: Budget,
+    },
     /// A decision on step `step`'s pending approval (none if it was decided already). An
     /// approval of a parked job's last pending one makes the job pending again.
     Decided {
@@ -699,6 +847,14 @@ pub enum EventKind {
         outcome: ApprovalOutcome,
         approver: String,
         reason: String,
+    },
+    BudgetExceeded {
+        agent: Arc<str>,
+        message: String,
+    },
+    BudgetRaised {
+        max_tokens: Option<u64>,
+        max_cost_usd: Option<f64>,
     },
 }
 

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod dag;
 pub mod job;
+pub mod jobs_api;
 pub mod listen;
 pub mod metrics;
 pub mod model;
@@ -26,4 +27,6 @@ pub mod telemetry;
 
 pub use cascade_agents as agents;
 
-pub use runtime::{Orchestrator, OrchestratorBuilder, SubmitError, SubmitRequest};
+pub use runtime::{
+    Orchestrator, OrchestratorBuilder, RaiseBudgetError, SubmitError, SubmitRequest,
+};

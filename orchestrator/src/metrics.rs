@@ -57,6 +57,7 @@ pub const CALLBACKS_WAITING: &str = "cascade_callbacks_waiting";
 pub const CALLBACKS_DELIVERED: &str = "cascade_callbacks_total";
 pub const WEBHOOK_SIGNATURES: &str = "cascade_webhook_signatures_remembered";
 pub const APPROVALS_PENDING: &str = "cascade_approvals_pending";
+pub const BUDGET_BREACHES: &str = "cascade_budget_breaches_total";
 pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
 pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
 pub const AUDIT_QUEUE_DEPTH: &str = "cascade_audit_queue_depth";
@@ -66,6 +67,11 @@ pub const AUDIT_WRITE_FAILURES: &str = "cascade_audit_write_failures_total";
 /// Describe every metric (once, when the recorder is installed).
 pub fn describe() {
     describe_counter!(JOBS_SUBMITTED, Unit::Count, "Jobs accepted, by graph.");
+    describe_counter!(
+        BUDGET_BREACHES,
+        Unit::Count,
+        "Jobs stopped because their next step would pass their budget, by graph and budget (max_tokens, max_cost_usd)."
+    );
     describe_gauge!(
         APPROVALS_PENDING,
         Unit::Count,
@@ -373,6 +379,8 @@ pub(crate) struct GraphMetrics {
     pub duration_succeeded: Histogram,
     pub duration_failed: Histogram,
     pub approvals_pending: Gauge,
+    /// Budget breaches: `max_tokens`, `max_cost_usd` (present from zero, as alerts need).
+    pub budget_breaches: [Counter; 2],
 }
 
 impl GraphMetrics {
@@ -398,6 +406,8 @@ impl GraphMetrics {
             duration_succeeded: duration("succeeded"),
             duration_failed: duration("failed"),
             approvals_pending: gauge!(APPROVALS_PENDING, "graph" => graph.to_string()),
+            budget_breaches: ["max_tokens", "max_cost_usd"]
+                .map(|b| counter!(BUDGET_BREACHES, "graph" => graph.to_string(), "budget" => b)),
         }
     }
 }

@@ -142,6 +142,8 @@ pub struct GraphModel {
     pub max_in_flight_jobs: NonZeroUsize,
     pub max_pending_jobs: NonZeroUsize,
     pub deadline: Option<Duration>,
+    /// What each job may spend at most (a submission may lower it).
+    pub budget: crate::job::Budget,
     /// Agents in topological order: every agent comes after all of its dependencies.
     pub agents: Vec<AgentModel>,
 }

@@ -200,7 +200,8 @@ pub async fn start(
         .route("/api/events", get(api_events))
         .route("/hooks/{graph}", post(hook))
         .layer(DefaultBodyLimit::max(options.max_input_bytes))
-        .with_state(state);
+        .with_state(state)
+        .merge(crate::jobs_api::routes(orch.clone()));
     let mut http_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let result = axum::serve(http, app)

@@ -7,8 +7,8 @@ use prost_types::Timestamp;
 
 use super::pb;
 use crate::job::{
-    ApprovalOutcome, ApprovalView, CallbackDelivery, EventKind, JobEvent, JobRecord, JobState,
-    StepRecord, StepState,
+    ApprovalOutcome, ApprovalView, Budget, CallbackDelivery, EventKind, JobEvent, JobRecord,
+    JobState, StepRecord, StepState,
 };
 use crate::signal::{CauseInfo, CauseKey, GraphEvent, GraphEventKind};
 
@@ -31,6 +31,7 @@ pub fn job_state_to_pb(s: JobState) -> pb::JobState {
         JobState::Succeeded => pb::JobState::Succeeded,
         JobState::Failed => pb::JobState::Failed,
         JobState::Cancelled => pb::JobState::Cancelled,
+        JobState::BudgetExceeded => pb::JobState::BudgetExceeded,
     }
 }
 
@@ -43,6 +44,7 @@ pub fn job_state_from_pb(s: pb::JobState) -> Option<JobState> {
         pb::JobState::Succeeded => JobState::Succeeded,
         pb::JobState::Failed => JobState::Failed,
         pb::JobState::Cancelled => JobState::Cancelled,
+        pb::JobState::BudgetExceeded => JobState::BudgetExceeded,
     })
 }
 
@@ -109,6 +111,21 @@ pub fn job_to_pb(r: &JobRecord) -> pb::Job {
             .callback_url
             .as_deref()
             .map(|u| callback(u, r.callback.as_deref())),
+        budget: r.budget.map(budget_to_pb),
+    }
+}
+
+pub(crate) fn budget_to_pb(b: Budget) -> pb::Budget {
+    pb::Budget {
+        max_tokens: b.max_tokens,
+        max_cost_usd: b.max_cost_usd,
+    }
+}
+
+pub(crate) fn budget_from_pb(b: &pb::Budget) -> Budget {
+    Budget {
+        max_tokens: b.max_tokens,
+        max_cost_usd: b.max_cost_usd,
     }
 }
 
@@ -184,6 +201,22 @@ pub(crate) fn event_to_pb(e: &JobEvent) -> pb::JobEvent {
         EventKind::Parked { reason } => {
             out.kind = "parked".into();
             out.reason = reason.clone();
+        }
+        EventKind::BudgetExceeded { agent, message } => {
+            out.kind = "budget_exceeded".into();
+            out.agent = agent.to_string();
+            out.reason = message.clone();
+        }
+        EventKind::BudgetRaised {
+            max_tokens,
+            max_cost_usd,
+        } => {
+            out.kind = "budget_raised".into();
+            out.reason = serde_json::to_string(&Budget {
+                max_tokens: *max_tokens,
+                max_cost_usd: *max_cost_usd,
+            })
+            .unwrap_or_default();
         }
         EventKind::ApprovalDecided {
             agent,

@@ -11,7 +11,8 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::convert::{
-    approval_to_pb, cause_to_pb, event_to_pb, graph_event_to_pb, job_state_from_pb, job_to_pb, ts,
+    approval_to_pb, budget_from_pb, cause_to_pb, event_to_pb, graph_event_to_pb, job_state_from_pb,
+    job_to_pb, ts,
 };
 use super::pb;
 use crate::approval::ApprovalError;
@@ -19,7 +20,7 @@ use crate::config::nearest;
 use crate::job::JobId;
 use crate::runtime::GraphState;
 use crate::store::{JobFilter, StoreError};
-use crate::{Orchestrator, SubmitError, SubmitRequest};
+use crate::{Orchestrator, RaiseBudgetError, SubmitError, SubmitRequest};
 
 const DEFAULT_PAGE_SIZE: usize = 50;
 const MAX_PAGE_SIZE: usize = 1000;
@@ -130,6 +131,7 @@ fn submit_status(e: SubmitError) -> Status {
         ),
         SubmitError::KeyConflict(inner) => Status::already_exists(inner.to_string()),
         SubmitError::ShuttingDown => Status::unavailable(e.to_string()),
+        SubmitError::InvalidBudget(m) => bad_request("budget", m),
         SubmitError::Store(inner) => store_status(inner),
     }
 }
@@ -292,7 +294,11 @@ impl pb::cascade_server::Cascade for CascadeService {
         };
         let page = self
             .audit()?
-            .page(r.after_seq, limit)
+            .page(
+                r.after_seq,
+                limit,
+                (!r.tenant.is_empty()).then_some(r.tenant.as_str()),
+            )
             .map_err(Status::unavailable)?;
         let next_after_seq = if page.len() == limit {
             page.last().map_or(0, |(seq, _, _)| *seq)
@@ -365,6 +371,7 @@ impl pb::cascade_server::Cascade for CascadeService {
             labels: r.labels.into_iter().collect(),
             deadline,
             callback_url,
+            budget: r.budget.as_ref().map(budget_from_pb),
         };
         let s = self.orch.submit(request).await.map_err(submit_status)?;
         Ok(Response::new(pb::SubmitJobResponse {
@@ -455,6 +462,33 @@ impl pb::cascade_server::Cascade for CascadeService {
             &r.reason
         };
         let job = self.orch.cancel(id, reason).await.map_err(store_status)?;
+        Ok(Response::new(job_to_pb(&job)))
+    }
+
+    async fn raise_job_budget(
+        &self,
+        req: Request<pb::RaiseJobBudgetRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let id = parse_job_id("job_id", &r.job_id)?;
+        let budget = r
+            .budget
+            .as_ref()
+            .map(budget_from_pb)
+            .ok_or_else(|| bad_request("budget", "set max_tokens, max_cost_usd or both"))?;
+        let job = self
+            .orch
+            .raise_budget(id, budget)
+            .await
+            .map_err(|e| match e {
+                RaiseBudgetError::Invalid(m) => {
+                    let (field, description) = m.split_once(": ").unwrap_or(("budget", m.as_str()));
+                    bad_request(field, description)
+                }
+                RaiseBudgetError::Ended(..) => Status::failed_precondition(e.to_string()),
+                RaiseBudgetError::Unavailable => Status::unavailable(e.to_string()),
+                RaiseBudgetError::Store(inner) => store_status(inner),
+            })?;
         Ok(Response::new(job_to_pb(&job)))
     }
 

@@ -154,16 +154,23 @@ impl AuditLog {
     }
 
     /// Up to `limit` records after `after`: (sequence number, exact text, leaf hash).
-    pub fn page(&self, after: u64, limit: usize) -> Result<Vec<Entry>, String> {
+    pub fn page(
+        &self,
+        after: u64,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<Vec<Entry>, String> {
         let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = s
             .conn
             .prepare_cached(
-                "SELECT seq, record, leaf FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                "SELECT seq, record, leaf FROM audit_log
+                 WHERE seq > ?1 AND (?3 IS NULL OR json_extract(record, '$.tenant') = ?3)
+                 ORDER BY seq LIMIT ?2",
             )
             .map_err(sql)?;
         let rows = stmt
-            .query_map(params![after as i64, limit as i64], |r| {
+            .query_map(params![after as i64, limit as i64, tenant], |r| {
                 Ok((
                     r.get::<_, i64>(0)? as u64,
                     r.get::<_, String>(1)?,

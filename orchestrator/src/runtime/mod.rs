@@ -66,6 +66,8 @@ pub struct SubmitRequest {
     pub deadline: Option<Duration>,
     /// POSTed, signed, when the job ends.
     pub callback_url: Option<String>,
+    /// Lowers the graph's budget for this job.
+    pub budget: Option<crate::job::Budget>,
 }
 
 impl SubmitRequest {
@@ -78,6 +80,7 @@ impl SubmitRequest {
             labels: BTreeMap::new(),
             deadline: None,
             callback_url: None,
+            budget: None,
         }
     }
 
@@ -117,6 +120,9 @@ pub enum SubmitError {
     KeyConflict(StoreError),
     #[error("the orchestrator is shutting down and accepts no new jobs")]
     ShuttingDown,
+    /// The submission's budget raises the graph's (or is not a budget).
+    #[error("{0}")]
+    InvalidBudget(String),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -263,6 +269,19 @@ impl OrchestratorBuilder {
 #[error("the orchestrator could not start: {0}")]
 pub struct StartError(String);
 
+/// Why a budget was not set.
+#[derive(Debug, thiserror::Error)]
+pub enum RaiseBudgetError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("job {0} has ended ({1}); its budget no longer matters")]
+    Ended(JobId, crate::job::JobState),
+    #[error("the job's graph is not running now (the server is stopping); try again")]
+    Unavailable,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// A running orchestrator.
 pub struct Orchestrator {
     shared: Arc<Shared>,
@@ -314,7 +333,13 @@ impl Orchestrator {
             return Err(SubmitError::ShuttingDown);
         }
         let g = self.graph(&req.graph)?.clone();
+        let budget = req
+            .budget
+            .unwrap_or_default()
+            .within(g.model.budget)
+            .map_err(SubmitError::InvalidBudget)?;
         let job = NewJob {
+            budget: (!budget.is_empty()).then_some(budget),
             id: JobId::new(),
             graph: g.model.name.clone(),
             agents: g.names.clone(),
@@ -400,6 +425,20 @@ impl Orchestrator {
 
     /// Wait until the job has finished, and return it.
     pub async fn wait(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        self.wait_until(id, |s| s.is_terminal()).await
+    }
+
+    /// Wait until job `id` ends or is parked (for a decision or a budget); the job then.
+    pub async fn wait_settled(&self, id: JobId) -> Result<JobRecord, StoreError> {
+        self.wait_until(id, |s| s.is_terminal() || s.is_parked())
+            .await
+    }
+
+    async fn wait_until(
+        &self,
+        id: JobId,
+        done: impl Fn(crate::job::JobState) -> bool,
+    ) -> Result<JobRecord, StoreError> {
         loop {
             let (tx, rx) = oneshot::channel();
             self.shared
@@ -409,20 +448,20 @@ impl Orchestrator {
                 .entry(id)
                 .or_default()
                 .push(tx);
-            // Checked after registering, so a finish in between is not missed.
+            // Checked after registering, so a change in between is not missed.
             let record = self
                 .shared
                 .store
                 .get(id)
                 .and_then(|r| r.ok_or(StoreError::NotFound(id)));
             match record {
-                Ok(r) if !r.state.is_terminal() => {}
-                done => {
-                    // Finished already (or unknown): nobody will wake this waiter, so it must
+                Ok(r) if !done(r.state) => {}
+                settled => {
+                    // Settled already (or unknown): nobody will wake this waiter, so it must
                     // not stay behind — one entry per awaited job would grow without end.
                     drop(rx);
                     self.shared.forget_waiters(id);
-                    return done;
+                    return settled;
                 }
             }
             let _ = rx.await;
@@ -574,6 +613,55 @@ impl Orchestrator {
             a.flush().await;
         }
         Ok(answer)
+    }
+
+    /// Set job `id`'s budget: each limit `raise` sets replaces the job's (those it leaves unset
+    /// stay). A job stopped by its budget goes on from where it stopped; nothing done re-runs.
+    /// Returns the job as it is then.
+    pub async fn raise_budget(
+        &self,
+        id: JobId,
+        raise: crate::job::Budget,
+    ) -> Result<JobRecord, RaiseBudgetError> {
+        if raise.is_empty() {
+            return Err(RaiseBudgetError::Invalid(
+                "budget: set max_tokens, max_cost_usd or both".into(),
+            ));
+        }
+        if raise
+            .max_cost_usd
+            .is_some_and(|c| !c.is_finite() || c < 0.0)
+        {
+            return Err(RaiseBudgetError::Invalid(
+                "budget.max_cost_usd: a non-negative number of dollars".into(),
+            ));
+        }
+        let record = self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?;
+        if record.state.is_terminal() {
+            return Err(RaiseBudgetError::Ended(id, record.state));
+        }
+        let old = record.budget.unwrap_or_default();
+        let budget = crate::job::Budget {
+            max_tokens: raise.max_tokens.or(old.max_tokens),
+            max_cost_usd: raise.max_cost_usd.or(old.max_cost_usd),
+        };
+        let g = self
+            .graphs
+            .get(&record.graph)
+            .and_then(|g| g.scheduler())
+            .ok_or(RaiseBudgetError::Unavailable)?;
+        ractor::call_t!(
+            g,
+            |reply| SchedMsg::RaiseBudget {
+                job: id,
+                budget,
+                reply
+            },
+            10_000
+        )
+        .map_err(|_| RaiseBudgetError::Unavailable)??;
+        self.shared.store.flush().await?;
+        Ok(self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?)
     }
 
     /// Send new proposals of agents with an `approval_webhook` here (the server's notifier).

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::approval::{ApprovalError, Resolved};
-use crate::job::{ApprovalDecision, JobId};
+use crate::job::{ApprovalDecision, Budget, JobId};
 use crate::quota::{Outcome, QuotaSnapshot};
 use crate::signal::{AgentKey, AgentPause, Reach};
 
@@ -49,6 +49,12 @@ pub(crate) enum SchedMsg {
         job: JobId,
         reason: String,
         reply: RpcReplyPort<bool>,
+    },
+    /// Job `job`'s budget is now `budget` (a job stopped by it goes on).
+    RaiseBudget {
+        job: JobId,
+        budget: Budget,
+        reply: RpcReplyPort<Result<(), crate::store::StoreError>>,
     },
     /// A person's decision on step `step`'s proposal, which they saw with hash `sha256`.
     Decide {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use cascade_agents::{AgentError, AgentOutput, CallContext, ErrorClass, StepInput};
+use cascade_agents::{AgentError, AgentOutput, CallContext, ErrorClass, StepInput, Usage};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use rand::rngs::SmallRng;
 use rand::{RngExt, SeedableRng};
@@ -30,7 +30,7 @@ use super::protocol::{
 use super::step::{Decision, Rules, Step, failure_message};
 use crate::approval::{ApprovalError, Resolved};
 use crate::job::{
-    Approval, ApprovalDecision, ApprovalOutcome, ApprovalView, JobEvent, JobId, JobRecord,
+    Approval, ApprovalDecision, ApprovalOutcome, ApprovalView, Budget, JobEvent, JobId, JobRecord,
     JobState, JobUpdate, StepState,
 };
 use crate::metrics::{AgentMetrics, GraphMetrics};
@@ -69,6 +69,20 @@ struct JobRun {
     tenant: Arc<str>,
     /// Steps whose prepared call waits for a decision.
     proposals: u16,
+    /// Its budget and what it spent, for a job that has one (boxed: most jobs have none).
+    budget: Option<Box<BudgetRun>>,
+}
+
+/// A job's budget as it runs.
+struct BudgetRun {
+    limit: Budget,
+    /// What its steps spent so far.
+    spent: Usage,
+    /// What its calls under way may spend, by step.
+    reserved: smallvec::SmallVec<[(usize, Usage); 2]>,
+    /// A step the budget would not cover (its agent and the message): the job stops once
+    /// nothing else of it runs.
+    breach: Option<(Arc<str>, String)>,
 }
 
 /// The job's span, the root of its trace whatever runs now. A job not sampled for export gets
@@ -284,6 +298,9 @@ impl Actor for Scheduler {
                     let _ = reply.send(s.end_parked(job, JobState::Cancelled, None, message));
                 }
             }
+            SchedMsg::RaiseBudget { job, budget, reply } => {
+                let _ = reply.send(s.raise_budget(job, budget));
+            }
             SchedMsg::Decide {
                 job,
                 step,
@@ -462,6 +479,14 @@ impl SchedState {
                 traced,
                 tenant: Arc::from(r.tenant.as_str()),
                 proposals,
+                budget: r.budget.map(|limit| {
+                    Box::new(BudgetRun {
+                        limit,
+                        spent: r.usage,
+                        reserved: Default::default(),
+                        breach: None,
+                    })
+                }),
             }),
         );
         if remaining == 0 {
@@ -496,6 +521,12 @@ impl SchedState {
             if self.ctx.model.agents[i].may_need_approval()
                 && job.steps[i].prepared.is_none()
                 && self.hold_for_approval(i, job_id)
+            {
+                continue;
+            }
+            // A step its job's budget would not cover does not start.
+            if self.jobs.get(&job_id).is_some_and(|j| j.budget.is_some())
+                && self.over_budget(i, job_id)
             {
                 continue;
             }
@@ -708,6 +739,12 @@ impl SchedState {
             .is_some_and(|j| j.steps[d.step].step.is_running(d.token));
         if current {
             self.audit_call(&d);
+        }
+        if let Some(b) = self.jobs.get_mut(&d.job).and_then(|j| j.budget.as_mut()) {
+            b.reserved.retain(|(s, _)| *s != d.step);
+            if let Ok(out) = &d.result {
+                b.spent.add(&out.usage);
+            }
         }
         if let Some(grant) = d.grant.take() {
             // Every grant is settled, whether or not the result still matters: its reservation
@@ -1121,12 +1158,110 @@ impl SchedState {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
-        if job.proposals == 0 || job.steps.iter().any(|s| s.step.is_active()) {
+        let breach = job.budget.as_ref().and_then(|b| b.breach.clone());
+        if (job.proposals == 0 && breach.is_none()) || job.steps.iter().any(|s| s.step.is_active())
+        {
             return;
         }
-        self.record(id, JobUpdate::Parked);
+        match breach {
+            Some((agent, message)) => self.record(id, JobUpdate::BudgetExceeded { agent, message }),
+            None => self.record(id, JobUpdate::Parked),
+        }
         self.jobs.remove(&id);
+        // Whoever waits for the job to settle (a one-shot run) learns it is parked; those
+        // waiting for its end wait on.
+        self.ctx.shared.job_finished(id);
         self.admit(true);
+    }
+
+    /// Whether step `i` of job `id` (queued) would pass the job's budget, with what its steps
+    /// spent and its calls under way may spend: then it is held, the breach is counted and
+    /// audited, and the job stops once nothing else of it runs. Otherwise its estimate is
+    /// reserved until its call ends.
+    fn over_budget(&mut self, i: usize, id: JobId) -> bool {
+        let ctx = self.ctx.clone();
+        let agent = &ctx.model.agents[i];
+        let Some(handle) = self.slots[i].actor.clone() else {
+            return false;
+        };
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return false;
+        };
+        let input = step_input(&ctx, i, job);
+        let next = handle.agent.estimated_usage(&input);
+        let Some(b) = job.budget.as_mut() else {
+            return false;
+        };
+        b.reserved.retain(|(s, _)| *s != i);
+        let mut committed = b.spent;
+        for (_, u) in &b.reserved {
+            committed.add(u);
+        }
+        let Some(breach) = b.limit.breach(&committed, &next) else {
+            b.reserved.push((i, next));
+            return false;
+        };
+        job.steps[i].step.hold();
+        if b.breach.is_none() {
+            let message = breach.message(&agent.name);
+            tracing::warn!(job_id = %id, agent = %agent.name, budget = breach.budget, "{message}");
+            self.metrics.budget_breaches[usize::from(breach.budget == "max_cost_usd")].increment(1);
+            let tenant = job.tenant.clone();
+            self.ctx.shared.audit(
+                &tenant,
+                "budget_exceeded",
+                json!({
+                    "job_id": id.to_string(),
+                    "graph": &*ctx.model.name,
+                    "agent": &*agent.name,
+                    "budget": breach.budget,
+                    "limit": breach.limit,
+                    "spent": breach.spent,
+                    "next": breach.next,
+                }),
+            );
+            if let Some(b) = self.jobs.get_mut(&id).and_then(|j| j.budget.as_mut()) {
+                b.breach = Some((agent.name.clone(), message));
+            }
+        }
+        self.maybe_park(id);
+        true
+    }
+
+    /// Job `id`'s budget is now `budget`: recorded (a job stopped by its budget is pending
+    /// again, and claimed like any), and for a job in the run, its held steps go on.
+    fn raise_budget(&mut self, id: JobId, budget: Budget) -> Result<(), crate::store::StoreError> {
+        self.record(id, JobUpdate::BudgetRaised { budget });
+        let Some(job) = self.jobs.get_mut(&id) else {
+            self.admit(true);
+            return Ok(());
+        };
+        match job.budget.as_mut() {
+            Some(b) => {
+                b.limit = budget;
+                b.breach = None;
+            }
+            None => {
+                job.budget = Some(Box::new(BudgetRun {
+                    limit: budget,
+                    spent: Usage::default(),
+                    reserved: Default::default(),
+                    breach: None,
+                }))
+            }
+        }
+        let seq = job.seq;
+        let held: Vec<usize> = job
+            .steps
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(i, s)| s.step.release().then_some(i))
+            .collect();
+        for i in held {
+            self.slots[i].queue.push(Reverse((seq, id)));
+            self.pump(i);
+        }
+        Ok(())
     }
 
     /// A decision on step `i`'s proposal of job `id`, whose approver saw hash `sha256`.
@@ -1262,7 +1397,7 @@ impl SchedState {
         let Ok(Some(record)) = store.get(id) else {
             return false;
         };
-        if record.state != JobState::AwaitingApproval || *record.graph != *self.ctx.model.name {
+        if !record.state.is_parked() || *record.graph != *self.ctx.model.name {
             return false;
         }
         if let Some(i) = failed {

@@ -124,6 +124,25 @@ impl Step {
         true
     }
 
+    /// A queued step may not start (its job's budget would not cover it): it waits, ready,
+    /// holding nothing, until [`Step::release`]. Returns whether it was queued.
+    pub fn hold(&mut self) -> bool {
+        if self.phase != Phase::Queued {
+            return false;
+        }
+        self.phase = Phase::Waiting { pending_deps: 0 };
+        true
+    }
+
+    /// A held step is queued again. Returns whether it was held.
+    pub fn release(&mut self) -> bool {
+        if self.phase != (Phase::Waiting { pending_deps: 0 }) {
+            return false;
+        }
+        self.phase = Phase::Queued;
+        true
+    }
+
     /// Its proposal was approved: it is queued to run. Returns whether it was waiting for that.
     pub fn approve(&mut self) -> bool {
         if self.phase != Phase::Proposed {

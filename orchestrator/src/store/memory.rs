@@ -164,6 +164,7 @@ struct PendingJob {
     created_at: SystemTime,
     deadline: Option<Duration>,
     callback_url: Option<String>,
+    budget: Option<crate::job::Budget>,
 }
 
 impl PendingJob {
@@ -185,6 +186,7 @@ impl PendingJob {
         record.idempotency_key = key.map(|(_, k)| k.clone());
         record.deadline = self.deadline;
         record.callback_url = self.callback_url.clone();
+        record.budget = self.budget;
         record.tenant = self.tenant.clone();
         record.events = 1;
         record
@@ -552,6 +554,7 @@ impl MemoryStore {
             created_at: crate::clock::now(),
             deadline: job.deadline,
             callback_url: job.callback_url,
+            budget: job.budget,
         };
         let created = created.then(|| {
             let record = pending.record(&job.graph, &job.labels, key.as_ref());
@@ -650,7 +653,7 @@ impl MemoryStore {
                 .or_default()
                 .push_back(record.id);
         }
-        let parked = record.state == JobState::AwaitingApproval;
+        let parked = record.state.is_parked();
         let awaiting = record.awaits_decision().then(|| {
             (
                 record.graph.clone(),
@@ -673,8 +676,8 @@ impl MemoryStore {
 
     /// After a change to job `id` (whose state was `was`): keep the index of jobs awaiting a
     /// decision in step, queue a job made pending again (an approved parked job, ahead of the
-    /// jobs submitted since: it is older), and freeze a job that was parked (it holds no more
-    /// than its compressed record while it waits, however long).
+    /// jobs submitted since: it is older), and freeze a job that was parked, for a decision or a
+    /// budget (it holds no more than its compressed record while it waits, however long).
     fn track(inner: &mut Inner, id: JobId, was: JobState) {
         let Inner {
             jobs,
@@ -706,7 +709,7 @@ impl MemoryStore {
                 .or_default()
                 .push_front(id);
         }
-        if r.state == JobState::AwaitingApproval && was != JobState::AwaitingApproval {
+        if r.state.is_parked() && !was.is_parked() {
             entry.freeze(freeze_buf);
         }
     }
@@ -996,6 +999,7 @@ mod tests {
             max_pending: 2,
             deadline: None,
             callback_url: None,
+            budget: None,
         }
     }
 

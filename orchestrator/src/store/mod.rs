@@ -35,6 +35,7 @@ pub struct NewJob {
     pub max_pending: usize,
     pub deadline: Option<std::time::Duration>,
     pub callback_url: Option<String>,
+    pub budget: Option<crate::job::Budget>,
 }
 
 /// The outcome of a submission.

@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     prompt_tokens INTEGER NOT NULL DEFAULT 0,
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     cost_usd REAL NOT NULL DEFAULT 0,
-    events INTEGER NOT NULL DEFAULT 0
+    events INTEGER NOT NULL DEFAULT 0,
+    budget TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_graph_state ON jobs (graph, state);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -199,7 +200,7 @@ impl SqliteStore {
         let mut loaded = 0;
         {
             let mut stmt = read
-                .prepare("SELECT id FROM jobs WHERE state IN ('pending', 'running', 'awaiting_approval') ORDER BY id")
+                .prepare("SELECT id FROM jobs WHERE state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded') ORDER BY id")
                 .map_err(err)?;
             let ids: Vec<String> = stmt
                 .query_map([], |r| r.get(0))
@@ -703,7 +704,7 @@ fn write_job(
     tx.prepare_cached(
         "UPDATE jobs SET state = ?2, output = ?3, error = ?4, started_at = ?5, finished_at = ?6,
              updated_at = ?7, prompt_tokens = ?8, completion_tokens = ?9, cost_usd = ?10,
-             events = ?11, callback = ?12
+             events = ?11, callback = ?12, budget = ?13
          WHERE id = ?1",
     )?
     .execute(params![
@@ -721,6 +722,7 @@ fn write_job(
         r.callback
             .as_ref()
             .and_then(|c| serde_json::to_string(c).ok()),
+        r.budget.and_then(|b| serde_json::to_string(&b).ok()),
     ])?;
     for &i in steps {
         write_step(tx, r.id, i, &r.steps[i])?;
@@ -728,19 +730,21 @@ fn write_job(
     Ok(())
 }
 
-/// Bring a store written by an earlier version up to this one's tables.
+/// Bring a store written by an earlier version up to this one's tables: the columns added
+/// since, each added where it is missing.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let has_approval: bool = conn
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('steps') WHERE name = 'approval'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .map_err(err)?
-        > 0;
-    if !has_approval {
-        conn.execute_batch("ALTER TABLE steps ADD COLUMN approval TEXT")
+    for (table, column) in [("steps", "approval"), ("jobs", "budget")] {
+        let present: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
+                params![column],
+                |r| r.get(0),
+            )
             .map_err(err)?;
+        if present == 0 {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+                .map_err(err)?;
+        }
     }
     Ok(())
 }
@@ -789,6 +793,7 @@ fn parse_state(s: &str) -> JobState {
         "pending" => JobState::Pending,
         "running" => JobState::Running,
         "awaiting_approval" => JobState::AwaitingApproval,
+        "budget_exceeded" => JobState::BudgetExceeded,
         "succeeded" => JobState::Succeeded,
         "cancelled" => JobState::Cancelled,
         _ => JobState::Failed,
@@ -817,7 +822,7 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
         .prepare_cached(
             "SELECT graph, state, input, output, error, labels, tenant, idempotency_key, deadline_ms, callback_url,
                  callback, created_at, started_at, finished_at, updated_at, prompt_tokens, completion_tokens,
-                 cost_usd, events
+                 cost_usd, events, budget
              FROM jobs WHERE id = ?1",
         )
         .map_err(err)?
@@ -848,6 +853,9 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
             rec.usage.completion_tokens = r.get::<_, i64>(16)? as u64;
             rec.usage.cost_usd = r.get(17)?;
             rec.events = r.get::<_, i64>(18)? as u64;
+            rec.budget = r
+                .get::<_, Option<String>>(19)?
+                .and_then(|b| serde_json::from_str(&b).ok());
             Ok(rec)
         })
         .optional()
@@ -919,6 +927,7 @@ mod tests {
             max_pending: 100,
             deadline: Some(Duration::from_secs(30)),
             callback_url: None,
+            budget: None,
         }
     }
 

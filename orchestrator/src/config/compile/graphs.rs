@@ -9,6 +9,7 @@ const GRAPH_FIELDS: &[&str] = &[
     "max_in_flight_jobs",
     "max_pending_jobs",
     "deadline",
+    "budget",
 ];
 /// Fields every agent has, whatever its kind.
 const AGENT_FIELDS: &[&str] = &[
@@ -114,6 +115,29 @@ impl Loader<'_> {
         let max_in_flight_jobs: Option<NonZeroUsize> = r.take("max_in_flight_jobs", &mut self.errs);
         let max_pending_jobs: Option<NonZeroUsize> = r.take("max_pending_jobs", &mut self.errs);
         let deadline: Option<HumanDuration> = r.take("deadline", &mut self.errs);
+        let budget_span = r.entry("budget").map(|(_, v)| v.span());
+        let budget: Option<RawBudget> = r.take("budget", &mut self.errs);
+        let budget = match (budget, budget_span) {
+            (Some(b), Some(span)) => {
+                if b.max_cost_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
+                    self.errs.push(
+                        src.error(span.clone(), "graph.budget.max_cost_usd", "a negative or infinite amount")
+                            .with_help("write the dollars a job may spend, e.g. budget = { max_cost_usd = 2.5 }"),
+                    );
+                }
+                if b.max_tokens.is_none() && b.max_cost_usd.is_none() {
+                    self.errs.push(
+                        src.error(span, "graph.budget", "a budget with no limit")
+                            .with_help("budget = { max_tokens = 100000, max_cost_usd = 2.5 } (either or both)"),
+                    );
+                }
+                crate::job::Budget {
+                    max_tokens: b.max_tokens,
+                    max_cost_usd: b.max_cost_usd,
+                }
+            }
+            _ => crate::job::Budget::default(),
+        };
         r.deny_unknown(GRAPH_FIELDS, "[graph]", &mut self.errs);
         // A graph whose name is missing or bad is still checked, under an empty name.
         let (name, name_span) = name.unwrap_or((String::new(), span));
@@ -130,6 +154,7 @@ impl Loader<'_> {
             max_pending_jobs: max_pending_jobs
                 .unwrap_or(NonZeroUsize::new(DEFAULT_MAX_PENDING_JOBS).expect("non-zero")),
             deadline: deadline.map(HumanDuration::get),
+            budget,
             agents: Vec::new(),
         })
     }
@@ -421,4 +446,12 @@ impl Loader<'_> {
         }
         ok.then_some(p)
     }
+}
+
+/// `[graph] budget = { max_tokens, max_cost_usd }`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBudget {
+    max_tokens: Option<u64>,
+    max_cost_usd: Option<f64>,
 }

@@ -130,6 +130,7 @@ struct PendingGraph {
     max_in_flight_jobs: NonZeroUsize,
     max_pending_jobs: NonZeroUsize,
     deadline: Option<Duration>,
+    budget: crate::job::Budget,
     agents: Vec<PendingAgent>,
 }
 

@@ -178,6 +178,7 @@ impl Loader<'_> {
             max_in_flight_jobs: g.max_in_flight_jobs,
             max_pending_jobs: g.max_pending_jobs,
             deadline: g.deadline,
+            budget: g.budget,
             agents,
         })
     }
