@@ -351,18 +351,6 @@ async fn memory_per_in_flight_job(n: usize) -> f64 {
     after.saturating_sub(before) as f64 / n as f64
 }
 
-/// Resident memory of this process now, from `/proc/self/status` (0 where there is none).
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
-}
-
 /// RSS against jobs run: the zero-latency 5-step pipeline as `cascade run` runs it (in-memory
 /// store with its default retention of 100,000 finished jobs, 256 jobs in flight), with RSS read
 /// at each checkpoint. Past the retention, RSS must stay flat; below it, the bytes allocated per
@@ -384,7 +372,7 @@ async fn rss_versus_jobs(checkpoints: &[usize]) {
     ALLOCATED.store(1 << 40, Relaxed);
     COUNTING.store(true, Relaxed);
     let base_alloc = ALLOCATED.load(Relaxed);
-    let base_rss = rss_bytes();
+    let base_rss = common::rss_bytes();
     let mut next = checkpoints.iter().copied().peekable();
     let mut first_rss = None;
     let start = Instant::now();
@@ -405,7 +393,7 @@ async fn rss_versus_jobs(checkpoints: &[usize]) {
         }
         if done >= at {
             next.next();
-            let rss = rss_bytes();
+            let rss = common::rss_bytes();
             let retained = done.min(retain).max(1);
             let per_job =
                 (ALLOCATED.load(Relaxed).saturating_sub(base_alloc)) as f64 / retained as f64;

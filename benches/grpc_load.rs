@@ -439,6 +439,7 @@ async fn approvals_cost(clients: usize, secs: u64, parked: usize) {
         let guarded =
             config::parse_graph_str("guarded.toml", GUARDED, &Default::default()).expect("graph");
         model.graphs.extend(guarded.graphs);
+        model.quotas.extend(guarded.quotas);
         let mut builder = Orchestrator::builder(model).store(store.clone());
         if audited {
             let log = cascade_orchestrator::audit::log::AuditLog::open(&path, None, "bench")
@@ -446,6 +447,7 @@ async fn approvals_cost(clients: usize, secs: u64, parked: usize) {
             builder = builder.audit(Arc::new(log));
         }
         let orch = Arc::new(builder.start().await.expect("start"));
+        let rss_before = common::rss_bytes();
         for n in 0..park {
             let req =
                 cascade_orchestrator::SubmitRequest::new("guarded", serde_json::json!({ "n": n }));
@@ -459,6 +461,14 @@ async fn approvals_cost(clients: usize, secs: u64, parked: usize) {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let per_parked = if park > 0 {
+            format!(
+                ", {:.0} bytes of RSS per parked job",
+                common::rss_bytes().saturating_sub(rss_before) as f64 / park as f64
+            )
+        } else {
+            String::new()
+        };
         let options = ServerOptions {
             grpc_addr: "127.0.0.1:0".parse().expect("addr"),
             http_addr: "127.0.0.1:0".parse().expect("addr"),
@@ -467,7 +477,9 @@ async fn approvals_cost(clients: usize, secs: u64, parked: usize) {
         let server = server::start(orch.clone(), options).await.expect("server");
         let channel = connect(&server).await;
         let rate = closed_loop(&channel, clients, secs).await;
-        println!("{label:<14} {rate:>7.0} jobs/s ({park} jobs parked awaiting approval)");
+        println!(
+            "{label:<14} {rate:>7.0} jobs/s ({park} jobs parked awaiting approval{per_parked})"
+        );
         rates.push(rate);
         server.stop().await;
         orch.shutdown(Duration::from_secs(10)).await;

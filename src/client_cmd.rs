@@ -265,6 +265,22 @@ fn print_event(e: &pb::JobEvent) {
             e.agent, e.attempt, e.retry_delay_ms, e.error
         ),
         "step_failed" => format!("✗ {} after {} attempt(s): {}", e.agent, e.attempt, e.error),
+        "approval_requested" => format!(
+            "? {} waits for approval: cascade approvals show {}",
+            e.agent, e.approval_id
+        ),
+        "approval_decided" => format!(
+            "{} {} by {}{}",
+            e.agent,
+            e.outcome,
+            e.approver,
+            if e.reason.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", e.reason)
+            }
+        ),
+        "parked" | "budget_exceeded" | "budget_raised" => e.reason.clone(),
         "finished" => format!(
             "{}{}",
             state_name(e.state),

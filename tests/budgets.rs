@@ -239,3 +239,74 @@ async fn over_grpc_a_stopped_job_shows_its_usage_and_resumes_when_raised() {
         .unwrap_err();
     assert_eq!(empty.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_spend_quota_pauses_the_agents_that_spend_it_until_its_window_allows_more() {
+    use cascade_orchestrator::quota::Limit;
+    // $0.15 a call, $0.30 an hour: two calls, then the quota is exhausted for the hour.
+    let orch = common::start(
+        r#"
+[graph]
+name = "spend"
+
+[quotas.provider-spend]
+cost_usd_per_hour = 0.30
+
+[agents.draft]
+kind = "sim"
+quota = "provider-spend"
+usage = { prompt_tokens = 100, completion_tokens = 50 }
+cost_per_1k_tokens = 1.0
+
+[agents.send]
+kind = "sim"
+after = ["draft"]
+"#,
+    )
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let req = SubmitRequest::new("spend", json!({ "n": n }));
+        ids.push(orch.submit(req).await.unwrap().id);
+    }
+    for id in &ids[..2] {
+        let job = tokio::time::timeout(Duration::from_secs(5), orch.wait(*id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let q = common::quota(&orch, "provider-spend").await;
+    assert_eq!(q.exhausted_reason, Some(Limit::CostBudget), "{q:?}");
+    assert_eq!(q.cost_limit.as_deref(), Some("$0.3/hour"));
+    assert!((q.cost_used_usd.unwrap() - 0.30).abs() < 1e-9, "{q:?}");
+    // The agent that spends it pauses with the quota as its cause, and its downstream too.
+    let pauses = orch.pauses("spend").await.unwrap();
+    for (agent, pause) in &pauses {
+        let pause = pause
+            .as_ref()
+            .unwrap_or_else(|| panic!("{agent} is paused"));
+        assert_eq!(&*pause.causes[0].1.reason, "cost budget spent", "{agent}");
+    }
+    let third = orch.get(ids[2]).unwrap().unwrap();
+    assert_eq!(
+        third.steps[0].attempts, 0,
+        "no call that the quota cannot pay for starts"
+    );
+
+    // An hour later the window allows more: the third job runs.
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let job = tokio::time::timeout(Duration::from_secs(5), orch.wait(ids[2]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded);
+    assert!(
+        orch.pauses("spend")
+            .await
+            .unwrap()
+            .iter()
+            .all(|(_, p)| p.is_none())
+    );
+}

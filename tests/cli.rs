@@ -543,3 +543,112 @@ async fn a_served_config_load_is_audited_and_verifies() {
         "{files:?}"
     );
 }
+
+/// `cascade approvals` and `cascade jobs raise-budget` against a real server.
+#[test]
+fn approvals_and_budgets_from_the_command_line() {
+    let graph = r#"
+[graph]
+name = "guarded"
+budget = { max_tokens = 100 }
+[agents.pay]
+kind = "sim"
+approval = "required"
+[agents.report]
+kind = "sim"
+after = ["pay"]
+usage = { prompt_tokens = 80, completion_tokens = 40 }
+"#;
+    let dir = common::server_dir(&[("guarded.toml", graph)], "");
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let _server = common::spawn(dir.path(), grpc, http);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(common::connect(grpc));
+    let server = format!("http://127.0.0.1:{grpc}");
+    let cli = |args: &[&str]| {
+        let mut all = vec!["--server", server.as_str()];
+        all.extend_from_slice(args);
+        cascade(&all)
+    };
+    let o = cli(&[
+        "--json",
+        "submit",
+        "guarded",
+        "--input",
+        r#"{"amount": 12}"#,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = serde_json::from_slice::<Value>(&o.stdout).unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let approval = format!("{id}/pay");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let listed = loop {
+        let o = cli(&["--json", "approvals", "list", "--graph", "guarded"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if v["approvals"].as_array().is_some_and(|a| !a.is_empty()) {
+            break v;
+        }
+        assert!(std::time::Instant::now() < deadline, "no approval listed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(listed["approvals"][0]["approval_id"], approval.as_str());
+    let o = cli(&["approvals", "show", &approval]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown = stdout(&o);
+    assert!(shown.contains("\"amount\": 12"), "the proposal: {shown}");
+    let sha = listed["approvals"][0]["proposal_sha256"].as_str().unwrap();
+    assert!(shown.contains(sha), "{shown}");
+
+    // A wrong hash is refused with what to do; the right one approves.
+    let o = cli(&[
+        "approvals",
+        "approve",
+        &approval,
+        "--sha256",
+        &"a".repeat(64),
+        "--as",
+        "ops",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("stale or wrong"), "{}", stderr(&o));
+    let o = cli(&[
+        "approvals",
+        "approve",
+        &approval,
+        "--sha256",
+        sha,
+        "--as",
+        "ops",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("approved by ops"), "{}", stdout(&o));
+
+    // `report` (120 tokens) does not fit the 100-token budget: the job stops there.
+    let stopped = loop {
+        let o = cli(&["--json", "jobs", "get", &id]);
+        let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+        if j["state"] == "budget_exceeded" {
+            break j;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job never stopped: {j}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        stopped["error"].as_str().unwrap().contains("max_tokens"),
+        "{stopped}"
+    );
+    let o = cli(&["jobs", "raise-budget", &id, "--max-tokens", "500"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = cli(&["jobs", "watch", &id]);
+    assert!(o.status.success(), "the job succeeded: {}", stdout(&o));
+    let o = cli(&["--json", "jobs", "get", &id]);
+    let j: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(j["budget"]["max_tokens"], 500);
+    assert_eq!(j["steps"][0]["attempts"], 1, "pay ran once: {j}");
+}

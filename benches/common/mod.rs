@@ -31,3 +31,15 @@ pub fn cpu_seconds() -> f64 {
     // utime and stime (fields 14 and 15 of the line), in clock ticks of 1/100 s.
     (f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")) as f64 / 100.0
 }
+
+/// Resident memory of this process now, from `/proc/self/status` (0 where there is none).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}

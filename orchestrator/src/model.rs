@@ -279,6 +279,8 @@ pub struct QuotaModel {
     pub name: Arc<str>,
     pub requests: Option<Rate>,
     pub tokens: Option<Rate>,
+    /// Dollars spent per window, in micro-dollars (`cost_usd_per_hour|day`).
+    pub cost: Option<Rate>,
     /// How many requests may arrive back to back; defaults to a tenth of a second's worth.
     pub burst: Option<NonZeroU32>,
     pub max_concurrency: Option<NonZeroU32>,
@@ -309,6 +311,7 @@ impl QuotaModel {
             name: format!("{}{upstream}", Self::IMPLICIT_PREFIX).into(),
             requests: None,
             tokens: None,
+            cost: None,
             burst: None,
             max_concurrency: None,
             circuit_breaker: Some(CircuitBreakerSpec::default()),

@@ -123,6 +123,7 @@ fn quota(rps: u64, burst: u32, tokens_per_min: u64) -> QuotaCore {
             amount: NonZeroU64::new(tokens_per_min).unwrap(),
             period: Duration::from_secs(60),
         }),
+        cost: None,
         burst: NonZeroU32::new(burst),
         max_concurrency: NonZeroU32::new(16),
         circuit_breaker: None,

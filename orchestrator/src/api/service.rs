@@ -177,6 +177,12 @@ fn graph_to_pb(g: GraphState) -> pb::Graph {
                 if let Some(t) = &q.tokens_limit {
                     limits.push(format!("{t} tokens"));
                 }
+                if let Some(c) = &q.cost_limit {
+                    limits.push(format!(
+                        "{c} (${:.4} spent)",
+                        q.cost_used_usd.unwrap_or(0.0)
+                    ));
+                }
                 if let Some(c) = q.max_concurrency {
                     limits.push(format!("{c} concurrent"));
                 }

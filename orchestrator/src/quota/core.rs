@@ -36,11 +36,31 @@ pub enum Ready {
     Blocked,
 }
 
+/// What a call asks of a quota before it starts: its tokens (prompt estimate + `max_tokens`) and
+/// its cost, in micro-dollars, at most.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Demand {
+    pub tokens: u64,
+    pub cost_micros: u64,
+}
+
+impl From<u64> for Demand {
+    /// A demand of tokens alone.
+    fn from(tokens: u64) -> Self {
+        Self {
+            tokens,
+            cost_micros: 0,
+        }
+    }
+}
+
 /// What a started call holds of a quota, to be settled when it ends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Reservation {
     token_id: Option<u64>,
     pub tokens: u64,
+    cost_id: Option<u64>,
+    cost_micros: u64,
     /// The call's place in the order calls were started.
     seq: u64,
     /// Tokens reserved by every call started up to this one.
@@ -85,6 +105,8 @@ pub enum Limit {
     CircuitHalfOpen,
     RequestRate,
     TokenBudget,
+    /// Its dollars for the window (`cost_usd_per_hour|day`) are spent.
+    CostBudget,
     Concurrency,
     SlowStart,
 }
@@ -99,6 +121,7 @@ impl Limit {
             Self::CircuitHalfOpen => "circuit half-open",
             Self::RequestRate => "request rate",
             Self::TokenBudget => "token budget spent",
+            Self::CostBudget => "cost budget spent",
             Self::Concurrency => "concurrency",
             Self::SlowStart => "slow start",
         }
@@ -128,6 +151,8 @@ pub struct QuotaCore {
     learned: Option<f64>,
     slow_start: Option<SlowStart>,
     tokens: Option<TokenWindow>,
+    /// Micro-dollars per window (`cost_usd_per_hour|day`), reserved and settled like tokens.
+    cost: Option<TokenWindow>,
     /// The upstream's own buckets, mirrored from its answers (quotas that learn from it).
     upstream_requests: Option<UpstreamBucket>,
     upstream_tokens: Option<UpstreamBucket>,
@@ -161,6 +186,9 @@ impl QuotaCore {
         let tokens = spec
             .tokens
             .map(|t| TokenWindow::new(t.amount.get(), t.period));
+        let cost = spec
+            .cost
+            .map(|c| TokenWindow::new(c.amount.get(), c.period));
         let circuit = spec.circuit_breaker.map(CircuitBreaker::new);
         // An upstream whose limits are still to be learned: calls in flight open up one answer
         // at a time until its answers state them (a declared rate above the upstream's would
@@ -174,6 +202,7 @@ impl QuotaCore {
             learned: None,
             slow_start,
             tokens,
+            cost,
             upstream_requests: None,
             upstream_tokens: None,
             in_use: 0,
@@ -195,8 +224,9 @@ impl QuotaCore {
         &self.spec.name
     }
 
-    /// When a call reserving `tokens` could start, and which limit decides it.
-    fn ready_with_reason(&mut self, now: Instant, tokens: u64) -> (Ready, Option<Limit>) {
+    /// When a call asking `demand` could start, and which limit decides it.
+    fn ready_with_reason(&mut self, now: Instant, demand: Demand) -> (Ready, Option<Limit>) {
+        let tokens = demand.tokens;
         let mut at = now;
         let mut reason = None;
         let mut later = |t: Instant, why: Limit, at: &mut Instant| {
@@ -227,6 +257,13 @@ impl QuotaCore {
         if let Some(w) = &mut self.tokens {
             later(w.earliest(now, tokens), Limit::TokenBudget, &mut at);
         }
+        if let Some(w) = &mut self.cost {
+            later(
+                w.earliest(now, demand.cost_micros),
+                Limit::CostBudget,
+                &mut at,
+            );
+        }
         if let Some(b) = &self.upstream_requests {
             later(b.earliest(now, 1), Limit::UpstreamLimit, &mut at);
         }
@@ -249,12 +286,14 @@ impl QuotaCore {
         (Ready::Now, None)
     }
 
-    pub fn ready(&mut self, now: Instant, tokens: u64) -> Ready {
-        self.ready_with_reason(now, tokens).0
+    pub fn ready(&mut self, now: Instant, demand: impl Into<Demand>) -> Ready {
+        self.ready_with_reason(now, demand.into()).0
     }
 
     /// Start a call now (after [`ready`](Self::ready) said `Now`).
-    pub fn take(&mut self, now: Instant, tokens: u64) -> Reservation {
+    pub fn take(&mut self, now: Instant, demand: impl Into<Demand>) -> Reservation {
+        let demand = demand.into();
+        let tokens = demand.tokens;
         self.granted += 1;
         self.in_use += 1;
         if let Some(g) = &mut self.requests {
@@ -274,13 +313,39 @@ impl QuotaCore {
         self.tokens_granted += tokens;
         self.tokens_in_flight += tokens;
         let token_id = self.tokens.as_mut().map(|w| w.reserve(now, tokens));
+        let cost_id = self
+            .cost
+            .as_mut()
+            .map(|w| w.reserve(now, demand.cost_micros));
         Reservation {
             token_id,
             tokens,
+            cost_id,
+            cost_micros: demand.cost_micros,
             seq: self.granted,
             tokens_through: self.tokens_granted,
             ahead,
             tokens_ahead,
+        }
+    }
+
+    /// The cost side of a call's end (before [`settle`](Self::settle)): the dollars it spent,
+    /// in micro-dollars, replace its reservation in the cost window.
+    pub fn settle_cost(
+        &mut self,
+        now: Instant,
+        r: &Reservation,
+        spent: Option<u64>,
+        outcome: Outcome,
+    ) {
+        if let (Some(w), Some(id)) = (&mut self.cost, r.cost_id) {
+            let actual = match (spent, outcome) {
+                (Some(m), _) => m,
+                (None, Outcome::RateLimited(_) | Outcome::Abandoned) => 0,
+                // A failed call may have cost something; keep the reservation.
+                (None, _) => r.cost_micros,
+            };
+            w.settle(now, id, r.cost_micros, actual);
         }
     }
 
@@ -435,7 +500,12 @@ impl QuotaCore {
     /// Re-evaluate exhaustion for a next call of `tokens`, with hysteresis: a quota becomes
     /// exhausted when that call would wait longer than `pause_threshold`, and is available again
     /// only once it could start within half of it. Returns `Some(new state)` when it changed.
-    pub fn update_exhaustion(&mut self, now: Instant, tokens: u64) -> Option<Option<Exhaustion>> {
+    pub fn update_exhaustion(
+        &mut self,
+        now: Instant,
+        demand: impl Into<Demand>,
+    ) -> Option<Option<Exhaustion>> {
+        let tokens = demand.into();
         if self.refused_until.is_some_and(|t| t <= now) {
             self.refused_until = None;
         }
@@ -485,6 +555,8 @@ impl QuotaCore {
             name: self.spec.name.to_string(),
             requests_limit: self.spec.requests.map(|r| r.to_string()),
             tokens_limit: self.spec.tokens.map(|r| r.to_string()),
+            cost_limit: self.spec.cost.map(|c| cost_text(&c)),
+            cost_used_usd: self.cost.as_mut().map(|w| w.used(now) as f64 / 1e6),
             max_concurrency: self.spec.max_concurrency.map(|c| c.get()),
             requests_available: self.requests.as_ref().map(|g| g.available(now, multiplier)),
             requests_per_second: self.spec.requests.map(|r| r.per_second()),
@@ -516,12 +588,27 @@ impl QuotaCore {
     }
 }
 
+/// A cost rate (micro-dollars per window) as people write it: `$50/day`, `$5/hour`.
+pub fn cost_text(c: &crate::model::Rate) -> String {
+    let usd = c.amount.get() as f64 / 1e6;
+    let per = match c.period.as_secs() {
+        86_400 => "day".to_string(),
+        3_600 => "hour".to_string(),
+        s => format!("{s}s"),
+    };
+    format!("${usd}/{per}")
+}
+
 /// A quota's state, for the API, the dashboard and tests.
 #[derive(Clone, Debug, Serialize)]
 pub struct QuotaSnapshot {
     pub name: String,
     pub requests_limit: Option<String>,
     pub tokens_limit: Option<String>,
+    /// `cost_usd_per_hour|day`, as `$5/hour`.
+    pub cost_limit: Option<String>,
+    /// Dollars spent within the current window (reservations of calls under way included).
+    pub cost_used_usd: Option<f64>,
     pub max_concurrency: Option<u32>,
     pub requests_available: Option<u32>,
     pub requests_per_second: Option<f64>,
@@ -568,6 +655,7 @@ mod tests {
                 amount: NonZeroU64::new(t).unwrap(),
                 period: Duration::from_secs(60),
             }),
+            cost: None,
             burst: Some(NonZeroU32::new(1).unwrap()),
             max_concurrency: conc.and_then(NonZeroU32::new),
             circuit_breaker: None,

@@ -6,5 +6,7 @@ mod core;
 mod limits;
 
 pub use circuit::{CircuitBreaker, CircuitState, Gate};
-pub use core::{Exhaustion, Limit, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation};
+pub use core::{
+    Demand, Exhaustion, Limit, Outcome, QuotaCore, QuotaSnapshot, Ready, Reservation, cost_text,
+};
 pub use limits::{Aimd, Gcra, TokenWindow, UpstreamBucket, UpstreamBucketSnapshot};

@@ -22,7 +22,7 @@ use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg, SettleGrant, Settleme
 use crate::clock;
 use crate::job::JobId;
 use crate::model::QuotaModel;
-use crate::quota::{CircuitState, Outcome, QuotaCore, Ready, Reservation};
+use crate::quota::{CircuitState, Demand, Outcome, QuotaCore, Ready, Reservation};
 use crate::signal::{
     AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane,
 };
@@ -134,7 +134,7 @@ pub(crate) struct BrokerState {
     outstanding: HashMap<u64, SmallVec<[(usize, Reservation); 1]>>,
     next_grant: u64,
     /// Tokens of the last call seen per core: the size of "the next call" when none waits.
-    last_tokens: Vec<u64>,
+    last_demand: Vec<Demand>,
     circuits: Vec<Option<CircuitState>>,
     timer: Option<(Instant, u64)>,
     timer_gen: u64,
@@ -170,7 +170,7 @@ impl Actor for Broker {
                 me: me.clone(),
                 core: weak.clone(),
                 circuits: cores.iter().map(QuotaCore::circuit_state).collect(),
-                last_tokens: vec![0; cores.len()],
+                last_demand: vec![Demand::default(); cores.len()],
                 blocked: vec![false; cores.len()],
                 cores,
                 plane: SignalPlane::new(&models),
@@ -234,7 +234,7 @@ impl BrokerState {
         if self.waiting.active.is_empty()
             && quotas
                 .iter()
-                .all(|&q| self.cores[q].ready(now, a.tokens) == Ready::Now)
+                .all(|&q| self.cores[q].ready(now, a.demand) == Ready::Now)
         {
             let grant = self.take(now, &a, &mut list);
             self.after_change(now, list, true, None);
@@ -262,10 +262,10 @@ impl BrokerState {
         let quotas = &index.agents[req.agent.0][req.agent.1];
         let reservations: SmallVec<[(usize, Reservation); 1]> = quotas
             .iter()
-            .map(|&q| (q, self.cores[q].take(now, req.tokens)))
+            .map(|&q| (q, self.cores[q].take(now, req.demand)))
             .collect();
         for &q in quotas {
-            self.last_tokens[q] = req.tokens;
+            self.last_demand[q] = req.demand;
             spent.push(q);
         }
         self.next_grant += 1;
@@ -294,6 +294,7 @@ impl BrokerState {
                     Some(c) if c != q => Outcome::Abandoned,
                     _ => end.outcome,
                 };
+                self.cores[q].settle_cost(now, &r, end.cost_micros, outcome);
                 self.cores[q].settle(now, r, end.usage, outcome, end.limits.as_ref());
                 list.push(q);
             }
@@ -405,10 +406,13 @@ impl BrokerState {
                 }
                 continue;
             }
-            let tokens = self.waiting.head(agent).map_or(0, |(_, r)| r.tokens);
+            let demand = self
+                .waiting
+                .head(agent)
+                .map_or(Demand::default(), |(_, r)| r.demand);
             let mut ready = true;
             for &q in quotas {
-                match self.cores[q].ready(now, tokens) {
+                match self.cores[q].ready(now, demand) {
                     Ready::Now => {}
                     Ready::At(t) => {
                         ready = false;
@@ -464,7 +468,7 @@ impl BrokerState {
             let hint = self
                 .waiting
                 .oldest_at(&self.index, q)
-                .map_or(self.last_tokens[q], |r| r.tokens);
+                .map_or(self.last_demand[q], |r| r.demand);
             let change = self.cores[q].update_exhaustion(now, hint);
             if let Some(ex) = self.cores[q].exhausted() {
                 wake = Some(wake.map_or(ex.until, |w| w.min(ex.until)));

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::approval::{ApprovalError, Resolved};
 use crate::job::{ApprovalDecision, Budget, JobId};
-use crate::quota::{Outcome, QuotaSnapshot};
+use crate::quota::{Demand, Outcome, QuotaSnapshot};
 use crate::signal::{AgentKey, AgentPause, Reach};
 
 pub(crate) enum SchedMsg {
@@ -169,7 +169,8 @@ pub(crate) struct Acquire {
     pub token: u32,
     /// Job age across the server: lower goes first.
     pub seq: u64,
-    pub tokens: u64,
+    /// Its tokens and cost at most, reserved while it runs.
+    pub demand: Demand,
 }
 
 pub(crate) enum BrokerMsg {
@@ -221,6 +222,8 @@ pub(crate) trait SettleGrant: Send + Sync {
 pub(crate) struct Settlement {
     /// Tokens it spent (prompt, completion), when it reported them.
     pub usage: Option<(u64, u64)>,
+    /// What it cost, in micro-dollars, when it reported usage.
+    pub cost_micros: Option<u64>,
     pub outcome: Outcome,
     /// The limits the upstream's answer stated.
     pub limits: Option<UpstreamLimits>,
@@ -233,6 +236,7 @@ impl Settlement {
     pub fn abandoned() -> Self {
         Self {
             usage: None,
+            cost_micros: None,
             outcome: Outcome::Abandoned,
             limits: None,
             credential: None,

@@ -35,7 +35,7 @@ use crate::job::{
 };
 use crate::metrics::{AgentMetrics, GraphMetrics};
 use crate::model::{Approval as Setting, OnUpstreamPause};
-use crate::quota::Outcome;
+use crate::quota::{Demand, Outcome};
 use crate::signal::Reach;
 
 struct StepRun {
@@ -108,7 +108,7 @@ struct Slot {
     queue: BinaryHeap<Reverse<(u64, JobId)>>,
     /// Quota cores this agent draws on (empty: no broker round trip).
     quotas: Vec<usize>,
-    /// It draws on a token quota: its calls reserve the agent's token estimate.
+    /// It draws on a token or cost quota: its calls reserve the agent's estimate.
     counts_tokens: bool,
     pause: Option<Reach>,
     on_upstream_pause: OnUpstreamPause,
@@ -176,7 +176,7 @@ impl Actor for Scheduler {
                 // A quota that learns from its upstream may learn a token limit.
                 let counts_tokens = quotas.iter().any(|&q| {
                     let spec = &ctx.quotas.specs[q];
-                    spec.tokens.is_some() || spec.learns()
+                    spec.tokens.is_some() || spec.cost.is_some() || spec.learns()
                 });
                 Slot {
                     actor: None,
@@ -511,29 +511,33 @@ impl SchedState {
             let Some(Reverse((_, job_id))) = slot.queue.pop() else {
                 return;
             };
-            let Some(job) = self.jobs.get(&job_id) else {
+            let Some(job) = self.jobs.get_mut(&job_id) else {
                 continue;
             };
             if !job.steps[i].step.is_queued() {
                 continue;
             }
-            // A step that needs a person's decision is prepared instead, and waits for it.
-            if self.ctx.model.agents[i].may_need_approval()
-                && job.steps[i].prepared.is_none()
-                && self.hold_for_approval(i, job_id)
-            {
-                continue;
-            }
-            // A step its job's budget would not cover does not start.
-            if self.jobs.get(&job_id).is_some_and(|j| j.budget.is_some())
-                && self.over_budget(i, job_id)
-            {
-                continue;
-            }
-            let slot = &mut self.slots[i];
-            let Some(job) = self.jobs.get_mut(&job_id) else {
-                continue;
+            let unapproved =
+                self.ctx.model.agents[i].may_need_approval() && job.steps[i].prepared.is_none();
+            let budgeted = job.budget.is_some();
+            // Only a step that may need a decision or has a budget looks the job up again.
+            let job = if unapproved || budgeted {
+                // A step that needs a person's decision is prepared instead, and waits for it.
+                if unapproved && self.hold_for_approval(i, job_id) {
+                    continue;
+                }
+                // A step its job's budget would not cover does not start.
+                if budgeted && self.over_budget(i, job_id) {
+                    continue;
+                }
+                match self.jobs.get_mut(&job_id) {
+                    Some(job) => job,
+                    None => continue,
+                }
+            } else {
+                job
             };
+            let slot = &mut self.slots[i];
             if slot.quotas.is_empty() {
                 self.dispatch(i, job_id, None);
                 continue;
@@ -542,13 +546,17 @@ impl SchedState {
                 self.dispatch(i, job_id, None);
                 continue;
             };
-            let tokens = match &slot.actor {
+            let demand = match &slot.actor {
                 // The running instance estimates (the loop starts nothing while it is down).
                 Some(handle) if slot.counts_tokens => {
                     let input = step_input(&self.ctx, i, job);
-                    handle.agent.estimated_usage(&input).total_tokens()
+                    let u = handle.agent.estimated_usage(&input);
+                    Demand {
+                        tokens: u.total_tokens(),
+                        cost_micros: micros(u.cost_usd),
+                    }
                 }
-                _ => 0,
+                _ => Demand::default(),
             };
             let Some(token) = job.steps[i].step.await_quota() else {
                 continue;
@@ -559,7 +567,7 @@ impl SchedState {
                 step: i,
                 token,
                 seq: job.seq,
-                tokens,
+                demand,
             });
             match granted {
                 // It may start now: no round trip.
@@ -753,6 +761,7 @@ impl SchedState {
                 Ok(out) => (out.limits, None),
                 Err(e) => (e.limits.as_deref().copied(), e.credential.clone()),
             };
+            let cost_micros = d.result.as_ref().ok().map(|out| micros(out.usage.cost_usd));
             let (usage, outcome) = match &d.result {
                 Ok(out) => (
                     Some((out.usage.prompt_tokens, out.usage.completion_tokens)),
@@ -770,6 +779,7 @@ impl SchedState {
             };
             grant.settle(Settlement {
                 usage,
+                cost_micros,
                 outcome,
                 limits,
                 credential,
@@ -1574,4 +1584,13 @@ fn step_input(ctx: &GraphCtx, i: usize, job: &JobRun) -> StepInput {
 fn unix_ms(t: std::time::SystemTime) -> u64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Dollars in micro-dollars (what cost windows count).
+fn micros(usd: f64) -> u64 {
+    if usd.is_finite() && usd > 0.0 {
+        (usd * 1e6).round() as u64
+    } else {
+        0
+    }
 }

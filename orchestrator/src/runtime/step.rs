@@ -636,6 +636,26 @@ mod tests {
     }
 
     #[test]
+    fn a_proposed_or_held_step_holds_nothing_until_approved_or_released() {
+        let mut s = Step::new(None, 0, false);
+        assert!(s.wait_for(0));
+        assert!(s.propose());
+        assert!(!s.is_active(), "a proposal waits holding nothing");
+        assert!(s.start().is_none(), "and does not start");
+        assert!(!s.release(), "only a held step is released");
+        assert!(s.approve());
+        assert!(s.is_queued() && s.is_active());
+        assert!(!s.approve(), "approved once");
+        assert!(s.hold());
+        assert!(!s.is_active());
+        assert!(s.release());
+        assert_eq!(s.start(), Some((1, 1)));
+        // A step proposed by an earlier run of the job keeps its attempts.
+        let p = Step::proposed(2);
+        assert_eq!((p.attempts(), p.is_active()), (2, false));
+    }
+
+    #[test]
     fn the_failure_message_names_agent_and_attempts() {
         let e = AgentError::transient("timeout");
         assert!(failure_message("draft", 1, &e).contains("after 1 attempt:"));

@@ -9,6 +9,8 @@ const QUOTA_FIELDS: &[&str] = &[
     "requests_per_minute",
     "tokens_per_minute",
     "tokens_per_hour",
+    "cost_usd_per_hour",
+    "cost_usd_per_day",
     "burst",
     "max_concurrency",
     "circuit_breaker",
@@ -73,6 +75,42 @@ impl Loader<'_> {
         let rpm = rate(&mut r, &mut self.errs, "requests_per_minute", 60);
         let tpm = rate(&mut r, &mut self.errs, "tokens_per_minute", 60);
         let tph = rate(&mut r, &mut self.errs, "tokens_per_hour", 3600);
+        // Dollars a window: kept in micro-dollars, so that the token window's arithmetic holds.
+        let dollars = |r: &mut TableReader, errs: &mut Vec<ConfigError>, key: &str, period: u64| {
+            let span = r.entry(key).map(|(_, v)| v.span());
+            let usd: Option<f64> = r.take(key, errs);
+            match (usd, span) {
+                (Some(usd), Some(span)) => {
+                    let micros = (usd * 1e6).round();
+                    match NonZeroU64::new(if micros.is_finite() && micros >= 1.0 {
+                        micros as u64
+                    } else {
+                        0
+                    }) {
+                        Some(amount) => Some(Rate {
+                            amount,
+                            period: Duration::from_secs(period),
+                        }),
+                        None => {
+                            errs.push(
+                                src.error(
+                                    span,
+                                    format!("{path}.{key}"),
+                                    format!("{usd} is not an amount of dollars a quota can hold"),
+                                )
+                                .with_help(format!(
+                                    "a positive number of dollars, e.g. {key} = 50"
+                                )),
+                            );
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            }
+        };
+        let cph = dollars(&mut r, &mut self.errs, "cost_usd_per_hour", 3600);
+        let cpd = dollars(&mut r, &mut self.errs, "cost_usd_per_day", 86_400);
         let burst: Option<NonZeroU32> = r.take("burst", &mut self.errs);
         let max_concurrency: Option<NonZeroU32> = r.take("max_concurrency", &mut self.errs);
         let pause_threshold: Option<HumanDuration> = r.take("pause_threshold", &mut self.errs);
@@ -99,21 +137,35 @@ impl Loader<'_> {
                 .with_help("keep one of them"),
             );
         }
+        if cph.is_some() && cpd.is_some() {
+            self.errs.push(
+                src.error(
+                    span.clone(),
+                    path.clone(),
+                    "both cost_usd_per_hour and cost_usd_per_day are set",
+                )
+                .with_help("keep one of them"),
+            );
+        }
         let requests = rps.or(rpm);
         let tokens = tpm.or(tph);
+        let cost = cph.or(cpd);
         if requests.is_none()
             && tokens.is_none()
+            && cost.is_none()
             && max_concurrency.is_none()
             && !r.has("requests_per_second")
             && !r.has("requests_per_minute")
             && !r.has("tokens_per_minute")
             && !r.has("tokens_per_hour")
+            && !r.has("cost_usd_per_hour")
+            && !r.has("cost_usd_per_day")
             && !r.has("max_concurrency")
             && !r.has("learn_from_upstream")
         {
             self.errs.push(
                 src.error(span.clone(), path.clone(), "a quota needs at least one limit")
-                    .with_help("set requests_per_second, requests_per_minute, tokens_per_minute, tokens_per_hour or max_concurrency, or learn_from_upstream = true to take the limits the upstream's answers state"),
+                    .with_help("set requests_per_second, requests_per_minute, tokens_per_minute, tokens_per_hour, cost_usd_per_hour, cost_usd_per_day or max_concurrency, or learn_from_upstream = true to take the limits the upstream's answers state"),
             );
         }
         let circuit_breaker = match cb {
@@ -148,6 +200,7 @@ impl Loader<'_> {
             name: name.into(),
             requests,
             tokens,
+            cost,
             burst,
             max_concurrency,
             circuit_breaker,

@@ -296,6 +296,45 @@ fn a_quota_may_only_learn_from_its_upstream() {
 }
 
 #[test]
+fn a_quota_may_hold_dollars_per_hour_or_day() {
+    let m = crate::config::parse_graph_str(
+        "g.toml",
+        "[quotas.spend]\ncost_usd_per_day = 50\n[quotas.hourly]\ncost_usd_per_hour = 2.5\n[graph]\nname = \"g\"\n[agents.x]\nkind = \"sim\"\nquotas = [\"spend\", \"hourly\"]\n",
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let day = m.quotas["spend"].cost.unwrap();
+    assert_eq!(
+        (day.amount.get(), day.period.as_secs()),
+        (50_000_000, 86_400)
+    );
+    assert_eq!(crate::quota::cost_text(&day), "$50/day");
+    let hour = m.quotas["hourly"].cost.unwrap();
+    assert_eq!(
+        (hour.amount.get(), hour.period.as_secs()),
+        (2_500_000, 3_600)
+    );
+    let errs = errors(
+        "[quotas.spend]\ncost_usd_per_day = -1\n[graph]\nname = \"g\"\n[agents.x]\nkind = \"sim\"\n",
+    );
+    assert!(
+        error_at(&errs, "quotas.spend.cost_usd_per_day", 2, 20)
+            .message
+            .contains("not an amount of dollars"),
+        "{errs:?}"
+    );
+    let errs = errors(
+        "[quotas.spend]\ncost_usd_per_day = 1\ncost_usd_per_hour = 1\n[graph]\nname = \"g\"\n[agents.x]\nkind = \"sim\"\n",
+    );
+    assert!(
+        errs.iter().any(|e| e
+            .message
+            .contains("both cost_usd_per_hour and cost_usd_per_day")),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn a_table_or_key_defined_twice_is_named_with_its_first_line() {
     let errs = errors(
         "[graph]\nname = \"d\"\n[agents.a]\nkind = \"sim\"\n[agents.b]\nkind = \"sim\"\n[agents.a]\nkind = \"sim\"\n",
