@@ -704,3 +704,95 @@ latency = "400ms"
     let out = job.steps[1].output.as_ref().unwrap();
     assert_eq!(out["simulated"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_gated_at_their_first_step_park_a_batch_at_a_time() {
+    use cascade_orchestrator::SubmitRequest;
+    // Every job parks as it is admitted: admission must not nest one level per job (the stack)
+    // nor claim past max_in_flight_jobs.
+    let orch = common::start(
+        r#"
+[graph]
+name = "gated"
+max_in_flight_jobs = 8
+max_pending_jobs = 100000
+
+[agents.pay]
+kind = "sim"
+approval = "required"
+
+[agents.after]
+kind = "sim"
+after = ["pay"]
+"#,
+    )
+    .await;
+    for n in 0..20_000 {
+        orch.submit(SubmitRequest::new("gated", json!({ "n": n })))
+            .await
+            .unwrap();
+    }
+    until("20,000 proposals wait", || {
+        orch.store().pending_approval_count("gated") == 20_000
+    })
+    .await;
+    let snap = orch.scheduler_snapshot("gated").await.unwrap();
+    assert_eq!(snap.jobs_in_flight, 0, "{snap:?}");
+    assert_eq!(orch.store().pending_count("gated"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_expires_at_its_jobs_deadline_and_pages_do_not_repeat() {
+    use cascade_orchestrator::job::JobState;
+    let orch = common::start(
+        r#"
+[graph]
+name = "deadlined"
+deadline = "1s"
+
+[agents.pay]
+kind = "sim"
+approval = "required"
+
+[agents.email]
+kind = "sim"
+approval = "required"
+"#,
+    )
+    .await;
+    let id = orch
+        .submit(cascade_orchestrator::SubmitRequest::new(
+            "deadlined",
+            json!({}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    until("both proposals wait", || {
+        orch.store().pending_approval_count("deadlined") == 2
+    })
+    .await;
+    // Two approvals of one job, a page of one at a time: each once, by id.
+    let first = orch.approvals(Some("deadlined"), None, 1).unwrap();
+    let second = orch
+        .approvals(Some("deadlined"), Some(&first[0].approval.id), 1)
+        .unwrap();
+    assert_eq!(first[0].approval.id, format!("{id}/email"));
+    assert_eq!(second[0].approval.id, format!("{id}/pay"));
+    assert!(
+        orch.approvals(Some("deadlined"), Some(&second[0].approval.id), 1)
+            .unwrap()
+            .is_empty()
+    );
+    // Nobody approves within the job's deadline: the proposals expire with it.
+    let job = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Failed);
+    let v = orch.approval(&format!("{id}/pay")).unwrap();
+    assert_eq!(
+        v.approval.decision.map(|d| d.outcome),
+        Some(cascade_orchestrator::job::ApprovalOutcome::Expired)
+    );
+}

@@ -310,3 +310,40 @@ after = ["draft"]
             .all(|(_, p)| p.is_none())
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_budget_set_on_a_running_job_counts_what_it_spent_already() {
+    // No graph budget; b takes ten seconds, during which the job is given one.
+    let graph = chain("{ max_tokens = 1 }")
+        .replace("budget = { max_tokens = 1 }\n", "")
+        .replace(
+            "[agents.b]\nkind = \"sim\"\n",
+            "[agents.b]\nkind = \"sim\"\nlatency = \"10s\"\n",
+        );
+    assert!(
+        !graph.contains("budget") && graph.contains("10s"),
+        "{graph}"
+    );
+    let orch = common::start(&graph).await;
+    let id = orch
+        .submit(SubmitRequest::new("chain", json!({})))
+        .await
+        .unwrap()
+        .id;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // a spent 150; b may spend 150; c would pass 400.
+    orch.raise_budget(
+        id,
+        Budget {
+            max_tokens: Some(400),
+            max_cost_usd: None,
+        },
+    )
+    .await
+    .unwrap();
+    wait_state(&orch, id, JobState::BudgetExceeded).await;
+    let r = orch.get(id).unwrap().unwrap();
+    assert_eq!(r.steps[1].state, StepState::Succeeded);
+    assert_eq!(r.steps[2].attempts, 0);
+    assert!(r.error.unwrap().contains("300 tokens spent"));
+}

@@ -536,8 +536,8 @@ approval = "required"
         "{events}"
     );
     assert!(
-        proposal.as_str().unwrap().contains("\"n\": 0"),
-        "the proposal is shown: {proposal}"
+        proposal.as_str().unwrap().contains("\"n\":0"),
+        "the proposal is shown as stored: {proposal}"
     );
     assert_eq!(outcome, "approved");
     let done = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))

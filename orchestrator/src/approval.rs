@@ -160,7 +160,9 @@ pub enum ApprovalError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("the graph of approval {0} is not running now (the server is stopping); try again")]
+    #[error(
+        "the scheduler of approval {0}'s graph did not answer in time (it is busy, or the server is stopping); the decision may still apply: read the approval again before deciding again"
+    )]
     Unavailable(String),
 }
 

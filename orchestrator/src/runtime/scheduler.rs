@@ -149,6 +149,9 @@ pub(crate) struct SchedState {
     finished: VecDeque<(Box<StepDone>, u32)>,
     /// When approvals were last checked for expiry.
     approvals_checked: Option<Instant>,
+    /// Jobs left the run (parked) since the last admission: admit again once the message at
+    /// hand is done (never from inside an admission, which would nest one per parked job).
+    parked_since_admit: bool,
 }
 
 /// Calls finished on their first poll that one message carries out before the scheduler reads its
@@ -208,6 +211,7 @@ impl Actor for Scheduler {
             admit_batch,
             finished: VecDeque::new(),
             approvals_checked: None,
+            parked_since_admit: false,
         })
     }
 
@@ -239,6 +243,7 @@ impl Actor for Scheduler {
             .clamp(Duration::from_millis(10), Duration::from_millis(250));
         ractor::time::send_interval(period, me.get_cell(), || SchedMsg::Tick);
         s.carry_out_finished();
+        s.readmit();
         Ok(())
     }
 
@@ -294,8 +299,11 @@ impl Actor for Scheduler {
                     s.finish(job, JobState::Cancelled, Some(message));
                     let _ = reply.send(true);
                 } else {
-                    // A parked job is the store's alone: it ends there.
-                    let _ = reply.send(s.end_parked(job, JobState::Cancelled, None, message));
+                    // A parked job is the store's alone: it ends there; one made pending again
+                    // meanwhile (approved, raised) is cancelled as pending.
+                    let ended = s.end_parked(job, JobState::Cancelled, Vec::new(), message)
+                        || s.cancel_pending(job, &reason);
+                    let _ = reply.send(ended);
                 }
             }
             SchedMsg::RaiseBudget { job, budget, reply } => {
@@ -321,6 +329,7 @@ impl Actor for Scheduler {
             SchedMsg::Continue => {}
         }
         s.carry_out_finished();
+        s.readmit();
         Ok(())
     }
 }
@@ -329,6 +338,18 @@ impl SchedState {
     fn record(&self, job: JobId, update: JobUpdate) {
         let recorded = self.ctx.shared.store.update(job, update).map(|e| [e]);
         self.publish(job, recorded);
+    }
+
+    /// Record changes that must be durable together, and announce their events.
+    fn record_all(&self, job: JobId, updates: Vec<JobUpdate>) {
+        match self.ctx.shared.store.update_all(job, updates) {
+            Ok(events) => {
+                for event in events.into_iter().flatten() {
+                    self.ctx.shared.publish(event);
+                }
+            }
+            Err(e) => tracing::error!(job_id = %job, error = %e, "could not record job update"),
+        }
     }
 
     /// Record a step's start and its result in one store update.
@@ -350,6 +371,15 @@ impl SchedState {
                 }
             }
             Err(e) => tracing::error!(job_id = %job, error = %e, "could not record job update"),
+        }
+    }
+
+    /// Admit again if jobs were parked since the last admission (see `parked_since_admit`). An
+    /// admission that parks more sends another `Continue`, so a backlog of jobs that park at
+    /// once is admitted a batch per message, not in one unbounded turn.
+    fn readmit(&mut self) {
+        if std::mem::take(&mut self.parked_since_admit) {
+            self.admit(true);
         }
     }
 
@@ -437,7 +467,8 @@ impl SchedState {
                 }
             }
         }
-        let deadline = r.deadline.or(model.deadline).map(|d| {
+        let deadline_len = r.deadline.or(model.deadline);
+        let deadline = deadline_len.map(|d| {
             let elapsed = r.started_at.map(crate::clock::since).unwrap_or_default();
             Instant::now() + d.saturating_sub(elapsed)
         });
@@ -491,6 +522,18 @@ impl SchedState {
         );
         if remaining == 0 {
             self.finish(id, JobState::Succeeded, None);
+            return;
+        }
+        // Its deadline passed while it waited (parked for a decision or a budget): it fails
+        // here, before any call starts with no time left.
+        if let Some(len) = deadline_len
+            && deadline.is_some_and(|d| d <= Instant::now())
+        {
+            let message = format!(
+                "deadline of {} exceeded before the job could go on",
+                humantime::format_duration(len)
+            );
+            self.finish(id, JobState::Failed, Some(message));
             return;
         }
         for i in ready {
@@ -749,9 +792,22 @@ impl SchedState {
             self.audit_call(&d);
         }
         if let Some(b) = self.jobs.get_mut(&d.job).and_then(|j| j.budget.as_mut()) {
-            b.reserved.retain(|(s, _)| *s != d.step);
-            if let Ok(out) = &d.result {
-                b.spent.add(&out.usage);
+            let reserved = b
+                .reserved
+                .iter()
+                .position(|(s, _)| *s == d.step)
+                .map(|k| b.reserved.swap_remove(k).1);
+            match &d.result {
+                Ok(out) => b.spent.add(&out.usage),
+                // A call that failed on the way (a timeout, a reply that broke its schema) may
+                // have been billed: it counts at its estimate, which errs towards stopping. A
+                // refusal or a definite 4xx spent nothing.
+                Err(e) if e.class == ErrorClass::Transient => {
+                    if let Some(u) = reserved {
+                        b.spent.add(&u);
+                    }
+                }
+                Err(_) => {}
             }
         }
         if let Some(grant) = d.grant.take() {
@@ -995,6 +1051,17 @@ impl SchedState {
     }
 
     fn finish(&mut self, id: JobId, state: JobState, error: Option<String>) {
+        self.finish_after(id, state, error, Vec::new());
+    }
+
+    /// End job `id`, writing the changes `before` with its end (in one store write).
+    fn finish_after(
+        &mut self,
+        id: JobId,
+        state: JobState,
+        error: Option<String>,
+        before: Vec<JobUpdate>,
+    ) {
         let Some(job) = self.jobs.remove(&id) else {
             return;
         };
@@ -1034,14 +1101,18 @@ impl SchedState {
                 self.metrics.duration_failed.record(run_time);
             }
         }
-        self.record(
-            id,
-            JobUpdate::Finished {
-                state,
-                output,
-                error,
-            },
-        );
+        let finished = JobUpdate::Finished {
+            state,
+            output,
+            error,
+        };
+        if before.is_empty() {
+            self.record(id, finished);
+        } else {
+            let mut updates = before;
+            updates.push(finished);
+            self.record_all(id, updates);
+        }
         self.ctx.shared.job_finished(id);
         if job.callback {
             self.ctx.shared.callback(id);
@@ -1099,13 +1170,21 @@ impl SchedState {
                 redactor.redact_json(&mut v);
                 v
             }
-            Err(mut e) => {
+            Err(e) => {
                 // A call that cannot be prepared could not run either.
-                e.message = redactor.redact(&e.message).into_owned();
-                e.class = ErrorClass::Permanent;
-                let rules = rules(&ctx, &self.slots[i], self.broker.is_some(), i);
-                let decision = job.steps[i].step.on_failed(&e, rules, 0.0, Instant::now());
-                self.carry_out(id, i, &e, decision);
+                let error = redactor.redact(&e.message).into_owned();
+                let attempt = job.steps[i].step.attempts();
+                tracing::warn!(job_id = %id, agent = %agent.name, %error, "the call could not be prepared for approval");
+                let failed = JobUpdate::StepFailed {
+                    step: i,
+                    attempt,
+                    error: error.clone(),
+                };
+                let message = format!(
+                    "agent {:?}'s call could not be prepared for approval: {error}",
+                    agent.name
+                );
+                self.finish_after(id, JobState::Failed, Some(message), vec![failed]);
                 return true;
             }
         };
@@ -1116,7 +1195,15 @@ impl SchedState {
             sha256: crate::audit::sha256_hex(text.as_bytes()),
             proposal: text.into(),
             created_at: now,
-            expires_at: agent.approval_timeout.map(|t| now + t),
+            // Nobody can approve it usefully past the job's deadline either.
+            expires_at: [
+                agent.approval_timeout.map(|t| now + t),
+                job.deadline
+                    .map(|d| now + d.saturating_duration_since(Instant::now())),
+            ]
+            .into_iter()
+            .flatten()
+            .min(),
             decision: None,
         };
         job.steps[i].step.propose();
@@ -1181,7 +1268,12 @@ impl SchedState {
         // Whoever waits for the job to settle (a one-shot run) learns it is parked; those
         // waiting for its end wait on.
         self.ctx.shared.job_finished(id);
-        self.admit(true);
+        // Its place goes to the next pending job, once this message is done (a job parked as it
+        // is admitted would otherwise admit the next from inside the admission, and so on).
+        if !self.parked_since_admit {
+            self.parked_since_admit = true;
+            let _ = self.me.cast(SchedMsg::Continue);
+        }
     }
 
     /// Whether step `i` of job `id` (queued) would pass the job's budget, with what its steps
@@ -1241,6 +1333,14 @@ impl SchedState {
     /// Job `id`'s budget is now `budget`: recorded (a job stopped by its budget is pending
     /// again, and claimed like any), and for a job in the run, its held steps go on.
     fn raise_budget(&mut self, id: JobId, budget: Budget) -> Result<(), crate::store::StoreError> {
+        // What it spent so far, for a job in the run that had no budget until now.
+        let spent = self
+            .ctx
+            .shared
+            .store
+            .get(id)?
+            .map(|r| r.usage)
+            .unwrap_or_default();
         self.record(id, JobUpdate::BudgetRaised { budget });
         let Some(job) = self.jobs.get_mut(&id) else {
             self.admit(true);
@@ -1254,7 +1354,7 @@ impl SchedState {
             None => {
                 job.budget = Some(Box::new(BudgetRun {
                     limit: budget,
-                    spent: Usage::default(),
+                    spent,
                     reserved: Default::default(),
                     breach: None,
                 }))
@@ -1346,6 +1446,10 @@ impl SchedState {
             .approval_decided(&self.ctx.model.name, decision.outcome.as_str(), waited);
         let proposal = a.proposal.clone();
         let outcome = decision.outcome;
+        let view_attempts = store
+            .get(id)?
+            .and_then(|r| r.steps.get(i).map(|s| s.attempts))
+            .unwrap_or(0);
         let message = match outcome {
             ApprovalOutcome::Approved => String::new(),
             ApprovalOutcome::Rejected => format!(
@@ -1356,7 +1460,17 @@ impl SchedState {
                 format!("{agent}'s call was not approved: {}", decision.reason)
             }
         };
-        self.record(id, JobUpdate::Decided { step: i, decision });
+        let decided = JobUpdate::Decided { step: i, decision };
+        // A rejection's decision, its step's failure and its job's end reach the store together:
+        // a restart never finds a decided rejection with the job still waiting.
+        let failed = |attempt| JobUpdate::StepFailed {
+            step: i,
+            attempt,
+            error: message.clone(),
+        };
+        if outcome == ApprovalOutcome::Approved {
+            self.record(id, decided.clone());
+        }
         match (self.jobs.get_mut(&id), outcome) {
             (Some(job), ApprovalOutcome::Approved) => {
                 let prepared = serde_json::from_str::<Value>(&proposal).map_err(|e| {
@@ -1370,22 +1484,20 @@ impl SchedState {
                 }
             }
             (Some(job), _) => {
-                let attempt = job.steps[i].step.attempts();
-                self.record(
-                    id,
-                    JobUpdate::StepFailed {
-                        step: i,
-                        attempt,
-                        error: message.clone(),
-                    },
-                );
-                self.finish(id, JobState::Failed, Some(message));
+                let before = vec![decided, failed(job.steps[i].step.attempts())];
+                self.finish_after(id, JobState::Failed, Some(message.clone()), before);
             }
             // Parked, and pending again if nothing else waits for a decision (the store has
             // queued it): it is claimed like any pending job, ahead of newer ones.
             (None, ApprovalOutcome::Approved) => self.admit(true),
             (None, _) => {
-                self.end_parked(id, JobState::Failed, Some(i), message);
+                let attempt = view_attempts;
+                self.end_parked(
+                    id,
+                    JobState::Failed,
+                    vec![decided, failed(attempt)],
+                    message.clone(),
+                );
             }
         }
         Ok(Resolved {
@@ -1394,13 +1506,13 @@ impl SchedState {
         })
     }
 
-    /// End a parked job (the store's alone while it waits): cancelled, or failed at step
-    /// `failed` by a rejection. Returns whether it was parked.
+    /// End a parked job (the store's alone while it waits): cancelled, or failed by a rejection,
+    /// whose changes `before` are written with its end. Returns whether it was parked.
     fn end_parked(
         &mut self,
         id: JobId,
         state: JobState,
-        failed: Option<usize>,
+        before: Vec<JobUpdate>,
         message: String,
     ) -> bool {
         let store = self.ctx.shared.store.clone();
@@ -1409,17 +1521,6 @@ impl SchedState {
         };
         if !record.state.is_parked() || *record.graph != *self.ctx.model.name {
             return false;
-        }
-        if let Some(i) = failed {
-            let attempt = record.steps[i].attempts;
-            self.record(
-                id,
-                JobUpdate::StepFailed {
-                    step: i,
-                    attempt,
-                    error: message.clone(),
-                },
-            );
         }
         match state {
             JobState::Cancelled => {
@@ -1431,19 +1532,34 @@ impl SchedState {
                 self.metrics.failed.increment(1);
             }
         }
-        self.record(
-            id,
-            JobUpdate::Finished {
-                state,
-                output: None,
-                error: Some(message),
-            },
-        );
+        let mut updates = before;
+        updates.push(JobUpdate::Finished {
+            state,
+            output: None,
+            error: Some(message),
+        });
+        self.record_all(id, updates);
         self.ctx.shared.job_finished(id);
         if record.callback_url.is_some() {
             self.ctx.shared.callback(id);
         }
         true
+    }
+
+    /// Cancel job `id` if it is pending in the store. Returns whether it was.
+    fn cancel_pending(&mut self, id: JobId, reason: &str) -> bool {
+        match self.ctx.shared.store.cancel_pending(id, reason) {
+            Ok(Some(event)) => {
+                self.ctx.shared.publish(event);
+                self.ctx.shared.job_finished(id);
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(job_id = %id, error = %e, "could not cancel a pending job");
+                false
+            }
+        }
     }
 
     /// Reject the proposals nobody decided in time (about once a second), and keep the gauge of
@@ -1476,7 +1592,7 @@ impl SchedState {
                         v.step,
                         v.approval.sha256,
                         format!(
-                            "nobody decided within approval_timeout ({})",
+                            "nobody decided in time ({} after the proposal; approval_timeout or the job's deadline)",
                             humantime::format_duration(Duration::from_secs(waited.as_secs()))
                         ),
                     )

@@ -742,7 +742,10 @@ impl MemoryStore {
                 continue;
             };
             let record = e.record();
-            for v in ApprovalView::of(&record) {
+            // By approval id within the job too, as the page token compares them.
+            let mut views: Vec<ApprovalView> = ApprovalView::of(&record).collect();
+            views.sort_by(|a, b| a.approval.id.cmp(&b.approval.id));
+            for v in views {
                 if v.approval.is_pending() && after.is_none_or(|a| v.approval.id.as_str() > a) {
                     out.push(v);
                     if out.len() >= limit {

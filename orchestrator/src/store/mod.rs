@@ -143,6 +143,16 @@ pub trait JobStore: Send + Sync + 'static {
         Ok([self.update(id, first)?, self.update(id, second)?])
     }
 
+    /// Record changes to a job that must be durable together (a rejection: the decision, the
+    /// step's failure and the job's end), in turn; the events they made.
+    fn update_all(
+        &self,
+        id: JobId,
+        updates: Vec<JobUpdate>,
+    ) -> Result<Vec<Option<JobEvent>>, StoreError> {
+        updates.into_iter().map(|u| self.update(id, u)).collect()
+    }
+
     /// Cancel a job that is still pending. Returns its event, or `None` if it is not pending.
     fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError>;
 

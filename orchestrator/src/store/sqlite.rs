@@ -130,6 +130,9 @@ enum Op {
         /// The event is in the job's log (`false`: past `max_events_per_job`, rows only).
         logged: bool,
     },
+    /// Changes to one job that must reach the disk together (one transaction): each with the
+    /// record after it, as [`Op::Update`].
+    Updates(Vec<(JobRecord, JobEvent, bool)>),
     Flush(oneshot::Sender<()>),
     CredentialState {
         name: String,
@@ -348,6 +351,28 @@ impl JobStore for SqliteStore {
         }))
     }
 
+    fn update_all(
+        &self,
+        id: JobId,
+        updates: Vec<JobUpdate>,
+    ) -> Result<Vec<Option<JobEvent>>, StoreError> {
+        let mut events = Vec::with_capacity(updates.len());
+        let mut writes = Vec::with_capacity(updates.len());
+        for update in updates {
+            match self.mem.update_snapshot(id, update)? {
+                Some((event, logged, record)) => {
+                    events.push(Some(event.clone()));
+                    writes.push((record, event, logged));
+                }
+                None => events.push(None),
+            }
+        }
+        if !writes.is_empty() {
+            self.send(Op::Updates(writes));
+        }
+        Ok(events)
+    }
+
     fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError> {
         let Some(event) = self.mem.cancel_pending(id, reason)? else {
             return Ok(None);
@@ -545,7 +570,7 @@ fn writer_loop(
                         tracing::error!(credential = %name, error = %e, "a rotated refresh token could not be saved; a restart will use the configured one");
                     }
                 }
-                Op::Update { .. } => {}
+                Op::Update { .. } | Op::Updates(_) => {}
             }
         }
         if last_cleanup.elapsed() > Duration::from_secs(600) {
@@ -593,16 +618,21 @@ fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<HashMap<JobI
 fn group_batch(batch: &[Op]) -> Vec<(JobId, JobWrites<'_>)> {
     let mut index: HashMap<JobId, usize> = HashMap::new();
     let mut jobs: Vec<(JobId, JobWrites<'_>)> = Vec::new();
-    for op in batch {
-        let (record, event, inserted, logged) = match op {
-            Op::Insert { record, event, .. } => (record, event, true, true),
+    let changes = batch.iter().flat_map(|op| {
+        let one = |r, e, inserted, logged| std::iter::once((r, e, inserted, logged));
+        let many: Box<dyn Iterator<Item = (&JobRecord, &JobEvent, bool, bool)>> = match op {
+            Op::Insert { record, event, .. } => Box::new(one(record, event, true, true)),
             Op::Update {
                 record,
                 event,
                 logged,
-            } => (record, event, false, *logged),
-            Op::Flush(_) | Op::CredentialState { .. } => continue,
+            } => Box::new(one(record, event, false, *logged)),
+            Op::Updates(list) => Box::new(list.iter().map(|(r, e, l)| (r, e, false, *l))),
+            Op::Flush(_) | Op::CredentialState { .. } => Box::new(std::iter::empty()),
         };
+        many
+    });
+    for (record, event, inserted, logged) in changes {
         let i = *index.entry(record.id).or_insert_with(|| {
             jobs.push((record.id, (record, inserted, BTreeSet::new(), Vec::new())));
             jobs.len() - 1
