@@ -107,6 +107,12 @@ async fn serve(
             .await
             .expect("start"),
     );
+    let (server, channel) = serve_orchestrator(&orch).await;
+    (orch, server, channel)
+}
+
+/// A real server on 127.0.0.1 in front of `orch`, with one channel.
+async fn serve_orchestrator(orch: &Arc<Orchestrator>) -> (RunningServer, Channel) {
     let options = ServerOptions {
         grpc_addr: "127.0.0.1:0".parse().expect("addr"),
         http_addr: "127.0.0.1:0".parse().expect("addr"),
@@ -114,7 +120,7 @@ async fn serve(
     };
     let server = server::start(orch.clone(), options).await.expect("server");
     let channel = connect(&server).await;
-    (orch, server, channel)
+    (server, channel)
 }
 
 async fn connect(server: &RunningServer) -> Channel {
@@ -392,10 +398,12 @@ approval = "required"
 "#;
 
 /// Jobs of the approval-free pipeline, end to end over gRPC, that `clients` closed-loop clients
-/// complete per second for `secs` seconds.
-async fn closed_loop(channel: &Channel, clients: usize, secs: u64) -> f64 {
+/// complete per second for `secs` seconds, and the process's CPU time per job (server and
+/// clients), in microseconds: steadier than the rate on a shared machine.
+async fn closed_loop(channel: &Channel, clients: usize, secs: u64) -> (f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
+    let cpu = common::cpu_seconds();
     let mut tasks = Vec::new();
     for w in 0..clients {
         let mut c = CascadeClient::new(channel.clone());
@@ -417,79 +425,114 @@ async fn closed_loop(channel: &Channel, clients: usize, secs: u64) -> f64 {
     for t in tasks {
         done += t.await.expect("client");
     }
-    done as f64 / start.elapsed().as_secs_f64()
+    let cpu_us = (common::cpu_seconds() - cpu) * 1e6 / done.max(1) as f64;
+    (done as f64 / start.elapsed().as_secs_f64(), cpu_us)
 }
 
 /// What the audit log and parked jobs cost a graph that uses neither: the same closed loop on
 /// the SQLite store, plain; with the audit log attached; and with the audit log and `parked`
-/// jobs of another graph awaiting approval.
-async fn approvals_cost(clients: usize, secs: u64, parked: usize) {
-    let mut rates = Vec::new();
-    for (label, audited, park) in [
+/// jobs of another graph awaiting approval. After a warm-up, the three are measured in turn,
+/// `rounds` times in rotating order, and each one's median is kept (the machine is shared and
+/// noisy).
+async fn approvals_cost(clients: usize, secs: u64, parked: usize, rounds: usize) {
+    let variants = [
         ("plain", false, 0),
         ("audit", true, 0),
         ("audit+parked", true, parked),
-    ] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("load.db");
-        let store: Arc<dyn JobStore> =
-            Arc::new(SqliteStore::open(SqliteOptions::new(&path)).expect("store"));
-        let mut model =
-            config::parse_graph_str("load.toml", GRAPH, &Default::default()).expect("graph");
-        let guarded =
-            config::parse_graph_str("guarded.toml", GUARDED, &Default::default()).expect("graph");
-        model.graphs.extend(guarded.graphs);
-        model.quotas.extend(guarded.quotas);
-        let mut builder = Orchestrator::builder(model).store(store.clone());
-        if audited {
-            let log = cascade_orchestrator::audit::log::AuditLog::open(&path, None, "bench")
-                .expect("audit log");
-            builder = builder.audit(Arc::new(log));
-        }
-        let orch = Arc::new(builder.start().await.expect("start"));
-        let rss_before = common::rss_bytes();
-        for n in 0..park {
-            let req =
-                cascade_orchestrator::SubmitRequest::new("guarded", serde_json::json!({ "n": n }));
-            orch.submit(req).await.expect("submit");
-        }
-        let t = Instant::now();
-        while store.pending_approval_count("guarded") < park {
-            assert!(
-                t.elapsed() < Duration::from_secs(600),
-                "the proposals were not made"
+    ];
+    // What parked jobs hold, first, from a fresh process's memory.
+    let (_, _, note) = measure_variant(("memory", true, parked), clients, 1).await;
+    println!("  parking{note}");
+    measure_variant(("warm-up", false, 0), clients, 3).await;
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    let mut cpus: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for round in 0..rounds {
+        // Each round in another order, so that no variant always runs first or last.
+        for k in 0..variants.len() {
+            let v = (k + round) % variants.len();
+            let variant = &variants[v];
+            let (rate, cpu, _) = measure_variant(*variant, clients, secs).await;
+            println!(
+                "  round {round}: {:<14} {rate:>7.0} jobs/s, {cpu:>6.1} µs CPU per job",
+                variant.0
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            rates[v].push(rate);
+            cpus[v].push(cpu);
         }
-        let per_parked = if park > 0 {
-            format!(
-                ", {:.0} bytes of RSS per parked job",
-                common::rss_bytes().saturating_sub(rss_before) as f64 / park as f64
-            )
-        } else {
-            String::new()
-        };
-        let options = ServerOptions {
-            grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-            http_addr: "127.0.0.1:0".parse().expect("addr"),
-            ..Default::default()
-        };
-        let server = server::start(orch.clone(), options).await.expect("server");
-        let channel = connect(&server).await;
-        let rate = closed_loop(&channel, clients, secs).await;
-        println!(
-            "{label:<14} {rate:>7.0} jobs/s ({park} jobs parked awaiting approval{per_parked})"
-        );
-        rates.push(rate);
-        server.stop().await;
-        orch.shutdown(Duration::from_secs(10)).await;
-        store.flush().await.expect("flush");
     }
+    let median = |r: &mut Vec<f64>| {
+        r.sort_by(f64::total_cmp);
+        r[r.len() / 2]
+    };
+    let m: Vec<f64> = rates.iter_mut().map(median).collect();
+    let c: Vec<f64> = cpus.iter_mut().map(median).collect();
+    let pct = |a: f64, b: f64| (a / b - 1.0) * 100.0;
     println!(
-        "  audit log: {:+.1}%, audit log + {parked} parked jobs: {:+.1}% against plain",
-        (rates[1] / rates[0] - 1.0) * 100.0,
-        (rates[2] / rates[0] - 1.0) * 100.0
+        "medians: plain {:.0} jobs/s ({:.1} µs CPU/job); audit {:.0} ({:+.1}%; CPU {:+.1}%); audit + {parked} parked jobs {:.0} ({:+.1}%; CPU {:+.1}%)",
+        m[0],
+        c[0],
+        m[1],
+        pct(m[1], m[0]),
+        pct(c[1], c[0]),
+        m[2],
+        pct(m[2], m[0]),
+        pct(c[2], c[0])
     );
+}
+
+/// One measurement of [`approvals_cost`]: a fresh store (and audit log), `park` jobs parked, then
+/// the closed loop; the rate and a note on what parking took.
+async fn measure_variant(
+    (_, audited, park): (&str, bool, usize),
+    clients: usize,
+    secs: u64,
+) -> (f64, f64, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("load.db");
+    let store: Arc<dyn JobStore> =
+        Arc::new(SqliteStore::open(SqliteOptions::new(&path)).expect("store"));
+    let mut model =
+        config::parse_graph_str("load.toml", GRAPH, &Default::default()).expect("graph");
+    let guarded =
+        config::parse_graph_str("guarded.toml", GUARDED, &Default::default()).expect("graph");
+    model.graphs.extend(guarded.graphs);
+    model.quotas.extend(guarded.quotas);
+    let mut builder = Orchestrator::builder(model).store(store.clone());
+    if audited {
+        let log = cascade_orchestrator::audit::log::AuditLog::open(&path, None, "bench")
+            .expect("audit log");
+        builder = builder.audit(Arc::new(log));
+    }
+    let orch = Arc::new(builder.start().await.expect("start"));
+    let rss_before = common::rss_bytes();
+    let t = Instant::now();
+    for n in 0..park {
+        let req =
+            cascade_orchestrator::SubmitRequest::new("guarded", serde_json::json!({ "n": n }));
+        orch.submit(req).await.expect("submit");
+    }
+    while store.pending_approval_count("guarded") < park {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "the proposals were not made"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let note = if park > 0 {
+        format!(
+            " ({park} jobs parked in {:.1} s; RSS grew {:.0} bytes per parked job)",
+            t.elapsed().as_secs_f64(),
+            common::rss_bytes().saturating_sub(rss_before) as f64 / park as f64
+        )
+    } else {
+        String::new()
+    };
+    let (server, channel) = serve_orchestrator(&orch).await;
+    let (rate, cpu) = closed_loop(&channel, clients, secs).await;
+    server.stop().await;
+    orch.shutdown(Duration::from_secs(10)).await;
+    store.flush().await.expect("flush");
+    (rate, cpu, note)
 }
 
 fn main() {
@@ -508,7 +551,8 @@ fn main() {
         if part.is_empty() || part == "approvals" {
             let parked: usize = common::env_or("GRPC_PARKED_JOBS", 10_000);
             println!("cost of the audit log and of parked jobs to an approval-free graph: 5-step zero-latency graph, SQLite store, {clients} clients, {secs} s each");
-            approvals_cost(clients, secs, parked).await;
+            let rounds: usize = common::env_or("GRPC_ROUNDS", 3);
+            approvals_cost(clients, secs, parked, rounds).await;
         }
         if part.is_empty() || part == "watchers" {
             let jobs: u64 = common::env_or("GRPC_WATCH_JOBS", 20_000);
