@@ -392,6 +392,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_prepared_call_runs_as_prepared_whatever_the_input_is_now() {
+        let a = agent(json!({"program": "sh", "args": ["-c", "echo \"{\\\"arg\\\": \\\"$0\\\"}\"", "{{ input.who }}"]})).unwrap();
+        let prepared = a.prepare(&ctx(), &step(json!({"who": "alice"}))).unwrap();
+        assert_eq!(prepared["program"], "sh");
+        assert_eq!(prepared["args"][2], "alice");
+        assert_eq!(prepared["stdin"]["input"], json!({"who": "alice"}));
+        // Executed later, it runs the argv it was approved with.
+        let out = a.execute(&ctx(), &prepared).await.unwrap();
+        assert_eq!(out.value, json!({"arg": "alice"}));
+        // A proposal for another program is refused, not run.
+        let mut other = prepared.clone();
+        other["program"] = json!("rm");
+        let e = a.execute(&ctx(), &other).await.unwrap_err();
+        assert!(e.message.contains("configuration changed"), "{e}");
+    }
+
+    #[tokio::test]
     async fn the_step_goes_in_on_stdin_and_the_output_comes_out_on_stdout() {
         let a = agent(json!({"program": "sh", "args": ["-c", "cat"]})).unwrap();
         let out = a.call(&ctx(), &step(json!({"n": 1}))).await.unwrap();

@@ -746,6 +746,38 @@ mod tests {
     }
 
     #[test]
+    fn a_prepared_call_is_the_endpoint_and_the_request_body_without_the_key() {
+        // SAFETY: this variable is read by this test only.
+        unsafe { std::env::set_var("CASCADE_TEST_LLM_KEY", "sk-test-prepared-123") };
+        let agent = build_with(json!({"model": "gpt-4o-mini", "base_url": "http://127.0.0.1:1/v1",
+            "api_key": "env:CASCADE_TEST_LLM_KEY", "system": "Be brief.", "prompt": "Refund {{ input.order }}?",
+            "max_tokens": 20, "temperature": 0.0}))
+        .unwrap();
+        let ctx = CallContext {
+            job_id: "j".into(),
+            graph: "g".into(),
+            agent: "l".into(),
+            attempt: 1,
+            idempotency_key: "j/l".into(),
+            deadline: None,
+            job_key: None,
+        };
+        let input = StepInput {
+            input: Arc::new(json!({"order": 7})),
+            deps: vec![],
+        };
+        let p = agent.prepare(&ctx, &input).unwrap();
+        assert_eq!(p["url"], "http://127.0.0.1:1/v1/chat/completions");
+        assert_eq!(p["body"]["model"], "gpt-4o-mini");
+        assert_eq!(p["body"]["max_tokens"], 20);
+        assert_eq!(
+            p["body"]["messages"],
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Refund 7?"}])
+        );
+        assert!(!p.to_string().contains("sk-test-prepared-123"), "{p}");
+    }
+
+    #[test]
     fn bad_fields_are_named() {
         let base = |extra: Value| {
             let mut v = json!({"model": "m", "prompt": "p", "base_url": "http://127.0.0.1:1/v1"});
