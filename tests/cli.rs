@@ -15,6 +15,33 @@ fn cascade(args: &[&str]) -> Output {
         .expect("the cascade binary runs")
 }
 
+/// `cascade serve` on `dir` (see `common::server_dir`), up and answering, and the CLI pointed
+/// at it.
+struct Served {
+    _server: common::Server,
+    address: String,
+}
+
+impl Served {
+    fn start(dir: &std::path::Path) -> Self {
+        let (grpc, http) = (common::free_port(), common::free_port());
+        let server = common::spawn(dir, grpc, http);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(common::connect(grpc));
+        Self {
+            _server: server,
+            address: format!("http://127.0.0.1:{grpc}"),
+        }
+    }
+
+    /// `cascade --server <it> ARGS…`.
+    fn cli(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--server", self.address.as_str()];
+        all.extend_from_slice(args);
+        cascade(&all)
+    }
+}
+
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -216,16 +243,8 @@ kind = "sim"
 latency = "1h"
 "#;
     let dir = common::server_dir(&[("triage.toml", graph)], "");
-    let (grpc, http) = (common::free_port(), common::free_port());
-    let _server = common::spawn(dir.path(), grpc, http);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(common::connect(grpc));
-    let server = format!("http://127.0.0.1:{grpc}");
-    let cli = |args: &[&str]| {
-        let mut all = vec!["--server", server.as_str()];
-        all.extend_from_slice(args);
-        cascade(&all)
-    };
+    let served = Served::start(dir.path());
+    let cli = |args: &[&str]| served.cli(args);
 
     // `slow` sleeps an hour: this job runs until it is cancelled below.
     let o = cli(&["--json", "submit", "triage", "--input", r#"{"n": 1}"#]);
@@ -271,12 +290,8 @@ latency = "1h"
 fn submit_wait_follows_a_job_to_its_end() {
     let graph = "[graph]\nname = \"quick\"\n[agents.a]\nkind = \"sim\"\n[agents.b]\nkind = \"sim\"\nafter = [\"a\"]\n";
     let dir = common::server_dir(&[("quick.toml", graph)], "");
-    let (grpc, http) = (common::free_port(), common::free_port());
-    let _server = common::spawn(dir.path(), grpc, http);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(common::connect(grpc));
-    let server = format!("http://127.0.0.1:{grpc}");
-    let o = cascade(&["--server", &server, "submit", "quick", "--wait"]);
+    let served = Served::start(dir.path());
+    let o = served.cli(&["submit", "quick", "--wait"]);
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let text = stdout(&o).to_lowercase();
     assert!(text.contains("succeeded"), "{text}");
@@ -560,16 +575,8 @@ after = ["pay"]
 usage = { prompt_tokens = 80, completion_tokens = 40 }
 "#;
     let dir = common::server_dir(&[("guarded.toml", graph)], "");
-    let (grpc, http) = (common::free_port(), common::free_port());
-    let _server = common::spawn(dir.path(), grpc, http);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(common::connect(grpc));
-    let server = format!("http://127.0.0.1:{grpc}");
-    let cli = |args: &[&str]| {
-        let mut all = vec!["--server", server.as_str()];
-        all.extend_from_slice(args);
-        cascade(&all)
-    };
+    let served = Served::start(dir.path());
+    let cli = |args: &[&str]| served.cli(args);
     let o = cli(&[
         "--json",
         "submit",

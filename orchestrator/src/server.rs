@@ -594,18 +594,10 @@ async fn announce(
     let id = &notice.approval.approval.id;
     let mut last = String::new();
     for attempt in 1..=3u32 {
-        let mut req = client
-            .post(&notice.url)
-            .header("content-type", "application/json")
+        let req = signed_post(client, &notice.url, secret, &body)
             .header("x-cascade-approval", id.as_str())
             .header("idempotency-key", format!("{id}/proposed"));
-        if let Some(s) = secret {
-            let ts = unix_now();
-            req = req
-                .header("x-cascade-timestamp", ts.to_string())
-                .header("x-cascade-signature", sign(s, ts, &body));
-        }
-        match req.body(body.clone()).send().await {
+        match req.send().await {
             Ok(r) if r.status().is_success() => return,
             Ok(r) => last = format!("answered HTTP {}", r.status()),
             Err(e) => last = format!("failed: {}", e.without_url()),
@@ -615,6 +607,27 @@ async fn announce(
         }
     }
     tracing::warn!(approval_id = %id, error = %last, "the approval webhook was not delivered (the approval is listed all the same)");
+}
+
+/// A JSON POST of `body`, signed with `secret` when there is one. Signed anew at every attempt:
+/// a receiver that refuses replays takes a retry.
+fn signed_post(
+    client: &reqwest::Client,
+    url: &str,
+    secret: Option<&Secret>,
+    body: &[u8],
+) -> reqwest::RequestBuilder {
+    let mut req = client
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    if let Some(s) = secret {
+        let ts = unix_now();
+        req = req
+            .header("x-cascade-timestamp", ts.to_string())
+            .header("x-cascade-signature", sign(s, ts, body));
+    }
+    req
 }
 
 fn unix_now() -> u64 {
@@ -645,19 +658,10 @@ async fn deliver(
     let mut delivery = CallbackDelivery::default();
     for attempt in 1..=CALLBACK_ATTEMPTS {
         delivery.attempts = attempt;
-        let mut req = client
-            .post(&url)
-            .header("content-type", "application/json")
+        let req = signed_post(client, &url, secret, &body)
             .header("x-cascade-job", id.to_string())
             .header("idempotency-key", format!("{id}/callback"));
-        if let Some(s) = secret {
-            // Signed anew at every attempt: a receiver that refuses replays takes a retry.
-            let ts = unix_now();
-            req = req
-                .header("x-cascade-timestamp", ts.to_string())
-                .header("x-cascade-signature", sign(s, ts, &body));
-        }
-        match req.body(body.clone()).send().await {
+        match req.send().await {
             Ok(r) if r.status().is_success() => {
                 delivery.delivered = true;
                 delivery.delivered_at = Some(crate::clock::now());
