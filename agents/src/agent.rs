@@ -308,6 +308,13 @@ pub trait Agent: Send + Sync + 'static {
         Ok(serde_json::json!({"input": &*input.input, "deps": deps}))
     }
 
+    /// Whether its next call may act irreversibly, for kinds whose agents know it only at run
+    /// time ([`KindSpec::may_be_irreversible`](crate::KindSpec::may_be_irreversible): an MCP tool
+    /// says so in its annotations). Asked before each call; others are never asked.
+    fn irreversible(&self) -> bool {
+        false
+    }
+
     /// Make the call that [`Agent::prepare`] rendered, exactly: nothing is rendered again from
     /// the step's input. By default, `call` on the prepared step input.
     async fn execute(

@@ -47,6 +47,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["program"],
     build,
     upstream: upstream_name,
+    may_be_irreversible: false,
 };
 
 const DEFAULT_MAX_OUTPUT: u64 = 10 << 20;
@@ -110,11 +111,8 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     )?;
     let mut env = Vec::new();
     for (name, value) in c.env {
-        let v = if ["env:", "file:", "exec:"]
-            .iter()
-            .any(|p| value.starts_with(p))
-        {
-            let r: SecretRef = value.parse().map_err(|e: String| FieldError {
+        let v = if let Some(r) = SecretRef::parse_reference(&value) {
+            let r = r.map_err(|e| FieldError {
                 path: vec!["env".into(), name.clone()],
                 message: e,
             })?;

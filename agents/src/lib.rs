@@ -9,6 +9,7 @@ pub mod command;
 mod duration;
 pub mod http;
 pub mod llm;
+pub mod mcp;
 mod rate;
 mod registry;
 pub mod secret;

@@ -63,6 +63,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["model", "prompt"],
     build,
     upstream: upstream_name,
+    may_be_irreversible: false,
 };
 
 /// The reply of a provider is small; a runaway one is cut here.

@@ -124,6 +124,10 @@ pub struct KindSpec {
     pub required: &'static [&'static str],
     pub build: BuildFn,
     pub upstream: UpstreamFn,
+    /// Its calls may act irreversibly, as each agent tells at run time
+    /// ([`Agent::irreversible`](crate::Agent::irreversible)): the engine asks before each call
+    /// whether a person must approve it, unless the graph says `irreversible` or `approval`.
+    pub may_be_irreversible: bool,
 }
 
 impl fmt::Debug for KindSpec {
@@ -151,6 +155,7 @@ impl Default for Registry {
         r.register(crate::http::KIND);
         r.register(crate::command::KIND);
         r.register(crate::llm::KIND);
+        r.register(crate::mcp::KIND);
         r
     }
 }

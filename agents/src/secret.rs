@@ -109,6 +109,15 @@ impl fmt::Display for SecretRef {
 }
 
 impl SecretRef {
+    /// `s` as a reference when it is written as one (`env:`, `file:`, `exec:`), `None` for a
+    /// literal: for fields that take either (a program's environment).
+    pub fn parse_reference(s: &str) -> Option<Result<Self, String>> {
+        ["env:", "file:", "exec:"]
+            .iter()
+            .any(|p| s.starts_with(p))
+            .then(|| s.parse())
+    }
+
     /// Read the secret's value.
     pub fn resolve(&self) -> Result<Secret, String> {
         let value = match self {

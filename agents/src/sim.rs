@@ -58,6 +58,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &[],
     build,
     upstream: upstream_name,
+    may_be_irreversible: false,
 };
 
 /// Keep this module's simulated panics out of the process's output (tests and benchmarks that

@@ -26,6 +26,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["output"],
     build,
     upstream: crate::no_upstream,
+    may_be_irreversible: false,
 };
 
 #[derive(Deserialize)]

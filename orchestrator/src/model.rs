@@ -21,6 +21,8 @@ pub struct ServerModel {
     pub prices: BTreeMap<String, cascade_agents::llm::Price>,
     /// `[audit]`: how the audit log signs its checkpoints.
     pub audit: AuditSettings,
+    /// `[mcp_servers.NAME]`: the MCP servers agents call (`kind = "mcp"`).
+    pub mcp_servers: BTreeMap<String, cascade_agents::mcp::McpServerConfig>,
 }
 
 /// `[audit]` of `cascade.toml`.
@@ -177,6 +179,9 @@ pub struct AgentModel {
     pub max_concurrency: NonZeroU32,
     pub on_upstream_pause: OnUpstreamPause,
     pub irreversible: bool,
+    /// The graph leaves it to the agent whether a call is irreversible (its kind knows only at
+    /// run time, as an MCP tool's annotations tell, and the graph does not say `irreversible`).
+    pub asks_agent: bool,
     pub approval: Approval,
     /// With `approval = "auto"`: a person approves the steps whose input makes this hold,
     /// whether or not the agent is irreversible (autonomy tuned per workflow).
@@ -219,7 +224,7 @@ impl AgentModel {
         match self.approval {
             Approval::Never => false,
             Approval::Required => true,
-            Approval::Auto => self.irreversible || self.approval_when.is_some(),
+            Approval::Auto => self.irreversible || self.asks_agent || self.approval_when.is_some(),
         }
     }
 }

@@ -58,6 +58,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["url"],
     build,
     upstream: upstream_name,
+    may_be_irreversible: false,
 };
 
 const DEFAULT_MAX_RESPONSE: u64 = 10 << 20;

@@ -196,6 +196,12 @@ impl OrchestratorBuilder {
             .resources()
             .get::<cascade_agents::llm::Prices>()
             .set(self.model.prices.clone());
+        // The MCP servers the `mcp` agents name (their graphs were checked against the same).
+        self.registry
+            .resources()
+            .get::<cascade_agents::mcp::McpServers>()
+            .declare(self.model.mcp_servers.clone());
+        let unreachable = connect_mcp_servers(&self.registry, &self.model).await;
         let store: Arc<dyn JobStore> = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         // OAuth2 credentials keep their rotated refresh tokens in the store.
         self.registry
@@ -253,6 +259,7 @@ impl OrchestratorBuilder {
         let (root, handle) = Actor::spawn(None, RootSupervisor, (shared.clone(), graphs.clone()))
             .await
             .map_err(|e| StartError(e.to_string()))?;
+        pause_unreachable(&shared, unreachable).await;
         Ok(Orchestrator {
             shared,
             graphs: graphs
@@ -903,6 +910,53 @@ impl cascade_agents::http::oauth2::TokenVault for StoreVault {
 
     fn save(&self, credential: &str, sealed: String) {
         self.0.save_credential_state(credential, sealed);
+    }
+}
+
+/// Connect every declared MCP server (at once, together) to read its tools, which its agents'
+/// approvals go by; the names of those that could not be reached. An unreachable server is a
+/// warning, not a failed start: its quota is exhausted for a while once the broker runs (see
+/// [`pause_unreachable`]), which pauses its agents and their downstream, and the next call tries
+/// it again.
+async fn connect_mcp_servers(registry: &Registry, model: &ServerModel) -> Vec<String> {
+    let servers = registry
+        .resources()
+        .get::<cascade_agents::mcp::McpServers>();
+    let connects = model.mcp_servers.keys().filter_map(|name| {
+        let server = servers.get(name)?;
+        Some(async move {
+            match server.tools().await {
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(server = %server.name(), error = %e, "MCP server unreachable at start; its agents pause until it answers");
+                    Some(server.name().to_string())
+                }
+            }
+        })
+    });
+    futures::future::join_all(connects)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// Exhaust the quotas of MCP servers unreachable at start (`upstream:mcp:<name>`) for a while.
+async fn pause_unreachable(shared: &Shared, servers: Vec<String>) {
+    let Some(b) = shared.broker() else {
+        return;
+    };
+    for name in servers {
+        let quota = format!("{}mcp:{name}", crate::model::QuotaModel::IMPLICIT_PREFIX);
+        let _ = ractor::call_t!(
+            b.actor,
+            |reply| BrokerMsg::Exhaust {
+                quota,
+                duration: Duration::from_secs(5),
+                reply
+            },
+            5_000
+        );
     }
 }
 

@@ -1156,7 +1156,7 @@ impl SchedState {
                     tracing::warn!(job_id = %id, agent = %agent.name, error = %e, when = when.source(), "approval_when could not be evaluated; the call waits for approval");
                     true
                 }),
-                None => agent.irreversible,
+                None => agent.irreversible || (agent.asks_agent && handle.agent.irreversible()),
             },
         };
         if !needed {

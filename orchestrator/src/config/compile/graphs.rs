@@ -380,6 +380,8 @@ impl Loader<'_> {
                     .unwrap_or(NonZeroU32::new(DEFAULT_MAX_CONCURRENCY).expect("non-zero")),
                 on_upstream_pause: on_upstream_pause.unwrap_or_default(),
                 irreversible: irreversible.unwrap_or(false),
+                asks_agent: irreversible.is_none()
+                    && kind_spec.is_some_and(|k| k.may_be_irreversible),
                 approval: approval.unwrap_or_default(),
                 approval_when,
                 approval_timeout: approval_timeout.map(HumanDuration::get),

@@ -155,6 +155,7 @@ struct Loader<'r> {
     telemetry: TelemetrySettings,
     prices: BTreeMap<String, cascade_agents::llm::Price>,
     audit: crate::model::AuditSettings,
+    mcp_servers: BTreeMap<String, cascade_agents::mcp::McpServerConfig>,
     /// `[credentials.NAME]`: an `auth` table and where it was declared.
     credentials: BTreeMap<String, (serde_json::Value, String)>,
     /// Source index of errors found while resolving, which need a file's text to locate.
@@ -174,6 +175,7 @@ impl<'r> Loader<'r> {
             prices: BTreeMap::new(),
             credentials: BTreeMap::new(),
             audit: Default::default(),
+            mcp_servers: BTreeMap::new(),
             resolve_errs: Vec::new(),
         }
     }

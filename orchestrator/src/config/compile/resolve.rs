@@ -52,6 +52,7 @@ impl Loader<'_> {
             server: self.server,
             telemetry: self.telemetry,
             prices: self.prices,
+            mcp_servers: self.mcp_servers,
             audit: self.audit,
         })
     }

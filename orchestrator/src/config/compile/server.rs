@@ -11,6 +11,7 @@ const SERVER_FILE_SECTIONS: &[&str] = &[
     "telemetry",
     "prices",
     "audit",
+    "mcp_servers",
 ];
 const AUDIT_FIELDS: &[&str] = &["signing_key", "checkpoint_every"];
 const SERVER_FIELDS: &[&str] = &[
@@ -124,6 +125,10 @@ impl Loader<'_> {
             r.skip("credentials");
             self.credentials_table(src, k.span(), v);
         }
+        if let Some((k, v)) = r.entry("mcp_servers") {
+            r.skip("mcp_servers");
+            self.mcp_servers_table(src, k.span(), v);
+        }
         if let Some((k, v)) = r.entry("audit") {
             r.skip("audit");
             if let Some(t) = self.expect_table(src, "audit", k.span(), v) {
@@ -137,6 +142,51 @@ impl Loader<'_> {
         }
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
         files
+    }
+
+    /// `[mcp_servers.NAME]`: how to reach each MCP server (a command Cascade starts, or a URL).
+    /// Declared to the registry at once, so that the graphs' `mcp` agents can name them.
+    fn mcp_servers_table(&mut self, src: &Source, span: Range<usize>, v: &Spanned<DeValue<'_>>) {
+        let Some(t) = self.expect_table(src, "mcp_servers", span, v) else {
+            return;
+        };
+        let mut entries: Vec<_> = t.iter().collect();
+        entries.sort_by_key(|(k, _)| k.span().start);
+        for (k, v) in entries {
+            let name: &str = k.get_ref();
+            let path = format!("mcp_servers.{name}");
+            if !self.check_name(src, k.span(), &path, name) {
+                continue;
+            }
+            let config = match deserialize::<cascade_agents::mcp::McpServerConfig>(v) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.errs.push(
+                        src.error(v.span(), path, e.message().trim().to_string()).with_help(
+                            "command = \"…\", args = [\"…\"], env = { NAME = \"env:NAME\" } for a server Cascade starts; url = \"https://…/mcp\", auth = { bearer = \"env:NAME\" } for one it reaches",
+                        ),
+                    );
+                    continue;
+                }
+            };
+            if let Err((field, message)) = config.check() {
+                let at = match v.get_ref() {
+                    DeValue::Table(t) => t
+                        .iter()
+                        .find(|(k, _)| k.get_ref() == field)
+                        .map_or(k.span(), |(_, v)| v.span()),
+                    _ => k.span(),
+                };
+                self.errs
+                    .push(src.error(at, format!("{path}.{field}"), message));
+                continue;
+            }
+            self.mcp_servers.insert(name.to_string(), config);
+        }
+        self.registry
+            .resources()
+            .get::<cascade_agents::mcp::McpServers>()
+            .declare(self.mcp_servers.clone());
     }
 
     /// `[prices."MODEL"]`: US dollars per million prompt and completion tokens.

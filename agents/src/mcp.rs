@@ -1,0 +1,602 @@
+//! MCP servers and `kind = "mcp"`: a tool call on a Model Context Protocol server.
+//!
+//! ```toml
+//! # cascade.toml
+//! [mcp_servers.everything]
+//! command = "npx"
+//! args = ["@modelcontextprotocol/server-everything", "stdio"]
+//! env = { API_TOKEN = "env:EVERYTHING_TOKEN" }
+//!
+//! [mcp_servers.crm]
+//! url = "https://crm.example.com/mcp"          # streamable HTTP
+//! auth = { bearer = "env:CRM_MCP_TOKEN" }
+//!
+//! # a graph file
+//! [agents.lookup]
+//! kind = "mcp"
+//! server = "crm"
+//! tool = "lookup_customer"
+//! arguments = { email = "{{ input.email }}" }
+//! ```
+//!
+//! A server is declared once and shared: one process (stdio) or one session (HTTP) serves every
+//! agent that names it. It is connected when first needed (and at start, to read its tools), and
+//! again after it dies, with a backoff of 1 s doubling to 30 s; meanwhile calls fail as transient,
+//! which the server's implicit quota (`upstream:mcp:<name>`) counts towards its circuit breaker.
+//! A stdio server's stderr goes to Cascade's log.
+//!
+//! A tool call is irreversible unless the tool says `readOnlyHint = true` or
+//! `destructiveHint = false` (the MCP specification's defaults): the engine asks a person before
+//! it runs, unless the agent says `approval = "never"` (or `irreversible = false`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use rmcp::ServiceExt;
+use rmcp::model::{CallToolRequestParams, CallToolResult, Tool};
+use rmcp::service::{RoleClient, RunningService};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use tokio::time::Instant;
+
+use crate::secret::{SecretCell, SecretRef};
+use crate::template::JsonTemplate;
+use crate::{
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput, Usage,
+};
+
+pub const KIND: KindSpec = KindSpec {
+    name: "mcp",
+    fields: &["server", "tool", "arguments"],
+    required: &["server", "tool"],
+    build,
+    upstream: upstream_name,
+    may_be_irreversible: true,
+};
+
+/// The first wait before a server that died or failed to start is started again; it doubles up
+/// to [`MAX_RESTART_DELAY`] while it keeps failing.
+const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
+const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
+
+/// How long connecting (spawning, initializing, listing tools) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `[mcp_servers.NAME]`: how to reach a server. Exactly one of `command` (stdio) and `url`
+/// (streamable HTTP).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct McpServerConfig {
+    #[serde(default)]
+    pub command: Option<String>,
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The server process's environment (nothing else of Cascade's is passed but `PATH`,
+    /// `HOME`, `LANG`): literals, or secret references (`env:NAME`, `file:PATH`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub auth: Option<McpAuth>,
+}
+
+/// How an HTTP server is authenticated.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct McpAuth {
+    pub bearer: SecretRef,
+}
+
+impl McpServerConfig {
+    /// What is wrong with it, as (field, message).
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        match (&self.command, &self.url) {
+            (Some(_), Some(_)) => Err((
+                "url",
+                "set command (a server Cascade starts, over stdio) or url (streamable HTTP), not both".into(),
+            )),
+            (None, None) => Err((
+                "command",
+                "set command = \"…\" (with args) for a server Cascade starts, or url = \"https://…/mcp\" for one it reaches".into(),
+            )),
+            (None, Some(url)) => {
+                let u = reqwest::Url::parse(url).map_err(|e| ("url", format!("not a URL: {e}")))?;
+                if !matches!(u.scheme(), "http" | "https") {
+                    return Err(("url", "an http or https URL".into()));
+                }
+                if !self.args.is_empty() || !self.env.is_empty() || self.cwd.is_some() {
+                    return Err(("args", "args, env and cwd are for a server Cascade starts (command)".into()));
+                }
+                Ok(())
+            }
+            (Some(_), None) => {
+                if self.auth.is_some() {
+                    return Err(("auth", "auth is for a server reached by url".into()));
+                }
+                for v in self.env.values() {
+                    // A value that is a reference must be one that resolves; a literal stays one.
+                    if let Some(r) = SecretRef::parse_reference(v) {
+                        r.and_then(|r| SecretCell::load(r).map(drop))
+                            .map_err(|e| ("env", e))?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Every declared MCP server of a registry, shared by its agents (one process or session each).
+#[derive(Default)]
+pub struct McpServers {
+    declared: RwLock<BTreeMap<String, McpServerConfig>>,
+    running: Mutex<HashMap<String, Arc<McpServer>>>,
+}
+
+impl McpServers {
+    /// Declare the servers (the server file's `[mcp_servers]`).
+    pub fn declare(&self, servers: impl IntoIterator<Item = (String, McpServerConfig)>) {
+        let mut d = self.declared.write().unwrap_or_else(|p| p.into_inner());
+        d.extend(servers);
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let d = self.declared.read().unwrap_or_else(|p| p.into_inner());
+        d.keys().cloned().collect()
+    }
+
+    /// Server `name`, if declared (not connected yet: [`McpServer::tools`] or a call does that).
+    pub fn get(&self, name: &str) -> Option<Arc<McpServer>> {
+        let config = {
+            let d = self.declared.read().unwrap_or_else(|p| p.into_inner());
+            d.get(name).cloned()?
+        };
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let server = running
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(McpServer::new(name, config.clone())));
+        Some(server.clone())
+    }
+}
+
+type Client = RunningService<RoleClient, ()>;
+
+/// One MCP server: its connection (made, and made again after it dies, on demand), its tools as
+/// last listed, and its restart backoff.
+pub struct McpServer {
+    name: String,
+    config: McpServerConfig,
+    client: RwLock<Option<Arc<Client>>>,
+    /// One connection attempt at a time.
+    connecting: tokio::sync::Mutex<()>,
+    tools: RwLock<Option<Arc<Vec<Tool>>>>,
+    /// No new start before this (a server that keeps failing waits longer each time).
+    backoff: Mutex<(Option<Instant>, Duration)>,
+    /// Connections made so far (the first start included).
+    starts: std::sync::atomic::AtomicU64,
+    /// The process of a stdio server, while it runs (0: none).
+    pid: std::sync::atomic::AtomicU32,
+}
+
+impl McpServer {
+    fn new(name: &str, config: McpServerConfig) -> Self {
+        Self {
+            name: name.to_string(),
+            config,
+            client: RwLock::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            tools: RwLock::new(None),
+            backoff: Mutex::new((None, FIRST_RESTART_DELAY)),
+            starts: std::sync::atomic::AtomicU64::new(0),
+            pid: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
+    /// The process of a stdio server, if one runs.
+    pub fn pid(&self) -> Option<u32> {
+        match self.pid.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            pid => Some(pid),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How many times it was started (or connected) so far.
+    pub fn starts(&self) -> u64 {
+        self.starts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The tools as last listed (none before the first connection).
+    pub fn cached_tools(&self) -> Option<Arc<Vec<Tool>>> {
+        self.tools.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The tools, connecting first if it is not connected.
+    pub async fn tools(&self) -> Result<Arc<Vec<Tool>>, AgentError> {
+        self.client().await?;
+        self.cached_tools().ok_or_else(|| {
+            AgentError::transient(format!("MCP server {:?} listed no tools", self.name))
+        })
+    }
+
+    fn current(&self) -> Option<Arc<Client>> {
+        let c = self.client.read().unwrap_or_else(|p| p.into_inner());
+        c.as_ref().filter(|c| !c.is_closed()).cloned()
+    }
+
+    /// The live connection, made (again) if there is none and the backoff allows.
+    async fn client(&self) -> Result<Arc<Client>, AgentError> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let now = Instant::now();
+        let wait = {
+            let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+            b.0.filter(|t| *t > now).map(|t| t - now)
+        };
+        if let Some(wait) = wait {
+            return Err(AgentError::transient(format!(
+                "MCP server {:?} is down; it is started again in {} ms",
+                self.name,
+                wait.as_millis()
+            )));
+        }
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
+            Ok(Ok((client, tools))) => {
+                let client = Arc::new(client);
+                *self.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
+                *self.tools.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(tools));
+                *self.backoff.lock().unwrap_or_else(|p| p.into_inner()) =
+                    (None, FIRST_RESTART_DELAY);
+                self.starts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(server = %self.name, "MCP server connected");
+                Ok(client)
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(e)) => e,
+                    _ => format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
+                };
+                let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+                let delay = b.1;
+                *b = (
+                    Some(Instant::now() + delay),
+                    (delay * 2).min(MAX_RESTART_DELAY),
+                );
+                tracing::warn!(server = %self.name, error = %why, retry_in_ms = delay.as_millis() as u64, "MCP server could not be started");
+                Err(AgentError::transient(format!(
+                    "MCP server {:?} could not be started: {why}",
+                    self.name
+                )))
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<(Client, Vec<Tool>), String> {
+        let client = match (&self.config.command, &self.config.url) {
+            (Some(command), _) => {
+                let mut cmd = tokio::process::Command::new(command);
+                cmd.args(&self.config.args).env_clear();
+                for name in ["PATH", "HOME", "LANG"] {
+                    if let Some(v) = std::env::var_os(name) {
+                        cmd.env(name, v);
+                    }
+                }
+                for (k, v) in &self.config.env {
+                    let value = match SecretRef::parse_reference(v) {
+                        Some(r) => {
+                            let cell = Arc::new(
+                                r.and_then(SecretCell::load)
+                                    .map_err(|e| format!("env {k}: {e}"))?,
+                            );
+                            cell.current()
+                                .await
+                                .map_err(|e| format!("env {k}: {}", e.message))?
+                        }
+                        None => v.clone(),
+                    };
+                    cmd.env(k, value);
+                }
+                if let Some(dir) = &self.config.cwd {
+                    cmd.current_dir(dir);
+                }
+                let (transport, stderr) = rmcp::transport::TokioChildProcess::builder(cmd)
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(|e| format!("cannot start {command:?}: {e}"))?;
+                self.pid.store(
+                    transport.id().unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                if let Some(stderr) = stderr {
+                    let name = self.name.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::AsyncBufReadExt;
+                        let mut lines = tokio::io::BufReader::new(stderr).lines();
+                        while let Ok(Some(line)) = lines.next_line().await {
+                            tracing::info!(server = %name, "{line}");
+                        }
+                    });
+                }
+                ().serve(transport).await.map_err(|e| e.to_string())?
+            }
+            (None, Some(url)) => {
+                use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+                let mut config = StreamableHttpClientTransportConfig::with_uri(url.as_str());
+                if let Some(auth) = &self.config.auth {
+                    let token = SecretCell::load(auth.bearer.clone())?;
+                    config = config.auth_header(token.get().map_err(|e| e.message)?);
+                }
+                let transport = rmcp::transport::StreamableHttpClientTransport::from_config(config);
+                ().serve(transport).await.map_err(|e| e.to_string())?
+            }
+            (None, None) => return Err("neither command nor url".into()),
+        };
+        let tools = client
+            .list_all_tools()
+            .await
+            .map_err(|e| format!("listing its tools failed: {e}"))?;
+        Ok((client, tools))
+    }
+
+    /// Call `tool` with `arguments`. A transport failure or a dead server is transient (the
+    /// server is started again for the next call); the tool's own error is the caller's to
+    /// classify.
+    pub async fn call(
+        &self,
+        tool: &str,
+        arguments: Map<String, Value>,
+    ) -> Result<CallToolResult, AgentError> {
+        let client = self.client().await?;
+        let params = CallToolRequestParams::new(tool.to_string()).with_arguments(arguments);
+        client.call_tool(params).await.map_err(|e| {
+            // A protocol error is the server's answer; anything else (a closed or broken
+            // transport, a cancelled service) means the connection is gone, whether or not the
+            // service noticed yet: drop it (which ends its process), and start again next time.
+            if !matches!(e, rmcp::ServiceError::McpError(_)) {
+                tracing::warn!(server = %self.name, error = %e, "MCP server connection lost; it is started again for the next call");
+                let mut c = self.client.write().unwrap_or_else(|p| p.into_inner());
+                if c.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
+                    *c = None;
+                    self.pid.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            AgentError::transient(format!("MCP server {:?}: {e}", self.name))
+        })
+    }
+}
+
+/// Whether a tool with these annotations may act irreversibly: unless it says it is read-only
+/// or not destructive (the specification's defaults: not read-only, destructive).
+pub fn irreversible(tool: &Tool) -> bool {
+    let a = tool.annotations.as_ref();
+    let read_only = a.and_then(|a| a.read_only_hint).unwrap_or(false);
+    let destructive = a.and_then(|a| a.destructive_hint).unwrap_or(true);
+    !read_only && destructive
+}
+
+/// A tool result as a step output: its structured content where present, else its text (one
+/// block: the text; several: the list of their texts); `isError` is the caller's to classify.
+pub fn result_value(result: &CallToolResult) -> Value {
+    if let Some(v) = &result.structured_content {
+        return v.clone();
+    }
+    let texts: Vec<&str> = result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.as_str()))
+        .collect();
+    match texts.as_slice() {
+        [one] => Value::String(one.to_string()),
+        many => Value::Array(many.iter().map(|t| Value::String(t.to_string())).collect()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    server: String,
+    tool: String,
+    #[serde(default)]
+    arguments: Option<Map<String, Value>>,
+}
+
+fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
+    spec.fields
+        .get("server")
+        .and_then(Value::as_str)
+        .map(|s| format!("mcp:{s}"))
+}
+
+fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
+    let c: Config = spec.parse()?;
+    let servers = spec.resources.get::<McpServers>();
+    let server = servers.get(&c.server).ok_or_else(|| {
+        let declared = servers.names();
+        FieldError::new(
+            "server",
+            if declared.is_empty() {
+                format!(
+                    "no MCP server {:?} is declared; declare it in cascade.toml ([mcp_servers.{}] command = \"…\" or url = \"…\") and pass --config",
+                    c.server, c.server
+                )
+            } else {
+                format!(
+                    "no MCP server {:?} is declared; the declared ones: {}",
+                    c.server,
+                    declared.join(", ")
+                )
+            },
+        )
+    })?;
+    let arguments = JsonTemplate::compile(
+        &Value::Object(c.arguments.unwrap_or_default()),
+        &["arguments"],
+    )?;
+    Ok(Arc::new(McpAgent {
+        server,
+        tool: c.tool,
+        arguments,
+    }))
+}
+
+struct McpAgent {
+    server: Arc<McpServer>,
+    tool: String,
+    arguments: JsonTemplate,
+}
+
+#[async_trait::async_trait]
+impl Agent for McpAgent {
+    async fn call(&self, ctx: &CallContext, input: &StepInput) -> Result<AgentOutput, AgentError> {
+        let prepared = self.prepare(ctx, input)?;
+        self.execute(ctx, &prepared).await
+    }
+
+    /// `{"server", "tool", "arguments"}`: the exact tool call.
+    fn prepare(&self, ctx: &CallContext, input: &StepInput) -> Result<Value, AgentError> {
+        let arguments = self.arguments.render(ctx, input)?;
+        Ok(
+            serde_json::json!({"server": self.server.name(), "tool": self.tool, "arguments": arguments}),
+        )
+    }
+
+    async fn execute(
+        &self,
+        _ctx: &CallContext,
+        prepared: &Value,
+    ) -> Result<AgentOutput, AgentError> {
+        if prepared["server"].as_str() != Some(self.server.name())
+            || prepared["tool"].as_str() != Some(self.tool.as_str())
+        {
+            return Err(AgentError::permanent(format!(
+                "the prepared call is {}.{} and this agent now calls {}.{}: its configuration changed since the call was prepared",
+                prepared["server"],
+                prepared["tool"],
+                self.server.name(),
+                self.tool
+            )));
+        }
+        let arguments = prepared["arguments"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let result = self.server.call(&self.tool, arguments).await?;
+        let value = result_value(&result);
+        if result.is_error == Some(true) {
+            let text = match &value {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            return Err(AgentError::permanent(format!(
+                "tool {}.{} answered an error: {text}",
+                self.server.name(),
+                self.tool
+            )));
+        }
+        Ok(AgentOutput {
+            value,
+            usage: Usage::default(),
+            limits: None,
+        })
+    }
+
+    /// Irreversible unless the tool, as its server last listed it, says otherwise; a tool not
+    /// listed yet (the server not reached) is taken as irreversible.
+    fn irreversible(&self) -> bool {
+        match self.server.cached_tools() {
+            Some(tools) => tools
+                .iter()
+                .find(|t| t.name == self.tool)
+                .is_none_or(irreversible),
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tool(annotations: Option<(Option<bool>, Option<bool>)>) -> Tool {
+        let mut t: Tool = serde_json::from_value(serde_json::json!({
+            "name": "t", "inputSchema": {"type": "object"}
+        }))
+        .unwrap();
+        t.annotations = annotations.map(|(read_only, destructive)| {
+            let mut a: rmcp::model::ToolAnnotations =
+                serde_json::from_value(serde_json::json!({})).unwrap();
+            a.read_only_hint = read_only;
+            a.destructive_hint = destructive;
+            a
+        });
+        t
+    }
+
+    #[test]
+    fn a_tool_is_irreversible_unless_it_says_read_only_or_not_destructive() {
+        // The specification's defaults: not read-only, destructive.
+        assert!(irreversible(&tool(None)));
+        assert!(irreversible(&tool(Some((None, None)))));
+        assert!(irreversible(&tool(Some((Some(false), Some(true))))));
+        assert!(!irreversible(&tool(Some((Some(true), None)))));
+        assert!(!irreversible(&tool(Some((None, Some(false))))));
+    }
+
+    #[test]
+    fn a_server_is_a_command_or_a_url() {
+        let c = |v: serde_json::Value| serde_json::from_value::<McpServerConfig>(v).unwrap();
+        assert!(
+            c(serde_json::json!({"command": "node", "args": ["s.js"]}))
+                .check()
+                .is_ok()
+        );
+        assert!(
+            c(serde_json::json!({"url": "https://x.example/mcp"}))
+                .check()
+                .is_ok()
+        );
+        assert_eq!(c(serde_json::json!({})).check().unwrap_err().0, "command");
+        assert_eq!(
+            c(serde_json::json!({"command": "n", "url": "https://x.example/mcp"}))
+                .check()
+                .unwrap_err()
+                .0,
+            "url"
+        );
+        assert_eq!(
+            c(serde_json::json!({"url": "ftp://x"}))
+                .check()
+                .unwrap_err()
+                .0,
+            "url"
+        );
+        assert_eq!(
+            c(serde_json::json!({"command": "n", "env": {"T": "env:CASCADE_TEST_UNSET_VAR_93"}}))
+                .check()
+                .unwrap_err()
+                .0,
+            "env"
+        );
+        assert!(
+            serde_json::from_value::<McpServerConfig>(
+                serde_json::json!({"command": "n", "bogus": 1})
+            )
+            .is_err()
+        );
+    }
+}
