@@ -118,6 +118,15 @@ async fn a_killed_server_is_started_again_and_no_job_is_lost() {
         .status()
         .unwrap();
     assert!(status.success());
+    // And jobs after it: their calls meet the dead server, whatever the first ones did.
+    for n in 20..40 {
+        ids.push(
+            orch.submit(SubmitRequest::new("tools", json!({"a": n, "b": 1})))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
     for (n, id) in ids.into_iter().enumerate() {
         let job = tokio::time::timeout(Duration::from_secs(60), orch.wait(id))
             .await
