@@ -78,6 +78,9 @@ enum GraphCommand {
         /// A server config (cascade.toml) whose shared quotas the graphs may use.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Start (or reach) the config's MCP servers and check the tools the graphs call.
+        #[arg(long)]
+        connect: bool,
     },
     /// Print a graph as Graphviz DOT (quotas as boxes, agents as ellipses).
     Dot {
@@ -101,7 +104,11 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Graph { command } => match command {
-            GraphCommand::Check { files, config } => graph_cmd::check(config.as_deref(), &files),
+            GraphCommand::Check {
+                files,
+                config,
+                connect,
+            } => graph_cmd::check(config.as_deref(), &files, connect),
             GraphCommand::Dot { file, config } => graph_cmd::dot(config.as_deref(), &file),
             GraphCommand::Status { name } => client_cmd::graph_status(cli.conn, name),
         },

@@ -556,10 +556,20 @@ impl LlmAgent {
 /// A JSON reply against the agent's schema: the violations (the first three, each at its path
 /// in the reply) as a transient error, since the model may answer well next time.
 fn check_schema(schema: &jsonschema::Validator, reply: &Value) -> Result<(), AgentError> {
-    let mut errors = schema.iter_errors(reply).peekable();
-    if errors.peek().is_none() {
+    let Some(violations) = schema_violations(schema, reply) else {
         return Ok(());
-    }
+    };
+    let text: String = reply.to_string().chars().take(200).collect();
+    Err(AgentError::transient(format!(
+        "the model's reply does not match the schema: {violations}; the reply: {text}"
+    )))
+}
+
+/// What in `value` breaks `schema`: the first three violations, each at its path, and how many
+/// more; `None` when it fits.
+pub(crate) fn schema_violations(schema: &jsonschema::Validator, value: &Value) -> Option<String> {
+    let mut errors = schema.iter_errors(value).peekable();
+    errors.peek()?;
     let all: Vec<String> = errors
         .map(|e| {
             let at = e.instance_path().to_string();
@@ -573,10 +583,7 @@ fn check_schema(schema: &jsonschema::Validator, reply: &Value) -> Result<(), Age
     } else {
         String::new()
     };
-    let text: String = reply.to_string().chars().take(200).collect();
-    Err(AgentError::transient(format!(
-        "the model's reply does not match the schema: {shown}{more}; the reply: {text}"
-    )))
+    Some(format!("{shown}{more}"))
 }
 
 #[async_trait::async_trait]

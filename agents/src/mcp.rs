@@ -380,6 +380,50 @@ impl McpServer {
     }
 }
 
+/// Check an `mcp` agent's fields (`server`, `tool`, `arguments`) against its server's tools as
+/// listed: the tool exists (else the error lists the server's tools), and arguments that are
+/// fixed (no template in them) fit the tool's `inputSchema`. `Ok` when the server's tools are
+/// not known (it was not reached).
+pub fn check_agent(servers: &McpServers, fields: &Map<String, Value>) -> Result<(), String> {
+    let (Some(server), Some(tool)) = (
+        fields.get("server").and_then(Value::as_str),
+        fields.get("tool").and_then(Value::as_str),
+    ) else {
+        return Ok(());
+    };
+    let Some(tools) = servers.get(server).and_then(|s| s.cached_tools()) else {
+        return Ok(());
+    };
+    let Some(t) = tools.iter().find(|t| t.name == tool) else {
+        let mut names: Vec<&str> = tools.iter().map(|t| &*t.name).collect();
+        names.sort_unstable();
+        return Err(format!(
+            "MCP server {server:?} has no tool {tool:?}; its tools: {}",
+            names.join(", ")
+        ));
+    };
+    let arguments = Value::Object(
+        fields
+            .get("arguments")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+    );
+    if arguments.to_string().contains("{{") {
+        // Rendered per step: checked by the server when it is called.
+        return Ok(());
+    }
+    let schema = Value::Object((*t.input_schema).clone());
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| format!("tool {server}.{tool}'s inputSchema is not a JSON Schema: {e}"))?;
+    match crate::llm::schema_violations(&validator, &arguments) {
+        None => Ok(()),
+        Some(v) => Err(format!(
+            "the arguments do not fit tool {server}.{tool}'s inputSchema: {v}"
+        )),
+    }
+}
+
 /// Whether a tool with these annotations may act irreversibly: unless it says it is read-only
 /// or not destructive (the specification's defaults: not read-only, destructive).
 pub fn irreversible(tool: &Tool) -> bool {

@@ -201,7 +201,13 @@ impl OrchestratorBuilder {
             .resources()
             .get::<cascade_agents::mcp::McpServers>()
             .declare(self.model.mcp_servers.clone());
-        let unreachable = connect_mcp_servers(&self.registry, &self.model).await;
+        let McpCheck {
+            unreachable,
+            errors,
+        } = connect_mcp_servers(&self.registry, &self.model).await;
+        if !errors.is_empty() {
+            return Err(StartError(errors.join("\n")));
+        }
         let store: Arc<dyn JobStore> = self.store.unwrap_or_else(|| Arc::new(MemoryStore::new()));
         // OAuth2 credentials keep their rotated refresh tokens in the store.
         self.registry
@@ -914,11 +920,11 @@ impl cascade_agents::http::oauth2::TokenVault for StoreVault {
 }
 
 /// Connect every declared MCP server (at once, together) to read its tools, which its agents'
-/// approvals go by; the names of those that could not be reached. An unreachable server is a
+/// approvals go by, and check each `mcp` agent's tool and fixed arguments against them. An unreachable server is a
 /// warning, not a failed start: its quota is exhausted for a while once the broker runs (see
 /// [`pause_unreachable`]), which pauses its agents and their downstream, and the next call tries
 /// it again.
-async fn connect_mcp_servers(registry: &Registry, model: &ServerModel) -> Vec<String> {
+pub async fn connect_mcp_servers(registry: &Registry, model: &ServerModel) -> McpCheck {
     let servers = registry
         .resources()
         .get::<cascade_agents::mcp::McpServers>();
@@ -934,11 +940,38 @@ async fn connect_mcp_servers(registry: &Registry, model: &ServerModel) -> Vec<St
             }
         })
     });
-    futures::future::join_all(connects)
+    let unreachable: Vec<String> = futures::future::join_all(connects)
         .await
         .into_iter()
         .flatten()
-        .collect()
+        .collect();
+    // Every `mcp` agent's tool exists on its server, and fixed arguments fit its inputSchema.
+    let mut errors = Vec::new();
+    for g in &model.graphs {
+        for a in g.agents.iter().filter(|a| a.kind == "mcp") {
+            if let Err(e) = cascade_agents::mcp::check_agent(&servers, &a.fields) {
+                errors.push(format!(
+                    "{}: graph {:?}, agent {:?}: {e}",
+                    g.source.display(),
+                    g.name,
+                    a.name
+                ));
+            }
+        }
+    }
+    McpCheck {
+        unreachable,
+        errors,
+    }
+}
+
+/// What [`connect_mcp_servers`] found.
+#[derive(Debug, Default)]
+pub struct McpCheck {
+    /// Servers that could not be reached (their agents' tools are not checked).
+    pub unreachable: Vec<String>,
+    /// Agents whose tool or arguments do not fit their server.
+    pub errors: Vec<String>,
 }
 
 /// Exhaust the quotas of MCP servers unreachable at start (`upstream:mcp:<name>`) for a while.
