@@ -253,3 +253,187 @@ async fn an_unknown_tool_or_arguments_that_do_not_fit_are_refused_at_start_and_b
         String::from_utf8_lossy(&check(true).stderr)
     );
 }
+
+/// A ledger as an MCP server over streamable HTTP, behind a bearer token: one tool,
+/// `post_entry`, with no annotations (so, by the MCP defaults, destructive), counting its calls.
+mod ledger {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use rmcp::model::{
+        CallToolRequestParams, CallToolResponse, CallToolResult, ErrorData, ListToolsResult,
+        PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    };
+    use rmcp::service::RequestContext;
+    use rmcp::transport::streamable_http_server::{
+        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
+    };
+    use rmcp::{RoleServer, ServerHandler};
+    use serde_json::json;
+
+    #[derive(Clone, Default)]
+    pub struct Ledger {
+        pub calls: Arc<AtomicU64>,
+    }
+
+    impl ServerHandler for Ledger {
+        fn get_info(&self) -> ServerConfig {
+            ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        }
+
+        async fn list_tools(
+            &self,
+            _: Option<PaginatedRequestParams>,
+            _: RequestContext<RoleServer>,
+        ) -> Result<ListToolsResult, ErrorData> {
+            let schema = json!({"type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]});
+            let serde_json::Value::Object(schema) = schema else {
+                unreachable!()
+            };
+            Ok(ListToolsResult {
+                tools: vec![Tool::new("post_entry", "Post a ledger entry", schema)],
+                ..Default::default()
+            })
+        }
+
+        async fn call_tool(
+            &self,
+            request: CallToolRequestParams,
+            _: RequestContext<RoleServer>,
+        ) -> Result<CallToolResponse, ErrorData> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(CallToolResponse::Complete(CallToolResult::structured(
+                json!({"entry": n, "amount": request.arguments.unwrap_or_default()["amount"]}),
+            )))
+        }
+    }
+
+    /// Serve it on 127.0.0.1 at `/mcp`, answering only `Authorization: Bearer <token>`; the
+    /// port.
+    pub async fn serve(ledger: Ledger, token: &'static str) -> u16 {
+        let service = StreamableHttpService::new(
+            move || Ok(ledger.clone()),
+            LocalSessionManager::default().into(),
+            StreamableHttpServerConfig::default(),
+        );
+        let app =
+            axum::Router::new()
+                .nest_service("/mcp", service)
+                .layer(axum::middleware::from_fn(
+                    move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                        let ok = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            == Some(format!("Bearer {token}").as_str());
+                        if ok {
+                            next.run(req).await
+                        } else {
+                            axum::response::IntoResponse::into_response(
+                                axum::http::StatusCode::UNAUTHORIZED,
+                            )
+                        }
+                    },
+                ));
+        super::common::serve_http(app).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_over_streamable_http_with_a_bearer_token_and_an_unannotated_tool_asks_first() {
+    let ledger = ledger::Ledger::default();
+    let port = ledger::serve(ledger.clone(), "ledger-token-771").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("g.toml"),
+        r#"
+[graph]
+name = "books"
+
+[agents.post]
+kind = "mcp"
+server = "ledger"
+tool = "post_entry"
+arguments = { amount = "{{= input.amount }}" }
+"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        format!(
+            "graphs = [\"g.toml\"]\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ bearer = \"env:LEDGER_TOKEN\" }}\n"
+        ),
+    )
+    .unwrap();
+    // SAFETY: this variable is read by this test only.
+    unsafe { std::env::set_var("LEDGER_TOKEN", "ledger-token-771") };
+    let model = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let orch = Orchestrator::builder(model).start().await.unwrap();
+    let id = orch
+        .submit(SubmitRequest::new("books", json!({"amount": 120.5})))
+        .await
+        .unwrap()
+        .id;
+    // The tool says nothing of itself: by the MCP defaults it is destructive, so it waits.
+    let parked = tokio::time::timeout(Duration::from_secs(30), orch.wait_settled(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        parked.state,
+        JobState::AwaitingApproval,
+        "{:?}",
+        parked.error
+    );
+    assert_eq!(ledger.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let v = orch.approval(&format!("{id}/post")).unwrap();
+    orch.resolve_approval(&v.approval.id, &v.approval.sha256, true, "controller", "")
+        .await
+        .unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(
+        **job.steps[0].output.as_ref().unwrap(),
+        json!({"entry": 1, "amount": 120.5})
+    );
+    assert_eq!(ledger.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_refuses_the_token_at_start_pauses_its_agents_not_the_start() {
+    let port = ledger::serve(ledger::Ledger::default(), "right-token").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("g.toml"),
+        "[graph]\nname = \"books\"\n[agents.post]\nkind = \"mcp\"\nserver = \"ledger\"\ntool = \"post_entry\"\napproval = \"never\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        format!(
+            "graphs = [\"g.toml\"]\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ bearer = \"env:LEDGER_WRONG_TOKEN\" }}\n"
+        ),
+    )
+    .unwrap();
+    // SAFETY: this variable is read by this test only.
+    unsafe { std::env::set_var("LEDGER_WRONG_TOKEN", "wrong-token") };
+    let model = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let orch = Orchestrator::builder(model).start().await.unwrap();
+    let q = common::quota(&orch, "upstream:mcp:ledger").await;
+    assert!(q.exhausted_reason.is_some(), "{q:?}");
+    let pauses = orch.pauses("books").await.unwrap();
+    assert!(pauses.iter().all(|(_, p)| p.is_some()), "{pauses:?}");
+}
