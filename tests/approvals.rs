@@ -690,14 +690,7 @@ latency = "400ms"
     .await;
     let r = orch.get(id).unwrap().unwrap();
     assert_eq!(r.steps[2].state, StepState::Succeeded);
-    let v = orch.approval(&format!("{id}/pay")).unwrap();
-    orch.resolve_approval(&v.approval.id, &v.approval.sha256, true, "ops", "")
-        .await
-        .unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
-        .await
-        .unwrap()
-        .unwrap();
+    let job = common::approve_and_wait(&orch, &format!("{id}/pay"), "ops").await;
     assert_eq!(job.state, JobState::Succeeded);
     assert_eq!(job.steps[2].attempts, 1, "report did not run again");
     // The approved call ran on the input it was proposed with.

@@ -23,19 +23,46 @@ fn everything() -> PathBuf {
     path
 }
 
-/// An orchestrator on `graph`, with `[mcp_servers.everything]` in its cascade.toml.
+/// The model of `graph`, with `[mcp_servers.everything]` in its cascade.toml.
 fn load(dir: &std::path::Path, graph: &str) -> cascade_orchestrator::model::ServerModel {
+    let server = format!(
+        "[mcp_servers.everything]\ncommand = \"node\"\nargs = [{:?}, \"stdio\"]\n",
+        everything().display().to_string()
+    );
+    load_with(dir, graph, &server)
+}
+
+/// The model of `graph` (written to `dir/g.toml`) and of a cascade.toml that lists it and
+/// declares `servers`.
+fn load_with(
+    dir: &std::path::Path,
+    graph: &str,
+    servers: &str,
+) -> cascade_orchestrator::model::ServerModel {
     std::fs::write(dir.join("g.toml"), graph).unwrap();
     std::fs::write(
         dir.join("cascade.toml"),
-        format!(
-            "graphs = [\"g.toml\"]\n[mcp_servers.everything]\ncommand = \"node\"\nargs = [{:?}, \"stdio\"]\n",
-            everything().display().to_string()
-        ),
+        format!("graphs = [\"g.toml\"]\n{servers}"),
     )
     .unwrap();
     config::load(Some(&dir.join("cascade.toml")), &[], &Default::default())
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The `books` graph: one agent posting to the ledger over HTTP, with the token in `token_var`.
+fn books(
+    dir: &std::path::Path,
+    port: u16,
+    token_var: &str,
+    extra: &str,
+) -> cascade_orchestrator::model::ServerModel {
+    let graph = format!(
+        "[graph]\nname = \"books\"\n[agents.post]\nkind = \"mcp\"\nserver = \"ledger\"\ntool = \"post_entry\"\narguments = {{ amount = \"{{{{= input.amount }}}}\" }}\n{extra}\n"
+    );
+    let server = format!(
+        "[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ bearer = \"env:{token_var}\" }}\n"
+    );
+    load_with(dir, &graph, &server)
 }
 
 const GRAPH: &str = r#"
@@ -169,13 +196,7 @@ async fn the_graph_may_ask_for_approval_of_a_tool_and_an_unknown_server_is_named
         serde_json::from_str::<serde_json::Value>(&v.approval.proposal).unwrap(),
         json!({"server": "everything", "tool": "get-sum", "arguments": {"a": 4, "b": 5}})
     );
-    orch.resolve_approval(&v.approval.id, &v.approval.sha256, true, "ops", "")
-        .await
-        .unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
-        .await
-        .unwrap()
-        .unwrap();
+    let job = common::approve_and_wait(&orch, &v.approval.id, "ops").await;
     assert_eq!(
         **job.steps[0].output.as_ref().unwrap(),
         json!("The sum of 4 and 5 is 9.")
@@ -344,35 +365,9 @@ async fn a_server_over_streamable_http_with_a_bearer_token_and_an_unannotated_to
     let ledger = ledger::Ledger::default();
     let port = ledger::serve(ledger.clone(), "ledger-token-771").await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("g.toml"),
-        r#"
-[graph]
-name = "books"
-
-[agents.post]
-kind = "mcp"
-server = "ledger"
-tool = "post_entry"
-arguments = { amount = "{{= input.amount }}" }
-"#,
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("cascade.toml"),
-        format!(
-            "graphs = [\"g.toml\"]\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ bearer = \"env:LEDGER_TOKEN\" }}\n"
-        ),
-    )
-    .unwrap();
     // SAFETY: this variable is read by this test only.
     unsafe { std::env::set_var("LEDGER_TOKEN", "ledger-token-771") };
-    let model = config::load(
-        Some(&dir.path().join("cascade.toml")),
-        &[],
-        &Default::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let model = books(dir.path(), port, "LEDGER_TOKEN", "");
     let orch = Orchestrator::builder(model).start().await.unwrap();
     let id = orch
         .submit(SubmitRequest::new("books", json!({"amount": 120.5})))
@@ -391,14 +386,7 @@ arguments = { amount = "{{= input.amount }}" }
         parked.error
     );
     assert_eq!(ledger.calls.load(std::sync::atomic::Ordering::SeqCst), 0);
-    let v = orch.approval(&format!("{id}/post")).unwrap();
-    orch.resolve_approval(&v.approval.id, &v.approval.sha256, true, "controller", "")
-        .await
-        .unwrap();
-    let job = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
-        .await
-        .unwrap()
-        .unwrap();
+    let job = common::approve_and_wait(&orch, &format!("{id}/post"), "controller").await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     assert_eq!(
         **job.steps[0].output.as_ref().unwrap(),
@@ -411,26 +399,14 @@ arguments = { amount = "{{= input.amount }}" }
 async fn a_server_that_refuses_the_token_at_start_pauses_its_agents_not_the_start() {
     let port = ledger::serve(ledger::Ledger::default(), "right-token").await;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("g.toml"),
-        "[graph]\nname = \"books\"\n[agents.post]\nkind = \"mcp\"\nserver = \"ledger\"\ntool = \"post_entry\"\napproval = \"never\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("cascade.toml"),
-        format!(
-            "graphs = [\"g.toml\"]\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ bearer = \"env:LEDGER_WRONG_TOKEN\" }}\n"
-        ),
-    )
-    .unwrap();
     // SAFETY: this variable is read by this test only.
     unsafe { std::env::set_var("LEDGER_WRONG_TOKEN", "wrong-token") };
-    let model = config::load(
-        Some(&dir.path().join("cascade.toml")),
-        &[],
-        &Default::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let model = books(
+        dir.path(),
+        port,
+        "LEDGER_WRONG_TOKEN",
+        "approval = \"never\"",
+    );
     let orch = Orchestrator::builder(model).start().await.unwrap();
     let q = common::quota(&orch, "upstream:mcp:ledger").await;
     assert!(q.exhausted_reason.is_some(), "{q:?}");

@@ -199,3 +199,20 @@ pub async fn serve_in_process(
         .unwrap();
     (orch, server)
 }
+
+/// Approve approval `id` as `who`, bound to the hash it has now, and wait (30 s at most) until
+/// its job ends.
+pub async fn approve_and_wait(
+    orch: &Orchestrator,
+    id: &str,
+    who: &str,
+) -> cascade_orchestrator::job::JobRecord {
+    let v = orch.approval(id).unwrap();
+    orch.resolve_approval(&v.approval.id, &v.approval.sha256, true, who, "")
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(30), orch.wait(v.job_id))
+        .await
+        .expect("the approved job ends")
+        .unwrap()
+}
