@@ -275,87 +275,58 @@ async fn an_unknown_tool_or_arguments_that_do_not_fit_are_refused_at_start_and_b
     );
 }
 
-/// A ledger as an MCP server over streamable HTTP, behind a bearer token: one tool,
-/// `post_entry`, with no annotations (so, by the MCP defaults, destructive), counting its calls.
+/// A ledger as an MCP server over streamable HTTP (rmcp's, as Cascade's `/mcp` serves it),
+/// behind a bearer token: one tool, `post_entry`, with no annotations (so, by the MCP defaults,
+/// destructive), counting its calls.
 mod ledger {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    use rmcp::model::{
-        CallToolRequestParams, CallToolResponse, CallToolResult, ErrorData, ListToolsResult,
-        PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
-    };
-    use rmcp::service::RequestContext;
-    use rmcp::transport::streamable_http_server::{
-        StreamableHttpServerConfig, StreamableHttpService, session::local::LocalSessionManager,
-    };
-    use rmcp::{RoleServer, ServerHandler};
-    use serde_json::json;
+    use cascade_orchestrator::agents::mcp_host::{OfferedTool, ToolHost, service, tool};
+    use serde_json::{Map, Value, json};
 
     #[derive(Clone, Default)]
     pub struct Ledger {
         pub calls: Arc<AtomicU64>,
     }
 
-    impl ServerHandler for Ledger {
-        fn get_info(&self) -> ServerConfig {
-            ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    #[async_trait::async_trait]
+    impl ToolHost for Ledger {
+        fn tools(&self) -> Vec<OfferedTool> {
+            vec![tool(
+                "post_entry",
+                "Post a ledger entry",
+                json!({"type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]}),
+            )]
         }
 
-        async fn list_tools(
-            &self,
-            _: Option<PaginatedRequestParams>,
-            _: RequestContext<RoleServer>,
-        ) -> Result<ListToolsResult, ErrorData> {
-            let schema = json!({"type": "object", "properties": {"amount": {"type": "number"}}, "required": ["amount"]});
-            let serde_json::Value::Object(schema) = schema else {
-                unreachable!()
-            };
-            Ok(ListToolsResult {
-                tools: vec![Tool::new("post_entry", "Post a ledger entry", schema)],
-                ..Default::default()
-            })
-        }
-
-        async fn call_tool(
-            &self,
-            request: CallToolRequestParams,
-            _: RequestContext<RoleServer>,
-        ) -> Result<CallToolResponse, ErrorData> {
+        async fn call(&self, _: &str, arguments: Map<String, Value>) -> Result<Value, String> {
             let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(CallToolResponse::Complete(CallToolResult::structured(
-                json!({"entry": n, "amount": request.arguments.unwrap_or_default()["amount"]}),
-            )))
+            Ok(json!({"entry": n, "amount": arguments["amount"]}))
         }
     }
 
     /// Serve it on 127.0.0.1 at `/mcp`, answering only `Authorization: Bearer <token>`; the
     /// port.
     pub async fn serve(ledger: Ledger, token: &'static str) -> u16 {
-        let service = StreamableHttpService::new(
-            move || Ok(ledger.clone()),
-            LocalSessionManager::default().into(),
-            StreamableHttpServerConfig::default(),
-        );
-        let app =
-            axum::Router::new()
-                .nest_service("/mcp", service)
-                .layer(axum::middleware::from_fn(
-                    move |req: axum::extract::Request, next: axum::middleware::Next| async move {
-                        let ok = req
-                            .headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok())
-                            == Some(format!("Bearer {token}").as_str());
-                        if ok {
-                            next.run(req).await
-                        } else {
-                            axum::response::IntoResponse::into_response(
-                                axum::http::StatusCode::UNAUTHORIZED,
-                            )
-                        }
-                    },
-                ));
+        let app = axum::Router::new()
+            .nest_service("/mcp", service(Arc::new(ledger), Vec::new()))
+            .layer(axum::middleware::from_fn(
+                move |req: axum::extract::Request, next: axum::middleware::Next| async move {
+                    let ok = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        == Some(format!("Bearer {token}").as_str());
+                    if ok {
+                        next.run(req).await
+                    } else {
+                        axum::response::IntoResponse::into_response(
+                            axum::http::StatusCode::UNAUTHORIZED,
+                        )
+                    }
+                },
+            ));
         super::common::serve_http(app).await
     }
 }

@@ -10,6 +10,7 @@ mod duration;
 pub mod http;
 pub mod llm;
 pub mod mcp;
+pub mod mcp_host;
 mod rate;
 mod registry;
 pub mod secret;

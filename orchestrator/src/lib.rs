@@ -14,6 +14,7 @@ pub mod dag;
 pub mod job;
 pub mod jobs_api;
 pub mod listen;
+pub mod mcp_tools;
 pub mod metrics;
 pub mod model;
 pub mod quota;

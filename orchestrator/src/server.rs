@@ -199,6 +199,14 @@ pub async fn start(
         .route("/api/graphs", get(api_graphs))
         .route("/api/events", get(api_events))
         .route("/hooks/{graph}", post(hook))
+        // The graphs as MCP tools (streamable HTTP).
+        .nest_service(
+            "/mcp",
+            cascade_agents::mcp_host::service(
+                Arc::new(crate::mcp_tools::GraphTools { orch: orch.clone() }),
+                Vec::new(),
+            ),
+        )
         .layer(DefaultBodyLimit::max(options.max_input_bytes))
         .with_state(state)
         .merge(crate::jobs_api::routes(orch.clone()));

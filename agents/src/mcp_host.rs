@@ -1,0 +1,91 @@
+//! The server side of MCP: what a program offers as tools ([`ToolHost`]), served over
+//! streamable HTTP ([`service`]) — `cascade serve`'s `/mcp`, where each graph is a tool.
+
+use std::sync::Arc;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
+    Implementation, ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
+    Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::{RoleServer, ServerHandler};
+use serde_json::{Map, Value};
+
+/// A tool as offered (name, description, input schema).
+pub use rmcp::model::Tool as OfferedTool;
+
+/// Tools a program offers over MCP.
+#[async_trait::async_trait]
+pub trait ToolHost: Send + Sync + 'static {
+    /// The tools, with their input schemas.
+    fn tools(&self) -> Vec<OfferedTool>;
+
+    /// Call tool `name`: its structured result, or an error the caller reads (the tool result's
+    /// `isError`, with this text).
+    async fn call(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, String>;
+}
+
+/// A tool from its name, description and input schema (a JSON Schema object).
+pub fn tool(name: &str, description: &str, input_schema: Value) -> Tool {
+    let schema = match input_schema {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    Tool::new(name.to_string(), description.to_string(), schema)
+}
+
+#[derive(Clone)]
+struct Handler(Arc<dyn ToolHost>);
+
+impl ServerHandler for Handler {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new("cascade", env!("CARGO_PKG_VERSION")))
+    }
+
+    async fn list_tools(
+        &self,
+        _: Option<PaginatedRequestParams>,
+        _: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(ListToolsResult {
+            tools: self.0.tools(),
+            ..Default::default()
+        })
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        _: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let arguments = request.arguments.unwrap_or_default();
+        let result = match self.0.call(&request.name, arguments).await {
+            Ok(value) => CallToolResult::structured(value),
+            Err(text) => CallToolResult::error(vec![ContentBlock::text(text)]),
+        };
+        Ok(CallToolResponse::Complete(result))
+    }
+}
+
+/// `host`'s tools as a streamable-HTTP MCP endpoint, to mount (at `/mcp`) in an HTTP server.
+/// Only loopback `Host` headers are accepted unless `allowed_hosts` names others (against DNS
+/// rebinding of a server on a workstation).
+pub fn service(
+    host: Arc<dyn ToolHost>,
+    allowed_hosts: Vec<String>,
+) -> StreamableHttpService<impl ServerHandler, LocalSessionManager> {
+    let handler = Handler(host);
+    let mut config = StreamableHttpServerConfig::default();
+    if !allowed_hosts.is_empty() {
+        config = config.with_allowed_hosts(allowed_hosts);
+    }
+    StreamableHttpService::new(
+        move || Ok(handler.clone()),
+        LocalSessionManager::default().into(),
+        config,
+    )
+}

@@ -1,0 +1,180 @@
+//! Cascade's graphs as MCP tools (`/mcp`): `run_<graph>` starts a job and answers with its
+//! output if it ends within `wait_seconds`, else with its id and state; `get_job`, `await_job`,
+//! `cancel_job` and `list_approvals` follow it. Human gates are never skipped: a job that waits
+//! for approval says so, with the approvals it waits for.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cascade_agents::mcp_host::{ToolHost, tool};
+use serde_json::{Map, Value, json};
+
+use crate::job::{ApprovalView, JobId, JobRecord};
+use crate::{Orchestrator, SubmitRequest};
+
+/// How long a tool call waits for its job by default, and at most.
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_WAIT: Duration = Duration::from_secs(300);
+
+/// The tools of an orchestrator's graphs.
+pub struct GraphTools {
+    pub orch: Arc<Orchestrator>,
+}
+
+fn job_id_schema() -> Value {
+    json!({"type": "object", "properties": {"job_id": {"type": "string", "description": "as run_<graph> returned it"}}, "required": ["job_id"]})
+}
+
+fn job_json(r: &JobRecord) -> Value {
+    let waiting: Vec<Value> = ApprovalView::of(r)
+        .filter(|v| v.approval.is_pending() && !r.state.is_terminal())
+        .map(|v| {
+            json!({"approval_id": v.approval.id, "agent": &*v.agent, "proposal_sha256": v.approval.sha256})
+        })
+        .collect();
+    json!({
+        "job_id": r.id.to_string(),
+        "graph": &*r.graph,
+        "state": r.state,
+        "output": r.output.as_deref(),
+        "error": r.error,
+        "usage": r.usage,
+        "awaiting_approval": waiting,
+    })
+}
+
+fn wait_of(args: &Map<String, Value>) -> Result<Duration, String> {
+    match args.get("wait_seconds") {
+        None | Some(Value::Null) => Ok(DEFAULT_WAIT),
+        Some(v) => v
+            .as_f64()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s).min(MAX_WAIT))
+            .ok_or_else(|| "wait_seconds: a number of seconds, 0 to 300".to_string()),
+    }
+}
+
+fn job_id_of(args: &Map<String, Value>) -> Result<JobId, String> {
+    args.get("job_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "job_id: the id run_<graph> returned".to_string())?
+        .parse()
+}
+
+impl GraphTools {
+    /// Job `id` once it ends or parks, or as it is after `wait`.
+    async fn settle(&self, id: JobId, wait: Duration) -> Result<Value, String> {
+        let record = match tokio::time::timeout(wait, self.orch.wait_settled(id)).await {
+            Ok(r) => r.map_err(|e| e.to_string())?,
+            Err(_) => self
+                .orch
+                .get(id)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("job {id} not found"))?,
+        };
+        Ok(job_json(&record))
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolHost for GraphTools {
+    fn tools(&self) -> Vec<cascade_agents::mcp_host::OfferedTool> {
+        let mut tools: Vec<_> = self
+            .orch
+            .model()
+            .graphs
+            .iter()
+            .map(|g| {
+                tool(
+                    &format!("run_{}", g.name),
+                    &format!(
+                        "Run graph {:?}{}: start a job on `input` and answer with its output if it ends within wait_seconds (default 30), else with its id and state (then get_job / await_job). A job that waits for a person's approval says so.",
+                        g.name,
+                        g.description.as_deref().map(|d| format!(" ({d})")).unwrap_or_default()
+                    ),
+                    json!({
+                        "type": "object",
+                        "properties": {
+                            "input": {"type": "object", "description": "the job input"},
+                            "idempotency_key": {"type": "string", "description": "the same key returns the same job"},
+                            "wait_seconds": {"type": "number", "minimum": 0, "maximum": 300}
+                        },
+                        "required": ["input"]
+                    }),
+                )
+            })
+            .collect();
+        tools.push(tool(
+            "get_job",
+            "A job's state, output and the approvals it waits for.",
+            job_id_schema(),
+        ));
+        let mut await_schema = job_id_schema();
+        await_schema["properties"]["wait_seconds"] =
+            json!({"type": "number", "minimum": 0, "maximum": 300});
+        tools.push(tool(
+            "await_job",
+            "Wait up to wait_seconds (default 30) for a job to end or to wait for approval; the job then.",
+            await_schema,
+        ));
+        tools.push(tool("cancel_job", "Cancel a job.", job_id_schema()));
+        tools.push(tool(
+            "list_approvals",
+            "Approvals waiting for a person's decision (of one graph, or all).",
+            json!({"type": "object", "properties": {"graph": {"type": "string"}}}),
+        ));
+        tools
+    }
+
+    async fn call(&self, name: &str, args: Map<String, Value>) -> Result<Value, String> {
+        match name {
+            "get_job" => {
+                let id = job_id_of(&args)?;
+                let r = self
+                    .orch
+                    .get(id)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("job {id} not found"))?;
+                Ok(job_json(&r))
+            }
+            "await_job" => self.settle(job_id_of(&args)?, wait_of(&args)?).await,
+            "cancel_job" => {
+                let r = self
+                    .orch
+                    .cancel(job_id_of(&args)?, "cancelled over MCP")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(job_json(&r))
+            }
+            "list_approvals" => {
+                let graph = args.get("graph").and_then(Value::as_str);
+                let list = self
+                    .orch
+                    .approvals(graph, None, 500)
+                    .map_err(|e| e.to_string())?;
+                Ok(json!({"approvals": list.iter().map(|v| json!({
+                    "approval_id": v.approval.id,
+                    "job_id": v.job_id.to_string(),
+                    "graph": &*v.graph,
+                    "agent": &*v.agent,
+                    "proposal": &*v.approval.proposal,
+                    "proposal_sha256": v.approval.sha256,
+                })).collect::<Vec<_>>()}))
+            }
+            run if run.starts_with("run_") => {
+                let graph = &run["run_".len()..];
+                let input = args.get("input").cloned().unwrap_or(json!({}));
+                let mut req = SubmitRequest::new(graph, input);
+                if let Some(key) = args.get("idempotency_key").and_then(Value::as_str) {
+                    req = req.idempotency_key(key);
+                }
+                let wait = wait_of(&args)?;
+                let submitted = self.orch.submit(req).await.map_err(|e| e.to_string())?;
+                self.settle(submitted.id, wait).await
+            }
+            other => Err(format!(
+                "no tool {other:?}: the tools are run_<graph>, get_job, await_job, cancel_job, list_approvals"
+            )),
+        }
+    }
+}

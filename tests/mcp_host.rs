@@ -1,0 +1,86 @@
+//! Cascade's own `/mcp`, driven by an MCP client nobody here wrote: the Python `mcp` SDK from
+//! PyPI (`pip install mcp==2.3.0`, which `.ci/run` does).
+
+mod common;
+
+use serde_json::{Value, json};
+
+const GRAPHS: &str = r#"
+[graph]
+name = "quick"
+[agents.echo]
+kind = "template"
+output = { doubled = "{{= input.n * 2 }}" }
+"#;
+
+const GATED: &str = r#"
+[graph]
+name = "gated"
+[agents.pay]
+kind = "sim"
+approval_when = "input.amount > 1000"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the Python mcp SDK from PyPI: .ci/run installs it (pip install mcp==2.3.0) and runs this test"]
+async fn graphs_are_mcp_tools_for_a_python_client() {
+    let mut model =
+        cascade_orchestrator::config::parse_graph_str("quick.toml", GRAPHS, &Default::default())
+            .unwrap();
+    let gated =
+        cascade_orchestrator::config::parse_graph_str("gated.toml", GATED, &Default::default())
+            .unwrap();
+    model.graphs.extend(gated.graphs);
+    model.quotas.extend(gated.quotas);
+    let (_orch, server) = common::serve_in_process(model).await;
+    let url = format!("http://127.0.0.1:{}/mcp", server.http_addr.port());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/mcp_client.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(&url)
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the Python MCP client failed (is `mcp` installed? pip install mcp==2.3.0): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Every graph is a tool with its schema, beside the job tools.
+    let tools = &seen["tools"];
+    for t in [
+        "run_quick",
+        "run_gated",
+        "get_job",
+        "await_job",
+        "cancel_job",
+        "list_approvals",
+    ] {
+        assert!(tools.get(t).is_some(), "{t} in {tools}");
+    }
+    assert_eq!(tools["run_quick"]["required"], json!(["input"]));
+    // A graph run to completion answers with its output.
+    let run = &seen["run_quick"]["structured"];
+    assert_eq!(run["state"], "succeeded", "{seen}");
+    assert_eq!(run["output"]["echo"]["doubled"], 14);
+    // A job that needs a person says so: it is not run past its gate.
+    let gated = &seen["run_gated"]["structured"];
+    assert_eq!(gated["state"], "awaiting_approval", "{seen}");
+    let job = gated["job_id"].as_str().unwrap();
+    assert_eq!(
+        gated["awaiting_approval"][0]["approval_id"],
+        format!("{job}/pay")
+    );
+    let approvals = &seen["list_approvals"]["structured"]["approvals"];
+    assert_eq!(approvals[0]["approval_id"], format!("{job}/pay"), "{seen}");
+    // A bad call is the tool's error, in words.
+    assert_eq!(seen["get_job"]["is_error"], true);
+    assert!(
+        seen["get_job"]["text"][0]
+            .as_str()
+            .unwrap()
+            .contains("invalid job id"),
+        "{seen}"
+    );
+}
