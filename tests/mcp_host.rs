@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 const GRAPHS: &str = r#"
 [graph]
 name = "quick"
+input_schema = { type = "object", properties = { n = { type = "integer" } }, required = ["n"] }
 [agents.echo]
 kind = "template"
 output = { doubled = "{{= input.n * 2 }}" }
@@ -60,6 +61,11 @@ async fn graphs_are_mcp_tools_for_a_python_client() {
         assert!(tools.get(t).is_some(), "{t} in {tools}");
     }
     assert_eq!(tools["run_quick"]["required"], json!(["input"]));
+    // The graph's input_schema is the tool's input's.
+    assert_eq!(
+        tools["run_quick"]["properties"]["input"]["required"],
+        json!(["n"])
+    );
     // A graph run to completion answers with its output.
     let run = &seen["run_quick"]["structured"];
     assert_eq!(run["state"], "succeeded", "{seen}");

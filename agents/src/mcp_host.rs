@@ -28,6 +28,16 @@ pub trait ToolHost: Send + Sync + 'static {
     async fn call(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, String>;
 }
 
+/// Whether `schema` is a JSON Schema this server can offer (and check against).
+pub fn check_schema(schema: &Value) -> Result<(), String> {
+    if !schema.is_object() {
+        return Err("a JSON Schema object, e.g. { type = \"object\", properties = { … } }".into());
+    }
+    jsonschema::validator_for(schema)
+        .map(drop)
+        .map_err(|e| format!("not a valid JSON Schema: {e}"))
+}
+
 /// A tool from its name, description and input schema (a JSON Schema object).
 pub fn tool(name: &str, description: &str, input_schema: Value) -> Tool {
     let schema = match input_schema {

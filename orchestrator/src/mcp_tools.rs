@@ -95,7 +95,7 @@ impl ToolHost for GraphTools {
                     json!({
                         "type": "object",
                         "properties": {
-                            "input": {"type": "object", "description": "the job input"},
+                            "input": g.input_schema.clone().unwrap_or_else(|| json!({"type": "object", "description": "the job input"})),
                             "idempotency_key": {"type": "string", "description": "the same key returns the same job"},
                             "wait_seconds": {"type": "number", "minimum": 0, "maximum": 300}
                         },

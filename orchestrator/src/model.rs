@@ -146,6 +146,8 @@ pub struct GraphModel {
     pub deadline: Option<Duration>,
     /// What each job may spend at most (a submission may lower it).
     pub budget: crate::job::Budget,
+    /// The job input's JSON Schema, offered to MCP clients with `run_<graph>`.
+    pub input_schema: Option<serde_json::Value>,
     /// Agents in topological order: every agent comes after all of its dependencies.
     pub agents: Vec<AgentModel>,
 }

@@ -10,6 +10,7 @@ const GRAPH_FIELDS: &[&str] = &[
     "max_pending_jobs",
     "deadline",
     "budget",
+    "input_schema",
 ];
 /// Fields every agent has, whatever its kind.
 const AGENT_FIELDS: &[&str] = &[
@@ -138,6 +139,17 @@ impl Loader<'_> {
             }
             _ => crate::job::Budget::default(),
         };
+        let schema_span = r.entry("input_schema").map(|(_, v)| v.span());
+        let input_schema: Option<serde_json::Value> = r.take("input_schema", &mut self.errs);
+        if let (Some(schema), Some(span)) = (&input_schema, schema_span)
+            && let Err(e) = cascade_agents::mcp_host::check_schema(schema)
+        {
+            self.errs.push(
+                src.error(span, "graph.input_schema", e).with_help(
+                    "the job input's JSON Schema, e.g. input_schema = { type = \"object\", properties = { ticket_id = { type = \"integer\" } }, required = [\"ticket_id\"] }",
+                ),
+            );
+        }
         r.deny_unknown(GRAPH_FIELDS, "[graph]", &mut self.errs);
         // A graph whose name is missing or bad is still checked, under an empty name.
         let (name, name_span) = name.unwrap_or((String::new(), span));
@@ -155,6 +167,7 @@ impl Loader<'_> {
                 .unwrap_or(NonZeroUsize::new(DEFAULT_MAX_PENDING_JOBS).expect("non-zero")),
             deadline: deadline.map(HumanDuration::get),
             budget,
+            input_schema,
             agents: Vec::new(),
         })
     }

@@ -131,6 +131,7 @@ struct PendingGraph {
     max_pending_jobs: NonZeroUsize,
     deadline: Option<Duration>,
     budget: crate::job::Budget,
+    input_schema: Option<serde_json::Value>,
     agents: Vec<PendingAgent>,
 }
 

@@ -180,6 +180,7 @@ impl Loader<'_> {
             max_pending_jobs: g.max_pending_jobs,
             deadline: g.deadline,
             budget: g.budget,
+            input_schema: g.input_schema,
             agents,
         })
     }

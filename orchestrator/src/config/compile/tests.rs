@@ -615,6 +615,23 @@ auth = { oauth2 = { token_url = "http://127.0.0.1:9/token", client_id = "x", cli
 }
 
 #[test]
+fn a_graph_may_declare_its_inputs_schema() {
+    let m = compile(
+        "[graph]\nname = \"g\"\ninput_schema = { type = \"object\", required = [\"id\"] }\n[agents.a]\nkind = \"sim\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        m.graphs[0].input_schema.as_ref().unwrap()["required"],
+        serde_json::json!(["id"])
+    );
+    let errs = errors(
+        "[graph]\nname = \"g\"\ninput_schema = { type = \"objekt\" }\n[agents.a]\nkind = \"sim\"\n",
+    );
+    let e = error_at(&errs, "graph.input_schema", 3, 16);
+    assert!(e.message.contains("not a valid JSON Schema"), "{e}");
+}
+
+#[test]
 fn approval_settings_load_and_bad_ones_are_located() {
     let agent =
         |extra: &str| format!("[graph]\nname = \"g\"\n[agents.pay]\nkind = \"sim\"\n{extra}\n");
