@@ -97,6 +97,7 @@ pub fn options(
     if let Some(n) = s.callback_concurrency_per_host {
         o.callback_concurrency_per_host = n;
     }
+    o.mcp_allowed_hosts = s.mcp_allowed_hosts.clone();
     o.webhook_secret = s
         .webhook_secret
         .as_ref()

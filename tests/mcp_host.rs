@@ -90,3 +90,43 @@ async fn graphs_are_mcp_tools_for_a_python_client() {
         "{seen}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_answers_loopback_and_allowed_hosts_only() {
+    let model =
+        cascade_orchestrator::config::parse_graph_str("quick.toml", GRAPHS, &Default::default())
+            .unwrap();
+    let orch = std::sync::Arc::new(
+        cascade_orchestrator::Orchestrator::builder(model)
+            .start()
+            .await
+            .unwrap(),
+    );
+    let options = cascade_orchestrator::server::ServerOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: "127.0.0.1:0".parse().unwrap(),
+        mcp_allowed_hosts: vec!["cascade.internal".into()],
+        ..Default::default()
+    };
+    let server = cascade_orchestrator::server::start(orch, options)
+        .await
+        .unwrap();
+    let url = format!("http://{}/mcp", server.http_addr);
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let post = |host: &'static str| {
+        reqwest::Client::new()
+            .post(&url)
+            .header("host", host)
+            .header("accept", "application/json, text/event-stream")
+            .json(&initialize)
+            .send()
+    };
+    for host in ["127.0.0.1", "localhost", "cascade.internal"] {
+        let r = post(host).await.unwrap();
+        assert!(r.status().is_success(), "{host}: {}", r.status());
+    }
+    // A name this server was not told about (a DNS-rebound page) is refused.
+    let r = post("evil.example").await.unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+}

@@ -82,8 +82,8 @@ impl ServerHandler for Handler {
 }
 
 /// `host`'s tools as a streamable-HTTP MCP endpoint, to mount (at `/mcp`) in an HTTP server.
-/// Only loopback `Host` headers are accepted unless `allowed_hosts` names others (against DNS
-/// rebinding of a server on a workstation).
+/// Requests name a loopback `Host` or one of `allowed_hosts` (against DNS rebinding of a server
+/// on a workstation); others are refused.
 pub fn service(
     host: Arc<dyn ToolHost>,
     allowed_hosts: Vec<String>,
@@ -91,7 +91,9 @@ pub fn service(
     let handler = Handler(host);
     let mut config = StreamableHttpServerConfig::default();
     if !allowed_hosts.is_empty() {
-        config = config.with_allowed_hosts(allowed_hosts);
+        let mut hosts = config.allowed_hosts.clone();
+        hosts.extend(allowed_hosts);
+        config = config.with_allowed_hosts(hosts);
     }
     StreamableHttpService::new(
         move || Ok(handler.clone()),

@@ -76,6 +76,8 @@ pub struct ServerSettings {
     pub callback_timeout: Option<Duration>,
     /// Callbacks in flight at once to one destination (scheme, host and port).
     pub callback_concurrency_per_host: Option<usize>,
+    /// `Host` names `/mcp` answers besides loopback (against DNS rebinding).
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerSettings {
@@ -94,6 +96,7 @@ impl Default for ServerSettings {
             store_queue_capacity: None,
             callback_timeout: None,
             callback_concurrency_per_host: None,
+            mcp_allowed_hosts: Vec::new(),
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct ServerOptions {
     pub callback_concurrency_per_host: usize,
     /// The audit log the audit RPCs read (none: they answer FAILED_PRECONDITION).
     pub audit: Option<Arc<crate::audit::log::AuditLog>>,
+    /// `Host` names `/mcp` answers besides loopback ones (`localhost`, `127.0.0.1`, `::1`).
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -54,6 +56,7 @@ impl Default for ServerOptions {
             callback_timeout: Duration::from_secs(10),
             callback_concurrency_per_host: 8,
             audit: None,
+            mcp_allowed_hosts: Vec::new(),
         }
     }
 }
@@ -204,7 +207,7 @@ pub async fn start(
             "/mcp",
             cascade_agents::mcp_host::service(
                 Arc::new(crate::mcp_tools::GraphTools { orch: orch.clone() }),
-                Vec::new(),
+                options.mcp_allowed_hosts.clone(),
             ),
         )
         .layer(DefaultBodyLimit::max(options.max_input_bytes))

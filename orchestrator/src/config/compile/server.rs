@@ -28,6 +28,7 @@ const SERVER_FIELDS: &[&str] = &[
     "store_queue_capacity",
     "callback_timeout",
     "callback_concurrency_per_host",
+    "mcp_allowed_hosts",
 ];
 const TELEMETRY_FIELDS: &[&str] = &[
     "otlp_endpoint",
@@ -102,6 +103,9 @@ impl Loader<'_> {
                 self.server.callback_concurrency_per_host = s
                     .take::<std::num::NonZeroUsize>("callback_concurrency_per_host", &mut self.errs)
                     .map(std::num::NonZeroUsize::get);
+                self.server.mcp_allowed_hosts = s
+                    .take::<Vec<String>>("mcp_allowed_hosts", &mut self.errs)
+                    .unwrap_or_default();
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
             }
         }
