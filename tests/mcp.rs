@@ -101,7 +101,8 @@ async fn tool_calls_on_a_real_server_over_stdio() {
     );
     let weather = job.steps[1].output.as_ref().unwrap();
     assert!(weather["temperature"].is_number(), "{weather}");
-    // Read-only tools (as their annotations say) need no approval: the job never parked.
+    // Read-only tools (as their annotations say) need no approval: the job above succeeded
+    // with nobody deciding.
     // A tool's own error is permanent, with its text.
     let bad = common::run_one(&orch, "tools", json!({"a": "x", "b": 3})).await;
     assert_eq!(bad.state, JobState::Failed);

@@ -1,7 +1,8 @@
 //! Records reach the audit log through one writer thread, a batch per transaction: whoever
 //! records (a graph's scheduler deciding, proposing, executing) does not wait for the disk.
-//! The queue is bounded: when it is full, recording waits for room, so no record is ever
-//! dropped and memory stays bounded.
+//! The queue is bounded: when it is full, recording waits for room, so memory stays bounded and
+//! no record is dropped for lack of room. A batch the log's file refuses is lost, loudly: an
+//! error in the log and `cascade_audit_write_failures_total`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};

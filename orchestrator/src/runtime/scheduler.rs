@@ -1384,14 +1384,18 @@ impl SchedState {
     ) -> Result<Resolved, ApprovalError> {
         let store = self.ctx.shared.store.clone();
         let agent = self.ctx.model.agents[i].name.clone();
-        let current = || -> Result<ApprovalView, ApprovalError> {
+        // The step's approval and attempts as recorded.
+        let current = || -> Result<(ApprovalView, u32), ApprovalError> {
             store
                 .get(id)?
                 .as_ref()
-                .and_then(|r| ApprovalView::of(r).find(|v| v.step == i))
+                .and_then(|r| {
+                    let view = ApprovalView::of(r).find(|v| v.step == i)?;
+                    Some((view, r.steps[i].attempts))
+                })
                 .ok_or_else(|| ApprovalError::NotFound(crate::approval::approval_id(id, &agent)))
         };
-        let view = current()?;
+        let (view, attempts) = current()?;
         let a = &view.approval;
         if let Some(first) = &a.decision {
             // The same decision again is answered from the record; an expiry counts as a
@@ -1446,10 +1450,6 @@ impl SchedState {
             .approval_decided(&self.ctx.model.name, decision.outcome.as_str(), waited);
         let proposal = a.proposal.clone();
         let outcome = decision.outcome;
-        let view_attempts = store
-            .get(id)?
-            .and_then(|r| r.steps.get(i).map(|s| s.attempts))
-            .unwrap_or(0);
         let message = match outcome {
             ApprovalOutcome::Approved => String::new(),
             ApprovalOutcome::Rejected => format!(
@@ -1491,17 +1491,12 @@ impl SchedState {
             // queued it): it is claimed like any pending job, ahead of newer ones.
             (None, ApprovalOutcome::Approved) => self.admit(true),
             (None, _) => {
-                let attempt = view_attempts;
-                self.end_parked(
-                    id,
-                    JobState::Failed,
-                    vec![decided, failed(attempt)],
-                    message.clone(),
-                );
+                let before = vec![decided, failed(attempts)];
+                self.end_parked(id, JobState::Failed, before, message.clone());
             }
         }
         Ok(Resolved {
-            approval: current()?,
+            approval: current()?.0,
             repeated: false,
         })
     }
