@@ -315,6 +315,12 @@ pub trait Agent: Send + Sync + 'static {
         false
     }
 
+    /// The agent lets a model call tools: the orchestrator runs its loop, one journaled sub-step
+    /// per model turn and per tool call, instead of [`Agent::call`].
+    fn tool_user(&self) -> Option<&dyn crate::tools::ToolUser> {
+        None
+    }
+
     /// Make the call that [`Agent::prepare`] rendered, exactly: nothing is rendered again from
     /// the step's input. By default, `call` on the prepared step input.
     async fn execute(

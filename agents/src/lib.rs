@@ -16,6 +16,7 @@ mod registry;
 pub mod secret;
 pub mod sim;
 pub mod template;
+pub mod tools;
 
 pub use agent::{
     Agent, AgentError, AgentOutput, CallContext, ErrorClass, LimitReading, StepInput,

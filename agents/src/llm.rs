@@ -40,8 +40,10 @@ use serde_json::{Value, json};
 use crate::http::{HttpClients, Upstream, classify, read_capped, transport_error};
 use crate::secret::{SecretCell, SecretRef};
 use crate::template::JsonTemplate;
+use crate::tools::{Message, Opening, ToolApproval, ToolDef, ToolUse, ToolUser, Turn};
 use crate::{
-    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput, Usage,
+    Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput,
+    UpstreamLimits, Usage,
 };
 
 pub const KIND: KindSpec = KindSpec {
@@ -59,6 +61,10 @@ pub const KIND: KindSpec = KindSpec {
         "schema",
         "headers",
         "upstream",
+        "tools",
+        "max_turns",
+        "tool_approval",
+        "max_tool_result_bytes",
     ],
     required: &["model", "prompt"],
     build,
@@ -113,6 +119,14 @@ struct Config {
     #[serde(default)]
     #[allow(dead_code)] // read by `upstream_name`
     upstream: Option<String>,
+    #[serde(default)]
+    tools: Vec<String>,
+    #[serde(default)]
+    max_turns: Option<u32>,
+    #[serde(default)]
+    tool_approval: std::collections::BTreeMap<String, ToolApproval>,
+    #[serde(default)]
+    max_tool_result_bytes: Option<usize>,
 }
 
 /// The server the agent calls: `base_url` (a URL, or `env:NAME` holding one), else
@@ -181,10 +195,15 @@ pub struct LlmAgent {
     headers: Vec<(reqwest::header::HeaderName, HeaderValue)>,
     upstream: Upstream,
     prices: Arc<Prices>,
+    /// With `tools`: the orchestrator runs a tool loop over [`ToolUser`].
+    tool_use: Option<ToolUse>,
+    servers: Arc<crate::mcp::McpServers>,
 }
 
 fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     let c: Config = spec.parse()?;
+    let servers = spec.resources.get::<crate::mcp::McpServers>();
+    let tool_use = tool_use(&c, &servers)?;
     let provider = c.provider.unwrap_or(Provider::Openai);
     let base =
         base_url(provider, c.base_url.as_deref()).map_err(|e| FieldError::new("base_url", e))?;
@@ -282,7 +301,86 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         headers,
         upstream,
         prices: spec.resources.get::<Prices>(),
+        tool_use,
+        servers,
     }))
+}
+
+/// The agent's tool settings, checked: each pattern is `server.tool` on a declared server, and
+/// the tool settings without `tools` are refused.
+fn tool_use(c: &Config, servers: &crate::mcp::McpServers) -> Result<Option<ToolUse>, FieldError> {
+    if c.tools.is_empty() {
+        for (field, set) in [
+            ("max_turns", c.max_turns.is_some()),
+            ("tool_approval", !c.tool_approval.is_empty()),
+            ("max_tool_result_bytes", c.max_tool_result_bytes.is_some()),
+        ] {
+            if set {
+                return Err(FieldError::new(
+                    field,
+                    "a tool setting without tools: add tools = [\"server.tool\", …]",
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    let declared = servers.names();
+    for (i, pattern) in c.tools.iter().enumerate() {
+        let at = |message: String| FieldError {
+            path: vec!["tools".into(), i.to_string()],
+            message,
+        };
+        let Some((server, tool)) = pattern.split_once('.') else {
+            return Err(at(format!(
+                "{pattern:?} is not server.tool; write e.g. \"crm.lookup_customer\" or \"crm.*\""
+            )));
+        };
+        if tool.is_empty() {
+            return Err(at(format!(
+                "{pattern:?} names no tool; write \"{server}.*\" for all of them"
+            )));
+        }
+        if !declared.iter().any(|d| d == server) {
+            return Err(at(if declared.is_empty() {
+                format!(
+                    "no MCP server {server:?} is declared; declare it in cascade.toml ([mcp_servers.{server}]) and pass --config"
+                )
+            } else {
+                format!(
+                    "no MCP server {server:?} is declared; the declared ones: {}",
+                    declared.join(", ")
+                )
+            }));
+        }
+    }
+    if c.max_turns == Some(0) {
+        return Err(FieldError::new("max_turns", "at least 1"));
+    }
+    if c.max_tool_result_bytes.is_some_and(|b| b < 64) {
+        return Err(FieldError::new("max_tool_result_bytes", "at least 64"));
+    }
+    let t = ToolUse {
+        tools: c.tools.clone(),
+        max_turns: c.max_turns.unwrap_or(crate::tools::DEFAULT_MAX_TURNS),
+        tool_approval: c.tool_approval.clone(),
+        max_result_bytes: c
+            .max_tool_result_bytes
+            .unwrap_or(crate::tools::DEFAULT_MAX_RESULT_BYTES),
+    };
+    if let Some(name) = t
+        .tool_approval
+        .keys()
+        .find(|n| !t.tools.iter().any(|p| crate::tools::glob_match(p, n)))
+    {
+        return Err(FieldError {
+            path: vec!["tool_approval".into(), name.clone()],
+            message: format!(
+                "{name:?} is not among the tools; tools offers {:?}",
+                t.tools
+            ),
+        });
+    }
+    Ok(Some(t))
 }
 
 /// What a model's tokens cost, from `[prices."MODEL"]` in `cascade.toml`.
@@ -372,6 +470,19 @@ impl LlmAgent {
     }
 
     fn body(&self, system: Option<&str>, prompt: &str) -> Value {
+        self.body_with(system, prompt, &[], &[])
+    }
+
+    /// The request body: the opening messages, then the conversation so far in the provider's
+    /// own shape (OpenAI's `tool_calls` and `tool` messages; Anthropic's `tool_use` blocks and
+    /// `tool_result` blocks in a user message), and the tools offered.
+    fn body_with(
+        &self,
+        system: Option<&str>,
+        prompt: &str,
+        history: &[Message],
+        tools: &[ToolDef],
+    ) -> Value {
         let mut body = match self.provider {
             Provider::Openai => {
                 let mut messages = Vec::new();
@@ -379,19 +490,83 @@ impl LlmAgent {
                     messages.push(json!({"role": "system", "content": s}));
                 }
                 messages.push(json!({"role": "user", "content": prompt}));
+                for m in history {
+                    messages.push(match m {
+                        Message::Assistant { text, tool_calls } => {
+                            let mut a = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
+                            if !tool_calls.is_empty() {
+                                a["tool_calls"] = tool_calls
+                                    .iter()
+                                    .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments.to_string()}}))
+                                    .collect();
+                            }
+                            a
+                        }
+                        Message::Tool {
+                            call_id, content, ..
+                        } => json!({"role": "tool", "tool_call_id": call_id, "content": content}),
+                    });
+                }
                 let mut b = json!({"model": self.model, "messages": messages});
                 if self.response == Response::Json {
                     b["response_format"] = json!({"type": "json_object"});
                 }
+                if !tools.is_empty() {
+                    b["tools"] = tools
+                        .iter()
+                        .map(|t| json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.input_schema}}))
+                        .collect();
+                }
                 b
             }
             Provider::Anthropic => {
+                let mut messages = vec![json!({"role": "user", "content": prompt})];
+                for m in history {
+                    match m {
+                        Message::Assistant { text, tool_calls } => {
+                            let mut content = Vec::new();
+                            if !text.is_empty() {
+                                content.push(json!({"type": "text", "text": text}));
+                            }
+                            for c in tool_calls {
+                                content.push(json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments}));
+                            }
+                            messages.push(json!({"role": "assistant", "content": content}));
+                        }
+                        Message::Tool {
+                            call_id,
+                            content,
+                            is_error,
+                            ..
+                        } => {
+                            let block = json!({"type": "tool_result", "tool_use_id": call_id, "content": content, "is_error": is_error});
+                            // The results of one turn's calls go back in one user message.
+                            match messages.last_mut() {
+                                Some(last)
+                                    if last["role"] == "user" && last["content"].is_array() =>
+                                {
+                                    last["content"]
+                                        .as_array_mut()
+                                        .expect("an array")
+                                        .push(block)
+                                }
+                                _ => messages.push(json!({"role": "user", "content": [block]})),
+                            }
+                        }
+                    }
+                }
                 let mut b = json!({
                     "model": self.model,
-                    "messages": [{"role": "user", "content": prompt}],
+                    "messages": messages,
                 });
                 if let Some(s) = system {
                     b["system"] = json!(s);
+                }
+                if !tools.is_empty() {
+                    b["tools"] = tools
+                        .iter()
+                        .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.input_schema}))
+                        .collect();
                 }
                 b
             }
@@ -474,6 +649,64 @@ impl LlmAgent {
     }
 }
 
+/// The tools a reply asks to call: OpenAI's `message.tool_calls` (arguments as a JSON string; one
+/// that does not parse is kept as the string, and refused to the model by the loop) or
+/// Anthropic's `tool_use` content blocks.
+fn parse_tool_calls(provider: Provider, reply: &Value) -> Vec<crate::tools::ToolCall> {
+    let str_of = |v: &Value, k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    match provider {
+        Provider::Openai => reply
+            .pointer("/choices/0/message/tool_calls")
+            .and_then(Value::as_array)
+            .map(|calls| {
+                calls
+                    .iter()
+                    .map(|c| {
+                        let raw = c.pointer("/function/arguments");
+                        let arguments = match raw {
+                            Some(Value::String(s)) if s.trim().is_empty() => json!({}),
+                            Some(Value::String(s)) => {
+                                serde_json::from_str(s).unwrap_or_else(|_| Value::String(s.clone()))
+                            }
+                            Some(v) => v.clone(),
+                            None => json!({}),
+                        };
+                        crate::tools::ToolCall {
+                            id: str_of(c, "id"),
+                            name: c
+                                .pointer("/function/name")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_string(),
+                            arguments,
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        Provider::Anthropic => reply
+            .get("content")
+            .and_then(Value::as_array)
+            .map(|blocks| {
+                blocks
+                    .iter()
+                    .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_use"))
+                    .map(|b| crate::tools::ToolCall {
+                        id: str_of(b, "id"),
+                        name: str_of(b, "name"),
+                        arguments: b.get("input").cloned().unwrap_or_else(|| json!({})),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 /// A JSON reply, with a Markdown code fence around it tolerated (models add them).
 fn parse_json_reply(text: &str) -> Result<Value, serde_json::Error> {
     let t = text.trim();
@@ -486,28 +719,77 @@ fn parse_json_reply(text: &str) -> Result<Value, serde_json::Error> {
 }
 
 impl LlmAgent {
-    /// The step output from the provider's answer: its status checked, its reply parsed.
-    async fn answer(
-        &self,
-        resp: reqwest::Response,
-        status: u16,
-        headers: &reqwest::header::HeaderMap,
-    ) -> Result<AgentOutput, AgentError> {
+    /// Send `body` to the provider: its reply as JSON and the limits its headers told, or the
+    /// classified refusal (with those limits).
+    async fn post(&self, body: &Value) -> Result<(Value, Option<UpstreamLimits>), AgentError> {
+        let mut req = self.upstream.client.post(&self.endpoint).json(body);
+        match (self.provider, &self.api_key) {
+            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.current().await?),
+            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.current().await?),
+            (_, None) => {}
+        }
+        if self.provider == Provider::Anthropic {
+            req = req.header("anthropic-version", ANTHROPIC_VERSION);
+        }
+        for (name, v) in &self.headers {
+            let value = match v {
+                HeaderValue::Literal(s) => s.clone(),
+                HeaderValue::Secret(cell) => cell.get()?,
+            };
+            req = req.header(name.clone(), value);
+        }
+        let _slot = self.upstream.slot().await?;
+        let resp = req.send().await.map_err(|e| {
+            let e = transport_error(e);
+            AgentError {
+                message: self.redact(&e.message),
+                ..e
+            }
+        })?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let limits = classify::upstream_limits(&headers);
         if !(200..300).contains(&status) {
             // An error answer is classified from its first bytes, whatever its size.
             let body = crate::http::read_prefix(resp, 64 << 10).await;
-            return Err(classify::classify(status, headers, &body, &|s| {
-                self.redact(s)
-            }));
+            return Err(
+                classify::classify(status, &headers, &body, &|s| self.redact(s))
+                    .with_limits(limits),
+            );
         }
-        let body = read_capped(resp, MAX_REPLY_BYTES).await?;
-        let reply: Value = serde_json::from_slice(&body)
-            .map_err(|e| AgentError::transient(format!("the provider's reply is not JSON: {e}")))?;
-        let (text, finish_reason, model, mut usage) = self.parse_reply(&reply)?;
+        let body = read_capped(resp, MAX_REPLY_BYTES)
+            .await
+            .map_err(|e| e.with_limits(limits))?;
+        let reply: Value = serde_json::from_slice(&body).map_err(|e| {
+            AgentError::transient(format!("the provider's reply is not JSON: {e}"))
+                .with_limits(limits)
+        })?;
+        Ok((reply, limits))
+    }
+
+    /// The step output from the provider's reply.
+    fn answer(&self, reply: &Value) -> Result<AgentOutput, AgentError> {
+        let (text, finish_reason, model, mut usage) = self.parse_reply(reply)?;
         usage.cost_usd = self.prices.cost(
             &[model.as_str().unwrap_or(&self.model), &self.model],
             &usage,
         );
+        let value = self.output_value(text, finish_reason, model, &usage)?;
+        Ok(AgentOutput {
+            value,
+            usage,
+            limits: None,
+        })
+    }
+
+    /// `{"text" | "json", "model", "finish_reason", "usage"}`.
+    fn output_value(
+        &self,
+        text: String,
+        finish_reason: Value,
+        model: Value,
+        usage: &Usage,
+    ) -> Result<Value, AgentError> {
         let mut out = serde_json::Map::new();
         match self.response {
             Response::Text => {
@@ -545,11 +827,7 @@ impl LlmAgent {
             "usage".into(),
             json!({"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}),
         );
-        Ok(AgentOutput {
-            value: Value::Object(out),
-            usage,
-            limits: None,
-        })
+        Ok(Value::Object(out))
     }
 }
 
@@ -613,40 +891,17 @@ impl Agent for LlmAgent {
                 prepared["url"], self.endpoint
             )));
         }
-        let mut req = self
-            .upstream
-            .client
-            .post(&self.endpoint)
-            .json(&prepared["body"]);
-        match (self.provider, &self.api_key) {
-            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.current().await?),
-            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.current().await?),
-            (_, None) => {}
-        }
-        if self.provider == Provider::Anthropic {
-            req = req.header("anthropic-version", ANTHROPIC_VERSION);
-        }
-        for (name, v) in &self.headers {
-            let value = match v {
-                HeaderValue::Literal(s) => s.clone(),
-                HeaderValue::Secret(cell) => cell.get()?,
-            };
-            req = req.header(name.clone(), value);
-        }
-        let _slot = self.upstream.slot().await?;
-        let resp = req.send().await.map_err(|e| {
-            let e = transport_error(e);
-            AgentError {
-                message: self.redact(&e.message),
-                ..e
-            }
-        })?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let limits = classify::upstream_limits(&headers);
-        match self.answer(resp, status, &headers).await {
+        let (reply, limits) = self.post(&prepared["body"]).await?;
+        match self.answer(&reply) {
             Ok(out) => Ok(AgentOutput { limits, ..out }),
             Err(e) => Err(e.with_limits(limits)),
+        }
+    }
+
+    fn tool_user(&self) -> Option<&dyn ToolUser> {
+        match self.tool_use {
+            Some(_) => Some(self),
+            None => None,
         }
     }
 
@@ -682,6 +937,97 @@ impl Agent for LlmAgent {
         };
         u.cost_usd = self.prices.cost(&[&self.model], &u);
         u
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolUser for LlmAgent {
+    fn tool_use(&self) -> &ToolUse {
+        self.tool_use
+            .as_ref()
+            .expect("asked only of an agent with tools")
+    }
+
+    fn mcp_servers(&self) -> &Arc<crate::mcp::McpServers> {
+        &self.servers
+    }
+
+    fn opening(&self, ctx: &CallContext, input: &StepInput) -> Result<Opening, AgentError> {
+        let rendered = self.messages.render(ctx, input)?;
+        Ok(Opening {
+            system: rendered
+                .get("system")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            prompt: rendered["prompt"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+
+    fn estimate_turn(&self, opening: &Opening, history: &[Message]) -> Usage {
+        let mut prompt_tokens = opening
+            .system
+            .as_deref()
+            .map_or(0, |s| self.count_tokens(s))
+            + self.count_tokens(&opening.prompt)
+            + MESSAGE_FRAMING_TOKENS;
+        for m in history {
+            prompt_tokens += MESSAGE_FRAMING_TOKENS
+                + match m {
+                    Message::Assistant { text, tool_calls } => {
+                        self.count_tokens(text)
+                            + tool_calls
+                                .iter()
+                                .map(|c| {
+                                    self.count_tokens(&c.name)
+                                        + self.count_tokens(&c.arguments.to_string())
+                                })
+                                .sum::<u64>()
+                    }
+                    Message::Tool { content, .. } => self.count_tokens(content),
+                };
+        }
+        let mut u = Usage {
+            prompt_tokens,
+            completion_tokens: self.max_tokens().unwrap_or(256),
+            cost_usd: 0.0,
+        };
+        u.cost_usd = self.prices.cost(&[&self.model], &u);
+        u
+    }
+
+    async fn turn(
+        &self,
+        _ctx: &CallContext,
+        opening: &Opening,
+        history: &[Message],
+        tools: &[ToolDef],
+    ) -> Result<Turn, AgentError> {
+        let body = self.body_with(opening.system.as_deref(), &opening.prompt, history, tools);
+        let (reply, limits) = self.post(&body).await?;
+        let (text, finish_reason, model, mut usage) = self
+            .parse_reply(&reply)
+            .map_err(|e| e.with_limits(limits))?;
+        usage.cost_usd = self.prices.cost(
+            &[model.as_str().unwrap_or(&self.model), &self.model],
+            &usage,
+        );
+        Ok(Turn {
+            text,
+            tool_calls: parse_tool_calls(self.provider, &reply),
+            finish_reason,
+            model,
+            usage,
+            limits,
+        })
+    }
+
+    fn final_output(&self, turn: &Turn) -> Result<Value, AgentError> {
+        self.output_value(
+            turn.text.clone(),
+            turn.finish_reason.clone(),
+            turn.model.clone(),
+            &turn.usage,
+        )
     }
 }
 
@@ -832,5 +1178,85 @@ mod tests {
             Some(vec!["prompt".to_string()])
         );
         assert_eq!(base(json!({})), None);
+        // Tools: server.tool on a declared server; their settings only with tools.
+        assert_eq!(
+            base(json!({"tools": ["crm.lookup"]})),
+            Some(vec!["tools".to_string(), "0".to_string()])
+        );
+        assert_eq!(
+            base(json!({"max_turns": 3})),
+            Some(vec!["max_turns".to_string()])
+        );
+    }
+
+    #[test]
+    fn tool_patterns_name_declared_servers_and_approvals_name_offered_tools() {
+        let resources = crate::Resources::default();
+        resources.get::<crate::mcp::McpServers>().declare([(
+            "crm".to_string(),
+            serde_json::from_value(json!({"url": "http://127.0.0.1:1/mcp"})).unwrap(),
+        )]);
+        let build = |extra: Value| {
+            let mut v = json!({"model": "m", "prompt": "p", "base_url": "http://127.0.0.1:1/v1"});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let Value::Object(map) = v else {
+                unreachable!()
+            };
+            build(&AgentSpec {
+                graph: "g",
+                name: "l",
+                fields: &map,
+                resources: &resources,
+            })
+            .err()
+            .map(|e| (e.path, e.message))
+        };
+        assert_eq!(build(json!({"tools": ["crm.*"], "max_turns": 4})), None);
+        let (path, message) = build(json!({"tools": ["crm"]})).unwrap();
+        assert_eq!(path, ["tools", "0"]);
+        assert!(message.contains("server.tool"), "{message}");
+        let (path, message) = build(json!({"tools": ["erp.*"]})).unwrap();
+        assert_eq!(path, ["tools", "0"]);
+        assert!(message.contains("the declared ones: crm"), "{message}");
+        let (path, _) =
+            build(json!({"tools": ["crm.lookup_*"], "tool_approval": {"crm.close": "required"}}))
+                .unwrap();
+        assert_eq!(path, ["tool_approval", "crm.close"]);
+        assert_eq!(
+            build(json!({"tools": ["crm.*"], "max_turns": 0}))
+                .unwrap()
+                .0,
+            ["max_turns"]
+        );
+    }
+
+    #[test]
+    fn tool_calls_are_read_from_either_providers_reply() {
+        let openai = json!({"choices": [{"message": {"tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "crm__lookup", "arguments": "{\"email\":\"x\"}"}},
+            {"id": "b", "type": "function", "function": {"name": "crm__list", "arguments": ""}},
+            {"id": "c", "type": "function", "function": {"name": "crm__bad", "arguments": "{not json"}}
+        ]}}]});
+        let calls = parse_tool_calls(Provider::Openai, &openai);
+        assert_eq!(calls.len(), 3);
+        assert_eq!(calls[0].arguments, json!({"email": "x"}));
+        assert_eq!(calls[1].arguments, json!({}));
+        // Kept as the string: the loop tells the model its arguments were not an object.
+        assert_eq!(calls[2].arguments, json!("{not json"));
+        let anthropic = json!({"content": [
+            {"type": "text", "text": "Looking."},
+            {"type": "tool_use", "id": "t1", "name": "crm__lookup", "input": {"email": "y"}}
+        ]});
+        let calls = parse_tool_calls(Provider::Anthropic, &anthropic);
+        assert_eq!(
+            calls,
+            vec![crate::tools::ToolCall {
+                id: "t1".into(),
+                name: "crm__lookup".into(),
+                arguments: json!({"email": "y"})
+            }]
+        );
     }
 }

@@ -62,6 +62,9 @@ pub const KIND: KindSpec = KindSpec {
 const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
 const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
+/// The `_meta` key of a tool call's idempotency key.
+pub const IDEMPOTENCY_META_KEY: &str = "io.cascade/idempotency_key";
+
 /// How long connecting (spawning, initializing, listing tools) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -353,16 +356,24 @@ impl McpServer {
         Ok((client, tools))
     }
 
-    /// Call `tool` with `arguments`. A transport failure or a dead server is transient (the
-    /// server is started again for the next call); the tool's own error is the caller's to
-    /// classify.
+    /// Call `tool` with `arguments`, the call's idempotency key in the request's `_meta` (as
+    /// `io.cascade/idempotency_key`, for a server that deduplicates retried calls). A transport
+    /// failure or a dead server is transient (the server is started again for the next call);
+    /// the tool's own error is the caller's to classify.
     pub async fn call(
         &self,
         tool: &str,
         arguments: Map<String, Value>,
+        idempotency_key: &str,
     ) -> Result<CallToolResult, AgentError> {
         let client = self.client().await?;
-        let params = CallToolRequestParams::new(tool.to_string()).with_arguments(arguments);
+        let mut params = CallToolRequestParams::new(tool.to_string()).with_arguments(arguments);
+        let mut meta = Map::new();
+        meta.insert(
+            IDEMPOTENCY_META_KEY.into(),
+            Value::String(idempotency_key.to_string()),
+        );
+        params.meta = Some(rmcp::model::RequestMetaObject(meta.into()));
         client.call_tool(params).await.map_err(|e| {
             // A protocol error is the server's answer; anything else (a closed or broken
             // transport, a cancelled service) means the connection is gone, whether or not the
@@ -521,7 +532,7 @@ impl Agent for McpAgent {
 
     async fn execute(
         &self,
-        _ctx: &CallContext,
+        ctx: &CallContext,
         prepared: &Value,
     ) -> Result<AgentOutput, AgentError> {
         if prepared["server"].as_str() != Some(self.server.name())
@@ -539,7 +550,10 @@ impl Agent for McpAgent {
             .as_object()
             .cloned()
             .unwrap_or_default();
-        let result = self.server.call(&self.tool, arguments).await?;
+        let result = self
+            .server
+            .call(&self.tool, arguments, &ctx.idempotency_key)
+            .await?;
         let value = result_value(&result);
         if result.is_error == Some(true) {
             let text = match &value {

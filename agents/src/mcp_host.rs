@@ -15,7 +15,7 @@ use rmcp::{RoleServer, ServerHandler};
 use serde_json::{Map, Value};
 
 /// A tool as offered (name, description, input schema).
-pub use rmcp::model::Tool as OfferedTool;
+pub use rmcp::model::{Tool as OfferedTool, ToolAnnotations};
 
 /// Tools a program offers over MCP.
 #[async_trait::async_trait]
@@ -26,6 +26,17 @@ pub trait ToolHost: Send + Sync + 'static {
     /// Call tool `name`: its structured result, or an error the caller reads (the tool result's
     /// `isError`, with this text).
     async fn call(&self, name: &str, arguments: Map<String, Value>) -> Result<Value, String>;
+
+    /// [`ToolHost::call`], with the idempotency key the caller sent in the request's `_meta`
+    /// (`io.cascade/idempotency_key`), for a host that deduplicates retried calls.
+    async fn call_keyed(
+        &self,
+        name: &str,
+        arguments: Map<String, Value>,
+        _idempotency_key: Option<&str>,
+    ) -> Result<Value, String> {
+        self.call(name, arguments).await
+    }
 }
 
 /// Whether `schema` is a JSON Schema this server can offer (and check against).
@@ -70,10 +81,28 @@ impl ServerHandler for Handler {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        // rmcp hands the request's `_meta` over in the context (the params keep it only when
+        // the transport did not take it out).
+        let key = context
+            .meta
+            .0
+            .get(crate::mcp::IDEMPOTENCY_META_KEY)
+            .or_else(|| {
+                request
+                    .meta
+                    .as_ref()
+                    .and_then(|m| m.0.get(crate::mcp::IDEMPOTENCY_META_KEY))
+            })
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let arguments = request.arguments.unwrap_or_default();
-        let result = match self.0.call(&request.name, arguments).await {
+        let result = match self
+            .0
+            .call_keyed(&request.name, arguments, key.as_deref())
+            .await
+        {
             Ok(value) => CallToolResult::structured(value),
             Err(text) => CallToolResult::error(vec![ContentBlock::text(text)]),
         };

@@ -102,19 +102,33 @@ pub fn approval_id(job: JobId, agent: &str) -> String {
     format!("{job}/{agent}")
 }
 
-/// The job and agent an approval id names; a sub-step's id (`<job>/<agent>/<n>`) is refused
-/// until sub-steps exist.
+/// The job and agent an approval id names: `<job>/<agent>`, or `<job>/<agent>/<n>` for tool
+/// call `n` of a tool-using step's journal.
 pub fn parse_approval_id(id: &str) -> Result<(JobId, &str), String> {
-    let (job, agent) = id.split_once('/').ok_or_else(|| {
+    let (job, rest) = id.split_once('/').ok_or_else(|| {
         format!("approval id {id:?} is not <job id>/<agent>; copy it from ListApprovals or `cascade approvals list`")
     })?;
     let job: JobId = job.parse()?;
-    if agent.is_empty() || agent.contains('/') {
+    let agent = match rest.split_once('/') {
+        Some((agent, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => agent,
+        Some(_) => {
+            return Err(format!(
+                "approval id {id:?} is not <job id>/<agent> or <job id>/<agent>/<n>; copy it from ListApprovals or `cascade approvals list`"
+            ));
+        }
+        None => rest,
+    };
+    if agent.is_empty() {
         return Err(format!(
             "approval id {id:?} does not name one agent of the job; copy it from ListApprovals or `cascade approvals list`"
         ));
     }
     Ok((job, agent))
+}
+
+/// The id of the approval of tool call `n` of a tool-using step.
+pub fn sub_step_approval_id(job: JobId, agent: &str, n: u32) -> String {
+    format!("{job}/{agent}/{n}")
 }
 
 /// The answer to a decision: the approval as recorded, and whether this decision only repeated
@@ -212,7 +226,12 @@ mod tests {
         let id = approval_id(job, "pay");
         assert_eq!(parse_approval_id(&id).unwrap(), (job, "pay"));
         assert!(parse_approval_id("nope").is_err());
-        assert!(parse_approval_id(&format!("{job}/pay/1")).is_err());
+        assert_eq!(
+            parse_approval_id(&format!("{job}/pay/3")).unwrap(),
+            (job, "pay")
+        );
+        assert!(parse_approval_id(&format!("{job}/pay/0")).is_err());
+        assert!(parse_approval_id(&format!("{job}/pay/x")).is_err());
         assert!(parse_approval_id("not-a-uuid/pay").is_err());
     }
 }

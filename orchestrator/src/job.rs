@@ -234,6 +234,10 @@ pub struct Approval {
     /// When it is rejected if nobody decided (`approval_timeout`).
     pub expires_at: Option<SystemTime>,
     pub decision: Option<ApprovalDecision>,
+    /// The tool call of a tool-using step's journal (its `n`) this approval is for; a rejection
+    /// of one goes back to the model as the tool's result instead of failing the step.
+    #[serde(default)]
+    pub sub_step: Option<u32>,
 }
 
 impl Approval {
@@ -320,6 +324,86 @@ pub struct StepRecord {
     /// encoded by position); absent in older documents.
     #[serde(default)]
     pub approval: Option<Box<Approval>>,
+    /// A tool-using step's journal: each model turn and each tool call, in order.
+    #[serde(default)]
+    pub sub_steps: Vec<SubStep>,
+}
+
+/// What one entry of a tool-using step's journal is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubStepKind {
+    /// A model turn.
+    Turn,
+    /// A tool call the model asked for.
+    ToolCall,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubStepState {
+    Running,
+    Succeeded,
+    /// The call answered an error, which the model reads as the tool's result.
+    Failed,
+    AwaitingApproval,
+    /// A person rejected it (or nobody decided in time); the model reads that as its result.
+    Rejected,
+}
+
+impl SubStepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::AwaitingApproval => "awaiting_approval",
+            Self::Rejected => "rejected",
+        }
+    }
+
+    /// Whether the model has its result (it will not be made again).
+    pub fn is_done(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Rejected)
+    }
+}
+
+impl SubStepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Turn => "turn",
+            Self::ToolCall => "tool_call",
+        }
+    }
+}
+
+/// One entry of a tool-using step's journal, recorded before the next one starts. Its
+/// idempotency key is `<job>/<agent>/<n>`. Flat, with no tagged enum, because a frozen job is
+/// encoded by position.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SubStep {
+    /// From 1, in the order they were made.
+    pub n: u32,
+    pub kind: SubStepKind,
+    pub state: SubStepState,
+    pub started_at: SystemTime,
+    pub finished_at: Option<SystemTime>,
+    /// A turn: what the model said. A tool call: its result as the model reads it (cut to the
+    /// agent's `max_tool_result_bytes`).
+    pub text: String,
+    /// A turn: the tool calls it asked for.
+    pub tool_calls: Vec<cascade_agents::tools::ToolCall>,
+    /// A tool call: the model's call (its id, the tool's name as the model saw it, arguments).
+    pub call: Option<cascade_agents::tools::ToolCall>,
+    /// A tool call: its MCP server and tool.
+    pub server: String,
+    pub tool: String,
+    /// A tool call: the result's size before it was cut, in bytes.
+    pub result_bytes: u64,
+    /// A turn: the tokens it spent and what they cost.
+    pub usage: Usage,
+    /// Why it failed or was rejected.
+    pub error: Option<String>,
 }
 
 /// The stored event that repeats of a step's start or retry fold into.
@@ -414,6 +498,7 @@ impl JobRecord {
                     finished_at: None,
                     usage: Usage::default(),
                     approval: None,
+                    sub_steps: Vec::new(),
                 })
                 .collect(),
             labels: BTreeMap::new(),
@@ -662,7 +747,9 @@ impl JobRecord {
                 let s = self.steps.get_mut(step)?;
                 let a = s.approval.as_mut().filter(|a| a.is_pending())?;
                 a.decision = Some(decision.clone());
-                if decision.outcome == ApprovalOutcome::Approved {
+                // A tool call's rejection goes back to the model: its step goes on either way.
+                let goes_on = decision.outcome == ApprovalOutcome::Approved || a.sub_step.is_some();
+                if goes_on {
                     s.state = StepState::Waiting;
                 }
                 let event = EventKind::ApprovalDecided {
@@ -673,13 +760,29 @@ impl JobRecord {
                 };
                 // A parked job with nothing left to decide waits for its graph again.
                 if self.state == JobState::AwaitingApproval
-                    && decision.outcome == ApprovalOutcome::Approved
+                    && goes_on
                     && !self
                         .steps
                         .iter()
                         .any(|s| s.state == StepState::AwaitingApproval)
                 {
                     self.state = JobState::Pending;
+                }
+                event
+            }
+            JobUpdate::SubStep { step, sub } => {
+                let s = self.steps.get_mut(step)?;
+                let event = EventKind::SubStep {
+                    agent: s.agent.clone(),
+                    n: sub.n,
+                    kind: sub.kind,
+                    state: sub.state,
+                    tool: (sub.kind == SubStepKind::ToolCall)
+                        .then(|| format!("{}.{}", sub.server, sub.tool)),
+                };
+                match s.sub_steps.iter_mut().find(|x| x.n == sub.n) {
+                    Some(x) => *x = *sub,
+                    None => s.sub_steps.push(*sub),
                 }
                 event
             }
@@ -779,6 +882,11 @@ pub enum JobUpdate {
         step: usize,
         decision: ApprovalDecision,
     },
+    /// An entry of step `step`'s journal, new or changed (by its `n`).
+    SubStep {
+        step: usize,
+        sub: Box<SubStep>,
+    },
 }
 
 /// Something that happened to a job; `seq` counts from 1 per job, so a watcher can replay the
@@ -855,6 +963,16 @@ pub enum EventKind {
     BudgetRaised {
         max_tokens: Option<u64>,
         max_cost_usd: Option<f64>,
+    },
+    /// An entry of a tool-using step's journal started, ended or waits.
+    SubStep {
+        agent: Arc<str>,
+        n: u32,
+        kind: SubStepKind,
+        state: SubStepState,
+        /// A tool call's `server.tool`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tool: Option<String>,
     },
 }
 

@@ -1,6 +1,6 @@
 //! The dashboard's jobs: the `/jobs` and `/jobs/{id}` pages and the JSON they read
 //! (`/api/jobs`, `/api/jobs/{id}`, `/api/approvals`), and the approve/reject buttons'
-//! `POST /api/approvals/{job}/{agent}`.
+//! `POST /api/approvals/{job}/{agent}` (and `…/{n}` for a tool call of a tool-using step).
 //!
 //! The POST takes JSON only: a page of another origin cannot send that without a CORS preflight,
 //! which this server never answers, so a visited page cannot decide for an operator. (Who may
@@ -37,6 +37,7 @@ pub fn routes(orch: Arc<Orchestrator>) -> Router {
         .route("/api/jobs/{id}", get(one))
         .route("/api/approvals", get(approvals))
         .route("/api/approvals/{job}/{agent}", post(decide))
+        .route("/api/approvals/{job}/{agent}/{n}", post(decide_sub_step))
         .with_state(orch)
 }
 
@@ -190,6 +191,19 @@ async fn one(State(orch): State<Arc<Orchestrator>>, Path(id): Path<String>) -> R
                 "duration_ms": s.started_at.zip(s.finished_at).and_then(|(a, b)| b.duration_since(a).ok()).map(|d| d.as_millis() as u64),
                 "usage": s.usage,
                 "error": s.error,
+                "sub_steps": s.sub_steps.iter().map(|x| json!({
+                    "n": x.n,
+                    "kind": x.kind,
+                    "state": x.state,
+                    "tool": (!x.server.is_empty()).then(|| format!("{}.{}", x.server, x.tool)),
+                    "arguments": x.call.as_ref().map(|c| &c.arguments),
+                    "tool_calls": x.tool_calls.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                    "text": x.text,
+                    "result_bytes": x.result_bytes,
+                    "usage": x.usage,
+                    "duration_ms": x.finished_at.and_then(|b| b.duration_since(x.started_at).ok()).map(|d| d.as_millis() as u64),
+                    "error": x.error,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -243,6 +257,25 @@ async fn decide(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    decide_id(orch, format!("{job}/{agent}"), headers, body).await
+}
+
+/// A decision on tool call `n` of a tool-using step.
+async fn decide_sub_step(
+    State(orch): State<Arc<Orchestrator>>,
+    Path((job, agent, n)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    decide_id(orch, format!("{job}/{agent}/{n}"), headers, body).await
+}
+
+async fn decide_id(
+    orch: Arc<Orchestrator>,
+    id: String,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     let json_body = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -274,7 +307,6 @@ async fn decide(
             );
         }
     };
-    let id = format!("{job}/{agent}");
     match orch
         .resolve_approval(&id, &d.sha256, approve, &d.approver, &d.reason)
         .await

@@ -179,6 +179,9 @@ pub struct AgentModel {
     /// Indices of the agents that wait for this one.
     pub dependents: Vec<usize>,
     pub quotas: Vec<Arc<str>>,
+    /// A tool-using agent's MCP servers, each with the quota its tool calls draw on (its
+    /// upstream's implicit one, `upstream:mcp:<server>`); its model turns draw on `quotas`.
+    pub tool_quotas: Vec<(Arc<str>, Arc<str>)>,
     pub retry: RetryPolicy,
     pub timeout: Duration,
     pub max_concurrency: NonZeroU32,
@@ -223,6 +226,17 @@ pub enum Approval {
 }
 
 impl AgentModel {
+    /// Whether a model calls tools in this agent's steps: the engine runs its loop, one
+    /// journaled sub-step per turn and per tool call.
+    pub fn uses_tools(&self) -> bool {
+        self.kind == "llm"
+            && self
+                .fields
+                .get("tools")
+                .and_then(serde_json::Value::as_array)
+                .is_some_and(|t| !t.is_empty())
+    }
+
     /// Whether this agent's steps may need a person's approval (all of them, or those its
     /// `approval_when` picks).
     pub fn may_need_approval(&self) -> bool {

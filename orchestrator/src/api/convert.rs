@@ -78,6 +78,7 @@ fn step(s: &StepRecord) -> pb::Step {
         started_at: s.started_at.map(ts),
         finished_at: s.finished_at.map(ts),
         usage: Some(usage(&s.usage)),
+        sub_steps: s.sub_steps.iter().map(sub_step_to_pb).collect(),
     }
 }
 
@@ -230,8 +231,47 @@ pub(crate) fn event_to_pb(e: &JobEvent) -> pb::JobEvent {
             out.approver = approver.clone();
             out.reason = reason.clone();
         }
+        EventKind::SubStep {
+            agent,
+            n,
+            kind,
+            state,
+            tool,
+        } => {
+            out.kind = "sub_step".into();
+            out.agent = agent.to_string();
+            out.sub_step = *n;
+            out.sub_step_kind = kind.as_str().into();
+            out.sub_step_state = state.as_str().into();
+            out.reason = tool.clone().unwrap_or_default();
+        }
     }
     out
+}
+
+pub(crate) fn sub_step_to_pb(s: &crate::job::SubStep) -> pb::SubStep {
+    pb::SubStep {
+        n: s.n,
+        kind: s.kind.as_str().into(),
+        state: s.state.as_str().into(),
+        started_at: Some(ts(s.started_at)),
+        finished_at: s.finished_at.map(ts),
+        text: s.text.clone(),
+        tool: if s.server.is_empty() {
+            String::new()
+        } else {
+            format!("{}.{}", s.server, s.tool)
+        },
+        arguments_json: s
+            .call
+            .as_ref()
+            .map(|c| c.arguments.to_string())
+            .unwrap_or_default(),
+        tool_calls: s.tool_calls.iter().map(|c| c.name.clone()).collect(),
+        result_bytes: s.result_bytes,
+        usage: Some(usage(&s.usage)),
+        error: s.error.clone().unwrap_or_default(),
+    }
 }
 
 pub(crate) fn approval_to_pb(v: &ApprovalView) -> pb::Approval {

@@ -125,16 +125,34 @@ fn step_span(job: &tracing::Span, call: &Call) -> tracing::Span {
 /// Runs inside the step's span (see [`start`]): the outcome is recorded on the current span.
 async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallEnd {
     let start = Instant::now();
+    let mut park = None;
+    // A tool loop limits each of its sub-steps to the timeout instead: a step of several turns
+    // and tool calls may take longer than one call.
+    let timeout = match (&call.tool_loop, agent.tool_user()) {
+        (Some(_), Some(_)) => Duration::MAX,
+        _ => timeout,
+    };
     // An approved step runs exactly the call that was approved.
     let run = async {
+        if let (Some(env), Some(user)) = (&call.tool_loop, agent.tool_user()) {
+            let (result, parked) = super::tool_loop::run(env, user, &call.ctx, &call.input).await;
+            park = parked;
+            return result;
+        }
         match &call.prepared {
             Some(prepared) => agent.execute(&call.ctx, prepared).await,
             None => agent.call(&call.ctx, &call.input).await,
         }
     };
-    let attempt = AssertUnwindSafe(tokio::time::timeout(timeout, run))
-        .catch_unwind()
-        .await;
+    let attempt = AssertUnwindSafe(async {
+        if timeout == Duration::MAX {
+            Ok(run.await)
+        } else {
+            tokio::time::timeout(timeout, run).await
+        }
+    })
+    .catch_unwind()
+    .await;
     let result = match attempt {
         Ok(Ok(r)) => r,
         Ok(Err(_)) => Err(AgentError::transient(format!(
@@ -166,5 +184,6 @@ async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallE
         grant: call.grant,
         result,
         elapsed: start.elapsed(),
+        park,
     }))
 }

@@ -98,6 +98,16 @@ impl BrokerCore {
         let mut s = self.lock();
         self.guarded(&mut s, |s| s.acquire(a)).flatten()
     }
+
+    /// A grant on `quotas` for a call that is not a step of its own (a tool loop's turn or tool
+    /// call), if they let it start now and no step waits at them already (which goes first);
+    /// else when to ask again (`None`: not known — a concurrency limit, an open circuit, a
+    /// pause, or older calls waiting).
+    pub fn try_take(&self, quotas: &[usize], demand: Demand) -> Result<Grant, Option<Instant>> {
+        let mut s = self.lock();
+        self.guarded(&mut s, |s| s.try_take(quotas, demand))
+            .unwrap_or(Err(None))
+    }
 }
 
 impl SettleGrant for BrokerCore {
@@ -247,6 +257,32 @@ impl BrokerState {
         self.after_change(now, list, true, Some(asked))
     }
 
+    fn try_take(&mut self, quotas: &[usize], demand: Demand) -> Result<Grant, Option<Instant>> {
+        let now = Instant::now();
+        let index = Arc::clone(&self.index);
+        if quotas
+            .iter()
+            .any(|&q| self.waiting.oldest_at(&index, q).is_some())
+        {
+            return Err(None);
+        }
+        let mut at: Option<Instant> = None;
+        for &q in quotas {
+            match self.cores[q].ready(now, demand) {
+                Ready::Now => {}
+                Ready::At(t) => at = Some(at.map_or(t, |a| a.max(t))),
+                Ready::Blocked => return Err(None),
+            }
+        }
+        if at.is_some() {
+            return Err(at);
+        }
+        let mut list = self.scratch();
+        let grant = self.take_on(now, quotas, demand, &mut list);
+        self.after_change(now, list, true, None);
+        Ok(grant)
+    }
+
     /// The state's scratch list of touched quotas, empty: no allocation per call.
     fn scratch(&mut self) -> Vec<usize> {
         let mut list = std::mem::take(&mut self.touched);
@@ -260,12 +296,22 @@ impl BrokerState {
     fn take(&mut self, now: Instant, req: &Acquire, spent: &mut Vec<usize>) -> Grant {
         let index = Arc::clone(&self.index);
         let quotas = &index.agents[req.agent.0][req.agent.1];
+        self.take_on(now, quotas, req.demand, spent)
+    }
+
+    fn take_on(
+        &mut self,
+        now: Instant,
+        quotas: &[usize],
+        demand: Demand,
+        spent: &mut Vec<usize>,
+    ) -> Grant {
         let reservations: SmallVec<[(usize, Reservation); 1]> = quotas
             .iter()
-            .map(|&q| (q, self.cores[q].take(now, req.demand)))
+            .map(|&q| (q, self.cores[q].take(now, demand)))
             .collect();
         for &q in quotas {
-            self.last_demand[q] = req.demand;
+            self.last_demand[q] = demand;
             spent.push(q);
         }
         self.next_grant += 1;

@@ -279,15 +279,23 @@ pub(crate) struct QuotaIndex {
     pub specs: Vec<Arc<QuotaModel>>,
     /// graph → agent → core indices.
     pub agents: Vec<Vec<Vec<usize>>>,
+    /// graph → agent → a tool-using agent's MCP servers and the core indices their calls
+    /// draw on.
+    pub tools: Vec<Vec<Vec<ServerQuotas>>>,
 }
+
+/// An MCP server and the quota cores its tool calls draw on.
+pub(crate) type ServerQuotas = (Arc<str>, Vec<usize>);
 
 impl QuotaIndex {
     pub fn new(shared_model: &crate::model::ServerModel, cascade: bool) -> Self {
         let mut specs: Vec<Arc<QuotaModel>> = Vec::new();
         let mut by_name: HashMap<Arc<str>, usize> = HashMap::new();
         let mut agents = Vec::new();
+        let mut tools = Vec::new();
         for g in &shared_model.graphs {
             let mut per_agent = Vec::new();
+            let mut per_agent_tools = Vec::new();
             for a in &g.agents {
                 let mut cores = Vec::new();
                 for q in &a.quotas {
@@ -314,9 +322,29 @@ impl QuotaIndex {
                     cores.push(idx);
                 }
                 per_agent.push(cores);
+                let mut servers = Vec::new();
+                for (server, q) in &a.tool_quotas {
+                    // Naive mode: no implicit quota (as for any agent).
+                    let cores = if cascade {
+                        let spec = shared_model.quotas[q].clone();
+                        vec![*by_name.entry(q.clone()).or_insert_with(|| {
+                            specs.push(spec);
+                            specs.len() - 1
+                        })]
+                    } else {
+                        Vec::new()
+                    };
+                    servers.push((server.clone(), cores));
+                }
+                per_agent_tools.push(servers);
             }
             agents.push(per_agent);
+            tools.push(per_agent_tools);
         }
-        Self { specs, agents }
+        Self {
+            specs,
+            agents,
+            tools,
+        }
     }
 }

@@ -21,6 +21,7 @@ mod scheduler;
 mod stats;
 mod step;
 mod supervisor;
+mod tool_loop;
 mod view;
 
 use std::collections::{BTreeMap, HashMap};
@@ -562,7 +563,11 @@ impl Orchestrator {
             .store
             .get(job)?
             .as_ref()
-            .and_then(|r| crate::job::ApprovalView::of(r).find(|v| &*v.agent == agent))
+            .and_then(|r| {
+                // A tool-using step holds its latest proposal: an older tool call's id names
+                // nothing now (its outcome is in the step's journal).
+                crate::job::ApprovalView::of(r).find(|v| &*v.agent == agent && v.approval.id == id)
+            })
             .ok_or_else(|| ApprovalError::NotFound(id.to_string()))
     }
 
@@ -945,11 +950,21 @@ pub async fn connect_mcp_servers(registry: &Registry, model: &ServerModel) -> Mc
         .into_iter()
         .flatten()
         .collect();
-    // Every `mcp` agent's tool exists on its server, and fixed arguments fit its inputSchema.
+    // Every `mcp` agent's tool exists on its server, and fixed arguments fit its inputSchema;
+    // every tool pattern of a tool-using agent matches a tool.
     let mut errors = Vec::new();
     for g in &model.graphs {
-        for a in g.agents.iter().filter(|a| a.kind == "mcp") {
-            if let Err(e) = cascade_agents::mcp::check_agent(&servers, &a.fields) {
+        for a in g
+            .agents
+            .iter()
+            .filter(|a| a.kind == "mcp" || a.uses_tools())
+        {
+            let checked = if a.kind == "mcp" {
+                cascade_agents::mcp::check_agent(&servers, &a.fields)
+            } else {
+                cascade_agents::tools::check_agent(&servers, &a.fields)
+            };
+            if let Err(e) = checked {
                 errors.push(format!(
                     "{}: graph {:?}, agent {:?}: {e}",
                     g.source.display(),

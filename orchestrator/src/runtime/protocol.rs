@@ -116,6 +116,8 @@ pub(crate) struct Call {
     pub prepared: Option<Arc<Value>>,
     /// The job is sampled for trace export; its steps follow it.
     pub traced: bool,
+    /// A tool-using agent's step runs its loop, one journaled sub-step at a time, here.
+    pub tool_loop: Option<Box<super::tool_loop::LoopEnv>>,
 }
 
 /// A call's result, sent to the scheduler.
@@ -127,6 +129,9 @@ pub(crate) struct StepDone {
     pub grant: Option<Grant>,
     pub result: Result<AgentOutput, AgentError>,
     pub elapsed: Duration,
+    /// A tool loop stopped to wait (for a person, or a raised budget): the step holds nothing
+    /// until then, and `result` is not its end.
+    pub park: Option<super::tool_loop::Park>,
 }
 
 /// How a call ended: with a result for the scheduler, or with a panic that fails the actor.

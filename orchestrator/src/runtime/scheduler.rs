@@ -28,6 +28,7 @@ use super::protocol::{
     SchedMsg, SchedulerSnapshot, Settlement, StepDone, Waiting,
 };
 use super::step::{Decision, Rules, Step, failure_message};
+use super::tool_loop::Park;
 use crate::approval::{ApprovalError, Resolved};
 use crate::job::{
     Approval, ApprovalDecision, ApprovalOutcome, ApprovalView, Budget, JobEvent, JobId, JobRecord,
@@ -110,6 +111,9 @@ struct Slot {
     quotas: Vec<usize>,
     /// It draws on a token or cost quota: its calls reserve the agent's estimate.
     counts_tokens: bool,
+    /// A tool-using agent: each step runs a loop whose turns draw on `turn_quotas` and whose
+    /// tool calls on their server's, a grant per sub-step (the step itself takes none).
+    tools: Option<Arc<ToolQuotas>>,
     pause: Option<Reach>,
     on_upstream_pause: OnUpstreamPause,
     metrics: AgentMetrics,
@@ -127,6 +131,12 @@ impl Slot {
 }
 
 pub(crate) struct Scheduler;
+
+/// The quotas of a tool-using agent's sub-steps.
+struct ToolQuotas {
+    turn: Vec<usize>,
+    servers: Vec<(Arc<str>, Vec<usize>)>,
+}
 
 pub(crate) struct SchedState {
     ctx: Arc<GraphCtx>,
@@ -175,11 +185,17 @@ impl Actor for Scheduler {
             .agents
             .iter()
             .map(|a| {
-                let quotas = ctx.quotas.agents[graph_index][a.index].clone();
+                let mut quotas = ctx.quotas.agents[graph_index][a.index].clone();
                 // A quota that learns from its upstream may learn a token limit.
                 let counts_tokens = quotas.iter().any(|&q| {
                     let spec = &ctx.quotas.specs[q];
                     spec.tokens.is_some() || spec.cost.is_some() || spec.learns()
+                });
+                let tools = a.uses_tools().then(|| {
+                    Arc::new(ToolQuotas {
+                        turn: std::mem::take(&mut quotas),
+                        servers: ctx.quotas.tools[graph_index][a.index].clone(),
+                    })
                 });
                 Slot {
                     actor: None,
@@ -190,6 +206,7 @@ impl Actor for Scheduler {
                     queue: BinaryHeap::new(),
                     quotas,
                     counts_tokens,
+                    tools,
                     pause: None,
                     on_upstream_pause: a.on_upstream_pause,
                     metrics: AgentMetrics::new(&ctx.model.name, &a.name),
@@ -560,8 +577,10 @@ impl SchedState {
             if !job.steps[i].step.is_queued() {
                 continue;
             }
-            let unapproved =
-                self.ctx.model.agents[i].may_need_approval() && job.steps[i].prepared.is_none();
+            // A tool-using agent's approvals are its tool calls'.
+            let unapproved = self.ctx.model.agents[i].may_need_approval()
+                && job.steps[i].prepared.is_none()
+                && slot.tools.is_none();
             let budgeted = job.budget.is_some();
             // Only a step that may need a decision or has a budget looks the job up again.
             let job = if unapproved || budgeted {
@@ -682,6 +701,29 @@ impl SchedState {
                 deadline: job.deadline,
                 job_key: job.key.clone(),
             },
+            tool_loop: slot.tools.as_ref().map(|t| {
+                Box::new(super::tool_loop::LoopEnv {
+                    shared: self.ctx.shared.clone(),
+                    job: job_id,
+                    step: i,
+                    tenant: job.tenant.clone(),
+                    graph: model.name.clone(),
+                    turn_quotas: t.turn.clone(),
+                    tool_quotas: t.servers.clone(),
+                    timeout,
+                    parallel: agent.max_concurrency.get() as usize,
+                    // What the rest of the job spent and holds; the loop adds its own.
+                    budget: job.budget.as_ref().map(|b| {
+                        let mut committed = b.spent;
+                        for (s, u) in &b.reserved {
+                            if *s != i {
+                                committed.add(u);
+                            }
+                        }
+                        (b.limit, committed)
+                    }),
+                })
+            }),
             input,
             prepared,
             traced: job.traced,
@@ -773,6 +815,18 @@ impl SchedState {
         self.ctx.stats.agents[d.step]
             .call_micros
             .fetch_add(d.elapsed.as_micros() as u64, Relaxed);
+        if let Some(park) = d.park.take() {
+            // Not the step's end: it waits, and goes on from its journal.
+            let current = self
+                .jobs
+                .get(&d.job)
+                .is_some_and(|j| j.steps[d.step].step.is_running(d.token));
+            if current {
+                self.on_parked(d.job, d.step, d.token, park);
+            }
+            self.pump(d.step);
+            return;
+        }
         let m = &self.slots[d.step].metrics;
         m.step_duration.record(d.elapsed.as_secs_f64());
         match &d.result {
@@ -1188,26 +1242,27 @@ impl SchedState {
                 return true;
             }
         };
-        let text = crate::approval::canonical(&proposal);
-        let now = crate::clock::now();
-        let approval = Approval {
-            id: crate::approval::approval_id(id, &agent.name),
-            sha256: crate::audit::sha256_hex(text.as_bytes()),
-            proposal: text.into(),
-            created_at: now,
-            // Nobody can approve it usefully past the job's deadline either.
-            expires_at: [
-                agent.approval_timeout.map(|t| now + t),
-                job.deadline
-                    .map(|d| now + d.saturating_duration_since(Instant::now())),
-            ]
-            .into_iter()
-            .flatten()
-            .min(),
-            decision: None,
-        };
+        let approval = new_approval(
+            crate::approval::approval_id(id, &agent.name),
+            &proposal,
+            agent.approval_timeout,
+            job.deadline,
+            None,
+        );
         job.steps[i].step.propose();
         job.proposals += 1;
+        self.announce_proposal(id, i, approval);
+        true
+    }
+
+    /// Announce step `i`'s new proposal (the step waits for it already): log, audit, webhook,
+    /// record, and park the job if nothing else of it goes on.
+    fn announce_proposal(&mut self, id: JobId, i: usize, approval: Approval) {
+        let ctx = self.ctx.clone();
+        let agent = &ctx.model.agents[i];
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
         let tenant = job.tenant.clone();
         tracing::info!(job_id = %id, agent = %agent.name, approval_id = %approval.id, sha256 = %approval.sha256, "call prepared; it waits for approval");
         self.ctx.shared.audit(
@@ -1246,7 +1301,41 @@ impl SchedState {
         );
         self.metrics.approvals_pending.increment(1.0);
         self.maybe_park(id);
-        true
+    }
+
+    /// A tool loop stopped to wait: for a decision on one of its tool calls, or for its job's
+    /// budget to be raised. The step holds nothing meanwhile, and the run is not an attempt.
+    fn on_parked(&mut self, id: JobId, i: usize, token: u32, park: Park) {
+        let ctx = self.ctx.clone();
+        let agent = &ctx.model.agents[i];
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        if let Some(b) = job.budget.as_mut() {
+            b.reserved.retain(|(s, _)| *s != i);
+        }
+        match park {
+            Park::Approval { n, proposal } => {
+                if !job.steps[i].step.suspend(token, true) {
+                    return;
+                }
+                let approval = new_approval(
+                    crate::approval::sub_step_approval_id(id, &agent.name, n),
+                    &proposal,
+                    agent.approval_timeout,
+                    job.deadline,
+                    Some(n),
+                );
+                job.proposals += 1;
+                self.announce_proposal(id, i, approval);
+            }
+            Park::Budget(breach) => {
+                if !job.steps[i].step.suspend(token, false) {
+                    return;
+                }
+                self.note_breach(id, i, breach);
+            }
+        }
     }
 
     /// Park job `id` if it waits for a decision and nothing else of it is under way: it leaves
@@ -1282,7 +1371,6 @@ impl SchedState {
     /// reserved until its call ends.
     fn over_budget(&mut self, i: usize, id: JobId) -> bool {
         let ctx = self.ctx.clone();
-        let agent = &ctx.model.agents[i];
         let Some(handle) = self.slots[i].actor.clone() else {
             return false;
         };
@@ -1304,6 +1392,21 @@ impl SchedState {
             return false;
         };
         job.steps[i].step.hold();
+        self.note_breach(id, i, breach);
+        true
+    }
+
+    /// Step `i` of job `id` is held by the job's budget: the first breach is counted, audited
+    /// and kept, and the job stops once nothing else of it runs.
+    fn note_breach(&mut self, id: JobId, i: usize, breach: crate::job::Breach) {
+        let ctx = self.ctx.clone();
+        let agent = &ctx.model.agents[i];
+        let Some(job) = self.jobs.get_mut(&id) else {
+            return;
+        };
+        let Some(b) = job.budget.as_mut() else {
+            return;
+        };
         if b.breach.is_none() {
             let message = breach.message(&agent.name);
             tracing::warn!(job_id = %id, agent = %agent.name, budget = breach.budget, "{message}");
@@ -1327,7 +1430,6 @@ impl SchedState {
             }
         }
         self.maybe_park(id);
-        true
     }
 
     /// Job `id`'s budget is now `budget`: recorded (a job stopped by its budget is pending
@@ -1450,6 +1552,26 @@ impl SchedState {
             .approval_decided(&self.ctx.model.name, decision.outcome.as_str(), waited);
         let proposal = a.proposal.clone();
         let outcome = decision.outcome;
+        if a.sub_step.is_some() {
+            // A tool call of a tool-using step: approved, the loop makes it; rejected, the model
+            // reads why as its result. Either way the step goes on from its journal.
+            self.record(id, JobUpdate::Decided { step: i, decision });
+            match self.jobs.get_mut(&id) {
+                Some(job) => {
+                    if job.steps[i].step.approve() {
+                        job.proposals = job.proposals.saturating_sub(1);
+                        self.slots[i].queue.push(Reverse((job.seq, id)));
+                        self.pump(i);
+                    }
+                }
+                // Parked, and pending again if nothing else waits for a decision.
+                None => self.admit(true),
+            }
+            return Ok(Resolved {
+                approval: current()?.0,
+                repeated: false,
+            });
+        }
         let message = match outcome {
             ApprovalOutcome::Approved => String::new(),
             ApprovalOutcome::Rejected => format!(
@@ -1653,6 +1775,34 @@ impl SchedState {
 }
 
 /// What agent `i`'s failure decisions depend on.
+/// A new proposal of `proposal`, which expires after `timeout` or at the job's deadline
+/// (nobody can approve it usefully past that either).
+fn new_approval(
+    id: String,
+    proposal: &Value,
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+    sub_step: Option<u32>,
+) -> Approval {
+    let text = crate::approval::canonical(proposal);
+    let now = crate::clock::now();
+    Approval {
+        id,
+        sha256: crate::audit::sha256_hex(text.as_bytes()),
+        proposal: text.into(),
+        created_at: now,
+        expires_at: [
+            timeout.map(|t| now + t),
+            deadline.map(|d| now + d.saturating_duration_since(Instant::now())),
+        ]
+        .into_iter()
+        .flatten()
+        .min(),
+        decision: None,
+        sub_step,
+    }
+}
+
 fn rules<'a>(ctx: &'a GraphCtx, slot: &Slot, broker: bool, i: usize) -> Rules<'a> {
     Rules {
         retry: &ctx.model.agents[i].retry,

@@ -143,6 +143,23 @@ impl Step {
         true
     }
 
+    /// Its running call stopped to wait (a tool loop's proposal, or its job's budget): it holds
+    /// nothing, and the attempt it started does not count. `proposed`: it waits for a decision
+    /// ([`Step::approve`]); else it is held ([`Step::release`]). Returns whether it was running
+    /// as `token`.
+    pub fn suspend(&mut self, token: u32, proposed: bool) -> bool {
+        if !self.is_running(token) {
+            return false;
+        }
+        self.attempts = self.attempts.saturating_sub(1);
+        self.phase = if proposed {
+            Phase::Proposed
+        } else {
+            Phase::Waiting { pending_deps: 0 }
+        };
+        true
+    }
+
     /// Its proposal was approved: it is queued to run. Returns whether it was waiting for that.
     pub fn approve(&mut self) -> bool {
         if self.phase != Phase::Proposed {

@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS steps (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     cost_usd REAL NOT NULL DEFAULT 0,
     approval TEXT,
+    sub_steps TEXT,
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
@@ -649,7 +650,8 @@ fn group_batch(batch: &[Op]) -> Vec<(JobId, JobWrites<'_>)> {
             | EventKind::StepSucceeded { agent, .. }
             | EventKind::StepFailed { agent, .. }
             | EventKind::ApprovalRequested { agent, .. }
-            | EventKind::ApprovalDecided { agent, .. } => {
+            | EventKind::ApprovalDecided { agent, .. }
+            | EventKind::SubStep { agent, .. } => {
                 if let Some(i) = record.steps.iter().position(|s| s.agent == *agent) {
                     entry.2.insert(i);
                 }
@@ -763,7 +765,11 @@ fn write_job(
 /// Bring a store written by an earlier version up to this one's tables: the columns added
 /// since, each added where it is missing.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    for (table, column) in [("steps", "approval"), ("jobs", "budget")] {
+    for (table, column) in [
+        ("steps", "approval"),
+        ("jobs", "budget"),
+        ("steps", "sub_steps"),
+    ] {
         let present: i64 = conn
             .query_row(
                 &format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"),
@@ -782,11 +788,11 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 fn write_step(tx: &Connection, job: JobId, i: usize, s: &StepRecord) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO steps (job_id, idx, agent, state, attempts, output, error, started_at, finished_at,
-             prompt_tokens, completion_tokens, cost_usd, approval)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             prompt_tokens, completion_tokens, cost_usd, approval, sub_steps)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          ON CONFLICT (job_id, idx) DO UPDATE SET state = ?4, attempts = ?5, output = ?6, error = ?7,
              started_at = ?8, finished_at = ?9, prompt_tokens = ?10, completion_tokens = ?11, cost_usd = ?12,
-             approval = ?13",
+             approval = ?13, sub_steps = ?14",
     )?
     .execute(params![
         job.to_string(),
@@ -804,6 +810,9 @@ fn write_step(tx: &Connection, job: JobId, i: usize, s: &StepRecord) -> rusqlite
         s.approval
             .as_ref()
             .and_then(|a| serde_json::to_string(a).ok()),
+        (!s.sub_steps.is_empty())
+            .then(|| serde_json::to_string(&s.sub_steps).ok())
+            .flatten(),
     ])?;
     Ok(())
 }
@@ -894,7 +903,7 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
     let mut stmt = conn
         .prepare_cached(
             "SELECT agent, state, attempts, output, error, started_at, finished_at, prompt_tokens,
-                 completion_tokens, cost_usd, approval
+                 completion_tokens, cost_usd, approval, sub_steps
              FROM steps WHERE job_id = ?1 ORDER BY idx",
         )
         .map_err(err)?;
@@ -917,6 +926,10 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
                     .get::<_, Option<String>>(10)?
                     .and_then(|a| serde_json::from_str(&a).ok())
                     .map(Box::new),
+                sub_steps: r
+                    .get::<_, Option<String>>(11)?
+                    .and_then(|a| serde_json::from_str(&a).ok())
+                    .unwrap_or_default(),
             })
         })
         .map_err(err)?

@@ -387,6 +387,7 @@ impl Loader<'_> {
                 after: Vec::new(),
                 dependents: Vec::new(),
                 quotas: Vec::new(),
+                tool_quotas: Vec::new(),
                 retry: retry.unwrap_or_default(),
                 timeout: timeout.map_or(DEFAULT_TIMEOUT, HumanDuration::get),
                 max_concurrency: max_concurrency

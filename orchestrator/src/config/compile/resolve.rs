@@ -165,6 +165,26 @@ impl Loader<'_> {
                 qs.push(self.credential_quota(src_idx, &p.name_span, &m.name, c));
             }
             m.quotas = qs;
+            // A tool-using agent's calls of each server's tools draw on that server's quota.
+            let mut servers: Vec<&str> = m
+                .fields
+                .get("tools")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|t| t.as_str()?.split_once('.').map(|(s, _)| s))
+                .collect();
+            servers.sort_unstable();
+            servers.dedup();
+            let tool_quotas: Vec<(Arc<str>, Arc<str>)> = servers
+                .into_iter()
+                .map(|s| {
+                    let upstream = format!("mcp:{s}");
+                    let q = self.implicit_quota(src_idx, &p.name_span, &m.name, &upstream);
+                    (Arc::from(s), q)
+                })
+                .collect();
+            m.tool_quotas = tool_quotas;
             agents.push(m);
         }
         for i in 0..agents.len() {
