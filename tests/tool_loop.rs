@@ -426,6 +426,46 @@ async fn parallel_calls_then_an_approved_close_each_journaled_and_made_once() {
             .unwrap()
             .contains("sk-sim-tool-loop-7")
     );
+    // Each sub-step spent its own upstream's quota: three turns the model's (with their
+    // tokens), three calls the desk's.
+    let quotas = orch.quotas().await;
+    let desk_quota = quotas.iter().find(|q| q.name == "upstream:mcp:desk").unwrap();
+    assert_eq!(desk_quota.granted, 3, "{desk_quota:?}");
+    let llm_quota = quotas
+        .iter()
+        .find(|q| q.name.starts_with("upstream:") && q.name != "upstream:mcp:desk")
+        .unwrap();
+    assert_eq!(
+        (llm_quota.granted, llm_quota.prompt_tokens, llm_quota.completion_tokens),
+        (3, 300, 60),
+        "{llm_quota:?}"
+    );
+    // The dashboard's job page reads the journal from /api/jobs/{id}.
+    let server = cascade_orchestrator::server::start(
+        Arc::new(orch),
+        cascade_orchestrator::server::ServerOptions {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let page: Value = reqwest::get(format!("http://{}/api/jobs/{id}", server.http_addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let journal = page["job"]["steps"][0]["sub_steps"].as_array().unwrap();
+    assert_eq!(journal.len(), 6);
+    assert_eq!(journal[4]["tool"], "desk.close_ticket");
+    assert_eq!(journal[4]["arguments"]["ticket"], "T-7");
+    assert_eq!(
+        journal[0]["tool_calls"],
+        json!(["desk__lookup_customer", "desk__search_tickets"])
+    );
+    assert_eq!(journal[5]["usage"]["prompt_tokens"], 100);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

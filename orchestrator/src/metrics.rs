@@ -60,6 +60,7 @@ pub const APPROVALS_PENDING: &str = "cascade_approvals_pending";
 pub const BUDGET_BREACHES: &str = "cascade_budget_breaches_total";
 pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
 pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
+pub const SUB_STEPS: &str = "cascade_sub_steps_total";
 pub const AUDIT_QUEUE_DEPTH: &str = "cascade_audit_queue_depth";
 pub const AUDIT_RECORDS: &str = "cascade_audit_records_total";
 pub const AUDIT_WRITE_FAILURES: &str = "cascade_audit_write_failures_total";
@@ -81,6 +82,11 @@ pub fn describe() {
         APPROVAL_WAIT,
         Unit::Seconds,
         "Time from a proposal to its decision, by graph and outcome."
+    );
+    describe_counter!(
+        SUB_STEPS,
+        Unit::Count,
+        "Entries of tool-using steps' journals as they end or wait, by graph, agent, kind (turn, tool_call) and state (succeeded, failed, rejected, awaiting_approval)."
     );
     describe_counter!(
         APPROVAL_DECISIONS,

@@ -708,6 +708,7 @@ impl SchedState {
                     step: i,
                     tenant: job.tenant.clone(),
                     graph: model.name.clone(),
+                    agent: agent.name.clone(),
                     turn_quotas: t.turn.clone(),
                     tool_quotas: t.servers.clone(),
                     timeout,

@@ -50,6 +50,7 @@ pub(crate) struct LoopEnv {
     pub step: usize,
     pub tenant: Arc<str>,
     pub graph: Arc<str>,
+    pub agent: Arc<str>,
     /// Quota cores a model turn draws on (the agent's own).
     pub turn_quotas: Vec<usize>,
     /// Each server's quota cores, for its tool calls.
@@ -510,6 +511,7 @@ async fn call_tools(
         let mut sub = tool_entry(n, &c, Some(&def), state, text, error.as_deref());
         sub.result_bytes = bytes;
         sub.started_at = started_at;
+        count(env, &sub);
         journal.put(sub.clone());
         let _ = env
             .shared
@@ -606,8 +608,24 @@ fn tool_entry(
     }
 }
 
+/// Count a journal entry that ended or waits.
+fn count(env: &LoopEnv, sub: &SubStep) {
+    if sub.state == SubStepState::Running {
+        return;
+    }
+    metrics::counter!(
+        crate::metrics::SUB_STEPS,
+        "graph" => env.graph.to_string(),
+        "agent" => env.agent.to_string(),
+        "kind" => sub.kind.as_str(),
+        "state" => sub.state.as_str(),
+    )
+    .increment(1);
+}
+
 /// Record `sub` in the journal and the store, durably, before anything else happens.
 async fn record(env: &LoopEnv, journal: &mut Journal, sub: SubStep) -> Result<(), AgentError> {
+    count(env, &sub);
     journal.put(sub.clone());
     match env.shared.store.update(
         env.job,

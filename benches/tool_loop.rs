@@ -1,0 +1,260 @@
+//! What a journaled sub-step costs: tool-using `llm` agents against a zero-latency MCP server
+//! (an rmcp server in this process, over streamable HTTP, with one read-only `echo` tool) and a
+//! zero-latency simulated model (axum, in this process) that asks for one tool call a turn until
+//! it has `TOOL_BENCH_CALLS` results, then answers.
+//!
+//! `cargo bench --bench tool_loop` (`TOOL_BENCH_JOBS`, default 200; `TOOL_BENCH_CALLS` per job,
+//! default 20; `TOOL_BENCH_CONCURRENCY`, default 16). In one run, side by side:
+//!
+//! - **direct**: the tool called with rmcp (Cascade's MCP client, one shared session), one call
+//!   at a time — the latency of a bare tool call;
+//! - **by hand**: the same conversation driven by a plain loop (a `reqwest` POST to the model,
+//!   then an rmcp call, and again), with nothing recorded;
+//! - **Cascade**: the same jobs through the engine, every turn and call a journaled sub-step,
+//!   with the in-memory store and with the SQLite store (each sub-step committed before the
+//!   next: `fsync` off, as on a disk with a write cache).
+//!
+//! Sub-steps per second (turns and tool calls) with `TOOL_BENCH_CONCURRENCY` jobs at once, and
+//! the added latency per sub-step of a single job over the hand loop.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cascade_orchestrator::agents::mcp::{McpServerConfig, McpServers};
+use cascade_orchestrator::agents::mcp_host::{OfferedTool, ToolAnnotations, ToolHost, service, tool};
+use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
+use futures::StreamExt;
+use serde_json::{Map, Value, json};
+
+mod common;
+
+struct Echo;
+
+#[async_trait::async_trait]
+impl ToolHost for Echo {
+    fn tools(&self) -> Vec<OfferedTool> {
+        vec![
+            tool(
+                "echo",
+                "Echo the arguments",
+                json!({"type": "object", "properties": {"i": {"type": "integer"}}}),
+            )
+            .annotate(ToolAnnotations::default().read_only(true)),
+        ]
+    }
+
+    async fn call(&self, _: &str, arguments: Map<String, Value>) -> Result<Value, String> {
+        Ok(Value::Object(arguments))
+    }
+}
+
+/// Tool results in a conversation (OpenAI's shape).
+fn results(body: &Value) -> usize {
+    body["messages"]
+        .as_array()
+        .map_or(0, |m| m.iter().filter(|m| m["role"] == "tool").count())
+}
+
+async fn serve(app: axum::Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+async fn simulated_model(calls: usize) -> u16 {
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| async move {
+            let done = results(&body);
+            let message = if done < calls {
+                json!({"role": "assistant", "content": null, "tool_calls": [{
+                    "id": format!("c{done}"), "type": "function",
+                    "function": {"name": "bench__echo", "arguments": json!({"i": done}).to_string()}
+                }]})
+            } else {
+                json!({"role": "assistant", "content": "done"})
+            };
+            axum::Json(json!({
+                "id": "c", "object": "chat.completion", "model": "bench",
+                "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 12, "completion_tokens": 3}
+            }))
+        }),
+    );
+    serve(app).await
+}
+
+/// The conversation driven by hand: POST, call the tool it asks for, append both, again.
+async fn by_hand(http: &reqwest::Client, url: &str, server: &cascade_orchestrator::agents::mcp::McpServer, key: &str) -> usize {
+    let mut messages = vec![json!({"role": "user", "content": "go"})];
+    let mut sub_steps = 0;
+    loop {
+        let reply: Value = http
+            .post(url)
+            .json(&json!({"model": "bench", "messages": messages, "tools": [{"type": "function", "function": {"name": "bench__echo", "parameters": {"type": "object"}}}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        sub_steps += 1;
+        let message = reply["choices"][0]["message"].clone();
+        let Some(calls) = message["tool_calls"].as_array().cloned() else {
+            return sub_steps;
+        };
+        messages.push(message);
+        for c in calls {
+            let args: Value =
+                serde_json::from_str(c["function"]["arguments"].as_str().unwrap()).unwrap();
+            let r = server
+                .call("echo", args.as_object().unwrap().clone(), key)
+                .await
+                .unwrap();
+            sub_steps += 1;
+            messages.push(json!({"role": "tool", "tool_call_id": c["id"], "content": cascade_orchestrator::agents::mcp::result_value(&r).to_string()}));
+        }
+    }
+}
+
+fn model(dir: &std::path::Path, llm: u16, mcp: u16, calls: usize) -> cascade_orchestrator::model::ServerModel {
+    std::fs::write(
+        dir.join("g.toml"),
+        format!(
+            r#"
+[graph]
+name = "bench"
+max_in_flight_jobs = 256
+
+[agents.agent]
+kind = "llm"
+base_url = "http://127.0.0.1:{llm}/v1"
+api_key = "env:TOOL_BENCH_KEY"
+model = "bench"
+prompt = "go"
+tools = ["bench.echo"]
+max_turns = {turns}
+max_concurrency = 256
+timeout = "30s"
+"#,
+            turns = calls + 1
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("cascade.toml"),
+        format!("graphs = [\"g.toml\"]\n[mcp_servers.bench]\nurl = \"http://127.0.0.1:{mcp}/mcp\"\n"),
+    )
+    .unwrap();
+    config::load(Some(&dir.join("cascade.toml")), &[], &Default::default()).unwrap()
+}
+
+/// Run `jobs` jobs, `concurrency` at a time; the wall time.
+async fn through_cascade(orch: &Arc<Orchestrator>, jobs: usize, concurrency: usize) -> Duration {
+    let start = Instant::now();
+    futures::stream::iter(0..jobs)
+        .map(|i| {
+            let orch = orch.clone();
+            async move {
+                let id = orch
+                    .submit(SubmitRequest::new("bench", json!({"i": i})))
+                    .await
+                    .unwrap()
+                    .id;
+                let job = orch.wait(id).await.unwrap();
+                assert_eq!(
+                    job.state,
+                    cascade_orchestrator::job::JobState::Succeeded,
+                    "{:?}",
+                    job.error
+                );
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect::<Vec<_>>()
+        .await;
+    start.elapsed()
+}
+
+fn main() {
+    let jobs: usize = common::env_or("TOOL_BENCH_JOBS", 200);
+    let calls: usize = common::env_or("TOOL_BENCH_CALLS", 20);
+    let concurrency: usize = common::env_or("TOOL_BENCH_CONCURRENCY", 16);
+    // SAFETY: set before the runtime starts any thread.
+    unsafe { std::env::set_var("TOOL_BENCH_KEY", "sk-bench") };
+    let per_job = 2 * calls + 1;
+    common::runtime().block_on(async move {
+        let mcp = serve(axum::Router::new().nest_service("/mcp", service(Arc::new(Echo), Vec::new()))).await;
+        let llm = simulated_model(calls).await;
+        let url = format!("http://127.0.0.1:{llm}/v1/chat/completions");
+        let servers = McpServers::default();
+        let config: McpServerConfig =
+            serde_json::from_value(json!({"url": format!("http://127.0.0.1:{mcp}/mcp")})).unwrap();
+        servers.declare([("bench".to_string(), config)]);
+        let server = servers.get("bench").unwrap();
+        server.tools().await.unwrap();
+        let http = reqwest::Client::new();
+
+        // Direct rmcp calls, one at a time.
+        let n = 2_000;
+        let start = Instant::now();
+        for i in 0..n {
+            let mut args = Map::new();
+            args.insert("i".into(), json!(i));
+            server.call("echo", args, "k").await.unwrap();
+        }
+        let direct = start.elapsed() / n;
+
+        // The same conversations by hand: one job alone, then `concurrency` at a time.
+        let start = Instant::now();
+        let subs = by_hand(&http, &url, &server, "k").await;
+        assert_eq!(subs, per_job);
+        let hand_one = start.elapsed();
+        let start = Instant::now();
+        futures::stream::iter(0..jobs)
+            .map(|_| by_hand(&http, &url, &server, "k"))
+            .buffer_unordered(concurrency)
+            .collect::<Vec<_>>()
+            .await;
+        let hand_all = start.elapsed();
+
+        let mut rows = Vec::new();
+        for store in ["memory", "sqlite"] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut builder = Orchestrator::builder(model(dir.path(), llm, mcp, calls));
+            if store == "sqlite" {
+                let mut o = cascade_orchestrator::store::SqliteOptions::new(dir.path().join("cascade.db"));
+                o.fsync = false;
+                builder = builder.store(Arc::new(cascade_orchestrator::store::SqliteStore::open(o).unwrap()));
+            }
+            let orch = Arc::new(builder.start().await.unwrap());
+            // Warm up (connections, the server's tool list), then one job alone.
+            through_cascade(&orch, 2, 2).await;
+            let one = through_cascade(&orch, 1, 1).await;
+            let all = through_cascade(&orch, jobs, concurrency).await;
+            rows.push((store, one, all));
+        }
+
+        let rate = |d: Duration, n: usize| n as f64 / d.as_secs_f64();
+        println!("tool loop: {jobs} jobs × {per_job} sub-steps ({calls} tool calls, {} turns), {concurrency} jobs at a time", calls + 1);
+        println!("direct rmcp call: {:.0} µs", direct.as_secs_f64() * 1e6);
+        println!(
+            "by hand: {:.0} sub-steps/s; one job {:.1} ms ({:.0} µs a sub-step)",
+            rate(hand_all, jobs * per_job),
+            hand_one.as_secs_f64() * 1e3,
+            hand_one.as_secs_f64() * 1e6 / per_job as f64
+        );
+        for (store, one, all) in rows {
+            let added = (one.as_secs_f64() - hand_one.as_secs_f64()) * 1e6 / per_job as f64;
+            println!(
+                "cascade ({store} store): {:.0} sub-steps/s ({:.2}× the hand loop's time); one job {:.1} ms, {:+.0} µs a sub-step over the hand loop ({:.1}× a direct call's latency)",
+                rate(all, jobs * per_job),
+                all.as_secs_f64() / hand_all.as_secs_f64(),
+                one.as_secs_f64() * 1e3,
+                added,
+                (added / 1e6 + direct.as_secs_f64()) / direct.as_secs_f64(),
+            );
+        }
+    });
+}
