@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cascade_orchestrator::agents::mcp::{McpServerConfig, McpServers};
-use cascade_orchestrator::agents::mcp_host::{OfferedTool, ToolAnnotations, ToolHost, service, tool};
+use cascade_orchestrator::agents::mcp_host::{
+    OfferedTool, ToolAnnotations, ToolHost, service, tool,
+};
 use cascade_orchestrator::{Orchestrator, SubmitRequest, config};
 use futures::StreamExt;
 use serde_json::{Map, Value, json};
@@ -86,7 +88,12 @@ async fn simulated_model(calls: usize) -> u16 {
 }
 
 /// The conversation driven by hand: POST, call the tool it asks for, append both, again.
-async fn by_hand(http: &reqwest::Client, url: &str, server: &cascade_orchestrator::agents::mcp::McpServer, key: &str) -> usize {
+async fn by_hand(
+    http: &reqwest::Client,
+    url: &str,
+    server: &cascade_orchestrator::agents::mcp::McpServer,
+    key: &str,
+) -> usize {
     let mut messages = vec![json!({"role": "user", "content": "go"})];
     let mut sub_steps = 0;
     loop {
@@ -118,7 +125,12 @@ async fn by_hand(http: &reqwest::Client, url: &str, server: &cascade_orchestrato
     }
 }
 
-fn model(dir: &std::path::Path, llm: u16, mcp: u16, calls: usize) -> cascade_orchestrator::model::ServerModel {
+fn model(
+    dir: &std::path::Path,
+    llm: u16,
+    mcp: u16,
+    calls: usize,
+) -> cascade_orchestrator::model::ServerModel {
     std::fs::write(
         dir.join("g.toml"),
         format!(
@@ -144,7 +156,9 @@ timeout = "30s"
     .unwrap();
     std::fs::write(
         dir.join("cascade.toml"),
-        format!("graphs = [\"g.toml\"]\n[mcp_servers.bench]\nurl = \"http://127.0.0.1:{mcp}/mcp\"\n"),
+        format!(
+            "graphs = [\"g.toml\"]\n[mcp_servers.bench]\nurl = \"http://127.0.0.1:{mcp}/mcp\"\n"
+        ),
     )
     .unwrap();
     config::load(Some(&dir.join("cascade.toml")), &[], &Default::default()).unwrap()
@@ -191,7 +205,11 @@ fn main() {
         let servers = McpServers::default();
         let config: McpServerConfig =
             serde_json::from_value(json!({"url": format!("http://127.0.0.1:{mcp}/mcp")})).unwrap();
-        servers.declare([("bench".to_string(), config)]);
+        let refused = servers.declare(
+            [("bench".to_string(), config)],
+            &cascade_orchestrator::agents::Resources::default(),
+        );
+        assert!(refused.is_empty());
         let server = servers.get("bench").unwrap();
         server.tools().await.unwrap();
         let http = reqwest::Client::new();

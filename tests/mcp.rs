@@ -3,6 +3,8 @@
 //! supervised by Cascade.
 
 mod common;
+#[path = "support/oauth2_server.rs"]
+mod oauth2_server;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -310,21 +312,33 @@ mod ledger {
     /// Serve it on 127.0.0.1 at `/mcp`, answering only `Authorization: Bearer <token>`; the
     /// port.
     pub async fn serve(ledger: Ledger, token: &'static str) -> u16 {
+        serve_with(ledger, move |t| t == token).await
+    }
+
+    /// Serve it, answering only bearer tokens that `accept` takes (else 401); the port.
+    pub async fn serve_with(
+        ledger: Ledger,
+        accept: impl Fn(&str) -> bool + Clone + Send + Sync + 'static,
+    ) -> u16 {
         let app = axum::Router::new()
             .nest_service("/mcp", service(Arc::new(ledger), Vec::new()))
             .layer(axum::middleware::from_fn(
-                move |req: axum::extract::Request, next: axum::middleware::Next| async move {
-                    let ok = req
-                        .headers()
-                        .get("authorization")
-                        .and_then(|v| v.to_str().ok())
-                        == Some(format!("Bearer {token}").as_str());
-                    if ok {
-                        next.run(req).await
-                    } else {
-                        axum::response::IntoResponse::into_response(
-                            axum::http::StatusCode::UNAUTHORIZED,
-                        )
+                move |req: axum::extract::Request, next: axum::middleware::Next| {
+                    let accept = accept.clone();
+                    async move {
+                        let ok = req
+                            .headers()
+                            .get("authorization")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .is_some_and(&accept);
+                        if ok {
+                            next.run(req).await
+                        } else {
+                            axum::response::IntoResponse::into_response(
+                                axum::http::StatusCode::UNAUTHORIZED,
+                            )
+                        }
                     }
                 },
             ));
@@ -384,4 +398,70 @@ async fn a_server_that_refuses_the_token_at_start_pauses_its_agents_not_the_star
     assert!(q.exhausted_reason.is_some(), "{q:?}");
     let pauses = orch.pauses("books").await.unwrap();
     assert!(pauses.iter().all(|(_, p)| p.is_some()), "{pauses:?}");
+}
+
+/// An MCP server over HTTP behind OAuth2 (client credentials from oauth2-mock-server, tokens
+/// that live 3 s; the server refuses an expired one, as a resource server would): Cascade gets a
+/// token at connection, and connects again with a new one once it renewed it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs oauth2-mock-server from npm: .ci/run installs it (npm ci --prefix tests/js) and runs this test"]
+async fn a_server_behind_oauth2_gets_a_token_and_a_fresh_one_before_it_expires() {
+    let auth_port = common::free_port();
+    let auth = oauth2_server::auth_server(auth_port, 3);
+    let ledger = ledger::Ledger::default();
+    let port = ledger::serve_with(ledger.clone(), |token| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        oauth2_server::jwt_exp(token).is_some_and(|exp| exp > now)
+    })
+    .await;
+    // SAFETY: this variable is read by this test only.
+    unsafe { std::env::set_var("CASCADE_TEST_MCP_OAUTH_SECRET", "mcp-client-secret-3") };
+    let dir = tempfile::tempdir().unwrap();
+    let graph = "[graph]\nname = \"books\"\n[agents.post]\nkind = \"mcp\"\nserver = \"ledger\"\ntool = \"post_entry\"\narguments = { amount = \"{{= input.amount }}\" }\napproval = \"never\"\nretry = { max_attempts = 5, initial_delay = \"100ms\" }\n";
+    let servers = format!(
+        "[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ oauth2 = {{ token_url = \"http://127.0.0.1:{auth_port}/token\", client_id = \"cascade\", client_secret = \"env:CASCADE_TEST_MCP_OAUTH_SECRET\", scopes = [\"ledger\"] }} }}\n"
+    );
+    let orch = Orchestrator::builder(load_with(dir.path(), graph, &servers))
+        .start()
+        .await
+        .unwrap();
+    let first = common::run_one(&orch, "books", json!({"amount": 1})).await;
+    assert_eq!(first.state, JobState::Succeeded, "{:?}", first.error);
+    let issued = || auth.events.lock().unwrap().len();
+    assert_eq!(issued(), 1, "{:?}", auth.events.lock().unwrap());
+    assert_eq!(
+        auth.events.lock().unwrap()[0]["grant_type"],
+        "client_credentials"
+    );
+    // The first token has expired: the next call connects again with a new one.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let second = common::run_one(&orch, "books", json!({"amount": 2})).await;
+    assert_eq!(second.state, JobState::Succeeded, "{:?}", second.error);
+    assert!(issued() >= 2, "{:?}", auth.events.lock().unwrap());
+    assert_eq!(ledger.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let server = orch
+        .registry()
+        .resources()
+        .get::<cascade_orchestrator::agents::mcp::McpServers>()
+        .get("ledger")
+        .unwrap();
+    assert!(server.starts() >= 2, "connected again with the new token");
+    // A bad credential is named at load, at the server's auth.
+    let bad = "[mcp_servers.ledger]\nurl = \"http://127.0.0.1:1/mcp\"\nauth = { oauth2 = { token_url = \"not a url\", client_id = \"c\", client_secret = \"env:CASCADE_TEST_MCP_OAUTH_SECRET\" } }\n";
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        format!("graphs = [\"g.toml\"]\n{bad}"),
+    )
+    .unwrap();
+    let err = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("mcp_servers.ledger"), "{err}");
 }

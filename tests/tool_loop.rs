@@ -429,14 +429,21 @@ async fn parallel_calls_then_an_approved_close_each_journaled_and_made_once() {
     // Each sub-step spent its own upstream's quota: three turns the model's (with their
     // tokens), three calls the desk's.
     let quotas = orch.quotas().await;
-    let desk_quota = quotas.iter().find(|q| q.name == "upstream:mcp:desk").unwrap();
+    let desk_quota = quotas
+        .iter()
+        .find(|q| q.name == "upstream:mcp:desk")
+        .unwrap();
     assert_eq!(desk_quota.granted, 3, "{desk_quota:?}");
     let llm_quota = quotas
         .iter()
         .find(|q| q.name.starts_with("upstream:") && q.name != "upstream:mcp:desk")
         .unwrap();
     assert_eq!(
-        (llm_quota.granted, llm_quota.prompt_tokens, llm_quota.completion_tokens),
+        (
+            llm_quota.granted,
+            llm_quota.prompt_tokens,
+            llm_quota.completion_tokens
+        ),
         (3, 300, 60),
         "{llm_quota:?}"
     );

@@ -1192,10 +1192,14 @@ mod tests {
     #[test]
     fn tool_patterns_name_declared_servers_and_approvals_name_offered_tools() {
         let resources = crate::Resources::default();
-        resources.get::<crate::mcp::McpServers>().declare([(
-            "crm".to_string(),
-            serde_json::from_value(json!({"url": "http://127.0.0.1:1/mcp"})).unwrap(),
-        )]);
+        let refused = resources.get::<crate::mcp::McpServers>().declare(
+            [(
+                "crm".to_string(),
+                serde_json::from_value(json!({"url": "http://127.0.0.1:1/mcp"})).unwrap(),
+            )],
+            &resources,
+        );
+        assert!(refused.is_empty());
         let build = |extra: Value| {
             let mut v = json!({"model": "m", "prompt": "p", "base_url": "http://127.0.0.1:1/v1"});
             v.as_object_mut()

@@ -11,6 +11,11 @@
 //! url = "https://crm.example.com/mcp"          # streamable HTTP
 //! auth = { bearer = "env:CRM_MCP_TOKEN" }
 //!
+//! [mcp_servers.erp]
+//! url = "https://erp.example.com/mcp"
+//! auth = { oauth2 = { token_url = "https://login.example.com/oauth2/token", client_id = "cascade",
+//!                     client_secret = "env:ERP_CLIENT_SECRET", scopes = ["erp.tools"] } }
+//!
 //! # a graph file
 //! [agents.lookup]
 //! kind = "mcp"
@@ -23,7 +28,9 @@
 //! agent that names it. It is connected when first needed (and at start, to read its tools), and
 //! again after it dies, with a backoff of 1 s doubling to 30 s; meanwhile calls fail as transient,
 //! which the server's implicit quota (`upstream:mcp:<name>`) counts towards its circuit breaker.
-//! A stdio server's stderr goes to Cascade's log.
+//! A stdio server's stderr goes to Cascade's log. An OAuth2 credential's token is fetched when
+//! the server is connected and renewed before it expires (the connection is made again with the
+//! new one) or after the server refuses it.
 //!
 //! A tool call is irreversible unless the tool says `readOnlyHint = true` or
 //! `destructiveHint = false` (the MCP specification's defaults): the engine asks a person before
@@ -42,6 +49,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
 
+use crate::http::oauth2::Credential;
 use crate::secret::{SecretCell, SecretRef};
 use crate::template::JsonTemplate;
 use crate::{
@@ -89,11 +97,21 @@ pub struct McpServerConfig {
     pub auth: Option<McpAuth>,
 }
 
-/// How an HTTP server is authenticated.
+/// How an HTTP server is authenticated: a bearer token (a secret reference), or an OAuth2
+/// credential as the `http` kind's (client credentials, or a refresh token), whose token is
+/// fetched before it expires and renewed after a refusal.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct McpAuth {
-    pub bearer: SecretRef,
+#[serde(
+    untagged,
+    expecting = "auth must be { bearer = \"env:NAME\" } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\", scopes = [\"…\"] } }"
+)]
+pub enum McpAuth {
+    OAuth2 {
+        oauth2: crate::http::oauth2::OAuth2Config,
+    },
+    Bearer {
+        bearer: SecretRef,
+    },
 }
 
 impl McpServerConfig {
@@ -140,13 +158,42 @@ impl McpServerConfig {
 pub struct McpServers {
     declared: RwLock<BTreeMap<String, McpServerConfig>>,
     running: Mutex<HashMap<String, Arc<McpServer>>>,
+    /// The OAuth2 credential of each server that has one.
+    credentials: RwLock<HashMap<String, Arc<Credential>>>,
 }
 
 impl McpServers {
-    /// Declare the servers (the server file's `[mcp_servers]`).
-    pub fn declare(&self, servers: impl IntoIterator<Item = (String, McpServerConfig)>) {
+    /// Declare the servers (the server file's `[mcp_servers]`), with the OAuth2 credentials of
+    /// those that have one made from `resources` (shared with the `http` kind's, and so with
+    /// their token caches). Returns the servers whose credential could not be made, and why.
+    pub fn declare(
+        &self,
+        servers: impl IntoIterator<Item = (String, McpServerConfig)>,
+        resources: &crate::Resources,
+    ) -> Vec<(String, String)> {
+        let mut errors = Vec::new();
+        let servers: Vec<(String, McpServerConfig)> = servers.into_iter().collect();
+        for (name, c) in &servers {
+            if let Some(McpAuth::OAuth2 { oauth2 }) = &c.auth {
+                let mut config = oauth2.clone();
+                config.name.get_or_insert_with(|| format!("mcp:{name}"));
+                match resources
+                    .get::<crate::http::oauth2::Credentials>()
+                    .get(&config, &resources.get::<crate::http::oauth2::Vault>())
+                {
+                    Ok(credential) => {
+                        self.credentials
+                            .write()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(name.clone(), credential);
+                    }
+                    Err(e) => errors.push((name.clone(), e)),
+                }
+            }
+        }
         let mut d = self.declared.write().unwrap_or_else(|p| p.into_inner());
         d.extend(servers);
+        errors
     }
 
     pub fn names(&self) -> Vec<String> {
@@ -160,10 +207,16 @@ impl McpServers {
             let d = self.declared.read().unwrap_or_else(|p| p.into_inner());
             d.get(name).cloned()?
         };
+        let credential = self
+            .credentials
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let server = running
             .entry(name.to_string())
-            .or_insert_with(|| Arc::new(McpServer::new(name, config.clone())));
+            .or_insert_with(|| Arc::new(McpServer::new(name, config.clone(), credential)));
         Some(server.clone())
     }
 }
@@ -175,6 +228,11 @@ type Client = RunningService<RoleClient, ()>;
 pub struct McpServer {
     name: String,
     config: McpServerConfig,
+    /// With `auth = { oauth2 = … }`: the credential, and the token the connection was made
+    /// with (a renewed token makes a new connection; a refused one is renewed first).
+    credential: Option<Arc<Credential>>,
+    connected_token: Mutex<Option<String>>,
+    token_refused: std::sync::atomic::AtomicBool,
     client: RwLock<Option<Arc<Client>>>,
     /// One connection attempt at a time.
     connecting: tokio::sync::Mutex<()>,
@@ -188,10 +246,13 @@ pub struct McpServer {
 }
 
 impl McpServer {
-    fn new(name: &str, config: McpServerConfig) -> Self {
+    fn new(name: &str, config: McpServerConfig, credential: Option<Arc<Credential>>) -> Self {
         Self {
             name: name.to_string(),
             config,
+            credential,
+            connected_token: Mutex::new(None),
+            token_refused: std::sync::atomic::AtomicBool::new(false),
             client: RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
             tools: RwLock::new(None),
@@ -236,8 +297,26 @@ impl McpServer {
         c.as_ref().filter(|c| !c.is_closed()).cloned()
     }
 
-    /// The live connection, made (again) if there is none and the backoff allows.
+    /// The live connection, made (again) if there is none and the backoff allows. With an
+    /// OAuth2 credential, a connection made with a token the credential has since renewed (it
+    /// does so before the token expires) is made again with the new one: rmcp's HTTP transport
+    /// sends one fixed `Authorization` header per connection.
     async fn client(&self) -> Result<Arc<Client>, AgentError> {
+        if let Some(cred) = &self.credential
+            && self.current().is_some()
+        {
+            let token = cred.token().await?;
+            let stale = self
+                .connected_token
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+                != Some(token.as_str());
+            if stale {
+                tracing::info!(server = %self.name, "OAuth2 token renewed; connecting again with it");
+                self.drop_connection(None);
+            }
+        }
         if let Some(c) = self.current() {
             return Ok(c);
         }
@@ -340,12 +419,42 @@ impl McpServer {
             (None, Some(url)) => {
                 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
                 let mut config = StreamableHttpClientTransportConfig::with_uri(url.as_str());
-                if let Some(auth) = &self.config.auth {
-                    let token = SecretCell::load(auth.bearer.clone())?;
-                    config = config.auth_header(token.get().map_err(|e| e.message)?);
+                match (&self.config.auth, &self.credential) {
+                    (Some(McpAuth::Bearer { bearer }), _) => {
+                        let token = SecretCell::load(bearer.clone())?;
+                        config = config.auth_header(token.get().map_err(|e| e.message)?);
+                    }
+                    (Some(McpAuth::OAuth2 { .. }), Some(cred)) => {
+                        let refused = self
+                            .token_refused
+                            .swap(false, std::sync::atomic::Ordering::Relaxed);
+                        let last = self
+                            .connected_token
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .clone();
+                        let token = match (refused, last) {
+                            (true, Some(last)) => cred.refresh_after_refusal(&last).await,
+                            _ => cred.token().await,
+                        }
+                        .map_err(|e| e.message)?;
+                        *self
+                            .connected_token
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
+                        config = config.auth_header(token);
+                    }
+                    (Some(McpAuth::OAuth2 { .. }), None) => {
+                        return Err("its OAuth2 credential was not made (declare the server with its registry's resources)".into());
+                    }
+                    (None, _) => {}
                 }
                 let transport = rmcp::transport::StreamableHttpClientTransport::from_config(config);
-                ().serve(transport).await.map_err(|e| e.to_string())?
+                ().serve(transport).await.map_err(|e| {
+                    let e = e.to_string();
+                    self.note_refusal(&e);
+                    e
+                })?
             }
             (None, None) => return Err("neither command nor url".into()),
         };
@@ -380,14 +489,30 @@ impl McpServer {
             // service noticed yet: drop it (which ends its process), and start again next time.
             if !matches!(e, rmcp::ServiceError::McpError(_)) {
                 tracing::warn!(server = %self.name, error = %e, "MCP server connection lost; it is started again for the next call");
-                let mut c = self.client.write().unwrap_or_else(|p| p.into_inner());
-                if c.as_ref().is_some_and(|c| Arc::ptr_eq(c, &client)) {
-                    *c = None;
-                    self.pid.store(0, std::sync::atomic::Ordering::Relaxed);
-                }
+                self.note_refusal(&e.to_string());
+                self.drop_connection(Some(&client));
             }
             AgentError::transient(format!("MCP server {:?}: {e}", self.name))
         })
+    }
+}
+
+impl McpServer {
+    /// Forget the connection (`only` that one, if given): the next call makes a new one.
+    fn drop_connection(&self, only: Option<&Arc<Client>>) {
+        let mut c = self.client.write().unwrap_or_else(|p| p.into_inner());
+        if only.is_none_or(|only| c.as_ref().is_some_and(|c| Arc::ptr_eq(c, only))) {
+            *c = None;
+            self.pid.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// A failure that says the server refused the token: the next connection renews it first.
+    fn note_refusal(&self, error: &str) {
+        if self.credential.is_some() && (error.contains("401") || error.contains("Unauthorized")) {
+            self.token_refused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 }
 

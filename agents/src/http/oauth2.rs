@@ -22,7 +22,7 @@ use serde::Deserialize;
 use crate::AgentError;
 use crate::secret::{SecretCell, SecretRef};
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct OAuth2Config {
     pub token_url: String,

@@ -201,7 +201,7 @@ impl OrchestratorBuilder {
         self.registry
             .resources()
             .get::<cascade_agents::mcp::McpServers>()
-            .declare(self.model.mcp_servers.clone());
+            .declare(self.model.mcp_servers.clone(), self.registry.resources());
         let McpCheck {
             unreachable,
             errors,

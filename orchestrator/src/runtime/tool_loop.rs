@@ -193,7 +193,20 @@ async fn drive(
     let opening = user.opening(ctx, input)?;
     let offered = tools::resolve(user.mcp_servers(), user.tool_use()).await?;
     let settings = user.tool_use();
+    let mut first = true;
     loop {
+        // A job that ended meanwhile (cancelled, past its deadline) makes no more calls: the
+        // scheduler no longer waits for this run's end.
+        if !first
+            && let Ok(Some(r)) = env.shared.store.get(env.job)
+            && r.state.is_terminal()
+        {
+            return Err(AgentError::permanent(format!(
+                "the job ended ({}) while its tool loop ran",
+                r.state.as_str()
+            )));
+        }
+        first = false;
         let last = journal.last_turn();
         // The calls of the last turn that have no result yet.
         let pending: Vec<ToolCall> = match last {

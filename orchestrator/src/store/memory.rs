@@ -573,12 +573,40 @@ impl MemoryStore {
     }
 
     /// Apply an update; return its event and the record after it (for persistence).
-    pub(crate) fn update_snapshot(
+    /// Apply `updates` to job `id` in one hold of the lock, and hand what changed (each event,
+    /// whether it is kept in the log, and the record after it) to `send` before the lock goes:
+    /// so a durable store queues the changes of one job in the order they were made, whichever
+    /// threads make them (a tool loop records its journal beside its scheduler).
+    pub(crate) fn update_snapshots(
         &self,
+        id: JobId,
+        updates: impl IntoIterator<Item = JobUpdate>,
+        send: impl FnOnce(Vec<(JobEvent, bool, JobRecord)>),
+    ) -> Result<Vec<Option<JobEvent>>, StoreError> {
+        let mut inner = self.lock();
+        let mut events = Vec::new();
+        let mut changed = Vec::new();
+        for update in updates {
+            match Self::snapshot_locked(self, &mut inner, id, update)? {
+                Some((event, kept, record)) => {
+                    events.push(Some(event.clone()));
+                    changed.push((event, kept, record));
+                }
+                None => events.push(None),
+            }
+        }
+        if !changed.is_empty() {
+            send(changed);
+        }
+        Ok(events)
+    }
+
+    fn snapshot_locked(
+        &self,
+        inner: &mut Inner,
         id: JobId,
         update: JobUpdate,
     ) -> Result<Option<(JobEvent, bool, JobRecord)>, StoreError> {
-        let mut inner = self.lock();
         let entry = inner.jobs.get_mut(&id).ok_or(StoreError::NotFound(id))?;
         let was = entry.state;
         let live = entry.live();
@@ -589,9 +617,9 @@ impl MemoryStore {
         let kept = live.log(&event, self.max_events);
         let record = live.record.clone();
         entry.sync();
-        Self::track(&mut inner, id, was);
+        Self::track(inner, id, was);
         if event.kind.is_final() {
-            self.finished(&mut inner, id);
+            self.finished(inner, id);
         } else if record.state.is_terminal()
             && let Some(entry) = inner.jobs.get_mut(&id)
         {

@@ -329,27 +329,32 @@ impl JobStore for SqliteStore {
     }
 
     fn update(&self, id: JobId, update: JobUpdate) -> Result<Option<JobEvent>, StoreError> {
-        let snapshot = match self.mem.update_snapshot(id, update.clone()) {
-            Ok(s) => s,
+        let send = |mut changed: Vec<(JobEvent, bool, JobRecord)>| {
+            if let Some((event, logged, record)) = changed.pop() {
+                self.send(Op::Update {
+                    record,
+                    event,
+                    logged,
+                });
+            }
+        };
+        match self.mem.update_snapshots(id, [update.clone()], send) {
+            Ok(mut events) => Ok(events.pop().flatten()),
             // A finished job evicted from memory can still get its callback's outcome.
             Err(StoreError::NotFound(_)) if matches!(update, JobUpdate::Callback(_)) => {
                 let Some(mut record) = self.get(id)? else {
                     return Err(StoreError::NotFound(id));
                 };
-                record
-                    .apply(update, crate::clock::now())
-                    .map(|e| (e, true, record))
+                Ok(record.apply(update, crate::clock::now()).inspect(|event| {
+                    self.send(Op::Update {
+                        record: record.clone(),
+                        event: event.clone(),
+                        logged: true,
+                    });
+                }))
             }
-            Err(e) => return Err(e),
-        };
-        Ok(snapshot.map(|(event, logged, record)| {
-            self.send(Op::Update {
-                record,
-                event: event.clone(),
-                logged,
-            });
-            event
-        }))
+            Err(e) => Err(e),
+        }
     }
 
     fn update_all(
@@ -357,21 +362,14 @@ impl JobStore for SqliteStore {
         id: JobId,
         updates: Vec<JobUpdate>,
     ) -> Result<Vec<Option<JobEvent>>, StoreError> {
-        let mut events = Vec::with_capacity(updates.len());
-        let mut writes = Vec::with_capacity(updates.len());
-        for update in updates {
-            match self.mem.update_snapshot(id, update)? {
-                Some((event, logged, record)) => {
-                    events.push(Some(event.clone()));
-                    writes.push((record, event, logged));
-                }
-                None => events.push(None),
-            }
-        }
-        if !writes.is_empty() {
-            self.send(Op::Updates(writes));
-        }
-        Ok(events)
+        self.mem.update_snapshots(id, updates, |changed| {
+            self.send(Op::Updates(
+                changed
+                    .into_iter()
+                    .map(|(event, logged, record)| (record, event, logged))
+                    .collect(),
+            ))
+        })
     }
 
     fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError> {

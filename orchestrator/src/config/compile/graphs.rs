@@ -248,6 +248,21 @@ impl Loader<'_> {
         let max_concurrency: Option<NonZeroU32> = r.take("max_concurrency", &mut self.errs);
         let on_upstream_pause: Option<OnUpstreamPause> =
             r.take("on_upstream_pause", &mut self.errs);
+        // A tool-using agent's approvals are its tool calls' (`tool_approval`).
+        if kind.as_ref().is_some_and(|(k, _)| k == "llm") && r.has("tools") {
+            for field in ["irreversible", "approval", "approval_when"] {
+                if let Some((_, v)) = r.entry(field) {
+                    self.errs.push(
+                        src.error(
+                            v.span(),
+                            format!("{path}.{field}"),
+                            format!("{field} on an llm agent with tools: its approvals are its tool calls'"),
+                        )
+                        .with_help("say which tool calls need a person with tool_approval = { \"server.tool\" = \"required\" } (or \"never\")"),
+                    );
+                }
+            }
+        }
         let irreversible: Option<bool> = r.take("irreversible", &mut self.errs);
         let approval: Option<Approval> = r.take("approval", &mut self.errs);
         let when_span = r.entry("approval_when").map(|(_, v)| v.span());

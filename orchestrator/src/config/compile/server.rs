@@ -167,7 +167,7 @@ impl Loader<'_> {
                 Err(e) => {
                     self.errs.push(
                         src.error(v.span(), path, e.message().trim().to_string()).with_help(
-                            "command = \"…\", args = [\"…\"], env = { NAME = \"env:NAME\" } for a server Cascade starts; url = \"https://…/mcp\", auth = { bearer = \"env:NAME\" } for one it reaches",
+                            "command = \"…\", args = [\"…\"], env = { NAME = \"env:NAME\" } for a server Cascade starts; url = \"https://…/mcp\", auth = { bearer = \"env:NAME\" } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\" } } for one it reaches",
                         ),
                     );
                     continue;
@@ -187,10 +187,20 @@ impl Loader<'_> {
             }
             self.mcp_servers.insert(name.to_string(), config);
         }
-        self.registry
+        let refused = self
+            .registry
             .resources()
             .get::<cascade_agents::mcp::McpServers>()
-            .declare(self.mcp_servers.clone());
+            .declare(self.mcp_servers.clone(), self.registry.resources());
+        for (name, message) in refused {
+            // Where the server's auth is, to point at it.
+            let at = t
+                .iter()
+                .find(|(k, _)| k.get_ref() == name.as_str())
+                .map_or(v.span(), |(k, _)| k.span());
+            self.errs
+                .push(src.error(at, format!("mcp_servers.{name}.auth.oauth2"), message));
+        }
     }
 
     /// `[prices."MODEL"]`: US dollars per million prompt and completion tokens.

@@ -682,3 +682,26 @@ fn approval_settings_load_and_bad_ones_are_located() {
     let errs = errors(&agent("approval_timeout = \"soon\""));
     error_at(&errs, "agents.pay.approval_timeout", 5, 20);
 }
+
+#[test]
+fn a_tool_using_agent_takes_tool_approval_not_approval() {
+    let errs = errors(
+        r#"[graph]
+name = "g"
+
+[agents.triage]
+kind = "llm"
+model = "m"
+base_url = "http://127.0.0.1:1/v1"
+prompt = "p"
+tools = ["desk.*"]
+approval = "required"
+"#,
+    );
+    let e = error_at(&errs, "agents.triage.approval", 10, 12);
+    assert!(e.message.contains("tool calls"), "{e}");
+    assert!(
+        e.help.as_deref().unwrap_or("").contains("tool_approval"),
+        "{e}"
+    );
+}
