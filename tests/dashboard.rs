@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use cascade_orchestrator::config;
 
 mod common;
+#[path = "support/tool_stand_ins.rs"]
+mod stand_ins;
 
 const GRAPH: &str = r#"
 [graph]
@@ -548,6 +550,107 @@ approval = "required"
     let v = orch.approval(&format!("{id}/pay")).unwrap();
     assert_eq!(v.approval.decision.unwrap().approver, "erin");
     assert_eq!(orch.store().pending_approval_count("guarded"), 1);
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}
+
+/// A tool-using agent's journal on its job's page, and the approval of one of its tool calls
+/// decided from there (its id is `<job>/<agent>/<n>`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium package: .ci/run installs it and runs this test"]
+async fn a_tool_loops_journal_is_shown_and_its_tool_call_approved_from_the_job_page() {
+    use cascade_orchestrator::job::JobState;
+    stand_ins::set_key();
+    let desk = stand_ins::desk::Desk::default();
+    let desk_port = stand_ins::desk::serve(desk.clone()).await;
+    let llm_port = stand_ins::model::serve(stand_ins::model::Model::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let model = stand_ins::load(
+        dir.path(),
+        &stand_ins::graph(llm_port, "openai", ""),
+        &stand_ins::servers(desk_port),
+    );
+    let (orch, server) = common::serve_in_process(model).await;
+    let id = orch
+        .submit(cascade_orchestrator::SubmitRequest::new(
+            "support",
+            serde_json::json!({"email": "ada@example.com"}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    let parked = tokio::time::timeout(Duration::from_secs(30), orch.wait_settled(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        parked.state,
+        JobState::AwaitingApproval,
+        "{:?}",
+        parked.error
+    );
+    let u = format!("http://{}/jobs/{id}", server.http_addr);
+    let approval = format!("{id}/triage/5");
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut page = Browser::open(&u);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while page.eval("document.querySelectorAll('#journal tr[data-n]').length") != 5 {
+            assert!(Instant::now() < deadline, "the job page never showed the journal");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let rows = page.eval("JSON.stringify([...document.querySelectorAll('#journal tr[data-n]')].map(r => [r.dataset.kind, r.dataset.state, r.textContent]))");
+        page.eval(&format!(
+            "(() => {{ const f = document.querySelector('form.decide[data-approval=\"{approval}\"]');
+               f.approver.value = 'erin'; f.querySelector('button.approve').click(); }})()"
+        ));
+        let outcome = loop {
+            let v = page.eval(&format!("window.decided?.['{approval}'] ?? null"));
+            if !v.is_null() {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "the approve never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (rows, outcome)
+    })
+    .await
+    .unwrap();
+    let (rows, outcome) = seen;
+    let rows: Vec<(String, String, String)> = serde_json::from_str(rows.as_str().unwrap()).unwrap();
+    let shape: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|(k, s, _)| (k.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("turn", "succeeded"),
+            ("tool_call", "succeeded"),
+            ("tool_call", "succeeded"),
+            ("turn", "succeeded"),
+            ("tool_call", "awaiting_approval"),
+        ]
+    );
+    assert!(
+        rows[0]
+            .2
+            .contains("calls desk__lookup_customer, desk__search_tickets"),
+        "{:?}",
+        rows[0]
+    );
+    assert!(
+        rows[1].2.contains("desk.lookup_customer") && rows[1].2.contains("ada@example.com"),
+        "{:?}",
+        rows[1]
+    );
+    assert!(rows[4].2.contains("\"ticket\":\"T-7\""), "{:?}", rows[4]);
+    assert_eq!(outcome, "approved");
+    let done = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(desk.count("close_ticket"), 1);
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;
 }

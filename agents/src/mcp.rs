@@ -106,12 +106,20 @@ pub struct McpServerConfig {
     expecting = "auth must be { bearer = \"env:NAME\" } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\", scopes = [\"…\"] } }"
 )]
 pub enum McpAuth {
-    OAuth2 {
-        oauth2: crate::http::oauth2::OAuth2Config,
-    },
-    Bearer {
-        bearer: SecretRef,
-    },
+    OAuth2(OAuth2Auth),
+    Bearer(BearerAuth),
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Auth {
+    pub oauth2: crate::http::oauth2::OAuth2Config,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BearerAuth {
+    pub bearer: SecretRef,
 }
 
 impl McpServerConfig {
@@ -174,7 +182,7 @@ impl McpServers {
         let mut errors = Vec::new();
         let servers: Vec<(String, McpServerConfig)> = servers.into_iter().collect();
         for (name, c) in &servers {
-            if let Some(McpAuth::OAuth2 { oauth2 }) = &c.auth {
+            if let Some(McpAuth::OAuth2(OAuth2Auth { oauth2 })) = &c.auth {
                 let mut config = oauth2.clone();
                 config.name.get_or_insert_with(|| format!("mcp:{name}"));
                 match resources
@@ -420,11 +428,11 @@ impl McpServer {
                 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
                 let mut config = StreamableHttpClientTransportConfig::with_uri(url.as_str());
                 match (&self.config.auth, &self.credential) {
-                    (Some(McpAuth::Bearer { bearer }), _) => {
+                    (Some(McpAuth::Bearer(BearerAuth { bearer })), _) => {
                         let token = SecretCell::load(bearer.clone())?;
                         config = config.auth_header(token.get().map_err(|e| e.message)?);
                     }
-                    (Some(McpAuth::OAuth2 { .. }), Some(cred)) => {
+                    (Some(McpAuth::OAuth2(_)), Some(cred)) => {
                         let refused = self
                             .token_refused
                             .swap(false, std::sync::atomic::Ordering::Relaxed);
@@ -444,7 +452,7 @@ impl McpServer {
                             .unwrap_or_else(|p| p.into_inner()) = Some(token.clone());
                         config = config.auth_header(token);
                     }
-                    (Some(McpAuth::OAuth2 { .. }), None) => {
+                    (Some(McpAuth::OAuth2(_)), None) => {
                         return Err("its OAuth2 credential was not made (declare the server with its registry's resources)".into());
                     }
                     (None, _) => {}
@@ -714,6 +722,23 @@ impl Agent for McpAgent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_is_a_bearer_token_or_an_oauth2_credential_and_nothing_else() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<McpAuth>(v);
+        assert!(matches!(
+            parse(serde_json::json!({"bearer": "env:T"})),
+            Ok(McpAuth::Bearer(_))
+        ));
+        assert!(matches!(
+            parse(
+                serde_json::json!({"oauth2": {"token_url": "http://127.0.0.1:1/token", "client_id": "c", "client_secret": "env:S"}})
+            ),
+            Ok(McpAuth::OAuth2(_))
+        ));
+        let e = parse(serde_json::json!({"bearer": "env:T", "scopes": ["x"]})).unwrap_err();
+        assert!(e.to_string().contains("auth must be"), "{e}");
+    }
 
     fn tool(annotations: Option<(Option<bool>, Option<bool>)>) -> Tool {
         let mut t: Tool = serde_json::from_value(serde_json::json!({

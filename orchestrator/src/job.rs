@@ -653,7 +653,10 @@ impl JobRecord {
                 s.error = None;
                 s.finished_at = Some(now);
                 s.usage = usage;
-                self.usage.add(&usage);
+                // A tool loop's turns were counted in the job's usage as they were journaled.
+                if s.sub_steps.is_empty() {
+                    self.usage.add(&usage);
+                }
                 EventKind::StepSucceeded {
                     agent: s.agent.clone(),
                     attempt,
@@ -782,7 +785,14 @@ impl JobRecord {
                 };
                 match s.sub_steps.iter_mut().find(|x| x.n == sub.n) {
                     Some(x) => *x = *sub,
-                    None => s.sub_steps.push(*sub),
+                    None => {
+                        // A model turn's tokens are the job's as soon as it answered (and its
+                        // budget's, whatever happens to the step).
+                        if sub.kind == SubStepKind::Turn {
+                            self.usage.add(&sub.usage);
+                        }
+                        s.sub_steps.push(*sub)
+                    }
                 }
                 event
             }

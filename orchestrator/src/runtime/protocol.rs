@@ -71,6 +71,11 @@ pub(crate) enum SchedMsg {
     Snapshot(RpcReplyPort<SchedulerSnapshot>),
     /// Carry on with calls that finished at once (see the scheduler's `FINISHED_PER_TURN`).
     Continue,
+    /// A tool loop's turn of job `job` spent `usage` (counted in the job's budget as it goes).
+    LoopSpent {
+        job: JobId,
+        usage: cascade_agents::Usage,
+    },
 }
 
 /// What the scheduler holds right now, for tests, shutdown and the API.

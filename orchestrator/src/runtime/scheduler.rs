@@ -344,6 +344,11 @@ impl Actor for Scheduler {
                 let _ = reply.send(s.snapshot());
             }
             SchedMsg::Continue => {}
+            SchedMsg::LoopSpent { job, usage } => {
+                if let Some(b) = s.jobs.get_mut(&job).and_then(|j| j.budget.as_mut()) {
+                    b.spent.add(&usage);
+                }
+            }
         }
         s.carry_out_finished();
         s.readmit();
@@ -446,21 +451,32 @@ impl SchedState {
                     .clone()
                     .filter(|_| st.state == StepState::Succeeded);
                 // An approved call runs as approved, whatever ran before the job was parked.
+                // (A tool call's approval is the tool loop's to read from the step's record.)
                 let prepared = st
                     .approval
                     .as_ref()
                     .filter(|a| {
-                        a.decision
-                            .as_ref()
-                            .is_some_and(|d| d.outcome == ApprovalOutcome::Approved)
+                        a.sub_step.is_none()
+                            && a.decision
+                                .as_ref()
+                                .is_some_and(|d| d.outcome == ApprovalOutcome::Approved)
                     })
                     .and_then(|a| serde_json::from_str::<Value>(&a.proposal).ok())
                     .map(Arc::new);
+                // A tool loop's run that ended in a proposal was not an attempt, though its start
+                // was recorded as one: waiting for the decision, or decided and not run since.
+                let tool_park = st.approval.as_ref().is_some_and(|a| a.sub_step.is_some())
+                    && matches!(st.state, StepState::AwaitingApproval | StepState::Waiting);
+                let attempts = if tool_park {
+                    st.attempts.saturating_sub(1)
+                } else {
+                    st.attempts
+                };
                 let step = if done.is_none() && st.state == StepState::AwaitingApproval {
                     proposals += 1;
-                    Step::proposed(st.attempts)
+                    Step::proposed(attempts)
                 } else {
-                    Step::new(done, st.attempts, st.state == StepState::Running)
+                    Step::new(done, attempts, st.state == StepState::Running)
                 };
                 StepRun {
                     step,
@@ -713,16 +729,16 @@ impl SchedState {
                     tool_quotas: t.servers.clone(),
                     timeout,
                     parallel: agent.max_concurrency.get() as usize,
-                    // What the rest of the job spent and holds; the loop adds its own.
-                    budget: job.budget.as_ref().map(|b| {
-                        let mut committed = b.spent;
+                    others_reserved: job.budget.as_ref().map_or_else(Usage::default, |b| {
+                        let mut held = Usage::default();
                         for (s, u) in &b.reserved {
                             if *s != i {
-                                committed.add(u);
+                                held.add(u);
                             }
                         }
-                        (b.limit, committed)
+                        held
                     }),
+                    scheduler: self.me.clone(),
                 })
             }),
             input,
@@ -822,6 +838,15 @@ impl SchedState {
                 .jobs
                 .get(&d.job)
                 .is_some_and(|j| j.steps[d.step].step.is_running(d.token));
+            if let Some(attempt) = unrecorded {
+                self.record(
+                    d.job,
+                    JobUpdate::StepStarted {
+                        step: d.step,
+                        attempt,
+                    },
+                );
+            }
             if current {
                 self.on_parked(d.job, d.step, d.token, park);
             }
@@ -846,6 +871,8 @@ impl SchedState {
         if current {
             self.audit_call(&d);
         }
+        // A tool loop's turns were counted as they were journaled (`LoopSpent`).
+        let looped = self.slots[d.step].tools.is_some();
         if let Some(b) = self.jobs.get_mut(&d.job).and_then(|j| j.budget.as_mut()) {
             let reserved = b
                 .reserved
@@ -853,6 +880,7 @@ impl SchedState {
                 .position(|(s, _)| *s == d.step)
                 .map(|k| b.reserved.swap_remove(k).1);
             match &d.result {
+                _ if looped => {}
                 Ok(out) => b.spent.add(&out.usage),
                 // A call that failed on the way (a timeout, a reply that broke its schema) may
                 // have been billed: it counts at its estimate, which errs towards stopping. A

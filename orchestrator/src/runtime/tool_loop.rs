@@ -32,9 +32,7 @@ use tokio::time::Instant;
 
 use super::context::Shared;
 use super::protocol::{Grant, Settlement};
-use crate::job::{
-    ApprovalOutcome, Breach, Budget, JobId, JobUpdate, SubStep, SubStepKind, SubStepState,
-};
+use crate::job::{ApprovalOutcome, Breach, JobId, JobUpdate, SubStep, SubStepKind, SubStepState};
 use crate::quota::{Demand, Outcome};
 
 /// How long a sub-step waits for its quota inside the loop before it gives the step back to
@@ -59,8 +57,11 @@ pub(crate) struct LoopEnv {
     pub timeout: Duration,
     /// Tool calls of one turn run this many at a time (the agent's `max_concurrency`).
     pub parallel: usize,
-    /// The job's budget and what the rest of the job spent or holds.
-    pub budget: Option<(Budget, Usage)>,
+    /// What the job's other steps under way may spend (their reservations at dispatch); what
+    /// the job spent and its budget are read from its record before each turn.
+    pub others_reserved: Usage,
+    /// Where each turn's spend is told, for the job's budget as the scheduler keeps it.
+    pub scheduler: ractor::ActorRef<super::protocol::SchedMsg>,
 }
 
 /// Why a run of the loop stopped before the step's end: the step waits, holding nothing.
@@ -193,20 +194,16 @@ async fn drive(
     let opening = user.opening(ctx, input)?;
     let offered = tools::resolve(user.mcp_servers(), user.tool_use()).await?;
     let settings = user.tool_use();
-    let mut first = true;
+    let mut current = job_record;
     loop {
         // A job that ended meanwhile (cancelled, past its deadline) makes no more calls: the
         // scheduler no longer waits for this run's end.
-        if !first
-            && let Ok(Some(r)) = env.shared.store.get(env.job)
-            && r.state.is_terminal()
-        {
+        if current.state.is_terminal() {
             return Err(AgentError::permanent(format!(
                 "the job ended ({}) while its tool loop ran",
-                r.state.as_str()
+                current.state.as_str()
             )));
         }
-        first = false;
         let last = journal.last_turn();
         // The calls of the last turn that have no result yet.
         let pending: Vec<ToolCall> = match last {
@@ -278,6 +275,16 @@ async fn drive(
                     runnable.push((n, c, def, None));
                     continue;
                 }
+                // An approved call that was under way when the run ended (a crash, a dead
+                // server): made again, with the same key, without asking again.
+                if let Some(e) = existing
+                    .as_ref()
+                    .filter(|e| e.state == SubStepState::Running)
+                {
+                    let id = crate::approval::sub_step_approval_id(env.job, &ctx.agent, e.n);
+                    runnable.push((n, c, def, Some(id)));
+                    continue;
+                }
                 match (&existing, &decision) {
                     (Some(e), Some((dn, d, id)))
                         if e.state == SubStepState::AwaitingApproval && *dn == e.n =>
@@ -315,6 +322,7 @@ async fn drive(
             if !runnable.is_empty() {
                 call_tools(env, user, ctx, &mut journal, runnable).await?;
             }
+            current = read_job(env)?;
             if let Some((c, def)) = to_propose {
                 // Everything else of the turn is done: the step waits for a person.
                 let n = journal
@@ -397,9 +405,11 @@ async fn drive(
         }
         let history = journal.history();
         let estimate = user.estimate_turn(&opening, &history);
-        if let Some((limit, committed)) = &env.budget {
-            let mut spent = *committed;
-            spent.add(&journal.spent());
+        // The job's budget as it is now (raised meanwhile, perhaps), against what the job spent
+        // (its journaled turns included) and what its other steps under way hold.
+        if let Some(limit) = &current.budget {
+            let mut spent = current.usage;
+            spent.add(&env.others_reserved);
             if let Some(breach) = limit.breach(&spent, &estimate) {
                 return Ok(Err(Park::Budget(breach)));
             }
@@ -420,7 +430,8 @@ async fn drive(
             )))
         });
         settle(env, grant, &answered.as_ref().map(|t| (t.usage, t.limits)));
-        let turn = answered?;
+        let mut turn = answered?;
+        unique_call_ids(&mut turn.tool_calls, n);
         let sub = SubStep {
             n,
             kind: SubStepKind::Turn,
@@ -439,6 +450,33 @@ async fn drive(
             error: turn.finish_reason.as_str().map(str::to_string),
         };
         record(env, &mut journal, sub).await?;
+        let _ = env.scheduler.cast(super::protocol::SchedMsg::LoopSpent {
+            job: env.job,
+            usage: turn.usage,
+        });
+        current = read_job(env)?;
+    }
+}
+
+/// The job's record as the store has it now.
+fn read_job(env: &LoopEnv) -> Result<crate::job::JobRecord, AgentError> {
+    env.shared
+        .store
+        .get(env.job)
+        .map_err(|e| AgentError::transient(format!("the job's journal could not be read: {e}")))?
+        .ok_or_else(|| AgentError::permanent("the job is not in the store"))
+}
+
+/// Give the calls of turn `n` ids that are there and differ from each other: some
+/// OpenAI-compatible servers send none, or the same for every call, and the journal matches
+/// results to calls by id.
+fn unique_call_ids(calls: &mut [ToolCall], n: u32) {
+    let mut seen = std::collections::HashSet::new();
+    for (k, c) in calls.iter_mut().enumerate() {
+        if c.id.is_empty() || !seen.insert(c.id.clone()) {
+            c.id = format!("cascade_{n}_{k}");
+            seen.insert(c.id.clone());
+        }
     }
 }
 
@@ -752,4 +790,22 @@ fn settle(
         limits,
         credential,
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_or_repeated_call_ids_are_made_unique() {
+        let call = |id: &str| ToolCall {
+            id: id.into(),
+            name: "t".into(),
+            arguments: json!({}),
+        };
+        let mut calls = vec![call(""), call("a"), call("a"), call("b")];
+        unique_call_ids(&mut calls, 7);
+        let ids: Vec<&str> = calls.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["cascade_7_0", "a", "cascade_7_2", "b"]);
+    }
 }

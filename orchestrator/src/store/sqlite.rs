@@ -784,6 +784,15 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
 }
 
 fn write_step(tx: &Connection, job: JobId, i: usize, s: &StepRecord) -> rusqlite::Result<()> {
+    // A journal that cannot be written fails the job's write (its batch is written again job by
+    // job, and this one's failure is logged): an empty one would make its tool calls again.
+    let journal = match s.sub_steps.is_empty() {
+        true => None,
+        false => Some(
+            serde_json::to_string(&s.sub_steps)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?,
+        ),
+    };
     tx.prepare_cached(
         "INSERT INTO steps (job_id, idx, agent, state, attempts, output, error, started_at, finished_at,
              prompt_tokens, completion_tokens, cost_usd, approval, sub_steps)
@@ -808,9 +817,7 @@ fn write_step(tx: &Connection, job: JobId, i: usize, s: &StepRecord) -> rusqlite
         s.approval
             .as_ref()
             .and_then(|a| serde_json::to_string(a).ok()),
-        (!s.sub_steps.is_empty())
-            .then(|| serde_json::to_string(&s.sub_steps).ok())
-            .flatten(),
+        journal,
     ])?;
     Ok(())
 }
@@ -924,10 +931,18 @@ fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreErro
                     .get::<_, Option<String>>(10)?
                     .and_then(|a| serde_json::from_str(&a).ok())
                     .map(Box::new),
-                sub_steps: r
-                    .get::<_, Option<String>>(11)?
-                    .and_then(|a| serde_json::from_str(&a).ok())
-                    .unwrap_or_default(),
+                // A journal that cannot be read is an error, not an empty journal (whose tool
+                // calls would be made again).
+                sub_steps: match r.get::<_, Option<String>>(11)? {
+                    None => Vec::new(),
+                    Some(text) => serde_json::from_str(&text).map_err(|e| {
+                        rusqlite::Error::FromSqlConversionFailure(
+                            11,
+                            rusqlite::types::Type::Text,
+                            Box::new(e),
+                        )
+                    })?,
+                },
             })
         })
         .map_err(err)?
