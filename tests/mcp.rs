@@ -312,13 +312,21 @@ mod ledger {
     /// Serve it on 127.0.0.1 at `/mcp`, answering only `Authorization: Bearer <token>`; the
     /// port.
     pub async fn serve(ledger: Ledger, token: &'static str) -> u16 {
-        serve_with(ledger, move |t| t == token).await
+        serve_with(ledger, move |h| bearer(h) == Some(token)).await
     }
 
-    /// Serve it, answering only bearer tokens that `accept` takes (else 401); the port.
+    /// The bearer token of a request.
+    pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+    }
+
+    /// Serve it, answering only requests whose headers `accept` takes (else 401); the port.
     pub async fn serve_with(
         ledger: Ledger,
-        accept: impl Fn(&str) -> bool + Clone + Send + Sync + 'static,
+        accept: impl Fn(&axum::http::HeaderMap) -> bool + Clone + Send + Sync + 'static,
     ) -> u16 {
         let app = axum::Router::new()
             .nest_service("/mcp", service(Arc::new(ledger), Vec::new()))
@@ -326,12 +334,7 @@ mod ledger {
                 move |req: axum::extract::Request, next: axum::middleware::Next| {
                     let accept = accept.clone();
                     async move {
-                        let ok = req
-                            .headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.strip_prefix("Bearer "))
-                            .is_some_and(&accept);
+                        let ok = accept(req.headers());
                         if ok {
                             next.run(req).await
                         } else {
@@ -409,12 +412,14 @@ async fn a_server_behind_oauth2_gets_a_token_and_a_fresh_one_before_it_expires()
     let auth_port = common::free_port();
     let auth = oauth2_server::auth_server(auth_port, 3);
     let ledger = ledger::Ledger::default();
-    let port = ledger::serve_with(ledger.clone(), |token| {
+    let port = ledger::serve_with(ledger.clone(), |headers| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        oauth2_server::jwt_exp(token).is_some_and(|exp| exp > now)
+        ledger::bearer(headers)
+            .and_then(oauth2_server::jwt_exp)
+            .is_some_and(|exp| exp > now)
     })
     .await;
     // SAFETY: this variable is read by this test only.
@@ -464,4 +469,68 @@ async fn a_server_behind_oauth2_gets_a_token_and_a_fresh_one_before_it_expires()
     .unwrap_err()
     .to_string();
     assert!(err.contains("mcp_servers.ledger"), "{err}");
+}
+
+/// The other forms of the `http` kind's `auth`: an API key header, and basic auth through a
+/// named `[credentials.NAME]`; an unknown credential is a load error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_takes_an_api_key_or_a_named_basic_credential() {
+    use base64::Engine;
+    // SAFETY: these variables are read by this test only.
+    unsafe {
+        std::env::set_var("CASCADE_TEST_LEDGER_KEY", "ledger-key-5");
+        std::env::set_var("CASCADE_TEST_LEDGER_PW", "ledger-pw-8");
+    }
+    let graph = "[graph]\nname = \"books\"\n[agents.post]\nkind = \"mcp\"\nserver = \"ledger\"\ntool = \"post_entry\"\narguments = { amount = \"{{= input.amount }}\" }\napproval = \"never\"\n";
+
+    let keyed = ledger::Ledger::default();
+    let port = ledger::serve_with(keyed.clone(), |h| {
+        h.get("x-ledger-key").and_then(|v| v.to_str().ok()) == Some("ledger-key-5")
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = format!(
+        "[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ api_key = {{ header = \"X-Ledger-Key\", value = \"env:CASCADE_TEST_LEDGER_KEY\" }} }}\n"
+    );
+    let orch = Orchestrator::builder(load_with(dir.path(), graph, &servers))
+        .start()
+        .await
+        .unwrap();
+    let job = common::run_one(&orch, "books", json!({"amount": 3})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(keyed.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let basic = ledger::Ledger::default();
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("books:ledger-pw-8")
+    );
+    let port = ledger::serve_with(basic.clone(), move |h| {
+        h.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str())
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let servers = format!(
+        "[credentials.ledger_login]\nbasic = {{ username = \"books\", password = \"env:CASCADE_TEST_LEDGER_PW\" }}\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = \"ledger_login\"\n"
+    );
+    let orch = Orchestrator::builder(load_with(dir.path(), graph, &servers))
+        .start()
+        .await
+        .unwrap();
+    let job = common::run_one(&orch, "books", json!({"amount": 4})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(basic.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let bad = format!(
+        "graphs = [\"g.toml\"]\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = \"nope\"\n"
+    );
+    std::fs::write(dir.path().join("cascade.toml"), bad).unwrap();
+    let err = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("unknown credential \"nope\""), "{err}");
 }

@@ -97,17 +97,47 @@ pub struct McpServerConfig {
     pub auth: Option<McpAuth>,
 }
 
-/// How an HTTP server is authenticated: a bearer token (a secret reference), or an OAuth2
-/// credential as the `http` kind's (client credentials, or a refresh token), whose token is
-/// fetched before it expires and renewed after a refusal.
+/// How an HTTP server is authenticated, as the `http` kind's calls are: a bearer token, an API
+/// key header, basic auth (each value a secret reference), or an OAuth2 credential (client
+/// credentials, or a refresh token), whose token is fetched before it expires and renewed after
+/// a refusal. (`auth = "NAME"`, a `[credentials.NAME]` of `cascade.toml`, is resolved to one of
+/// these when the file is read.)
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(
     untagged,
-    expecting = "auth must be { bearer = \"env:NAME\" } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\", scopes = [\"…\"] } }"
+    expecting = "auth must be { bearer = \"env:NAME\" }, { api_key = { header = \"X-API-Key\", value = \"env:NAME\" } }, { basic = { username = \"…\", password = \"env:NAME\" } }, { oauth2 = { token_url, client_id, client_secret = \"env:NAME\", scopes = [\"…\"] } } or the name of a [credentials.NAME]"
 )]
 pub enum McpAuth {
     OAuth2(OAuth2Auth),
     Bearer(BearerAuth),
+    ApiKey(ApiKeyAuth),
+    Basic(BasicAuth),
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyAuth {
+    pub api_key: ApiKeyHeader,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyHeader {
+    pub header: String,
+    pub value: SecretRef,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BasicAuth {
+    pub basic: BasicCredentials,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BasicCredentials {
+    pub username: String,
+    pub password: SecretRef,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -141,6 +171,18 @@ impl McpServerConfig {
                 }
                 if !self.args.is_empty() || !self.env.is_empty() || self.cwd.is_some() {
                     return Err(("args", "args, env and cwd are for a server Cascade starts (command)".into()));
+                }
+                let load = |r: &SecretRef| SecretCell::load(r.clone()).map(drop).map_err(|e| ("auth", e));
+                match &self.auth {
+                    Some(McpAuth::Bearer(b)) => load(&b.bearer)?,
+                    Some(McpAuth::ApiKey(k)) => {
+                        reqwest::header::HeaderName::from_bytes(k.api_key.header.as_bytes())
+                            .map_err(|_| ("auth", format!("{:?} is not a header name", k.api_key.header)))?;
+                        load(&k.api_key.value)?
+                    }
+                    Some(McpAuth::Basic(b)) => load(&b.basic.password)?,
+                    // Checked when its credential is made (`McpServers::declare`).
+                    Some(McpAuth::OAuth2(_)) | None => {}
                 }
                 Ok(())
             }
@@ -241,6 +283,8 @@ pub struct McpServer {
     credential: Option<Arc<Credential>>,
     connected_token: Mutex<Option<String>>,
     token_refused: std::sync::atomic::AtomicBool,
+    /// Its basic auth header's value in the process's redactor.
+    secret_source: u64,
     client: RwLock<Option<Arc<Client>>>,
     /// One connection attempt at a time.
     connecting: tokio::sync::Mutex<()>,
@@ -261,6 +305,7 @@ impl McpServer {
             credential,
             connected_token: Mutex::new(None),
             token_refused: std::sync::atomic::AtomicBool::new(false),
+            secret_source: crate::secret::Redactor::source(),
             client: RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
             tools: RwLock::new(None),
@@ -431,6 +476,40 @@ impl McpServer {
                     (Some(McpAuth::Bearer(BearerAuth { bearer })), _) => {
                         let token = SecretCell::load(bearer.clone())?;
                         config = config.auth_header(token.get().map_err(|e| e.message)?);
+                    }
+                    (Some(McpAuth::ApiKey(ApiKeyAuth { api_key })), _) => {
+                        let value = SecretCell::load(api_key.value.clone())?
+                            .get()
+                            .map_err(|e| e.message)?;
+                        let name =
+                            reqwest::header::HeaderName::from_bytes(api_key.header.as_bytes())
+                                .map_err(|e| e.to_string())?;
+                        let mut value = reqwest::header::HeaderValue::from_str(&value)
+                            .map_err(|_| "the API key is not a valid header value".to_string())?;
+                        value.set_sensitive(true);
+                        config = config.custom_headers([(name, value)].into_iter().collect());
+                    }
+                    (Some(McpAuth::Basic(BasicAuth { basic })), _) => {
+                        use base64::Engine;
+                        let password = SecretCell::load(basic.password.clone())?
+                            .get()
+                            .map_err(|e| e.message)?;
+                        let encoded = base64::engine::general_purpose::STANDARD
+                            .encode(format!("{}:{password}", basic.username));
+                        // Known to the redactor, as the http kind's basic header is.
+                        crate::secret::redactor()
+                            .register(self.secret_source, vec![encoded.clone()]);
+                        let mut value =
+                            reqwest::header::HeaderValue::from_str(&format!("Basic {encoded}"))
+                                .map_err(|_| {
+                                    "the basic credentials are not a valid header value".to_string()
+                                })?;
+                        value.set_sensitive(true);
+                        config = config.custom_headers(
+                            [(reqwest::header::AUTHORIZATION, value)]
+                                .into_iter()
+                                .collect(),
+                        );
                     }
                     (Some(McpAuth::OAuth2(_)), Some(cred)) => {
                         let refused = self

@@ -162,13 +162,37 @@ impl Loader<'_> {
             if !self.check_name(src, k.span(), &path, name) {
                 continue;
             }
-            let config = match deserialize::<cascade_agents::mcp::McpServerConfig>(v) {
-                Ok(c) => c,
+            // `auth = "NAME"`: the `[credentials.NAME]` table (read before the servers), its
+            // OAuth2 part named after it.
+            let config = match deserialize::<serde_json::Value>(v).map(|mut json| {
+                if let Some(serde_json::Value::String(cred)) = json.get("auth").cloned() {
+                    match self.credentials.get(&cred) {
+                        Some((table, _)) => {
+                            let mut table = table.clone();
+                            if let Some(o) = table.get_mut("oauth2").and_then(|o| o.as_object_mut())
+                            {
+                                o.entry("name").or_insert(serde_json::Value::String(cred));
+                            }
+                            json["auth"] = table;
+                        }
+                        None => return Err(format!(
+                            "unknown credential {cred:?}; declare [credentials.{cred}] in cascade.toml"
+                        )),
+                    }
+                }
+                serde_json::from_value::<cascade_agents::mcp::McpServerConfig>(json)
+                    .map_err(|e| e.to_string())
+            }) {
+                Ok(Ok(c)) => c,
+                Ok(Err(message)) => {
+                    self.errs
+                        .push(src.error(v.span(), path, message).with_help(MCP_SERVER_HELP));
+                    continue;
+                }
                 Err(e) => {
                     self.errs.push(
-                        src.error(v.span(), path, e.message().trim().to_string()).with_help(
-                            "command = \"…\", args = [\"…\"], env = { NAME = \"env:NAME\" } for a server Cascade starts; url = \"https://…/mcp\", auth = { bearer = \"env:NAME\" } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\" } } for one it reaches",
-                        ),
+                        src.error(v.span(), path, e.message().trim().to_string())
+                            .with_help(MCP_SERVER_HELP),
                     );
                     continue;
                 }
@@ -358,3 +382,6 @@ impl Loader<'_> {
         }
     }
 }
+
+/// How an `[mcp_servers.NAME]` table is written.
+const MCP_SERVER_HELP: &str = "command = \"…\", args = [\"…\"], env = { NAME = \"env:NAME\" } for a server Cascade starts; url = \"https://…/mcp\" with auth = { bearer = \"env:NAME\" }, { api_key = { header, value } }, { basic = { username, password } }, { oauth2 = { token_url, client_id, client_secret } } or the name of a [credentials.NAME], for one it reaches";
