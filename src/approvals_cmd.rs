@@ -45,7 +45,7 @@ pub enum ApprovalsCommand {
 
 pub fn run(conn: Conn, cmd: ApprovalsCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server).await?;
+        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
         match cmd {
             ApprovalsCommand::List { graph, limit } => {
                 let resp = client
@@ -92,7 +92,7 @@ pub fn run(conn: Conn, cmd: ApprovalsCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn resolve(
-    client: &mut pb::cascade_client::CascadeClient<tonic::transport::Channel>,
+    client: &mut crate::client_cmd::Client,
     json: bool,
     approval_id: String,
     sha256: String,

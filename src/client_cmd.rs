@@ -22,6 +22,9 @@ pub struct Conn {
         global = true
     )]
     pub server: String,
+    /// The API key (or token) to call with, sent as `authorization: Bearer …`.
+    #[arg(long, env = "CASCADE_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
     /// Print JSON for scripts instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -96,14 +99,41 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-pub async fn connect(server: &str) -> anyhow::Result<CascadeClient<Channel>> {
+/// Adds the caller's credential to every request.
+#[derive(Clone)]
+pub struct Token(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A client of the server, with the caller's credential.
+pub type Client = CascadeClient<tonic::service::interceptor::InterceptedService<Channel, Token>>;
+
+pub async fn connect(server: &str, token: Option<&str>) -> anyhow::Result<Client> {
+    let token = match token.map(str::trim).filter(|t| !t.is_empty()) {
+        None => Token(None),
+        Some(t) => {
+            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                format!("Bearer {t}").parse().map_err(|_| {
+                    anyhow::anyhow!("the token (--token or CASCADE_TOKEN) is not printable ASCII")
+                })?;
+            v.set_sensitive(true);
+            Token(Some(v))
+        }
+    };
     let endpoint = tonic::transport::Endpoint::from_shared(server.to_string())
         .with_context(|| format!("{server:?} is not a server address; use http://HOST:PORT"))?
         .connect_timeout(Duration::from_secs(5));
     let channel = endpoint.connect().await.with_context(|| {
         format!("cannot reach the Cascade server at {server}; is `cascade serve` running? (--server or CASCADE_SERVER)")
     })?;
-    Ok(CascadeClient::new(channel))
+    Ok(CascadeClient::with_interceptor(channel, token))
 }
 
 /// A gRPC error as a person reads it: the message, the fields at fault, when to retry.
@@ -297,7 +327,7 @@ fn print_event(e: &pb::JobEvent) {
 
 pub fn submit(conn: Conn, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server).await?;
+        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
         let mut labels = std::collections::HashMap::new();
         for l in &a.labels {
             let (k, v) = l
@@ -356,11 +386,7 @@ pub fn submit(conn: Conn, a: SubmitArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Print a job's events as they happen, then the job; exit code 0 if it succeeded.
-async fn follow(
-    client: &mut CascadeClient<Channel>,
-    job_id: &str,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
+async fn follow(client: &mut Client, job_id: &str, json: bool) -> anyhow::Result<ExitCode> {
     let mut stream = client
         .watch_job(pb::WatchJobRequest {
             job_id: job_id.to_string(),
@@ -394,7 +420,7 @@ async fn follow(
 
 pub fn jobs(conn: Conn, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server).await?;
+        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
         match cmd {
             JobsCommand::List { graph, state, labels, limit } => {
                 let state = match state.as_deref() {
@@ -472,7 +498,7 @@ pub fn jobs(conn: Conn, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
 
 pub fn graph_status(conn: Conn, name: String) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server).await?;
+        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
         let g = client.get_graph(pb::GetGraphRequest { name }).await.map_err(explain)?.into_inner();
         if conn.json {
             let agents: Vec<_> = g
@@ -530,7 +556,7 @@ pub struct TopArgs {
 /// `cascade top`: the dashboard's live state in a terminal, redrawn every interval.
 pub fn top(conn: Conn, a: TopArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server).await?;
+        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
         let interval = Duration::from_secs_f64(a.interval.max(0.1));
         loop {
             let graphs = match &a.graph {

@@ -5,6 +5,7 @@ mod audit_cmd;
 mod client_cmd;
 mod demo_cmd;
 mod graph_cmd;
+mod keys_cmd;
 mod run_cmd;
 mod serve_cmd;
 
@@ -66,6 +67,11 @@ enum Command {
         #[command(subcommand)]
         command: audit_cmd::AuditCommand,
     },
+    /// API keys: make one for cascade.toml's [[auth.api_keys]].
+    Keys {
+        #[command(subcommand)]
+        command: keys_cmd::KeysCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
         Command::Top(args) => client_cmd::top(cli.conn, args),
         Command::Approvals { command } => approvals_cmd::run(cli.conn, command),
         Command::Audit { command } => audit_cmd::run(command),
+        Command::Keys { command } => keys_cmd::run(command),
     };
     match result {
         Ok(code) => code,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 
 use crate::Orchestrator;
 use crate::approval::ApprovalError;
+use crate::auth::Identity;
 use crate::job::{ApprovalView, JobEvent, JobId, JobRecord, JobState};
 use crate::store::JobFilter;
 
@@ -116,7 +117,12 @@ fn parse_state(s: &str) -> Option<JobState> {
 }
 
 /// Jobs, newest first, filtered by graph and state, a page at a time (`before` the last id).
-async fn list(State(orch): State<Arc<Orchestrator>>, Query(q): Query<ListQuery>) -> Response {
+async fn list(
+    State(orch): State<Arc<Orchestrator>>,
+    who: Option<Extension<Identity>>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let who = caller(who);
     let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => match parse_state(s) {
@@ -145,6 +151,10 @@ async fn list(State(orch): State<Arc<Orchestrator>>, Query(q): Query<ListQuery>)
         labels: Default::default(),
         before,
         limit: limit + 1,
+        // A tenant's caller lists its tenant's jobs only.
+        tenant: (!who.is_admin())
+            .then(|| who.tenant.as_deref().map(str::to_string))
+            .flatten(),
     };
     match orch.list(&filter) {
         Ok(mut jobs) => {
@@ -164,14 +174,20 @@ async fn list(State(orch): State<Arc<Orchestrator>>, Query(q): Query<ListQuery>)
 
 /// One job: its steps (state, attempts, times, tokens, cost), its events as stored (repeats
 /// folded), and its approvals with their proposals.
-async fn one(State(orch): State<Arc<Orchestrator>>, Path(id): Path<String>) -> Response {
+async fn one(
+    State(orch): State<Arc<Orchestrator>>,
+    who: Option<Extension<Identity>>,
+    Path(id): Path<String>,
+) -> Response {
+    let who = caller(who);
     let id: JobId = match id.parse() {
         Ok(id) => id,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let record = match orch.get(id) {
-        Ok(Some(r)) => r,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
+        // Another tenant's job is not found, exactly like an unknown id.
+        Ok(Some(r)) if who.sees(&r.tenant) => r,
+        Ok(_) => return error(StatusCode::NOT_FOUND, format!("job {id} not found")),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     };
     let events = orch.store().events(id, 0).unwrap_or_default();
@@ -225,8 +241,10 @@ struct ApprovalsQuery {
 /// Approvals waiting for a decision, oldest job first.
 async fn approvals(
     State(orch): State<Arc<Orchestrator>>,
+    who: Option<Extension<Identity>>,
     Query(q): Query<ApprovalsQuery>,
 ) -> Response {
+    let who = caller(who);
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     match orch.approvals(
         q.graph.as_deref().filter(|g| !g.is_empty()),
@@ -234,7 +252,7 @@ async fn approvals(
         limit,
     ) {
         Ok(list) => axum::Json(json!({
-            "approvals": list.iter().map(approval_json).collect::<Vec<_>>(),
+            "approvals": list.iter().filter(|v| who.sees(&v.tenant)).map(approval_json).collect::<Vec<_>>(),
         }))
         .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -245,6 +263,8 @@ async fn approvals(
 struct Decision {
     decision: String,
     sha256: String,
+    /// Who decides (with authentication on, the credential says, and this is not read).
+    #[serde(default)]
     approver: String,
     #[serde(default)]
     reason: String,
@@ -253,25 +273,41 @@ struct Decision {
 /// A decision from the dashboard's buttons, bound to the hash the page showed.
 async fn decide(
     State(orch): State<Arc<Orchestrator>>,
+    who: Option<Extension<Identity>>,
     Path((job, agent)): Path<(String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    decide_id(orch, format!("{job}/{agent}"), headers, body).await
+    decide_id(orch, caller(who), format!("{job}/{agent}"), headers, body).await
 }
 
 /// A decision on tool call `n` of a tool-using step.
 async fn decide_sub_step(
     State(orch): State<Arc<Orchestrator>>,
+    who: Option<Extension<Identity>>,
     Path((job, agent, n)): Path<(String, String, String)>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    decide_id(orch, format!("{job}/{agent}/{n}"), headers, body).await
+    decide_id(
+        orch,
+        caller(who),
+        format!("{job}/{agent}/{n}"),
+        headers,
+        body,
+    )
+    .await
+}
+
+/// Who the server's authentication said made the request (the anonymous administrator when
+/// authentication is off: the server's layer always says).
+fn caller(who: Option<Extension<Identity>>) -> Identity {
+    who.map_or_else(Identity::anonymous, |Extension(w)| w)
 }
 
 async fn decide_id(
     orch: Arc<Orchestrator>,
+    who: Identity,
     id: String,
     headers: HeaderMap,
     body: axum::body::Bytes,
@@ -307,8 +343,21 @@ async fn decide_id(
             );
         }
     };
+    // Another tenant's approval is not found, exactly like an unknown one.
+    if let Ok(v) = orch.approval(&id)
+        && !who.sees(&v.tenant)
+    {
+        return error(
+            StatusCode::NOT_FOUND,
+            ApprovalError::NotFound(id.chars().take(200).collect()).to_string(),
+        );
+    }
+    let approver = match &who.tenant {
+        Some(_) => who.name.to_string(),
+        None => d.approver.clone(),
+    };
     match orch
-        .resolve_approval(&id, &d.sha256, approve, &d.approver, &d.reason)
+        .resolve_approval(&id, &d.sha256, approve, &approver, &d.reason)
         .await
     {
         Ok(r) => axum::Json(approval_json(&r.approval)).into_response(),

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod approval;
 pub mod audit;
+pub mod auth;
 pub mod backoff;
 pub mod clock;
 pub mod config;

@@ -21,6 +21,8 @@ pub struct ServerModel {
     pub prices: BTreeMap<String, cascade_agents::llm::Price>,
     /// `[audit]`: how the audit log signs its checkpoints.
     pub audit: AuditSettings,
+    /// `[auth]`: who may call (no keys: nobody needs to prove it).
+    pub auth: crate::auth::AuthSettings,
     /// `[mcp_servers.NAME]`: the MCP servers agents call (`kind = "mcp"`).
     pub mcp_servers: BTreeMap<String, cascade_agents::mcp::McpServerConfig>,
 }

@@ -70,6 +70,15 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(
+        "refusing to serve {what} on {addr} without authentication: anyone who reaches it could submit, read and approve; declare [[auth.api_keys]] in cascade.toml (`cascade keys create`), bind to 127.0.0.1, or set [auth] allow_unauthenticated = true"
+    )]
+    Unauthenticated {
+        what: &'static str,
+        addr: SocketAddr,
+    },
+    #[error("[auth]: {0}")]
+    Auth(String),
 }
 
 /// A running server. [`stop`](Self::stop) shuts it down.
@@ -115,11 +124,92 @@ struct HttpState {
 /// answered 503 until the oldest leave the window).
 const REPLAY_GUARD_CAPACITY: usize = 65_536;
 
+/// What the HTTP routes ask of a caller.
+#[derive(Clone)]
+struct HttpAuth {
+    auth: Arc<crate::auth::Authenticator>,
+    metrics_public: bool,
+}
+
+/// The credential each HTTP route needs: none for `/healthz`, `/readyz` and the webhooks (which
+/// carry their own signatures) and, with `metrics_public`, `/metrics`; any valid one for
+/// `/metrics`; `admin` for the MCP endpoint (its tools run and read jobs of any tenant);
+/// `approve` to decide from the dashboard; `read` for the rest. The caller's identity goes with the request to its handler.
+async fn http_authorize(
+    State(a): State<HttpAuth>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use crate::auth::Role;
+    let path = req.uri().path();
+    let needed: Option<Option<(Role, &'static str)>> = match path {
+        "/healthz" | "/readyz" => None,
+        p if p.starts_with("/hooks/") => None,
+        "/metrics" if a.metrics_public => None,
+        "/metrics" => Some(None),
+        // Its tools do not act per tenant yet: with keys, it is the administrators'.
+        p if p == "/mcp" || p.starts_with("/mcp/") => Some(Some((Role::Admin, "the MCP endpoint"))),
+        p if p.starts_with("/api/approvals/") && req.method() == axum::http::Method::POST => {
+            Some(Some((Role::Approve, "deciding an approval")))
+        }
+        _ => Some(Some((Role::Read, "reading jobs, graphs and approvals"))),
+    };
+    let Some(role) = needed else {
+        return next.run(req).await;
+    };
+    let header = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let who = match role {
+        Some((role, what)) => a.auth.require(header, role, what).await,
+        None => a.auth.authenticate(header).await,
+    };
+    match who {
+        Ok(who) => {
+            req.extensions_mut().insert(who);
+            next.run(req).await
+        }
+        Err(e) => {
+            let status = if e.is_unauthenticated() {
+                StatusCode::UNAUTHORIZED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            (
+                status,
+                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                axum::Json(json!({"error": e.to_string()})),
+            )
+                .into_response()
+        }
+    }
+}
+
 /// Bind both ports and serve until [`RunningServer::stop`].
 pub async fn start(
     orch: Arc<Orchestrator>,
     options: ServerOptions,
 ) -> Result<RunningServer, ServerError> {
+    let settings = orch.model().auth.clone();
+    let auth = Arc::new(crate::auth::Authenticator::new(&settings).map_err(ServerError::Auth)?);
+    if !auth.enabled() {
+        // Nobody proves who they are: only this machine may call, unless the operator says.
+        for (what, addr) in [("gRPC", options.grpc_addr), ("HTTP", options.http_addr)] {
+            if !addr.ip().is_loopback() && !settings.allow_unauthenticated {
+                return Err(ServerError::Unauthenticated { what, addr });
+            }
+        }
+        if settings.allow_unauthenticated {
+            tracing::warn!(
+                "no authentication ([auth] allow_unauthenticated = true): every caller may submit, read and approve"
+            );
+        } else {
+            tracing::info!(
+                "no authentication configured ([[auth.api_keys]]): serving on loopback only"
+            );
+        }
+    }
     let grpc = TcpListener::bind(options.grpc_addr)
         .await
         .map_err(|source| ServerError::Bind {
@@ -164,7 +254,8 @@ pub async fn start(
     let service = CascadeServer::new(
         CascadeService::new(orch.clone(), options.max_input_bytes)
             .with_stop(stopped.clone())
-            .with_audit(options.audit.clone()),
+            .with_audit(options.audit.clone())
+            .with_auth(auth.clone()),
     );
     let mut grpc_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
@@ -212,7 +303,16 @@ pub async fn start(
         )
         .layer(DefaultBodyLimit::max(options.max_input_bytes))
         .with_state(state)
-        .merge(crate::jobs_api::routes(orch.clone()));
+        .merge(crate::jobs_api::routes(orch.clone()))
+        // Every route but the probes and the signed webhooks needs a credential (see
+        // `http_authorize`).
+        .layer(axum::middleware::from_fn_with_state(
+            HttpAuth {
+                auth: auth.clone(),
+                metrics_public: settings.metrics_public,
+            },
+            http_authorize,
+        ));
     let mut http_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let result = axum::serve(http, app)

@@ -113,6 +113,7 @@ pub fn job_to_pb(r: &JobRecord) -> pb::Job {
             .as_deref()
             .map(|u| callback(u, r.callback.as_deref())),
         budget: r.budget.map(budget_to_pb),
+        tenant: r.tenant.clone(),
     }
 }
 

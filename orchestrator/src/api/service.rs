@@ -16,6 +16,7 @@ use super::convert::{
 };
 use super::pb;
 use crate::approval::ApprovalError;
+use crate::auth::{AuthError, Authenticator, Identity, Role};
 use crate::config::nearest;
 use crate::job::JobId;
 use crate::runtime::GraphState;
@@ -31,6 +32,8 @@ pub struct CascadeService {
     /// Flips to `true` when the server stops: watch streams end then.
     stopping: Option<tokio::sync::watch::Receiver<bool>>,
     audit: Option<Arc<crate::audit::log::AuditLog>>,
+    /// Who may call: every RPC asks it for its role.
+    auth: Arc<Authenticator>,
 }
 
 impl CascadeService {
@@ -40,6 +43,39 @@ impl CascadeService {
             max_input_bytes,
             stopping: None,
             audit: None,
+            auth: Arc::new(Authenticator::disabled()),
+        }
+    }
+
+    /// Check callers against `auth`.
+    pub fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// The caller of `req`, if it holds `role` (`what` names the RPC in the refusal).
+    async fn who<T>(
+        &self,
+        req: &Request<T>,
+        role: Role,
+        what: &'static str,
+    ) -> Result<Identity, Status> {
+        let header = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        self.auth
+            .require(header, role, what)
+            .await
+            .map_err(auth_status)
+    }
+
+    /// Job `id`, if `who` may see it: another tenant's job is not found, exactly like an
+    /// unknown id.
+    fn visible_job(&self, who: &Identity, id: JobId) -> Result<crate::job::JobRecord, Status> {
+        match self.orch.get(id).map_err(store_status)? {
+            Some(r) if who.sees(&r.tenant) => Ok(r),
+            _ => Err(Status::not_found(format!("job {id} not found"))),
         }
     }
 
@@ -257,8 +293,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl pb::cascade_server::Cascade for CascadeService {
     async fn get_audit_checkpoint(
         &self,
-        _req: Request<pb::GetAuditCheckpointRequest>,
+        req: Request<pb::GetAuditCheckpointRequest>,
     ) -> Result<Response<pb::AuditCheckpoint>, Status> {
+        self.who(&req, Role::Read, "GetAuditCheckpoint").await?;
         let (note, verifier_key, cp) = self.signed_checkpoint()?;
         Ok(Response::new(pb::AuditCheckpoint {
             note,
@@ -272,6 +309,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::ProveAuditRecordRequest>,
     ) -> Result<Response<pb::AuditProof>, Status> {
+        self.who(&req, Role::Admin, "ProveAuditRecord").await?;
         let seq = req.into_inner().seq;
         let log = self.audit()?;
         let key = self.verifier_key(log)?;
@@ -293,6 +331,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         req: Request<pb::ExportAuditRequest>,
     ) -> Result<Response<pb::ExportAuditResponse>, Status> {
         const MAX_PAGE: usize = 10_000;
+        self.who(&req, Role::Admin, "ExportAudit").await?;
         let r = req.into_inner();
         let limit = match r.page_size as usize {
             0 => MAX_PAGE,
@@ -328,7 +367,9 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let who = self.who(&req, Role::Submit, "SubmitJob").await?;
         let r = req.into_inner();
+        let tenant = who.tenant_for(&r.tenant).map_err(auth_status)?;
         if r.graph.is_empty() {
             return Err(bad_request("graph", "name the graph to run"));
         }
@@ -373,7 +414,7 @@ impl pb::cascade_server::Cascade for CascadeService {
             graph: r.graph,
             input,
             idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
-            tenant: r.tenant,
+            tenant,
             labels: r.labels.into_iter().collect(),
             deadline,
             callback_url,
@@ -387,11 +428,10 @@ impl pb::cascade_server::Cascade for CascadeService {
     }
 
     async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        let who = self.who(&req, Role::Read, "GetJob").await?;
         let id = parse_job_id("job_id", &req.into_inner().job_id)?;
-        match self.orch.get(id).map_err(store_status)? {
-            Some(r) => Ok(Response::new(job_to_pb(&r))),
-            None => Err(Status::not_found(format!("job {id} not found"))),
-        }
+        let r = self.visible_job(&who, id)?;
+        Ok(Response::new(job_to_pb(&r)))
     }
 
     type WatchJobStream = BoxStream<pb::JobEvent>;
@@ -400,7 +440,9 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let who = self.who(&req, Role::Read, "WatchJob").await?;
         let id = parse_job_id("job_id", &req.into_inner().job_id)?;
+        self.visible_job(&who, id)?;
         let events = self.orch.subscribe(id).map_err(store_status)?;
         Ok(Response::new(self.until_stopped(Box::pin(
             events.map(|e| Ok(event_to_pb(&e))),
@@ -411,6 +453,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let who = self.who(&req, Role::Read, "ListJobs").await?;
         let r = req.into_inner();
         // A value this server does not know is a mistake to report, not "no filter".
         let state = pb::JobState::try_from(r.state).map_err(|_| {
@@ -425,6 +468,10 @@ impl pb::cascade_server::Cascade for CascadeService {
         let mut filter = JobFilter {
             graph: (!r.graph.is_empty()).then_some(r.graph),
             state: job_state_from_pb(state),
+            // A tenant's caller lists its tenant's jobs only.
+            tenant: (!who.is_admin())
+                .then(|| who.tenant.as_deref().map(str::to_string))
+                .flatten(),
             ..Default::default()
         };
         for pair in r.label_selector.split(',').filter(|p| !p.trim().is_empty()) {
@@ -460,8 +507,10 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let who = self.who(&req, Role::Submit, "CancelJob").await?;
         let r = req.into_inner();
         let id = parse_job_id("job_id", &r.job_id)?;
+        self.visible_job(&who, id)?;
         let reason = if r.reason.is_empty() {
             "cancelled by request"
         } else {
@@ -475,8 +524,10 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::RaiseJobBudgetRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let who = self.who(&req, Role::Approve, "RaiseJobBudget").await?;
         let r = req.into_inner();
         let id = parse_job_id("job_id", &r.job_id)?;
+        self.visible_job(&who, id)?;
         let budget = r
             .budget
             .as_ref()
@@ -502,6 +553,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::ListApprovalsRequest>,
     ) -> Result<Response<pb::ListApprovalsResponse>, Status> {
+        let who = self.who(&req, Role::Read, "ListApprovals").await?;
         let r = req.into_inner();
         let size = match r.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,
@@ -522,11 +574,21 @@ impl pb::cascade_server::Cascade for CascadeService {
                 .unwrap_or_default();
             return Err(Status::not_found(format!("graph {g:?} not found{hint}")));
         }
-        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
-        let mut list = self
-            .orch
-            .approvals(graph, after, size + 1)
-            .map_err(store_status)?;
+        // Pages of the caller's tenant's approvals only (read on until one is full).
+        let mut after = (!r.page_token.is_empty()).then(|| r.page_token.clone());
+        let mut list = Vec::new();
+        loop {
+            let page = self
+                .orch
+                .approvals(graph, after.as_deref(), size + 1)
+                .map_err(store_status)?;
+            let full = page.len() > size;
+            after = page.last().map(|v| v.approval.id.clone());
+            list.extend(page.into_iter().filter(|v| who.sees(&v.tenant)));
+            if !full || list.len() > size {
+                break;
+            }
+        }
         let next = if list.len() > size {
             list.truncate(size);
             list.last()
@@ -545,19 +607,45 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::GetApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
+        let who = self.who(&req, Role::Read, "GetApproval").await?;
         let r = req.into_inner();
         let view = self
             .orch
             .approval(&r.approval_id)
-            .map_err(approval_status)?;
-        Ok(Response::new(approval_to_pb(&view)))
+            .ok()
+            .filter(|v| who.sees(&v.tenant));
+        match view {
+            Some(view) => Ok(Response::new(approval_to_pb(&view))),
+            None => Err(approval_status(
+                self.orch.approval(&r.approval_id).err().unwrap_or(
+                    crate::approval::ApprovalError::NotFound(
+                        r.approval_id.chars().take(200).collect(),
+                    ),
+                ),
+            )),
+        }
     }
 
     async fn resolve_approval(
         &self,
         req: Request<pb::ResolveApprovalRequest>,
     ) -> Result<Response<pb::Approval>, Status> {
+        let who = self.who(&req, Role::Approve, "ResolveApproval").await?;
         let r = req.into_inner();
+        // Another tenant's approval is not found, exactly like an unknown one.
+        if let Ok(v) = self.orch.approval(&r.approval_id)
+            && !who.sees(&v.tenant)
+        {
+            return Err(approval_status(crate::approval::ApprovalError::NotFound(
+                r.approval_id.chars().take(200).collect(),
+            )));
+        }
+        // With authentication on, the approver is who the credential says.
+        let approver = if self.auth.enabled() {
+            who.name.to_string()
+        } else {
+            r.approver.clone()
+        };
         let approve = match pb::ApprovalDecision::try_from(r.decision) {
             Ok(pb::ApprovalDecision::Approve) => true,
             Ok(pb::ApprovalDecision::Reject) => false,
@@ -569,7 +657,7 @@ impl pb::cascade_server::Cascade for CascadeService {
                 &r.approval_id,
                 &r.proposal_sha256,
                 approve,
-                &r.approver,
+                &approver,
                 &r.reason,
             )
             .await
@@ -579,8 +667,9 @@ impl pb::cascade_server::Cascade for CascadeService {
 
     async fn list_graphs(
         &self,
-        _req: Request<pb::ListGraphsRequest>,
+        req: Request<pb::ListGraphsRequest>,
     ) -> Result<Response<pb::ListGraphsResponse>, Status> {
+        self.who(&req, Role::Read, "ListGraphs").await?;
         let mut graphs = Vec::new();
         for name in self.orch.graph_names() {
             if let Some(g) = self.orch.graph_state(&name).await {
@@ -594,6 +683,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::GetGraphRequest>,
     ) -> Result<Response<pb::Graph>, Status> {
+        self.who(&req, Role::Read, "GetGraph").await?;
         let name = req.into_inner().name;
         match self.orch.graph_state(&name).await {
             Some(g) => Ok(Response::new(graph_to_pb(g))),
@@ -607,6 +697,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::WatchGraphRequest>,
     ) -> Result<Response<Self::WatchGraphStream>, Status> {
+        self.who(&req, Role::Read, "WatchGraph").await?;
         let name = req.into_inner().name;
         let Some(state) = self.orch.graph_state(&name).await else {
             return Err(self.unknown_graph(&name));
@@ -682,5 +773,14 @@ impl CascadeService {
             .map(|n| format!("; did you mean {n:?}?"))
             .unwrap_or_default();
         Status::not_found(format!("unknown graph {name:?}{hint}"))
+    }
+}
+
+/// A refused credential is UNAUTHENTICATED; a missing role or another tenant, PERMISSION_DENIED.
+pub(crate) fn auth_status(e: AuthError) -> Status {
+    if e.is_unauthenticated() {
+        Status::unauthenticated(e.to_string())
+    } else {
+        Status::permission_denied(e.to_string())
     }
 }

@@ -130,6 +130,8 @@ struct Inner {
 
 struct Entry {
     graph: Arc<str>,
+    /// Its tenant, for listing a tenant's jobs without thawing the others.
+    tenant: Arc<str>,
     state: JobState,
     labels: BTreeMap<String, String>,
     /// (tenant, idempotency key), to forget the key with the job.
@@ -264,6 +266,7 @@ impl Entry {
     ) -> Self {
         Self {
             graph,
+            tenant: job.tenant.as_str().into(),
             state: JobState::Pending,
             labels,
             key: key.map(Box::new),
@@ -275,6 +278,7 @@ impl Entry {
     fn new(record: JobRecord, events: Vec<JobEvent>, key: Option<(String, String)>) -> Self {
         Self {
             graph: record.graph.clone(),
+            tenant: record.tenant.as_str().into(),
             state: record.state,
             labels: record.labels.clone(),
             key: key.map(Box::new),
@@ -366,6 +370,7 @@ impl Entry {
                 .iter()
                 .all(|(k, v)| self.labels.get(k) == Some(v))
             && filter.before.is_none_or(|b| id < b)
+            && filter.tenant.as_deref().is_none_or(|t| *self.tenant == *t)
     }
 }
 

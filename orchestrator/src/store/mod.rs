@@ -105,6 +105,8 @@ pub struct JobFilter {
     /// List jobs created before this one (newest first); for paging.
     pub before: Option<JobId>,
     pub limit: usize,
+    /// Only this tenant's jobs.
+    pub tenant: Option<String>,
 }
 
 impl JobFilter {
@@ -113,6 +115,7 @@ impl JobFilter {
             && self.state.is_none_or(|s| r.state == s)
             && self.labels.iter().all(|(k, v)| r.labels.get(k) == Some(v))
             && self.before.is_none_or(|b| r.id < b)
+            && self.tenant.as_deref().is_none_or(|t| r.tenant == t)
     }
 }
 

@@ -413,6 +413,10 @@ impl JobStore for SqliteStore {
             args.push(g.clone());
             sql += &format!(" AND graph = ?{}", args.len());
         }
+        if let Some(t) = &filter.tenant {
+            args.push(t.clone());
+            sql += &format!(" AND tenant = ?{}", args.len());
+        }
         if let Some(s) = filter.state {
             args.push(s.as_str().to_string());
             sql += &format!(" AND state = ?{}", args.len());

@@ -156,6 +156,7 @@ struct Loader<'r> {
     telemetry: TelemetrySettings,
     prices: BTreeMap<String, cascade_agents::llm::Price>,
     audit: crate::model::AuditSettings,
+    auth: crate::auth::AuthSettings,
     mcp_servers: BTreeMap<String, cascade_agents::mcp::McpServerConfig>,
     /// `[credentials.NAME]`: an `auth` table and where it was declared.
     credentials: BTreeMap<String, (serde_json::Value, String)>,
@@ -176,6 +177,7 @@ impl<'r> Loader<'r> {
             prices: BTreeMap::new(),
             credentials: BTreeMap::new(),
             audit: Default::default(),
+            auth: Default::default(),
             mcp_servers: BTreeMap::new(),
             resolve_errs: Vec::new(),
         }

@@ -54,6 +54,7 @@ impl Loader<'_> {
             prices: self.prices,
             mcp_servers: self.mcp_servers,
             audit: self.audit,
+            auth: self.auth,
         })
     }
 

@@ -12,6 +12,13 @@ const SERVER_FILE_SECTIONS: &[&str] = &[
     "prices",
     "audit",
     "mcp_servers",
+    "auth",
+];
+const AUTH_FIELDS: &[&str] = &[
+    "api_keys",
+    "allow_unauthenticated",
+    "approval_separation",
+    "metrics_public",
 ];
 const AUDIT_FIELDS: &[&str] = &["signing_key", "checkpoint_every"];
 const SERVER_FIELDS: &[&str] = &[
@@ -142,6 +149,32 @@ impl Loader<'_> {
                     self.audit.checkpoint_every = d.get();
                 }
                 s.deny_unknown(AUDIT_FIELDS, "[audit]", &mut self.errs);
+            }
+        }
+        if let Some((k, v)) = r.entry("auth") {
+            r.skip("auth");
+            if let Some(t) = self.expect_table(src, "auth", k.span(), v) {
+                let mut s = TableReader::new(src, "auth", k.span(), t);
+                let keys_at = s.entry("api_keys").map(|(_, v)| v.span());
+                let keys: Option<Vec<crate::auth::ApiKeyConfig>> =
+                    s.take("api_keys", &mut self.errs);
+                self.auth.allow_unauthenticated = s
+                    .take("allow_unauthenticated", &mut self.errs)
+                    .unwrap_or(false);
+                self.auth.approval_separation = s
+                    .take("approval_separation", &mut self.errs)
+                    .unwrap_or(false);
+                self.auth.metrics_public =
+                    s.take("metrics_public", &mut self.errs).unwrap_or(false);
+                s.deny_unknown(AUTH_FIELDS, "[auth]", &mut self.errs);
+                if let (Some(keys), Some(at)) = (keys, keys_at) {
+                    self.auth.api_keys = keys;
+                    if let Err(e) = crate::auth::Authenticator::new(&self.auth) {
+                        self.errs.push(src.error(at, "auth.api_keys", e).with_help(
+                            "`cascade keys create --tenant T --roles submit,read` prints a key and the [[auth.api_keys]] table to append",
+                        ));
+                    }
+                }
             }
         }
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);

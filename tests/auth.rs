@@ -1,0 +1,472 @@
+//! Authentication, roles and tenants on every edge of `cascade serve`, over real gRPC and HTTP:
+//! API keys declared by their hashes in cascade.toml, a role per RPC and route, and another
+//! tenant's jobs and approvals answering NOT_FOUND exactly like unknown ones.
+
+mod common;
+
+use std::time::Duration;
+
+use cascade_orchestrator::api::pb;
+use cascade_orchestrator::api::pb::cascade_client::CascadeClient;
+use cascade_orchestrator::auth;
+use cascade_orchestrator::{Orchestrator, config};
+use tonic::Code;
+
+const GRAPH: &str = r#"
+[graph]
+name = "payments"
+[agents.prepare]
+kind = "sim"
+[agents.pay]
+kind = "sim"
+after = ["prepare"]
+approval = "required"
+"#;
+
+struct Keys {
+    acme_submit: String,
+    acme_approve: String,
+    globex: String,
+    admin: String,
+    expired: String,
+}
+
+/// A cascade.toml with five keys (one of them Argon2id, one expired), and the keys.
+fn server_config(dir: &std::path::Path) -> Keys {
+    let keys = Keys {
+        acme_submit: auth::generate_key(),
+        acme_approve: auth::generate_key(),
+        globex: auth::generate_key(),
+        admin: auth::generate_key(),
+        expired: auth::generate_key(),
+    };
+    let entry = |name: &str, tenant: &str, roles: &str, hash: String, extra: &str| {
+        format!(
+            "[[auth.api_keys]]\nname = \"{name}\"\ntenant = \"{tenant}\"\nroles = [{roles}]\nhash = \"{hash}\"\n{extra}\n"
+        )
+    };
+    let toml = [
+        "graphs = [\"payments.toml\"]\n".to_string(),
+        entry(
+            "acme-app",
+            "acme",
+            "\"submit\", \"read\"",
+            auth::sha256_hash(&keys.acme_submit),
+            "",
+        ),
+        entry(
+            "acme-lead",
+            "acme",
+            "\"approve\", \"read\"",
+            auth::argon2id_hash(&keys.acme_approve).unwrap(),
+            "",
+        ),
+        entry(
+            "globex-app",
+            "globex",
+            "\"submit\", \"read\", \"approve\"",
+            auth::sha256_hash(&keys.globex),
+            "",
+        ),
+        entry(
+            "ops",
+            "internal",
+            "\"admin\"",
+            auth::sha256_hash(&keys.admin),
+            "",
+        ),
+        entry(
+            "retired",
+            "acme",
+            "\"read\"",
+            auth::sha256_hash(&keys.expired),
+            "expires = \"2021-01-01T00:00:00Z\"",
+        ),
+    ]
+    .concat();
+    std::fs::write(dir.join("cascade.toml"), toml).unwrap();
+    std::fs::write(dir.join("payments.toml"), GRAPH).unwrap();
+    keys
+}
+
+/// Adds a request's credential.
+type AddAuth =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+type Client = CascadeClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddAuth>,
+>;
+
+/// A client that sends `key` (none: no credential).
+async fn client(grpc: std::net::SocketAddr, key: Option<&str>) -> Client {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        key.map(|k| format!("Bearer {k}").parse().unwrap());
+    let add: AddAuth = Box::new(move |mut req: tonic::Request<()>| {
+        if let Some(h) = &header {
+            req.metadata_mut().insert("authorization", h.clone());
+        }
+        Ok(req)
+    });
+    CascadeClient::with_interceptor(channel, add)
+}
+
+fn submit(graph: &str, tenant: &str) -> pb::SubmitJobRequest {
+    pb::SubmitJobRequest {
+        graph: graph.into(),
+        input_json: "{}".into(),
+        tenant: tenant.into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_checks_its_role_and_tenants_see_only_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = server_config(dir.path());
+    let model = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (orch, server) = common::serve_in_process(model).await;
+    let grpc = server.grpc_addr;
+    let mut anon = client(grpc, None).await;
+    let mut acme = client(grpc, Some(&keys.acme_submit)).await;
+    let mut lead = client(grpc, Some(&keys.acme_approve)).await;
+    let mut globex = client(grpc, Some(&keys.globex)).await;
+    let mut ops = client(grpc, Some(&keys.admin)).await;
+
+    // No credential, a bad one, an expired one: UNAUTHENTICATED, saying what to send.
+    let e = anon.submit_job(submit("payments", "")).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("authorization: Bearer"), "{e:?}");
+    let mut forged = client(grpc, Some("csk_not-a-key")).await;
+    let e = forged
+        .list_graphs(pb::ListGraphsRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let mut retired = client(grpc, Some(&keys.expired)).await;
+    let e = retired
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    assert!(e.message().contains("expired"), "{e:?}");
+
+    // A submission lands in the caller's tenant; another tenant is the admin's only.
+    let id = acme
+        .submit_job(submit("payments", ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let e = acme
+        .submit_job(submit("payments", "globex"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    let other = ops
+        .submit_job(submit("payments", "globex"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let job = acme
+        .get_job(pb::GetJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.tenant, "acme");
+
+    // Another tenant's job answers exactly as an unknown id does.
+    let unknown = cascade_orchestrator::job::JobId::new().to_string();
+    let e_unknown = globex
+        .get_job(pb::GetJobRequest {
+            job_id: unknown.clone(),
+        })
+        .await
+        .unwrap_err();
+    let e_other = globex
+        .get_job(pb::GetJobRequest { job_id: id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e_other.code(), Code::NotFound);
+    assert_eq!(
+        e_other.message().replace(&id, "ID"),
+        e_unknown.message().replace(&unknown, "ID")
+    );
+    for e in [
+        globex
+            .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+            .await
+            .map(drop)
+            .unwrap_err(),
+        globex
+            .cancel_job(pb::CancelJobRequest {
+                job_id: id.clone(),
+                reason: String::new(),
+            })
+            .await
+            .map(drop)
+            .unwrap_err(),
+    ] {
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    }
+    let listed = |jobs: pb::ListJobsResponse| -> Vec<String> {
+        jobs.jobs.into_iter().map(|j| j.job_id).collect()
+    };
+    let seen_by_globex = listed(
+        globex
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(seen_by_globex, std::slice::from_ref(&other));
+    let seen_by_ops = listed(
+        ops.list_jobs(pb::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert!(seen_by_ops.contains(&id) && seen_by_ops.contains(&other));
+
+    // Approvals: the role, the tenant, and the approver the credential names.
+    let approval_id = format!("{id}/pay");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let approval = loop {
+        if let Ok(a) = lead
+            .get_approval(pb::GetApprovalRequest {
+                approval_id: approval_id.clone(),
+            })
+            .await
+        {
+            break a.into_inner();
+        }
+        assert!(std::time::Instant::now() < deadline, "never proposed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let decide = |key_holder: &str| pb::ResolveApprovalRequest {
+        approval_id: approval_id.clone(),
+        proposal_sha256: approval.proposal_sha256.clone(),
+        decision: pb::ApprovalDecision::Approve as i32,
+        reason: String::new(),
+        approver: key_holder.into(),
+    };
+    let e = acme.resolve_approval(decide("me")).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("approve role"), "{e:?}");
+    let e = globex.resolve_approval(decide("me")).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let globex_sees: Vec<String> = globex
+        .list_approvals(pb::ListApprovalsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .approvals
+        .into_iter()
+        .map(|a| a.approval_id)
+        .collect();
+    assert_eq!(globex_sees, [format!("{other}/pay")]);
+    let decided = lead
+        .resolve_approval(decide("someone else"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        decided.approver, "acme-lead",
+        "the credential names the approver"
+    );
+
+    // Audit export is the admin's.
+    let e = acme
+        .export_audit(pb::ExportAuditRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = ops
+        .export_audit(pb::ExportAuditRequest::default())
+        .await
+        .unwrap_err();
+    assert_ne!(e.code(), Code::PermissionDenied, "{e:?}");
+
+    // HTTP: probes open, the rest by credential and role, tenants apart.
+    let base = format!("http://{}", server.http_addr);
+    let http = reqwest::Client::new();
+    let get = |path: &str, key: Option<&str>| {
+        let mut r = http.get(format!("{base}{path}"));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(get("/healthz", None).await.unwrap().status(), 200);
+    assert_eq!(get("/readyz", None).await.unwrap().status(), 200);
+    let r = get("/metrics", None).await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.headers()["www-authenticate"], "Bearer");
+    assert_eq!(
+        get("/metrics", Some(&keys.globex)).await.unwrap().status(),
+        200
+    );
+    assert_eq!(get("/api/jobs", None).await.unwrap().status(), 401);
+    assert_eq!(get("/jobs", Some("csk_wrong")).await.unwrap().status(), 401);
+    let page: serde_json::Value = get("/api/jobs", Some(&keys.globex))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ids: Vec<&str> = page["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [other.as_str()]);
+    assert_eq!(
+        get(&format!("/api/jobs/{id}"), Some(&keys.globex))
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        get(&format!("/api/jobs/{id}"), Some(&keys.acme_submit))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let post = http
+        .post(format!("{base}/api/approvals/{other}/pay"))
+        .bearer_auth(&keys.acme_submit)
+        .json(&serde_json::json!({"decision": "approve", "sha256": "00"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status(), 403);
+    let body: serde_json::Value = post.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("approve role"),
+        "{body}"
+    );
+    assert_eq!(
+        http.post(format!("{base}/mcp"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    // The MCP endpoint's tools are not tenant-scoped yet: an administrator's only.
+    assert_eq!(
+        http.post(format!("{base}/mcp"))
+            .bearer_auth(&keys.globex)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_the_server_stays_on_loopback_unless_told() {
+    let model = config::parse_graph_str("payments.toml", GRAPH, &Default::default()).unwrap();
+    let orch = std::sync::Arc::new(Orchestrator::builder(model).start().await.unwrap());
+    let options = |http: &str| cascade_orchestrator::server::ServerOptions {
+        grpc_addr: "127.0.0.1:0".parse().unwrap(),
+        http_addr: http.parse().unwrap(),
+        ..Default::default()
+    };
+    let e = cascade_orchestrator::server::start(orch.clone(), options("0.0.0.0:0"))
+        .await
+        .err()
+        .expect("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("without authentication") && msg.contains("allow_unauthenticated"),
+        "{msg}"
+    );
+    let server = cascade_orchestrator::server::start(orch.clone(), options("127.0.0.1:0"))
+        .await
+        .unwrap();
+    server.stop().await;
+}
+
+#[test]
+fn bad_key_tables_are_located_with_a_fix_and_the_cli_makes_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("payments.toml"), GRAPH).unwrap();
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        "graphs = [\"payments.toml\"]\n[[auth.api_keys]]\nname = \"x\"\ntenant = \"acme\"\nroles = [\"read\"]\nhash = \"sha256:1234\"\n",
+    )
+    .unwrap();
+    let e = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("cascade.toml:2:") && e.contains("64 hex digits"),
+        "{e}"
+    );
+    assert!(e.contains("cascade keys create"), "{e}");
+    // The CLI prints a key once and the table that declares it; the table loads.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args([
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--roles",
+            "submit,read",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let key = text
+        .split_whitespace()
+        .find(|w| w.starts_with(auth::KEY_PREFIX))
+        .unwrap()
+        .to_string();
+    let table = &text[text.find("[[auth.api_keys]]").unwrap()..];
+    let table = &table[..table.find("Callers send").unwrap()];
+    assert!(
+        !table.contains(&key),
+        "the key itself is never in the table"
+    );
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        format!("graphs = [\"payments.toml\"]\n{table}"),
+    )
+    .unwrap();
+    let model = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(model.auth.api_keys[0].tenant, "acme");
+    assert_eq!(model.auth.api_keys[0].hash, auth::sha256_hash(&key));
+    // A role that does not exist is refused by the CLI.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["keys", "create", "--tenant", "acme", "--roles", "root"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("submit, read, approve or admin"));
+}
