@@ -161,6 +161,8 @@ fn code_name(c: tonic::Code) -> &'static str {
         AlreadyExists => "already exists",
         ResourceExhausted => "resource exhausted",
         Unavailable => "unavailable",
+        Unauthenticated => "unauthenticated (send a key: --token or CASCADE_TOKEN)",
+        PermissionDenied => "permission denied",
         _ => "error",
     }
 }

@@ -375,6 +375,42 @@ async fn every_rpc_checks_its_role_and_tenants_see_only_their_own() {
             .status(),
         403
     );
+    // The CLI sends --token, or CASCADE_TOKEN.
+    let cli = |args: &[&str], env_token: Option<&str>| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_cascade"));
+        c.args(args)
+            .args(["--server", &format!("http://{grpc}")])
+            .env_remove("CASCADE_TOKEN");
+        if let Some(t) = env_token {
+            c.env("CASCADE_TOKEN", t);
+        }
+        c.output()
+    };
+    let out = cli(&["jobs", "list", "--json"], Some(&keys.globex))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&other) && !text.contains(&id), "{text}");
+    let out = cli(&["jobs", "get", &id, "--token", &keys.acme_submit], None)
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&["jobs", "list"], None).await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unauthenticated") && err.contains("--token"),
+        "{err}"
+    );
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;
 }
@@ -469,4 +505,81 @@ fn bad_key_tables_are_located_with_a_fix_and_the_cli_makes_keys() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("submit, read, approve or admin"));
+}
+
+/// With `approval_separation`, whoever submitted a job may not decide its approvals; another
+/// identity with the approve role may. The submitter is the job's `cascade.submitter` label,
+/// which a caller cannot set for another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_submitter_of_a_job_may_not_approve_its_calls_with_separation_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (maker, checker) = (auth::generate_key(), auth::generate_key());
+    let key = |name: &str, k: &str| {
+        format!(
+            "[[auth.api_keys]]\nname = \"{name}\"\ntenant = \"acme\"\nroles = [\"submit\", \"read\", \"approve\"]\nhash = \"{}\"\n",
+            auth::sha256_hash(k)
+        )
+    };
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        format!(
+            "graphs = [\"payments.toml\"]\n[auth]\napproval_separation = true\n{}{}",
+            key("maker", &maker),
+            key("checker", &checker)
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("payments.toml"), GRAPH).unwrap();
+    let model = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (orch, server) = common::serve_in_process(model).await;
+    let mut maker_c = client(server.grpc_addr, Some(&maker)).await;
+    let mut checker_c = client(server.grpc_addr, Some(&checker)).await;
+    let mut req = submit("payments", "");
+    // A label naming someone else is overwritten with who really submitted.
+    req.labels
+        .insert(auth::SUBMITTER_LABEL.into(), "checker".into());
+    let id = maker_c.submit_job(req).await.unwrap().into_inner().job_id;
+    let approval_id = format!("{id}/pay");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let approval = loop {
+        if let Ok(a) = checker_c
+            .get_approval(pb::GetApprovalRequest {
+                approval_id: approval_id.clone(),
+            })
+            .await
+        {
+            break a.into_inner();
+        }
+        assert!(std::time::Instant::now() < deadline, "never proposed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let decide = pb::ResolveApprovalRequest {
+        approval_id: approval_id.clone(),
+        proposal_sha256: approval.proposal_sha256.clone(),
+        decision: pb::ApprovalDecision::Approve as i32,
+        reason: String::new(),
+        approver: String::new(),
+    };
+    let e = maker_c.resolve_approval(decide.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("approval_separation"), "{e:?}");
+    let job = checker_c
+        .get_job(pb::GetJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(job.labels[auth::SUBMITTER_LABEL], "maker");
+    let decided = checker_c
+        .resolve_approval(decide)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(decided.approver, "checker");
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
 }

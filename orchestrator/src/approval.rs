@@ -172,6 +172,9 @@ pub enum ApprovalError {
         job: JobId,
         state: crate::job::JobState,
     },
+    /// The caller may not decide it (approval separation).
+    #[error("{0}")]
+    Refused(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error(

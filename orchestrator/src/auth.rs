@@ -36,9 +36,12 @@ use sha2::{Digest, Sha256};
 /// Argon2id hash).
 pub const KEY_PREFIX: &str = "csk_";
 
-/// Keys remembered as checked against Argon2id hashes (valid or not); past it the memory
-/// starts again.
-const VERIFIED_CAPACITY: usize = 10_000;
+/// Unknown tokens remembered as checked against the Argon2id hashes; past it that memory starts
+/// again (the keys found valid are kept apart, and never forgotten: there are as many as keys).
+const REFUSED_CAPACITY: usize = 10_000;
+
+/// The label that names who submitted a job (with authentication on), for approval separation.
+pub const SUBMITTER_LABEL: &str = "cascade.submitter";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -144,6 +147,14 @@ impl Identity {
         self.has(Role::Admin)
     }
 
+    /// The one tenant it may see, for filtering a listing (`None`: every tenant).
+    pub fn only_tenant(&self) -> Option<&str> {
+        match self.is_admin() {
+            true => None,
+            false => self.tenant.as_deref(),
+        }
+    }
+
     /// Whether it may see what belongs to `tenant`.
     pub fn sees(&self, tenant: &str) -> bool {
         self.is_admin() || self.tenant.as_deref().is_none_or(|t| t == tenant)
@@ -184,12 +195,20 @@ pub enum AuthError {
         "{name:?} acts in its own tenant only, not {tenant:?}: leave the tenant empty, or use an admin key"
     )]
     OtherTenant { name: String, tenant: String },
+    /// Too many Argon2id checks under way: the caller tries again shortly.
+    #[error("too many API keys are being checked at once; try again in a moment")]
+    Busy,
 }
 
 impl AuthError {
     /// A missing or bad credential (rather than a missing permission).
     pub fn is_unauthenticated(&self) -> bool {
         matches!(self, Self::Missing | Self::Unknown | Self::Expired(_))
+    }
+
+    /// The server could not check the credential now (not the caller's fault).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy)
     }
 }
 
@@ -212,9 +231,12 @@ pub struct Authenticator {
     keys: Vec<Key>,
     by_sha: HashMap<[u8; 32], usize>,
     argon: Vec<usize>,
-    /// SHA-256 of a token checked against the Argon2id hashes → the key it is, if any.
-    verified: Mutex<HashMap<[u8; 32], Option<usize>>>,
-    verifying: tokio::sync::Semaphore,
+    /// SHA-256 of a token found to be a key with an Argon2id hash → that key.
+    verified: Mutex<HashMap<[u8; 32], usize>>,
+    /// SHA-256 of tokens found to be no key (bounded: see [`REFUSED_CAPACITY`]).
+    refused: Mutex<std::collections::HashSet<[u8; 32]>>,
+    /// Argon2id checks under way at most; more are refused as busy rather than queued.
+    verifying: Arc<tokio::sync::Semaphore>,
 }
 
 impl Authenticator {
@@ -256,7 +278,8 @@ impl Authenticator {
             by_sha,
             argon,
             verified: Mutex::new(HashMap::new()),
-            verifying: tokio::sync::Semaphore::new(2),
+            refused: Mutex::new(std::collections::HashSet::new()),
+            verifying: Arc::new(tokio::sync::Semaphore::new(2)),
         })
     }
 
@@ -284,7 +307,7 @@ impl Authenticator {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let found = match self.by_sha.get(&digest) {
             Some(&i) => Some(i),
-            None => self.check_argon(token, digest).await,
+            None => self.check_argon(token, digest).await?,
         };
         let i = found.ok_or(AuthError::Unknown)?;
         let k = &self.keys[i];
@@ -316,17 +339,22 @@ impl Authenticator {
         Ok(who)
     }
 
-    async fn check_argon(&self, token: &str, digest: [u8; 32]) -> Option<usize> {
+    /// The key with an Argon2id hash that `token` is, if any. A check holds one of two
+    /// permits for as long as it runs (the permit goes with the blocking task, so a caller that
+    /// gives up frees nothing early); with both taken, the caller is told to try again.
+    async fn check_argon(&self, token: &str, digest: [u8; 32]) -> Result<Option<usize>, AuthError> {
         if self.argon.is_empty() || !token.starts_with(KEY_PREFIX) || token.len() > 256 {
-            return None;
+            return Ok(None);
         }
-        if let Some(known) = self.lock().get(&digest) {
-            return *known;
+        if let Some(&i) = lock(&self.verified).get(&digest) {
+            return Ok(Some(i));
         }
-        let _permit = self.verifying.acquire().await.ok()?;
-        if let Some(known) = self.lock().get(&digest) {
-            return *known;
+        if lock(&self.refused).contains(&digest) {
+            return Ok(None);
         }
+        let permit = Arc::clone(&self.verifying)
+            .try_acquire_owned()
+            .map_err(|_| AuthError::Busy)?;
         let hashes: Vec<(usize, String)> = self
             .argon
             .iter()
@@ -337,6 +365,7 @@ impl Authenticator {
             .collect();
         let token = token.to_string();
         let found = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             use argon2::password_hash::PasswordVerifier;
             use argon2::password_hash::phc::PasswordHash;
             hashes.into_iter().find_map(|(i, phc)| {
@@ -348,19 +377,25 @@ impl Authenticator {
             })
         })
         .await
-        .ok()
-        .flatten();
-        let mut verified = self.lock();
-        if verified.len() >= VERIFIED_CAPACITY {
-            verified.clear();
+        .map_err(|_| AuthError::Busy)?;
+        match found {
+            Some(i) => {
+                lock(&self.verified).insert(digest, i);
+            }
+            None => {
+                let mut refused = lock(&self.refused);
+                if refused.len() >= REFUSED_CAPACITY {
+                    refused.clear();
+                }
+                refused.insert(digest);
+            }
         }
-        verified.insert(digest, found);
-        found
+        Ok(found)
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Option<usize>>> {
-        self.verified.lock().unwrap_or_else(|p| p.into_inner())
-    }
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn check_key(k: &ApiKeyConfig) -> Result<(), String> {
@@ -482,7 +517,7 @@ mod tests {
             .unwrap();
         assert!(ops.is_admin() && ops.has(Role::Approve) && ops.sees("acme"));
         // Checked once, then remembered.
-        assert_eq!(auth.lock().len(), 1);
+        assert_eq!(lock(&auth.verified).len(), 1);
         assert_eq!(
             auth.authenticate(Some(&format!("Bearer {c}"))).await,
             Err(AuthError::Expired("old".into()))

@@ -30,7 +30,7 @@ const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 500;
 
 /// The routes, over `orch`.
-pub fn routes(orch: Arc<Orchestrator>) -> Router {
+pub(crate) fn routes(orch: Arc<Orchestrator>) -> Router {
     Router::new()
         .route("/jobs", get(page))
         .route("/jobs/{id}", get(page))
@@ -246,13 +246,14 @@ async fn approvals(
 ) -> Response {
     let who = caller(who);
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
-    match orch.approvals(
+    match orch.approvals_of(
         q.graph.as_deref().filter(|g| !g.is_empty()),
         q.after.as_deref().filter(|a| !a.is_empty()),
         limit,
+        who.only_tenant(),
     ) {
         Ok(list) => axum::Json(json!({
-            "approvals": list.iter().filter(|v| who.sees(&v.tenant)).map(approval_json).collect::<Vec<_>>(),
+            "approvals": list.iter().map(approval_json).collect::<Vec<_>>(),
         }))
         .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -343,21 +344,12 @@ async fn decide_id(
             );
         }
     };
-    // Another tenant's approval is not found, exactly like an unknown one.
-    if let Ok(v) = orch.approval(&id)
-        && !who.sees(&v.tenant)
-    {
-        return error(
-            StatusCode::NOT_FOUND,
-            ApprovalError::NotFound(id.chars().take(200).collect()).to_string(),
-        );
-    }
     let approver = match &who.tenant {
         Some(_) => who.name.to_string(),
         None => d.approver.clone(),
     };
     match orch
-        .resolve_approval(&id, &d.sha256, approve, &approver, &d.reason)
+        .resolve_approval_as(&who, &id, &d.sha256, approve, &approver, &d.reason)
         .await
     {
         Ok(r) => axum::Json(approval_json(&r.approval)).into_response(),
@@ -373,6 +365,7 @@ async fn decide_id(
                 ApprovalError::Store(_) | ApprovalError::Unavailable(_) => {
                     StatusCode::SERVICE_UNAVAILABLE
                 }
+                ApprovalError::Refused(_) => StatusCode::FORBIDDEN,
             };
             error(status, e.to_string())
         }

@@ -171,7 +171,9 @@ async fn http_authorize(
             next.run(req).await
         }
         Err(e) => {
-            let status = if e.is_unauthenticated() {
+            let status = if e.is_busy() {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else if e.is_unauthenticated() {
                 StatusCode::UNAUTHORIZED
             } else {
                 StatusCode::FORBIDDEN

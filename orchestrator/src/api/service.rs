@@ -153,6 +153,7 @@ fn approval_status(e: ApprovalError) -> Status {
         | ApprovalError::JobEnded { .. } => Status::failed_precondition(e.to_string()),
         ApprovalError::Store(inner) => store_status(inner),
         ApprovalError::Unavailable(_) => Status::unavailable(e.to_string()),
+        ApprovalError::Refused(_) => Status::permission_denied(e.to_string()),
     }
 }
 
@@ -415,7 +416,16 @@ impl pb::cascade_server::Cascade for CascadeService {
             input,
             idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
             tenant,
-            labels: r.labels.into_iter().collect(),
+            labels: {
+                let mut labels: std::collections::BTreeMap<String, String> =
+                    r.labels.into_iter().collect();
+                // Who submitted it, for approval separation (a caller's own label of the name
+                // is overwritten: it cannot pose as another).
+                if self.auth.enabled() {
+                    labels.insert(crate::auth::SUBMITTER_LABEL.into(), who.name.to_string());
+                }
+                labels
+            },
             deadline,
             callback_url,
             budget: r.budget.as_ref().map(budget_from_pb),
@@ -574,21 +584,12 @@ impl pb::cascade_server::Cascade for CascadeService {
                 .unwrap_or_default();
             return Err(Status::not_found(format!("graph {g:?} not found{hint}")));
         }
-        // Pages of the caller's tenant's approvals only (read on until one is full).
-        let mut after = (!r.page_token.is_empty()).then(|| r.page_token.clone());
-        let mut list = Vec::new();
-        loop {
-            let page = self
-                .orch
-                .approvals(graph, after.as_deref(), size + 1)
-                .map_err(store_status)?;
-            let full = page.len() > size;
-            after = page.last().map(|v| v.approval.id.clone());
-            list.extend(page.into_iter().filter(|v| who.sees(&v.tenant)));
-            if !full || list.len() > size {
-                break;
-            }
-        }
+        // The caller's tenant's approvals only (filtered in the store, before the page).
+        let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
+        let mut list = self
+            .orch
+            .approvals_of(graph, after, size + 1, who.only_tenant())
+            .map_err(store_status)?;
         let next = if list.len() > size {
             list.truncate(size);
             list.last()
@@ -632,14 +633,6 @@ impl pb::cascade_server::Cascade for CascadeService {
     ) -> Result<Response<pb::Approval>, Status> {
         let who = self.who(&req, Role::Approve, "ResolveApproval").await?;
         let r = req.into_inner();
-        // Another tenant's approval is not found, exactly like an unknown one.
-        if let Ok(v) = self.orch.approval(&r.approval_id)
-            && !who.sees(&v.tenant)
-        {
-            return Err(approval_status(crate::approval::ApprovalError::NotFound(
-                r.approval_id.chars().take(200).collect(),
-            )));
-        }
         // With authentication on, the approver is who the credential says.
         let approver = if self.auth.enabled() {
             who.name.to_string()
@@ -653,7 +646,8 @@ impl pb::cascade_server::Cascade for CascadeService {
         };
         let resolved = self
             .orch
-            .resolve_approval(
+            .resolve_approval_as(
+                &who,
                 &r.approval_id,
                 &r.proposal_sha256,
                 approve,
@@ -778,6 +772,9 @@ impl CascadeService {
 
 /// A refused credential is UNAUTHENTICATED; a missing role or another tenant, PERMISSION_DENIED.
 pub(crate) fn auth_status(e: AuthError) -> Status {
+    if e.is_busy() {
+        return Status::unavailable(e.to_string());
+    }
     if e.is_unauthenticated() {
         Status::unauthenticated(e.to_string())
     } else {

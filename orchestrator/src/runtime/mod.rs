@@ -552,7 +552,22 @@ impl Orchestrator {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<crate::job::ApprovalView>, StoreError> {
-        self.shared.store.pending_approvals(graph, after, limit)
+        self.shared
+            .store
+            .pending_approvals(graph, after, limit, None)
+    }
+
+    /// [`approvals`](Self::approvals) of one tenant (`None`: every tenant).
+    pub fn approvals_of(
+        &self,
+        graph: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<Vec<crate::job::ApprovalView>, StoreError> {
+        self.shared
+            .store
+            .pending_approvals(graph, after, limit, tenant)
     }
 
     /// One approval, pending or decided.
@@ -582,6 +597,56 @@ impl Orchestrator {
         approver: &str,
         reason: &str,
     ) -> Result<crate::approval::Resolved, ApprovalError> {
+        self.resolve_checked(id, sha256, approve, approver, reason, &|_| Ok(()))
+            .await
+    }
+
+    /// [`resolve_approval`](Self::resolve_approval) by `who`: another tenant's approval is not
+    /// found, exactly like an unknown one, and with `[auth] approval_separation` the identity
+    /// that submitted the job may not decide its approvals. Both are checked on the approval the
+    /// decision is made on, after the request itself (so a refusal tells nothing of others).
+    pub async fn resolve_approval_as(
+        &self,
+        who: &crate::auth::Identity,
+        id: &str,
+        sha256: &str,
+        approve: bool,
+        approver: &str,
+        reason: &str,
+    ) -> Result<crate::approval::Resolved, ApprovalError> {
+        let separation = self.shared.model.auth.approval_separation;
+        let check = |v: &crate::job::ApprovalView| -> Result<(), ApprovalError> {
+            if !who.sees(&v.tenant) {
+                return Err(ApprovalError::NotFound(id.chars().take(200).collect()));
+            }
+            if separation {
+                let submitter = self
+                    .shared
+                    .store
+                    .get(v.job_id)?
+                    .and_then(|r| r.labels.get(crate::auth::SUBMITTER_LABEL).cloned());
+                if submitter.as_deref() == Some(&*who.name) {
+                    return Err(ApprovalError::Refused(format!(
+                        "{:?} submitted job {} and may not decide its approvals ([auth] approval_separation): another identity with the approve role decides",
+                        who.name, v.job_id
+                    )));
+                }
+            }
+            Ok(())
+        };
+        self.resolve_checked(id, sha256, approve, approver, reason, &check)
+            .await
+    }
+
+    async fn resolve_checked(
+        &self,
+        id: &str,
+        sha256: &str,
+        approve: bool,
+        approver: &str,
+        reason: &str,
+        check: &(dyn Fn(&crate::job::ApprovalView) -> Result<(), ApprovalError> + Sync),
+    ) -> Result<crate::approval::Resolved, ApprovalError> {
         if approver.trim().is_empty() {
             return Err(ApprovalError::InvalidRequest(
                 "approver: say who decides (until requests are authenticated, the approver is named in the request)".into(),
@@ -599,6 +664,7 @@ impl Orchestrator {
             ));
         }
         let view = self.approval(id)?;
+        check(&view)?;
         let unavailable = || ApprovalError::Unavailable(id.to_string());
         let g = self.graphs.get(&view.graph).ok_or_else(unavailable)?;
         let s = g.scheduler().ok_or_else(unavailable)?;

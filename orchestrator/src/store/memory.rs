@@ -754,6 +754,7 @@ impl MemoryStore {
         graph: Option<&str>,
         after: Option<&str>,
         limit: usize,
+        tenant: Option<&str>,
     ) -> Vec<ApprovalView> {
         let inner = self.lock();
         let from: Option<JobId> = after
@@ -774,6 +775,10 @@ impl MemoryStore {
             let Some(e) = inner.jobs.get(&id) else {
                 continue;
             };
+            // Another tenant's job is passed over before it is thawed.
+            if tenant.is_some_and(|t| *e.tenant != *t) {
+                continue;
+            }
             let record = e.record();
             // By approval id within the job too, as the page token compares them.
             let mut views: Vec<ApprovalView> = ApprovalView::of(&record).collect();
@@ -1004,8 +1009,9 @@ impl JobStore for MemoryStore {
         graph: Option<&str>,
         after: Option<&str>,
         limit: usize,
+        tenant: Option<&str>,
     ) -> Result<Vec<ApprovalView>, StoreError> {
-        Ok(self.pending_approvals_now(graph, after, limit))
+        Ok(self.pending_approvals_now(graph, after, limit, tenant))
     }
 
     fn expired_approvals(&self, graph: &str, now: SystemTime) -> Vec<JobId> {

@@ -176,6 +176,7 @@ pub trait JobStore: Send + Sync + 'static {
         graph: Option<&str>,
         after: Option<&str>,
         limit: usize,
+        tenant: Option<&str>,
     ) -> Result<Vec<ApprovalView>, StoreError>;
 
     /// Jobs of `graph` with an approval nobody decided by its expiry, `now` or before.

@@ -468,8 +468,9 @@ impl JobStore for SqliteStore {
         graph: Option<&str>,
         after: Option<&str>,
         limit: usize,
+        tenant: Option<&str>,
     ) -> Result<Vec<ApprovalView>, StoreError> {
-        self.mem.pending_approvals(graph, after, limit)
+        self.mem.pending_approvals(graph, after, limit, tenant)
     }
 
     fn expired_approvals(&self, graph: &str, now: SystemTime) -> Vec<JobId> {
