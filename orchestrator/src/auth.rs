@@ -108,6 +108,8 @@ pub struct ApiKeyConfig {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AuthSettings {
     pub api_keys: Vec<ApiKeyConfig>,
+    /// `[auth.oidc]`: bearer JWTs of an OIDC provider.
+    pub oidc: Option<crate::oidc::OidcConfig>,
     pub allow_unauthenticated: bool,
     pub approval_separation: bool,
     pub metrics_public: bool,
@@ -116,7 +118,7 @@ pub struct AuthSettings {
 impl AuthSettings {
     /// Whether callers must prove who they are.
     pub fn enabled(&self) -> bool {
-        !self.api_keys.is_empty()
+        !self.api_keys.is_empty() || self.oidc.is_some()
     }
 }
 
@@ -130,6 +132,15 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A caller named `name` of `tenant` holding `roles`.
+    pub fn new(name: &str, tenant: &str, roles: &[Role]) -> Self {
+        Self {
+            name: name.into(),
+            tenant: Some(tenant.into()),
+            roles: roles.iter().fold(0, |acc, r| acc | r.bit()),
+        }
+    }
+
     /// The caller when authentication is off: every role, every tenant.
     pub fn anonymous() -> Self {
         Self {
@@ -185,6 +196,8 @@ pub enum AuthError {
     Unknown,
     #[error("API key {0:?} has expired; create a new one (`cascade keys create`)")]
     Expired(String),
+    #[error("the bearer token is refused: {0}")]
+    InvalidToken(String),
     #[error("{name:?} may not do this: {what} needs the {needed} role")]
     Forbidden {
         name: String,
@@ -203,7 +216,10 @@ pub enum AuthError {
 impl AuthError {
     /// A missing or bad credential (rather than a missing permission).
     pub fn is_unauthenticated(&self) -> bool {
-        matches!(self, Self::Missing | Self::Unknown | Self::Expired(_))
+        matches!(
+            self,
+            Self::Missing | Self::Unknown | Self::Expired(_) | Self::InvalidToken(_)
+        )
     }
 
     /// The server could not check the credential now (not the caller's fault).
@@ -237,6 +253,7 @@ pub struct Authenticator {
     refused: Mutex<std::collections::HashSet<[u8; 32]>>,
     /// Argon2id checks under way at most; more are refused as busy rather than queued.
     verifying: Arc<tokio::sync::Semaphore>,
+    oidc: Option<crate::oidc::Oidc>,
 }
 
 impl Authenticator {
@@ -280,6 +297,10 @@ impl Authenticator {
             verified: Mutex::new(HashMap::new()),
             refused: Mutex::new(std::collections::HashSet::new()),
             verifying: Arc::new(tokio::sync::Semaphore::new(2)),
+            oidc: match &settings.oidc {
+                Some(c) => Some(crate::oidc::Oidc::new(c)?),
+                None => None,
+            },
         })
     }
 
@@ -304,6 +325,12 @@ impl Authenticator {
             })
             .filter(|t| !t.is_empty())
             .ok_or(AuthError::Missing)?;
+        // A JWT (header.payload.signature) goes to the OIDC verifier; an API key has no dots.
+        if let Some(oidc) = &self.oidc
+            && token.matches('.').count() == 2
+        {
+            return oidc.verify(token).await;
+        }
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let found = match self.by_sha.get(&digest) {
             Some(&i) => Some(i),

@@ -18,6 +18,7 @@ pub mod listen;
 pub mod mcp_tools;
 pub mod metrics;
 pub mod model;
+pub mod oidc;
 pub mod quota;
 pub mod restart;
 pub mod runtime;

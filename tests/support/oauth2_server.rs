@@ -15,6 +15,16 @@ pub struct AuthServer {
     pub events: Arc<Mutex<Vec<Value>>>,
 }
 
+impl AuthServer {
+    /// Add a signing key at the provider (a key rotation).
+    pub fn rotate(&mut self) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin is piped");
+        stdin.write_all(b"rotate\n").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
 impl Drop for AuthServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -32,6 +42,7 @@ pub fn auth_server(port: u16, ttl: u32) -> AuthServer {
     let mut child = std::process::Command::new("node")
         .arg(root.join("oauth2-server.js"))
         .args([port.to_string(), ttl.to_string()])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -16,6 +16,7 @@ const SERVER_FILE_SECTIONS: &[&str] = &[
 ];
 const AUTH_FIELDS: &[&str] = &[
     "api_keys",
+    "oidc",
     "allow_unauthenticated",
     "approval_separation",
     "metrics_public",
@@ -166,10 +167,23 @@ impl Loader<'_> {
                     .unwrap_or(false);
                 self.auth.metrics_public =
                     s.take("metrics_public", &mut self.errs).unwrap_or(false);
+                let oidc_at = s.entry("oidc").map(|(_, v)| v.span());
+                self.auth.oidc = s.take("oidc", &mut self.errs);
                 s.deny_unknown(AUTH_FIELDS, "[auth]", &mut self.errs);
+                if let (Some(c), Some(at)) = (&self.auth.oidc, oidc_at)
+                    && let Err(e) = crate::oidc::Oidc::new(c)
+                {
+                    self.errs.push(src.error(at, "auth.oidc", e).with_help(
+                        "[auth.oidc] issuer = \"https://login.example.com/\", audience = \"cascade\", jwks_url = \"https://login.example.com/jwks\"",
+                    ));
+                }
                 if let (Some(keys), Some(at)) = (keys, keys_at) {
                     self.auth.api_keys = keys;
-                    if let Err(e) = crate::auth::Authenticator::new(&self.auth) {
+                    let keys_only = crate::auth::AuthSettings {
+                        oidc: None,
+                        ..self.auth.clone()
+                    };
+                    if let Err(e) = crate::auth::Authenticator::new(&keys_only) {
                         self.errs.push(src.error(at, "auth.api_keys", e).with_help(
                             "`cascade keys create --tenant T --roles submit,read` prints a key and the [[auth.api_keys]] table to append",
                         ));
