@@ -10,7 +10,7 @@
 //! process's CPU time for each run (server and clients share the process).
 //!
 //! `cargo bench --bench grpc_load` (`GRPC_LOAD_SECS`, `GRPC_LOAD_CLIENTS` to change the run;
-//! `GRPC_LOAD=throughput`, `GRPC_LOAD=approvals` or `GRPC_LOAD=watchers` for one part,
+//! `GRPC_LOAD=throughput`, `GRPC_LOAD=approvals`, `GRPC_LOAD=auth` or `GRPC_LOAD=watchers` for one part,
 //! `GRPC_WATCH_JOBS` for the watched jobs, `GRPC_IDLE_UNWATCHED=1` to start the idle jobs without
 //! watching them, `GRPC_PARKED_JOBS` for the jobs parked beside the approval-free graph).
 //!
@@ -60,8 +60,29 @@ after = ["review"]
 max_concurrency = 512
 "#;
 
+/// Sends a request's credential, if it has one.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Client = CascadeClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
+/// A client on `channel` that sends `token` (none: no credential).
+fn client_of(channel: Channel, token: Option<&str>) -> Client {
+    let header = token.map(|t| format!("Bearer {t}").parse().expect("ASCII"));
+    CascadeClient::with_interceptor(channel, Bearer(header))
+}
+
 /// Submit `{"n": n}` to `graph`; returns the job id.
-async fn submit(c: &mut CascadeClient<Channel>, graph: &str, n: u64) -> String {
+async fn submit(c: &mut Client, graph: &str, n: u64) -> String {
     c.submit_job(pb::SubmitJobRequest {
         graph: graph.into(),
         input_json: format!(r#"{{"n": {n}}}"#),
@@ -73,7 +94,7 @@ async fn submit(c: &mut CascadeClient<Channel>, graph: &str, n: u64) -> String {
     .job_id
 }
 
-async fn one_job(c: &mut CascadeClient<Channel>, n: u64) -> Duration {
+async fn one_job(c: &mut Client, n: u64) -> Duration {
     let t = Instant::now();
     let id = submit(c, "pipeline", n).await;
     let submit = t.elapsed();
@@ -140,7 +161,7 @@ async fn run(label: &str, store: Arc<dyn JobStore>, clients: usize, secs: u64) {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..clients {
-        let mut c = CascadeClient::new(channel.clone());
+        let mut c = client_of(channel.clone(), None);
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -171,7 +192,7 @@ async fn run(label: &str, store: Arc<dyn JobStore>, clients: usize, secs: u64) {
     let mut tasks = Vec::with_capacity(n as usize);
     for i in 0..n {
         ticker.tick().await;
-        let mut c = CascadeClient::new(channel.clone());
+        let mut c = client_of(channel.clone(), None);
         tasks.push(tokio::spawn(async move {
             one_job(&mut c, (1u64 << 62) + i).await
         }));
@@ -241,7 +262,7 @@ enum Follow {
 }
 
 /// Submit to `watched` and follow the job to its end; returns the number of messages received.
-async fn follow_one(c: &mut CascadeClient<Channel>, n: u64, how: Follow) -> u64 {
+async fn follow_one(c: &mut Client, n: u64, how: Follow) -> u64 {
     let id = submit(c, "watched", n).await;
     let mut received = 0;
     match how {
@@ -277,7 +298,7 @@ async fn follow_all(channel: &Channel, jobs: u64, clients: u64, how: Follow) -> 
     let (cpu, wall) = (common::cpu_seconds(), Instant::now());
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let mut c = CascadeClient::new(channel.clone());
+        let mut c = client_of(channel.clone(), None);
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
             let mut received = 0;
@@ -322,7 +343,7 @@ async fn watcher_cost(jobs: u64) {
     for k in 0..100 {
         let ch = connect(&server).await;
         for j in 0..100 {
-            let mut c = CascadeClient::new(ch.clone());
+            let mut c = client_of(ch.clone(), None);
             let id = submit(&mut c, "idle", k * 100 + j).await;
             if std::env::var_os("GRPC_IDLE_UNWATCHED").is_some() {
                 continue;
@@ -400,13 +421,18 @@ approval = "required"
 /// Jobs of the approval-free pipeline, end to end over gRPC, that `clients` closed-loop clients
 /// complete per second for `secs` seconds, and the process's CPU time per job (server and
 /// clients), in microseconds: steadier than the rate on a shared machine.
-async fn closed_loop(channel: &Channel, clients: usize, secs: u64) -> (f64, f64) {
+async fn closed_loop(
+    channel: &Channel,
+    clients: usize,
+    secs: u64,
+    token: Option<&str>,
+) -> (f64, f64) {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let cpu = common::cpu_seconds();
     let mut tasks = Vec::new();
     for w in 0..clients {
-        let mut c = CascadeClient::new(channel.clone());
+        let mut c = client_of(channel.clone(), token);
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut done = 0u64;
@@ -480,6 +506,99 @@ async fn approvals_cost(clients: usize, secs: u64, parked: usize, rounds: usize)
     );
 }
 
+/// What authentication costs: the same closed loop (in-memory store, so that the engine's own
+/// work is small beside what is measured) without authentication, with an API key (SHA-256),
+/// and with an OIDC JWT (ES256, its key set from a file; every client sends the same token, so
+/// its signature is checked once and then remembered). Measured `rounds` times in rotating
+/// order; the medians.
+async fn auth_cost(clients: usize, secs: u64, rounds: usize) {
+    use base64::Engine;
+    use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // An issuer's key, its key set, and a token it signed.
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).expect("key");
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+        .expect("key");
+    let public = pair.public_key().as_ref();
+    let jwks = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "bench", "alg": "ES256", "use": "sig",
+        "x": b64(&public[1..33]), "y": b64(&public[33..65])}]});
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).expect("write");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let signed =
+        format!(
+        "{}.{}",
+        b64(br#"{"alg":"ES256","typ":"JWT","kid":"bench"}"#),
+        b64(serde_json::json!({"iss": "https://bench.example/", "aud": "cascade", "sub": "bench",
+            "tenant": "bench", "roles": ["submit", "read"], "iat": now, "exp": now + 24 * 3600})
+            .to_string()
+            .as_bytes())
+    );
+    let sig = pair.sign(&rng, signed.as_bytes()).expect("sign");
+    let jwt = format!("{signed}.{}", b64(sig.as_ref()));
+    let key = cascade_orchestrator::auth::generate_key();
+    std::fs::write(dir.path().join("load.toml"), GRAPH).expect("write");
+    let configs = [
+        ("none", String::new(), None),
+        (
+            "API key (SHA-256)",
+            format!(
+                "[[auth.api_keys]]\nname = \"bench\"\ntenant = \"bench\"\nroles = [\"submit\", \"read\"]\nhash = \"{}\"\n",
+                cascade_orchestrator::auth::sha256_hash(&key)
+            ),
+            Some(key.clone()),
+        ),
+        (
+            "OIDC JWT (ES256)",
+            format!(
+                "[auth.oidc]\nissuer = \"https://bench.example/\"\naudience = \"cascade\"\njwks_file = {:?}\n",
+                dir.path().join("jwks.json").display().to_string()
+            ),
+            Some(jwt.clone()),
+        ),
+    ];
+    let mut results: Vec<Vec<(f64, f64)>> = vec![Vec::new(); configs.len()];
+    for round in 0..rounds {
+        for k in 0..configs.len() {
+            let i = (k + round) % configs.len();
+            let (_, auth, token) = &configs[i];
+            let path = dir.path().join("cascade.toml");
+            std::fs::write(&path, format!("graphs = [\"load.toml\"]\n{auth}")).expect("write");
+            let model = config::load(Some(&path), &[], &Default::default()).expect("config");
+            let (orch, server, channel) = serve(model, Arc::new(MemoryStore::new())).await;
+            // Warm: connections, the first verification.
+            closed_loop(&channel, clients, 1, token.as_deref()).await;
+            results[i].push(closed_loop(&channel, clients, secs, token.as_deref()).await);
+            server.stop().await;
+            orch.shutdown(Duration::from_secs(10)).await;
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut base = (0.0, 0.0);
+    for (i, (label, _, _)) in configs.iter().enumerate() {
+        let mut rates: Vec<f64> = results[i].iter().map(|r| r.0).collect();
+        let mut cpus: Vec<f64> = results[i].iter().map(|r| r.1).collect();
+        let (rate, cpu) = (median(&mut rates), median(&mut cpus));
+        if i == 0 {
+            base = (rate, cpu);
+            println!("{label:<20} {rate:>8.0} jobs/s   {cpu:>7.1} µs CPU/job");
+        } else {
+            println!(
+                "{label:<20} {rate:>8.0} jobs/s ({:+.1} %)   {cpu:>7.1} µs CPU/job ({:+.1} %)",
+                (rate / base.0 - 1.0) * 100.0,
+                (cpu / base.1 - 1.0) * 100.0
+            );
+        }
+    }
+}
+
 /// One measurement of [`approvals_cost`]: a fresh store (and audit log), `park` jobs parked, then
 /// the closed loop; the rate and a note on what parking took.
 async fn measure_variant(
@@ -528,7 +647,7 @@ async fn measure_variant(
         String::new()
     };
     let (server, channel) = serve_orchestrator(&orch).await;
-    let (rate, cpu) = closed_loop(&channel, clients, secs).await;
+    let (rate, cpu) = closed_loop(&channel, clients, secs, None).await;
     server.stop().await;
     orch.shutdown(Duration::from_secs(10)).await;
     store.flush().await.expect("flush");
@@ -553,6 +672,11 @@ fn main() {
             println!("cost of the audit log and of parked jobs to an approval-free graph: 5-step zero-latency graph, SQLite store, {clients} clients, {secs} s each");
             let rounds: usize = common::env_or("GRPC_ROUNDS", 3);
             approvals_cost(clients, secs, parked, rounds).await;
+        }
+        if part.is_empty() || part == "auth" {
+            let rounds: usize = common::env_or("GRPC_ROUNDS", 3);
+            println!("cost of authentication: 5-step zero-latency graph, in-memory store, {clients} clients, {secs} s each, {rounds} rounds");
+            auth_cost(clients, secs, rounds).await;
         }
         if part.is_empty() || part == "watchers" {
             let jobs: u64 = common::env_or("GRPC_WATCH_JOBS", 20_000);

@@ -677,7 +677,6 @@ async fn jwts_are_verified_against_the_providers_keys_and_a_rotation_is_picked_u
         .unwrap()
         .into_inner();
     assert_eq!(job.tenant, "acme");
-    assert_eq!(job.labels[auth::SUBMITTER_LABEL], "cascade-tests");
     // The same token over HTTP.
     let r = reqwest::Client::new()
         .get(format!("http://{}/api/jobs/{id}", server.http_addr))

@@ -421,7 +421,7 @@ impl pb::cascade_server::Cascade for CascadeService {
                     r.labels.into_iter().collect();
                 // Who submitted it, for approval separation (a caller's own label of the name
                 // is overwritten: it cannot pose as another).
-                if self.auth.enabled() {
+                if self.auth.enabled() && self.orch.model().auth.approval_separation {
                     labels.insert(crate::auth::SUBMITTER_LABEL.into(), who.name.to_string());
                 }
                 labels
