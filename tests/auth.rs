@@ -114,6 +114,26 @@ async fn client(grpc: std::net::SocketAddr, key: Option<&str>) -> Client {
     CascadeClient::with_interceptor(channel, add)
 }
 
+/// Approval `id` as `c` reads it, once it is proposed (30 s at most).
+async fn proposed(c: &mut Client, id: &str) -> pb::Approval {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(a) = c
+            .get_approval(pb::GetApprovalRequest {
+                approval_id: id.to_string(),
+            })
+            .await
+        {
+            return a.into_inner();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{id} was never proposed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn submit(graph: &str, tenant: &str) -> pb::SubmitJobRequest {
     pb::SubmitJobRequest {
         graph: graph.into(),
@@ -239,19 +259,7 @@ async fn every_rpc_checks_its_role_and_tenants_see_only_their_own() {
 
     // Approvals: the role, the tenant, and the approver the credential names.
     let approval_id = format!("{id}/pay");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let approval = loop {
-        if let Ok(a) = lead
-            .get_approval(pb::GetApprovalRequest {
-                approval_id: approval_id.clone(),
-            })
-            .await
-        {
-            break a.into_inner();
-        }
-        assert!(std::time::Instant::now() < deadline, "never proposed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let approval = proposed(&mut lead, &approval_id).await;
     let decide = |key_holder: &str| pb::ResolveApprovalRequest {
         approval_id: approval_id.clone(),
         proposal_sha256: approval.proposal_sha256.clone(),
@@ -545,19 +553,7 @@ async fn the_submitter_of_a_job_may_not_approve_its_calls_with_separation_on() {
         .insert(auth::SUBMITTER_LABEL.into(), "checker".into());
     let id = maker_c.submit_job(req).await.unwrap().into_inner().job_id;
     let approval_id = format!("{id}/pay");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let approval = loop {
-        if let Ok(a) = checker_c
-            .get_approval(pb::GetApprovalRequest {
-                approval_id: approval_id.clone(),
-            })
-            .await
-        {
-            break a.into_inner();
-        }
-        assert!(std::time::Instant::now() < deadline, "never proposed");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let approval = proposed(&mut checker_c, &approval_id).await;
     let decide = pb::ResolveApprovalRequest {
         approval_id: approval_id.clone(),
         proposal_sha256: approval.proposal_sha256.clone(),

@@ -27,17 +27,27 @@ async fn settled(
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parallel_calls_then_an_approved_close_each_journaled_and_made_once() {
+/// What [`until_parked`] started: the stand-ins, the orchestrator, and the job, parked.
+struct Parked {
+    sim: model::Model,
+    orch: Orchestrator,
+    id: cascade_orchestrator::job::JobId,
+    job: cascade_orchestrator::job::JobRecord,
+    _dir: tempfile::TempDir,
+}
+
+/// The desk and a simulated model speaking `provider`, an orchestrator on the support graph
+/// (with `extra` lines for its agent), and one job of it, run until it parks for the close's
+/// approval.
+async fn until_parked(provider: &str, extra: &str, desk: &desk::Desk) -> Parked {
     set_key();
-    let desk = desk::Desk::default();
     let desk_port = desk::serve(desk.clone()).await;
     let sim = model::Model::default();
     let llm_port = model::serve(sim.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let orch = Orchestrator::builder(load(
         dir.path(),
-        &graph(llm_port, "openai", ""),
+        &graph(llm_port, provider, extra),
         &servers(desk_port),
     ))
     .start()
@@ -51,13 +61,27 @@ async fn parallel_calls_then_an_approved_close_each_journaled_and_made_once() {
         .await
         .unwrap()
         .id;
-    let parked = settled(&orch, id).await;
-    assert_eq!(
-        parked.state,
-        JobState::AwaitingApproval,
-        "{:?}",
-        parked.error
-    );
+    let job = settled(&orch, id).await;
+    assert_eq!(job.state, JobState::AwaitingApproval, "{:?}", job.error);
+    Parked {
+        sim,
+        orch,
+        id,
+        job,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_calls_then_an_approved_close_each_journaled_and_made_once() {
+    let desk = desk::Desk::default();
+    let Parked {
+        sim,
+        orch,
+        id,
+        job: parked,
+        ..
+    } = until_parked("openai", "", &desk).await;
     // Both lookups ran, side by side, with the model's arguments, each once; the close waits.
     assert_eq!(
         (desk.count("lookup_customer"), desk.count("search_tickets")),
@@ -193,35 +217,8 @@ async fn parallel_calls_then_an_approved_close_each_journaled_and_made_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_tool_call_is_what_the_model_reads_and_the_step_goes_on() {
-    set_key();
     let desk = desk::Desk::default();
-    let desk_port = desk::serve(desk.clone()).await;
-    let sim = model::Model::default();
-    let llm_port = model::serve(sim.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let orch = Orchestrator::builder(load(
-        dir.path(),
-        &graph(llm_port, "anthropic", ""),
-        &servers(desk_port),
-    ))
-    .start()
-    .await
-    .unwrap();
-    let id = orch
-        .submit(SubmitRequest::new(
-            "support",
-            json!({"email": "ada@example.com"}),
-        ))
-        .await
-        .unwrap()
-        .id;
-    let parked = settled(&orch, id).await;
-    assert_eq!(
-        parked.state,
-        JobState::AwaitingApproval,
-        "{:?}",
-        parked.error
-    );
+    let Parked { sim, orch, id, .. } = until_parked("anthropic", "", &desk).await;
     let v = orch.approval(&format!("{id}/triage/5")).unwrap();
     orch.resolve_approval(
         &v.approval.id,
@@ -462,36 +459,14 @@ async fn kill_9_mid_loop_resumes_from_the_journal_and_every_tool_call_is_made_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approved_call_that_timed_out_is_made_again_with_its_key_without_asking_again() {
-    set_key();
     let desk = desk::Desk::default();
     desk.slow_close.store(true, Ordering::SeqCst);
-    let desk_port = desk::serve(desk.clone()).await;
-    let llm_port = model::serve(model::Model::default()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let g = graph(
-        llm_port,
+    let Parked { orch, id, .. } = until_parked(
         "openai",
         "timeout = \"1s\"\nretry = { max_attempts = 3, initial_delay = \"50ms\" }",
-    );
-    let orch = Orchestrator::builder(load(dir.path(), &g, &servers(desk_port)))
-        .start()
-        .await
-        .unwrap();
-    let id = orch
-        .submit(SubmitRequest::new(
-            "support",
-            json!({"email": "ada@example.com"}),
-        ))
-        .await
-        .unwrap()
-        .id;
-    let parked = settled(&orch, id).await;
-    assert_eq!(
-        parked.state,
-        JobState::AwaitingApproval,
-        "{:?}",
-        parked.error
-    );
+        &desk,
+    )
+    .await;
     let done = common::approve_and_wait(&orch, &format!("{id}/triage/5"), "lead").await;
     assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
     // The first close timed out (the desk got it); the step's retry made it again under the
