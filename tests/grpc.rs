@@ -828,3 +828,69 @@ async fn an_open_watch_stream_does_not_hold_the_shutdown() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     h.orch.shutdown(Duration::ZERO).await;
 }
+
+/// What a caller sent comes back cut in an error (a 4 KB job id, a 64 KB graph name would push
+/// the status past a client's 8 KiB metadata limit, and the caller would read "Stream removed"
+/// instead of the error), and a callback URL's credentials are never shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_quote_the_callers_text_cut_and_callback_credentials_stay_hidden() {
+    let mut h = start().await;
+    let err = h
+        .client
+        .get_job(pb::GetJobRequest {
+            job_id: "j".repeat(4096),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().len() < 512, "{} bytes", err.message().len());
+    assert!(err.message().contains("(4096 bytes)"), "{}", err.message());
+    for err in [
+        h.client
+            .submit_job(pb::SubmitJobRequest {
+                graph: "g".repeat(65_536),
+                input_json: "{}".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err(),
+        h.client
+            .get_graph(pb::GetGraphRequest {
+                name: "g".repeat(65_536),
+            })
+            .await
+            .unwrap_err(),
+        h.client
+            .get_approval(pb::GetApprovalRequest {
+                approval_id: "a".repeat(10_000),
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(err.code(), Code::NotFound | Code::InvalidArgument),
+            "{err:?}"
+        );
+        assert!(err.message().len() < 512, "{} bytes", err.message().len());
+    }
+    let id = h
+        .client
+        .submit_job(pb::SubmitJobRequest {
+            graph: "triage".into(),
+            input_json: r#"{"ticket": 1}"#.into(),
+            callback_url: "http://ops:hunter2@127.0.0.1:9/done".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let job = h
+        .client
+        .get_job(pb::GetJobRequest { job_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    let url = job.callback.unwrap().url;
+    assert_eq!(url, "http://***@127.0.0.1:9/done");
+}

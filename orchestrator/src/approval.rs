@@ -106,21 +106,23 @@ pub fn approval_id(job: JobId, agent: &str) -> String {
 /// call `n` of a tool-using step's journal.
 pub fn parse_approval_id(id: &str) -> Result<(JobId, &str), String> {
     let (job, rest) = id.split_once('/').ok_or_else(|| {
-        format!("approval id {id:?} is not <job id>/<agent>; copy it from ListApprovals or `cascade approvals list`")
+        format!("approval id {} is not <job id>/<agent>; copy it from ListApprovals or `cascade approvals list`", crate::text::echo(id))
     })?;
     let job: JobId = job.parse()?;
     let agent = match rest.split_once('/') {
         Some((agent, n)) if n.parse::<u32>().is_ok_and(|n| n > 0) => agent,
         Some(_) => {
             return Err(format!(
-                "approval id {id:?} is not <job id>/<agent> or <job id>/<agent>/<n>; copy it from ListApprovals or `cascade approvals list`"
+                "approval id {} is not <job id>/<agent> or <job id>/<agent>/<n>; copy it from ListApprovals or `cascade approvals list`",
+                crate::text::echo(id)
             ));
         }
         None => rest,
     };
     if agent.is_empty() {
         return Err(format!(
-            "approval id {id:?} does not name one agent of the job; copy it from ListApprovals or `cascade approvals list`"
+            "approval id {} does not name one agent of the job; copy it from ListApprovals or `cascade approvals list`",
+            crate::text::echo(id)
         ));
     }
     Ok((job, agent))
@@ -146,7 +148,7 @@ pub enum ApprovalError {
     InvalidId(String),
     #[error("{0}")]
     InvalidRequest(String),
-    #[error("approval {0} not found; `cascade approvals list` shows those waiting")]
+    #[error("approval {} not found; `cascade approvals list` shows those waiting", crate::text::echo(.0))]
     NotFound(String),
     #[error(
         "the proposal of {id} has SHA-256 {current}, and the decision names {given}: it was made on a stale or wrong proposal. Read it again (GetApproval, `cascade approvals show {id}`) and decide on what it says now"

@@ -41,7 +41,10 @@ impl FromStr for JobId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Uuid::parse_str(s.trim()).map(Self).map_err(|e| {
-            format!("invalid job id {s:?}: {e}; job ids are UUIDs as returned by submit")
+            format!(
+                "invalid job id {}: {e}; job ids are UUIDs as returned by submit",
+                crate::text::echo(s)
+            )
         })
     }
 }

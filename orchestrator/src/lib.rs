@@ -27,6 +27,7 @@ pub mod server;
 pub mod signal;
 pub mod store;
 pub mod telemetry;
+pub mod text;
 
 pub use cascade_agents as agents;
 

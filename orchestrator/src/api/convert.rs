@@ -111,7 +111,7 @@ pub fn job_to_pb(r: &JobRecord) -> pb::Job {
         callback: r
             .callback_url
             .as_deref()
-            .map(|u| callback(u, r.callback.as_deref())),
+            .map(|u| callback(&crate::text::without_credentials(u), r.callback.as_deref())),
         budget: r.budget.map(budget_to_pb),
         tenant: r.tenant.clone(),
     }

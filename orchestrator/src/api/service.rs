@@ -486,7 +486,10 @@ impl pb::cascade_server::Cascade for CascadeService {
         };
         for pair in r.label_selector.split(',').filter(|p| !p.trim().is_empty()) {
             let (k, v) = pair.split_once('=').ok_or_else(|| {
-                bad_request("label_selector", format!("{pair:?} is not key=value"))
+                bad_request(
+                    "label_selector",
+                    format!("{} is not key=value", crate::text::echo(pair)),
+                )
             })?;
             filter
                 .labels
@@ -579,10 +582,15 @@ impl pb::cascade_server::Cascade for CascadeService {
                 .iter()
                 .map(|n| n.to_string())
                 .collect();
-            let hint = nearest(g, names.iter().map(String::as_str))
+            let hint = (g.len() <= 256)
+                .then(|| nearest(g, names.iter().map(String::as_str)))
+                .flatten()
                 .map(|n| format!("; did you mean {n:?}?"))
                 .unwrap_or_default();
-            return Err(Status::not_found(format!("graph {g:?} not found{hint}")));
+            return Err(Status::not_found(format!(
+                "graph {} not found{hint}",
+                crate::text::echo(g)
+            )));
         }
         // The caller's tenant's approvals only (filtered in the store, before the page).
         let after = (!r.page_token.is_empty()).then_some(r.page_token.as_str());
@@ -763,10 +771,13 @@ impl CascadeService {
 
     fn unknown_graph(&self, name: &str) -> Status {
         let names = self.orch.graph_names();
-        let hint = nearest(name, names.iter().map(|n| &**n))
+        // (A name far longer than any graph's is nearest to none.)
+        let hint = (name.len() <= 256)
+            .then(|| nearest(name, names.iter().map(|n| &**n)))
+            .flatten()
             .map(|n| format!("; did you mean {n:?}?"))
             .unwrap_or_default();
-        Status::not_found(format!("unknown graph {name:?}{hint}"))
+        Status::not_found(format!("unknown graph {}{hint}", crate::text::echo(name)))
     }
 }
 

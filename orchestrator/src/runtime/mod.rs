@@ -336,8 +336,12 @@ impl Orchestrator {
         self.graphs
             .get(name)
             .ok_or_else(|| SubmitError::UnknownGraph {
-                graph: name.to_string(),
-                suggestion: nearest(name, self.graphs.keys().map(|k| &**k)).map(String::from),
+                // Quoted back cut (the message is `{graph:?}`, so without the quotes here).
+                graph: name.chars().take(crate::text::ECHO_CHARS).collect(),
+                suggestion: (name.len() <= 256)
+                    .then(|| nearest(name, self.graphs.keys().map(|k| &**k)))
+                    .flatten()
+                    .map(String::from),
             })
     }
 
