@@ -541,3 +541,81 @@ async fn vanished_watchers_are_freed_at_once() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A connection that sends nothing (gRPC), or its first request's headers never whole (HTTP), is
+/// closed once the first-request limit passes, and counted; a client that does send goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_first_request_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let model = cascade_orchestrator::config::parse_graph_str(
+        "g.toml",
+        "[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let orch = std::sync::Arc::new(
+        cascade_orchestrator::Orchestrator::builder(model)
+            .start()
+            .await
+            .unwrap(),
+    );
+    let server = cascade_orchestrator::server::start(
+        orch.clone(),
+        cascade_orchestrator::server::ServerOptions {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            first_request_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        // gRPC: connected, silent.
+        idle.push(
+            tokio::net::TcpStream::connect(server.grpc_addr)
+                .await
+                .unwrap(),
+        );
+        // HTTP: headers begun, never ended.
+        let mut s = tokio::net::TcpStream::connect(server.http_addr)
+            .await
+            .unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        idle.push(s);
+    }
+    let started = Instant::now();
+    for mut s in idle {
+        // Closed by the server: end of stream (or a reset), well before the test's own limit.
+        // (An HTTP/2 server speaks first: its settings come before the end.)
+        let closed = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 256];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(closed.is_ok(), "the server kept the connection open");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // A client that sends its request is served.
+    let r = reqwest::get(format!("http://{}/healthz", server.http_addr))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = reqwest::get(format!("http://{}/metrics", server.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let closed = metric(&text, "cascade_slow_connections_closed_total").unwrap_or(0.0);
+    assert!(closed >= 40.0, "{closed}");
+    server.stop().await;
+}

@@ -80,7 +80,13 @@ pub struct Acceptor {
     http: bool,
     name: &'static str,
     backoff: Duration,
+    /// How long a new connection may take to send its first request's headers (HTTP) or the
+    /// HTTP/2 preface (gRPC) before it is closed.
+    first_request: Duration,
 }
+
+/// The default of [`Acceptor::first_request_within`].
+pub const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Acceptor {
     pub fn new(listener: TcpListener, budget: Budget, name: &'static str, http: bool) -> Self {
@@ -90,7 +96,17 @@ impl Acceptor {
             http,
             name,
             backoff: Duration::ZERO,
+            first_request: FIRST_REQUEST_TIMEOUT,
         }
+    }
+
+    /// Close a connection that has not sent its first request's headers (HTTP/1) or the HTTP/2
+    /// preface within `limit` of being accepted: one that connects and then sends nothing, or
+    /// its headers a byte at a time, holds a slot of the connection budget for nothing. (It reads
+    /// the plaintext: under TLS it belongs above the TLS layer.)
+    pub fn first_request_within(mut self, limit: Duration) -> Self {
+        self.first_request = limit;
+        self
     }
 
     async fn slot(&self) -> OwnedSemaphorePermit {
@@ -121,6 +137,10 @@ impl Acceptor {
                         stream,
                         _slot: slot,
                         _gauge: Gauge::new(self.name),
+                        first: Some(First {
+                            deadline: Box::pin(tokio::time::sleep(self.first_request)),
+                            seen: Seen::default(),
+                        }),
                     };
                     return (conn, addr);
                 }
@@ -188,6 +208,35 @@ pub struct Conn {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
     _gauge: Gauge,
+    /// Until its first request is in: the deadline, and what has arrived of it.
+    first: Option<First>,
+}
+
+struct First {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    seen: Seen,
+}
+
+/// What has arrived of a connection's first request: the bytes so far, and the last three (an
+/// HTTP/1 request's headers end at the first blank line, `\r\n\r\n`).
+#[derive(Default)]
+struct Seen {
+    bytes: usize,
+    tail: [u8; 3],
+}
+
+impl Seen {
+    /// Take in `data`; whether the first request's headers are in. The HTTP/2 client preface
+    /// (`PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`) holds a blank line too, so one rule serves both.
+    fn take(&mut self, data: &[u8]) -> bool {
+        let mut window: Vec<u8> = Vec::with_capacity(3 + data.len());
+        window.extend_from_slice(&self.tail[3 - self.bytes.min(3)..]);
+        window.extend_from_slice(data);
+        self.bytes += data.len();
+        let n = window.len();
+        self.tail[3 - n.min(3)..].copy_from_slice(&window[n - n.min(3)..]);
+        window.windows(4).any(|w| w == b"\r\n\r\n")
+    }
 }
 
 impl Conn {
@@ -202,7 +251,24 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.stream().poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(first) = &mut this.first
+            && first.deadline.as_mut().poll(cx).is_ready()
+        {
+            metrics::counter!(crate::metrics::SLOW_CONNECTIONS).increment(1);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the first request did not arrive in time",
+            )));
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(first)) = (&read, &mut this.first)
+            && first.seen.take(&buf.filled()[before..])
+        {
+            this.first = None;
+        }
+        read
     }
 }
 
@@ -260,6 +326,23 @@ impl axum::serve::Listener for Acceptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_first_request_is_in_at_its_blank_line_however_it_is_cut() {
+        let whole = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        for cut in 1..whole.len() {
+            let mut seen = Seen::default();
+            let mut done = false;
+            for chunk in whole.chunks(cut) {
+                done = seen.take(chunk);
+            }
+            assert!(done, "cut every {cut} bytes");
+        }
+        let mut seen = Seen::default();
+        assert!(!seen.take(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(seen.take(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
+        assert!(!Seen::default().take(b"\r\n\r"));
+    }
 
     #[test]
     fn the_budget_leaves_room_and_has_a_floor() {

@@ -61,6 +61,7 @@ pub const BUDGET_BREACHES: &str = "cascade_budget_breaches_total";
 pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
 pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
 pub const SUB_STEPS: &str = "cascade_sub_steps_total";
+pub const SLOW_CONNECTIONS: &str = "cascade_slow_connections_closed_total";
 pub const AUDIT_QUEUE_DEPTH: &str = "cascade_audit_queue_depth";
 pub const AUDIT_RECORDS: &str = "cascade_audit_records_total";
 pub const AUDIT_WRITE_FAILURES: &str = "cascade_audit_write_failures_total";
@@ -82,6 +83,11 @@ pub fn describe() {
         APPROVAL_WAIT,
         Unit::Seconds,
         "Time from a proposal to its decision, by graph and outcome."
+    );
+    describe_counter!(
+        SLOW_CONNECTIONS,
+        Unit::Count,
+        "Connections closed because their first request's headers (or the HTTP/2 preface) did not arrive within the limit."
     );
     describe_counter!(
         SUB_STEPS,

@@ -43,6 +43,9 @@ pub struct ServerOptions {
     pub audit: Option<Arc<crate::audit::log::AuditLog>>,
     /// `Host` names `/mcp` answers besides loopback ones (`localhost`, `127.0.0.1`, `::1`).
     pub mcp_allowed_hosts: Vec<String>,
+    /// A new connection that has not sent its first request's headers (or the HTTP/2 preface)
+    /// within this is closed.
+    pub first_request_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -57,6 +60,7 @@ impl Default for ServerOptions {
             callback_concurrency_per_host: 8,
             audit: None,
             mcp_allowed_hosts: Vec::new(),
+            first_request_timeout: crate::listen::FIRST_REQUEST_TIMEOUT,
         }
     }
 }
@@ -238,8 +242,10 @@ pub async fn start(
         connections = budget.capacity,
         "connection budget from RLIMIT_NOFILE"
     );
-    let grpc = crate::listen::Acceptor::new(grpc, budget.clone(), "grpc", false);
-    let http = crate::listen::Acceptor::new(http, budget, "http", true);
+    let grpc = crate::listen::Acceptor::new(grpc, budget.clone(), "grpc", false)
+        .first_request_within(options.first_request_timeout);
+    let http = crate::listen::Acceptor::new(http, budget, "http", true)
+        .first_request_within(options.first_request_timeout);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
     crate::metrics::install();
