@@ -894,3 +894,16 @@ async fn errors_quote_the_callers_text_cut_and_callback_credentials_stay_hidden(
     let url = job.callback.unwrap().url;
     assert_eq!(url, "http://***@127.0.0.1:9/done");
 }
+
+/// A request over the server's message limit is RESOURCE_EXHAUSTED (what gRPC clients expect of
+/// a limit), not OUT_OF_RANGE; one over `max_input_bytes` but within the limit names the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_message_is_resource_exhausted() {
+    let mut h = start().await;
+    let huge = format!(r#"{{"blob": "{}"}}"#, "x".repeat(5 << 20));
+    let err = h.submit(&huge, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("too large"), "{}", err.message());
+    // The server goes on.
+    h.submit(r#"{"ticket": 1}"#, "").await.unwrap();
+}

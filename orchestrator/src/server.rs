@@ -128,6 +128,25 @@ struct HttpState {
 /// answered 503 until the oldest leave the window).
 const REPLAY_GUARD_CAPACITY: usize = 65_536;
 
+/// A request message over the server's size limit: tonic answers OUT_OF_RANGE, and gRPC
+/// clients (and their retry policies) expect RESOURCE_EXHAUSTED for a limit; the answer says so
+/// (the message, with the sizes, stays).
+fn oversize_is_resource_exhausted(
+    mut resp: axum::http::Response<tonic::body::Body>,
+) -> axum::http::Response<tonic::body::Body> {
+    let h = resp.headers_mut();
+    let oversize = h.get("grpc-status").is_some_and(|v| v == "11")
+        && h.get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message length too large") || m.contains("length%20too%20large")
+            });
+    if oversize {
+        h.insert("grpc-status", axum::http::HeaderValue::from_static("8"));
+    }
+    resp
+}
+
 /// What the HTTP routes ask of a caller.
 #[derive(Clone)]
 struct HttpAuth {
@@ -272,6 +291,9 @@ pub async fn start(
             // that died) is noticed by its missing ping answers, and its streams are dropped.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(tower::util::MapResponseLayer::new(
+                oversize_is_resource_exhausted,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
