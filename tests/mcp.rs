@@ -483,22 +483,30 @@ async fn a_server_takes_an_api_key_or_a_named_basic_credential() {
     }
     let graph = "[graph]\nname = \"books\"\n[agents.post]\nkind = \"mcp\"\nserver = \"ledger\"\ntool = \"post_entry\"\narguments = { amount = \"{{= input.amount }}\" }\napproval = \"never\"\n";
 
+    // One job through `servers`: it succeeds, and its ledger counted one call.
+    let one_post = |servers: String, ledger: ledger::Ledger| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let orch = Orchestrator::builder(load_with(dir.path(), graph, &servers))
+            .start()
+            .await
+            .unwrap();
+        let job = common::run_one(&orch, "books", json!({"amount": 3})).await;
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+        assert_eq!(ledger.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    };
+
     let keyed = ledger::Ledger::default();
     let port = ledger::serve_with(keyed.clone(), |h| {
         h.get("x-ledger-key").and_then(|v| v.to_str().ok()) == Some("ledger-key-5")
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let servers = format!(
-        "[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ api_key = {{ header = \"X-Ledger-Key\", value = \"env:CASCADE_TEST_LEDGER_KEY\" }} }}\n"
-    );
-    let orch = Orchestrator::builder(load_with(dir.path(), graph, &servers))
-        .start()
-        .await
-        .unwrap();
-    let job = common::run_one(&orch, "books", json!({"amount": 3})).await;
-    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
-    assert_eq!(keyed.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    one_post(
+        format!(
+            "[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = {{ api_key = {{ header = \"X-Ledger-Key\", value = \"env:CASCADE_TEST_LEDGER_KEY\" }} }}\n"
+        ),
+        keyed,
+    )
+    .await;
 
     let basic = ledger::Ledger::default();
     let expected = format!(
@@ -509,17 +517,15 @@ async fn a_server_takes_an_api_key_or_a_named_basic_credential() {
         h.get("authorization").and_then(|v| v.to_str().ok()) == Some(expected.as_str())
     })
     .await;
+    one_post(
+        format!(
+            "[credentials.ledger_login]\nbasic = {{ username = \"books\", password = \"env:CASCADE_TEST_LEDGER_PW\" }}\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = \"ledger_login\"\n"
+        ),
+        basic,
+    )
+    .await;
+
     let dir = tempfile::tempdir().unwrap();
-    let servers = format!(
-        "[credentials.ledger_login]\nbasic = {{ username = \"books\", password = \"env:CASCADE_TEST_LEDGER_PW\" }}\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = \"ledger_login\"\n"
-    );
-    let orch = Orchestrator::builder(load_with(dir.path(), graph, &servers))
-        .start()
-        .await
-        .unwrap();
-    let job = common::run_one(&orch, "books", json!({"amount": 4})).await;
-    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
-    assert_eq!(basic.calls.load(std::sync::atomic::Ordering::SeqCst), 1);
 
     let bad = format!(
         "graphs = [\"g.toml\"]\n[mcp_servers.ledger]\nurl = \"http://127.0.0.1:{port}/mcp\"\nauth = \"nope\"\n"

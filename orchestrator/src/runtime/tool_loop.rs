@@ -493,18 +493,7 @@ async fn call_tools(
 ) -> Result<(), AgentError> {
     for (n, c, def, _) in &calls {
         let sub = tool_entry(*n, c, Some(def), SubStepState::Running, String::new(), None);
-        journal.put(sub.clone());
-        let _ = env
-            .shared
-            .store
-            .update(
-                env.job,
-                JobUpdate::SubStep {
-                    step: env.step,
-                    sub: Box::new(sub),
-                },
-            )
-            .map(|e| e.map(|e| env.shared.publish(e)));
+        write(env, journal, sub)?;
     }
     // Every call's start is durable before any is made.
     durable(env).await?;
@@ -562,19 +551,7 @@ async fn call_tools(
         let mut sub = tool_entry(n, &c, Some(&def), state, text, error.as_deref());
         sub.result_bytes = bytes;
         sub.started_at = started_at;
-        count(env, &sub);
-        journal.put(sub.clone());
-        let _ = env
-            .shared
-            .store
-            .update(
-                env.job,
-                JobUpdate::SubStep {
-                    step: env.step,
-                    sub: Box::new(sub),
-                },
-            )
-            .map(|e| e.map(|e| env.shared.publish(e)));
+        write(env, journal, sub)?;
     }
     durable(env).await?;
     match first_error {
@@ -676,6 +653,12 @@ fn count(env: &LoopEnv, sub: &SubStep) {
 
 /// Record `sub` in the journal and the store, durably, before anything else happens.
 async fn record(env: &LoopEnv, journal: &mut Journal, sub: SubStep) -> Result<(), AgentError> {
+    write(env, journal, sub)?;
+    durable(env).await
+}
+
+/// Put `sub` in the journal and the store (not yet durable: see [`durable`]), and count it.
+fn write(env: &LoopEnv, journal: &mut Journal, sub: SubStep) -> Result<(), AgentError> {
     count(env, &sub);
     journal.put(sub.clone());
     match env.shared.store.update(
@@ -693,7 +676,7 @@ async fn record(env: &LoopEnv, journal: &mut Journal, sub: SubStep) -> Result<()
             )));
         }
     }
-    durable(env).await
+    Ok(())
 }
 
 async fn durable(env: &LoopEnv) -> Result<(), AgentError> {
