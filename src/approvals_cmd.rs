@@ -45,7 +45,7 @@ pub enum ApprovalsCommand {
 
 pub fn run(conn: Conn, cmd: ApprovalsCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
+        let mut client = connect(&conn).await?;
         match cmd {
             ApprovalsCommand::List { graph, limit } => {
                 let resp = client

@@ -28,6 +28,30 @@ pub struct Conn {
     /// Print JSON for scripts instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+    /// PEM CA certificate(s) to verify the server's TLS certificate with (an https:// server
+    /// without it is checked against the system's roots).
+    #[arg(long, env = "CASCADE_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (with --key).
+    #[arg(long, env = "CASCADE_CERT", global = true, requires = "key")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of --cert.
+    #[arg(long, env = "CASCADE_KEY", global = true, requires = "cert")]
+    pub key: Option<PathBuf>,
+}
+
+impl Conn {
+    /// The server at `server`, reached without TLS or a credential (the demo's own server).
+    pub fn local(server: String) -> Self {
+        Self {
+            server,
+            token: None,
+            json: false,
+            ca_file: None,
+            cert: None,
+            key: None,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -115,8 +139,14 @@ impl tonic::service::Interceptor for Token {
 /// A client of the server, with the caller's credential.
 pub type Client = CascadeClient<tonic::service::interceptor::InterceptedService<Channel, Token>>;
 
-pub async fn connect(server: &str, token: Option<&str>) -> anyhow::Result<Client> {
-    let token = match token.map(str::trim).filter(|t| !t.is_empty()) {
+pub async fn connect(conn: &Conn) -> anyhow::Result<Client> {
+    let server = conn.server.as_str();
+    let token = match conn
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
         None => Token(None),
         Some(t) => {
             let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
@@ -127,11 +157,45 @@ pub async fn connect(server: &str, token: Option<&str>) -> anyhow::Result<Client
             Token(Some(v))
         }
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(server.to_string())
-        .with_context(|| format!("{server:?} is not a server address; use http://HOST:PORT"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(server.to_string())
+        .with_context(|| {
+            format!("{server:?} is not a server address; use http://HOST:PORT or https://HOST:PORT")
+        })?
         .connect_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.with_context(|| {
-        format!("cannot reach the Cascade server at {server}; is `cascade serve` running? (--server or CASCADE_SERVER)")
+    let tls_asked = conn.ca_file.is_some() || conn.cert.is_some();
+    if tls_asked && !server.starts_with("https://") {
+        anyhow::bail!(
+            "--ca-file, --cert and --key are for a TLS server: use --server https://HOST:PORT"
+        );
+    }
+    if server.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        tls = match &conn.ca_file {
+            Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(
+                std::fs::read(ca).with_context(|| format!("--ca-file {}", ca.display()))?,
+            )),
+            None => tls.with_native_roots(),
+        };
+        if let (Some(cert), Some(key)) = (&conn.cert, &conn.key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                std::fs::read(cert).with_context(|| format!("--cert {}", cert.display()))?,
+                std::fs::read(key).with_context(|| format!("--key {}", key.display()))?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("the TLS settings (--ca-file, --cert, --key)")?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        // tonic's error says "transport error"; the cause (a refused connection, an untrusted
+        // certificate) is in its source.
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            why = format!("{why}: {s}");
+            source = s.source();
+        }
+        anyhow::anyhow!("cannot reach the Cascade server at {server} ({why}); is `cascade serve` running? (--server or CASCADE_SERVER)")
     })?;
     Ok(CascadeClient::with_interceptor(channel, token))
 }
@@ -329,7 +393,7 @@ fn print_event(e: &pb::JobEvent) {
 
 pub fn submit(conn: Conn, a: SubmitArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
+        let mut client = connect(&conn).await?;
         let mut labels = std::collections::HashMap::new();
         for l in &a.labels {
             let (k, v) = l
@@ -422,7 +486,7 @@ async fn follow(client: &mut Client, job_id: &str, json: bool) -> anyhow::Result
 
 pub fn jobs(conn: Conn, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
+        let mut client = connect(&conn).await?;
         match cmd {
             JobsCommand::List { graph, state, labels, limit } => {
                 let state = match state.as_deref() {
@@ -500,7 +564,7 @@ pub fn jobs(conn: Conn, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
 
 pub fn graph_status(conn: Conn, name: String) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
+        let mut client = connect(&conn).await?;
         let g = client.get_graph(pb::GetGraphRequest { name }).await.map_err(explain)?.into_inner();
         if conn.json {
             let agents: Vec<_> = g
@@ -558,7 +622,7 @@ pub struct TopArgs {
 /// `cascade top`: the dashboard's live state in a terminal, redrawn every interval.
 pub fn top(conn: Conn, a: TopArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
-        let mut client = connect(&conn.server, conn.token.as_deref()).await?;
+        let mut client = connect(&conn).await?;
         let interval = Duration::from_secs_f64(a.interval.max(0.1));
         loop {
             let graphs = match &a.graph {

@@ -91,7 +91,7 @@ async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
         server.http_addr,
         a.data_dir.join("cascade.db").display()
     );
-    let client = connect(&target, None).await?;
+    let client = connect(&crate::client_cmd::Conn::local(target)).await?;
     let bar = ProgressBar::new(a.jobs as u64);
     bar.set_style(
         ProgressStyle::with_template(

@@ -98,6 +98,8 @@ pub fn options(
         o.callback_concurrency_per_host = n;
     }
     o.mcp_allowed_hosts = s.mcp_allowed_hosts.clone();
+    o.tls = s.tls.clone();
+    o.connections_per_address = s.limits.connections_per_address;
     o.webhook_secret = s
         .webhook_secret
         .as_ref()

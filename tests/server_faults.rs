@@ -619,3 +619,76 @@ async fn connections_that_never_finish_their_first_request_are_closed() {
     assert!(closed >= 40.0, "{closed}");
     server.stop().await;
 }
+
+/// One address holds at most `connections_per_address` connections across both listeners: the
+/// next is closed at once and counted, and a freed place lets the address in again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holds_at_most_its_share_of_connections() {
+    use tokio::io::AsyncReadExt;
+    let model = cascade_orchestrator::config::parse_graph_str(
+        "g.toml",
+        "[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n",
+        &Default::default(),
+    )
+    .unwrap();
+    let orch = std::sync::Arc::new(
+        cascade_orchestrator::Orchestrator::builder(model)
+            .start()
+            .await
+            .unwrap(),
+    );
+    let server = cascade_orchestrator::server::start(
+        orch.clone(),
+        cascade_orchestrator::server::ServerOptions {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            connections_per_address: 4,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Two on each listener: the address's share.
+    let mut held = Vec::new();
+    for addr in [server.grpc_addr, server.http_addr] {
+        for _ in 0..2 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+    }
+    // The listeners take them in before the next is refused.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut fifth = tokio::net::TcpStream::connect(server.http_addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), fifth.read(&mut buf))
+        .await
+        .expect("closed at once, not held until the first-request limit");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the fifth connection is closed: {read:?}"
+    );
+    // One place freed: the address is served again.
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let text = client
+        .get(format!("http://{}/metrics", server.http_addr))
+        .send()
+        .await
+        .expect("a freed place lets the address in")
+        .text()
+        .await
+        .unwrap();
+    let refused = text
+        .lines()
+        .find(|l| l.starts_with("cascade_connections_refused_total{listener=\"http\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert_eq!(refused, Some(1.0), "{text}");
+    drop(held);
+    server.stop().await;
+}

@@ -104,10 +104,23 @@ pub struct ApiKeyConfig {
     pub expires: Option<String>,
 }
 
+/// `[[auth.client_certs]]`: the identity of a client that shows a certificate signed by
+/// `[server.tls] client_ca` (mutual TLS) and sends no bearer token.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertConfig {
+    /// The certificate's subject: its common name (`billing-service` or `CN=billing-service`)
+    /// or its whole RFC 4514 subject (`CN=billing-service,O=Acme`).
+    pub subject: String,
+    pub tenant: String,
+    pub roles: Vec<Role>,
+}
+
 /// `[auth]`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AuthSettings {
     pub api_keys: Vec<ApiKeyConfig>,
+    pub client_certs: Vec<ClientCertConfig>,
     /// `[auth.oidc]`: bearer JWTs of an OIDC provider.
     pub oidc: Option<crate::oidc::OidcConfig>,
     pub allow_unauthenticated: bool,
@@ -118,7 +131,7 @@ pub struct AuthSettings {
 impl AuthSettings {
     /// Whether callers must prove who they are.
     pub fn enabled(&self) -> bool {
-        !self.api_keys.is_empty() || self.oidc.is_some()
+        !self.api_keys.is_empty() || self.oidc.is_some() || !self.client_certs.is_empty()
     }
 }
 
@@ -198,6 +211,10 @@ pub enum AuthError {
     Expired(String),
     #[error("the bearer token is refused: {0}")]
     InvalidToken(String),
+    #[error(
+        "the client certificate {0:?} names no identity: add [[auth.client_certs]] subject = \"{0}\" with its tenant and roles, or send a bearer token"
+    )]
+    UnknownCertificate(String),
     #[error("{name:?} may not do this: {what} needs the {needed} role")]
     Forbidden {
         name: String,
@@ -218,7 +235,11 @@ impl AuthError {
     pub fn is_unauthenticated(&self) -> bool {
         matches!(
             self,
-            Self::Missing | Self::Unknown | Self::Expired(_) | Self::InvalidToken(_)
+            Self::Missing
+                | Self::Unknown
+                | Self::Expired(_)
+                | Self::InvalidToken(_)
+                | Self::UnknownCertificate(_)
         )
     }
 
@@ -254,6 +275,7 @@ pub struct Authenticator {
     /// Argon2id checks under way at most; more are refused as busy rather than queued.
     verifying: Arc<tokio::sync::Semaphore>,
     oidc: Option<crate::oidc::Oidc>,
+    client_certs: Vec<ClientCertConfig>,
 }
 
 impl Authenticator {
@@ -301,6 +323,7 @@ impl Authenticator {
                 Some(c) => Some(crate::oidc::Oidc::new(c)?),
                 None => None,
             },
+            client_certs: settings.client_certs.clone(),
         })
     }
 
@@ -313,8 +336,14 @@ impl Authenticator {
         self.enabled
     }
 
-    /// Who sent `authorization` (the header's value, `Bearer <key>`).
-    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+    /// Who sent `authorization` (the header's value, `Bearer <key>`) over a connection whose
+    /// verified client certificate is `peer` (mutual TLS). A bearer token, when sent, decides;
+    /// else the certificate's `[[auth.client_certs]]` entry.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<&crate::tls::PeerCert>,
+    ) -> Result<Identity, AuthError> {
         if !self.enabled {
             return Ok(Identity::anonymous());
         }
@@ -323,8 +352,12 @@ impl Authenticator {
                 let (scheme, rest) = h.trim().split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
             })
-            .filter(|t| !t.is_empty())
-            .ok_or(AuthError::Missing)?;
+            .filter(|t| !t.is_empty());
+        let token = match (token, peer) {
+            (Some(t), _) => t,
+            (None, Some(cert)) => return self.by_certificate(cert),
+            (None, None) => return Err(AuthError::Missing),
+        };
         // A JWT (header.payload.signature) goes to the OIDC verifier; an API key has no dots.
         if let Some(oidc) = &self.oidc
             && token.matches('.').count() == 2
@@ -348,14 +381,34 @@ impl Authenticator {
         })
     }
 
-    /// Who sent `authorization`, if they hold `role` (for `what`, named in the refusal).
+    /// The identity `[[auth.client_certs]]` gives `cert`'s subject.
+    fn by_certificate(&self, cert: &crate::tls::PeerCert) -> Result<Identity, AuthError> {
+        let c = self
+            .client_certs
+            .iter()
+            .find(|c| cert.matches(&c.subject))
+            .ok_or_else(|| {
+                AuthError::UnknownCertificate(crate::text::echo(
+                    cert.common_name.as_deref().unwrap_or(&cert.subject),
+                ))
+            })?;
+        Ok(Identity::new(
+            cert.common_name.as_deref().unwrap_or(&cert.subject),
+            &c.tenant,
+            &c.roles,
+        ))
+    }
+
+    /// Who sent `authorization` (over a connection with client certificate `peer`), if they
+    /// hold `role` (for `what`, named in the refusal).
     pub async fn require(
         &self,
         authorization: Option<&str>,
+        peer: Option<&crate::tls::PeerCert>,
         role: Role,
         what: &'static str,
     ) -> Result<Identity, AuthError> {
-        let who = self.authenticate(authorization).await?;
+        let who = self.authenticate(authorization, peer).await?;
         if !who.has(role) {
             return Err(AuthError::Forbidden {
                 name: who.name.to_string(),
@@ -532,31 +585,32 @@ mod tests {
         ]))
         .unwrap();
         let ci = auth
-            .authenticate(Some(&format!("Bearer {a}")))
+            .authenticate(Some(&format!("Bearer {a}")), None)
             .await
             .unwrap();
         assert_eq!((&*ci.name, ci.tenant.as_deref()), ("ci", Some("acme")));
         assert!(ci.has(Role::Submit) && ci.has(Role::Read) && !ci.has(Role::Approve));
         assert!(ci.sees("acme") && !ci.sees("globex"));
         let ops = auth
-            .authenticate(Some(&format!("bearer {b}")))
+            .authenticate(Some(&format!("bearer {b}")), None)
             .await
             .unwrap();
         assert!(ops.is_admin() && ops.has(Role::Approve) && ops.sees("acme"));
         // Checked once, then remembered.
         assert_eq!(lock(&auth.verified).len(), 1);
         assert_eq!(
-            auth.authenticate(Some(&format!("Bearer {c}"))).await,
+            auth.authenticate(Some(&format!("Bearer {c}")), None).await,
             Err(AuthError::Expired("old".into()))
         );
-        assert_eq!(auth.authenticate(None).await, Err(AuthError::Missing));
+        assert_eq!(auth.authenticate(None, None).await, Err(AuthError::Missing));
         assert_eq!(
-            auth.authenticate(Some("Bearer csk_nope")).await,
+            auth.authenticate(Some("Bearer csk_nope"), None).await,
             Err(AuthError::Unknown)
         );
         assert_eq!(
             auth.require(
                 Some(&format!("Bearer {a}")),
+                None,
                 Role::Approve,
                 "ResolveApproval"
             )
@@ -575,7 +629,7 @@ mod tests {
     #[tokio::test]
     async fn without_keys_every_caller_is_the_anonymous_administrator() {
         let auth = Authenticator::disabled();
-        let who = auth.authenticate(None).await.unwrap();
+        let who = auth.authenticate(None, None).await.unwrap();
         assert!(who.is_admin() && who.sees("any"));
     }
 

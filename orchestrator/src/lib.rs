@@ -28,6 +28,7 @@ pub mod signal;
 pub mod store;
 pub mod telemetry;
 pub mod text;
+pub mod tls;
 
 pub use cascade_agents as agents;
 

@@ -7,9 +7,15 @@
 //! connections wait in the kernel's backlog. The HTTP listener (health probes, metrics) has a few
 //! slots of its own on top, so `/healthz` answers when idle gRPC clients hold every other slot.
 //! An `accept` that fails anyway backs off (5 ms doubling to 1 s) instead of retrying at once.
+//!
+//! Past the budget: one address holds at most `connections_per_address` connections (more are
+//! closed at once), a connection that sends no first request within its deadline is closed, and
+//! with `[server.tls]` the handshake runs on its own task under that same deadline, so that a
+//! client that stalls mid-handshake delays nobody else's accept.
 
+use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -17,7 +23,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+
+use crate::tls::{PeerCert, Tls};
 
 /// Descriptors kept out of the connection budget: the store, logs, outgoing calls.
 const KEPT_BACK: usize = 64;
@@ -52,7 +60,13 @@ pub struct Budget {
     shared: Arc<Semaphore>,
     http_reserve: Arc<Semaphore>,
     pub capacity: usize,
+    /// Connections held per remote address (an address leaves the map with its last one).
+    by_address: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    per_address: usize,
 }
+
+/// The default of [`Budget::per_address`]: far above what one client or proxy opens.
+pub const CONNECTIONS_PER_ADDRESS: usize = 1024;
 
 impl Budget {
     /// Three quarters of what the limit leaves after [`KEPT_BACK`], at least 16.
@@ -62,7 +76,29 @@ impl Budget {
             shared: Arc::new(Semaphore::new(capacity)),
             http_reserve: Arc::new(Semaphore::new(HTTP_RESERVE)),
             capacity,
+            by_address: Arc::default(),
+            per_address: CONNECTIONS_PER_ADDRESS,
         }
+    }
+
+    /// At most `n` connections from one address at once, across both listeners.
+    pub fn per_address(mut self, n: usize) -> Self {
+        self.per_address = n.max(1);
+        self
+    }
+
+    /// A place for one more connection from `ip`, unless it holds its share already.
+    fn admit(&self, ip: IpAddr) -> Option<AddressSlot> {
+        let mut map = self.by_address.lock().expect("not poisoned");
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.per_address {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            map: self.by_address.clone(),
+            ip,
+        })
     }
 
     /// Connections held now, shared and reserved slots together.
@@ -131,16 +167,22 @@ impl Acceptor {
             match self.listener.accept().await {
                 Ok((stream, addr)) => {
                     self.backoff = Duration::ZERO;
+                    let Some(address) = self.budget.admit(addr.ip()) else {
+                        metrics::counter!(crate::metrics::CONNECTIONS_REFUSED, "listener" => self.name)
+                            .increment(1);
+                        tracing::debug!(listener = self.name, %addr, limit = self.budget.per_address,
+                            "closing a connection: its address holds [server.limits] connections_per_address");
+                        continue;
+                    };
                     // Small frames must not wait for Nagle's algorithm and the peer's delayed ACK.
                     let _ = stream.set_nodelay(true);
                     let conn = Conn {
                         stream,
+                        remote: addr,
                         _slot: slot,
+                        _address: address,
                         _gauge: Gauge::new(self.name),
-                        first: Some(First {
-                            deadline: Box::pin(tokio::time::sleep(self.first_request)),
-                            seen: Seen::default(),
-                        }),
+                        deadline: tokio::time::Instant::now() + self.first_request,
                     };
                     return (conn, addr);
                 }
@@ -168,12 +210,125 @@ impl Acceptor {
         self.listener.local_addr()
     }
 
+    /// Accept on a task of its own until the returned [`Incoming`] is dropped, with a TLS
+    /// handshake per connection (on its own task, within the connection's first-request
+    /// deadline) when `tls` is given.
+    pub fn incoming(mut self, tls: Option<Arc<Tls>>) -> Incoming {
+        let local = self.listener.local_addr();
+        let (tx, rx) = mpsc::channel(64);
+        let name = self.name;
+        tokio::spawn(async move {
+            loop {
+                let (conn, _) = tokio::select! {
+                    c = self.next() => c,
+                    _ = tx.closed() => return,
+                };
+                match &tls {
+                    None => {
+                        if tx.send(Io::plain(conn)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(tls) => {
+                        let acceptor = tls.acceptor();
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            let deadline = conn.deadline;
+                            let remote = conn.remote;
+                            match tokio::time::timeout_at(deadline, acceptor.accept(conn)).await {
+                                Ok(Ok(stream)) => {
+                                    let _ = tx.send(Io::tls(stream, deadline)).await;
+                                }
+                                failed => {
+                                    metrics::counter!(crate::metrics::TLS_HANDSHAKE_FAILURES, "listener" => name)
+                                        .increment(1);
+                                    let why = match failed {
+                                        Ok(Err(e)) => e.to_string(),
+                                        _ => "did not finish in time".into(),
+                                    };
+                                    tracing::debug!(listener = name, %remote, error = %why, "TLS handshake failed");
+                                }
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Incoming { rx, local }
+    }
+}
+
+/// Connections ready to serve (handshaken, under TLS), from [`Acceptor::incoming`].
+pub struct Incoming {
+    rx: mpsc::Receiver<Io>,
+    local: io::Result<SocketAddr>,
+}
+
+impl Incoming {
     /// The connections as the stream tonic serves.
-    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Conn, io::Error>> + Send {
-        futures::stream::unfold(self, |mut a| async move {
-            let (conn, _) = a.next().await;
-            Some((Ok(conn), a))
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<Io, io::Error>> + Send {
+        futures::stream::unfold(self, |mut i| async move {
+            let io = i.rx.recv().await?;
+            Some((Ok(io), i))
         })
+    }
+}
+
+impl axum::serve::Listener for Incoming {
+    type Io = Io;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Io, SocketAddr) {
+        match self.rx.recv().await {
+            Some(io) => {
+                let remote = io.info.remote;
+                (io, remote)
+            }
+            // The accept task ended (the runtime is going down): nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.local {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+}
+
+/// What a request's handler may know of its connection: the remote address and, under mutual
+/// TLS, the client's verified certificate. (tonic puts it in every request's extensions; axum
+/// as `ConnectInfo<ConnInfo>`.)
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub peer: Option<Arc<PeerCert>>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, Incoming>>
+    for ConnInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, Incoming>) -> Self {
+        stream.io().info.clone()
+    }
+}
+
+/// One remote address's share of the connections, given back on drop.
+struct AddressSlot {
+    map: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("not poisoned");
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -203,13 +358,100 @@ impl Drop for Gauge {
     }
 }
 
-/// An accepted connection and its slot.
+/// An accepted connection, holding its slots.
 pub struct Conn {
     stream: TcpStream,
+    remote: SocketAddr,
     _slot: OwnedSemaphorePermit,
+    _address: AddressSlot,
     _gauge: Gauge,
+    /// When its first request (and, under TLS, its handshake) must be in.
+    deadline: tokio::time::Instant,
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+enum Inner {
+    Plain(Conn),
+    Tls(Box<tokio_rustls::server::TlsStream<Conn>>),
+}
+
+/// A connection as the servers read it: plaintext or TLS, closed if its first request's headers
+/// (the plaintext, above TLS) are not in by its deadline.
+pub struct Io {
+    inner: Inner,
+    info: ConnInfo,
     /// Until its first request is in: the deadline, and what has arrived of it.
     first: Option<First>,
+}
+
+impl Io {
+    fn plain(conn: Conn) -> Self {
+        let first = First::until(conn.deadline);
+        Self {
+            info: ConnInfo {
+                remote: conn.remote,
+                peer: None,
+            },
+            inner: Inner::Plain(conn),
+            first: Some(first),
+        }
+    }
+
+    fn tls(stream: tokio_rustls::server::TlsStream<Conn>, deadline: tokio::time::Instant) -> Self {
+        let (conn, session) = stream.get_ref();
+        let peer = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| PeerCert::from_der(leaf.as_ref()))
+            .map(Arc::new);
+        Self {
+            info: ConnInfo {
+                remote: conn.remote,
+                peer,
+            },
+            inner: Inner::Tls(Box::new(stream)),
+            first: Some(First::until(deadline)),
+        }
+    }
 }
 
 struct First {
@@ -239,13 +481,16 @@ impl Seen {
     }
 }
 
-impl Conn {
-    fn stream(self: Pin<&mut Self>) -> Pin<&mut TcpStream> {
-        Pin::new(&mut self.get_mut().stream)
+impl First {
+    fn until(deadline: tokio::time::Instant) -> Self {
+        Self {
+            deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            seen: Seen::default(),
+        }
     }
 }
 
-impl AsyncRead for Conn {
+impl AsyncRead for Io {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -262,7 +507,10 @@ impl AsyncRead for Conn {
             )));
         }
         let before = buf.filled().len();
-        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let read = match &mut this.inner {
+            Inner::Plain(c) => Pin::new(c).poll_read(cx, buf),
+            Inner::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        };
         if let (Poll::Ready(Ok(())), Some(first)) = (&read, &mut this.first)
             && first.seen.take(&buf.filled()[before..])
         {
@@ -272,21 +520,30 @@ impl AsyncRead for Conn {
     }
 }
 
-impl AsyncWrite for Conn {
+impl AsyncWrite for Io {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write(cx, buf)
+        match &mut self.get_mut().inner {
+            Inner::Plain(c) => Pin::new(c).poll_write(cx, buf),
+            Inner::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.stream().poll_flush(cx)
+        match &mut self.get_mut().inner {
+            Inner::Plain(c) => Pin::new(c).poll_flush(cx),
+            Inner::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.stream().poll_shutdown(cx)
+        match &mut self.get_mut().inner {
+            Inner::Plain(c) => Pin::new(c).poll_shutdown(cx),
+            Inner::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
     }
 
     fn poll_write_vectored(
@@ -294,32 +551,25 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().inner {
+            Inner::Plain(c) => Pin::new(c).poll_write_vectored(cx, bufs),
+            Inner::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        match &self.inner {
+            Inner::Plain(c) => c.is_write_vectored(),
+            Inner::Tls(t) => t.is_write_vectored(),
+        }
     }
 }
 
-impl tonic::transport::server::Connected for Conn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+impl tonic::transport::server::Connected for Io {
+    type ConnectInfo = ConnInfo;
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl axum::serve::Listener for Acceptor {
-    type Io = Conn;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Conn, SocketAddr) {
-        self.next().await
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+    fn connect_info(&self) -> ConnInfo {
+        self.info.clone()
     }
 }
 

@@ -62,6 +62,9 @@ pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
 pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
 pub const SUB_STEPS: &str = "cascade_sub_steps_total";
 pub const SLOW_CONNECTIONS: &str = "cascade_slow_connections_closed_total";
+pub const TLS_RELOADS: &str = "cascade_tls_reloads_total";
+pub const TLS_HANDSHAKE_FAILURES: &str = "cascade_tls_handshake_failures_total";
+pub const CONNECTIONS_REFUSED: &str = "cascade_connections_refused_total";
 pub const AUDIT_QUEUE_DEPTH: &str = "cascade_audit_queue_depth";
 pub const AUDIT_RECORDS: &str = "cascade_audit_records_total";
 pub const AUDIT_WRITE_FAILURES: &str = "cascade_audit_write_failures_total";
@@ -88,6 +91,21 @@ pub fn describe() {
         SLOW_CONNECTIONS,
         Unit::Count,
         "Connections closed because their first request's headers (or the HTTP/2 preface) did not arrive within the limit."
+    );
+    describe_counter!(
+        TLS_RELOADS,
+        Unit::Count,
+        "Reads of changed [server.tls] files, by result (ok; error: the previous certificate stays in use)."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes that failed or did not finish in time, by listener (a plaintext client on a TLS port among them)."
+    );
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        Unit::Count,
+        "Connections closed at once because their address held [server.limits] connections_per_address already, by listener."
     );
     describe_counter!(
         SUB_STEPS,

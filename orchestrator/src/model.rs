@@ -80,6 +80,27 @@ pub struct ServerSettings {
     pub callback_concurrency_per_host: Option<usize>,
     /// `Host` names `/mcp` answers besides loopback (against DNS rebinding).
     pub mcp_allowed_hosts: Vec<String>,
+    /// `[server.tls]`: TLS on both listeners.
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// `[server.limits]`: what one caller may hold or send.
+    pub limits: ServerLimits,
+}
+
+/// `[server.limits]`: bounds on what one caller may hold or send, with defaults that a normal
+/// client never meets.
+#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerLimits {
+    /// Connections one remote address may hold at once, across both listeners.
+    pub connections_per_address: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            connections_per_address: crate::listen::CONNECTIONS_PER_ADDRESS,
+        }
+    }
 }
 
 impl Default for ServerSettings {
@@ -99,6 +120,8 @@ impl Default for ServerSettings {
             callback_timeout: None,
             callback_concurrency_per_host: None,
             mcp_allowed_hosts: Vec::new(),
+            tls: None,
+            limits: ServerLimits::default(),
         }
     }
 }

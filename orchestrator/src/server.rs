@@ -46,6 +46,10 @@ pub struct ServerOptions {
     /// A new connection that has not sent its first request's headers (or the HTTP/2 preface)
     /// within this is closed.
     pub first_request_timeout: Duration,
+    /// TLS on both listeners (`[server.tls]`).
+    pub tls: Option<crate::tls::TlsSettings>,
+    /// Connections one remote address may hold at once, across both listeners.
+    pub connections_per_address: usize,
 }
 
 impl Default for ServerOptions {
@@ -61,6 +65,8 @@ impl Default for ServerOptions {
             audit: None,
             mcp_allowed_hosts: Vec::new(),
             first_request_timeout: crate::listen::FIRST_REQUEST_TIMEOUT,
+            tls: None,
+            connections_per_address: crate::listen::CONNECTIONS_PER_ADDRESS,
         }
     }
 }
@@ -83,6 +89,8 @@ pub enum ServerError {
     },
     #[error("[auth]: {0}")]
     Auth(String),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A running server. [`stop`](Self::stop) shuts it down.
@@ -184,9 +192,14 @@ async fn http_authorize(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<crate::listen::ConnInfo>>()
+        .and_then(|c| c.0.peer.clone());
+    let peer = peer.as_deref();
     let who = match role {
-        Some((role, what)) => a.auth.require(header, role, what).await,
-        None => a.auth.authenticate(header).await,
+        Some((role, what)) => a.auth.require(header, peer, role, what).await,
+        None => a.auth.authenticate(header, peer).await,
     };
     match who {
         Ok(who) => {
@@ -217,6 +230,19 @@ pub async fn start(
     options: ServerOptions,
 ) -> Result<RunningServer, ServerError> {
     let settings = orch.model().auth.clone();
+    let tls = match &options.tls {
+        Some(t) => Some(Arc::new(
+            crate::tls::Tls::load(t).map_err(ServerError::Tls)?,
+        )),
+        None => None,
+    };
+    if !settings.client_certs.is_empty()
+        && options.tls.as_ref().is_none_or(|t| t.client_ca.is_none())
+    {
+        return Err(ServerError::Tls(
+            "[[auth.client_certs]] needs [server.tls] client_ca: the CA that signs the client certificates".into(),
+        ));
+    }
     let auth = Arc::new(crate::auth::Authenticator::new(&settings).map_err(ServerError::Auth)?);
     if !auth.enabled() {
         // Nobody proves who they are: only this machine may call, unless the operator says.
@@ -255,7 +281,8 @@ pub async fn start(
     let http_addr = http.local_addr().unwrap_or(options.http_addr);
     // Connections within the descriptor limit; see `listen`.
     let nofile = crate::listen::raise_nofile_limit();
-    let budget = crate::listen::Budget::from_limit(nofile);
+    let budget =
+        crate::listen::Budget::from_limit(nofile).per_address(options.connections_per_address);
     tracing::debug!(
         nofile,
         connections = budget.capacity,
@@ -267,6 +294,11 @@ pub async fn start(
         .first_request_within(options.first_request_timeout);
     let (stop, stopped) = watch::channel(false);
     let mut tasks = Vec::new();
+    if let Some(tls) = &tls {
+        tls.clone().watch(stopped.clone());
+    }
+    let grpc = grpc.incoming(tls.clone());
+    let http = http.incoming(tls.clone());
     crate::metrics::install();
 
     // Before anything is accepted: a job submitted at once may propose at once.
@@ -345,11 +377,14 @@ pub async fn start(
         ));
     let mut http_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
-        let result = axum::serve(http, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await;
+        let result = axum::serve(
+            http,
+            app.into_make_service_with_connect_info::<crate::listen::ConnInfo>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        })
+        .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "HTTP server failed");
         }
@@ -400,7 +435,7 @@ pub async fn start(
         stopped,
     )));
 
-    tracing::info!(%grpc_addr, %http_addr, "serving");
+    tracing::info!(%grpc_addr, %http_addr, tls = tls.is_some(), "serving");
     Ok(RunningServer {
         grpc_addr,
         http_addr,

@@ -64,8 +64,12 @@ impl CascadeService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
+        let peer = req
+            .extensions()
+            .get::<crate::listen::ConnInfo>()
+            .and_then(|c| c.peer.as_deref());
         self.auth
-            .require(header, role, what)
+            .require(header, peer, role, what)
             .await
             .map_err(auth_status)
     }

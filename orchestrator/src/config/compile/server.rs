@@ -20,6 +20,7 @@ const AUTH_FIELDS: &[&str] = &[
     "allow_unauthenticated",
     "approval_separation",
     "metrics_public",
+    "client_certs",
 ];
 const AUDIT_FIELDS: &[&str] = &["signing_key", "checkpoint_every"];
 const SERVER_FIELDS: &[&str] = &[
@@ -37,6 +38,8 @@ const SERVER_FIELDS: &[&str] = &[
     "callback_timeout",
     "callback_concurrency_per_host",
     "mcp_allowed_hosts",
+    "tls",
+    "limits",
 ];
 const TELEMETRY_FIELDS: &[&str] = &[
     "otlp_endpoint",
@@ -114,6 +117,21 @@ impl Loader<'_> {
                 self.server.mcp_allowed_hosts = s
                     .take::<Vec<String>>("mcp_allowed_hosts", &mut self.errs)
                     .unwrap_or_default();
+                let tls_at = s.entry("tls").map(|(_, v)| v.span());
+                self.server.tls = s.take("tls", &mut self.errs);
+                if let (Some(t), Some(at)) = (&self.server.tls, tls_at)
+                    && let Err(e) = crate::tls::build(&resolve_tls_paths(t, &base))
+                {
+                    self.errs.push(src.error(at, "server.tls", e).with_help(
+                        "[server.tls] cert = \"tls.crt\", key = \"tls.key\" (PEM files; relative paths are read from cascade.toml's directory)",
+                    ));
+                }
+                if let Some(t) = &mut self.server.tls {
+                    *t = resolve_tls_paths(t, &base);
+                }
+                if let Some(l) = s.take("limits", &mut self.errs) {
+                    self.server.limits = l;
+                }
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
             }
         }
@@ -167,6 +185,9 @@ impl Loader<'_> {
                     .unwrap_or(false);
                 self.auth.metrics_public =
                     s.take("metrics_public", &mut self.errs).unwrap_or(false);
+                if let Some(c) = s.take("client_certs", &mut self.errs) {
+                    self.auth.client_certs = c;
+                }
                 let oidc_at = s.entry("oidc").map(|(_, v)| v.span());
                 self.auth.oidc = s.take("oidc", &mut self.errs);
                 s.deny_unknown(AUTH_FIELDS, "[auth]", &mut self.errs);
@@ -194,7 +215,19 @@ impl Loader<'_> {
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
         files
     }
+}
 
+/// `t` with relative paths read from `base` (the server file's directory).
+fn resolve_tls_paths(t: &crate::tls::TlsSettings, base: &Path) -> crate::tls::TlsSettings {
+    crate::tls::TlsSettings {
+        cert: base.join(&t.cert),
+        key: base.join(&t.key),
+        client_ca: t.client_ca.as_ref().map(|c| base.join(c)),
+        require_client_cert: t.require_client_cert,
+    }
+}
+
+impl Loader<'_> {
     /// `[mcp_servers.NAME]`: how to reach each MCP server (a command Cascade starts, or a URL).
     /// Declared to the registry at once, so that the graphs' `mcp` agents can name them.
     fn mcp_servers_table(&mut self, src: &Source, span: Range<usize>, v: &Spanned<DeValue<'_>>) {

@@ -705,3 +705,33 @@ approval = "required"
         "{e}"
     );
 }
+
+#[test]
+fn server_tls_files_are_checked_at_load_and_limits_read() {
+    let errs = load_server_config(
+        "tls-missing",
+        "[server]\ntls = { cert = \"nope.crt\", key = \"nope.key\" }\n\n[server.limits]\nconnections_per_address = 16\n",
+    )
+    .unwrap_err()
+    .0;
+    let e = errs
+        .iter()
+        .find(|e| e.path == "server.tls")
+        .expect("tls error");
+    assert_eq!((e.line, e.column), (2, 7), "{e}");
+    assert!(e.message.contains("nope.crt"), "{e}");
+    let errs = load_server_config(
+        "tls-unknown",
+        "[server.tls]\ncert = \"a\"\nkey = \"b\"\nclient_cert = \"c\"\n",
+    )
+    .unwrap_err()
+    .0;
+    assert!(
+        errs.iter().any(|e| e.message.contains("client_cert")),
+        "{errs:?}"
+    );
+    let m =
+        load_server_config("limits", "[server.limits]\nconnections_per_address = 16\n").unwrap();
+    assert_eq!(m.server.limits.connections_per_address, 16);
+    assert!(m.server.tls.is_none());
+}
