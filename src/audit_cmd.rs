@@ -17,9 +17,10 @@ pub enum AuditCommand {
     NewKey { name: String },
     /// Print the verification key of a signing key given as a secret reference.
     PublicKey {
-        /// The signing key: `env:NAME` or `file:PATH`.
+        /// The signing key: `env:NAME` or `file:PATH`. (Not `--key`: that is the TLS client
+        /// key of every command.)
         #[arg(long)]
-        key: String,
+        signing_key: String,
     },
     /// Print the latest signed checkpoint (keep it outside the server, for `verify --checkpoint`).
     Checkpoint {
@@ -72,8 +73,8 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             println!("signing key (secret): {key}");
             println!("verification key:     {}", signer.verifier_key());
         }
-        AuditCommand::PublicKey { key } => {
-            let reference: SecretRef = key.parse().map_err(anyhow::Error::msg)?;
+        AuditCommand::PublicKey { signing_key } => {
+            let reference: SecretRef = signing_key.parse().map_err(anyhow::Error::msg)?;
             let secret = reference.resolve().map_err(anyhow::Error::msg)?;
             let text = secret.expose_str().context("the signing key is not text")?;
             let signer = Signer::from_key(text).map_err(anyhow::Error::msg)?;

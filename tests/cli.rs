@@ -360,7 +360,7 @@ fn audit_keys_and_verify_from_the_command_line() {
     std::fs::write(dir.path().join("signing.key"), &private).unwrap();
     std::fs::write(dir.path().join("audit.pub"), &public).unwrap();
     let key_ref = format!("file:{}", dir.path().join("signing.key").display());
-    let out = cascade(&["audit", "public-key", "--key", &key_ref]);
+    let out = cascade(&["audit", "public-key", "--signing-key", &key_ref]);
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), public);
 
     let data = dir.path().join("data");
