@@ -650,6 +650,7 @@ async fn callbacks_left_from_before_a_restart_are_delivered() {
                 idempotency_key: None,
                 tenant: String::new(),
                 max_pending: 10,
+                tenant_max_pending: None,
                 deadline: None,
                 callback_url: Some(format!("http://{receiver}/done")),
                 budget: None,

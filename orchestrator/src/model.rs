@@ -25,6 +25,22 @@ pub struct ServerModel {
     pub auth: crate::auth::AuthSettings,
     /// `[mcp_servers.NAME]`: the MCP servers agents call (`kind = "mcp"`).
     pub mcp_servers: BTreeMap<String, cascade_agents::mcp::McpServerConfig>,
+    /// `[tenants.NAME]`: what each tenant may submit (a tenant without a table: no limit of
+    /// its own).
+    pub tenants: BTreeMap<String, TenantSettings>,
+}
+
+/// `[tenants.NAME]`: admission per tenant, so that one tenant's storm of submissions leaves
+/// room for the others' jobs.
+#[derive(Clone, Debug, Default, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Jobs of the tenant queued or running at once (parked ones, waiting for a decision or a
+    /// budget, do not count); past it, submissions are RESOURCE_EXHAUSTED.
+    pub max_pending_jobs: Option<NonZeroUsize>,
+    /// Submissions a second, with a burst of one second's worth; past it, RESOURCE_EXHAUSTED
+    /// with the time until the next is let in.
+    pub submissions_per_second: Option<f64>,
 }
 
 /// `[audit]` of `cascade.toml`.
@@ -171,6 +187,8 @@ pub struct GraphModel {
     pub source: PathBuf,
     pub max_in_flight_jobs: NonZeroUsize,
     pub max_pending_jobs: NonZeroUsize,
+    /// `[graph] tenants`: the only tenants whose jobs it takes (none: every tenant's).
+    pub tenants: Option<Vec<Arc<str>>>,
     pub deadline: Option<Duration>,
     /// What each job may spend at most (a submission may lower it).
     pub budget: crate::job::Budget,
@@ -347,6 +365,9 @@ pub struct QuotaModel {
     /// The quota of an OAuth2 credential (`credential:<name>`), which its agents draw on
     /// beside their upstream's: no limit, exhausted while the credential cannot get a token.
     pub credential: bool,
+    /// `tenant_share = { acme = 0.5 }`: the most of each limit a tenant's calls may hold, by
+    /// tenant, sorted (a tenant not named may use what the others leave).
+    pub tenant_share: Vec<(Arc<str>, f64)>,
 }
 
 impl QuotaModel {
@@ -369,6 +390,36 @@ impl QuotaModel {
             implicit: true,
             learn_from_upstream: true,
             credential: false,
+            tenant_share: Vec::new(),
+        }
+    }
+
+    /// The share of this quota that `tenant` may hold, `share` of each of its limits (at least
+    /// one of each): the limiter a tenant's calls pass beside the whole quota's.
+    pub fn share_for(&self, tenant: &str, share: f64) -> Self {
+        let scale_rate = |r: &Rate| Rate {
+            amount: std::num::NonZeroU64::new(((r.amount.get() as f64) * share).floor() as u64)
+                .unwrap_or(std::num::NonZeroU64::MIN),
+            period: r.period,
+        };
+        let scale = |n: u32| {
+            std::num::NonZeroU32::new(((n as f64) * share).floor() as u32)
+                .unwrap_or(std::num::NonZeroU32::MIN)
+        };
+        Self {
+            name: format!("{}[tenant={tenant}]", self.name).into(),
+            requests: self.requests.as_ref().map(scale_rate),
+            tokens: self.tokens.as_ref().map(scale_rate),
+            cost: self.cost.as_ref().map(scale_rate),
+            burst: self.burst.map(|b| scale(b.get())),
+            max_concurrency: self.max_concurrency.map(|c| scale(c.get())),
+            circuit_breaker: None,
+            pause_threshold: self.pause_threshold,
+            declared_at: self.declared_at.clone(),
+            implicit: false,
+            learn_from_upstream: false,
+            credential: false,
+            tenant_share: Vec::new(),
         }
     }
 

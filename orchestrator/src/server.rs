@@ -605,16 +605,21 @@ async fn hook(
             .into_response(),
         Err(e @ SubmitError::UnknownGraph { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ SubmitError::KeyConflict(_)) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(SubmitError::Overloaded {
-            retry_after,
-            graph,
-            pending,
-        }) => {
-            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("graph {graph:?} has {pending} jobs waiting; retry in {secs}s"),
-            );
+        Err(e @ SubmitError::TenantNotAllowed { .. }) => {
+            error(StatusCode::FORBIDDEN, e.to_string())
+        }
+        Err(
+            e @ (SubmitError::Overloaded { .. }
+            | SubmitError::TenantRate { .. }
+            | SubmitError::TenantFull { .. }),
+        ) => {
+            let secs = e
+                .retry_after()
+                .unwrap_or_default()
+                .as_secs_f64()
+                .ceil()
+                .max(1.0) as u64;
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, e.to_string());
             r.headers_mut().insert("retry-after", secs.into());
             r
         }

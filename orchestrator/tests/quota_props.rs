@@ -132,6 +132,7 @@ fn quota(rps: u64, burst: u32, tokens_per_min: u64) -> QuotaCore {
         implicit: false,
         learn_from_upstream: false,
         credential: false,
+        tenant_share: Vec::new(),
     };
     QuotaCore::new(Arc::new(spec), Instant::now())
 }

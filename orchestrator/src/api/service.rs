@@ -137,7 +137,7 @@ fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NotFound(id) => Status::not_found(format!("job {id} not found")),
         StoreError::KeyConflict { .. } => Status::already_exists(e.to_string()),
-        StoreError::Full { .. } | StoreError::Busy { .. } => {
+        StoreError::Full { .. } | StoreError::TenantFull { .. } | StoreError::Busy { .. } => {
             Status::resource_exhausted(e.to_string())
         }
         StoreError::Unavailable(m) => Status::unavailable(m),
@@ -164,8 +164,11 @@ fn approval_status(e: ApprovalError) -> Status {
 fn submit_status(e: SubmitError) -> Status {
     match e {
         SubmitError::UnknownGraph { .. } => Status::not_found(e.to_string()),
+        SubmitError::TenantNotAllowed { .. } => Status::permission_denied(e.to_string()),
         SubmitError::Overloaded { retry_after, .. }
-        | SubmitError::StoreBusy { retry_after, .. } => Status::with_error_details(
+        | SubmitError::StoreBusy { retry_after, .. }
+        | SubmitError::TenantRate { retry_after, .. }
+        | SubmitError::TenantFull { retry_after, .. } => Status::with_error_details(
             Code::ResourceExhausted,
             e.to_string(),
             ErrorDetails::with_retry_info(Some(retry_after)),

@@ -664,6 +664,7 @@ mod tests {
             implicit: false,
             learn_from_upstream: false,
             credential: false,
+            tenant_share: Vec::new(),
         };
         QuotaCore::new(Arc::new(spec), Instant::now())
     }

@@ -32,6 +32,12 @@ pub(crate) struct Broker;
 /// A call asked for by agent, job, step and token.
 type Asked = (AgentKey, JobId, usize, u32);
 
+/// A queue of waiting calls: an agent's, for the jobs of one tenant class.
+type QueueKey = (AgentKey, u16);
+
+/// Waiting calls by (job age, arrival).
+type Queue = BTreeMap<(u64, u64), Acquire>;
+
 pub(crate) struct BrokerArgs {
     pub shared: Arc<Shared>,
     pub graphs: Vec<Arc<GraphCtx>>,
@@ -169,6 +175,7 @@ impl Actor for Broker {
             .index
             .specs
             .iter()
+            .chain(args.index.shares.iter())
             .map(|s| QuotaCore::new(s.clone(), now))
             .collect();
         let models: Vec<_> = args.graphs.iter().map(|g| g.model.clone()).collect();
@@ -238,7 +245,7 @@ impl BrokerState {
         let now = Instant::now();
         let mut list = self.scratch();
         let index = Arc::clone(&self.index);
-        let quotas = &index.agents[a.agent.0][a.agent.1];
+        let quotas = index.quotas(a.agent, a.class);
         // Nothing waits anywhere, so no older call can be passed: a call its quotas let start
         // now goes without joining (and leaving) the waiting list.
         if self.waiting.active.is_empty()
@@ -295,7 +302,7 @@ impl BrokerState {
     /// `spent`.
     fn take(&mut self, now: Instant, req: &Acquire, spent: &mut Vec<usize>) -> Grant {
         let index = Arc::clone(&self.index);
-        let quotas = &index.agents[req.agent.0][req.agent.1];
+        let quotas = index.quotas(req.agent, req.class);
         self.take_on(now, quotas, req.demand, spent)
     }
 
@@ -341,7 +348,9 @@ impl BrokerState {
                     _ => end.outcome,
                 };
                 self.cores[q].settle_cost(now, &r, end.cost_micros, outcome);
-                self.cores[q].settle(now, r, end.usage, outcome, end.limits.as_ref());
+                // A tenant's share learns no limits: it is a fraction of what its quota states.
+                let limits = end.limits.as_ref().filter(|_| q < self.index.specs.len());
+                self.cores[q].settle(now, r, end.usage, outcome, limits);
                 list.push(q);
             }
         }
@@ -380,7 +389,13 @@ impl BrokerState {
                 return;
             }
             BrokerMsg::Snapshot(reply) => {
-                let _ = reply.send(self.cores.iter_mut().map(|c| c.snapshot(now)).collect());
+                let specs = self.index.specs.len();
+                let _ = reply.send(
+                    self.cores[..specs]
+                        .iter_mut()
+                        .map(|c| c.snapshot(now))
+                        .collect(),
+                );
                 return;
             }
             // Handled by the actor, which fails with it.
@@ -444,8 +459,9 @@ impl BrokerState {
         // whose head cannot go leaves the merge (the rest of its queue waits at the same quotas),
         // so a pass costs the calls it grants plus the agents that wait, not every waiting call.
         let mut heads = self.waiting.heads();
+        let specs = self.index.specs.len();
         while let Some(Reverse((_, agent))) = heads.pop() {
-            let quotas = &self.index.agents[agent.0][agent.1];
+            let quotas = self.index.quotas(agent.0, agent.1);
             if quotas.iter().any(|&q| blocked[q]) {
                 for &q in quotas {
                     blocked[q] = true;
@@ -456,20 +472,30 @@ impl BrokerState {
                 .waiting
                 .head(agent)
                 .map_or(Demand::default(), |(_, r)| r.demand);
+            // Whether a quota (not only a tenant's share) holds it back.
             let mut ready = true;
+            let mut quota_waits = false;
             for &q in quotas {
-                match self.cores[q].ready(now, demand) {
-                    Ready::Now => {}
+                let fits = match self.cores[q].ready(now, demand) {
+                    Ready::Now => true,
                     Ready::At(t) => {
-                        ready = false;
                         wake = Some(wake.map_or(t, |w| w.min(t)));
+                        false
                     }
-                    Ready::Blocked => ready = false,
+                    Ready::Blocked => false,
+                };
+                if !fits {
+                    ready = false;
+                    quota_waits |= q < specs;
                 }
             }
             if !ready {
+                // Younger calls may not pass it at its quotas; but a tenant at the end of its
+                // share holds back no other tenant's calls: only its share is closed to them.
                 for &q in quotas {
-                    blocked[q] = true;
+                    if quota_waits || q >= specs {
+                        blocked[q] = true;
+                    }
                 }
                 continue;
             }
@@ -506,11 +532,15 @@ impl BrokerState {
         let cores = match only {
             Some(list) => list,
             None => {
-                all = (0..self.cores.len()).collect();
+                all = (0..self.index.specs.len()).collect();
                 &all
             }
         };
         for &q in cores {
+            // A tenant's share pauses nothing: its calls wait, the other tenants' go on.
+            if q >= self.index.specs.len() {
+                continue;
+            }
             let hint = self
                 .waiting
                 .oldest_at(&self.index, q)
@@ -631,47 +661,51 @@ impl BrokerState {
 /// One list of every waiting call made each message cost every call waiting at any quota: 10,000
 /// calls held at one upstream made every other graph four times slower.
 struct Waiting {
-    /// graph → agent → its waiting calls by (job age, arrival).
-    queues: Vec<Vec<BTreeMap<(u64, u64), Acquire>>>,
-    /// Agents whose queue is not empty.
-    active: BTreeSet<AgentKey>,
+    /// graph → agent → tenant class → its waiting calls by (job age, arrival).
+    queues: Vec<Vec<Vec<Queue>>>,
+    /// Queues that are not empty.
+    active: BTreeSet<QueueKey>,
 }
 
 impl Waiting {
     fn new(index: &QuotaIndex) -> Self {
         Self {
             queues: index
-                .agents
+                .classes
                 .iter()
-                .map(|g| g.iter().map(|_| BTreeMap::new()).collect())
+                .map(|g| {
+                    g.iter()
+                        .map(|classes| classes.iter().map(|_| BTreeMap::new()).collect())
+                        .collect()
+                })
                 .collect(),
             active: BTreeSet::new(),
         }
     }
 
     fn insert(&mut self, key: (u64, u64), req: Acquire) {
-        let agent = req.agent;
-        self.queues[agent.0][agent.1].insert(key, req);
-        self.active.insert(agent);
+        let queue = (req.agent, req.class);
+        self.queues[req.agent.0][req.agent.1][req.class as usize].insert(key, req);
+        self.active.insert(queue);
     }
 
-    fn head(&self, agent: AgentKey) -> Option<((u64, u64), &Acquire)> {
-        self.queues[agent.0][agent.1]
+    fn head(&self, (agent, class): QueueKey) -> Option<((u64, u64), &Acquire)> {
+        self.queues[agent.0][agent.1][class as usize]
             .first_key_value()
             .map(|(k, r)| (*k, r))
     }
 
-    fn pop(&mut self, agent: AgentKey) -> Option<Acquire> {
-        let queue = &mut self.queues[agent.0][agent.1];
+    fn pop(&mut self, (agent, class): QueueKey) -> Option<Acquire> {
+        let queue = &mut self.queues[agent.0][agent.1][class as usize];
         let req = queue.pop_first().map(|(_, r)| r);
         if queue.is_empty() {
-            self.active.remove(&agent);
+            self.active.remove(&(agent, class));
         }
         req
     }
 
-    /// Every waiting agent's oldest call, youngest last: the start of a merge.
-    fn heads(&self) -> BinaryHeap<Reverse<((u64, u64), AgentKey)>> {
+    /// Every waiting queue's oldest call, youngest last: the start of a merge.
+    fn heads(&self) -> BinaryHeap<Reverse<((u64, u64), QueueKey)>> {
         self.active
             .iter()
             .filter_map(|&a| self.head(a).map(|(k, _)| Reverse((k, a))))
@@ -682,7 +716,7 @@ impl Waiting {
     fn oldest_at(&self, index: &QuotaIndex, q: usize) -> Option<&Acquire> {
         self.active
             .iter()
-            .filter(|a| index.agents[a.0][a.1].contains(&q))
+            .filter(|(a, c)| index.quotas(*a, *c).contains(&q))
             .filter_map(|&a| self.head(a))
             .min_by_key(|(k, _)| *k)
             .map(|(_, r)| r)

@@ -282,6 +282,15 @@ pub(crate) struct QuotaIndex {
     /// graph → agent → a tool-using agent's MCP servers and the core indices their calls
     /// draw on.
     pub tools: Vec<Vec<Vec<ServerQuotas>>>,
+    /// The tenants some quota gives a share (`tenant_share`): a job of `share_tenants[i]` is
+    /// of class `i + 1`; every other tenant's, of class 0.
+    pub share_tenants: Vec<Arc<str>>,
+    /// The tenants' share limiters, cores `specs.len()..`: each holds a tenant's calls to its
+    /// share of one quota. They limit; they pause nothing and are not listed as quotas.
+    pub shares: Vec<Arc<QuotaModel>>,
+    /// graph → agent → class → the cores a call of that class draws on: the agent's quotas,
+    /// and the class's shares of them.
+    pub classes: Vec<Vec<Vec<Vec<usize>>>>,
 }
 
 /// An MCP server and the quota cores its tool calls draw on.
@@ -341,10 +350,62 @@ impl QuotaIndex {
             agents.push(per_agent);
             tools.push(per_agent_tools);
         }
+        // Every tenant with a share of any quota is a class; each (quota, tenant) share a core.
+        let mut share_tenants: Vec<Arc<str>> = Vec::new();
+        for spec in &specs {
+            for (t, _) in &spec.tenant_share {
+                if !share_tenants.contains(t) {
+                    share_tenants.push(t.clone());
+                }
+            }
+        }
+        let mut shares = Vec::new();
+        let mut share_core: HashMap<(usize, usize), usize> = HashMap::new();
+        for (q, spec) in specs.iter().enumerate() {
+            for (t, s) in &spec.tenant_share {
+                let class = 1 + share_tenants.iter().position(|x| x == t).expect("listed");
+                share_core.insert((q, class), specs.len() + shares.len());
+                shares.push(Arc::new(spec.share_for(t, *s)));
+            }
+        }
+        let classes = agents
+            .iter()
+            .map(|g: &Vec<Vec<usize>>| {
+                g.iter()
+                    .map(|base| {
+                        (0..=share_tenants.len())
+                            .map(|class| {
+                                let mut list = base.clone();
+                                list.extend(
+                                    base.iter().filter_map(|&q| share_core.get(&(q, class))),
+                                );
+                                list
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
         Self {
             specs,
             agents,
             tools,
+            share_tenants,
+            shares,
+            classes,
         }
+    }
+
+    /// The class of `tenant`'s calls: its place among the tenants with a share, or 0.
+    pub fn class_of(&self, tenant: &str) -> u16 {
+        self.share_tenants
+            .iter()
+            .position(|t| &**t == tenant)
+            .map_or(0, |i| i as u16 + 1)
+    }
+
+    /// The cores a call of `agent` for a job of `class` draws on.
+    pub fn quotas(&self, agent: (usize, usize), class: u16) -> &[usize] {
+        &self.classes[agent.0][agent.1][class as usize]
     }
 }

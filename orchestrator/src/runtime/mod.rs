@@ -117,6 +117,27 @@ pub enum SubmitError {
         queued: usize,
         retry_after: Duration,
     },
+    /// The graph takes jobs of other tenants only (`[graph] tenants`).
+    #[error("graph {graph:?} does not take jobs of tenant {tenant:?}; it takes those of {allowed}")]
+    TenantNotAllowed {
+        graph: String,
+        tenant: String,
+        allowed: String,
+    },
+    /// The tenant submits faster than its `submissions_per_second`.
+    #[error("tenant {tenant:?} submits more than its {rate} jobs a second ([tenants.{tenant}] submissions_per_second); retry in {}", humantime::format_duration(*.retry_after))]
+    TenantRate {
+        tenant: String,
+        rate: f64,
+        retry_after: Duration,
+    },
+    /// The tenant has its `max_pending_jobs` queued or running.
+    #[error("tenant {tenant:?} has {pending} jobs queued or running, its limit ([tenants.{tenant}] max_pending_jobs); retry in {}", humantime::format_duration(*.retry_after))]
+    TenantFull {
+        tenant: String,
+        pending: usize,
+        retry_after: Duration,
+    },
     #[error(transparent)]
     KeyConflict(StoreError),
     #[error("the orchestrator is shutting down and accepts no new jobs")]
@@ -135,8 +156,50 @@ impl SubmitError {
             self,
             Self::Overloaded { .. }
                 | Self::StoreBusy { .. }
+                | Self::TenantRate { .. }
+                | Self::TenantFull { .. }
                 | Self::Store(StoreError::Unavailable(_))
         )
+    }
+
+    /// When a refused submitter should try again, for a refusal that says.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Overloaded { retry_after, .. }
+            | Self::StoreBusy { retry_after, .. }
+            | Self::TenantRate { retry_after, .. }
+            | Self::TenantFull { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+/// How long a tenant refused at its `max_pending_jobs` waits: its jobs must finish first.
+const TENANT_FULL_RETRY: Duration = Duration::from_secs(1);
+
+/// The submissions each tenant with a `submissions_per_second` may make: a token bucket per
+/// tenant holding one second's worth. (Hand-rolled rather than a rate-limiter crate: a number
+/// and an instant per configured tenant, taken under the one lock the check needs anyway.)
+#[derive(Default)]
+struct TenantGate {
+    buckets: Mutex<HashMap<String, (f64, tokio::time::Instant)>>,
+}
+
+impl TenantGate {
+    /// Take one submission of `tenant` at `rate` a second, or say when the next fits.
+    fn take(&self, tenant: &str, rate: f64) -> Result<(), Duration> {
+        let now = tokio::time::Instant::now();
+        let burst = rate.max(1.0);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, at) = buckets.entry(tenant.to_string()).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / rate).max(Duration::from_millis(1)))
+        }
     }
 }
 
@@ -275,6 +338,7 @@ impl OrchestratorBuilder {
                 .collect(),
             root,
             root_handle: Mutex::new(Some(handle)),
+            tenant_gate: TenantGate::default(),
         })
     }
 }
@@ -302,6 +366,7 @@ pub struct Orchestrator {
     graphs: HashMap<Arc<str>, Arc<GraphCtx>>,
     root: ActorRef<RootMsg>,
     root_handle: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tenant_gate: TenantGate,
 }
 
 impl Drop for Orchestrator {
@@ -351,6 +416,26 @@ impl Orchestrator {
             return Err(SubmitError::ShuttingDown);
         }
         let g = self.graph(&req.graph)?.clone();
+        if let Some(allowed) = &g.model.tenants
+            && !allowed.iter().any(|t| **t == *req.tenant)
+        {
+            return Err(SubmitError::TenantNotAllowed {
+                graph: req.graph,
+                tenant: req.tenant.chars().take(crate::text::ECHO_CHARS).collect(),
+                allowed: allowed.join(", "),
+            });
+        }
+        let tenant_limits = self.shared.model.tenants.get(&req.tenant);
+        if let Some(rate) = tenant_limits.and_then(|t| t.submissions_per_second)
+            && let Err(retry_after) = self.tenant_gate.take(&req.tenant, rate)
+        {
+            metrics::counter!(crate::metrics::TENANT_REFUSALS, "tenant" => req.tenant.clone(), "reason" => "submissions_per_second").increment(1);
+            return Err(SubmitError::TenantRate {
+                tenant: req.tenant,
+                rate,
+                retry_after,
+            });
+        }
         let budget = req
             .budget
             .unwrap_or_default()
@@ -366,6 +451,9 @@ impl Orchestrator {
             idempotency_key: req.idempotency_key,
             tenant: req.tenant,
             max_pending: g.model.max_pending_jobs.get(),
+            tenant_max_pending: tenant_limits
+                .and_then(|t| t.max_pending_jobs)
+                .map(|n| n.get()),
             deadline: req.deadline,
             callback_url: req.callback_url,
         };
@@ -390,6 +478,14 @@ impl Orchestrator {
                 Err(SubmitError::StoreBusy {
                     queued,
                     retry_after: STORE_BUSY_RETRY,
+                })
+            }
+            Err(StoreError::TenantFull { tenant, pending }) => {
+                metrics::counter!(crate::metrics::TENANT_REFUSALS, "tenant" => tenant.to_string(), "reason" => "max_pending_jobs").increment(1);
+                Err(SubmitError::TenantFull {
+                    tenant: tenant.to_string(),
+                    pending,
+                    retry_after: TENANT_FULL_RETRY,
                 })
             }
             Err(e @ StoreError::KeyConflict { .. }) => Err(SubmitError::KeyConflict(e)),

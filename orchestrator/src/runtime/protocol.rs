@@ -181,6 +181,8 @@ pub(crate) struct Acquire {
     pub seq: u64,
     /// Its tokens and cost at most, reserved while it runs.
     pub demand: Demand,
+    /// Its job's tenant class (`QuotaIndex::class_of`): which shares it also draws on.
+    pub class: u16,
 }
 
 pub(crate) enum BrokerMsg {

@@ -53,6 +53,8 @@ struct JobRun {
     key: Option<Arc<str>>,
     /// Admission order: lower is older, and goes first.
     seq: u64,
+    /// Its tenant's class at the quotas (`QuotaIndex::class_of`).
+    class: u16,
     input: Arc<Value>,
     steps: Vec<StepRun>,
     remaining: usize,
@@ -532,6 +534,7 @@ impl SchedState {
                 id_str: id_str.clone(),
                 key: r.idempotency_key.as_deref().map(Arc::from),
                 seq,
+                class: self.ctx.quotas.class_of(&r.tenant),
                 input: r.input,
                 steps,
                 remaining,
@@ -646,6 +649,7 @@ impl SchedState {
                 token,
                 seq: job.seq,
                 demand,
+                class: job.class,
             });
             match granted {
                 // It may start now: no round trip.

@@ -109,12 +109,32 @@ impl Freezer {
 /// A graph's jobs with approvals waiting: the earliest expiry and how many wait, by job.
 type AwaitingJobs = BTreeMap<JobId, (Option<SystemTime>, usize)>;
 
+/// Whether a job in `state` counts against its tenant's `max_pending_jobs`: queued or running,
+/// not parked for a decision or a budget (which may last days and costs nothing meanwhile).
+fn counts_live(state: JobState) -> bool {
+    !state.is_terminal() && !state.is_parked()
+}
+
+fn count_live(map: &mut foldhash::HashMap<Arc<str>, usize>, tenant: &Arc<str>, by: isize) {
+    if by > 0 {
+        *map.entry(tenant.clone()).or_insert(0) += by as usize;
+    } else if let Some(n) = map.get_mut(tenant) {
+        *n = n.saturating_sub(by.unsigned_abs());
+        if *n == 0 {
+            map.remove(tenant);
+        }
+    }
+}
+
 /// The maps use foldhash, which is faster than SipHash: SipHash's resistance to chosen keys is not
 /// needed for ids the server generated and graph names it loaded.
 #[derive(Default)]
 struct Inner {
     jobs: foldhash::HashMap<JobId, Entry>,
     pending: foldhash::HashMap<Arc<str>, VecDeque<JobId>>,
+    /// Jobs queued or running (not parked, not ended), by tenant: `[tenants.NAME]
+    /// max_pending_jobs`. A tenant leaves the map with its last such job.
+    live_by_tenant: foldhash::HashMap<Arc<str>, usize>,
     /// (tenant, key) → the job that holds it and when that job finished (none while it runs:
     /// a live job's key never expires).
     keys: HashMap<(String, String), (JobId, Option<SystemTime>)>,
@@ -538,6 +558,19 @@ impl MemoryStore {
                 pending,
             });
         }
+        if let Some(max) = job.tenant_max_pending {
+            let live = inner
+                .live_by_tenant
+                .get(job.tenant.as_str())
+                .copied()
+                .unwrap_or(0);
+            if live >= max {
+                return Err(StoreError::TenantFull {
+                    tenant: job.tenant.as_str().into(),
+                    pending: live,
+                });
+            }
+        }
         let key = job
             .idempotency_key
             .as_ref()
@@ -565,9 +598,9 @@ impl MemoryStore {
             let record = pending.record(&job.graph, &job.labels, key.as_ref());
             (record, pending.submitted())
         });
-        inner
-            .jobs
-            .insert(job.id, Entry::pending(pending, job.graph, job.labels, key));
+        let entry = Entry::pending(pending, job.graph, job.labels, key);
+        count_live(&mut inner.live_by_tenant, &entry.tenant, 1);
+        inner.jobs.insert(job.id, entry);
         Ok((
             Submitted {
                 id: job.id,
@@ -694,6 +727,9 @@ impl MemoryStore {
             )
         });
         let mut entry = Entry::new(record, events, key);
+        if counts_live(entry.state) {
+            count_live(&mut inner.live_by_tenant, &entry.tenant, 1);
+        }
         if terminal || parked {
             entry.freeze(&mut inner.freeze_buf);
         }
@@ -717,11 +753,17 @@ impl MemoryStore {
             awaiting,
             pending,
             freeze_buf,
+            live_by_tenant,
             ..
         } = inner;
         let Some(entry) = jobs.get_mut(&id) else {
             return;
         };
+        match (counts_live(was), counts_live(entry.state)) {
+            (true, false) => count_live(live_by_tenant, &entry.tenant, -1),
+            (false, true) => count_live(live_by_tenant, &entry.tenant, 1),
+            _ => {}
+        }
         let Body::Live(l) = &entry.body else {
             return;
         };
@@ -826,6 +868,9 @@ impl MemoryStore {
             }
             if let Some(q) = inner.pending.get_mut(&e.graph) {
                 q.retain(|j| *j != id);
+            }
+            if counts_live(e.state) {
+                count_live(&mut inner.live_by_tenant, &e.tenant, -1);
             }
         }
     }
@@ -966,9 +1011,11 @@ impl JobStore for MemoryStore {
             live.events.push(e.clone());
             entry.sync();
             let graph = entry.graph.clone();
+            let tenant = entry.tenant.clone();
             if let Some(q) = inner.pending.get_mut(&graph) {
                 q.retain(|j| *j != id);
             }
+            count_live(&mut inner.live_by_tenant, &tenant, -1);
             self.finished(&mut inner, id);
         }
         Ok(event)
@@ -1039,6 +1086,7 @@ mod tests {
             idempotency_key: key.map(String::from),
             tenant: String::new(),
             max_pending: 2,
+            tenant_max_pending: None,
             deadline: None,
             callback_url: None,
             budget: None,

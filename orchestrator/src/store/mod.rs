@@ -33,6 +33,9 @@ pub struct NewJob {
     pub tenant: String,
     /// Refuse the job if this many jobs of its graph are already pending.
     pub max_pending: usize,
+    /// Refuse the job if its tenant has this many jobs queued or running already
+    /// (`[tenants.NAME] max_pending_jobs`).
+    pub tenant_max_pending: Option<usize>,
     pub deadline: Option<std::time::Duration>,
     pub callback_url: Option<String>,
     pub budget: Option<crate::job::Budget>,
@@ -72,6 +75,10 @@ pub enum StoreError {
     #[error("{pending} jobs of graph {graph:?} are already pending; submit again later")]
     Full { graph: Arc<str>, pending: usize },
     #[error(
+        "tenant {tenant:?} has {pending} jobs queued or running, its limit ([tenants.{tenant}] max_pending_jobs); submit again later"
+    )]
+    TenantFull { tenant: Arc<str>, pending: usize },
+    #[error(
         "idempotency key {key:?} was already used for job {existing} with a different input; use a new key for a new job"
     )]
     KeyConflict { key: String, existing: JobId },
@@ -90,7 +97,7 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            Self::Full { .. } | Self::Unavailable(_) | Self::Busy { .. }
+            Self::Full { .. } | Self::TenantFull { .. } | Self::Unavailable(_) | Self::Busy { .. }
         )
     }
 }

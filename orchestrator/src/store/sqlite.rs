@@ -986,6 +986,7 @@ mod tests {
             idempotency_key: key.map(String::from),
             tenant: "t".into(),
             max_pending: 100,
+            tenant_max_pending: None,
             deadline: Some(Duration::from_secs(30)),
             callback_url: None,
             budget: None,

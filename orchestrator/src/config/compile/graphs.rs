@@ -8,6 +8,7 @@ const GRAPH_FIELDS: &[&str] = &[
     "description",
     "max_in_flight_jobs",
     "max_pending_jobs",
+    "tenants",
     "deadline",
     "budget",
     "input_schema",
@@ -115,6 +116,21 @@ impl Loader<'_> {
         let description = r.take("description", &mut self.errs);
         let max_in_flight_jobs: Option<NonZeroUsize> = r.take("max_in_flight_jobs", &mut self.errs);
         let max_pending_jobs: Option<NonZeroUsize> = r.take("max_pending_jobs", &mut self.errs);
+        let tenants_at = r.entry("tenants").map(|(_, v)| v.span());
+        let tenants: Option<Vec<String>> = r.take("tenants", &mut self.errs);
+        if let (Some(list), Some(at)) = (&tenants, tenants_at) {
+            if list.is_empty() {
+                self.errs.push(
+                    src.error(at, "graph.tenants", "an empty list: no tenant could submit to the graph")
+                        .with_help("name the tenants whose jobs it takes, tenants = [\"acme\"], or leave the field out for every tenant's"),
+                );
+            } else if let Some(bad) = list.iter().find(|t| t.is_empty()) {
+                self.errs.push(
+                    src.error(at, "graph.tenants", format!("{bad:?} is not a tenant name"))
+                        .with_help("tenants = [\"acme\", \"globex\"]"),
+                );
+            }
+        }
         let deadline: Option<HumanDuration> = r.take("deadline", &mut self.errs);
         let budget_span = r.entry("budget").map(|(_, v)| v.span());
         let budget: Option<RawBudget> = r.take("budget", &mut self.errs);
@@ -165,6 +181,7 @@ impl Loader<'_> {
                 .unwrap_or(NonZeroUsize::new(DEFAULT_MAX_IN_FLIGHT_JOBS).expect("non-zero")),
             max_pending_jobs: max_pending_jobs
                 .unwrap_or(NonZeroUsize::new(DEFAULT_MAX_PENDING_JOBS).expect("non-zero")),
+            tenants: tenants.map(|l| l.iter().map(|t| Arc::from(t.as_str())).collect()),
             deadline: deadline.map(HumanDuration::get),
             budget,
             input_schema,

@@ -129,6 +129,7 @@ struct PendingGraph {
     description: Option<String>,
     max_in_flight_jobs: NonZeroUsize,
     max_pending_jobs: NonZeroUsize,
+    tenants: Option<Vec<Arc<str>>>,
     deadline: Option<Duration>,
     budget: crate::job::Budget,
     input_schema: Option<serde_json::Value>,
@@ -158,6 +159,7 @@ struct Loader<'r> {
     audit: crate::model::AuditSettings,
     auth: crate::auth::AuthSettings,
     mcp_servers: BTreeMap<String, cascade_agents::mcp::McpServerConfig>,
+    tenants: BTreeMap<String, crate::model::TenantSettings>,
     /// `[credentials.NAME]`: an `auth` table and where it was declared.
     credentials: BTreeMap<String, (serde_json::Value, String)>,
     /// Source index of errors found while resolving, which need a file's text to locate.
@@ -179,6 +181,7 @@ impl<'r> Loader<'r> {
             audit: Default::default(),
             auth: Default::default(),
             mcp_servers: BTreeMap::new(),
+            tenants: BTreeMap::new(),
             resolve_errs: Vec::new(),
         }
     }

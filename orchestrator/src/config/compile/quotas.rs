@@ -16,6 +16,7 @@ const QUOTA_FIELDS: &[&str] = &[
     "circuit_breaker",
     "pause_threshold",
     "learn_from_upstream",
+    "tenant_share",
 ];
 pub(super) const DEFAULT_PAUSE_THRESHOLD: Duration = Duration::from_millis(250);
 
@@ -116,6 +117,8 @@ impl Loader<'_> {
         let pause_threshold: Option<HumanDuration> = r.take("pause_threshold", &mut self.errs);
         let cb: Option<RawCircuitBreaker> = r.take("circuit_breaker", &mut self.errs);
         let learn: Option<bool> = r.take("learn_from_upstream", &mut self.errs);
+        let share_at = r.entry("tenant_share").map(|(_, v)| v.span());
+        let shares: Option<BTreeMap<String, f64>> = r.take("tenant_share", &mut self.errs);
         r.deny_unknown(QUOTA_FIELDS, &format!("quota {name:?}"), &mut self.errs);
         if rps.is_some() && rpm.is_some() {
             self.errs.push(
@@ -168,6 +171,34 @@ impl Loader<'_> {
                     .with_help("set requests_per_second, requests_per_minute, tokens_per_minute, tokens_per_hour, cost_usd_per_hour, cost_usd_per_day or max_concurrency, or learn_from_upstream = true to take the limits the upstream's answers state"),
             );
         }
+        let tenant_share: Vec<(Arc<str>, f64)> = match (shares, share_at) {
+            (Some(shares), Some(at)) => {
+                if let Some((t, s)) = shares
+                    .iter()
+                    .find(|(t, s)| t.is_empty() || !(**s > 0.0 && **s <= 1.0))
+                {
+                    self.errs.push(
+                        src.error(at.clone(), format!("{path}.tenant_share"), format!("{t:?} = {s}: a share is a tenant's name and a fraction above 0 and at most 1"))
+                            .with_help("tenant_share = { acme = 0.5, globex = 0.25 }"),
+                    );
+                }
+                if requests.is_none()
+                    && tokens.is_none()
+                    && cost.is_none()
+                    && max_concurrency.is_none()
+                {
+                    self.errs.push(
+                        src.error(at, format!("{path}.tenant_share"), "a share of no limit: the quota states none to divide")
+                            .with_help("give the quota the limits to share, e.g. max_concurrency = 10 or requests_per_minute = 600"),
+                    );
+                }
+                shares
+                    .into_iter()
+                    .map(|(t, s)| (Arc::from(t.as_str()), s))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
         let circuit_breaker = match cb {
             None => None,
             Some(cb) => {
@@ -209,6 +240,7 @@ impl Loader<'_> {
             implicit: false,
             learn_from_upstream: learn.unwrap_or(false),
             credential: false,
+            tenant_share,
         })
     }
 

@@ -55,6 +55,7 @@ impl Loader<'_> {
             mcp_servers: self.mcp_servers,
             audit: self.audit,
             auth: self.auth,
+            tenants: self.tenants,
         })
     }
 
@@ -199,6 +200,7 @@ impl Loader<'_> {
             source: g.src,
             max_in_flight_jobs: g.max_in_flight_jobs,
             max_pending_jobs: g.max_pending_jobs,
+            tenants: g.tenants,
             deadline: g.deadline,
             budget: g.budget,
             input_schema: g.input_schema,

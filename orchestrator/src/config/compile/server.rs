@@ -13,6 +13,7 @@ const SERVER_FILE_SECTIONS: &[&str] = &[
     "audit",
     "mcp_servers",
     "auth",
+    "tenants",
 ];
 const AUTH_FIELDS: &[&str] = &[
     "api_keys",
@@ -212,10 +213,43 @@ impl Loader<'_> {
                 }
             }
         }
+        if let Some((k, v)) = r.entry("tenants") {
+            r.skip("tenants");
+            let at = k.span();
+            let tenants: Option<BTreeMap<String, crate::model::TenantSettings>> =
+                match deserialize(v) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        self.errs.push(
+                            src.error(v.span(), "tenants", e.message().trim().to_string())
+                                .with_help(TENANTS_HELP),
+                        );
+                        None
+                    }
+                };
+            for (name, t) in tenants.iter().flatten() {
+                if t.submissions_per_second
+                    .is_some_and(|r| !(r.is_finite() && r > 0.0))
+                {
+                    self.errs.push(
+                        src.error(
+                            at.clone(),
+                            format!("tenants.{name}.submissions_per_second"),
+                            "a rate above 0",
+                        )
+                        .with_help(TENANTS_HELP),
+                    );
+                }
+            }
+            self.tenants = tenants.unwrap_or_default();
+        }
         r.deny_unknown(SERVER_FILE_SECTIONS, "the server config", &mut self.errs);
         files
     }
 }
+
+const TENANTS_HELP: &str =
+    "[tenants.acme] max_pending_jobs = 500, submissions_per_second = 50 (both optional)";
 
 /// `t` with relative paths read from `base` (the server file's directory).
 fn resolve_tls_paths(t: &crate::tls::TlsSettings, base: &Path) -> crate::tls::TlsSettings {

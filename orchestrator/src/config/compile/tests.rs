@@ -735,3 +735,44 @@ fn server_tls_files_are_checked_at_load_and_limits_read() {
     assert_eq!(m.server.limits.connections_per_address, 16);
     assert!(m.server.tls.is_none());
 }
+
+#[test]
+fn tenants_and_tenant_shares_are_read_and_checked() {
+    let m = load_server_config(
+        "tenants-ok",
+        "[tenants.acme]\nmax_pending_jobs = 5\nsubmissions_per_second = 2.5\n\n\
+         [quotas.llm]\nmax_concurrency = 10\ntenant_share = { acme = 0.5, globex = 0.25 }\n",
+    )
+    .unwrap();
+    let acme = &m.tenants["acme"];
+    assert_eq!(acme.max_pending_jobs.map(|n| n.get()), Some(5));
+    assert_eq!(acme.submissions_per_second, Some(2.5));
+    let llm = &m.quotas["llm"];
+    assert_eq!(
+        llm.tenant_share,
+        vec![("acme".into(), 0.5), ("globex".into(), 0.25)]
+    );
+    let half = llm.share_for("acme", 0.5);
+    assert_eq!(half.max_concurrency.map(|n| n.get()), Some(5));
+    assert_eq!(
+        llm.share_for("x", 0.01).max_concurrency.map(|n| n.get()),
+        Some(1)
+    );
+
+    let errs = load_server_config(
+        "tenants-bad",
+        "[tenants.acme]\nmax_pending_jobs = 0\n\n[tenants.globex]\nsubmissions_per_second = -1\n\n\
+         [quotas.llm]\nlearn_from_upstream = true\ntenant_share = { acme = 1.5 }\n",
+    )
+    .unwrap_err()
+    .0;
+    let text = errs
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(text.contains("tenants"), "{text}");
+    assert!(text.contains("quotas.llm.tenant_share"), "{text}");
+    assert!(text.contains("1.5"), "{text}");
+    assert!(text.contains("a share of no limit"), "{text}");
+}
