@@ -528,10 +528,11 @@ async fn the_proposal_holds_no_secret_and_the_webhook_is_signed() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    cascade_orchestrator::secret::verify(
+    cascade_orchestrator::secret::verify_keyed(
         &secret,
         headers["x-cascade-timestamp"].to_str().unwrap(),
         headers["x-cascade-signature"].to_str().unwrap(),
+        Some(headers["idempotency-key"].to_str().unwrap()),
         &body,
         now,
     )

@@ -654,3 +654,132 @@ async fn a_tool_loops_journal_is_shown_and_its_tool_call_approved_from_the_job_p
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;
 }
+
+/// With keys on, a browser signs in at /login with a key and then holds an HttpOnly, SameSite
+/// session cookie: opening a page signed out leads to the form and back; a wrong key is shown
+/// its error; a change without the CSRF token is refused, the page's own approval (which sends
+/// it) goes through and records the key's name; signing out ends the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium package: .ci/run installs it and runs this test"]
+async fn the_dashboard_signs_in_with_a_key_and_checks_csrf() {
+    use cascade_orchestrator::auth;
+    let key = auth::generate_key();
+    let dir = common::server_dir(
+        &[(
+            "guarded.toml",
+            "[graph]\nname = \"guarded\"\n[agents.prepare]\nkind = \"sim\"\n[agents.pay]\nkind = \"sim\"\nafter = [\"prepare\"]\napproval = \"required\"\n",
+        )],
+        &format!(
+            "[[auth.api_keys]]\nname = \"acme-lead\"\ntenant = \"acme\"\nroles = [\"read\", \"approve\"]\nhash = \"{}\"\n",
+            auth::sha256_hash(&key)
+        ),
+    );
+    let model = config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap();
+    let (orch, server) = common::serve_in_process(model).await;
+    let mut req = cascade_orchestrator::SubmitRequest::new("guarded", serde_json::json!({}));
+    req.tenant = "acme".into();
+    let id = orch.submit(req).await.unwrap().id;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while orch.store().pending_approval_count("guarded") < 1 {
+        assert!(Instant::now() < deadline, "the proposal was not made");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let base = format!("http://{}", server.http_addr);
+    let u = format!("{base}/jobs");
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut page = Browser::open(&u);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let wait_for = |page: &mut Browser, expr: &str, what: &str| loop {
+            let v = page.eval(expr);
+            if v != serde_json::Value::Null && v != false {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // Signed out: the sign-in form, remembering where to go back to.
+        wait_for(
+            &mut page,
+            "location.pathname === '/login' && document.querySelector('#token') !== null",
+            "no sign-in form",
+        );
+        let next = page.eval("document.querySelector('input[name=next]').value");
+        // A wrong key: the form again, with why.
+        page.eval("document.querySelector('#token').value = 'csk_wrong'; document.querySelector('#login').submit()");
+        let error = wait_for(
+            &mut page,
+            "(document.querySelector('#error')?.textContent || null)",
+            "the wrong key's error was never shown",
+        );
+        // The right key: back to the jobs page.
+        page.eval(&format!(
+            "document.querySelector('#token').value = '{key}'; document.querySelector('#login').submit()"
+        ));
+        wait_for(
+            &mut page,
+            "location.pathname === '/jobs' && document.querySelectorAll('form.decide').length === 1",
+            "signed in, the jobs page never showed the approval",
+        );
+        let cookies = page.call("Network.getCookies", serde_json::json!({}));
+        let script_sees = page.eval("document.cookie");
+        // A change without the CSRF token, as another page's script could try.
+        page.eval(&format!(
+            "fetch('/api/approvals/{id}/pay', {{ method: 'POST', headers: {{ 'content-type': 'application/json' }}, body: JSON.stringify({{ decision: 'approve', sha256: 'x', approver: 'x' }}) }}).then(r => r.json().then(b => window.csrfless = [r.status, b.error]))"
+        ));
+        let csrfless = wait_for(&mut page, "window.csrfless ?? null", "no answer");
+        // The page's own form sends the token.
+        page.eval("(() => { const f = document.querySelector('form.decide'); f.approver.value = 'typed name'; f.querySelector('button.approve').click(); })()");
+        let outcome = wait_for(
+            &mut page,
+            &format!("window.decided?.['{id}/pay'] ?? null"),
+            "the approve never answered",
+        );
+        // Signing out ends the session.
+        page.eval("document.querySelector('#signout').click()");
+        wait_for(&mut page, "location.pathname === '/login'", "not signed out");
+        page.eval("fetch('/api/graphs').then(r => window.after = r.status)");
+        let after = wait_for(&mut page, "window.after ?? null", "no answer after signing out");
+        (next, error, cookies, script_sees, csrfless, outcome, after)
+    })
+    .await
+    .unwrap();
+    let (next, error, cookies, script_sees, csrfless, outcome, after) = seen;
+    assert_eq!(next, "/jobs");
+    assert!(
+        error.as_str().unwrap().contains("not a valid API key"),
+        "{error}"
+    );
+    let cookies = cookies["cookies"].as_array().unwrap();
+    let find = |name: &str| {
+        cookies
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} cookie: {cookies:?}"))
+    };
+    let session = find("cascade_session");
+    assert_eq!(session["httpOnly"], true, "{session}");
+    assert_eq!(session["sameSite"], "Strict", "{session}");
+    assert_eq!(find("cascade_csrf")["httpOnly"], false);
+    let script_sees = script_sees.as_str().unwrap();
+    assert!(
+        script_sees.contains("cascade_csrf=") && !script_sees.contains("cascade_session"),
+        "{script_sees}"
+    );
+    assert_eq!(csrfless[0], 403, "{csrfless}");
+    assert!(csrfless[1].as_str().unwrap().contains("CSRF"), "{csrfless}");
+    assert_eq!(outcome, "approved");
+    let v = orch.approval(&format!("{id}/pay")).unwrap();
+    assert_eq!(
+        v.approval.decision.unwrap().approver,
+        "acme-lead",
+        "the signed-in identity decides, whatever name is typed"
+    );
+    assert_eq!(after, 401);
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cascade_orchestrator::agents::sim;
 use cascade_orchestrator::api::pb;
 use cascade_orchestrator::api::pb::cascade_client::CascadeClient;
-use cascade_orchestrator::secret::{SecretRef, sign, verify};
+use cascade_orchestrator::secret::{SecretRef, sign_keyed, verify_keyed};
 use cascade_orchestrator::server::{self, RunningServer, ServerOptions};
 use cascade_orchestrator::store::{SqliteOptions, SqliteStore};
 use cascade_orchestrator::{Orchestrator, config};
@@ -517,7 +517,10 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     let signed = |ts: u64, key: &str| {
         http.post(&url)
             .header("x-cascade-timestamp", ts.to_string())
-            .header("x-cascade-signature", sign(&secret, ts, &body))
+            .header(
+                "x-cascade-signature",
+                sign_keyed(&secret, ts, Some(key), &body),
+            )
             .header("idempotency-key", key)
             .body(body.clone())
     };
@@ -549,10 +552,28 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     let hook_job = accepted["job_id"].as_str().unwrap().to_string();
     let events = h.watch(&hook_job).await;
     assert_eq!(events.last().unwrap().state, pb::JobState::Succeeded as i32);
-    // The captured request again, even under a new idempotency key: a replay, refused.
-    let replay = signed(now, "hook-replayed").send().await.unwrap();
+    // The captured request again: a replay, refused.
+    let replay = signed(now, "hook-1").send().await.unwrap();
     assert_eq!(replay.status(), 409, "a replayed signature is refused");
     assert!(replay.text().await.unwrap().contains("replay"));
+    // Its signature under another idempotency key: the key is signed, so this is a forgery.
+    let moved = http
+        .post(&url)
+        .header("x-cascade-timestamp", now.to_string())
+        .header(
+            "x-cascade-signature",
+            sign_keyed(&secret, now, Some("hook-1"), &body),
+        )
+        .header("idempotency-key", "hook-other")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        moved.status(),
+        401,
+        "a key the signature does not cover is refused"
+    );
     // The sender's retry, signed anew, is the same job by its key.
     let again = signed(now + 1, "hook-1").send().await.unwrap();
     let again: serde_json::Value = again.json().await.unwrap();
@@ -595,10 +616,11 @@ async fn webhooks_must_be_signed_and_callbacks_are_signed() {
     let signed_at: u64 = headers["x-cascade-timestamp"].parse().unwrap();
     assert!(signed_at.abs_diff(now) < 60, "signed now");
     assert!(
-        verify(
+        verify_keyed(
             &secret,
             &headers["x-cascade-timestamp"],
             &headers["x-cascade-signature"],
+            headers.get("idempotency-key").map(String::as_str),
             body,
             signed_at
         )

@@ -318,6 +318,23 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 #[ignore = "needs Debian's prometheus package: .ci/run installs it and runs this test"]
 async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheus() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    // The shipped scrape config, with the credentials file it names (see its comment).
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["prometheus.yml", "cascade-alerts.yml"] {
+        std::fs::copy(root.join(f), copy.path().join(f)).unwrap();
+    }
+    std::fs::write(copy.path().join("cascade-metrics.key"), "csk_example").unwrap();
+    let config = Command::new("promtool")
+        .args(["check", "config"])
+        .arg(copy.path().join("prometheus.yml"))
+        .output()
+        .expect("Debian's promtool is installed (apt-get install prometheus)");
+    assert!(
+        config.status.success(),
+        "promtool check config: {}{}",
+        String::from_utf8_lossy(&config.stdout),
+        String::from_utf8_lossy(&config.stderr)
+    );
     let check = Command::new("promtool")
         .args(["check", "rules"])
         .arg(root.join("cascade-alerts.yml"))

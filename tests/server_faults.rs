@@ -305,10 +305,11 @@ async fn callbacks_are_retried_with_backoff_and_signed_at_each_attempt() {
     assert_eq!(keys.len(), 1, "one key across attempts");
     for (_, h, body) in &got {
         let ts: u64 = h["x-cascade-timestamp"].parse().unwrap();
-        cascade_orchestrator::secret::verify(
+        cascade_orchestrator::secret::verify_keyed(
             &secret,
             &h["x-cascade-timestamp"],
             &h["x-cascade-signature"],
+            Some(h["idempotency-key"].as_str()),
             body,
             ts,
         )

@@ -24,6 +24,7 @@ pub mod restart;
 pub mod runtime;
 pub mod secret;
 pub mod server;
+pub mod session;
 pub mod signal;
 pub mod store;
 pub mod telemetry;

@@ -62,6 +62,7 @@ pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
 pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
 pub const SUB_STEPS: &str = "cascade_sub_steps_total";
 pub const SLOW_CONNECTIONS: &str = "cascade_slow_connections_closed_total";
+pub const DASHBOARD_SESSIONS: &str = "cascade_dashboard_sessions";
 pub const TENANT_REFUSALS: &str = "cascade_tenant_refusals_total";
 pub const TLS_RELOADS: &str = "cascade_tls_reloads_total";
 pub const TLS_HANDSHAKE_FAILURES: &str = "cascade_tls_handshake_failures_total";
@@ -92,6 +93,11 @@ pub fn describe() {
         SLOW_CONNECTIONS,
         Unit::Count,
         "Connections closed because their first request's headers (or the HTTP/2 preface) did not arrive within the limit."
+    );
+    describe_gauge!(
+        DASHBOARD_SESSIONS,
+        Unit::Count,
+        "Dashboard sessions signed in through /login and not yet ended or found expired."
     );
     describe_counter!(
         TENANT_REFUSALS,

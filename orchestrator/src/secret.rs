@@ -21,15 +21,26 @@ pub const SIGNATURE_TOLERANCE: Duration = Duration::from_secs(300);
 /// carry several comma-separated `v1=` values (while a secret is rotated): one that matches is
 /// enough.
 pub fn sign(secret: &Secret, timestamp: u64, body: &[u8]) -> String {
-    format!("v1={}", hex::encode(mac(secret, timestamp, body)))
+    sign_keyed(secret, timestamp, None, body)
 }
 
-fn mac(secret: &Secret, timestamp: u64, body: &[u8]) -> [u8; 32] {
+/// [`sign`] for a request that carries an `Idempotency-Key`: the key is signed too, as
+/// `"<timestamp>.<key>.<body>"`, so that nobody on the way can change which job a delivery
+/// deduplicates against (and so drop it as a duplicate of another).
+pub fn sign_keyed(secret: &Secret, timestamp: u64, key: Option<&str>, body: &[u8]) -> String {
+    format!("v1={}", hex::encode(mac(secret, timestamp, key, body)))
+}
+
+fn mac(secret: &Secret, timestamp: u64, key: Option<&str>, body: &[u8]) -> [u8; 32] {
     use hmac::{KeyInit, Mac};
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.expose())
         .expect("HMAC takes any key length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
+    if let Some(key) = key {
+        mac.update(key.as_bytes());
+        mac.update(b".");
+    }
     mac.update(body);
     mac.finalize().into_bytes().into()
 }
@@ -45,7 +56,7 @@ pub enum SignatureError {
     )]
     Stale { skew_secs: u64 },
     #[error(
-        "bad or missing X-Cascade-Signature: send v1=<hex HMAC-SHA256 of \"<timestamp>.<body>\" with the shared secret>"
+        "bad or missing X-Cascade-Signature: send v1=<hex HMAC-SHA256 of \"<timestamp>.<body>\" with the shared secret> (with an Idempotency-Key, of \"<timestamp>.<key>.<body>\")"
     )]
     BadSignature,
     #[error(
@@ -63,6 +74,18 @@ pub fn verify(
     body: &[u8],
     now: u64,
 ) -> Result<[u8; 32], SignatureError> {
+    verify_keyed(secret, timestamp, signature, None, body, now)
+}
+
+/// [`verify`] of a request signed by [`sign_keyed`] with `key` (its `Idempotency-Key`).
+pub fn verify_keyed(
+    secret: &Secret,
+    timestamp: &str,
+    signature: &str,
+    key: Option<&str>,
+    body: &[u8],
+    now: u64,
+) -> Result<[u8; 32], SignatureError> {
     let ts: u64 = timestamp
         .trim()
         .parse()
@@ -71,7 +94,7 @@ pub fn verify(
     if skew_secs > SIGNATURE_TOLERANCE.as_secs() {
         return Err(SignatureError::Stale { skew_secs });
     }
-    let expected = mac(secret, ts, body);
+    let expected = mac(secret, ts, key, body);
     for candidate in signature.split(',') {
         let Some(hex_sig) = candidate.trim().strip_prefix("v1=") else {
             continue;

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::api::pb::cascade_server::CascadeServer;
 use crate::api::{CascadeService, pb};
 use crate::job::{CallbackDelivery, JobId, JobUpdate};
-use crate::secret::{ReplayGuard, Secret, sign, verify};
+use crate::secret::{ReplayGuard, Secret};
 use crate::{Orchestrator, SubmitError, SubmitRequest};
 
 /// How a server listens and what it trusts.
@@ -160,6 +160,36 @@ fn oversize_is_resource_exhausted(
 struct HttpAuth {
     auth: Arc<crate::auth::Authenticator>,
     metrics_public: bool,
+    sessions: Arc<crate::session::Sessions>,
+}
+
+/// The refusal of a request a credential did not let through: 401, 403 or 503.
+fn auth_refusal(e: &crate::auth::AuthError) -> Response {
+    let status = if e.is_busy() {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else if e.is_unauthenticated() {
+        StatusCode::UNAUTHORIZED
+    } else {
+        StatusCode::FORBIDDEN
+    };
+    (
+        status,
+        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+        axum::Json(json!({"error": e.to_string()})),
+    )
+        .into_response()
+}
+
+/// Whether a request is a person's browser opening a page (sent to `/login` when signed out).
+fn is_page(req: &axum::extract::Request) -> bool {
+    let path = req.uri().path();
+    req.method() == axum::http::Method::GET
+        && (path == "/" || path == "/jobs" || path.starts_with("/jobs/"))
+        && req
+            .headers()
+            .get(axum::http::header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|a| a.contains("text/html"))
 }
 
 /// The credential each HTTP route needs: none for `/healthz`, `/readyz` and the webhooks (which
@@ -174,7 +204,7 @@ async fn http_authorize(
     use crate::auth::Role;
     let path = req.uri().path();
     let needed: Option<Option<(Role, &'static str)>> = match path {
-        "/healthz" | "/readyz" => None,
+        "/healthz" | "/readyz" | "/login" => None,
         p if p.starts_with("/hooks/") => None,
         "/metrics" if a.metrics_public => None,
         "/metrics" => Some(None),
@@ -192,6 +222,43 @@ async fn http_authorize(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    // A browser signed in at /login: its session cookie, and for a change its CSRF token.
+    if header.is_none()
+        && a.auth.enabled()
+        && let Some((who, csrf)) = req
+            .headers()
+            .get(axum::http::header::COOKIE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|c| crate::session::cookie(c, crate::session::SESSION_COOKIE))
+            .and_then(|id| a.sessions.get(id))
+    {
+        let safe = matches!(
+            *req.method(),
+            axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+        );
+        let sent = req
+            .headers()
+            .get(crate::session::CSRF_HEADER)
+            .and_then(|v| v.to_str().ok());
+        if !safe && !sent.is_some_and(|s| crate::session::same_token(s, &csrf)) {
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"error": "missing or wrong CSRF token: a request signed in by the session cookie that changes something sends the cascade_csrf cookie's value as X-CSRF-Token"})),
+            )
+                .into_response();
+        }
+        if let Some((role, what)) = role
+            && !who.has(role)
+        {
+            return auth_refusal(&crate::auth::AuthError::Forbidden {
+                name: who.name.to_string(),
+                needed: role,
+                what,
+            });
+        }
+        req.extensions_mut().insert(who);
+        return next.run(req).await;
+    }
     let peer = req
         .extensions()
         .get::<axum::extract::ConnectInfo<crate::listen::ConnInfo>>()
@@ -206,6 +273,127 @@ async fn http_authorize(
             req.extensions_mut().insert(who);
             next.run(req).await
         }
+        // Signed out, opening a page: the sign-in form, then back here.
+        Err(e) if e.is_unauthenticated() && is_page(&req) => {
+            let back = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            axum::response::Redirect::to(&format!("/login?next={}", form_urlencode(&back)))
+                .into_response()
+        }
+        Err(e) => auth_refusal(&e),
+    }
+}
+
+/// What the sign-in routes need.
+#[derive(Clone)]
+struct LoginState {
+    auth: Arc<crate::auth::Authenticator>,
+    sessions: Arc<crate::session::Sessions>,
+    /// Served over TLS: the cookies are `Secure`.
+    secure: bool,
+}
+
+/// `/login` (the form, and its submission) and `/logout`: see [`crate::session`].
+fn login_routes(state: LoginState) -> Router {
+    Router::new()
+        .route("/login", get(login_page).post(login_submit))
+        .route("/logout", post(logout))
+        .with_state(state)
+}
+
+#[derive(serde::Deserialize)]
+struct LoginQuery {
+    #[serde(default)]
+    next: String,
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+    #[serde(default)]
+    next: String,
+}
+
+/// A local path to go back to after signing in (anything else: the dashboard).
+fn local_path(next: &str) -> &str {
+    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+        next
+    } else {
+        "/"
+    }
+}
+
+fn form_urlencode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The sign-in page, with `error` shown above the form.
+fn login_form(status: StatusCode, next: &str, error: &str) -> Response {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    let page = include_str!("login.html")
+        .replace("<!--ERROR-->", &esc(error))
+        .replace("<!--NEXT-->", &esc(local_path(next)));
+    (
+        status,
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-store"),
+        ],
+        page,
+    )
+        .into_response()
+}
+
+async fn login_page(
+    State(l): State<LoginState>,
+    axum::extract::Query(q): axum::extract::Query<LoginQuery>,
+) -> Response {
+    if !l.auth.enabled() {
+        // Nobody signs in: everyone on this (loopback) server is the administrator.
+        return axum::response::Redirect::to(local_path(&q.next)).into_response();
+    }
+    login_form(StatusCode::OK, &q.next, "")
+}
+
+async fn login_submit(
+    State(l): State<LoginState>,
+    headers: axum::http::HeaderMap,
+    axum::Form(f): axum::Form<LoginForm>,
+) -> Response {
+    if !l.auth.enabled() {
+        return axum::response::Redirect::to(local_path(&f.next)).into_response();
+    }
+    // Another site's page may not sign this browser in (into the other site's account).
+    if let Some(site) = headers.get("sec-fetch-site").and_then(|v| v.to_str().ok())
+        && site != "same-origin"
+        && site != "none"
+    {
+        return login_form(
+            StatusCode::FORBIDDEN,
+            &f.next,
+            "sign in from this server's own page",
+        );
+    }
+    let bearer = format!("Bearer {}", f.token.trim());
+    let who = match l
+        .auth
+        .require(
+            Some(&bearer),
+            None,
+            crate::auth::Role::Read,
+            "the dashboard",
+        )
+        .await
+    {
+        Ok(who) => who,
         Err(e) => {
             let status = if e.is_busy() {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -214,14 +402,60 @@ async fn http_authorize(
             } else {
                 StatusCode::FORBIDDEN
             };
-            (
-                status,
-                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
-                axum::Json(json!({"error": e.to_string()})),
-            )
-                .into_response()
+            return login_form(status, &f.next, &e.to_string());
         }
+    };
+    let Some(created) = l.sessions.create(who) else {
+        return login_form(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &f.next,
+            "too many sessions are signed in; try again later",
+        );
+    };
+    let secure = if l.secure { "; Secure" } else { "" };
+    let max_age = crate::session::SESSION_TTL.as_secs();
+    let mut r = axum::response::Redirect::to(local_path(&f.next)).into_response();
+    let h = r.headers_mut();
+    for cookie in [
+        format!(
+            "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
+            crate::session::SESSION_COOKIE,
+            created.id
+        ),
+        format!(
+            "{}={}; Path=/; SameSite=Strict; Max-Age={max_age}{secure}",
+            crate::session::CSRF_COOKIE,
+            created.csrf
+        ),
+    ] {
+        h.append(
+            axum::http::header::SET_COOKIE,
+            cookie.parse().expect("cookie values are URL-safe"),
+        );
     }
+    h.insert("cache-control", "no-store".parse().expect("a header value"));
+    r
+}
+
+/// End the session (the middleware has checked its CSRF token) and clear the cookies.
+async fn logout(State(l): State<LoginState>, headers: axum::http::HeaderMap) -> Response {
+    if let Some(id) = headers
+        .get(axum::http::header::COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| crate::session::cookie(c, crate::session::SESSION_COOKIE))
+    {
+        l.sessions.end(id);
+    }
+    let mut r = axum::response::Redirect::to("/login").into_response();
+    for name in [crate::session::SESSION_COOKIE, crate::session::CSRF_COOKIE] {
+        r.headers_mut().append(
+            axum::http::header::SET_COOKIE,
+            format!("{name}=; Path=/; Max-Age=0; SameSite=Strict")
+                .parse()
+                .expect("a header value"),
+        );
+    }
+    r
 }
 
 /// Bind both ports and serve until [`RunningServer::stop`].
@@ -340,6 +574,7 @@ pub async fn start(
         }
     }));
 
+    let sessions = Arc::new(crate::session::Sessions::default());
     let state = HttpState {
         orch: orch.clone(),
         webhook_secret: options.webhook_secret.clone(),
@@ -368,10 +603,16 @@ pub async fn start(
         .merge(crate::jobs_api::routes(orch.clone()))
         // Every route but the probes and the signed webhooks needs a credential (see
         // `http_authorize`).
+        .merge(login_routes(LoginState {
+            auth: auth.clone(),
+            sessions: sessions.clone(),
+            secure: tls.is_some(),
+        }))
         .layer(axum::middleware::from_fn_with_state(
             HttpAuth {
                 auth: auth.clone(),
                 metrics_public: settings.metrics_public,
+                sessions,
             },
             http_authorize,
         ));
@@ -515,7 +756,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// `POST /hooks/{graph}`: the body (JSON) becomes a job's input. The body must be signed:
-/// `X-Cascade-Timestamp` and `X-Cascade-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>">` (see [`crate::secret::sign`]); `Idempotency-Key` deduplicates.
+/// `X-Cascade-Timestamp` and `X-Cascade-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>">` (see [`crate::secret::sign`]); `Idempotency-Key` deduplicates, and is signed with the body (`"<timestamp>.<key>.<body>"`).
 async fn hook(
     State(s): State<HttpState>,
     Path(graph): Path<String>,
@@ -535,10 +776,15 @@ async fn hook(
             .unwrap_or("")
     };
     let now = unix_now();
-    let mac = match verify(
+    // The key decides which job a delivery is: it is signed with the body.
+    let key = headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let mac = match crate::secret::verify_keyed(
         secret,
         header("x-cascade-timestamp"),
         header("x-cascade-signature"),
+        key,
         &body,
         now,
     ) {
@@ -588,10 +834,7 @@ async fn hook(
         }
     };
     let mut req = SubmitRequest::new(graph, input);
-    req.idempotency_key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(String::from);
+    req.idempotency_key = key.map(String::from);
     req.labels.insert("source".into(), "webhook".into());
     let submitted = s.orch.submit(req).await;
     if submitted.is_err() {
@@ -775,9 +1018,14 @@ async fn announce(
     let id = &notice.approval.approval.id;
     let mut last = String::new();
     for attempt in 1..=3u32 {
-        let req = signed_post(client, &notice.url, secret, &body)
-            .header("x-cascade-approval", id.as_str())
-            .header("idempotency-key", format!("{id}/proposed"));
+        let req = signed_post(
+            client,
+            &notice.url,
+            secret,
+            &format!("{id}/proposed"),
+            &body,
+        )
+        .header("x-cascade-approval", id.as_str());
         match req.send().await {
             Ok(r) if r.status().is_success() => return,
             Ok(r) => last = format!("answered HTTP {}", r.status()),
@@ -790,23 +1038,26 @@ async fn announce(
     tracing::warn!(approval_id = %id, error = %last, "the approval webhook was not delivered (the approval is listed all the same)");
 }
 
-/// A JSON POST of `body`, signed with `secret` when there is one. Signed anew at every attempt:
-/// a receiver that refuses replays takes a retry.
+/// A JSON POST of `body` with Idempotency-Key `key`, both signed with `secret` when there is
+/// one. Signed anew at every attempt: a receiver that refuses replays takes a retry.
 fn signed_post(
     client: &reqwest::Client,
     url: &str,
     secret: Option<&Secret>,
+    key: &str,
     body: &[u8],
 ) -> reqwest::RequestBuilder {
     let mut req = client
         .post(url)
         .header("content-type", "application/json")
+        .header("idempotency-key", key)
         .body(body.to_vec());
     if let Some(s) = secret {
         let ts = unix_now();
-        req = req
-            .header("x-cascade-timestamp", ts.to_string())
-            .header("x-cascade-signature", sign(s, ts, body));
+        req = req.header("x-cascade-timestamp", ts.to_string()).header(
+            "x-cascade-signature",
+            crate::secret::sign_keyed(s, ts, Some(key), body),
+        );
     }
     req
 }
@@ -839,9 +1090,8 @@ async fn deliver(
     let mut delivery = CallbackDelivery::default();
     for attempt in 1..=CALLBACK_ATTEMPTS {
         delivery.attempts = attempt;
-        let req = signed_post(client, &url, secret, &body)
-            .header("x-cascade-job", id.to_string())
-            .header("idempotency-key", format!("{id}/callback"));
+        let req = signed_post(client, &url, secret, &format!("{id}/callback"), &body)
+            .header("x-cascade-job", id.to_string());
         match req.send().await {
             Ok(r) if r.status().is_success() => {
                 delivery.delivered = true;
