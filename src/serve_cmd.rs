@@ -99,7 +99,7 @@ pub fn options(
     }
     o.mcp_allowed_hosts = s.mcp_allowed_hosts.clone();
     o.tls = s.tls.clone();
-    o.connections_per_address = s.limits.connections_per_address;
+    o.limits = s.limits.clone();
     o.webhook_secret = s
         .webhook_secret
         .as_ref()

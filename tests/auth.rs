@@ -373,15 +373,16 @@ async fn every_rpc_checks_its_role_and_tenants_see_only_their_own() {
             .status(),
         401
     );
-    // The MCP endpoint's tools are not tenant-scoped yet: an administrator's only.
+    // The MCP endpoint takes any valid key with `read` (its tools then act as the caller: see
+    // tests/mcp_host.rs); an expired one is refused like none.
     assert_eq!(
         http.post(format!("{base}/mcp"))
-            .bearer_auth(&keys.globex)
+            .bearer_auth(&keys.expired)
             .send()
             .await
             .unwrap()
             .status(),
-        403
+        401
     );
     // The CLI sends --token, or CASCADE_TOKEN.
     let cli = |args: &[&str], env_token: Option<&str>| {

@@ -130,3 +130,98 @@ async fn mcp_answers_loopback_and_allowed_hosts_only() {
     let r = post("evil.example").await.unwrap();
     assert!(r.status().is_client_error(), "{}", r.status());
 }
+
+/// With keys on, `/mcp` acts as its caller: a tenant's key is offered the `run_` tools of the
+/// graphs its tenant may run, its jobs land in its tenant, and another tenant's job is "not
+/// found", exactly as an unknown one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the Python mcp SDK from PyPI: .ci/run installs it (pip install mcp==2.3.0) and runs this test"]
+async fn the_mcp_endpoint_acts_as_its_caller_in_its_tenant() {
+    use cascade_orchestrator::auth;
+    let (acme, globex) = (auth::generate_key(), auth::generate_key());
+    let dir = common::server_dir(
+        &[
+            ("quick.toml", GRAPHS),
+            (
+                "ledger.toml",
+                "[graph]\nname = \"ledger\"\ntenants = [\"globex\"]\n[agents.a]\nkind = \"sim\"\n",
+            ),
+        ],
+        &format!(
+            "[[auth.api_keys]]\nname = \"acme-app\"\ntenant = \"acme\"\nroles = [\"submit\", \"read\"]\nhash = \"{}\"\n\n\
+             [[auth.api_keys]]\nname = \"globex-app\"\ntenant = \"globex\"\nroles = [\"submit\", \"read\"]\nhash = \"{}\"\n",
+            auth::sha256_hash(&acme),
+            auth::sha256_hash(&globex)
+        ),
+    );
+    let model = cascade_orchestrator::config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap();
+    let (orch, server) = common::serve_in_process(model).await;
+    let mut req = cascade_orchestrator::SubmitRequest::new("ledger", json!({}));
+    req.tenant = "globex".into();
+    let foreign = orch.submit(req).await.unwrap().id.to_string();
+    let url = format!("http://127.0.0.1:{}/mcp", server.http_addr.port());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/mcp_tenant_client.py");
+    let out = tokio::process::Command::new("python3")
+        .args([script, &url, &acme, &foreign])
+        .output()
+        .await
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "the Python MCP client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Offered: the open graph, not globex's ledger.
+    assert_eq!(
+        seen["tools"],
+        json!([
+            "await_job",
+            "cancel_job",
+            "get_job",
+            "list_approvals",
+            "run_quick"
+        ]),
+        "{seen}"
+    );
+    let run = &seen["run_quick"]["structured"];
+    assert_eq!(run["state"], "succeeded", "{seen}");
+    let mine = orch
+        .get(run["job_id"].as_str().unwrap().parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(mine.tenant, "acme");
+    for tool in ["get_job", "cancel_job"] {
+        assert_eq!(seen[tool]["is_error"], true, "{seen}");
+        assert_eq!(
+            seen[tool]["text"][0],
+            format!("job {foreign} not found"),
+            "{seen}"
+        );
+    }
+    // Named anyway, the ledger refuses acme's job.
+    assert_eq!(seen["run_ledger"]["is_error"], true, "{seen}");
+    assert!(
+        seen["run_ledger"]["text"][0]
+            .as_str()
+            .unwrap()
+            .contains("does not take jobs of tenant \"acme\""),
+        "{seen}"
+    );
+    let other = orch.get(foreign.parse().unwrap()).unwrap().unwrap();
+    assert_ne!(other.state, cascade_orchestrator::job::JobState::Cancelled);
+    // Without a key: refused at the door.
+    let r = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}

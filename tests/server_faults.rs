@@ -643,7 +643,10 @@ async fn one_address_holds_at_most_its_share_of_connections() {
         cascade_orchestrator::server::ServerOptions {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
-            connections_per_address: 4,
+            limits: cascade_orchestrator::limits::ServerLimits {
+                connections_per_address: 4,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )

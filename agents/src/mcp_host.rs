@@ -37,6 +37,35 @@ pub trait ToolHost: Send + Sync + 'static {
     ) -> Result<Value, String> {
         self.call(name, arguments).await
     }
+
+    /// The tools offered to the caller of a request, from the HTTP request's extensions (what
+    /// the server's authentication put there: who calls).
+    fn tools_for(&self, _caller: &http::Extensions) -> Vec<OfferedTool> {
+        self.tools()
+    }
+
+    /// [`ToolHost::call_keyed`] for the caller of a request (see [`ToolHost::tools_for`]).
+    async fn call_as(
+        &self,
+        name: &str,
+        arguments: Map<String, Value>,
+        idempotency_key: Option<&str>,
+        _caller: &http::Extensions,
+    ) -> Result<Value, String> {
+        self.call_keyed(name, arguments, idempotency_key).await
+    }
+}
+
+/// The HTTP request's extensions of an MCP request (empty when it came another way).
+fn caller(context: &RequestContext<RoleServer>) -> &http::Extensions {
+    static NONE: std::sync::OnceLock<http::Extensions> = std::sync::OnceLock::new();
+    context
+        .extensions
+        .get::<http::request::Parts>()
+        .map_or_else(
+            || NONE.get_or_init(http::Extensions::new),
+            |p| &p.extensions,
+        )
 }
 
 /// Whether `schema` is a JSON Schema this server can offer (and check against).
@@ -70,10 +99,10 @@ impl ServerHandler for Handler {
     async fn list_tools(
         &self,
         _: Option<PaginatedRequestParams>,
-        _: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         Ok(ListToolsResult {
-            tools: self.0.tools(),
+            tools: self.0.tools_for(caller(&context)),
             ..Default::default()
         })
     }
@@ -100,7 +129,7 @@ impl ServerHandler for Handler {
         let arguments = request.arguments.unwrap_or_default();
         let result = match self
             .0
-            .call_keyed(&request.name, arguments, key.as_deref())
+            .call_as(&request.name, arguments, key.as_deref(), caller(&context))
             .await
         {
             Ok(value) => CallToolResult::structured(value),

@@ -14,6 +14,7 @@ pub mod config;
 pub mod dag;
 pub mod job;
 pub mod jobs_api;
+pub mod limits;
 pub mod listen;
 pub mod mcp_tools;
 pub mod metrics;

@@ -2,6 +2,10 @@
 //! output if it ends within `wait_seconds`, else with its id and state; `get_job`, `await_job`,
 //! `cancel_job` and `list_approvals` follow it. Human gates are never skipped: a job that waits
 //! for approval says so, with the approvals it waits for.
+//!
+//! Each caller sees and acts as who it is (the identity the server's authentication put in the
+//! request): the `run_` tools of the graphs its tenant may run, if it may submit; the jobs and
+//! approvals of its tenant only (another tenant's job is "not found", as an unknown one is).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,8 +13,29 @@ use std::time::Duration;
 use cascade_agents::mcp_host::{ToolHost, tool};
 use serde_json::{Map, Value, json};
 
+use crate::auth::{Identity, Role};
 use crate::job::{ApprovalView, JobId, JobRecord};
 use crate::{Orchestrator, SubmitRequest};
+
+/// Who calls: the identity the HTTP authentication found (anonymous without authentication).
+fn who(caller: &http::Extensions) -> Identity {
+    caller
+        .get::<Identity>()
+        .cloned()
+        .unwrap_or_else(Identity::anonymous)
+}
+
+/// Refused for want of `role`, in the words the other edges use.
+fn needs(who: &Identity, role: Role, what: &str) -> Result<(), String> {
+    if who.has(role) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} may not do this: {what} needs the {role} role",
+            &*who.name
+        ))
+    }
+}
 
 /// How long a tool call waits for its job by default, and at most.
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -74,16 +99,30 @@ impl GraphTools {
         };
         Ok(job_json(&record))
     }
-}
 
-#[async_trait::async_trait]
-impl ToolHost for GraphTools {
-    fn tools(&self) -> Vec<cascade_agents::mcp_host::OfferedTool> {
+    /// Job `id`, if `who` may see it (another tenant's: not found, as an unknown one).
+    fn visible(&self, who: &Identity, id: JobId) -> Result<JobRecord, String> {
+        match self.orch.get(id).map_err(|e| e.to_string())? {
+            Some(r) if who.sees(&r.tenant) => Ok(r),
+            _ => Err(format!("job {id} not found")),
+        }
+    }
+
+    /// The tools `who` is offered.
+    fn offered(&self, who: &Identity) -> Vec<cascade_agents::mcp_host::OfferedTool> {
+        let tenant = who.tenant_for("").unwrap_or_default();
         let mut tools: Vec<_> = self
             .orch
             .model()
             .graphs
             .iter()
+            .filter(|g| {
+                who.has(Role::Submit)
+                    && (who.is_admin()
+                        || g.tenants
+                            .as_ref()
+                            .is_none_or(|ts| ts.iter().any(|t| **t == *tenant)))
+            })
             .map(|g| {
                 tool(
                     &format!("run_{}", g.name),
@@ -126,31 +165,41 @@ impl ToolHost for GraphTools {
         tools
     }
 
-    async fn call(&self, name: &str, args: Map<String, Value>) -> Result<Value, String> {
+    /// Call tool `name` as `who`.
+    async fn call_by(
+        &self,
+        who: &Identity,
+        name: &str,
+        args: Map<String, Value>,
+    ) -> Result<Value, String> {
         match name {
             "get_job" => {
-                let id = job_id_of(&args)?;
-                let r = self
-                    .orch
-                    .get(id)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("job {id} not found"))?;
-                Ok(job_json(&r))
+                needs(who, Role::Read, "get_job")?;
+                Ok(job_json(&self.visible(who, job_id_of(&args)?)?))
             }
-            "await_job" => self.settle(job_id_of(&args)?, wait_of(&args)?).await,
+            "await_job" => {
+                needs(who, Role::Read, "await_job")?;
+                let id = job_id_of(&args)?;
+                self.visible(who, id)?;
+                self.settle(id, wait_of(&args)?).await
+            }
             "cancel_job" => {
+                needs(who, Role::Submit, "cancel_job")?;
+                let id = job_id_of(&args)?;
+                self.visible(who, id)?;
                 let r = self
                     .orch
-                    .cancel(job_id_of(&args)?, "cancelled over MCP")
+                    .cancel(id, "cancelled over MCP")
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(job_json(&r))
             }
             "list_approvals" => {
+                needs(who, Role::Read, "list_approvals")?;
                 let graph = args.get("graph").and_then(Value::as_str);
                 let list = self
                     .orch
-                    .approvals(graph, None, 500)
+                    .approvals_of(graph, None, 500, who.only_tenant())
                     .map_err(|e| e.to_string())?;
                 Ok(json!({"approvals": list.iter().map(|v| json!({
                     "approval_id": v.approval.id,
@@ -162,9 +211,11 @@ impl ToolHost for GraphTools {
                 })).collect::<Vec<_>>()}))
             }
             run if run.starts_with("run_") => {
+                needs(who, Role::Submit, "running a graph")?;
                 let graph = &run["run_".len()..];
                 let input = args.get("input").cloned().unwrap_or(json!({}));
                 let mut req = SubmitRequest::new(graph, input);
+                req.tenant = who.tenant_for("").map_err(|e| e.to_string())?;
                 if let Some(key) = args.get("idempotency_key").and_then(Value::as_str) {
                     req = req.idempotency_key(key);
                 }
@@ -176,5 +227,30 @@ impl ToolHost for GraphTools {
                 "no tool {other:?}: the tools are run_<graph>, get_job, await_job, cancel_job, list_approvals"
             )),
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl ToolHost for GraphTools {
+    fn tools(&self) -> Vec<cascade_agents::mcp_host::OfferedTool> {
+        self.offered(&Identity::anonymous())
+    }
+
+    async fn call(&self, name: &str, args: Map<String, Value>) -> Result<Value, String> {
+        self.call_by(&Identity::anonymous(), name, args).await
+    }
+
+    fn tools_for(&self, caller: &http::Extensions) -> Vec<cascade_agents::mcp_host::OfferedTool> {
+        self.offered(&who(caller))
+    }
+
+    async fn call_as(
+        &self,
+        name: &str,
+        args: Map<String, Value>,
+        _idempotency_key: Option<&str>,
+        caller: &http::Extensions,
+    ) -> Result<Value, String> {
+        self.call_by(&who(caller), name, args).await
     }
 }

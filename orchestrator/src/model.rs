@@ -102,22 +102,7 @@ pub struct ServerSettings {
     pub limits: ServerLimits,
 }
 
-/// `[server.limits]`: bounds on what one caller may hold or send, with defaults that a normal
-/// client never meets.
-#[derive(Clone, Debug, serde::Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ServerLimits {
-    /// Connections one remote address may hold at once, across both listeners.
-    pub connections_per_address: usize,
-}
-
-impl Default for ServerLimits {
-    fn default() -> Self {
-        Self {
-            connections_per_address: crate::listen::CONNECTIONS_PER_ADDRESS,
-        }
-    }
-}
+pub use crate::limits::ServerLimits;
 
 impl Default for ServerSettings {
     fn default() -> Self {

@@ -48,8 +48,8 @@ pub struct ServerOptions {
     pub first_request_timeout: Duration,
     /// TLS on both listeners (`[server.tls]`).
     pub tls: Option<crate::tls::TlsSettings>,
-    /// Connections one remote address may hold at once, across both listeners.
-    pub connections_per_address: usize,
+    /// `[server.limits]`: what one caller may hold or send.
+    pub limits: crate::limits::ServerLimits,
 }
 
 impl Default for ServerOptions {
@@ -66,7 +66,7 @@ impl Default for ServerOptions {
             mcp_allowed_hosts: Vec::new(),
             first_request_timeout: crate::listen::FIRST_REQUEST_TIMEOUT,
             tls: None,
-            connections_per_address: crate::listen::CONNECTIONS_PER_ADDRESS,
+            limits: crate::limits::ServerLimits::default(),
         }
     }
 }
@@ -130,6 +130,7 @@ struct HttpState {
     webhook_secret: Option<Secret>,
     /// Webhook signatures accepted within the timestamp window.
     replays: Arc<std::sync::Mutex<ReplayGuard>>,
+    limits: crate::limits::ServerLimits,
 }
 
 /// Webhook signatures remembered at most (a live one is never forgotten: past this, webhooks are
@@ -161,6 +162,23 @@ struct HttpAuth {
     auth: Arc<crate::auth::Authenticator>,
     metrics_public: bool,
     sessions: Arc<crate::session::Sessions>,
+    /// `[server.limits] requests_per_second_per_identity` (with authentication on).
+    rate: Option<Arc<crate::limits::IdentityRate>>,
+}
+
+/// 429 for an identity over its request rate, with when to come back.
+fn too_many_requests(who: &crate::auth::Identity, retry_after: Duration) -> Response {
+    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut r = (
+        StatusCode::TOO_MANY_REQUESTS,
+        axum::Json(json!({"error": format!(
+            "{:?} makes requests faster than [server.limits] requests_per_second_per_identity allows; retry in {secs}s",
+            &*who.name
+        )})),
+    )
+        .into_response();
+    r.headers_mut().insert("retry-after", secs.into());
+    r
 }
 
 /// The refusal of a request a credential did not let through: 401, 403 or 503.
@@ -208,8 +226,8 @@ async fn http_authorize(
         p if p.starts_with("/hooks/") => None,
         "/metrics" if a.metrics_public => None,
         "/metrics" => Some(None),
-        // Its tools do not act per tenant yet: with keys, it is the administrators'.
-        p if p == "/mcp" || p.starts_with("/mcp/") => Some(Some((Role::Admin, "the MCP endpoint"))),
+        // Each tool then acts as the caller, in its tenant (see `mcp_tools`).
+        p if p == "/mcp" || p.starts_with("/mcp/") => Some(Some((Role::Read, "the MCP endpoint"))),
         p if p.starts_with("/api/approvals/") && req.method() == axum::http::Method::POST => {
             Some(Some((Role::Approve, "deciding an approval")))
         }
@@ -256,6 +274,11 @@ async fn http_authorize(
                 what,
             });
         }
+        if let Some(rate) = &a.rate
+            && let Err(wait) = rate.take(&who.name)
+        {
+            return too_many_requests(&who, wait);
+        }
         req.extensions_mut().insert(who);
         return next.run(req).await;
     }
@@ -270,6 +293,11 @@ async fn http_authorize(
     };
     match who {
         Ok(who) => {
+            if let Some(rate) = &a.rate
+                && let Err(wait) = rate.take(&who.name)
+            {
+                return too_many_requests(&who, wait);
+            }
             req.extensions_mut().insert(who);
             next.run(req).await
         }
@@ -515,8 +543,8 @@ pub async fn start(
     let http_addr = http.local_addr().unwrap_or(options.http_addr);
     // Connections within the descriptor limit; see `listen`.
     let nofile = crate::listen::raise_nofile_limit();
-    let budget =
-        crate::listen::Budget::from_limit(nofile).per_address(options.connections_per_address);
+    let budget = crate::listen::Budget::from_limit(nofile)
+        .per_address(options.limits.connections_per_address);
     tracing::debug!(
         nofile,
         connections = budget.capacity,
@@ -544,12 +572,21 @@ pub async fn start(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the generated descriptor set is valid");
+    // Per identity: only with authentication on (without it, every caller is one anonymous
+    // administrator on loopback).
+    let rate = auth.enabled().then(|| {
+        Arc::new(crate::limits::IdentityRate::new(
+            options.limits.requests_per_second_per_identity,
+        ))
+    });
     let service = CascadeServer::new(
         CascadeService::new(orch.clone(), options.max_input_bytes)
             .with_stop(stopped.clone())
             .with_audit(options.audit.clone())
-            .with_auth(auth.clone()),
-    );
+            .with_auth(auth.clone())
+            .with_limits(options.limits.clone(), rate.clone()),
+    )
+    .max_decoding_message_size(options.limits.max_message_bytes);
     let mut grpc_stop = stopped.clone();
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
@@ -557,6 +594,8 @@ pub async fn start(
             // that died) is noticed by its missing ping answers, and its streams are dropped.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            // [server.limits] streams_per_connection: calls at once on one connection.
+            .max_concurrent_streams(Some(options.limits.streams_per_connection))
             .layer(tower::util::MapResponseLayer::new(
                 oversize_is_resource_exhausted,
             ))
@@ -581,6 +620,7 @@ pub async fn start(
         replays: Arc::new(std::sync::Mutex::new(ReplayGuard::new(
             REPLAY_GUARD_CAPACITY,
         ))),
+        limits: options.limits.clone(),
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -613,6 +653,7 @@ pub async fn start(
                 auth: auth.clone(),
                 metrics_public: settings.metrics_public,
                 sessions,
+                rate,
             },
             http_authorize,
         ));
@@ -823,6 +864,29 @@ async fn hook(
             .unwrap_or_else(|p| p.into_inner())
             .forget(&mac);
     };
+    if let Some(k) = key
+        && k.len() > s.limits.max_idempotency_key_bytes
+    {
+        forget();
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the Idempotency-Key is {} bytes, over [server.limits] max_idempotency_key_bytes ({})",
+                k.len(),
+                s.limits.max_idempotency_key_bytes
+            ),
+        );
+    }
+    if crate::limits::json_depth_over(&body, s.limits.max_json_depth) {
+        forget();
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body nests arrays and objects deeper than [server.limits] max_json_depth ({})",
+                s.limits.max_json_depth
+            ),
+        );
+    }
     let input: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {

@@ -24,7 +24,6 @@ use crate::store::{JobFilter, StoreError};
 use crate::{Orchestrator, RaiseBudgetError, SubmitError, SubmitRequest};
 
 const DEFAULT_PAGE_SIZE: usize = 50;
-const MAX_PAGE_SIZE: usize = 1000;
 
 pub struct CascadeService {
     orch: Arc<Orchestrator>,
@@ -34,6 +33,11 @@ pub struct CascadeService {
     audit: Option<Arc<crate::audit::log::AuditLog>>,
     /// Who may call: every RPC asks it for its role.
     auth: Arc<Authenticator>,
+    limits: crate::limits::ServerLimits,
+    /// Requests per identity (with authentication on).
+    rate: Option<Arc<crate::limits::IdentityRate>>,
+    /// Watch streams open per identity (with authentication on).
+    streams: Option<Arc<crate::limits::StreamCounts>>,
 }
 
 impl CascadeService {
@@ -44,7 +48,60 @@ impl CascadeService {
             stopping: None,
             audit: None,
             auth: Arc::new(Authenticator::disabled()),
+            limits: crate::limits::ServerLimits::default(),
+            rate: None,
+            streams: None,
         }
+    }
+
+    /// Hold callers to `limits`; with `rate`, to a request rate per identity (and then to
+    /// watch streams per identity too).
+    pub fn with_limits(
+        mut self,
+        limits: crate::limits::ServerLimits,
+        rate: Option<Arc<crate::limits::IdentityRate>>,
+    ) -> Self {
+        self.streams = rate.is_some().then(|| {
+            Arc::new(crate::limits::StreamCounts::new(
+                limits.watch_streams_per_identity,
+            ))
+        });
+        self.rate = rate;
+        self.limits = limits;
+        self
+    }
+
+    /// A watch stream of `who` (held until the stream is dropped), unless it holds its
+    /// `watch_streams_per_identity` already.
+    fn watch_slot(&self, who: &Identity) -> Result<Option<crate::limits::StreamSlot>, Status> {
+        let Some(streams) = &self.streams else {
+            return Ok(None);
+        };
+        streams.open(&who.name).map(Some).map_err(|n| {
+            Status::with_error_details(
+                Code::ResourceExhausted,
+                format!(
+                    "{:?} holds {n} watch streams, [server.limits] watch_streams_per_identity; close one first",
+                    &*who.name
+                ),
+                ErrorDetails::with_retry_info(Some(Duration::from_secs(1))),
+            )
+        })
+    }
+
+    /// `value` of `field`, unless it is longer than `max_string_bytes`.
+    fn short<'a>(&self, field: &str, value: &'a str) -> Result<&'a str, Status> {
+        let max = self.limits.max_string_bytes;
+        if value.len() > max {
+            return Err(bad_request(
+                field,
+                format!(
+                    "{} bytes, over [server.limits] max_string_bytes ({max})",
+                    value.len()
+                ),
+            ));
+        }
+        Ok(value)
     }
 
     /// Check callers against `auth`.
@@ -68,10 +125,24 @@ impl CascadeService {
             .extensions()
             .get::<crate::listen::ConnInfo>()
             .and_then(|c| c.peer.as_deref());
-        self.auth
+        let who = self
+            .auth
             .require(header, peer, role, what)
             .await
-            .map_err(auth_status)
+            .map_err(auth_status)?;
+        if let Some(rate) = &self.rate
+            && let Err(wait) = rate.take(&who.name)
+        {
+            return Err(Status::with_error_details(
+                Code::ResourceExhausted,
+                format!(
+                    "{:?} calls faster than [server.limits] requests_per_second_per_identity ({}/s) allows",
+                    &*who.name, self.limits.requests_per_second_per_identity
+                ),
+                ErrorDetails::with_retry_info(Some(wait)),
+            ));
+        }
+        Ok(who)
     }
 
     /// Job `id`, if `who` may see it: another tenant's job is not found, exactly like an
@@ -381,6 +452,42 @@ impl pb::cascade_server::Cascade for CascadeService {
         if r.graph.is_empty() {
             return Err(bad_request("graph", "name the graph to run"));
         }
+        self.short("graph", &r.graph)?;
+        self.short("tenant", &r.tenant)?;
+        let max_key = self.limits.max_idempotency_key_bytes;
+        if r.idempotency_key.len() > max_key {
+            return Err(bad_request(
+                "idempotency_key",
+                format!(
+                    "{} bytes, over [server.limits] max_idempotency_key_bytes ({max_key})",
+                    r.idempotency_key.len()
+                ),
+            ));
+        }
+        if r.labels.len() > self.limits.max_labels {
+            return Err(bad_request(
+                "labels",
+                format!(
+                    "{} labels, over [server.limits] max_labels ({})",
+                    r.labels.len(),
+                    self.limits.max_labels
+                ),
+            ));
+        }
+        for (k, v) in &r.labels {
+            self.short("labels", k)?;
+            self.short("labels", v)?;
+        }
+        self.short("callback_url", &r.callback_url)?;
+        if crate::limits::json_depth_over(r.input_json.as_bytes(), self.limits.max_json_depth) {
+            return Err(bad_request(
+                "input_json",
+                format!(
+                    "nests arrays and objects deeper than [server.limits] max_json_depth ({})",
+                    self.limits.max_json_depth
+                ),
+            ));
+        }
         if r.input_json.len() > self.max_input_bytes {
             return Err(bad_request(
                 "input_json",
@@ -464,10 +571,15 @@ impl pb::cascade_server::Cascade for CascadeService {
         if !who.is_admin() {
             self.visible_job(&who, id)?;
         }
+        let slot = self.watch_slot(&who)?;
         let events = self.orch.subscribe(id).map_err(store_status)?;
-        Ok(Response::new(self.until_stopped(Box::pin(
-            events.map(|e| Ok(event_to_pb(&e))),
-        ))))
+        Ok(Response::new(self.until_stopped(Box::pin(events.map(
+            move |e| {
+                // The stream's slot goes with it.
+                let _held = &slot;
+                Ok(event_to_pb(&e))
+            },
+        )))))
     }
 
     async fn list_jobs(
@@ -511,7 +623,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         }
         let size = match r.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
+            n => n.min(self.limits.max_page_size),
         };
         filter.limit = size + 1;
         let mut jobs = self.orch.list(&filter).map_err(store_status)?;
@@ -538,7 +650,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         let reason = if r.reason.is_empty() {
             "cancelled by request"
         } else {
-            &r.reason
+            self.short("reason", &r.reason)?
         };
         let job = self.orch.cancel(id, reason).await.map_err(store_status)?;
         Ok(Response::new(job_to_pb(&job)))
@@ -581,7 +693,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         let r = req.into_inner();
         let size = match r.page_size as usize {
             0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
+            n => n.min(self.limits.max_page_size),
         };
         let graph = (!r.graph.is_empty()).then_some(r.graph.as_str());
         if let Some(g) = graph
@@ -652,6 +764,8 @@ impl pb::cascade_server::Cascade for CascadeService {
     ) -> Result<Response<pb::Approval>, Status> {
         let who = self.who(&req, Role::Approve, "ResolveApproval").await?;
         let r = req.into_inner();
+        self.short("reason", &r.reason)?;
+        self.short("approver", &r.approver)?;
         // With authentication on, the approver is who the credential says.
         let approver = if self.auth.enabled() {
             who.name.to_string()
@@ -710,7 +824,8 @@ impl pb::cascade_server::Cascade for CascadeService {
         &self,
         req: Request<pb::WatchGraphRequest>,
     ) -> Result<Response<Self::WatchGraphStream>, Status> {
-        self.who(&req, Role::Read, "WatchGraph").await?;
+        let who = self.who(&req, Role::Read, "WatchGraph").await?;
+        let slot = self.watch_slot(&who)?;
         let name = req.into_inner().name;
         let Some(state) = self.orch.graph_state(&name).await else {
             return Err(self.unknown_graph(&name));
@@ -732,6 +847,8 @@ impl pb::cascade_server::Cascade for CascadeService {
                 },
                 Err(_) => true,
             };
+            // The stream's slot goes with it.
+            let _held = &slot;
             let out = match e {
                 Ok(ev) if keep => Some(Ok(graph_event_to_pb(&ev))),
                 Ok(_) => None,

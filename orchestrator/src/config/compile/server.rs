@@ -130,7 +130,14 @@ impl Loader<'_> {
                 if let Some(t) = &mut self.server.tls {
                     *t = resolve_tls_paths(t, &base);
                 }
-                if let Some(l) = s.take("limits", &mut self.errs) {
+                let limits_at = s.entry("limits").map(|(_, v)| v.span());
+                if let Some(l) = s.take::<crate::limits::ServerLimits>("limits", &mut self.errs) {
+                    if let (Err((field, why)), Some(at)) = (l.check(), limits_at) {
+                        self.errs.push(
+                            src.error(at, format!("server.limits.{field}"), why)
+                                .with_help("leave the field out for its default, which a normal client never meets"),
+                        );
+                    }
                     self.server.limits = l;
                 }
                 s.deny_unknown(SERVER_FIELDS, "[server]", &mut self.errs);
