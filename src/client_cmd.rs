@@ -562,6 +562,32 @@ pub fn jobs(conn: Conn, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// `cascade graph reload`: the server reads its files again, and serves them, or says why not.
+pub fn graph_reload(conn: Conn) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async move {
+        let mut client = connect(&conn).await?;
+        match client.reload_graphs(pb::ReloadGraphsRequest {}).await {
+            Ok(r) => {
+                let graphs = r.into_inner().graphs;
+                if conn.json {
+                    println!("{}", serde_json::json!({ "reloading": graphs }));
+                } else {
+                    println!(
+                        "reloading: the server restarts its engine in place and serves {}",
+                        graphs.join(", ")
+                    );
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                eprintln!("{}", status.message());
+                Ok(ExitCode::FAILURE)
+            }
+            Err(status) => Err(explain(status)),
+        }
+    })
+}
+
 pub fn graph_status(conn: Conn, name: String) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async move {
         let mut client = connect(&conn).await?;

@@ -96,6 +96,9 @@ enum GraphCommand {
     },
     /// A running graph's agents (paused? why? until when?) and quotas, from a server.
     Status { name: String },
+    /// Have the server read its config and graph files again (admin): a file with errors keeps
+    /// the running graphs; valid ones are served after an in-place restart of the engine.
+    Reload,
 }
 
 fn main() -> ExitCode {
@@ -117,6 +120,7 @@ fn main() -> ExitCode {
             } => graph_cmd::check(config.as_deref(), &files, connect),
             GraphCommand::Dot { file, config } => graph_cmd::dot(config.as_deref(), &file),
             GraphCommand::Status { name } => client_cmd::graph_status(cli.conn, name),
+            GraphCommand::Reload => client_cmd::graph_reload(cli.conn),
         },
         Command::Run(args) => run_cmd::run(args, json_logs),
         Command::Serve(args) => serve_cmd::run(args, json_logs),

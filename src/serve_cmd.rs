@@ -1,9 +1,18 @@
 //! `cascade serve`: the gRPC and HTTP server over the durable store, until SIGTERM or Ctrl-C.
+//!
+//! SIGHUP and the ReloadGraphs RPC read the config and graph files again. Files with errors keep
+//! the running graphs (the errors are logged, or answered). Valid ones are served by restarting
+//! the engine in place: the server stops as on SIGTERM (in-flight steps get the shutdown grace,
+//! everything accepted is in the durable store) and then replaces itself (`exec`, same process
+//! id, same arguments) with a server of the new files, which resumes every unfinished job.
+//! (A restart rather than swapping graphs inside a running engine: the new engine starts from
+//! exactly what a restart after `kill -9` starts from, a path tested already.)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -60,7 +69,46 @@ pub fn run(args: ServeArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
         );
     }
     let telemetry = model.telemetry.clone();
-    crate::block_on_traced(json_logs, &telemetry, serve(model, args, path))
+    let reload = Arc::new(AtomicBool::new(false));
+    let code = crate::block_on_traced(
+        json_logs,
+        &telemetry,
+        serve(model, args, path, reload.clone()),
+    )?;
+    if reload.load(Ordering::SeqCst) {
+        return Err(restart_in_place());
+    }
+    Ok(code)
+}
+
+/// Replace this process with `cascade serve` of the same arguments (its files read anew); only
+/// returns if that fails.
+fn restart_in_place() -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return anyhow::anyhow!("cannot find this program to restart it: {e}"),
+    };
+    eprintln!("reloading: restarting {} in place", exe.display());
+    let e = std::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    anyhow::anyhow!(
+        "cannot restart {} in place ({e}); start it again to serve the new files",
+        exe.display()
+    )
+}
+
+/// Read the server's files at `path` again: the graphs they list, or every error in them.
+fn reread(path: &Path) -> Result<Vec<String>, String> {
+    let model = config::load(Some(path), &[], &Registry::default()).map_err(|e| e.to_string())?;
+    if model.graphs.is_empty() {
+        return Err(format!(
+            "{} lists no graphs: add graphs = [\"graphs/\"] (files or directories)",
+            path.display()
+        ));
+    }
+    Ok(model.graphs.iter().map(|g| g.name.to_string()).collect())
 }
 
 /// Addresses and store from flags, else the config file, else defaults.
@@ -150,9 +198,17 @@ pub fn open_store(
     })
 }
 
-async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::Result<ExitCode> {
+async fn serve(
+    model: ServerModel,
+    args: ServeArgs,
+    config: PathBuf,
+    reload: Arc<AtomicBool>,
+) -> anyhow::Result<ExitCode> {
     // Before anything is accepted, so a SIGTERM at any later moment is a graceful stop.
     let stop = shutdown_signal()?;
+    // A reload asked for (by ReloadGraphs, or SIGHUP) once the files are found valid.
+    let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
+    watch_sighup(config.clone(), reload_tx.clone(), !args.memory)?;
     if let Some(endpoint) = &model.telemetry.otlp_endpoint {
         eprintln!(
             "exporting traces of {:.0}% of jobs to {endpoint} (OTLP/gRPC)",
@@ -160,6 +216,15 @@ async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::
         );
     }
     let (mut options, data_dir) = options(&model, &args)?;
+    // A server on the durable store may restart in place; one in memory would lose its jobs.
+    if data_dir.is_some() {
+        let path = config.clone();
+        options.reload = Some(server::Reloader(Arc::new(move || {
+            let graphs = reread(&path)?;
+            let _ = reload_tx.try_send(());
+            Ok(graphs)
+        })));
+    }
     let grace = model
         .server
         .shutdown_grace
@@ -205,9 +270,18 @@ async fn serve(model: ServerModel, args: ServeArgs, config: PathBuf) -> anyhow::
             .display()
             .to_string())
     );
-    stop.await;
+    let reloading = tokio::select! {
+        _ = stop => false,
+        Some(()) = reload_rx.recv(), if data_dir.is_some() => true,
+    };
+    reload.store(reloading, Ordering::SeqCst);
     eprintln!(
-        "shutting down: no new jobs; in-flight jobs get up to {}",
+        "{}: no new jobs; in-flight jobs get up to {}",
+        if reloading {
+            "reloading the graphs"
+        } else {
+            "shutting down"
+        },
         humantime::format_duration(grace)
     );
     server.stop().await;
@@ -267,6 +341,39 @@ fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<
     .map_err(anyhow::Error::msg)?;
     log.checkpoint().map_err(anyhow::Error::msg)?;
     Ok(Arc::new(log))
+}
+
+/// On SIGHUP, read the files at `config` again: valid, ask for the reload on `reload`; with
+/// errors, log them and keep the running graphs.
+fn watch_sighup(
+    config: PathBuf,
+    reload: tokio::sync::mpsc::Sender<()>,
+    durable: bool,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if !durable {
+                tracing::warn!(
+                    "SIGHUP: this server keeps jobs in memory only (--memory): a reload would lose them; restart it instead"
+                );
+                continue;
+            }
+            let path = config.clone();
+            match tokio::task::spawn_blocking(move || reread(&path)).await {
+                Ok(Ok(graphs)) => {
+                    tracing::info!(graphs = %graphs.join(", "), "SIGHUP: the files are valid; reloading");
+                    let _ = reload.try_send(());
+                }
+                Ok(Err(errors)) => {
+                    tracing::error!("SIGHUP: reload refused, the running graphs stay:\n{errors}");
+                }
+                Err(_) => {}
+            }
+        }
+    });
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT); the handlers are installed when this is called.

@@ -23,6 +23,17 @@ use crate::job::{CallbackDelivery, JobId, JobUpdate};
 use crate::secret::{ReplayGuard, Secret};
 use crate::{Orchestrator, SubmitError, SubmitRequest};
 
+/// What ReloadGraphs (and SIGHUP) call: re-read the server's files; the graphs to be served
+/// (and the reload is then under way), or the errors that keep the running graphs.
+#[derive(Clone)]
+pub struct Reloader(pub Arc<dyn Fn() -> Result<Vec<String>, String> + Send + Sync>);
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Reloader")
+    }
+}
+
 /// How a server listens and what it trusts.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
@@ -50,6 +61,8 @@ pub struct ServerOptions {
     pub tls: Option<crate::tls::TlsSettings>,
     /// `[server.limits]`: what one caller may hold or send.
     pub limits: crate::limits::ServerLimits,
+    /// How ReloadGraphs reloads (none: it answers FAILED_PRECONDITION).
+    pub reload: Option<Reloader>,
 }
 
 impl Default for ServerOptions {
@@ -67,6 +80,7 @@ impl Default for ServerOptions {
             first_request_timeout: crate::listen::FIRST_REQUEST_TIMEOUT,
             tls: None,
             limits: crate::limits::ServerLimits::default(),
+            reload: None,
         }
     }
 }
@@ -584,7 +598,8 @@ pub async fn start(
             .with_stop(stopped.clone())
             .with_audit(options.audit.clone())
             .with_auth(auth.clone())
-            .with_limits(options.limits.clone(), rate.clone()),
+            .with_limits(options.limits.clone(), rate.clone())
+            .with_reload(options.reload.clone()),
     )
     .max_decoding_message_size(options.limits.max_message_bytes);
     let mut grpc_stop = stopped.clone();

@@ -38,6 +38,7 @@ pub struct CascadeService {
     rate: Option<Arc<crate::limits::IdentityRate>>,
     /// Watch streams open per identity (with authentication on).
     streams: Option<Arc<crate::limits::StreamCounts>>,
+    reload: Option<crate::server::Reloader>,
 }
 
 impl CascadeService {
@@ -51,7 +52,14 @@ impl CascadeService {
             limits: crate::limits::ServerLimits::default(),
             rate: None,
             streams: None,
+            reload: None,
         }
+    }
+
+    /// Answer ReloadGraphs with `reload`.
+    pub fn with_reload(mut self, reload: Option<crate::server::Reloader>) -> Self {
+        self.reload = reload;
+        self
     }
 
     /// Hold callers to `limits`; with `rate`, to a request rate per identity (and then to
@@ -815,6 +823,33 @@ impl pb::cascade_server::Cascade for CascadeService {
         match self.orch.graph_state(&name).await {
             Some(g) => Ok(Response::new(graph_to_pb(g))),
             None => Err(self.unknown_graph(&name)),
+        }
+    }
+
+    async fn reload_graphs(
+        &self,
+        req: Request<pb::ReloadGraphsRequest>,
+    ) -> Result<Response<pb::ReloadGraphsResponse>, Status> {
+        self.who(&req, Role::Admin, "ReloadGraphs").await?;
+        let Some(reload) = self.reload.clone() else {
+            return Err(Status::failed_precondition(
+                "this server cannot reload its graphs in place: it keeps jobs in memory only (--memory), or runs inside another program; restart it instead",
+            ));
+        };
+        match tokio::task::spawn_blocking(move || (reload.0)()).await {
+            Ok(Ok(graphs)) => Ok(Response::new(pb::ReloadGraphsResponse { graphs })),
+            Ok(Err(errors)) => {
+                // The whole list, unless it would pass what a client takes in a status.
+                let mut message =
+                    format!("the files were not reloaded (the running graphs stay):\n{errors}");
+                if message.len() > 4096 {
+                    let cut = message.floor_char_boundary(4000);
+                    message.truncate(cut);
+                    message.push_str("\n… (run `cascade graph check` for every error)");
+                }
+                Err(Status::invalid_argument(message))
+            }
+            Err(_) => Err(Status::internal("reading the files failed")),
         }
     }
 
