@@ -255,3 +255,37 @@ async fn an_identity_over_its_request_rate_is_told_when_to_come_back() {
         .expect("let in again once the delay passed");
     server.stop().await;
 }
+
+/// `streams_per_connection`: one connection carries that many calls at once; the next waits
+/// for one to end (HTTP/2's own limit, which the client honours), and another connection is
+/// not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_connection_carries_at_most_its_streams() {
+    let (orch, server, key) = serve(ServerLimits {
+        streams_per_connection: 2,
+        ..Default::default()
+    })
+    .await;
+    let mut c = client(server.grpc_addr, &key).await;
+    let id = c
+        .submit_job(submit("{}"))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    // Two watches of a job that runs 20 s hold the connection's two streams.
+    let first = watch(&mut c, &id).await.unwrap();
+    let _second = watch(&mut c, &id).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(500), watch(&mut c, &id)).await;
+    assert!(waited.is_err(), "a third stream on the connection waits");
+    // Another connection is served meanwhile.
+    let mut other = client(server.grpc_addr, &key).await;
+    other.list_graphs(pb::ListGraphsRequest {}).await.unwrap();
+    drop(first);
+    tokio::time::timeout(Duration::from_secs(5), watch(&mut c, &id))
+        .await
+        .expect("a stream freed lets the next in")
+        .unwrap();
+    server.stop().await;
+    orch.shutdown(Duration::from_millis(10)).await;
+}
