@@ -82,31 +82,72 @@ pub fn run(args: ServeArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
 }
 
 /// Replace this process with `cascade serve` of the same arguments (its files read anew); only
-/// returns if that fails.
+/// returns if that fails (then the process exits with an error, for its supervisor to start it
+/// again: everything it accepted is in the store).
 fn restart_in_place() -> anyhow::Error {
     use std::os::unix::process::CommandExt;
-    let exe = match std::env::current_exe() {
-        Ok(exe) => exe,
-        Err(e) => return anyhow::anyhow!("cannot find this program to restart it: {e}"),
+    // The running program itself, even if a package upgrade replaced its file since.
+    let exe = PathBuf::from("/proc/self/exe");
+    let exe = if exe.exists() {
+        exe
+    } else {
+        match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return anyhow::anyhow!("cannot find this program to restart it: {e}"),
+        }
     };
-    eprintln!("reloading: restarting {} in place", exe.display());
+    eprintln!("reloading: restarting in place");
     let e = std::process::Command::new(&exe)
         .args(std::env::args_os().skip(1))
         .exec();
     anyhow::anyhow!(
-        "cannot restart {} in place ({e}); start it again to serve the new files",
-        exe.display()
+        "cannot restart in place ({e}); start `cascade serve` again to serve the new files (nothing accepted is lost: it is in the store)"
     )
 }
 
-/// Read the server's files at `path` again: the graphs they list, or every error in them.
-fn reread(path: &Path) -> Result<Vec<String>, String> {
+/// Read the server's files at `path` again and check everything a start checks before it
+/// serves (secrets resolve, addresses parse, keys and certificates load): the graphs they
+/// list, or every error. So a reload that is let go does not stop at its start.
+fn reread(path: &Path, args: &ServeArgs) -> Result<Vec<String>, String> {
     let model = config::load(Some(path), &[], &Registry::default()).map_err(|e| e.to_string())?;
     if model.graphs.is_empty() {
         return Err(format!(
             "{} lists no graphs: add graphs = [\"graphs/\"] (files or directories)",
             path.display()
         ));
+    }
+    let (options, _) = options(&model, args).map_err(|e| format!("{e:#}"))?;
+    let auth = cascade_orchestrator::auth::Authenticator::new(&model.auth)
+        .map_err(|e| format!("[auth]: {e}"))?;
+    if !auth.enabled() && !model.auth.allow_unauthenticated {
+        for addr in [options.grpc_addr, options.http_addr] {
+            if !addr.ip().is_loopback() {
+                return Err(format!(
+                    "{addr} is not loopback and no [[auth.api_keys]] are declared: declare keys, bind to 127.0.0.1, or set [auth] allow_unauthenticated = true"
+                ));
+            }
+        }
+    }
+    if let Some(tls) = &model.server.tls {
+        cascade_orchestrator::tls::Tls::load(tls)?;
+    }
+    if !model.auth.client_certs.is_empty()
+        && model
+            .server
+            .tls
+            .as_ref()
+            .is_none_or(|t| t.client_ca.is_none())
+    {
+        return Err(
+            "[[auth.client_certs]] needs [server.tls] client_ca: the CA that signs the client certificates".into(),
+        );
+    }
+    if let Some(reference) = &model.audit.signing_key {
+        let key = reference
+            .resolve()
+            .map_err(|e| format!("[audit] signing_key: {e}"))?;
+        let text = key.expose_str().ok_or("[audit] signing_key is not text")?;
+        Signer::from_key(text).map_err(|e| format!("[audit] signing_key: {e}"))?;
     }
     Ok(model.graphs.iter().map(|g| g.name.to_string()).collect())
 }
@@ -208,7 +249,12 @@ async fn serve(
     let stop = shutdown_signal()?;
     // A reload asked for (by ReloadGraphs, or SIGHUP) once the files are found valid.
     let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<()>(1);
-    watch_sighup(config.clone(), reload_tx.clone(), !args.memory)?;
+    watch_sighup(
+        config.clone(),
+        args.clone(),
+        reload_tx.clone(),
+        !args.memory,
+    )?;
     if let Some(endpoint) = &model.telemetry.otlp_endpoint {
         eprintln!(
             "exporting traces of {:.0}% of jobs to {endpoint} (OTLP/gRPC)",
@@ -219,8 +265,9 @@ async fn serve(
     // A server on the durable store may restart in place; one in memory would lose its jobs.
     if data_dir.is_some() {
         let path = config.clone();
+        let again = args.clone();
         options.reload = Some(server::Reloader(Arc::new(move || {
-            let graphs = reread(&path)?;
+            let graphs = reread(&path, &again)?;
             let _ = reload_tx.try_send(());
             Ok(graphs)
         })));
@@ -347,6 +394,7 @@ fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<
 /// errors, log them and keep the running graphs.
 fn watch_sighup(
     config: PathBuf,
+    args: ServeArgs,
     reload: tokio::sync::mpsc::Sender<()>,
     durable: bool,
 ) -> anyhow::Result<()> {
@@ -360,8 +408,8 @@ fn watch_sighup(
                 );
                 continue;
             }
-            let path = config.clone();
-            match tokio::task::spawn_blocking(move || reread(&path)).await {
+            let (path, args) = (config.clone(), args.clone());
+            match tokio::task::spawn_blocking(move || reread(&path, &args)).await {
                 Ok(Ok(graphs)) => {
                     tracing::info!(graphs = %graphs.join(", "), "SIGHUP: the files are valid; reloading");
                     let _ = reload.try_send(());

@@ -110,6 +110,23 @@ async fn graphs_reload_on_request_and_on_sighup_and_bad_files_keep_the_running_o
         "[graph]\nname = \"broken\"\n[agents.a]\nkind = \"sim\"\n",
     )
     .unwrap();
+
+    // But a secret that does not resolve would stop the new server at its start: refused now.
+    let server_file = d.join("cascade.toml");
+    let original = std::fs::read_to_string(&server_file).unwrap();
+    std::fs::write(
+        &server_file,
+        format!("{original}\n[server]\nwebhook_secret = \"env:CASCADE_RELOAD_TEST_UNSET\"\n"),
+    )
+    .unwrap();
+    let out = cli(&["graph", "reload"], grpc, &admin);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("CASCADE_RELOAD_TEST_UNSET"), "{err}");
+    std::fs::write(&server_file, original).unwrap();
+
+    assert_eq!(graphs(grpc, &admin).await, ["slow"]);
+
     let out = cli(&["graph", "reload"], grpc, &admin);
     assert!(
         out.status.success(),

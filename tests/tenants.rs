@@ -60,7 +60,15 @@ submissions_per_second = 2
     c.submit_job(submit("ledger", "acme")).await.unwrap();
     let e = c.submit_job(submit("ledger", "globex")).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
-    assert!(e.message().contains("acme"), "{e:?}");
+    assert!(
+        e.message()
+            .contains("does not take jobs of tenant \"globex\""),
+        "{e:?}"
+    );
+    assert!(
+        !e.message().contains("acme"),
+        "no other tenant is named: {e:?}"
+    );
 
     // acme holds 3 jobs queued or running at most (the ledger job above ended, or soon will).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -107,7 +115,7 @@ submissions_per_second = 2
 
 /// The server file of the noisy-neighbour runs: an upstream that serves 8 calls at once, acme
 /// (the noisy tenant) held to 20 jobs queued or running, and, with `share`, to half the
-/// upstream.
+/// upstream; two graphs call it (acme floods both, so its calls wait in two queues).
 fn neighbours(share: bool) -> cascade_orchestrator::model::ServerModel {
     let share = if share {
         "tenant_share = { acme = 0.5 }"
@@ -125,11 +133,17 @@ max_concurrency = 8
 max_pending_jobs = 20
 "#
         ),
-        &[(
-            "work.toml",
-            // Simulated latency that dwarfs the engine's CPU time, so that 2 cores hold it.
-            "[graph]\nname = \"work\"\n[agents.call]\nkind = \"sim\"\nlatency = \"100ms\"\nquota = \"upstream\"\n",
-        )],
+        &[
+            (
+                "work.toml",
+                // Simulated latency that dwarfs the engine's CPU time, so that 2 cores hold it.
+                "[graph]\nname = \"work\"\n[agents.call]\nkind = \"sim\"\nlatency = \"100ms\"\nquota = \"upstream\"\n",
+            ),
+            (
+                "batch.toml",
+                "[graph]\nname = \"batch\"\n[agents.call]\nkind = \"sim\"\nlatency = \"100ms\"\nquota = \"upstream\"\n",
+            ),
+        ],
     )
 }
 
@@ -173,7 +187,12 @@ async fn run(share: bool, flood: bool) -> Duration {
         tokio::spawn(async move {
             let mut accepted = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut req = SubmitRequest::new("work", serde_json::json!({}));
+                let graph = if accepted.is_multiple_of(2) {
+                    "work"
+                } else {
+                    "batch"
+                };
+                let mut req = SubmitRequest::new(graph, serde_json::json!({}));
                 req.tenant = "acme".into();
                 match orch.submit(req).await {
                     Ok(_) => accepted += 1,

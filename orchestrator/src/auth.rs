@@ -142,6 +142,9 @@ pub struct Identity {
     /// `None`: every tenant (the anonymous caller when authentication is off).
     pub tenant: Option<Arc<str>>,
     roles: u8,
+    /// When the credential that proved it stops being valid (a key's `expires`, a token's
+    /// `exp`), if it does: a session signed in with it ends then too.
+    pub expires: Option<SystemTime>,
 }
 
 impl Identity {
@@ -151,7 +154,14 @@ impl Identity {
             name: name.into(),
             tenant: Some(tenant.into()),
             roles: roles.iter().fold(0, |acc, r| acc | r.bit()),
+            expires: None,
         }
+    }
+
+    /// This identity, proved by a credential valid until `at`.
+    pub fn until(mut self, at: SystemTime) -> Self {
+        self.expires = Some(at);
+        self
     }
 
     /// The caller when authentication is off: every role, every tenant.
@@ -160,6 +170,18 @@ impl Identity {
             name: "anonymous".into(),
             tenant: None,
             roles: Role::Admin.bit(),
+            expires: None,
+        }
+    }
+
+    /// A caller with no rights at all (a request that reached a tool host without the identity
+    /// the server's authentication gives every request).
+    pub fn nobody() -> Self {
+        Self {
+            name: "unknown".into(),
+            tenant: Some("".into()),
+            roles: 0,
+            expires: None,
         }
     }
 
@@ -378,6 +400,7 @@ impl Authenticator {
             name: k.name.clone(),
             tenant: Some(k.tenant.clone()),
             roles: k.roles,
+            expires: k.expires,
         })
     }
 

@@ -65,6 +65,18 @@ pub struct Budget {
     per_address: usize,
 }
 
+/// The address a connection counts against: an IPv4 address (an IPv4-mapped IPv6 one as the
+/// IPv4 it is), or an IPv6 address's /64 (one host commonly holds a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// The default of [`Budget::per_address`]: far above what one client or proxy opens.
 pub const CONNECTIONS_PER_ADDRESS: usize = 1024;
 
@@ -89,6 +101,7 @@ impl Budget {
 
     /// A place for one more connection from `ip`, unless it holds its share already.
     fn admit(&self, ip: IpAddr) -> Option<AddressSlot> {
+        let ip = address_key(ip);
         let mut map = self.by_address.lock().expect("not poisoned");
         let n = map.entry(ip).or_insert(0);
         if *n >= self.per_address {
@@ -592,6 +605,17 @@ mod tests {
         assert!(!seen.take(b"GET / HTTP/1.1\r\nHost: x\r\n"));
         assert!(seen.take(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
         assert!(!Seen::default().take(b"\r\n\r"));
+    }
+
+    #[test]
+    fn ipv6_counts_by_its_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(address_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 
     #[test]

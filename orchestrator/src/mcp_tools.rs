@@ -17,12 +17,14 @@ use crate::auth::{Identity, Role};
 use crate::job::{ApprovalView, JobId, JobRecord};
 use crate::{Orchestrator, SubmitRequest};
 
-/// Who calls: the identity the HTTP authentication found (anonymous without authentication).
-fn who(caller: &http::Extensions) -> Identity {
-    caller
-        .get::<Identity>()
-        .cloned()
-        .unwrap_or_else(Identity::anonymous)
+/// Who calls: the identity the HTTP authentication found; without authentication, the
+/// anonymous administrator; with it, a request that came without one has no rights.
+fn who(caller: &http::Extensions, authenticated: bool) -> Identity {
+    match caller.get::<Identity>() {
+        Some(who) => who.clone(),
+        None if authenticated => Identity::nobody(),
+        None => Identity::anonymous(),
+    }
 }
 
 /// Refused for want of `role`, in the words the other edges use.
@@ -44,6 +46,8 @@ const MAX_WAIT: Duration = Duration::from_secs(300);
 /// The tools of an orchestrator's graphs.
 pub struct GraphTools {
     pub orch: Arc<Orchestrator>,
+    /// The server authenticates its callers (so a call without an identity has no rights).
+    pub authenticated: bool,
 }
 
 fn job_id_schema() -> Value {
@@ -136,6 +140,7 @@ impl GraphTools {
                         "properties": {
                             "input": g.input_schema.clone().unwrap_or_else(|| json!({"type": "object", "description": "the job input"})),
                             "idempotency_key": {"type": "string", "description": "the same key returns the same job"},
+                            "tenant": {"type": "string", "description": "the tenant the job belongs to (administrators only; others act in their own)"},
                             "wait_seconds": {"type": "number", "minimum": 0, "maximum": 300}
                         },
                         "required": ["input"]
@@ -215,7 +220,8 @@ impl GraphTools {
                 let graph = &run["run_".len()..];
                 let input = args.get("input").cloned().unwrap_or(json!({}));
                 let mut req = SubmitRequest::new(graph, input);
-                req.tenant = who.tenant_for("").map_err(|e| e.to_string())?;
+                let tenant = args.get("tenant").and_then(Value::as_str).unwrap_or("");
+                req.tenant = who.tenant_for(tenant).map_err(|e| e.to_string())?;
                 if let Some(key) = args.get("idempotency_key").and_then(Value::as_str) {
                     req = req.idempotency_key(key);
                 }
@@ -233,15 +239,16 @@ impl GraphTools {
 #[async_trait::async_trait]
 impl ToolHost for GraphTools {
     fn tools(&self) -> Vec<cascade_agents::mcp_host::OfferedTool> {
-        self.offered(&Identity::anonymous())
+        self.offered(&who(&http::Extensions::new(), self.authenticated))
     }
 
     async fn call(&self, name: &str, args: Map<String, Value>) -> Result<Value, String> {
-        self.call_by(&Identity::anonymous(), name, args).await
+        let who = who(&http::Extensions::new(), self.authenticated);
+        self.call_by(&who, name, args).await
     }
 
     fn tools_for(&self, caller: &http::Extensions) -> Vec<cascade_agents::mcp_host::OfferedTool> {
-        self.offered(&who(caller))
+        self.offered(&who(caller, self.authenticated))
     }
 
     async fn call_as(
@@ -251,6 +258,7 @@ impl ToolHost for GraphTools {
         _idempotency_key: Option<&str>,
         caller: &http::Extensions,
     ) -> Result<Value, String> {
-        self.call_by(&who(caller), name, args).await
+        self.call_by(&who(caller, self.authenticated), name, args)
+            .await
     }
 }

@@ -175,8 +175,9 @@ impl Oidc {
             .iter()
             .find_map(|c| claims.get(*c).and_then(Value::as_str))
             .unwrap_or("token");
-        let who = Identity::new(name, tenant, &roles);
         let exp = claims.get("exp").and_then(Value::as_u64).unwrap_or(now);
+        let who = Identity::new(name, tenant, &roles)
+            .until(std::time::UNIX_EPOCH + std::time::Duration::from_secs(exp));
         let mut verified = lock(&self.verified);
         if verified.len() >= VERIFIED_CAPACITY {
             verified.retain(|_, (_, exp)| *exp > now);

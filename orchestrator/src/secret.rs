@@ -25,8 +25,9 @@ pub fn sign(secret: &Secret, timestamp: u64, body: &[u8]) -> String {
 }
 
 /// [`sign`] for a request that carries an `Idempotency-Key`: the key is signed too, as
-/// `"<timestamp>.<key>.<body>"`, so that nobody on the way can change which job a delivery
-/// deduplicates against (and so drop it as a duplicate of another).
+/// `"<timestamp>.<key length>:<key>.<body>"` (the length makes the key's end unambiguous), so
+/// that nobody on the way can change which job a delivery deduplicates against (and so drop it
+/// as a duplicate of another).
 pub fn sign_keyed(secret: &Secret, timestamp: u64, key: Option<&str>, body: &[u8]) -> String {
     format!("v1={}", hex::encode(mac(secret, timestamp, key, body)))
 }
@@ -38,6 +39,7 @@ fn mac(secret: &Secret, timestamp: u64, key: Option<&str>, body: &[u8]) -> [u8; 
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     if let Some(key) = key {
+        mac.update(format!("{}:", key.len()).as_bytes());
         mac.update(key.as_bytes());
         mac.update(b".");
     }
@@ -56,7 +58,7 @@ pub enum SignatureError {
     )]
     Stale { skew_secs: u64 },
     #[error(
-        "bad or missing X-Cascade-Signature: send v1=<hex HMAC-SHA256 of \"<timestamp>.<body>\" with the shared secret> (with an Idempotency-Key, of \"<timestamp>.<key>.<body>\")"
+        "bad or missing X-Cascade-Signature: send v1=<hex HMAC-SHA256 of \"<timestamp>.<body>\" with the shared secret> (with an Idempotency-Key, of \"<timestamp>.<key length>:<key>.<body>\")"
     )]
     BadSignature,
     #[error(
@@ -169,6 +171,16 @@ impl ReplayGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signed_key_ends_where_its_length_says() {
+        let s = Secret::new(b"k".to_vec());
+        let a = sign_keyed(&s, 1, Some("a.b"), b"c");
+        assert_ne!(a, sign_keyed(&s, 1, Some("a"), b"b.c"));
+        assert_ne!(a, sign(&s, 1, b"a.b.c"));
+        assert!(verify_keyed(&s, "1", &a, Some("a.b"), b"c", 1).is_ok());
+        assert!(verify_keyed(&s, "1", &a, Some("a"), b"b.c", 1).is_err());
+    }
 
     #[test]
     fn signatures_verify_and_tampering_fails() {

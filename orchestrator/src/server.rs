@@ -145,6 +145,8 @@ struct HttpState {
     /// Webhook signatures accepted within the timestamp window.
     replays: Arc<std::sync::Mutex<ReplayGuard>>,
     limits: crate::limits::ServerLimits,
+    /// Watch streams per identity, shared with the gRPC service (with authentication on).
+    streams: Option<Arc<crate::limits::StreamCounts>>,
 }
 
 /// Webhook signatures remembered at most (a live one is never forgotten: past this, webhooks are
@@ -336,6 +338,8 @@ struct LoginState {
     sessions: Arc<crate::session::Sessions>,
     /// Served over TLS: the cookies are `Secure`.
     secure: bool,
+    /// Sign-ins count against the identity's request rate too.
+    rate: Option<Arc<crate::limits::IdentityRate>>,
 }
 
 /// `/login` (the form, and its submission) and `/logout`: see [`crate::session`].
@@ -359,9 +363,14 @@ struct LoginForm {
     next: String,
 }
 
-/// A local path to go back to after signing in (anything else: the dashboard).
+/// A local path to go back to after signing in (anything else: the dashboard). Only visible
+/// ASCII: a browser drops tabs and newlines from a URL, so `/\t/evil.example` would become
+/// `//evil.example`, another site.
 fn local_path(next: &str) -> &str {
-    if next.starts_with('/') && !next.starts_with("//") && !next.contains('\\') {
+    let visible = next
+        .bytes()
+        .all(|b| (0x21..=0x7e).contains(&b) && b != b'\\');
+    if visible && next.starts_with('/') && !next.starts_with("//") {
         next
     } else {
         "/"
@@ -447,6 +456,11 @@ async fn login_submit(
             return login_form(status, &f.next, &e.to_string());
         }
     };
+    if let Some(rate) = &l.rate
+        && let Err(wait) = rate.take(&who.name)
+    {
+        return too_many_requests(&who, wait);
+    }
     let Some(created) = l.sessions.create(who) else {
         return login_form(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -593,12 +607,17 @@ pub async fn start(
             options.limits.requests_per_second_per_identity,
         ))
     });
+    let streams = auth.enabled().then(|| {
+        Arc::new(crate::limits::StreamCounts::new(
+            options.limits.watch_streams_per_identity,
+        ))
+    });
     let service = CascadeServer::new(
         CascadeService::new(orch.clone(), options.max_input_bytes)
             .with_stop(stopped.clone())
             .with_audit(options.audit.clone())
             .with_auth(auth.clone())
-            .with_limits(options.limits.clone(), rate.clone())
+            .with_limits(options.limits.clone(), rate.clone(), streams.clone())
             .with_reload(options.reload.clone()),
     )
     .max_decoding_message_size(options.limits.max_message_bytes);
@@ -636,6 +655,7 @@ pub async fn start(
             REPLAY_GUARD_CAPACITY,
         ))),
         limits: options.limits.clone(),
+        streams: streams.clone(),
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -649,7 +669,10 @@ pub async fn start(
         .nest_service(
             "/mcp",
             cascade_agents::mcp_host::service(
-                Arc::new(crate::mcp_tools::GraphTools { orch: orch.clone() }),
+                Arc::new(crate::mcp_tools::GraphTools {
+                    orch: orch.clone(),
+                    authenticated: auth.enabled(),
+                }),
                 options.mcp_allowed_hosts.clone(),
             ),
         )
@@ -662,6 +685,7 @@ pub async fn start(
             auth: auth.clone(),
             sessions: sessions.clone(),
             secure: tls.is_some(),
+            rate: rate.clone(),
         }))
         .layer(axum::middleware::from_fn_with_state(
             HttpAuth {
@@ -777,19 +801,44 @@ async fn api_graphs(State(s): State<HttpState>) -> Response {
 /// Pause, resume, quota and circuit events as server-sent events.
 async fn api_events(
     State(s): State<HttpState>,
-) -> axum::response::sse::Sse<
-    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
-> {
+    who: Option<axum::Extension<crate::auth::Identity>>,
+) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use futures::StreamExt;
-    let stream = tokio_stream::wrappers::BroadcastStream::new(s.orch.watch_graphs()).filter_map(
-        |e| async move {
-            // A lagging watcher skips what it missed; the page refreshes the full state anyway.
-            let e = e.ok()?;
-            Some(Ok(Event::default().data(serde_json::to_string(&e).ok()?)))
+    // A watch stream like gRPC's WatchGraph: it counts against the caller's
+    // `watch_streams_per_identity` for as long as it is open.
+    let slot = match (&s.streams, who) {
+        (Some(streams), Some(axum::Extension(who))) => match streams.open(&who.name) {
+            Ok(slot) => Some(slot),
+            Err(n) => {
+                let mut r = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "{:?} holds {n} watch streams, [server.limits] watch_streams_per_identity; close one first",
+                        &*who.name
+                    ),
+                );
+                r.headers_mut().insert("retry-after", 1.into());
+                return r;
+            }
         },
-    );
-    Sse::new(stream).keep_alive(KeepAlive::default())
+        _ => None,
+    };
+    let stream =
+        tokio_stream::wrappers::BroadcastStream::new(s.orch.watch_graphs()).filter_map(move |e| {
+            let _held = &slot;
+            async move {
+                // A lagging watcher skips what it missed; the page refreshes the full state
+                // anyway.
+                let e = e.ok()?;
+                Some(Ok::<_, std::convert::Infallible>(
+                    Event::default().data(serde_json::to_string(&e).ok()?),
+                ))
+            }
+        });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Prometheus text; state gauges are sampled now, so a scrape sees the current state.
@@ -812,7 +861,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// `POST /hooks/{graph}`: the body (JSON) becomes a job's input. The body must be signed:
-/// `X-Cascade-Timestamp` and `X-Cascade-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>">` (see [`crate::secret::sign`]); `Idempotency-Key` deduplicates, and is signed with the body (`"<timestamp>.<key>.<body>"`).
+/// `X-Cascade-Timestamp` and `X-Cascade-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>">` (see [`crate::secret::sign`]); `Idempotency-Key` deduplicates, and is signed with the body (`"<timestamp>.<key length>:<key>.<body>"`).
 async fn hook(
     State(s): State<HttpState>,
     Path(graph): Path<String>,
@@ -833,9 +882,16 @@ async fn hook(
     };
     let now = unix_now();
     // The key decides which job a delivery is: it is signed with the body.
-    let key = headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(k)) => Some(k),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "the Idempotency-Key must be visible ASCII",
+            );
+        }
+    };
     let mac = match crate::secret::verify_keyed(
         secret,
         header("x-cascade-timestamp"),
@@ -1199,5 +1255,28 @@ async fn deliver(
     }
     if let Err(e) = orch.store().update(id, JobUpdate::Callback(delivery)) {
         tracing::error!(job_id = %id, error = %e, "could not record the callback's delivery");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::local_path;
+
+    #[test]
+    fn sign_in_goes_back_to_local_paths_only() {
+        for ok in ["/", "/jobs", "/jobs/0193?graph=a&state=failed"] {
+            assert_eq!(local_path(ok), ok);
+        }
+        for bad in [
+            "//evil.example",
+            "/\t/evil.example",
+            "/\\evil.example",
+            "https://evil.example",
+            "jobs",
+            "/jobs\r\nSet-Cookie: x=1",
+            "",
+        ] {
+            assert_eq!(local_path(bad), "/", "{bad:?}");
+        }
     }
 }

@@ -25,6 +25,9 @@ use crate::auth::Identity;
 pub const SESSION_TTL: Duration = Duration::from_secs(8 * 3600);
 /// Sessions held at once at most.
 pub const SESSIONS_MAX: usize = 10_000;
+/// Sessions of one identity at most: a new sign-in past it ends that identity's oldest (so one
+/// key signing in again and again cannot fill [`SESSIONS_MAX`] and lock the others out).
+pub const SESSIONS_PER_IDENTITY: usize = 16;
 pub const SESSION_COOKIE: &str = "cascade_session";
 pub const CSRF_COOKIE: &str = "cascade_csrf";
 pub const CSRF_HEADER: &str = "x-csrf-token";
@@ -63,10 +66,29 @@ impl Sessions {
         }
     }
 
-    /// Start a session for `who`; `None` when [`SESSIONS_MAX`] live sessions exist already.
+    /// Start a session for `who`, until [`SESSION_TTL`] or its credential's expiry, whichever
+    /// comes first; `None` when [`SESSIONS_MAX`] live sessions exist already.
     pub fn create(&self, who: Identity) -> Option<Created> {
         let now = Instant::now();
+        let mut expires = now + self.ttl;
+        if let Some(at) = who.expires {
+            let left = at
+                .duration_since(crate::clock::now())
+                .unwrap_or(Duration::ZERO);
+            expires = expires.min(now + left);
+        }
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut own: Vec<([u8; 32], Instant)> = map
+            .iter()
+            .filter(|(_, s)| s.who.name == who.name)
+            .map(|(k, s)| (*k, s.expires))
+            .collect();
+        if own.len() >= SESSIONS_PER_IDENTITY {
+            own.sort_by_key(|(_, e)| *e);
+            for (k, _) in &own[..=own.len() - SESSIONS_PER_IDENTITY] {
+                map.remove(k);
+            }
+        }
         if map.len() >= self.capacity {
             map.retain(|_, s| s.expires > now);
             if map.len() >= self.capacity {
@@ -82,7 +104,7 @@ impl Sessions {
             Session {
                 who,
                 csrf: created.csrf.clone(),
-                expires: now + self.ttl,
+                expires,
             },
         );
         metrics::gauge!(crate::metrics::DASHBOARD_SESSIONS).set(map.len() as f64);
@@ -162,6 +184,30 @@ mod tests {
         tokio::time::advance(Duration::from_secs(61)).await;
         assert!(s.get(&a.id).is_none(), "expired");
         assert!(s.create(who).is_some(), "expired sessions make room");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_ends_with_its_credential_and_one_identity_holds_few() {
+        let s = Sessions::new(1000, Duration::from_secs(3600));
+        let soon = Identity::new("short", "acme", &[Role::Read])
+            .until(crate::clock::now() + Duration::from_secs(60));
+        let a = s.create(soon).unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(s.get(&a.id).is_none(), "ended with its token");
+
+        let lee = Identity::new("lee", "acme", &[Role::Read]);
+        let first = s.create(lee.clone()).unwrap();
+        let mut last = None;
+        for _ in 0..SESSIONS_PER_IDENTITY {
+            tokio::time::advance(Duration::from_millis(1)).await;
+            last = s.create(lee.clone());
+        }
+        assert!(s.get(&first.id).is_none(), "the oldest made room");
+        assert!(s.get(&last.unwrap().id).is_some());
+        let other = s
+            .create(Identity::new("kim", "acme", &[Role::Read]))
+            .unwrap();
+        assert!(s.get(&other.id).is_some(), "others are not held back");
     }
 
     #[test]

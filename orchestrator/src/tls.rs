@@ -87,7 +87,8 @@ impl PeerCert {
 pub struct Tls {
     settings: TlsSettings,
     current: RwLock<Arc<rustls::ServerConfig>>,
-    /// Modification times of the files the current configuration was read from.
+    /// Modification times of the files as last read (whether they could be used or not: a
+    /// broken file is reported once, and read again when it changes).
     stamps: RwLock<Vec<Option<SystemTime>>>,
 }
 
@@ -108,13 +109,15 @@ impl Tls {
     }
 
     /// Re-read the files if any changed since the last read: `Ok(true)` when the new ones are in
-    /// use. A bad new file keeps the old configuration (and is reported until it is mended).
+    /// use. A bad new file keeps the old configuration, and is reported once; any later change
+    /// (the rest of a file written in two steps, a fix) reads the files again.
     pub fn reload_if_changed(&self) -> Result<bool, String> {
         let now = stamps(&self.settings);
         if *self.stamps.read().expect("not poisoned") == now {
             return Ok(false);
         }
-        // Remembered before the read: a file changed mid-read is read again next time.
+        // Remembered before the read: a file still being written changes its time again, and
+        // is read again then.
         *self.stamps.write().expect("not poisoned") = now;
         let config = build(&self.settings)?;
         *self.current.write().expect("not poisoned") = Arc::new(config);

@@ -62,18 +62,15 @@ impl CascadeService {
         self
     }
 
-    /// Hold callers to `limits`; with `rate`, to a request rate per identity (and then to
-    /// watch streams per identity too).
+    /// Hold callers to `limits`; with `rate` and `streams` (shared with the HTTP routes), to a
+    /// request rate and a number of watch streams per identity.
     pub fn with_limits(
         mut self,
         limits: crate::limits::ServerLimits,
         rate: Option<Arc<crate::limits::IdentityRate>>,
+        streams: Option<Arc<crate::limits::StreamCounts>>,
     ) -> Self {
-        self.streams = rate.is_some().then(|| {
-            Arc::new(crate::limits::StreamCounts::new(
-                limits.watch_streams_per_identity,
-            ))
-        });
+        self.streams = streams;
         self.rate = rate;
         self.limits = limits;
         self

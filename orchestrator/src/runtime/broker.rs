@@ -267,10 +267,9 @@ impl BrokerState {
     fn try_take(&mut self, quotas: &[usize], demand: Demand) -> Result<Grant, Option<Instant>> {
         let now = Instant::now();
         let index = Arc::clone(&self.index);
-        if quotas
-            .iter()
-            .any(|&q| self.waiting.oldest_at(&index, q).is_some())
-        {
+        // An older call waiting at one of these quotas goes first (a call waiting only for its
+        // tenant's share does not wait at the quota: it is not passed).
+        if quotas.iter().any(|&q| self.waits_at_quota(now, &index, q)) {
             return Err(None);
         }
         let mut at: Option<Instant> = None;
@@ -288,6 +287,26 @@ impl BrokerState {
         let grant = self.take_on(now, quotas, demand, &mut list);
         self.after_change(now, list, true, None);
         Ok(grant)
+    }
+
+    /// Whether a call waits at quota `q` for the quotas themselves (not only for its tenant's
+    /// share of them).
+    fn waits_at_quota(&mut self, now: Instant, index: &QuotaIndex, q: usize) -> bool {
+        let specs = index.specs.len();
+        let heads: SmallVec<[(QueueKey, Demand); 4]> = self
+            .waiting
+            .active
+            .iter()
+            .filter(|(a, c)| index.quotas(*a, *c).contains(&q))
+            .filter_map(|&key| self.waiting.head(key).map(|(_, r)| (key, r.demand)))
+            .collect();
+        heads.into_iter().any(|((a, c), demand)| {
+            let list = index.quotas(a, c);
+            !list.iter().any(|&s| s >= specs)
+                || list
+                    .iter()
+                    .any(|&base| base < specs && self.cores[base].ready(now, demand) != Ready::Now)
+        })
     }
 
     /// The state's scratch list of touched quotas, empty: no allocation per call.
@@ -463,8 +482,14 @@ impl BrokerState {
         while let Some(Reverse((_, agent))) = heads.pop() {
             let quotas = self.index.quotas(agent.0, agent.1);
             if quotas.iter().any(|&q| blocked[q]) {
+                // Held back by an older call: it holds back younger ones where it waits. Behind
+                // a tenant's spent share only, that is the share, not the quotas (the other
+                // tenants' calls pass there).
+                let at_quota = quotas.iter().any(|&q| q < specs && blocked[q]);
                 for &q in quotas {
-                    blocked[q] = true;
+                    if at_quota || q >= specs {
+                        blocked[q] = true;
+                    }
                 }
                 continue;
             }

@@ -117,13 +117,12 @@ pub enum SubmitError {
         queued: usize,
         retry_after: Duration,
     },
-    /// The graph takes jobs of other tenants only (`[graph] tenants`).
-    #[error("graph {graph:?} does not take jobs of tenant {tenant:?}; it takes those of {allowed}")]
-    TenantNotAllowed {
-        graph: String,
-        tenant: String,
-        allowed: String,
-    },
+    /// The graph takes jobs of other tenants only (`[graph] tenants`). (Which ones is not said:
+    /// a tenant learns no other tenant's name.)
+    #[error(
+        "graph {graph:?} does not take jobs of tenant {tenant:?} (its [graph] tenants list others)"
+    )]
+    TenantNotAllowed { graph: String, tenant: String },
     /// The tenant submits faster than its `submissions_per_second`.
     #[error("tenant {tenant:?} submits more than its {rate} jobs a second ([tenants.{tenant}] submissions_per_second); retry in {}", humantime::format_duration(*.retry_after))]
     TenantRate {
@@ -199,6 +198,15 @@ impl TenantGate {
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - *tokens) / rate).max(Duration::from_millis(1)))
+        }
+    }
+
+    /// Give back the submission taken for `tenant` (at `rate`): it started no job (a duplicate
+    /// of a known key, or refused further on).
+    fn give_back(&self, tenant: &str, rate: f64) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((tokens, _)) = buckets.get_mut(tenant) {
+            *tokens = (*tokens + 1.0).min(rate.max(1.0));
         }
     }
 }
@@ -422,11 +430,11 @@ impl Orchestrator {
             return Err(SubmitError::TenantNotAllowed {
                 graph: req.graph,
                 tenant: req.tenant.chars().take(crate::text::ECHO_CHARS).collect(),
-                allowed: allowed.join(", "),
             });
         }
         let tenant_limits = self.shared.model.tenants.get(&req.tenant);
-        if let Some(rate) = tenant_limits.and_then(|t| t.submissions_per_second)
+        let tenant_rate = tenant_limits.and_then(|t| t.submissions_per_second);
+        if let Some(rate) = tenant_rate
             && let Err(retry_after) = self.tenant_gate.take(&req.tenant, rate)
         {
             metrics::counter!(crate::metrics::TENANT_REFUSALS, "tenant" => req.tenant.clone(), "reason" => "submissions_per_second").increment(1);
@@ -436,6 +444,27 @@ impl Orchestrator {
                 retry_after,
             });
         }
+        let tenant = req.tenant.clone();
+        let submitted = self.submit_to(&g, req, tenant_limits).await;
+        // A submission that started no job does not count against the tenant's rate.
+        if let Some(rate) = tenant_rate
+            && match &submitted {
+                Ok(s) => s.deduplicated,
+                Err(_) => true,
+            }
+        {
+            self.tenant_gate.give_back(&tenant, rate);
+        }
+        submitted
+    }
+
+    /// [`Orchestrator::submit`] past the tenant's rate: to the store.
+    async fn submit_to(
+        &self,
+        g: &Arc<GraphCtx>,
+        req: SubmitRequest,
+        tenant_limits: Option<&crate::model::TenantSettings>,
+    ) -> Result<Submitted, SubmitError> {
         let budget = req
             .budget
             .unwrap_or_default()
@@ -468,7 +497,7 @@ impl Orchestrator {
             Err(StoreError::Full { pending, .. }) => {
                 g.refused.increment(1);
                 Err(SubmitError::Overloaded {
-                    retry_after: self.retry_after(&g, pending).await,
+                    retry_after: self.retry_after(g, pending).await,
                     graph: req.graph,
                     pending,
                 })
