@@ -152,6 +152,14 @@ impl CascadeService {
 
     /// Job `id`, if `who` may see it: another tenant's job is not found, exactly like an
     /// unknown id.
+    /// Whether `who` may see job `id` (as [`Self::visible_job`], reading its tenant only).
+    fn check_visible(&self, who: &Identity, id: JobId) -> Result<(), Status> {
+        match self.orch.tenant_of(id).map_err(store_status)? {
+            Some(t) if who.sees(&t) => Ok(()),
+            _ => Err(Status::not_found(format!("job {id} not found"))),
+        }
+    }
+
     fn visible_job(&self, who: &Identity, id: JobId) -> Result<crate::job::JobRecord, Status> {
         match self.orch.get(id).map_err(store_status)? {
             Some(r) if who.sees(&r.tenant) => Ok(r),
@@ -574,7 +582,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         // An administrator (everyone, without authentication) sees every job: no record is
         // read for it on this per-job path (an unknown id is refused by the subscription).
         if !who.is_admin() {
-            self.visible_job(&who, id)?;
+            self.check_visible(&who, id)?;
         }
         let slot = self.watch_slot(&who)?;
         let events = self.orch.subscribe(id).map_err(store_status)?;
@@ -651,7 +659,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         let who = self.who(&req, Role::Submit, "CancelJob").await?;
         let r = req.into_inner();
         let id = parse_job_id("job_id", &r.job_id)?;
-        self.visible_job(&who, id)?;
+        self.check_visible(&who, id)?;
         let reason = if r.reason.is_empty() {
             "cancelled by request"
         } else {
@@ -668,7 +676,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         let who = self.who(&req, Role::Approve, "RaiseJobBudget").await?;
         let r = req.into_inner();
         let id = parse_job_id("job_id", &r.job_id)?;
-        self.visible_job(&who, id)?;
+        self.check_visible(&who, id)?;
         let budget = r
             .budget
             .as_ref()

@@ -562,6 +562,11 @@ impl Orchestrator {
         self.shared.store.get(id)
     }
 
+    /// The tenant of job `id`, if it exists.
+    pub fn tenant_of(&self, id: JobId) -> Result<Option<Arc<str>>, StoreError> {
+        self.shared.store.tenant_of(id)
+    }
+
     pub fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
         self.shared.store.list(filter)
     }

@@ -1025,6 +1025,10 @@ impl JobStore for MemoryStore {
         Ok(self.lock().jobs.get(&id).map(Entry::record))
     }
 
+    fn tenant_of(&self, id: JobId) -> Result<Option<Arc<str>>, StoreError> {
+        Ok(self.lock().jobs.get(&id).map(|e| e.tenant.clone()))
+    }
+
     fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError> {
         let inner = self.lock();
         let e = inner.jobs.get(&id).ok_or(StoreError::NotFound(id))?;

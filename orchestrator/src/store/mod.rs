@@ -168,6 +168,12 @@ pub trait JobStore: Send + Sync + 'static {
 
     fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError>;
 
+    /// The tenant of job `id`, if the store holds it: what a visibility check needs, without
+    /// building the whole record.
+    fn tenant_of(&self, id: JobId) -> Result<Option<Arc<str>>, StoreError> {
+        Ok(self.get(id)?.map(|r| Arc::from(r.tenant.as_str())))
+    }
+
     /// The events of a job after `after_seq`, in order.
     fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError>;
 

@@ -393,6 +393,13 @@ impl JobStore for SqliteStore {
         load_job(&self.read(), id)
     }
 
+    fn tenant_of(&self, id: JobId) -> Result<Option<Arc<str>>, StoreError> {
+        if let Some(t) = self.mem.tenant_of(id)? {
+            return Ok(Some(t));
+        }
+        Ok(load_job(&self.read(), id)?.map(|r| Arc::from(r.tenant.as_str())))
+    }
+
     fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError> {
         match self.mem.events(id, after_seq) {
             Err(StoreError::NotFound(_)) => {
