@@ -543,11 +543,10 @@ async fn vanished_watchers_are_freed_at_once() {
     }
 }
 
-/// A connection that sends nothing (gRPC), or its first request's headers never whole (HTTP), is
-/// closed once the first-request limit passes, and counted; a client that does send goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_that_never_finish_their_first_request_are_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// A server of a one-agent graph on free ports of 127.0.0.1, with `options` otherwise.
+async fn serve_one_graph(
+    options: cascade_orchestrator::server::ServerOptions,
+) -> cascade_orchestrator::server::RunningServer {
     let model = cascade_orchestrator::config::parse_graph_str(
         "g.toml",
         "[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n",
@@ -560,17 +559,28 @@ async fn connections_that_never_finish_their_first_request_are_closed() {
             .await
             .unwrap(),
     );
-    let server = cascade_orchestrator::server::start(
-        orch.clone(),
+    cascade_orchestrator::server::start(
+        orch,
         cascade_orchestrator::server::ServerOptions {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
-            first_request_timeout: Duration::from_secs(1),
-            ..Default::default()
+            ..options
         },
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+/// A connection that sends nothing (gRPC), or its first request's headers never whole (HTTP), is
+/// closed once the first-request limit passes, and counted; a client that does send goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_their_first_request_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = serve_one_graph(cascade_orchestrator::server::ServerOptions {
+        first_request_timeout: Duration::from_secs(1),
+        ..Default::default()
+    })
+    .await;
     let mut idle = Vec::new();
     for _ in 0..20 {
         // gRPC: connected, silent.
@@ -626,32 +636,14 @@ async fn connections_that_never_finish_their_first_request_are_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_address_holds_at_most_its_share_of_connections() {
     use tokio::io::AsyncReadExt;
-    let model = cascade_orchestrator::config::parse_graph_str(
-        "g.toml",
-        "[graph]\nname = \"g\"\n[agents.a]\nkind = \"sim\"\n",
-        &Default::default(),
-    )
-    .unwrap();
-    let orch = std::sync::Arc::new(
-        cascade_orchestrator::Orchestrator::builder(model)
-            .start()
-            .await
-            .unwrap(),
-    );
-    let server = cascade_orchestrator::server::start(
-        orch.clone(),
-        cascade_orchestrator::server::ServerOptions {
-            grpc_addr: "127.0.0.1:0".parse().unwrap(),
-            http_addr: "127.0.0.1:0".parse().unwrap(),
-            limits: cascade_orchestrator::limits::ServerLimits {
-                connections_per_address: 4,
-                ..Default::default()
-            },
+    let server = serve_one_graph(cascade_orchestrator::server::ServerOptions {
+        limits: cascade_orchestrator::limits::ServerLimits {
+            connections_per_address: 4,
             ..Default::default()
         },
-    )
-    .await
-    .unwrap();
+        ..Default::default()
+    })
+    .await;
     // Two on each listener: the address's share.
     let mut held = Vec::new();
     for addr in [server.grpc_addr, server.http_addr] {

@@ -197,17 +197,21 @@ fn too_many_requests(who: &crate::auth::Identity, retry_after: Duration) -> Resp
     r
 }
 
-/// The refusal of a request a credential did not let through: 401, 403 or 503.
-fn auth_refusal(e: &crate::auth::AuthError) -> Response {
-    let status = if e.is_busy() {
+/// The status of a request a credential did not let through: 401, 403 or 503.
+fn refusal_status(e: &crate::auth::AuthError) -> StatusCode {
+    if e.is_busy() {
         StatusCode::SERVICE_UNAVAILABLE
     } else if e.is_unauthenticated() {
         StatusCode::UNAUTHORIZED
     } else {
         StatusCode::FORBIDDEN
-    };
+    }
+}
+
+/// The refusal of a request a credential did not let through.
+fn auth_refusal(e: &crate::auth::AuthError) -> Response {
     (
-        status,
+        refusal_status(e),
         [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
         axum::Json(json!({"error": e.to_string()})),
     )
@@ -445,16 +449,7 @@ async fn login_submit(
         .await
     {
         Ok(who) => who,
-        Err(e) => {
-            let status = if e.is_busy() {
-                StatusCode::SERVICE_UNAVAILABLE
-            } else if e.is_unauthenticated() {
-                StatusCode::UNAUTHORIZED
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return login_form(status, &f.next, &e.to_string());
-        }
+        Err(e) => return login_form(refusal_status(&e), &f.next, &e.to_string()),
     };
     if let Some(rate) = &l.rate
         && let Err(wait) = rate.take(&who.name)
