@@ -8,6 +8,7 @@ mod graph_cmd;
 mod keys_cmd;
 mod run_cmd;
 mod serve_cmd;
+mod triggers_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,6 +62,11 @@ enum Command {
     Approvals {
         #[command(subcommand)]
         command: approvals_cmd::ApprovalsCommand,
+    },
+    /// A server's triggers (webhooks, bus consumers, schedules): list, pause, resume.
+    Triggers {
+        #[command(subcommand)]
+        command: triggers_cmd::TriggersCommand,
     },
     /// The audit log: signing keys, and verification from a server's files.
     Audit {
@@ -129,6 +135,7 @@ fn main() -> ExitCode {
         Command::Jobs { command } => client_cmd::jobs(cli.conn, command),
         Command::Top(args) => client_cmd::top(cli.conn, args),
         Command::Approvals { command } => approvals_cmd::run(cli.conn, command),
+        Command::Triggers { command } => triggers_cmd::run(cli.conn, command),
         Command::Audit { command } => audit_cmd::run(command),
         Command::Keys { command } => keys_cmd::run(command),
     };

@@ -75,6 +75,11 @@ impl JsonTemplate {
         Ok(Self { env, root })
     }
 
+    /// Render over any view (a trigger's `event`, `headers` and `trigger`).
+    pub fn render_view(&self, view: &minijinja::Value) -> Result<Value, AgentError> {
+        self.render_node(&self.root, view)
+    }
+
     /// Render over the documented step view (`input`, `deps`, `job`).
     pub fn render(&self, ctx: &CallContext, input: &StepInput) -> Result<Value, AgentError> {
         let view = minijinja::Value::from(minijinja::value::Serde(input.view(ctx)));

@@ -31,6 +31,7 @@ pub mod store;
 pub mod telemetry;
 pub mod text;
 pub mod tls;
+pub mod triggers;
 
 pub use cascade_agents as agents;
 

@@ -58,6 +58,10 @@ pub const CALLBACKS_DELIVERED: &str = "cascade_callbacks_total";
 pub const WEBHOOK_SIGNATURES: &str = "cascade_webhook_signatures_remembered";
 pub const APPROVALS_PENDING: &str = "cascade_approvals_pending";
 pub const BUDGET_BREACHES: &str = "cascade_budget_breaches_total";
+pub const TRIGGER_EVENTS: &str = "cascade_trigger_events_total";
+pub const TRIGGER_PAUSED: &str = "cascade_trigger_paused";
+pub const TRIGGER_BACKLOG: &str = "cascade_trigger_backlog";
+pub const TRIGGER_WAITING: &str = "cascade_trigger_waiting";
 pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
 pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
 pub const SUB_STEPS: &str = "cascade_sub_steps_total";
@@ -73,6 +77,24 @@ pub const AUDIT_WRITE_FAILURES: &str = "cascade_audit_write_failures_total";
 
 /// Describe every metric (once, when the recorder is installed).
 pub fn describe() {
+    describe_counter!(
+        TRIGGER_EVENTS,
+        Unit::Count,
+        "Trigger events, by graph, trigger and outcome (received, started, deduplicated, dropped by `when`, refused, dead_lettered)."
+    );
+    describe_gauge!(
+        TRIGGER_PAUSED,
+        "1 while an operator holds a trigger paused (`cascade triggers pause`), by graph and trigger."
+    );
+    describe_gauge!(
+        TRIGGER_WAITING,
+        "1 while a trigger does not take events because its graph is full or paused (the backlog waits in the bus), by graph and trigger."
+    );
+    describe_gauge!(
+        TRIGGER_BACKLOG,
+        Unit::Count,
+        "Messages waiting in a bus trigger's stream for Cascade (JetStream pending, Redis group lag), by graph and trigger."
+    );
     describe_counter!(JOBS_SUBMITTED, Unit::Count, "Jobs accepted, by graph.");
     describe_counter!(
         BUDGET_BREACHES,

@@ -179,6 +179,8 @@ pub struct GraphModel {
     pub budget: crate::job::Budget,
     /// The job input's JSON Schema, offered to MCP clients with `run_<graph>`.
     pub input_schema: Option<serde_json::Value>,
+    /// `[[graph.triggers]]`: events that start its jobs.
+    pub triggers: Vec<Arc<crate::triggers::TriggerModel>>,
     /// Agents in topological order: every agent comes after all of its dependencies.
     pub agents: Vec<AgentModel>,
 }

@@ -105,6 +105,8 @@ pub enum ServerError {
     Auth(String),
     #[error("{0}")]
     Tls(String),
+    #[error("{0}")]
+    Trigger(String),
 }
 
 /// A running server. [`stop`](Self::stop) shuts it down.
@@ -147,6 +149,60 @@ struct HttpState {
     limits: crate::limits::ServerLimits,
     /// Watch streams per identity, shared with the gRPC service (with authentication on).
     streams: Option<Arc<crate::limits::StreamCounts>>,
+    /// Each webhook trigger's signing secret, by graph and trigger.
+    hook_secrets: Arc<HookSecrets>,
+}
+
+type HookSecrets = std::collections::HashMap<(String, String), Arc<HookSecret>>;
+
+/// A webhook trigger's secret: its own reference (a `file:` one is read again when it
+/// changes), or the server's `webhook_secret`.
+enum HookSecret {
+    Cell(cascade_agents::secret::SecretCell),
+    Server(Secret),
+}
+
+impl HookSecret {
+    fn value(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Self::Cell(c) => c.get().map(String::into_bytes).map_err(|e| e.message),
+            Self::Server(s) => Ok(s.expose().to_vec()),
+        }
+    }
+}
+
+/// Load every webhook trigger's secret (`verify = "cascade"` without one uses `[server]
+/// webhook_secret`): a missing one stops the start, naming the trigger.
+fn hook_secrets(
+    orch: &Orchestrator,
+    fallback: Option<&Secret>,
+) -> Result<HookSecrets, ServerError> {
+    let mut out = HookSecrets::new();
+    for t in orch.triggers().all() {
+        let crate::triggers::TriggerSource::Webhook(spec) = &t.model.source else {
+            continue;
+        };
+        let key = (t.model.graph.to_string(), t.model.name.to_string());
+        let cell = match (&spec.secret, fallback) {
+            (Some(r), _) => HookSecret::Cell(
+                cascade_agents::secret::SecretCell::load(r.clone()).map_err(|e| {
+                    ServerError::Trigger(format!(
+                        "trigger {:?} of graph {:?}: {e}",
+                        &*t.model.name, &*t.model.graph
+                    ))
+                })?,
+            ),
+            (None, Some(s)) => HookSecret::Server(s.clone()),
+            (None, None) => {
+                return Err(ServerError::Trigger(format!(
+                    "trigger {:?} of graph {:?} verifies with the cascade scheme but has no secret: set secret = \"env:NAME\" on the trigger, or [server] webhook_secret",
+                    &*t.model.name, &*t.model.graph
+                )));
+            }
+        };
+        out.insert(key, Arc::new(cell));
+    }
+    Ok(out)
 }
 
 /// Webhook signatures remembered at most (a live one is never forgotten: past this, webhooks are
@@ -578,6 +634,7 @@ pub async fn start(
     let http = crate::listen::Acceptor::new(http, budget, "http", true)
         .first_request_within(options.first_request_timeout);
     let (stop, stopped) = watch::channel(false);
+    let (orch_for_triggers, stopped_for_triggers) = (orch.clone(), stopped.clone());
     let mut tasks = Vec::new();
     if let Some(tls) = &tls {
         tls.clone().watch(stopped.clone());
@@ -651,6 +708,7 @@ pub async fn start(
         ))),
         limits: options.limits.clone(),
         streams: streams.clone(),
+        hook_secrets: Arc::new(hook_secrets(&orch, options.webhook_secret.as_ref())?),
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -660,6 +718,7 @@ pub async fn start(
         .route("/api/graphs", get(api_graphs))
         .route("/api/events", get(api_events))
         .route("/hooks/{graph}", post(hook))
+        .route("/hooks/{graph}/{trigger}", post(trigger_hook))
         // The graphs as MCP tools (streamable HTTP).
         .nest_service(
             "/mcp",
@@ -751,6 +810,7 @@ pub async fn start(
         stopped,
     )));
 
+    crate::triggers::Triggers::start(&orch_for_triggers, stopped_for_triggers);
     tracing::info!(%grpc_addr, %http_addr, tls = tls.is_some(), "serving");
     Ok(RunningServer {
         grpc_addr,
@@ -1250,6 +1310,210 @@ async fn deliver(
     }
     if let Err(e) = orch.store().update(id, JobUpdate::Callback(delivery)) {
         tracing::error!(job_id = %id, error = %e, "could not record the callback's delivery");
+    }
+}
+
+/// A webhook trigger's answer for a graph that cannot take the event now: 503 with
+/// `Retry-After` (every provider retries it; Zendesk only under a minute).
+fn retry_later(wait: Duration, why: impl Into<String>) -> Response {
+    let secs = wait.as_secs_f64().ceil().clamp(1.0, 59.0) as u64;
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
+    r.headers_mut().insert("retry-after", secs.into());
+    r
+}
+
+/// Headers a trigger's templates see: every one but credentials (lower-case names).
+fn visible_headers(headers: &HeaderMap) -> std::collections::BTreeMap<String, String> {
+    headers
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "authorization" | "cookie" | "proxy-authorization"
+            )
+        })
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
+/// A webhook body as an event: JSON, or a form (Slack's slash commands and interactions,
+/// whose `payload` field is JSON itself), else text.
+fn hook_body(headers: &HeaderMap, body: &[u8]) -> Result<serde_json::Value, String> {
+    let form = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    if form {
+        let mut map = serde_json::Map::new();
+        for (k, v) in form_urlencoded::parse(body) {
+            let value = if k == "payload" {
+                serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v.into_owned()))
+            } else {
+                serde_json::Value::String(v.into_owned())
+            };
+            map.insert(k.into_owned(), value);
+        }
+        return Ok(serde_json::Value::Object(map));
+    }
+    if body.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    serde_json::from_slice(body).map_err(|e| format!("the body is not valid JSON: {e}"))
+}
+
+/// `POST /hooks/{graph}/{trigger}`: a provider's webhook, verified by its own signature scheme
+/// (see [`crate::triggers::verify`]), becomes a job by the trigger's rules. The answer comes
+/// once the job is durably accepted: 202 with its id, 200 for a duplicate (or a replayed
+/// signature: nothing starts), 200 for an event `when` drops, 503 with `Retry-After` while
+/// the graph is full or paused or the trigger is paused, 401 for a bad signature, 422 for an
+/// event that cannot become a job.
+async fn trigger_hook(
+    State(s): State<HttpState>,
+    Path((graph, trigger)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use crate::triggers::{Event, Outcome, TriggerSource, verify};
+    let t = match s.orch.triggers().get(&graph, &trigger) {
+        Ok(t) => t.clone(),
+        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
+    };
+    let TriggerSource::Webhook(spec) = &t.model.source else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "trigger {:?} of graph {:?} is a {} trigger, not a webhook",
+                &*t.model.name,
+                &*t.model.graph,
+                t.model.kind()
+            ),
+        );
+    };
+    if t.is_paused() {
+        return retry_later(
+            Duration::from_secs(30),
+            format!(
+                "trigger {:?} is paused by an operator (cascade triggers resume)",
+                &*t.model.name
+            ),
+        );
+    }
+    let secret = match s
+        .hook_secrets
+        .get(&(graph.clone(), trigger.clone()))
+        .map(|c| c.value())
+    {
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            tracing::error!(%graph, %trigger, error = %e, "a webhook trigger's secret cannot be read");
+            return retry_later(
+                Duration::from_secs(30),
+                "the trigger's secret cannot be read now",
+            );
+        }
+        None => return error(StatusCode::NOT_FOUND, "the trigger has no secret loaded"),
+    };
+    let lookup = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = unix_now();
+    let verified = match verify::verify(spec.verify, &secret, lookup, &body, now, spec.tolerance) {
+        Ok(v) => v,
+        Err(e) => {
+            metrics::counter!(crate::metrics::TRIGGER_EVENTS, "graph" => graph.clone(), "trigger" => trigger.clone(), "outcome" => "unauthenticated").increment(1);
+            return error(StatusCode::UNAUTHORIZED, e.to_string());
+        }
+    };
+    // A signature seen within the window starts nothing a second time (the provider has its
+    // answer already; a captured request replayed by someone else gets nothing).
+    let first = {
+        let mut guard = s.replays.lock().unwrap_or_else(|p| p.into_inner());
+        let first = guard.first_time(verified.mac, now);
+        metrics::gauge!(crate::metrics::WEBHOOK_SIGNATURES).set(guard.len() as f64);
+        first
+    };
+    match first {
+        Some(true) => {}
+        Some(false) => {
+            return (
+                StatusCode::OK,
+                axum::Json(json!({"deduplicated": true, "replay": true})),
+            )
+                .into_response();
+        }
+        None => {
+            return retry_later(
+                Duration::from_secs(5),
+                "too many signed webhooks within the replay window",
+            );
+        }
+    }
+    let forget = || {
+        s.replays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .forget(&verified.mac);
+    };
+    if crate::limits::json_depth_over(&body, s.limits.max_json_depth) {
+        forget();
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "the body nests arrays and objects deeper than [server.limits] max_json_depth ({})",
+                s.limits.max_json_depth
+            ),
+        );
+    }
+    let event_body = match hook_body(&headers, &body) {
+        Ok(v) => v,
+        Err(e) => {
+            forget();
+            return error(StatusCode::UNPROCESSABLE_ENTITY, e);
+        }
+    };
+    // Slack checks a new Events API URL with a challenge, answered once the signature is good.
+    if spec.verify == verify::Provider::Slack
+        && event_body.get("type").and_then(|v| v.as_str()) == Some("url_verification")
+    {
+        let challenge = event_body
+            .get("challenge")
+            .cloned()
+            .unwrap_or(serde_json::Value::Null);
+        return (
+            StatusCode::OK,
+            axum::Json(json!({ "challenge": challenge })),
+        )
+            .into_response();
+    }
+    let id = verify::event_id(spec.verify, lookup, &event_body, &verified);
+    let mut meta = serde_json::Map::new();
+    meta.insert("provider".into(), json!(spec.verify.as_str()));
+    let event = Event {
+        body: event_body,
+        headers: visible_headers(&headers),
+        id: Some(id),
+        meta,
+    };
+    match t.fire(&s.orch, event).await {
+        Outcome::Started(id) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({ "job_id": id.to_string(), "deduplicated": false })),
+        )
+            .into_response(),
+        Outcome::Deduplicated(id) => (
+            StatusCode::OK,
+            axum::Json(json!({ "job_id": id.to_string(), "deduplicated": true })),
+        )
+            .into_response(),
+        Outcome::Dropped => {
+            (StatusCode::OK, axum::Json(json!({ "dropped": true }))).into_response()
+        }
+        Outcome::Retry(wait, why) => {
+            forget();
+            retry_later(wait, why)
+        }
+        Outcome::Invalid(reason) => {
+            forget();
+            error(StatusCode::UNPROCESSABLE_ENTITY, reason)
+        }
     }
 }
 

@@ -264,7 +264,29 @@ fn submit_status(e: SubmitError) -> Status {
     }
 }
 
+fn trigger_to_pb(graph: &str, t: crate::triggers::TriggerView) -> pb::Trigger {
+    pb::Trigger {
+        graph: graph.to_string(),
+        name: t.name,
+        kind: t.kind.to_string(),
+        tenant: t.tenant,
+        state: t.state.to_string(),
+        detail: t.detail,
+        received: t.counts.received,
+        started: t.counts.started,
+        deduplicated: t.counts.deduplicated,
+        dropped: t.counts.dropped,
+        refused: t.counts.refused,
+        dead_lettered: t.counts.dead_lettered,
+    }
+}
+
 fn graph_to_pb(g: GraphState) -> pb::Graph {
+    let triggers = g
+        .triggers
+        .iter()
+        .map(|t| trigger_to_pb(&g.name, t.clone()))
+        .collect();
     pb::Graph {
         name: g.name,
         description: g.description.unwrap_or_default(),
@@ -367,6 +389,7 @@ fn graph_to_pb(g: GraphState) -> pb::Graph {
             .collect(),
         pending_jobs: g.pending_jobs as u64,
         running_jobs: g.running_jobs as u64,
+        triggers,
     }
 }
 
@@ -858,6 +881,42 @@ impl pb::cascade_server::Cascade for CascadeService {
         }
     }
 
+    async fn list_triggers(
+        &self,
+        req: Request<pb::ListTriggersRequest>,
+    ) -> Result<Response<pb::ListTriggersResponse>, Status> {
+        self.who(&req, Role::Read, "ListTriggers").await?;
+        let graph = req.into_inner().graph;
+        if !graph.is_empty() && self.orch.pending_room(&graph).is_none() {
+            return Err(self.unknown_graph(&graph));
+        }
+        let triggers = self
+            .orch
+            .triggers()
+            .all()
+            .iter()
+            .filter(|t| graph.is_empty() || *t.model.graph == *graph)
+            .map(|t| trigger_to_pb(&t.model.graph, t.view()))
+            .collect();
+        Ok(Response::new(pb::ListTriggersResponse { triggers }))
+    }
+
+    async fn pause_trigger(
+        &self,
+        req: Request<pb::TriggerRequest>,
+    ) -> Result<Response<pb::Trigger>, Status> {
+        self.who(&req, Role::Admin, "PauseTrigger").await?;
+        self.set_trigger_paused(req.into_inner(), true)
+    }
+
+    async fn resume_trigger(
+        &self,
+        req: Request<pb::TriggerRequest>,
+    ) -> Result<Response<pb::Trigger>, Status> {
+        self.who(&req, Role::Admin, "ResumeTrigger").await?;
+        self.set_trigger_paused(req.into_inner(), false)
+    }
+
     type WatchGraphStream = BoxStream<pb::GraphEvent>;
 
     async fn watch_graph(
@@ -935,6 +994,22 @@ impl CascadeService {
                 }
             },
         ))
+    }
+
+    fn set_trigger_paused(
+        &self,
+        req: pb::TriggerRequest,
+        paused: bool,
+    ) -> Result<Response<pb::Trigger>, Status> {
+        if self.orch.pending_room(&req.graph).is_none() {
+            return Err(self.unknown_graph(&req.graph));
+        }
+        let t = self
+            .orch
+            .triggers()
+            .set_paused(self.orch.store().as_ref(), &req.graph, &req.trigger, paused)
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        Ok(Response::new(trigger_to_pb(&t.model.graph, t.view())))
     }
 
     fn unknown_graph(&self, name: &str) -> Status {

@@ -338,6 +338,7 @@ impl OrchestratorBuilder {
             .await
             .map_err(|e| StartError(e.to_string()))?;
         pause_unreachable(&shared, unreachable).await;
+        let triggers = crate::triggers::Triggers::new(&shared.model);
         Ok(Orchestrator {
             shared,
             graphs: graphs
@@ -347,6 +348,7 @@ impl OrchestratorBuilder {
             root,
             root_handle: Mutex::new(Some(handle)),
             tenant_gate: TenantGate::default(),
+            triggers,
         })
     }
 }
@@ -375,6 +377,7 @@ pub struct Orchestrator {
     root: ActorRef<RootMsg>,
     root_handle: Mutex<Option<tokio::task::JoinHandle<()>>>,
     tenant_gate: TenantGate,
+    triggers: crate::triggers::Triggers,
 }
 
 impl Drop for Orchestrator {
@@ -932,6 +935,20 @@ impl Orchestrator {
         let board =
             ractor::call_t!(broker.actor, |reply| BrokerMsg::Pauses(index, reply), 5_000).ok()?;
         Some(g.names.iter().cloned().zip(board).collect())
+    }
+
+    /// The graphs' triggers (started by [`crate::triggers::Triggers::start`]).
+    pub fn triggers(&self) -> &crate::triggers::Triggers {
+        &self.triggers
+    }
+
+    /// A graph's pending jobs and its `max_pending_jobs` (none: no such graph).
+    pub fn pending_room(&self, graph: &str) -> Option<(usize, usize)> {
+        let g = self.graphs.get(graph)?;
+        Some((
+            self.shared.store.pending_count(graph),
+            g.model.max_pending_jobs.get(),
+        ))
     }
 
     /// How many agents of a graph its scheduler holds paused right now (no message needed).

@@ -28,6 +28,8 @@ pub struct GraphState {
     pub quotas: Vec<QuotaSnapshot>,
     pub pending_jobs: usize,
     pub running_jobs: usize,
+    /// Its triggers, with their state and counts.
+    pub triggers: Vec<crate::triggers::TriggerView>,
 }
 
 /// What an agent is doing now, serialised as `failed`, `paused`, `running` or `idle`.
@@ -143,6 +145,7 @@ impl Orchestrator {
             quotas,
             pending_jobs: self.shared.store.pending_count(name),
             running_jobs: snapshot.map_or(0, |s| s.jobs_in_flight),
+            triggers: self.triggers().of_graph(name).map(|t| t.view()).collect(),
         })
     }
 

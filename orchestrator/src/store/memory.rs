@@ -131,6 +131,9 @@ fn count_live(map: &mut foldhash::HashMap<Arc<str>, usize>, tenant: &Arc<str>, b
 #[derive(Default)]
 struct Inner {
     jobs: foldhash::HashMap<JobId, Entry>,
+    /// Triggers' state (a schedule's last slot, an operator's pause), by `graph/trigger`: one
+    /// entry per configured trigger.
+    trigger_state: foldhash::HashMap<String, String>,
     pending: foldhash::HashMap<Arc<str>, VecDeque<JobId>>,
     /// Jobs queued or running (not parked, not ended), by tenant: `[tenants.NAME]
     /// max_pending_jobs`. A tenant leaves the map with its last such job.
@@ -938,6 +941,14 @@ fn forget_key(
 }
 
 impl JobStore for MemoryStore {
+    fn trigger_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().trigger_state.get(key).cloned())
+    }
+
+    fn save_trigger_state(&self, key: &str, state: String) {
+        self.lock().trigger_state.insert(key.to_string(), state);
+    }
+
     fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
         // Nothing to persist: no copy of the record.
         let result = self.submit_with(job, false).map(|(s, _)| s);

@@ -213,6 +213,15 @@ pub trait JobStore: Send + Sync + 'static {
     /// Replace the sealed state of credential `name`. One row per configured credential.
     fn save_credential_state(&self, _name: &str, _sealed: String) {}
 
+    /// The state kept for trigger `key` (`graph/trigger`): a schedule's last slot fired, an
+    /// operator's pause.
+    fn trigger_state(&self, _key: &str) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    /// Replace the state of trigger `key`. One row per configured trigger.
+    fn save_trigger_state(&self, _key: &str, _state: String) {}
+
     /// Wait until every change made so far is durable (no-op for a store that is not).
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })

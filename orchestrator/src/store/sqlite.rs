@@ -85,6 +85,12 @@ CREATE TABLE IF NOT EXISTS credential_state (
     sealed TEXT NOT NULL,
     updated_at INTEGER NOT NULL
 ) WITHOUT ROWID;
+-- Triggers' state (a schedule's last slot fired, an operator's pause): one row per trigger.
+CREATE TABLE IF NOT EXISTS trigger_state (
+    key TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated_at INTEGER NOT NULL
+) WITHOUT ROWID;
 "#;
 
 /// Where and how the durable store keeps its file.
@@ -138,6 +144,10 @@ enum Op {
     CredentialState {
         name: String,
         sealed: String,
+    },
+    TriggerState {
+        key: String,
+        state: String,
     },
 }
 
@@ -522,6 +532,24 @@ impl JobStore for SqliteStore {
         });
     }
 
+    fn trigger_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.read()
+            .query_row(
+                "SELECT state FROM trigger_state WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(err)
+    }
+
+    fn save_trigger_state(&self, key: &str, state: String) {
+        self.send(Op::TriggerState {
+            key: key.to_string(),
+            state,
+        });
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         let (ack, done) = oneshot::channel();
         self.send(Op::Flush(ack));
@@ -579,6 +607,16 @@ fn writer_loop(
                     );
                     if let Err(e) = r {
                         tracing::error!(credential = %name, error = %e, "a rotated refresh token could not be saved; a restart will use the configured one");
+                    }
+                }
+                Op::TriggerState { key, state } => {
+                    let r = conn.execute(
+                        "INSERT INTO trigger_state (key, state, updated_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                        params![key, state, micros(crate::clock::now())],
+                    );
+                    if let Err(e) = r {
+                        tracing::error!(trigger = %key, error = %e, "a trigger's state could not be saved");
                     }
                 }
                 Op::Update { .. } | Op::Updates(_) => {}
@@ -639,7 +677,9 @@ fn group_batch(batch: &[Op]) -> Vec<(JobId, JobWrites<'_>)> {
                 logged,
             } => Box::new(one(record, event, false, *logged)),
             Op::Updates(list) => Box::new(list.iter().map(|(r, e, l)| (r, e, false, *l))),
-            Op::Flush(_) | Op::CredentialState { .. } => Box::new(std::iter::empty()),
+            Op::Flush(_) | Op::CredentialState { .. } | Op::TriggerState { .. } => {
+                Box::new(std::iter::empty())
+            }
         };
         many
     });

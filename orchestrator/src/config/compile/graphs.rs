@@ -12,6 +12,7 @@ const GRAPH_FIELDS: &[&str] = &[
     "deadline",
     "budget",
     "input_schema",
+    "triggers",
 ];
 /// Fields every agent has, whatever its kind.
 const AGENT_FIELDS: &[&str] = &[
@@ -166,6 +167,17 @@ impl Loader<'_> {
                 ),
             );
         }
+        let triggers = match r.entry("triggers") {
+            Some((_, v)) => {
+                r.skip("triggers");
+                let graph_name = name.as_ref().map_or("", |n| n.0.as_str()).to_string();
+                let list: Option<Vec<Arc<str>>> = tenants
+                    .as_ref()
+                    .map(|l| l.iter().map(|t| Arc::from(t.as_str())).collect());
+                self.triggers(src, &graph_name, list.as_deref(), v)
+            }
+            None => Vec::new(),
+        };
         r.deny_unknown(GRAPH_FIELDS, "[graph]", &mut self.errs);
         // A graph whose name is missing or bad is still checked, under an empty name.
         let (name, name_span) = name.unwrap_or((String::new(), span));
@@ -185,6 +197,7 @@ impl Loader<'_> {
             deadline: deadline.map(HumanDuration::get),
             budget,
             input_schema,
+            triggers,
             agents: Vec::new(),
         })
     }

@@ -133,6 +133,7 @@ struct PendingGraph {
     deadline: Option<Duration>,
     budget: crate::job::Budget,
     input_schema: Option<serde_json::Value>,
+    triggers: Vec<Arc<crate::triggers::TriggerModel>>,
     agents: Vec<PendingAgent>,
 }
 
@@ -279,3 +280,4 @@ mod resolve;
 mod server;
 #[cfg(test)]
 mod tests;
+mod triggers;

@@ -204,6 +204,7 @@ impl Loader<'_> {
             deadline: g.deadline,
             budget: g.budget,
             input_schema: g.input_schema,
+            triggers: g.triggers,
             agents,
         })
     }

@@ -776,3 +776,143 @@ fn tenants_and_tenant_shares_are_read_and_checked() {
     assert!(text.contains("1.5"), "{text}");
     assert!(text.contains("a share of no limit"), "{text}");
 }
+
+const TRIGGERS: &str = r#"[graph]
+name = "desk"
+tenants = ["acme"]
+
+[[graph.triggers]]
+name = "new-ticket"
+kind = "webhook"
+verify = "zendesk"
+secret = "env:ZENDESK_SECRET"
+when = "event.ticket.status == 'new'"
+input = { ticket = "{{= event.ticket.id }}" }
+
+[[graph.triggers]]
+name = "bus"
+kind = "nats"
+url = "nats://127.0.0.1:4222"
+stream = "TICKETS"
+subject = "tickets.created"
+consumer = "cascade"
+dead_letter = "tickets.dead"
+max_deliveries = 3
+batch = 50
+
+[[graph.triggers]]
+name = "queue"
+kind = "redis_stream"
+url = "redis://127.0.0.1:6379"
+stream = "tickets"
+group = "cascade"
+claim_after = "30s"
+
+[[graph.triggers]]
+name = "morning"
+kind = "schedule"
+cron = "0 7 * * MON-FRI"
+timezone = "Europe/Paris"
+catch_up = "none"
+
+[agents.a]
+kind = "sim"
+"#;
+
+#[test]
+fn triggers_of_every_kind_load_with_their_defaults() {
+    let model = compile(TRIGGERS).unwrap();
+    let g = model.graph("desk").unwrap();
+    let names: Vec<&str> = g.triggers.iter().map(|t| &*t.name).collect();
+    assert_eq!(names, ["new-ticket", "bus", "queue", "morning"]);
+    // The graph's only tenant is every trigger's.
+    assert!(g.triggers.iter().all(|t| &*t.tenant == "acme"));
+    let crate::triggers::TriggerSource::Nats(n) = &g.triggers[1].source else {
+        panic!("{:?}", g.triggers[1].source)
+    };
+    assert_eq!((n.dead_letter.max_deliveries, n.batch), (3, 50));
+    assert_eq!(n.dead_letter.target.as_deref(), Some("tickets.dead"));
+    let crate::triggers::TriggerSource::RedisStream(r) = &g.triggers[2].source else {
+        panic!()
+    };
+    assert_eq!(
+        (
+            r.claim_after,
+            r.field.as_str(),
+            r.dead_letter.max_deliveries
+        ),
+        (Duration::from_secs(30), "payload", 5)
+    );
+    assert!(r.consumer.starts_with("cascade-"), "{}", r.consumer);
+    let crate::triggers::TriggerSource::Schedule(s) = &g.triggers[3].source else {
+        panic!()
+    };
+    assert_eq!(s.catch_up, crate::triggers::schedule::CatchUp::None);
+    assert!(s.every.describe().contains("Europe/Paris"));
+}
+
+#[test]
+fn trigger_errors_name_the_field_with_its_position() {
+    let bad = TRIGGERS
+        .replace("verify = \"zendesk\"", "verify = \"zendsk\"")
+        .replace(
+            "when = \"event.ticket.status == 'new'\"",
+            "when = \"event.ticket.status ==\"",
+        )
+        .replace("cron = \"0 7 * * MON-FRI\"", "cron = \"0 7 * * FUNDAY\"")
+        .replace("timezone = \"Europe/Paris\"", "timezone = \"Mars/Olympus\"")
+        .replace("batch = 50", "batch = 50\nbacth = 2")
+        .replace(
+            "url = \"redis://127.0.0.1:6379\"",
+            "url = \"http://127.0.0.1:6379\"",
+        );
+    let errs = errors(&bad);
+    let verify = error_at(&errs, "graph.triggers[0].verify", 8, 10);
+    assert!(verify.message.contains("unknown provider"), "{verify}");
+    assert!(
+        verify.help.as_deref().unwrap_or("").contains("zendesk"),
+        "{verify}"
+    );
+    let typo = error_at(&errs, "graph.triggers[1].bacth", 23, 1);
+    assert!(
+        typo.help.as_deref().unwrap_or("").contains("batch"),
+        "{typo}"
+    );
+    let url = error_at(&errs, "graph.triggers[2].url", 28, 7);
+    assert!(url.message.contains("not a redis URL"), "{url}");
+    // The time zone is checked before the cron expression of the same trigger.
+    let tz = error_at(&errs, "graph.triggers[3].timezone", 37, 12);
+    assert!(tz.message.contains("Mars/Olympus"), "{tz}");
+    // A `when` that does not parse is an error where it is written, not at the first event.
+    assert!(
+        errs.iter().any(|e| e.path == "graph.triggers[0].when"),
+        "{errs:#?}"
+    );
+
+    let bad_cron = TRIGGERS.replace("cron = \"0 7 * * MON-FRI\"", "cron = \"0 7 * * FUNDAY\"");
+    let e = error_at(&errors(&bad_cron), "graph.triggers[3].cron", 35, 8);
+    assert!(e.message.contains("invalid cron expression"), "{e}");
+
+    // Several tenants: the trigger must say whose jobs it starts; a webhook needs its secret.
+    let several = TRIGGERS
+        .replace("tenants = [\"acme\"]", "tenants = [\"acme\", \"globex\"]")
+        .replace("secret = \"env:ZENDESK_SECRET\"\n", "");
+    let errs = errors(&several);
+    assert!(
+        errs.iter()
+            .any(|e| e.path == "graph.triggers[1].tenant" && e.message.contains("several tenants")),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.path == "graph.triggers[0].secret"),
+        "{errs:#?}"
+    );
+    // A template that refers to nothing it can see fails when an event comes, as an invalid
+    // event; one that does not parse fails here.
+    let broken = TRIGGERS.replace("{{= event.ticket.id }}", "{{= event.ticket.id ");
+    let e = errors(&broken);
+    assert!(
+        e.iter().any(|e| e.path == "graph.triggers[0].input"),
+        "{e:#?}"
+    );
+}
