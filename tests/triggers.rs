@@ -472,6 +472,41 @@ async fn a_full_graph_or_a_paused_trigger_answers_retry_later() {
         .unwrap()
         .into_inner();
     assert_eq!(t.state, "running");
+    // The CLI: pause, list (as text and as JSON), resume.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+            .args(["--server", &format!("http://{}", desk.server.grpc_addr)])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let paused = cli(&["triggers", "pause", "desk", "github"]);
+    assert!(
+        paused
+            .lines()
+            .any(|l| l.contains("github") && l.contains("paused")),
+        "{paused}"
+    );
+    let listed: Value =
+        serde_json::from_str(&cli(&["--json", "triggers", "list", "desk"])).unwrap();
+    let states: Vec<(&str, &str)> = listed["triggers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["state"].as_str().unwrap()))
+        .collect();
+    assert!(
+        states.contains(&("github", "paused")) && states.contains(&("slack", "running")),
+        "{states:?}"
+    );
+    assert!(cli(&["triggers", "resume", "desk", "github"]).contains("running"));
+
     // The quota back after its 3 s: the graph drains, and the event is taken.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {

@@ -103,7 +103,15 @@ fn compile(
                         path: path.clone(),
                         message: format!("typed expression {s:?} must end with \"}}}}\""),
                     })?;
-                    (format!("{{{{ ({}) | tojson }}}}", expr.trim()), true)
+                    // `tojson` would turn an undefined value (a typo, a field the input lacks)
+                    // into null; printing it instead fails, as strict mode does for text.
+                    (
+                        format!(
+                            "{{% set typed = ({}) %}}{{% if typed is undefined %}}{{{{ typed }}}}{{% else %}}{{{{ typed | tojson }}}}{{% endif %}}",
+                            expr.trim()
+                        ),
+                        true,
+                    )
                 }
                 None => (s.clone(), false),
             };
@@ -236,6 +244,27 @@ mod tests {
             json!({"greeting": "hello ada", "label": "billing", "count": 3, "items": [1, 2, 3],
                    "job": "job-1", "fixed": 7, "list": ["ada", true]})
         );
+    }
+
+    #[tokio::test]
+    async fn a_typed_expression_over_a_missing_field_is_an_error_not_null() {
+        let a = agent(json!({"output": {"n": "{{= input.n }}", "z": "{{= input.z }}"}})).unwrap();
+        let input = StepInput {
+            input: Arc::new(json!({"n": 3, "z": null})),
+            deps: vec![],
+        };
+        // A field that is there and null stays null.
+        assert_eq!(
+            a.call(&ctx(), &input).await.unwrap().value,
+            json!({"n": 3, "z": null})
+        );
+        let missing = StepInput {
+            input: Arc::new(json!({"z": 1})),
+            deps: vec![],
+        };
+        let err = a.call(&ctx(), &missing).await.unwrap_err();
+        assert_eq!(err.class, crate::ErrorClass::Permanent);
+        assert!(err.message.contains("undefined"), "{}", err.message);
     }
 
     #[tokio::test]

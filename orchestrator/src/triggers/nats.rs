@@ -133,9 +133,19 @@ async fn session(
             .messages()
             .await
             .map_err(|e| format!("fetch: {e}"))?;
+        let mut msgs = Vec::with_capacity(n);
         while let Some(msg) = batch.next().await {
-            let msg = msg.map_err(|e| format!("fetch: {e}"))?;
-            if !handle(orch, t, spec, &js, msg, stop).await? {
+            msgs.push(msg.map_err(|e| format!("fetch: {e}"))?);
+        }
+        // A fetched batch is submitted at once: the store commits its jobs together (one
+        // submission at a time would wait a commit each).
+        let handled = futures::future::join_all(
+            msgs.into_iter()
+                .map(|msg| handle(orch, t, spec, &js, msg, stop.clone())),
+        )
+        .await;
+        for h in handled {
+            if !h? {
                 return Ok(());
             }
         }
@@ -149,7 +159,7 @@ async fn handle(
     spec: &NatsSpec,
     js: &jetstream::Context,
     msg: jetstream::Message,
-    stop: &mut watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<bool, String> {
     let (delivered, seq) = msg
         .info()
@@ -190,7 +200,7 @@ async fn handle(
                 t.set_status("waiting", why);
                 // Keep the message ours while the graph makes room.
                 let _ = msg.ack_with(AckKind::Progress).await;
-                if !super::sleep_or_stop(wait.min(spec.ack_wait / 2), stop).await {
+                if !super::sleep_or_stop(wait.min(spec.ack_wait / 2), &mut stop).await {
                     return Ok(false);
                 }
             }

@@ -175,8 +175,15 @@ async fn session(
                 .map(|r| r.keys.into_iter().flat_map(|k| k.ids).collect())
                 .unwrap_or_default()
         };
-        for entry in entries {
-            match handle(orch, t, spec, &mut con, entry, stop).await? {
+        // Entries read together are submitted at once: the store commits their jobs together.
+        let handled = futures::future::join_all(
+            entries
+                .into_iter()
+                .map(|entry| handle(orch, t, spec, con.clone(), entry, stop.clone())),
+        )
+        .await;
+        for h in handled {
+            match h? {
                 Handled::Done => {}
                 Handled::Again => own_pending = true,
                 Handled::Stopped => return Ok(()),
@@ -269,9 +276,9 @@ async fn handle(
     orch: &Orchestrator,
     t: &Trigger,
     spec: &RedisSpec,
-    con: &mut redis::aio::MultiplexedConnection,
+    mut con: redis::aio::MultiplexedConnection,
     entry: StreamId,
-    stop: &mut watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> Result<Handled, String> {
     loop {
         match t.fire(orch, event_of(spec, &entry)).await {
@@ -283,7 +290,7 @@ async fn handle(
             }
             Outcome::Retry(wait, why) => {
                 t.set_status("waiting", why);
-                if !super::sleep_or_stop(wait, stop).await {
+                if !super::sleep_or_stop(wait, &mut stop).await {
                     return Ok(Handled::Stopped);
                 }
             }
@@ -327,10 +334,10 @@ async fn handle(
                     .arg(&spec.consumer)
                     .arg(0)
                     .arg(&entry.id)
-                    .query_async(con)
+                    .query_async(&mut con)
                     .await
                     .map_err(err)?;
-                if !super::sleep_or_stop(Duration::from_secs(1), stop).await {
+                if !super::sleep_or_stop(Duration::from_secs(1), &mut stop).await {
                     return Ok(Handled::Stopped);
                 }
                 return Ok(Handled::Again);
