@@ -252,14 +252,12 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
             ),
         ]
     };
-    let (status, _, opened) = desk
-        .post(
-            "github",
-            &gh("issues", "72d3162e-cc78-11e3-81ab-4c9367dc0958", &issue),
-            &issue,
-        )
-        .await;
+    let delivery = gh("issues", "72d3162e-cc78-11e3-81ab-4c9367dc0958", &issue);
+    let (status, _, opened) = desk.post("github", &delivery, &issue).await;
     assert_eq!(status, 202, "{opened}");
+    // The same bytes again (a replay, or GitHub's redelivery within minutes): no second job.
+    let (status, _, replay) = desk.post("github", &delivery, &issue).await;
+    assert_eq!((status, &replay["replay"]), (200, &json!(true)), "{replay}");
     assert_eq!(
         desk.job_input(&opened["job_id"]).await,
         json!({"issue": 1347, "title": "Found a bug"})
@@ -281,6 +279,21 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let (status, _, again) = desk.stripe("evt_1NG8Du2eZvKYlo2CUI79vXWy").await;
     assert_eq!((status, &again["job_id"]), (200, &charge["job_id"]));
+    // A stale Stripe timestamp is refused whatever the signature.
+    let old = now() - 600;
+    let stale_body = r#"{"id":"evt_old","type":"customer.created"}"#;
+    let sig = hex_hmac(
+        SECRET.as_bytes(),
+        &[format!("{old}.").as_bytes(), stale_body.as_bytes()],
+    );
+    let (status, _, stale) = desk
+        .post(
+            "stripe",
+            &[("stripe-signature", format!("t={old},v1={sig}"))],
+            stale_body,
+        )
+        .await;
+    assert_eq!(status, 401, "{stale}");
 
     // Zendesk: base64 over timestamp + body; the invocation id is the key.
     let body = r#"{"ticket":{"id":35436}}"#;
@@ -291,18 +304,15 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
         base64::engine::general_purpose::STANDARD
             .encode(hmac::sign(&key, format!("{ts}{body}").as_bytes()).as_ref())
     };
-    let (status, _, zd) = desk
-        .post(
-            "zendesk",
-            &[
-                ("x-zendesk-webhook-signature-timestamp", ts.clone()),
-                ("x-zendesk-webhook-signature", sig),
-                ("x-zendesk-webhook-invocation-id", "8350205582".into()),
-            ],
-            body,
-        )
-        .await;
+    let zendesk = [
+        ("x-zendesk-webhook-signature-timestamp", ts.clone()),
+        ("x-zendesk-webhook-signature", sig),
+        ("x-zendesk-webhook-invocation-id", "8350205582".into()),
+    ];
+    let (status, _, zd) = desk.post("zendesk", &zendesk, body).await;
     assert_eq!(status, 202, "{zd}");
+    let (status, _, replay) = desk.post("zendesk", &zendesk, body).await;
+    assert_eq!((status, &replay["replay"]), (200, &json!(true)), "{replay}");
     assert_eq!(
         desk.job_input(&zd["job_id"]).await,
         json!({"ticket": 35436})
@@ -312,33 +322,35 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
     let secret = cascade_orchestrator::secret::Secret::new(SECRET.as_bytes().to_vec());
     let t = now();
     let body = r#"{"order":7}"#;
-    let (status, _, signed) = desk
-        .post(
-            "signed",
-            &[
-                ("x-cascade-timestamp", t.to_string()),
-                (
-                    "x-cascade-signature",
-                    cascade_orchestrator::secret::sign_keyed(
-                        &secret,
-                        t,
-                        Some("order-7"),
-                        body.as_bytes(),
-                    ),
+    let signed_at = |t: u64| {
+        vec![
+            ("x-cascade-timestamp", t.to_string()),
+            (
+                "x-cascade-signature",
+                cascade_orchestrator::secret::sign_keyed(
+                    &secret,
+                    t,
+                    Some("order-7"),
+                    body.as_bytes(),
                 ),
-                ("idempotency-key", "order-7".into()),
-            ],
-            body,
-        )
-        .await;
+            ),
+            ("idempotency-key", "order-7".to_string()),
+        ]
+    };
+    let (status, _, signed) = desk.post("signed", &signed_at(t), body).await;
     assert_eq!(status, 202, "{signed}");
+    let (status, _, replay) = desk.post("signed", &signed_at(t), body).await;
+    assert_eq!((status, &replay["replay"]), (200, &json!(true)), "{replay}");
+    let (status, _, stale) = desk.post("signed", &signed_at(t - 900), body).await;
+    assert_eq!(status, 401, "{stale}");
     assert_eq!(desk.job_input(&signed["job_id"]).await, json!({"order": 7}));
 
-    // Unknown triggers name the ones there are.
+    // An unsigned caller learns nothing about the triggers there are.
     let (status, _, unknown) = desk.post("slak", &[], "{}").await;
     assert_eq!(status, 404);
+    let message = unknown["error"].as_str().unwrap();
     assert!(
-        unknown["error"].as_str().unwrap().contains("slack"),
+        message.contains("no webhook trigger") && !message.contains("slack\""),
         "{unknown}"
     );
 
@@ -567,6 +579,18 @@ async fn run_schedule(
     run_for: Duration,
     nodes: usize,
 ) {
+    run_schedule_resuming(path, catch_up, start, run_for, nodes, None).await
+}
+
+/// [`run_schedule`], resuming the (paused) trigger after `resume_after` as an operator would.
+async fn run_schedule_resuming(
+    path: &std::path::Path,
+    catch_up: &str,
+    start: SystemTime,
+    run_for: Duration,
+    nodes: usize,
+    resume_after: Option<Duration>,
+) {
     use cascade_orchestrator::store::{SqliteOptions, SqliteStore};
     let store = Arc::new(SqliteStore::open(SqliteOptions::new(path)).unwrap());
     let model = cascade_orchestrator::config::parse_graph_str(
@@ -604,7 +628,15 @@ async fn run_schedule(
             ))
         })
         .collect();
-    tokio::time::sleep(run_for).await;
+    if let Some(after) = resume_after {
+        tokio::time::sleep(after).await;
+        orch.triggers()
+            .set_paused(orch.store().as_ref(), "reports", "quarter-hourly", false)
+            .unwrap();
+        tokio::time::sleep(run_for - after).await;
+    } else {
+        tokio::time::sleep(run_for).await;
+    }
     let _ = stop.send(true);
     for r in runners {
         r.await.unwrap();
@@ -657,4 +689,82 @@ async fn a_schedule_fires_each_slot_once_across_restarts_with_each_catch_up_mode
         expected.sort();
         assert_eq!(keys(&store), expected, "catch_up = {mode:?}");
     }
+}
+
+/// An operator's pause is kept in the store: a restarted server's schedule stays paused (no
+/// slot fires, none is caught up); once resumed, the slots of the pause are not caught up after
+/// a later restart either, and the others fire as before.
+#[tokio::test(start_paused = true)]
+async fn a_paused_schedule_stays_paused_across_a_restart() {
+    use cascade_orchestrator::store::{SqliteOptions, SqliteStore};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cascade.db");
+    // 10:15 to 11:00 fire.
+    run_schedule(
+        &path,
+        "all",
+        at("2026-12-07T10:00:20Z"),
+        Duration::from_secs(65 * 60),
+        1,
+    )
+    .await;
+    // Paused by an operator (on a server of its own, then stopped).
+    {
+        let store = SqliteStore::open(SqliteOptions::new(&path)).unwrap();
+        let model = cascade_orchestrator::config::parse_graph_str(
+            "reports.toml",
+            &SCHEDULED.replace("CATCH_UP", "all"),
+            &Default::default(),
+        )
+        .unwrap();
+        let orch = cascade_orchestrator::Orchestrator::builder(model)
+            .store(Arc::new(store))
+            .metrics(false)
+            .start()
+            .await
+            .unwrap();
+        let t = orch
+            .triggers()
+            .set_paused(orch.store().as_ref(), "reports", "quarter-hourly", true)
+            .unwrap();
+        assert!(t.is_paused());
+        orch.store().flush().await.unwrap();
+        orch.shutdown(Duration::from_secs(5)).await;
+    }
+    // Restarted at 12:07, still paused: nothing fires in 10 minutes, nothing is caught up.
+    run_schedule(
+        &path,
+        "all",
+        at("2026-12-07T12:07:00Z"),
+        Duration::from_secs(10 * 60),
+        1,
+    )
+    .await;
+    // Restarted at 12:20 paused, resumed at 12:25: 12:30 and 12:45 fire.
+    run_schedule_resuming(
+        &path,
+        "all",
+        at("2026-12-07T12:20:00Z"),
+        Duration::from_secs(30 * 60),
+        1,
+        Some(Duration::from_secs(5 * 60)),
+    )
+    .await;
+    // Down until 13:10: catch-up from 12:45 brings 13:00 only.
+    run_schedule(
+        &path,
+        "all",
+        at("2026-12-07T13:10:00Z"),
+        Duration::from_secs(60),
+        1,
+    )
+    .await;
+    let store = SqliteStore::open(SqliteOptions::new(&path)).unwrap();
+    let expected: Vec<String> = [
+        "10:15", "10:30", "10:45", "11:00", "12:30", "12:45", "13:00",
+    ]
+    .iter()
+    .map(|hm| format!("reports/quarter-hourly/2026-12-07T{hm}:00.000Z"))
+    .collect();
+    assert_eq!(keys(&store), expected);
 }

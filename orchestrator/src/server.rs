@@ -151,6 +151,25 @@ struct HttpState {
     streams: Option<Arc<crate::limits::StreamCounts>>,
     /// Each webhook trigger's signing secret, by graph and trigger.
     hook_secrets: Arc<HookSecrets>,
+    /// Signatures of trigger webhooks being handled now: the same request arriving meanwhile is
+    /// told to retry, not that it was taken (the first may yet be refused). At most one entry
+    /// per request in flight.
+    hooks_in_flight: Arc<std::sync::Mutex<std::collections::HashSet<[u8; 32]>>>,
+}
+
+/// Takes a signature out of [`HttpState::hooks_in_flight`] when its request is answered.
+struct InFlight<'a>(
+    &'a std::sync::Mutex<std::collections::HashSet<[u8; 32]>>,
+    [u8; 32],
+);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.1);
+    }
 }
 
 type HookSecrets = std::collections::HashMap<(String, String), Arc<HookSecret>>;
@@ -709,6 +728,7 @@ pub async fn start(
         limits: options.limits.clone(),
         streams: streams.clone(),
         hook_secrets: Arc::new(hook_secrets(&orch, options.webhook_secret.as_ref())?),
+        hooks_in_flight: Default::default(),
     };
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -1374,20 +1394,22 @@ async fn trigger_hook(
     body: axum::body::Bytes,
 ) -> Response {
     use crate::triggers::{Event, Outcome, TriggerSource, verify};
-    let t = match s.orch.triggers().get(&graph, &trigger) {
-        Ok(t) => t.clone(),
-        Err(e) => return error(StatusCode::NOT_FOUND, e.to_string()),
-    };
-    let TriggerSource::Webhook(spec) = &t.model.source else {
-        return error(
+    // Unsigned callers learn nothing about which triggers exist.
+    let not_found = || {
+        error(
             StatusCode::NOT_FOUND,
             format!(
-                "trigger {:?} of graph {:?} is a {} trigger, not a webhook",
-                &*t.model.name,
-                &*t.model.graph,
-                t.model.kind()
+                "no webhook trigger {} on graph {}",
+                crate::text::echo(&trigger),
+                crate::text::echo(&graph)
             ),
-        );
+        )
+    };
+    let Ok(t) = s.orch.triggers().get(&graph, &trigger).cloned() else {
+        return not_found();
+    };
+    let TriggerSource::Webhook(spec) = &t.model.source else {
+        return not_found();
     };
     if t.is_paused() {
         return retry_later(
@@ -1430,9 +1452,26 @@ async fn trigger_hook(
         metrics::gauge!(crate::metrics::WEBHOOK_SIGNATURES).set(guard.len() as f64);
         first
     };
-    match first {
-        Some(true) => {}
+    let in_flight = &s.hooks_in_flight;
+    let _handling = match first {
+        Some(true) => {
+            in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(verified.mac);
+            InFlight(in_flight, verified.mac)
+        }
         Some(false) => {
+            let pending = in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&verified.mac);
+            if pending {
+                return retry_later(
+                    Duration::from_secs(1),
+                    "the same request is being handled now; retry",
+                );
+            }
             return (
                 StatusCode::OK,
                 axum::Json(json!({"deduplicated": true, "replay": true})),
@@ -1445,7 +1484,7 @@ async fn trigger_hook(
                 "too many signed webhooks within the replay window",
             );
         }
-    }
+    };
     let forget = || {
         s.replays
             .lock()
@@ -1492,7 +1531,7 @@ async fn trigger_hook(
         id: Some(id),
         meta,
     };
-    match t.fire(&s.orch, event).await {
+    match t.fire(&s.orch, event, false).await {
         Outcome::Started(id) => (
             StatusCode::ACCEPTED,
             axum::Json(json!({ "job_id": id.to_string(), "deduplicated": false })),

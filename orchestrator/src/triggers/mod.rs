@@ -351,16 +351,20 @@ impl Trigger {
         })))
     }
 
-    /// Map an event to a job and submit it (see the module's documentation).
-    pub async fn fire(&self, orch: &Orchestrator, event: Event) -> Outcome {
-        self.received.fetch_add(1, Relaxed);
-        self.metric("received");
+    /// Map an event to a job and submit it (see the module's documentation). `again`: the same
+    /// delivery submitted anew after a refusal to retry (not counted as received or refused a
+    /// second time).
+    pub async fn fire(&self, orch: &Orchestrator, event: Event, again: bool) -> Outcome {
+        if !again {
+            self.received.fetch_add(1, Relaxed);
+            self.metric("received");
+        }
         let view = self.view_of(&event);
         if let Some(env) = &self.when {
             let fired = env
                 .get_template("when")
                 .and_then(|t| t.render(&view))
-                .map_err(|e| format!("`when` failed: {e:#}"));
+                .map_err(|e| format!("`when` failed: {e}"));
             match fired {
                 Ok(s) if s == "1" => {}
                 Ok(_) => {
@@ -375,7 +379,9 @@ impl Trigger {
             None => event.body.clone(),
             Some(t) => match t.render_view(&view) {
                 Ok(v) => v,
-                Err(e) => return self.invalid(format!("`input` failed: {}", e.message)),
+                Err(e) => {
+                    return self.invalid(format!("`input` failed: {}", first_line(&e.message)));
+                }
             },
         };
         let key = match &self.key {
@@ -384,7 +390,12 @@ impl Trigger {
                 Ok(_) => {
                     return self.invalid("`idempotency_key` rendered an empty key".into());
                 }
-                Err(e) => return self.invalid(format!("`idempotency_key` failed: {}", e.message)),
+                Err(e) => {
+                    return self.invalid(format!(
+                        "`idempotency_key` failed: {}",
+                        first_line(&e.message)
+                    ));
+                }
             },
             // Scoped to the trigger: two triggers' message ids never name each other's jobs.
             None => event
@@ -392,6 +403,15 @@ impl Trigger {
                 .as_ref()
                 .map(|id| format!("{}/{}/{id}", self.model.graph, self.model.name)),
         };
+        let max_key = orch.model().server.limits.max_idempotency_key_bytes;
+        if let Some(k) = &key
+            && k.len() > max_key
+        {
+            return self.invalid(format!(
+                "the idempotency key is {} bytes, over [server.limits] max_idempotency_key_bytes ({max_key})",
+                k.len()
+            ));
+        }
         let mut req = SubmitRequest::new(self.model.graph.to_string(), input);
         req.idempotency_key = key;
         req.tenant = self.model.tenant.to_string();
@@ -410,8 +430,10 @@ impl Trigger {
                 Outcome::Started(s.id)
             }
             Err(e) => {
-                self.refused.fetch_add(1, Relaxed);
-                self.metric("refused");
+                if !again {
+                    self.refused.fetch_add(1, Relaxed);
+                    self.metric("refused");
+                }
                 match &e {
                     SubmitError::InvalidBudget(_)
                     | SubmitError::KeyConflict(_)
@@ -430,6 +452,12 @@ impl Trigger {
         self.metric("refused");
         Outcome::Invalid(reason)
     }
+}
+
+/// A template error's first line: the reason, without the debug dump of the variables it saw
+/// (an event's whole content, which a dead-letter record or a log must not carry).
+fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or("").trim_end()
 }
 
 /// Every trigger of a server's graphs.
@@ -497,9 +525,7 @@ impl Triggers {
     ) -> Result<Arc<Trigger>, TriggerError> {
         let t = self.get(graph, name)?.clone();
         t.paused.send_replace(paused);
-        let mut state = load_state(store, &t);
-        state.paused = paused;
-        save_state(store, &t, &state);
+        save_state(store, &t, &load_state(store, &t));
         tracing::info!(graph, trigger = name, paused, "trigger paused or resumed");
         metrics::gauge!(crate::metrics::TRIGGER_PAUSED, "graph" => graph.to_string(), "trigger" => name.to_string())
             .set(if paused { 1.0 } else { 0.0 });
@@ -568,10 +594,16 @@ pub(crate) fn load_state(store: &dyn crate::store::JobStore, t: &Trigger) -> Tri
     }
 }
 
+/// Save a trigger's state; its pause is always the one in force now (a schedule saving its last
+/// slot must not write back a pause it read before an operator changed it).
 pub(crate) fn save_state(store: &dyn crate::store::JobStore, t: &Trigger, state: &TriggerState) {
+    let state = TriggerState {
+        paused: t.is_paused(),
+        ..state.clone()
+    };
     store.save_trigger_state(
         &state_key(t),
-        serde_json::to_string(state).expect("a trigger state serialises"),
+        serde_json::to_string(&state).expect("a trigger state serialises"),
     );
 }
 

@@ -106,6 +106,14 @@ async fn session(
         })
         .await
         .map_err(|e| format!("stream {:?}: {e}", spec.stream))?;
+    // The stream's creation time goes into a message's default id: a stream deleted and made
+    // anew restarts its sequence numbers, and its messages must not name the old ones' jobs.
+    let created = stream
+        .get_info()
+        .await
+        .map_err(|e| format!("stream {:?}: {e}", spec.stream))?
+        .created
+        .unix_timestamp();
     let consumer = stream
         .get_or_create_consumer(&spec.consumer, config)
         .await
@@ -141,7 +149,7 @@ async fn session(
         // submission at a time would wait a commit each).
         let handled = futures::future::join_all(
             msgs.into_iter()
-                .map(|msg| handle(orch, t, spec, &js, msg, stop.clone())),
+                .map(|msg| handle(orch, t, spec, &js, created, msg, stop.clone())),
         )
         .await;
         for h in handled {
@@ -158,6 +166,7 @@ async fn handle(
     t: &Trigger,
     spec: &NatsSpec,
     js: &jetstream::Context,
+    created: i64,
     msg: jetstream::Message,
     mut stop: watch::Receiver<bool>,
 ) -> Result<bool, String> {
@@ -174,16 +183,17 @@ async fn handle(
         }
     }
     // Nats-Msg-Id is the publisher's own id (JetStream deduplicates on it too); else the stream
-    // sequence, which a redelivery keeps.
+    // (with its creation time) and sequence, which a redelivery keeps.
     let id = headers
         .get("nats-msg-id")
         .cloned()
-        .unwrap_or_else(|| format!("{}:{seq}", spec.stream));
+        .unwrap_or_else(|| format!("{}@{created}:{seq}", spec.stream));
     let mut meta = serde_json::Map::new();
     meta.insert("subject".into(), json!(msg.subject.as_str()));
     meta.insert("sequence".into(), json!(seq));
     meta.insert("delivered".into(), json!(delivered));
     let body = super::payload_value(&msg.payload);
+    let mut again = false;
     loop {
         let event = Event {
             body: body.clone(),
@@ -191,12 +201,13 @@ async fn handle(
             id: Some(id.clone()),
             meta: meta.clone(),
         };
-        match t.fire(orch, event).await {
+        match t.fire(orch, event, again).await {
             Outcome::Started(_) | Outcome::Deduplicated(_) | Outcome::Dropped => {
                 msg.ack().await.map_err(|e| format!("ack: {e}"))?;
                 return Ok(true);
             }
             Outcome::Retry(wait, why) => {
+                again = true;
                 t.set_status("waiting", why);
                 // Keep the message ours while the graph makes room.
                 let _ = msg.ack_with(AckKind::Progress).await;
@@ -218,6 +229,7 @@ async fn handle(
                         );
                         h.insert("Cascade-Original-Subject", msg.subject.as_str());
                         h.insert("Cascade-Original-Sequence", seq.to_string());
+                        h.insert("Cascade-Deliveries", delivered.to_string());
                         js.publish_with_headers(target.clone(), h, msg.payload.clone())
                             .await
                             .map_err(|e| format!("dead letter to {target:?}: {e}"))?

@@ -6,7 +6,8 @@
 //! are read again from its pending list when it starts; entries another consumer left pending
 //! longer than `claim_after` are claimed (`XAUTOCLAIM`). An entry that cannot become a job is
 //! retried until `max_deliveries`, then added to the `dead_letter` stream with its fields, the
-//! reason and its id, and acknowledged.
+//! reason (`cascade_reason`), its deliveries (`cascade_deliveries`) and its id
+//! (`cascade_source_id`), and acknowledged.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -280,8 +281,17 @@ async fn handle(
     entry: StreamId,
     mut stop: watch::Receiver<bool>,
 ) -> Result<Handled, String> {
+    // An entry deleted or trimmed from the stream while pending comes back without its fields:
+    // nothing to start.
+    if entry.map.is_empty() {
+        con.xack(&spec.stream, &spec.group, &[&entry.id])
+            .await
+            .map_err(err)?;
+        return Ok(Handled::Done);
+    }
+    let mut again = false;
     loop {
-        match t.fire(orch, event_of(spec, &entry)).await {
+        match t.fire(orch, event_of(spec, &entry), again).await {
             Outcome::Started(_) | Outcome::Deduplicated(_) | Outcome::Dropped => {
                 con.xack(&spec.stream, &spec.group, &[&entry.id])
                     .await
@@ -289,6 +299,7 @@ async fn handle(
                 return Ok(Handled::Done);
             }
             Outcome::Retry(wait, why) => {
+                again = true;
                 t.set_status("waiting", why);
                 if !super::sleep_or_stop(wait, &mut stop).await {
                     return Ok(Handled::Stopped);
@@ -312,6 +323,10 @@ async fn handle(
                             })
                             .collect();
                         fields.push(("cascade_reason".into(), reason.clone().into_bytes()));
+                        fields.push((
+                            "cascade_deliveries".into(),
+                            delivered.to_string().into_bytes(),
+                        ));
                         fields.push(("cascade_source_id".into(), entry.id.clone().into_bytes()));
                         fields.push((
                             "cascade_trigger".into(),
@@ -326,17 +341,8 @@ async fn handle(
                         .map_err(err)?;
                     return Ok(Handled::Done);
                 }
-                // Claimed again by this consumer: its delivery count goes up, and it is read
-                // again from the pending list after a pause.
-                let _: redis::Value = redis::cmd("XCLAIM")
-                    .arg(&spec.stream)
-                    .arg(&spec.group)
-                    .arg(&spec.consumer)
-                    .arg(0)
-                    .arg(&entry.id)
-                    .query_async(&mut con)
-                    .await
-                    .map_err(err)?;
+                // Left pending: read again from this consumer's pending list after a pause
+                // (each read counts a delivery).
                 if !super::sleep_or_stop(Duration::from_secs(1), &mut stop).await {
                     return Ok(Handled::Stopped);
                 }

@@ -57,41 +57,60 @@ impl Every {
                 // croner keeps the sub-second part of its start; slots are whole seconds.
                 let at: DateTime<Utc> =
                     chrono::SubsecRound::trunc_subsecs(DateTime::<Utc>::from(t), 0);
-                let local = tz.from_utc_datetime(&at.naive_utc());
-                let next = cron.find_next_occurrence(&local, false).ok()?;
-                Some(next.with_timezone(&Utc).into())
+                let mut start = tz.from_utc_datetime(&at.naive_utc());
+                // A local time that occurs twice (the hour the clocks go back) resolves to its
+                // first instant, which is before `t` when `t` is in the second pass: that slot
+                // has fired already; look on from just after it.
+                for _ in 0..4 {
+                    let next = cron.find_next_occurrence(&start, false).ok()?;
+                    let next_t: SystemTime = next.with_timezone(&Utc).into();
+                    if next_t > t {
+                        return Some(next_t);
+                    }
+                    start = next + chrono::TimeDelta::seconds(1);
+                }
+                None
             }
         }
     }
 
-    /// The slots in `(after, until]`, the latest [`MAX_CATCH_UP`] of them.
+    /// The last slot at or before `t`, if it is after `after`.
+    fn previous(&self, t: SystemTime, after: SystemTime) -> Option<SystemTime> {
+        let prev: SystemTime = match self {
+            Self::Period(p) => {
+                let p = p.as_millis().max(1);
+                let ms = t.duration_since(UNIX_EPOCH).ok()?.as_millis();
+                UNIX_EPOCH + Duration::from_millis((ms / p * p) as u64)
+            }
+            Self::Cron { cron, tz, .. } => {
+                let at: DateTime<Utc> =
+                    chrono::SubsecRound::trunc_subsecs(DateTime::<Utc>::from(t), 0);
+                let start = tz.from_utc_datetime(&at.naive_utc());
+                let prev = cron.find_previous_occurrence(&start, true).ok()?;
+                prev.with_timezone(&Utc).into()
+            }
+        };
+        (prev > after && prev <= t).then_some(prev)
+    }
+
+    /// The slots in `(after, until]`, the latest [`MAX_CATCH_UP`] of them, oldest first. Walked
+    /// back from `until`, so a schedule down for years costs no more than one down for a day.
     pub fn slots_between(&self, after: SystemTime, until: SystemTime) -> Vec<SystemTime> {
-        let mut out = std::collections::VecDeque::new();
-        let mut t = after;
-        // A bound on the walk itself (a per-second schedule down for a year): past it, the
-        // walk restarts close to `until`.
-        if let Self::Period(p) = self
-            && let Ok(gap) = until.duration_since(after)
-            && gap > *p * (MAX_CATCH_UP as u32 + 1)
-        {
-            t = until - *p * (MAX_CATCH_UP as u32 + 1);
-        }
-        let mut steps = 0usize;
-        while let Some(n) = self.next_after(t) {
-            if n > until {
+        let mut out: Vec<SystemTime> = Vec::new();
+        let mut t = until;
+        while out.len() < MAX_CATCH_UP {
+            let Some(prev) = self.previous(t, after) else {
+                break;
+            };
+            // Strictly backwards, whatever a time zone's repeated hour does.
+            if out.last().is_some_and(|l| prev >= *l) {
                 break;
             }
-            out.push_back(n);
-            if out.len() > MAX_CATCH_UP {
-                out.pop_front();
-            }
-            t = n;
-            steps += 1;
-            if steps > 1_000_000 {
-                break;
-            }
+            out.push(prev);
+            t = prev - Duration::from_secs(1);
         }
-        out.into()
+        out.reverse();
+        out
     }
 
     pub fn describe(&self) -> String {
@@ -164,6 +183,7 @@ async fn fire(
     slot: SystemTime,
     stop: &mut watch::Receiver<bool>,
 ) -> bool {
+    let mut again = false;
     loop {
         let at = rfc3339(slot);
         let mut meta = serde_json::Map::new();
@@ -174,8 +194,9 @@ async fn fire(
             id: Some(at.clone()),
             meta,
         };
-        match t.fire(orch, event).await {
+        match t.fire(orch, event, again).await {
             Outcome::Retry(wait, why) => {
+                again = true;
                 t.set_status("waiting", why);
                 if !super::sleep_or_stop(wait, stop).await {
                     return false;
@@ -203,6 +224,7 @@ pub async fn run(
 ) {
     let store = orch.store().clone();
     let mut state = super::load_state(store.as_ref(), &t);
+    t.paused.send_replace(state.paused);
     let mut last: Option<SystemTime> = state
         .last_slot_ms
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));
@@ -238,8 +260,12 @@ pub async fn run(
                 _ = t.resumed() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            // Slots that passed while an operator held it paused are not fired.
-            last = Some(clock.now());
+            // Slots that passed while an operator held it paused are not fired, nor caught up
+            // after a restart.
+            let now = clock.now();
+            last = Some(now);
+            state.last_slot_ms = Some(unix_ms(now));
+            super::save_state(store.as_ref(), &t, &state);
         }
         let now = clock.now();
         let base = last.map_or(now, |l| l.max(now));
@@ -291,6 +317,37 @@ mod tests {
             ]
         );
         assert!(Every::cron("61 * * * *", chrono_tz::UTC).is_err());
+    }
+
+    /// Paris goes from 03:00 CEST back to 02:00 CET on 2026-10-25 (01:00 UTC): 02:30 local comes
+    /// twice. It fires once, at its first instant; from inside the repeated hour the next slot
+    /// is the next day's (not the past one, which would fire again and again).
+    #[test]
+    fn a_repeated_local_hour_fires_once_and_never_goes_back() {
+        let e = Every::cron("30 2 * * *", chrono_tz::Europe::Paris).unwrap();
+        let first = e.next_after(at("2026-10-24T23:00:00Z")).unwrap();
+        assert_eq!(rfc3339(first), "2026-10-25T00:30:00.000Z");
+        let second_pass = e.next_after(at("2026-10-25T01:10:00Z")).unwrap();
+        assert_eq!(rfc3339(second_pass), "2026-10-26T01:30:00.000Z");
+        let slots = e.slots_between(at("2026-10-24T00:00:00Z"), at("2026-10-27T00:00:00Z"));
+        let got: Vec<String> = slots.into_iter().map(rfc3339).collect();
+        assert_eq!(
+            got,
+            [
+                "2026-10-24T00:30:00.000Z",
+                "2026-10-25T00:30:00.000Z",
+                "2026-10-26T01:30:00.000Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn catching_up_years_of_a_minute_cron_walks_back_from_now() {
+        let e = Every::cron("* * * * *", chrono_tz::UTC).unwrap();
+        let slots = e.slots_between(at("2024-12-07T00:00:00Z"), at("2026-12-07T00:00:00Z"));
+        assert_eq!(slots.len(), MAX_CATCH_UP);
+        assert_eq!(rfc3339(*slots.last().unwrap()), "2026-12-07T00:00:00.000Z");
+        assert_eq!(rfc3339(slots[0]), "2026-12-06T07:21:00.000Z");
     }
 
     #[test]

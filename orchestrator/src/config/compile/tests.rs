@@ -916,3 +916,34 @@ fn trigger_errors_name_the_field_with_its_position() {
         "{e:#?}"
     );
 }
+
+#[test]
+fn trigger_urls_carry_no_credentials_and_durations_do_not_spin() {
+    let bad = TRIGGERS
+        .replace(
+            "nats://127.0.0.1:4222",
+            "nats://cascade:hunter2@127.0.0.1:4222",
+        )
+        .replace("claim_after = \"30s\"", "claim_after = \"0s\"")
+        .replace(
+            "secret = \"env:ZENDESK_SECRET\"",
+            "secret = \"env:ZENDESK_SECRET\"\ntolerance = \"1h\"",
+        );
+    let errs = errors(&bad);
+    let url = errs
+        .iter()
+        .find(|e| e.path == "graph.triggers[1].url")
+        .unwrap_or_else(|| panic!("{errs:#?}"));
+    assert!(url.message.contains("user or password"), "{url}");
+    // The credential is not repeated in the error.
+    assert!(!url.to_string().contains("hunter2"), "{url}");
+    assert!(
+        errs.iter()
+            .any(|e| e.path == "graph.triggers[2].claim_after"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs.iter().any(|e| e.path == "graph.triggers[0].tolerance"),
+        "{errs:#?}"
+    );
+}

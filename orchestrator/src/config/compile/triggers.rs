@@ -237,12 +237,47 @@ impl Loader<'_> {
                     .with_help("the provider's signing secret, as a reference: secret = \"env:SLACK_SIGNING_SECRET\""),
             );
         }
-        let tolerance: Option<HumanDuration> = r.take("tolerance", &mut self.errs);
+        let tolerance: Option<(HumanDuration, Range<usize>)> =
+            r.take_spanned("tolerance", &mut self.errs);
+        if let Some((t, s)) = &tolerance {
+            // The replay guard remembers signatures for twice the longest window.
+            if t.get() > crate::secret::SIGNATURE_TOLERANCE || t.get() < Duration::from_secs(1) {
+                self.errs.push(
+                    src.error(s.clone(), r.field_path("tolerance"), "a tolerance under one second or over five minutes")
+                        .with_help("tolerance = \"5m\" (the default) or less: a longer window is a longer time to replay a captured request"),
+                );
+            } else if provider == Some(Provider::Cascade) || provider == Some(Provider::Github) {
+                self.errs.push(
+                    src.error(s.clone(), r.field_path("tolerance"), "this scheme has no tolerance to set")
+                        .with_help("the cascade scheme's window is fixed at 5 minutes; GitHub signs no timestamp"),
+                );
+            }
+        }
+        let tolerance = tolerance.map(|(t, _)| t);
         Some(TriggerSource::Webhook(WebhookSpec {
             verify: provider?,
             secret,
             tolerance: tolerance.map_or(crate::secret::SIGNATURE_TOLERANCE, HumanDuration::get),
         }))
+    }
+
+    /// A duration field of at least one second (shorter ones would make a consumer spin).
+    fn at_least_a_second(
+        &mut self,
+        src: &Source,
+        r: &mut TableReader<'_, '_>,
+        key: &str,
+        example: &str,
+    ) -> Option<HumanDuration> {
+        let (d, span): (HumanDuration, Range<usize>) = r.take_spanned(key, &mut self.errs)?;
+        if d.get() < Duration::from_secs(1) {
+            self.errs.push(
+                src.error(span, r.field_path(key), "under one second")
+                    .with_help(example.to_string()),
+            );
+            return None;
+        }
+        Some(d)
     }
 
     fn required(&mut self, r: &mut TableReader<'_, '_>, key: &str, help: &str) -> Option<String> {
@@ -268,6 +303,23 @@ impl Loader<'_> {
     ) -> Option<String> {
         let span = r.entry("url").map(|(_, v)| v.span());
         let url = self.required(r, "url", &format!("url = \"{example}\""))?;
+        // Credentials in a URL would be shown wherever the URL is (logs, a failing trigger's
+        // state); the URL is not echoed here either.
+        if url
+            .split("://")
+            .nth(1)
+            .is_some_and(|rest| rest.split('/').next().unwrap_or("").contains('@'))
+        {
+            self.errs.push(
+                src.error(
+                    span.unwrap_or(r.span.clone()),
+                    r.field_path("url"),
+                    "the URL carries a user or password",
+                )
+                .with_help("keep credentials out of the URL: user, password (and token for NATS) take secret references, e.g. password = \"env:BUS_PASSWORD\""),
+            );
+            return None;
+        }
         if !schemes.iter().any(|s| url.starts_with(&format!("{s}://"))) {
             self.errs.push(
                 src.error(
@@ -296,7 +348,7 @@ impl Loader<'_> {
         let token = self.secret(r, "token");
         let dead_letter = self.dead_letter(r);
         let batch: Option<NonZeroUsize> = r.take("batch", &mut self.errs);
-        let ack_wait: Option<HumanDuration> = r.take("ack_wait", &mut self.errs);
+        let ack_wait = self.at_least_a_second(src, r, "ack_wait", "ack_wait = \"30s\"");
         Some(TriggerSource::Nats(NatsSpec {
             url: url?,
             stream: stream?,
@@ -323,7 +375,7 @@ impl Loader<'_> {
         let group = self.required(r, "group", "group = \"cascade\" (created when missing)");
         let consumer: Option<String> = r.take("consumer", &mut self.errs);
         let field: Option<String> = r.take("field", &mut self.errs);
-        let claim_after: Option<HumanDuration> = r.take("claim_after", &mut self.errs);
+        let claim_after = self.at_least_a_second(src, r, "claim_after", "claim_after = \"60s\"");
         let dead_letter = self.dead_letter(r);
         let batch: Option<NonZeroUsize> = r.take("batch", &mut self.errs);
         Some(TriggerSource::RedisStream(RedisSpec {
