@@ -783,3 +783,75 @@ async fn the_dashboard_signs_in_with_a_key_and_checks_csrf() {
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;
 }
+
+/// Each graph's triggers show under it: kind, state (an operator's pause included) and what
+/// their events became.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Debian's chromium package: .ci/run installs it and runs this test"]
+async fn the_dashboard_shows_each_trigger_with_its_state_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hook-secret");
+    std::fs::write(&secret, "dashboard-hook-secret").unwrap();
+    let graph = format!(
+        r#"
+[graph]
+name = "intake"
+
+[[graph.triggers]]
+name = "hook"
+kind = "webhook"
+verify = "cascade"
+secret = "file:{}"
+
+[[graph.triggers]]
+name = "nightly"
+kind = "schedule"
+cron = "0 2 * * *"
+
+[agents.triage]
+kind = "sim"
+"#,
+        secret.display()
+    );
+    let model = config::parse_graph_str("intake.toml", &graph, &Default::default()).unwrap();
+    let (orch, server) = common::serve_in_process(model).await;
+    orch.triggers()
+        .set_paused(orch.store().as_ref(), "intake", "nightly", true)
+        .unwrap();
+    let key = cascade_orchestrator::secret::Secret::new(b"dashboard-hook-secret".to_vec());
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/hooks/intake/hook", server.http_addr))
+        .header("x-cascade-timestamp", ts.to_string())
+        .header(
+            "x-cascade-signature",
+            cascade_orchestrator::secret::sign_keyed(&key, ts, None, b"{\"ticket\": 1}"),
+        )
+        .body("{\"ticket\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let url = format!("http://{}/", server.http_addr);
+    let dom = tokio::task::spawn_blocking(move || chromium(&["--dump-dom"], &url))
+        .await
+        .unwrap();
+    let row = |name: &str| {
+        dom.split("<tr class=\"trigger\"")
+            .skip(1)
+            .find(|r| r.contains(&format!("data-trigger=\"{name}\"")))
+            .map(|r| r.split("</tr>").next().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no row for trigger {name}:\n{dom}"))
+    };
+    let hook = row("hook");
+    assert!(hook.contains("data-state=\"running\"") && hook.contains("webhook"), "{hook}");
+    // received 1, started 1.
+    assert_eq!(hook.matches("<td class=\"num\">1</td>").count(), 2, "{hook}");
+    let nightly = row("nightly");
+    assert!(nightly.contains("data-state=\"paused\"") && nightly.contains("schedule"), "{nightly}");
+    server.stop().await;
+    orch.shutdown(Duration::from_secs(1)).await;
+}
