@@ -847,11 +847,21 @@ kind = "sim"
             .unwrap_or_else(|| panic!("no row for trigger {name}:\n{dom}"))
     };
     let hook = row("hook");
-    assert!(hook.contains("data-state=\"running\"") && hook.contains("webhook"), "{hook}");
+    assert!(
+        hook.contains("data-state=\"running\"") && hook.contains("webhook"),
+        "{hook}"
+    );
     // received 1, started 1.
-    assert_eq!(hook.matches("<td class=\"num\">1</td>").count(), 2, "{hook}");
+    assert_eq!(
+        hook.matches("<td class=\"num\">1</td>").count(),
+        2,
+        "{hook}"
+    );
     let nightly = row("nightly");
-    assert!(nightly.contains("data-state=\"paused\"") && nightly.contains("schedule"), "{nightly}");
+    assert!(
+        nightly.contains("data-state=\"paused\"") && nightly.contains("schedule"),
+        "{nightly}"
+    );
     server.stop().await;
     orch.shutdown(Duration::from_secs(1)).await;
 }

@@ -768,3 +768,50 @@ async fn a_paused_schedule_stays_paused_across_a_restart() {
     .collect();
     assert_eq!(keys(&store), expected);
 }
+
+/// A bus consumer's admission counts the trigger's tenant too: a tenant at its
+/// `max_pending_jobs` stops the pulling as a full graph does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_stops_at_the_tenants_max_pending_jobs() {
+    let dir = common::server_dir(
+        &[(
+            "g.toml",
+            r#"
+[graph]
+name = "g"
+tenants = ["acme"]
+[quotas.q]
+requests_per_second = 100
+[agents.a]
+kind = "sim"
+quota = "q"
+"#,
+        )],
+        "[tenants.acme]\nmax_pending_jobs = 3\n",
+    );
+    let model = cascade_orchestrator::config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let orch = cascade_orchestrator::Orchestrator::builder(model)
+        .metrics(false)
+        .start()
+        .await
+        .unwrap();
+    use cascade_orchestrator::triggers::admission;
+    assert!(admission(&orch, "g", "acme").await.is_none());
+    // Nothing finishes for a while: the tenant's jobs stay queued or running.
+    assert!(orch.exhaust_quota("q", Duration::from_secs(30)).await);
+    for i in 0..3 {
+        let mut req = cascade_orchestrator::SubmitRequest::new("g", json!({ "i": i }));
+        req.tenant = "acme".into();
+        orch.submit(req).await.unwrap();
+    }
+    let (_, why) = admission(&orch, "g", "acme")
+        .await
+        .expect("the tenant is full");
+    assert!(why.contains("tenant \"acme\""), "{why}");
+    orch.shutdown(Duration::from_millis(100)).await;
+}

@@ -1066,6 +1066,10 @@ impl JobStore for MemoryStore {
         self.lock().pending.get(graph).map_or(0, VecDeque::len)
     }
 
+    fn tenant_live_count(&self, tenant: &str) -> usize {
+        self.lock().live_by_tenant.get(tenant).copied().unwrap_or(0)
+    }
+
     fn pending_approvals(
         &self,
         graph: Option<&str>,

@@ -182,6 +182,11 @@ pub trait JobStore: Send + Sync + 'static {
 
     fn pending_count(&self, graph: &str) -> usize;
 
+    /// Jobs of `tenant` queued or running (what `[tenants.NAME] max_pending_jobs` counts).
+    fn tenant_live_count(&self, _tenant: &str) -> usize {
+        0
+    }
+
     /// Approvals waiting for a decision, ordered by approval id, of `graph` (or every graph),
     /// after approval id `after` (paging); at most `limit`.
     fn pending_approvals(

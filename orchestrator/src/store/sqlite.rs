@@ -478,6 +478,10 @@ impl JobStore for SqliteStore {
         self.mem.pending_count(graph)
     }
 
+    fn tenant_live_count(&self, tenant: &str) -> usize {
+        self.mem.tenant_live_count(tenant)
+    }
+
     // Every unfinished job is held in memory too (loaded at open), so approvals waiting for a
     // decision are all there.
     fn pending_approvals(

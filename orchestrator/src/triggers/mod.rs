@@ -607,15 +607,32 @@ pub(crate) fn save_state(store: &dyn crate::store::JobStore, t: &Trigger, state:
     );
 }
 
-/// Whether `graph` takes more work now: `None` when it does, else how long to wait and why. A
-/// consumer fetches only while this is `None`, so that when the graph is full or paused the
-/// backlog stays in the bus.
-pub async fn admission(orch: &Orchestrator, graph: &str) -> Option<(Duration, String)> {
+/// How many more jobs `tenant` may have queued or running (its `[tenants.NAME]
+/// max_pending_jobs`), if it has a limit.
+fn tenant_room(orch: &Orchestrator, tenant: &str) -> Option<usize> {
+    let max = orch.model().tenants.get(tenant)?.max_pending_jobs?.get();
+    Some(max.saturating_sub(orch.store().tenant_live_count(tenant)))
+}
+
+/// Whether `graph` takes more work of `tenant` now: `None` when it does, else how long to wait
+/// and why. A consumer fetches only while this is `None`, so that when the graph (or the
+/// tenant) is full, or the graph paused, the backlog stays in the bus.
+pub async fn admission(
+    orch: &Orchestrator,
+    graph: &str,
+    tenant: &str,
+) -> Option<(Duration, String)> {
     let (pending, max) = orch.pending_room(graph)?;
     if pending >= max {
         return Some((
             Duration::from_millis(100),
             format!("the graph has {pending} jobs pending, its max_pending_jobs"),
+        ));
+    }
+    if tenant_room(orch, tenant) == Some(0) {
+        return Some((
+            Duration::from_millis(100),
+            format!("tenant {tenant:?} has its max_pending_jobs queued or running"),
         ));
     }
     if orch.paused_agents(graph) > 0 {
@@ -656,11 +673,13 @@ pub(crate) async fn wait_for_room(
                 _ = stop.wait_for(|s| *s) => return None,
             }
         }
-        match admission(orch, &t.model.graph).await {
+        match admission(orch, &t.model.graph, &t.model.tenant).await {
             None => {
                 t.set_status("", "");
                 let (pending, max) = orch.pending_room(&t.model.graph).unwrap_or((0, 1));
-                return Some(max.saturating_sub(pending).max(1));
+                let room = max.saturating_sub(pending);
+                let room = tenant_room(orch, &t.model.tenant).map_or(room, |r| r.min(room));
+                return Some(room.max(1));
             }
             Some((wait, why)) => {
                 t.set_status("waiting", why);
