@@ -16,7 +16,7 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::client_cmd::{connect, explain};
-use crate::serve_cmd::open_store;
+use crate::serve_cmd::{StoreChoice, open_store};
 
 const GRAPHS: &[(&str, &str)] = &[
     (
@@ -71,7 +71,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
 async fn demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let model = embedded_model()?;
-    let store = open_store(&model, Some(&a.data_dir))?;
+    let store = open_store(&model, &StoreChoice::Sqlite(a.data_dir.clone()))?;
     let orch = Arc::new(
         Orchestrator::builder(model)
             .store(store.clone())

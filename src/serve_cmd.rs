@@ -20,8 +20,11 @@ use cascade_orchestrator::agents::Registry;
 use cascade_orchestrator::audit::checkpoint::Signer;
 use cascade_orchestrator::audit::log::AuditLog;
 use cascade_orchestrator::model::ServerModel;
+use cascade_orchestrator::model::StoreSetting;
 use cascade_orchestrator::server::{self, ServerOptions};
-use cascade_orchestrator::store::{JobStore, MemoryStore, SqliteOptions, SqliteStore};
+use cascade_orchestrator::store::{
+    JobStore, MemoryStore, PgOptions, PgStore, SqliteOptions, SqliteStore,
+};
 use cascade_orchestrator::{Orchestrator, config};
 use clap::Args;
 
@@ -36,7 +39,8 @@ pub struct ServeArgs {
     /// HTTP address for health, webhooks, metrics (default 127.0.0.1:8080, or [server] http_addr).
     #[arg(long)]
     pub http_addr: Option<SocketAddr>,
-    /// Where the job store lives (default ./cascade-data, or [server] data_dir).
+    /// Where the job store lives (default ./cascade-data, or [server] data_dir); overrides
+    /// [server] store with an SQLite file there.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Keep jobs in memory only (nothing survives a restart).
@@ -149,6 +153,11 @@ fn reread(path: &Path, args: &ServeArgs) -> Result<Vec<String>, String> {
         let text = key.expose_str().ok_or("[audit] signing_key is not text")?;
         Signer::from_key(text).map_err(|e| format!("[audit] signing_key: {e}"))?;
     }
+    if let Some(reference) = &model.server.store_password {
+        reference
+            .resolve()
+            .map_err(|e| format!("[server] store_password: {e}"))?;
+    }
     Ok(model.graphs.iter().map(|g| g.name.to_string()).collect())
 }
 
@@ -156,7 +165,7 @@ fn reread(path: &Path, args: &ServeArgs) -> Result<Vec<String>, String> {
 pub fn options(
     model: &ServerModel,
     args: &ServeArgs,
-) -> anyhow::Result<(ServerOptions, Option<PathBuf>)> {
+) -> anyhow::Result<(ServerOptions, StoreChoice)> {
     let s = &model.server;
     let mut o = ServerOptions::default();
     if let Some(a) = args.grpc_addr.or(s
@@ -201,29 +210,87 @@ pub fn options(
         .map(|r| r.resolve())
         .transpose()
         .map_err(anyhow::Error::msg)?;
-    let data_dir = if args.memory {
-        None
-    } else {
-        Some(
-            args.data_dir
-                .clone()
-                .or_else(|| s.data_dir.clone())
-                .unwrap_or_else(|| PathBuf::from("cascade-data")),
-        )
+    // `--memory` > `--data-dir` > `[server] store` > `[server] data_dir`.
+    let dir = || {
+        args.data_dir
+            .clone()
+            .or_else(|| s.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("cascade-data"))
     };
-    Ok((o, data_dir))
+    let store = match (&s.store, args.memory, &args.data_dir) {
+        (_, true, _) | (StoreSetting::Memory, false, None) => StoreChoice::Memory,
+        (_, false, Some(_)) | (StoreSetting::Sqlite, false, None) => StoreChoice::Sqlite(dir()),
+        (StoreSetting::Postgres(url), false, None) => StoreChoice::Postgres {
+            url: url.clone(),
+            audit_dir: dir(),
+        },
+    };
+    Ok((o, store))
 }
 
-pub fn open_store(
-    model: &ServerModel,
-    data_dir: Option<&Path>,
-) -> anyhow::Result<Arc<dyn JobStore>> {
-    Ok(match data_dir {
-        None => Arc::new(match model.server.max_events_per_job {
+/// Where `cascade serve` keeps its jobs.
+#[derive(Clone, Debug)]
+pub enum StoreChoice {
+    Memory,
+    /// `cascade.db` in this directory.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database; the audit log stays in `audit_dir` on this node.
+    Postgres {
+        url: String,
+        audit_dir: PathBuf,
+    },
+}
+
+impl StoreChoice {
+    /// Whether jobs outlive the process.
+    pub fn durable(&self) -> bool {
+        !matches!(self, Self::Memory)
+    }
+
+    /// Where the audit log is kept, if anywhere.
+    fn audit_dir(&self) -> Option<&Path> {
+        match self {
+            Self::Memory => None,
+            Self::Sqlite(dir) | Self::Postgres { audit_dir: dir, .. } => Some(dir),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::Memory => "memory".into(),
+            Self::Sqlite(dir) => dir.join("cascade.db").display().to_string(),
+            Self::Postgres { url, .. } => url.clone(),
+        }
+    }
+}
+
+pub fn open_store(model: &ServerModel, choice: &StoreChoice) -> anyhow::Result<Arc<dyn JobStore>> {
+    Ok(match choice {
+        StoreChoice::Postgres { url, .. } => {
+            let mut o = PgOptions::new(url.clone());
+            o.password = model
+                .server
+                .store_password
+                .as_ref()
+                .map(|r| r.resolve())
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("[server] store_password: {e}"))?;
+            if let Some(r) = model.server.retention {
+                o.retention = r;
+            }
+            if let Some(n) = model.server.max_events_per_job {
+                o.max_events_per_job = n;
+            }
+            if let Some(n) = model.server.store_queue_capacity {
+                o.queue_capacity = n;
+            }
+            Arc::new(PgStore::open(o)?)
+        }
+        StoreChoice::Memory => Arc::new(match model.server.max_events_per_job {
             Some(n) => MemoryStore::new().with_max_events_per_job(n),
             None => MemoryStore::new(),
         }),
-        Some(dir) => {
+        StoreChoice::Sqlite(dir) => {
             let mut o = SqliteOptions::new(dir.join("cascade.db"));
             if let Some(r) = model.server.retention {
                 o.retention = r;
@@ -261,9 +328,9 @@ async fn serve(
             model.telemetry.sample_ratio * 100.0
         );
     }
-    let (mut options, data_dir) = options(&model, &args)?;
+    let (mut options, store_choice) = options(&model, &args)?;
     // A server on the durable store may restart in place; one in memory would lose its jobs.
-    if data_dir.is_some() {
+    if store_choice.durable() {
         let path = config.clone();
         let again = args.clone();
         options.reload = Some(server::Reloader(Arc::new(move || {
@@ -276,8 +343,8 @@ async fn serve(
         .server
         .shutdown_grace
         .unwrap_or(Duration::from_secs(30));
-    let store = open_store(&model, data_dir.as_deref())?;
-    let audit = match &data_dir {
+    let store = open_store(&model, &store_choice)?;
+    let audit = match store_choice.audit_dir() {
         Some(dir) => Some(open_audit(&model, &config, dir)?),
         None => {
             eprintln!("warning: with --memory there is no audit log");
@@ -312,14 +379,11 @@ async fn serve(
         graphs.join(", "),
         server.grpc_addr,
         server.http_addr,
-        data_dir.as_ref().map_or("memory".to_string(), |d| d
-            .join("cascade.db")
-            .display()
-            .to_string())
+        store_choice.describe()
     );
     let reloading = tokio::select! {
         _ = stop => false,
-        Some(()) = reload_rx.recv(), if data_dir.is_some() => true,
+        Some(()) = reload_rx.recv(), if store_choice.durable() => true,
     };
     reload.store(reloading, Ordering::SeqCst);
     eprintln!(
@@ -365,6 +429,8 @@ fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<
     let origin = signer
         .as_ref()
         .map_or_else(|| "cascade".to_string(), |s| s.name().to_string());
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating {} for the audit log", dir.display()))?;
     let log =
         AuditLog::open(&dir.join("cascade.db"), signer, &origin).map_err(anyhow::Error::msg)?;
     let mut files = vec![config.to_path_buf()];

@@ -49,6 +49,7 @@ pub const QUOTA_UPSTREAM_AVAILABLE: &str = "cascade_quota_upstream_available";
 pub const QUOTA_UPSTREAM_RATE: &str = "cascade_quota_upstream_refill_per_second";
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
+pub const STORE_RECONNECTS: &str = "cascade_store_reconnects_total";
 pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
 pub const WATCHERS: &str = "cascade_job_watchers";
 pub const CONNECTIONS: &str = "cascade_connections";
@@ -165,6 +166,11 @@ pub fn describe() {
         AUDIT_WRITE_FAILURES,
         Unit::Count,
         "Batches of audit records that could not be appended (the log's file is unwritable)."
+    );
+    describe_counter!(
+        STORE_RECONNECTS,
+        Unit::Count,
+        "Times the PostgreSQL store's writer met a lost connection or an unreachable server and tried again (it keeps its batch; nothing acknowledged is lost)."
     );
     describe_gauge!(
         STORE_QUEUE_DEPTH,

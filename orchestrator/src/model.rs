@@ -74,6 +74,11 @@ pub struct ServerSettings {
     pub grpc_addr: Option<String>,
     pub http_addr: Option<String>,
     pub data_dir: Option<PathBuf>,
+    /// Where jobs are kept (`store`): an SQLite file in `data_dir` (the default), memory, or a
+    /// PostgreSQL database shared by several nodes.
+    pub store: StoreSetting,
+    /// The PostgreSQL password (a secret reference; never in the URL).
+    pub store_password: Option<crate::secret::SecretRef>,
     /// Pause propagation through the DAG (`false`: naive mode, for comparisons).
     pub cascade: bool,
     /// Verifies webhook signatures (a reference: `env:NAME` or `file:PATH`).
@@ -104,12 +109,50 @@ pub struct ServerSettings {
 
 pub use crate::limits::ServerLimits;
 
+/// `[server] store`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum StoreSetting {
+    #[default]
+    Sqlite,
+    Memory,
+    /// A `postgres://` URL without a password.
+    Postgres(String),
+}
+
+impl StoreSetting {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "sqlite" => Ok(Self::Sqlite),
+            "memory" => Ok(Self::Memory),
+            url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                let config: tokio_postgres::Config = url
+                    .parse()
+                    .map_err(|e| format!("not a PostgreSQL URL: {e}"))?;
+                if config.get_password().is_some() {
+                    // The URL is shown in logs and errors; the password must not be.
+                    return Err(
+                        "the URL holds a password: keep it in store_password (a secret reference) only"
+                            .into(),
+                    );
+                }
+                if config.get_dbname().is_none() {
+                    return Err("the URL names no database (add /DATABASE)".into());
+                }
+                Ok(Self::Postgres(url.to_string()))
+            }
+            other => Err(format!("unknown store {other:?}")),
+        }
+    }
+}
+
 impl Default for ServerSettings {
     fn default() -> Self {
         Self {
             grpc_addr: None,
             http_addr: None,
             data_dir: None,
+            store: StoreSetting::Sqlite,
+            store_password: None,
             cascade: true,
             webhook_secret: None,
             callback_secret: None,

@@ -104,6 +104,22 @@ pub fn spawn(dir: &std::path::Path, grpc: u16, http: u16) -> Server {
 
 /// [`spawn`], with environment variables for the server.
 pub fn spawn_with_env(dir: &std::path::Path, grpc: u16, http: u16, env: &[(&str, &str)]) -> Server {
+    spawn_store(dir, grpc, http, env, true)
+}
+
+/// The real binary serving `dir/cascade.toml` on the store its `[server] store` names (no
+/// `--data-dir`, which would override it).
+pub fn spawn_configured_store(dir: &std::path::Path, grpc: u16, http: u16) -> Server {
+    spawn_store(dir, grpc, http, &[], false)
+}
+
+fn spawn_store(
+    dir: &std::path::Path,
+    grpc: u16,
+    http: u16,
+    env: &[(&str, &str)],
+    data_dir: bool,
+) -> Server {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -112,8 +128,12 @@ pub fn spawn_with_env(dir: &std::path::Path, grpc: u16, http: u16, env: &[(&str,
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
         .args(["serve", "--config"])
         .arg(dir.join("cascade.toml"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
+        .args(
+            data_dir
+                .then(|| ["--data-dir".into(), dir.join("data").into_os_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args([
             "--grpc-addr",
             &format!("127.0.0.1:{grpc}"),

@@ -2,7 +2,10 @@
 //! a job is recorded here before it is announced. The runtime talks to a [`JobStore`]; the
 //! in-memory store serves tests, benchmarks and `cascade run`, a durable one serves `cascade serve`.
 
+mod batch;
 mod memory;
+pub mod pg_schema;
+mod postgres;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -15,6 +18,7 @@ use serde_json::Value;
 use crate::job::{ApprovalView, JobEvent, JobId, JobRecord, JobState, JobUpdate};
 
 pub use memory::MemoryStore;
+pub use postgres::{PgOptions, PgStore};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;

@@ -10,21 +10,24 @@
 //! rusqlite is synchronous; the writer is a plain thread and reads of finished jobs take a short
 //! lock on a read connection (WAL lets it read while the writer writes).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use super::batch::{
+    Inserted, JobWrites, Op, from_micros, group_batch, json, micros, parse_json, parse_state,
+    parse_step_state,
+};
 use super::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, StoreFuture, Submitted};
 use crate::job::{
-    ApprovalView, CallbackDelivery, EventKind, JobEvent, JobId, JobRecord, JobState, JobUpdate,
-    StepRecord, StepState,
+    ApprovalView, CallbackDelivery, JobEvent, JobId, JobRecord, JobUpdate, StepRecord,
 };
 
 const SCHEMA: &str = r#"
@@ -123,34 +126,6 @@ impl SqliteOptions {
     }
 }
 
-type Ack = oneshot::Sender<Result<(), String>>;
-
-enum Op {
-    Insert {
-        record: JobRecord,
-        event: JobEvent,
-        ack: Ack,
-    },
-    Update {
-        record: JobRecord,
-        event: JobEvent,
-        /// The event is in the job's log (`false`: past `max_events_per_job`, rows only).
-        logged: bool,
-    },
-    /// Changes to one job that must reach the disk together (one transaction): each with the
-    /// record after it, as [`Op::Update`].
-    Updates(Vec<(JobRecord, JobEvent, bool)>),
-    Flush(oneshot::Sender<()>),
-    CredentialState {
-        name: String,
-        sealed: String,
-    },
-    TriggerState {
-        key: String,
-        state: String,
-    },
-}
-
 pub struct SqliteStore {
     mem: MemoryStore,
     /// Unbounded by type, bounded by admission: `queued` counts what waits in it, and
@@ -163,15 +138,6 @@ pub struct SqliteStore {
     /// Makes "is this key known (in memory or on disk)? if not, take it" one step.
     submit_lock: Mutex<()>,
     retention: Duration,
-}
-
-fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-fn from_micros(v: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(v.max(0) as u64)
 }
 
 fn err(e: impl std::fmt::Display) -> StoreError {
@@ -315,7 +281,7 @@ impl JobStore for SqliteStore {
             let id = record.id;
             self.send(Op::Insert { record, event, ack });
             match done.await {
-                Ok(Ok(())) => Ok(submitted),
+                Ok(Ok(_)) => Ok(submitted),
                 Ok(Err(e)) => {
                     self.mem.remove(id);
                     Err(StoreError::Unavailable(format!(
@@ -596,7 +562,9 @@ fn writer_loop(
                 Op::Insert { ack, record, .. } => {
                     let outcome = match &result {
                         Err(e) => Err(e.clone()),
-                        Ok(failed) => failed.get(&record.id).map_or(Ok(()), |e| Err(e.clone())),
+                        Ok(failed) => failed
+                            .get(&record.id)
+                            .map_or(Ok(Inserted::Stored), |e| Err(e.clone())),
                     };
                     let _ = ack.send(outcome);
                 }
@@ -643,13 +611,6 @@ fn writer_loop(
     }
 }
 
-fn json(v: &Option<Arc<Value>>) -> Option<String> {
-    v.as_ref().map(|v| v.to_string())
-}
-
-/// Per job of a batch: its latest record, whether it is new, which steps changed, and its events.
-type JobWrites<'a> = (&'a JobRecord, bool, BTreeSet<usize>, Vec<&'a JobEvent>);
-
 /// Write one batch in one transaction. Every event is written; the job and step rows are written
 /// once per job, from its latest state in the batch (a fast job's whole life often lands in one
 /// or two batches, so this saves most of the row rewrites).
@@ -666,58 +627,6 @@ fn write_batch(conn: &Connection, batch: &[Op]) -> rusqlite::Result<HashMap<JobI
             write_jobs(conn, &jobs, true)
         }
     }
-}
-
-fn group_batch(batch: &[Op]) -> Vec<(JobId, JobWrites<'_>)> {
-    let mut index: HashMap<JobId, usize> = HashMap::new();
-    let mut jobs: Vec<(JobId, JobWrites<'_>)> = Vec::new();
-    let changes = batch.iter().flat_map(|op| {
-        let one = |r, e, inserted, logged| std::iter::once((r, e, inserted, logged));
-        let many: Box<dyn Iterator<Item = (&JobRecord, &JobEvent, bool, bool)>> = match op {
-            Op::Insert { record, event, .. } => Box::new(one(record, event, true, true)),
-            Op::Update {
-                record,
-                event,
-                logged,
-            } => Box::new(one(record, event, false, *logged)),
-            Op::Updates(list) => Box::new(list.iter().map(|(r, e, l)| (r, e, false, *l))),
-            Op::Flush(_) | Op::CredentialState { .. } | Op::TriggerState { .. } => {
-                Box::new(std::iter::empty())
-            }
-        };
-        many
-    });
-    for (record, event, inserted, logged) in changes {
-        let i = *index.entry(record.id).or_insert_with(|| {
-            jobs.push((record.id, (record, inserted, BTreeSet::new(), Vec::new())));
-            jobs.len() - 1
-        });
-        let entry = &mut jobs[i].1;
-        entry.0 = record;
-        entry.1 |= inserted;
-        if logged {
-            entry.3.push(event);
-        }
-        match &event.kind {
-            EventKind::StepStarted { agent, .. }
-            | EventKind::StepRetrying { agent, .. }
-            | EventKind::StepSucceeded { agent, .. }
-            | EventKind::StepFailed { agent, .. }
-            | EventKind::ApprovalRequested { agent, .. }
-            | EventKind::ApprovalDecided { agent, .. }
-            | EventKind::SubStep { agent, .. } => {
-                if let Some(i) = record.steps.iter().position(|s| s.agent == *agent) {
-                    entry.2.insert(i);
-                }
-            }
-            // A new job writes all its steps; a finished one marks the rest cancelled.
-            EventKind::Submitted | EventKind::Finished { .. } => {
-                entry.2.extend(0..record.steps.len())
-            }
-            _ => {}
-        }
-    }
-    jobs
 }
 
 /// Write the grouped jobs in one transaction; with `isolate`, each under a savepoint, and a job
@@ -888,34 +797,6 @@ fn write_event(tx: &Connection, e: &JobEvent) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn parse_state(s: &str) -> JobState {
-    match s {
-        "pending" => JobState::Pending,
-        "running" => JobState::Running,
-        "awaiting_approval" => JobState::AwaitingApproval,
-        "budget_exceeded" => JobState::BudgetExceeded,
-        "succeeded" => JobState::Succeeded,
-        "cancelled" => JobState::Cancelled,
-        _ => JobState::Failed,
-    }
-}
-
-fn parse_step_state(s: &str) -> StepState {
-    match s {
-        "waiting" => StepState::Waiting,
-        "running" => StepState::Running,
-        "retrying" => StepState::Retrying,
-        "succeeded" => StepState::Succeeded,
-        "failed" => StepState::Failed,
-        "awaiting_approval" => StepState::AwaitingApproval,
-        _ => StepState::Cancelled,
-    }
-}
-
-fn parse_json(s: Option<String>) -> Option<Arc<Value>> {
-    s.and_then(|t| serde_json::from_str(&t).ok()).map(Arc::new)
-}
-
 fn load_job(conn: &Connection, id: JobId) -> Result<Option<JobRecord>, StoreError> {
     let key = id.to_string();
     let row = conn
@@ -1025,6 +906,7 @@ fn load_events(conn: &Connection, id: JobId, after: u64) -> Result<Vec<JobEvent>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::job::{EventKind, JobState, StepState};
     use serde_json::json;
 
     fn new_job(key: Option<&str>, input: Value) -> NewJob {

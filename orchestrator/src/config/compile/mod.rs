@@ -20,7 +20,7 @@ use super::table::{TableReader, deserialize, span_at};
 use crate::dag;
 use crate::model::{
     AgentModel, Approval, CircuitBreakerSpec, GraphModel, OnUpstreamPause, QuotaModel, Rate,
-    RestartPolicy, RetryPolicy, ServerModel, ServerSettings, TelemetrySettings,
+    RestartPolicy, RetryPolicy, ServerModel, ServerSettings, StoreSetting, TelemetrySettings,
 };
 
 /// Load a server: an optional `cascade.toml` (whose `graphs` list names graph files or

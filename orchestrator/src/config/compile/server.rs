@@ -28,6 +28,8 @@ const SERVER_FIELDS: &[&str] = &[
     "grpc_addr",
     "http_addr",
     "data_dir",
+    "store",
+    "store_password",
     "cascade",
     "webhook_secret",
     "callback_secret",
@@ -91,6 +93,27 @@ impl Loader<'_> {
                 self.server.grpc_addr = s.take("grpc_addr", &mut self.errs);
                 self.server.http_addr = s.take("http_addr", &mut self.errs);
                 self.server.data_dir = s.take("data_dir", &mut self.errs);
+                let store_at = s.entry("store").map(|(_, v)| v.span());
+                if let (Some(text), Some(at)) =
+                    (s.take::<String>("store", &mut self.errs), store_at)
+                {
+                    match StoreSetting::parse(&text) {
+                        Ok(store) => self.server.store = store,
+                        Err(why) => self.errs.push(src.error(at, "server.store", why).with_help(
+                            "store = \"sqlite\" (the default: a file in data_dir), \"memory\", or \"postgres://USER@HOST:PORT/DATABASE\" with store_password = \"env:PGPASSWORD\"",
+                        )),
+                    }
+                }
+                let password_at = s.entry("store_password").map(|(_, v)| v.span());
+                self.server.store_password = s.take("store_password", &mut self.errs);
+                if let Some(at) = password_at
+                    && !matches!(self.server.store, StoreSetting::Postgres(_))
+                {
+                    self.errs.push(
+                        src.error(at, "server.store_password", "store_password is for a PostgreSQL store, and store is not one")
+                            .with_help("set store = \"postgres://USER@HOST:PORT/DATABASE\", or remove store_password"),
+                    );
+                }
                 if let Some(on) = s.take("cascade", &mut self.errs) {
                     self.server.cascade = on;
                 }

@@ -947,3 +947,58 @@ fn trigger_urls_carry_no_credentials_and_durations_do_not_spin() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn the_store_is_sqlite_memory_or_a_postgres_url_without_a_password() {
+    let at = |errs: &[ConfigError], path: &str, line: usize, column: usize| {
+        let e = errs
+            .iter()
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("no error at {path}: {errs:#?}"))
+            .clone();
+        assert_eq!((e.line, e.column), (line, column), "position of {e}");
+        e
+    };
+    let m = load_server_config("store-default", "[server]\n").unwrap();
+    assert_eq!(m.server.store, StoreSetting::Sqlite);
+    let m = load_server_config(
+        "store-pg",
+        "[server]\nstore = \"postgres://cascade@db.internal:5432/jobs\"\nstore_password = \"env:PGPASSWORD\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        m.server.store,
+        StoreSetting::Postgres("postgres://cascade@db.internal:5432/jobs".into())
+    );
+    assert!(m.server.store_password.is_some());
+    let m = load_server_config("store-mem", "[server]\nstore = \"memory\"\n").unwrap();
+    assert_eq!(m.server.store, StoreSetting::Memory);
+
+    for (tag, value, says) in [
+        ("store-pass", "postgres://u:hunter2@h/db", "store_password"),
+        ("store-nodb", "postgres://u@h:5432", "no database"),
+        ("store-what", "mysql://u@h/db", "unknown store"),
+    ] {
+        let errs = load_server_config(tag, &format!("[server]\nstore = \"{value}\"\n"))
+            .unwrap_err()
+            .0;
+        let e = at(&errs, "server.store", 2, 9);
+        assert!(e.message.contains(says), "{e}");
+        assert!(
+            !e.to_string().contains("hunter2"),
+            "the password is echoed: {e}"
+        );
+        assert!(
+            e.help.as_deref().unwrap_or("").contains("store_password"),
+            "{e}"
+        );
+    }
+    let errs = load_server_config("store-pw-alone", "[server]\nstore_password = \"env:X\"\n")
+        .unwrap_err()
+        .0;
+    let e = at(&errs, "server.store_password", 2, 18);
+    assert!(
+        e.help.as_deref().unwrap_or("").contains("postgres://"),
+        "{e}"
+    );
+}

@@ -1,0 +1,207 @@
+//! The PostgreSQL store's schema and its versioned migrations: the groundwork of several nodes
+//! on one database (the store, the nodes table and the audit tables come with their own
+//! migrations as they land).
+//!
+//! Every start runs [`migrate`]: under a transaction-scoped advisory lock (two nodes starting at
+//! once apply each migration once), it applies the versions the database lacks, in order, in
+//! one transaction, and refuses a database whose schema is newer than this binary knows (a
+//! rolled-back binary must not write rows a newer one laid out differently).
+//!
+//! Job ids are TEXT, as in the SQLite store: a UUIDv7's text sorts by creation time.
+//! Values that must stay byte-exact (job inputs and outputs, event bodies, audit records) are
+//! TEXT, not jsonb, which reorders keys; times are BIGINT microseconds from Cascade's clock,
+//! except leases and heartbeats, which use the database's `now()` so that one clock decides
+//! expiry across nodes.
+
+use tokio_postgres::Client;
+
+/// The advisory lock key migrations hold ("CASCADE" as ASCII, 7 bytes).
+const MIGRATION_LOCK: i64 = 0x43_41_53_43_41_44_45;
+
+/// Each migration: its version and its statements. Append only: a released version is never
+/// edited.
+pub const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    graph TEXT NOT NULL,
+    state TEXT NOT NULL,
+    input TEXT NOT NULL,
+    output TEXT,
+    error TEXT,
+    labels JSONB NOT NULL DEFAULT '{}',
+    tenant TEXT NOT NULL,
+    idempotency_key TEXT,
+    deadline_ms BIGINT,
+    callback_url TEXT,
+    callback TEXT,
+    budget TEXT,
+    created_at BIGINT NOT NULL,
+    started_at BIGINT,
+    finished_at BIGINT,
+    updated_at BIGINT NOT NULL,
+    prompt_tokens BIGINT NOT NULL DEFAULT 0,
+    completion_tokens BIGINT NOT NULL DEFAULT 0,
+    cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+    events BIGINT NOT NULL DEFAULT 0,
+    -- The node that holds the job (NULL: pending for anyone, parked or finished).
+    lease_owner TEXT,
+    leased_at TIMESTAMPTZ
+);
+-- An idempotency key names one job in the whole cluster.
+CREATE UNIQUE INDEX jobs_key ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX jobs_pending ON jobs (graph, id) WHERE state = 'pending';
+CREATE INDEX jobs_live_by_owner ON jobs (lease_owner) WHERE state IN ('pending', 'running');
+CREATE INDEX jobs_live_by_tenant ON jobs (tenant) WHERE state IN ('pending', 'running');
+CREATE INDEX jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX jobs_labels ON jobs USING GIN (labels);
+
+-- The same columns as the SQLite store's steps.
+CREATE TABLE steps (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    agent TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    output TEXT,
+    error TEXT,
+    started_at BIGINT,
+    finished_at BIGINT,
+    prompt_tokens BIGINT NOT NULL DEFAULT 0,
+    completion_tokens BIGINT NOT NULL DEFAULT 0,
+    cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0,
+    approval TEXT,
+    sub_steps TEXT,
+    PRIMARY KEY (job_id, idx)
+);
+
+CREATE TABLE events (
+    job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+    seq BIGINT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+
+CREATE TABLE credential_state (
+    name TEXT PRIMARY KEY,
+    sealed TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+
+CREATE TABLE trigger_state (
+    key TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+
+"#,
+)];
+
+/// The newest schema version this binary knows.
+pub fn latest() -> i32 {
+    MIGRATIONS.last().map_or(0, |(v, _)| *v)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error(
+        "the database's schema is version {found}, newer than this cascade's {known}: run a cascade at least as new as the one that migrated it (or point [server] store at another database)"
+    )]
+    Newer { found: i32, known: i32 },
+    #[error("migration to schema version {version} failed: {}", describe(source))]
+    Failed {
+        version: i32,
+        source: tokio_postgres::Error,
+    },
+    #[error("{}", describe(.0))]
+    Database(#[from] tokio_postgres::Error),
+}
+
+/// Bring the database to [`latest`]; returns the versions applied (none when it was current).
+pub async fn migrate(client: &mut Client) -> Result<Vec<i32>, MigrationError> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let found: i32 = tx
+        .query_one(
+            "SELECT COALESCE(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await?
+        .get(0);
+    let known = latest();
+    if found > known {
+        return Err(MigrationError::Newer { found, known });
+    }
+    let mut applied = Vec::new();
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+        tx.batch_execute(sql)
+            .await
+            .map_err(|source| MigrationError::Failed {
+                version: *version,
+                source,
+            })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version) VALUES ($1)",
+            &[version],
+        )
+        .await?;
+        applied.push(*version);
+    }
+    tx.commit().await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "PostgreSQL schema migrated");
+    }
+    Ok(applied)
+}
+
+/// An error in full: tokio-postgres shows a server's error as "db error" alone; this adds its
+/// severity, message, detail and hint.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    match e.as_db_error() {
+        Some(db) => {
+            let mut text = format!("{}: {}", db.severity(), db.message());
+            if let Some(d) = db.detail() {
+                text += &format!(" ({d})");
+            }
+            if let Some(h) = db.hint() {
+                text += &format!("; hint: {h}");
+            }
+            text
+        }
+        None => match e.source() {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// Connect to `url` (a `postgres://` URL without a password) with `password` from its secret
+/// reference; the connection runs on its own task.
+pub async fn connect(
+    url: &str,
+    password: Option<&crate::secret::Secret>,
+) -> Result<Client, tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if let Some(p) = password {
+        config.password(p.expose());
+    }
+    config.application_name("cascade");
+    config.connect_timeout(std::time::Duration::from_secs(10));
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,1249 @@
+//! The PostgreSQL store: the [`JobStore`] of several nodes sharing one database.
+//!
+//! It has the SQLite store's shape: live jobs are held in a [`MemoryStore`] that answers the
+//! scheduler's per-step calls, every change is queued to one writer, and the writer commits what
+//! is queued in one transaction (group commit, here with one multi-row statement per table:
+//! `unnest` of arrays). A submission is acknowledged only after its transaction committed.
+//!
+//! The database does what one process's memory cannot do for a cluster:
+//! - an idempotency key is unique per tenant across every node (a partial unique index); a
+//!   submission whose key another node stored first is answered with that node's job;
+//! - the writer survives a restart of PostgreSQL: a batch that meets a lost connection is kept,
+//!   the writer reconnects with backoff (100 ms to 5 s, `cascade_store_reconnects_total`) and
+//!   commits it again (every statement is an upsert, so a commit whose answer was lost is
+//!   harmless); new submissions wait for it in the bounded queue (past `queue_capacity` they are
+//!   refused as retryable), and nothing acknowledged is lost.
+//!
+//! tokio-postgres is asynchronous and the store's reads are synchronous: the store runs its own
+//! thread with a current-thread runtime that owns the connections; a read is sent there and the
+//! caller waits for its answer, as it waits on the SQLite store's read lock.
+
+use std::collections::{HashMap, HashSet};
+use std::error::Error as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value;
+use tokio::sync::{Mutex as AsyncMutex, mpsc, oneshot};
+use tokio_postgres::Client;
+
+use super::batch::{
+    Inserted, JobWrites, Op, from_micros, group_batch, json, micros, parse_json, parse_state,
+    parse_step_state,
+};
+use super::pg_schema;
+use super::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, StoreFuture, Submitted};
+use crate::job::{ApprovalView, CallbackDelivery, JobEvent, JobId, JobRecord, StepRecord};
+use crate::secret::Secret;
+
+/// Where and how the PostgreSQL store keeps its rows.
+#[derive(Clone, Debug)]
+pub struct PgOptions {
+    /// `postgres://user@host:port/database` (a password in it is refused at load; it comes from
+    /// `password`).
+    pub url: String,
+    pub password: Option<Secret>,
+    /// Finished jobs and their idempotency keys are kept this long (default 24 h).
+    pub retention: Duration,
+    /// Changes that may wait for the writer; beyond it, submissions are refused (`Busy`).
+    pub queue_capacity: usize,
+    /// Events kept per job (its final event always).
+    pub max_events_per_job: usize,
+}
+
+impl PgOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            password: None,
+            retention: Duration::from_secs(24 * 3600),
+            queue_capacity: super::SqliteOptions::DEFAULT_QUEUE_CAPACITY,
+            max_events_per_job: super::memory::DEFAULT_MAX_EVENTS_PER_JOB,
+        }
+    }
+}
+
+/// How long a synchronous read waits for the database before it answers `Unavailable`.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Jobs written in one transaction, at most (a batch holds up to 8,192 changes, most of them
+/// several changes of one job).
+const MAX_BATCH: usize = 8192;
+
+/// Finished jobs deleted per retention statement, so a clean-up never holds a long lock.
+const RETENTION_CHUNK: i64 = 10_000;
+
+/// The advisory lock a node holds while it deletes expired jobs (one node at a time does).
+const RETENTION_LOCK: i64 = 0x43_41_53_43_52_45_54;
+
+fn err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn db(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(pg_schema::describe(&e))
+}
+
+/// Whether an error is the connection's (lost, refused, the server shutting down) rather than
+/// the statement's: those are retried on a new connection, the others are not.
+fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() || e.source().is_some_and(|s| s.is::<std::io::Error>()) {
+        return true;
+    }
+    e.code().is_some_and(|c| {
+        let c = c.code();
+        // 08: connection exception; 57P0x: the server shutting down or starting; 53300: too
+        // many connections; 40001/40P01: a serialization failure or deadlock, retried as a whole.
+        c.starts_with("08") || c.starts_with("57P0") || matches!(c, "53300" | "40001" | "40P01")
+    })
+}
+
+/// One connection that is made again when it was lost (the reader's).
+struct Connection {
+    url: String,
+    password: Option<Secret>,
+    client: AsyncMutex<Option<Arc<Client>>>,
+}
+
+impl Connection {
+    async fn client(&self) -> Result<Arc<Client>, tokio_postgres::Error> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = &*slot
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        *slot = None;
+        let c = Arc::new(pg_schema::connect(&self.url, self.password.as_ref()).await?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
+pub struct PgStore {
+    mem: MemoryStore,
+    /// Unbounded by type, bounded by admission as in the SQLite store: `queued` counts what
+    /// waits, and submissions are refused at `queue_capacity`.
+    tx: mpsc::UnboundedSender<Op>,
+    queued: Arc<AtomicUsize>,
+    queue_capacity: usize,
+    reader: Arc<Connection>,
+    /// The store thread's runtime, where the connections live.
+    rt: tokio::runtime::Handle,
+}
+
+impl PgStore {
+    /// Connect, migrate the schema, load the jobs left pending, running or parked, and start the
+    /// writer. Fails when the database cannot be reached or its schema is newer than this
+    /// binary's.
+    pub fn open(options: PgOptions) -> Result<Self, StoreError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (init_tx, init_rx) = std::sync::mpsc::channel();
+        let depth = queued.clone();
+        let opts = options.clone();
+        std::thread::Builder::new()
+            .name("cascade-store-pg".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = init_tx.send(Err(err(e)));
+                        return;
+                    }
+                };
+                let handle = rt.handle().clone();
+                rt.block_on(async move {
+                    let reader = Arc::new(Connection {
+                        url: opts.url.clone(),
+                        password: opts.password.clone(),
+                        client: AsyncMutex::new(None),
+                    });
+                    match init(&opts, &reader).await {
+                        Ok(loaded) => {
+                            let _ = init_tx.send(Ok((handle, reader, loaded)));
+                            writer_loop(opts, rx, &depth).await;
+                        }
+                        Err(e) => {
+                            let _ = init_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .map_err(err)?;
+        let (rt, reader, loaded) = init_rx
+            .recv()
+            .map_err(|_| err("the PostgreSQL store's thread stopped while opening"))??;
+        let mem = MemoryStore::with_retention(10_000)
+            .with_max_events_per_job(options.max_events_per_job)
+            .with_key_ttl(options.retention);
+        let count = loaded.len();
+        for (record, events) in loaded {
+            mem.insert_recovered(record, events);
+        }
+        if count > 0 {
+            tracing::info!(jobs = count, "loaded unfinished jobs from PostgreSQL");
+        }
+        Ok(Self {
+            mem,
+            tx,
+            queued,
+            queue_capacity: options.queue_capacity.max(1),
+            reader,
+            rt,
+        })
+    }
+
+    fn send(&self, op: Op) {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(op).is_err() {
+            tracing::error!("the PostgreSQL store's writer is gone; changes are not persisted");
+        }
+    }
+
+    /// Run a read on the store's thread and wait for its answer. A read that meets a lost
+    /// connection is tried once more on a new one.
+    fn read<T, F, Fut>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Fn(Arc<Client>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, StoreError>> + Send,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let reader = self.reader.clone();
+        self.rt.spawn(async move {
+            let mut outcome = Err(err("no attempt"));
+            for _ in 0..2 {
+                outcome = match reader.client().await {
+                    Ok(c) => f(c).await,
+                    Err(e) => Err(err(format!(
+                        "cannot reach PostgreSQL: {}",
+                        pg_schema::describe(&e)
+                    ))),
+                };
+                let lost = reader
+                    .client
+                    .lock()
+                    .await
+                    .as_ref()
+                    .is_none_or(|c| c.is_closed());
+                if outcome.is_ok() || !lost {
+                    break;
+                }
+            }
+            let _ = tx.send(outcome);
+        });
+        rx.recv_timeout(READ_TIMEOUT)
+            .map_err(|_| err("PostgreSQL did not answer in time"))?
+    }
+
+    fn load(&self, ids: Vec<String>) -> Result<Vec<JobRecord>, StoreError> {
+        self.read(move |c| {
+            let ids = ids.clone();
+            async move { load_jobs(&c, &ids).await }
+        })
+    }
+}
+
+/// Migrate and read back the jobs a previous run left unfinished.
+async fn init(
+    o: &PgOptions,
+    reader: &Connection,
+) -> Result<Vec<(JobRecord, Vec<JobEvent>)>, StoreError> {
+    let mut admin = pg_schema::connect(&o.url, o.password.as_ref())
+        .await
+        .map_err(|e| {
+            err(format!(
+                "cannot connect to PostgreSQL at {}: {}",
+                o.url,
+                pg_schema::describe(&e)
+            ))
+        })?;
+    pg_schema::migrate(&mut admin).await.map_err(err)?;
+    drop(admin);
+    let c = reader.client().await.map_err(db)?;
+    let ids: Vec<String> = c
+        .query(
+            "SELECT id FROM jobs
+             WHERE state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded')
+             ORDER BY id",
+            &[],
+        )
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(1000) {
+        let records = load_jobs(&c, chunk).await?;
+        let mut events = load_events_of(&c, chunk).await?;
+        for r in records {
+            let e = events.remove(&r.id).unwrap_or_default();
+            out.push((r, e));
+        }
+    }
+    Ok(out)
+}
+
+const JOB_COLUMNS: &str =
+    "id, graph, state, input, output, error, labels::text, tenant, idempotency_key,
+    deadline_ms, callback_url, callback, created_at, started_at, finished_at, updated_at,
+    prompt_tokens, completion_tokens, cost_usd, events, budget";
+
+fn job_from_row(r: &tokio_postgres::Row) -> Result<JobRecord, StoreError> {
+    let id: JobId = r.get::<_, String>(0).parse().map_err(err)?;
+    let mut rec = JobRecord::new(
+        id,
+        r.get::<_, String>(1).into(),
+        &[],
+        Arc::new(serde_json::from_str(r.get(3)).unwrap_or(Value::Null)),
+        from_micros(r.get(12)),
+    );
+    rec.state = parse_state(r.get(2));
+    rec.output = parse_json(r.get(4));
+    rec.error = r.get(5);
+    rec.labels = serde_json::from_str(r.get(6)).unwrap_or_default();
+    rec.tenant = r.get(7);
+    rec.idempotency_key = r.get(8);
+    rec.deadline = r
+        .get::<_, Option<i64>>(9)
+        .map(|ms| Duration::from_millis(ms.max(0) as u64));
+    rec.callback_url = r.get(10);
+    rec.callback = r
+        .get::<_, Option<String>>(11)
+        .and_then(|c| serde_json::from_str::<CallbackDelivery>(&c).ok())
+        .map(Box::new);
+    rec.started_at = r.get::<_, Option<i64>>(13).map(from_micros);
+    rec.finished_at = r.get::<_, Option<i64>>(14).map(from_micros);
+    rec.updated_at = from_micros(r.get(15));
+    rec.usage.prompt_tokens = r.get::<_, i64>(16) as u64;
+    rec.usage.completion_tokens = r.get::<_, i64>(17) as u64;
+    rec.usage.cost_usd = r.get(18);
+    rec.events = r.get::<_, i64>(19) as u64;
+    rec.budget = r
+        .get::<_, Option<String>>(20)
+        .and_then(|b| serde_json::from_str(&b).ok());
+    Ok(rec)
+}
+
+/// The jobs of `ids` with their steps, in the order of `ids` (missing ones left out).
+async fn load_jobs(c: &Client, ids: &[String]) -> Result<Vec<JobRecord>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = c
+        .query(
+            &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ANY($1)"),
+            &[&ids],
+        )
+        .await
+        .map_err(db)?;
+    let mut jobs: HashMap<JobId, JobRecord> = HashMap::with_capacity(rows.len());
+    for r in &rows {
+        let rec = job_from_row(r)?;
+        jobs.insert(rec.id, rec);
+    }
+    let steps = c
+        .query(
+            "SELECT job_id, agent, state, attempts, output, error, started_at, finished_at,
+                 prompt_tokens, completion_tokens, cost_usd, approval, sub_steps
+             FROM steps WHERE job_id = ANY($1) ORDER BY job_id, idx",
+            &[&ids],
+        )
+        .await
+        .map_err(db)?;
+    for r in &steps {
+        let id: JobId = r.get::<_, String>(0).parse().map_err(err)?;
+        let Some(job) = jobs.get_mut(&id) else {
+            continue;
+        };
+        // A journal that cannot be read is an error, not an empty journal (whose tool calls
+        // would be made again).
+        let sub_steps = match r.get::<_, Option<String>>(12) {
+            None => Vec::new(),
+            Some(text) => serde_json::from_str(&text)
+                .map_err(|e| err(format!("job {id}: unreadable tool-call journal: {e}")))?,
+        };
+        job.steps.push(StepRecord {
+            agent: r.get::<_, String>(1).into(),
+            state: parse_step_state(r.get(2)),
+            attempts: r.get::<_, i32>(3).max(0) as u32,
+            output: parse_json(r.get(4)),
+            error: r.get(5),
+            started_at: r.get::<_, Option<i64>>(6).map(from_micros),
+            finished_at: r.get::<_, Option<i64>>(7).map(from_micros),
+            usage: cascade_agents::Usage {
+                prompt_tokens: r.get::<_, i64>(8) as u64,
+                completion_tokens: r.get::<_, i64>(9) as u64,
+                cost_usd: r.get(10),
+            },
+            approval: r
+                .get::<_, Option<String>>(11)
+                .and_then(|a| serde_json::from_str(&a).ok())
+                .map(Box::new),
+            sub_steps,
+        });
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    for id in ids {
+        if let Some(job) = id.parse().ok().and_then(|id: JobId| jobs.remove(&id)) {
+            out.push(job);
+        }
+    }
+    Ok(out)
+}
+
+async fn load_events(c: &Client, id: &str, after: u64) -> Result<Vec<JobEvent>, StoreError> {
+    c.query(
+        "SELECT body FROM events WHERE job_id = $1 AND seq > $2 ORDER BY seq",
+        &[&id, &(after as i64)],
+    )
+    .await
+    .map_err(db)?
+    .iter()
+    .map(|r| serde_json::from_str(r.get(0)).map_err(err))
+    .collect()
+}
+
+async fn load_events_of(
+    c: &Client,
+    ids: &[String],
+) -> Result<HashMap<JobId, Vec<JobEvent>>, StoreError> {
+    let mut out: HashMap<JobId, Vec<JobEvent>> = HashMap::new();
+    let rows = c
+        .query(
+            "SELECT body FROM events WHERE job_id = ANY($1) ORDER BY job_id, seq",
+            &[&ids],
+        )
+        .await
+        .map_err(db)?;
+    for r in &rows {
+        let e: JobEvent = serde_json::from_str(r.get(0)).map_err(err)?;
+        out.entry(e.job_id).or_default().push(e);
+    }
+    Ok(out)
+}
+
+impl JobStore for PgStore {
+    fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
+        let key = job.idempotency_key.clone();
+        let input = job.input.clone();
+        let result = (|| {
+            let queued = self.queued.load(Ordering::Relaxed);
+            if queued >= self.queue_capacity {
+                return Err(StoreError::Busy { queued });
+            }
+            // A key this node holds is answered from memory; one held only in the database (by
+            // another node, or from before a restart) is found by the insert itself.
+            self.mem.submit_now(job)
+        })();
+        Box::pin(async move {
+            let (submitted, created) = result?;
+            let Some((record, event)) = created else {
+                return Ok(submitted);
+            };
+            let (ack, done) = oneshot::channel();
+            let id = record.id;
+            self.send(Op::Insert { record, event, ack });
+            match done.await {
+                Ok(Ok(Inserted::Stored)) => Ok(submitted),
+                Ok(Ok(Inserted::Known {
+                    existing,
+                    input: stored,
+                })) => {
+                    self.mem.remove(id);
+                    let same = serde_json::from_str::<Value>(&stored).is_ok_and(|v| v == *input);
+                    Submitted::known_key(key.as_deref().unwrap_or_default(), existing, same)
+                }
+                Ok(Err(e)) => {
+                    self.mem.remove(id);
+                    Err(StoreError::Unavailable(format!(
+                        "the job could not be stored: {e}"
+                    )))
+                }
+                Err(_) => {
+                    self.mem.remove(id);
+                    Err(StoreError::Unavailable("the store's writer stopped".into()))
+                }
+            }
+        })
+    }
+
+    fn claim_pending(&self, graph: &str, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        self.mem.claim_pending(graph, limit)
+    }
+
+    fn running(&self, graph: &str) -> Result<Vec<JobRecord>, StoreError> {
+        self.mem.running(graph)
+    }
+
+    fn update(
+        &self,
+        id: JobId,
+        update: crate::job::JobUpdate,
+    ) -> Result<Option<JobEvent>, StoreError> {
+        let send = |mut changed: Vec<(JobEvent, bool, JobRecord)>| {
+            if let Some((event, logged, record)) = changed.pop() {
+                self.send(Op::Update {
+                    record,
+                    event,
+                    logged,
+                });
+            }
+        };
+        match self.mem.update_snapshots(id, [update.clone()], send) {
+            Ok(mut events) => Ok(events.pop().flatten()),
+            // A finished job evicted from memory can still get its callback's outcome.
+            Err(StoreError::NotFound(_))
+                if matches!(update, crate::job::JobUpdate::Callback(_)) =>
+            {
+                let Some(mut record) = self.get(id)? else {
+                    return Err(StoreError::NotFound(id));
+                };
+                Ok(record.apply(update, crate::clock::now()).inspect(|event| {
+                    self.send(Op::Update {
+                        record: record.clone(),
+                        event: event.clone(),
+                        logged: true,
+                    });
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn update_all(
+        &self,
+        id: JobId,
+        updates: Vec<crate::job::JobUpdate>,
+    ) -> Result<Vec<Option<JobEvent>>, StoreError> {
+        self.mem.update_snapshots(id, updates, |changed| {
+            self.send(Op::Updates(
+                changed
+                    .into_iter()
+                    .map(|(event, logged, record)| (record, event, logged))
+                    .collect(),
+            ))
+        })
+    }
+
+    fn cancel_pending(&self, id: JobId, reason: &str) -> Result<Option<JobEvent>, StoreError> {
+        let Some(event) = self.mem.cancel_pending(id, reason)? else {
+            return Ok(None);
+        };
+        if let Some(record) = self.mem.get(id)? {
+            self.send(Op::Update {
+                record,
+                event: event.clone(),
+                logged: true,
+            });
+        }
+        Ok(Some(event))
+    }
+
+    fn get(&self, id: JobId) -> Result<Option<JobRecord>, StoreError> {
+        if let Some(r) = self.mem.get(id)? {
+            return Ok(Some(r));
+        }
+        Ok(self.load(vec![id.to_string()])?.pop())
+    }
+
+    fn tenant_of(&self, id: JobId) -> Result<Option<Arc<str>>, StoreError> {
+        if let Some(t) = self.mem.tenant_of(id)? {
+            return Ok(Some(t));
+        }
+        let id = id.to_string();
+        self.read(move |c| {
+            let id = id.clone();
+            async move {
+                Ok(c.query_opt("SELECT tenant FROM jobs WHERE id = $1", &[&id])
+                    .await
+                    .map_err(db)?
+                    .map(|r| Arc::from(r.get::<_, &str>(0))))
+            }
+        })
+    }
+
+    fn events(&self, id: JobId, after_seq: u64) -> Result<Vec<JobEvent>, StoreError> {
+        match self.mem.events(id, after_seq) {
+            Err(StoreError::NotFound(_)) => {
+                let key = id.to_string();
+                let found = self.read(move |c| {
+                    let key = key.clone();
+                    async move {
+                        let exists = c
+                            .query_opt("SELECT 1 FROM jobs WHERE id = $1", &[&key])
+                            .await
+                            .map_err(db)?
+                            .is_some();
+                        match exists {
+                            true => load_events(&c, &key, after_seq).await.map(Some),
+                            false => Ok(None),
+                        }
+                    }
+                })?;
+                found.ok_or(StoreError::NotFound(id))
+            }
+            other => other,
+        }
+    }
+
+    fn list(&self, filter: &JobFilter) -> Result<Vec<JobRecord>, StoreError> {
+        let mut sql = String::from("SELECT id FROM jobs WHERE true");
+        let mut args: Vec<String> = Vec::new();
+        let mut arg = |sql: &mut String, clause: &str, value: String| {
+            args.push(value);
+            *sql += &clause.replace("$?", &format!("${}", args.len()));
+        };
+        if let Some(g) = &filter.graph {
+            arg(&mut sql, " AND graph = $?", g.clone());
+        }
+        if let Some(t) = &filter.tenant {
+            arg(&mut sql, " AND tenant = $?", t.clone());
+        }
+        if let Some(s) = filter.state {
+            arg(&mut sql, " AND state = $?", s.as_str().to_string());
+        }
+        if let Some(b) = filter.before {
+            arg(&mut sql, " AND id < $?", b.to_string());
+        }
+        if !filter.labels.is_empty() {
+            let labels = serde_json::to_string(&filter.labels).map_err(err)?;
+            arg(&mut sql, " AND labels @> $?::text::jsonb", labels);
+        }
+        sql += " ORDER BY id DESC";
+        if filter.limit > 0 {
+            sql += &format!(" LIMIT {}", filter.limit);
+        }
+        let ids = self.read(move |c| {
+            let (sql, args) = (sql.clone(), args.clone());
+            async move {
+                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = args
+                    .iter()
+                    .map(|a| a as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
+                let rows = c.query(&sql, &params).await.map_err(db)?;
+                Ok(rows
+                    .iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>())
+            }
+        })?;
+        // Memory holds the freshest state of a live job.
+        let mut from_db: HashMap<JobId, JobRecord> = HashMap::new();
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| {
+                id.parse::<JobId>()
+                    .ok()
+                    .is_none_or(|id| self.mem.get(id).ok().flatten().is_none())
+            })
+            .cloned()
+            .collect();
+        for r in self.load(missing)? {
+            from_db.insert(r.id, r);
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id: JobId = id.parse().map_err(err)?;
+            if let Some(r) = self.mem.get(id)?.or_else(|| from_db.remove(&id)) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    fn pending_count(&self, graph: &str) -> usize {
+        self.mem.pending_count(graph)
+    }
+
+    fn tenant_live_count(&self, tenant: &str) -> usize {
+        self.mem.tenant_live_count(tenant)
+    }
+
+    // Every unfinished job is held in memory too (loaded at open), so approvals waiting for a
+    // decision are all there.
+    fn pending_approvals(
+        &self,
+        graph: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<Vec<ApprovalView>, StoreError> {
+        self.mem.pending_approvals(graph, after, limit, tenant)
+    }
+
+    fn expired_approvals(&self, graph: &str, now: SystemTime) -> Vec<JobId> {
+        self.mem.expired_approvals(graph, now)
+    }
+
+    fn pending_approval_count(&self, graph: &str) -> usize {
+        self.mem.pending_approval_count(graph)
+    }
+
+    fn undelivered_callbacks(&self, limit: usize) -> Result<Vec<JobId>, StoreError> {
+        let ids = self.read(move |c| async move {
+            let rows = c
+                .query(
+                    "SELECT id FROM jobs WHERE callback_url IS NOT NULL AND callback IS NULL
+                         AND state IN ('succeeded', 'failed', 'cancelled') ORDER BY id LIMIT $1",
+                    &[&(limit as i64)],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>())
+        })?;
+        ids.into_iter().map(|id| id.parse().map_err(err)).collect()
+    }
+
+    fn credential_state(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let name = name.to_string();
+        self.read(move |c| {
+            let name = name.clone();
+            async move {
+                Ok(c.query_opt(
+                    "SELECT sealed FROM credential_state WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .map_err(db)?
+                .map(|r| r.get(0)))
+            }
+        })
+    }
+
+    fn save_credential_state(&self, name: &str, sealed: String) {
+        self.send(Op::CredentialState {
+            name: name.to_string(),
+            sealed,
+        });
+    }
+
+    fn trigger_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_string();
+        self.read(move |c| {
+            let key = key.clone();
+            async move {
+                Ok(
+                    c.query_opt("SELECT state FROM trigger_state WHERE key = $1", &[&key])
+                        .await
+                        .map_err(db)?
+                        .map(|r| r.get(0)),
+                )
+            }
+        })
+    }
+
+    fn save_trigger_state(&self, key: &str, state: String) {
+        self.send(Op::TriggerState {
+            key: key.to_string(),
+            state,
+        });
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        let (ack, done) = oneshot::channel();
+        self.send(Op::Flush(ack));
+        Box::pin(async move {
+            done.await
+                .map_err(|_| StoreError::Unavailable("the store's writer stopped".into()))
+        })
+    }
+}
+
+/// The writer: takes what is queued (up to [`MAX_BATCH`] changes), commits it in one
+/// transaction, answers the submissions in it, and keeps a batch through a lost connection
+/// until it is committed.
+async fn writer_loop(o: PgOptions, mut rx: mpsc::UnboundedReceiver<Op>, queued: &AtomicUsize) {
+    let depth = metrics::gauge!(crate::metrics::STORE_QUEUE_DEPTH);
+    let reconnects = metrics::counter!(crate::metrics::STORE_RECONNECTS);
+    let mut client: Option<Client> = None;
+    // New jobs whose key another node held: their later changes are not written.
+    let mut ghosts: HashSet<JobId> = HashSet::new();
+    let mut last_cleanup = Instant::now();
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut delay = Duration::from_millis(100);
+        let outcome = loop {
+            let c = match client.as_mut() {
+                Some(c) if !c.is_closed() => c,
+                _ => {
+                    client = None;
+                    match pg_schema::connect(&o.url, o.password.as_ref()).await {
+                        Ok(c) => client.insert(c),
+                        Err(e) => {
+                            tracing::warn!(error = %e, retry_in = ?delay, "PostgreSQL is unreachable; the store's writer holds its batch and tries again");
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(Duration::from_secs(5));
+                            reconnects.increment(1);
+                            continue;
+                        }
+                    }
+                }
+            };
+            match write_batch(c, &batch, &o, &mut ghosts).await {
+                Err(e) if is_connection_error(&e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "a store batch met a lost connection; writing it again");
+                    client = None;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    reconnects.increment(1);
+                }
+                other => break other,
+            }
+        };
+        let left = queued.fetch_sub(batch.len(), Ordering::Relaxed) - batch.len();
+        depth.set(left as f64);
+        let mut outcome = outcome.map_err(|e| e.to_string());
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, ops = batch.len(), "store write failed");
+        }
+        for op in batch.drain(..) {
+            match op {
+                Op::Insert { ack, record, .. } => {
+                    let answer = match &mut outcome {
+                        Err(e) => Err(e.clone()),
+                        Ok(done) => done.remove(&record.id).unwrap_or(Ok(Inserted::Stored)),
+                    };
+                    let _ = ack.send(answer);
+                }
+                Op::Flush(ack) => {
+                    let _ = ack.send(());
+                }
+                Op::CredentialState { .. }
+                | Op::TriggerState { .. }
+                | Op::Update { .. }
+                | Op::Updates(_) => {}
+            }
+        }
+        if ghosts.len() > 100_000 {
+            ghosts.clear();
+        }
+        if last_cleanup.elapsed() > Duration::from_secs(600)
+            && let Some(c) = client.as_mut()
+        {
+            last_cleanup = Instant::now();
+            if let Err(e) = clean_up(c, o.retention).await {
+                tracing::warn!(error = %e, "store clean-up failed");
+            }
+        }
+    }
+}
+
+/// Delete the jobs finished before the retention, in chunks, on one node at a time.
+async fn clean_up(c: &mut Client, retention: Duration) -> Result<(), tokio_postgres::Error> {
+    let cutoff = micros(crate::clock::now() - retention);
+    loop {
+        let tx = c.transaction().await?;
+        let locked: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RETENTION_LOCK])
+            .await?
+            .get(0);
+        if !locked {
+            return Ok(());
+        }
+        let deleted = tx
+            .execute(
+                "DELETE FROM jobs WHERE id IN (
+                     SELECT id FROM jobs WHERE finished_at < $1 LIMIT $2)",
+                &[&cutoff, &RETENTION_CHUNK],
+            )
+            .await?;
+        tx.commit().await?;
+        if deleted < RETENTION_CHUNK as u64 {
+            return Ok(());
+        }
+    }
+}
+
+/// What the writer tells each new job of a batch: stored, or answered by another job's key, or
+/// its own error.
+type Answers = HashMap<JobId, Result<Inserted, String>>;
+
+/// Write one batch: in one transaction, or, when a statement fails (a value PostgreSQL refuses),
+/// job by job, each in its own, so one job's rows never fail the others'. Connection errors are
+/// returned for the caller to retry the whole batch.
+async fn write_batch(
+    c: &mut Client,
+    batch: &[Op],
+    o: &PgOptions,
+    ghosts: &mut HashSet<JobId>,
+) -> Result<Answers, tokio_postgres::Error> {
+    let mut jobs = group_batch(batch);
+    jobs.retain(|(id, _)| !ghosts.contains(id));
+    // One order for every writer's row locks, so two nodes' batches never deadlock.
+    jobs.sort_by_key(|(id, _)| *id);
+    let mut answers = match write_jobs(c, &jobs, o, ghosts).await {
+        Ok(answers) => answers,
+        Err(e) if is_connection_error(&e) => return Err(e),
+        Err(e) => {
+            tracing::warn!(error = %e, "a store batch failed; writing its jobs one by one");
+            let mut answers = Answers::new();
+            for job in &jobs {
+                match write_jobs(c, std::slice::from_ref(job), o, ghosts).await {
+                    Ok(a) => answers.extend(a),
+                    Err(e) if is_connection_error(&e) => return Err(e),
+                    Err(e) => {
+                        tracing::error!(job_id = %job.0, error = %e, "a job's rows could not be written; the rest of its batch was");
+                        answers.insert(job.0, Err(e.to_string()));
+                    }
+                }
+            }
+            answers
+        }
+    };
+    for op in batch {
+        let r = match op {
+            Op::CredentialState { name, sealed } => c
+                .execute(
+                    "INSERT INTO credential_state (name, sealed, updated_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (name) DO UPDATE SET sealed = excluded.sealed, updated_at = excluded.updated_at",
+                    &[name, sealed, &micros(crate::clock::now())],
+                )
+                .await
+                .map(drop),
+            Op::TriggerState { key, state } => c
+                .execute(
+                    "INSERT INTO trigger_state (key, state, updated_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (key) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                    &[key, state, &micros(crate::clock::now())],
+                )
+                .await
+                .map(drop),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            if is_connection_error(&e) {
+                return Err(e);
+            }
+            tracing::error!(error = %e, "a credential's or trigger's state could not be saved");
+        }
+    }
+    answers.shrink_to_fit();
+    Ok(answers)
+}
+
+/// The grouped jobs' rows in one transaction: new jobs (inserted unless their key is taken),
+/// every job's row, the changed steps and the events.
+async fn write_jobs(
+    c: &mut Client,
+    jobs: &[(JobId, JobWrites<'_>)],
+    o: &PgOptions,
+    ghosts: &mut HashSet<JobId>,
+) -> Result<Answers, tokio_postgres::Error> {
+    let tx = c.transaction().await?;
+    let mut answers = Answers::new();
+    let new: Vec<&JobRecord> = jobs.iter().filter(|(_, w)| w.1).map(|(_, w)| w.0).collect();
+    let mut skip: HashSet<JobId> = HashSet::new();
+    if !new.is_empty() {
+        let (tenants, keys): (Vec<&str>, Vec<&str>) = new
+            .iter()
+            .filter_map(|r| r.idempotency_key.as_deref().map(|k| (r.tenant.as_str(), k)))
+            .unzip();
+        if !keys.is_empty() {
+            // A key held by a job finished before the retention is free again (the clean-up
+            // has not deleted that job yet).
+            let cutoff = micros(crate::clock::now() - o.retention);
+            tx.execute(
+                "UPDATE jobs SET idempotency_key = NULL
+                 WHERE finished_at < $3
+                   AND (tenant, idempotency_key) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                &[&tenants, &keys, &cutoff],
+            )
+            .await?;
+        }
+        let ids: Vec<String> = new.iter().map(|r| r.id.to_string()).collect();
+        let inserted: HashSet<String> = tx
+            .query(
+                "INSERT INTO jobs (id, graph, state, input, labels, tenant, idempotency_key,
+                     deadline_ms, callback_url, created_at, updated_at, events)
+                 SELECT u.id, u.graph, u.state, u.input, u.labels::jsonb, u.tenant, u.key,
+                     u.deadline_ms, u.callback_url, u.created_at, u.updated_at, u.events
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                     $6::text[], $7::text[], $8::int8[], $9::text[], $10::int8[], $11::int8[],
+                     $12::int8[])
+                     AS u(id, graph, state, input, labels, tenant, key, deadline_ms,
+                          callback_url, created_at, updated_at, events)
+                 ON CONFLICT DO NOTHING
+                 RETURNING id",
+                &[
+                    &ids,
+                    &new.iter().map(|r| &*r.graph).collect::<Vec<_>>(),
+                    &new.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(),
+                    &new.iter().map(|r| r.input.to_string()).collect::<Vec<_>>(),
+                    &new.iter()
+                        .map(|r| serde_json::to_string(&r.labels).unwrap_or_else(|_| "{}".into()))
+                        .collect::<Vec<_>>(),
+                    &new.iter().map(|r| r.tenant.as_str()).collect::<Vec<_>>(),
+                    &new.iter()
+                        .map(|r| r.idempotency_key.as_deref())
+                        .collect::<Vec<_>>(),
+                    &new.iter()
+                        .map(|r| r.deadline.map(|d| d.as_millis() as i64))
+                        .collect::<Vec<_>>(),
+                    &new.iter()
+                        .map(|r| r.callback_url.as_deref())
+                        .collect::<Vec<_>>(),
+                    &new.iter().map(|r| micros(r.created_at)).collect::<Vec<_>>(),
+                    &new.iter().map(|r| micros(r.updated_at)).collect::<Vec<_>>(),
+                    &new.iter().map(|r| r.events as i64).collect::<Vec<_>>(),
+                ],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for r in &new {
+            if inserted.contains(&r.id.to_string()) {
+                answers.insert(r.id, Ok(Inserted::Stored));
+                continue;
+            }
+            // Not inserted: its key names a job another node stored first.
+            skip.insert(r.id);
+            let known = match &r.idempotency_key {
+                Some(key) => tx
+                    .query_opt(
+                        "SELECT id, input FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+                        &[&r.tenant, key],
+                    )
+                    .await?
+                    .and_then(|row| {
+                        let existing = row.get::<_, String>(0).parse().ok()?;
+                        Some(Inserted::Known {
+                            existing,
+                            input: row.get(1),
+                        })
+                    }),
+                None => None,
+            };
+            answers.insert(
+                r.id,
+                known.ok_or_else(|| format!("job {} is already stored", r.id)),
+            );
+        }
+    }
+    let rows: Vec<&JobRecord> = jobs
+        .iter()
+        .map(|(_, w)| w.0)
+        .filter(|r| !skip.contains(&r.id))
+        .collect();
+    if !rows.is_empty() {
+        tx.execute(
+            "UPDATE jobs SET state = u.state, output = u.output, error = u.error,
+                 started_at = u.started_at, finished_at = u.finished_at, updated_at = u.updated_at,
+                 prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens,
+                 cost_usd = u.cost_usd, events = u.events, callback = u.callback, budget = u.budget
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[],
+                 $7::int8[], $8::int8[], $9::int8[], $10::float8[], $11::int8[], $12::text[],
+                 $13::text[])
+                 AS u(id, state, output, error, started_at, finished_at, updated_at, prompt_tokens,
+                      completion_tokens, cost_usd, events, callback, budget)
+             WHERE jobs.id = u.id",
+            &[
+                &rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(),
+                &rows.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(),
+                &rows.iter().map(|r| json(&r.output)).collect::<Vec<_>>(),
+                &rows.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|r| r.started_at.map(micros))
+                    .collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|r| r.finished_at.map(micros))
+                    .collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|r| micros(r.updated_at))
+                    .collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|r| r.usage.prompt_tokens as i64)
+                    .collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|r| r.usage.completion_tokens as i64)
+                    .collect::<Vec<_>>(),
+                &rows.iter().map(|r| r.usage.cost_usd).collect::<Vec<_>>(),
+                &rows.iter().map(|r| r.events as i64).collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|r| {
+                        r.callback
+                            .as_ref()
+                            .and_then(|c| serde_json::to_string(c).ok())
+                    })
+                    .collect::<Vec<_>>(),
+                &rows
+                    .iter()
+                    .map(|r| r.budget.and_then(|b| serde_json::to_string(&b).ok()))
+                    .collect::<Vec<_>>(),
+            ],
+        )
+        .await?;
+    }
+    write_steps(&tx, jobs, &skip).await?;
+    write_events(&tx, jobs, &skip).await?;
+    tx.commit().await?;
+    ghosts.extend(skip);
+    Ok(answers)
+}
+
+async fn write_steps(
+    tx: &tokio_postgres::Transaction<'_>,
+    jobs: &[(JobId, JobWrites<'_>)],
+    skip: &HashSet<JobId>,
+) -> Result<(), tokio_postgres::Error> {
+    let steps: Vec<(String, i32, &StepRecord)> = jobs
+        .iter()
+        .filter(|(id, _)| !skip.contains(id))
+        .flat_map(|(id, (r, _, changed, _))| {
+            changed
+                .iter()
+                .map(move |&i| (id.to_string(), i as i32, &r.steps[i]))
+        })
+        .collect();
+    // A journal that cannot be serialized leaves its step's row as it was (an empty one would
+    // make its tool calls again); the step is logged.
+    let mut journals = Vec::with_capacity(steps.len());
+    let steps: Vec<(String, i32, &StepRecord)> = steps
+        .into_iter()
+        .filter(|(job, _, s)| {
+            let journal = match s.sub_steps.is_empty() {
+                true => Ok(None),
+                false => serde_json::to_string(&s.sub_steps).map(Some),
+            };
+            match journal {
+                Ok(j) => {
+                    journals.push(j);
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(job_id = %job, agent = %s.agent, error = %e, "a step's tool-call journal could not be written");
+                    false
+                }
+            }
+        })
+        .collect();
+    if steps.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "INSERT INTO steps (job_id, idx, agent, state, attempts, output, error, started_at,
+             finished_at, prompt_tokens, completion_tokens, cost_usd, approval, sub_steps)
+         SELECT * FROM unnest($1::text[], $2::int4[], $3::text[], $4::text[], $5::int4[],
+             $6::text[], $7::text[], $8::int8[], $9::int8[], $10::int8[], $11::int8[],
+             $12::float8[], $13::text[], $14::text[])
+         ON CONFLICT (job_id, idx) DO UPDATE SET state = excluded.state,
+             attempts = excluded.attempts, output = excluded.output, error = excluded.error,
+             started_at = excluded.started_at, finished_at = excluded.finished_at,
+             prompt_tokens = excluded.prompt_tokens,
+             completion_tokens = excluded.completion_tokens, cost_usd = excluded.cost_usd,
+             approval = excluded.approval, sub_steps = excluded.sub_steps",
+        &[
+            &steps.iter().map(|(j, _, _)| j.as_str()).collect::<Vec<_>>(),
+            &steps.iter().map(|(_, i, _)| *i).collect::<Vec<_>>(),
+            &steps.iter().map(|(_, _, s)| &*s.agent).collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.state.as_str())
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.attempts.min(i32::MAX as u32) as i32)
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| json(&s.output))
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.error.as_deref())
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.started_at.map(micros))
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.finished_at.map(micros))
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.usage.prompt_tokens as i64)
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.usage.completion_tokens as i64)
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| s.usage.cost_usd)
+                .collect::<Vec<_>>(),
+            &steps
+                .iter()
+                .map(|(_, _, s)| {
+                    s.approval
+                        .as_ref()
+                        .and_then(|a| serde_json::to_string(a).ok())
+                })
+                .collect::<Vec<_>>(),
+            &journals,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_events(
+    tx: &tokio_postgres::Transaction<'_>,
+    jobs: &[(JobId, JobWrites<'_>)],
+    skip: &HashSet<JobId>,
+) -> Result<(), tokio_postgres::Error> {
+    // One row per (job, seq), the last written: a repeated event folds into its first one, whose
+    // body changes (an upsert may not touch a row twice in one statement).
+    let mut rows: HashMap<(JobId, u64), &JobEvent> = HashMap::new();
+    for (id, (_, _, _, events)) in jobs {
+        if skip.contains(id) {
+            continue;
+        }
+        for e in events {
+            rows.insert((*id, e.seq), e);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut rows: Vec<_> = rows.into_iter().collect();
+    rows.sort_by_key(|(k, _)| *k);
+    tx.execute(
+        "INSERT INTO events (job_id, seq, body)
+         SELECT * FROM unnest($1::text[], $2::int8[], $3::text[])
+         ON CONFLICT (job_id, seq) DO UPDATE SET body = excluded.body",
+        &[
+            &rows
+                .iter()
+                .map(|((id, _), _)| id.to_string())
+                .collect::<Vec<_>>(),
+            &rows
+                .iter()
+                .map(|((_, seq), _)| *seq as i64)
+                .collect::<Vec<_>>(),
+            &rows
+                .iter()
+                .map(|(_, e)| serde_json::to_string(e).unwrap_or_default())
+                .collect::<Vec<_>>(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
