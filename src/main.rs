@@ -6,6 +6,7 @@ mod client_cmd;
 mod demo_cmd;
 mod graph_cmd;
 mod keys_cmd;
+mod nodes_cmd;
 mod run_cmd;
 mod serve_cmd;
 mod triggers_cmd;
@@ -68,6 +69,8 @@ enum Command {
         #[command(subcommand)]
         command: triggers_cmd::TriggersCommand,
     },
+    /// The nodes sharing the server's store (several on PostgreSQL): heartbeats and leases.
+    Nodes,
     /// The audit log: signing keys, and verification from a server's files.
     Audit {
         #[command(subcommand)]
@@ -136,6 +139,7 @@ fn main() -> ExitCode {
         Command::Top(args) => client_cmd::top(cli.conn, args),
         Command::Approvals { command } => approvals_cmd::run(cli.conn, command),
         Command::Triggers { command } => triggers_cmd::run(cli.conn, command),
+        Command::Nodes => nodes_cmd::run(cli.conn),
         Command::Audit { command } => audit_cmd::run(command),
         Command::Keys { command } => keys_cmd::run(command),
     };

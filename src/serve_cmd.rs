@@ -43,6 +43,10 @@ pub struct ServeArgs {
     /// [server] store with an SQLite file there.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// This node's name in a cluster on PostgreSQL (default: host name and gRPC port). A node
+    /// started again under its name takes back the jobs it held.
+    #[arg(long)]
+    pub node_id: Option<String>,
     /// Keep jobs in memory only (nothing survives a restart).
     #[arg(long)]
     pub memory: bool,
@@ -223,6 +227,14 @@ pub fn options(
         (StoreSetting::Postgres(url), false, None) => StoreChoice::Postgres {
             url: url.clone(),
             audit_dir: dir(),
+            node_id: args.node_id.clone().unwrap_or_else(|| {
+                format!(
+                    "{}:{}",
+                    cascade_orchestrator::store::host_name(),
+                    o.grpc_addr.port()
+                )
+            }),
+            address: o.grpc_addr.to_string(),
         },
     };
     Ok((o, store))
@@ -234,10 +246,15 @@ pub enum StoreChoice {
     Memory,
     /// `cascade.db` in this directory.
     Sqlite(PathBuf),
-    /// A PostgreSQL database; the audit log stays in `audit_dir` on this node.
+    /// A PostgreSQL database shared by the nodes of a cluster; the audit log stays in
+    /// `audit_dir` on this node.
     Postgres {
         url: String,
         audit_dir: PathBuf,
+        /// This node's name in the cluster.
+        node_id: String,
+        /// Its gRPC address, for the other nodes.
+        address: String,
     },
 }
 
@@ -259,15 +276,25 @@ impl StoreChoice {
         match self {
             Self::Memory => "memory".into(),
             Self::Sqlite(dir) => dir.join("cascade.db").display().to_string(),
-            Self::Postgres { url, .. } => url.clone(),
+            Self::Postgres { url, node_id, .. } => format!("{url}, node {node_id}"),
         }
     }
 }
 
 pub fn open_store(model: &ServerModel, choice: &StoreChoice) -> anyhow::Result<Arc<dyn JobStore>> {
     Ok(match choice {
-        StoreChoice::Postgres { url, .. } => {
+        StoreChoice::Postgres {
+            url,
+            node_id,
+            address,
+            ..
+        } => {
             let mut o = PgOptions::new(url.clone());
+            o.node_id = node_id.clone();
+            o.address = address.clone();
+            if let Some(lease) = model.server.lease {
+                o.lease = lease;
+            }
             o.password = model
                 .server
                 .store_password

@@ -48,8 +48,83 @@ fn finished_steps(db: &Path) -> HashSet<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_run_loses_no_job_and_reruns_no_finished_step() {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("data/cascade.db");
-    sigkill_mid_run(dir, "", spawn, move || finished_steps(&db)).await;
+    let db = dir.path().join("node-0/data/cascade.db");
+    let setup = Setup {
+        nodes: 1,
+        config: Box::new(|_| String::new()),
+        spawn,
+        finished_steps: Box::new(move |_| finished_steps(&db)),
+        leased_by: Box::new(|_| 0),
+    };
+    sigkill_mid_run(dir, setup).await;
+}
+
+/// A query on the test's PostgreSQL database from a synchronous closure.
+fn pg_query<T: Send + 'static>(
+    url: &str,
+    sql: &'static str,
+    arg: Option<String>,
+    read: fn(&cascade_orchestrator::store::pg_schema::Row) -> T,
+) -> Vec<T> {
+    let url = url.to_string();
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(async move {
+            let c = cascade_orchestrator::store::pg_schema::connect(&url, None)
+                .await
+                .unwrap();
+            let rows = match &arg {
+                Some(a) => c.query(sql, &[a]).await,
+                None => c.query(sql, &[]).await,
+            };
+            rows.unwrap().iter().map(read).collect()
+        })
+    })
+}
+
+/// PostgreSQL servers for [`Setup`]: node `i` of `url` keeps its audit log in its own directory.
+fn pg_setup(url: String, dir: &Path, nodes: usize, lease: &str) -> Setup {
+    let (config_url, steps_url, lease_url) = (url.clone(), url.clone(), url);
+    let dir = dir.to_path_buf();
+    let lease = lease.to_string();
+    Setup {
+        nodes,
+        config: Box::new(move |i| {
+            format!(
+                "[server]\nstore = \"{config_url}\"\nlease = \"{lease}\"\ndata_dir = \"{}\"\n",
+                dir.join(format!("node-{i}/data")).display()
+            )
+        }),
+        spawn: spawn_configured_store,
+        // Steps stored as succeeded, of the jobs node `owner` still leases (all without one).
+        finished_steps: Box::new(move |owner| {
+            match owner {
+                None => pg_query(
+                    &steps_url,
+                    "SELECT job_id || '/' || agent FROM steps WHERE state = 'succeeded'",
+                    None,
+                    |r| r.get::<_, String>(0),
+                ),
+                Some(node) => pg_query(
+                    &steps_url,
+                    "SELECT s.job_id || '/' || s.agent FROM steps s JOIN jobs j ON j.id = s.job_id
+                 WHERE s.state = 'succeeded' AND j.lease_owner = $1",
+                    Some(node.to_string()),
+                    |r| r.get::<_, String>(0),
+                ),
+            }
+            .into_iter()
+            .collect()
+        }),
+        leased_by: Box::new(move |node| {
+            pg_query(
+                &lease_url,
+                "SELECT count(*) FROM jobs WHERE lease_owner = $1
+                   AND state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded')",
+                Some(node.to_string()),
+                |r| r.get::<_, i64>(0),
+            )[0] as usize
+        }),
+    }
 }
 
 /// The same on PostgreSQL: the store is a database, not a file in the data directory.
@@ -59,43 +134,49 @@ async fn postgres_sigkill_mid_run_loses_no_job_and_reruns_no_finished_step() {
     let pg = postgres::Postgres::start();
     let url = pg.database("crash").await;
     let dir = tempfile::tempdir().unwrap();
-    let config = format!("[server]\nstore = \"{url}\"\n");
-    let finished = move || {
-        let url = url.clone();
-        tokio::task::block_in_place(|| {
-            tokio::runtime::Handle::current().block_on(async move {
-                let c = cascade_orchestrator::store::pg_schema::connect(&url, None)
-                    .await
-                    .unwrap();
-                c.query(
-                    "SELECT job_id || '/' || agent FROM steps WHERE state = 'succeeded'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect()
-            })
-        })
-    };
-    sigkill_mid_run(dir, &config, spawn_configured_store, finished).await;
+    let setup = pg_setup(url, dir.path(), 1, "10s");
+    sigkill_mid_run(dir, setup).await;
     drop(pg);
 }
 
-/// 2,000 jobs of three steps on the server of `dir` (its store set by `config`), SIGKILL once
-/// a quarter of the steps ran, a restart: every acknowledged job succeeds, every step reached
-/// the upstream, no step stored as finished ran again, and the steps cut by the kill ran
-/// again with their keys.
-async fn sigkill_mid_run(
-    dir: tempfile::TempDir,
-    config: &str,
+/// Three nodes on one database; one is killed and not started again: the other two take its
+/// jobs over once its lease ran out, and every acknowledged job finishes, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 (Debian's postgresql); .ci/run installs it and runs this"]
+async fn postgres_sigkill_of_one_node_of_three_its_jobs_are_taken_over() {
+    let pg = postgres::Postgres::start();
+    let url = pg.database("takeover").await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = pg_setup(url, dir.path(), 3, "2s");
+    sigkill_mid_run(dir, setup).await;
+    drop(pg);
+}
+
+/// Steps stored as succeeded, of the jobs a node leases (all, without one).
+type StepsOf = dyn Fn(Option<&str>) -> HashSet<String>;
+
+/// How the servers of [`sigkill_mid_run`] keep their jobs.
+struct Setup {
+    nodes: usize,
+    /// Node `i`'s `cascade.toml` lines after its graphs.
+    config: Box<dyn Fn(usize) -> String>,
     spawn: fn(&Path, u16, u16) -> common::Server,
-    finished_steps: impl Fn() -> HashSet<String>,
-) {
+    /// Steps stored as succeeded (of the jobs the named node leases, where the store knows).
+    finished_steps: Box<StepsOf>,
+    /// Unfinished jobs the named node leases.
+    leased_by: Box<dyn Fn(&str) -> usize>,
+}
+
+/// 2,000 jobs of three steps submitted across the nodes of `setup`, SIGKILL of node 0 once a
+/// quarter of the steps ran; then, with one node, a restart; with several, the others take its
+/// jobs over. Every acknowledged job succeeds, every step reached the upstream, no step stored
+/// as finished ran again, and the steps cut by the kill ran again with their keys.
+async fn sigkill_mid_run(dir: tempfile::TempDir, setup: Setup) {
     let keys = dir.path().join("keys.log");
-    let mut graph = String::from(
-        "[graph]\nname = \"durable\"\nmax_in_flight_jobs = 64\nmax_pending_jobs = 10000\n",
+    // 64 jobs in flight across the nodes: the kill comes while many are unfinished.
+    let mut graph = format!(
+        "[graph]\nname = \"durable\"\nmax_in_flight_jobs = {}\nmax_pending_jobs = 10000\n",
+        64 / setup.nodes
     );
     for (i, a) in AGENTS.iter().enumerate() {
         graph += &format!(
@@ -108,19 +189,39 @@ async fn sigkill_mid_run(
     }
     std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
     std::fs::write(dir.path().join("graphs/durable.toml"), graph).unwrap();
-    std::fs::write(
-        dir.path().join("cascade.toml"),
-        format!("graphs = [\"graphs\"]\n{config}"),
-    )
-    .unwrap();
+    let node_dirs: Vec<std::path::PathBuf> = (0..setup.nodes)
+        .map(|i| {
+            let d = dir.path().join(format!("node-{i}"));
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join("cascade.toml"),
+                format!(
+                    "graphs = [\"{}\"]\n{}",
+                    dir.path().join("graphs").display(),
+                    (setup.config)(i)
+                ),
+            )
+            .unwrap();
+            d
+        })
+        .collect();
 
     let t0 = Instant::now();
-    let (grpc, http) = (free_port(), free_port());
-    let mut server = spawn(dir.path(), grpc, http);
-    let client = connect(grpc).await;
+    let ports: Vec<(u16, u16)> = (0..setup.nodes)
+        .map(|_| (free_port(), free_port()))
+        .collect();
+    let mut servers: Vec<common::Server> = node_dirs
+        .iter()
+        .zip(&ports)
+        .map(|(d, (grpc, http))| (setup.spawn)(d, *grpc, *http))
+        .collect();
+    let mut clients = Vec::new();
+    for (grpc, _) in &ports {
+        clients.push(connect(*grpc).await);
+    }
     let ids: Vec<String> = futures::stream::iter(0..JOBS)
         .map(|i| {
-            let mut c = client.clone();
+            let mut c = clients[i % clients.len()].clone();
             async move {
                 c.submit_job(pb::SubmitJobRequest {
                     graph: "durable".into(),
@@ -139,18 +240,25 @@ async fn sigkill_mid_run(
     assert_eq!(ids.len(), JOBS);
     eprintln!("submitted in {:?}", t0.elapsed());
 
-    // Let a good part of the work happen, then SIGKILL (no shutdown of any kind).
+    // Let a good part of the work happen, then SIGKILL node 0 (no shutdown of any kind).
     let deadline = Instant::now() + Duration::from_secs(60);
     while key_lines(&keys).len() < JOBS * AGENTS.len() / 4 {
         assert!(Instant::now() < deadline, "the server made no progress");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    server.child.kill().unwrap();
-    server.child.wait().unwrap();
-    drop(client);
-
-    let done_before = finished_steps();
+    servers[0].child.kill().unwrap();
+    servers[0].child.wait().unwrap();
+    let killed_at = Instant::now();
     let lines_before = key_lines(&keys).len();
+    let node0 = format!(
+        "{}:{}",
+        cascade_orchestrator::store::host_name(),
+        ports[0].0
+    );
+    drop(clients);
+    // The other nodes keep working: only the killed node's jobs are frozen until taken over.
+    let several = setup.nodes > 1;
+    let done_before = (setup.finished_steps)(several.then_some(node0.as_str()));
     assert!(
         !done_before.is_empty(),
         "some steps had finished before the kill"
@@ -161,9 +269,61 @@ async fn sigkill_mid_run(
     );
 
     eprintln!("killed at {:?}", t0.elapsed());
-    let _server = spawn(dir.path(), grpc, http);
-    let mut client = connect(grpc).await;
-    eprintln!("restarted at {:?}", t0.elapsed());
+    let mut client = if several {
+        // Its leases run out and the others take its jobs over.
+        let held = (setup.leased_by)(&node0);
+        assert!(held > 0, "the killed node held unfinished jobs");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (setup.leased_by)(&node0) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the killed node's jobs were not taken over"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "{held} jobs of the killed node taken over {:?} after the kill",
+            killed_at.elapsed()
+        );
+        let mut c = connect(ports[1].0).await;
+        // Every node knows the cluster: the killed one is dead and holds nothing.
+        let nodes = c
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        assert_eq!(nodes.len(), setup.nodes, "{nodes:?}");
+        let dead: Vec<&pb::Node> = nodes.iter().filter(|n| !n.alive).collect();
+        assert_eq!(dead.len(), 1, "{nodes:?}");
+        assert_eq!(
+            (dead[0].id.as_str(), dead[0].jobs_leased),
+            (node0.as_str(), 0)
+        );
+        let me = nodes.iter().find(|n| n.this_node).expect("the node asked");
+        assert_eq!(me.address, format!("127.0.0.1:{}", ports[1].0));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+            .args([
+                "nodes",
+                "--server",
+                &format!("http://127.0.0.1:{}", ports[2].0),
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with(&node0) && l.contains("dead")),
+            "{text}"
+        );
+        assert_eq!(text.matches("alive").count(), 2, "{text}");
+        c
+    } else {
+        servers[0] = (setup.spawn)(&node_dirs[0], ports[0].0, ports[0].1);
+        eprintln!("restarted at {:?}", t0.elapsed());
+        connect(ports[0].0).await
+    };
     let deadline = Instant::now() + Duration::from_secs(120);
     for id in &ids {
         loop {
@@ -191,7 +351,7 @@ async fn sigkill_mid_run(
     }
 
     eprintln!("all done at {:?}", t0.elapsed());
-    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+    let log = std::fs::read_to_string(node_dirs[0].join("server.log")).unwrap_or_default();
     eprintln!(
         "{}",
         log.lines().rev().take(15).collect::<Vec<_>>().join("\n")

@@ -50,6 +50,11 @@ pub const QUOTA_UPSTREAM_RATE: &str = "cascade_quota_upstream_refill_per_second"
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
 pub const STORE_RECONNECTS: &str = "cascade_store_reconnects_total";
+pub const CLUSTER_TAKEOVERS: &str = "cascade_cluster_takeovers_total";
+pub const CLUSTER_NODES: &str = "cascade_cluster_nodes";
+pub const CLUSTER_JOBS_LEASED: &str = "cascade_cluster_jobs_leased";
+pub const CLUSTER_LEASES_LOST: &str = "cascade_cluster_leases_lost_total";
+pub const CLUSTER_HEARTBEAT_FAILURES: &str = "cascade_cluster_heartbeat_failures_total";
 pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
 pub const WATCHERS: &str = "cascade_job_watchers";
 pub const CONNECTIONS: &str = "cascade_connections";
@@ -166,6 +171,31 @@ pub fn describe() {
         AUDIT_WRITE_FAILURES,
         Unit::Count,
         "Batches of audit records that could not be appended (the log's file is unwritable)."
+    );
+    describe_gauge!(
+        CLUSTER_NODES,
+        Unit::Count,
+        "Nodes sharing this server's PostgreSQL store whose heartbeat is within the lease."
+    );
+    describe_gauge!(
+        CLUSTER_JOBS_LEASED,
+        Unit::Count,
+        "Unfinished jobs this node holds the lease of (PostgreSQL store)."
+    );
+    describe_counter!(
+        CLUSTER_TAKEOVERS,
+        Unit::Count,
+        "Unfinished jobs this node took over from nodes that stopped renewing their leases (PostgreSQL store)."
+    );
+    describe_counter!(
+        CLUSTER_LEASES_LOST,
+        Unit::Count,
+        "Jobs another node took over while this one still ran them (its heartbeat was late); this node's changes to them are not written."
+    );
+    describe_counter!(
+        CLUSTER_HEARTBEAT_FAILURES,
+        Unit::Count,
+        "Heartbeats (lease renewals) this node could not write to PostgreSQL."
     );
     describe_counter!(
         STORE_RECONNECTS,

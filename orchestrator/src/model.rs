@@ -79,6 +79,9 @@ pub struct ServerSettings {
     pub store: StoreSetting,
     /// The PostgreSQL password (a secret reference; never in the URL).
     pub store_password: Option<crate::secret::SecretRef>,
+    /// How long a node's leases on its jobs last without a heartbeat (PostgreSQL store): a node
+    /// silent for longer is dead and its jobs are taken over.
+    pub lease: Option<Duration>,
     /// Pause propagation through the DAG (`false`: naive mode, for comparisons).
     pub cascade: bool,
     /// Verifies webhook signatures (a reference: `env:NAME` or `file:PATH`).
@@ -153,6 +156,7 @@ impl Default for ServerSettings {
             data_dir: None,
             store: StoreSetting::Sqlite,
             store_password: None,
+            lease: None,
             cascade: true,
             webhook_secret: None,
             callback_secret: None,

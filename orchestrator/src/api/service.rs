@@ -917,6 +917,55 @@ impl pb::cascade_server::Cascade for CascadeService {
         self.set_trigger_paused(req.into_inner(), false)
     }
 
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        self.who(&req, Role::Read, "ListNodes").await?;
+        let ms = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64)
+        };
+        let nodes = match self.orch.store().nodes().map_err(store_status)? {
+            Some(nodes) => nodes
+                .into_iter()
+                .map(|n| pb::Node {
+                    id: n.id,
+                    address: n.address,
+                    last_heartbeat_ms: ms(n.last_heartbeat),
+                    started_ms: ms(n.started),
+                    jobs_leased: n.jobs_leased,
+                    alive: n.alive,
+                    this_node: n.this_node,
+                })
+                .collect(),
+            // A store of its own: this process is the whole cluster, and holds every
+            // unfinished job it has.
+            None => {
+                let mut held = 0;
+                for g in self.orch.graph_names() {
+                    held += self.orch.store().pending_count(&g) as u64;
+                    held += self
+                        .orch
+                        .scheduler_snapshot(&g)
+                        .await
+                        .map_or(0, |s| s.jobs_in_flight as u64);
+                }
+                let now = ms(crate::clock::now());
+                vec![pb::Node {
+                    id: crate::store::host_name(),
+                    address: String::new(),
+                    last_heartbeat_ms: now,
+                    started_ms: now,
+                    jobs_leased: held,
+                    alive: true,
+                    this_node: true,
+                }]
+            }
+        };
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
     type WatchGraphStream = BoxStream<pb::GraphEvent>;
 
     async fn watch_graph(

@@ -103,6 +103,49 @@ impl Shared {
         self.shutting_down.load(Relaxed)
     }
 
+    /// Whether someone here watches or awaits job `id`.
+    pub(super) fn follows(&self, id: JobId) -> bool {
+        self.job_feeds.last_seq(id).is_some()
+            || self
+                .waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(&id)
+    }
+
+    /// The jobs someone here watches or awaits.
+    pub(super) fn followed(&self) -> Vec<JobId> {
+        let mut ids = self.job_feeds.ids();
+        ids.extend(
+            self.waiters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied(),
+        );
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Another node changed job `id`: carry its new events to the watchers here, and let the
+    /// waiters look at its state again.
+    pub(super) fn remote_changed(&self, id: JobId) {
+        if let Some(after) = self.job_feeds.last_seq(id) {
+            match self.store.events(id, after) {
+                Ok(events) => {
+                    for e in events {
+                        self.publish(e);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %id, error = %e, "cannot read another node's events for a watcher")
+                }
+            }
+        }
+        self.job_finished(id);
+    }
+
     /// Drop the waiters of `id` that nobody waits on any more.
     pub(super) fn forget_waiters(&self, id: JobId) {
         let mut waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,7 +203,8 @@ impl Shared {
 /// from the store, so a slow watcher holds no memory for others.
 #[derive(Default)]
 pub(super) struct JobFeeds {
-    feeds: Mutex<HashMap<JobId, broadcast::Sender<JobEvent>>>,
+    /// Each watched job's feed, and the seq of the last event it carried.
+    feeds: Mutex<HashMap<JobId, (broadcast::Sender<JobEvent>, u64)>>,
     /// Feeds open now: publishing takes no lock while it is zero.
     open: AtomicUsize,
 }
@@ -172,7 +216,8 @@ impl JobFeeds {
         let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
         let rx = feeds
             .entry(id)
-            .or_insert_with(|| broadcast::channel(Self::FEED_CAPACITY).0)
+            .or_insert_with(|| (broadcast::channel(Self::FEED_CAPACITY).0, 0))
+            .0
             .subscribe();
         self.open.store(feeds.len(), Relaxed);
         rx
@@ -183,9 +228,10 @@ impl JobFeeds {
             return;
         }
         let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tx) = feeds.get(&event.job_id) else {
+        let Some((tx, last)) = feeds.get_mut(&event.job_id) else {
             return;
         };
+        *last = (*last).max(event.seq);
         let gone = tx.send(event.clone()).is_err() || event.kind.is_final();
         if gone {
             feeds.remove(&event.job_id);
@@ -196,10 +242,28 @@ impl JobFeeds {
     /// A watcher left: drop its job's feed if it was the last one.
     pub(super) fn release(&self, id: JobId) {
         let mut feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
-        if feeds.get(&id).is_some_and(|tx| tx.receiver_count() == 0) {
+        if feeds
+            .get(&id)
+            .is_some_and(|(tx, _)| tx.receiver_count() == 0)
+        {
             feeds.remove(&id);
             self.open.store(feeds.len(), Relaxed);
         }
+    }
+
+    /// The seq of the last event job `id`'s feed carried, if someone watches it.
+    pub(super) fn last_seq(&self, id: JobId) -> Option<u64> {
+        if self.open.load(Relaxed) == 0 {
+            return None;
+        }
+        let feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        feeds.get(&id).map(|(_, last)| *last)
+    }
+
+    /// The jobs watched now.
+    pub(super) fn ids(&self) -> Vec<JobId> {
+        let feeds = self.feeds.lock().unwrap_or_else(|p| p.into_inner());
+        feeds.keys().copied().collect()
     }
 
     /// Feeds open now. There is one per job some WatchJob stream follows, so the map is bounded

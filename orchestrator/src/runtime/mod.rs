@@ -334,6 +334,17 @@ impl OrchestratorBuilder {
                 })
             })
             .collect();
+        follow_remote_changes(&shared);
+        // Jobs taken over from another node reach their graph's scheduler through this.
+        let by_name: HashMap<Arc<str>, std::sync::Weak<GraphCtx>> = graphs
+            .iter()
+            .map(|g| (g.model.name.clone(), Arc::downgrade(g)))
+            .collect();
+        shared.store.set_waker(Arc::new(move |graph: &str| {
+            if let Some(g) = by_name.get(graph).and_then(std::sync::Weak::upgrade) {
+                g.wake();
+            }
+        }));
         let (root, handle) = Actor::spawn(None, RootSupervisor, (shared.clone(), graphs.clone()))
             .await
             .map_err(|e| StartError(e.to_string()))?;
@@ -1113,6 +1124,39 @@ async fn follow(
             Err(broadcast::error::RecvError::Closed) => return,
         }
     }
+}
+
+/// Changes other nodes make to jobs someone here watches or awaits reach them through the
+/// store's announcements, handled in order by one task. The queue is bounded: when it is full,
+/// the next handling looks at every followed job again instead of at the announced one.
+fn follow_remote_changes(shared: &Arc<Shared>) {
+    use crate::store::{RemoteChange, RemoteEvents};
+    let (tx, mut rx) = mpsc::channel::<RemoteChange>(4096);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let (weak, weak_task) = (Arc::downgrade(shared), Arc::downgrade(shared));
+    let missed = overflowed.clone();
+    shared.store.set_remote_events(RemoteEvents {
+        interested: Arc::new(move |id| weak.upgrade().is_some_and(|s| s.follows(id))),
+        announce: Arc::new(move |change| {
+            if tx.try_send(change).is_err() {
+                missed.store(true, Relaxed);
+            }
+        }),
+    });
+    tokio::spawn(async move {
+        while let Some(change) = rx.recv().await {
+            let Some(shared) = weak_task.upgrade() else {
+                return;
+            };
+            let ids = match (change, overflowed.swap(false, Relaxed)) {
+                (RemoteChange::Job(id), false) => vec![id],
+                _ => shared.followed(),
+            };
+            for id in ids {
+                shared.remote_changed(id);
+            }
+        }
+    });
 }
 
 /// The message a panic was raised with.

@@ -409,9 +409,25 @@ impl SchedState {
 
     /// Claim pending jobs while there is room. With `eager`, claim even a single free place.
     fn admit(&mut self, eager: bool) {
+        if self.draining {
+            return;
+        }
+        // Jobs taken over from a dead node were running: they resume first, paused or not, as
+        // jobs left running by a restart do (their steps wait for the broker like any other).
+        let room = self
+            .ctx
+            .model
+            .max_in_flight_jobs
+            .get()
+            .saturating_sub(self.jobs.len());
+        if room > 0 {
+            for r in self.ctx.shared.store.adopted(&self.ctx.model.name, room) {
+                self.start_job(r, true);
+            }
+        }
         // A job whose path runs through a paused agent could only wait: it stays pending, and
         // spends no upstream call or token meanwhile.
-        if self.draining || self.paused > 0 {
+        if self.paused > 0 {
             return;
         }
         let free = self

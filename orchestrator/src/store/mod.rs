@@ -18,10 +18,46 @@ use serde_json::Value;
 use crate::job::{ApprovalView, JobEvent, JobId, JobRecord, JobState, JobUpdate};
 
 pub use memory::MemoryStore;
-pub use postgres::{PgOptions, PgStore};
+pub use postgres::{PgOptions, PgStore, host_name};
 pub use sqlite::{SqliteOptions, SqliteStore};
 
+/// Changes another node made, announced to this one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoteChange {
+    /// Job `0` has new events.
+    Job(JobId),
+    /// Announcements may have been missed (the listening connection was lost): look at every
+    /// job followed again.
+    Resync,
+}
+
+/// Where a store announces [`RemoteChange`]s: `interested(id)` tells whether this node follows
+/// a job (someone watches or awaits it), `announce` takes the change.
+#[derive(Clone)]
+pub struct RemoteEvents {
+    pub interested: Arc<dyn Fn(JobId) -> bool + Send + Sync>,
+    pub announce: Arc<dyn Fn(RemoteChange) + Send + Sync>,
+}
+
+/// Wakes the scheduler of the graph it is given.
+pub type Waker = Arc<dyn Fn(&str) + Send + Sync>;
+
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A node of a cluster, as its store sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub id: String,
+    pub address: String,
+    pub last_heartbeat: std::time::SystemTime,
+    pub started: std::time::SystemTime,
+    /// Unfinished jobs it holds the lease of.
+    pub jobs_leased: u64,
+    /// Its heartbeat is within the lease.
+    pub alive: bool,
+    /// The node asking.
+    pub this_node: bool,
+}
 
 /// A job to accept.
 #[derive(Clone, Debug)]
@@ -230,6 +266,26 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Replace the state of trigger `key`. One row per configured trigger.
     fn save_trigger_state(&self, _key: &str, _state: String) {}
+
+    /// Running jobs of `graph` this node took over from a dead node since they were last asked
+    /// for (at most `limit`): their scheduler resumes them as it resumes jobs left running.
+    fn adopted(&self, _graph: &str, _limit: usize) -> Vec<JobRecord> {
+        Vec::new()
+    }
+
+    /// Tell the store how to wake a graph's scheduler when work arrives that no submission to
+    /// this process announced (jobs taken over from another node).
+    fn set_waker(&self, _waker: Waker) {}
+
+    /// Tell the store where to announce changes other nodes made to jobs this one does not hold
+    /// (for its watchers and waiters); `interested` says which jobs this node follows.
+    fn set_remote_events(&self, _sink: RemoteEvents) {}
+
+    /// The nodes sharing this store, for a store several nodes share (`None`: this process
+    /// alone).
+    fn nodes(&self) -> Result<Option<Vec<NodeInfo>>, StoreError> {
+        Ok(None)
+    }
 
     /// Wait until every change made so far is durable (no-op for a store that is not).
     fn flush(&self) -> StoreFuture<'_, ()> {

@@ -13,16 +13,17 @@
 //! except leases and heartbeats, which use the database's `now()` so that one clock decides
 //! expiry across nodes.
 
-use tokio_postgres::Client;
+pub use tokio_postgres::{Client, Row};
 
 /// The advisory lock key migrations hold ("CASCADE" as ASCII, 7 bytes).
 const MIGRATION_LOCK: i64 = 0x43_41_53_43_41_44_45;
 
 /// Each migration: its version and its statements. Append only: a released version is never
 /// edited.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY,
     graph TEXT NOT NULL,
@@ -96,7 +97,24 @@ CREATE TABLE trigger_state (
 );
 
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+-- The nodes of a cluster: each renews its heartbeat every quarter lease; a node whose heartbeat
+-- is older than the lease is dead, and the jobs it leased are taken over.
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    heartbeat_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    draining BOOLEAN NOT NULL DEFAULT false
+);
+CREATE INDEX jobs_unfinished_by_owner ON jobs (lease_owner)
+    WHERE state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded');
+"#,
+    ),
+];
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {
@@ -183,6 +201,26 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             None => e.to_string(),
         },
     }
+}
+
+/// A connection whose messages the caller drives itself (to receive notifications).
+pub async fn connect_raw(
+    url: &str,
+    password: Option<&crate::secret::Secret>,
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    tokio_postgres::Error,
+> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if let Some(p) = password {
+        config.password(p.expose());
+    }
+    config.application_name("cascade");
+    config.connect_timeout(std::time::Duration::from_secs(10));
+    config.connect(tokio_postgres::NoTls).await
 }
 
 /// Connect to `url` (a `postgres://` URL without a password) with `password` from its secret

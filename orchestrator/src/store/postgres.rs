@@ -18,11 +18,11 @@
 //! thread with a current-thread runtime that owns the connections; a read is sent there and the
 //! caller waits for its answer, as it waits on the SQLite store's read lock.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::error::Error as _;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
@@ -34,8 +34,13 @@ use super::batch::{
     parse_step_state,
 };
 use super::pg_schema;
-use super::{JobFilter, JobStore, MemoryStore, NewJob, StoreError, StoreFuture, Submitted};
-use crate::job::{ApprovalView, CallbackDelivery, JobEvent, JobId, JobRecord, StepRecord};
+use super::{
+    JobFilter, JobStore, MemoryStore, NewJob, NodeInfo, RemoteChange, RemoteEvents, StoreError,
+    StoreFuture, Submitted, Waker,
+};
+use crate::job::{
+    ApprovalView, CallbackDelivery, JobEvent, JobId, JobRecord, JobState, StepRecord,
+};
 use crate::secret::Secret;
 
 /// Where and how the PostgreSQL store keeps its rows.
@@ -51,6 +56,14 @@ pub struct PgOptions {
     pub queue_capacity: usize,
     /// Events kept per job (its final event always).
     pub max_events_per_job: usize,
+    /// This node's name in the cluster (`cascade serve --node-id`; default: host name and port).
+    /// A node started again under the same name takes its leases back at once.
+    pub node_id: String,
+    /// Where other nodes reach this one (its gRPC address), shown by `cascade nodes`.
+    pub address: String,
+    /// A node renews its leases (its heartbeat) every quarter of this; a node silent for longer
+    /// is dead, and another node takes its unfinished jobs over.
+    pub lease: Duration,
 }
 
 impl PgOptions {
@@ -61,8 +74,20 @@ impl PgOptions {
             retention: Duration::from_secs(24 * 3600),
             queue_capacity: super::SqliteOptions::DEFAULT_QUEUE_CAPACITY,
             max_events_per_job: super::memory::DEFAULT_MAX_EVENTS_PER_JOB,
+            node_id: format!("{}-{}", host_name(), std::process::id()),
+            address: String::new(),
+            lease: Duration::from_secs(10),
         }
     }
+}
+
+/// This machine's host name (Linux), or "cascade".
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "cascade".into())
 }
 
 /// How long a synchronous read waits for the database before it answers `Unavailable`.
@@ -122,14 +147,37 @@ impl Connection {
     }
 }
 
+/// Jobs this node took over from a dead one, and how to tell their graphs.
+#[derive(Default)]
+struct Adoption {
+    /// Running jobs taken over, per graph, that their scheduler has not resumed yet.
+    running: Mutex<HashMap<Arc<str>, VecDeque<JobId>>>,
+    waker: RwLock<Option<Waker>>,
+    /// Where changes other nodes made are announced.
+    remote: RwLock<Option<RemoteEvents>>,
+}
+
+impl Adoption {
+    fn wake(&self, graph: &str) {
+        if let Some(w) = &*self.waker.read().unwrap_or_else(|p| p.into_inner()) {
+            w(graph);
+        }
+    }
+}
+
 pub struct PgStore {
-    mem: MemoryStore,
+    mem: Arc<MemoryStore>,
+    adoption: Arc<Adoption>,
     /// Unbounded by type, bounded by admission as in the SQLite store: `queued` counts what
     /// waits, and submissions are refused at `queue_capacity`.
     tx: mpsc::UnboundedSender<Op>,
     queued: Arc<AtomicUsize>,
     queue_capacity: usize,
     reader: Arc<Connection>,
+    node_id: String,
+    lease: Duration,
+    /// Orders a new job's insert before its claim (see `submit`).
+    order: Mutex<()>,
     /// The store thread's runtime, where the connections live.
     rt: tokio::runtime::Handle,
 }
@@ -142,6 +190,13 @@ impl PgStore {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let (init_tx, init_rx) = std::sync::mpsc::channel();
+        let mem = Arc::new(
+            MemoryStore::with_retention(10_000)
+                .with_max_events_per_job(options.max_events_per_job)
+                .with_key_ttl(options.retention),
+        );
+        let adoption = Arc::new(Adoption::default());
+        let (weak_mem, lease_adoption) = (Arc::downgrade(&mem), adoption.clone());
         let depth = queued.clone();
         let opts = options.clone();
         std::thread::Builder::new()
@@ -167,6 +222,12 @@ impl PgStore {
                     match init(&opts, &reader).await {
                         Ok(loaded) => {
                             let _ = init_tx.send(Ok((handle, reader, loaded)));
+                            tokio::spawn(listen_loop(
+                                opts.clone(),
+                                weak_mem.clone(),
+                                lease_adoption.clone(),
+                            ));
+                            tokio::spawn(lease_loop(opts.clone(), weak_mem, lease_adoption));
                             writer_loop(opts, rx, &depth).await;
                         }
                         Err(e) => {
@@ -179,9 +240,6 @@ impl PgStore {
         let (rt, reader, loaded) = init_rx
             .recv()
             .map_err(|_| err("the PostgreSQL store's thread stopped while opening"))??;
-        let mem = MemoryStore::with_retention(10_000)
-            .with_max_events_per_job(options.max_events_per_job)
-            .with_key_ttl(options.retention);
         let count = loaded.len();
         for (record, events) in loaded {
             mem.insert_recovered(record, events);
@@ -191,10 +249,14 @@ impl PgStore {
         }
         Ok(Self {
             mem,
+            adoption,
             tx,
             queued,
             queue_capacity: options.queue_capacity.max(1),
             reader,
+            node_id: options.node_id.clone(),
+            lease: options.lease,
+            order: Mutex::new(()),
             rt,
         })
     }
@@ -250,7 +312,8 @@ impl PgStore {
     }
 }
 
-/// Migrate and read back the jobs a previous run left unfinished.
+/// Migrate, announce this node, and take the unfinished jobs it leased before a restart and those
+/// nobody holds (a dead node's, or all of them on a first start).
 async fn init(
     o: &PgOptions,
     reader: &Connection,
@@ -267,28 +330,270 @@ async fn init(
     pg_schema::migrate(&mut admin).await.map_err(err)?;
     drop(admin);
     let c = reader.client().await.map_err(db)?;
-    let ids: Vec<String> = c
-        .query(
-            "SELECT id FROM jobs
-             WHERE state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded')
-             ORDER BY id",
-            &[],
-        )
-        .await
-        .map_err(db)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    heartbeat(&c, o).await.map_err(db)?;
+    // This node's own leases (a restart under the same name), and the jobs nobody holds.
+    let ids = claim(&c, o, true).await.map_err(db)?;
+    load_with_events(&c, &ids).await
+}
+
+/// The jobs of `ids` with their events.
+async fn load_with_events(
+    c: &Client,
+    ids: &[String],
+) -> Result<Vec<(JobRecord, Vec<JobEvent>)>, StoreError> {
     let mut out = Vec::with_capacity(ids.len());
     for chunk in ids.chunks(1000) {
-        let records = load_jobs(&c, chunk).await?;
-        let mut events = load_events_of(&c, chunk).await?;
+        let records = load_jobs(c, chunk).await?;
+        let mut events = load_events_of(c, chunk).await?;
         for r in records {
             let e = events.remove(&r.id).unwrap_or_default();
             out.push((r, e));
         }
     }
     Ok(out)
+}
+
+/// Renew this node's heartbeat (its leases).
+async fn heartbeat(c: &Client, o: &PgOptions) -> Result<(), tokio_postgres::Error> {
+    c.execute(
+        "INSERT INTO nodes (id, address) VALUES ($1, $2)
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), address = excluded.address,
+             draining = false",
+        &[&o.node_id, &o.address],
+    )
+    .await
+    .map(drop)
+}
+
+/// Lease to this node the unfinished jobs nobody holds: no owner (handed back) or an owner whose
+/// heartbeat is older than the lease; with `own`, also the jobs this node's name holds (taken
+/// back after a restart). Oldest first; `FOR UPDATE SKIP LOCKED`, so two nodes taking over at
+/// once split the jobs instead of waiting on each other. Returns the ids.
+async fn claim(c: &Client, o: &PgOptions, own: bool) -> Result<Vec<String>, tokio_postgres::Error> {
+    let mut ids: Vec<String> = Vec::new();
+    loop {
+        // Past the last id taken: a job this node already holds still matches with `own`.
+        let after = ids.last().cloned().unwrap_or_default();
+        let rows = c
+            .query(
+                "UPDATE jobs SET lease_owner = $1, leased_at = now()
+                 WHERE id IN (
+                     SELECT id FROM jobs j
+                     WHERE j.id > $5
+                       AND j.state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded')
+                       AND ((j.lease_owner = $1 AND $3)
+                         OR j.lease_owner IS NULL
+                         OR (j.lease_owner <> $1 AND NOT EXISTS (
+                             SELECT 1 FROM nodes n WHERE n.id = j.lease_owner
+                               AND n.heartbeat_at >= now() - make_interval(secs => $2))))
+                     ORDER BY id LIMIT $4
+                     FOR UPDATE SKIP LOCKED)
+                 RETURNING id",
+                &[
+                    &o.node_id,
+                    &o.lease.as_secs_f64(),
+                    &own,
+                    &CLAIM_BATCH,
+                    &after,
+                ],
+            )
+            .await?;
+        let n = rows.len();
+        let mut batch: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        batch.sort();
+        ids.extend(batch);
+        if n < CLAIM_BATCH as usize {
+            return Ok(ids);
+        }
+    }
+}
+
+/// Jobs leased per statement when taking over.
+const CLAIM_BATCH: i64 = 1000;
+
+/// Every quarter lease: renew this node's heartbeat, and take over the jobs of nodes that
+/// stopped renewing theirs. Ends with the store.
+async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption>) {
+    let conn = Connection {
+        url: o.url.clone(),
+        password: o.password.clone(),
+        client: AsyncMutex::new(None),
+    };
+    let failures = metrics::counter!(crate::metrics::CLUSTER_HEARTBEAT_FAILURES);
+    let taken = metrics::counter!(crate::metrics::CLUSTER_TAKEOVERS);
+    let alive = metrics::gauge!(crate::metrics::CLUSTER_NODES);
+    let leased = metrics::gauge!(crate::metrics::CLUSTER_JOBS_LEASED);
+    let mut last_prune = Instant::now();
+    let mut tick = tokio::time::interval((o.lease / 4).max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(mem) = mem.upgrade() else { return };
+        let round = async {
+            let c = conn.client().await?;
+            heartbeat(&c, &o).await?;
+            let ids = claim(&c, &o, false).await?;
+            let row = c
+                .query_one(
+                    "SELECT count(*) FILTER (WHERE heartbeat_at >= now() - make_interval(secs => $1)),
+                         (SELECT count(*) FROM jobs WHERE lease_owner = $2
+                            AND state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded'))
+                     FROM nodes",
+                    &[&o.lease.as_secs_f64(), &o.node_id],
+                )
+                .await?;
+            alive.set(row.get::<_, i64>(0) as f64);
+            leased.set(row.get::<_, i64>(1) as f64);
+            // A node gone for a day that holds nothing is forgotten.
+            if last_prune.elapsed() > Duration::from_secs(600) {
+                last_prune = Instant::now();
+                c.execute(
+                    "DELETE FROM nodes WHERE heartbeat_at < now() - interval '1 day'
+                       AND NOT EXISTS (SELECT 1 FROM jobs WHERE lease_owner = nodes.id
+                         AND state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded'))",
+                    &[],
+                )
+                .await?;
+            }
+            Ok::<_, tokio_postgres::Error>((c, ids))
+        };
+        let (c, ids) = match round.await {
+            Ok(done) => done,
+            Err(e) => {
+                failures.increment(1);
+                tracing::warn!(error = %pg_schema::describe(&e), "cannot renew this node's leases in PostgreSQL; trying again");
+                continue;
+            }
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        match load_with_events(&c, &ids).await {
+            Ok(loaded) => {
+                taken.increment(loaded.len() as u64);
+                tracing::info!(
+                    jobs = loaded.len(),
+                    "took over the jobs of a node that stopped renewing its leases"
+                );
+                adopt(&mem, &adoption, loaded);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = ids.len(), "took over jobs but cannot read them; they are taken over again after this node's lease")
+            }
+        }
+    }
+}
+
+/// The channel each committed batch names its changed jobs on.
+const EVENTS_CHANNEL: &str = "cascade_events";
+
+/// A notification's payload stays under PostgreSQL's 8,000 bytes: about 200 job ids.
+const NOTIFY_BYTES: usize = 7_800;
+
+/// Listen for the batches other nodes commit, and announce the jobs this node follows but does
+/// not hold (a watcher here of a job running there). After a lost connection, announce a
+/// resync: changes made meanwhile were not heard.
+async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption>) {
+    use futures::StreamExt;
+    let mut delay = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        if mem.strong_count() == 0 {
+            return;
+        }
+        let (client, mut connection) = match pg_schema::connect_raw(&o.url, o.password.as_ref())
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %pg_schema::describe(&e), "cannot listen for other nodes' changes; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let (tx, mut rx) = futures::channel::mpsc::unbounded();
+        let driver = tokio::spawn(async move {
+            let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(m)) = messages.next().await {
+                if tx.unbounded_send(m).is_err() {
+                    return;
+                }
+            }
+        });
+        if let Err(e) = client
+            .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}"))
+            .await
+        {
+            tracing::warn!(error = %pg_schema::describe(&e), "cannot listen for other nodes' changes; trying again");
+            driver.abort();
+            tokio::time::sleep(delay).await;
+            continue;
+        }
+        delay = Duration::from_millis(100);
+        if !std::mem::take(&mut first) {
+            announce(&adoption, RemoteChange::Resync);
+        }
+        while let Some(message) = rx.next().await {
+            let tokio_postgres::AsyncMessage::Notification(n) = message else {
+                continue;
+            };
+            let Some(mem) = mem.upgrade() else { return };
+            let Some(sink) = adoption
+                .remote
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            else {
+                continue;
+            };
+            for id in n
+                .payload()
+                .split(',')
+                .filter_map(|i| i.parse::<JobId>().ok())
+            {
+                // A job held here announced its changes itself.
+                if (sink.interested)(id) && mem.tenant_of(id).ok().flatten().is_none() {
+                    (sink.announce)(RemoteChange::Job(id));
+                }
+            }
+        }
+        driver.abort();
+        tracing::warn!(
+            "the connection listening for other nodes' changes was lost; listening again"
+        );
+    }
+}
+
+fn announce(adoption: &Adoption, change: RemoteChange) {
+    if let Some(sink) = &*adoption.remote.read().unwrap_or_else(|p| p.into_inner()) {
+        (sink.announce)(change);
+    }
+}
+
+/// Hold jobs taken over: pending ones queue, parked ones wait for their decision, running ones
+/// wait for their scheduler to resume them; each graph is told.
+fn adopt(mem: &MemoryStore, adoption: &Adoption, loaded: Vec<(JobRecord, Vec<JobEvent>)>) {
+    let mut graphs = BTreeSet::new();
+    {
+        let mut running = adoption.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (record, events) in loaded {
+            if mem.get(record.id).ok().flatten().is_some() {
+                continue;
+            }
+            graphs.insert(record.graph.clone());
+            if record.state == JobState::Running {
+                running
+                    .entry(record.graph.clone())
+                    .or_default()
+                    .push_back(record.id);
+            }
+            mem.insert_recovered(record, events);
+        }
+    }
+    for g in graphs {
+        adoption.wake(&g);
+    }
 }
 
 const JOB_COLUMNS: &str =
@@ -439,18 +744,28 @@ impl JobStore for PgStore {
             if queued >= self.queue_capacity {
                 return Err(StoreError::Busy { queued });
             }
+            // The job's insert is queued before any change to it can be: a claim waits for it
+            // (a change written before its row would find no row, as if the job were another
+            // node's).
+            let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
             // A key this node holds is answered from memory; one held only in the database (by
             // another node, or from before a restart) is found by the insert itself.
-            self.mem.submit_now(job)
+            let (submitted, created) = self.mem.submit_now(job)?;
+            Ok(match created {
+                None => (submitted, None),
+                Some((record, event)) => {
+                    let (ack, done) = oneshot::channel();
+                    let id = record.id;
+                    self.send(Op::Insert { record, event, ack });
+                    (submitted, Some((id, done)))
+                }
+            })
         })();
         Box::pin(async move {
             let (submitted, created) = result?;
-            let Some((record, event)) = created else {
+            let Some((id, done)) = created else {
                 return Ok(submitted);
             };
-            let (ack, done) = oneshot::channel();
-            let id = record.id;
-            self.send(Op::Insert { record, event, ack });
             match done.await {
                 Ok(Ok(Inserted::Stored)) => Ok(submitted),
                 Ok(Ok(Inserted::Known {
@@ -476,11 +791,90 @@ impl JobStore for PgStore {
     }
 
     fn claim_pending(&self, graph: &str, limit: usize) -> Result<Vec<JobRecord>, StoreError> {
+        let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
         self.mem.claim_pending(graph, limit)
     }
 
     fn running(&self, graph: &str) -> Result<Vec<JobRecord>, StoreError> {
+        // Every running job, those taken over included: none is left to resume twice.
+        self.adoption
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(graph);
         self.mem.running(graph)
+    }
+
+    fn adopted(&self, graph: &str, limit: usize) -> Vec<JobRecord> {
+        let mut running = self
+            .adoption
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(queue) = running.get_mut(graph) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let Some(id) = queue.pop_front() else { break };
+            if let Ok(Some(r)) = self.mem.get(id)
+                && r.state == JobState::Running
+            {
+                out.push(r);
+            }
+        }
+        out
+    }
+
+    fn nodes(&self) -> Result<Option<Vec<NodeInfo>>, StoreError> {
+        let (me, lease) = (self.node_id.clone(), self.lease.as_secs_f64());
+        self.read(move |c| {
+            let me = me.clone();
+            async move {
+                let rows = c
+                    .query(
+                        "SELECT n.id, n.address,
+                             (extract(epoch FROM n.heartbeat_at) * 1000000)::int8,
+                             (extract(epoch FROM n.started_at) * 1000000)::int8,
+                             n.heartbeat_at >= now() - make_interval(secs => $1),
+                             (SELECT count(*) FROM jobs j WHERE j.lease_owner = n.id
+                                AND j.state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded'))
+                         FROM nodes n ORDER BY n.id",
+                        &[&lease],
+                    )
+                    .await
+                    .map_err(db)?;
+                Ok(Some(
+                    rows.iter()
+                        .map(|r| NodeInfo {
+                            id: r.get(0),
+                            address: r.get(1),
+                            last_heartbeat: from_micros(r.get(2)),
+                            started: from_micros(r.get(3)),
+                            alive: r.get(4),
+                            jobs_leased: r.get::<_, i64>(5).max(0) as u64,
+                            this_node: r.get::<_, &str>(0) == me,
+                        })
+                        .collect(),
+                ))
+            }
+        })
+    }
+
+    fn set_remote_events(&self, sink: RemoteEvents) {
+        *self
+            .adoption
+            .remote
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(sink);
+    }
+
+    fn set_waker(&self, waker: Waker) {
+        *self
+            .adoption
+            .waker
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(waker);
     }
 
     fn update(
@@ -812,7 +1206,9 @@ async fn writer_loop(o: PgOptions, mut rx: mpsc::UnboundedReceiver<Op>, queued: 
                 Op::Insert { ack, record, .. } => {
                     let answer = match &mut outcome {
                         Err(e) => Err(e.clone()),
-                        Ok(done) => done.remove(&record.id).unwrap_or(Ok(Inserted::Stored)),
+                        Ok(done) => done.remove(&record.id).unwrap_or_else(|| {
+                            Err("its row was not written (another node holds its id)".into())
+                        }),
                     };
                     let _ = ack.send(answer);
                 }
@@ -965,9 +1361,11 @@ async fn write_jobs(
         let inserted: HashSet<String> = tx
             .query(
                 "INSERT INTO jobs (id, graph, state, input, labels, tenant, idempotency_key,
-                     deadline_ms, callback_url, created_at, updated_at, events)
+                     deadline_ms, callback_url, created_at, updated_at, events, lease_owner,
+                     leased_at)
                  SELECT u.id, u.graph, u.state, u.input, u.labels::jsonb, u.tenant, u.key,
-                     u.deadline_ms, u.callback_url, u.created_at, u.updated_at, u.events
+                     u.deadline_ms, u.callback_url, u.created_at, u.updated_at, u.events, $13,
+                     now()
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                      $6::text[], $7::text[], $8::int8[], $9::text[], $10::int8[], $11::int8[],
                      $12::int8[])
@@ -996,6 +1394,7 @@ async fn write_jobs(
                     &new.iter().map(|r| micros(r.created_at)).collect::<Vec<_>>(),
                     &new.iter().map(|r| micros(r.updated_at)).collect::<Vec<_>>(),
                     &new.iter().map(|r| r.events as i64).collect::<Vec<_>>(),
+                    &o.node_id,
                 ],
             )
             .await?
@@ -1036,9 +1435,14 @@ async fn write_jobs(
         .map(|(_, w)| w.0)
         .filter(|r| !skip.contains(&r.id))
         .collect();
+    // The fence: a job's row changes only while this node holds its lease (or nobody does: a
+    // finished job's callback outcome). A node that lost a job to a takeover writes nothing.
+    let mut applied: HashSet<JobId> = HashSet::with_capacity(rows.len());
     if !rows.is_empty() {
-        tx.execute(
-            "UPDATE jobs SET state = u.state, output = u.output, error = u.error,
+        let done = tx.query(
+            "UPDATE jobs SET lease_owner = CASE WHEN u.state IN ('succeeded', 'failed', 'cancelled')
+                     THEN NULL ELSE $14 END,
+                 state = u.state, output = u.output, error = u.error,
                  started_at = u.started_at, finished_at = u.finished_at, updated_at = u.updated_at,
                  prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens,
                  cost_usd = u.cost_usd, events = u.events, callback = u.callback, budget = u.budget
@@ -1047,7 +1451,8 @@ async fn write_jobs(
                  $13::text[])
                  AS u(id, state, output, error, started_at, finished_at, updated_at, prompt_tokens,
                       completion_tokens, cost_usd, events, callback, budget)
-             WHERE jobs.id = u.id",
+             WHERE jobs.id = u.id AND (jobs.lease_owner = $14 OR jobs.lease_owner IS NULL)
+             RETURNING jobs.id",
             &[
                 &rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(),
                 &rows.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(),
@@ -1087,13 +1492,49 @@ async fn write_jobs(
                     .iter()
                     .map(|r| r.budget.and_then(|b| serde_json::to_string(&b).ok()))
                     .collect::<Vec<_>>(),
+                &o.node_id,
             ],
         )
         .await?;
+        applied.extend(
+            done.iter()
+                .filter_map(|r| r.get::<_, &str>(0).parse::<JobId>().ok()),
+        );
+    }
+    let mut lost = Vec::new();
+    for r in &rows {
+        if !applied.contains(&r.id) {
+            skip.insert(r.id);
+            lost.push(r.id);
+        }
     }
     write_steps(&tx, jobs, &skip).await?;
     write_events(&tx, jobs, &skip).await?;
+    // The jobs with new events, for the watchers other nodes hold (delivered at the commit).
+    let mut payload = String::new();
+    for (id, (_, _, _, events)) in jobs {
+        if events.is_empty() || skip.contains(id) {
+            continue;
+        }
+        if payload.len() + 37 > NOTIFY_BYTES {
+            tx.execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &payload])
+                .await?;
+            payload.clear();
+        }
+        if !payload.is_empty() {
+            payload.push(',');
+        }
+        payload += &id.to_string();
+    }
+    if !payload.is_empty() {
+        tx.execute("SELECT pg_notify($1, $2)", &[&EVENTS_CHANNEL, &payload])
+            .await?;
+    }
     tx.commit().await?;
+    if !lost.is_empty() {
+        metrics::counter!(crate::metrics::CLUSTER_LEASES_LOST).increment(lost.len() as u64);
+        tracing::warn!(jobs = lost.len(), first = %lost[0], "another node took over jobs this node was running (its heartbeat was late); their changes here are not written");
+    }
     ghosts.extend(skip);
     Ok(answers)
 }

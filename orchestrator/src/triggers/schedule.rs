@@ -224,7 +224,11 @@ pub async fn run(
 ) {
     let store = orch.store().clone();
     let mut state = super::load_state(store.as_ref(), &t);
-    t.paused.send_replace(state.paused);
+    // A pause kept in the store holds; so does an operator's pause made since the triggers
+    // started (a store that keeps no state would otherwise undo it here).
+    if state.paused {
+        t.paused.send_replace(true);
+    }
     let mut last: Option<SystemTime> = state
         .last_slot_ms
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64));

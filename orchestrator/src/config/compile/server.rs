@@ -30,6 +30,7 @@ const SERVER_FIELDS: &[&str] = &[
     "data_dir",
     "store",
     "store_password",
+    "lease",
     "cascade",
     "webhook_secret",
     "callback_secret",
@@ -103,6 +104,18 @@ impl Loader<'_> {
                             "store = \"sqlite\" (the default: a file in data_dir), \"memory\", or \"postgres://USER@HOST:PORT/DATABASE\" with store_password = \"env:PGPASSWORD\"",
                         )),
                     }
+                }
+                let lease_at = s.entry("lease").map(|(_, v)| v.span());
+                self.server.lease = s
+                    .take::<HumanDuration>("lease", &mut self.errs)
+                    .map(HumanDuration::get);
+                if let (Some(lease), Some(at)) = (self.server.lease, lease_at)
+                    && !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&lease)
+                {
+                    self.errs.push(
+                        src.error(at, "server.lease", format!("a lease of {} is out of range", humantime::format_duration(lease)))
+                            .with_help("lease = \"10s\" (from 1s to 10m): how long a silent node's jobs wait before another node takes them over"),
+                    );
                 }
                 let password_at = s.entry("store_password").map(|(_, v)| v.span());
                 self.server.store_password = s.take("store_password", &mut self.errs);
