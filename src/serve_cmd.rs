@@ -425,6 +425,10 @@ async fn serve(
     server.stop().await;
     orch.shutdown(grace).await;
     store.flush().await?;
+    // A node of a cluster hands back what it still holds; the others take it at once.
+    if !reloading {
+        store.release().await?;
+    }
     orch.flush_audit().await;
     if let Some(task) = checkpoints {
         task.abort();

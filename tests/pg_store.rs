@@ -456,6 +456,49 @@ async fn a_dead_nodes_jobs_are_taken_over_and_a_late_write_is_fenced() {
     assert_eq!(owner.as_deref(), Some("c"));
 }
 
+/// A node that stops (SIGTERM) hands its unfinished jobs back and says so: another node takes
+/// them at once, long before the stopped node's lease would have run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 (Debian's postgresql); .ci/run installs it and runs this"]
+async fn a_stopping_node_hands_its_jobs_back_at_once() {
+    let pg = postgres::Postgres::start();
+    let url = pg.database("handback").await;
+    let options = |node: &str| {
+        let mut o = PgOptions::new(url.clone());
+        o.node_id = node.into();
+        o.lease = Duration::from_secs(60);
+        o
+    };
+    let a = PgStore::open(options("a")).unwrap();
+    // B listens; it would look again only in 15 s (a quarter of its lease).
+    let b = PgStore::open(options("b")).unwrap();
+    for i in 0..10 {
+        a.submit(new_job(None, json!({"i": i}))).await.unwrap();
+    }
+    let running = a.claim_pending("g", 3).unwrap();
+    for r in &running {
+        a.update(r.id, JobUpdate::Started).unwrap();
+    }
+    a.flush().await.unwrap();
+    a.release().await.unwrap();
+    // A's lease (a minute) has not run out; B is told and takes everything A held.
+    let t = std::time::Instant::now();
+    while b.pending_count("g") < 7 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "B was not told of the jobs handed back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("taken {:?} after the hand-back", t.elapsed());
+    assert_eq!(b.adopted("g", 10).len(), 3, "the running ones, to resume");
+    let nodes = b.nodes().unwrap().unwrap();
+    let gone = nodes.iter().find(|n| n.id == "a").unwrap();
+    assert!(!gone.alive && gone.jobs_leased == 0, "{nodes:?}");
+    let me = nodes.iter().find(|n| n.this_node).unwrap();
+    assert_eq!((me.id.as_str(), me.jobs_leased), ("b", 10));
+}
+
 /// `cascade_store_reconnects_total` as this process's recorder sees it.
 fn reconnects() -> f64 {
     cascade_orchestrator::metrics::install()

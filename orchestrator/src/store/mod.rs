@@ -287,6 +287,13 @@ pub trait JobStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// This node stops: hand back the jobs it still holds so that other nodes take them at
+    /// once, without waiting for its lease to run out (a store nobody shares keeps them for
+    /// the next start). Called after [`JobStore::flush`], when nothing more is written.
+    fn release(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Wait until every change made so far is durable (no-op for a store that is not).
     fn flush(&self) -> StoreFuture<'_, ()> {
         Box::pin(async { Ok(()) })

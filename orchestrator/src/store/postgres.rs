@@ -155,6 +155,10 @@ struct Adoption {
     waker: RwLock<Option<Waker>>,
     /// Where changes other nodes made are announced.
     remote: RwLock<Option<RemoteEvents>>,
+    /// The node handed its jobs back: it renews no lease and takes over nothing any more.
+    released: std::sync::atomic::AtomicBool,
+    /// Another node handed jobs back: look for them now, not at the next tick.
+    claim_now: tokio::sync::Notify,
 }
 
 impl Adoption {
@@ -384,7 +388,7 @@ async fn claim(c: &Client, o: &PgOptions, own: bool) -> Result<Vec<String>, toki
                        AND ((j.lease_owner = $1 AND $3)
                          OR j.lease_owner IS NULL
                          OR (j.lease_owner <> $1 AND NOT EXISTS (
-                             SELECT 1 FROM nodes n WHERE n.id = j.lease_owner
+                             SELECT 1 FROM nodes n WHERE n.id = j.lease_owner AND NOT n.draining
                                AND n.heartbeat_at >= now() - make_interval(secs => $2))))
                      ORDER BY id LIMIT $4
                      FOR UPDATE SKIP LOCKED)
@@ -427,15 +431,22 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
     let mut tick = tokio::time::interval((o.lease / 4).max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = adoption.claim_now.notified() => {}
+        }
         let Some(mem) = mem.upgrade() else { return };
+        if adoption.released.load(Ordering::SeqCst) {
+            return;
+        }
         let round = async {
             let c = conn.client().await?;
             heartbeat(&c, &o).await?;
             let ids = claim(&c, &o, false).await?;
             let row = c
                 .query_one(
-                    "SELECT count(*) FILTER (WHERE heartbeat_at >= now() - make_interval(secs => $1)),
+                    "SELECT count(*) FILTER (WHERE heartbeat_at >= now() - make_interval(secs => $1)
+                             AND NOT draining),
                          (SELECT count(*) FROM jobs WHERE lease_owner = $2
                             AND state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded'))
                      FROM nodes",
@@ -487,6 +498,9 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
 /// The channel each committed batch names its changed jobs on.
 const EVENTS_CHANNEL: &str = "cascade_events";
 
+/// The channel a stopping node names itself on once it handed its jobs back.
+const HANDBACK_CHANNEL: &str = "cascade_handback";
+
 /// A notification's payload stays under PostgreSQL's 8,000 bytes: about 200 job ids.
 const NOTIFY_BYTES: usize = 7_800;
 
@@ -522,7 +536,9 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
             }
         });
         if let Err(e) = client
-            .batch_execute(&format!("LISTEN {EVENTS_CHANNEL}"))
+            .batch_execute(&format!(
+                "LISTEN {EVENTS_CHANNEL}; LISTEN {HANDBACK_CHANNEL}"
+            ))
             .await
         {
             tracing::warn!(error = %pg_schema::describe(&e), "cannot listen for other nodes' changes; trying again");
@@ -538,6 +554,10 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
             let tokio_postgres::AsyncMessage::Notification(n) = message else {
                 continue;
             };
+            if n.channel() == HANDBACK_CHANNEL {
+                adoption.claim_now.notify_one();
+                continue;
+            }
             let Some(mem) = mem.upgrade() else { return };
             let Some(sink) = adoption
                 .remote
@@ -836,7 +856,7 @@ impl JobStore for PgStore {
                         "SELECT n.id, n.address,
                              (extract(epoch FROM n.heartbeat_at) * 1000000)::int8,
                              (extract(epoch FROM n.started_at) * 1000000)::int8,
-                             n.heartbeat_at >= now() - make_interval(secs => $1),
+                             n.heartbeat_at >= now() - make_interval(secs => $1) AND NOT n.draining,
                              (SELECT count(*) FROM jobs j WHERE j.lease_owner = n.id
                                 AND j.state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded'))
                          FROM nodes n ORDER BY n.id",
@@ -1142,6 +1162,44 @@ impl JobStore for PgStore {
             key: key.to_string(),
             state,
         });
+    }
+
+    fn release(&self) -> StoreFuture<'_, ()> {
+        self.adoption.released.store(true, Ordering::SeqCst);
+        let me = self.node_id.clone();
+        let result = self.read(move |c| {
+            let me = me.clone();
+            async move {
+                // Unleased jobs are taken by the next node to look, and the others are told to
+                // look now; a draining node counts as gone.
+                let handed = c
+                    .execute(
+                        "UPDATE jobs SET lease_owner = NULL, leased_at = NULL
+                         WHERE lease_owner = $1
+                           AND state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded')",
+                        &[&me],
+                    )
+                    .await
+                    .map_err(db)?;
+                c.execute("UPDATE nodes SET draining = true WHERE id = $1", &[&me])
+                    .await
+                    .map_err(db)?;
+                c.execute("SELECT pg_notify($1, $2)", &[&HANDBACK_CHANNEL, &me])
+                    .await
+                    .map_err(db)?;
+                Ok(handed)
+            }
+        });
+        Box::pin(async move {
+            let handed = result?;
+            if handed > 0 {
+                tracing::info!(
+                    jobs = handed,
+                    "handed this node's unfinished jobs back to the cluster"
+                );
+            }
+            Ok(())
+        })
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {
