@@ -304,7 +304,11 @@ async fn a_postgres_restart_loses_no_acknowledged_job() {
                     .submit(new_job(Some(&format!("r-{i}")), json!({"i": i})))
                     .await
                 {
-                    Ok(s) => acked.push(s.id),
+                    Ok(s) => {
+                        // A batch committed again after the restart is not its own duplicate.
+                        assert!(!s.deduplicated, "{s:?}");
+                        acked.push(s.id)
+                    }
                     Err(e) => {
                         assert!(e.is_retryable(), "{e}");
                         refused += 1;
@@ -328,6 +332,11 @@ async fn a_postgres_restart_loses_no_acknowledged_job() {
     eprintln!(
         "{} acknowledged, {refused} refused as retryable",
         acked.len()
+    );
+    assert_eq!(
+        store.pending_count("g"),
+        acked.len(),
+        "each acknowledged job waits to run here"
     );
     assert!(
         acked.len() >= 300,

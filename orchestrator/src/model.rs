@@ -143,7 +143,11 @@ impl StoreSetting {
                 }
                 Ok(Self::Postgres(url.to_string()))
             }
-            other => Err(format!("unknown store {other:?}")),
+            // Only the scheme is echoed: the rest may hold a password.
+            other => Err(format!(
+                "unknown store {:?}",
+                other.split(':').next().unwrap_or_default()
+            )),
         }
     }
 }

@@ -159,6 +159,9 @@ struct Adoption {
     released: std::sync::atomic::AtomicBool,
     /// Another node handed jobs back: look for them now, not at the next tick.
     claim_now: tokio::sync::Notify,
+    /// Held by a lease round and by the hand-back, so a round under way cannot take back (or
+    /// renew) what the hand-back gives up.
+    round: AsyncMutex<()>,
 }
 
 impl Adoption {
@@ -191,6 +194,7 @@ impl PgStore {
     /// writer. Fails when the database cannot be reached or its schema is newer than this
     /// binary's.
     pub fn open(options: PgOptions) -> Result<Self, StoreError> {
+        // Unbounded by type, bounded by admission: see `PgStore::tx`.
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let (init_tx, init_rx) = std::sync::mpsc::channel();
@@ -436,6 +440,7 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
             _ = adoption.claim_now.notified() => {}
         }
         let Some(mem) = mem.upgrade() else { return };
+        let _round = adoption.round.lock().await;
         if adoption.released.load(Ordering::SeqCst) {
             return;
         }
@@ -489,7 +494,15 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
                 adopt(&mem, &adoption, loaded);
             }
             Err(e) => {
-                tracing::error!(error = %e, jobs = ids.len(), "took over jobs but cannot read them; they are taken over again after this node's lease")
+                // Handed back at once, for this node's next round or another node to take.
+                let back = c
+                    .execute(
+                        "UPDATE jobs SET lease_owner = NULL, leased_at = NULL
+                         WHERE id = ANY($1) AND lease_owner = $2",
+                        &[&ids, &o.node_id],
+                    )
+                    .await;
+                tracing::error!(error = %e, jobs = ids.len(), handed_back = back.is_ok(), "took over jobs but cannot read them; they are handed back and taken again");
             }
         }
     }
@@ -500,6 +513,9 @@ const EVENTS_CHANNEL: &str = "cascade_events";
 
 /// The channel a stopping node names itself on once it handed its jobs back.
 const HANDBACK_CHANNEL: &str = "cascade_handback";
+
+/// Notifications read ahead of the listener, at most.
+const NOTIFICATION_QUEUE: usize = 1024;
 
 /// A notification's payload stays under PostgreSQL's 8,000 bytes: about 200 job ids.
 const NOTIFY_BYTES: usize = 7_800;
@@ -526,11 +542,13 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
                 continue;
             }
         };
-        let (tx, mut rx) = futures::channel::mpsc::unbounded();
+        // Bounded: when the notifications come faster than they are looked at, the connection
+        // is read no further and PostgreSQL holds them (its queue is bounded too).
+        let (tx, mut rx) = mpsc::channel(NOTIFICATION_QUEUE);
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
             while let Some(Ok(m)) = messages.next().await {
-                if tx.unbounded_send(m).is_err() {
+                if tx.send(m).await.is_err() {
                     return;
                 }
             }
@@ -550,7 +568,7 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
         if !std::mem::take(&mut first) {
             announce(&adoption, RemoteChange::Resync);
         }
-        while let Some(message) = rx.next().await {
+        while let Some(message) = rx.recv().await {
             let tokio_postgres::AsyncMessage::Notification(n) = message else {
                 continue;
             };
@@ -1165,11 +1183,13 @@ impl JobStore for PgStore {
     }
 
     fn release(&self) -> StoreFuture<'_, ()> {
-        self.adoption.released.store(true, Ordering::SeqCst);
         let me = self.node_id.clone();
+        let adoption = self.adoption.clone();
         let result = self.read(move |c| {
-            let me = me.clone();
+            let (me, adoption) = (me.clone(), adoption.clone());
             async move {
+                let _round = adoption.round.lock().await;
+                adoption.released.store(true, Ordering::SeqCst);
                 // Unleased jobs are taken by the next node to look, and the others are told to
                 // look now; a draining node counts as gone.
                 let handed = c
@@ -1464,7 +1484,16 @@ async fn write_jobs(
                 answers.insert(r.id, Ok(Inserted::Stored));
                 continue;
             }
-            // Not inserted: its key names a job another node stored first.
+            // Not inserted: the row is there already (this batch committed before, and its answer
+            // was lost), or its key names a job another node stored first.
+            let own = tx
+                .query_opt("SELECT 1 FROM jobs WHERE id = $1", &[&r.id.to_string()])
+                .await?
+                .is_some();
+            if own {
+                answers.insert(r.id, Ok(Inserted::Stored));
+                continue;
+            }
             skip.insert(r.id);
             let known = match &r.idempotency_key {
                 Some(key) => tx
@@ -1493,14 +1522,14 @@ async fn write_jobs(
         .map(|(_, w)| w.0)
         .filter(|r| !skip.contains(&r.id))
         .collect();
-    // The fence: a job's row changes only while this node holds its lease (or nobody does: a
-    // finished job's callback outcome). A node that lost a job to a takeover writes nothing.
+    // The fence: a job's row changes only while this node holds its lease (kept after the job
+    // finished, for its callback's outcome). A node that lost a job to a takeover, or handed it
+    // back, writes nothing more to it.
     let mut applied: HashSet<JobId> = HashSet::with_capacity(rows.len());
     if !rows.is_empty() {
-        let done = tx.query(
-            "UPDATE jobs SET lease_owner = CASE WHEN u.state IN ('succeeded', 'failed', 'cancelled')
-                     THEN NULL ELSE $14 END,
-                 state = u.state, output = u.output, error = u.error,
+        let done = tx
+            .query(
+                "UPDATE jobs SET state = u.state, output = u.output, error = u.error,
                  started_at = u.started_at, finished_at = u.finished_at, updated_at = u.updated_at,
                  prompt_tokens = u.prompt_tokens, completion_tokens = u.completion_tokens,
                  cost_usd = u.cost_usd, events = u.events, callback = u.callback, budget = u.budget
@@ -1509,51 +1538,51 @@ async fn write_jobs(
                  $13::text[])
                  AS u(id, state, output, error, started_at, finished_at, updated_at, prompt_tokens,
                       completion_tokens, cost_usd, events, callback, budget)
-             WHERE jobs.id = u.id AND (jobs.lease_owner = $14 OR jobs.lease_owner IS NULL)
+             WHERE jobs.id = u.id AND jobs.lease_owner = $14
              RETURNING jobs.id",
-            &[
-                &rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(),
-                &rows.iter().map(|r| json(&r.output)).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| r.started_at.map(micros))
-                    .collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| r.finished_at.map(micros))
-                    .collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| micros(r.updated_at))
-                    .collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| r.usage.prompt_tokens as i64)
-                    .collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| r.usage.completion_tokens as i64)
-                    .collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.usage.cost_usd).collect::<Vec<_>>(),
-                &rows.iter().map(|r| r.events as i64).collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| {
-                        r.callback
-                            .as_ref()
-                            .and_then(|c| serde_json::to_string(c).ok())
-                    })
-                    .collect::<Vec<_>>(),
-                &rows
-                    .iter()
-                    .map(|r| r.budget.and_then(|b| serde_json::to_string(&b).ok()))
-                    .collect::<Vec<_>>(),
-                &o.node_id,
-            ],
-        )
-        .await?;
+                &[
+                    &rows.iter().map(|r| r.id.to_string()).collect::<Vec<_>>(),
+                    &rows.iter().map(|r| r.state.as_str()).collect::<Vec<_>>(),
+                    &rows.iter().map(|r| json(&r.output)).collect::<Vec<_>>(),
+                    &rows.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| r.started_at.map(micros))
+                        .collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| r.finished_at.map(micros))
+                        .collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| micros(r.updated_at))
+                        .collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| r.usage.prompt_tokens as i64)
+                        .collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| r.usage.completion_tokens as i64)
+                        .collect::<Vec<_>>(),
+                    &rows.iter().map(|r| r.usage.cost_usd).collect::<Vec<_>>(),
+                    &rows.iter().map(|r| r.events as i64).collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| {
+                            r.callback
+                                .as_ref()
+                                .and_then(|c| serde_json::to_string(c).ok())
+                        })
+                        .collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| r.budget.and_then(|b| serde_json::to_string(&b).ok()))
+                        .collect::<Vec<_>>(),
+                    &o.node_id,
+                ],
+            )
+            .await?;
         applied.extend(
             done.iter()
                 .filter_map(|r| r.get::<_, &str>(0).parse::<JobId>().ok()),
