@@ -21,6 +21,7 @@ use cascade_orchestrator::audit::checkpoint::Signer;
 use cascade_orchestrator::audit::log::AuditLog;
 use cascade_orchestrator::model::ServerModel;
 use cascade_orchestrator::model::StoreSetting;
+use cascade_orchestrator::quota::shared::{SharedQuotaOptions, SharedQuotas};
 use cascade_orchestrator::server::{self, ServerOptions};
 use cascade_orchestrator::store::{
     JobStore, MemoryStore, PgOptions, PgStore, SqliteOptions, SqliteStore,
@@ -162,6 +163,11 @@ fn reread(path: &Path, args: &ServeArgs) -> Result<Vec<String>, String> {
             .resolve()
             .map_err(|e| format!("[server] store_password: {e}"))?;
     }
+    if let Some(reference) = &model.server.quota_backend_password {
+        reference
+            .resolve()
+            .map_err(|e| format!("[server] quota_backend_password: {e}"))?;
+    }
     Ok(model.graphs.iter().map(|g| g.name.to_string()).collect())
 }
 
@@ -281,6 +287,44 @@ impl StoreChoice {
     }
 }
 
+/// The cluster's shared quotas (`[server] quota_backend`, with the PostgreSQL store), told how
+/// many nodes are alive as the store's heartbeats show (their share under `local_share`).
+async fn start_shared_quotas(
+    model: &ServerModel,
+    choice: &StoreChoice,
+    store: &Arc<dyn JobStore>,
+) -> anyhow::Result<Option<Arc<SharedQuotas>>> {
+    let (Some(url), StoreChoice::Postgres { node_id, .. }) = (&model.server.quota_backend, choice)
+    else {
+        if model.server.quota_backend.is_some() {
+            eprintln!(
+                "warning: [server] quota_backend is for a cluster on PostgreSQL; this node keeps its quotas locally"
+            );
+        }
+        return Ok(None);
+    };
+    let full = cascade_orchestrator::quota::shared::url_with_password(
+        url,
+        model.server.quota_backend_password.as_ref(),
+    )
+    .map_err(|e| anyhow::anyhow!("[server] quota_backend_password: {e}"))?;
+    let mut o = SharedQuotaOptions::new(full, url.clone(), node_id.clone());
+    o.fallback = model.server.quota_fallback;
+    let q = SharedQuotas::start(o).await.map_err(anyhow::Error::msg)?;
+    let (weak, store) = (Arc::downgrade(&q), store.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(q) = weak.upgrade() else { return };
+            if let Some(n) = store.live_nodes() {
+                q.set_live_nodes(n);
+            }
+        }
+    });
+    Ok(Some(q))
+}
+
 pub fn open_store(model: &ServerModel, choice: &StoreChoice) -> anyhow::Result<Arc<dyn JobStore>> {
     Ok(match choice {
         StoreChoice::Postgres {
@@ -355,6 +399,9 @@ async fn serve(
             model.telemetry.sample_ratio * 100.0
         );
     }
+    // Before the store opens: a PostgreSQL store's lease rounds take their metric handles at
+    // once, and handles taken before the recorder is installed record nothing.
+    cascade_orchestrator::metrics::install();
     let (mut options, store_choice) = options(&model, &args)?;
     // A server on the durable store may restart in place; one in memory would lose its jobs.
     if store_choice.durable() {
@@ -392,10 +439,14 @@ async fn serve(
             }
         })
     });
+    let shared_quotas = start_shared_quotas(&model, &store_choice, &store).await?;
     let graphs: Vec<String> = model.graphs.iter().map(|g| g.name.to_string()).collect();
     let mut builder = Orchestrator::builder(model)
         .store(store.clone())
         .cascade(!args.no_cascade);
+    if let Some(q) = &shared_quotas {
+        builder = builder.shared_quotas(q.clone());
+    }
     if let Some(log) = &audit {
         builder = builder.audit(log.clone());
     }

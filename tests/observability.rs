@@ -244,7 +244,8 @@ async fn metrics_hold_every_family_after_a_run() {
     for l in &labels {
         assert!(
             [
-                "graph", "agent", "quota", "outcome", "cause", "kind", "listener", "le", "budget"
+                "graph", "agent", "quota", "outcome", "cause", "kind", "listener", "le", "budget",
+                "mode"
             ]
             .contains(l),
             "unbounded label {l}"
@@ -429,8 +430,13 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut answered = 0;
+    // The cluster row reads families that only nodes on PostgreSQL and Redis export (checked
+    // against three such nodes in tests/cluster_quota.rs); here, only that Prometheus runs it.
+    let cluster =
+        |title: &str| title.starts_with("Cluster:") || title.starts_with("Shared quotas:");
+    let single = exprs.iter().filter(|(t, _)| !cluster(t)).count();
     for (title, expr) in &exprs {
-        for name in metric_names(expr) {
+        for name in metric_names(expr).into_iter().filter(|_| !cluster(title)) {
             assert!(
                 families.contains(&name),
                 "panel {title:?} reads {name}, which the server does not export"
@@ -439,9 +445,10 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
         let q = expr.replace("$graph", ".*");
         let v = query(port, &q).await.expect("Prometheus answers");
         assert_eq!(v["status"], "success", "panel {title:?}: {q}: {v}");
-        if v["data"]["result"]
-            .as_array()
-            .is_some_and(|r| !r.is_empty())
+        if !cluster(title)
+            && v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
         {
             answered += 1;
         }
@@ -449,9 +456,8 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
     // Most panels show data after this run (a few need traffic it did not make: token windows,
     // admission refusals, restarts).
     assert!(
-        answered * 3 >= exprs.len() * 2,
-        "{answered} of {} queries had data",
-        exprs.len()
+        answered * 3 >= single * 2,
+        "{answered} of {single} queries had data"
     );
     server.stop().await;
     orch.shutdown(Duration::from_millis(10)).await;

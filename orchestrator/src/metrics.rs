@@ -50,6 +50,11 @@ pub const QUOTA_UPSTREAM_RATE: &str = "cascade_quota_upstream_refill_per_second"
 pub const GRAPH_COST: &str = "cascade_graph_cost_usd";
 pub const STORE_QUEUE_DEPTH: &str = "cascade_store_queue_depth";
 pub const STORE_RECONNECTS: &str = "cascade_store_reconnects_total";
+pub const QUOTA_BACKEND_UP: &str = "cascade_quota_backend_up";
+pub const QUOTA_FALLBACK: &str = "cascade_quota_fallback";
+pub const QUOTA_BACKEND_ROUND_TRIP: &str = "cascade_quota_backend_round_trip_seconds";
+pub const QUOTA_BACKEND_ERRORS: &str = "cascade_quota_backend_errors_total";
+pub const QUOTA_BACKEND_DROPPED: &str = "cascade_quota_backend_dropped_total";
 pub const CLUSTER_TAKEOVERS: &str = "cascade_cluster_takeovers_total";
 pub const CLUSTER_NODES: &str = "cascade_cluster_nodes";
 pub const CLUSTER_JOBS_LEASED: &str = "cascade_cluster_jobs_leased";
@@ -201,6 +206,31 @@ pub fn describe() {
         STORE_RECONNECTS,
         Unit::Count,
         "Times the PostgreSQL store's writer met a lost connection or an unreachable server and tried again (it keeps its batch; nothing acknowledged is lost)."
+    );
+    describe_gauge!(
+        QUOTA_BACKEND_UP,
+        Unit::Count,
+        "1 while the cluster's shared quota backend (Redis, [server] quota_backend) answers; 0 while this node runs on its fallback."
+    );
+    describe_gauge!(
+        QUOTA_FALLBACK,
+        Unit::Count,
+        "1 for the fallback this node runs on while the shared quota backend is unreachable (mode = local_share: 1/N of each quota; closed: no call leaves); 0 while the quotas are shared."
+    );
+    describe_histogram!(
+        QUOTA_BACKEND_ROUND_TRIP,
+        Unit::Seconds,
+        "Round trips to the shared quota backend (reservations, settlements, holds, health checks)."
+    );
+    describe_counter!(
+        QUOTA_BACKEND_ERRORS,
+        Unit::Count,
+        "Round trips to the shared quota backend that failed (each one starts or keeps the fallback)."
+    );
+    describe_counter!(
+        QUOTA_BACKEND_DROPPED,
+        Unit::Count,
+        "Settlements and holds not written to the shared quota backend (it was unreachable, or 4096 writes were waiting already)."
     );
     describe_gauge!(
         STORE_QUEUE_DEPTH,
@@ -406,6 +436,13 @@ pub fn install() -> PrometheusHandle {
                     ],
                 )
                 .expect("buckets are not empty")
+                .set_buckets_for_metric(
+                    Matcher::Full(QUOTA_BACKEND_ROUND_TRIP.into()),
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5,
+                    ],
+                )
+                .expect("buckets are not empty")
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
@@ -414,6 +451,9 @@ pub fn install() -> PrometheusHandle {
                 );
             }
             describe();
+            // Exported from the start (at 0) on every server, so that the fallback's alert rule
+            // reads a series that exists: a node with no shared quotas is on no fallback.
+            quota_fallback(None);
             // Histogram samples wait in the recorder until an upkeep folds them into buckets:
             // without one, a process nobody scrapes (`cascade run`, an embedding program) would
             // keep every sample it ever recorded. The builder's own upkeep task needs a runtime
@@ -441,6 +481,37 @@ const UPKEEP_PERIOD: std::time::Duration = std::time::Duration::from_secs(1);
 /// The Prometheus text, if the recorder is installed.
 pub fn render() -> Option<String> {
     HANDLE.get().map(PrometheusHandle::render)
+}
+
+pub(crate) fn quota_backend_up(up: bool) {
+    gauge!(QUOTA_BACKEND_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// The fallback engaged (`None`: the quotas are shared).
+pub(crate) fn quota_fallback(mode: Option<crate::quota::shared::QuotaFallback>) {
+    use crate::quota::shared::QuotaFallback;
+    for m in [QuotaFallback::LocalShare, QuotaFallback::Closed] {
+        let on = mode == Some(m);
+        gauge!(QUOTA_FALLBACK, "mode" => m.as_str()).set(if on { 1.0 } else { 0.0 });
+    }
+}
+
+pub(crate) fn quota_backend_round_trip(took: std::time::Duration) {
+    histogram!(QUOTA_BACKEND_ROUND_TRIP).record(took.as_secs_f64());
+}
+
+/// The shared quota backend's families, at 0, from the node's start.
+pub(crate) fn quota_backend_register() {
+    counter!(QUOTA_BACKEND_ERRORS).increment(0);
+    counter!(QUOTA_BACKEND_DROPPED).increment(0);
+}
+
+pub(crate) fn quota_backend_error() {
+    counter!(QUOTA_BACKEND_ERRORS).increment(1);
+}
+
+pub(crate) fn quota_backend_dropped() {
+    counter!(QUOTA_BACKEND_DROPPED).increment(1);
 }
 
 /// Per-agent handles for the per-step path.

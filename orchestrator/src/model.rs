@@ -82,6 +82,13 @@ pub struct ServerSettings {
     /// How long a node's leases on its jobs last without a heartbeat (PostgreSQL store): a node
     /// silent for longer is dead and its jobs are taken over.
     pub lease: Option<Duration>,
+    /// Where the cluster keeps every quota's state (`redis://` or `rediss://`, no password):
+    /// one quota across every node.
+    pub quota_backend: Option<String>,
+    /// Its password (a secret reference).
+    pub quota_backend_password: Option<crate::secret::SecretRef>,
+    /// What a node does while the backend is unreachable.
+    pub quota_fallback: crate::quota::shared::QuotaFallback,
     /// Pause propagation through the DAG (`false`: naive mode, for comparisons).
     pub cascade: bool,
     /// Verifies webhook signatures (a reference: `env:NAME` or `file:PATH`).
@@ -120,6 +127,32 @@ pub enum StoreSetting {
     Memory,
     /// A `postgres://` URL without a password.
     Postgres(String),
+}
+
+/// Whether `url` may be a `quota_backend`: `redis://` or `rediss://`, a host, no password (it is
+/// shown in logs and errors; the password goes in `quota_backend_password`).
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err("not a URL: it needs redis:// or rediss://".into());
+    };
+    if scheme != "redis" && scheme != "rediss" {
+        return Err(format!(
+            "unknown scheme {scheme:?}: it needs redis:// or rediss://"
+        ));
+    }
+    let authority = rest.split('/').next().unwrap_or_default();
+    if let Some((userinfo, _)) = authority.rsplit_once('@')
+        && userinfo.contains(':')
+    {
+        return Err(
+            "the URL holds a password: keep it in quota_backend_password (a secret reference) only"
+                .into(),
+        );
+    }
+    if authority.rsplit('@').next().unwrap_or_default().is_empty() {
+        return Err("the URL names no host".into());
+    }
+    Ok(())
 }
 
 impl StoreSetting {
@@ -161,6 +194,9 @@ impl Default for ServerSettings {
             store: StoreSetting::Sqlite,
             store_password: None,
             lease: None,
+            quota_backend: None,
+            quota_backend_password: None,
+            quota_fallback: Default::default(),
             cascade: true,
             webhook_secret: None,
             callback_secret: None,

@@ -24,6 +24,7 @@ use super::circuit::{CircuitBreaker, CircuitState, Gate};
 use super::limits::{
     AcceptMeter, Aimd, Gcra, SlowStart, TokenWindow, UpstreamBucket, UpstreamBucketSnapshot,
 };
+use super::shared::ClusterMode;
 use crate::model::QuotaModel;
 use cascade_agents::UpstreamLimits;
 
@@ -109,6 +110,8 @@ pub enum Limit {
     CostBudget,
     Concurrency,
     SlowStart,
+    /// The cluster's shared quota state cannot be reached, and `quota_fallback = "closed"`.
+    QuotaBackend,
 }
 
 impl Limit {
@@ -124,6 +127,7 @@ impl Limit {
             Self::CostBudget => "cost budget spent",
             Self::Concurrency => "concurrency",
             Self::SlowStart => "slow start",
+            Self::QuotaBackend => "shared quota state unreachable (fallback closed)",
         }
     }
 }
@@ -165,6 +169,10 @@ pub struct QuotaCore {
     newest_observed: u64,
     circuit: Option<CircuitBreaker>,
     refused_until: Option<Instant>,
+    /// Why `refused_until` holds, when another node said (else a refusal or a credential).
+    held_reason: Option<Limit>,
+    /// How the cluster's shared state lets this quota run (a single node: `Shared`, no effect).
+    cluster: ClusterMode,
     exhausted: Option<Exhaustion>,
     pub granted: u64,
     pub refusals: u64,
@@ -211,6 +219,8 @@ impl QuotaCore {
             newest_observed: 0,
             circuit,
             refused_until: None,
+            held_reason: None,
+            cluster: ClusterMode::Shared,
             exhausted: None,
             granted: 0,
             refusals: 0,
@@ -236,12 +246,16 @@ impl QuotaCore {
             }
         };
         if let Some(t) = self.refused_until {
-            let why = if self.spec.credential {
+            let why = self.held_reason.unwrap_or(if self.spec.credential {
                 Limit::Credential
             } else {
                 Limit::UpstreamRateLimit
-            };
+            });
             later(t, why, &mut at);
+        }
+        if self.cluster == ClusterMode::Closed {
+            // Looked at again each second, until the shared state is back.
+            later(now + Duration::from_secs(1), Limit::QuotaBackend, &mut at);
         }
         if let Some(c) = &mut self.circuit {
             match c.gate(now) {
@@ -250,9 +264,11 @@ impl QuotaCore {
                 Gate::ProbeBusy => return (Ready::Blocked, Some(Limit::CircuitHalfOpen)),
             }
         }
-        if let Some(g) = &self.requests {
-            let m = self.aimd.multiplier(now);
-            later(g.earliest(now, m), Limit::RequestRate, &mut at);
+        if self.requests.is_some() {
+            let m = self.rate_multiplier(now);
+            if let Some(g) = &self.requests {
+                later(g.earliest(now, m), Limit::RequestRate, &mut at);
+            }
         }
         if let Some(w) = &mut self.tokens {
             later(w.earliest(now, tokens), Limit::TokenBudget, &mut at);
@@ -296,9 +312,11 @@ impl QuotaCore {
         let tokens = demand.tokens;
         self.granted += 1;
         self.in_use += 1;
-        if let Some(g) = &mut self.requests {
-            let m = self.aimd.multiplier(now);
-            g.take(now, m);
+        if self.requests.is_some() {
+            let m = self.rate_multiplier(now);
+            if let Some(g) = &mut self.requests {
+                g.take(now, m);
+            }
         }
         if let Some(c) = &mut self.circuit {
             c.on_start();
@@ -465,7 +483,7 @@ impl QuotaCore {
                 // second let a quota declared at 1.5× its upstream's limit be refused on 1% of
                 // its calls while it came down by 5% steps.
                 let measured = self.answered.measured(now) >= Duration::from_millis(300);
-                let base = g.base_per_second();
+                let base = g.base_per_second() * self.share();
                 self.aimd.on_refusal(now, measured.then(|| answered / base));
             }
             // The upstream states its limits: the mirror of them paces, not a guess.
@@ -491,9 +509,56 @@ impl QuotaCore {
         let until = now + wait;
         let until = self.refused_until.map_or(until, |t| t.max(until));
         self.refused_until = Some(until);
-        if let Some(g) = &mut self.requests {
-            let m = self.aimd.multiplier(now);
-            g.hold(until, m);
+        self.held_reason = None;
+        if self.requests.is_some() {
+            let m = self.rate_multiplier(now);
+            if let Some(g) = &mut self.requests {
+                g.hold(until, m);
+            }
+        }
+    }
+
+    /// Start no call for `wait` because another node of the cluster said so (its upstream
+    /// refused, its circuit opened, the shared bucket is spent): shown with that `reason`. A
+    /// longer hold already running is kept, with its reason.
+    pub fn hold_for(&mut self, now: Instant, wait: Duration, reason: Limit) {
+        if self.refused_until.is_some_and(|t| t >= now + wait) {
+            return;
+        }
+        self.hold(now, wait);
+        self.held_reason = Some(reason);
+    }
+
+    /// How the cluster's shared state lets this quota run: under `LocalShare(s)` its request
+    /// rate and its token and cost budgets are `s` of what it declares.
+    pub fn set_cluster(&mut self, mode: ClusterMode) {
+        self.cluster = mode;
+        let share = self.share();
+        if let (Some(w), Some(t)) = (&mut self.tokens, self.spec.tokens) {
+            w.set_limit(((t.amount.get() as f64 * share) as u64).max(1));
+        }
+        if let (Some(w), Some(c)) = (&mut self.cost, self.spec.cost) {
+            w.set_limit(((c.amount.get() as f64 * share) as u64).max(1));
+        }
+    }
+
+    fn share(&self) -> f64 {
+        match self.cluster {
+            ClusterMode::LocalShare(s) => s.clamp(0.0, 1.0),
+            ClusterMode::Shared | ClusterMode::Closed => 1.0,
+        }
+    }
+
+    /// The request rate's multiplier: AIMD's, times the cluster share.
+    fn rate_multiplier(&mut self, now: Instant) -> f64 {
+        self.aimd.multiplier(now) * self.share()
+    }
+
+    /// Until when the circuit is open, if it is.
+    pub fn circuit_open_until(&mut self, now: Instant) -> Option<Instant> {
+        match self.circuit.as_mut()?.gate(now) {
+            Gate::OpenUntil(t) => Some(t),
+            Gate::Pass | Gate::ProbeBusy => None,
         }
     }
 
@@ -508,6 +573,7 @@ impl QuotaCore {
         let tokens = demand.into();
         if self.refused_until.is_some_and(|t| t <= now) {
             self.refused_until = None;
+            self.held_reason = None;
         }
         let (ready, reason) = self.ready_with_reason(now, tokens);
         let threshold = self.spec.pause_threshold;
@@ -667,6 +733,58 @@ mod tests {
             tenant_share: Vec::new(),
         };
         QuotaCore::new(Arc::new(spec), Instant::now())
+    }
+
+    /// A node of a cluster whose shared quota state is unreachable runs on its share: a third of
+    /// the rate and of the token budget; `closed` starts nothing; back to shared, the whole.
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_fallback_runs_on_a_share_or_closed() {
+        let now = Instant::now();
+        let mut q = quota(Some((30, 1)), Some(900), None);
+        q.set_cluster(ClusterMode::LocalShare(1.0 / 3.0));
+        let _ = q.take(now, 100);
+        // 30/s is a call every 33 ms; a third of it, every 100 ms.
+        let Ready::At(t) = q.ready(now, 100) else {
+            panic!("paced")
+        };
+        assert!((t - now).as_millis().abs_diff(100) <= 1, "{:?}", t - now);
+        // 300 tokens of the 900 a minute: 100 spent, 200 fit, 201 do not.
+        let later = now + Duration::from_millis(200);
+        assert_eq!(q.ready(later, 200), Ready::Now);
+        assert_eq!(
+            q.ready(later, 201),
+            Ready::At(now + Duration::from_secs(60))
+        );
+        q.set_cluster(ClusterMode::Closed);
+        assert_eq!(q.ready(later, 1), Ready::At(later + Duration::from_secs(1)));
+        assert_eq!(
+            q.update_exhaustion(later, 1),
+            Some(Some(Exhaustion {
+                until: later + Duration::from_secs(1),
+                reason: Limit::QuotaBackend
+            }))
+        );
+        q.set_cluster(ClusterMode::Shared);
+        assert_eq!(q.ready(later, 800), Ready::Now);
+    }
+
+    /// A hold another node announced shows with its reason, and a shorter one does not cut a
+    /// longer one short.
+    #[tokio::test(start_paused = true)]
+    async fn a_remote_hold_pauses_with_its_reason() {
+        let now = Instant::now();
+        let mut q = quota(Some((10, 1)), None, None);
+        q.hold_for(now, Duration::from_secs(5), Limit::CircuitOpen);
+        q.hold_for(now, Duration::from_secs(1), Limit::TokenBudget);
+        let e = q.update_exhaustion(now, 0).unwrap().unwrap();
+        assert_eq!(e.reason, Limit::CircuitOpen);
+        assert_eq!(e.until, now + Duration::from_secs(5));
+        // Past it, available again, and a local refusal reads as one.
+        let after = now + Duration::from_secs(6);
+        assert_eq!(q.update_exhaustion(after, 0), Some(None));
+        q.hold(after, Duration::from_secs(2));
+        let e = q.update_exhaustion(after, 0).unwrap().unwrap();
+        assert_eq!(e.reason, Limit::UpstreamRateLimit);
     }
 
     #[tokio::test(start_paused = true)]

@@ -307,6 +307,12 @@ impl TokenWindow {
         self.limit
     }
 
+    /// A new limit (a node's share of a cluster's quota while the shared state is unreachable);
+    /// what the window holds stays.
+    pub fn set_limit(&mut self, limit: u64) {
+        self.limit = limit;
+    }
+
     /// The earliest instant `cost` tokens fit. A call larger than the whole limit fits once the
     /// window is empty (it goes alone rather than never).
     pub fn earliest(&mut self, now: Instant, cost: u64) -> Instant {

@@ -4,6 +4,7 @@
 mod circuit;
 mod core;
 mod limits;
+pub mod shared;
 
 pub use circuit::{CircuitBreaker, CircuitState, Gate};
 pub use core::{

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::protocol::{
-    AgentMsg, AgentPanic, Call, CallEnd, CallFuture, SchedMsg, StepDone, Waiting,
+    AgentMsg, AgentPanic, Call, CallEnd, CallFuture, Grant, SchedMsg, StepDone, Waiting,
 };
 
 pub(crate) struct AgentActor;
@@ -123,8 +123,32 @@ fn step_span(job: &tracing::Span, call: &Call) -> tracing::Span {
 }
 
 /// Runs inside the step's span (see [`start`]): the outcome is recorded on the current span.
-async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallEnd {
+async fn run_call(agent: Arc<dyn Agent>, mut call: Call, timeout: Duration) -> CallEnd {
     let start = Instant::now();
+    // The cluster's shared quotas: wait for this call's turn, or give the step back when a
+    // quota is spent on every node (the broker was told, and pauses it).
+    if let Some(claim) = call.grant.as_mut().and_then(Grant::claim_mut)
+        && let Err(d) = claim.pass().await
+    {
+        tracing::Span::current().record("outcome", tracing::field::display("deferred"));
+        return CallEnd::Done(Box::new(StepDone {
+            job: call.job,
+            step: call.step,
+            token: call.token,
+            incarnation: call.incarnation,
+            grant: call.grant,
+            result: Err(AgentError::rate_limited(
+                format!(
+                    "quota {} is spent across the cluster ({}); the call waits",
+                    d.quota, d.reason
+                ),
+                Some(d.wait),
+            )),
+            elapsed: start.elapsed(),
+            park: None,
+            deferred: true,
+        }));
+    }
     let mut park = None;
     // A tool loop limits each of its sub-steps to the timeout instead: a step of several turns
     // and tool calls may take longer than one call.
@@ -185,5 +209,6 @@ async fn run_call(agent: Arc<dyn Agent>, call: Call, timeout: Duration) -> CallE
         result,
         elapsed: start.elapsed(),
         park,
+        deferred: false,
     }))
 }

@@ -22,6 +22,7 @@ use super::protocol::{Acquire, BrokerMsg, Grant, SchedMsg, SettleGrant, Settleme
 use crate::clock;
 use crate::job::JobId;
 use crate::model::QuotaModel;
+use crate::quota::shared::{Claim, QuotaSignal};
 use crate::quota::{CircuitState, Demand, Outcome, QuotaCore, Ready, Reservation};
 use crate::signal::{
     AgentChange, AgentKey, CauseInfo, GraphEvent, GraphEventKind, Reach, SignalPlane,
@@ -114,6 +115,14 @@ impl BrokerCore {
         self.guarded(&mut s, |s| s.try_take(quotas, demand))
             .unwrap_or(Err(None))
     }
+
+    /// What the cluster's shared quota state says: its health (how the local quotas run), or a
+    /// hold on a quota (another node's refusal, a spent shared bucket). Applied at once, so
+    /// that a step given back by a spent shared bucket finds its quota paused when it asks again.
+    pub fn signal(&self, signal: QuotaSignal) {
+        let mut s = self.lock();
+        self.guarded(&mut s, |s| s.on_cluster(signal));
+    }
 }
 
 impl SettleGrant for BrokerCore {
@@ -178,6 +187,16 @@ impl Actor for Broker {
             .chain(args.index.shares.iter())
             .map(|s| QuotaCore::new(s.clone(), now))
             .collect();
+        let mut cores = cores;
+        // The cluster's shared quotas: run the local ones as the shared state's health says,
+        // and read the holds again (those made while no broker ran were not applied).
+        if let Some(c) = &args.shared.cluster {
+            let mode = c.backend.mode();
+            for core in &mut cores[..args.index.specs.len()] {
+                core.set_cluster(mode);
+            }
+            c.backend.resync_later();
+        }
         let models: Vec<_> = args.graphs.iter().map(|g| g.model.clone()).collect();
         let shared = args.shared.clone();
         let core = Arc::new_cyclic(|weak| BrokerCore {
@@ -344,7 +363,38 @@ impl BrokerState {
         let grant = self.next_grant;
         self.outstanding.insert(grant, reservations);
         let to = self.core.upgrade().map(|c| c as Arc<dyn SettleGrant>);
-        Grant::new(grant, to)
+        // The cluster's shared quotas (not a tenant's share: that stays a local fraction).
+        let claim = self.shared.cluster.as_ref().and_then(|c| {
+            let items: SmallVec<[_; 1]> = quotas
+                .iter()
+                .filter_map(|&q| c.specs.get(q).map(|s| (s.clone(), demand.tokens)))
+                .collect();
+            (!items.is_empty()).then(|| Claim::new(c.backend.clone(), items))
+        });
+        Grant::new(grant, to).with_claim(claim)
+    }
+
+    fn on_cluster(&mut self, signal: QuotaSignal) {
+        let now = Instant::now();
+        let specs = self.index.specs.len();
+        match signal {
+            QuotaSignal::Mode(mode) => {
+                for core in &mut self.cores[..specs] {
+                    core.set_cluster(mode);
+                }
+            }
+            QuotaSignal::Hold {
+                quota,
+                wait,
+                reason,
+            } => {
+                if let Some(core) = self.cores[..specs].iter_mut().find(|c| c.name() == quota) {
+                    core.hold_for(now, wait, reason);
+                }
+            }
+        }
+        let list = self.scratch();
+        self.after_change(now, list, false, None);
     }
 
     fn settle(&mut self, grant: u64, end: Settlement) {
@@ -369,7 +419,16 @@ impl BrokerState {
                 self.cores[q].settle_cost(now, &r, end.cost_micros, outcome);
                 // A tenant's share learns no limits: it is a fraction of what its quota states.
                 let limits = end.limits.as_ref().filter(|_| q < self.index.specs.len());
-                self.cores[q].settle(now, r, end.usage, outcome, limits);
+                let changed = self.cores[q].settle(now, r, end.usage, outcome, limits);
+                // A circuit that opened here is open on every node of the cluster.
+                if changed
+                    && let Some(c) = &self.shared.cluster
+                    && let Some(spec) = c.specs.get(q)
+                    && let Some(until) = self.cores[q].circuit_open_until(now)
+                {
+                    c.backend
+                        .hold(spec, until - now, crate::quota::Limit::CircuitOpen, false);
+                }
                 list.push(q);
             }
         }
@@ -444,9 +503,25 @@ impl BrokerState {
                     name.strip_prefix(quota.as_str())
                         .is_some_and(|rest| rest.is_empty() || rest.starts_with('@'))
                 };
-                for c in self.cores.iter_mut().filter(|c| copy(c.name())) {
+                for (q, c) in self
+                    .cores
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, c)| copy(c.name()))
+                {
                     c.hold(now, duration);
                     found = true;
+                    // On every node of the cluster.
+                    if let Some(cluster) = &self.shared.cluster
+                        && let Some(spec) = cluster.specs.get(q)
+                    {
+                        cluster.backend.hold(
+                            spec,
+                            duration,
+                            crate::quota::Limit::UpstreamRateLimit,
+                            false,
+                        );
+                    }
                 }
                 let _ = reply.send(found);
             }

@@ -45,6 +45,16 @@ pub(crate) struct Shared {
     /// server).
     pub(super) approval_notices: RwLock<Option<mpsc::Sender<ApprovalNotice>>>,
     pub audit: Option<crate::audit::sink::AuditSink>,
+    /// The cluster's shared quotas (`[server] quota_backend`), with propagation on.
+    pub cluster: Option<ClusterQuotas>,
+}
+
+/// The quotas shared by the nodes of a cluster: the backend, and each quota's shared form, by
+/// its index among the declared and implicit quotas (not a tenant's share, which stays a local
+/// fraction).
+pub(crate) struct ClusterQuotas {
+    pub backend: Arc<crate::quota::shared::SharedQuotas>,
+    pub specs: Vec<Arc<crate::quota::shared::SharedSpec>>,
 }
 
 /// A new proposal to announce at its agent's `approval_webhook`.

@@ -222,9 +222,17 @@ pub struct OrchestratorBuilder {
     cascade: bool,
     metrics: bool,
     audit: Option<Arc<crate::audit::log::AuditLog>>,
+    shared_quotas: Option<Arc<crate::quota::shared::SharedQuotas>>,
 }
 
 impl OrchestratorBuilder {
+    /// Keep every quota's state in the cluster's shared backend (`[server] quota_backend`), so
+    /// that a quota is one quota across every node. Needs propagation on (else ignored).
+    pub fn shared_quotas(mut self, backend: Arc<crate::quota::shared::SharedQuotas>) -> Self {
+        self.shared_quotas = Some(backend);
+        self
+    }
+
     /// Agent kinds beyond the built-in ones.
     pub fn registry(mut self, registry: Registry) -> Self {
         self.registry = registry;
@@ -311,7 +319,26 @@ impl OrchestratorBuilder {
             shutting_down: AtomicBool::new(false),
             callbacks: RwLock::new(None),
             approval_notices: RwLock::new(None),
+            cluster: self.shared_quotas.filter(|_| cascade).map(|backend| {
+                let specs = quotas
+                    .specs
+                    .iter()
+                    .map(|q| Arc::new(crate::quota::shared::SharedSpec::new(q, backend.prefix())))
+                    .collect();
+                context::ClusterQuotas { backend, specs }
+            }),
         });
+        if let Some(c) = &shared.cluster {
+            let weak = Arc::downgrade(&shared);
+            c.backend.attach(
+                c.specs.clone(),
+                Arc::new(move |signal| {
+                    if let Some(broker) = weak.upgrade().and_then(|s| s.broker()) {
+                        broker.signal(signal);
+                    }
+                }),
+            );
+        }
         let graphs: Vec<Arc<GraphCtx>> = shared
             .model
             .graphs
@@ -408,6 +435,7 @@ impl Orchestrator {
             cascade: true,
             metrics: true,
             audit: None,
+            shared_quotas: None,
         }
     }
 

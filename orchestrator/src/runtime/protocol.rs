@@ -137,6 +137,9 @@ pub(crate) struct StepDone {
     /// A tool loop stopped to wait (for a person, or a raised budget): the step holds nothing
     /// until then, and `result` is not its end.
     pub park: Option<super::tool_loop::Park>,
+    /// The call never left: the cluster's shared quota is spent (`result` is the refusal that
+    /// says until when; the quota pauses, and the step waits for it like any refused call).
+    pub deferred: bool,
 }
 
 /// How a call ended: with a result for the scheduler, or with a panic that fails the actor.
@@ -222,6 +225,8 @@ pub(crate) enum BrokerMsg {
 pub(crate) struct Grant {
     id: u64,
     to: Option<Arc<dyn SettleGrant>>,
+    /// Its claim on the cluster's shared quotas, when the quotas are shared.
+    claim: Option<Box<crate::quota::shared::Claim>>,
 }
 
 /// Where a grant goes back to: the broker that made it.
@@ -267,7 +272,22 @@ impl std::fmt::Debug for Grant {
 
 impl Grant {
     pub fn new(id: u64, to: Option<Arc<dyn SettleGrant>>) -> Self {
-        Self { id, to }
+        Self {
+            id,
+            to,
+            claim: None,
+        }
+    }
+
+    /// This grant, with a claim on the cluster's shared quotas to pass before the call leaves.
+    pub fn with_claim(mut self, claim: Option<crate::quota::shared::Claim>) -> Self {
+        self.claim = claim.map(Box::new);
+        self
+    }
+
+    /// The claim to pass before the call leaves (a cluster's shared quotas).
+    pub fn claim_mut(&mut self) -> Option<&mut crate::quota::shared::Claim> {
+        self.claim.as_deref_mut()
     }
 
     /// Return the grant with how its call ended.
@@ -276,6 +296,13 @@ impl Grant {
     }
 
     fn send(&mut self, end: Settlement) {
+        if let Some(mut claim) = self.claim.take() {
+            claim.finish(
+                end.usage.map(|(p, c)| p + c),
+                end.outcome,
+                end.credential.as_deref(),
+            );
+        }
         // A broker that is gone took its reservations with it.
         if let Some(to) = self.to.take() {
             to.settle(self.id, end);

@@ -874,8 +874,9 @@ impl SchedState {
             return;
         }
         let m = &self.slots[d.step].metrics;
-        m.step_duration.record(d.elapsed.as_secs_f64());
         match &d.result {
+            // A call that never left (the cluster's quota is spent) is no call.
+            _ if d.deferred => {}
             Ok(_) => m.success.increment(1),
             Err(e) => match e.class {
                 ErrorClass::Transient => m.transient.increment(1),
@@ -884,11 +885,14 @@ impl SchedState {
                 ErrorClass::RateLimited => m.rate_limited.increment(1),
             },
         }
+        if !d.deferred {
+            m.step_duration.record(d.elapsed.as_secs_f64());
+        }
         let current = self
             .jobs
             .get(&d.job)
             .is_some_and(|j| j.steps[d.step].step.is_running(d.token));
-        if current {
+        if current && !d.deferred {
             self.audit_call(&d);
         }
         // A tool loop's turns were counted as they were journaled (`LoopSpent`).
@@ -926,6 +930,7 @@ impl SchedState {
                     Some((out.usage.prompt_tokens, out.usage.completion_tokens)),
                     Outcome::Answered,
                 ),
+                Err(_) if d.deferred => (None, Outcome::Abandoned),
                 Err(e) => match e.class {
                     ErrorClass::RateLimited if self.ctx.shared.cascade => {
                         (None, Outcome::RateLimited(e.retry_after))

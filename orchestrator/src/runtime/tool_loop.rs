@@ -719,7 +719,22 @@ async fn take(
     let deadline = Instant::now() + MAX_QUOTA_WAIT;
     loop {
         let wait = match broker.try_take(quotas, demand) {
-            Ok(grant) => return Ok(Some(grant)),
+            Ok(mut grant) => {
+                // The cluster's shared quotas: this sub-step's turn, or the step goes on
+                // after the wait (the broker was told, and pauses the quota).
+                if let Some(claim) = grant.claim_mut()
+                    && let Err(d) = claim.pass().await
+                {
+                    return Err(AgentError::rate_limited(
+                        format!(
+                            "quota {} is spent across the cluster ({}); the step goes on after the wait",
+                            d.quota, d.reason
+                        ),
+                        Some(d.wait),
+                    ));
+                }
+                return Ok(Some(grant));
+            }
             Err(Some(at)) => at,
             Err(None) => Instant::now() + BLOCKED_POLL,
         };

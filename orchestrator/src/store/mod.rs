@@ -287,6 +287,12 @@ pub trait JobStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// How many nodes share this store and are alive, as last seen (`None`: this process alone,
+    /// or not known yet).
+    fn live_nodes(&self) -> Option<usize> {
+        None
+    }
+
     /// This node stops: hand back the jobs it still holds so that other nodes take them at
     /// once, without waiting for its lease to run out (a store nobody shares keeps them for
     /// the next start). Called after [`JobStore::flush`], when nothing more is written.

@@ -159,6 +159,8 @@ struct Adoption {
     released: std::sync::atomic::AtomicBool,
     /// Another node handed jobs back: look for them now, not at the next tick.
     claim_now: tokio::sync::Notify,
+    /// Nodes whose heartbeat is within the lease, at the last round (0: none read yet).
+    live_nodes: std::sync::atomic::AtomicUsize,
     /// Held by a lease round and by the hand-back, so a round under way cannot take back (or
     /// renew) what the hand-back gives up.
     round: AsyncMutex<()>,
@@ -429,6 +431,10 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
     };
     let failures = metrics::counter!(crate::metrics::CLUSTER_HEARTBEAT_FAILURES);
     let taken = metrics::counter!(crate::metrics::CLUSTER_TAKEOVERS);
+    // Exported at 0 from the start (the dashboard's cluster row reads them).
+    metrics::counter!(crate::metrics::CLUSTER_LEASES_LOST).increment(0);
+    failures.increment(0);
+    taken.increment(0);
     let alive = metrics::gauge!(crate::metrics::CLUSTER_NODES);
     let leased = metrics::gauge!(crate::metrics::CLUSTER_JOBS_LEASED);
     let mut last_prune = Instant::now();
@@ -459,6 +465,9 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
                 )
                 .await?;
             alive.set(row.get::<_, i64>(0) as f64);
+            adoption
+                .live_nodes
+                .store(row.get::<_, i64>(0).max(0) as usize, Ordering::Relaxed);
             leased.set(row.get::<_, i64>(1) as f64);
             // A node gone for a day that holds nothing is forgotten.
             if last_prune.elapsed() > Duration::from_secs(600) {
@@ -862,6 +871,10 @@ impl JobStore for PgStore {
             }
         }
         out
+    }
+
+    fn live_nodes(&self) -> Option<usize> {
+        Some(self.adoption.live_nodes.load(Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     fn nodes(&self) -> Result<Option<Vec<NodeInfo>>, StoreError> {

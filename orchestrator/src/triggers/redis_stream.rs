@@ -46,34 +46,7 @@ pub async fn run(
 
 /// `url` with the password from its secret reference, when one is set.
 fn url_with_password(spec: &RedisSpec) -> Result<String, String> {
-    let Some(r) = &spec.password else {
-        return Ok(spec.url.clone());
-    };
-    let secret = r.resolve()?;
-    let password = secret
-        .expose_str()
-        .ok_or_else(|| format!("secret {r} is not UTF-8 text"))?;
-    let (scheme, rest) = spec
-        .url
-        .split_once("://")
-        .ok_or_else(|| "url has no scheme".to_string())?;
-    if rest.contains('@') {
-        return Err(
-            "url names a user or password already: keep the password in `password` only".into(),
-        );
-    }
-    // Percent-encoding of the userinfo part (RFC 3986): every byte but the unreserved ones.
-    let encoded: String = password
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    Ok(format!("{scheme}://:{encoded}@{rest}"))
+    crate::quota::shared::url_with_password(&spec.url, spec.password.as_ref())
 }
 
 fn err(e: redis::RedisError) -> String {

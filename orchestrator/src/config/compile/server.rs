@@ -31,6 +31,9 @@ const SERVER_FIELDS: &[&str] = &[
     "store",
     "store_password",
     "lease",
+    "quota_backend",
+    "quota_backend_password",
+    "quota_fallback",
     "cascade",
     "webhook_secret",
     "callback_secret",
@@ -127,6 +130,7 @@ impl Loader<'_> {
                             .with_help("set store = \"postgres://USER@HOST:PORT/DATABASE\", or remove store_password"),
                     );
                 }
+                self.quota_backend(src, &mut s);
                 if let Some(on) = s.take("cascade", &mut self.errs) {
                     self.server.cascade = on;
                 }
@@ -542,3 +546,53 @@ impl Loader<'_> {
 
 /// How an `[mcp_servers.NAME]` table is written.
 const MCP_SERVER_HELP: &str = "command = \"…\", args = [\"…\"], env = { NAME = \"env:NAME\" } for a server Cascade starts; url = \"https://…/mcp\" with auth = { bearer = \"env:NAME\" }, { api_key = { header, value } }, { basic = { username, password } }, { oauth2 = { token_url, client_id, client_secret } } or the name of a [credentials.NAME], for one it reaches";
+
+impl Loader<'_> {
+    /// `quota_backend`, `quota_backend_password` and `quota_fallback` of `[server]`.
+    fn quota_backend(&mut self, src: &Source, s: &mut TableReader<'_, '_>) {
+        let at = s.entry("quota_backend").map(|(_, v)| v.span());
+        if let (Some(url), Some(at)) = (s.take::<String>("quota_backend", &mut self.errs), at) {
+            match crate::model::check_redis_url(&url) {
+                Ok(()) if !matches!(self.server.store, StoreSetting::Postgres(_)) => {
+                    self.errs.push(
+                        src.error(at, "server.quota_backend", "a shared quota backend is for a cluster, and the store is not PostgreSQL")
+                            .with_help("set store = \"postgres://USER@HOST:PORT/DATABASE\" (the nodes share it), or remove quota_backend"),
+                    )
+                }
+                Ok(()) => self.server.quota_backend = Some(url),
+                Err(why) => self.errs.push(src.error(at, "server.quota_backend", why).with_help(
+                    "quota_backend = \"redis://HOST:PORT\" (or rediss:// for TLS), with quota_backend_password = \"env:REDIS_PASSWORD\" when it needs one",
+                )),
+            }
+        }
+        let password_at = s.entry("quota_backend_password").map(|(_, v)| v.span());
+        self.server.quota_backend_password = s.take("quota_backend_password", &mut self.errs);
+        if let Some(at) = password_at
+            && self.server.quota_backend.is_none()
+        {
+            self.errs.push(
+                src.error(
+                    at,
+                    "server.quota_backend_password",
+                    "quota_backend_password is for a quota_backend, and none is set",
+                )
+                .with_help(
+                    "set quota_backend = \"redis://HOST:PORT\", or remove quota_backend_password",
+                ),
+            );
+        }
+        let fallback_at = s.entry("quota_fallback").map(|(_, v)| v.span());
+        if let (Some(text), Some(at)) = (
+            s.take::<String>("quota_fallback", &mut self.errs),
+            fallback_at,
+        ) {
+            match crate::quota::shared::QuotaFallback::parse(&text) {
+                Some(f) => self.server.quota_fallback = f,
+                None => self.errs.push(
+                    src.error(at, "server.quota_fallback", format!("unknown quota_fallback {text:?}"))
+                        .with_help("quota_fallback = \"local_share\" (the default: each live node takes 1/N of each quota while Redis is unreachable) or \"closed\" (no call leaves)"),
+                ),
+            }
+        }
+    }
+}

@@ -1001,4 +1001,71 @@ fn the_store_is_sqlite_memory_or_a_postgres_url_without_a_password() {
         e.help.as_deref().unwrap_or("").contains("postgres://"),
         "{e}"
     );
+
+    // The shared quota backend: Redis, beside a PostgreSQL store.
+    let pg = "store = \"postgres://cascade@db/jobs\"\n";
+    let m = load_server_config(
+        "quota-redis",
+        &format!("[server]\n{pg}quota_backend = \"rediss://redis.internal:6380\"\nquota_backend_password = \"env:REDIS_PASSWORD\"\nquota_fallback = \"closed\"\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        m.server.quota_backend.as_deref(),
+        Some("rediss://redis.internal:6380")
+    );
+    assert!(m.server.quota_backend_password.is_some());
+    assert_eq!(
+        m.server.quota_fallback,
+        crate::quota::shared::QuotaFallback::Closed
+    );
+    for (tag, text, path, says, help) in [
+        (
+            "quota-pass",
+            format!("[server]\n{pg}quota_backend = \"redis://:hunter2@r:6379\"\n"),
+            "server.quota_backend",
+            "quota_backend_password",
+            "redis://",
+        ),
+        (
+            "quota-scheme",
+            format!("[server]\n{pg}quota_backend = \"memcached://r\"\n"),
+            "server.quota_backend",
+            "unknown scheme",
+            "redis://",
+        ),
+        (
+            "quota-sqlite",
+            "[server]\nquota_backend = \"redis://r:6379\"\n".to_string(),
+            "server.quota_backend",
+            "not PostgreSQL",
+            "postgres://",
+        ),
+        (
+            "quota-fallback",
+            format!("[server]\n{pg}quota_backend = \"redis://r\"\nquota_fallback = \"open\"\n"),
+            "server.quota_fallback",
+            "unknown quota_fallback",
+            "local_share",
+        ),
+        (
+            "quota-pw-alone",
+            format!("[server]\n{pg}quota_backend_password = \"env:X\"\n"),
+            "server.quota_backend_password",
+            "none is set",
+            "redis://",
+        ),
+    ] {
+        let errs = load_server_config(tag, &text).unwrap_err().0;
+        let e = errs
+            .iter()
+            .find(|e| e.path == path)
+            .unwrap_or_else(|| panic!("no error at {path}: {errs:#?}"));
+        assert!(e.message.contains(says), "{e}");
+        assert!(e.help.as_deref().unwrap_or("").contains(help), "{e}");
+        assert!(
+            !e.to_string().contains("hunter2"),
+            "the password is echoed: {e}"
+        );
+        assert!(e.line >= 2, "{e}");
+    }
 }

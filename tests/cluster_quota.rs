@@ -1,0 +1,589 @@
+//! One quota across a cluster: three real `cascade serve` processes on one PostgreSQL database
+//! and one Redis (`[server] quota_backend`), in front of an upstream stand-in written here
+//! (SIMULATED: it enforces 200 requests a second the way providers do — a bucket refilled
+//! continuously — answers a 429 with Retry-After beyond it, and counts what arrives in each
+//! 1-second window). Needs PostgreSQL 15 and redis-server (Debian), which `.ci/run` installs; a
+//! test fails, not skips, when it cannot start them.
+
+mod common;
+#[path = "support/postgres.rs"]
+mod postgres;
+#[path = "support/redis.rs"]
+mod redis_server;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use cascade_orchestrator::api::pb;
+use common::{Server, free_port, spawn_configured_store};
+use futures::StreamExt;
+
+/// What the stand-in saw.
+#[derive(Default)]
+struct Seen {
+    /// Arrivals per 1-second window since the stand-in started (answered or refused).
+    arrivals: Vec<u32>,
+    refused: u64,
+    answered: u64,
+    /// When each call arrived, since the start.
+    times: Vec<Duration>,
+    /// When each refusal was made.
+    refusals: Vec<Duration>,
+}
+
+struct Upstream {
+    t0: Instant,
+    interval: Duration,
+    burst: u32,
+    /// GCRA state: the theoretical arrival time of the next call.
+    tat: Mutex<Instant>,
+    seen: Mutex<Seen>,
+    /// Refuse the call with this number (1-based) with a Retry-After of 3 s, whatever the rate.
+    refuse_call: Option<u64>,
+}
+
+impl Upstream {
+    async fn serve(per_second: f64, burst: u32, refuse_call: Option<u64>) -> (Arc<Self>, u16) {
+        let up = Arc::new(Self {
+            t0: Instant::now(),
+            interval: Duration::from_secs_f64(1.0 / per_second),
+            burst,
+            tat: Mutex::new(Instant::now()),
+            seen: Mutex::new(Seen::default()),
+            refuse_call,
+        });
+        let app = axum::Router::new()
+            .route("/call", axum::routing::post(call))
+            .with_state(up.clone());
+        let port = common::serve_http(app).await;
+        (up, port)
+    }
+
+    fn seen<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.seen.lock().unwrap())
+    }
+}
+
+async fn call(State(up): State<Arc<Upstream>>) -> axum::response::Response {
+    let now = Instant::now();
+    let at = now - up.t0;
+    let allowed = {
+        let mut tat = up.tat.lock().unwrap();
+        let next = (*tat).max(now) + up.interval;
+        if next - now <= up.interval * up.burst {
+            *tat = next;
+            true
+        } else {
+            false
+        }
+    };
+    let mut seen = up.seen.lock().unwrap();
+    let window = at.as_secs() as usize;
+    if seen.arrivals.len() <= window {
+        seen.arrivals.resize(window + 1, 0);
+    }
+    seen.arrivals[window] += 1;
+    seen.times.push(at);
+    let n = seen.times.len() as u64;
+    if Some(n) == up.refuse_call {
+        seen.refused += 1;
+        seen.refusals.push(at);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "3")],
+            "slow down",
+        )
+            .into_response();
+    }
+    if !allowed {
+        seen.refused += 1;
+        seen.refusals.push(at);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "slow down",
+        )
+            .into_response();
+    }
+    seen.answered += 1;
+    axum::Json(serde_json::json!({ "ok": true })).into_response()
+}
+
+/// Three nodes serving one graph whose four agents each call the stand-in through quota `api`
+/// (four calls a job, so that the machine's own cost per job does not cap the calls first).
+struct Cluster {
+    _dir: tempfile::TempDir,
+    _servers: Vec<Server>,
+    ports: Vec<(u16, u16)>,
+    clients: Vec<pb::cascade_client::CascadeClient<tonic::transport::Channel>>,
+}
+
+const NODES: usize = 3;
+
+/// The agents of the graph, each one call to the stand-in.
+const CALLS_PER_JOB: [&str; 4] = ["crm", "erp", "tickets", "billing"];
+
+async fn cluster(pg_url: &str, quota: &str, upstream: u16, backend: Option<&str>) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let mut graph = format!(
+        "[graph]\nname = \"calls\"\nmax_in_flight_jobs = 64\nmax_pending_jobs = 100000\n\n[quotas.api]\n{quota}\n"
+    );
+    for agent in CALLS_PER_JOB {
+        graph += &format!(
+            r#"
+[agents.{agent}]
+kind = "http"
+method = "POST"
+url = "http://127.0.0.1:{upstream}/call"
+body = {{ n = "{{{{= input.n }}}}" }}
+quota = "api"
+max_concurrency = 16
+retry = {{ max_attempts = 8, initial_delay = "100ms", max_delay = "2s" }}
+"#
+        );
+    }
+    std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
+    std::fs::write(dir.path().join("graphs/calls.toml"), graph).unwrap();
+    let ports: Vec<(u16, u16)> = (0..NODES).map(|_| (free_port(), free_port())).collect();
+    let mut servers = Vec::new();
+    for (i, (grpc, http)) in ports.iter().enumerate() {
+        let d = dir.path().join(format!("node-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let backend = backend
+            .map(|url| format!("quota_backend = \"{url}\"\n"))
+            .unwrap_or_default();
+        std::fs::write(
+            d.join("cascade.toml"),
+            format!(
+                "graphs = [\"{}\"]\n[server]\nstore = \"{pg_url}\"\nlease = \"5s\"\ndata_dir = \"{}\"\n{backend}",
+                dir.path().join("graphs").display(),
+                d.join("data").display()
+            ),
+        )
+        .unwrap();
+        servers.push(spawn_configured_store(&d, *grpc, *http));
+    }
+    let mut clients = Vec::new();
+    for (grpc, _) in &ports {
+        clients.push(common::connect(*grpc).await);
+    }
+    Cluster {
+        _dir: dir,
+        _servers: servers,
+        ports,
+        clients,
+    }
+}
+
+impl Cluster {
+    /// Submit `n` jobs, spread over the nodes; their ids.
+    async fn submit(&self, n: usize) -> Vec<String> {
+        futures::stream::iter(0..n)
+            .map(|i| {
+                let mut c = self.clients[i % self.clients.len()].clone();
+                async move {
+                    c.submit_job(pb::SubmitJobRequest {
+                        graph: "calls".into(),
+                        input_json: format!(r#"{{"n": {i}}}"#),
+                        ..Default::default()
+                    })
+                    .await
+                    .expect("accepted")
+                    .into_inner()
+                    .job_id
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await
+    }
+
+    /// Submit `n` jobs at about `per_second` (batches of a tenth of a second), spread over the
+    /// nodes: a steady load, as services send it, rather than all at the start.
+    async fn submit_paced(&self, n: usize, per_second: usize) -> Vec<String> {
+        let batch = (per_second / 10).max(1);
+        let mut ids = Vec::with_capacity(n);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while ids.len() < n {
+            tick.tick().await;
+            let more = batch.min(n - ids.len());
+            let base = ids.len();
+            let mut got: Vec<String> = futures::stream::iter(base..base + more)
+                .map(|i| {
+                    let mut c = self.clients[i % self.clients.len()].clone();
+                    async move {
+                        c.submit_job(pb::SubmitJobRequest {
+                            graph: "calls".into(),
+                            input_json: format!(r#"{{"n": {i}}}"#),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("accepted")
+                        .into_inner()
+                        .job_id
+                    }
+                })
+                .buffer_unordered(16)
+                .collect()
+                .await;
+            ids.append(&mut got);
+        }
+        ids
+    }
+
+    async fn metrics(&self, node: usize) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.ports[node].1))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    fn log(&self, node: usize) -> String {
+        std::fs::read_to_string(self._dir.path().join(format!("node-{node}/server.log")))
+            .unwrap_or_default()
+    }
+}
+
+/// The metric families the Grafana dashboard's cluster row reads (`deploy/`).
+fn cluster_panel_metrics() -> std::collections::BTreeSet<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        let title = panel["title"].as_str().unwrap_or_default();
+        if !(title.starts_with("Cluster:") || title.starts_with("Shared quotas:")) {
+            continue;
+        }
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            names.extend(
+                expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .filter(|w| w.starts_with("cascade_"))
+                    .map(|w| w.trim_end_matches("_bucket").to_string()),
+            );
+        }
+    }
+    assert!(names.len() >= 6, "the cluster row: {names:?}");
+    names
+}
+
+/// The value of a sample (`name` with its labels, as Prometheus prints it).
+fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Jobs by state, in the cluster's database.
+async fn states(pg_url: &str) -> std::collections::BTreeMap<String, i64> {
+    let c = cascade_orchestrator::store::pg_schema::connect(pg_url, None)
+        .await
+        .unwrap();
+    c.query("SELECT state, count(*) FROM jobs GROUP BY state", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1)))
+        .collect()
+}
+
+/// Wait until `n` jobs succeeded (at most `limit`); panics with the states and the logs if not.
+async fn await_succeeded(pg_url: &str, n: i64, limit: Duration, cluster: &Cluster) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = states(pg_url).await;
+        if s.get("succeeded").copied().unwrap_or(0) == n {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "not every job succeeded: {s:?}\n--- node 0 log ---\n{}",
+                cluster.log(0)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The most calls that arrived within any `span` (a sliding window over the arrival times).
+fn most_within(times: &[Duration], span: Duration) -> usize {
+    let mut sorted = times.to_vec();
+    sorted.sort();
+    let mut most = 0;
+    let mut start = 0;
+    for end in 0..sorted.len() {
+        while sorted[end] - sorted[start] >= span {
+            start += 1;
+        }
+        most = most.max(end - start + 1);
+    }
+    most
+}
+
+/// Calls per window, without the first and last (partly filled) windows of the run.
+fn full_windows(arrivals: &[u32]) -> Vec<u32> {
+    let first = arrivals.iter().position(|&n| n > 0).unwrap_or(0);
+    let last = arrivals.iter().rposition(|&n| n > 0).unwrap_or(0);
+    if last <= first + 1 {
+        return Vec::new();
+    }
+    arrivals[first + 1..last].to_vec()
+}
+
+/// A quota of 200 req/s kept in Redis holds the three nodes together to 200 (plus its burst of
+/// 4) in every second, with almost no refusal; the same quota kept on each node lets the three
+/// send past the provider's rate until its refusals teach each node to back off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn three_nodes_share_one_quota_of_200_per_second() {
+    let pg = postgres::Postgres::start();
+    let redis = redis_server::Redis::start();
+    // 3,000 calls: 15 s at 200 a second.
+    const JOBS: usize = 750;
+    let quota = "requests_per_second = 200\nburst = 4";
+
+    // Shared: one quota in Redis.
+    let url = pg.database("shared").await;
+    let (up, port) = Upstream::serve(200.0, 10, None).await;
+    let c = cluster(&url, quota, port, Some(&redis.url())).await;
+    let t0 = Instant::now();
+    // A little faster than the quota lets them run (50 jobs of four calls a second).
+    let ids = c.submit_paced(JOBS, 60).await;
+    assert_eq!(ids.len(), JOBS);
+    await_succeeded(&url, JOBS as i64, Duration::from_secs(120), &c).await;
+    let took = t0.elapsed();
+    let (windows, answered, refused, refusals) = up.seen(|s| {
+        (
+            full_windows(&s.arrivals),
+            s.answered,
+            s.refused,
+            s.refusals.clone(),
+        )
+    });
+    eprintln!("shared: refusals at {refusals:?}");
+    let most = windows.iter().copied().max().unwrap_or(0);
+    let quarter = up.seen(|s| most_within(&s.times, Duration::from_millis(250)));
+    eprintln!(
+        "shared: {JOBS} jobs in {took:?}; calls per second {windows:?} (most {most}; most in 250 ms {quarter}); answered {answered}, refused {refused}"
+    );
+    assert!(
+        windows.len() >= 5,
+        "the run was too short to judge: {windows:?}"
+    );
+    assert!(
+        most <= 204,
+        "the three nodes sent {most} calls in one second: {windows:?}"
+    );
+    assert!(
+        refused * 1000 < answered,
+        "{refused} refusals for {answered} answered calls"
+    );
+    // The nodes ran on the shared state all along, and said so.
+    let exported = c.metrics(0).await;
+    for name in cluster_panel_metrics() {
+        assert!(
+            exported.contains(&format!("# TYPE {name} ")),
+            "the dashboard's cluster row reads {name}, which a node of the cluster does not export"
+        );
+    }
+    let mut round_trips = 0.0;
+    for node in 0..NODES {
+        let m = c.metrics(node).await;
+        round_trips += sample(&m, "cascade_quota_backend_round_trip_seconds_count").unwrap_or(0.0);
+        assert_eq!(
+            sample(&m, "cascade_quota_backend_up"),
+            Some(1.0),
+            "node {node}"
+        );
+        assert_eq!(
+            sample(&m, "cascade_quota_fallback{mode=\"local_share\"}"),
+            Some(0.0),
+            "node {node}"
+        );
+    }
+    // One reservation per call (plus a health check a second per node).
+    let per_call = round_trips / (answered + refused) as f64;
+    eprintln!("shared: {per_call:.3} Redis round trips per call");
+    assert!(
+        (1.0..1.2).contains(&per_call),
+        "{round_trips} round trips for {} calls",
+        answered + refused
+    );
+    drop(c);
+
+    // The contrast: the same quota on each node, no backend.
+    let url = pg.database("local").await;
+    let (up, port) = Upstream::serve(200.0, 10, None).await;
+    let c = cluster(&url, quota, port, None).await;
+    let ids = c.submit(JOBS / 2).await;
+    assert_eq!(ids.len(), JOBS / 2);
+    await_succeeded(&url, (JOBS / 2) as i64, Duration::from_secs(180), &c).await;
+    let (arrivals, answered, refused) = up.seen(|s| (s.arrivals.clone(), s.answered, s.refused));
+    let local_quarter = up.seen(|s| most_within(&s.times, Duration::from_millis(250)));
+    eprintln!(
+        "local: calls per second {arrivals:?}; most in 250 ms {local_quarter}; answered {answered}, refused {refused}"
+    );
+    // Each node enforces the whole 200 a second, so together they send past the provider's
+    // limit until its 429s teach each one (pause for the Retry-After, AIMD down towards what it
+    // was answered): the refusals the shared quota does not meet, and the pauses cost goodput.
+    assert!(
+        refused * 1000 >= answered && refused >= 5,
+        "local quotas should meet refusals: {refused} refused, {answered} answered"
+    );
+}
+
+/// A 429 that reaches one node pauses the quota on all three: no node calls the upstream until
+/// its Retry-After has passed, then they all go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn a_429_on_one_node_pauses_the_quota_on_every_node() {
+    let pg = postgres::Postgres::start();
+    let redis = redis_server::Redis::start();
+    let url = pg.database("pause").await;
+    // Well under the quota: nothing waits for its turn, so every call after the refusal that
+    // left is a node that did not pause.
+    let (up, port) = Upstream::serve(1000.0, 100, Some(150)).await;
+    let c = cluster(
+        &url,
+        "requests_per_second = 200\nburst = 4",
+        port,
+        Some(&redis.url()),
+    )
+    .await;
+    // 30 jobs a second over 20 seconds, spread over the nodes.
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let mut more = c.submit(30).await;
+        ids.append(&mut more);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    await_succeeded(&url, 600, Duration::from_secs(60), &c).await;
+    let (times, refusals) = up.seen(|s| (s.times.clone(), s.refusals.clone()));
+    assert_eq!(refusals.len(), 1, "one refusal: {refusals:?}");
+    let at = refusals[0];
+    // Calls already on their way when the refusal was made arrive within a few milliseconds.
+    let during: Vec<Duration> = times
+        .iter()
+        .copied()
+        .filter(|t| *t > at + Duration::from_millis(150) && *t < at + Duration::from_millis(2800))
+        .collect();
+    let after = times
+        .iter()
+        .filter(|t| **t >= at + Duration::from_millis(2800))
+        .count();
+    eprintln!(
+        "refused at {at:?}; {} calls in the 2.65 s after it, {after} after the Retry-After",
+        during.len()
+    );
+    assert!(
+        during.is_empty(),
+        "calls went out on some node while the quota was held: {during:?}"
+    );
+    assert!(after > 100, "the nodes did not go on after the Retry-After");
+    // Every node learned of it: the pause is counted on each.
+    for node in 0..NODES {
+        let m = c.metrics(node).await;
+        let paused = m
+            .lines()
+            .filter(|l| l.starts_with("cascade_quota_exhaustions_total{quota=\"api\"}"))
+            .find_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        assert!(
+            paused.is_some_and(|n| n >= 1.0),
+            "node {node} never paused the quota: {paused:?}"
+        );
+    }
+}
+
+/// Redis goes away mid-run: each node falls back to a third of the quota (loudly: the metric
+/// and a log line), the jobs go on, and when Redis is back the nodes share it again. No job is
+/// lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn a_redis_restart_falls_back_to_local_shares_and_back() {
+    let pg = postgres::Postgres::start();
+    let mut redis = redis_server::Redis::start();
+    let url = pg.database("fallback").await;
+    let (up, port) = Upstream::serve(100.0, 10, None).await;
+    let c = cluster(
+        &url,
+        "requests_per_second = 100\nburst = 4",
+        port,
+        Some(&redis.url()),
+    )
+    .await;
+    // 2,400 calls: about 30 s with the fallback's.
+    const JOBS: usize = 600;
+    let ids = c.submit(JOBS).await;
+    assert_eq!(ids.len(), JOBS);
+    // Let the nodes run on the shared quota, and learn of each other (local_share needs N).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let before = up.seen(|s| s.times.len());
+    assert!(before > 0, "nothing ran before Redis was stopped");
+    redis.stop();
+    let stopped = up.t0.elapsed();
+    // Every node falls back, loudly.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for node in 0..NODES {
+        loop {
+            let m = c.metrics(node).await;
+            if sample(&m, "cascade_quota_fallback{mode=\"local_share\"}") == Some(1.0)
+                && sample(&m, "cascade_quota_backend_up") == Some(0.0)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} did not fall back:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            c.log(node).contains("the quota backend is unreachable"),
+            "node {node} did not say it fell back"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    redis.start_again();
+    let restarted = up.t0.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    for node in 0..NODES {
+        loop {
+            let m = c.metrics(node).await;
+            if sample(&m, "cascade_quota_backend_up") == Some(1.0)
+                && sample(&m, "cascade_quota_fallback{mode=\"local_share\"}") == Some(0.0)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} did not return to the shared quota:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    await_succeeded(&url, JOBS as i64, Duration::from_secs(120), &c).await;
+    let (arrivals, answered, refused) = up.seen(|s| (s.arrivals.clone(), s.answered, s.refused));
+    eprintln!(
+        "Redis stopped at {stopped:?}, back at {restarted:?}; calls per second {arrivals:?}; answered {answered}, refused {refused}"
+    );
+    // While on local shares the three thirds still add up to about the quota.
+    let out = stopped.as_secs() as usize + 2..restarted.as_secs() as usize;
+    let during = &arrivals[out.clone()];
+    assert!(
+        during.iter().all(|&n| n <= 100 + 3 * 4),
+        "on local shares the nodes sent {during:?} per second"
+    );
+    assert!(
+        during.iter().any(|&n| n > 0),
+        "no call went out on the fallback"
+    );
+    let s = states(&url).await;
+    assert_eq!(s.get("succeeded"), Some(&(JOBS as i64)), "{s:?}");
+}
