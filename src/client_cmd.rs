@@ -669,6 +669,27 @@ pub fn top(conn: Conn, a: TopArgs) -> anyhow::Result<ExitCode> {
                 }
             };
             let mut frame = String::new();
+            // The nodes of a cluster (a server on its own lists itself, with no address).
+            let nodes = client
+                .list_nodes(pb::ListNodesRequest {})
+                .await
+                .map(|r| r.into_inner().nodes)
+                .unwrap_or_default();
+            if nodes.iter().any(|n| !n.address.is_empty()) {
+                let alive = nodes.iter().filter(|n| n.alive).count();
+                frame += &format!("cluster  {alive} of {} nodes alive\n", nodes.len());
+                frame += &format!("  {:<32} {:<6} {:>7}\n", "NODE", "STATE", "LEASED");
+                for n in &nodes {
+                    frame += &format!(
+                        "  {:<32} {:<6} {:>7}{}\n",
+                        n.id,
+                        if n.alive { "alive" } else { "dead" },
+                        n.jobs_leased,
+                        if n.this_node { "  (this node)" } else { "" }
+                    );
+                }
+                frame += "\n";
+            }
             for g in &graphs {
                 let paused = g.agents.iter().filter(|x| x.state == "paused").count();
                 frame += &format!(

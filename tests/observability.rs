@@ -431,7 +431,7 @@ async fn the_alert_rules_and_every_dashboard_query_hold_against_a_live_prometheu
     }
     let mut answered = 0;
     // The cluster row reads families that only nodes on PostgreSQL and Redis export (checked
-    // against three such nodes in tests/cluster_quota.rs); here, only that Prometheus runs it.
+    // against three such nodes in tests/cluster_nodes.rs); here, only that Prometheus runs it.
     let cluster =
         |title: &str| title.starts_with("Cluster:") || title.starts_with("Shared quotas:");
     let single = exprs.iter().filter(|(t, _)| !cluster(t)).count();

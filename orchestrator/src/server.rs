@@ -589,6 +589,8 @@ pub async fn start(
     orch: Arc<Orchestrator>,
     options: ServerOptions,
 ) -> Result<RunningServer, ServerError> {
+    // Cancels, decisions and budgets that reach another node of a cluster for a job held here.
+    orch.serve_commands();
     let settings = orch.model().auth.clone();
     let tls = match &options.tls {
         Some(t) => Some(Arc::new(
@@ -736,6 +738,7 @@ pub async fn start(
         .route("/metrics", get(prometheus_metrics))
         .route("/", get(dashboard))
         .route("/api/graphs", get(api_graphs))
+        .route("/api/nodes", get(api_nodes))
         .route("/api/events", get(api_events))
         .route("/hooks/{graph}", post(hook))
         .route("/hooks/{graph}/{trigger}", post(trigger_hook))
@@ -871,6 +874,38 @@ async fn graph_states(orch: &Orchestrator) -> Vec<crate::runtime::GraphState> {
 /// Every graph's live state, as the dashboard draws it.
 async fn api_graphs(State(s): State<HttpState>) -> Response {
     axum::Json(graph_states(&s.orch).await).into_response()
+}
+
+/// The nodes sharing this server's store (`[]` for a server on its own store), for the
+/// dashboard: id, address, heartbeat, jobs leased.
+async fn api_nodes(State(s): State<HttpState>) -> Response {
+    let orch = s.orch.clone();
+    let nodes = tokio::task::spawn_blocking(move || orch.store().nodes()).await;
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    match nodes {
+        Ok(Ok(nodes)) => axum::Json(
+            nodes
+                .unwrap_or_default()
+                .into_iter()
+                .map(|n| {
+                    serde_json::json!({
+                        "id": n.id, "address": n.address, "alive": n.alive,
+                        "last_heartbeat_ms": ms(n.last_heartbeat), "jobs_leased": n.jobs_leased,
+                        "this_node": n.this_node,
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Ok(Err(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot list the cluster's nodes: {e}"),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
 }
 
 /// Pause, resume, quota and circuit events as server-sent events.

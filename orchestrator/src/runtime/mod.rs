@@ -15,6 +15,7 @@
 
 mod agent_actor;
 mod broker;
+mod commands;
 mod context;
 mod protocol;
 mod scheduler;
@@ -700,6 +701,25 @@ impl Orchestrator {
         if record.state.is_terminal() {
             return Ok(record);
         }
+        // Another node of the cluster holds it: that node cancels it.
+        let command = commands::NodeCommand::Cancel {
+            reason: reason.to_string(),
+        };
+        match self.forward_command(id, &command).await? {
+            commands::Forwarded::Here => self.cancel_here(id, reason).await,
+            commands::Forwarded::Done { .. } => {
+                self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))
+            }
+            commands::Forwarded::Failed(e) => Err(commands::Forwarded::store_error(e)),
+        }
+    }
+
+    /// [`cancel`](Self::cancel), on this node.
+    async fn cancel_here(&self, id: JobId, reason: &str) -> Result<JobRecord, StoreError> {
+        let record = self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?;
+        if record.state.is_terminal() {
+            return Ok(record);
+        }
         if let Some(ev) = self.shared.store.cancel_pending(id, reason)? {
             self.shared.publish(ev);
             self.shared.job_finished(id);
@@ -841,6 +861,41 @@ impl Orchestrator {
         }
         let view = self.approval(id)?;
         check(&view)?;
+        // Another node of the cluster holds the job: that node decides.
+        let command = commands::NodeCommand::Decide {
+            approval: id.to_string(),
+            sha256: sha256.clone(),
+            approve,
+            approver: approver.to_string(),
+            reason: reason.to_string(),
+        };
+        match self.forward_command(view.job_id, &command).await? {
+            commands::Forwarded::Here => {
+                self.decide_here(id, &sha256, approve, approver, reason)
+                    .await
+            }
+            commands::Forwarded::Done { repeated } => Ok(crate::approval::Resolved {
+                approval: self.approval(id)?,
+                repeated,
+            }),
+            commands::Forwarded::Failed(e) => {
+                Err(commands::Forwarded::approval_error(e, id, view.job_id))
+            }
+        }
+    }
+
+    /// The decision of [`resolve_approval`](Self::resolve_approval), checked already, on this
+    /// node.
+    async fn decide_here(
+        &self,
+        id: &str,
+        sha256: &str,
+        approve: bool,
+        approver: &str,
+        reason: &str,
+    ) -> Result<crate::approval::Resolved, ApprovalError> {
+        let sha256 = sha256.to_string();
+        let view = self.approval(id)?;
         let unavailable = || ApprovalError::Unavailable(id.to_string());
         let g = self.graphs.get(&view.graph).ok_or_else(unavailable)?;
         let s = g.scheduler().ok_or_else(unavailable)?;
@@ -896,6 +951,32 @@ impl Orchestrator {
                 "budget.max_cost_usd: a non-negative number of dollars".into(),
             ));
         }
+        let record = self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?;
+        if record.state.is_terminal() {
+            return Err(RaiseBudgetError::Ended(id, record.state));
+        }
+        // Another node of the cluster holds it: that node raises it.
+        let command = commands::NodeCommand::RaiseBudget { budget: raise };
+        match self.forward_command(id, &command).await? {
+            commands::Forwarded::Here => self.raise_budget_here(id, raise).await,
+            commands::Forwarded::Done { .. } => {
+                Ok(self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?)
+            }
+            commands::Forwarded::Failed(commands::RemoteError::JobEnded { state }) => {
+                Err(RaiseBudgetError::Ended(id, state))
+            }
+            commands::Forwarded::Failed(e) => {
+                Err(RaiseBudgetError::Store(commands::Forwarded::store_error(e)))
+            }
+        }
+    }
+
+    /// [`raise_budget`](Self::raise_budget), checked already, on this node.
+    async fn raise_budget_here(
+        &self,
+        id: JobId,
+        raise: crate::job::Budget,
+    ) -> Result<JobRecord, RaiseBudgetError> {
         let record = self.shared.store.get(id)?.ok_or(StoreError::NotFound(id))?;
         if record.state.is_terminal() {
             return Err(RaiseBudgetError::Ended(id, record.state));

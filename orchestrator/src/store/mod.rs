@@ -44,6 +44,11 @@ pub type Waker = Arc<dyn Fn(&str) + Send + Sync>;
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
+/// Runs a command another node sent for a job this node holds (`command` and the answer are
+/// JSON text; see `Orchestrator::serve_commands`).
+pub type CommandHandler =
+    Arc<dyn Fn(JobId, String) -> Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
 /// A node of a cluster, as its store sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -292,6 +297,21 @@ pub trait JobStore: Send + Sync + 'static {
     fn live_nodes(&self) -> Option<usize> {
         None
     }
+
+    /// The other node that holds job `id`'s lease, while it is alive (`None`: this node holds
+    /// it, nobody does, or the store is this process's own).
+    fn remote_holder(&self, _id: JobId) -> Result<Option<String>, StoreError> {
+        Ok(None)
+    }
+
+    /// Send `command` (JSON text) for job `id` to `node`, which holds it, and wait for its
+    /// answer (JSON text). Only a store several nodes share has other nodes.
+    fn forward(&self, _node: &str, id: JobId, _command: String) -> StoreFuture<'_, String> {
+        Box::pin(async move { Err(StoreError::NotFound(id)) })
+    }
+
+    /// Where the commands other nodes send to this one go.
+    fn set_command_handler(&self, _handler: CommandHandler) {}
 
     /// This node stops: hand back the jobs it still holds so that other nodes take them at
     /// once, without waiting for its lease to run out (a store nobody shares keeps them for

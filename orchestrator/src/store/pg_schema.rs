@@ -114,6 +114,23 @@ CREATE INDEX jobs_unfinished_by_owner ON jobs (lease_owner)
     WHERE state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded');
 "#,
     ),
+    (
+        3,
+        r#"
+-- Commands for the node that holds a job (a cancel, a decision, a budget raised through another
+-- node): written by the node that took the request, answered by the holder.
+CREATE TABLE node_commands (
+    id BIGSERIAL PRIMARY KEY,
+    node TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    command TEXT NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    answer TEXT,
+    answered_at TIMESTAMPTZ
+);
+CREATE INDEX node_commands_open ON node_commands (node, id) WHERE answered_at IS NULL;
+"#,
+    ),
 ];
 
 /// The newest schema version this binary knows.

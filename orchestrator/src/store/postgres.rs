@@ -161,6 +161,14 @@ struct Adoption {
     claim_now: tokio::sync::Notify,
     /// Nodes whose heartbeat is within the lease, at the last round (0: none read yet).
     live_nodes: std::sync::atomic::AtomicUsize,
+    /// Runs the commands other nodes send for jobs this node holds.
+    commands: RwLock<Option<super::CommandHandler>>,
+    /// Look for commands now (a handler was just set).
+    commands_now: tokio::sync::Notify,
+    /// One round of commands at a time.
+    command_round: AsyncMutex<()>,
+    /// Commands this node sent, waiting for their answer, by id: woken when it is announced.
+    answers: Mutex<HashMap<i64, Arc<tokio::sync::Notify>>>,
     /// Held by a lease round and by the hand-back, so a round under way cannot take back (or
     /// renew) what the hand-back gives up.
     round: AsyncMutex<()>,
@@ -523,6 +531,18 @@ const EVENTS_CHANNEL: &str = "cascade_events";
 /// The channel a stopping node names itself on once it handed its jobs back.
 const HANDBACK_CHANNEL: &str = "cascade_handback";
 
+/// The channel a node names another on when it wrote a command for it.
+const COMMANDS_CHANNEL: &str = "cascade_commands";
+
+/// The channel a node names a command's id on when it wrote its answer.
+const ANSWERS_CHANNEL: &str = "cascade_answers";
+
+/// How long a command waits for the holder's answer; one older is not run any more.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Commands waiting for an answer from other nodes, at most (more are refused as retryable).
+const MAX_FORWARDED: usize = 1024;
+
 /// Notifications read ahead of the listener, at most.
 const NOTIFICATION_QUEUE: usize = 1024;
 
@@ -564,7 +584,7 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
         });
         if let Err(e) = client
             .batch_execute(&format!(
-                "LISTEN {EVENTS_CHANNEL}; LISTEN {HANDBACK_CHANNEL}"
+                "LISTEN {EVENTS_CHANNEL}; LISTEN {HANDBACK_CHANNEL}; LISTEN {COMMANDS_CHANNEL}; LISTEN {ANSWERS_CHANNEL}"
             ))
             .await
         {
@@ -577,12 +597,42 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
         if !std::mem::take(&mut first) {
             announce(&adoption, RemoteChange::Resync);
         }
-        while let Some(message) = rx.recv().await {
+        // Commands written for this node while it was not listening.
+        tokio::spawn(commands_round(o.clone(), adoption.clone()));
+        loop {
+            let message = tokio::select! {
+                m = rx.recv() => m,
+                () = adoption.commands_now.notified() => {
+                    tokio::spawn(commands_round(o.clone(), adoption.clone()));
+                    continue;
+                }
+            };
+            let Some(message) = message else { break };
             let tokio_postgres::AsyncMessage::Notification(n) = message else {
                 continue;
             };
             if n.channel() == HANDBACK_CHANNEL {
                 adoption.claim_now.notify_one();
+                continue;
+            }
+            if n.channel() == COMMANDS_CHANNEL {
+                if n.payload() == o.node_id {
+                    tokio::spawn(commands_round(o.clone(), adoption.clone()));
+                }
+                continue;
+            }
+            if n.channel() == ANSWERS_CHANNEL {
+                let waiter = n.payload().parse::<i64>().ok().and_then(|id| {
+                    adoption
+                        .answers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(&id)
+                        .cloned()
+                });
+                if let Some(w) = waiter {
+                    w.notify_one();
+                }
                 continue;
             }
             let Some(mem) = mem.upgrade() else { return };
@@ -610,6 +660,150 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
             "the connection listening for other nodes' changes was lost; listening again"
         );
     }
+}
+
+/// Run the commands other nodes wrote for this one, oldest first, and answer each (one older
+/// than [`COMMAND_TIMEOUT`] is answered `expired`: its sender gave up on it).
+async fn commands_round(o: PgOptions, adoption: Arc<Adoption>) {
+    let _round = adoption.command_round.lock().await;
+    let Some(handler) = adoption
+        .commands
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+    else {
+        return;
+    };
+    let c = match pg_schema::connect(&o.url, o.password.as_ref()).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %pg_schema::describe(&e), "cannot read the commands other nodes sent; they wait");
+            return;
+        }
+    };
+    loop {
+        let rows = match c
+            .query(
+                "SELECT id, job_id, command, created_at < now() - make_interval(secs => $2)
+                 FROM node_commands WHERE node = $1 AND answered_at IS NULL ORDER BY id LIMIT 100",
+                &[&o.node_id, &COMMAND_TIMEOUT.as_secs_f64()],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %pg_schema::describe(&e), "cannot read the commands other nodes sent; they wait");
+                return;
+            }
+        };
+        if rows.is_empty() {
+            return;
+        }
+        for r in rows {
+            let (id, job, command, expired): (i64, String, String, bool) =
+                (r.get(0), r.get(1), r.get(2), r.get(3));
+            let answer = match job.parse::<JobId>() {
+                _ if expired => r#"{"answer":"expired"}"#.to_string(),
+                Ok(job) => handler(job, command).await,
+                Err(_) => r#"{"answer":"not_held"}"#.to_string(),
+            };
+            let written = async {
+                c.execute(
+                    "UPDATE node_commands SET answer = $2, answered_at = now() WHERE id = $1",
+                    &[&id, &answer],
+                )
+                .await?;
+                c.execute(
+                    "SELECT pg_notify($1, $2)",
+                    &[&ANSWERS_CHANNEL, &id.to_string()],
+                )
+                .await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!(error = %pg_schema::describe(&e), "cannot answer a command another node sent");
+                return;
+            }
+        }
+    }
+}
+
+/// Write `command` for `node` and wait for its answer (woken by its announcement, and looking
+/// again every second in case one was missed).
+async fn forward_to(
+    reader: &Connection,
+    adoption: &Adoption,
+    node: &str,
+    id: JobId,
+    command: &str,
+) -> Result<String, StoreError> {
+    if adoption
+        .answers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len()
+        >= MAX_FORWARDED
+    {
+        return Err(StoreError::Unavailable(format!(
+            "{MAX_FORWARDED} commands already wait for other nodes' answers; try again"
+        )));
+    }
+    let c = reader.client().await.map_err(|e| {
+        err(format!(
+            "cannot reach PostgreSQL: {}",
+            pg_schema::describe(&e)
+        ))
+    })?;
+    let row = c
+        .query_one(
+            "INSERT INTO node_commands (node, job_id, command) VALUES ($1, $2, $3) RETURNING id",
+            &[&node, &id.to_string(), &command],
+        )
+        .await
+        .map_err(db)?;
+    let cid: i64 = row.get(0);
+    let woken = Arc::new(tokio::sync::Notify::new());
+    adoption
+        .answers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(cid, woken.clone());
+    let answer = async {
+        c.execute("SELECT pg_notify($1, $2)", &[&COMMANDS_CHANNEL, &node])
+            .await
+            .map_err(db)?;
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        loop {
+            if let Some(r) = c
+                .query_opt(
+                    "SELECT answer FROM node_commands WHERE id = $1 AND answered_at IS NOT NULL",
+                    &[&cid],
+                )
+                .await
+                .map_err(db)?
+            {
+                return Ok(r.get::<_, String>(0));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "node {node}, which holds job {id}, did not answer within {} s; it may still act on the request: read the job again before asking again",
+                    COMMAND_TIMEOUT.as_secs()
+                )));
+            }
+            let _ = tokio::time::timeout(
+                (deadline - now).min(Duration::from_secs(1)),
+                woken.notified(),
+            )
+            .await;
+        }
+    }
+    .await;
+    adoption
+        .answers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&cid);
+    answer
 }
 
 fn announce(adoption: &Adoption, change: RemoteChange) {
@@ -871,6 +1065,52 @@ impl JobStore for PgStore {
             }
         }
         out
+    }
+
+    fn remote_holder(&self, id: JobId) -> Result<Option<String>, StoreError> {
+        // A job held here needs no look.
+        if self.mem.tenant_of(id)?.is_some() {
+            return Ok(None);
+        }
+        let (me, lease, id) = (
+            self.node_id.clone(),
+            self.lease.as_secs_f64(),
+            id.to_string(),
+        );
+        self.read(move |c| {
+            let (me, id) = (me.clone(), id.clone());
+            async move {
+                Ok(c.query_opt(
+                    "SELECT j.lease_owner FROM jobs j JOIN nodes n ON n.id = j.lease_owner
+                     WHERE j.id = $1 AND j.lease_owner <> $2
+                       AND n.heartbeat_at >= now() - make_interval(secs => $3)
+                       AND j.state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded')",
+                    &[&id, &me, &lease],
+                )
+                .await
+                .map_err(db)?
+                .map(|r| r.get::<_, String>(0)))
+            }
+        })
+    }
+
+    fn forward(&self, node: &str, id: JobId, command: String) -> StoreFuture<'_, String> {
+        let (tx, rx) = oneshot::channel();
+        let (reader, adoption, node) =
+            (self.reader.clone(), self.adoption.clone(), node.to_string());
+        self.rt.spawn(async move {
+            let _ = tx.send(forward_to(&reader, &adoption, &node, id, &command).await);
+        });
+        Box::pin(async move { rx.await.map_err(|_| err("the store stopped"))? })
+    }
+
+    fn set_command_handler(&self, handler: super::CommandHandler) {
+        *self
+            .adoption
+            .commands
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(handler);
+        self.adoption.commands_now.notify_one();
     }
 
     fn live_nodes(&self) -> Option<usize> {

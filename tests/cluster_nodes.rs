@@ -1,9 +1,10 @@
-//! One quota across a cluster: three real `cascade serve` processes on one PostgreSQL database
-//! and one Redis (`[server] quota_backend`), in front of an upstream stand-in written here
-//! (SIMULATED: it enforces 200 requests a second the way providers do — a bucket refilled
-//! continuously — answers a 429 with Retry-After beyond it, and counts what arrives in each
-//! 1-second window). Needs PostgreSQL 15 and redis-server (Debian), which `.ci/run` installs; a
-//! test fails, not skips, when it cannot start them.
+//! Three real `cascade serve` processes on one PostgreSQL database and one Redis
+//! (`[server] quota_backend`), in front of an upstream stand-in written here (SIMULATED: it
+//! enforces its rate the way providers do — a bucket refilled continuously —, answers a 429 with
+//! Retry-After beyond it, and records what arrives: when, and with which idempotency key): one
+//! quota across the cluster, its pauses and its fallback; a rolling restart and a PostgreSQL
+//! restart under load. Needs PostgreSQL 15 and redis-server (Debian), which `.ci/run` installs;
+//! a test fails, not skips, when it cannot start them.
 
 mod common;
 #[path = "support/postgres.rs"]
@@ -32,6 +33,8 @@ struct Seen {
     times: Vec<Duration>,
     /// When each refusal was made.
     refusals: Vec<Duration>,
+    /// The idempotency key of each answered call.
+    keys: Vec<String>,
 }
 
 struct Upstream {
@@ -67,7 +70,10 @@ impl Upstream {
     }
 }
 
-async fn call(State(up): State<Arc<Upstream>>) -> axum::response::Response {
+async fn call(
+    State(up): State<Arc<Upstream>>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
     let now = Instant::now();
     let at = now - up.t0;
     let allowed = {
@@ -109,6 +115,12 @@ async fn call(State(up): State<Arc<Upstream>>) -> axum::response::Response {
             .into_response();
     }
     seen.answered += 1;
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    seen.keys.push(key);
     axum::Json(serde_json::json!({ "ok": true })).into_response()
 }
 
@@ -116,10 +128,12 @@ async fn call(State(up): State<Arc<Upstream>>) -> axum::response::Response {
 /// (four calls a job, so that the machine's own cost per job does not cap the calls first).
 struct Cluster {
     _dir: tempfile::TempDir,
-    _servers: Vec<Server>,
+    servers: Vec<Server>,
     ports: Vec<(u16, u16)>,
-    clients: Vec<pb::cascade_client::CascadeClient<tonic::transport::Channel>>,
+    clients: Vec<Client>,
 }
+
+type Client = pb::cascade_client::CascadeClient<tonic::transport::Channel>;
 
 const NODES: usize = 3;
 
@@ -172,7 +186,7 @@ retry = {{ max_attempts = 8, initial_delay = "100ms", max_delay = "2s" }}
     }
     Cluster {
         _dir: dir,
-        _servers: servers,
+        servers,
         ports,
         clients,
     }
@@ -243,6 +257,10 @@ impl Cluster {
             .unwrap()
     }
 
+    fn dir(&self, node: usize) -> std::path::PathBuf {
+        self._dir.path().join(format!("node-{node}"))
+    }
+
     fn log(&self, node: usize) -> String {
         std::fs::read_to_string(self._dir.path().join(format!("node-{node}/server.log")))
             .unwrap_or_default()
@@ -273,6 +291,44 @@ fn cluster_panel_metrics() -> std::collections::BTreeSet<String> {
     }
     assert!(names.len() >= 6, "the cluster row: {names:?}");
     names
+}
+
+/// Submit job `i` with the key `job-<i>` to node `i mod N`, and on to the next node while
+/// a node is down or asks to retry (as a load balancer and a client's retry would): the
+/// key makes a resubmission after a lost answer the same job.
+async fn submit_resilient(clients: &[Client], i: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut node = i % NODES;
+    loop {
+        let mut c = clients[node].clone();
+        let r = c
+            .submit_job(pb::SubmitJobRequest {
+                graph: "calls".into(),
+                input_json: format!(r#"{{"n": {i}}}"#),
+                idempotency_key: format!("job-{i}"),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => return r.into_inner().job_id,
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        tonic::Code::Unavailable
+                            | tonic::Code::ResourceExhausted
+                            | tonic::Code::Unknown
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Internal
+                    ),
+                    "job {i}: {e}"
+                );
+                assert!(Instant::now() < deadline, "job {i} never accepted: {e}");
+                node = (node + 1) % NODES;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// The value of a sample (`name` with its labels, as Prometheus prints it).
@@ -408,6 +464,34 @@ async fn three_nodes_share_one_quota_of_200_per_second() {
             "node {node}"
         );
     }
+    // Operators see the three nodes: the dashboard's list and `cascade top`.
+    let listed: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{}/api/nodes", c.ports[1].1))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    let listed = listed.as_array().unwrap();
+    assert_eq!(listed.len(), NODES, "{listed:?}");
+    assert!(listed.iter().all(|n| n["alive"] == true), "{listed:?}");
+    assert_eq!(
+        listed.iter().filter(|n| n["this_node"] == true).count(),
+        1,
+        "{listed:?}"
+    );
+    let top = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args([
+            "--server",
+            &format!("http://127.0.0.1:{}", c.ports[2].0),
+            "top",
+            "--once",
+        ])
+        .output()
+        .unwrap();
+    let top = String::from_utf8_lossy(&top.stdout);
+    assert!(top.contains("cluster  3 of 3 nodes alive"), "{top}");
+    assert_eq!(top.matches("alive").count(), 1 + NODES, "{top}");
     // One reservation per call (plus a health check a second per node).
     let per_call = round_trips / (answered + refused) as f64;
     eprintln!("shared: {per_call:.3} Redis round trips per call");
@@ -586,4 +670,125 @@ async fn a_redis_restart_falls_back_to_local_shares_and_back() {
     );
     let s = states(&url).await;
     assert_eq!(s.get("succeeded"), Some(&(JOBS as i64)), "{s:?}");
+}
+
+/// Every job that was accepted succeeded, once, and every step's call reached the upstream
+/// (with its idempotency key: a call repeated after a node stopped mid-call carries the same).
+async fn every_job_once(url: &str, ids: &[String], up: &Upstream, cluster: &Cluster) {
+    let unique: std::collections::BTreeSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "a key named two jobs");
+    await_succeeded(url, ids.len() as i64, Duration::from_secs(120), cluster).await;
+    let s = states(url).await;
+    assert_eq!(s.values().sum::<i64>(), ids.len() as i64, "{s:?}");
+    let keys = up.seen(|s| s.keys.clone());
+    let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        ids.len() * CALLS_PER_JOB.len(),
+        "every step called the upstream"
+    );
+    eprintln!(
+        "{} jobs, {} calls for {} steps ({} repeated with their key)",
+        ids.len(),
+        keys.len(),
+        distinct.len(),
+        keys.len() - distinct.len()
+    );
+}
+
+/// Every node is stopped (SIGTERM: it finishes or hands back what it holds) and started again,
+/// one after the other, while jobs keep coming: none is lost, none runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn a_rolling_restart_of_every_node_loses_no_job() {
+    let pg = postgres::Postgres::start();
+    let redis = redis_server::Redis::start();
+    let url = pg.database("rolling").await;
+    let (up, port) = Upstream::serve(2000.0, 100, None).await;
+    let mut c = cluster(
+        &url,
+        "requests_per_second = 400\nburst = 4",
+        port,
+        Some(&redis.url()),
+    )
+    .await;
+    const JOBS: usize = 1200;
+    let submitter = {
+        // Clients of their own: a channel reconnects by itself once its node is back.
+        let clients = c.clients.clone();
+        tokio::spawn(async move {
+            // About 60 jobs a second, over 20 seconds.
+            let mut ids = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for batch in 0..JOBS / 6 {
+                tick.tick().await;
+                let got: Vec<String> = futures::stream::iter(batch * 6..batch * 6 + 6)
+                    .map(|i| submit_resilient(&clients, i))
+                    .buffer_unordered(6)
+                    .collect()
+                    .await;
+                ids.extend(got);
+            }
+            ids
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for node in 0..NODES {
+        let status = c.servers[node].terminate();
+        assert!(status.success(), "node {node} stopped with {status}");
+        c.servers[node] = spawn_configured_store(&c.dir(node), c.ports[node].0, c.ports[node].1);
+        c.clients[node] = common::connect(c.ports[node].0).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let ids = submitter.await.unwrap();
+    assert_eq!(ids.len(), JOBS);
+    every_job_once(&url, &ids, &up, &c).await;
+}
+
+/// PostgreSQL restarts while jobs come in and run: the nodes hold submissions and their
+/// batches meanwhile, and nothing acknowledged is lost or run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn a_postgres_restart_mid_run_loses_no_job() {
+    let pg = postgres::Postgres::start();
+    let redis = redis_server::Redis::start();
+    let url = pg.database("pgrestart").await;
+    let (up, port) = Upstream::serve(2000.0, 100, None).await;
+    let c = cluster(
+        &url,
+        "requests_per_second = 400\nburst = 4",
+        port,
+        Some(&redis.url()),
+    )
+    .await;
+    const JOBS: usize = 900;
+    let submit = async {
+        let mut ids = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        for batch in 0..JOBS / 6 {
+            tick.tick().await;
+            let got: Vec<String> = futures::stream::iter(batch * 6..batch * 6 + 6)
+                .map(|i| submit_resilient(&c.clients, i))
+                .buffer_unordered(6)
+                .collect()
+                .await;
+            ids.extend(got);
+        }
+        ids
+    };
+    let restart = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        tokio::task::block_in_place(|| pg.stop());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::task::block_in_place(|| pg.start_again());
+    };
+    let (ids, ()) = tokio::join!(submit, restart);
+    assert_eq!(ids.len(), JOBS);
+    every_job_once(&url, &ids, &up, &c).await;
+    let mut reconnects = 0.0;
+    for node in 0..NODES {
+        reconnects +=
+            sample(&c.metrics(node).await, "cascade_store_reconnects_total").unwrap_or(0.0);
+    }
+    assert!(reconnects > 0.0, "no node saw PostgreSQL go away");
 }
