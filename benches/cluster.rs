@@ -7,9 +7,10 @@
 //! Starts Debian's PostgreSQL 15 (a scratch cluster on a free port; fsync off, as in the tests:
 //! the figure is Cascade's cost, not the disk's) and `redis-server`, and the release `cascade`
 //! binary. The graph: three zero-latency `sim` steps, the first drawing on a quota of 100,000
-//! requests a second (never the limit: every call still reserves its turn in Redis).
-//! `CLUSTER_BENCH_JOBS` (default 6,000) jobs per run, submitted by 64 clients over gRPC, spread
-//! over the nodes; `CLUSTER_BENCH_KILL_JOBS` (default 10,000) for the kill.
+//! requests a second (never the limit), the others on their agents' implicit `upstream:` quotas:
+//! every step reserves its turn in Redis. `CLUSTER_BENCH_JOBS` (default 6,000) jobs per run,
+//! submitted by 64 clients over gRPC, spread over the nodes; `CLUSTER_BENCH_KILL_JOBS` (default
+//! 10,000) for the kill, on the same steps taking 100 ms each.
 //!
 //! `cargo bench --bench cluster`
 
@@ -46,6 +47,29 @@ max_concurrency = 256
 kind = "sim"
 after = ["enrich"]
 max_concurrency = 256
+"#;
+
+/// For the kill: the same steps taking 100 ms each and 64 jobs in flight per node, so that the
+/// run lasts long enough (about 30 s) to kill a node in the middle of it.
+const SLOW_GRAPH: &str = r#"
+[graph]
+name = "pipeline"
+max_in_flight_jobs = 64
+max_pending_jobs = 1000000
+[quotas.api]
+requests_per_second = 100000
+[agents.classify]
+kind = "sim"
+quota = "api"
+latency = "100ms"
+[agents.enrich]
+kind = "sim"
+after = ["classify"]
+latency = "100ms"
+[agents.post]
+kind = "sim"
+after = ["enrich"]
+latency = "100ms"
 "#;
 
 struct Node {
@@ -100,11 +124,12 @@ async fn connect(port: u16) -> CascadeClient<Channel> {
     }
 }
 
-/// `n` node directories under `root` with `server` as their `[server]` table body.
-fn nodes(root: &Path, n: usize, server: &dyn Fn(&Path) -> String) -> Vec<PathBuf> {
+/// `n` node directories under `root` serving `graph`, with `server` as their `[server]` table
+/// body.
+fn nodes(root: &Path, n: usize, graph: &str, server: &dyn Fn(&Path) -> String) -> Vec<PathBuf> {
     let graphs = root.join("graphs");
     std::fs::create_dir_all(&graphs).unwrap();
-    std::fs::write(graphs.join("pipeline.toml"), GRAPH).unwrap();
+    std::fs::write(graphs.join("pipeline.toml"), graph).unwrap();
     (0..n)
         .map(|i| {
             let d = root.join(format!("node-{i}"));
@@ -218,7 +243,9 @@ struct Figure {
     jobs_per_second: f64,
     cascade_cpu_ms_per_job: f64,
     postgres_cpu_ms_per_job: f64,
-    round_trips_per_call: Option<f64>,
+    /// Per step: each of the graph's three steps reserves its turn on one shared quota (the
+    /// declared one, or its agent's implicit `upstream:` one).
+    round_trips_per_step: Option<f64>,
 }
 
 async fn run(label: &str, dirs: &[PathBuf], jobs: usize, shared: bool) -> Figure {
@@ -251,7 +278,7 @@ async fn run(label: &str, dirs: &[PathBuf], jobs: usize, shared: bool) -> Figure
         jobs_per_second: jobs as f64 / took,
         cascade_cpu_ms_per_job: cpu * 1000.0 / jobs as f64,
         postgres_cpu_ms_per_job: pg * 1000.0 / jobs as f64,
-        round_trips_per_call: shared.then(|| trips / jobs as f64),
+        round_trips_per_step: shared.then(|| trips / (3 * jobs) as f64),
     }
 }
 
@@ -265,17 +292,17 @@ fn main() {
         let root = tempfile::tempdir().unwrap();
         let mut figures = Vec::new();
 
-        let sqlite = nodes(&root.path().join("sqlite"), 1, &|_| String::new());
+        let sqlite = nodes(&root.path().join("sqlite"), 1, GRAPH, &|_| String::new());
         figures.push(run("1 node, SQLite", &sqlite, jobs, false).await);
         for n in 1..=3 {
             let url = pg.database(&format!("bench{n}")).await;
             let backend = redis.url();
-            let dirs = nodes(&root.path().join(format!("pg{n}")), n, &|_| {
+            let dirs = nodes(&root.path().join(format!("pg{n}")), n, GRAPH, &|_| {
                 format!("store = \"{url}\"\nlease = \"5s\"\nquota_backend = \"{backend}\"\n")
             });
             figures.push(run(&format!("{n} node(s), PostgreSQL + Redis"), &dirs, jobs, true).await);
         }
-        println!("| setup | jobs/s | cascade CPU ms/job | PostgreSQL CPU ms/job | Redis round trips/job |");
+        println!("| setup | jobs/s | cascade CPU ms/job | PostgreSQL CPU ms/job | Redis round trips/step |");
         println!("|---|---|---|---|---|");
         for f in &figures {
             println!(
@@ -284,7 +311,7 @@ fn main() {
                 f.jobs_per_second,
                 f.cascade_cpu_ms_per_job,
                 f.postgres_cpu_ms_per_job,
-                f.round_trips_per_call
+                f.round_trips_per_step
                     .map_or("-".to_string(), |r| format!("{r:.3}"))
             );
         }
@@ -292,7 +319,7 @@ fn main() {
         // kill -9 of one node of three, mid-run.
         let url = pg.database("benchkill").await;
         let backend = redis.url();
-        let dirs = nodes(&root.path().join("kill"), 3, &|_| {
+        let dirs = nodes(&root.path().join("kill"), 3, SLOW_GRAPH, &|_| {
             format!("store = \"{url}\"\nlease = \"5s\"\nquota_backend = \"{backend}\"\n")
         });
         let mut nodes: Vec<Node> = dirs.iter().map(|d| spawn(d)).collect();

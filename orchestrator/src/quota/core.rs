@@ -173,6 +173,8 @@ pub struct QuotaCore {
     held_reason: Option<Limit>,
     /// How the cluster's shared state lets this quota run (a single node: `Shared`, no effect).
     cluster: ClusterMode,
+    /// A node of a cluster whose quotas are shared (the mode was set once at least).
+    in_cluster: bool,
     exhausted: Option<Exhaustion>,
     pub granted: u64,
     pub refusals: u64,
@@ -221,6 +223,7 @@ impl QuotaCore {
             refused_until: None,
             held_reason: None,
             cluster: ClusterMode::Shared,
+            in_cluster: false,
             exhausted: None,
             granted: 0,
             refusals: 0,
@@ -484,7 +487,11 @@ impl QuotaCore {
                 // its calls while it came down by 5% steps.
                 let measured = self.answered.measured(now) >= Duration::from_millis(300);
                 let base = g.base_per_second() * self.share();
-                self.aimd.on_refusal(now, measured.then(|| answered / base));
+                // While the quota is shared, the decrease is the shared state's (this node's
+                // answered rate is a part of the cluster's, and says nothing of the limit).
+                if !(self.in_cluster && self.cluster == ClusterMode::Shared) {
+                    self.aimd.on_refusal(now, measured.then(|| answered / base));
+                }
             }
             // The upstream states its limits: the mirror of them paces, not a guess.
             None if self.upstream_requests.is_some() || self.upstream_tokens.is_some() => {}
@@ -533,6 +540,7 @@ impl QuotaCore {
     /// rate and its token and cost budgets are `s` of what it declares.
     pub fn set_cluster(&mut self, mode: ClusterMode) {
         self.cluster = mode;
+        self.in_cluster = true;
         let share = self.share();
         if let (Some(w), Some(t)) = (&mut self.tokens, self.spec.tokens) {
             w.set_limit(((t.amount.get() as f64 * share) as u64).max(1));

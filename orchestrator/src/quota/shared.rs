@@ -89,7 +89,7 @@ pub enum QuotaSignal {
 pub type SignalSink = Arc<dyn Fn(QuotaSignal) + Send + Sync>;
 
 /// How to reach the backend.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SharedQuotaOptions {
     /// `redis://HOST:PORT` or `rediss://…` (TLS), with the password already put in.
     pub url: String,
@@ -102,6 +102,19 @@ pub struct SharedQuotaOptions {
     pub prefix: String,
     /// How long one round trip may take before the backend counts as unreachable.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for SharedQuotaOptions {
+    /// The URL as it may be shown: `url` holds the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedQuotaOptions")
+            .field("url", &self.shown)
+            .field("fallback", &self.fallback)
+            .field("node_id", &self.node_id)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl SharedQuotaOptions {
@@ -227,7 +240,8 @@ if defer >= 0 then
 end
 for i = 1, #KEYS do
   local p = plans[i]
-  local fields = {'m', num(p.m), 'ma', num(now)}
+  -- The multiplier keeps every digit: its increase per call may be a few millionths.
+  local fields = {'m', string.format('%.17g', p.m), 'ma', num(now)}
   if p.r then table.insert(fields, 'r'); table.insert(fields, num(p.r)) end
   if p.t then table.insert(fields, 't'); table.insert(fields, num(p.t)) end
   redis.call('HSET', KEYS[i], unpack(fields))
@@ -260,7 +274,7 @@ if ARGV[3] == '1' and now - (tonumber(h[4]) or 0) >= 250000 then
   local m = tonumber(h[2]) or 1
   if h[3] then m = math.min(1, m + (now - tonumber(h[3])) / 1e6 * 0.01) end
   m = math.max(m * 0.95, 0.05)
-  redis.call('HSET', KEYS[1], 'm', num(m), 'ma', num(now), 'md', num(now))
+  redis.call('HSET', KEYS[1], 'm', string.format('%.17g', m), 'ma', num(now), 'md', num(now))
 end
 if until_ > hold + 10000 then
   redis.call('HSET', KEYS[1], 'hold', num(until_), 'hr', ARGV[2])
@@ -352,14 +366,18 @@ pub struct SharedQuotas {
     ops_rx: Mutex<Option<mpsc::Receiver<Op>>>,
     /// Wakes the keeper when a round trip failed.
     lost: Notify,
+    /// Tells the follower to subscribe again (the backend came back: its subscription may be
+    /// a dead connection that never ends).
+    resubscribe: Arc<Notify>,
     reserve: redis::Script,
     settle: redis::Script,
     hold: redis::Script,
     holds: redis::Script,
     round_trips: AtomicU64,
-    /// Until when each shared quota is held, as this node last heard (one entry per quota of
-    /// this node's configuration): a call that reserved its turn before a hold does not leave.
-    held: Mutex<std::collections::HashMap<Arc<str>, tokio::time::Instant>>,
+    /// Until when each shared quota is held, as this node last heard, and when it heard it (one
+    /// entry per quota of this node's configuration): a call that reserved its turn before a
+    /// hold came does not leave.
+    held: Mutex<std::collections::HashMap<Arc<str>, (tokio::time::Instant, tokio::time::Instant)>>,
 }
 
 /// Why a quota is held, as the scripts write it.
@@ -402,6 +420,7 @@ impl SharedQuotas {
             ops,
             ops_rx: Mutex::new(Some(ops_rx)),
             lost: Notify::new(),
+            resubscribe: Arc::new(Notify::new()),
             reserve: redis::Script::new(RESERVE),
             settle: redis::Script::new(SETTLE),
             hold: redis::Script::new(HOLD),
@@ -412,18 +431,22 @@ impl SharedQuotas {
         m::quota_backend_register();
         m::quota_backend_up(false);
         m::quota_fallback(Some(me.options.fallback));
-        if let Err(e) = me.connect().await {
-            tracing::warn!(
-                backend = %me.options.shown,
-                error = %e,
-                fallback = me.options.fallback.as_str(),
-                "the quota backend cannot be reached: quotas fall back until it can"
-            );
-            eprintln!(
-                "warning: the quota backend {} cannot be reached ({e}): quotas are {} until it can",
-                me.options.shown,
-                me.fallback_words()
-            );
+        match me.connect().await {
+            // No broker listens yet: it reads the mode when it starts.
+            Ok(()) => me.back_up(),
+            Err(e) => {
+                tracing::warn!(
+                    backend = %me.options.shown,
+                    error = %e,
+                    fallback = me.options.fallback.as_str(),
+                    "the quota backend cannot be reached: quotas fall back until it can"
+                );
+                eprintln!(
+                    "warning: the quota backend {} cannot be reached ({e}): quotas are {} until it can",
+                    me.options.shown,
+                    me.fallback_words()
+                );
+            }
         }
         Ok(me)
     }
@@ -563,19 +586,10 @@ impl SharedQuotas {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         m::quota_backend_round_trip(start.elapsed());
         if let Err(e) = &r {
-            if e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_unrecoverable_error()
-            {
-                self.fail(e);
-            } else {
-                // An answer, but an error (a script the server refuses, a full memory): the
-                // backend is there; the call goes on as the fallback would let it.
-                m::quota_backend_error();
-                tracing::error!(error = %e, "the quota backend answered with an error");
-            }
+            // Unreachable, or answering with an error (a replica after a failover, loading,
+            // out of memory): either way its state cannot be relied on, and the fallback runs
+            // until a health check finds it answering again.
+            self.fail(e);
         }
         r
     }
@@ -615,18 +629,21 @@ impl SharedQuotas {
         let Some(spec) = specs.iter().find(|s| &*s.name == quota) else {
             return;
         };
-        let until = tokio::time::Instant::now() + wait;
+        let now = tokio::time::Instant::now();
+        let until = now + wait;
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let at = held.entry(spec.name.clone()).or_insert(until);
-        *at = (*at).max(until);
+        let at = held.entry(spec.name.clone()).or_insert((until, now));
+        if until > at.0 {
+            *at = (until, now);
+        }
     }
 
-    /// How much longer `quota` is held, if it is.
-    fn held_for(&self, quota: &str) -> Option<Duration> {
+    /// How much longer `quota` is held by a hold heard of since `since`, if it is.
+    fn held_since(&self, quota: &str, since: tokio::time::Instant) -> Option<Duration> {
         let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let until = *held.get(quota)?;
+        let (until, heard) = *held.get(quota)?;
         let now = tokio::time::Instant::now();
-        (until > now).then(|| until - now)
+        (until > now && heard >= since).then(|| until - now)
     }
 
     /// Hold `spec` on every node for `wait` (a refusal, an open circuit, a dead credential, an
@@ -684,6 +701,7 @@ async fn keeper(me: std::sync::Weak<SharedQuotas>) {
         match q.connect().await {
             Ok(()) => {
                 q.back_up();
+                q.resubscribe.notify_one();
                 q.resync().await;
             }
             Err(e) => {
@@ -720,9 +738,15 @@ async fn follower(me: std::sync::Weak<SharedQuotas>) {
         backoff = Duration::from_millis(200);
         // Announcements made before the subscription was in place.
         q.resync().await;
+        let resubscribe = q.resubscribe.clone();
         drop(q);
         let mut messages = pubsub.on_message();
-        while let Some(msg) = messages.next().await {
+        loop {
+            let msg = tokio::select! {
+                m = messages.next() => m,
+                () = resubscribe.notified() => None,
+            };
+            let Some(msg) = msg else { break };
             let Ok(text) = msg.get_payload::<String>() else {
                 continue;
             };
@@ -850,6 +874,7 @@ impl Claim {
                 .arg(spec.max_wait_us);
         }
         inv.arg(MAX_PACING.as_micros() as u64);
+        let asked = tokio::time::Instant::now();
         let answer: redis::RedisResult<Vec<redis::Value>> =
             q.timed(inv.invoke_async(&mut conn)).await;
         let answer = match answer {
@@ -874,7 +899,7 @@ impl Claim {
             // A hold that came while this call waited for its turn (a 429 on any node) stops
             // it too: its turn is given up, not spent on a call the upstream would refuse.
             for (spec, _) in &self.items {
-                if let Some(wait) = q.held_for(&spec.name) {
+                if let Some(wait) = q.held_since(&spec.name, asked) {
                     return Err(Deferral {
                         quota: spec.name.clone(),
                         wait,

@@ -195,7 +195,6 @@ impl Actor for Broker {
             for core in &mut cores[..args.index.specs.len()] {
                 core.set_cluster(mode);
             }
-            c.backend.resync_later();
         }
         let models: Vec<_> = args.graphs.iter().map(|g| g.model.clone()).collect();
         let shared = args.shared.clone();
@@ -224,6 +223,12 @@ impl Actor for Broker {
         });
         // Schedulers ask it for grants from their first step on.
         shared.set_broker(Some(core.clone()));
+        // A change of the shared state's health, or a hold, that came while this broker started
+        // found none: read both again now that signals reach it.
+        if let Some(c) = &shared.cluster {
+            core.signal(QuotaSignal::Mode(c.backend.mode()));
+            c.backend.resync_later();
+        }
         Ok(core)
     }
 

@@ -189,7 +189,20 @@ impl Orchestrator {
         let failed = |error| CommandAnswer::Failed { error };
         match command {
             NodeCommand::Cancel { reason } => match self.cancel_here(job, &reason).await {
-                Ok(_) => CommandAnswer::Done { repeated: false },
+                // Committed before the answer: the node that asked reads the job from the
+                // database next.
+                Ok(r) if r.state.is_terminal() => match self.shared.store.flush().await {
+                    Ok(()) => CommandAnswer::Done { repeated: false },
+                    Err(e) => failed(RemoteError::Unavailable {
+                        message: e.to_string(),
+                    }),
+                },
+                Ok(r) => failed(RemoteError::Unavailable {
+                    message: format!(
+                        "the node that holds job {job} could not cancel it now (it is {}); try again",
+                        r.state
+                    ),
+                }),
                 Err(e) => failed(RemoteError::Unavailable {
                     message: e.to_string(),
                 }),

@@ -960,7 +960,7 @@ impl SchedState {
                     self.record(d.job, start(attempt));
                 }
                 if let (Err(e), true) = (result, current) {
-                    self.step_failed(d.job, d.step, e);
+                    self.step_failed(d.job, d.step, e, d.deferred);
                 }
             }
         }
@@ -1046,8 +1046,9 @@ impl SchedState {
         self.maybe_park(id);
     }
 
-    fn step_failed(&mut self, id: JobId, i: usize, e: AgentError) {
-        if e.class == ErrorClass::RateLimited {
+    /// `deferred`: the call never left (the cluster's shared quota is spent): no refusal.
+    fn step_failed(&mut self, id: JobId, i: usize, e: AgentError, deferred: bool) {
+        if e.class == ErrorClass::RateLimited && !deferred {
             self.ctx.stats.agents[i].rate_limited.fetch_add(1, Relaxed);
         }
         let unit = self.rng.random::<f64>();

@@ -165,8 +165,6 @@ struct Adoption {
     commands: RwLock<Option<super::CommandHandler>>,
     /// Look for commands now (a handler was just set).
     commands_now: tokio::sync::Notify,
-    /// One round of commands at a time.
-    command_round: AsyncMutex<()>,
     /// Commands this node sent, waiting for their answer, by id: woken when it is announced.
     answers: Mutex<HashMap<i64, Arc<tokio::sync::Notify>>>,
     /// Held by a lease round and by the hand-back, so a round under way cannot take back (or
@@ -241,6 +239,11 @@ impl PgStore {
                         Ok(loaded) => {
                             let _ = init_tx.send(Ok((handle, reader, loaded)));
                             tokio::spawn(listen_loop(
+                                opts.clone(),
+                                weak_mem.clone(),
+                                lease_adoption.clone(),
+                            ));
+                            tokio::spawn(commands_loop(
                                 opts.clone(),
                                 weak_mem.clone(),
                                 lease_adoption.clone(),
@@ -477,13 +480,19 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
                 .live_nodes
                 .store(row.get::<_, i64>(0).max(0) as usize, Ordering::Relaxed);
             leased.set(row.get::<_, i64>(1) as f64);
-            // A node gone for a day that holds nothing is forgotten.
+            // A node gone for a day that holds nothing is forgotten, and so are old commands.
             if last_prune.elapsed() > Duration::from_secs(600) {
                 last_prune = Instant::now();
                 c.execute(
                     "DELETE FROM nodes WHERE heartbeat_at < now() - interval '1 day'
                        AND NOT EXISTS (SELECT 1 FROM jobs WHERE lease_owner = nodes.id
                          AND state IN ('pending', 'running', 'awaiting_approval', 'budget_exceeded'))",
+                    &[],
+                )
+                .await?;
+                // Commands are answered within seconds; an hour on, nobody reads them.
+                c.execute(
+                    "DELETE FROM node_commands WHERE created_at < now() - interval '1 hour'",
                     &[],
                 )
                 .await?;
@@ -598,16 +607,8 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
             announce(&adoption, RemoteChange::Resync);
         }
         // Commands written for this node while it was not listening.
-        tokio::spawn(commands_round(o.clone(), adoption.clone()));
-        loop {
-            let message = tokio::select! {
-                m = rx.recv() => m,
-                () = adoption.commands_now.notified() => {
-                    tokio::spawn(commands_round(o.clone(), adoption.clone()));
-                    continue;
-                }
-            };
-            let Some(message) = message else { break };
+        adoption.commands_now.notify_one();
+        while let Some(message) = rx.recv().await {
             let tokio_postgres::AsyncMessage::Notification(n) = message else {
                 continue;
             };
@@ -617,7 +618,7 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
             }
             if n.channel() == COMMANDS_CHANNEL {
                 if n.payload() == o.node_id {
-                    tokio::spawn(commands_round(o.clone(), adoption.clone()));
+                    adoption.commands_now.notify_one();
                 }
                 continue;
             }
@@ -662,10 +663,31 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
     }
 }
 
+/// Runs the commands other nodes write for this one: a round when told (a notification, a
+/// reconnect, a handler set) and every few seconds in case a notification was missed. One
+/// worker, one connection: the commands wait in the table, not in tasks.
+async fn commands_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption>) {
+    let conn = Connection {
+        url: o.url.clone(),
+        password: o.password.clone(),
+        client: AsyncMutex::new(None),
+    };
+    loop {
+        tokio::select! {
+            () = adoption.commands_now.notified() => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        if mem.strong_count() == 0 {
+            return;
+        }
+        commands_round(&o, &adoption, &conn).await;
+    }
+}
+
 /// Run the commands other nodes wrote for this one, oldest first, and answer each (one older
-/// than [`COMMAND_TIMEOUT`] is answered `expired`: its sender gave up on it).
-async fn commands_round(o: PgOptions, adoption: Arc<Adoption>) {
-    let _round = adoption.command_round.lock().await;
+/// than [`COMMAND_TIMEOUT`] is answered `expired`: its sender gave up on it; one that runs
+/// longer than that is answered as failed).
+async fn commands_round(o: &PgOptions, adoption: &Adoption, conn: &Connection) {
     let Some(handler) = adoption
         .commands
         .read()
@@ -674,7 +696,7 @@ async fn commands_round(o: PgOptions, adoption: Arc<Adoption>) {
     else {
         return;
     };
-    let c = match pg_schema::connect(&o.url, o.password.as_ref()).await {
+    let c = match conn.client().await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(error = %pg_schema::describe(&e), "cannot read the commands other nodes sent; they wait");
@@ -704,7 +726,11 @@ async fn commands_round(o: PgOptions, adoption: Arc<Adoption>) {
                 (r.get(0), r.get(1), r.get(2), r.get(3));
             let answer = match job.parse::<JobId>() {
                 _ if expired => r#"{"answer":"expired"}"#.to_string(),
-                Ok(job) => handler(job, command).await,
+                Ok(job) => tokio::time::timeout(COMMAND_TIMEOUT, handler(job, command))
+                    .await
+                    .unwrap_or_else(|_| {
+                        r#"{"answer":"failed","error":{"kind":"unavailable","message":"the node that holds the job did not carry the command out in time; read the job again before asking again"}}"#.to_string()
+                    }),
                 Err(_) => r#"{"answer":"not_held"}"#.to_string(),
             };
             let written = async {
