@@ -331,6 +331,47 @@ async fn submit_resilient(clients: &[Client], i: usize) -> String {
     }
 }
 
+/// `jobs` jobs, six every tenth of a second (60 a second), each by [`submit_resilient`].
+async fn submit_steadily(clients: &[Client], jobs: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for batch in 0..jobs.div_ceil(6) {
+        tick.tick().await;
+        let got: Vec<String> = futures::stream::iter(batch * 6..(batch * 6 + 6).min(jobs))
+            .map(|i| submit_resilient(clients, i))
+            .buffer_unordered(6)
+            .collect()
+            .await;
+        ids.extend(got);
+    }
+    ids
+}
+
+/// Wait until `node` says the quota backend is `up` (shared quotas) or down (on its
+/// `local_share` fallback), both in its metrics.
+async fn await_backend(c: &Cluster, node: usize, up: bool, limit: Duration) {
+    let (want_up, want_fallback) = if up { (1.0, 0.0) } else { (0.0, 1.0) };
+    let deadline = Instant::now() + limit;
+    loop {
+        let m = c.metrics(node).await;
+        if sample(&m, "cascade_quota_backend_up") == Some(want_up)
+            && sample(&m, "cascade_quota_fallback{mode=\"local_share\"}") == Some(want_fallback)
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {node} did not {} within {limit:?}:\n{m}",
+            if up {
+                "return to the shared quota"
+            } else {
+                "fall back"
+            }
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The value of a sample (`name` with its labels, as Prometheus prints it).
 fn sample(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -613,21 +654,8 @@ async fn a_redis_restart_falls_back_to_local_shares_and_back() {
     redis.stop();
     let stopped = up.t0.elapsed();
     // Every node falls back, loudly.
-    let deadline = Instant::now() + Duration::from_secs(10);
     for node in 0..NODES {
-        loop {
-            let m = c.metrics(node).await;
-            if sample(&m, "cascade_quota_fallback{mode=\"local_share\"}") == Some(1.0)
-                && sample(&m, "cascade_quota_backend_up") == Some(0.0)
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {node} did not fall back:\n{m}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        await_backend(&c, node, false, Duration::from_secs(10)).await;
         assert!(
             c.log(node).contains("the quota backend is unreachable"),
             "node {node} did not say it fell back"
@@ -636,21 +664,8 @@ async fn a_redis_restart_falls_back_to_local_shares_and_back() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     redis.start_again();
     let restarted = up.t0.elapsed();
-    let deadline = Instant::now() + Duration::from_secs(15);
     for node in 0..NODES {
-        loop {
-            let m = c.metrics(node).await;
-            if sample(&m, "cascade_quota_backend_up") == Some(1.0)
-                && sample(&m, "cascade_quota_fallback{mode=\"local_share\"}") == Some(0.0)
-            {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {node} did not return to the shared quota:\n{m}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        await_backend(&c, node, true, Duration::from_secs(15)).await;
     }
     await_succeeded(&url, JOBS as i64, Duration::from_secs(120), &c).await;
     let (arrivals, answered, refused) = up.seen(|s| (s.arrivals.clone(), s.answered, s.refused));
@@ -716,21 +731,8 @@ async fn a_rolling_restart_of_every_node_loses_no_job() {
     let submitter = {
         // Clients of their own: a channel reconnects by itself once its node is back.
         let clients = c.clients.clone();
-        tokio::spawn(async move {
-            // About 60 jobs a second, over 20 seconds.
-            let mut ids = Vec::new();
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            for batch in 0..JOBS / 6 {
-                tick.tick().await;
-                let got: Vec<String> = futures::stream::iter(batch * 6..batch * 6 + 6)
-                    .map(|i| submit_resilient(&clients, i))
-                    .buffer_unordered(6)
-                    .collect()
-                    .await;
-                ids.extend(got);
-            }
-            ids
-        })
+        // About 60 jobs a second, over 20 seconds.
+        tokio::spawn(async move { submit_steadily(&clients, JOBS).await })
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     for node in 0..NODES {
@@ -762,20 +764,7 @@ async fn a_postgres_restart_mid_run_loses_no_job() {
     )
     .await;
     const JOBS: usize = 900;
-    let submit = async {
-        let mut ids = Vec::new();
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
-        for batch in 0..JOBS / 6 {
-            tick.tick().await;
-            let got: Vec<String> = futures::stream::iter(batch * 6..batch * 6 + 6)
-                .map(|i| submit_resilient(&c.clients, i))
-                .buffer_unordered(6)
-                .collect()
-                .await;
-            ids.extend(got);
-        }
-        ids
-    };
+    let submit = submit_steadily(&c.clients, JOBS);
     let restart = async {
         tokio::time::sleep(Duration::from_secs(4)).await;
         tokio::task::block_in_place(|| pg.stop());
