@@ -813,6 +813,8 @@ pub struct Claim {
     items: SmallVec<[(Arc<SharedSpec>, u64); 1]>,
     /// The buckets hold this call's reservation (settled when it ends).
     reserved: bool,
+    /// Its refusal was announced already (see [`refused`](Self::refused)).
+    announced: bool,
 }
 
 impl std::fmt::Debug for Claim {
@@ -841,6 +843,24 @@ impl Claim {
             shared,
             items,
             reserved: false,
+            announced: false,
+        }
+    }
+
+    /// The upstream refused this call for rate: hold its quotas on every node now, as the
+    /// answer comes, rather than when the scheduler settles the call (a turn later, which on a
+    /// busy node let other nodes' calls go out meanwhile).
+    pub fn refused(&mut self, wait: Option<Duration>) {
+        if std::mem::replace(&mut self.announced, true) {
+            return;
+        }
+        for (spec, _) in &self.items {
+            self.shared.hold(
+                spec,
+                wait.unwrap_or(Duration::from_millis(100)),
+                Limit::UpstreamRateLimit,
+                spec.request_interval_us > 0.0,
+            );
         }
     }
 
@@ -950,14 +970,7 @@ impl Claim {
                 );
             }
         } else if let Outcome::RateLimited(wait) = outcome {
-            for (spec, _) in &self.items {
-                q.hold(
-                    spec,
-                    wait.unwrap_or(Duration::from_millis(100)),
-                    Limit::UpstreamRateLimit,
-                    spec.request_interval_us > 0.0,
-                );
-            }
+            self.refused(wait);
         }
         if !std::mem::take(&mut self.reserved) {
             return;

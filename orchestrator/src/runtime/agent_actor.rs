@@ -195,6 +195,14 @@ async fn run_call(agent: Arc<dyn Agent>, mut call: Call, timeout: Duration) -> C
             });
         }
     };
+    // A refusal for rate holds the cluster's shared quotas at once (see `Claim::refused`).
+    if let Err(e) = &result
+        && e.class == cascade_agents::ErrorClass::RateLimited
+        && e.credential.is_none()
+        && let Some(claim) = call.grant.as_mut().and_then(Grant::claim_mut)
+    {
+        claim.refused(e.retry_after);
+    }
     let outcome = match &result {
         Ok(_) => "ok",
         Err(e) => e.class.as_str(),
