@@ -196,20 +196,7 @@ impl Cluster {
     /// Submit `n` jobs, spread over the nodes; their ids.
     async fn submit(&self, n: usize) -> Vec<String> {
         futures::stream::iter(0..n)
-            .map(|i| {
-                let mut c = self.clients[i % self.clients.len()].clone();
-                async move {
-                    c.submit_job(pb::SubmitJobRequest {
-                        graph: "calls".into(),
-                        input_json: format!(r#"{{"n": {i}}}"#),
-                        ..Default::default()
-                    })
-                    .await
-                    .expect("accepted")
-                    .into_inner()
-                    .job_id
-                }
-            })
+            .map(|i| submit_one(&self.clients, i))
             .buffer_unordered(64)
             .collect()
             .await
@@ -226,20 +213,7 @@ impl Cluster {
             let more = batch.min(n - ids.len());
             let base = ids.len();
             let mut got: Vec<String> = futures::stream::iter(base..base + more)
-                .map(|i| {
-                    let mut c = self.clients[i % self.clients.len()].clone();
-                    async move {
-                        c.submit_job(pb::SubmitJobRequest {
-                            graph: "calls".into(),
-                            input_json: format!(r#"{{"n": {i}}}"#),
-                            ..Default::default()
-                        })
-                        .await
-                        .expect("accepted")
-                        .into_inner()
-                        .job_id
-                    }
-                })
+                .map(|i| submit_one(&self.clients, i))
                 .buffer_unordered(16)
                 .collect()
                 .await;
@@ -291,6 +265,20 @@ fn cluster_panel_metrics() -> std::collections::BTreeSet<String> {
     }
     assert!(names.len() >= 6, "the cluster row: {names:?}");
     names
+}
+
+/// Submit job `i` to node `i mod N`; its id.
+async fn submit_one(clients: &[Client], i: usize) -> String {
+    let mut c = clients[i % clients.len()].clone();
+    c.submit_job(pb::SubmitJobRequest {
+        graph: "calls".into(),
+        input_json: format!(r#"{{"n": {i}}}"#),
+        ..Default::default()
+    })
+    .await
+    .expect("accepted")
+    .into_inner()
+    .job_id
 }
 
 /// Submit job `i` with the key `job-<i>` to node `i mod N`, and on to the next node while

@@ -22,7 +22,7 @@
 //! enforces its share, 1/N, of each quota locally) or `closed` (no call leaves); the node returns
 //! to the shared state by itself when Redis answers again.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -373,7 +373,6 @@ pub struct SharedQuotas {
     settle: redis::Script,
     hold: redis::Script,
     holds: redis::Script,
-    round_trips: AtomicU64,
     /// Until when each shared quota is held, as this node last heard, and when it heard it (one
     /// entry per quota of this node's configuration): a call that reserved its turn before a
     /// hold came does not leave.
@@ -425,7 +424,6 @@ impl SharedQuotas {
             settle: redis::Script::new(SETTLE),
             hold: redis::Script::new(HOLD),
             holds: redis::Script::new(HOLDS),
-            round_trips: AtomicU64::new(0),
             held: Mutex::new(std::collections::HashMap::new()),
         });
         m::quota_backend_register();
@@ -489,11 +487,6 @@ impl SharedQuotas {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
-    }
-
-    /// Round trips to the backend so far (for benchmarks).
-    pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
     }
 
     /// How the local quotas run now.
@@ -583,7 +576,6 @@ impl SharedQuotas {
     ) -> redis::RedisResult<T> {
         let start = std::time::Instant::now();
         let r = f.await;
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
         m::quota_backend_round_trip(start.elapsed());
         if let Err(e) = &r {
             // Unreachable, or answering with an error (a replica after a failover, loading,
