@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use cascade_orchestrator::audit::checkpoint::Signer;
-use cascade_orchestrator::audit::log::{AuditLog, verify};
+use cascade_orchestrator::audit::log::{AuditLog, Source, verify};
 use serde_json::json;
 
 mod common;
@@ -42,7 +42,7 @@ fn main() {
     let append = t.elapsed().as_secs_f64();
     drop(log);
     let t = Instant::now();
-    let v = verify(&path, &key, None).unwrap();
+    let v = verify(&Source::Sqlite(path.clone()), &key, None).unwrap();
     let check = t.elapsed().as_secs_f64();
     let bytes = std::fs::metadata(&path).unwrap().len();
     println!(

@@ -1,5 +1,6 @@
 //! `cascade audit`: keys for the audit log's signed checkpoints, and verification of a server's
-//! audit log from its files (the server may be stopped).
+//! audit log from its store (its SQLite file, or a cluster's PostgreSQL database; the server may
+//! be stopped).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -81,7 +82,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             println!("{}", signer.verifier_key());
         }
         AuditCommand::Checkpoint { store } => {
-            match log::latest_checkpoint(&store.db()?).map_err(anyhow::Error::msg)? {
+            match log::latest_checkpoint(&store.source()?).map_err(anyhow::Error::msg)? {
                 Some(note) => print!("{note}"),
                 None => bail!("no signed checkpoint yet (is [audit] signing_key set?)"),
             }
@@ -92,7 +93,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             public_key,
         } => {
             let key = store.verifier_key(public_key.as_deref())?;
-            let proof = log::prove(&store.db()?, seq, &key).map_err(anyhow::Error::msg)?;
+            let proof = log::prove(&store.source()?, seq, &key).map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string_pretty(&proof.to_json())?);
         }
         AuditCommand::Export {
@@ -102,13 +103,13 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
         } => {
             let key = store.verifier_key(public_key.as_deref())?;
             let export =
-                log::export_tenant(&store.db()?, &tenant, &key).map_err(anyhow::Error::msg)?;
+                log::export_tenant(&store.source()?, &tenant, &key).map_err(anyhow::Error::msg)?;
             println!("{}", serde_json::to_string_pretty(&export)?);
         }
         AuditCommand::Export { store, .. } => {
             use std::io::Write;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for (seq, record, leaf) in log::records(&store.db()?).map_err(anyhow::Error::msg)? {
+            for (seq, record, leaf) in log::records(&store.source()?).map_err(anyhow::Error::msg)? {
                 let leaf = cascade_orchestrator::audit::hex(&leaf);
                 // The record's exact text: its leaf hash is over these bytes.
                 writeln!(
@@ -123,7 +124,7 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
             public_key,
             checkpoint,
         } => {
-            let db = store.db()?;
+            let db = store.source()?;
             let key = store.verifier_key(public_key.as_deref())?;
             let saved = checkpoint
                 .map(|p| {
@@ -156,12 +157,21 @@ pub fn run(command: AuditCommand) -> anyhow::Result<ExitCode> {
 /// Where a server's store is: the same flags as `serve`.
 #[derive(clap::Args)]
 pub struct StoreArgs {
-    /// The server config; its [server] data_dir and [audit] signing_key are used.
+    /// The server config; its [server] store (or data_dir), store_password and [audit]
+    /// signing_key are used.
     #[arg(long)]
     config: Option<PathBuf>,
     /// The server's data directory (default: the config's, else ./cascade-data).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// A cluster's PostgreSQL store, `postgres://user@host:port/database` (default: the
+    /// config's [server] store).
+    #[arg(long, conflicts_with = "data_dir")]
+    store: Option<String>,
+    /// The PostgreSQL password as a secret reference (`env:NAME`, `file:PATH`; default: the
+    /// config's [server] store_password).
+    #[arg(long, requires = "store")]
+    store_password: Option<String>,
 }
 
 impl StoreArgs {
@@ -178,12 +188,51 @@ impl StoreArgs {
         .map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// Where the audit log is: the cluster's PostgreSQL store, or the server's SQLite file.
+    fn source(&self) -> anyhow::Result<log::Source> {
+        use cascade_orchestrator::audit::pg::{PgAudit, PgAuditOptions};
+        use cascade_orchestrator::model::StoreSetting;
+        let model = self.model()?;
+        let postgres = match (&self.store, &self.data_dir, &model) {
+            (Some(text), _, _) => match StoreSetting::parse(text) {
+                // Refuses a password in the URL: it would show in the process list and errors.
+                Ok(StoreSetting::Postgres(url)) => Some((url, self.store_password.clone())),
+                Ok(_) => bail!("--store takes a postgres:// URL (for SQLite, pass --data-dir)"),
+                Err(why) => bail!("--store: {why}"),
+            },
+            (None, None, Some(m)) => match &m.server.store {
+                StoreSetting::Postgres(url) => Some((url.clone(), None)),
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some((url, password)) = postgres else {
+            return Ok(log::Source::Sqlite(self.db(model)?));
+        };
+        let password = match password {
+            Some(r) => Some(r.parse::<SecretRef>().map_err(anyhow::Error::msg)?),
+            None => model.and_then(|m| m.server.store_password),
+        }
+        .map(|r| r.resolve())
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("the store's password: {e}"))?;
+        let pg = PgAudit::open(PgAuditOptions {
+            url: url.clone(),
+            password,
+            node_id: format!("cascade-audit@{}", cascade_orchestrator::store::host_name()),
+        })
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+        Ok(log::Source::Postgres(std::sync::Arc::new(pg)))
+    }
+
     /// The store file.
-    fn db(&self) -> anyhow::Result<PathBuf> {
+    fn db(
+        &self,
+        model: Option<cascade_orchestrator::model::ServerModel>,
+    ) -> anyhow::Result<PathBuf> {
         let dir = match &self.data_dir {
             Some(d) => d.clone(),
-            None => self
-                .model()?
+            None => model
                 .and_then(|m| m.server.data_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("cascade-data")),
         };

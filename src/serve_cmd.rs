@@ -19,6 +19,7 @@ use anyhow::{Context, bail};
 use cascade_orchestrator::agents::Registry;
 use cascade_orchestrator::audit::checkpoint::Signer;
 use cascade_orchestrator::audit::log::AuditLog;
+use cascade_orchestrator::audit::pg::PgAuditOptions;
 use cascade_orchestrator::model::ServerModel;
 use cascade_orchestrator::model::StoreSetting;
 use cascade_orchestrator::quota::shared::{SharedQuotaOptions, SharedQuotas};
@@ -232,7 +233,6 @@ pub fn options(
         (_, false, Some(_)) | (StoreSetting::Sqlite, false, None) => StoreChoice::Sqlite(dir()),
         (StoreSetting::Postgres(url), false, None) => StoreChoice::Postgres {
             url: url.clone(),
-            audit_dir: dir(),
             node_id: args.node_id.clone().unwrap_or_else(|| {
                 format!(
                     "{}:{}",
@@ -252,11 +252,9 @@ pub enum StoreChoice {
     Memory,
     /// `cascade.db` in this directory.
     Sqlite(PathBuf),
-    /// A PostgreSQL database shared by the nodes of a cluster; the audit log stays in
-    /// `audit_dir` on this node.
+    /// A PostgreSQL database shared by the nodes of a cluster, audit log included.
     Postgres {
         url: String,
-        audit_dir: PathBuf,
         /// This node's name in the cluster.
         node_id: String,
         /// Its gRPC address, for the other nodes.
@@ -268,14 +266,6 @@ impl StoreChoice {
     /// Whether jobs outlive the process.
     pub fn durable(&self) -> bool {
         !matches!(self, Self::Memory)
-    }
-
-    /// Where the audit log is kept, if anywhere.
-    fn audit_dir(&self) -> Option<&Path> {
-        match self {
-            Self::Memory => None,
-            Self::Sqlite(dir) | Self::Postgres { audit_dir: dir, .. } => Some(dir),
-        }
     }
 
     fn describe(&self) -> String {
@@ -418,12 +408,12 @@ async fn serve(
         .shutdown_grace
         .unwrap_or(Duration::from_secs(30));
     let store = open_store(&model, &store_choice)?;
-    let audit = match store_choice.audit_dir() {
-        Some(dir) => Some(open_audit(&model, &config, dir)?),
-        None => {
+    let audit = match &store_choice {
+        StoreChoice::Memory => {
             eprintln!("warning: with --memory there is no audit log");
             None
         }
+        choice => Some(open_audit(&model, &config, choice).await?),
     };
     options.audit = audit.clone();
     let checkpoints = audit.clone().map(|log| {
@@ -433,8 +423,11 @@ async fn serve(
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = log.checkpoint() {
-                    tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                let log = log.clone();
+                match tokio::task::spawn_blocking(move || log.checkpoint()).await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "cannot sign an audit checkpoint"),
+                    Err(e) => tracing::error!(error = %e, "the audit checkpoint task failed"),
+                    Ok(Ok(_)) => {}
                 }
             }
         })
@@ -485,14 +478,22 @@ async fn serve(
         task.abort();
     }
     if let Some(log) = audit {
-        log.checkpoint().map_err(anyhow::Error::msg)?;
+        // In a cluster, only the node that signs does; the next signer covers the rest.
+        tokio::task::spawn_blocking(move || log.checkpoint())
+            .await?
+            .map_err(anyhow::Error::msg)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-/// The audit log beside the store: a `config_loaded` record naming every file this server
-/// loaded with its SHA-256, and a checkpoint signed now (with `[audit] signing_key`).
-fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<Arc<AuditLog>> {
+/// The audit log in the store (the SQLite file, or the cluster's PostgreSQL database): a
+/// `config_loaded` record naming every file this server loaded with its SHA-256, and a
+/// checkpoint signed now (with `[audit] signing_key`; in a cluster, by the node that signs).
+async fn open_audit(
+    model: &ServerModel,
+    config: &Path,
+    choice: &StoreChoice,
+) -> anyhow::Result<Arc<AuditLog>> {
     let signer = match &model.audit.signing_key {
         Some(reference) => {
             let key = reference.resolve().map_err(anyhow::Error::msg)?;
@@ -511,10 +512,30 @@ fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<
     let origin = signer
         .as_ref()
         .map_or_else(|| "cascade".to_string(), |s| s.name().to_string());
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("creating {} for the audit log", dir.display()))?;
-    let log =
-        AuditLog::open(&dir.join("cascade.db"), signer, &origin).map_err(anyhow::Error::msg)?;
+    let log = match choice {
+        StoreChoice::Postgres { url, node_id, .. } => {
+            let options = PgAuditOptions {
+                url: url.clone(),
+                password: model
+                    .server
+                    .store_password
+                    .as_ref()
+                    .map(|r| r.resolve())
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("[server] store_password: {e}"))?,
+                node_id: node_id.clone(),
+            };
+            tokio::task::spawn_blocking(move || AuditLog::open_postgres(options, signer, &origin))
+                .await?
+        }
+        StoreChoice::Sqlite(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {} for the audit log", dir.display()))?;
+            AuditLog::open(&dir.join("cascade.db"), signer, &origin)
+        }
+        StoreChoice::Memory => unreachable!("no audit log in memory"),
+    }
+    .map_err(anyhow::Error::msg)?;
     let mut files = vec![config.to_path_buf()];
     files.extend(model.graphs.iter().map(|g| g.source.clone()));
     files.sort();
@@ -528,14 +549,19 @@ fn open_audit(model: &ServerModel, config: &Path, dir: &Path) -> anyhow::Result<
             Ok(serde_json::json!({"path": f.display().to_string(), "sha256": digest}))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    log.append(
-        "server",
-        "config_loaded",
-        serde_json::json!({ "files": files }),
-    )
+    let log = Arc::new(log);
+    let first = log.clone();
+    tokio::task::spawn_blocking(move || {
+        first.append(
+            "server",
+            "config_loaded",
+            serde_json::json!({ "files": files }),
+        )?;
+        first.checkpoint()
+    })
+    .await?
     .map_err(anyhow::Error::msg)?;
-    log.checkpoint().map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(log))
+    Ok(log)
 }
 
 /// On SIGHUP, read the files at `config` again: valid, ask for the reload on `reload`; with

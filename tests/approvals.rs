@@ -327,8 +327,10 @@ async fn approve_runs_exactly_the_stored_call_once_across_a_restart() {
 
     // The audit log has the proposal, the decision and the call.
     assert!(server.terminate().success());
-    let records =
-        cascade_orchestrator::audit::log::records(&dir.path().join("data/cascade.db")).unwrap();
+    let records = cascade_orchestrator::audit::log::records(
+        &cascade_orchestrator::audit::log::Source::Sqlite(dir.path().join("data/cascade.db")),
+    )
+    .unwrap();
     let kinds: Vec<Value> = records
         .iter()
         .map(|e| serde_json::from_str::<Value>(&e.1).unwrap())

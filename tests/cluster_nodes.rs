@@ -146,10 +146,17 @@ async fn cluster(pg_url: &str, quota: &str, upstream: u16, backend: Option<&str>
         "[graph]\nname = \"calls\"\nmax_in_flight_jobs = 64\nmax_pending_jobs = 100000\n\n[quotas.api]\n{quota}\n"
     );
     for agent in CALLS_PER_JOB {
+        // The last call is irreversible (and needs no approval): each one is an audit record,
+        // written by whichever node made it.
+        let irreversible = if agent == "billing" {
+            "irreversible = true\napproval = \"never\"\n"
+        } else {
+            ""
+        };
         graph += &format!(
             r#"
 [agents.{agent}]
-kind = "http"
+{irreversible}kind = "http"
 method = "POST"
 url = "http://127.0.0.1:{upstream}/call"
 body = {{ n = "{{{{= input.n }}}}" }}
@@ -161,6 +168,10 @@ retry = {{ max_attempts = 8, initial_delay = "100ms", max_delay = "2s" }}
     }
     std::fs::create_dir_all(dir.path().join("graphs")).unwrap();
     std::fs::write(dir.path().join("graphs/calls.toml"), graph).unwrap();
+    // One checkpoint key for the cluster (every node may become the signer).
+    let key =
+        cascade_orchestrator::audit::checkpoint::Signer::generate("cascade.test/audit").unwrap();
+    std::fs::write(dir.path().join("audit.key"), key).unwrap();
     let ports: Vec<(u16, u16)> = (0..NODES).map(|_| (free_port(), free_port())).collect();
     let mut servers = Vec::new();
     for (i, (grpc, http)) in ports.iter().enumerate() {
@@ -172,9 +183,10 @@ retry = {{ max_attempts = 8, initial_delay = "100ms", max_delay = "2s" }}
         std::fs::write(
             d.join("cascade.toml"),
             format!(
-                "graphs = [\"{}\"]\n[server]\nstore = \"{pg_url}\"\nlease = \"5s\"\ndata_dir = \"{}\"\n{backend}",
+                "graphs = [\"{}\"]\n[server]\nstore = \"{pg_url}\"\nlease = \"5s\"\ndata_dir = \"{}\"\n{backend}\n[audit]\nsigning_key = \"file:{}\"\ncheckpoint_every = \"1s\"\n",
                 dir.path().join("graphs").display(),
-                d.join("data").display()
+                d.join("data").display(),
+                dir.path().join("audit.key").display()
             ),
         )
         .unwrap();
@@ -737,6 +749,65 @@ async fn a_rolling_restart_of_every_node_loses_no_job() {
     let ids = submitter.await.unwrap();
     assert_eq!(ids.len(), JOBS);
     every_job_once(&url, &ids, &up, &c).await;
+    audit_log_holds(&url, &c, JOBS).await;
+}
+
+/// The cluster's audit log, read from PostgreSQL by `cascade audit verify`: every node's
+/// records in one sequence (a call of each job at least, and each start's configuration), its
+/// checkpoints signed by one node at a time and handed on when that node stopped.
+async fn audit_log_holds(url: &str, c: &Cluster, jobs: usize) {
+    let db = cascade_orchestrator::store::pg_schema::connect(url, None)
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let db = &db;
+        async move { db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    let calls =
+        count("SELECT count(*) FROM audit_log WHERE record::jsonb->>'kind' = 'call_executed'")
+            .await;
+    assert!(calls >= jobs as i64, "{calls} call records for {jobs} jobs");
+    let writers = count("SELECT count(DISTINCT record::jsonb->>'node') FROM audit_log").await;
+    assert_eq!(writers, NODES as i64, "every node wrote to the one log");
+    let total = count("SELECT count(*) FROM audit_log").await;
+    // The signer hands over when the rolling restart stops it (a process restarted under the
+    // same node id is another signer).
+    let signers = count("SELECT count(DISTINCT signer) FROM audit_checkpoints").await;
+
+    assert!(signers >= 2, "{signers} signer(s) over a rolling restart");
+    let out = tokio::task::spawn_blocking({
+        let config = c.dir(0).join("cascade.toml");
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+                .args(["audit", "verify", "--config"])
+                .arg(config)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Records may have been appended after the count: at least as many verified.
+    let verified: i64 = said
+        .strip_prefix("ok: ")
+        .and_then(|r| r.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(verified >= total, "{said} (the log held {total})");
+    // One node signs now: it says so in its metrics, the others do not.
+    let mut signing = 0.0;
+    for node in 0..NODES {
+        signing += sample(&c.metrics(node).await, "cascade_audit_signer").unwrap_or(0.0);
+    }
+    assert_eq!(
+        signing, 1.0,
+        "nodes that say they sign the audit log's checkpoints"
+    );
 }
 
 /// PostgreSQL restarts while jobs come in and run: the nodes hold submissions and their

@@ -517,3 +517,226 @@ fn reconnects() -> f64 {
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Two nodes' audit logs on one database: appended at once from both, every record takes its
+/// place in one sequence without gaps, one node at a time signs checkpoints (the other takes
+/// over when the signer's session ends), and `verify` reads the whole log from PostgreSQL: it
+/// holds, it extends a checkpoint saved earlier, and it names a record altered by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 (Debian's postgresql); .ci/run installs it and runs this"]
+async fn the_audit_log_keeps_one_order_and_one_signer_across_nodes() {
+    use cascade_orchestrator::audit::checkpoint::Signer;
+    use cascade_orchestrator::audit::log::{AuditLog, Source, verify};
+    use cascade_orchestrator::audit::pg::PgAuditOptions;
+
+    let pg = postgres::Postgres::start();
+    let url = pg.database("audit").await;
+    let mut c = cascade_orchestrator::store::pg_schema::connect(&url, None)
+        .await
+        .unwrap();
+    cascade_orchestrator::store::pg_schema::migrate(&mut c)
+        .await
+        .unwrap();
+    let origin = "cascade.test/audit";
+    let signer = || Signer::from_seed(origin, &[7u8; 32]).unwrap();
+    let key = signer().verifier_key();
+    let open = |node: &str| {
+        let o = PgAuditOptions {
+            url: url.clone(),
+            password: None,
+            node_id: node.into(),
+        };
+        Arc::new(AuditLog::open_postgres(o, Some(signer()), origin).unwrap())
+    };
+    let (a, b) = tokio::task::block_in_place(|| (open("node-a"), open("node-b")));
+
+    // Four writers, two per node, 40 batches of 25 records each, all at once.
+    const BATCHES: usize = 40;
+    const PER_BATCH: usize = 25;
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let log = if w % 2 == 0 { a.clone() } else { b.clone() };
+            std::thread::spawn(move || {
+                for batch in 0..BATCHES {
+                    let records: Vec<(&str, &str, Value)> = (0..PER_BATCH)
+                        .map(|i| {
+                            (
+                                "acme",
+                                "decision",
+                                json!({"writer": w, "n": batch * PER_BATCH + i}),
+                            )
+                        })
+                        .collect();
+                    log.append_all(records).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let total = (4 * BATCHES * PER_BATCH) as u64;
+
+    // One signer: the first to try takes the lock; the other reads the latest checkpoint.
+    let (first, second) = tokio::task::block_in_place(|| (a.checkpoint(), b.checkpoint()));
+    let saved = first.unwrap().expect("node a signs");
+    assert_eq!(second.unwrap().as_deref(), Some(saved.as_str()));
+    assert!(a.signs() && !b.signs(), "one node signs");
+    tokio::task::block_in_place(|| {
+        b.append("acme", "decision", json!({"after": "checkpoint"}))
+            .unwrap();
+        b.checkpoint().unwrap();
+        a.checkpoint().unwrap();
+    });
+    let source = b.source();
+    let v = tokio::task::block_in_place(|| verify(&source, &key, Some(&saved))).unwrap();
+    assert_eq!(v.records, total + 1);
+    assert_eq!(v.checkpoints, 2);
+    assert_eq!(v.extends, Some(total));
+
+    // One order: the sequence is each record's place; each writer's records keep their order,
+    // and the two nodes' records are interleaved in it.
+    let entries =
+        tokio::task::block_in_place(|| cascade_orchestrator::audit::log::records(&source)).unwrap();
+    let mut last_n: BTreeMap<u64, i64> = BTreeMap::new();
+    let mut nodes_seen = HashSet::new();
+    let mut switches = 0;
+    let mut previous_node = String::new();
+    for (i, (seq, text, _)) in entries.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        let r: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(r["seq"], *seq);
+        let node = r["node"].as_str().unwrap().to_string();
+        if node != previous_node {
+            switches += 1;
+            previous_node = node.clone();
+        }
+        nodes_seen.insert(node);
+        if let Some(w) = r["body"]["writer"].as_u64() {
+            let n = r["body"]["n"].as_i64().unwrap();
+            let before = last_n.insert(w, n).unwrap_or(-1);
+            assert!(
+                n > before,
+                "writer {w}'s record {n} came after its {before}"
+            );
+        }
+    }
+    assert_eq!(nodes_seen.len(), 2);
+    assert!(
+        switches > 2,
+        "the nodes' batches did not interleave ({switches})"
+    );
+
+    // The signer goes (its session ends): the other node signs the next checkpoint.
+    let signers = |log: &AuditLog| match log.source() {
+        Source::Postgres(pg) => pg.signers().unwrap(),
+        Source::Sqlite(_) => unreachable!(),
+    };
+    assert!(
+        tokio::task::block_in_place(|| signers(&b))
+            .iter()
+            .all(|(_, n)| n.starts_with("node-a/"))
+    );
+    drop(a);
+    tokio::task::block_in_place(|| {
+        b.append("acme", "decision", json!({"after": "signer left"}))
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while !b.signs() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "node b never took over signing"
+            );
+            b.checkpoint().unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let by = tokio::task::block_in_place(|| signers(&b));
+    let (size, last) = by.last().unwrap();
+    assert!(*size == total + 2 && last.starts_with("node-b/"), "{by:?}");
+    let v = tokio::task::block_in_place(|| verify(&source, &key, Some(&saved))).unwrap();
+    assert_eq!((v.records, v.checkpoints), (total + 2, 3));
+
+    // History cannot be rewritten through the database's front door...
+    for statement in [
+        "UPDATE audit_log SET record = 'x' WHERE seq = 1",
+        "DELETE FROM audit_log WHERE seq = 1",
+        "TRUNCATE audit_log",
+        "DELETE FROM audit_checkpoints",
+    ] {
+        let e = c.batch_execute(statement).await.unwrap_err();
+        assert!(
+            cascade_orchestrator::store::pg_schema::describe(&e).contains("append-only"),
+            "{statement}: {e}"
+        );
+    }
+    // ...and a superuser's edit behind it is named.
+    c.batch_execute(
+        "ALTER TABLE audit_log DISABLE TRIGGER USER;
+         UPDATE audit_log SET record = replace(record, 'decision', 'approval') WHERE seq = 7;",
+    )
+    .await
+    .unwrap();
+    let e = tokio::task::block_in_place(|| verify(&source, &key, None)).unwrap_err();
+    assert!(e.contains("audit record 7 does not match"), "{e}");
+}
+
+/// PostgreSQL stops while a node appends audit records: the append waits and lands once it is
+/// back, once (not twice), in the one sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 (Debian's postgresql); .ci/run installs it and runs this"]
+async fn an_audit_append_waits_out_a_postgres_restart() {
+    use cascade_orchestrator::audit::log::{AuditLog, records};
+    use cascade_orchestrator::audit::pg::PgAuditOptions;
+
+    let pg = postgres::Postgres::start();
+    let url = pg.database("audit_restart").await;
+    let mut c = cascade_orchestrator::store::pg_schema::connect(&url, None)
+        .await
+        .unwrap();
+    cascade_orchestrator::store::pg_schema::migrate(&mut c)
+        .await
+        .unwrap();
+    drop(c);
+    let o = PgAuditOptions {
+        url: url.clone(),
+        password: None,
+        node_id: "node-a".into(),
+    };
+    let log = Arc::new(tokio::task::block_in_place(|| {
+        AuditLog::open_postgres(o, None, "cascade").unwrap()
+    }));
+    tokio::task::block_in_place(|| log.append("acme", "decision", json!({"n": 0})).unwrap());
+    tokio::task::block_in_place(|| pg.stop());
+    let writer = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            (1..=3)
+                .map(|n| log.append("acme", "decision", json!({ "n": n })))
+                .collect::<Vec<_>>()
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !writer.is_finished(),
+        "an append returned while PostgreSQL was down"
+    );
+    tokio::task::block_in_place(|| pg.start_again());
+    let seqs: Vec<u64> = writer
+        .join()
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(seqs, vec![2, 3, 4]);
+    let all = tokio::task::block_in_place(|| records(&log.source())).unwrap();
+    let ns: Vec<i64> = all
+        .iter()
+        .map(|(_, text, _)| {
+            serde_json::from_str::<Value>(text).unwrap()["body"]["n"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ns, vec![0, 1, 2, 3]);
+}

@@ -85,6 +85,7 @@ pub const CONNECTIONS_REFUSED: &str = "cascade_connections_refused_total";
 pub const AUDIT_QUEUE_DEPTH: &str = "cascade_audit_queue_depth";
 pub const AUDIT_RECORDS: &str = "cascade_audit_records_total";
 pub const AUDIT_WRITE_FAILURES: &str = "cascade_audit_write_failures_total";
+pub const AUDIT_SIGNER: &str = "cascade_audit_signer";
 
 /// Describe every metric (once, when the recorder is installed).
 pub fn describe() {
@@ -171,6 +172,11 @@ pub fn describe() {
         AUDIT_RECORDS,
         Unit::Count,
         "Audit records appended, by kind."
+    );
+    describe_gauge!(
+        AUDIT_SIGNER,
+        Unit::Count,
+        "1 while this node signs the audit log's checkpoints (in a cluster, one node at a time holds the signer's lock)."
     );
     describe_counter!(
         AUDIT_WRITE_FAILURES,

@@ -191,17 +191,26 @@ impl CascadeService {
     }
 
     /// The latest checkpoint and the key that signed it.
-    fn signed_checkpoint(
+    async fn signed_checkpoint(
         &self,
     ) -> Result<(String, String, crate::audit::checkpoint::Checkpoint), Status> {
         let log = self.audit()?;
         let key = self.verifier_key(log)?;
-        let note = crate::audit::log::latest_checkpoint(log.path())
+        let source = log.source();
+        let note = blocking(move || crate::audit::log::latest_checkpoint(&source))
+            .await?
             .map_err(Status::unavailable)?
             .ok_or_else(|| Status::failed_precondition("no checkpoint signed yet"))?;
         let cp = crate::audit::checkpoint::verify(&note, &key).map_err(Status::data_loss)?;
         Ok((note, key, cp))
     }
+}
+
+/// Run a read of the audit log (a file, or a PostgreSQL round trip) off the runtime's workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("reading the audit log: {e}")))
 }
 
 fn bad_request(field: &str, description: impl Into<String>) -> Status {
@@ -411,7 +420,7 @@ impl pb::cascade_server::Cascade for CascadeService {
         req: Request<pb::GetAuditCheckpointRequest>,
     ) -> Result<Response<pb::AuditCheckpoint>, Status> {
         self.who(&req, Role::Read, "GetAuditCheckpoint").await?;
-        let (note, verifier_key, cp) = self.signed_checkpoint()?;
+        let (note, verifier_key, cp) = self.signed_checkpoint().await?;
         Ok(Response::new(pb::AuditCheckpoint {
             note,
             tree_size: cp.size,
@@ -428,8 +437,10 @@ impl pb::cascade_server::Cascade for CascadeService {
         let seq = req.into_inner().seq;
         let log = self.audit()?;
         let key = self.verifier_key(log)?;
-        let p =
-            crate::audit::log::prove(log.path(), seq, &key).map_err(Status::failed_precondition)?;
+        let source = log.source();
+        let p = blocking(move || crate::audit::log::prove(&source, seq, &key))
+            .await?
+            .map_err(Status::failed_precondition)?;
         Ok(Response::new(pb::AuditProof {
             seq,
             record: p.record,
@@ -452,14 +463,16 @@ impl pb::cascade_server::Cascade for CascadeService {
             0 => MAX_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let page = self
-            .audit()?
-            .page(
+        let log = self.audit()?.clone();
+        let page = blocking(move || {
+            log.page(
                 r.after_seq,
                 limit,
                 (!r.tenant.is_empty()).then_some(r.tenant.as_str()),
             )
-            .map_err(Status::unavailable)?;
+        })
+        .await?
+        .map_err(Status::unavailable)?;
         let next_after_seq = if page.len() == limit {
             page.last().map_or(0, |(seq, _, _)| *seq)
         } else {

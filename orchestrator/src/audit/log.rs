@@ -1,14 +1,16 @@
-//! The audit log in the server's SQLite file: append-only records (triggers refuse updates and
-//! deletes, and retention never touches them), each a leaf of the Merkle tree, and signed
-//! checkpoints of that tree. [`verify`] reads a (stopped or running) server's file and checks it
-//! all: every record against its leaf hash, every checkpoint's signature and root, and that the
-//! log extends a checkpoint saved elsewhere earlier.
+//! The audit log: append-only records (triggers refuse updates and deletes, and retention never
+//! touches them), each a leaf of the Merkle tree, and signed checkpoints of that tree. It lives
+//! in the server's SQLite file, or, for a cluster, in the PostgreSQL store shared by every node
+//! (one global order, one signer at a time: see [`super::pg`]). [`verify`] reads a (stopped or
+//! running) server's log and checks it all: every record against its leaf hash, every
+//! checkpoint's signature and root, and that the log extends a checkpoint saved elsewhere
+//! earlier.
 //!
 //! A record is stored as the exact JSON text its leaf hashes, so that verification hashes what
 //! is stored, byte for byte, with no canonicalisation to get wrong.
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::{Value, json};
@@ -16,6 +18,7 @@ use serde_json::{Value, json};
 use super::checkpoint::{self, Checkpoint, Signer};
 use super::hex;
 use super::merkle::{self, Frontier, Hash};
+use super::pg::{PgAudit, PgAuditOptions, StoredEntry};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS audit_log (
@@ -37,21 +40,97 @@ CREATE TRIGGER IF NOT EXISTS audit_checkpoints_no_delete BEFORE DELETE ON audit_
     BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
 "#;
 
-/// The audit log of one server.
+/// The audit log of one server (or one node of a cluster).
 pub struct AuditLog {
-    state: Mutex<State>,
-    signer: Option<Signer>,
+    backend: Backend,
+    signer: Option<Arc<Signer>>,
     origin: String,
-    path: std::path::PathBuf,
+}
+
+enum Backend {
+    Sqlite { state: Mutex<State>, path: PathBuf },
+    Postgres(Arc<PgAudit>),
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog")
-            .field("path", &self.path)
-            .field("origin", &self.origin)
+        let mut d = f.debug_struct("AuditLog");
+        match &self.backend {
+            Backend::Sqlite { path, .. } => d.field("path", path),
+            Backend::Postgres(pg) => d.field("postgres", pg),
+        };
+        d.field("origin", &self.origin)
             .field("signed", &self.signer.is_some())
             .finish()
+    }
+}
+
+/// Where an audit log is read from: a server's SQLite file, or a cluster's PostgreSQL store.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Sqlite(PathBuf),
+    Postgres(Arc<PgAudit>),
+}
+
+impl Source {
+    fn open(path: &Path) -> Result<Connection, String> {
+        Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))
+    }
+
+    /// Every record in order, with the leaf hash stored beside it.
+    fn entries(&self) -> Result<Vec<StoredEntry>, String> {
+        match self {
+            Self::Sqlite(path) => {
+                let conn = Self::open(path)?;
+                let mut stmt = conn
+                    .prepare("SELECT seq, record, leaf FROM audit_log ORDER BY seq")
+                    .map_err(sql)?;
+                stmt.query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Vec<u8>>(2)?,
+                    ))
+                })
+                .map_err(sql)?
+                .collect::<Result<_, _>>()
+                .map_err(sql)
+            }
+            Self::Postgres(pg) => pg.entries(),
+        }
+    }
+
+    /// Every stored checkpoint (size, note), by size.
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, String> {
+        match self {
+            Self::Sqlite(path) => {
+                let conn = Self::open(path)?;
+                let mut stmt = conn
+                    .prepare("SELECT size, note FROM audit_checkpoints ORDER BY size")
+                    .map_err(sql)?;
+                stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))
+                    .map_err(sql)?
+                    .collect::<Result<_, _>>()
+                    .map_err(sql)
+            }
+            Self::Postgres(pg) => pg.checkpoints(),
+        }
+    }
+
+    /// The latest signed checkpoint, if any.
+    pub fn latest_checkpoint(&self) -> Result<Option<String>, String> {
+        match self {
+            Self::Sqlite(path) => Self::open(path)?
+                .query_row(
+                    "SELECT note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(sql),
+            Self::Postgres(pg) => pg.latest_checkpoint(),
+        }
     }
 }
 
@@ -95,10 +174,26 @@ impl AuditLog {
             }
         }
         Ok(Self {
-            state: Mutex::new(State { conn, tree }),
-            signer,
+            backend: Backend::Sqlite {
+                state: Mutex::new(State { conn, tree }),
+                path: path.to_path_buf(),
+            },
+            signer: signer.map(Arc::new),
             origin: origin.to_string(),
-            path: path.to_path_buf(),
+        })
+    }
+
+    /// Open the audit log of a cluster's PostgreSQL store (its tables come with the store's
+    /// migrations): every node appends to one sequence, and one node at a time signs.
+    pub fn open_postgres(
+        options: PgAuditOptions,
+        signer: Option<Signer>,
+        origin: &str,
+    ) -> Result<Self, String> {
+        Ok(Self {
+            backend: Backend::Postgres(Arc::new(PgAudit::open(options)?)),
+            signer: signer.map(Arc::new),
+            origin: origin.to_string(),
         })
     }
 
@@ -112,7 +207,18 @@ impl AuditLog {
         &self,
         records: impl IntoIterator<Item = (&'a str, &'a str, Value)>,
     ) -> Result<u64, String> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = match &self.backend {
+            Backend::Sqlite { state, .. } => state,
+            Backend::Postgres(pg) => {
+                return pg.append_all(
+                    records
+                        .into_iter()
+                        .map(|(t, k, b)| (t.to_string(), k.to_string(), b))
+                        .collect(),
+                );
+            }
+        };
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
         let at = crate::clock::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
@@ -143,14 +249,27 @@ impl AuditLog {
         Ok(seq)
     }
 
-    /// The file the log is in (for [`verify`], [`prove`], [`records`]).
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the log is read from (for [`verify`], [`prove`], [`records`]).
+    pub fn source(&self) -> Source {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => Source::Sqlite(path.clone()),
+            Backend::Postgres(pg) => Source::Postgres(pg.clone()),
+        }
+    }
+
+    /// Whether this node signs the checkpoints: always with a signing key on SQLite; in a
+    /// cluster, while it holds the signer's lock.
+    pub fn signs(&self) -> bool {
+        self.signer.is_some()
+            && match &self.backend {
+                Backend::Sqlite { .. } => true,
+                Backend::Postgres(pg) => pg.signs(),
+            }
     }
 
     /// The checkpoints' verification key, when the log signs them.
     pub fn verifier_key(&self) -> Option<String> {
-        self.signer.as_ref().map(Signer::verifier_key)
+        self.signer.as_ref().map(|s| s.verifier_key())
     }
 
     /// Up to `limit` records after `after`: (sequence number, exact text, leaf hash).
@@ -160,7 +279,17 @@ impl AuditLog {
         limit: usize,
         tenant: Option<&str>,
     ) -> Result<Vec<Entry>, String> {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = match &self.backend {
+            Backend::Sqlite { state, .. } => state,
+            Backend::Postgres(pg) => {
+                return pg
+                    .page(after, limit, tenant)?
+                    .into_iter()
+                    .map(stored_hash)
+                    .collect();
+            }
+        };
+        let s = state.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = s
             .conn
             .prepare_cached(
@@ -188,22 +317,17 @@ impl AuditLog {
         .collect()
     }
 
-    /// Records so far.
-    pub fn size(&self) -> u64 {
-        self.state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .tree
-            .size()
-    }
-
     /// Sign and store a checkpoint of the tree as it is, unless the latest one already covers
     /// it; returns the latest signed checkpoint (`None` without a signer or records).
     pub fn checkpoint(&self) -> Result<Option<String>, String> {
         let Some(signer) = &self.signer else {
             return Ok(None);
         };
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = match &self.backend {
+            Backend::Sqlite { state, .. } => state,
+            Backend::Postgres(pg) => return pg.checkpoint(signer, &self.origin),
+        };
+        let s = state.lock().unwrap_or_else(|p| p.into_inner());
         let size = s.tree.size();
         if size == 0 {
             return Ok(None);
@@ -237,38 +361,30 @@ impl AuditLog {
     }
 }
 
-/// Every record of the audit log in the file at `path`: (sequence number, record JSON, leaf
-/// hash), in order.
-pub fn records(path: &Path) -> Result<Vec<Entry>, String> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let mut stmt = conn
-        .prepare("SELECT seq, record FROM audit_log ORDER BY seq")
-        .map_err(sql)?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
+/// Every record of the audit log at `source`: (sequence number, record JSON, leaf hash of the
+/// text), in order.
+pub fn records(source: &Source) -> Result<Vec<Entry>, String> {
+    Ok(source
+        .entries()?
+        .into_iter()
+        .map(|(seq, record, _)| {
+            let leaf = merkle::leaf_hash(record.as_bytes());
+            (seq, record, leaf)
         })
-        .map_err(sql)?;
-    rows.map(|row| {
-        let (seq, record) = row.map_err(sql)?;
-        let leaf = merkle::leaf_hash(record.as_bytes());
-        Ok((seq, record, leaf))
-    })
-    .collect()
+        .collect())
 }
 
-/// The latest signed checkpoint in the file at `path`, if any.
-pub fn latest_checkpoint(path: &Path) -> Result<Option<String>, String> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    conn.query_row(
-        "SELECT note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
-        [],
-        |r| r.get(0),
-    )
-    .optional()
-    .map_err(sql)
+/// The latest signed checkpoint of the log at `source`, if any.
+pub fn latest_checkpoint(source: &Source) -> Result<Option<String>, String> {
+    source.latest_checkpoint()
+}
+
+/// A stored entry with its stored leaf checked to be a hash.
+fn stored_hash((seq, record, leaf): StoredEntry) -> Result<Entry, String> {
+    let leaf: Hash = leaf
+        .try_into()
+        .map_err(|_| format!("audit record {seq}'s leaf is not a SHA-256 hash"))?;
+    Ok((seq, record, leaf))
 }
 
 /// One record: its sequence number, exact text and leaf hash.
@@ -277,13 +393,13 @@ pub type Entry = (u64, String, Hash);
 /// The latest signed checkpoint (its note, what it says) and the records, checked to hold at
 /// least as many as it covers and to give its root: what proofs are made against.
 fn signed_tree(
-    path: &Path,
+    source: &Source,
     verifier_key: &str,
 ) -> Result<(String, Checkpoint, Vec<Entry>), String> {
     let note =
-        latest_checkpoint(path)?.ok_or("no signed checkpoint yet: nothing to prove against")?;
+        latest_checkpoint(source)?.ok_or("no signed checkpoint yet: nothing to prove against")?;
     let cp = checkpoint::verify(&note, verifier_key)?;
-    let mut all = records(path)?;
+    let mut all = records(source)?;
     if (all.len() as u64) < cp.size {
         return Err(format!(
             "the log holds {} records, fewer than its checkpoint's {}: run `cascade audit verify`",
@@ -333,8 +449,8 @@ impl Proof {
 
 /// An inclusion proof of record `seq` in the tree of the latest signed checkpoint (which must
 /// cover it).
-pub fn prove(path: &Path, seq: u64, verifier_key: &str) -> Result<Proof, String> {
-    let (note, cp, all) = signed_tree(path, verifier_key)?;
+pub fn prove(source: &Source, seq: u64, verifier_key: &str) -> Result<Proof, String> {
+    let (note, cp, all) = signed_tree(source, verifier_key)?;
     if seq == 0 || seq > cp.size {
         return Err(format!(
             "record {seq} is not in the latest checkpoint (records 1 to {})",
@@ -358,8 +474,8 @@ pub fn prove(path: &Path, seq: u64, verifier_key: &str) -> Result<Proof, String>
 /// tenant's auditor can check against the signed root without seeing another tenant's records
 /// (they appear only as hashes in the proofs). Records after the checkpoint are left out until
 /// the next one is signed.
-pub fn export_tenant(path: &Path, tenant: &str, verifier_key: &str) -> Result<Value, String> {
-    let (note, cp, all) = signed_tree(path, verifier_key)?;
+pub fn export_tenant(source: &Source, tenant: &str, verifier_key: &str) -> Result<Value, String> {
+    let (note, cp, all) = signed_tree(source, verifier_key)?;
     let leaves: Vec<Hash> = all.iter().map(|r| r.2).collect();
     let mut out = Vec::new();
     for (i, (seq, record, leaf)) in all.iter().enumerate() {
@@ -393,61 +509,40 @@ pub struct Verified {
     pub extends: Option<u64>,
 }
 
-/// Check the audit log in the SQLite file at `path`: every record against its stored leaf hash
-/// (and the sequence without gaps), every stored checkpoint's signature by `verifier_key` and its
-/// root against the records, and, given `saved` (a checkpoint kept outside the server earlier),
-/// that the log is an append-only extension of it. The error names the first record or
-/// checkpoint that does not match.
-pub fn verify(path: &Path, verifier_key: &str, saved: Option<&str>) -> Result<Verified, String> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+/// Check the audit log at `source`: every record against its stored leaf hash (and the
+/// sequence without gaps), every stored checkpoint's signature by `verifier_key` and its root
+/// against the records, and, given `saved` (a checkpoint kept outside the server earlier), that
+/// the log is an append-only extension of it. The error names the first record or checkpoint
+/// that does not match.
+pub fn verify(
+    source: &Source,
+    verifier_key: &str,
+    saved: Option<&str>,
+) -> Result<Verified, String> {
     let mut leaves: Vec<Hash> = Vec::new();
-    {
-        let mut stmt = conn
-            .prepare("SELECT seq, record, leaf FROM audit_log ORDER BY seq")
-            .map_err(sql)?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
-                ))
-            })
-            .map_err(sql)?;
-        for row in rows {
-            let (seq, record, leaf) = row.map_err(sql)?;
-            let expected = leaves.len() as i64 + 1;
-            if seq != expected {
-                return Err(format!(
-                    "audit record {expected} is missing (the next one is {seq}): records were deleted"
-                ));
-            }
-            let computed = merkle::leaf_hash(record.as_bytes());
-            if leaf != computed {
-                return Err(format!(
-                    "audit record {seq} does not match its leaf hash: it was altered after it was written"
-                ));
-            }
-            leaves.push(computed);
+    for (seq, record, leaf) in source.entries()? {
+        let expected = leaves.len() as u64 + 1;
+        if seq != expected {
+            return Err(format!(
+                "audit record {expected} is missing (the next one is {seq}): records were deleted"
+            ));
         }
+        let computed = merkle::leaf_hash(record.as_bytes());
+        if leaf != computed {
+            return Err(format!(
+                "audit record {seq} does not match its leaf hash: it was altered after it was written"
+            ));
+        }
+        leaves.push(computed);
     }
-    let notes: Vec<(i64, String)> = {
-        let mut stmt = conn
-            .prepare("SELECT size, note FROM audit_checkpoints ORDER BY size")
-            .map_err(sql)?;
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .map_err(sql)?
-            .collect::<Result<_, _>>()
-            .map_err(sql)?
-    };
+    let notes = source.checkpoints()?;
     // Each checkpoint against the tree grown to its size: one pass over the leaves.
     let mut tree = Frontier::default();
     let mut checked_up_to = 0u64;
     for (size, note) in &notes {
         let cp = checkpoint::verify(note, verifier_key)
             .map_err(|e| format!("the checkpoint at size {size}: {e}"))?;
-        if cp.size != *size as u64 {
+        if cp.size != *size {
             return Err(format!(
                 "the checkpoint stored at size {size} is signed for size {}",
                 cp.size
@@ -506,6 +601,10 @@ pub fn verify(path: &Path, verifier_key: &str, saved: Option<&str>) -> Result<Ve
 mod tests {
     use super::*;
 
+    fn src(path: &Path) -> Source {
+        Source::Sqlite(path.to_path_buf())
+    }
+
     fn signer() -> Signer {
         Signer::from_seed("cascade.test/audit", &[7u8; 32]).unwrap()
     }
@@ -552,13 +651,13 @@ mod tests {
         drop(log);
         // Reopened, the tree goes on where it was.
         let log = AuditLog::open(&path, Some(signer()), "cascade.test/audit").unwrap();
-        assert_eq!(log.size(), 9);
+        assert_eq!(records(&src(&path)).unwrap().len(), 9);
         log.append("acme", "decision", json!({"approve": false}))
             .unwrap();
         log.checkpoint().unwrap();
         let key = signer().verifier_key();
         assert_eq!(
-            verify(&path, &key, Some(&early)).unwrap(),
+            verify(&src(&path), &key, Some(&early)).unwrap(),
             Verified {
                 records: 10,
                 checkpoints: 3,
@@ -580,7 +679,7 @@ mod tests {
         let path = dir.path().join("cascade.db");
         let (_log, _) = log_with(dir.path(), 7);
         let key = signer().verifier_key();
-        let p = prove(&path, 3, &key).unwrap().to_json();
+        let p = prove(&src(&path), 3, &key).unwrap().to_json();
         assert_eq!(p["tree_size"], 7);
         let unhex = |s: &str| -> Hash {
             (0..32)
@@ -602,11 +701,11 @@ mod tests {
             .root;
         assert!(merkle::verify_inclusion(&leaf, 2, 7, &proof, &root));
         assert!(
-            prove(&path, 8, &key)
+            prove(&src(&path), 8, &key)
                 .unwrap_err()
                 .contains("not in the latest checkpoint")
         );
-        assert_eq!(records(&path).unwrap().len(), 7);
+        assert_eq!(records(&src(&path)).unwrap().len(), 7);
     }
 
     #[test]
@@ -621,7 +720,7 @@ mod tests {
         }
         log.checkpoint().unwrap();
         let key = signer().verifier_key();
-        let e = export_tenant(&path, "acme", &key).unwrap();
+        let e = export_tenant(&src(&path), "acme", &key).unwrap();
         let text = e.to_string();
         assert!(!text.contains("globex"), "{text}");
         let root = checkpoint::verify(e["checkpoint"].as_str().unwrap(), &key)
@@ -658,7 +757,7 @@ mod tests {
             &path,
             "UPDATE audit_log SET record = replace(record, 'g3.toml', 'evil.toml') WHERE seq = 4;",
         );
-        let e = verify(&path, &signer().verifier_key(), None).unwrap_err();
+        let e = verify(&src(&path), &signer().verifier_key(), None).unwrap_err();
         assert!(e.contains("audit record 4 does not match"), "{e}");
     }
 
@@ -673,7 +772,7 @@ mod tests {
             &path,
             &format!("UPDATE audit_log SET record = '{forged}', leaf = X'{leaf}' WHERE seq = 4;"),
         );
-        let e = verify(&path, &signer().verifier_key(), None).unwrap_err();
+        let e = verify(&src(&path), &signer().verifier_key(), None).unwrap_err();
         assert!(
             e.contains("checkpoint at size 6 does not match the records"),
             "{e}"
@@ -692,14 +791,14 @@ mod tests {
             "DELETE FROM audit_log WHERE seq > 5; DELETE FROM audit_checkpoints;",
         );
         let key = signer().verifier_key();
-        assert_eq!(verify(&path, &key, None).unwrap().records, 5);
-        let e = verify(&path, &key, Some(&saved)).unwrap_err();
+        assert_eq!(verify(&src(&path), &key, None).unwrap().records, 5);
+        let e = verify(&src(&path), &key, Some(&saved)).unwrap_err();
         assert!(e.contains("fewer than the saved checkpoint's 8"), "{e}");
         // A checkpoint signed by another key, or edited, is refused.
         let other = Signer::from_seed("cascade.test/audit", &[9u8; 32]).unwrap();
-        let e = verify(&path, &other.verifier_key(), Some(&saved)).unwrap_err();
+        let e = verify(&src(&path), &other.verifier_key(), Some(&saved)).unwrap_err();
         assert!(e.contains("no valid signature"), "{e}");
         let edited = saved.replacen("\n8\n", "\n5\n", 1);
-        assert!(verify(&path, &key, Some(&edited)).is_err());
+        assert!(verify(&src(&path), &key, Some(&edited)).is_err());
     }
 }

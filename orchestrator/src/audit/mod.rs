@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod log;
 pub mod merkle;
+pub mod pg;
 pub mod sink;
 
 /// The SHA-256 of `bytes`, in hex (files named in audit records).

@@ -131,6 +131,45 @@ CREATE TABLE node_commands (
 CREATE INDEX node_commands_open ON node_commands (node, id) WHERE answered_at IS NULL;
 "#,
     ),
+    (
+        4,
+        r#"
+-- The audit log of the cluster: one sequence for every node's records (appended under an
+-- advisory lock, without gaps), each record's exact text and its leaf hash; checkpoints signed
+-- by one node at a time. Both are append-only: triggers refuse updates, deletes and truncation.
+CREATE TABLE audit_log (
+    seq BIGINT PRIMARY KEY,
+    record TEXT NOT NULL,
+    leaf BYTEA NOT NULL,
+    tenant TEXT NOT NULL,
+    -- The writer's token on the first record of each batch: a batch tried again after a lost
+    -- connection is found, not written twice.
+    batch TEXT
+);
+CREATE UNIQUE INDEX audit_log_batch ON audit_log (batch) WHERE batch IS NOT NULL;
+CREATE INDEX audit_log_tenant ON audit_log (tenant, seq);
+CREATE TABLE audit_checkpoints (
+    size BIGINT PRIMARY KEY,
+    note TEXT NOT NULL,
+    -- The process that signed: its node id and start time.
+    signer TEXT NOT NULL,
+    signed_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE FUNCTION cascade_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit records are append-only (% on %)', TG_OP, TG_TABLE_NAME;
+END
+$$;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON audit_log
+    FOR EACH ROW EXECUTE FUNCTION cascade_audit_append_only();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION cascade_audit_append_only();
+CREATE TRIGGER audit_checkpoints_append_only BEFORE UPDATE OR DELETE ON audit_checkpoints
+    FOR EACH ROW EXECUTE FUNCTION cascade_audit_append_only();
+CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoints
+    FOR EACH STATEMENT EXECUTE FUNCTION cascade_audit_append_only();
+"#,
+    ),
 ];
 
 /// The newest schema version this binary knows.
@@ -259,4 +298,80 @@ pub async fn connect(
         }
     });
     Ok(client)
+}
+
+/// One connection that is made again when it was lost.
+pub struct Connection {
+    url: String,
+    password: Option<crate::secret::Secret>,
+    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
+}
+
+impl Connection {
+    /// A connection to `url`, made at its first use.
+    pub fn new(url: &str, password: Option<crate::secret::Secret>) -> Self {
+        Self {
+            url: url.to_string(),
+            password,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The open client, connecting again when the last one was lost.
+    pub async fn client(&self) -> Result<std::sync::Arc<Client>, tokio_postgres::Error> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = &*slot
+            && !c.is_closed()
+        {
+            return Ok(c.clone());
+        }
+        *slot = None;
+        let c = std::sync::Arc::new(connect(&self.url, self.password.as_ref()).await?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Whether the connection is gone (none made yet counts as gone).
+    pub async fn lost(&self) -> bool {
+        self.client
+            .lock()
+            .await
+            .as_ref()
+            .is_none_or(|c| c.is_closed())
+    }
+}
+
+/// Run `f` on `rt` (a thread's own runtime, where `conn` lives) and wait up to `limit` for its
+/// answer, from any thread, inside a runtime or not. An attempt that meets a lost connection is
+/// made once more on a new one; `error` turns a message into the caller's error.
+pub fn run_blocking<T, E, F, Fut>(
+    rt: &tokio::runtime::Handle,
+    conn: &std::sync::Arc<Connection>,
+    limit: std::time::Duration,
+    error: fn(String) -> E,
+    f: F,
+) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    F: Fn(std::sync::Arc<Client>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, E>> + Send,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let conn = conn.clone();
+    rt.spawn(async move {
+        let mut outcome = Err(error("no attempt".into()));
+        for _ in 0..2 {
+            outcome = match conn.client().await {
+                Ok(c) => f(c).await,
+                Err(e) => Err(error(format!("cannot reach PostgreSQL: {}", describe(&e)))),
+            };
+            if outcome.is_ok() || !conn.lost().await {
+                break;
+            }
+        }
+        let _ = tx.send(outcome);
+    });
+    rx.recv_timeout(limit)
+        .map_err(|_| error("PostgreSQL did not answer in time".into()))?
 }

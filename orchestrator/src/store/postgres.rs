@@ -33,7 +33,7 @@ use super::batch::{
     Inserted, JobWrites, Op, from_micros, group_batch, json, micros, parse_json, parse_state,
     parse_step_state,
 };
-use super::pg_schema;
+use super::pg_schema::{self, Connection};
 use super::{
     JobFilter, JobStore, MemoryStore, NewJob, NodeInfo, RemoteChange, RemoteEvents, StoreError,
     StoreFuture, Submitted, Waker,
@@ -125,28 +125,6 @@ fn is_connection_error(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-/// One connection that is made again when it was lost (the reader's).
-struct Connection {
-    url: String,
-    password: Option<Secret>,
-    client: AsyncMutex<Option<Arc<Client>>>,
-}
-
-impl Connection {
-    async fn client(&self) -> Result<Arc<Client>, tokio_postgres::Error> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = &*slot
-            && !c.is_closed()
-        {
-            return Ok(c.clone());
-        }
-        *slot = None;
-        let c = Arc::new(pg_schema::connect(&self.url, self.password.as_ref()).await?);
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-}
-
 /// Jobs this node took over from a dead one, and how to tell their graphs.
 #[derive(Default)]
 struct Adoption {
@@ -230,11 +208,7 @@ impl PgStore {
                 };
                 let handle = rt.handle().clone();
                 rt.block_on(async move {
-                    let reader = Arc::new(Connection {
-                        url: opts.url.clone(),
-                        password: opts.password.clone(),
-                        client: AsyncMutex::new(None),
-                    });
+                    let reader = Arc::new(Connection::new(&opts.url, opts.password.clone()));
                     match init(&opts, &reader).await {
                         Ok(loaded) => {
                             let _ = init_tx.send(Ok((handle, reader, loaded)));
@@ -297,32 +271,7 @@ impl PgStore {
         F: Fn(Arc<Client>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, StoreError>> + Send,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let reader = self.reader.clone();
-        self.rt.spawn(async move {
-            let mut outcome = Err(err("no attempt"));
-            for _ in 0..2 {
-                outcome = match reader.client().await {
-                    Ok(c) => f(c).await,
-                    Err(e) => Err(err(format!(
-                        "cannot reach PostgreSQL: {}",
-                        pg_schema::describe(&e)
-                    ))),
-                };
-                let lost = reader
-                    .client
-                    .lock()
-                    .await
-                    .as_ref()
-                    .is_none_or(|c| c.is_closed());
-                if outcome.is_ok() || !lost {
-                    break;
-                }
-            }
-            let _ = tx.send(outcome);
-        });
-        rx.recv_timeout(READ_TIMEOUT)
-            .map_err(|_| err("PostgreSQL did not answer in time"))?
+        pg_schema::run_blocking(&self.rt, &self.reader, READ_TIMEOUT, err, f)
     }
 
     fn load(&self, ids: Vec<String>) -> Result<Vec<JobRecord>, StoreError> {
@@ -435,11 +384,7 @@ const CLAIM_BATCH: i64 = 1000;
 /// Every quarter lease: renew this node's heartbeat, and take over the jobs of nodes that
 /// stopped renewing theirs. Ends with the store.
 async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption>) {
-    let conn = Connection {
-        url: o.url.clone(),
-        password: o.password.clone(),
-        client: AsyncMutex::new(None),
-    };
+    let conn = Connection::new(&o.url, o.password.clone());
     let failures = metrics::counter!(crate::metrics::CLUSTER_HEARTBEAT_FAILURES);
     let taken = metrics::counter!(crate::metrics::CLUSTER_TAKEOVERS);
     // Exported at 0 from the start (the dashboard's cluster row reads them).
@@ -683,11 +628,7 @@ async fn listen_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoptio
 /// reconnect, a handler set) and every few seconds in case a notification was missed. One
 /// worker, one connection: the commands wait in the table, not in tasks.
 async fn commands_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption>) {
-    let conn = Connection {
-        url: o.url.clone(),
-        password: o.password.clone(),
-        client: AsyncMutex::new(None),
-    };
+    let conn = Connection::new(&o.url, o.password.clone());
     loop {
         tokio::select! {
             () = adoption.commands_now.notified() => {}
