@@ -239,8 +239,8 @@ async fn postgres_store_keeps_the_contract() {
 async fn an_idempotency_key_names_one_job_across_nodes() {
     let pg = postgres::Postgres::start();
     let url = pg.database("keys").await;
-    let one = PgStore::open(PgOptions::new(url.clone())).unwrap();
-    let two = PgStore::open(PgOptions::new(url.clone())).unwrap();
+    let one = Arc::new(PgStore::open(PgOptions::new(url.clone())).unwrap());
+    let two = Arc::new(PgStore::open(PgOptions::new(url.clone())).unwrap());
     let first = one
         .submit(new_job(Some("order-1"), json!({"o": 1})))
         .await
@@ -258,7 +258,31 @@ async fn an_idempotency_key_names_one_job_across_nodes() {
         matches!(&conflict, StoreError::KeyConflict { existing, .. } if *existing == first.id),
         "{conflict:?}"
     );
-    // 200 keys, each submitted by both nodes at the same moment: one job per key.
+    // 200 keys, each submitted by both nodes at the same moment: one job per key. Each node's
+    // scheduler claims what it can meanwhile, as a server's does: the job of a node that loses
+    // its key's race must never be claimable (its calls would carry another job's keys).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let claimer = |store: Arc<PgStore>| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut claimed = Vec::new();
+            loop {
+                let done = stop.load(std::sync::atomic::Ordering::SeqCst);
+                claimed.extend(
+                    store
+                        .claim_pending("g", 1000)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| r.id),
+                );
+                if done {
+                    return claimed;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+    let claimers = [claimer(one.clone()), claimer(two.clone())];
     let mut racing = Vec::new();
     for i in 0..200 {
         let key = format!("race-{i}");
@@ -280,9 +304,19 @@ async fn an_idempotency_key_names_one_job_across_nodes() {
         })
         .unwrap();
     assert_eq!(listed.len(), 201);
-    // The node that lost a race holds no copy of the job it gave up.
-    let pending = one.pending_count("g") + two.pending_count("g");
-    assert_eq!(pending, 201, "each job pending on exactly one node");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut claimed = Vec::new();
+    for c in claimers {
+        claimed.extend(c.await.unwrap());
+    }
+    // Each job was claimed once, on the node whose insert won, and no other was claimable.
+    let stored: HashSet<JobId> = racing.iter().copied().chain([first.id]).collect();
+    let unique: HashSet<JobId> = claimed.iter().copied().collect();
+    assert_eq!(unique.len(), claimed.len(), "a job was claimed twice");
+    let strays = unique.difference(&stored).count();
+    assert_eq!(strays, 0, "jobs that lost their key's race were claimable");
+    assert_eq!(unique.len(), stored.len(), "every stored job was claimed");
+    assert_eq!(one.pending_count("g") + two.pending_count("g"), 0);
 }
 
 /// PostgreSQL restarts while jobs are being submitted: submissions during the outage wait (or

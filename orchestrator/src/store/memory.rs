@@ -531,14 +531,41 @@ impl MemoryStore {
         &self,
         job: NewJob,
     ) -> Result<(Submitted, Option<(JobRecord, JobEvent)>), StoreError> {
-        self.submit_with(job, true)
+        self.submit_with(job, true, true)
     }
 
-    /// Accept a job; with `created`, also return its record and first event when it is new.
+    /// [`submit_now`](Self::submit_now), but the new job is not claimable until
+    /// [`release_held`](Self::release_held): it waits for its durable insert, which may find
+    /// its idempotency key taken by another node (it must not run meanwhile: its calls would
+    /// carry keys of a job that is not the one the key names).
+    pub(crate) fn submit_held(
+        &self,
+        job: NewJob,
+    ) -> Result<(Submitted, Option<(JobRecord, JobEvent)>), StoreError> {
+        self.submit_with(job, true, false)
+    }
+
+    /// Make a held job claimable (its insert is confirmed), unless it ended meanwhile.
+    pub(crate) fn release_held(&self, id: JobId) {
+        let mut inner = self.lock();
+        let Some(graph) = inner
+            .jobs
+            .get(&id)
+            .filter(|e| e.state == JobState::Pending)
+            .map(|e| e.graph.clone())
+        else {
+            return;
+        };
+        inner.pending.entry(graph).or_default().push_back(id);
+    }
+
+    /// Accept a job; with `created`, also return its record and first event when it is new;
+    /// with `claimable`, put it in its graph's pending queue.
     fn submit_with(
         &self,
         job: NewJob,
         created: bool,
+        claimable: bool,
     ) -> Result<(Submitted, Option<(JobRecord, JobEvent)>), StoreError> {
         let mut inner = self.lock();
         if let Some(key) = &job.idempotency_key {
@@ -582,11 +609,13 @@ impl MemoryStore {
             // An expired holder keeps its job, not the key.
             inner.keys.insert(k.clone(), (job.id, None));
         }
-        inner
-            .pending
-            .entry(job.graph.clone())
-            .or_default()
-            .push_back(job.id);
+        if claimable {
+            inner
+                .pending
+                .entry(job.graph.clone())
+                .or_default()
+                .push_back(job.id);
+        }
         let pending = PendingJob {
             id: job.id,
             agents: job.agents,
@@ -951,7 +980,7 @@ impl JobStore for MemoryStore {
 
     fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
         // Nothing to persist: no copy of the record.
-        let result = self.submit_with(job, false).map(|(s, _)| s);
+        let result = self.submit_with(job, false, true).map(|(s, _)| s);
         Box::pin(async move { result })
     }
 

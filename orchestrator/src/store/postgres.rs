@@ -973,8 +973,15 @@ impl JobStore for PgStore {
             // node's).
             let _order = self.order.lock().unwrap_or_else(|p| p.into_inner());
             // A key this node holds is answered from memory; one held only in the database (by
-            // another node, or from before a restart) is found by the insert itself.
-            let (submitted, created) = self.mem.submit_now(job)?;
+            // another node, or from before a restart) is found by the insert itself. Until the
+            // insert says the key is this job's, a keyed job is not claimable: another node may
+            // have taken the key a moment earlier, and a call made meanwhile would carry the
+            // idempotency key of a job that will not exist (a second write upstream).
+            let (submitted, created) = if job.idempotency_key.is_some() {
+                self.mem.submit_held(job)?
+            } else {
+                self.mem.submit_now(job)?
+            };
             Ok(match created {
                 None => (submitted, None),
                 Some((record, event)) => {
@@ -991,7 +998,12 @@ impl JobStore for PgStore {
                 return Ok(submitted);
             };
             match done.await {
-                Ok(Ok(Inserted::Stored)) => Ok(submitted),
+                Ok(Ok(Inserted::Stored)) => {
+                    if key.is_some() {
+                        self.mem.release_held(id);
+                    }
+                    Ok(submitted)
+                }
                 Ok(Ok(Inserted::Known {
                     existing,
                     input: stored,
