@@ -60,6 +60,7 @@ pub const CLUSTER_NODES: &str = "cascade_cluster_nodes";
 pub const CLUSTER_JOBS_LEASED: &str = "cascade_cluster_jobs_leased";
 pub const CLUSTER_LEASES_LOST: &str = "cascade_cluster_leases_lost_total";
 pub const CLUSTER_HEARTBEAT_FAILURES: &str = "cascade_cluster_heartbeat_failures_total";
+pub const CLUSTER_FENCED: &str = "cascade_cluster_fenced";
 pub const STORE_FREEZE_QUEUE_DEPTH: &str = "cascade_store_freeze_queue_depth";
 pub const WATCHERS: &str = "cascade_job_watchers";
 pub const CONNECTIONS: &str = "cascade_connections";
@@ -202,6 +203,11 @@ pub fn describe() {
         CLUSTER_LEASES_LOST,
         Unit::Count,
         "Jobs another node took over while this one still ran them (its heartbeat was late); this node's changes to them are not written."
+    );
+    describe_gauge!(
+        CLUSTER_FENCED,
+        Unit::Count,
+        "1 while this node starts no call because it could not renew its leases for three quarters of a lease (another node may take its jobs over)."
     );
     describe_counter!(
         CLUSTER_HEARTBEAT_FAILURES,

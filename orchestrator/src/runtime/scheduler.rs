@@ -149,6 +149,9 @@ pub(crate) struct SchedState {
     slots: Vec<Slot>,
     rng: SmallRng,
     draining: bool,
+    /// The store said this node must start no call (its leases are in doubt): steps wait in
+    /// their queues until a tick finds it renewed them.
+    fenced: bool,
     /// Agents of this graph paused now; while any is, no new job starts.
     paused: usize,
     broker: Option<Arc<BrokerCore>>,
@@ -224,6 +227,7 @@ impl Actor for Scheduler {
             slots,
             rng: SmallRng::seed_from_u64(0x5eed),
             draining: false,
+            fenced: false,
             paused: 0,
             broker: None,
             metrics,
@@ -275,6 +279,7 @@ impl Actor for Scheduler {
         match msg {
             SchedMsg::Wake => {
                 s.ctx.wake_pending.store(false, Relaxed);
+                s.forget_lost();
                 s.admit(true);
             }
             SchedMsg::StepDone(done) => s.on_step_done(*done, None),
@@ -341,6 +346,9 @@ impl Actor for Scheduler {
             SchedMsg::Tick => {
                 s.check_deadlines();
                 s.check_approvals();
+                if s.fenced && !s.ctx.shared.store.fenced() {
+                    s.unfence();
+                }
             }
             SchedMsg::Snapshot(reply) => {
                 let _ = reply.send(s.snapshot());
@@ -394,6 +402,8 @@ impl SchedState {
                     self.ctx.shared.publish(event);
                 }
             }
+            // A call of a job this node forgot (another node holds it) ended: nothing to record.
+            Err(crate::store::StoreError::NotFound(_)) if !self.jobs.contains_key(&job) => {}
             Err(e) => tracing::error!(job_id = %job, error = %e, "could not record job update"),
         }
     }
@@ -410,6 +420,10 @@ impl SchedState {
     /// Claim pending jobs while there is room. With `eager`, claim even a single free place.
     fn admit(&mut self, eager: bool) {
         if self.draining {
+            return;
+        }
+        if self.ctx.shared.store.fenced() {
+            self.fenced = true;
             return;
         }
         // Jobs taken over from a dead node were running: they resume first, paused or not, as
@@ -454,6 +468,27 @@ impl SchedState {
                 tracing::error!(graph = %self.ctx.model.name, error = %e, "could not claim pending jobs")
             }
         }
+    }
+
+    /// Forget the jobs another node took over (while this node could not renew its leases):
+    /// their steps start nothing more here, and what their running calls return is dropped.
+    fn forget_lost(&mut self) {
+        for id in self.ctx.shared.store.lost_leases(&self.ctx.model.name) {
+            if self.jobs.remove(&id).is_some() {
+                tracing::warn!(graph = %self.ctx.model.name, job_id = %id, "another node holds this job now: this node forgets it");
+            }
+        }
+    }
+
+    /// The node renewed its leases again: forget what another node took meanwhile, then start
+    /// what waited.
+    fn unfence(&mut self) {
+        self.fenced = false;
+        self.forget_lost();
+        for i in 0..self.slots.len() {
+            self.pump(i);
+        }
+        self.admit(true);
     }
 
     fn start_job(&mut self, r: JobRecord, resumed: bool) {
@@ -598,6 +633,12 @@ impl SchedState {
     /// Start queued steps of agent `i` while it has free slots: straight to its actor, or first
     /// to the quota broker when it draws on quotas.
     fn pump(&mut self, i: usize) {
+        // While this node's leases are in doubt, another node may be taking its jobs over: a
+        // call started now could be started there too.
+        if self.ctx.shared.store.fenced() {
+            self.fenced = true;
+            return;
+        }
         loop {
             let slot = &mut self.slots[i];
             if slot.held() || slot.in_flight + slot.awaiting >= slot.max || slot.actor.is_none() {
@@ -683,6 +724,16 @@ impl SchedState {
             .jobs
             .get(&job_id)
             .is_some_and(|j| j.steps[i].step.awaits_grant(token));
+        if current && slot.actor.is_some() && self.ctx.shared.store.fenced() {
+            // Its turn came while the node's leases are in doubt: it waits in the queue, and
+            // the grant (dropped here) goes back to the broker.
+            self.fenced = true;
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.steps[i].step.back_to_queue();
+                self.slots[i].queue.push(Reverse((job.seq, job_id)));
+            }
+            return;
+        }
         if current && slot.actor.is_some() {
             self.dispatch(i, job_id, Some(grant));
         } else if current && let Some(job) = self.jobs.get_mut(&job_id) {

@@ -891,6 +891,16 @@ impl MemoryStore {
             .map_or(0, |jobs| jobs.values().map(|(_, n)| n).sum())
     }
 
+    /// The jobs not finished yet (pending, running or parked), with their graphs.
+    pub(crate) fn unfinished(&self) -> Vec<(Arc<str>, JobId)> {
+        self.lock()
+            .jobs
+            .iter()
+            .filter(|(_, e)| !e.state.is_terminal())
+            .map(|(id, e)| (e.graph.clone(), *id))
+            .collect()
+    }
+
     /// Forget a job (its durable write failed).
     pub(crate) fn remove(&self, id: JobId) {
         let mut inner = self.lock();

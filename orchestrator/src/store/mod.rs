@@ -313,6 +313,19 @@ pub trait JobStore: Send + Sync + 'static {
     /// Where the commands other nodes send to this one go.
     fn set_command_handler(&self, _handler: CommandHandler) {}
 
+    /// Whether this node must start no call now: its leases may have run out (it could not
+    /// renew them for most of a lease), so another node may be taking its jobs over.
+    fn fenced(&self) -> bool {
+        false
+    }
+
+    /// Jobs of `graph` this node was running that another node holds now (it took them over
+    /// while this node could not renew its leases): the scheduler forgets them. Each is
+    /// returned once; the store forgets them too.
+    fn lost_leases(&self, _graph: &str) -> Vec<JobId> {
+        Vec::new()
+    }
+
     /// This node stops: hand back the jobs it still holds so that other nodes take them at
     /// once, without waiting for its lease to run out (a store nobody shares keeps them for
     /// the next start). Called after [`JobStore::flush`], when nothing more is written.

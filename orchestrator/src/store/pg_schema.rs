@@ -331,6 +331,11 @@ impl Connection {
         Ok(c)
     }
 
+    /// Drop the client (one that stopped answering): the next use connects again.
+    pub async fn reset(&self) {
+        *self.client.lock().await = None;
+    }
+
     /// Whether the connection is gone (none made yet counts as gone).
     pub async fn lost(&self) -> bool {
         self.client

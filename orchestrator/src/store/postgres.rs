@@ -148,6 +148,14 @@ struct Adoption {
     /// Held by a lease round and by the hand-back, so a round under way cannot take back (or
     /// renew) what the hand-back gives up.
     round: AsyncMutex<()>,
+    /// When this node last renewed its leases ([`mono_ms`] at the round's start; 0: never).
+    renewed_ms: std::sync::atomic::AtomicU64,
+    /// Jobs this node was running that another node holds now, per graph, for their scheduler
+    /// to forget (see [`JobStore::lost_leases`]).
+    lost: Mutex<HashMap<Arc<str>, Vec<JobId>>>,
+    /// Jobs taken over again: the writer writes their changes again (it stopped when it lost
+    /// them).
+    readopted: Mutex<Vec<JobId>>,
 }
 
 impl Adoption {
@@ -156,6 +164,43 @@ impl Adoption {
             w(graph);
         }
     }
+
+    /// Hand jobs another node holds now to their schedulers, to forget.
+    fn lose(&self, jobs: impl IntoIterator<Item = (Arc<str>, JobId)>) {
+        let mut graphs = BTreeSet::new();
+        {
+            let mut lost = self.lost.lock().unwrap_or_else(|p| p.into_inner());
+            for (graph, id) in jobs {
+                lost.entry(graph.clone()).or_default().push(id);
+                graphs.insert(graph);
+            }
+        }
+        for g in graphs {
+            self.wake(&g);
+        }
+    }
+
+    /// Whether this node's leases may have run out: its last renewal is older than
+    /// [`fence_after`] of `lease`.
+    fn fenced(&self, lease: Duration) -> bool {
+        let renewed = self.renewed_ms.load(Ordering::Acquire);
+        mono_ms().saturating_sub(renewed) > fence_after(lease).as_millis() as u64
+    }
+}
+
+/// Milliseconds on this process's monotonic clock (from its first use).
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    // From 1, so that 0 means "never".
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// How long after its last renewal a node stops starting calls: three quarters of the lease.
+/// Another node takes its jobs over one lease after the renewal at the earliest (the
+/// database's clock counts from the renewal's commit, after this node's clock started the
+/// round), so a call this node starts is never one another node may start too.
+fn fence_after(lease: Duration) -> Duration {
+    lease * 3 / 4
 }
 
 pub struct PgStore {
@@ -209,8 +254,10 @@ impl PgStore {
                 let handle = rt.handle().clone();
                 rt.block_on(async move {
                     let reader = Arc::new(Connection::new(&opts.url, opts.password.clone()));
+                    let started = mono_ms();
                     match init(&opts, &reader).await {
                         Ok(loaded) => {
+                            lease_adoption.renewed_ms.store(started, Ordering::Release);
                             let _ = init_tx.send(Ok((handle, reader, loaded)));
                             tokio::spawn(listen_loop(
                                 opts.clone(),
@@ -222,8 +269,12 @@ impl PgStore {
                                 weak_mem.clone(),
                                 lease_adoption.clone(),
                             ));
-                            tokio::spawn(lease_loop(opts.clone(), weak_mem, lease_adoption));
-                            writer_loop(opts, rx, &depth).await;
+                            tokio::spawn(lease_loop(
+                                opts.clone(),
+                                weak_mem,
+                                lease_adoption.clone(),
+                            ));
+                            writer_loop(opts, rx, &depth, &lease_adoption).await;
                         }
                         Err(e) => {
                             let _ = init_tx.send(Err(e));
@@ -392,6 +443,9 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
     failures.increment(0);
     taken.increment(0);
     let alive = metrics::gauge!(crate::metrics::CLUSTER_NODES);
+    let fenced = metrics::gauge!(crate::metrics::CLUSTER_FENCED);
+    fenced.set(0.0);
+    let mut was_fenced = false;
     let leased = metrics::gauge!(crate::metrics::CLUSTER_JOBS_LEASED);
     let mut last_prune = Instant::now();
     let mut tick = tokio::time::interval((o.lease / 4).max(Duration::from_millis(100)));
@@ -411,9 +465,38 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
         if adoption.released.load(Ordering::SeqCst) {
             return;
         }
+        let started = mono_ms();
         let round = async {
             let c = conn.client().await?;
             heartbeat(&c, &o).await?;
+            // Back from a time without renewals (PostgreSQL away, this process stalled):
+            // another node may hold some of this node's jobs now. Their schedulers forget
+            // them before this node starts calls again.
+            if adoption.fenced(o.lease) {
+                let held = mem.unfinished();
+                let ids: Vec<String> = held.iter().map(|(_, id)| id.to_string()).collect();
+                let elsewhere: HashSet<String> = c
+                    .query(
+                        "SELECT id FROM jobs WHERE id = ANY($1) AND lease_owner IS DISTINCT FROM $2",
+                        &[&ids, &o.node_id],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                if !elsewhere.is_empty() {
+                    metrics::counter!(crate::metrics::CLUSTER_LEASES_LOST)
+                        .increment(elsewhere.len() as u64);
+                    tracing::warn!(
+                        jobs = elsewhere.len(),
+                        "this node renewed its leases too late: other nodes hold some of its jobs now, and it forgets them"
+                    );
+                    adoption.lose(
+                        held.into_iter()
+                            .filter(|(_, id)| elsewhere.contains(&id.to_string())),
+                    );
+                }
+            }
             let ids = claim(&c, &o, false).await?;
             let row = c
                 .query_one(
@@ -457,14 +540,39 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
             }
             Ok::<_, tokio_postgres::Error>((c, ids))
         };
-        let (c, ids) = match round.await {
+        // A round that hangs (a connection that neither answers nor breaks) must not keep
+        // the node from noticing: it is given up on at half a lease, and the connection with it.
+        let outcome = match tokio::time::timeout(o.lease / 2, round).await {
+            Ok(outcome) => outcome.map_err(|e| pg_schema::describe(&e)),
+            Err(_) => {
+                conn.reset().await;
+                Err("PostgreSQL did not answer within half a lease".to_string())
+            }
+        };
+        if outcome.is_ok() {
+            adoption.renewed_ms.store(started, Ordering::Release);
+        }
+        let now_fenced = adoption.fenced(o.lease);
+        if now_fenced != was_fenced {
+            was_fenced = now_fenced;
+            fenced.set(f64::from(u8::from(now_fenced)));
+            if now_fenced {
+                tracing::error!(
+                    lease = ?o.lease,
+                    "this node could not renew its leases for three quarters of a lease: it starts no call until it can (another node may take its jobs over)"
+                );
+            } else {
+                tracing::warn!("this node renewed its leases again: it starts calls again");
+            }
+        }
+        let (c, ids) = match outcome {
             Ok(done) => done,
             Err(e) => {
                 // Not looked at again before the next tick (a PostgreSQL away would make a
                 // passed expiry a busy loop).
                 next_expiry = None;
                 failures.increment(1);
-                tracing::warn!(error = %pg_schema::describe(&e), "cannot renew this node's leases in PostgreSQL; trying again");
+                tracing::warn!(error = %e, "cannot renew this node's leases in PostgreSQL; trying again");
                 continue;
             }
         };
@@ -799,6 +907,7 @@ fn announce(adoption: &Adoption, change: RemoteChange) {
 /// wait for their scheduler to resume them; each graph is told.
 fn adopt(mem: &MemoryStore, adoption: &Adoption, loaded: Vec<(JobRecord, Vec<JobEvent>)>) {
     let mut graphs = BTreeSet::new();
+    let mut readopted = Vec::new();
     {
         let mut running = adoption.running.lock().unwrap_or_else(|p| p.into_inner());
         for (record, events) in loaded {
@@ -806,6 +915,7 @@ fn adopt(mem: &MemoryStore, adoption: &Adoption, loaded: Vec<(JobRecord, Vec<Job
                 continue;
             }
             graphs.insert(record.graph.clone());
+            readopted.push(record.id);
             if record.state == JobState::Running {
                 running
                     .entry(record.graph.clone())
@@ -815,6 +925,11 @@ fn adopt(mem: &MemoryStore, adoption: &Adoption, loaded: Vec<(JobRecord, Vec<Job
             mem.insert_recovered(record, events);
         }
     }
+    adoption
+        .readopted
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .extend(readopted);
     for g in graphs {
         adoption.wake(&g);
     }
@@ -1060,6 +1175,24 @@ impl JobStore for PgStore {
             }
         }
         out
+    }
+
+    fn fenced(&self) -> bool {
+        self.adoption.fenced(self.lease)
+    }
+
+    fn lost_leases(&self, graph: &str) -> Vec<JobId> {
+        let ids = self
+            .adoption
+            .lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(graph)
+            .unwrap_or_default();
+        for id in &ids {
+            self.mem.remove(*id);
+        }
+        ids
     }
 
     fn remote_holder(&self, id: JobId) -> Result<Option<String>, StoreError> {
@@ -1483,7 +1616,12 @@ impl JobStore for PgStore {
 /// The writer: takes what is queued (up to [`MAX_BATCH`] changes), commits it in one
 /// transaction, answers the submissions in it, and keeps a batch through a lost connection
 /// until it is committed.
-async fn writer_loop(o: PgOptions, mut rx: mpsc::UnboundedReceiver<Op>, queued: &AtomicUsize) {
+async fn writer_loop(
+    o: PgOptions,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+    queued: &AtomicUsize,
+    adoption: &Adoption,
+) {
     let depth = metrics::gauge!(crate::metrics::STORE_QUEUE_DEPTH);
     let reconnects = metrics::counter!(crate::metrics::STORE_RECONNECTS);
     let mut client: Option<Client> = None;
@@ -1492,6 +1630,10 @@ async fn writer_loop(o: PgOptions, mut rx: mpsc::UnboundedReceiver<Op>, queued: 
     let mut last_cleanup = Instant::now();
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        for id in std::mem::take(&mut *adoption.readopted.lock().unwrap_or_else(|p| p.into_inner()))
+        {
+            ghosts.remove(&id);
+        }
         let mut delay = Duration::from_millis(100);
         let outcome = loop {
             let c = match client.as_mut() {
@@ -1510,7 +1652,7 @@ async fn writer_loop(o: PgOptions, mut rx: mpsc::UnboundedReceiver<Op>, queued: 
                     }
                 }
             };
-            match write_batch(c, &batch, &o, &mut ghosts).await {
+            match write_batch(c, &batch, &o, &mut ghosts, adoption).await {
                 Err(e) if is_connection_error(&e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "a store batch met a lost connection; writing it again");
                     client = None;
@@ -1599,19 +1741,20 @@ async fn write_batch(
     batch: &[Op],
     o: &PgOptions,
     ghosts: &mut HashSet<JobId>,
+    adoption: &Adoption,
 ) -> Result<Answers, tokio_postgres::Error> {
     let mut jobs = group_batch(batch);
     jobs.retain(|(id, _)| !ghosts.contains(id));
     // One order for every writer's row locks, so two nodes' batches never deadlock.
     jobs.sort_by_key(|(id, _)| *id);
-    let mut answers = match write_jobs(c, &jobs, o, ghosts).await {
+    let mut answers = match write_jobs(c, &jobs, o, ghosts, adoption).await {
         Ok(answers) => answers,
         Err(e) if is_connection_error(&e) => return Err(e),
         Err(e) => {
             tracing::warn!(error = %e, "a store batch failed; writing its jobs one by one");
             let mut answers = Answers::new();
             for job in &jobs {
-                match write_jobs(c, std::slice::from_ref(job), o, ghosts).await {
+                match write_jobs(c, std::slice::from_ref(job), o, ghosts, adoption).await {
                     Ok(a) => answers.extend(a),
                     Err(e) if is_connection_error(&e) => return Err(e),
                     Err(e) => {
@@ -1661,6 +1804,7 @@ async fn write_jobs(
     jobs: &[(JobId, JobWrites<'_>)],
     o: &PgOptions,
     ghosts: &mut HashSet<JobId>,
+    adoption: &Adoption,
 ) -> Result<Answers, tokio_postgres::Error> {
     let tx = c.transaction().await?;
     let mut answers = Answers::new();
@@ -1840,7 +1984,7 @@ async fn write_jobs(
     for r in &rows {
         if !applied.contains(&r.id) {
             skip.insert(r.id);
-            lost.push(r.id);
+            lost.push((r.graph.clone(), r.id));
         }
     }
     write_steps(&tx, jobs, &skip).await?;
@@ -1868,7 +2012,8 @@ async fn write_jobs(
     tx.commit().await?;
     if !lost.is_empty() {
         metrics::counter!(crate::metrics::CLUSTER_LEASES_LOST).increment(lost.len() as u64);
-        tracing::warn!(jobs = lost.len(), first = %lost[0], "another node took over jobs this node was running (its heartbeat was late); their changes here are not written");
+        tracing::warn!(jobs = lost.len(), first = %lost[0].1, "another node took over jobs this node was running (its heartbeat was late); their changes here are not written, and this node forgets them");
+        adoption.lose(lost);
     }
     ghosts.extend(skip);
     Ok(answers)
