@@ -564,6 +564,47 @@ async fn three_nodes_share_one_quota_of_200_per_second() {
     );
 }
 
+/// A quota that declares no rate, shared by three nodes: at the upstream's first 429 the cluster
+/// learns one rate (just under the calls every node sent in the last second) and paces by it
+/// with AIMD shared, rather than each node learning its own share and climbing from it alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn three_nodes_learn_one_rate_for_a_quota_that_declares_none() {
+    let pg = postgres::Postgres::start();
+    let redis = redis_server::Redis::start();
+    let url = pg.database("learned").await;
+    let (up, port) = Upstream::serve(200.0, 4, None).await;
+    let c = cluster(&url, "max_concurrency = 64", port, Some(&redis.url())).await;
+    const JOBS: usize = 600;
+    // 240 calls a second asked of an upstream that answers 200.
+    let ids = c.submit_paced(JOBS, 60).await;
+    assert_eq!(ids.len(), JOBS);
+    await_succeeded(&url, JOBS as i64, Duration::from_secs(120), &c).await;
+    let (windows, answered, refused) =
+        up.seen(|s| (full_windows(&s.arrivals), s.answered, s.refused));
+    eprintln!("learned: calls per second {windows:?}; answered {answered}, refused {refused}");
+    assert!(
+        refused * 50 < answered,
+        "{refused} refusals for {answered} answered calls"
+    );
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // One rate for the cluster (the base learned at the first 429, times the shared AIMD
+    // multiplier), paced near the upstream's 200 by the end.
+    let (learned, multiplier): (Option<f64>, Option<f64>) = redis::cmd("HMGET")
+        .arg("cascade:quota:api")
+        .arg("lr")
+        .arg("m")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let rate = learned.expect("the cluster learned a rate") * multiplier.unwrap_or(1.0);
+    assert!(
+        (100.0..=300.0).contains(&rate),
+        "the cluster paces at {rate} calls a second"
+    );
+}
+
 /// A 429 that reaches one node pauses the quota on all three: no node calls the upstream until
 /// its Retry-After has passed, then they all go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -495,6 +495,9 @@ impl QuotaCore {
             }
             // The upstream states its limits: the mirror of them paces, not a guess.
             None if self.upstream_requests.is_some() || self.upstream_tokens.is_some() => {}
+            // While the quota is shared, the cluster learns its rate (from every node's calls);
+            // this node's share of them says nothing of the limit.
+            None if self.in_cluster && self.cluster == ClusterMode::Shared => {}
             None => {
                 // Just under what it answered, at least one call a second; the burst is a tenth
                 // of a second's worth, as for a declared rate.

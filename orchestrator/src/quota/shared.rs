@@ -11,7 +11,9 @@
 //! for as long as that lasts. What a call really spent settles afterwards (token debt moves the
 //! bucket on); a refusal on one node is written to the quota (a hold, and the multiplicative
 //! decrease of AIMD, shared) and published, so every node pauses at once, and a node that
-//! reconnects reads the holds again.
+//! reconnects reads the holds again. A quota that declares no request rate learns one in the
+//! shared state at the first refusal, from the calls every node sent in the last second (the
+//! scripts count them), and paces every node by it from then on.
 //!
 //! A bucket is a GCRA state (a theoretical arrival time): requests per period with the quota's
 //! burst, and tokens per period as a bucket of the whole budget refilled over the period (as
@@ -144,6 +146,9 @@ pub struct SharedSpec {
     /// Beyond this wait for a token budget or a hold, the quota counts as spent (its
     /// `pause_threshold`), and the call is not reserved.
     max_wait_us: f64,
+    /// It declares no request rate and is no credential's: the cluster learns one at the
+    /// upstream's first refusal (from the calls that left, on every node, in the last second).
+    learns: bool,
 }
 
 /// A request-rate wait longer than this is not queued for at the shared bucket: the node pauses
@@ -179,37 +184,77 @@ impl SharedSpec {
             token_interval_us,
             token_capacity,
             max_wait_us: spec.pause_threshold.as_micros() as f64,
+            learns: spec.requests.is_none() && !spec.credential,
         }
     }
 }
 
+/// The rate multiplier of a quota's hash `h` at `now` (µs), after the increase earned since
+/// its last update (the Lua twin of `limits::Aimd::multiplier`): additive up to 1 for a
+/// declared rate; for a learned one (`lr` set), a share of itself per second, 10 % while it
+/// probes (no decrease since it was learned), 2 % after, up to 100 times.
+macro_rules! multiplier_lua {
+    () => {
+        r#"
+local function multiplier(m, ma, lr, lp, now)
+  m = tonumber(m) or 1
+  if not ma then return m end
+  local secs = (now - tonumber(ma)) / 1e6
+  if lr then
+    local growth = 0.02
+    if lp == '1' then growth = 0.10 end
+    return math.min(100, m * (1 + secs * growth))
+  end
+  return math.min(1, m + secs * 0.01)
+end
+"#
+    };
+}
+
 /// Reserve a slot on each quota of a call, all or none (times on Redis's clock, in µs).
-/// KEYS: the quotas. ARGV, six per quota: request interval, burst, token interval, token
-/// capacity, tokens, longest wait for tokens or a hold; then the longest pacing wait.
+/// KEYS: the quotas. ARGV, seven per quota: request interval, burst, token interval, token
+/// capacity, tokens, longest wait for tokens or a hold, whether it learns its rate; then the
+/// longest pacing wait. A quota that learns counts the calls that leave in two one-second
+/// windows (`cw`, `c0`, `c1`), and once it learned a rate (`lr`), paces by it as a declared one.
 /// Returns `{1, wait}` (reserved: start in `wait` µs) or `{0, wait, quota index, reason}`.
-const RESERVE: &str = r#"
+const RESERVE: &str = concat!(
+    multiplier_lua!(),
+    r#"
 -- tostring keeps 14 digits: a time in microseconds has 16.
 local function num(x) return string.format('%.3f', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local pacing_max = tonumber(ARGV[#KEYS * 6 + 1])
+local pacing_max = tonumber(ARGV[#KEYS * 7 + 1])
 local wait, defer, defer_i, defer_why = 0, -1, 0, ''
 local plans = {}
 for i = 1, #KEYS do
-  local a = (i - 1) * 6
+  local a = (i - 1) * 7
   local ri, rcap = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
   local ti, tcap = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
   local tokens, maxw = tonumber(ARGV[a + 5]), tonumber(ARGV[a + 6])
-  local h = redis.call('HMGET', KEYS[i], 'r', 't', 'hold', 'hr', 'm', 'ma')
+  local learns = ARGV[a + 7] == '1'
+  local h = redis.call('HMGET', KEYS[i], 'r', 't', 'hold', 'hr', 'm', 'ma', 'lr', 'lp', 'cw', 'c0', 'c1')
   local hold = tonumber(h[3]) or 0
   if hold > now and hold - now > maxw then
     if hold - now > defer then defer, defer_i, defer_why = hold - now, i, h[4] or 'upstream' end
   elseif hold > now and hold - now > wait then
     wait = hold - now
   end
-  local m = tonumber(h[5]) or 1
-  if h[6] then m = math.min(1, m + (now - tonumber(h[6])) / 1e6 * 0.01) end
+  local lr = tonumber(h[7])
+  local m = multiplier(h[5], h[6], lr, h[8], now)
   local plan = {m = m}
+  if learns then
+    if lr then
+      -- A learned rate paces as a declared one, with a tenth of a second's burst.
+      ri, rcap = 1e6 / lr, math.max(1, math.floor(lr / 10 + 0.5))
+    end
+    local win = math.floor(now / 1e6)
+    local cw, c0, c1 = tonumber(h[9]) or 0, tonumber(h[10]) or 0, tonumber(h[11]) or 0
+    if cw == win then c0 = c0 + 1
+    elseif cw == win - 1 then c1, c0 = c0, 1
+    else c1, c0 = 0, 1 end
+    plan.cw, plan.c0, plan.c1 = win, c0, c1
+  end
   if ri > 0 then
     local iv = ri / m
     local tat = math.max(tonumber(h[1]) or 0, now, hold)
@@ -244,11 +289,17 @@ for i = 1, #KEYS do
   local fields = {'m', string.format('%.17g', p.m), 'ma', num(now)}
   if p.r then table.insert(fields, 'r'); table.insert(fields, num(p.r)) end
   if p.t then table.insert(fields, 't'); table.insert(fields, num(p.t)) end
+  if p.cw then
+    table.insert(fields, 'cw'); table.insert(fields, p.cw)
+    table.insert(fields, 'c0'); table.insert(fields, p.c0)
+    table.insert(fields, 'c1'); table.insert(fields, p.c1)
+  end
   redis.call('HSET', KEYS[i], unpack(fields))
   redis.call('PEXPIRE', KEYS[i], 3600000)
 end
 return {1, math.floor(wait)}
-"#;
+"#
+);
 
 /// Settle a call's tokens: move the token bucket by (actual − reserved) tokens.
 /// KEYS: the quota. ARGV: token interval, difference in tokens.
@@ -261,20 +312,38 @@ return 1
 "#;
 
 /// A refusal or a pause on one node: hold the quota until now + wait (the longest hold wins),
-/// decrease its rate (AIMD, one decrease per 250 ms) when asked, and announce it.
-/// KEYS: the quota. ARGV: wait µs, reason, decrease (0/1), channel, quota name, node.
-const HOLD: &str = r#"
+/// decrease its rate (AIMD, one decrease per 250 ms) when asked — or, for a quota that learns
+/// and has no rate yet, learn one: just under the calls that left in the last second, on every
+/// node —, and announce it.
+/// KEYS: the quota. ARGV: wait µs, reason, decrease (0/1), channel, quota name, node, learns
+/// (0/1).
+const HOLD: &str = concat!(
+    multiplier_lua!(),
+    r#"
 local function num(x) return string.format('%.3f', x) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local until_ = now + tonumber(ARGV[1])
-local h = redis.call('HMGET', KEYS[1], 'hold', 'm', 'ma', 'md')
+local h = redis.call('HMGET', KEYS[1], 'hold', 'm', 'ma', 'md', 'lr', 'lp', 'cw', 'c0', 'c1')
 local hold = tonumber(h[1]) or 0
 if ARGV[3] == '1' and now - (tonumber(h[4]) or 0) >= 250000 then
-  local m = tonumber(h[2]) or 1
-  if h[3] then m = math.min(1, m + (now - tonumber(h[3])) / 1e6 * 0.01) end
-  m = math.max(m * 0.95, 0.05)
-  redis.call('HSET', KEYS[1], 'm', string.format('%.17g', m), 'ma', num(now), 'md', num(now))
+  local lr = tonumber(h[5])
+  if ARGV[7] == '1' and not lr then
+    -- The calls that left over the last second: this window's and the share of the last one's
+    -- still within it.
+    local win, frac = math.floor(now / 1e6), (now % 1e6) / 1e6
+    local cw, c0, c1 = tonumber(h[7]) or 0, tonumber(h[8]) or 0, tonumber(h[9]) or 0
+    local sent = 0
+    if cw == win then sent = c0 + c1 * (1 - frac)
+    elseif cw == win - 1 then sent = c0 * (1 - frac) end
+    redis.call('HSET', KEYS[1], 'lr', string.format('%.17g', math.max(1, sent * 0.97)),
+      'lp', '1', 'm', '1', 'ma', num(now), 'md', num(now), 'r', num(now))
+  else
+    local m = multiplier(h[2], h[3], lr, h[6], now)
+    -- At most halved by one decrease, never under a twentieth.
+    m = math.max(m * 0.95, m * 0.5, 0.05)
+    redis.call('HSET', KEYS[1], 'm', string.format('%.17g', m), 'ma', num(now), 'md', num(now), 'lp', '0')
+  end
 end
 if until_ > hold + 10000 then
   redis.call('HSET', KEYS[1], 'hold', num(until_), 'hr', ARGV[2])
@@ -283,7 +352,8 @@ if until_ > hold + 10000 then
   return 1
 end
 return 0
-"#;
+"#
+);
 
 /// The holds still running: `{index, wait µs, reason}` for each quota held. KEYS: the quotas.
 const HOLDS: &str = r#"
@@ -791,7 +861,8 @@ async fn writer(me: std::sync::Weak<SharedQuotas>, mut rx: mpsc::Receiver<Op>) {
                     .arg(if decrease { 1 } else { 0 })
                     .arg(q.channel())
                     .arg(&*spec.name)
-                    .arg(&q.options.node_id);
+                    .arg(&q.options.node_id)
+                    .arg(if spec.learns { 1 } else { 0 });
                 q.timed(inv.invoke_async::<i64>(&mut conn)).await
             }
         };
@@ -851,7 +922,7 @@ impl Claim {
                 spec,
                 wait.unwrap_or(Duration::from_millis(100)),
                 Limit::UpstreamRateLimit,
-                spec.request_interval_us > 0.0,
+                spec.request_interval_us > 0.0 || spec.learns,
             );
         }
     }
@@ -883,7 +954,8 @@ impl Claim {
                 .arg(spec.token_interval_us)
                 .arg(spec.token_capacity)
                 .arg(*tokens)
-                .arg(spec.max_wait_us);
+                .arg(spec.max_wait_us)
+                .arg(if spec.learns { 1 } else { 0 });
         }
         inv.arg(MAX_PACING.as_micros() as u64);
         let asked = tokio::time::Instant::now();
