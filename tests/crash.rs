@@ -55,6 +55,7 @@ async fn sigkill_mid_run_loses_no_job_and_reruns_no_finished_step() {
         spawn,
         finished_steps: Box::new(move |_| finished_steps(&db)),
         leased_by: Box::new(|_| 0),
+        takeover: Box::new(|_| None),
     };
     sigkill_mid_run(dir, setup).await;
 }
@@ -83,7 +84,8 @@ fn pg_query<T: Send + 'static>(
 
 /// PostgreSQL servers for [`Setup`]: node `i` of `url` keeps its audit log in its own directory.
 fn pg_setup(url: String, dir: &Path, nodes: usize, lease: &str) -> Setup {
-    let (config_url, steps_url, lease_url) = (url.clone(), url.clone(), url);
+    let (config_url, steps_url, lease_url, takeover_url) =
+        (url.clone(), url.clone(), url.clone(), url);
     let dir = dir.to_path_buf();
     let lease = lease.to_string();
     Setup {
@@ -124,6 +126,18 @@ fn pg_setup(url: String, dir: &Path, nodes: usize, lease: &str) -> Setup {
                 |r| r.get::<_, i64>(0),
             )[0] as usize
         }),
+        // Every job was submitted before the kill: a lease taken after the dead node's last
+        // heartbeat is a takeover.
+        takeover: Box::new(move |node| {
+            pg_query(
+                &takeover_url,
+                "SELECT extract(epoch FROM max(j.leased_at) - min(n.heartbeat_at))::float8
+                 FROM jobs j JOIN nodes n ON n.id = $1
+                 WHERE j.leased_at > n.heartbeat_at AND j.lease_owner <> $1",
+                Some(node.to_string()),
+                |r| r.get::<_, Option<f64>>(0),
+            )[0]
+        }),
     }
 }
 
@@ -155,6 +169,9 @@ async fn postgres_sigkill_of_one_node_of_three_its_jobs_are_taken_over() {
 /// Steps stored as succeeded, of the jobs a node leases (all, without one).
 type StepsOf = dyn Fn(Option<&str>) -> HashSet<String>;
 
+/// Seconds from a dead node's last heartbeat to its last job leased again, if any.
+type Takeover = dyn Fn(&str) -> Option<f64>;
+
 /// How the servers of [`sigkill_mid_run`] keep their jobs.
 struct Setup {
     nodes: usize,
@@ -165,6 +182,9 @@ struct Setup {
     finished_steps: Box<StepsOf>,
     /// Unfinished jobs the named node leases.
     leased_by: Box<dyn Fn(&str) -> usize>,
+    /// How long after the named (dead) node's last heartbeat its last job was taken over, by
+    /// the database's clock (seconds; `None` without a cluster).
+    takeover: Box<Takeover>,
 }
 
 /// 2,000 jobs of three steps submitted across the nodes of `setup`, SIGKILL of node 0 once a
@@ -287,6 +307,14 @@ async fn sigkill_mid_run(dir: tempfile::TempDir, setup: Setup) {
         eprintln!(
             "{held} jobs of the killed node taken over {:?} after the kill",
             killed_at.elapsed()
+        );
+        // Exactly, by the database's clock: from its last heartbeat, the lease (2 s) and the
+        // round that claims them.
+        let after = (setup.takeover)(&node0).expect("its jobs were leased again");
+        eprintln!("taken over {after:.3} s after its last heartbeat");
+        assert!(
+            (2.0..=2.5).contains(&after),
+            "the killed node's last job was taken over {after:.3} s after its last heartbeat (lease: 2 s)"
         );
         let mut c = connect(ports[1].0).await;
         // Every node knows the cluster: the killed one is dead and holds nothing.
