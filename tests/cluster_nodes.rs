@@ -790,7 +790,54 @@ async fn a_rolling_restart_of_every_node_loses_no_job() {
     let ids = submitter.await.unwrap();
     assert_eq!(ids.len(), JOBS);
     every_job_once(&url, &ids, &up, &c).await;
+    watched_from_another_node(&c).await;
     audit_log_holds(&url, &c, JOBS).await;
+}
+
+/// A job submitted to node 0 is watched to completion through node 2 (over gRPC, as a client
+/// behind a load balancer would): every event, in order, to the final one.
+async fn watched_from_another_node(c: &Cluster) {
+    let mut to = c.clients[0].clone();
+    let id = to
+        .submit_job(pb::SubmitJobRequest {
+            graph: "calls".into(),
+            input_json: r#"{"n": -1}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let mut from = c.clients[2].clone();
+    let mut stream = from
+        .watch_job(pb::WatchJobRequest { job_id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .expect("the watch on node 2 goes on until the job ends")
+        .unwrap()
+    {
+        events.push(e);
+    }
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "{events:?}"
+    );
+    let last = events.last().expect("events");
+    assert_eq!(
+        (last.kind.as_str(), last.state),
+        ("finished", pb::JobState::Succeeded as i32),
+        "{events:?}"
+    );
+    assert_eq!(
+        events.iter().filter(|e| e.kind == "step_succeeded").count(),
+        CALLS_PER_JOB.len()
+    );
 }
 
 /// The cluster's audit log, read from PostgreSQL by `cascade audit verify`: every node's
