@@ -605,6 +605,54 @@ async fn three_nodes_learn_one_rate_for_a_quota_that_declares_none() {
     );
 }
 
+/// A stand-in (SIMULATED) that answers each call after 100 ms and counts the calls it has in
+/// hand at once, and the most it ever had.
+async fn concurrency_counter() -> (u16, Arc<Mutex<(u32, u32)>>) {
+    let seen = Arc::new(Mutex::new((0u32, 0u32)));
+    let s = seen.clone();
+    let app = axum::Router::new().route(
+        "/call",
+        axum::routing::post(move || {
+            let s = s.clone();
+            async move {
+                {
+                    let mut g = s.lock().unwrap();
+                    g.0 += 1;
+                    g.1 = g.1.max(g.0);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                s.lock().unwrap().0 -= 1;
+                axum::Json(serde_json::json!({ "ok": true }))
+            }
+        }),
+    );
+    (common::serve_http(app).await, seen)
+}
+
+/// A quota's `max_concurrency` holds across the cluster: each of the three nodes takes its
+/// share (a third, rounded down), so the upstream never has more calls in hand than the quota
+/// allows, where each node alone would allow all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn a_quotas_concurrency_holds_across_the_nodes() {
+    let pg = postgres::Postgres::start();
+    let redis = redis_server::Redis::start();
+    let url = pg.database("concurrency").await;
+    let (port, seen) = concurrency_counter().await;
+    let c = cluster(&url, "max_concurrency = 6", port, Some(&redis.url())).await;
+    // Each node counts the others alive before the load comes (a heartbeat round).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    const JOBS: usize = 90;
+    let ids = c.submit(JOBS).await;
+    assert_eq!(ids.len(), JOBS);
+    await_succeeded(&url, JOBS as i64, Duration::from_secs(120), &c).await;
+    let most = seen.lock().unwrap().1;
+    assert!(
+        (3..=6).contains(&most),
+        "the upstream had {most} calls in hand at once (the quota allows 6)"
+    );
+}
+
 /// A 429 that reaches one node pauses the quota on all three: no node calls the upstream until
 /// its Retry-After has passed, then they all go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

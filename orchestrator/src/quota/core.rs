@@ -175,6 +175,8 @@ pub struct QuotaCore {
     cluster: ClusterMode,
     /// A node of a cluster whose quotas are shared (the mode was set once at least).
     in_cluster: bool,
+    /// The live nodes of that cluster: each takes its share of the concurrency.
+    nodes: u32,
     exhausted: Option<Exhaustion>,
     pub granted: u64,
     pub refusals: u64,
@@ -224,6 +226,7 @@ impl QuotaCore {
             held_reason: None,
             cluster: ClusterMode::Shared,
             in_cluster: false,
+            nodes: 1,
             exhausted: None,
             granted: 0,
             refusals: 0,
@@ -292,8 +295,8 @@ impl QuotaCore {
         if at > now {
             return (Ready::At(at), reason);
         }
-        if let Some(max) = self.spec.max_concurrency
-            && self.in_use >= max.get()
+        if let Some(max) = self.max_concurrency()
+            && self.in_use >= max
         {
             return (Ready::Blocked, Some(Limit::Concurrency));
         }
@@ -553,6 +556,25 @@ impl QuotaCore {
         }
     }
 
+    /// The cluster has `n` live nodes.
+    pub fn set_nodes(&mut self, n: usize) {
+        self.nodes = u32::try_from(n).unwrap_or(u32::MAX).max(1);
+    }
+
+    /// Calls in flight this node may have: the declared number, or in a cluster this node's
+    /// share of it, rounded down (the nodes together never exceed it), at least one. Kept
+    /// locally rather than as a semaphore in the shared state: a slot held by a node that dies
+    /// would need a lease of its own, and calls would pay a second round trip to give theirs
+    /// back.
+    fn max_concurrency(&self) -> Option<u32> {
+        let max = self.spec.max_concurrency?.get();
+        Some(if self.in_cluster {
+            (max / self.nodes).max(1)
+        } else {
+            max
+        })
+    }
+
     fn share(&self) -> f64 {
         match self.cluster {
             ClusterMode::LocalShare(s) => s.clamp(0.0, 1.0),
@@ -634,7 +656,7 @@ impl QuotaCore {
             tokens_limit: self.spec.tokens.map(|r| r.to_string()),
             cost_limit: self.spec.cost.map(|c| cost_text(&c)),
             cost_used_usd: self.cost.as_mut().map(|w| w.used(now) as f64 / 1e6),
-            max_concurrency: self.spec.max_concurrency.map(|c| c.get()),
+            max_concurrency: self.max_concurrency(),
             requests_available: self.requests.as_ref().map(|g| g.available(now, multiplier)),
             requests_per_second: self.spec.requests.map(|r| r.per_second()),
             learned_requests_per_second: self.learned.map(|base| base * multiplier),
@@ -914,5 +936,28 @@ mod tests {
         assert_eq!(q.update_exhaustion(now, 0), None);
         q.settle(now, r, None, Outcome::Answered, None);
         assert_eq!(q.ready(now, 0), Ready::Now);
+    }
+
+    /// In a cluster, each node takes its share of a quota's concurrency, rounded down (the
+    /// nodes together never exceed it), at least one; a node that goes leaves its share to the
+    /// others.
+    #[tokio::test(start_paused = true)]
+    async fn a_cluster_node_takes_its_share_of_the_concurrency() {
+        let now = Instant::now();
+        let mut q = quota(None, None, Some(10));
+        q.set_cluster(ClusterMode::Shared);
+        q.set_nodes(3);
+        let held: Vec<_> = (0..3).map(|_| q.take(now, 0)).collect();
+        assert_eq!(q.ready(now, 0), Ready::Blocked);
+        assert_eq!(q.snapshot(now).max_concurrency, Some(3));
+        q.set_nodes(2);
+        let _more: Vec<_> = (0..2).map(|_| q.take(now, 0)).collect();
+        assert_eq!(q.ready(now, 0), Ready::Blocked);
+        q.set_nodes(20);
+        for r in held {
+            q.settle(now, r, None, Outcome::Answered, None);
+        }
+        // One each, at least, whatever the count.
+        assert_eq!(q.snapshot(now).max_concurrency, Some(1));
     }
 }

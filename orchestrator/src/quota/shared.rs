@@ -2,8 +2,9 @@
 //! calls draw on are kept in Redis and reserved and settled atomically by server-side scripts, so
 //! a quota of 200 requests a second is 200 summed over every node, not 200 on each.
 //!
-//! Each node's broker still orders its own calls (oldest job first) and keeps its concurrency,
-//! circuits and the upstream's stated limits locally. A call it grants then *passes* the shared
+//! Each node's broker still orders its own calls (oldest job first) and keeps its circuits and
+//! the upstream's stated limits locally, and its share of each quota's concurrency (the declared
+//! number divided by the live nodes, rounded down). A call it grants then *passes* the shared
 //! buckets before it leaves ([`Claim::pass`]): one script reserves a slot on each shared quota
 //! (first come, first served across nodes, on Redis's clock) and the call waits for that slot —
 //! or, when a quota is spent beyond its `pause_threshold` (a token budget, an upstream's
@@ -79,6 +80,8 @@ pub enum ClusterMode {
 #[derive(Clone, Debug)]
 pub enum QuotaSignal {
     Mode(ClusterMode),
+    /// The cluster has this many live nodes: each takes its share of a quota's concurrency.
+    Nodes(usize),
     /// Another node (or the state read on reconnect) holds `quota` for `wait`, for `reason`.
     Hold {
         quota: String,
@@ -575,9 +578,17 @@ impl SharedQuotas {
     /// The live nodes of the cluster now (from the store's heartbeats).
     pub fn set_live_nodes(&self, n: usize) {
         let n = n.max(1);
-        if self.live_nodes.swap(n, Ordering::Relaxed) != n && !self.is_up() {
-            self.signal(QuotaSignal::Mode(self.mode()));
+        if self.live_nodes.swap(n, Ordering::Relaxed) != n {
+            self.signal(QuotaSignal::Nodes(n));
+            if !self.is_up() {
+                self.signal(QuotaSignal::Mode(self.mode()));
+            }
         }
+    }
+
+    /// The live nodes of the cluster, as last told.
+    pub fn live_nodes(&self) -> usize {
+        self.live_nodes.load(Ordering::Relaxed).max(1)
     }
 
     fn signal(&self, s: QuotaSignal) {

@@ -227,6 +227,7 @@ impl Actor for Broker {
         // found none: read both again now that signals reach it.
         if let Some(c) = &shared.cluster {
             core.signal(QuotaSignal::Mode(c.backend.mode()));
+            core.signal(QuotaSignal::Nodes(c.backend.live_nodes()));
             c.backend.resync_later();
         }
         Ok(core)
@@ -386,6 +387,11 @@ impl BrokerState {
             QuotaSignal::Mode(mode) => {
                 for core in &mut self.cores[..specs] {
                     core.set_cluster(mode);
+                }
+            }
+            QuotaSignal::Nodes(n) => {
+                for core in &mut self.cores[..specs] {
+                    core.set_nodes(n);
                 }
             }
             QuotaSignal::Hold {
