@@ -421,3 +421,62 @@ async fn a_node_cut_off_from_postgres_fences_itself_and_forgets_what_was_taken()
     a.shutdown(Duration::from_secs(1)).await;
     b.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A database that hangs does not stall a node: reads that wait for it (a job another node
+/// holds) free their runtime worker, and the node's other work goes on meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 (Debian's postgresql); .ci/run installs it and runs this"]
+async fn reads_waiting_for_a_hung_database_do_not_stall_the_node() {
+    let pg = postgres::Postgres::start();
+    let url = pg.database("cluster_hung").await;
+    let (proxy, frozen) = freezable_proxy(pg.port).await;
+    let a = node(
+        &format!("postgres://cascade@127.0.0.1:{proxy}/cluster_hung"),
+        "a",
+    )
+    .await;
+    let b = node(&url, "b").await;
+    let id = b
+        .submit(SubmitRequest::new("chain", json!({})))
+        .await
+        .unwrap()
+        .id;
+    b.wait(id).await.unwrap();
+    // Node a reads it from the database once node b's batch is committed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a.get(id).unwrap().unwrap().state != JobState::Succeeded {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node a never read the job's end"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    // More reads than the runtime has workers, each waiting for the frozen database.
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let a = a.clone();
+            tokio::spawn(async move { a.get(id).map(|r| r.map(|r| r.state)) })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    tokio::spawn(tokio::time::sleep(Duration::from_millis(20)))
+        .await
+        .unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the node's runtime stalled {took:?} behind reads waiting for the database"
+    );
+    frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    for r in readers {
+        // Answered once the database is back (or, had it stayed away, refused as unavailable).
+        match r.await.unwrap() {
+            Ok(state) => assert_eq!(state, Some(JobState::Succeeded)),
+            Err(e) => assert!(e.is_retryable(), "{e}"),
+        }
+    }
+    a.shutdown(Duration::from_secs(1)).await;
+    b.shutdown(Duration::from_secs(1)).await;
+}

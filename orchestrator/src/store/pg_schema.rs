@@ -377,6 +377,18 @@ where
         }
         let _ = tx.send(outcome);
     });
-    rx.recv_timeout(limit)
-        .map_err(|_| error("PostgreSQL did not answer in time".into()))?
+    let wait = || {
+        rx.recv_timeout(limit)
+            .map_err(|_| error("PostgreSQL did not answer in time".into()))
+    };
+    // On a worker of a multi-threaded runtime (a gRPC handler reading a job another node holds),
+    // the worker's other tasks move elsewhere while this one waits for the database, rather than
+    // stalling behind it.
+    let on_worker = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if on_worker {
+        tokio::task::block_in_place(wait)?
+    } else {
+        wait()?
+    }
 }
