@@ -5,6 +5,8 @@
 
 #[path = "support/postgres.rs"]
 mod postgres;
+#[path = "support/redis.rs"]
+mod redis_server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -479,4 +481,83 @@ async fn reads_waiting_for_a_hung_database_do_not_stall_the_node() {
     }
     a.shutdown(Duration::from_secs(1)).await;
     b.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A tenant's share of a quota holds across the cluster: two nodes, each flooded with the
+/// tenant's jobs, together call no faster than its share (a quarter of 40 calls a second), where
+/// each node alone would allow the whole share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs PostgreSQL 15 and redis-server (Debian); .ci/run installs them and runs this"]
+async fn a_tenants_share_of_a_quota_holds_across_the_nodes() {
+    use cascade_orchestrator::quota::shared::{SharedQuotaOptions, SharedQuotas};
+    let pg = postgres::Postgres::start();
+    let redis = redis_server::Redis::start();
+    let url = pg.database("cluster_share").await;
+    let t0 = std::time::Instant::now();
+    let (port, seen) = recording_upstream(t0).await;
+    let graph = format!(
+        "[quotas.api]\nrequests_per_second = 40\nburst = 4\ntenant_share = {{ acme = 0.25 }}\n\n\
+         [graph]\nname = \"calls\"\nmax_in_flight_jobs = 64\n\n\
+         [agents.call]\nkind = \"http\"\nmethod = \"POST\"\nurl = \"http://127.0.0.1:{port}/call\"\nbody = {{ n = 1 }}\nquota = \"api\"\nmax_concurrency = 32\n"
+    );
+    let mut nodes = Vec::new();
+    for id in ["a", "b"] {
+        let model = config::parse_graph_str("graph.toml", &graph, &Default::default()).unwrap();
+        let mut o = PgOptions::new(&url);
+        o.node_id = id.into();
+        o.lease = Duration::from_secs(2);
+        let store = Arc::new(PgStore::open(o).unwrap());
+        let shared =
+            SharedQuotas::start(SharedQuotaOptions::new(redis.url(), redis.url(), id.into()))
+                .await
+                .unwrap();
+        nodes.push(Arc::new(
+            Orchestrator::builder(model)
+                .store(store)
+                .shared_quotas(shared)
+                .start()
+                .await
+                .unwrap(),
+        ));
+    }
+    // 40 of acme's jobs on each node at once: 80 calls at its share of 10 a second.
+    let submit = |o: Arc<Orchestrator>| async move {
+        let mut ids = Vec::new();
+        for i in 0..40 {
+            let mut req = SubmitRequest::new("calls", json!({ "i": i }));
+            req.tenant = "acme".into();
+            ids.push(o.submit(req).await.unwrap().id);
+        }
+        (o, ids)
+    };
+    let (one, two) = tokio::join!(submit(nodes[0].clone()), submit(nodes[1].clone()));
+    for (o, ids) in [one, two] {
+        for id in ids {
+            let done = tokio::time::timeout(Duration::from_secs(60), o.wait(id))
+                .await
+                .expect("every job ends")
+                .unwrap();
+            assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+        }
+    }
+    let mut times: Vec<Duration> = seen.lock().unwrap().iter().map(|(t, _)| *t).collect();
+    times.sort();
+    assert_eq!(times.len(), 80);
+    // The most calls within any second: the share's 10, its burst of one, and one of slack.
+    let most = (0..times.len())
+        .map(|i| {
+            times[i..]
+                .iter()
+                .take_while(|t| **t < times[i] + Duration::from_secs(1))
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        most <= 12,
+        "the two nodes made {most} of acme's calls within one second"
+    );
+    for o in nodes {
+        o.shutdown(Duration::from_secs(1)).await;
+    }
 }

@@ -192,7 +192,7 @@ impl Actor for Broker {
         // and read the holds again (those made while no broker ran were not applied).
         if let Some(c) = &args.shared.cluster {
             let mode = c.backend.mode();
-            for core in &mut cores[..args.index.specs.len()] {
+            for core in &mut cores {
                 core.set_cluster(mode);
             }
         }
@@ -369,7 +369,7 @@ impl BrokerState {
         let grant = self.next_grant;
         self.outstanding.insert(grant, reservations);
         let to = self.core.upgrade().map(|c| c as Arc<dyn SettleGrant>);
-        // The cluster's shared quotas (not a tenant's share: that stays a local fraction).
+        // The cluster's shared quotas, the tenants' shares of them included.
         let claim = self.shared.cluster.as_ref().and_then(|c| {
             let items: SmallVec<[_; 1]> = quotas
                 .iter()
@@ -380,17 +380,18 @@ impl BrokerState {
         Grant::new(grant, to).with_claim(claim)
     }
 
+    /// A change of the shared state, for every quota: the declared and implicit ones and the
+    /// tenants' shares of them (shared too, so a tenant's share holds across the cluster).
     fn on_cluster(&mut self, signal: QuotaSignal) {
         let now = Instant::now();
-        let specs = self.index.specs.len();
         match signal {
             QuotaSignal::Mode(mode) => {
-                for core in &mut self.cores[..specs] {
+                for core in &mut self.cores {
                     core.set_cluster(mode);
                 }
             }
             QuotaSignal::Nodes(n) => {
-                for core in &mut self.cores[..specs] {
+                for core in &mut self.cores {
                     core.set_nodes(n);
                 }
             }
@@ -399,7 +400,7 @@ impl BrokerState {
                 wait,
                 reason,
             } => {
-                if let Some(core) = self.cores[..specs].iter_mut().find(|c| c.name() == quota) {
+                if let Some(core) = self.cores.iter_mut().find(|c| c.name() == quota) {
                     core.hold_for(now, wait, reason);
                 }
             }

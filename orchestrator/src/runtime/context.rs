@@ -50,8 +50,8 @@ pub(crate) struct Shared {
 }
 
 /// The quotas shared by the nodes of a cluster: the backend, and each quota's shared form, by
-/// its index among the declared and implicit quotas (not a tenant's share, which stays a local
-/// fraction).
+/// its index among the broker's cores (the declared and implicit quotas, then the tenants'
+/// shares of them).
 pub(crate) struct ClusterQuotas {
     pub backend: Arc<crate::quota::shared::SharedQuotas>,
     pub specs: Vec<Arc<crate::quota::shared::SharedSpec>>,

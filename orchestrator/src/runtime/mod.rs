@@ -321,9 +321,11 @@ impl OrchestratorBuilder {
             callbacks: RwLock::new(None),
             approval_notices: RwLock::new(None),
             cluster: self.shared_quotas.filter(|_| cascade).map(|backend| {
+                // In the order of the broker's cores: a call's quota indices name both.
                 let specs = quotas
                     .specs
                     .iter()
+                    .chain(quotas.shares.iter())
                     .map(|q| Arc::new(crate::quota::shared::SharedSpec::new(q, backend.prefix())))
                     .collect();
                 context::ClusterQuotas { backend, specs }
