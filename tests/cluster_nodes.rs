@@ -603,6 +603,37 @@ async fn three_nodes_learn_one_rate_for_a_quota_that_declares_none() {
         (100.0..=300.0).contains(&rate),
         "the cluster paces at {rate} calls a second"
     );
+    // Every node shows it (GetGraph, the dashboard), read back from the shared state.
+    for node in 0..NODES {
+        let mut client = c.clients[node].clone();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let graph = client
+                .get_graph(pb::GetGraphRequest {
+                    name: "calls".into(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let shown = graph
+                .quotas
+                .iter()
+                .find(|q| q.name == "api")
+                .map_or(0.0, |q| q.learned_requests_per_second);
+            if shown > 0.0 {
+                assert!(
+                    (50.0..=600.0).contains(&shown),
+                    "node {node} shows {shown}/s"
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} shows no learned rate"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
 
 /// A stand-in (SIMULATED) that answers each call after 100 ms and counts the calls it has in

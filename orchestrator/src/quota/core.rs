@@ -177,6 +177,8 @@ pub struct QuotaCore {
     in_cluster: bool,
     /// The live nodes of that cluster: each takes its share of the concurrency.
     nodes: u32,
+    /// The rate the cluster learned for this quota (it declares none), as last read.
+    cluster_learned: Option<f64>,
     exhausted: Option<Exhaustion>,
     pub granted: u64,
     pub refusals: u64,
@@ -227,6 +229,7 @@ impl QuotaCore {
             cluster: ClusterMode::Shared,
             in_cluster: false,
             nodes: 1,
+            cluster_learned: None,
             exhausted: None,
             granted: 0,
             refusals: 0,
@@ -556,6 +559,12 @@ impl QuotaCore {
         }
     }
 
+    /// The rate the cluster learned for this quota, as it paces now (shown, not enforced here:
+    /// the shared state paces by it).
+    pub fn set_cluster_learned(&mut self, per_second: f64) {
+        self.cluster_learned = Some(per_second);
+    }
+
     /// The cluster has `n` live nodes.
     pub fn set_nodes(&mut self, n: usize) {
         self.nodes = u32::try_from(n).unwrap_or(u32::MAX).max(1);
@@ -659,7 +668,10 @@ impl QuotaCore {
             max_concurrency: self.max_concurrency(),
             requests_available: self.requests.as_ref().map(|g| g.available(now, multiplier)),
             requests_per_second: self.spec.requests.map(|r| r.per_second()),
-            learned_requests_per_second: self.learned.map(|base| base * multiplier),
+            learned_requests_per_second: match self.cluster {
+                ClusterMode::Shared if self.in_cluster => self.cluster_learned,
+                _ => self.learned.map(|base| base * multiplier),
+            },
             implicit: self.spec.implicit,
             slow_start_window: self.slow_start.as_ref().map(SlowStart::window),
             tokens_window_limit: self.spec.tokens.map(|t| t.amount.get()),

@@ -80,6 +80,11 @@ pub enum ClusterMode {
 #[derive(Clone, Debug)]
 pub enum QuotaSignal {
     Mode(ClusterMode),
+    /// The rate the cluster learned for `quota` (a quota that declares none), as it paces now.
+    Learned {
+        quota: String,
+        per_second: f64,
+    },
     /// The cluster has this many live nodes: each takes its share of a quota's concurrency.
     Nodes(usize),
     /// Another node (or the state read on reconnect) holds `quota` for `wait`, for `reason`.
@@ -358,6 +363,25 @@ return 0
 "#
 );
 
+/// The rates the cluster learned, as they pace now (base times multiplier): `{index, rate}` as
+/// text for each quota that has one. KEYS: the quotas that learn.
+const LEARNED: &str = concat!(
+    multiplier_lua!(),
+    r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i = 1, #KEYS do
+  local h = redis.call('HMGET', KEYS[i], 'lr', 'm', 'ma', 'lp')
+  local lr = tonumber(h[1])
+  if lr then
+    table.insert(out, {i - 1, string.format('%.6f', lr * multiplier(h[2], h[3], lr, h[4], now))})
+  end
+end
+return out
+"#
+);
+
 /// The holds still running: `{index, wait µs, reason}` for each quota held. KEYS: the quotas.
 const HOLDS: &str = r#"
 local t = redis.call('TIME')
@@ -446,6 +470,7 @@ pub struct SharedQuotas {
     settle: redis::Script,
     hold: redis::Script,
     holds: redis::Script,
+    learned: redis::Script,
     /// Until when each shared quota is held, as this node last heard, and when it heard it (one
     /// entry per quota of this node's configuration): a call that reserved its turn before a
     /// hold came does not leave.
@@ -497,6 +522,7 @@ impl SharedQuotas {
             settle: redis::Script::new(SETTLE),
             hold: redis::Script::new(HOLD),
             holds: redis::Script::new(HOLDS),
+            learned: redis::Script::new(LEARNED),
             held: Mutex::new(std::collections::HashMap::new()),
         });
         m::quota_backend_register();
@@ -696,6 +722,41 @@ impl SharedQuotas {
         }
     }
 
+    /// Read the rates the cluster learned, for this node's quotas to show (GetGraph, the
+    /// dashboard): every few seconds, one round trip for every quota that learns.
+    async fn read_learned(&self) {
+        let learning: Vec<Arc<SharedSpec>> = self
+            .specs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|s| s.learns)
+            .cloned()
+            .collect();
+        let Some(mut conn) = self.connection() else {
+            return;
+        };
+        if learning.is_empty() {
+            return;
+        }
+        let mut inv = self.learned.prepare_invoke();
+        for s in &learning {
+            inv.key(&s.key);
+        }
+        let rates: Vec<(usize, String)> = match self.timed(inv.invoke_async(&mut conn)).await {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        for (i, rate) in rates {
+            if let (Some(s), Ok(per_second)) = (learning.get(i), rate.parse()) {
+                self.signal(QuotaSignal::Learned {
+                    quota: s.name.to_string(),
+                    per_second,
+                });
+            }
+        }
+    }
+
     /// Remember that `quota` (one of this node's) is held for `wait` from now.
     fn note_hold(&self, quota: &str, wait: Duration) {
         let specs = self.specs.read().unwrap_or_else(|p| p.into_inner());
@@ -750,10 +811,15 @@ impl SharedQuotas {
 /// while it is up, so that the fallback starts and ends without waiting for a call.
 async fn keeper(me: std::sync::Weak<SharedQuotas>) {
     let mut backoff = Duration::from_millis(200);
+    let mut checks = 0u64;
     loop {
         let Some(q) = me.upgrade() else { return };
         if q.is_up() {
             backoff = Duration::from_millis(200);
+            checks += 1;
+            if checks.is_multiple_of(5) {
+                q.read_learned().await;
+            }
             let conn = q.connection();
             let ping = async {
                 match conn {

@@ -395,6 +395,11 @@ impl BrokerState {
                     core.set_nodes(n);
                 }
             }
+            QuotaSignal::Learned { quota, per_second } => {
+                if let Some(core) = self.cores.iter_mut().find(|c| c.name() == quota) {
+                    core.set_cluster_learned(per_second);
+                }
+            }
             QuotaSignal::Hold {
                 quota,
                 wait,
