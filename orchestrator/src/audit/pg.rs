@@ -135,6 +135,8 @@ impl PgAudit {
         let rt = ready_rx
             .recv()
             .map_err(|_| "the audit log's thread stopped while starting".to_string())??;
+        // Exported at 0 on every node from the start (the dashboard's cluster row reads it).
+        metrics::gauge!(crate::metrics::AUDIT_SIGNER).set(0.0);
         let token = format!(
             "{}/{}",
             options.node_id,
