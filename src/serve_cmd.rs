@@ -301,6 +301,11 @@ async fn start_shared_quotas(
     let mut o = SharedQuotaOptions::new(full, url.clone(), node_id.clone());
     o.fallback = model.server.quota_fallback;
     let q = SharedQuotas::start(o).await.map_err(anyhow::Error::msg)?;
+    // A call that waited for its turn does not leave once this node's leases are in doubt.
+    let fence = Arc::downgrade(store);
+    q.set_fence(Arc::new(move || {
+        fence.upgrade().is_some_and(|s| s.fenced())
+    }));
     let (weak, store) = (Arc::downgrade(&q), store.clone());
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -551,13 +556,21 @@ async fn open_audit(
         .collect::<anyhow::Result<Vec<_>>>()?;
     let log = Arc::new(log);
     let first = log.clone();
+    let shared = matches!(choice, StoreChoice::Postgres { .. });
     tokio::task::spawn_blocking(move || {
         first.append(
             "server",
             "config_loaded",
             serde_json::json!({ "files": files }),
         )?;
-        first.checkpoint()
+        match first.checkpoint() {
+            // In a cluster the next tick (or another node) signs: the node starts regardless.
+            Err(e) if shared => {
+                tracing::warn!(error = %e, "cannot sign an audit checkpoint now; the next tick tries again");
+                Ok(None)
+            }
+            other => other,
+        }
     })
     .await?
     .map_err(anyhow::Error::msg)?;

@@ -317,6 +317,24 @@ async fn an_idempotency_key_names_one_job_across_nodes() {
     assert_eq!(strays, 0, "jobs that lost their key's race were claimable");
     assert_eq!(unique.len(), stored.len(), "every stored job was claimed");
     assert_eq!(one.pending_count("g") + two.pending_count("g"), 0);
+
+    // A submitter that goes away before the answer (a client's deadline) leaves no keyed job
+    // held out of the queue: it is claimable once stored.
+    drop(one.submit(new_job(Some("gone"), json!({"g": 1}))));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let claimed = one.claim_pending("g", 10).unwrap();
+        if !claimed.is_empty() {
+            assert_eq!(claimed.len(), 1);
+            assert_eq!(claimed[0].idempotency_key.as_deref(), Some("gone"));
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a keyed job whose submitter went away was never claimable"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// PostgreSQL restarts while jobs are being submitted: submissions during the outage wait (or
@@ -713,6 +731,16 @@ async fn the_audit_log_keeps_one_order_and_one_signer_across_nodes() {
     .unwrap();
     let e = tokio::task::block_in_place(|| verify(&source, &key, None)).unwrap_err();
     assert!(e.contains("audit record 7 does not match"), "{e}");
+    // Each checkpoint keeps the tree's frontier, where the next signer goes on from.
+    let bare: i64 = c
+        .query_one(
+            "SELECT count(*) FROM audit_checkpoints WHERE frontier IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bare, 0);
 }
 
 /// PostgreSQL stops while a node appends audit records: the append waits and lands once it is

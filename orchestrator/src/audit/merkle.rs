@@ -211,6 +211,38 @@ impl Frontier {
         self.size += 1;
     }
 
+    /// The frontier as bytes, to be kept beside a checkpoint: the size (8 bytes, big-endian),
+    /// then each complete subtree's height (4 bytes) and root (32).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.stack.len() * 36);
+        out.extend_from_slice(&self.size.to_be_bytes());
+        for (h, root) in &self.stack {
+            out.extend_from_slice(&h.to_be_bytes());
+            out.extend_from_slice(root);
+        }
+        out
+    }
+
+    /// A frontier from [`to_bytes`](Self::to_bytes), if the bytes are one: the subtrees'
+    /// heights falling from left to right and adding up to the size.
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        let (size, mut rest) = bytes.split_first_chunk::<8>()?;
+        let size = u64::from_be_bytes(*size);
+        let mut stack = Vec::new();
+        while !rest.is_empty() {
+            let (h, tail) = rest.split_first_chunk::<4>()?;
+            let (root, tail) = tail.split_first_chunk::<32>()?;
+            let h = u32::from_be_bytes(*h);
+            if h >= 64 || stack.last().is_some_and(|&(prev, _)| prev <= h) {
+                return None;
+            }
+            stack.push((h, *root));
+            rest = tail;
+        }
+        let total: u64 = stack.iter().map(|(h, _)| 1u64 << h).sum();
+        (total == size).then_some(Self { size, stack })
+    }
+
     /// The root of the tree so far: the complete subtrees folded from the right.
     pub fn root(&self) -> Hash {
         let mut it = self.stack.iter().rev();
@@ -227,6 +259,29 @@ impl Frontier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frontier_survives_its_bytes_and_bad_bytes_are_refused() {
+        let mut f = Frontier::default();
+        for i in 0..13u8 {
+            f.push(leaf_hash(&[i]));
+            let back = Frontier::from_bytes(&f.to_bytes()).unwrap();
+            assert_eq!((back.size(), back.root()), (f.size(), f.root()));
+        }
+        let mut bytes = f.to_bytes();
+        bytes[7] ^= 1;
+        assert!(
+            Frontier::from_bytes(&bytes).is_none(),
+            "a size the subtrees do not add up to"
+        );
+        assert!(Frontier::from_bytes(&f.to_bytes()[..20]).is_none());
+        assert_eq!(
+            Frontier::from_bytes(&Frontier::default().to_bytes())
+                .unwrap()
+                .size(),
+            0
+        );
+    }
 
     fn hex(h: &Hash) -> String {
         h.iter().map(|b| format!("{b:02x}")).collect()

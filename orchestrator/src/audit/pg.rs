@@ -38,6 +38,10 @@ pub const APPEND_PATIENCE: Duration = Duration::from_secs(60);
 /// How long a read or a checkpoint waits for PostgreSQL.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long one attempt to connect or to append may take before it is tried again on a new
+/// connection.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// The advisory lock every append holds for its transaction ("AUDITSQ").
 const APPEND_LOCK: i64 = 0x41_55_44_49_54_53_51;
 
@@ -95,15 +99,19 @@ fn describe(e: &tokio_postgres::Error) -> String {
     format!("the audit log in PostgreSQL: {}", pg_schema::describe(e))
 }
 
-/// Whether `e` is the connection's (the next attempt makes a new one) rather than the
-/// statement's.
+/// Whether `e` is the connection's or a wait's (the next attempt, on a new connection, may
+/// succeed) rather than the statement's: a lost connection, the server shutting down, a lock
+/// or statement timeout (another node's append held the lock too long), a session the server
+/// ended.
 fn lost(e: &tokio_postgres::Error) -> bool {
     use std::error::Error as _;
     e.is_closed()
         || e.source().is_some_and(|s| s.is::<std::io::Error>())
         || e.code().is_some_and(|c| {
             let c = c.code();
-            c.starts_with("08") || c.starts_with("57P0") || c == "53300"
+            c.starts_with("08")
+                || c.starts_with("57P0")
+                || matches!(c, "53300" | "55P03" | "57014" | "25P03")
         })
 }
 
@@ -356,14 +364,27 @@ impl State {
                     "the audit log's connection was lost: this node no longer signs its checkpoints"
                 );
             }
-            let c = pg_schema::connect(&self.options.url, self.options.password.as_ref())
+            let unreachable = |e: tokio_postgres::Error| {
+                format!(
+                    "cannot reach the audit log in PostgreSQL: {}",
+                    pg_schema::describe(&e)
+                )
+            };
+            let connect = pg_schema::connect(&self.options.url, self.options.password.as_ref());
+            let c = tokio::time::timeout(ATTEMPT_TIMEOUT, connect)
                 .await
-                .map_err(|e| {
-                    format!(
-                        "cannot reach the audit log in PostgreSQL: {}",
-                        pg_schema::describe(&e)
-                    )
-                })?;
+                .map_err(|_| "the audit log's database did not answer in time".to_string())?
+                .map_err(unreachable)?;
+            // Every node waits on one lock to append: a session that stops (a node frozen or
+            // cut off in the middle of an append) is ended by the server, and its lock with it,
+            // rather than holding every node's appends until TCP gives up.
+            c.batch_execute(
+                "SET idle_in_transaction_session_timeout = '15s';
+                 SET lock_timeout = '10s';
+                 SET statement_timeout = '30s'",
+            )
+            .await
+            .map_err(unreachable)?;
             self.client = Some(c);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -380,7 +401,15 @@ impl State {
         let mut retried = false;
         loop {
             let outcome = match self.client().await {
-                Ok(c) => insert(c, node, token, retried, records).await,
+                Ok(c) => {
+                    tokio::time::timeout(ATTEMPT_TIMEOUT, insert(c, node, token, retried, records))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Failure::Lost(
+                                "the audit log's database did not answer in time".into(),
+                            ))
+                        })
+                }
                 Err(e) => Err(Failure::Lost(e)),
             };
             match outcome {
@@ -420,6 +449,13 @@ impl State {
             self.signs = true;
             metrics::gauge!(crate::metrics::AUDIT_SIGNER).set(1.0);
             tracing::info!("this node signs the audit log's checkpoints");
+            // Go on from the latest checkpoint's frontier, checked against its signed root,
+            // rather than reading every leaf again.
+            if let Some(f) = saved_frontier(c, signer).await?
+                && f.size() > self.tree.size()
+            {
+                self.tree = f;
+            }
         }
         let c = self.client.as_ref().expect("connected above");
         // Catch up with every node's appends since the last checkpoint this node signed.
@@ -467,14 +503,35 @@ impl State {
             root: self.tree.root(),
         });
         c.execute(
-            "INSERT INTO audit_checkpoints (size, note, signer) VALUES ($1, $2, $3)
+            "INSERT INTO audit_checkpoints (size, note, signer, frontier) VALUES ($1, $2, $3, $4)
              ON CONFLICT (size) DO NOTHING",
-            &[&(size as i64), &note, &me],
+            &[&(size as i64), &note, &me, &self.tree.to_bytes()],
         )
         .await
         .map_err(|e| describe(&e))?;
         Ok(Some(note))
     }
+}
+
+/// The frontier kept with the latest checkpoint, if it is there and gives that checkpoint's
+/// signed size and root.
+async fn saved_frontier(c: &Client, signer: &Signer) -> Result<Option<Frontier>, String> {
+    let row = c
+        .query_opt(
+            "SELECT note, frontier FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .map_err(|e| describe(&e))?;
+    let Some(row) = row else { return Ok(None) };
+    let (note, bytes): (String, Option<Vec<u8>>) = (row.get(0), row.get(1));
+    let Some(f) = bytes.as_deref().and_then(Frontier::from_bytes) else {
+        return Ok(None);
+    };
+    let Ok(cp) = super::checkpoint::verify(&note, &signer.verifier_key()) else {
+        return Ok(None);
+    };
+    Ok((cp.size == f.size() && cp.root == f.root()).then_some(f))
 }
 
 enum Failure {

@@ -112,6 +112,8 @@ pub enum Limit {
     SlowStart,
     /// The cluster's shared quota state cannot be reached, and `quota_fallback = "closed"`.
     QuotaBackend,
+    /// This node could not renew its leases: it starts no call until it can.
+    Fenced,
 }
 
 impl Limit {
@@ -128,6 +130,7 @@ impl Limit {
             Self::Concurrency => "concurrency",
             Self::SlowStart => "slow start",
             Self::QuotaBackend => "shared quota state unreachable (fallback closed)",
+            Self::Fenced => "this node's leases are in doubt (it fenced itself)",
         }
     }
 }
@@ -571,7 +574,8 @@ impl QuotaCore {
     }
 
     /// Calls in flight this node may have: the declared number, or in a cluster this node's
-    /// share of it, rounded down (the nodes together never exceed it), at least one. Kept
+    /// share of it, rounded down (the nodes together do not exceed it, unless there are more
+    /// nodes than it allows calls), at least one. Kept
     /// locally rather than as a semaphore in the shared state: a slot held by a node that dies
     /// would need a lease of its own, and calls would pay a second round trip to give theirs
     /// back.

@@ -195,6 +195,15 @@ impl SharedSpec {
             learns: spec.requests.is_none() && !spec.credential,
         }
     }
+
+    /// A tenant's share of a quota: it limits that tenant's calls and learns no rate of its own
+    /// (a rate learned from one tenant's last second would throttle it to that).
+    pub fn new_share(spec: &QuotaModel, prefix: &str) -> Self {
+        Self {
+            learns: false,
+            ..Self::new(spec, prefix)
+        }
+    }
 }
 
 /// The rate multiplier of a quota's hash `h` at `now` (µs), after the increase earned since
@@ -459,6 +468,8 @@ pub struct SharedQuotas {
     live_nodes: AtomicUsize,
     specs: RwLock<Vec<Arc<SharedSpec>>>,
     sink: RwLock<Option<SignalSink>>,
+    /// Whether this node is fenced (see [`set_fence`](Self::set_fence)).
+    fence: RwLock<Option<Arc<dyn Fn() -> bool + Send + Sync>>>,
     ops: mpsc::Sender<Op>,
     ops_rx: Mutex<Option<mpsc::Receiver<Op>>>,
     /// Wakes the keeper when a round trip failed.
@@ -514,6 +525,7 @@ impl SharedQuotas {
             live_nodes: AtomicUsize::new(1),
             specs: RwLock::new(Vec::new()),
             sink: RwLock::new(None),
+            fence: RwLock::new(None),
             ops,
             ops_rx: Mutex::new(Some(ops_rx)),
             lost: Notify::new(),
@@ -610,6 +622,20 @@ impl SharedQuotas {
                 self.signal(QuotaSignal::Mode(self.mode()));
             }
         }
+    }
+
+    /// Tell whether this node is fenced (its store could not renew its leases): a call that
+    /// waited for its turn does not leave then.
+    pub fn set_fence(&self, fenced: Arc<dyn Fn() -> bool + Send + Sync>) {
+        *self.fence.write().unwrap_or_else(|p| p.into_inner()) = Some(fenced);
+    }
+
+    fn fenced(&self) -> bool {
+        self.fence
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|f| f())
     }
 
     /// The live nodes of the cluster, as last told.
@@ -1013,10 +1039,18 @@ impl Claim {
             wait: Duration::from_secs(1),
             reason: Limit::QuotaBackend,
         };
+        let fenced = || Deferral {
+            quota: self.items[0].0.name.clone(),
+            wait: Duration::from_secs(1),
+            reason: Limit::Fenced,
+        };
         if self.items.is_empty() {
             return Ok(());
         }
         let q = &self.shared;
+        if q.fenced() {
+            return Err(fenced());
+        }
         let Some(mut conn) = q.connection() else {
             return match q.options.fallback {
                 QuotaFallback::LocalShare => Ok(()),
@@ -1056,6 +1090,11 @@ impl Claim {
             let wait = Duration::from_micros(int(1).max(0) as u64);
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
+            }
+            // The node fenced itself while this call waited for its turn (another node may be
+            // taking its job over): the call does not leave.
+            if q.fenced() {
+                return Err(fenced());
             }
             // A hold that came while this call waited for its turn (a 429 on any node) stops
             // it too: its turn is given up, not spent on a call the upstream would refuse.

@@ -322,11 +322,17 @@ impl OrchestratorBuilder {
             approval_notices: RwLock::new(None),
             cluster: self.shared_quotas.filter(|_| cascade).map(|backend| {
                 // In the order of the broker's cores: a call's quota indices name both.
+                use crate::quota::shared::SharedSpec;
                 let specs = quotas
                     .specs
                     .iter()
-                    .chain(quotas.shares.iter())
-                    .map(|q| Arc::new(crate::quota::shared::SharedSpec::new(q, backend.prefix())))
+                    .map(|q| Arc::new(SharedSpec::new(q, backend.prefix())))
+                    .chain(
+                        quotas
+                            .shares
+                            .iter()
+                            .map(|q| Arc::new(SharedSpec::new_share(q, backend.prefix()))),
+                    )
                     .collect();
                 context::ClusterQuotas { backend, specs }
             }),

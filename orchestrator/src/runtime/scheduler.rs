@@ -422,7 +422,7 @@ impl SchedState {
         if self.draining {
             return;
         }
-        if self.ctx.shared.store.fenced() {
+        if self.fenced || self.ctx.shared.store.fenced() {
             self.fenced = true;
             return;
         }
@@ -635,7 +635,9 @@ impl SchedState {
     fn pump(&mut self, i: usize) {
         // While this node's leases are in doubt, another node may be taking its jobs over: a
         // call started now could be started there too.
-        if self.ctx.shared.store.fenced() {
+        // Fenced, it stays so until a tick finds the leases renewed and forgets first what
+        // another node took meanwhile.
+        if self.fenced || self.ctx.shared.store.fenced() {
             self.fenced = true;
             return;
         }
@@ -724,7 +726,7 @@ impl SchedState {
             .jobs
             .get(&job_id)
             .is_some_and(|j| j.steps[i].step.awaits_grant(token));
-        if current && slot.actor.is_some() && self.ctx.shared.store.fenced() {
+        if current && slot.actor.is_some() && (self.fenced || self.ctx.shared.store.fenced()) {
             // Its turn came while the node's leases are in doubt: it waits in the queue, and
             // the grant (dropped here) goes back to the broker.
             self.fenced = true;

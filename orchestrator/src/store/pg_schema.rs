@@ -170,6 +170,14 @@ CREATE TRIGGER audit_checkpoints_no_truncate BEFORE TRUNCATE ON audit_checkpoint
     FOR EACH STATEMENT EXECUTE FUNCTION cascade_audit_append_only();
 "#,
     ),
+    (
+        5,
+        r#"
+-- The tree's frontier at each checkpoint (its complete subtrees' roots): a node that becomes
+-- the signer goes on from the latest one instead of reading every leaf again.
+ALTER TABLE audit_checkpoints ADD COLUMN frontier BYTEA;
+"#,
+    ),
 ];
 
 /// The newest schema version this binary knows.

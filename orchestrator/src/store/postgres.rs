@@ -446,6 +446,8 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
     let fenced = metrics::gauge!(crate::metrics::CLUSTER_FENCED);
     fenced.set(0.0);
     let mut was_fenced = false;
+    // A takeover was cut off: claim this node's own leases too at the next round.
+    let mut reclaim_own = false;
     let leased = metrics::gauge!(crate::metrics::CLUSTER_JOBS_LEASED);
     let mut last_prune = Instant::now();
     let mut tick = tokio::time::interval((o.lease / 4).max(Duration::from_millis(100)));
@@ -466,7 +468,7 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
             return;
         }
         let started = mono_ms();
-        let round = async {
+        let renewal = async {
             let c = conn.client().await?;
             heartbeat(&c, &o).await?;
             // Back from a time without renewals (PostgreSQL away, this process stalled):
@@ -497,7 +499,50 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
                     );
                 }
             }
-            let ids = claim(&c, &o, false).await?;
+            Ok::<_, tokio_postgres::Error>(c)
+        };
+        // A round that hangs (a connection that neither answers nor breaks) must not keep
+        // the node from noticing: it is given up on at half a lease, and the connection with it.
+        let renewal = match tokio::time::timeout(o.lease / 2, renewal).await {
+            Ok(outcome) => outcome.map_err(|e| pg_schema::describe(&e)),
+            Err(_) => {
+                conn.reset().await;
+                Err("PostgreSQL did not answer within half a lease".to_string())
+            }
+        };
+        if renewal.is_ok() {
+            adoption.renewed_ms.store(started, Ordering::Release);
+        }
+        let now_fenced = adoption.fenced(o.lease);
+        if now_fenced != was_fenced {
+            was_fenced = now_fenced;
+            fenced.set(f64::from(u8::from(now_fenced)));
+            if now_fenced {
+                tracing::error!(
+                    lease = ?o.lease,
+                    "this node could not renew its leases for three quarters of a lease: it starts no call until it can (another node may take its jobs over)"
+                );
+            } else {
+                tracing::warn!("this node renewed its leases again: it starts calls again");
+            }
+        }
+        let c = match renewal {
+            Ok(c) => c,
+            Err(e) => {
+                // Not looked at again before the next tick (a PostgreSQL away would make a
+                // passed expiry a busy loop).
+                next_expiry = None;
+                failures.increment(1);
+                tracing::warn!(error = %e, "cannot renew this node's leases in PostgreSQL; trying again");
+                continue;
+            }
+        };
+        // Taking over is given a whole lease (a dead node may leave many jobs). A claim cut
+        // off may have leased jobs to this node that it never loaded: the next round claims
+        // this node's own leases too, and loads those it does not hold.
+        let reclaim = std::mem::take(&mut reclaim_own);
+        let takeover = async {
+            let ids = claim(&c, &o, reclaim).await?;
             let row = c
                 .query_one(
                     "SELECT count(*) FILTER (WHERE heartbeat_at >= now() - make_interval(secs => $1)
@@ -538,44 +583,55 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
                 )
                 .await?;
             }
-            Ok::<_, tokio_postgres::Error>((c, ids))
+            Ok::<_, tokio_postgres::Error>(ids)
         };
-        // A round that hangs (a connection that neither answers nor breaks) must not keep
-        // the node from noticing: it is given up on at half a lease, and the connection with it.
-        let outcome = match tokio::time::timeout(o.lease / 2, round).await {
-            Ok(outcome) => outcome.map_err(|e| pg_schema::describe(&e)),
-            Err(_) => {
-                conn.reset().await;
-                Err("PostgreSQL did not answer within half a lease".to_string())
-            }
-        };
-        if outcome.is_ok() {
-            adoption.renewed_ms.store(started, Ordering::Release);
-        }
-        let now_fenced = adoption.fenced(o.lease);
-        if now_fenced != was_fenced {
-            was_fenced = now_fenced;
-            fenced.set(f64::from(u8::from(now_fenced)));
-            if now_fenced {
-                tracing::error!(
-                    lease = ?o.lease,
-                    "this node could not renew its leases for three quarters of a lease: it starts no call until it can (another node may take its jobs over)"
-                );
-            } else {
-                tracing::warn!("this node renewed its leases again: it starts calls again");
-            }
-        }
-        let (c, ids) = match outcome {
-            Ok(done) => done,
-            Err(e) => {
-                // Not looked at again before the next tick (a PostgreSQL away would make a
-                // passed expiry a busy loop).
+        let mut ids = match tokio::time::timeout(o.lease, takeover).await {
+            Ok(Ok(ids)) => ids,
+            failed => {
+                reclaim_own = true;
                 next_expiry = None;
-                failures.increment(1);
-                tracing::warn!(error = %e, "cannot renew this node's leases in PostgreSQL; trying again");
+                let e = match failed {
+                    Ok(Err(e)) => pg_schema::describe(&e),
+                    _ => {
+                        conn.reset().await;
+                        "PostgreSQL did not answer within the lease".to_string()
+                    }
+                };
+                tracing::warn!(error = %e, "cannot take over the jobs of dead nodes now; trying again");
                 continue;
             }
         };
+        if reclaim {
+            // Only those not held here already.
+            ids.retain(|id| {
+                id.parse::<JobId>()
+                    .is_ok_and(|id| mem.get(id).ok().flatten().is_none())
+            });
+        }
+        // A job this node lost and whose scheduler has not forgotten it yet is not taken back
+        // now (its stale copy is still here): it is handed back, for a later round.
+        let forgetting: HashSet<String> = adoption
+            .lost
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flatten()
+            .map(JobId::to_string)
+            .collect();
+        if !forgetting.is_empty() {
+            let (back, keep): (Vec<String>, Vec<String>) =
+                ids.into_iter().partition(|id| forgetting.contains(id));
+            ids = keep;
+            if !back.is_empty() {
+                let _ = c
+                    .execute(
+                        "UPDATE jobs SET lease_owner = NULL, leased_at = NULL
+                         WHERE id = ANY($1) AND lease_owner = $2",
+                        &[&back, &o.node_id],
+                    )
+                    .await;
+            }
+        }
         if ids.is_empty() {
             continue;
         }
@@ -1078,6 +1134,7 @@ impl JobStore for PgStore {
     fn submit(&self, job: NewJob) -> StoreFuture<'_, Submitted> {
         let key = job.idempotency_key.clone();
         let input = job.input.clone();
+        let graph = job.graph.clone();
         let result = (|| {
             let queued = self.queued.load(Ordering::Relaxed);
             if queued >= self.queue_capacity {
@@ -1107,15 +1164,26 @@ impl JobStore for PgStore {
                 }
             })
         })();
-        Box::pin(async move {
-            let (submitted, created) = result?;
-            let Some((id, done)) = created else {
-                return Ok(submitted);
-            };
-            match done.await {
+        // What the insert's answer means is carried out on the store's thread, not in this
+        // future: a caller that goes away (a client's deadline) must not leave a keyed job held
+        // out of the queue, or a refused one in memory.
+        let (submitted, created) = match result {
+            Ok(r) => r,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        let Some((id, done)) = created else {
+            return Box::pin(async move { Ok(submitted) });
+        };
+        let (answer, answered) = oneshot::channel();
+        let (mem, adoption) = (self.mem.clone(), self.adoption.clone());
+        self.rt.spawn(async move {
+            let outcome = match done.await {
                 Ok(Ok(Inserted::Stored)) => {
                     if key.is_some() {
-                        self.mem.release_held(id);
+                        mem.release_held(id);
+                        // Its graph claims it even if the submitter is gone (and so will not
+                        // wake it).
+                        adoption.wake(&graph);
                     }
                     Ok(submitted)
                 }
@@ -1123,21 +1191,27 @@ impl JobStore for PgStore {
                     existing,
                     input: stored,
                 })) => {
-                    self.mem.remove(id);
+                    mem.remove(id);
                     let same = serde_json::from_str::<Value>(&stored).is_ok_and(|v| v == *input);
                     Submitted::known_key(key.as_deref().unwrap_or_default(), existing, same)
                 }
                 Ok(Err(e)) => {
-                    self.mem.remove(id);
+                    mem.remove(id);
                     Err(StoreError::Unavailable(format!(
                         "the job could not be stored: {e}"
                     )))
                 }
                 Err(_) => {
-                    self.mem.remove(id);
+                    mem.remove(id);
                     Err(StoreError::Unavailable("the store's writer stopped".into()))
                 }
-            }
+            };
+            let _ = answer.send(outcome);
+        });
+        Box::pin(async move {
+            answered.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable("the store's writer stopped".into()))
+            })
         })
     }
 
