@@ -570,6 +570,21 @@ fn reconnects() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A new database `name` with Cascade's schema, and a connection to it.
+async fn migrated(
+    pg: &postgres::Postgres,
+    name: &str,
+) -> (String, cascade_orchestrator::store::pg_schema::Client) {
+    let url = pg.database(name).await;
+    let mut c = cascade_orchestrator::store::pg_schema::connect(&url, None)
+        .await
+        .unwrap();
+    cascade_orchestrator::store::pg_schema::migrate(&mut c)
+        .await
+        .unwrap();
+    (url, c)
+}
+
 /// Two nodes' audit logs on one database: appended at once from both, every record takes its
 /// place in one sequence without gaps, one node at a time signs checkpoints (the other takes
 /// over when the signer's session ends), and `verify` reads the whole log from PostgreSQL: it
@@ -582,13 +597,7 @@ async fn the_audit_log_keeps_one_order_and_one_signer_across_nodes() {
     use cascade_orchestrator::audit::pg::PgAuditOptions;
 
     let pg = postgres::Postgres::start();
-    let url = pg.database("audit").await;
-    let mut c = cascade_orchestrator::store::pg_schema::connect(&url, None)
-        .await
-        .unwrap();
-    cascade_orchestrator::store::pg_schema::migrate(&mut c)
-        .await
-        .unwrap();
+    let (url, c) = migrated(&pg, "audit").await;
     let origin = "cascade.test/audit";
     let signer = || Signer::from_seed(origin, &[7u8; 32]).unwrap();
     let key = signer().verifier_key();
@@ -752,14 +761,7 @@ async fn an_audit_append_waits_out_a_postgres_restart() {
     use cascade_orchestrator::audit::pg::PgAuditOptions;
 
     let pg = postgres::Postgres::start();
-    let url = pg.database("audit_restart").await;
-    let mut c = cascade_orchestrator::store::pg_schema::connect(&url, None)
-        .await
-        .unwrap();
-    cascade_orchestrator::store::pg_schema::migrate(&mut c)
-        .await
-        .unwrap();
-    drop(c);
+    let (url, _) = migrated(&pg, "audit_restart").await;
     let o = PgAuditOptions {
         url: url.clone(),
         password: None,

@@ -120,7 +120,8 @@ impl PgAudit {
     /// (schema version 4); a database without them is refused.
     pub fn open(options: PgAuditOptions) -> Result<Self, String> {
         let (stop, stopped) = oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        // One message: the runtime's handle, or why there is none.
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name("cascade-audit-pg".into())
             .spawn(move || {
@@ -279,18 +280,17 @@ impl PgAudit {
 
     /// Every stored checkpoint (size, note), by size.
     pub fn checkpoints(&self) -> Result<Vec<(u64, String)>, String> {
+        self.by_size("SELECT size, note FROM audit_checkpoints ORDER BY size")
+    }
+
+    /// Rows of (size, text) that `sql` selects.
+    fn by_size(&self, sql: &'static str) -> Result<Vec<(u64, String)>, String> {
         self.call(
             READ_TIMEOUT,
-            Box::new(|s| {
+            Box::new(move |s| {
                 Box::pin(async move {
                     let c = s.client().await?;
-                    let rows = c
-                        .query(
-                            "SELECT size, note FROM audit_checkpoints ORDER BY size",
-                            &[],
-                        )
-                        .await
-                        .map_err(|e| describe(&e))?;
+                    let rows = c.query(sql, &[]).await.map_err(|e| describe(&e))?;
                     Ok(rows
                         .iter()
                         .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
@@ -316,25 +316,7 @@ impl PgAudit {
     /// Which process signed each checkpoint (size, `<node id>/<start time in ns>`), by size:
     /// who held the signer's lock.
     pub fn signers(&self) -> Result<Vec<(u64, String)>, String> {
-        self.call(
-            READ_TIMEOUT,
-            Box::new(|s| {
-                Box::pin(async move {
-                    let c = s.client().await?;
-                    let rows = c
-                        .query(
-                            "SELECT size, signer FROM audit_checkpoints ORDER BY size",
-                            &[],
-                        )
-                        .await
-                        .map_err(|e| describe(&e))?;
-                    Ok(rows
-                        .iter()
-                        .map(|r| (r.get::<_, i64>(0) as u64, r.get(1)))
-                        .collect())
-                })
-            }),
-        )
+        self.by_size("SELECT size, signer FROM audit_checkpoints ORDER BY size")
     }
 }
 
