@@ -63,13 +63,24 @@ pub async fn serve_http(app: axum::Router) -> u16 {
     port
 }
 
-/// A port free on 127.0.0.1 at the time of asking.
+/// A port free on 127.0.0.1 at the time of asking, below the kernel's ephemeral range
+/// (32768 and up): a port the kernel handed out could be taken by one of the machine's own
+/// outgoing connections before the server binds it, and the server would not come up.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..1000 {
+        let n = seed.wrapping_add(NEXT.fetch_add(7, Ordering::Relaxed));
+        let port = 20_000 + (n % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between 20000 and 32000 on 127.0.0.1")
 }
 
 /// A `cascade serve` process, killed when dropped.
