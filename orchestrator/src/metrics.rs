@@ -466,6 +466,8 @@ pub fn install() -> PrometheusHandle {
             // Exported from the start (at 0) on every server, so that the fallback's alert rule
             // reads a series that exists: a node with no shared quotas is on no fallback.
             quota_fallback(None);
+            // Likewise the fenced node's alert: a node that holds no leases is never fenced.
+            gauge!(CLUSTER_FENCED).set(0.0);
             // Histogram samples wait in the recorder until an upkeep folds them into buckets:
             // without one, a process nobody scrapes (`cascade run`, an embedding program) would
             // keep every sample it ever recorded. The builder's own upkeep task needs a runtime
