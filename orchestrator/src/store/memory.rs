@@ -115,6 +115,18 @@ fn counts_live(state: JobState) -> bool {
     !state.is_terminal() && !state.is_parked()
 }
 
+/// Job `id` is held no more (released, or forgotten).
+fn unhold(inner: &mut Inner, id: JobId) {
+    if let Some(graph) = inner.held.remove(&id)
+        && let Some(n) = inner.held_by_graph.get_mut(&graph)
+    {
+        *n -= 1;
+        if *n == 0 {
+            inner.held_by_graph.remove(&graph);
+        }
+    }
+}
+
 fn count_live(map: &mut foldhash::HashMap<Arc<str>, usize>, tenant: &Arc<str>, by: isize) {
     if by > 0 {
         *map.entry(tenant.clone()).or_insert(0) += by as usize;
@@ -135,6 +147,10 @@ struct Inner {
     /// entry per configured trigger.
     trigger_state: foldhash::HashMap<String, String>,
     pending: foldhash::HashMap<Arc<str>, VecDeque<JobId>>,
+    /// Jobs accepted but held out of `pending` until their durable insert answers (see
+    /// `submit_held`), and how many per graph: they count against `max_pending` as queued ones.
+    held: foldhash::HashMap<JobId, Arc<str>>,
+    held_by_graph: foldhash::HashMap<Arc<str>, usize>,
     /// Jobs queued or running (not parked, not ended), by tenant: `[tenants.NAME]
     /// max_pending_jobs`. A tenant leaves the map with its last such job.
     live_by_tenant: foldhash::HashMap<Arc<str>, usize>,
@@ -548,6 +564,7 @@ impl MemoryStore {
     /// Make a held job claimable (its insert is confirmed), unless it ended meanwhile.
     pub(crate) fn release_held(&self, id: JobId) {
         let mut inner = self.lock();
+        unhold(&mut inner, id);
         let Some(graph) = inner
             .jobs
             .get(&id)
@@ -581,7 +598,8 @@ impl MemoryStore {
                 return Ok((Submitted::known_key(key, existing, same_input)?, None));
             }
         }
-        let pending = inner.pending.get(&job.graph).map_or(0, VecDeque::len);
+        let pending = inner.pending.get(&job.graph).map_or(0, VecDeque::len)
+            + inner.held_by_graph.get(&job.graph).copied().unwrap_or(0);
         if pending >= job.max_pending {
             return Err(StoreError::Full {
                 graph: job.graph.clone(),
@@ -615,6 +633,9 @@ impl MemoryStore {
                 .entry(job.graph.clone())
                 .or_default()
                 .push_back(job.id);
+        } else {
+            inner.held.insert(job.id, job.graph.clone());
+            *inner.held_by_graph.entry(job.graph.clone()).or_insert(0) += 1;
         }
         let pending = PendingJob {
             id: job.id,
@@ -904,6 +925,7 @@ impl MemoryStore {
     /// Forget a job (its durable write failed).
     pub(crate) fn remove(&self, id: JobId) {
         let mut inner = self.lock();
+        unhold(&mut inner, id);
         if let Some(e) = inner.jobs.remove(&id) {
             if let Some(k) = e.key {
                 forget_key(&mut inner.keys, &k, id);
@@ -1102,7 +1124,9 @@ impl JobStore for MemoryStore {
     }
 
     fn pending_count(&self, graph: &str) -> usize {
-        self.lock().pending.get(graph).map_or(0, VecDeque::len)
+        let inner = self.lock();
+        inner.pending.get(graph).map_or(0, VecDeque::len)
+            + inner.held_by_graph.get(graph).copied().unwrap_or(0)
     }
 
     fn tenant_live_count(&self, tenant: &str) -> usize {
@@ -1168,6 +1192,45 @@ mod tests {
                 existing: first.id
             }
         );
+    }
+
+    /// Jobs held for their durable insert count against `max_pending` as queued ones, are not
+    /// claimable until released, and leave the count when released or forgotten.
+    #[tokio::test]
+    async fn held_jobs_count_against_max_pending_until_released() {
+        let s = MemoryStore::new();
+        let a = s
+            .submit_held(new_job("g", Some("a"), json!(1)))
+            .unwrap()
+            .0
+            .id;
+        let b = s
+            .submit_held(new_job("g", Some("b"), json!(2)))
+            .unwrap()
+            .0
+            .id;
+        let err = s.submit(new_job("g", None, json!(3))).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Full { pending: 2, .. }),
+            "{err:?}"
+        );
+        assert_eq!(s.pending_count("g"), 2);
+        assert!(
+            s.claim_pending("g", 10).unwrap().is_empty(),
+            "held: not claimable"
+        );
+        s.release_held(a);
+        let claimed: Vec<JobId> = s
+            .claim_pending("g", 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(claimed, vec![a]);
+        // The other's insert found its key taken elsewhere: forgotten, it leaves the count.
+        s.remove(b);
+        assert_eq!(s.pending_count("g"), 0);
+        s.submit(new_job("g", None, json!(4))).await.unwrap();
     }
 
     #[tokio::test]
