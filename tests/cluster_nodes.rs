@@ -728,11 +728,11 @@ async fn a_429_on_one_node_pauses_the_quota_on_every_node() {
         during.len()
     );
     // Without the shared hold the other two nodes would go on at about 80 calls a second:
-    // some 200 calls in the window. A call already on its way when the refusal came may reach
-    // the upstream late on a machine this busy (one was seen 0.38 s late in CI); more than two
-    // is a node that did not pause.
+    // some 200 calls in the window. Calls already past their shared turn when the refusal came
+    // may reach the upstream late on a machine this busy (one was seen 0.38 s late in CI, and
+    // once four together 0.27 s late); more than eight is a node that did not pause.
     assert!(
-        during.len() <= 2,
+        during.len() <= 8,
         "calls went out on some node while the quota was held: {during:?}"
     );
     assert!(after > 100, "the nodes did not go on after the Retry-After");
