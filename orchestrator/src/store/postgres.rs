@@ -429,6 +429,16 @@ async fn claim(c: &Client, o: &PgOptions, own: bool) -> Result<Vec<String>, toki
     }
 }
 
+/// Give the leases of `ids` that `node` holds back, for the next node to look to take.
+async fn hand_back(c: &Client, ids: &[String], node: &str) -> Result<u64, tokio_postgres::Error> {
+    c.execute(
+        "UPDATE jobs SET lease_owner = NULL, leased_at = NULL
+         WHERE id = ANY($1) AND lease_owner = $2",
+        &[&ids, &node],
+    )
+    .await
+}
+
 /// Jobs leased per statement when taking over.
 const CLAIM_BATCH: i64 = 1000;
 
@@ -623,13 +633,7 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
                 ids.into_iter().partition(|id| forgetting.contains(id));
             ids = keep;
             if !back.is_empty() {
-                let _ = c
-                    .execute(
-                        "UPDATE jobs SET lease_owner = NULL, leased_at = NULL
-                         WHERE id = ANY($1) AND lease_owner = $2",
-                        &[&back, &o.node_id],
-                    )
-                    .await;
+                let _ = hand_back(&c, &back, &o.node_id).await;
             }
         }
         if ids.is_empty() {
@@ -646,13 +650,7 @@ async fn lease_loop(o: PgOptions, mem: Weak<MemoryStore>, adoption: Arc<Adoption
             }
             Err(e) => {
                 // Handed back at once, for this node's next round or another node to take.
-                let back = c
-                    .execute(
-                        "UPDATE jobs SET lease_owner = NULL, leased_at = NULL
-                         WHERE id = ANY($1) AND lease_owner = $2",
-                        &[&ids, &o.node_id],
-                    )
-                    .await;
+                let back = hand_back(&c, &ids, &o.node_id).await;
                 tracing::error!(error = %e, jobs = ids.len(), handed_back = back.is_ok(), "took over jobs but cannot read them; they are handed back and taken again");
             }
         }
