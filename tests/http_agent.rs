@@ -160,9 +160,10 @@ async fn a_lookup_and_a_write_with_a_retry_under_one_key() {
     orch.shutdown(Duration::from_secs(1)).await;
 }
 
-/// 429 pauses on the upstream's implicit quota and the job succeeds after it; 401 fails as
-/// unauthorized with the echoed credential scrubbed; 404 fails permanently with the upstream's
-/// own message; an output path the response lacks fails naming it.
+/// 429 pauses on the upstream's implicit quota and the job succeeds after it; 401 pauses the
+/// credential (the job waits, the echoed credential scrubbed from what is recorded); 404 fails
+/// permanently with the upstream's own message; an output path the response lacks fails naming
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_are_classified() {
     let mut script = Script::new();
@@ -221,13 +222,21 @@ async fn answers_are_classified() {
     let q = common::quota(&orch, &implicit).await;
     assert!(q.implicit && q.refusals >= 1, "{q:?}");
 
-    let job = common::run_one(&orch, "secret", json!({})).await;
-    assert_eq!(job.state, JobState::Failed);
-    let err = job.error.clone().unwrap();
-    assert!(err.contains("401") && err.contains("[redacted]"), "{err}");
-    assert!(!err.contains("echoed-token-xyz789"), "{err}");
-    let record = serde_json::to_string(&job).unwrap();
-    assert!(!record.contains("echoed-token-xyz789"));
+    // A refused key is not the step's fault: the job waits on the credential's quota.
+    let id = orch
+        .submit(SubmitRequest::new("secret", json!({})))
+        .await
+        .unwrap()
+        .id;
+    common::wait_until(Duration::from_secs(10), || orch.paused_agents("secret") > 0).await;
+    common::wait_paused_on(&orch, "secret", "call", "credential:secret.call").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let job = orch.get(id).unwrap().unwrap();
+    assert!(!job.state.is_terminal(), "{job:?}");
+    assert_eq!(job.steps[0].attempts, 1, "a refused key spends no attempt");
+    let record = serde_json::to_string(&job).unwrap()
+        + &serde_json::to_string(&orch.store().events(id, 0).unwrap()).unwrap();
+    assert!(!record.contains("echoed-token-xyz789"), "{record}");
     assert_eq!(
         seen.lock()
             .unwrap()
@@ -235,8 +244,9 @@ async fn answers_are_classified() {
             .filter(|s| s.path == "/secret")
             .count(),
         1,
-        "a refused credential is not retried"
+        "a refused credential is not tried again at once (an env: key reads the same again)"
     );
+    orch.cancel(id, "the test is done").await.unwrap();
 
     let job = common::run_one(&orch, "gone", json!({})).await;
     assert_eq!(job.state, JobState::Failed);
@@ -648,11 +658,17 @@ async fn oauth2_tokens_are_shared_refreshed_early_and_after_a_refusal() {
     orch.shutdown(Duration::from_secs(1)).await;
 }
 
-/// `call` paused by its credential's quota (`credential:guarded.call`, an inline credential is
-/// named after its agent), `after` behind it; the API's own quota is not exhausted.
-async fn assert_credential_pause(orch: &cascade_orchestrator::Orchestrator) {
+/// `call` of `graph` paused by its credential's quota (`credential:guarded.call`: an inline
+/// credential is named after its agent), `after` behind it; the API's own quota (`api`) is not
+/// exhausted.
+async fn assert_credential_pause(
+    orch: &cascade_orchestrator::Orchestrator,
+    graph: &str,
+    credential: &str,
+    api: &str,
+) {
     use cascade_orchestrator::signal::{CauseKey, Reach};
-    let pauses = orch.pauses("guarded").await.unwrap();
+    let pauses = orch.pauses(graph).await.unwrap();
     let of = |agent: &str| {
         pauses
             .iter()
@@ -664,12 +680,12 @@ async fn assert_credential_pause(orch: &cascade_orchestrator::Orchestrator) {
     assert_eq!(call.reach, Reach::Direct);
     assert!(
         call.causes.iter().any(|(k, info)| matches!(k,
-            CauseKey::Quota { quota } if &**quota == "credential:guarded.call")
+            CauseKey::Quota { quota } if &**quota == credential)
             && info.reason.contains("credential")),
         "{call:?}"
     );
     assert_eq!(of("after").reach, Reach::Upstream);
-    let api = common::quota(orch, "upstream:guarded-api").await;
+    let api = common::quota(orch, api).await;
     assert_eq!(api.exhausted_reason, None, "{api:?}");
 }
 
@@ -737,7 +753,13 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_credential_pause(&orch).await;
+    assert_credential_pause(
+        &orch,
+        "guarded",
+        "credential:guarded.call",
+        "upstream:guarded-api",
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
         let job = orch.get(*id).unwrap().unwrap();
@@ -775,7 +797,13 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
         orch.paused_agents("guarded") > 0,
         "the refused credential pauses its agent"
     );
-    assert_credential_pause(&orch).await;
+    assert_credential_pause(
+        &orch,
+        "guarded",
+        "credential:guarded.call",
+        "upstream:guarded-api",
+    )
+    .await;
     for id in &ids {
         let job = orch.get(*id).unwrap().unwrap();
         assert!(
@@ -791,6 +819,99 @@ async fn a_dead_authorization_server_pauses_the_agent_and_loses_nothing() {
             .unwrap();
         assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     }
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A fixed key (a bearer token from `exec:`, cached for ten minutes) refused with 401 is read
+/// again from its source: rotated there, the call is made again with the new key and succeeds,
+/// nothing paused. Revoked and not yet rotated, the credential (`credential:crm`, shared by name)
+/// pauses its agent and the one after it, the jobs wait without spending an attempt, the
+/// upstream sees a probe now and then rather than a storm; rotated at last, the next probe reads
+/// it and every job goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_key_is_read_again_and_pauses_its_agents_until_it_works() {
+    // The API accepts one key at a time, and counts the refusals.
+    let accepted = Arc::new(Mutex::new("key-one".to_string()));
+    let refusals = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (ok_key, refused) = (accepted.clone(), refusals.clone());
+    let app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+        let (ok_key, refused) = (ok_key.clone(), refused.clone());
+        async move {
+            let sent = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            if sent == format!("Bearer {}", ok_key.lock().unwrap()) {
+                (axum::http::StatusCode::OK, axum::Json(json!({"ok": true})))
+            } else {
+                refused.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::UNAUTHORIZED,
+                    axum::Json(json!({"error": "invalid key"})),
+                )
+            }
+        }
+    });
+    let port = common::serve_http(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("key");
+    std::fs::write(&key_file, "key-one").unwrap();
+    let orch = common::start(&format!(
+        "[credentials.crm]\nbearer = {{ exec = \"cat {}\", ttl = \"10m\" }}\n\
+         [graph]\nname = \"keyed\"\n[agents.call]\nkind = \"http\"\nupstream = \"keyed-api\"\n\
+         url = \"http://127.0.0.1:{port}/x\"\nauth = \"crm\"\n\
+         [agents.after]\nkind = \"sim\"\nafter = [\"call\"]\n",
+        key_file.display()
+    ))
+    .await;
+    let job = common::run_one(&orch, "keyed", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+
+    // Rotated at the source: the cached key is refused once, read again, and the call made again.
+    *accepted.lock().unwrap() = "key-two".into();
+    std::fs::write(&key_file, "key-two").unwrap();
+    let job = common::run_one(&orch, "keyed", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(job.steps[0].attempts, 1);
+    assert_eq!(refusals.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(orch.paused_agents("keyed"), 0);
+
+    // Revoked, not yet rotated: paused, not failed.
+    *accepted.lock().unwrap() = "key-three".into();
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(
+            orch.submit(SubmitRequest::new("keyed", json!({ "i": i })))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    common::wait_until(Duration::from_secs(10), || orch.paused_agents("keyed") > 0).await;
+    assert_credential_pause(&orch, "keyed", "credential:crm", "upstream:keyed-api").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &ids {
+        let job = orch.get(*id).unwrap().unwrap();
+        assert!(
+            !job.state.is_terminal(),
+            "a job ended on a refused key: {job:?}"
+        );
+    }
+    // Probes at 0, 1 and 3 s (and perhaps one more call already on its way at the refusal).
+    let probes = refusals.load(std::sync::atomic::Ordering::SeqCst) - 1;
+    assert!((1..=5).contains(&probes), "{probes} refused calls in 3 s");
+
+    std::fs::write(&key_file, "key-three").unwrap();
+    for id in ids {
+        let job = tokio::time::timeout(Duration::from_secs(30), orch.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+        assert_eq!(job.steps[0].attempts, 1, "a refused key spends no attempt");
+    }
+    assert_eq!(orch.paused_agents("keyed"), 0);
     orch.shutdown(Duration::from_secs(1)).await;
 }
 

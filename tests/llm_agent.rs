@@ -203,7 +203,8 @@ async fn an_openai_compatible_chain_classifies_and_drafts() {
 
 /// A 429 with the providers' headers pauses and the call succeeds after it with no attempt
 /// spent; a 500 is retried; a reply that is not the JSON asked for is retried, then fails naming
-/// why; a refused key fails as unauthorized without the key in the message.
+/// why; a refused key pauses the agent on its credential, the job waiting, nothing recorded
+/// holding the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn provider_answers_are_classified() {
     keys();
@@ -292,14 +293,25 @@ async fn provider_answers_are_classified() {
         "{err}"
     );
 
-    let job = common::run_one(&orch, "badkey", json!({})).await;
-    assert_eq!(job.state, JobState::Failed);
-    let err = job.error.unwrap();
-    assert!(
-        err.contains("401") && err.contains("Incorrect API key"),
-        "{err}"
-    );
-    assert!(!err.contains("anthropic-test-key"), "{err}");
+    // A refused key pauses the agent on its credential (`credential:<graph>.<agent>`); the job
+    // waits, spending no attempt, and nothing recorded holds the key.
+    let id = orch
+        .submit(cascade_orchestrator::SubmitRequest::new(
+            "badkey",
+            json!({}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    common::wait_until(Duration::from_secs(10), || orch.paused_agents("badkey") > 0).await;
+    common::wait_paused_on(&orch, "badkey", "ask", "credential:badkey.ask").await;
+    let job = orch.get(id).unwrap().unwrap();
+    assert!(!job.state.is_terminal(), "{job:?}");
+    assert_eq!(job.steps[0].attempts, 1);
+    let record = serde_json::to_string(&job).unwrap()
+        + &serde_json::to_string(&orch.store().events(id, 0).unwrap()).unwrap();
+    assert!(!record.contains("anthropic-test-key"), "{record}");
+    orch.cancel(id, "the test is done").await.unwrap();
     assert!(log.lock().unwrap().len() >= 7);
     orch.shutdown(Duration::from_secs(1)).await;
 }

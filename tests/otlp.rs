@@ -4,55 +4,23 @@
 //! definitions (opentelemetry-proto) that records what it receives, on 127.0.0.1.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cascade_orchestrator::api::pb;
 use common::{connect, free_port, server_dir, spawn_with_env, submit};
 use futures::StreamExt;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 mod common;
+#[path = "support/otlp_collector.rs"]
+mod otlp_collector;
+use otlp_collector::Collector;
 
 /// No export on the batch timer (5 s by default): spans leave only when the server stops, so the
 /// tests see the flush on shutdown and nothing else.
 const EXPORT_ONLY_ON_STOP: &[(&str, &str)] = &[("OTEL_BSP_SCHEDULE_DELAY", "600000")];
-
-/// One export as received: its `x-api-key` header and its spans.
-type Export = (Option<String>, ExportTraceServiceRequest);
-
-/// What the stand-in collector received.
-#[derive(Clone, Default)]
-struct Collector {
-    exports: Arc<Mutex<Vec<Export>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let key = request
-            .metadata()
-            .get("x-api-key")
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
-        self.exports
-            .lock()
-            .unwrap()
-            .push((key, request.into_inner()));
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
 
 /// A span as the collector saw it, with its attributes as strings.
 #[derive(Debug)]
@@ -82,21 +50,6 @@ fn attrs(kvs: &[KeyValue]) -> HashMap<String, String> {
 }
 
 impl Collector {
-    /// Serve on 127.0.0.1; returns the port.
-    async fn start(&self) -> u16 {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let svc = TraceServiceServer::new(self.clone());
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-                .await
-                .unwrap();
-        });
-        port
-    }
-
     /// Every span received, checking each export's header and resource.
     fn spans(&self, api_key: Option<&str>, service: &str) -> Vec<Seen> {
         let exports = self.exports.lock().unwrap().clone();

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::secret::{SecretCell, SecretRef};
+use crate::secret::{SecretCell, TextOrSecret};
 use crate::template::JsonTemplate;
 use crate::{
     Agent, AgentError, AgentOutput, AgentSpec, CallContext, FieldError, KindSpec, StepInput, Usage,
@@ -47,6 +47,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["program"],
     build,
     upstream: upstream_name,
+    credential: crate::registry::no_credential,
     may_be_irreversible: false,
 };
 
@@ -65,7 +66,7 @@ struct Config {
     #[serde(default)]
     args: Vec<String>,
     #[serde(default)]
-    env: BTreeMap<String, String>,
+    env: BTreeMap<String, TextOrSecret>,
     #[serde(default)]
     cwd: Option<PathBuf>,
     #[serde(default)]
@@ -111,17 +112,14 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
     )?;
     let mut env = Vec::new();
     for (name, value) in c.env {
-        let v = if let Some(r) = SecretRef::parse_reference(&value) {
-            let r = r.map_err(|e| FieldError {
-                path: vec!["env".into(), name.clone()],
-                message: e,
-            })?;
-            EnvValue::Secret(Arc::new(SecretCell::load(r).map_err(|e| FieldError {
-                path: vec!["env".into(), name.clone()],
-                message: e,
-            })?))
-        } else {
-            EnvValue::Literal(value)
+        let v = match value {
+            TextOrSecret::Secret(r) => {
+                EnvValue::Secret(Arc::new(SecretCell::load(r).map_err(|e| FieldError {
+                    path: vec!["env".into(), name.clone()],
+                    message: e,
+                })?))
+            }
+            TextOrSecret::Text(t) => EnvValue::Literal(t),
         };
         env.push((name, v));
     }

@@ -38,7 +38,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::http::{HttpClients, Upstream, classify, read_capped, transport_error};
-use crate::secret::{SecretCell, SecretRef};
+use crate::secret::{SecretCell, SecretRef, TextOrSecret};
 use crate::template::JsonTemplate;
 use crate::tools::{Message, Opening, ToolApproval, ToolDef, ToolUse, ToolUser, Turn};
 use crate::{
@@ -69,6 +69,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["model", "prompt"],
     build,
     upstream: upstream_name,
+    credential: credential_name,
     may_be_irreversible: false,
 };
 
@@ -115,7 +116,7 @@ struct Config {
     #[serde(default)]
     schema: Option<Value>,
     #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
+    headers: std::collections::BTreeMap<String, TextOrSecret>,
     #[serde(default)]
     #[allow(dead_code)] // read by `upstream_name`
     upstream: Option<String>,
@@ -173,6 +174,18 @@ fn upstream_name(spec: &AgentSpec<'_>) -> Option<String> {
         .or_else(|| Some(format!("{}.{}", spec.graph, spec.name)))
 }
 
+/// The credential: the agent's API key (`graph.agent`), when it has one. A key refused with 401
+/// even after it was read again from its source pauses the agent and its downstream with cause
+/// `credential:<graph.agent>` (see [`crate::http::health`]).
+fn credential_name(spec: &AgentSpec<'_>) -> Option<String> {
+    let default = match provider_of(spec) {
+        Provider::Openai => "OPENAI_API_KEY",
+        Provider::Anthropic => "ANTHROPIC_API_KEY",
+    };
+    (spec.fields.contains_key("api_key") || std::env::var_os(default).is_some())
+        .then(|| format!("{}.{}", spec.graph, spec.name))
+}
+
 enum HeaderValue {
     Literal(String),
     Secret(SecretCell),
@@ -182,6 +195,8 @@ pub struct LlmAgent {
     provider: Provider,
     endpoint: String,
     api_key: Option<Arc<SecretCell>>,
+    /// The key's health, shared by the agents of its credential.
+    key_health: Option<Arc<crate::http::health::CredentialHealth>>,
     model: String,
     /// `{"system": …, "prompt": …}`, rendered per call.
     messages: JsonTemplate,
@@ -253,17 +268,14 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
                 path: vec!["headers".into(), k.clone()],
                 message: "not a valid header name".into(),
             })?;
-        let value = if v.starts_with("env:") || v.starts_with("file:") || v.starts_with("exec:") {
-            let r: SecretRef = v.parse().map_err(|e: String| FieldError {
-                path: vec!["headers".into(), k.clone()],
-                message: e,
-            })?;
-            HeaderValue::Secret(SecretCell::load(r).map_err(|e| FieldError {
-                path: vec!["headers".into(), k.clone()],
-                message: e,
-            })?)
-        } else {
-            HeaderValue::Literal(v)
+        let value = match v {
+            TextOrSecret::Secret(r) => {
+                HeaderValue::Secret(SecretCell::load(r).map_err(|e| FieldError {
+                    path: vec!["headers".into(), k.clone()],
+                    message: e,
+                })?)
+            }
+            TextOrSecret::Text(t) => HeaderValue::Literal(t),
         };
         headers.push((name, value));
     }
@@ -287,11 +299,20 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         ),
     };
     let tokenizer = tokenizer_for(provider, &c.model);
+    let key_health = api_key.as_ref().and_then(|_| {
+        let name = credential_name(spec)?;
+        Some(
+            spec.resources
+                .get::<crate::http::health::KeyHealth>()
+                .get(&name),
+        )
+    });
     Ok(Arc::new(LlmAgent {
         provider,
         tokenizer,
         endpoint,
         api_key,
+        key_health,
         model: c.model,
         messages,
         temperature: c.temperature,
@@ -719,13 +740,12 @@ fn parse_json_reply(text: &str) -> Result<Value, serde_json::Error> {
 }
 
 impl LlmAgent {
-    /// Send `body` to the provider: its reply as JSON and the limits its headers told, or the
-    /// classified refusal (with those limits).
-    async fn post(&self, body: &Value) -> Result<(Value, Option<UpstreamLimits>), AgentError> {
+    /// One request of `body` with `key`, as sent (no answer read yet).
+    async fn send(&self, body: &Value, key: Option<&str>) -> Result<reqwest::Response, AgentError> {
         let mut req = self.upstream.client.post(&self.endpoint).json(body);
-        match (self.provider, &self.api_key) {
-            (Provider::Openai, Some(k)) => req = req.bearer_auth(k.current().await?),
-            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k.current().await?),
+        match (self.provider, key) {
+            (Provider::Openai, Some(k)) => req = req.bearer_auth(k),
+            (Provider::Anthropic, Some(k)) => req = req.header("x-api-key", k),
             (_, None) => {}
         }
         if self.provider == Provider::Anthropic {
@@ -738,14 +758,55 @@ impl LlmAgent {
             };
             req = req.header(name.clone(), value);
         }
-        let _slot = self.upstream.slot().await?;
-        let resp = req.send().await.map_err(|e| {
+        req.send().await.map_err(|e| {
             let e = transport_error(e);
             AgentError {
                 message: self.redact(&e.message),
                 ..e
             }
-        })?;
+        })
+    }
+
+    /// Send `body` to the provider: its reply as JSON and the limits its headers told, or the
+    /// classified refusal (with those limits).
+    async fn post(&self, body: &Value) -> Result<(Value, Option<UpstreamLimits>), AgentError> {
+        // A key refused a moment ago: its calls wait with it.
+        if let Some(h) = &self.key_health {
+            h.check(|| format!("credential {} was refused (401)", h.name()))?;
+        }
+        let key = match &self.api_key {
+            Some(k) => Some(k.current().await?),
+            None => None,
+        };
+        let _slot = self.upstream.slot().await?;
+        let mut resp = self.send(body, key.as_deref()).await?;
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED
+            && let (Some(cell), Some(used), Some(health)) = (&self.api_key, &key, &self.key_health)
+        {
+            // The key may have been rotated at its source: read it again and, if it changed,
+            // try once more; refused still, or unchanged, the key pauses its agents.
+            let fresh = cell.reread().await;
+            if fresh != *used {
+                resp = self.send(body, Some(&fresh)).await?;
+            }
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+                let text = crate::http::read_prefix(resp, 4 << 10).await;
+                let why = self.redact(&String::from_utf8_lossy(&text));
+                return Err(health.failed(
+                    format!(
+                        "credential {} (the API key) was refused (401): {}",
+                        health.name(),
+                        why.trim()
+                    ),
+                    None,
+                ));
+            }
+        }
+        if resp.status() != reqwest::StatusCode::UNAUTHORIZED
+            && let Some(h) = &self.key_health
+        {
+            h.recovered();
+        }
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let limits = classify::upstream_limits(&headers);

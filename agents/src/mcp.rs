@@ -62,6 +62,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["server", "tool"],
     build,
     upstream: upstream_name,
+    credential: crate::registry::no_credential,
     may_be_irreversible: true,
 };
 

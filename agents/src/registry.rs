@@ -115,6 +115,11 @@ pub fn no_upstream(_: &AgentSpec<'_>) -> Option<String> {
     None
 }
 
+/// For kinds that prove themselves to nothing.
+pub fn no_credential(_: &AgentSpec<'_>) -> Option<String> {
+    None
+}
+
 /// A kind of agent: its name, the fields it accepts, which of them are required, its constructor,
 /// and the upstream its nodes call.
 #[derive(Clone, Copy)]
@@ -124,6 +129,9 @@ pub struct KindSpec {
     pub required: &'static [&'static str],
     pub build: BuildFn,
     pub upstream: UpstreamFn,
+    /// Names the credential a node of a kind proves itself with (`None`: none). Its nodes draw
+    /// on the credential's quota, `credential:<name>`, which a dead credential exhausts.
+    pub credential: UpstreamFn,
     /// Its calls may act irreversibly, as each agent tells at run time
     /// ([`Agent::irreversible`](crate::Agent::irreversible)): the engine asks before each call
     /// whether a person must approve it, unless the graph says `irreversible` or `approval`.

@@ -92,6 +92,33 @@ impl<'de> Deserialize<'de> for SecretRef {
     }
 }
 
+/// A field that takes plain text or a secret: a string is a reference when it is written as one
+/// (`env:`, `file:`, `exec:`), else text; the `{ exec = "COMMAND", ttl = "10m" }` table is a
+/// reference too (a request header, a program's environment variable).
+#[derive(Clone, Debug)]
+pub enum TextOrSecret {
+    Text(String),
+    Secret(SecretRef),
+}
+
+impl<'de> Deserialize<'de> for TextOrSecret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        match v {
+            serde_json::Value::String(s) => match SecretRef::parse_reference(&s) {
+                Some(r) => r.map(Self::Secret).map_err(serde::de::Error::custom),
+                None => Ok(Self::Text(s)),
+            },
+            table @ serde_json::Value::Object(_) => SecretRef::deserialize(table)
+                .map(Self::Secret)
+                .map_err(serde::de::Error::custom),
+            _ => Err(serde::de::Error::custom(
+                "text, a secret reference (\"env:NAME\", \"file:PATH\", \"exec:COMMAND\") or { exec = \"COMMAND\", ttl = \"10m\" }",
+            )),
+        }
+    }
+}
+
 impl fmt::Debug for SecretRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(self, f)
@@ -468,6 +495,39 @@ impl SecretCell {
         self.get()
     }
 
+    /// The value read again from its source now, whatever its age (the upstream refused the
+    /// one we had: it may have been rotated at the source since): a command is run again on a
+    /// blocking thread. If the source cannot be read, the value we had.
+    pub async fn reread(self: &std::sync::Arc<Self>) -> String {
+        let cell = self.clone();
+        let read = move || {
+            let mut state = cell.state.lock().unwrap_or_else(|p| p.into_inner());
+            match Self::read(&cell.reference) {
+                Ok(fresh) => {
+                    redactor().register(cell.source, vec![fresh.0.clone()]);
+                    *state = fresh;
+                }
+                Err(e) => {
+                    tracing::warn!(secret = %cell.reference, error = %e, "could not read a refused secret again; using the previous value")
+                }
+            }
+            state.0.clone()
+        };
+        match &self.reference {
+            SecretRef::Exec { .. } => {
+                let cell = self.clone();
+                tokio::task::spawn_blocking(read).await.unwrap_or_else(|_| {
+                    cell.state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                        .clone()
+                })
+            }
+            _ => read(),
+        }
+    }
+
     /// `text` with this secret's value replaced by `[redacted]`.
     pub fn redact(&self, text: &str) -> String {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -488,6 +548,26 @@ impl Drop for SecretCell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_text_or_secret_field_takes_text_references_and_the_exec_table() {
+        let parse = |v: serde_json::Value| serde_json::from_value::<TextOrSecret>(v);
+        assert!(
+            matches!(parse(serde_json::json!("plain")).unwrap(), TextOrSecret::Text(t) if t == "plain")
+        );
+        assert!(matches!(
+            parse(serde_json::json!("env:X")).unwrap(),
+            TextOrSecret::Secret(SecretRef::Env(n)) if n == "X"
+        ));
+        assert!(matches!(
+            parse(serde_json::json!({"exec": "printf k", "ttl": "10m"})).unwrap(),
+            TextOrSecret::Secret(SecretRef::Exec { command, ttl })
+                if command == "printf k" && ttl == std::time::Duration::from_secs(600)
+        ));
+        assert!(parse(serde_json::json!("file:")).is_err());
+        assert!(parse(serde_json::json!({"exec": "x", "ttl": "often"})).is_err());
+        assert!(parse(serde_json::json!(3)).is_err());
+    }
 
     #[test]
     fn the_redactor_scrubs_every_current_value_and_forgets_old_ones() {

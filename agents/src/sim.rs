@@ -58,6 +58,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &[],
     build,
     upstream: upstream_name,
+    credential: crate::registry::no_credential,
     may_be_irreversible: false,
 };
 

@@ -26,6 +26,7 @@ pub const KIND: KindSpec = KindSpec {
     required: &["output"],
     build,
     upstream: crate::no_upstream,
+    credential: crate::registry::no_credential,
     may_be_irreversible: false,
 };
 

@@ -379,7 +379,7 @@ pub fn describe() {
     describe_counter!(
         CREDENTIAL_REFRESH_FAILURES,
         Unit::Count,
-        "Failed token fetches of an OAuth2 credential (authorization server down or refusing, or a fresh token refused), by credential; while it fails, its agents pause with cause credential:<name>."
+        "Failures of a credential (its OAuth2 token fetch failed or a fresh token was refused, or its fixed key or password was refused with 401 after being read again), by credential; while it fails, its agents pause with cause credential:<name>."
     );
     describe_gauge!(
         QUOTA_UPSTREAM_LIMIT,

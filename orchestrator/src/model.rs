@@ -436,8 +436,8 @@ pub struct QuotaModel {
     /// It mirrors the limits its upstream's answers state (rate-limit headers), under its own:
     /// always for an implicit quota, `learn_from_upstream = true` for a declared one.
     pub learn_from_upstream: bool,
-    /// The quota of an OAuth2 credential (`credential:<name>`), which its agents draw on
-    /// beside their upstream's: no limit, exhausted while the credential cannot get a token.
+    /// The quota of a credential (`credential:<name>`), which its agents draw on beside their
+    /// upstream's: no limit, exhausted while the credential cannot get a token or is refused.
     pub credential: bool,
     /// `tenant_share = { acme = 0.5 }`: the most of each limit a tenant's calls may hold, by
     /// tenant, sorted (a tenant not named may use what the others leave).

@@ -46,6 +46,43 @@ pub async fn run_one(
         .unwrap()
 }
 
+/// Wait until `ready` holds, looking every 20 ms; panics after `limit`.
+pub async fn wait_until(limit: std::time::Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !ready() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready within {limit:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait (10 s at most) until `agent` of `graph` is paused with `quota` among its causes.
+pub async fn wait_paused_on(orch: &Orchestrator, graph: &str, agent: &str, quota: &str) {
+    use cascade_orchestrator::signal::CauseKey;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let pauses = orch.pauses(graph).await.unwrap();
+        let pause = pauses
+            .iter()
+            .find(|(a, _)| &**a == agent)
+            .and_then(|(_, p)| p.clone());
+        if pause.as_ref().is_some_and(|p| {
+            p.causes
+                .iter()
+                .any(|(k, _)| matches!(k, CauseKey::Quota { quota: q } if &**q == quota))
+        }) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{agent} is not paused on {quota}: {pause:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The quota called `name` as the orchestrator's broker sees it now (panics if it is not listed).
 pub async fn quota(orch: &Orchestrator, name: &str) -> cascade_orchestrator::quota::QuotaSnapshot {
     orch.quotas()

@@ -22,6 +22,7 @@
 //! are classified as in [`classify`]: 429 pauses, 5xx retries, 401 is a refused credential.
 
 pub mod classify;
+pub mod health;
 pub mod oauth2;
 
 use std::collections::HashMap;
@@ -58,8 +59,24 @@ pub const KIND: KindSpec = KindSpec {
     required: &["url"],
     build,
     upstream: upstream_name,
+    credential: credential_name,
     may_be_irreversible: false,
 };
+
+/// The credential an agent's `auth` is: its `name` (the `NAME` of `[credentials.NAME]`, set by
+/// the loader), else the agent's own (`graph.agent`, an inline credential).
+pub fn credential_name(spec: &AgentSpec<'_>) -> Option<String> {
+    let auth = spec.fields.get("auth")?;
+    let named = auth
+        .get("name")
+        .or_else(|| auth.pointer("/oauth2/name"))
+        .and_then(Value::as_str);
+    Some(
+        named
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("{}.{}", spec.graph, spec.name)),
+    )
+}
 
 const DEFAULT_MAX_RESPONSE: u64 = 10 << 20;
 
@@ -237,6 +254,9 @@ pub struct HttpAgent {
     max_response_bytes: u64,
     idempotency_header: reqwest::header::HeaderName,
     auth: Option<Auth>,
+    /// A fixed credential's health (bearer, API key, basic): refused with 401 even after it
+    /// was read again from its source, it pauses its agents (see [`health`]).
+    key_health: Option<Arc<health::CredentialHealth>>,
     upstream: Upstream,
 }
 
@@ -376,6 +396,12 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
             ),
         ));
     }
+    let key_health = match &auth {
+        Some(Auth::Bearer(_) | Auth::ApiKey(..) | Auth::Basic(..)) => {
+            credential_name(spec).map(|name| spec.resources.get::<health::KeyHealth>().get(&name))
+        }
+        _ => None,
+    };
     Ok(Arc::new(HttpAgent {
         method,
         fixed_origin: origin_of(&c.url),
@@ -385,6 +411,7 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         max_response_bytes: c.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE),
         idempotency_header,
         auth,
+        key_health,
         upstream,
     }))
 }
@@ -600,14 +627,20 @@ impl Agent for HttpAgent {
             )
         })?;
         self.check_origin(&url)?;
+        // A fixed credential refused a moment ago: its calls wait with it.
+        if let Some(h) = &self.key_health {
+            h.check(|| format!("credential {} was refused (401)", h.name()))?;
+        }
         // Secrets first, off the runtime thread if one must be fetched (`exec:`).
-        let secret = match &self.auth {
-            Some(Auth::Bearer(s) | Auth::ApiKey(_, s) | Auth::Basic(_, s)) => {
-                Some(s.current().await?)
-            }
+        let key = match &self.auth {
+            Some(Auth::Bearer(s) | Auth::ApiKey(_, s) | Auth::Basic(_, s)) => Some(s),
             _ => None,
         };
-        let secret = secret.as_deref().unwrap_or_default();
+        let secret = match key {
+            Some(s) => Some(s.current().await?),
+            None => None,
+        };
+        // `token`: the OAuth2 token or the fixed credential's value.
         let build = |token: Option<&str>| -> Result<reqwest::RequestBuilder, AgentError> {
             let mut req = self
                 .upstream
@@ -618,12 +651,13 @@ impl Agent for HttpAgent {
                     req = req.header(k.as_str(), v.as_str().unwrap_or_default());
                 }
             }
+            let token = token.unwrap_or_default();
             match &self.auth {
                 None => {}
-                Some(Auth::Bearer(_)) => req = req.bearer_auth(secret),
-                Some(Auth::ApiKey(h, _)) => req = req.header(h.clone(), secret),
-                Some(Auth::Basic(user, _)) => req = req.basic_auth(user, Some(secret)),
-                Some(Auth::OAuth2(_)) => req = req.bearer_auth(token.unwrap_or_default()),
+                Some(Auth::Bearer(_)) => req = req.bearer_auth(token),
+                Some(Auth::ApiKey(h, _)) => req = req.header(h.clone(), token),
+                Some(Auth::Basic(user, _)) => req = req.basic_auth(user, Some(token)),
+                Some(Auth::OAuth2(_)) => req = req.bearer_auth(token),
             }
             if let Some(body) = prepared.get("body") {
                 req = req.json(body);
@@ -664,6 +698,16 @@ impl Agent for HttpAgent {
                     resp
                 }
             }
+            (Some(Auth::Bearer(_) | Auth::ApiKey(..) | Auth::Basic(..)), _) => {
+                let secret = secret.unwrap_or_default();
+                let resp = send(build(Some(&secret))?).await?;
+                let again = |s: &str| {
+                    let req = build(Some(s));
+                    let send = &send;
+                    async move { send(req?).await }
+                };
+                self.key_answer(resp, key, &secret, again).await?
+            }
             _ => send(build(None)?).await?,
         };
         let status = resp.status().as_u16();
@@ -681,6 +725,50 @@ impl Agent for HttpAgent {
 }
 
 impl HttpAgent {
+    /// The answer to a call made with a fixed credential. A 401 reads the credential again
+    /// from its source (it may have been rotated there) and, if it changed, tries once more
+    /// with the new value; refused still, or unchanged, the credential pauses its agents.
+    async fn key_answer<F, Fut>(
+        &self,
+        resp: reqwest::Response,
+        key: Option<&Arc<SecretCell>>,
+        used: &str,
+        again: F,
+    ) -> Result<reqwest::Response, AgentError>
+    where
+        F: FnOnce(&str) -> Fut,
+        Fut: std::future::Future<Output = Result<reqwest::Response, AgentError>>,
+    {
+        let (Some(health), Some(key)) = (&self.key_health, key) else {
+            return Ok(resp);
+        };
+        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
+            health.recovered();
+            return Ok(resp);
+        }
+        let fresh = key.reread().await;
+        let resp = if fresh != used {
+            let resp = again(&fresh).await?;
+            if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
+                health.recovered();
+                return Ok(resp);
+            }
+            resp
+        } else {
+            resp
+        };
+        let body = read_prefix(resp, 4 << 10).await;
+        let why = self.redact(&String::from_utf8_lossy(&body));
+        Err(health.failed(
+            format!(
+                "credential {} was refused (401): {}",
+                health.name(),
+                why.trim()
+            ),
+            None,
+        ))
+    }
+
     /// A credential goes only to the origin the configuration names.
     fn check_origin(&self, url: &reqwest::Url) -> Result<(), AgentError> {
         if self.auth.is_some()

@@ -42,9 +42,8 @@ pub struct OAuth2Config {
     pub name: Option<String>,
 }
 
-/// Token fetches that failed (the authorization server down or turning the client away, or a
-/// fresh token refused), by credential: the alert for a credential that went dead.
-pub const REFRESH_FAILURES: &str = "cascade_credential_refresh_failures_total";
+use super::health::CredentialHealth;
+pub use super::health::REFRESH_FAILURES;
 
 struct Token {
     value: String,
@@ -54,7 +53,6 @@ struct Token {
 
 /// One credential's token, shared by the agents that use it.
 pub struct Credential {
-    name: Arc<str>,
     /// Its source in the process's redactor (its tokens).
     source: u64,
     /// The digest of the configured refresh token (for the vault).
@@ -70,11 +68,8 @@ pub struct Credential {
     token: tokio::sync::Mutex<Option<Token>>,
     client: reqwest::Client,
     fetches: AtomicU64,
-    /// Token fetches that failed in a row: the wait before the next try doubles with each.
-    failures: AtomicU64,
-    /// After a failed fetch, no other until then: the calls queued behind the failed one are
-    /// answered with the same wait instead of each trying (and timing out) in turn.
-    blocked_until: Mutex<Option<Instant>>,
+    /// Failed fetches and refused fresh tokens hold its calls for a growing wait.
+    health: CredentialHealth,
 }
 
 /// Where a credential's rotated refresh token outlives the process: the server's store. What
@@ -238,7 +233,6 @@ impl Credentials {
             crate::secret::redactor().register(source, vec![r.clone()]);
         }
         let c = Arc::new(Credential {
-            name,
             source,
             origin,
             vault,
@@ -255,8 +249,7 @@ impl Credentials {
                 .build()
                 .map_err(|e| format!("cannot build an HTTP client: {e}"))?,
             fetches: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            blocked_until: Mutex::new(None),
+            health: CredentialHealth::new(name),
         });
         map.insert(key, c.clone());
         Ok(c)
@@ -301,48 +294,24 @@ impl Credential {
 
     /// Refused at once while a failed fetch's wait runs.
     fn not_blocked(&self) -> Result<(), AgentError> {
-        let until = *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner());
-        match until {
-            Some(t) if Instant::now() < t => Err(AgentError::credential_unavailable(
-                self.name.clone(),
-                format!(
-                    "credential {} (client {}) cannot get a token; the next try is due",
-                    self.name, self.client_id
-                ),
-                t - Instant::now(),
-            )),
-            _ => Ok(()),
-        }
+        self.health.check(|| {
+            format!(
+                "credential {} (client {}) cannot get a token",
+                self.health.name(),
+                self.client_id
+            )
+        })
     }
 
     fn dead(&self, e: AgentError) -> AgentError {
-        let n = self.failures.fetch_add(1, Ordering::Relaxed);
-        // The longer of the backoff and what the authorization server asked for.
-        let wait = Duration::from_secs(1 << n.min(6))
-            .min(Duration::from_secs(60))
-            .max(
-                e.retry_after
-                    .unwrap_or_default()
-                    .min(Duration::from_secs(600)),
-            );
-        *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now() + wait);
-        metrics::counter!(REFRESH_FAILURES, "credential" => self.name.to_string()).increment(1);
-        tracing::error!(
-            credential = %self.name,
-            token_url = %self.token_url,
-            client_id = %self.client_id,
-            failures = n + 1,
-            retry_in = ?wait,
-            error = %e.message,
-            "an OAuth2 credential cannot get a token; its agents pause until it can"
-        );
-        AgentError::credential_unavailable(
-            self.name.clone(),
+        self.health.failed(
             format!(
                 "credential {} (client {}) cannot get a token: {}",
-                self.name, self.client_id, e.message
+                self.health.name(),
+                self.client_id,
+                e.message
             ),
-            wait,
+            e.retry_after,
         )
     }
 
@@ -404,11 +373,11 @@ impl Credential {
         };
         match serde_json::to_vec(&kept)
             .ok()
-            .and_then(|plain| seal(secret, &self.name, &plain))
+            .and_then(|plain| seal(secret, self.health.name(), &plain))
         {
-            Some(sealed) => vault.save(&self.name, sealed),
+            Some(sealed) => vault.save(self.health.name(), sealed),
             None => {
-                tracing::error!(credential = %self.name, "cannot seal a rotated refresh token; a restart will use the configured one")
+                tracing::error!(credential = %self.health.name(), "cannot seal a rotated refresh token; a restart will use the configured one")
             }
         }
     }
@@ -464,10 +433,7 @@ impl Credential {
             AgentError::transient(format!("the token endpoint's answer is not a token: {e}"))
         })?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        *self.blocked_until.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        if self.failures.swap(0, Ordering::Relaxed) > 0 {
-            tracing::info!(token_url = %self.token_url, client_id = %self.client_id, "an OAuth2 credential got a token again");
-        }
+        self.health.recovered();
         if let Some(rotated) = t.refresh_token
             && refresh.is_some()
         {

@@ -100,7 +100,7 @@ pub enum Limit {
     UpstreamRateLimit,
     /// The upstream's own limit, as its answers state it, is spent.
     UpstreamLimit,
-    /// A credential cannot get a token (or its fresh token was refused).
+    /// A credential cannot get a token, or its token or key is refused.
     Credential,
     CircuitOpen,
     CircuitHalfOpen,
@@ -121,7 +121,7 @@ impl Limit {
         match self {
             Self::UpstreamRateLimit => "upstream rate limit (429)",
             Self::UpstreamLimit => "upstream's stated limit",
-            Self::Credential => "credential cannot get a token",
+            Self::Credential => "credential cannot get a token or is refused",
             Self::CircuitOpen => "circuit open",
             Self::CircuitHalfOpen => "circuit half-open",
             Self::RequestRate => "request rate",

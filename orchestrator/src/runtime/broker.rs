@@ -418,8 +418,8 @@ impl BrokerState {
         let now = Instant::now();
         let mut list = self.scratch();
         if let Some(reservations) = self.outstanding.remove(&grant) {
-            // A credential that cannot get a token: its quota waits; the call never reached
-            // the others. (Unless none of the call's quotas is the credential's: then they all
+            // A credential that cannot get a token or is refused: its quota waits; the call
+            // counts for none of the others. (Unless none of the call's quotas is the credential's: then they all
             // wait, rather than the call coming straight back.)
             let credential = end.credential.as_deref().and_then(|name| {
                 reservations.iter().map(|(q, _)| *q).find(|&q| {

@@ -244,8 +244,8 @@ pub(crate) struct Settlement {
     pub outcome: Outcome,
     /// The limits the upstream's answer stated.
     pub limits: Option<UpstreamLimits>,
-    /// The call never left because this credential cannot get a token: the outcome is the
-    /// credential's quota's alone, and the call is abandoned for the others.
+    /// This credential cannot get a token, or was refused: the outcome is the credential's
+    /// quota's alone, and the call is abandoned for the others.
     pub credential: Option<Arc<str>>,
 }
 

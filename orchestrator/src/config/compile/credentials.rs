@@ -1,8 +1,9 @@
 //! Credentials: `[credentials.NAME]` (in `cascade.toml` or a graph file) holds an `auth` table
 //! (`oauth2`, `bearer`, `api_key` or `basic`, with secret references) that agents share by
-//! writing `auth = "NAME"`. Each OAuth2 credential, named or inline, has a quota of its own,
-//! `credential:<name>`, that its agents draw on: it is exhausted while the credential cannot get
-//! a token, which pauses them and everything downstream with that cause.
+//! writing `auth = "NAME"`. Each credential, named or inline (and an `llm` agent's API key), has a
+//! quota of its own, `credential:<name>`, that its agents draw on: it is exhausted while the
+//! credential cannot get a token or is refused (401, even when read again from its source), which
+//! pauses them and everything downstream with that cause.
 
 use super::*;
 
@@ -108,8 +109,17 @@ impl Loader<'_> {
             },
             inline => (inline, format!("{graph}.{agent}")),
         };
-        if let Some(o) = table.get_mut("oauth2").and_then(|o| o.as_object_mut()) {
-            o.entry("name").or_insert(serde_json::Value::String(name));
+        // The credential's name goes with it: into the OAuth2 table (its token cache and store
+        // key), beside any other form (its health, shared by the agents that name it).
+        match table.get_mut("oauth2").and_then(|o| o.as_object_mut()) {
+            Some(o) => {
+                o.entry("name").or_insert(serde_json::Value::String(name));
+            }
+            None => {
+                if let Some(t) = table.as_object_mut() {
+                    t.entry("name").or_insert(serde_json::Value::String(name));
+                }
+            }
         }
         Some(table)
     }

@@ -358,10 +358,6 @@ impl Loader<'_> {
                         Ok(j) if field == "auth" => {
                             let path = r.field_path(field);
                             if let Some(auth) = self.auth(src, graph, name, &path, v.span(), j) {
-                                credential = auth
-                                    .pointer("/oauth2/name")
-                                    .and_then(|n| n.as_str())
-                                    .map(str::to_string);
                                 fields.insert(field.to_string(), auth);
                             }
                         }
@@ -404,6 +400,7 @@ impl Loader<'_> {
                     resources: self.registry.resources(),
                 };
                 upstream = (spec.upstream)(&agent_spec);
+                credential = (spec.credential)(&agent_spec);
                 let built = self.registry.build(spec.name, &agent_spec);
                 if let Err(e) = built {
                     let span = span_at(value, &e.path);

@@ -143,7 +143,7 @@ struct PendingAgent {
     quotas: Vec<(String, Range<usize>)>,
     /// The upstream its kind calls, for an implicit quota when it names none.
     upstream: Option<String>,
-    /// The OAuth2 credential it uses, whose quota it also draws on.
+    /// The credential it uses (see `KindSpec::credential`), whose quota it also draws on.
     credential: Option<String>,
     model: AgentModel,
 }

@@ -162,7 +162,7 @@ impl Loader<'_> {
                 let q = self.implicit_quota(src_idx, &p.name_span, &m.name, upstream);
                 qs.push(q);
             }
-            // A credential that cannot get a token pauses every agent that uses it.
+            // A credential that cannot get a token, or is refused, pauses every agent that uses it.
             if let Some(c) = &p.credential {
                 qs.push(self.credential_quota(src_idx, &p.name_span, &m.name, c));
             }
