@@ -1082,3 +1082,165 @@ async fn an_echoed_credential_never_reaches_the_job_record() {
     );
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// An HTTPS server on 127.0.0.1 (Python's `http.server` behind `ssl`) whose certificate is
+/// signed by a CA of the test's own: GET answers `{"ok": true, "authorization": …}`, POST (the
+/// token endpoint) an access token.
+const HTTPS_SERVER: &str = r#"
+import http.server, json, ssl, sys
+port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+class H(http.server.BaseHTTPRequestHandler):
+    def send(self, obj):
+        b = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(b)))
+        self.end_headers()
+        self.wfile.write(b)
+    def do_GET(self):
+        self.send({"ok": True, "authorization": self.headers.get("authorization", "")})
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send({"access_token": "internal-token-1", "token_type": "Bearer", "expires_in": 3600})
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"#;
+
+/// `ca_file` trusts an internal CA beside the system roots, for the upstream and for its OAuth2
+/// token endpoint; without it the same server's certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_file_trusts_an_internal_ca_for_the_upstream_and_its_token_endpoint() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "Internal Test CA");
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        ca.self_signed(&ca_key).unwrap().pem(),
+    )
+    .unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    std::fs::write(dir.path().join("cert.pem"), leaf.pem()).unwrap();
+    std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
+    let port = common::free_port();
+    let child = std::process::Command::new("python3")
+        .args(["-c", HTTPS_SERVER, &port.to_string()])
+        .arg(dir.path().join("cert.pem"))
+        .arg(dir.path().join("key.pem"))
+        .spawn()
+        .expect("python3 runs");
+    let _server = common::Server { child };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the HTTPS server never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unsafe { std::env::set_var("CASCADE_TEST_INTERNAL_SECRET", "internal-client-secret") };
+    let ca = dir.path().join("ca.pem");
+    let graph = |name: &str, extra: &str| {
+        format!(
+            "[graph]\nname = \"{name}\"\n[agents.call]\nkind = \"http\"\nurl = \"https://127.0.0.1:{port}/items\"\n{extra}\nretry = {{ max_attempts = 1 }}\n"
+        )
+    };
+    let orch = common::start_many(&[
+        graph(
+            "trusted",
+            &format!("ca_file = \"{}\"\noutput = \"ok\"", ca.display()),
+        ),
+        graph("untrusted", ""),
+        graph(
+            "internal",
+            &format!(
+                "ca_file = \"{}\"\noutput = \"authorization\"\n\
+                 auth = {{ oauth2 = {{ token_url = \"https://127.0.0.1:{port}/token\", client_id = \"svc\", \
+                 client_secret = \"env:CASCADE_TEST_INTERNAL_SECRET\" }} }}",
+                ca.display()
+            ),
+        ),
+    ])
+    .await;
+    let job = common::run_one(&orch, "trusted", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert_eq!(**job.steps[0].output.as_ref().unwrap(), json!(true));
+    let job = common::run_one(&orch, "untrusted", json!({})).await;
+    assert_eq!(job.state, JobState::Failed);
+    let err = job.error.unwrap_or_default().to_lowercase();
+    assert!(err.contains("certificate"), "{err}");
+    let job = common::run_one(&orch, "internal", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    // The token was fetched over the internal CA's TLS and sent; the echo of it is scrubbed.
+    assert_eq!(
+        **job.steps[0].output.as_ref().unwrap(),
+        json!("Bearer [redacted]")
+    );
+    orch.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The smaller promises of the kind: a refused connection is transient (retried, then failed
+/// naming the cause), `max_response_bytes` caps an answer, `idempotency_header` renames the
+/// key's header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connections_response_caps_and_a_renamed_key_header() {
+    let mut script = Script::new();
+    script.insert("/big".into(), vec![ok(json!({"blob": "x".repeat(4096)}))]);
+    script.insert("/write".into(), vec![(201, vec![], "{}".into())]);
+    let (port, seen) = recorder(script).await;
+    let closed = common::free_port();
+    let graph = |name: &str, body: &str| {
+        format!(
+            "[graph]\nname = \"{name}\"\n[agents.call]\nkind = \"http\"\n{body}\nretry = {{ max_attempts = 2, initial_delay = \"10ms\", max_delay = \"20ms\" }}\n"
+        )
+    };
+    let orch = common::start_many(&[
+        graph("refused", &format!("url = \"http://127.0.0.1:{closed}/x\"")),
+        graph(
+            "big",
+            &format!("url = \"http://127.0.0.1:{port}/big\"\nmax_response_bytes = 1024"),
+        ),
+        graph(
+            "renamed",
+            &format!(
+                "method = \"PUT\"\nurl = \"http://127.0.0.1:{port}/write\"\nidempotency_header = \"X-Request-Key\"\nbody = {{ a = 1 }}"
+            ),
+        ),
+    ])
+    .await;
+    let job = common::run_one(&orch, "refused", json!({})).await;
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.steps[0].attempts, 2, "a refused connection is retried");
+    let err = job.error.unwrap_or_default();
+    assert!(
+        err.contains("cannot connect") && err.to_lowercase().contains("refused"),
+        "{err}"
+    );
+    let job = common::run_one(&orch, "big", json!({})).await;
+    assert_eq!(job.state, JobState::Failed);
+    let err = job.error.unwrap_or_default();
+    assert!(
+        err.contains("larger than max_response_bytes (1024)"),
+        "{err}"
+    );
+    let job = common::run_one(&orch, "renamed", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let seen = seen.lock().unwrap().clone();
+    let put = seen.iter().find(|s| s.path == "/write").unwrap();
+    assert_eq!(put.headers["x-request-key"], format!("{}/call", job.id));
+    assert!(!put.headers.contains_key("idempotency-key"));
+    orch.shutdown(Duration::from_secs(1)).await;
+}

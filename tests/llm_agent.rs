@@ -177,6 +177,15 @@ async fn an_openai_compatible_chain_classifies_and_drafts() {
         "{:?}",
         job.usage
     );
+    // Each step carries its own call's cost; the job's is their sum.
+    for record in &job.steps {
+        let u = &record.usage;
+        let own = (u.prompt_tokens as f64 * 2.0 + u.completion_tokens as f64 * 8.0) / 1e6;
+        assert!(
+            u.cost_usd > 0.0 && (u.cost_usd - own).abs() < 1e-12,
+            "{u:?}"
+        );
+    }
     let graph_cost = orch
         .stats("support")
         .unwrap()

@@ -405,6 +405,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_program_runs_in_cwd_with_an_exec_table_secret_in_its_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = agent(json!({
+            "program": "sh",
+            "args": ["-c", "printf '{\"dir\": \"%s\", \"token\": \"%s\"}' \"$(pwd)\" \"$TOKEN\""],
+            "cwd": dir.path(),
+            "env": { "TOKEN": { "exec": "printf from-a-vault", "ttl": "1m" } }
+        }))
+        .unwrap();
+        let out = a.call(&ctx(), &step(json!({}))).await.unwrap();
+        let real = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(out.value["dir"], json!(real.display().to_string()));
+        assert_eq!(out.value["token"], json!("from-a-vault"));
+        let missing = agent(json!({"program": "true", "cwd": dir.path().join("nope")}));
+        assert_eq!(missing.err().unwrap().path, vec!["cwd".to_string()]);
+    }
+
+    #[tokio::test]
     async fn the_step_goes_in_on_stdin_and_the_output_comes_out_on_stdout() {
         let a = agent(json!({"program": "sh", "args": ["-c", "cat"]})).unwrap();
         let out = a.call(&ctx(), &step(json!({"n": 1}))).await.unwrap();

@@ -110,16 +110,51 @@ struct Config {
 }
 
 /// How a call proves who it is. Every value that is a credential is a secret reference.
-#[derive(Deserialize)]
-#[serde(
-    untagged,
-    expecting = "auth must be { bearer = \"env:NAME\" }, { api_key = { header = \"X-API-Key\", value = \"env:NAME\" } }, { basic = { username = \"…\", password = \"env:NAME\" } } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\", scopes = [\"…\"] } }"
-)]
 enum AuthConfig {
     OAuth2 { oauth2: oauth2::OAuth2Config },
     Bearer { bearer: SecretRef },
     ApiKey { api_key: ApiKeyConfig },
     Basic { basic: BasicConfig },
+}
+
+const AUTH_FORMS: &str = "auth must be { bearer = \"env:NAME\" }, { api_key = { header = \"X-API-Key\", value = \"env:NAME\" } }, { basic = { username = \"…\", password = \"env:NAME\" } } or { oauth2 = { token_url, client_id, client_secret = \"env:NAME\", scopes = [\"…\"] } }";
+
+impl<'de> Deserialize<'de> for AuthConfig {
+    /// By the form's key, so that an error inside a form (a literal where a secret reference
+    /// belongs, a missing field) says what is wrong there. Beside the form, `name` (the
+    /// credential's, set by the loader) is allowed.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = Value::deserialize(d)?;
+        let Some(table) = v.as_object() else {
+            return Err(D::Error::custom(AUTH_FORMS));
+        };
+        let forms: Vec<&str> = table
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "name")
+            .collect();
+        let [form] = forms[..] else {
+            return Err(D::Error::custom(AUTH_FORMS));
+        };
+        let inner = table[form].clone();
+        let at = |e: serde_json::Error| D::Error::custom(format!("{form}: {e}"));
+        Ok(match form {
+            "oauth2" => Self::OAuth2 {
+                oauth2: serde_json::from_value(inner).map_err(at)?,
+            },
+            "bearer" => Self::Bearer {
+                bearer: serde_json::from_value(inner).map_err(at)?,
+            },
+            "api_key" => Self::ApiKey {
+                api_key: serde_json::from_value(inner).map_err(at)?,
+            },
+            "basic" => Self::Basic {
+                basic: serde_json::from_value(inner).map_err(at)?,
+            },
+            _ => return Err(D::Error::custom(AUTH_FORMS)),
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -200,13 +235,7 @@ impl HttpClients {
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .user_agent(concat!("cascade/", env!("CARGO_PKG_VERSION")));
-        if let Some(path) = ca_file {
-            let pem =
-                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem)
-                .map_err(|e| format!("{} is not a PEM certificate: {e}", path.display()))?;
-            b = b.add_root_certificate(cert);
-        }
+        b = trusting(b, ca_file)?;
         let client = b
             .build()
             .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
@@ -217,6 +246,20 @@ impl HttpClients {
         map.insert(key, u.clone());
         Ok(u)
     }
+}
+
+/// `b` trusting the CA in `ca_file` (PEM) beside the system roots.
+pub(crate) fn trusting(
+    b: reqwest::ClientBuilder,
+    ca_file: Option<&PathBuf>,
+) -> Result<reqwest::ClientBuilder, String> {
+    let Some(path) = ca_file else {
+        return Ok(b);
+    };
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let cert = reqwest::Certificate::from_pem(&pem)
+        .map_err(|e| format!("{} is not a PEM certificate: {e}", path.display()))?;
+    Ok(b.add_root_certificate(cert))
 }
 
 /// The upstream a node calls: its `upstream` field, or its URL's origin when the URL's scheme
@@ -357,6 +400,9 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         Some(AuthConfig::OAuth2 { mut oauth2 }) => {
             if oauth2.name.is_none() {
                 oauth2.name = Some(format!("{}.{}", spec.graph, spec.name));
+            }
+            if oauth2.ca_file.is_none() {
+                oauth2.ca_file = c.ca_file.clone();
             }
             Some(Auth::OAuth2(
                 spec.resources
@@ -529,18 +575,35 @@ pub async fn read_prefix(mut resp: reqwest::Response, max: usize) -> Vec<u8> {
 }
 
 /// A transport failure: a timeout or a connection that failed is worth another attempt.
+/// `e` and the errors under it ("error sending request: client error (Connect): invalid peer
+/// certificate: UnknownIssuer"): the top one alone rarely says what went wrong.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let c = cause.to_string();
+        if !text.ends_with(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 pub fn transport_error(e: reqwest::Error) -> AgentError {
     let e = e.without_url();
+    let text = with_causes(&e);
     if e.is_builder() || e.is_redirect() {
         // A request that cannot be built (a rendered header with a line break, a bad scheme)
         // fails the same way every time.
-        AgentError::permanent(format!("the request is not valid: {e}"))
+        AgentError::permanent(format!("the request is not valid: {text}"))
     } else if e.is_timeout() {
-        AgentError::transient(format!("the request timed out: {e}"))
+        AgentError::transient(format!("the request timed out: {text}"))
     } else if e.is_connect() {
-        AgentError::transient(format!("cannot connect to the upstream: {e}"))
+        AgentError::transient(format!("cannot connect to the upstream: {text}"))
     } else {
-        AgentError::transient(format!("the request failed: {e}"))
+        AgentError::transient(format!("the request failed: {text}"))
     }
 }
 

@@ -40,6 +40,11 @@ pub struct OAuth2Config {
     /// (`graph.agent`).
     #[serde(default)]
     pub name: Option<String>,
+    /// A CA (PEM) the token endpoint's certificate may chain to, beside the system roots: an
+    /// internal authorization server. In an `http` agent's `auth`, the agent's `ca_file` unless
+    /// set here.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 use super::health::CredentialHealth;
@@ -182,7 +187,7 @@ impl Credentials {
         // The references, not their values, tell credentials apart: two delegated tokens of
         // one client (two users' refresh tokens) are two credentials.
         let key = format!(
-            "{}\n{}\n{}\n{}\n{}\n{}\n{}",
+            "{}\n{}\n{}\n{}\n{}\n{}\n{}\n{}",
             config.name.as_deref().unwrap_or(""),
             config.token_url,
             config.client_id,
@@ -193,6 +198,11 @@ impl Credentials {
                 .refresh_token
                 .as_ref()
                 .map(ToString::to_string)
+                .unwrap_or_default(),
+            config
+                .ca_file
+                .as_ref()
+                .map(|p| p.display().to_string())
                 .unwrap_or_default()
         );
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
@@ -243,11 +253,15 @@ impl Credentials {
             audience: config.audience.clone(),
             refresh_token: Mutex::new(refresh_token),
             token: tokio::sync::Mutex::new(None),
-            client: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .timeout(Duration::from_secs(30))
-                .build()
-                .map_err(|e| format!("cannot build an HTTP client: {e}"))?,
+            client: super::trusting(
+                reqwest::Client::builder()
+                    .connect_timeout(Duration::from_secs(10))
+                    .timeout(Duration::from_secs(30)),
+                config.ca_file.as_ref(),
+            )
+            .map_err(|e| format!("ca_file: {e}"))?
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?,
             fetches: AtomicU64::new(0),
             health: CredentialHealth::new(name),
         });

@@ -1069,3 +1069,45 @@ fn the_store_is_sqlite_memory_or_a_postgres_url_without_a_password() {
         assert!(e.line >= 2, "{e}");
     }
 }
+
+#[test]
+fn the_real_kinds_field_errors_are_located() {
+    // SAFETY: a variable only this test reads.
+    unsafe { std::env::set_var("CASCADE_TEST_REAL_KINDS_KEY", "k") };
+    let text = r#"[graph]
+name = "g"
+[agents.ask]
+kind = "llm"
+model = "gpt-4o-mini"
+prompt = "hi"
+api_key = "env:CASCADE_TEST_SURELY_UNSET_KEY"
+[agents.shape]
+kind = "llm"
+model = "gpt-4o-mini"
+prompt = "hi"
+api_key = "env:CASCADE_TEST_REAL_KINDS_KEY"
+response = "json"
+schema = { type = "no-such-type" }
+[agents.call]
+kind = "http"
+url = "https://api.example.com/x"
+auth = { bearer = "sk-live-literal" }
+[agents.run]
+kind = "command"
+program = "true"
+env = { TOKEN = "env:CASCADE_TEST_SURELY_UNSET_TOKEN" }
+"#;
+    let errs = errors(text);
+    let e = error_at(&errs, "agents.ask.api_key", 7, 11);
+    assert!(e.message.contains("CASCADE_TEST_SURELY_UNSET_KEY"), "{e}");
+    let e = error_at(&errs, "agents.shape.schema", 14, 1);
+    assert!(e.message.contains("not a valid JSON Schema"), "{e}");
+    let e = error_at(&errs, "agents.call.auth", 18, 1);
+    assert!(
+        e.message.contains("bearer: a secret must be a reference")
+            && !e.message.contains("sk-live-literal"),
+        "{e}"
+    );
+    let e = error_at(&errs, "agents.run.env.TOKEN", 22, 17);
+    assert!(e.message.contains("CASCADE_TEST_SURELY_UNSET_TOKEN"), "{e}");
+}
