@@ -230,6 +230,70 @@ async fn a_killed_server_is_started_again_after_its_backoff_with_no_call_waiting
     assert_eq!(server.pid(), Some(new));
 }
 
+/// A server that starts, answers, and dies a second later, again and again, under a steady
+/// stream of jobs: it is started again each time (by its watcher or a call), no sooner than
+/// the doubling backoff allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs @modelcontextprotocol/server-everything from npm: .ci/run installs it (npm ci --prefix tests/js) and runs this test"]
+async fn a_server_that_dies_after_each_start_is_started_again_with_a_doubling_backoff() {
+    let dir = tempfile::tempdir().unwrap();
+    let spawns = dir.path().join("spawns");
+    let servers = format!(
+        "[mcp_servers.everything]\ncommand = \"sh\"\nargs = ['-c', 'echo started >> \"{}\"; exec timeout -s KILL 1 node \"{}\" stdio']\n",
+        spawns.display(),
+        everything().display()
+    );
+    let graph = GRAPH.replace(
+        "retry = { max_attempts = 5, initial_delay = \"100ms\", max_delay = \"2s\" }",
+        "retry = { max_attempts = 2, initial_delay = \"50ms\" }",
+    );
+    let started = std::time::Instant::now();
+    let orch = Orchestrator::builder(load_with(dir.path(), &graph, &servers))
+        .start()
+        .await
+        .unwrap();
+    let count = || {
+        std::fs::read_to_string(&spawns)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    let server = orch
+        .registry()
+        .resources()
+        .get::<cascade_orchestrator::agents::mcp::McpServers>()
+        .get("everything")
+        .unwrap();
+    let mut jobs = Vec::new();
+    while started.elapsed() < Duration::from_secs(12) {
+        jobs.push(
+            orch.submit(SubmitRequest::new("tools", json!({"a": 1, "b": 1})))
+                .await
+                .unwrap()
+                .id,
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spawned = count();
+    let elapsed = started.elapsed().as_secs_f64();
+    // Started at 0 s, then each time no sooner than 1, 2, 4, 8 s after the last death: within t
+    // seconds at most 1 + log2(t + 1) starts.
+    let bound = 1 + (elapsed + 1.0).log2().floor() as usize;
+    assert!(
+        (3..=bound).contains(&spawned),
+        "{spawned} starts in {elapsed:.1} s (at most {bound})"
+    );
+    assert!(server.starts() >= 2, "{}", server.starts());
+    // Some jobs found it up.
+    let mut succeeded = 0;
+    for id in jobs {
+        if orch.get(id).unwrap().unwrap().state == JobState::Succeeded {
+            succeeded += 1;
+        }
+    }
+    assert!(succeeded > 0);
+}
+
 /// `cascade run --config cascade.toml graph.toml` with `[mcp_servers]`: the job runs on the
 /// stdio server it starts, and what the server writes to stderr is in the run's log (at the
 /// default level).
@@ -669,10 +733,13 @@ async fn servers_unreachable_at_start_pause_their_agents_until_they_answer() {
     // The servers come up.
     let ledger = ledger::Ledger::default();
     ledger::serve_on(ledger.clone(), "late-token-4", ledger_port).await;
+    // Its pid (the shell's, which exec hands to node) goes to a file, a line per start.
+    let pids = bin.path().join("pids");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nexec node {:?} stdio\n",
+            "#!/bin/sh\necho $$ >> {:?}\nexec node {:?} stdio\n",
+            pids.display().to_string(),
             everything().display().to_string()
         ),
     )
@@ -706,6 +773,37 @@ async fn servers_unreachable_at_start_pause_their_agents_until_they_answer() {
         }
     }
     assert_eq!(ledger.calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+
+    // kill -9 of the stdio server: its exit is in the log with its status, and it is started
+    // again with no call waiting.
+    let started = || -> Vec<String> {
+        std::fs::read_to_string(&pids)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let before = started();
+    assert_eq!(before.len(), 1, "started once for the jobs: {before:?}");
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &before[0]])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while started().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "not started again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("MCP server exited")
+            && l.contains("server=everything")
+            && l.contains("killed by signal 9")),
+        "{log}"
+    );
 }
 
 /// An MCP server over HTTP behind OAuth2 (client credentials from oauth2-mock-server, tokens

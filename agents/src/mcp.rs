@@ -277,6 +277,8 @@ type Client = RunningService<RoleClient, ()>;
 /// A live connection to a server.
 struct Connection {
     client: Arc<Client>,
+    /// Its start number (see [`McpServer::starts`]).
+    start: u64,
     /// A stdio server's watcher kills its process when this is dropped (the connection was
     /// dropped or replaced, or the server is gone).
     _stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -410,6 +412,9 @@ impl McpServer {
         if let Some(c) = self.current() {
             return Ok(c);
         }
+        // A connection that closed (its process died) and that the watcher has not forgotten
+        // yet: a failure all the same, which the backoff counts before a new start.
+        self.lost(|c| c.client.is_closed());
         if let Some(wait) = self.backoff_wait() {
             return Err(AgentError::transient(format!(
                 "MCP server {:?} is down; it is started again in {} ms",
@@ -441,16 +446,11 @@ impl McpServer {
                 );
                 *self.connection.write().unwrap_or_else(|p| p.into_inner()) = Some(Connection {
                     client: client.clone(),
+                    start,
                     _stop: child.is_some().then_some(stop),
                 });
                 if let Some(child) = child {
-                    supervisor::watch(
-                        self.me.clone(),
-                        start,
-                        child,
-                        Arc::downgrade(&client),
-                        stopped,
-                    );
+                    supervisor::watch(self.me.clone(), start, child, stopped);
                 }
                 tracing::info!(server = %self.name, pid = ?self.pid(), "MCP server connected");
                 Ok(client)
@@ -636,9 +636,13 @@ impl McpServer {
             // transport, a cancelled service) means the connection is gone, whether or not the
             // service noticed yet: drop it (which ends its process), and start again next time.
             if !matches!(e, rmcp::ServiceError::McpError(_)) {
-                tracing::warn!(server = %self.name, error = %e, "MCP server connection lost; it is started again for the next call");
-                self.note_refusal(&e.to_string());
-                self.drop_connection(Some(&client));
+                tracing::warn!(server = %self.name, error = %e, "MCP server connection lost; it is started again after its backoff");
+                if self.note_refusal(&e.to_string()) {
+                    // Its token is renewed and the connection made again at once.
+                    self.drop_connection(Some(&client));
+                } else {
+                    self.lost(|c| Arc::ptr_eq(&c.client, &client));
+                }
             }
             AgentError::transient(format!("MCP server {:?}: {e}", self.name))
         })
@@ -655,12 +659,30 @@ impl McpServer {
         }
     }
 
+    /// The connection `which` picks (if it is the one in place) is gone: forget it (a stdio
+    /// server's process is killed, if it still runs) and count a failure in the backoff; the
+    /// wait before the next start. None when it was forgotten already: each loss is counted
+    /// once, whoever (a call, the watcher of the process) notices it first.
+    fn lost(&self, which: impl Fn(&Connection) -> bool) -> Option<Duration> {
+        let mut c = self.connection.write().unwrap_or_else(|p| p.into_inner());
+        if !c.as_ref().is_some_and(which) {
+            return None;
+        }
+        *c = None;
+        self.pid.store(0, std::sync::atomic::Ordering::Relaxed);
+        Some(self.backoff_failed())
+    }
+
     /// A failure that says the server refused the token: the next connection renews it first.
-    fn note_refusal(&self, error: &str) {
-        if self.credential.is_some() && (error.contains("401") || error.contains("Unauthorized")) {
+    /// Whether it was one.
+    fn note_refusal(&self, error: &str) -> bool {
+        let refused =
+            self.credential.is_some() && (error.contains("401") || error.contains("Unauthorized"));
+        if refused {
             self.token_refused
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        refused
     }
 }
 

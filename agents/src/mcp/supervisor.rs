@@ -11,7 +11,7 @@ use tokio::process::Child;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{Client, McpServer};
+use super::McpServer;
 
 /// The first wait before a server that died or failed to start is started again; it doubles up
 /// to [`MAX_RESTART_DELAY`] while it keeps failing.
@@ -70,24 +70,23 @@ impl RestartBackoff {
     }
 }
 
-/// Watch the process of the stdio server `server`, started as its start number `start` (the
-/// connection `client`): when it exits, log its status, forget the connection and start the
-/// server again after the backoff. When `stop` fires or its sender is dropped (Cascade dropped
-/// the connection, or the server itself is gone), the process is killed first.
+/// Watch the process of the stdio server `server`, started as its start number `start`: when
+/// it exits, log its status, forget its connection (unless a call did first) and start the
+/// server again after the backoff. When `stop` fires or its sender is dropped (the connection
+/// was forgotten or replaced, or the server itself is gone), the process is killed first.
 pub(super) fn watch(
     server: Weak<McpServer>,
     start: u64,
     mut child: Child,
-    client: Weak<Client>,
     stop: oneshot::Receiver<()>,
 ) {
     tokio::spawn(async move {
         let started = Instant::now();
-        let (status, dropped) = tokio::select! {
+        let (status, killed) = tokio::select! {
             status = child.wait() => (status, false),
             _ = stop => {
-                // Not a crash: the connection was dropped (a broken transport) or the server
-                // is gone. Killing the process reaps it too.
+                // Its connection broke (a call said so) or the server is gone: kill it, which
+                // reaps it too.
                 let _ = child.kill().await;
                 (child.wait().await, true)
             }
@@ -95,21 +94,19 @@ pub(super) fn watch(
         let Some(s) = server.upgrade() else {
             return;
         };
-        if s.starts() != start {
-            // A call has started it again already.
-            return;
-        }
-        if let Some(client) = client.upgrade() {
-            s.drop_connection(Some(&client));
-        }
-        let delay = s.backoff_failed();
+        let restart_in_ms = s
+            .lost(|c| c.start == start)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let status = status.map_or_else(|e| e.to_string(), |s| exit_status(&s));
         let up_for_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let restart_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        if dropped {
-            tracing::warn!(server = %s.name(), %status, up_for_ms, restart_in_ms, "MCP server stopped after its connection broke; it is started again");
+        if killed {
+            tracing::warn!(server = %s.name(), %status, up_for_ms, "MCP server stopped after its connection broke; it is started again after its backoff");
         } else {
-            tracing::warn!(server = %s.name(), %status, up_for_ms, restart_in_ms, "MCP server exited; it is started again");
+            tracing::warn!(server = %s.name(), %status, up_for_ms, ?restart_in_ms, "MCP server exited; it is started again after its backoff");
+        }
+        if s.starts() != start {
+            // Started again already.
+            return;
         }
         drop(s);
         restart(server).await;
