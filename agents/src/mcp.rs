@@ -634,7 +634,8 @@ impl McpServer {
         client.call_tool(params).await.map_err(|e| {
             // A protocol error is the server's answer; anything else (a closed or broken
             // transport, a cancelled service) means the connection is gone, whether or not the
-            // service noticed yet: drop it (which ends its process), and start again next time.
+            // service noticed yet: forget it (which ends its process) and start again after the
+            // backoff.
             if !matches!(e, rmcp::ServiceError::McpError(_)) {
                 tracing::warn!(server = %self.name, error = %e, "MCP server connection lost; it is started again after its backoff");
                 if self.note_refusal(&e.to_string()) {

@@ -83,6 +83,8 @@ pub(super) fn watch(
     tokio::spawn(async move {
         let started = Instant::now();
         let (status, killed) = tokio::select! {
+            // An exit that came first is told as one.
+            biased;
             status = child.wait() => (status, false),
             _ = stop => {
                 // Its connection broke (a call said so) or the server is gone: kill it, which
@@ -94,15 +96,16 @@ pub(super) fn watch(
         let Some(s) = server.upgrade() else {
             return;
         };
+        s.lost(|c| c.start == start);
         let restart_in_ms = s
-            .lost(|c| c.start == start)
-            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            .backoff_wait()
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let status = status.map_or_else(|e| e.to_string(), |s| exit_status(&s));
         let up_for_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if killed {
-            tracing::warn!(server = %s.name(), %status, up_for_ms, "MCP server stopped after its connection broke; it is started again after its backoff");
+            tracing::warn!(server = %s.name(), %status, up_for_ms, restart_in_ms, "MCP server's connection broke; its process was ended and it is started again after its backoff");
         } else {
-            tracing::warn!(server = %s.name(), %status, up_for_ms, ?restart_in_ms, "MCP server exited; it is started again after its backoff");
+            tracing::warn!(server = %s.name(), %status, up_for_ms, restart_in_ms, "MCP server exited; it is started again after its backoff");
         }
         if s.starts() != start {
             // Started again already.
