@@ -22,6 +22,15 @@ kind = "sim"
 approval_when = "input.amount > 1000"
 "#;
 
+/// A job that takes 3 s: longer than a short `wait_seconds`.
+const SLOW: &str = r#"
+[graph]
+name = "slow"
+[agents.work]
+kind = "sim"
+latency = "3s"
+"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the Python mcp SDK from PyPI: .ci/run installs it (pip install mcp==2.3.0) and runs this test"]
 async fn graphs_are_mcp_tools_for_a_python_client() {
@@ -33,7 +42,12 @@ async fn graphs_are_mcp_tools_for_a_python_client() {
             .unwrap();
     model.graphs.extend(gated.graphs);
     model.quotas.extend(gated.quotas);
-    let (_orch, server) = common::serve_in_process(model).await;
+    let slow =
+        cascade_orchestrator::config::parse_graph_str("slow.toml", SLOW, &Default::default())
+            .unwrap();
+    model.graphs.extend(slow.graphs);
+    model.quotas.extend(slow.quotas);
+    let (orch, server) = common::serve_in_process(model).await;
     let url = format!("http://127.0.0.1:{}/mcp", server.http_addr.port());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/mcp_client.py");
     let out = tokio::process::Command::new("python3")
@@ -89,6 +103,53 @@ async fn graphs_are_mcp_tools_for_a_python_client() {
             .contains("invalid job id"),
         "{seen}"
     );
+
+    // A job that outlasts wait_seconds: its id and a state that is not final.
+    let slow = &seen["run_slow"]["structured"];
+    let slow_id = slow["job_id"].as_str().expect("a job id");
+    assert!(
+        ["pending", "running"].contains(&slow["state"].as_str().unwrap()),
+        "{seen}"
+    );
+    assert_eq!(slow["output"], Value::Null);
+    // get_job on it: the same job, still under way.
+    let got = &seen["get_job_slow"]["structured"];
+    assert_eq!(got["job_id"], slow_id, "{seen}");
+    assert_eq!(got["graph"], "slow");
+    assert!(
+        ["pending", "running"].contains(&got["state"].as_str().unwrap()),
+        "{seen}"
+    );
+    // await_job waits for its end and answers with its output.
+    let awaited = &seen["await_job_slow"]["structured"];
+    assert_eq!(awaited["job_id"], slow_id, "{seen}");
+    assert_eq!(awaited["state"], "succeeded", "{seen}");
+    assert_eq!(
+        awaited["output"]["work"]["input"],
+        json!({"n": 1}),
+        "{seen}"
+    );
+    let record = orch.get(slow_id.parse().unwrap()).unwrap().unwrap();
+    assert_eq!(record.state, cascade_orchestrator::job::JobState::Succeeded);
+
+    // The same idempotency key twice: the same job.
+    let keyed = &seen["run_slow_keyed"];
+    let keyed_id = keyed[0]["structured"]["job_id"].as_str().unwrap();
+    assert_ne!(keyed_id, slow_id);
+    assert_eq!(keyed[1]["structured"]["job_id"], keyed_id, "{seen}");
+    // cancel_job on it while it runs: cancelled, as get_job and the orchestrator then say.
+    assert_eq!(seen["cancel_job"]["is_error"], false, "{seen}");
+    assert_eq!(seen["cancel_job"]["structured"]["job_id"], keyed_id);
+    assert_eq!(
+        seen["cancel_job"]["structured"]["state"], "cancelled",
+        "{seen}"
+    );
+    assert_eq!(
+        seen["get_job_cancelled"]["structured"]["state"], "cancelled",
+        "{seen}"
+    );
+    let record = orch.get(keyed_id.parse().unwrap()).unwrap().unwrap();
+    assert_eq!(record.state, cascade_orchestrator::job::JobState::Cancelled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

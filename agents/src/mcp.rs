@@ -26,9 +26,12 @@
 //!
 //! A server is declared once and shared: one process (stdio) or one session (HTTP) serves every
 //! agent that names it. It is connected when first needed (and at start, to read its tools), and
-//! again after it dies, with a backoff of 1 s doubling to 30 s; meanwhile calls fail as transient,
-//! which the server's implicit quota (`upstream:mcp:<name>`) counts towards its circuit breaker.
-//! A stdio server's stderr goes to Cascade's log. An OAuth2 credential's token is fetched when
+//! again after it dies, with a backoff of 1 s doubling to 30 s (back to 1 s once a start has
+//! stayed up 30 s); meanwhile calls fail as transient, which the server's implicit quota
+//! (`upstream:mcp:<name>`) counts towards its circuit breaker. A stdio server's process is
+//! watched: when it exits, its exit status is logged and it is started again after the backoff,
+//! whether or not a call waits for it (see [`supervisor`]). A stdio server's stderr goes to
+//! Cascade's log, a line at a time, at warn. An OAuth2 credential's token is fetched when
 //! the server is connected and renewed before it expires (the connection is made again with the
 //! new one) or after the server refuses it.
 //!
@@ -39,7 +42,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use rmcp::ServiceExt;
@@ -48,6 +51,9 @@ use rmcp::service::{RoleClient, RunningService};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use tokio::time::Instant;
+
+mod supervisor;
+use supervisor::RestartBackoff;
 
 use crate::http::oauth2::Credential;
 use crate::secret::{SecretCell, SecretRef};
@@ -65,11 +71,6 @@ pub const KIND: KindSpec = KindSpec {
     credential: crate::registry::no_credential,
     may_be_irreversible: true,
 };
-
-/// The first wait before a server that died or failed to start is started again; it doubles up
-/// to [`MAX_RESTART_DELAY`] while it keeps failing.
-const FIRST_RESTART_DELAY: Duration = Duration::from_secs(1);
-const MAX_RESTART_DELAY: Duration = Duration::from_secs(30);
 
 /// The `_meta` key of a tool call's idempotency key.
 pub const IDEMPOTENCY_META_KEY: &str = "io.cascade/idempotency_key";
@@ -265,18 +266,31 @@ impl McpServers {
             .get(name)
             .cloned();
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let server = running
-            .entry(name.to_string())
-            .or_insert_with(|| Arc::new(McpServer::new(name, config.clone(), credential)));
+        let server = running.entry(name.to_string()).or_insert_with(|| {
+            Arc::new_cyclic(|me| McpServer::new(name, config.clone(), credential, me.clone()))
+        });
         Some(server.clone())
     }
 }
 
 type Client = RunningService<RoleClient, ()>;
 
-/// One MCP server: its connection (made, and made again after it dies, on demand), its tools as
-/// last listed, and its restart backoff.
+/// A live connection to a server.
+struct Connection {
+    client: Arc<Client>,
+    /// Its start number (see [`McpServer::starts`]).
+    start: u64,
+    /// A stdio server's watcher kills its process when this is dropped (the connection was
+    /// dropped or replaced, or the server is gone).
+    _stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// One MCP server: its connection (made on demand, and made again after it dies: by the next
+/// call, or for a stdio server by the watcher of its process), its tools as last listed, and its
+/// restart backoff.
 pub struct McpServer {
+    /// Itself, for the watcher of its process.
+    me: Weak<McpServer>,
     name: String,
     config: McpServerConfig,
     /// With `auth = { oauth2 = … }`: the credential, and the token the connection was made
@@ -286,12 +300,12 @@ pub struct McpServer {
     token_refused: std::sync::atomic::AtomicBool,
     /// Its basic auth header's value in the process's redactor.
     secret_source: u64,
-    client: RwLock<Option<Arc<Client>>>,
+    connection: RwLock<Option<Connection>>,
     /// One connection attempt at a time.
     connecting: tokio::sync::Mutex<()>,
     tools: RwLock<Option<Arc<Vec<Tool>>>>,
-    /// No new start before this (a server that keeps failing waits longer each time).
-    backoff: Mutex<(Option<Instant>, Duration)>,
+    /// When it may be started again (a server that keeps failing waits longer each time).
+    backoff: Mutex<RestartBackoff>,
     /// Connections made so far (the first start included).
     starts: std::sync::atomic::AtomicU64,
     /// The process of a stdio server, while it runs (0: none).
@@ -299,18 +313,24 @@ pub struct McpServer {
 }
 
 impl McpServer {
-    fn new(name: &str, config: McpServerConfig, credential: Option<Arc<Credential>>) -> Self {
+    fn new(
+        name: &str,
+        config: McpServerConfig,
+        credential: Option<Arc<Credential>>,
+        me: Weak<McpServer>,
+    ) -> Self {
         Self {
+            me,
             name: name.to_string(),
             config,
             credential,
             connected_token: Mutex::new(None),
             token_refused: std::sync::atomic::AtomicBool::new(false),
             secret_source: crate::secret::Redactor::source(),
-            client: RwLock::new(None),
+            connection: RwLock::new(None),
             connecting: tokio::sync::Mutex::new(()),
             tools: RwLock::new(None),
-            backoff: Mutex::new((None, FIRST_RESTART_DELAY)),
+            backoff: Mutex::new(RestartBackoff::default()),
             starts: std::sync::atomic::AtomicU64::new(0),
             pid: std::sync::atomic::AtomicU32::new(0),
         }
@@ -347,8 +367,23 @@ impl McpServer {
     }
 
     fn current(&self) -> Option<Arc<Client>> {
-        let c = self.client.read().unwrap_or_else(|p| p.into_inner());
-        c.as_ref().filter(|c| !c.is_closed()).cloned()
+        let c = self.connection.read().unwrap_or_else(|p| p.into_inner());
+        c.as_ref()
+            .map(|c| &c.client)
+            .filter(|c| !c.is_closed())
+            .cloned()
+    }
+
+    /// How long a start must still wait (none: it may start now).
+    fn backoff_wait(&self) -> Option<Duration> {
+        let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        b.wait(Instant::now())
+    }
+
+    /// A start failed or the server died: the wait before the next start.
+    fn backoff_failed(&self) -> Duration {
+        let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        b.failed(Instant::now())
     }
 
     /// The live connection, made (again) if there is none and the backoff allows. With an
@@ -378,12 +413,10 @@ impl McpServer {
         if let Some(c) = self.current() {
             return Ok(c);
         }
-        let now = Instant::now();
-        let wait = {
-            let b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-            b.0.filter(|t| *t > now).map(|t| t - now)
-        };
-        if let Some(wait) = wait {
+        // A connection that closed (its process died) and that the watcher has not forgotten
+        // yet: a failure all the same, which the backoff counts before a new start.
+        self.lost(|c| c.client.is_closed());
+        if let Some(wait) = self.backoff_wait() {
             return Err(AgentError::transient(format!(
                 "MCP server {:?} is down; it is started again in {} ms",
                 self.name,
@@ -391,15 +424,36 @@ impl McpServer {
             )));
         }
         match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
-            Ok(Ok((client, tools))) => {
+            Ok(Ok((client, tools, child))) => {
                 let client = Arc::new(client);
-                *self.client.write().unwrap_or_else(|p| p.into_inner()) = Some(client.clone());
                 *self.tools.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(tools));
-                *self.backoff.lock().unwrap_or_else(|p| p.into_inner()) =
-                    (None, FIRST_RESTART_DELAY);
-                self.starts
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::info!(server = %self.name, "MCP server connected");
+                self.backoff
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .started(Instant::now());
+                let start = self
+                    .starts
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                // The connection is in place before its watcher runs, so that a process that
+                // has already exited is forgotten by it.
+                let (stop, stopped) = tokio::sync::oneshot::channel();
+                self.pid.store(
+                    child
+                        .as_ref()
+                        .and_then(tokio::process::Child::id)
+                        .unwrap_or(0),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                *self.connection.write().unwrap_or_else(|p| p.into_inner()) = Some(Connection {
+                    client: client.clone(),
+                    start,
+                    _stop: child.is_some().then_some(stop),
+                });
+                if let Some(child) = child {
+                    supervisor::watch(self.me.clone(), start, child, stopped);
+                }
+                tracing::info!(server = %self.name, pid = ?self.pid(), "MCP server connected");
                 Ok(client)
             }
             outcome => {
@@ -407,12 +461,7 @@ impl McpServer {
                     Ok(Err(e)) => e,
                     _ => format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
                 };
-                let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
-                let delay = b.1;
-                *b = (
-                    Some(Instant::now() + delay),
-                    (delay * 2).min(MAX_RESTART_DELAY),
-                );
+                let delay = self.backoff_failed();
                 tracing::warn!(server = %self.name, error = %why, retry_in_ms = delay.as_millis() as u64, "MCP server could not be started");
                 Err(AgentError::transient(format!(
                     "MCP server {:?} could not be started: {why}",
@@ -422,7 +471,10 @@ impl McpServer {
         }
     }
 
-    async fn connect(&self) -> Result<(Client, Vec<Tool>), String> {
+    /// Connect: spawn the process of a stdio server (returned, for its watcher) or reach the
+    /// URL, initialize, and list the tools.
+    async fn connect(&self) -> Result<(Client, Vec<Tool>, Option<tokio::process::Child>), String> {
+        let mut process = None;
         let client = match (&self.config.command, &self.config.url) {
             (Some(command), _) => {
                 let mut cmd = tokio::process::Command::new(command);
@@ -450,25 +502,34 @@ impl McpServer {
                 if let Some(dir) = &self.config.cwd {
                     cmd.current_dir(dir);
                 }
-                let (transport, stderr) = rmcp::transport::TokioChildProcess::builder(cmd)
+                // Spawned here rather than by rmcp's child-process transport, which keeps the
+                // process to itself: the watcher waits on it for its exit status. Dropped before
+                // it is handed over (a failed start), it is killed.
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
                     .stderr(Stdio::piped())
+                    .kill_on_drop(true);
+                let mut child = cmd
                     .spawn()
                     .map_err(|e| format!("cannot start {command:?}: {e}"))?;
-                self.pid.store(
-                    transport.id().unwrap_or(0),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                if let Some(stderr) = stderr {
+                let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+                    return Err("the process has no stdin or stdout".into());
+                };
+                if let Some(stderr) = child.stderr.take() {
                     let name = self.name.clone();
                     tokio::spawn(async move {
                         use tokio::io::AsyncBufReadExt;
                         let mut lines = tokio::io::BufReader::new(stderr).lines();
+                        // At warn, the default level: a server writes to stderr what it has
+                        // to say besides the protocol, its errors and why it died among them.
                         while let Ok(Some(line)) = lines.next_line().await {
-                            tracing::info!(server = %name, "{line}");
+                            tracing::warn!(server = %name, "stderr: {line}");
                         }
                     });
                 }
-                ().serve(transport).await.map_err(|e| e.to_string())?
+                let client = ().serve((stdout, stdin)).await.map_err(|e| e.to_string())?;
+                process = Some(child);
+                client
             }
             (None, Some(url)) => {
                 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
@@ -550,7 +611,7 @@ impl McpServer {
             .list_all_tools()
             .await
             .map_err(|e| format!("listing its tools failed: {e}"))?;
-        Ok((client, tools))
+        Ok((client, tools, process))
     }
 
     /// Call `tool` with `arguments`, the call's idempotency key in the request's `_meta` (as
@@ -574,11 +635,16 @@ impl McpServer {
         client.call_tool(params).await.map_err(|e| {
             // A protocol error is the server's answer; anything else (a closed or broken
             // transport, a cancelled service) means the connection is gone, whether or not the
-            // service noticed yet: drop it (which ends its process), and start again next time.
+            // service noticed yet: forget it (which ends its process) and start again after the
+            // backoff.
             if !matches!(e, rmcp::ServiceError::McpError(_)) {
-                tracing::warn!(server = %self.name, error = %e, "MCP server connection lost; it is started again for the next call");
-                self.note_refusal(&e.to_string());
-                self.drop_connection(Some(&client));
+                tracing::warn!(server = %self.name, error = %e, "MCP server connection lost; it is started again after its backoff");
+                if self.note_refusal(&e.to_string()) {
+                    // Its token is renewed and the connection made again at once.
+                    self.drop_connection(Some(&client));
+                } else {
+                    self.lost(|c| Arc::ptr_eq(&c.client, &client));
+                }
             }
             AgentError::transient(format!("MCP server {:?}: {e}", self.name))
         })
@@ -588,19 +654,37 @@ impl McpServer {
 impl McpServer {
     /// Forget the connection (`only` that one, if given): the next call makes a new one.
     fn drop_connection(&self, only: Option<&Arc<Client>>) {
-        let mut c = self.client.write().unwrap_or_else(|p| p.into_inner());
-        if only.is_none_or(|only| c.as_ref().is_some_and(|c| Arc::ptr_eq(c, only))) {
+        let mut c = self.connection.write().unwrap_or_else(|p| p.into_inner());
+        if only.is_none_or(|only| c.as_ref().is_some_and(|c| Arc::ptr_eq(&c.client, only))) {
             *c = None;
             self.pid.store(0, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
+    /// The connection `which` picks (if it is the one in place) is gone: forget it (a stdio
+    /// server's process is killed, if it still runs) and count a failure in the backoff; the
+    /// wait before the next start. None when it was forgotten already: each loss is counted
+    /// once, whoever (a call, the watcher of the process) notices it first.
+    fn lost(&self, which: impl Fn(&Connection) -> bool) -> Option<Duration> {
+        let mut c = self.connection.write().unwrap_or_else(|p| p.into_inner());
+        if !c.as_ref().is_some_and(which) {
+            return None;
+        }
+        *c = None;
+        self.pid.store(0, std::sync::atomic::Ordering::Relaxed);
+        Some(self.backoff_failed())
+    }
+
     /// A failure that says the server refused the token: the next connection renews it first.
-    fn note_refusal(&self, error: &str) {
-        if self.credential.is_some() && (error.contains("401") || error.contains("Unauthorized")) {
+    /// Whether it was one.
+    fn note_refusal(&self, error: &str) -> bool {
+        let refused =
+            self.credential.is_some() && (error.contains("401") || error.contains("Unauthorized"));
+        if refused {
             self.token_refused
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
+        refused
     }
 }
 
