@@ -702,6 +702,22 @@ async fn run_schedule_resuming(
     let TriggerSource::Schedule(spec) = t.model.source.clone() else {
         unreachable!()
     };
+    // The latest slot the schedule catches up on when it starts, if any.
+    let catch_up_to = {
+        use cascade_orchestrator::store::JobStore;
+        store
+            .trigger_state("reports/quarter-hourly")
+            .unwrap()
+            .and_then(|s| {
+                serde_json::from_str::<cascade_orchestrator::triggers::TriggerState>(&s).ok()
+            })
+            .filter(|s| !s.paused)
+            .and_then(|s| s.last_slot_ms)
+            .and_then(|ms| {
+                let last = UNIX_EPOCH + Duration::from_millis(ms as u64);
+                spec.every.slots_between(last, start).last().copied()
+            })
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let clock = schedule::WallClock::starting_at(start);
     let runners: Vec<_> = (0..nodes)
@@ -715,6 +731,32 @@ async fn run_schedule_resuming(
             ))
         })
         .collect();
+    // On a paused clock tokio moves time on whenever every task waits, and the catch-up's
+    // submissions wait for the store's writer thread: the clock could jump past the next slot,
+    // or to the end of the run, before the schedule has even set its timer. The runtime is kept
+    // busy (yielding, which lets no time pass) until the catch-up is saved.
+    if let Some(slot) = catch_up_to {
+        use cascade_orchestrator::store::JobStore;
+        let target = slot.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let saved = store
+                .trigger_state("reports/quarter-hourly")
+                .unwrap()
+                .and_then(|s| {
+                    serde_json::from_str::<cascade_orchestrator::triggers::TriggerState>(&s).ok()
+                })
+                .and_then(|s| s.last_slot_ms);
+            if saved.is_some_and(|ms| ms >= target) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the catch-up never finished: {saved:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
     if let Some(after) = resume_after {
         tokio::time::sleep(after).await;
         orch.triggers()
