@@ -163,10 +163,14 @@ impl Desk {
     }
 
     async fn stripe(&self, id: &str) -> (u16, Option<u64>, Value) {
+        self.stripe_at(id, now()).await
+    }
+
+    /// A Stripe event `id`, signed at `t`.
+    async fn stripe_at(&self, id: &str, t: u64) -> (u16, Option<u64>, Value) {
         let body = json!({"id": id, "object": "event", "type": "customer.created",
                           "data": {"object": {"id": "cus_1"}}})
         .to_string();
-        let t = now();
         let sig = hex_hmac(
             SECRET.as_bytes(),
             &[format!("{t}.").as_bytes(), body.as_bytes()],
@@ -270,8 +274,30 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
     assert_eq!(desk.post("github", &tampered, &issue).await.0, 401);
 
     // Stripe: accepted, then the same event id redelivered with a fresh signature.
-    let (status, _, charge) = desk.stripe("evt_1NG8Du2eZvKYlo2CUI79vXWy").await;
+    let t = now();
+    let (status, _, charge) = desk.stripe_at("evt_1NG8Du2eZvKYlo2CUI79vXWy", t).await;
     assert_eq!(status, 202, "{charge}");
+    // The very same request again (same timestamp, same signature): a replay, no second job.
+    let (status, _, replay) = desk.stripe_at("evt_1NG8Du2eZvKYlo2CUI79vXWy", t).await;
+    assert_eq!(
+        (status, &replay["replay"], &replay["job_id"]),
+        (200, &json!(true), &Value::Null),
+        "{replay}"
+    );
+    // Signed with another secret: refused.
+    let forged_body = r#"{"id":"evt_forged","type":"customer.created"}"#;
+    let forged_sig = hex_hmac(
+        b"whsec_not-the-secret",
+        &[format!("{t}.").as_bytes(), forged_body.as_bytes()],
+    );
+    let (status, _, forged) = desk
+        .post(
+            "stripe",
+            &[("stripe-signature", format!("t={t},v1={forged_sig}"))],
+            forged_body,
+        )
+        .await;
+    assert_eq!(status, 401, "{forged}");
     assert_eq!(
         desk.job_input(&charge["job_id"]).await,
         json!({"event_type": "customer.created", "customer": "cus_1"})
@@ -297,18 +323,47 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
 
     // Zendesk: base64 over timestamp + body; the invocation id is the key.
     let body = r#"{"ticket":{"id":35436}}"#;
-    let ts = chrono_now();
-    let sig = {
+    let zendesk_signed = |secret: &str, ts: &str, body: &str, invocation: &str| {
         use base64::Engine;
-        let key = hmac::Key::new(hmac::HMAC_SHA256, SECRET.as_bytes());
-        base64::engine::general_purpose::STANDARD
-            .encode(hmac::sign(&key, format!("{ts}{body}").as_bytes()).as_ref())
+        let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+        let sig = base64::engine::general_purpose::STANDARD
+            .encode(hmac::sign(&key, format!("{ts}{body}").as_bytes()).as_ref());
+        vec![
+            ("x-zendesk-webhook-signature-timestamp", ts.to_string()),
+            ("x-zendesk-webhook-signature", sig),
+            ("x-zendesk-webhook-invocation-id", invocation.to_string()),
+        ]
     };
-    let zendesk = [
-        ("x-zendesk-webhook-signature-timestamp", ts.clone()),
-        ("x-zendesk-webhook-signature", sig),
-        ("x-zendesk-webhook-invocation-id", "8350205582".into()),
-    ];
+    let ts = chrono_now();
+    let zendesk = zendesk_signed(SECRET, &ts, body, "8350205582");
+    let (status, _, forged) = desk
+        .post(
+            "zendesk",
+            &zendesk_signed("not-the-secret", &ts, body, "8350205583"),
+            body,
+        )
+        .await;
+    assert_eq!(status, 401, "{forged}");
+    let stale_ts = (chrono::Utc::now() - chrono::Duration::minutes(10))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let (status, _, stale) = desk
+        .post(
+            "zendesk",
+            &zendesk_signed(SECRET, &stale_ts, body, "8350205584"),
+            body,
+        )
+        .await;
+    assert_eq!(status, 401, "{stale}");
+    // Correctly signed, but without the ticket its `input` needs: refused (422), never a job.
+    let no_ticket = r#"{"account":{"id":1}}"#;
+    let (status, _, invalid) = desk
+        .post(
+            "zendesk",
+            &zendesk_signed(SECRET, &ts, no_ticket, "8350205585"),
+            no_ticket,
+        )
+        .await;
+    assert_eq!(status, 422, "{invalid}");
     let (status, _, zd) = desk.post("zendesk", &zendesk, body).await;
     assert_eq!(status, 202, "{zd}");
     let (status, _, replay) = desk.post("zendesk", &zendesk, body).await;
@@ -343,6 +398,15 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
     assert_eq!((status, &replay["replay"]), (200, &json!(true)), "{replay}");
     let (status, _, stale) = desk.post("signed", &signed_at(t - 900), body).await;
     assert_eq!(status, 401, "{stale}");
+    let mut forged = signed_at(t + 1);
+    forged[1].1 = cascade_orchestrator::secret::sign_keyed(
+        &cascade_orchestrator::secret::Secret::new(b"not-the-secret".to_vec()),
+        t + 1,
+        Some("order-7"),
+        body.as_bytes(),
+    );
+    let (status, _, forged) = desk.post("signed", &forged, body).await;
+    assert_eq!(status, 401, "{forged}");
     assert_eq!(desk.job_input(&signed["job_id"]).await, json!({"order": 7}));
 
     // An unsigned caller learns nothing about the triggers there are.
@@ -384,7 +448,30 @@ async fn provider_webhooks_verify_dedupe_and_map_events() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(graph.triggers.len(), 5);
+    // Each trigger's counts after the sequence above: forgeries, stale timestamps, replays and
+    // Slack's challenge count nothing; a redelivery is deduplicated, a ping dropped by `when`, an
+    // event its `input` cannot map refused.
+    let mut counts: Vec<(&str, [u64; 5])> = graph
+        .triggers
+        .iter()
+        .map(|t| {
+            (
+                t.name.as_str(),
+                [t.received, t.started, t.deduplicated, t.dropped, t.refused],
+            )
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("github", [2, 1, 0, 1, 0]),
+            ("signed", [1, 1, 0, 0, 0]),
+            ("slack", [2, 1, 1, 0, 0]),
+            ("stripe", [2, 1, 1, 0, 0]),
+            ("zendesk", [2, 1, 0, 0, 1]),
+        ]
+    );
     let metrics = desk
         .http
         .get(format!("http://{}/metrics", desk.server.http_addr))
@@ -615,6 +702,22 @@ async fn run_schedule_resuming(
     let TriggerSource::Schedule(spec) = t.model.source.clone() else {
         unreachable!()
     };
+    // The latest slot the schedule catches up on when it starts, if any.
+    let catch_up_to = {
+        use cascade_orchestrator::store::JobStore;
+        store
+            .trigger_state("reports/quarter-hourly")
+            .unwrap()
+            .and_then(|s| {
+                serde_json::from_str::<cascade_orchestrator::triggers::TriggerState>(&s).ok()
+            })
+            .filter(|s| !s.paused)
+            .and_then(|s| s.last_slot_ms)
+            .and_then(|ms| {
+                let last = UNIX_EPOCH + Duration::from_millis(ms as u64);
+                spec.every.slots_between(last, start).last().copied()
+            })
+    };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let clock = schedule::WallClock::starting_at(start);
     let runners: Vec<_> = (0..nodes)
@@ -628,6 +731,32 @@ async fn run_schedule_resuming(
             ))
         })
         .collect();
+    // On a paused clock tokio moves time on whenever every task waits, and the catch-up's
+    // submissions wait for the store's writer thread: the clock could jump past the next slot,
+    // or to the end of the run, before the schedule has even set its timer. The runtime is kept
+    // busy (yielding, which lets no time pass) until the catch-up is saved.
+    if let Some(slot) = catch_up_to {
+        use cascade_orchestrator::store::JobStore;
+        let target = slot.duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let saved = store
+                .trigger_state("reports/quarter-hourly")
+                .unwrap()
+                .and_then(|s| {
+                    serde_json::from_str::<cascade_orchestrator::triggers::TriggerState>(&s).ok()
+                })
+                .and_then(|s| s.last_slot_ms);
+            if saved.is_some_and(|ms| ms >= target) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the catch-up never finished: {saved:?}"
+            );
+            tokio::task::yield_now().await;
+        }
+    }
     if let Some(after) = resume_after {
         tokio::time::sleep(after).await;
         orch.triggers()
@@ -814,4 +943,181 @@ quota = "q"
         .expect("the tenant is full");
     assert!(why.contains("tenant \"acme\""), "{why}");
     orch.shutdown(Duration::from_millis(100)).await;
+}
+
+/// A bus trigger whose server cannot be reached shows `failing` with why in ListTriggers, and
+/// `cascade_trigger_failing` is 1 for it in `/metrics` (0 for a trigger that runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_bus_shows_failing_in_list_triggers_and_metrics() {
+    // Nothing listens on this port.
+    let port = common::free_port();
+    let model = cascade_orchestrator::config::parse_graph_str(
+        "inbox.toml",
+        &format!(
+            r#"
+[graph]
+name = "inbox"
+
+[[graph.triggers]]
+name = "bus"
+kind = "nats"
+url = "nats://127.0.0.1:{port}"
+stream = "INBOX"
+subject = "inbox.in"
+consumer = "cascade"
+
+[[graph.triggers]]
+name = "nightly"
+kind = "schedule"
+cron = "0 3 * * *"
+
+[agents.a]
+kind = "sim"
+"#
+        ),
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (_orch, server) = common::serve_in_process(model).await;
+    let mut client = common::connect(server.grpc_addr.port()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let bus = loop {
+        let list = client
+            .list_triggers(pb::ListTriggersRequest {
+                graph: "inbox".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .triggers;
+        let bus = list.iter().find(|t| t.name == "bus").unwrap().clone();
+        if bus.state == "failing" {
+            break bus;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never failing: {list:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(bus.detail.contains(&port.to_string()), "{bus:?}");
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http_addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let gauge = |trigger: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("cascade_trigger_failing{")
+                    && l.contains("graph=\"inbox\"")
+                    && l.contains(&format!("trigger=\"{trigger}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    assert_eq!(
+        (gauge("bus"), gauge("nightly")),
+        (Some(1.0), Some(0.0)),
+        "{metrics}"
+    );
+}
+
+/// With API keys configured, the trigger route still authenticates by the provider's
+/// signature alone: a correctly signed POST with no API key starts a job of the trigger's
+/// tenant; a wrongly signed one, or an unsigned one carrying a valid API key, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_triggers_authenticate_by_signature_when_api_keys_are_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let key = cascade_orchestrator::auth::generate_key();
+    std::fs::write(
+        dir.path().join("cascade.toml"),
+        format!(
+            "graphs = [\"desk.toml\"]\n[[auth.api_keys]]\nname = \"ops\"\ntenant = \"internal\"\nroles = [\"admin\"]\nhash = \"{}\"\n",
+            cascade_orchestrator::auth::sha256_hash(&key)
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("desk.toml"),
+        format!(
+            r#"
+[graph]
+name = "desk"
+tenants = ["acme", "globex"]
+
+[[graph.triggers]]
+name = "github"
+kind = "webhook"
+verify = "github"
+secret = "file:{}"
+tenant = "globex"
+
+[agents.triage]
+kind = "sim"
+"#,
+            secret.display()
+        ),
+    )
+    .unwrap();
+    let model = cascade_orchestrator::config::load(
+        Some(&dir.path().join("cascade.toml")),
+        &[],
+        &Default::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (orch, server) = common::serve_in_process(model).await;
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/hooks/desk/github", server.http_addr);
+    let body = r#"{"action":"opened","issue":{"number":7}}"#;
+    let post = |sig: String, delivery: &'static str, api_key: Option<&str>| {
+        let mut req = http
+            .post(&url)
+            .header("x-github-event", "issues")
+            .header("x-github-delivery", delivery)
+            .header("x-hub-signature-256", sig)
+            .body(body);
+        if let Some(k) = api_key {
+            req = req.bearer_auth(k);
+        }
+        req.send()
+    };
+    // Other routes need a key here: the server does enforce authentication.
+    let jobs = http
+        .get(format!("http://{}/api/graphs", server.http_addr))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert!(
+        matches!(jobs, 401 | 403),
+        "GET /api/graphs without a key: {jobs}"
+    );
+
+    let good = format!("sha256={}", hex_hmac(SECRET.as_bytes(), &[body.as_bytes()]));
+    let resp = post(good, "d-1", None).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let accepted: Value = resp.json().await.unwrap();
+    let id = accepted["job_id"].as_str().unwrap().parse().unwrap();
+    let job = orch.get(id).unwrap().unwrap();
+    assert_eq!(job.tenant, "globex");
+
+    let forged = format!("sha256={}", hex_hmac(b"not-the-secret", &[body.as_bytes()]));
+    let status = post(forged.clone(), "d-2", None).await.unwrap().status();
+    assert_eq!(status.as_u16(), 401);
+    // An API key does not stand in for the provider's signature.
+    let status = post(forged, "d-3", Some(&key)).await.unwrap().status();
+    assert_eq!(status.as_u16(), 401);
+    let jobs = orch
+        .store()
+        .list(&cascade_orchestrator::store::JobFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
 }

@@ -74,6 +74,7 @@ pub const TRIGGER_EVENTS: &str = "cascade_trigger_events_total";
 pub const TRIGGER_PAUSED: &str = "cascade_trigger_paused";
 pub const TRIGGER_BACKLOG: &str = "cascade_trigger_backlog";
 pub const TRIGGER_WAITING: &str = "cascade_trigger_waiting";
+pub const TRIGGER_FAILING: &str = "cascade_trigger_failing";
 pub const APPROVAL_WAIT: &str = "cascade_approval_wait_seconds";
 pub const APPROVAL_DECISIONS: &str = "cascade_approval_decisions_total";
 pub const SUB_STEPS: &str = "cascade_sub_steps_total";
@@ -102,6 +103,10 @@ pub fn describe() {
     describe_gauge!(
         TRIGGER_WAITING,
         "1 while a trigger does not take events because its graph is full or paused (the backlog waits in the bus), by graph and trigger."
+    );
+    describe_gauge!(
+        TRIGGER_FAILING,
+        "1 while a trigger's source is unreachable (a bus it cannot connect to or read; it retries with backoff), by graph and trigger."
     );
     describe_gauge!(
         TRIGGER_BACKLOG,

@@ -1,5 +1,6 @@
 //! `cascade serve`: the gRPC API (with `grpc.health.v1` and reflection) on one port, and HTTP on
-//! another: `/healthz`, `/readyz`, and `POST /hooks/{graph}` (HMAC-verified webhook ingress).
+//! another: `/healthz`, `/readyz`, `POST /hooks/{graph}` (HMAC-verified webhook ingress) and
+//! `POST /hooks/{graph}/{trigger}` (a webhook trigger, verified by its provider's scheme).
 //! Completion callbacks are delivered from here too: signed, retried with backoff, and their
 //! outcome recorded on the job.
 

@@ -314,6 +314,8 @@ impl Trigger {
             }
             metrics::gauge!(crate::metrics::TRIGGER_WAITING, "graph" => self.model.graph.to_string(), "trigger" => self.model.name.to_string())
                 .set(if state == "waiting" { 1.0 } else { 0.0 });
+            metrics::gauge!(crate::metrics::TRIGGER_FAILING, "graph" => self.model.graph.to_string(), "trigger" => self.model.name.to_string())
+                .set(if state == "failing" { 1.0 } else { 0.0 });
             *s = (state, detail);
         }
     }
@@ -540,6 +542,9 @@ impl Triggers {
             t.paused.send_replace(state.paused);
             metrics::gauge!(crate::metrics::TRIGGER_PAUSED, "graph" => t.model.graph.to_string(), "trigger" => t.model.name.to_string())
                 .set(if state.paused { 1.0 } else { 0.0 });
+            // Exported at 0 from the start: a query or an alert finds the series before any failure.
+            metrics::gauge!(crate::metrics::TRIGGER_FAILING, "graph" => t.model.graph.to_string(), "trigger" => t.model.name.to_string())
+                .set(0.0);
             let (orch, t2, stop) = (orch.clone(), t.clone(), stop.clone());
             match &t.model.source {
                 TriggerSource::Webhook(_) => {}
