@@ -1244,3 +1244,67 @@ async fn refused_connections_response_caps_and_a_renamed_key_header() {
     assert!(!put.headers.contains_key("idempotency-key"));
     orch.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A delegated token from oauth2-mock-server's refresh-token grant: the configured refresh token
+/// is used first, and the rotated one the server hands back is used for the next token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs oauth2-mock-server from npm: .ci/run installs it (npm ci --prefix tests/js) and runs this test"]
+async fn a_delegated_token_comes_from_the_refresh_token_grant() {
+    let auth_port = common::free_port();
+    let auth = auth_server(auth_port, 1);
+    let app = axum::Router::new().fallback(|headers: axum::http::HeaderMap| async move {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("")
+            .to_string();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        if jwt_exp(&token).is_some_and(|exp| exp > now) {
+            (axum::http::StatusCode::OK, axum::Json(json!({"ok": true})))
+        } else {
+            (
+                axum::http::StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": "invalid_token"})),
+            )
+        }
+    });
+    let api_port = common::serve_http(app).await;
+    unsafe {
+        std::env::set_var("CASCADE_TEST_DELEGATED_SECRET", "delegated-client-secret");
+        std::env::set_var("CASCADE_TEST_DELEGATED_REFRESH", "users-refresh-token-1");
+    }
+    let orch = common::start(&format!(
+        "[graph]\nname = \"delegated\"\n[agents.call]\nkind = \"http\"\n\
+         url = \"http://127.0.0.1:{api_port}/me\"\n\
+         auth = {{ oauth2 = {{ token_url = \"http://127.0.0.1:{auth_port}/token\", client_id = \"cascade\", \
+         client_secret = \"env:CASCADE_TEST_DELEGATED_SECRET\", refresh_token = \"env:CASCADE_TEST_DELEGATED_REFRESH\" }} }}\n"
+    ))
+    .await;
+    let job = common::run_one(&orch, "delegated", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    // The one-second token expires: the next call refreshes with the rotated refresh token.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let job = common::run_one(&orch, "delegated", json!({})).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let grants: Vec<Value> = auth
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "token")
+        .cloned()
+        .collect();
+    assert!(grants.len() >= 2, "{grants:?}");
+    assert!(
+        grants.iter().all(|g| g["grant_type"] == "refresh_token"),
+        "{grants:?}"
+    );
+    assert_eq!(grants[0]["refresh_token"], "users-refresh-token-1");
+    let second = grants[1]["refresh_token"].as_str().unwrap_or_default();
+    assert!(second.starts_with("rotated-"), "{grants:?}");
+    orch.shutdown(Duration::from_secs(1)).await;
+}
