@@ -187,6 +187,29 @@ async fn a_declared_limit_above_the_providers_is_held_to_it_and_shown() {
         "{}",
         q.limits
     );
+    // The dashboard draws the same from /api/graphs ("upstream states 50 req (…/s), 1500 tok").
+    let api: serde_json::Value = reqwest::get(format!("http://{}/api/graphs", server.http_addr))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let drawn = api
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["quotas"].as_array().into_iter().flatten())
+        .find(|q| q["name"] == "provider")
+        .cloned()
+        .unwrap_or_else(|| panic!("no provider quota in /api/graphs: {api}"));
+    assert_eq!(
+        (
+            drawn["upstream_requests"]["limit"].clone(),
+            drawn["upstream_tokens"]["limit"].clone()
+        ),
+        (json!(50), json!(1500)),
+        "{drawn}"
+    );
     // Gauges are sampled once a second.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
