@@ -312,9 +312,22 @@ fn main() {
             // Warm up (connections, the server's tool list), then one job alone.
             through_cascade(&orch, 2, 2).await;
             let (one, _) = through_cascade(&orch, 1, 1).await;
-            let (_, records) = through_cascade(&orch, alone, 1).await;
+            // Jobs alone for their journals, each beside as many direct calls and a hand-loop
+            // job, so that what they are set against ran on the machine as it was then.
+            let (mut records, mut near, mut hand) = (Vec::new(), Vec::new(), Times::default());
+            for _ in 0..alone {
+                for i in 0..calls {
+                    let mut args = Map::new();
+                    args.insert("i".into(), json!(i));
+                    let call = Instant::now();
+                    server.call("echo", args, "k").await.unwrap();
+                    near.push(call.elapsed());
+                }
+                by_hand(&http, &url, &server, "k", &mut hand).await;
+                records.extend(through_cascade(&orch, 1, 1).await.1);
+            }
             let (all, _) = through_cascade(&orch, jobs, concurrency).await;
-            rows.push((store, one, all, shares(&records)));
+            rows.push((store, one, all, shares(&records), near, hand.turns));
         }
 
         let rate = |d: Duration, n: usize| n as f64 / d.as_secs_f64();
@@ -332,20 +345,25 @@ fn main() {
         println!(
             "direct rmcp call: median {direct_median:.0} µs (mean {direct_mean:.0}) over {n}; in the hand loop {hand_call_median:.0} µs (mean {hand_call_mean:.0}); the hand loop's POST to the model {hand_turn_median:.0} µs (mean {hand_turn_mean:.0})"
         );
-        for (store, _, _, shares) in &rows {
+        for (store, _, _, shares, near, hand_turns) in &rows {
             let (call_median, call_mean) = stats(&shares.calls);
             let (turn_median, turn_mean) = stats(&shares.turns);
+            let (near_median, near_mean) = stats(near);
+            let (hand_median, hand_mean) = stats(hand_turns);
             println!(
-                "cascade ({store} store), {alone} jobs alone, {} tool calls: a tool call sub-step {call_median:.0} µs (mean {call_mean:.0}), {:+.0} µs over a direct rmcp call (mean {:+.0}); {} model turns: a turn sub-step {turn_median:.0} µs (mean {turn_mean:.0}), {:+.0} µs over the hand loop's POST (mean {:+.0})",
+                "cascade ({store} store), {alone} jobs alone, {} tool calls: a tool call sub-step {call_median:.0} µs (mean {call_mean:.0}); direct rmcp calls beside them {near_median:.0} µs (mean {near_mean:.0}): {:+.0} µs a tool call (mean {:+.0})",
                 shares.calls.len(),
-                call_median - direct_median,
-                call_mean - direct_mean,
+                call_median - near_median,
+                call_mean - near_mean,
+            );
+            println!(
+                "cascade ({store} store), {alone} jobs alone, {} model turns: a turn sub-step {turn_median:.0} µs (mean {turn_mean:.0}); the hand loop's POSTs beside them {hand_median:.0} µs (mean {hand_mean:.0}): {:+.0} µs a turn (mean {:+.0})",
                 shares.turns.len(),
-                turn_median - hand_turn_median,
-                turn_mean - hand_turn_mean,
+                turn_median - hand_median,
+                turn_mean - hand_mean,
             );
         }
-        for (store, one, all, _) in rows {
+        for (store, one, all, ..) in rows {
             let added = (one.as_secs_f64() - hand_one.as_secs_f64()) * 1e6 / per_job as f64;
             println!(
                 "cascade ({store} store): {:.0} sub-steps/s ({:.2}× the hand loop's time); one job {:.1} ms, {:+.0} µs a sub-step over the hand loop ({:.1}× a direct call's latency)",
