@@ -871,3 +871,76 @@ async fn a_turn_refused_with_429_pauses_the_loop_which_goes_on_after_the_wait_re
     );
     assert_eq!(job.steps[0].usage.prompt_tokens, 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_servers_quota_paused_mid_loop_holds_the_call_until_the_pause_ends() {
+    set_key();
+    let desk = desk::Desk::default();
+    let desk_port = desk::serve(desk.clone()).await;
+    let sim = model::Model::default();
+    *sim.hold_second_turn.lock().unwrap() = Some(Duration::from_millis(500));
+    let llm_port = model::serve(sim.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = graph(
+        llm_port,
+        "openai",
+        "tool_approval = { \"desk.close_ticket\" = \"never\" }",
+    );
+    let orch = Orchestrator::builder(load(dir.path(), &g, &servers(desk_port)))
+        .start()
+        .await
+        .unwrap();
+    let id = orch
+        .submit(SubmitRequest::new(
+            "support",
+            json!({"email": "ada@example.com"}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    // While the model thinks over its second turn, the desk's quota is refused for 3 s (longer
+    // than a sub-step waits for its quota inside the loop): the close the turn asks for waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sim.second_turns.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no second turn");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let paused = std::time::Instant::now();
+    assert!(
+        orch.exhaust_quota("upstream:mcp:desk", Duration::from_secs(3))
+            .await
+    );
+    let job = settled(&orch, id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert!(
+        paused.elapsed() >= Duration::from_millis(2900),
+        "the close was made during its server's pause: {:?}",
+        paused.elapsed()
+    );
+    // The turn that asked for the close was not asked again, and nothing was made twice.
+    assert_eq!(sim.requests.lock().unwrap().len(), 3);
+    assert_eq!(
+        (
+            desk.count("lookup_customer"),
+            desk.count("search_tickets"),
+            desk.count("close_ticket")
+        ),
+        (1, 1, 1)
+    );
+    let shape: Vec<(u32, SubStepKind, SubStepState)> = job.steps[0]
+        .sub_steps
+        .iter()
+        .map(|s| (s.n, s.kind, s.state))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (1, SubStepKind::Turn, SubStepState::Succeeded),
+            (2, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (3, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (4, SubStepKind::Turn, SubStepState::Succeeded),
+            (5, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (6, SubStepKind::Turn, SubStepState::Succeeded),
+        ]
+    );
+}
