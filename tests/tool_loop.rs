@@ -488,3 +488,459 @@ async fn an_approved_call_that_timed_out_is_made_again_with_its_key_without_aski
     assert_eq!(proposals, 1);
     assert_eq!(done.steps[0].sub_steps[4].state, SubStepState::Succeeded);
 }
+
+/// Poll GetJob until `done` says the job is where the test wants it (30 s at most).
+async fn poll_job(
+    client: &mut cascade_orchestrator::api::pb::cascade_client::CascadeClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+    what: &str,
+    done: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(job) = client
+            .get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+        {
+            let job = job.into_inner();
+            if done(&job) {
+                return job;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_a_slow_parallel_call_runs_keeps_the_result_of_the_fast_one() {
+    set_key();
+    let desk = desk::Desk::default();
+    // The turn's lookup is held after its sibling search answered: the crash comes while one
+    // call of the turn is done and the other under way.
+    *desk.hold_first_lookup.lock().unwrap() = Some(Duration::from_secs(60));
+    let desk_port = desk::serve(desk.clone()).await;
+    let sim = model::Model::default();
+    let llm_port = model::serve(sim.clone()).await;
+    let g = graph(
+        llm_port,
+        "openai",
+        "tool_approval = { \"desk.close_ticket\" = \"never\" }",
+    );
+    let dir = common::server_dir(&[("support.toml", &g)], &servers(desk_port));
+    let env = [("TOOL_LOOP_TEST_KEY", "sk-sim-tool-loop-7")];
+    let (grpc, http) = (common::free_port(), common::free_port());
+    let mut server = common::spawn_with_env(dir.path(), grpc, http, &env);
+    let mut client = common::connect(grpc).await;
+    let id = common::submit(&mut client, "support", r#"{"email": "ada@example.com"}"#).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !desk.lookup_held.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lookup was never held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(desk.count("search_tickets"), 1);
+    // Give the search's result time to reach the journal while the lookup is held (it does at
+    // once now; before, a turn's results were journaled only when all its calls had returned).
+    let in_journal = |job: &pb::Job| {
+        job.steps.first().is_some_and(|s| {
+            s.sub_steps
+                .iter()
+                .any(|x| x.tool == "desk.search_tickets" && x.state == "succeeded")
+        })
+    };
+    let wait = tokio::time::timeout(
+        Duration::from_secs(5),
+        poll_job(&mut client, &id, "", in_journal),
+    )
+    .await;
+    let journaled_before_the_crash = wait.is_ok();
+    assert!(desk.lookup_held.load(Ordering::SeqCst));
+    let status = std::process::Command::new("kill")
+        .args(["-9", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = server.child.wait();
+    drop(server);
+    let _server = common::spawn_with_env(dir.path(), grpc, http, &env);
+    let mut client = common::connect(grpc).await;
+    let job = poll_job(&mut client, &id, "the job never ended", |j| {
+        j.state == pb::JobState::Succeeded as i32 || j.state == pb::JobState::Failed as i32
+    })
+    .await;
+    assert_eq!(job.state, pb::JobState::Succeeded as i32, "{}", job.error);
+    // The search, done before the crash, was not made again; the lookup, under way at the
+    // crash, was made again with its key.
+    assert_eq!(
+        desk.count("search_tickets"),
+        1,
+        "the fast call's result was lost with the crash"
+    );
+    assert!(journaled_before_the_crash);
+    assert_eq!(desk.count("lookup_customer"), 2);
+    assert_eq!(desk.count("close_ticket"), 1);
+    let keys = desk.keys.lock().unwrap().clone();
+    let lookups: Vec<&String> = keys.iter().filter(|k| k.ends_with("/triage/2")).collect();
+    assert_eq!(
+        lookups,
+        [&format!("{id}/triage/2"), &format!("{id}/triage/2")]
+    );
+    // No turn was asked twice, and the model read the turn's results in the order it asked
+    // for the calls, whichever returned first.
+    let requests = sim.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 3);
+    let second = &requests[1]["messages"];
+    assert_eq!(second[3]["tool_call_id"], "call_lookup");
+    assert_eq!(second[4]["tool_call_id"], "call_search");
+    let kinds: Vec<(u32, &str)> = job.steps[0]
+        .sub_steps
+        .iter()
+        .map(|s| (s.n, s.kind.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, "turn"),
+            (2, "tool_call"),
+            (3, "tool_call"),
+            (4, "turn"),
+            (5, "tool_call"),
+            (6, "turn")
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_keeps_calling_tools_fails_the_step_at_max_turns() {
+    set_key();
+    let desk = desk::Desk::default();
+    let desk_port = desk::serve(desk.clone()).await;
+    let sim = model::Model::default();
+    let llm_port = model::serve(sim.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The model calls tools in its first two turns: with two turns allowed, there is no third.
+    let g = graph(
+        llm_port,
+        "openai",
+        "tool_approval = { \"desk.close_ticket\" = \"never\" }\nretry = { max_attempts = 3, initial_delay = \"50ms\" }",
+    )
+    .replace("max_turns = 5", "max_turns = 2");
+    let orch = Orchestrator::builder(load(dir.path(), &g, &servers(desk_port)))
+        .start()
+        .await
+        .unwrap();
+    let id = orch
+        .submit(SubmitRequest::new(
+            "support",
+            json!({"email": "ada@example.com"}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    let job = settled(&orch, id).await;
+    assert_eq!(job.state, JobState::Failed, "{:?}", job.error);
+    let error = job.steps[0].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("the model still called tools after 2 turns (max_turns = 2)"),
+        "{error}"
+    );
+    // Permanent: no retry, and no model turn beyond the two allowed.
+    assert_eq!(job.steps[0].attempts, 1);
+    assert_eq!(sim.requests.lock().unwrap().len(), 2);
+    let turns = job.steps[0]
+        .sub_steps
+        .iter()
+        .filter(|s| s.kind == SubStepKind::Turn)
+        .count();
+    assert_eq!(turns, 2);
+    // The second turn's call was made before the loop stopped.
+    assert_eq!(desk.count("close_ticket"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_tool_marked_required_waits_for_approval_and_runs_once_approved() {
+    let desk = desk::Desk::default();
+    let Parked { orch, id, job, .. } = until_parked(
+        "openai",
+        "tool_approval = { \"desk.lookup_customer\" = \"required\", \"desk.close_ticket\" = \"never\" }",
+        &desk,
+    )
+    .await;
+    // The search (read-only, not named) ran; the lookup (read-only, but required) waits.
+    assert_eq!(
+        (desk.count("lookup_customer"), desk.count("search_tickets")),
+        (0, 1)
+    );
+    let waiting = job.steps[0]
+        .sub_steps
+        .iter()
+        .find(|s| s.state == SubStepState::AwaitingApproval)
+        .expect("a sub-step awaits approval");
+    assert_eq!(
+        (waiting.server.as_str(), waiting.tool.as_str()),
+        ("desk", "lookup_customer")
+    );
+    let approval_id = format!("{id}/triage/{}", waiting.n);
+    let v = orch.approval(&approval_id).unwrap();
+    let proposal: Value = serde_json::from_str(&v.approval.proposal).unwrap();
+    assert_eq!(
+        proposal,
+        json!({"server": "desk", "tool": "lookup_customer", "arguments": {"email": "ada@example.com"}, "sub_step": waiting.n})
+    );
+    let done = common::approve_and_wait(&orch, &approval_id, "lead").await;
+    assert_eq!(done.state, JobState::Succeeded, "{:?}", done.error);
+    assert_eq!(
+        (
+            desk.count("lookup_customer"),
+            desk.count("search_tickets"),
+            desk.count("close_ticket")
+        ),
+        (1, 1, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_pattern_that_matches_no_tool_of_its_server_fails_the_start_listing_its_tools() {
+    set_key();
+    let desk_port = desk::serve(desk::Desk::default()).await;
+    let g = graph(1, "openai", "").replace(
+        r#"tools = ["desk.*"]"#,
+        r#"tools = ["desk.lookup_*", "desk.reopen_*"]"#,
+    );
+    let expected = r#"no tool of MCP server "desk" matches "desk.reopen_*"; its tools: close_ticket, lookup_customer, search_tickets"#;
+    let dir = tempfile::tempdir().unwrap();
+    let Err(e) = Orchestrator::builder(load(dir.path(), &g, &servers(desk_port)))
+        .start()
+        .await
+    else {
+        panic!("the orchestrator started with a pattern that matches no tool");
+    };
+    let e = e.to_string();
+    assert!(e.contains(expected), "{e}");
+    assert!(e.contains(r#"agent "triage""#), "{e}");
+    // `cascade serve` stops with the same message.
+    let dir = common::server_dir(&[("support.toml", &g)], &servers(desk_port));
+    let mut server = common::spawn(dir.path(), common::free_port(), common::free_port());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cascade serve kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(log.contains(expected), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_tool_result_is_cut_for_the_model_and_its_full_size_journaled() {
+    set_key();
+    let desk = desk::Desk::default();
+    desk.search_results.store(300, Ordering::SeqCst);
+    let desk_port = desk::serve(desk.clone()).await;
+    let sim = model::Model::default();
+    let llm_port = model::serve(sim.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = graph(
+        llm_port,
+        "openai",
+        "max_tool_result_bytes = 64\ntool_approval = { \"desk.close_ticket\" = \"never\" }",
+    );
+    let orch = Orchestrator::builder(load(dir.path(), &g, &servers(desk_port)))
+        .start()
+        .await
+        .unwrap();
+    let id = orch
+        .submit(SubmitRequest::new(
+            "support",
+            json!({"email": "ada@example.com"}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    let job = settled(&orch, id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    let search = job.steps[0]
+        .sub_steps
+        .iter()
+        .find(|s| s.tool == "search_tickets")
+        .unwrap();
+    // 300 tickets of 5 or 7 bytes each: the whole result is past 2 KB, and its size is
+    // journaled, not the cut's.
+    let full = search.result_bytes;
+    assert!(full > 2000, "{full}");
+    let cut = format!("… [cut: 64 of {full} bytes shown]");
+    assert!(search.text.ends_with(&cut), "{}", search.text);
+    assert_eq!(search.text.len(), 64 + cut.len());
+    // What the model read is the cut text.
+    let requests = sim.requests.lock().unwrap().clone();
+    let read = requests[1]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["tool_call_id"] == "call_search")
+        .unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(read, search.text);
+    assert!(read.contains("T-7"), "{read}");
+    // A short result is passed whole.
+    let lookup = job.steps[0]
+        .sub_steps
+        .iter()
+        .find(|s| s.tool == "lookup_customer")
+        .unwrap();
+    assert_eq!(lookup.result_bytes, lookup.text.len() as u64);
+    assert!(!lookup.text.contains("[cut:"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_refused_with_429_pauses_the_loop_which_goes_on_after_the_wait_repeating_nothing() {
+    set_key();
+    let desk = desk::Desk::default();
+    let desk_port = desk::serve(desk.clone()).await;
+    let sim = model::Model::default();
+    sim.refuse_second_turn.store(true, Ordering::SeqCst);
+    let llm_port = model::serve(sim.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = graph(
+        llm_port,
+        "openai",
+        "tool_approval = { \"desk.close_ticket\" = \"never\" }",
+    );
+    let orch = Orchestrator::builder(load(dir.path(), &g, &servers(desk_port)))
+        .start()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let id = orch
+        .submit(SubmitRequest::new(
+            "support",
+            json!({"email": "ada@example.com"}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    let job = settled(&orch, id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    // The second turn was refused (retry after 1 s); the loop waited, then asked it again.
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(sim.requests.lock().unwrap().len(), 4);
+    let llm_quota = orch
+        .quotas()
+        .await
+        .into_iter()
+        .find(|q| q.name.starts_with("upstream:") && q.name != "upstream:mcp:desk")
+        .unwrap();
+    assert_eq!(llm_quota.refusals, 1, "{llm_quota:?}");
+    // Nothing journaled before the refusal was made again.
+    assert_eq!(
+        (
+            desk.count("lookup_customer"),
+            desk.count("search_tickets"),
+            desk.count("close_ticket")
+        ),
+        (1, 1, 1)
+    );
+    let shape: Vec<(u32, SubStepKind, SubStepState)> = job.steps[0]
+        .sub_steps
+        .iter()
+        .map(|s| (s.n, s.kind, s.state))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (1, SubStepKind::Turn, SubStepState::Succeeded),
+            (2, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (3, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (4, SubStepKind::Turn, SubStepState::Succeeded),
+            (5, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (6, SubStepKind::Turn, SubStepState::Succeeded),
+        ]
+    );
+    assert_eq!(job.steps[0].usage.prompt_tokens, 300);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_servers_quota_paused_mid_loop_holds_the_call_until_the_pause_ends() {
+    set_key();
+    let desk = desk::Desk::default();
+    let desk_port = desk::serve(desk.clone()).await;
+    let sim = model::Model::default();
+    *sim.hold_second_turn.lock().unwrap() = Some(Duration::from_millis(500));
+    let llm_port = model::serve(sim.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = graph(
+        llm_port,
+        "openai",
+        "tool_approval = { \"desk.close_ticket\" = \"never\" }",
+    );
+    let orch = Orchestrator::builder(load(dir.path(), &g, &servers(desk_port)))
+        .start()
+        .await
+        .unwrap();
+    let id = orch
+        .submit(SubmitRequest::new(
+            "support",
+            json!({"email": "ada@example.com"}),
+        ))
+        .await
+        .unwrap()
+        .id;
+    // While the model thinks over its second turn, the desk's quota is refused for 3 s (longer
+    // than a sub-step waits for its quota inside the loop): the close the turn asks for waits.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sim.second_turns.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no second turn");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let paused = std::time::Instant::now();
+    assert!(
+        orch.exhaust_quota("upstream:mcp:desk", Duration::from_secs(3))
+            .await
+    );
+    let job = settled(&orch, id).await;
+    assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
+    assert!(
+        paused.elapsed() >= Duration::from_millis(2900),
+        "the close was made during its server's pause: {:?}",
+        paused.elapsed()
+    );
+    // The turn that asked for the close was not asked again, and nothing was made twice.
+    assert_eq!(sim.requests.lock().unwrap().len(), 3);
+    assert_eq!(
+        (
+            desk.count("lookup_customer"),
+            desk.count("search_tickets"),
+            desk.count("close_ticket")
+        ),
+        (1, 1, 1)
+    );
+    let shape: Vec<(u32, SubStepKind, SubStepState)> = job.steps[0]
+        .sub_steps
+        .iter()
+        .map(|s| (s.n, s.kind, s.state))
+        .collect();
+    assert_eq!(
+        shape,
+        vec![
+            (1, SubStepKind::Turn, SubStepState::Succeeded),
+            (2, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (3, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (4, SubStepKind::Turn, SubStepState::Succeeded),
+            (5, SubStepKind::ToolCall, SubStepState::Succeeded),
+            (6, SubStepKind::Turn, SubStepState::Succeeded),
+        ]
+    );
+}

@@ -29,6 +29,13 @@ pub mod desk {
         search_started: Arc<AtomicBool>,
         /// The next close takes 3 s (longer than a test agent's timeout).
         pub slow_close: Arc<AtomicBool>,
+        /// The first lookup is held this long after its sibling search started (a crash
+        /// test's window, while the search's result is in).
+        pub hold_first_lookup: Arc<Mutex<Option<Duration>>>,
+        /// Set when the held lookup is being held.
+        pub lookup_held: Arc<AtomicBool>,
+        /// Searches answer with this many tickets (one when 0): a long result.
+        pub search_results: Arc<AtomicU32>,
     }
 
     impl Desk {
@@ -92,6 +99,11 @@ pub mod desk {
                     // this one sees the search start (one after the other, it never would).
                     for _ in 0..500 {
                         if self.search_started.load(Ordering::SeqCst) {
+                            let hold = self.hold_first_lookup.lock().unwrap().take();
+                            if let Some(d) = hold {
+                                self.lookup_held.store(true, Ordering::SeqCst);
+                                tokio::time::sleep(d).await;
+                            }
                             return Ok(json!({"customer": "C-1", "email": arguments["email"]}));
                         }
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -100,7 +112,9 @@ pub mod desk {
                 }
                 "search_tickets" => {
                     self.search_started.store(true, Ordering::SeqCst);
-                    Ok(json!({"tickets": ["T-7"], "query": arguments.get("query")}))
+                    let many = self.search_results.load(Ordering::SeqCst).max(1);
+                    let tickets: Vec<String> = (0..many).map(|i| format!("T-{}", 7 + i)).collect();
+                    Ok(json!({"tickets": tickets, "query": arguments.get("query")}))
                 }
                 "close_ticket" => {
                     if self.slow_close.swap(false, Ordering::SeqCst) {
@@ -134,6 +148,8 @@ pub mod model {
         /// Hold the first request of the second turn this long (a crash test's window).
         pub hold_second_turn: Arc<Mutex<Option<Duration>>>,
         pub second_turns: Arc<AtomicU32>,
+        /// Answer the first request of the second turn 429, retry after a second.
+        pub refuse_second_turn: Arc<AtomicBool>,
     }
 
     /// The tool results in a conversation, by call id (either provider's shape).
@@ -161,6 +177,17 @@ pub mod model {
     enum Step {
         Calls(Vec<(&'static str, &'static str, Value)>),
         Answer(String),
+        Refused,
+    }
+
+    fn refused() -> axum::response::Response {
+        use axum::response::IntoResponse;
+        (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            [("retry-after", "1")],
+            "rate limited: slow down",
+        )
+            .into_response()
     }
 
     async fn script(m: &Model, body: &Value) -> Step {
@@ -182,6 +209,9 @@ pub mod model {
         }
         match done.get("call_close") {
             None => {
+                if m.refuse_second_turn.swap(false, Ordering::SeqCst) {
+                    return Step::Refused;
+                }
                 if m.second_turns.fetch_add(1, Ordering::SeqCst) == 0 {
                     let hold = *m.hold_second_turn.lock().unwrap();
                     if let Some(d) = hold {
@@ -202,7 +232,8 @@ pub mod model {
     async fn openai(
         State(m): State<Model>,
         axum::Json(body): axum::Json<Value>,
-    ) -> axum::Json<Value> {
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
         let message = match script(&m, &body).await {
             Step::Calls(calls) => json!({
                 "role": "assistant",
@@ -213,6 +244,7 @@ pub mod model {
                 })).collect::<Vec<_>>(),
             }),
             Step::Answer(text) => json!({"role": "assistant", "content": text}),
+            Step::Refused => return refused(),
         };
         let finish = if message["tool_calls"].is_array() {
             "tool_calls"
@@ -224,12 +256,14 @@ pub mod model {
             "choices": [{"index": 0, "message": message, "finish_reason": finish}],
             "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
         }))
+        .into_response()
     }
 
     async fn anthropic(
         State(m): State<Model>,
         axum::Json(body): axum::Json<Value>,
-    ) -> axum::Json<Value> {
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
         let (content, stop) = match script(&m, &body).await {
             Step::Calls(calls) => (
                 calls
@@ -239,12 +273,14 @@ pub mod model {
                 "tool_use",
             ),
             Step::Answer(text) => (vec![json!({"type": "text", "text": text})], "end_turn"),
+            Step::Refused => return refused(),
         };
         axum::Json(json!({
             "id": "msg_sim", "type": "message", "role": "assistant", "model": "sim-claude",
             "content": content, "stop_reason": stop,
             "usage": {"input_tokens": 100, "output_tokens": 20},
         }))
+        .into_response()
     }
 
     pub async fn serve(m: Model) -> u16 {

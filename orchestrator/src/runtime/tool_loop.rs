@@ -9,9 +9,9 @@
 //! call recorded as done is made twice:
 //!
 //! - a turn is recorded once it answered; one cut short is asked again (it changed nothing);
-//! - a tool call is recorded as running before it is made and as done with its result; one left
-//!   running by a crash is made again with the same key (in the call's `_meta`, for a server
-//!   that deduplicates);
+//! - a tool call is recorded as running before it is made and as done with its result as soon
+//!   as it returns (the turn's other calls may still run); one left running by a crash is made
+//!   again with the same key (in the call's `_meta`, for a server that deduplicates);
 //! - a call of a tool that needs approval is recorded as awaiting it and the step parks; the
 //!   decision (an approval runs it; a rejection is what the model reads as its result) is taken
 //!   from the step's approval when the loop runs again.
@@ -481,9 +481,10 @@ fn unique_call_ids(calls: &mut [ToolCall], n: u32) {
 }
 
 /// Run a turn's calls, `env.parallel` at a time; each is recorded as running before it is made
-/// and as done with its result. A call the server could not answer (a transport failure, a dead
-/// server, a refusal) stays recorded as running, and the step ends with its error: the step's
-/// next run makes it again with the same key.
+/// and, as soon as it returns, as done with its result, durably, while the turn's other calls
+/// still run (a crash then loses no call that answered). A call the server could not answer (a
+/// transport failure, a dead server, a refusal) stays recorded as running, and the step ends
+/// with its error: the step's next run makes it again with the same key.
 async fn call_tools(
     env: &LoopEnv,
     user: &dyn ToolUser,
@@ -491,69 +492,73 @@ async fn call_tools(
     journal: &mut Journal,
     calls: Vec<(u32, ToolCall, ToolDef, Option<String>)>,
 ) -> Result<(), AgentError> {
-    for (n, c, def, _) in &calls {
-        let sub = tool_entry(*n, c, Some(def), SubStepState::Running, String::new(), None);
+    let mut started = Vec::with_capacity(calls.len());
+    for (n, c, def, approval) in calls {
+        let sub = tool_entry(
+            n,
+            &c,
+            Some(&def),
+            SubStepState::Running,
+            String::new(),
+            None,
+        );
+        let started_at = sub.started_at;
         write(env, journal, sub)?;
+        started.push((n, c, def, approval, started_at));
     }
     // Every call's start is durable before any is made.
     durable(env).await?;
     let max_bytes = user.tool_use().max_result_bytes;
-    let results: Vec<_> = futures::stream::iter(calls.into_iter().map(|(n, c, def, approval)| {
-        let key = format!("{}/{n}", ctx.idempotency_key);
-        async move {
-            let r = call_one(env, user, &def, &c, &key).await;
-            (n, c, def, approval, r)
-        }
-    }))
-    .buffer_unordered(env.parallel.max(1))
-    .collect()
-    .await;
-    let mut first_error = None;
-    for (n, c, def, approval, r) in results {
-        let started_at = journal
-            .entries
-            .iter()
-            .find(|s| s.n == n)
-            .map_or_else(crate::clock::now, |s| s.started_at);
-        let (state, text, bytes, error) = match r {
-            Ok((text, is_error)) => {
+    let mut done = futures::stream::iter(started.into_iter().map(
+        |(n, c, def, approval, started_at)| {
+            let key = format!("{}/{n}", ctx.idempotency_key);
+            async move {
+                let (text, is_error) = call_one(env, user, &def, &c, &key).await?;
                 let bytes = text.len() as u64;
                 let text = tools::limit_result(text, max_bytes);
-                if is_error {
-                    let e = text.clone();
-                    (SubStepState::Failed, text, bytes, Some(e))
+                let (state, error) = if is_error {
+                    (SubStepState::Failed, Some(text.clone()))
                 } else {
-                    (SubStepState::Succeeded, text, bytes, None)
+                    (SubStepState::Succeeded, None)
+                };
+                if let Some(approval_id) = &approval {
+                    env.shared.audit(
+                        &env.tenant,
+                        "call_executed",
+                        json!({
+                            "job_id": env.job.to_string(),
+                            "graph": &*env.graph,
+                            "agent": &*ctx.agent,
+                            "approval_id": approval_id,
+                            "sub_step": n,
+                            "server": def.server,
+                            "tool": def.tool,
+                            "outcome": state.as_str(),
+                            "error": error,
+                        }),
+                    );
                 }
+                let mut sub = tool_entry(n, &c, Some(&def), state, text, error.as_deref());
+                sub.result_bytes = bytes;
+                sub.started_at = started_at;
+                store_write(env, &sub)?;
+                durable(env).await?;
+                Ok::<_, AgentError>(sub)
             }
+        },
+    ))
+    .buffer_unordered(env.parallel.max(1));
+    let mut first_error = None;
+    // The journal in memory takes each result under its own number: the model reads them in
+    // the order it asked for the calls, whichever returned first.
+    while let Some(r) = done.next().await {
+        match r {
+            Ok(sub) => journal.put(sub),
             Err(e) => {
                 first_error.get_or_insert(e);
-                continue;
             }
-        };
-        if let Some(approval_id) = &approval {
-            env.shared.audit(
-                &env.tenant,
-                "call_executed",
-                json!({
-                    "job_id": env.job.to_string(),
-                    "graph": &*env.graph,
-                    "agent": &*ctx.agent,
-                    "approval_id": approval_id,
-                    "sub_step": n,
-                    "server": def.server,
-                    "tool": def.tool,
-                    "outcome": state.as_str(),
-                    "error": error,
-                }),
-            );
         }
-        let mut sub = tool_entry(n, &c, Some(&def), state, text, error.as_deref());
-        sub.result_bytes = bytes;
-        sub.started_at = started_at;
-        write(env, journal, sub)?;
     }
-    durable(env).await?;
     match first_error {
         Some(e) => Err(e),
         None => Ok(()),
@@ -659,13 +664,19 @@ async fn record(env: &LoopEnv, journal: &mut Journal, sub: SubStep) -> Result<()
 
 /// Put `sub` in the journal and the store (not yet durable: see [`durable`]), and count it.
 fn write(env: &LoopEnv, journal: &mut Journal, sub: SubStep) -> Result<(), AgentError> {
-    count(env, &sub);
-    journal.put(sub.clone());
+    store_write(env, &sub)?;
+    journal.put(sub);
+    Ok(())
+}
+
+/// Put `sub` in the store (not yet durable: see [`durable`]), and count it.
+fn store_write(env: &LoopEnv, sub: &SubStep) -> Result<(), AgentError> {
+    count(env, sub);
     match env.shared.store.update(
         env.job,
         JobUpdate::SubStep {
             step: env.step,
-            sub: Box::new(sub),
+            sub: Box::new(sub.clone()),
         },
     ) {
         Ok(Some(e)) => env.shared.publish(e),
