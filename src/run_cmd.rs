@@ -47,6 +47,28 @@ pub struct RunArgs {
     quiet: bool,
 }
 
+/// How long `cascade run` waits on a failing credential before it gives up.
+const CREDENTIAL_PATIENCE: Duration = Duration::from_secs(5);
+
+/// An agent of `graph` paused on a credential's quota, said as "agent X is paused on
+/// credential:Y (reason)".
+async fn failing_credential(orch: &Orchestrator, graph: &str) -> Option<String> {
+    use cascade_orchestrator::signal::CauseKey;
+    for (agent, pause) in orch.pauses(graph).await? {
+        for (key, info) in pause.iter().flat_map(|p| &p.causes) {
+            if let CauseKey::Quota { quota } = key
+                && quota.starts_with(cascade_orchestrator::model::QuotaModel::CREDENTIAL_PREFIX)
+            {
+                return Some(format!(
+                    "agent {agent} is paused on {quota} ({})",
+                    info.reason
+                ));
+            }
+        }
+    }
+    None
+}
+
 pub fn run(args: RunArgs, json_logs: bool) -> anyhow::Result<ExitCode> {
     let input = read_input(&args.input)?;
     if args.jobs == 0 {
@@ -151,8 +173,29 @@ async fn run_async(
     let mut failed_keys: Vec<String> = Vec::new();
     let (mut succeeded, mut failed, mut steps, mut parked) = (0usize, 0usize, 0usize, 0usize);
     let mut open = true;
+    // A credential that fails (refused, or unable to get a token) pauses its agents until it
+    // works again, which in a one-shot run nobody can bring about: a pause on one that lasts
+    // this long ends the run with an error naming it.
+    let mut watch = tokio::time::interval(Duration::from_secs(1));
+    let mut credential_paused_since: Option<Instant> = None;
     while open || !waits.is_empty() {
         tokio::select! {
+            _ = watch.tick() => {
+                match failing_credential(&orch, &graph.name).await {
+                    Some(why) => {
+                        let since = *credential_paused_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= CREDENTIAL_PATIENCE {
+                            bar.finish_and_clear();
+                            orch.shutdown(Duration::from_secs(5)).await;
+                            bail!(
+                                "{why} for {}s: a one-shot run cannot wait for it to be fixed, so it stops (the log says why the credential failed; under `cascade serve` the jobs would wait and go on once it works)",
+                                CREDENTIAL_PATIENCE.as_secs()
+                            );
+                        }
+                    }
+                    None => credential_paused_since = None,
+                }
+            }
             id = ids_rx.recv(), if open => match id {
                 Some(id) => {
                     let orch = orch.clone();

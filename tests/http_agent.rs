@@ -230,22 +230,21 @@ async fn answers_are_classified() {
         .id;
     common::wait_until(Duration::from_secs(10), || orch.paused_agents("secret") > 0).await;
     common::wait_paused_on(&orch, "secret", "call", "credential:secret.call").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let job = orch.get(id).unwrap().unwrap();
     assert!(!job.state.is_terminal(), "{job:?}");
     assert_eq!(job.steps[0].attempts, 1, "a refused key spends no attempt");
     let record = serde_json::to_string(&job).unwrap()
         + &serde_json::to_string(&orch.store().events(id, 0).unwrap()).unwrap();
     assert!(!record.contains("echoed-token-xyz789"), "{record}");
-    assert_eq!(
-        seen.lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.path == "/secret")
-            .count(),
-        1,
-        "a refused credential is not tried again at once (an env: key reads the same again)"
-    );
+    // Not tried again at once (an env: key reads the same again); a probe after the first
+    // second's wait, on a slow machine.
+    let tries = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.path == "/secret")
+        .count();
+    assert!((1..=2).contains(&tries), "{tries} calls");
     orch.cancel(id, "the test is done").await.unwrap();
 
     let job = common::run_one(&orch, "gone", json!({})).await;
@@ -879,6 +878,7 @@ async fn a_refused_key_is_read_again_and_pauses_its_agents_until_it_works() {
 
     // Revoked, not yet rotated: paused, not failed.
     *accepted.lock().unwrap() = "key-three".into();
+    let before = refusals.load(std::sync::atomic::Ordering::SeqCst);
     let mut ids = Vec::new();
     for i in 0..4 {
         ids.push(
@@ -898,9 +898,10 @@ async fn a_refused_key_is_read_again_and_pauses_its_agents_until_it_works() {
             "a job ended on a refused key: {job:?}"
         );
     }
-    // Probes at 0, 1 and 3 s (and perhaps one more call already on its way at the refusal).
-    let probes = refusals.load(std::sync::atomic::Ordering::SeqCst) - 1;
-    assert!((1..=5).contains(&probes), "{probes} refused calls in 3 s");
+    // The four calls on their way at first, then one probe after 1 s and one 2 s later: a
+    // probe now and then, not a call per waiting job.
+    let refused = refusals.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!((2..=6).contains(&refused), "{refused} refused calls in 3 s");
 
     std::fs::write(&key_file, "key-three").unwrap();
     for id in ids {
@@ -1307,4 +1308,48 @@ async fn a_delegated_token_comes_from_the_refresh_token_grant() {
     let second = grants[1]["refresh_token"].as_str().unwrap_or_default();
     assert!(second.starts_with("rotated-"), "{grants:?}");
     orch.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `cascade run` with a key the upstream refuses: its agents pause on the credential, which
+/// nobody can fix in a one-shot run, so the run stops with an error naming it instead of waiting
+/// for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cascade_run_stops_on_a_refused_key_naming_the_credential() {
+    let app = axum::Router::new().fallback(|| async {
+        (
+            axum::http::StatusCode::UNAUTHORIZED,
+            axum::Json(json!({"error": "invalid key"})),
+        )
+    });
+    let port = common::serve_http(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let graph = dir.path().join("keyed.toml");
+    std::fs::write(
+        &graph,
+        format!(
+            "[graph]\nname = \"keyed\"\n[agents.call]\nkind = \"http\"\nurl = \"http://127.0.0.1:{port}/x\"\n\
+             auth = {{ bearer = \"env:CASCADE_TEST_RUN_KEY\" }}\n"
+        ),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["run", "--jobs", "3", "--quiet"])
+        .arg(&graph)
+        .env("CASCADE_TEST_RUN_KEY", "sk-refused-run-key")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("paused on credential:keyed.call") && stderr.contains("cannot wait"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("sk-refused-run-key"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
 }

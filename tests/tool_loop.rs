@@ -559,6 +559,42 @@ async fn kill_9_while_a_slow_parallel_call_runs_keeps_the_result_of_the_fast_one
     )
     .await;
     let journaled_before_the_crash = wait.is_ok();
+    // GetJob answers from memory; wait for the row on disk (the kill must not beat the commit).
+    if journaled_before_the_crash {
+        let db = dir.path().join("data").join("cascade.db");
+        let on_disk = || {
+            let c = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .ok()?;
+            c.query_row(
+                "SELECT sub_steps FROM steps WHERE job_id = ?1 AND idx = 0",
+                [&id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .ok()
+            .flatten()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !on_disk().is_some_and(|j| {
+            serde_json::from_str::<Vec<serde_json::Value>>(&j)
+                .unwrap_or_default()
+                .iter()
+                .any(|x| {
+                    x["server"] == "desk"
+                        && x["tool"] == "search_tickets"
+                        && x["state"] == "succeeded"
+                })
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the search's result never reached the file: {:?}",
+                on_disk()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     assert!(desk.lookup_held.load(Ordering::SeqCst));
     let status = std::process::Command::new("kill")
         .args(["-9", &server.child.id().to_string()])
@@ -878,7 +914,7 @@ async fn a_tool_servers_quota_paused_mid_loop_holds_the_call_until_the_pause_end
     let desk = desk::Desk::default();
     let desk_port = desk::serve(desk.clone()).await;
     let sim = model::Model::default();
-    *sim.hold_second_turn.lock().unwrap() = Some(Duration::from_millis(500));
+    sim.gate_second_turn.store(true, Ordering::SeqCst);
     let llm_port = model::serve(sim.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let g = graph(
@@ -910,6 +946,8 @@ async fn a_tool_servers_quota_paused_mid_loop_holds_the_call_until_the_pause_end
         orch.exhaust_quota("upstream:mcp:desk", Duration::from_secs(3))
             .await
     );
+    // The model answers the turn only now, with the pause in place.
+    sim.release_second_turn.notify_one();
     let job = settled(&orch, id).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     assert!(

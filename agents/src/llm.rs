@@ -195,8 +195,8 @@ pub struct LlmAgent {
     provider: Provider,
     endpoint: String,
     api_key: Option<Arc<SecretCell>>,
-    /// The key's health, shared by the agents of its credential.
-    key_health: Option<Arc<crate::http::health::CredentialHealth>>,
+    /// The key and its health, shared by the agents of its credential.
+    fixed: Option<crate::http::health::FixedKey>,
     model: String,
     /// `{"system": …, "prompt": …}`, rendered per call.
     messages: JsonTemplate,
@@ -299,20 +299,21 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         ),
     };
     let tokenizer = tokenizer_for(provider, &c.model);
-    let key_health = api_key.as_ref().and_then(|_| {
-        let name = credential_name(spec)?;
-        Some(
-            spec.resources
+    let fixed = api_key.as_ref().and_then(|cell| {
+        Some(crate::http::health::FixedKey {
+            cell: cell.clone(),
+            health: spec
+                .resources
                 .get::<crate::http::health::KeyHealth>()
-                .get(&name),
-        )
+                .get(&credential_name(spec)?),
+        })
     });
     Ok(Arc::new(LlmAgent {
         provider,
         tokenizer,
         endpoint,
         api_key,
-        key_health,
+        fixed,
         model: c.model,
         messages,
         temperature: c.temperature,
@@ -770,42 +771,16 @@ impl LlmAgent {
     /// Send `body` to the provider: its reply as JSON and the limits its headers told, or the
     /// classified refusal (with those limits).
     async fn post(&self, body: &Value) -> Result<(Value, Option<UpstreamLimits>), AgentError> {
-        // A key refused a moment ago: its calls wait with it.
-        if let Some(h) = &self.key_health {
-            h.check(|| format!("credential {} was refused (401)", h.name()))?;
-        }
-        let key = match &self.api_key {
-            Some(k) => Some(k.current().await?),
+        // The key, unless it was refused a moment ago (then its calls wait with it).
+        let key = match &self.fixed {
+            Some(k) => Some(k.value().await?),
             None => None,
         };
         let _slot = self.upstream.slot().await?;
         let mut resp = self.send(body, key.as_deref()).await?;
-        if resp.status() == reqwest::StatusCode::UNAUTHORIZED
-            && let (Some(cell), Some(used), Some(health)) = (&self.api_key, &key, &self.key_health)
-        {
-            // The key may have been rotated at its source: read it again and, if it changed,
-            // try once more; refused still, or unchanged, the key pauses its agents.
-            let fresh = cell.reread().await;
-            if fresh != *used {
-                resp = self.send(body, Some(&fresh)).await?;
-            }
-            if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
-                let text = crate::http::read_prefix(resp, 4 << 10).await;
-                let why = self.redact(&String::from_utf8_lossy(&text));
-                return Err(health.failed(
-                    format!(
-                        "credential {} (the API key) was refused (401): {}",
-                        health.name(),
-                        why.trim()
-                    ),
-                    None,
-                ));
-            }
-        }
-        if resp.status() != reqwest::StatusCode::UNAUTHORIZED
-            && let Some(h) = &self.key_health
-        {
-            h.recovered();
+        if let (Some(k), Some(used)) = (&self.fixed, &key) {
+            let again = |fresh: String| async move { self.send(body, Some(&fresh)).await };
+            resp = k.answer(resp, used, again, &|t| self.redact(t)).await?;
         }
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();

@@ -413,9 +413,15 @@ impl McpServer {
         if let Some(c) = self.current() {
             return Ok(c);
         }
-        // A connection that closed (its process died) and that the watcher has not forgotten
-        // yet: a failure all the same, which the backoff counts before a new start.
-        self.lost(|c| c.client.is_closed());
+        // A stdio server's connection that closed (its process died) and that the watcher has
+        // not forgotten yet: a failure all the same, which the backoff counts before a new
+        // start. An HTTP session the server closed (an idle one, say) is made again at once.
+        if self
+            .lost(|c| c.client.is_closed() && c._stop.is_some())
+            .is_none()
+        {
+            self.drop_connection(None);
+        }
         if let Some(wait) = self.backoff_wait() {
             return Err(AgentError::transient(format!(
                 "MCP server {:?} is down; it is started again in {} ms",

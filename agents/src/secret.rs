@@ -400,6 +400,9 @@ pub struct SecretCell {
     source: u64,
     /// The value, with the file's modification time (`file:`) or when it was fetched (`exec:`).
     state: std::sync::Mutex<(String, Option<std::time::SystemTime>)>,
+    /// Held while the value is read again after a refusal, and when that was last done.
+    rereading: tokio::sync::Mutex<()>,
+    reread_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl SecretCell {
@@ -411,6 +414,8 @@ impl SecretCell {
             reference,
             source,
             state: std::sync::Mutex::new((value, mtime)),
+            rereading: tokio::sync::Mutex::new(()),
+            reread_at: std::sync::Mutex::new(None),
         })
     }
 
@@ -441,10 +446,7 @@ impl SecretCell {
                 .is_none_or(|at| at.elapsed().unwrap_or_default() >= *ttl)
         {
             match Self::read(&self.reference) {
-                Ok(fresh) => {
-                    redactor().register(self.source, vec![fresh.0.clone()]);
-                    *state = fresh
-                }
+                Ok(fresh) => self.keep(&mut state, fresh),
                 // The previous value may still be good: use it, and try again after another
                 // ttl rather than at every call.
                 Err(e) => {
@@ -459,10 +461,7 @@ impl SecretCell {
                 // A rotation in progress may leave the file briefly missing or empty: keep the
                 // value we have and look again at the next call.
                 match Self::read(&self.reference) {
-                    Ok(fresh) => {
-                        redactor().register(self.source, vec![fresh.0.clone()]);
-                        *state = fresh
-                    }
+                    Ok(fresh) => self.keep(&mut state, fresh),
                     Err(e) => {
                         tracing::warn!(secret = %self.reference, error = %e, "could not re-read a rotated secret; using the previous value")
                     }
@@ -495,37 +494,58 @@ impl SecretCell {
         self.get()
     }
 
-    /// The value read again from its source now, whatever its age (the upstream refused the
-    /// one we had: it may have been rotated at the source since): a command is run again on a
-    /// blocking thread. If the source cannot be read, the value we had.
-    pub async fn reread(self: &std::sync::Arc<Self>) -> String {
-        let cell = self.clone();
-        let read = move || {
-            let mut state = cell.state.lock().unwrap_or_else(|p| p.into_inner());
-            match Self::read(&cell.reference) {
-                Ok(fresh) => {
-                    redactor().register(cell.source, vec![fresh.0.clone()]);
-                    *state = fresh;
-                }
-                Err(e) => {
-                    tracing::warn!(secret = %cell.reference, error = %e, "could not read a refused secret again; using the previous value")
-                }
-            }
-            state.0.clone()
+    /// The value read again from its source now, whatever its age, after the upstream refused
+    /// `used` (it may have been rotated at the source since). One read at a time, the command
+    /// of an `exec:` secret on a blocking thread, and none while the value already differs from
+    /// `used` or was read again less than a second ago (the other calls refused in the same
+    /// moment get that read's value). If the source cannot be read, the value we had.
+    pub async fn reread(self: &std::sync::Arc<Self>, used: &str) -> String {
+        let _one = self.rereading.lock().await;
+        let current = || {
+            self.state
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .clone()
         };
-        match &self.reference {
-            SecretRef::Exec { .. } => {
-                let cell = self.clone();
-                tokio::task::spawn_blocking(read).await.unwrap_or_else(|_| {
-                    cell.state
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0
-                        .clone()
-                })
-            }
-            _ => read(),
+        let value = current();
+        let recent = self
+            .reread_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(1));
+        if value != used || recent {
+            return value;
         }
+        let reference = self.reference.clone();
+        let read = move || Self::read(&reference);
+        let fresh = match &self.reference {
+            SecretRef::Exec { .. } => tokio::task::spawn_blocking(read)
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+            _ => read(),
+        };
+        *self.reread_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+        match fresh {
+            Ok(fresh) => self.keep(
+                &mut self.state.lock().unwrap_or_else(|p| p.into_inner()),
+                fresh,
+            ),
+            Err(e) => {
+                tracing::warn!(secret = %self.reference, error = %e, "could not read a refused secret again; using the previous value")
+            }
+        }
+        current()
+    }
+
+    /// `fresh` is the value now, known to the redactor.
+    fn keep(
+        &self,
+        state: &mut (String, Option<std::time::SystemTime>),
+        fresh: (String, Option<std::time::SystemTime>),
+    ) {
+        redactor().register(self.source, vec![fresh.0.clone()]);
+        *state = fresh;
     }
 
     /// `text` with this secret's value replaced by `[redacted]`.

@@ -148,6 +148,10 @@ pub mod model {
         /// Hold the first request of the second turn this long (a crash test's window).
         pub hold_second_turn: Arc<Mutex<Option<Duration>>>,
         pub second_turns: Arc<AtomicU32>,
+        /// With `gate_second_turn` set, the first request of the second turn is answered only
+        /// once `release_second_turn` is notified.
+        pub gate_second_turn: Arc<AtomicBool>,
+        pub release_second_turn: Arc<tokio::sync::Notify>,
         /// Answer the first request of the second turn 429, retry after a second.
         pub refuse_second_turn: Arc<AtomicBool>,
     }
@@ -216,6 +220,9 @@ pub mod model {
                     let hold = *m.hold_second_turn.lock().unwrap();
                     if let Some(d) = hold {
                         tokio::time::sleep(d).await;
+                    }
+                    if m.gate_second_turn.load(Ordering::SeqCst) {
+                        m.release_second_turn.notified().await;
                     }
                 }
                 Step::Calls(vec![(

@@ -297,9 +297,9 @@ pub struct HttpAgent {
     max_response_bytes: u64,
     idempotency_header: reqwest::header::HeaderName,
     auth: Option<Auth>,
-    /// A fixed credential's health (bearer, API key, basic): refused with 401 even after it
-    /// was read again from its source, it pauses its agents (see [`health`]).
-    key_health: Option<Arc<health::CredentialHealth>>,
+    /// A fixed credential (bearer, API key, basic) and its health: refused with 401 even after
+    /// it was read again from its source, it pauses its agents (see [`health`]).
+    fixed: Option<health::FixedKey>,
     upstream: Upstream,
 }
 
@@ -398,10 +398,10 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
             ),
         )),
         Some(AuthConfig::OAuth2 { mut oauth2 }) => {
-            if oauth2.name.is_none() {
-                oauth2.name = Some(format!("{}.{}", spec.graph, spec.name));
-            }
-            if oauth2.ca_file.is_none() {
+            // An inline credential (named after its agent) is the agent's own and trusts its
+            // ca_file; a named one is shared and says for itself which CA it trusts.
+            let own = format!("{}.{}", spec.graph, spec.name);
+            if oauth2.name.get_or_insert_with(|| own.clone()) == &own && oauth2.ca_file.is_none() {
                 oauth2.ca_file = c.ca_file.clone();
             }
             Some(Auth::OAuth2(
@@ -442,9 +442,12 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
             ),
         ));
     }
-    let key_health = match &auth {
-        Some(Auth::Bearer(_) | Auth::ApiKey(..) | Auth::Basic(..)) => {
-            credential_name(spec).map(|name| spec.resources.get::<health::KeyHealth>().get(&name))
+    let fixed = match &auth {
+        Some(Auth::Bearer(cell) | Auth::ApiKey(_, cell) | Auth::Basic(_, cell)) => {
+            credential_name(spec).map(|name| health::FixedKey {
+                cell: cell.clone(),
+                health: spec.resources.get::<health::KeyHealth>().get(&name),
+            })
         }
         _ => None,
     };
@@ -457,7 +460,7 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
         max_response_bytes: c.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE),
         idempotency_header,
         auth,
-        key_health,
+        fixed,
         upstream,
     }))
 }
@@ -690,17 +693,10 @@ impl Agent for HttpAgent {
             )
         })?;
         self.check_origin(&url)?;
-        // A fixed credential refused a moment ago: its calls wait with it.
-        if let Some(h) = &self.key_health {
-            h.check(|| format!("credential {} was refused (401)", h.name()))?;
-        }
-        // Secrets first, off the runtime thread if one must be fetched (`exec:`).
-        let key = match &self.auth {
-            Some(Auth::Bearer(s) | Auth::ApiKey(_, s) | Auth::Basic(_, s)) => Some(s),
-            _ => None,
-        };
-        let secret = match key {
-            Some(s) => Some(s.current().await?),
+        // Secrets first, off the runtime thread if one must be fetched (`exec:`); a fixed
+        // credential refused a moment ago holds its calls.
+        let secret = match &self.fixed {
+            Some(k) => Some(k.value().await?),
             None => None,
         };
         // `token`: the OAuth2 token or the fixed credential's value.
@@ -764,12 +760,17 @@ impl Agent for HttpAgent {
             (Some(Auth::Bearer(_) | Auth::ApiKey(..) | Auth::Basic(..)), _) => {
                 let secret = secret.unwrap_or_default();
                 let resp = send(build(Some(&secret))?).await?;
-                let again = |s: &str| {
-                    let req = build(Some(s));
-                    let send = &send;
-                    async move { send(req?).await }
-                };
-                self.key_answer(resp, key, &secret, again).await?
+                match &self.fixed {
+                    Some(k) => {
+                        let again = |s: String| {
+                            let req = build(Some(&s));
+                            let send = &send;
+                            async move { send(req?).await }
+                        };
+                        k.answer(resp, &secret, again, &|t| self.redact(t)).await?
+                    }
+                    None => resp,
+                }
             }
             _ => send(build(None)?).await?,
         };
@@ -788,50 +789,6 @@ impl Agent for HttpAgent {
 }
 
 impl HttpAgent {
-    /// The answer to a call made with a fixed credential. A 401 reads the credential again
-    /// from its source (it may have been rotated there) and, if it changed, tries once more
-    /// with the new value; refused still, or unchanged, the credential pauses its agents.
-    async fn key_answer<F, Fut>(
-        &self,
-        resp: reqwest::Response,
-        key: Option<&Arc<SecretCell>>,
-        used: &str,
-        again: F,
-    ) -> Result<reqwest::Response, AgentError>
-    where
-        F: FnOnce(&str) -> Fut,
-        Fut: std::future::Future<Output = Result<reqwest::Response, AgentError>>,
-    {
-        let (Some(health), Some(key)) = (&self.key_health, key) else {
-            return Ok(resp);
-        };
-        if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
-            health.recovered();
-            return Ok(resp);
-        }
-        let fresh = key.reread().await;
-        let resp = if fresh != used {
-            let resp = again(&fresh).await?;
-            if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
-                health.recovered();
-                return Ok(resp);
-            }
-            resp
-        } else {
-            resp
-        };
-        let body = read_prefix(resp, 4 << 10).await;
-        let why = self.redact(&String::from_utf8_lossy(&body));
-        Err(health.failed(
-            format!(
-                "credential {} was refused (401): {}",
-                health.name(),
-                why.trim()
-            ),
-            None,
-        ))
-    }
-
     /// A credential goes only to the origin the configuration names.
     fn check_origin(&self, url: &reqwest::Url) -> Result<(), AgentError> {
         if self.auth.is_some()

@@ -41,8 +41,8 @@ pub struct OAuth2Config {
     #[serde(default)]
     pub name: Option<String>,
     /// A CA (PEM) the token endpoint's certificate may chain to, beside the system roots: an
-    /// internal authorization server. In an `http` agent's `auth`, the agent's `ca_file` unless
-    /// set here.
+    /// internal authorization server. An inline credential of an `http` agent takes the agent's
+    /// `ca_file` unless set here; a `[credentials.NAME]` shared by several agents sets its own.
     #[serde(default)]
     pub ca_file: Option<std::path::PathBuf>,
 }

@@ -482,9 +482,11 @@ fn unique_call_ids(calls: &mut [ToolCall], n: u32) {
 
 /// Run a turn's calls, `env.parallel` at a time; each is recorded as running before it is made
 /// and, as soon as it returns, as done with its result, durably, while the turn's other calls
-/// still run (a crash then loses no call that answered). A call the server could not answer (a
-/// transport failure, a dead server, a refusal) stays recorded as running, and the step ends
-/// with its error: the step's next run makes it again with the same key.
+/// still run (a crash after that commit loses no call that answered). A call the server could
+/// not answer (a transport failure, a dead server, a refusal) stays recorded as running, and
+/// the step ends with its error: the step's next run makes it again with the same key. Once
+/// the journal cannot be written, no further call of the turn is made (its result could not be
+/// kept), and that failure is the step's error.
 async fn call_tools(
     env: &LoopEnv,
     user: &dyn ToolUser,
@@ -509,11 +511,22 @@ async fn call_tools(
     // Every call's start is durable before any is made.
     durable(env).await?;
     let max_bytes = user.tool_use().max_result_bytes;
+    let journal_failed = std::sync::atomic::AtomicBool::new(false);
+    let journal_failed = &journal_failed;
     let mut done = futures::stream::iter(started.into_iter().map(
         |(n, c, def, approval, started_at)| {
             let key = format!("{}/{n}", ctx.idempotency_key);
             async move {
-                let (text, is_error) = call_one(env, user, &def, &c, &key).await?;
+                if journal_failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err((
+                        n,
+                        AgentError::transient("not made: the journal could not be written"),
+                        false,
+                    ));
+                }
+                let (text, is_error) = call_one(env, user, &def, &c, &key)
+                    .await
+                    .map_err(|e| (n, e, false))?;
                 let bytes = text.len() as u64;
                 let text = tools::limit_result(text, max_bytes);
                 let (state, error) = if is_error {
@@ -541,26 +554,45 @@ async fn call_tools(
                 let mut sub = tool_entry(n, &c, Some(&def), state, text, error.as_deref());
                 sub.result_bytes = bytes;
                 sub.started_at = started_at;
-                store_write(env, &sub)?;
-                durable(env).await?;
-                Ok::<_, AgentError>(sub)
+                let kept = match store_write(env, &sub) {
+                    Ok(()) => durable(env).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = kept {
+                    journal_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err((n, e, true));
+                }
+                Ok(sub)
             }
         },
     ))
     .buffer_unordered(env.parallel.max(1));
-    let mut first_error = None;
+    // The step's error, when calls failed: the journal's first, else the refusal for rate
+    // that asks for the longest wait, else the first to fail. The others are logged.
+    let rank = |(_, e, journal): &(u32, AgentError, bool)| {
+        (
+            *journal,
+            e.class == cascade_agents::ErrorClass::RateLimited,
+            e.retry_after.unwrap_or_default(),
+        )
+    };
+    let mut error: Option<(u32, AgentError, bool)> = None;
     // The journal in memory takes each result under its own number: the model reads them in
     // the order it asked for the calls, whichever returned first.
     while let Some(r) = done.next().await {
         match r {
             Ok(sub) => journal.put(sub),
             Err(e) => {
-                first_error.get_or_insert(e);
+                let keep = error.as_ref().is_none_or(|kept| rank(&e) > rank(kept));
+                let dropped = if keep { error.replace(e) } else { Some(e) };
+                if let Some((n, d, _)) = dropped {
+                    tracing::warn!(job = %env.job, sub_step = n, error = %d, "a tool call of the turn failed too");
+                }
             }
         }
     }
-    match first_error {
-        Some(e) => Err(e),
+    match error {
+        Some((_, e, _)) => Err(e),
         None => Ok(()),
     }
 }
