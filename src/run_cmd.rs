@@ -47,8 +47,9 @@ pub struct RunArgs {
     quiet: bool,
 }
 
-/// How long `cascade run` waits on a failing credential before it gives up.
-const CREDENTIAL_PATIENCE: Duration = Duration::from_secs(5);
+/// How long `cascade run` waits on a failing credential before it gives up: longer than the
+/// first few probes (1, 2, 4, 8 s) and a short outage of an authorization server.
+const CREDENTIAL_PATIENCE: Duration = Duration::from_secs(20);
 
 /// An agent of `graph` paused on a credential's quota, said as "agent X is paused on
 /// credential:Y (reason)".
@@ -174,16 +175,20 @@ async fn run_async(
     let (mut succeeded, mut failed, mut steps, mut parked) = (0usize, 0usize, 0usize, 0usize);
     let mut open = true;
     // A credential that fails (refused, or unable to get a token) pauses its agents until it
-    // works again, which in a one-shot run nobody can bring about: a pause on one that lasts
-    // this long ends the run with an error naming it.
+    // works again, which in a one-shot run nobody can bring about: failing this long, with no
+    // job succeeding meanwhile, ends the run with an error naming it. (Between its probes the
+    // pause lifts for a moment: only five seconds without it count as over.)
     let mut watch = tokio::time::interval(Duration::from_secs(1));
-    let mut credential_paused_since: Option<Instant> = None;
+    let mut credential_failing: Option<(Instant, Instant)> = None;
     while open || !waits.is_empty() {
         tokio::select! {
             _ = watch.tick() => {
                 match failing_credential(&orch, &graph.name).await {
                     Some(why) => {
-                        let since = *credential_paused_since.get_or_insert_with(Instant::now);
+                        let now = Instant::now();
+                        let (since, _) = *credential_failing.insert(
+                            credential_failing.map_or((now, now), |(since, _)| (since, now)),
+                        );
                         if since.elapsed() >= CREDENTIAL_PATIENCE {
                             bar.finish_and_clear();
                             orch.shutdown(Duration::from_secs(5)).await;
@@ -193,7 +198,13 @@ async fn run_async(
                             );
                         }
                     }
-                    None => credential_paused_since = None,
+                    None => {
+                        if credential_failing
+                            .is_some_and(|(_, seen)| seen.elapsed() >= Duration::from_secs(5))
+                        {
+                            credential_failing = None;
+                        }
+                    }
                 }
             }
             id = ids_rx.recv(), if open => match id {
@@ -216,6 +227,7 @@ async fn run_async(
                 }
                 if job.state == JobState::Succeeded {
                     succeeded += 1;
+                    credential_failing = None;
                     latencies.extend(took);
                 } else {
                     failed += 1;

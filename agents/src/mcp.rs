@@ -431,6 +431,10 @@ impl McpServer {
         }
         match tokio::time::timeout(CONNECT_TIMEOUT, self.connect()).await {
             Ok(Ok((client, tools, child))) => {
+                // Its tools were listed: the server took the token.
+                if let Some(c) = &self.credential {
+                    c.accepted();
+                }
                 let client = Arc::new(client);
                 *self.tools.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(tools));
                 self.backoff

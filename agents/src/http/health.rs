@@ -27,6 +27,9 @@ pub const REFRESH_FAILURES: &str = "cascade_credential_refresh_failures_total";
 /// cut short must not hold the credential shut).
 const PROBE_GRACE: Duration = Duration::from_secs(10);
 
+/// How soon a call refused while a probe runs may ask again.
+const PROBE_RETRY: Duration = Duration::from_secs(1);
+
 /// One credential's failures in a row and the wait they set.
 pub struct CredentialHealth {
     name: Arc<str>,
@@ -62,10 +65,16 @@ impl CredentialHealth {
         let now = Instant::now();
         let mut h = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match h.blocked_until {
+            // While a probe runs, ask again soon (a second at most): its outcome may come in
+            // milliseconds, and a long hold here would outlast a recovery.
             Some(t) if now < t => Err(AgentError::credential_unavailable(
                 self.name.clone(),
                 format!("{}; the next try is due", what()),
-                t - now,
+                if h.probing {
+                    (t - now).min(PROBE_RETRY)
+                } else {
+                    t - now
+                },
             )),
             _ if h.failures > 0 => {
                 // This call is the probe.
@@ -211,10 +220,11 @@ mod tests {
         let refused = h.check(|| "crm is refused".into()).unwrap_err();
         assert_eq!(refused.credential.as_deref(), Some("crm"));
         assert!(refused.message.starts_with("crm is refused"), "{refused}");
-        // After the wait one call probes; the others wait for its outcome.
+        // After the wait one call probes; the others wait for its outcome, asking again soon.
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(h.check(|| "x".into()).is_ok());
-        assert!(h.check(|| "x".into()).is_err());
+        let waiting = h.check(|| "x".into()).unwrap_err();
+        assert_eq!(waiting.retry_after, Some(PROBE_RETRY));
         assert_eq!(
             h.failed("again".into(), None).retry_after,
             Some(Duration::from_secs(2))

@@ -398,10 +398,17 @@ fn build(spec: &AgentSpec<'_>) -> Result<Arc<dyn Agent>, FieldError> {
             ),
         )),
         Some(AuthConfig::OAuth2 { mut oauth2 }) => {
-            // An inline credential (named after its agent) is the agent's own and trusts its
-            // ca_file; a named one is shared and says for itself which CA it trusts.
-            let own = format!("{}.{}", spec.graph, spec.name);
-            if oauth2.name.get_or_insert_with(|| own.clone()) == &own && oauth2.ca_file.is_none() {
+            if oauth2.name.is_none() {
+                oauth2.name = Some(format!("{}.{}", spec.graph, spec.name));
+            }
+            // An inline credential is the agent's own and trusts its ca_file; a named one (the
+            // loader writes its name beside its form) is shared and says for itself which CA
+            // it trusts.
+            let named = spec
+                .fields
+                .get("auth")
+                .is_some_and(|a| a.get("name").is_some());
+            if !named && oauth2.ca_file.is_none() {
                 oauth2.ca_file = c.ca_file.clone();
             }
             Some(Auth::OAuth2(
@@ -752,8 +759,10 @@ impl Agent for HttpAgent {
                         let why = self.redact(&String::from_utf8_lossy(&body));
                         return Err(cred.refused_fresh(&why).await);
                     }
+                    cred.accepted();
                     again
                 } else {
+                    cred.accepted();
                     resp
                 }
             }

@@ -356,6 +356,13 @@ impl Credential {
         Ok(value)
     }
 
+    /// The upstream accepted this credential's token: it works (a failure after this waits the
+    /// shortest time again). Not when a token is fetched: a fresh token the upstream refuses is
+    /// a failure all the same, and its waits must keep growing.
+    pub fn accepted(&self) {
+        self.health.recovered();
+    }
+
     /// `text` with this credential's secrets and tokens scrubbed.
     pub fn redact(&self, text: &str) -> String {
         let mut out = self.client_secret.redact(text);
@@ -447,7 +454,6 @@ impl Credential {
             AgentError::transient(format!("the token endpoint's answer is not a token: {e}"))
         })?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        self.health.recovered();
         if let Some(rotated) = t.refresh_token
             && refresh.is_some()
         {

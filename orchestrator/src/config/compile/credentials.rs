@@ -85,9 +85,9 @@ impl Loader<'_> {
         span: Range<usize>,
         value: serde_json::Value,
     ) -> Option<serde_json::Value> {
-        let (mut table, name) = match value {
+        let (mut table, name, named) = match value {
             serde_json::Value::String(name) => match self.credentials.get(&name) {
-                Some((t, _)) => (t.clone(), name),
+                Some((t, _)) => (t.clone(), name, true),
                 None => {
                     let known: Vec<&str> = self.credentials.keys().map(String::as_str).collect();
                     let help = if known.is_empty() {
@@ -107,19 +107,19 @@ impl Loader<'_> {
                     return None;
                 }
             },
-            inline => (inline, format!("{graph}.{agent}")),
+            inline => (inline, format!("{graph}.{agent}"), false),
         };
         // The credential's name goes with it: into the OAuth2 table (its token cache and store
-        // key), beside any other form (its health, shared by the agents that name it).
-        match table.get_mut("oauth2").and_then(|o| o.as_object_mut()) {
-            Some(o) => {
-                o.entry("name").or_insert(serde_json::Value::String(name));
-            }
-            None => {
-                if let Some(t) = table.as_object_mut() {
-                    t.entry("name").or_insert(serde_json::Value::String(name));
-                }
-            }
+        // key), and beside the form of a named credential or of any fixed one (its health,
+        // shared by the agents that name it). An inline OAuth2 table has none beside it.
+        let oauth2 = table.get_mut("oauth2").and_then(|o| o.as_object_mut());
+        let beside = named || oauth2.is_none();
+        if let Some(o) = oauth2 {
+            o.entry("name")
+                .or_insert(serde_json::Value::String(name.clone()));
+        }
+        if beside && let Some(t) = table.as_object_mut() {
+            t.entry("name").or_insert(serde_json::Value::String(name));
         }
         Some(table)
     }
