@@ -27,6 +27,17 @@ async fn settled(
         .unwrap()
 }
 
+/// A job of the support graph for Ada: its id.
+async fn submit_support(orch: &Orchestrator) -> cascade_orchestrator::job::JobId {
+    orch.submit(SubmitRequest::new(
+        "support",
+        json!({"email": "ada@example.com"}),
+    ))
+    .await
+    .unwrap()
+    .id
+}
+
 /// What [`until_parked`] started: the stand-ins, the orchestrator, and the job, parked.
 struct Parked {
     sim: model::Model,
@@ -53,14 +64,7 @@ async fn until_parked(provider: &str, extra: &str, desk: &desk::Desk) -> Parked 
     .start()
     .await
     .unwrap();
-    let id = orch
-        .submit(SubmitRequest::new(
-            "support",
-            json!({"email": "ada@example.com"}),
-        ))
-        .await
-        .unwrap()
-        .id;
+    let id = submit_support(&orch).await;
     let job = settled(&orch, id).await;
     assert_eq!(job.state, JobState::AwaitingApproval, "{:?}", job.error);
     Parked {
@@ -670,14 +674,7 @@ async fn a_model_that_keeps_calling_tools_fails_the_step_at_max_turns() {
         .start()
         .await
         .unwrap();
-    let id = orch
-        .submit(SubmitRequest::new(
-            "support",
-            json!({"email": "ada@example.com"}),
-        ))
-        .await
-        .unwrap()
-        .id;
+    let id = submit_support(&orch).await;
     let job = settled(&orch, id).await;
     assert_eq!(job.state, JobState::Failed, "{:?}", job.error);
     let error = job.steps[0].error.clone().unwrap_or_default();
@@ -796,14 +793,7 @@ async fn a_long_tool_result_is_cut_for_the_model_and_its_full_size_journaled() {
         .start()
         .await
         .unwrap();
-    let id = orch
-        .submit(SubmitRequest::new(
-            "support",
-            json!({"email": "ada@example.com"}),
-        ))
-        .await
-        .unwrap()
-        .id;
+    let id = submit_support(&orch).await;
     let job = settled(&orch, id).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     let search = job.steps[0]
@@ -860,14 +850,7 @@ async fn a_turn_refused_with_429_pauses_the_loop_which_goes_on_after_the_wait_re
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let id = orch
-        .submit(SubmitRequest::new(
-            "support",
-            json!({"email": "ada@example.com"}),
-        ))
-        .await
-        .unwrap()
-        .id;
+    let id = submit_support(&orch).await;
     let job = settled(&orch, id).await;
     assert_eq!(job.state, JobState::Succeeded, "{:?}", job.error);
     // The second turn was refused (retry after 1 s); the loop waited, then asked it again.
@@ -933,14 +916,7 @@ async fn a_tool_servers_quota_paused_mid_loop_holds_the_call_until_the_pause_end
         .start()
         .await
         .unwrap();
-    let id = orch
-        .submit(SubmitRequest::new(
-            "support",
-            json!({"email": "ada@example.com"}),
-        ))
-        .await
-        .unwrap()
-        .id;
+    let id = submit_support(&orch).await;
     // While the model thinks over its second turn, the desk's quota is refused for 3 s (longer
     // than a sub-step waits for its quota inside the loop): the close the turn asks for waits.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
